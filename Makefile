@@ -1,0 +1,47 @@
+# pmp — build, test and benchmark. `make deps` installs what the build needs on Debian 12.
+CC       ?= cc
+CFLAGS   ?= -O2 -g
+CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -D_GNU_SOURCE -Icore \
+            $(shell pkg-config --cflags luajit openblas 2>/dev/null)
+LDLIBS   += $(shell pkg-config --libs luajit openblas 2>/dev/null) -lreadline -lm -ldl -fopenmp
+# Export every engine symbol so the FFI can find them through ffi.C.
+LDFLAGS  += -rdynamic
+
+CORE_SRCS := $(wildcard core/*.c)
+HOST_SRCS := $(wildcard core/host/*.c)
+CORE_OBJS := $(CORE_SRCS:%.c=build/%.o)
+HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
+
+DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadline-dev \
+                   libopenblas-dev lua-busted tmux
+
+.PHONY: all deps test bench clean
+all: pmp
+
+pmp: $(HOST_OBJS) build/libpmpcore.a
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJS) -Wl,--whole-archive build/libpmpcore.a -Wl,--no-whole-archive $(LDLIBS)
+
+build/libpmpcore.a: $(CORE_OBJS)
+	ar rcs $@ $^
+
+build/%.o: %.c core/pmp.h $(wildcard core/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	else echo "all Debian packages present"; fi
+
+test: pmp
+	./pmp spec/run.lua
+
+bench: pmp
+	./pmp tools/bench_core.lua
+
+clean:
+	rm -rf build pmp

@@ -1,0 +1,107 @@
+/* CPU GEMM: OpenBLAS for f32/f64 (bf16/f16 go through f32), a plain loop for integers. */
+#include "internal.h"
+#include <cblas.h>
+
+/* How BLAS should read a strided matrix, or false if it needs a contiguous copy first. */
+static bool blas_layout(int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, bool *trans, int64_t *ld) {
+  if (col_stride == 1 && (row_stride >= (cols > 1 ? cols : 1) || rows == 1)) {
+    *trans = false;
+    *ld = rows == 1 ? (cols > 1 ? cols : 1) : row_stride;
+    return true;
+  }
+  if (row_stride == 1 && (col_stride >= (rows > 1 ? rows : 1) || cols == 1)) {
+    *trans = true;
+    *ld = cols == 1 ? (rows > 1 ? rows : 1) : col_stride;
+    return true;
+  }
+  return false;
+}
+
+/* Makes a contiguous f32/f64 copy of one matrix. */
+static void *pack(const char *src, int dtype, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int to) {
+  int es = pmp_dtype_size(dtype), ts = pmp_dtype_size(to);
+  char *dst = malloc((size_t)(rows * cols * ts) + 1);
+  if (!dst) return NULL;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++)
+      pmp_convert(dst + (r * cols + c) * ts, to, src + (r * rs + c * cs) * es, dtype, 1);
+  return dst;
+}
+
+static int gemm_one(const char *pa, const char *pb, char *pc, int dtype, int64_t n, int64_t k, int64_t m,
+                    const int64_t *sa, const int64_t *sb) {
+  bool ta, tb;
+  int64_t lda, ldb;
+  int blas_dtype = dtype == PMP_F64 ? PMP_F64 : PMP_F32;
+  void *own_a = NULL, *own_b = NULL, *own_c = NULL;
+  const void *A = pa, *B = pb;
+  void *C = pc;
+  if (dtype != blas_dtype || !blas_layout(n, k, sa[0], sa[1], &ta, &lda)) {
+    A = own_a = pack(pa, dtype, n, k, sa[0], sa[1], blas_dtype);
+    ta = false, lda = k > 1 ? k : 1;
+  }
+  if (dtype != blas_dtype || !blas_layout(k, m, sb[0], sb[1], &tb, &ldb)) {
+    B = own_b = pack(pb, dtype, k, m, sb[0], sb[1], blas_dtype);
+    tb = false, ldb = m > 1 ? m : 1;
+  }
+  if (dtype != blas_dtype) C = own_c = malloc((size_t)(n * m * 4) + 1);
+  int rc = 0;
+  if (!A || !B || !C) {
+    rc = pmp_fail_code("matmul: out of memory packing operands");
+  } else if (n > 0 && m > 0) {
+    int ldc = m > 1 ? (int)m : 1;
+    if (k == 0) {
+      memset(C, 0, (size_t)(n * m * pmp_dtype_size(blas_dtype)));
+    } else if (blas_dtype == PMP_F32) {
+      cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)n, (int)m, (int)k,
+                  1.0f, A, (int)lda, B, (int)ldb, 0.0f, C, ldc);
+    } else {
+      cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)n, (int)m, (int)k,
+                  1.0, A, (int)lda, B, (int)ldb, 0.0, C, ldc);
+    }
+    if (own_c) pmp_convert(pc, dtype, own_c, PMP_F32, n * m);
+  }
+  free(own_a);
+  free(own_b);
+  free(own_c);
+  return rc;
+}
+
+static void gemm_integer(const char *pa, const char *pb, char *pc, int dtype, int64_t n, int64_t k, int64_t m,
+                         const int64_t *sa, const int64_t *sb) {
+  int es = pmp_dtype_size(dtype);
+  for (int64_t r = 0; r < n; r++)
+    for (int64_t c = 0; c < m; c++) {
+      int64_t acc = 0;
+      for (int64_t j = 0; j < k; j++)
+        acc += pmp_load_as_i64(dtype, pa + (r * sa[0] + j * sa[1]) * es) * pmp_load_as_i64(dtype, pb + (j * sb[0] + c * sb[1]) * es);
+      pmp_store_from_i64(dtype, pc + (r * m + c) * es, acc);
+    }
+}
+
+int pmp_cpu_matmul(const pmp_op_args *args) {
+  const pmp_tensor *a = args->in[0], *b = args->in[1];
+  pmp_tensor *c = args->out;
+  int nd = a->ndim, es = pmp_dtype_size(a->dtype_id);
+  int64_t n = a->sizes[nd - 2], k = a->sizes[nd - 1], m = b->sizes[nd - 1];
+  int64_t batches = 1;
+  for (int d = 0; d < nd - 2; d++) batches *= a->sizes[d];
+  for (int64_t bi = 0; bi < batches; bi++) {
+    int64_t off_a = 0, off_b = 0, rest = bi;
+    for (int d = nd - 3; d >= 0; d--) {
+      int64_t idx = rest % a->sizes[d];
+      rest /= a->sizes[d];
+      off_a += idx * a->strides[d];
+      off_b += idx * b->strides[d];
+    }
+    const char *pa = a->data + off_a * es, *pb = b->data + off_b * es;
+    char *pc = c->data + bi * n * m * es;
+    const int64_t sa[2] = {a->strides[nd - 2], a->strides[nd - 1]}, sb[2] = {b->strides[nd - 2], b->strides[nd - 1]};
+    if (!pmp_dtype_is_float(a->dtype_id)) {
+      gemm_integer(pa, pb, pc, a->dtype_id, n, k, m, sa, sb);
+    } else if (gemm_one(pa, pb, pc, a->dtype_id, n, k, m, sa, sb) != 0) {
+      return -1;
+    }
+  }
+  return 0;
+}

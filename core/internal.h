@@ -1,0 +1,219 @@
+/* Engine-internal declarations shared by the core's .c files; never seen by Lua. */
+#ifndef PMP_INTERNAL_H
+#define PMP_INTERNAL_H
+
+#include "pmp.h"
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PMP_VERSION "0.1.0"
+
+/* ---- errors (error.c) ---- */
+/* Records a message for pmp_last_error(); returns NULL so callers can `return pmp_fail(...)`. */
+void *pmp_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int pmp_fail_code(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* "[2,3]" into buf; returns buf. */
+const char *pmp_shape_str(const int64_t *shape, int ndim, char *buf, size_t size);
+#define PMP_SHAPE_BUF 160
+/* Fails with "interrupted" when the host asked for it (Ctrl-C). */
+bool pmp_check_interrupt(const char *op);
+
+/* ---- dtypes (dtype.c) ---- */
+bool pmp_dtype_valid(int dtype);
+bool pmp_dtype_is_float(int dtype);
+/* The dtype kernels compute in: f64 for f64, f32 for the other floats, i64 for integers and bool. */
+int pmp_compute_dtype(int dtype);
+float pmp_bf16_to_f32(uint16_t v);
+uint16_t pmp_f32_to_bf16(float v);
+float pmp_f16_to_f32(uint16_t v);
+uint16_t pmp_f32_to_f16(float v);
+double pmp_load_as_f64(int dtype, const void *p);
+int64_t pmp_load_as_i64(int dtype, const void *p);
+void pmp_store_from_f64(int dtype, void *p, double v);
+void pmp_store_from_i64(int dtype, void *p, int64_t v);
+/* Converts n contiguous elements between dtypes (any pair). */
+void pmp_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n);
+
+/* ---- memory (allocator.c, storage in tensor.c) ---- */
+void *pmp_alloc(int device_type, int64_t nbytes);   /* NULL + error on failure */
+void pmp_free(int device_type, void *p, int64_t nbytes);
+
+struct pmp_storage {
+  char *data;
+  int64_t nbytes;
+  pmp_device dev;
+  int32_t refcount;
+  void (*release)(void *ctx);   /* external memory: called instead of pmp_free */
+  void *release_ctx;
+};
+
+/* ---- tensor helpers (tensor.c) ---- */
+pmp_tensor *pmp_tensor_new_view(pmp_tensor *base, const int64_t *shape, const int64_t *stride, int ndim,
+                                int64_t offset_bytes);
+pmp_tensor *pmp_empty_like(const pmp_tensor *t, int dtype);
+pmp_tensor *pmp_empty_shape(const int64_t *shape, int ndim, int dtype, pmp_device device);
+void pmp_contiguous_strides(const int64_t *shape, int ndim, int64_t *stride);
+bool pmp_same_shape(const pmp_tensor *a, const pmp_tensor *b);
+bool pmp_same_device(const pmp_tensor *a, const pmp_tensor *b, const char *op);
+/* Converts a possibly negative dim into [0, ndim) or fails naming the op. */
+bool pmp_wrap_dim(int *dim, int ndim, const char *op);
+/* Copies src into the (possibly strided) dst of the same shape, converting dtype. */
+int pmp_copy_into(pmp_tensor *dst, const pmp_tensor *src);
+/* Sums grad down to shape (undoing broadcasting). */
+pmp_tensor *pmp_sum_to_shape(pmp_tensor *grad, const int64_t *shape, int ndim);
+bool pmp_broadcast_shapes(const int64_t *a, int na, const int64_t *b, int nb, int64_t *out, int *nout);
+/* A view of t expanded to shape (strides 0 on broadcast dims); no autograd. */
+pmp_tensor *pmp_broadcast_view(pmp_tensor *t, const int64_t *shape, int ndim);
+
+/* ---- strided iteration over one or more tensors of the same shape ---- */
+/* Walks the outer dims of a shape, handing each kernel a 1-D run over the innermost dim. */
+typedef struct pmp_iter {
+  int ndim;                    /* dims after coalescing; the last one is the inner run */
+  int64_t sizes[PMP_MAX_DIMS];
+  int64_t strides[4][PMP_MAX_DIMS];  /* bytes, per operand */
+  int nops;
+  int64_t inner;               /* length of the innermost run */
+  int64_t outer;               /* number of runs */
+} pmp_iter;
+void pmp_iter_init(pmp_iter *it, const int64_t *shape, int ndim, int nops, pmp_tensor *const *ops);
+/* Byte offsets of operand k for run number `run`. */
+void pmp_iter_offsets(const pmp_iter *it, int64_t run, int64_t *offsets);
+
+/* ---- op table (optable.c) ---- */
+typedef struct pmp_op_args {
+  int op;
+  pmp_tensor *out;
+  pmp_tensor *out2;             /* second output, e.g. indices of max */
+  pmp_tensor *in[4];
+  int nin;
+  double f[4];
+  int64_t i[8];
+} pmp_op_args;
+
+typedef int (*pmp_kernel_fn)(const pmp_op_args *args);
+/* Computes gradients of the inputs from the output's gradient; grads[k] stays NULL if not needed.
+ * grads has one slot per input of the node. */
+typedef int (*pmp_backward_fn)(pmp_node *node, pmp_tensor *grad_out, pmp_tensor **grads);
+
+typedef struct pmp_op_info {
+  const char *name;
+  pmp_kernel_fn kernel[PMP_DEVICE_TYPE_COUNT];
+  pmp_backward_fn backward;
+} pmp_op_info;
+
+extern const pmp_op_info pmp_op_table[PMP_OP_COUNT];
+/* Runs the op's kernel for the device of args->out. */
+int pmp_dispatch(const pmp_op_args *args);
+
+/* CPU kernels, one family per file */
+int pmp_cpu_unary(const pmp_op_args *a);
+int pmp_cpu_binary(const pmp_op_args *a);
+int pmp_cpu_where(const pmp_op_args *a);
+int pmp_cpu_clamp(const pmp_op_args *a);
+int pmp_cpu_masked_fill(const pmp_op_args *a);
+int pmp_cpu_tri(const pmp_op_args *a);
+int pmp_cpu_copy(const pmp_op_args *a);
+int pmp_cpu_reduce(const pmp_op_args *a);
+int pmp_cpu_reduce_index(const pmp_op_args *a);
+int pmp_cpu_matmul(const pmp_op_args *a);
+int pmp_cpu_gather(const pmp_op_args *a);
+int pmp_cpu_scatter_add(const pmp_op_args *a);
+int pmp_cpu_index_select(const pmp_op_args *a);
+int pmp_cpu_index_add(const pmp_op_args *a);
+int pmp_cpu_softmax(const pmp_op_args *a);
+int pmp_cpu_cross_entropy(const pmp_op_args *a);
+int pmp_cpu_cross_entropy_backward(const pmp_op_args *a);
+int pmp_cpu_fill(const pmp_op_args *a);
+int pmp_cpu_arange(const pmp_op_args *a);
+int pmp_cpu_random(const pmp_op_args *a);
+
+/* Backward rules, defined next to their forward ops */
+int pmp_backward_unary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_binary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_where(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_clamp(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_masked_fill(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_tri(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_identity(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_sum(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_max(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_matmul(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_view(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_permute(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_expand(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_narrow(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_cat(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_gather(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_scatter_add(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_index_select(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_index_add(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_to_dtype(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_softmax(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_log_softmax(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_cross_entropy(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+
+/* ---- autograd (autograd.c) ---- */
+enum { PMP_NODE_MAX_SAVED = 4 };
+
+/* Where one input's gradient goes: the node that produced it, or the leaf itself. */
+typedef struct pmp_edge {
+  pmp_node *next;
+  pmp_tensor *leaf;
+  bool needs_grad;
+  int32_t ndim;
+  int32_t dtype_id;
+  int64_t sizes[PMP_MAX_DIMS];
+} pmp_edge;
+
+struct pmp_node {
+  int32_t refcount;
+  int32_t op;
+  bool freed;                                  /* saved tensors released after backward */
+  pmp_tensor *saved[PMP_NODE_MAX_SAVED];       /* tensors the backward rule reads */
+  double f[4];
+  int64_t i[8];
+  int64_t *ivec;                               /* variable-length parameters (cat sizes, permutation) */
+  int32_t nivec;
+  /* backward bookkeeping */
+  pmp_tensor *grad_acc;                        /* accumulated gradient of this node's output */
+  int32_t pending;                             /* consumers yet to deliver their gradient */
+  uint32_t epoch;                              /* marks nodes visited by the current backward */
+  int32_t ninputs;
+  pmp_edge in[];
+};
+
+/* True when an op on these inputs must record a node. */
+bool pmp_needs_grad(pmp_tensor *const *inputs, int n);
+/* Records a node producing `out` from `inputs`; saved (may be NULL entries) are retained. */
+pmp_node *pmp_record(int op, pmp_tensor *out, pmp_tensor *const *inputs, int ninputs,
+                     pmp_tensor *const *saved, int nsaved);
+void pmp_node_release(pmp_node *n);
+/* Fails if the node's saved tensors were freed by an earlier backward. */
+bool pmp_node_check_alive(const pmp_node *n);
+
+/* ---- random (random.c) ---- */
+uint64_t pmp_random_u64(void);
+double pmp_random_uniform(void);    /* [0, 1) */
+
+/* ---- threading ---- */
+#define PMP_PARALLEL_THRESHOLD 32768
+
+#endif
+
+/* ---- helpers for backward rules (ops_common.c) ---- */
+/* A 0-d tensor holding v in dtype. */
+pmp_tensor *pmp_scalar(double v, int dtype, pmp_device device);
+/* Temporaries created while computing gradients, released together at the end of a rule. */
+typedef struct pmp_scope {
+  pmp_tensor *items[24];
+  int count;
+} pmp_scope;
+pmp_tensor *pmp_keep(pmp_scope *s, pmp_tensor *t);
+void pmp_scope_end(pmp_scope *s);
+/* Makes a fresh output and runs the op on it; NULL on failure. */
+pmp_tensor *pmp_run_new(pmp_op_args *args, const int64_t *shape, int ndim, int dtype, pmp_device device);
+/* The shape stored for input k of a node. */
+#define PMP_IN_SHAPE(node, k) (node)->in[k].sizes, (node)->in[k].ndim
+#define PMP_NEEDS(node, k) ((node)->in[k].needs_grad)

@@ -1,0 +1,203 @@
+/*
+ * pmp.h — the flat C ABI of the pmp engine.
+ *
+ * This is the only header LuaJIT sees: lua/pmp/ffi.lua hands the text between the two CDEF markers to
+ * ffi.cdef, so that region holds plain C declarations only (no preprocessor lines).
+ *
+ * Conventions
+ *  - Dimensions are 0-based here; the Lua layer converts from its 1-based, negative-from-the-end form.
+ *  - Every function that returns a pmp_tensor* returns a new reference (release it with
+ *    pmp_tensor_release) or NULL on failure. Functions returning int return 0 on success and -1 on
+ *    failure. After a failure pmp_last_error() describes it, naming the op and the shapes involved.
+ *  - No function aborts on user input. abort() is reserved for broken internal invariants.
+ *  - Ops record an autograd node when grad mode is on and an input requires grad.
+ */
+#ifndef PMP_H
+#define PMP_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* PMP_CDEF_BEGIN */
+
+enum { PMP_MAX_DIMS = 8 };
+
+typedef enum pmp_dtype {
+  PMP_F64 = 0, PMP_F32 = 1, PMP_BF16 = 2, PMP_F16 = 3,
+  PMP_I64 = 4, PMP_I32 = 5, PMP_U8 = 6, PMP_BOOL = 7,
+  PMP_DTYPE_COUNT = 8
+} pmp_dtype;
+
+typedef enum pmp_device_type { PMP_CPU = 0, PMP_CUDA = 1, PMP_DEVICE_TYPE_COUNT = 2 } pmp_device_type;
+
+typedef struct pmp_device { int32_t type; int32_t index; } pmp_device;
+
+typedef struct pmp_storage pmp_storage;
+typedef struct pmp_node pmp_node;
+
+/* A Tensor is a view of a Storage. Lua reads these fields directly; only the engine writes them. Their
+ * names differ from the Lua properties (t.shape, t.dtype, t.device, t.grad, t.requires_grad), which the
+ * tensor metatype computes from them. */
+typedef struct pmp_tensor {
+  pmp_storage *storage;
+  char *data;                       /* address of element [0,...,0] = storage base + offset */
+  int64_t offset;                   /* bytes from the storage base */
+  int64_t sizes[8];
+  int64_t strides[8];               /* in elements, may be 0 (expanded) */
+  int32_t ndim;
+  int32_t dtype_id;                 /* pmp_dtype */
+  pmp_device dev;
+  int32_t refcount;
+  int32_t needs_grad;               /* leaf that wants a gradient, or result of an op on such tensors */
+  struct pmp_tensor *grad_acc;      /* accumulated gradient of a leaf, or NULL */
+  pmp_node *grad_fn;                /* node that produced this tensor, NULL for leaves */
+} pmp_tensor;
+
+/* The op table. Every op the engine can run has one entry: name, a kernel per device, a backward rule. */
+typedef enum pmp_op_id {
+  /* unary elementwise */
+  PMP_OP_NEG, PMP_OP_EXP, PMP_OP_LOG, PMP_OP_SQRT, PMP_OP_RSQRT, PMP_OP_ABS, PMP_OP_SIN, PMP_OP_COS,
+  PMP_OP_TANH, PMP_OP_SIGMOID, PMP_OP_RELU, PMP_OP_GELU, PMP_OP_GELU_TANH, PMP_OP_SILU, PMP_OP_SIGN,
+  PMP_OP_LOGICAL_NOT,
+  /* binary elementwise, broadcasting */
+  PMP_OP_ADD, PMP_OP_SUB, PMP_OP_MUL, PMP_OP_DIV, PMP_OP_POW, PMP_OP_MAXIMUM, PMP_OP_MINIMUM,
+  PMP_OP_EQ, PMP_OP_NE, PMP_OP_LT, PMP_OP_LE, PMP_OP_GT, PMP_OP_GE,
+  PMP_OP_LOGICAL_AND, PMP_OP_LOGICAL_OR,
+  PMP_OP_GELU_GRAD, PMP_OP_GELU_TANH_GRAD, PMP_OP_SILU_GRAD,   /* (x, dy) -> dx */
+  /* other elementwise */
+  PMP_OP_WHERE, PMP_OP_CLAMP, PMP_OP_MASKED_FILL, PMP_OP_TRIL, PMP_OP_TRIU, PMP_OP_COPY,
+  /* reductions */
+  PMP_OP_SUM, PMP_OP_MEAN, PMP_OP_MAX, PMP_OP_MIN, PMP_OP_ARGMAX, PMP_OP_ARGMIN,
+  /* linear algebra */
+  PMP_OP_MATMUL,
+  /* shape and indexing (views record these for autograd) */
+  PMP_OP_VIEW, PMP_OP_PERMUTE, PMP_OP_EXPAND, PMP_OP_NARROW, PMP_OP_CAT, PMP_OP_GATHER,
+  PMP_OP_SCATTER_ADD, PMP_OP_INDEX_SELECT, PMP_OP_INDEX_ADD, PMP_OP_TO_DTYPE,
+  /* neural-network ops */
+  PMP_OP_SOFTMAX, PMP_OP_LOG_SOFTMAX, PMP_OP_CROSS_ENTROPY, PMP_OP_CROSS_ENTROPY_BACKWARD,
+  /* creation */
+  PMP_OP_FILL, PMP_OP_ARANGE, PMP_OP_RAND, PMP_OP_RANDN, PMP_OP_RANDINT,
+  PMP_OP_COUNT
+} pmp_op_id;
+
+/* ---- library ---- */
+const char *pmp_version(void);
+const char *pmp_last_error(void);
+void pmp_clear_error(void);
+const char *pmp_op_name(int op);
+const char *pmp_dtype_name(int dtype);
+int pmp_dtype_from_name(const char *name);        /* -1 if unknown */
+int pmp_dtype_size(int dtype);
+int pmp_promote_types(int a, int b);
+int pmp_num_threads(void);
+void pmp_set_num_threads(int n);
+/* The host sets this on SIGINT; the next op fails with "interrupted" and clears it. */
+void pmp_request_interrupt(void);
+void pmp_clear_interrupt(void);
+
+/* ---- memory: a caching allocator per device ---- */
+typedef struct pmp_memory_stats {
+  int64_t in_use;        /* bytes held by live storages */
+  int64_t peak;          /* high-water mark of in_use since the last reset */
+  int64_t cached;        /* bytes kept in the cache for reuse */
+  int64_t allocs;        /* allocation requests */
+  int64_t cache_hits;    /* requests served from the cache */
+} pmp_memory_stats;
+const pmp_memory_stats *pmp_memory_stats_of(int device_type);
+void pmp_memory_reset_peak(int device_type);
+void pmp_memory_empty_cache(int device_type);
+void pmp_memory_set_cache_limit(int device_type, int64_t bytes);
+
+/* ---- tensor lifecycle ---- */
+void pmp_tensor_retain(pmp_tensor *t);
+void pmp_tensor_release(pmp_tensor *t);
+int pmp_is_contiguous(const pmp_tensor *t);
+int64_t pmp_numel(const pmp_tensor *t);
+pmp_tensor *pmp_empty(const int64_t *shape, int ndim, int dtype, pmp_device device);
+pmp_tensor *pmp_full(const int64_t *shape, int ndim, double value, int dtype, pmp_device device);
+pmp_tensor *pmp_arange(double start, double end, double step, int dtype, pmp_device device);
+pmp_tensor *pmp_from_buffer(const void *data, int src_dtype, const int64_t *shape, int ndim, int dtype,
+                            pmp_device device);
+/* A storage over memory the caller owns (e.g. an mmap); release(ctx) runs when the last view goes. */
+pmp_tensor *pmp_from_external(void *data, int64_t nbytes, int dtype, const int64_t *shape, int ndim,
+                              pmp_device device, void (*release)(void *ctx), void *ctx);
+/* Writes the elements in row-major order, converted to dst_dtype. */
+int pmp_copy_to_buffer(const pmp_tensor *t, void *dst, int dst_dtype);
+int pmp_item(const pmp_tensor *t, double *value);
+double pmp_load_element(const pmp_tensor *t, int64_t element_offset);   /* offset in elements */
+
+/* ---- random ---- */
+void pmp_manual_seed(uint64_t seed);
+pmp_tensor *pmp_rand(const int64_t *shape, int ndim, int dtype, pmp_device device);
+pmp_tensor *pmp_randn(const int64_t *shape, int ndim, int dtype, pmp_device device);
+pmp_tensor *pmp_randint(int64_t low, int64_t high, const int64_t *shape, int ndim, int dtype,
+                        pmp_device device);
+
+/* ---- conversion ---- */
+pmp_tensor *pmp_to_dtype(pmp_tensor *t, int dtype);
+pmp_tensor *pmp_to_device(pmp_tensor *t, pmp_device device);
+pmp_tensor *pmp_contiguous(pmp_tensor *t);
+pmp_tensor *pmp_clone(pmp_tensor *t);
+pmp_tensor *pmp_detach(pmp_tensor *t);
+
+/* ---- views and shape ---- */
+pmp_tensor *pmp_view(pmp_tensor *t, const int64_t *shape, int ndim);      /* -1 infers one dim */
+pmp_tensor *pmp_reshape(pmp_tensor *t, const int64_t *shape, int ndim);   /* view if possible */
+pmp_tensor *pmp_permute(pmp_tensor *t, const int *dims, int ndim);
+pmp_tensor *pmp_transpose(pmp_tensor *t, int dim0, int dim1);
+pmp_tensor *pmp_unsqueeze(pmp_tensor *t, int dim);
+pmp_tensor *pmp_squeeze(pmp_tensor *t, int dim);                          /* dim < 0: all size-1 dims */
+pmp_tensor *pmp_expand(pmp_tensor *t, const int64_t *shape, int ndim);    /* -1 keeps a dim */
+pmp_tensor *pmp_narrow(pmp_tensor *t, int dim, int64_t start, int64_t length);
+pmp_tensor *pmp_cat(pmp_tensor *const *tensors, int count, int dim);
+pmp_tensor *pmp_gather(pmp_tensor *t, int dim, pmp_tensor *index);
+pmp_tensor *pmp_scatter_add(pmp_tensor *t, int dim, pmp_tensor *index, pmp_tensor *src);
+pmp_tensor *pmp_index_select(pmp_tensor *t, int dim, pmp_tensor *index);
+pmp_tensor *pmp_index_add(pmp_tensor *t, int dim, pmp_tensor *index, pmp_tensor *src);
+pmp_tensor *pmp_masked_fill(pmp_tensor *t, pmp_tensor *mask, double value);
+pmp_tensor *pmp_tril(pmp_tensor *t, int64_t diagonal);
+pmp_tensor *pmp_triu(pmp_tensor *t, int64_t diagonal);
+
+/* ---- elementwise math ---- */
+pmp_tensor *pmp_unary(int op, pmp_tensor *t);
+pmp_tensor *pmp_binary(int op, pmp_tensor *a, pmp_tensor *b);
+pmp_tensor *pmp_where(pmp_tensor *cond, pmp_tensor *a, pmp_tensor *b);
+pmp_tensor *pmp_clamp(pmp_tensor *t, double min, double max);             /* +-inf for no bound */
+
+/* ---- reductions: dims lists the reduced dims; ndims == 0 reduces all of them ---- */
+pmp_tensor *pmp_sum(pmp_tensor *t, const int *dims, int ndims, int keepdim);
+pmp_tensor *pmp_mean(pmp_tensor *t, const int *dims, int ndims, int keepdim);
+/* max/min over one dim; *indices (may be NULL) receives the i64 positions */
+pmp_tensor *pmp_max(pmp_tensor *t, int dim, int keepdim, pmp_tensor **indices);
+pmp_tensor *pmp_min(pmp_tensor *t, int dim, int keepdim, pmp_tensor **indices);
+pmp_tensor *pmp_argmax(pmp_tensor *t, int dim, int keepdim);
+pmp_tensor *pmp_argmin(pmp_tensor *t, int dim, int keepdim);
+
+/* ---- linear algebra: batched, broadcasting over leading dims; 1-D operands as in numpy ---- */
+pmp_tensor *pmp_matmul(pmp_tensor *a, pmp_tensor *b);
+
+/* ---- neural-network ops ---- */
+pmp_tensor *pmp_softmax(pmp_tensor *t, int dim);
+pmp_tensor *pmp_log_softmax(pmp_tensor *t, int dim);
+/* logits [N, C], targets [N] integer; returns per-row losses [N], 0 where target == ignore_index */
+pmp_tensor *pmp_cross_entropy(pmp_tensor *logits, pmp_tensor *targets, int64_t ignore_index);
+
+/* ---- autograd ---- */
+int pmp_set_grad_enabled(int enabled);          /* returns the previous mode */
+int pmp_is_grad_enabled(void);
+int pmp_set_requires_grad(pmp_tensor *t, int flag);
+int pmp_set_grad(pmp_tensor *t, pmp_tensor *grad);   /* grad may be NULL to clear */
+/* grad NULL means ones (t must then hold one element). Frees the graph unless retain_graph. */
+int pmp_backward(pmp_tensor *t, pmp_tensor *grad, int retain_graph);
+int pmp_node_op(const pmp_node *node);
+
+/* PMP_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,51 @@
+-- pmp: the Lua library over the engine. `pmp` is a preloaded global in the pmp executable.
+local ffi = require 'ffi'
+local C = require('pmp.ffi').C
+local tensor = require 'pmp.tensor'
+
+local pmp = {}
+for name, value in pairs(tensor) do
+  if name ~= 'methods' and name ~= 'fields' and name ~= 'wrap' then pmp[name] = value end
+end
+
+pmp.version = ffi.string(C.pmp_version())
+pmp.tensor_methods = tensor.methods
+pmp.tensor_fields = tensor.fields
+pmp.nn = require 'pmp.nn'
+pmp.F = pmp.nn.functional
+
+-- Runs fn(...) with gradient recording off, restoring the previous mode even if fn fails.
+function pmp.no_grad(fn, ...)
+  local previous = C.pmp_set_grad_enabled(0)
+  local results = { pcall(fn, ...) }
+  C.pmp_set_grad_enabled(previous)
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2, table.maxn(results))
+end
+
+function pmp.enable_grad(fn, ...)
+  local previous = C.pmp_set_grad_enabled(1)
+  local results = { pcall(fn, ...) }
+  C.pmp_set_grad_enabled(previous)
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2, table.maxn(results))
+end
+
+function pmp.is_grad_enabled() return C.pmp_is_grad_enabled() ~= 0 end
+
+-- Engine memory, per device: bytes in use, the peak, and what the caching allocator holds for reuse.
+pmp.memory = {}
+function pmp.memory.stats(device)
+  local s = C.pmp_memory_stats_of(device == nil and C.PMP_CPU or (device:match('^cuda') and C.PMP_CUDA or C.PMP_CPU))
+  return {
+    in_use = tonumber(s.in_use), peak = tonumber(s.peak), cached = tonumber(s.cached),
+    allocs = tonumber(s.allocs), cache_hits = tonumber(s.cache_hits),
+  }
+end
+function pmp.memory.reset_peak() C.pmp_memory_reset_peak(C.PMP_CPU) end
+function pmp.memory.empty_cache() C.pmp_memory_empty_cache(C.PMP_CPU) end
+
+function pmp.num_threads() return C.pmp_num_threads() end
+function pmp.set_num_threads(n) C.pmp_set_num_threads(n) end
+
+return pmp

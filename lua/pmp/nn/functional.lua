@@ -1,0 +1,89 @@
+-- pmp.nn.functional (also pmp.F): stateless neural-network functions built on tensor ops.
+local tensor = require 'pmp.tensor'
+local is_tensor = tensor.is_tensor
+
+local F = {}
+
+function F.softmax(x, dim) return x:softmax(dim or -1) end
+function F.log_softmax(x, dim) return x:log_softmax(dim or -1) end
+function F.relu(x) return x:relu() end
+function F.silu(x) return x:silu() end
+function F.gelu(x, approximate) return x:gelu(approximate) end
+function F.sigmoid(x) return x:sigmoid() end
+function F.tanh(x) return x:tanh() end
+
+local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
+
+-- cross_entropy(logits [..., C], targets [...] holding 0-based class ids,
+--               {ignore_index=-100, reduction='mean'|'sum'|'none'})
+-- 'mean' averages over the targets that are not ignored, as PyTorch does.
+function F.cross_entropy(logits, targets, options)
+  options = options or {}
+  local ignore_index = options.ignore_index or -100
+  local reduction = options.reduction or 'mean'
+  if not is_tensor(logits) or not is_tensor(targets) then error('cross_entropy: expects logits and targets tensors', 2) end
+  local classes = logits:size(-1)
+  local target_shape = targets.shape
+  local expected = logits.shape
+  table.remove(expected)
+  if shape_string(target_shape) ~= shape_string(expected) then
+    error(string.format('cross_entropy: targets of shape %s do not match logits of shape %s',
+      shape_string(target_shape), shape_string(logits.shape)), 2)
+  end
+  local losses = tensor.wrap(require('pmp.ffi').C.pmp_cross_entropy(logits:reshape(-1, classes),
+    targets:reshape(-1), ignore_index))
+  if reduction == 'none' then return losses:view(target_shape) end
+  if reduction == 'sum' then return losses:sum() end
+  if reduction ~= 'mean' then error("cross_entropy: reduction must be 'mean', 'sum' or 'none', got " .. tostring(reduction), 2) end
+  local counted = targets:ne(ignore_index):sum():item()
+  return losses:sum() / counted
+end
+
+-- embedding(ids, weight): rows of weight [V, D] picked by 0-based ids of any shape -> [..., D].
+function F.embedding(ids, weight)
+  if weight.ndim ~= 2 then error('embedding: weight must be [vocab, dim], got ' .. shape_string(weight.shape), 2) end
+  local shape = ids.shape
+  shape[#shape + 1] = weight:size(2)
+  return weight:index_select(1, ids:reshape(-1)):view(shape)
+end
+
+-- linear(x, weight [out, in], bias [out] or nil) = x weight^T + bias
+function F.linear(x, weight, bias)
+  local y = x:matmul(weight:t())
+  if bias then y = y + bias end
+  return y
+end
+
+-- Normalizes in f32 for low-precision inputs and casts back before the weight, as HF's Llama does.
+function F.rms_norm(x, weight, eps)
+  eps = eps or 1e-6
+  local dtype = x.dtype
+  local xf = (dtype == 'bf16' or dtype == 'f16') and x:float() or x
+  local normed = xf * (xf:square():mean(-1, true) + eps):rsqrt()
+  normed = normed:to(dtype)
+  if weight then normed = normed * weight end
+  return normed
+end
+
+function F.layer_norm(x, weight, bias, eps)
+  eps = eps or 1e-5
+  local dtype = x.dtype
+  local xf = (dtype == 'bf16' or dtype == 'f16') and x:float() or x
+  local centered = xf - xf:mean(-1, true)
+  local normed = (centered * (centered:square():mean(-1, true) + eps):rsqrt()):to(dtype)
+  if weight then normed = normed * weight end
+  if bias then normed = normed + bias end
+  return normed
+end
+
+-- Inverted dropout: kept activations are scaled by 1/(1-p) during training, identity otherwise.
+function F.dropout(x, p, training)
+  p = p or 0.5
+  if p < 0 or p > 1 then error('dropout: probability must be in [0, 1], got ' .. tostring(p), 2) end
+  if training == false or p == 0 then return x end
+  if p == 1 then return x * 0 end
+  local keep = tensor.rand(x.shape, { dtype = x.dtype == 'f64' and 'f64' or 'f32' }):ge(p)
+  return x * keep:to(x.dtype) * (1 / (1 - p))
+end
+
+return F

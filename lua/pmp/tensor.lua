@@ -1,0 +1,892 @@
+-- The tensor type: a metatype over the engine's pmp_tensor, with creation functions, operators,
+-- methods and pretty printing. Dimensions and positions are 1-based here (negative counts from the
+-- end); tensors that hold indices (gather/index_select inputs, argmax results) hold 0-based values.
+local ffi = require 'ffi'
+local C = require('pmp.ffi').C
+
+local M = {}            -- creation functions and helpers, merged into `pmp`
+local Tensor = {}       -- methods: t:sum(), t:view(...), ...
+local properties = {}   -- computed fields: t.shape, t.dtype, ...
+M.methods = Tensor
+
+---------------------------------------------------------------------------------------------------
+-- Errors and memory
+
+local function raise(level)
+  error(ffi.string(C.pmp_last_error()), level or 3)
+end
+
+-- LuaJIT's collector does not see native memory; when engine allocations grow past a threshold we
+-- collect, so loops that drop large tensors run in bounded memory.
+local cpu_stats = C.pmp_memory_stats_of(C.PMP_CPU)
+local GC_STEP = 256 * 1024 * 1024
+local gc_threshold = GC_STEP
+
+local function wrap(ptr)
+  if ptr == nil then raise(4) end
+  ptr = ffi.gc(ptr, C.pmp_tensor_release)
+  local in_use = tonumber(cpu_stats.in_use)
+  if in_use > gc_threshold then
+    collectgarbage()
+    in_use = tonumber(cpu_stats.in_use)
+    gc_threshold = math.max(2 * in_use, in_use + GC_STEP)
+  end
+  return ptr
+end
+M.wrap = wrap
+
+local function check(rc)
+  if rc ~= 0 then raise(4) end
+end
+
+local tensor_ct = ffi.typeof('pmp_tensor *')
+local function is_tensor(x) return type(x) == 'cdata' and ffi.istype(tensor_ct, x) end
+M.is_tensor = is_tensor
+
+---------------------------------------------------------------------------------------------------
+-- dtypes, devices, shapes, dims
+
+local DTYPE_ALIASES = {
+  float = 'f32', float32 = 'f32', double = 'f64', float64 = 'f64', bfloat16 = 'bf16', half = 'f16',
+  float16 = 'f16', long = 'i64', int64 = 'i64', int = 'i32', int32 = 'i32', uint8 = 'u8', byte = 'u8',
+}
+local DTYPE_NAMES = {}
+for id = 0, C.PMP_DTYPE_COUNT - 1 do DTYPE_NAMES[id] = ffi.string(C.pmp_dtype_name(id)) end
+
+local function dtype_id(name, op)
+  local id = C.pmp_dtype_from_name(DTYPE_ALIASES[name] or name)
+  if type(name) ~= 'string' or id < 0 then
+    error((op or 'pmp') .. ": unknown dtype '" .. tostring(name) .. "' (f64 f32 bf16 f16 i64 i32 u8 bool)", 4)
+  end
+  return id
+end
+
+local function is_float_id(id) return id <= C.PMP_F16 end
+
+local function parse_device(name, op)
+  if name == nil or name == 'cpu' then return ffi.new('pmp_device', C.PMP_CPU, 0) end
+  local index = type(name) == 'string' and (name == 'cuda' and '0' or name:match('^cuda:(%d+)$'))
+  if index then return ffi.new('pmp_device', C.PMP_CUDA, tonumber(index)) end
+  error((op or 'pmp') .. ": unknown device '" .. tostring(name) .. "' (cpu, cuda, cuda:N)", 4)
+end
+
+local function device_name(dev)
+  if dev.type == C.PMP_CPU then return 'cpu' end
+  return 'cuda:' .. dev.index
+end
+
+local function is_options(x)
+  return type(x) == 'table' and x[1] == nil and not is_tensor(x)
+end
+
+-- Shapes come as varargs (2, 3) or one table {2, 3}; an options table may come last.
+local function shape_and_options(...)
+  local n = select('#', ...)
+  local last = select(n, ...)
+  local options = {}
+  if n > 0 and is_options(last) then options, n = last, n - 1 end
+  local first = ...
+  local shape
+  if n == 1 and type(first) == 'table' then
+    shape = first
+  else
+    shape = { ... }
+    for k = n + 1, #shape do shape[k] = nil end
+  end
+  return shape, options
+end
+
+-- Reusable buffers: the engine copies shapes before returning, so one buffer per argument suffices.
+local shape_buffers = { ffi.new('int64_t[8]'), ffi.new('int64_t[8]') }
+local function c_shape(shape, op, slot)
+  local n = #shape
+  if n > 8 then error(op .. ': at most 8 dims are supported, got ' .. n, 4) end
+  local buf = shape_buffers[slot or 1]
+  for k = 1, n do
+    local size = shape[k]
+    if type(size) ~= 'number' or size ~= math.floor(size) then
+      error(op .. ': shape entries must be integers, got ' .. tostring(size) .. ' at position ' .. k, 4)
+    end
+    buf[k - 1] = size
+  end
+  return buf, n
+end
+
+-- 1-based (negative from the end) dim to the engine's 0-based one.
+local function cdim(d, ndim, op)
+  if type(d) ~= 'number' or d ~= math.floor(d) then
+    error(op .. ': dimension must be an integer, got ' .. tostring(d), 4)
+  end
+  local n = math.max(ndim, 1)
+  if d == 0 or d > n or d < -n then
+    error(string.format('%s: dimension %d out of range for a tensor with %d dims (use 1..%d or -1..-%d)',
+      op, d, ndim, n, n), 4)
+  end
+  return d > 0 and d - 1 or n + d
+end
+
+local function shape_of(t)
+  local shape = {}
+  for k = 0, t.ndim - 1 do shape[k + 1] = tonumber(t.sizes[k]) end
+  return shape
+end
+
+local function shape_string(shape)
+  return '[' .. table.concat(shape, ',') .. ']'
+end
+
+---------------------------------------------------------------------------------------------------
+-- Creation
+
+local function creation_options(options, op, default_dtype)
+  return dtype_id(options.dtype or default_dtype, op), parse_device(options.device, op)
+end
+
+local function finish(t, options)
+  if options.requires_grad then check(C.pmp_set_requires_grad(t, 1)) end
+  return t
+end
+
+function M.empty(...)
+  local shape, options = shape_and_options(...)
+  local dtype, dev = creation_options(options, 'empty', 'f32')
+  local buf, n = c_shape(shape, 'empty')
+  return finish(wrap(C.pmp_empty(buf, n, dtype, dev)), options)
+end
+
+local function filled(value, op, ...)
+  local shape, options = shape_and_options(...)
+  local dtype, dev = creation_options(options, op, 'f32')
+  local buf, n = c_shape(shape, op)
+  return finish(wrap(C.pmp_full(buf, n, value, dtype, dev)), options)
+end
+
+function M.zeros(...) return filled(0, 'zeros', ...) end
+function M.ones(...) return filled(1, 'ones', ...) end
+
+-- pmp.full({2, 3}, 7) or pmp.full(2, 3, 7), options last.
+function M.full(...)
+  local args = { ... }
+  local options = is_options(args[#args]) and table.remove(args) or {}
+  local value = table.remove(args)
+  if type(value) ~= 'number' and type(value) ~= 'boolean' then
+    error('full: the fill value must be a number, got ' .. type(value), 2)
+  end
+  if type(value) == 'boolean' then value = value and 1 or 0 end
+  local shape = type(args[1]) == 'table' and args[1] or args
+  local dtype, dev = creation_options(options, 'full', 'f32')
+  local buf, n = c_shape(shape, 'full')
+  return finish(wrap(C.pmp_full(buf, n, value, dtype, dev)), options)
+end
+
+local function is_integer(x) return type(x) == 'number' and x == math.floor(x) and x > -2^53 and x < 2^53 end
+
+-- pmp.arange(n), (start, stop), (start, stop, step); integers give i64, like torch.
+function M.arange(...)
+  local args = { ... }
+  local options = is_options(args[#args]) and table.remove(args) or {}
+  local start, stop, step = args[1], args[2], args[3]
+  if stop == nil then start, stop = 0, start end
+  step = step or 1
+  for _, v in ipairs({ start, stop, step }) do
+    if type(v) ~= 'number' then error('arange: bounds and step must be numbers', 2) end
+  end
+  local default = (is_integer(start) and is_integer(stop) and is_integer(step)) and 'i64' or 'f32'
+  local dtype, dev = creation_options(options, 'arange', default)
+  return finish(wrap(C.pmp_arange(start, stop, step, dtype, dev)), options)
+end
+
+function M.rand(...)
+  local shape, options = shape_and_options(...)
+  local dtype, dev = creation_options(options, 'rand', 'f32')
+  local buf, n = c_shape(shape, 'rand')
+  return finish(wrap(C.pmp_rand(buf, n, dtype, dev)), options)
+end
+
+function M.randn(...)
+  local shape, options = shape_and_options(...)
+  local dtype, dev = creation_options(options, 'randn', 'f32')
+  local buf, n = c_shape(shape, 'randn')
+  return finish(wrap(C.pmp_randn(buf, n, dtype, dev)), options)
+end
+
+-- pmp.randint(low, high, shape) or pmp.randint(high, shape); values in [low, high).
+function M.randint(a, b, ...)
+  local low, high, rest
+  if type(b) == 'number' then
+    low, high, rest = a, b, { ... }
+  else
+    low, high, rest = 0, a, { b, ... }
+  end
+  if not is_integer(low) or not is_integer(high) then error('randint: low and high must be integers', 2) end
+  local shape, options = shape_and_options(unpack(rest, 1, table.maxn(rest)))
+  local dtype, dev = creation_options(options, 'randint', 'i64')
+  local buf, n = c_shape(shape, 'randint')
+  return wrap(C.pmp_randint(low, high, buf, n, dtype, dev))
+end
+
+function M.manual_seed(seed)
+  if not is_integer(seed) then error('manual_seed: seed must be an integer', 2) end
+  C.pmp_manual_seed(seed < 0 and seed + 2^64 or seed)
+end
+
+-- Flattens nested tables, checking they are rectangular.
+local function flatten(data, shape, depth, out, path)
+  if type(data) ~= 'table' then
+    if depth <= #shape then
+      error('tensor: ragged nested table at ' .. path .. ' (expected a table of ' .. shape[depth] .. ' entries)', 4)
+    end
+    local v = data
+    if type(v) == 'boolean' then v = v and 1 or 0 end
+    if type(v) ~= 'number' then error('tensor: non-numeric value ' .. tostring(data) .. ' at ' .. path, 4) end
+    out[#out + 1] = v
+    return
+  end
+  local n = #data
+  if depth > #shape then
+    if #out > 0 then error('tensor: ragged nested table at ' .. path, 4) end
+    shape[depth] = n
+  elseif shape[depth] ~= n then
+    error(string.format('tensor: ragged nested table at %s (%d entries, expected %d)', path, n, shape[depth]), 4)
+  end
+  for k = 1, n do flatten(data[k], shape, depth + 1, out, path .. '[' .. k .. ']') end
+end
+
+local function first_leaf(data)
+  while type(data) == 'table' do data = data[1] end
+  return data
+end
+
+-- pmp.tensor(nested_table_or_number, {dtype=, device=, requires_grad=}); f32 unless the data is
+-- boolean (Lua does not tell 1 from 1.0, so integers need dtype='i64').
+function M.tensor(data, options)
+  options = options or {}
+  if is_tensor(data) then
+    local t = data:detach():to(options.dtype or data.dtype):clone()
+    return finish(t, options)
+  end
+  local shape, values = {}, {}
+  flatten(data, shape, 1, values, 'data')
+  local default = type(first_leaf(data)) == 'boolean' and 'bool' or 'f32'
+  local dtype, dev = creation_options(options, 'tensor', default)
+  local buf, n = c_shape(shape, 'tensor')
+  local src = ffi.new('double[?]', math.max(#values, 1), values)
+  if not is_float_id(dtype) then
+    local ints = ffi.new('int64_t[?]', math.max(#values, 1))
+    for k = 1, #values do ints[k - 1] = values[k] end
+    return finish(wrap(C.pmp_from_buffer(ints, C.PMP_I64, buf, n, dtype, dev)), options)
+  end
+  return finish(wrap(C.pmp_from_buffer(src, C.PMP_F64, buf, n, dtype, dev)), options)
+end
+
+---------------------------------------------------------------------------------------------------
+-- Properties
+
+function properties.shape(t) return shape_of(t) end
+function properties.dtype(t) return DTYPE_NAMES[t.dtype_id] end
+function properties.device(t) return device_name(t.dev) end
+function properties.requires_grad(t) return t.needs_grad ~= 0 end
+function properties.is_leaf(t) return t.grad_fn == nil end
+function properties.grad(t)
+  local g = t.grad_acc
+  if g == nil then return nil end
+  C.pmp_tensor_retain(g)
+  return wrap(g)
+end
+
+local setters = {}
+function setters.grad(t, g)
+  if g ~= nil and not is_tensor(g) then error('grad: expected a tensor or nil', 3) end
+  check(C.pmp_set_grad(t, g))
+end
+function setters.requires_grad(t, flag) check(C.pmp_set_requires_grad(t, flag and 1 or 0)) end
+
+M.fields = { 'shape', 'dtype', 'device', 'grad', 'requires_grad', 'is_leaf', 'ndim' }
+
+---------------------------------------------------------------------------------------------------
+-- Inspection and conversion
+
+function Tensor.size(t, d)
+  if d == nil then return shape_of(t) end
+  return tonumber(t.sizes[cdim(d, t.ndim, 'size')])
+end
+function Tensor.dim(t) return t.ndim end
+function Tensor.numel(t) return tonumber(C.pmp_numel(t)) end
+function Tensor.is_contiguous(t) return C.pmp_is_contiguous(t) ~= 0 end
+function Tensor.is_floating_point(t) return is_float_id(t.dtype_id) end
+function Tensor.element_size(t) return C.pmp_dtype_size(t.dtype_id) end
+
+local function is_device_name(x) return x == 'cpu' or x == 'cuda' or (type(x) == 'string' and x:match('^cuda:%d+$')) end
+
+-- t:to('bf16'), t:to('cpu'), t:to(other_tensor), t:to({dtype=, device=})
+function Tensor.to(t, target)
+  local dtype, device
+  if is_tensor(target) then
+    dtype, device = target.dtype, target.device
+  elseif type(target) == 'table' then
+    dtype, device = target.dtype, target.device
+  elseif is_device_name(target) then
+    device = target
+  else
+    dtype = target
+  end
+  local out = t
+  if device then out = wrap(C.pmp_to_device(out, parse_device(device, 'to'))) end
+  if dtype then out = wrap(C.pmp_to_dtype(out, dtype_id(dtype, 'to'))) end
+  return out
+end
+function Tensor.float(t) return t:to('f32') end
+function Tensor.double(t) return t:to('f64') end
+function Tensor.bf16(t) return t:to('bf16') end
+function Tensor.half(t) return t:to('f16') end
+function Tensor.long(t) return t:to('i64') end
+function Tensor.int(t) return t:to('i32') end
+function Tensor.bool(t) return t:to('bool') end
+function Tensor.cpu(t) return t:to('cpu') end
+function Tensor.cuda(t, index) return t:to('cuda:' .. (index or 0)) end
+function Tensor.clone(t) return wrap(C.pmp_clone(t)) end
+function Tensor.contiguous(t) return wrap(C.pmp_contiguous(t)) end
+function Tensor.detach(t) return wrap(C.pmp_detach(t)) end
+
+local item_value = ffi.new('double[1]')
+function Tensor.item(t)
+  check(C.pmp_item(t, item_value))
+  if t.dtype_id == C.PMP_BOOL then return item_value[0] ~= 0 end
+  if t.dtype_id == C.PMP_I64 then
+    local exact = ffi.new('int64_t[1]')
+    check(C.pmp_copy_to_buffer(t, exact, C.PMP_I64))
+    return tonumber(exact[0])
+  end
+  return item_value[0]
+end
+
+-- All elements in row-major order as Lua numbers (booleans for bool tensors).
+local function values_of(t)
+  local n = t:numel()
+  local is_bool = t.dtype_id == C.PMP_BOOL
+  local integral = not is_float_id(t.dtype_id)
+  local buf = ffi.new(integral and 'int64_t[?]' or 'double[?]', math.max(n, 1))
+  check(C.pmp_copy_to_buffer(t, buf, integral and C.PMP_I64 or C.PMP_F64))
+  local values = {}
+  for k = 0, n - 1 do
+    local v = tonumber(buf[k])
+    if is_bool then v = v ~= 0 end
+    values[k + 1] = v
+  end
+  return values
+end
+
+function Tensor.totable(t)
+  local values = values_of(t)
+  local shape = shape_of(t)
+  if #shape == 0 then return values[1] end
+  local pos = 0
+  local function build(d)
+    local out = {}
+    for k = 1, shape[d] do
+      if d == #shape then
+        pos = pos + 1
+        out[k] = values[pos]
+      else
+        out[k] = build(d + 1)
+      end
+    end
+    return out
+  end
+  return build(1)
+end
+
+---------------------------------------------------------------------------------------------------
+-- Elementwise math and operators
+
+-- A Lua number meets a tensor as a 0-d tensor of a dtype that does not widen the tensor (torch's rule).
+local function scalar_dtype(t, v)
+  local id = t.dtype_id
+  if is_float_id(id) then return id end
+  if not is_integer(v) then return C.PMP_F32 end
+  return id == C.PMP_BOOL and C.PMP_I64 or id
+end
+
+local function as_tensor(x, like, op)
+  if is_tensor(x) then return x end
+  if type(x) == 'boolean' then x = x and 1 or 0 end
+  if type(x) ~= 'number' then error(op .. ': expected a tensor or a number, got ' .. type(x), 4) end
+  return wrap(C.pmp_full(nil, 0, x, scalar_dtype(like, x), like.dev))
+end
+
+local function binary(op, name)
+  return function(a, b)
+    local ta = is_tensor(a)
+    if not ta and not is_tensor(b) then error(name .. ': expected a tensor operand', 2) end
+    local like = ta and a or b
+    return wrap(C.pmp_binary(op, as_tensor(a, like, name), as_tensor(b, like, name)))
+  end
+end
+
+local function unary(op)
+  return function(t) return wrap(C.pmp_unary(op, t)) end
+end
+
+Tensor.add = binary(C.PMP_OP_ADD, 'add')
+Tensor.sub = binary(C.PMP_OP_SUB, 'sub')
+Tensor.mul = binary(C.PMP_OP_MUL, 'mul')
+Tensor.div = binary(C.PMP_OP_DIV, 'div')
+Tensor.pow = binary(C.PMP_OP_POW, 'pow')
+Tensor.maximum = binary(C.PMP_OP_MAXIMUM, 'maximum')
+Tensor.minimum = binary(C.PMP_OP_MINIMUM, 'minimum')
+Tensor.eq = binary(C.PMP_OP_EQ, 'eq')
+Tensor.ne = binary(C.PMP_OP_NE, 'ne')
+Tensor.lt = binary(C.PMP_OP_LT, 'lt')
+Tensor.le = binary(C.PMP_OP_LE, 'le')
+Tensor.gt = binary(C.PMP_OP_GT, 'gt')
+Tensor.ge = binary(C.PMP_OP_GE, 'ge')
+Tensor.logical_and = binary(C.PMP_OP_LOGICAL_AND, 'logical_and')
+Tensor.logical_or = binary(C.PMP_OP_LOGICAL_OR, 'logical_or')
+Tensor.logical_not = unary(C.PMP_OP_LOGICAL_NOT)
+Tensor.neg = unary(C.PMP_OP_NEG)
+Tensor.exp = unary(C.PMP_OP_EXP)
+Tensor.log = unary(C.PMP_OP_LOG)
+Tensor.sqrt = unary(C.PMP_OP_SQRT)
+Tensor.rsqrt = unary(C.PMP_OP_RSQRT)
+Tensor.abs = unary(C.PMP_OP_ABS)
+Tensor.sin = unary(C.PMP_OP_SIN)
+Tensor.cos = unary(C.PMP_OP_COS)
+Tensor.tanh = unary(C.PMP_OP_TANH)
+Tensor.sigmoid = unary(C.PMP_OP_SIGMOID)
+Tensor.relu = unary(C.PMP_OP_RELU)
+Tensor.silu = unary(C.PMP_OP_SILU)
+Tensor.sign = unary(C.PMP_OP_SIGN)
+function Tensor.square(t) return t:mul(t) end
+
+-- gelu(x) exact (erf); gelu(x, 'tanh') the tanh approximation (HF's gelu_new / gelu_pytorch_tanh).
+function Tensor.gelu(t, approximate)
+  if type(approximate) == 'table' then approximate = approximate.approximate end
+  if approximate == 'tanh' then return wrap(C.pmp_unary(C.PMP_OP_GELU_TANH, t)) end
+  if approximate ~= nil and approximate ~= 'none' then
+    error("gelu: approximate must be 'none' or 'tanh', got " .. tostring(approximate), 2)
+  end
+  return wrap(C.pmp_unary(C.PMP_OP_GELU, t))
+end
+
+function Tensor.clamp(t, min, max)
+  if type(min) == 'table' then min, max = min.min, min.max end
+  if min ~= nil and type(min) ~= 'number' or max ~= nil and type(max) ~= 'number' then
+    error('clamp: bounds must be numbers or nil', 2)
+  end
+  return wrap(C.pmp_clamp(t, min or -math.huge, max or math.huge))
+end
+
+function M.where(cond, a, b)
+  local like = is_tensor(a) and a or is_tensor(b) and b or cond
+  if not is_tensor(cond) then error('where: the condition must be a tensor', 2) end
+  return wrap(C.pmp_where(cond, as_tensor(a, like, 'where'), as_tensor(b, like, 'where')))
+end
+function Tensor.where(cond, a, b) return M.where(cond, a, b) end
+
+---------------------------------------------------------------------------------------------------
+-- Reductions
+
+local dims_buffer = ffi.new('int[8]')
+
+-- (dim or {dims} or nil, keepdim boolean or {keepdim=}) in the engine's form.
+local function reduction_dims(t, dim, keepdim, op)
+  if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
+  if type(dim) == 'table' and is_options(dim) then
+    keepdim = dim.keepdim
+    dim = dim.dim
+  end
+  local n = 0
+  if type(dim) == 'number' then
+    dims_buffer[0] = cdim(dim, t.ndim, op)
+    n = 1
+  elseif type(dim) == 'table' then
+    for k, d in ipairs(dim) do dims_buffer[k - 1] = cdim(d, t.ndim, op) end
+    n = #dim
+  elseif dim ~= nil then
+    error(op .. ': dim must be a number or a table of numbers', 4)
+  end
+  return dims_buffer, n, keepdim and 1 or 0
+end
+
+function Tensor.sum(t, dim, keepdim)
+  local dims, n, keep = reduction_dims(t, dim, keepdim, 'sum')
+  return wrap(C.pmp_sum(t, dims, n, keep))
+end
+
+function Tensor.mean(t, dim, keepdim)
+  local dims, n, keep = reduction_dims(t, dim, keepdim, 'mean')
+  return wrap(C.pmp_mean(t, dims, n, keep))
+end
+
+-- t:max() is the largest element; t:max(dim) gives values and (0-based) indices along dim.
+local function extreme(c_fn, op)
+  return function(t, dim, keepdim)
+    if type(dim) == 'table' then dim, keepdim = dim.dim, dim.keepdim end
+    if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
+    if dim == nil then
+      return wrap(c_fn(t:reshape(-1), 0, 0, nil))
+    end
+    local indices = ffi.new('pmp_tensor *[1]')
+    local values = c_fn(t, cdim(dim, t.ndim, op), keepdim and 1 or 0, indices)
+    if values == nil then raise(3) end
+    return wrap(values), wrap(indices[0])
+  end
+end
+Tensor.max = extreme(C.pmp_max, 'max')
+Tensor.min = extreme(C.pmp_min, 'min')
+
+local function arg_extreme(c_fn, op)
+  return function(t, dim, keepdim)
+    if type(dim) == 'table' then dim, keepdim = dim.dim, dim.keepdim end
+    if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
+    if dim == nil then return wrap(c_fn(t:reshape(-1), 0, 0)) end
+    return wrap(c_fn(t, cdim(dim, t.ndim, op), keepdim and 1 or 0))
+  end
+end
+Tensor.argmax = arg_extreme(C.pmp_argmax, 'argmax')
+Tensor.argmin = arg_extreme(C.pmp_argmin, 'argmin')
+
+-- Variance with Bessel's correction by default ({unbiased=false} or {correction=0} for the population one).
+function Tensor.var(t, dim, options)
+  if type(dim) == 'table' and is_options(dim) then dim, options = dim.dim, dim end
+  if type(options) == 'boolean' then options = { keepdim = options } end
+  options = options or {}
+  local correction = options.correction or (options.unbiased == false and 0 or 1)
+  local x = is_float_id(t.dtype_id) and t or t:float()
+  local mean = x:mean(dim, true)
+  local squares = (x - mean):square():sum(dim, options.keepdim)
+  local count = x:numel() / math.max(squares:numel(), 1)
+  return squares / math.max(count - correction, 0)
+end
+function Tensor.std(t, dim, options) return t:var(dim, options):sqrt() end
+
+-- p-norm over all elements or over dim (p = 2 by default; math.huge for the max norm).
+function Tensor.norm(t, p, dim, keepdim)
+  if type(p) == 'table' then p, dim, keepdim = p.p, p.dim, p.keepdim end
+  p = p or 2
+  if p == 2 then return t:square():sum(dim, keepdim):sqrt() end
+  if p == 1 then return t:abs():sum(dim, keepdim) end
+  if p == math.huge then
+    if dim == nil then return t:abs():max() end
+    return (t:abs():max(dim, keepdim))
+  end
+  return t:abs():pow(p):sum(dim, keepdim):pow(1 / p)
+end
+
+function Tensor.all(t) return t:bool():logical_not():sum():item() == 0 end
+function Tensor.any(t) return t:bool():sum():item() > 0 end
+
+---------------------------------------------------------------------------------------------------
+-- Linear algebra and nn ops
+
+function M.matmul(a, b)
+  if not is_tensor(a) or not is_tensor(b) then error('matmul: expected two tensors', 2) end
+  return wrap(C.pmp_matmul(a, b))
+end
+Tensor.matmul = M.matmul
+
+function Tensor.softmax(t, dim) return wrap(C.pmp_softmax(t, cdim(dim or -1, t.ndim, 'softmax'))) end
+function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t, cdim(dim or -1, t.ndim, 'log_softmax'))) end
+
+---------------------------------------------------------------------------------------------------
+-- Shape
+
+function Tensor.view(t, ...)
+  local shape = shape_and_options(...)
+  local buf, n = c_shape(shape, 'view')
+  return wrap(C.pmp_view(t, buf, n))
+end
+
+function Tensor.reshape(t, ...)
+  local shape = shape_and_options(...)
+  local buf, n = c_shape(shape, 'reshape')
+  return wrap(C.pmp_reshape(t, buf, n))
+end
+
+function Tensor.flatten(t) return t:reshape(-1) end
+
+function Tensor.transpose(t, d0, d1)
+  return wrap(C.pmp_transpose(t, cdim(d0, t.ndim, 'transpose'), cdim(d1, t.ndim, 'transpose')))
+end
+
+-- The transpose of a matrix (Torch7's t:t()).
+function Tensor.t(t)
+  if t.ndim ~= 2 then error('t: expects a 2-D tensor, got shape ' .. shape_string(shape_of(t)), 2) end
+  return t:transpose(1, 2)
+end
+
+function Tensor.permute(t, ...)
+  local dims = shape_and_options(...)
+  if #dims ~= t.ndim then
+    error(string.format('permute: %d dims given for a tensor with %d dims', #dims, t.ndim), 2)
+  end
+  local buf = ffi.new('int[8]')
+  for k, d in ipairs(dims) do buf[k - 1] = cdim(d, t.ndim, 'permute') end
+  return wrap(C.pmp_permute(t, buf, #dims))
+end
+
+function Tensor.unsqueeze(t, d) return wrap(C.pmp_unsqueeze(t, cdim(d, t.ndim + 1, 'unsqueeze'))) end
+
+function Tensor.squeeze(t, d)
+  if d == nil then return wrap(C.pmp_squeeze(t, -1)) end
+  return wrap(C.pmp_squeeze(t, cdim(d, t.ndim, 'squeeze')))
+end
+
+function Tensor.expand(t, ...)
+  local shape = shape_and_options(...)
+  local buf, n = c_shape(shape, 'expand')
+  return wrap(C.pmp_expand(t, buf, n))
+end
+function Tensor.expand_as(t, other) return t:expand(other.shape) end
+
+-- narrow(dim, start, length): start is 1-based (negative counts from the end).
+function Tensor.narrow(t, dim, start, length)
+  local d = cdim(dim, t.ndim, 'narrow')
+  local size = tonumber(t.sizes[d])
+  if type(start) ~= 'number' or type(length) ~= 'number' then error('narrow: start and length must be numbers', 2) end
+  local first = start > 0 and start - 1 or size + start
+  if start == 0 or first < 0 or length < 0 or first + length > size then
+    error(string.format('narrow: start %d and length %d are out of range for dim %d of size %d (shape %s)',
+      start, length, dim, size, shape_string(shape_of(t))), 2)
+  end
+  return wrap(C.pmp_narrow(t, d, first, length))
+end
+
+-- select(dim, i): the slice at 1-based position i, with dim removed.
+function Tensor.select(t, dim, index)
+  return t:narrow(dim, index, 1):squeeze(dim)
+end
+
+function M.cat(list, dim)
+  dim = dim or 1
+  if type(list) ~= 'table' or #list == 0 then error('cat: expects a non-empty list of tensors', 2) end
+  local ptrs = ffi.new('pmp_tensor *[?]', #list)
+  for k, t in ipairs(list) do
+    if not is_tensor(t) then error('cat: element ' .. k .. ' is not a tensor', 2) end
+    ptrs[k - 1] = t
+  end
+  return wrap(C.pmp_cat(ptrs, #list, cdim(dim, list[1].ndim, 'cat')))
+end
+
+function M.stack(list, dim)
+  dim = dim or 1
+  if type(list) ~= 'table' or #list == 0 then error('stack: expects a non-empty list of tensors', 2) end
+  local first = list[1].shape
+  local parts = {}
+  for k, t in ipairs(list) do
+    if shape_string(t.shape) ~= shape_string(first) then
+      error(string.format('stack: tensor %d has shape %s, expected %s', k, shape_string(t.shape), shape_string(first)), 2)
+    end
+    parts[k] = t:unsqueeze(dim)
+  end
+  return M.cat(parts, dim)
+end
+
+-- split(size, dim) into pieces of `size` (the last may be smaller), or split({sizes}, dim).
+function Tensor.split(t, sizes, dim)
+  dim = dim or 1
+  local total = t:size(dim)
+  local pieces, start = {}, 1
+  if type(sizes) == 'number' then
+    if sizes <= 0 then error('split: size must be positive', 2) end
+    while start <= total do
+      local len = math.min(sizes, total - start + 1)
+      pieces[#pieces + 1] = t:narrow(dim, start, len)
+      start = start + len
+    end
+    return pieces
+  end
+  local sum = 0
+  for _, s in ipairs(sizes) do sum = sum + s end
+  if sum ~= total then
+    error(string.format('split: sizes add up to %d but dim %d has size %d', sum, dim, total), 2)
+  end
+  for k, len in ipairs(sizes) do
+    pieces[k] = t:narrow(dim, start, len)
+    start = start + len
+  end
+  return pieces
+end
+
+-- chunk(n, dim): n pieces of equal size (the last may be smaller), as torch.chunk.
+function Tensor.chunk(t, n, dim)
+  dim = dim or 1
+  if type(n) ~= 'number' or n <= 0 then error('chunk: the number of chunks must be positive', 2) end
+  return t:split(math.ceil(t:size(dim) / n), dim)
+end
+
+function Tensor.gather(t, dim, index) return wrap(C.pmp_gather(t, cdim(dim, t.ndim, 'gather'), index)) end
+function Tensor.scatter_add(t, dim, index, src) return wrap(C.pmp_scatter_add(t, cdim(dim, t.ndim, 'scatter_add'), index, src)) end
+function Tensor.index_select(t, dim, index) return wrap(C.pmp_index_select(t, cdim(dim, t.ndim, 'index_select'), index)) end
+function Tensor.index_add(t, dim, index, src) return wrap(C.pmp_index_add(t, cdim(dim, t.ndim, 'index_add'), index, src)) end
+
+function Tensor.masked_fill(t, mask, value)
+  if type(value) == 'boolean' then value = value and 1 or 0 end
+  if type(value) ~= 'number' then error('masked_fill: the value must be a number', 2) end
+  return wrap(C.pmp_masked_fill(t, mask, value))
+end
+
+function Tensor.tril(t, k) return wrap(C.pmp_tril(t, k or 0)) end
+function Tensor.triu(t, k) return wrap(C.pmp_triu(t, k or 0)) end
+
+---------------------------------------------------------------------------------------------------
+-- Autograd
+
+function Tensor.requires_grad_(t, flag)
+  check(C.pmp_set_requires_grad(t, (flag == nil or flag) and 1 or 0))
+  return t
+end
+
+-- backward([grad], {retain_graph=}); the options table may come first.
+function Tensor.backward(t, grad, options)
+  if is_options(grad) then grad, options = nil, grad end
+  if grad ~= nil and not is_tensor(grad) then grad = as_tensor(grad, t, 'backward') end
+  check(C.pmp_backward(t, grad, (options and options.retain_graph) and 1 or 0))
+end
+
+function Tensor.zero_grad(t) check(C.pmp_set_grad(t, nil)) end
+
+---------------------------------------------------------------------------------------------------
+-- Printing
+
+local MAX_PRINTED = 1000   -- beyond this many elements only the edges of each dim are shown
+local EDGE = 3
+
+local function format_numbers(values, dtype)
+  if dtype == 'bool' then
+    local out = {}
+    for k, v in ipairs(values) do out[k] = tostring(v) end
+    return out
+  end
+  local integral = dtype ~= 'f64' and dtype ~= 'f32' and dtype ~= 'bf16' and dtype ~= 'f16'
+  local fmt = '%d'
+  if not integral then
+    local big, all_whole = 0, true
+    for _, v in ipairs(values) do
+      if v == v and v ~= math.huge and v ~= -math.huge then
+        big = math.max(big, math.abs(v))
+        if v ~= math.floor(v) then all_whole = false end
+      end
+    end
+    if all_whole and big < 1e8 then fmt = '%.0f.'
+    elseif big >= 1e5 or (big < 1e-4 and big > 0) then fmt = '%.4e'
+    else fmt = '%.4f' end
+  end
+  local out = {}
+  for k, v in ipairs(values) do
+    if v ~= v then out[k] = 'nan'
+    elseif v == math.huge then out[k] = 'inf'
+    elseif v == -math.huge then out[k] = '-inf'
+    else out[k] = string.format(fmt, v) end
+  end
+  return out
+end
+
+-- Reads the elements to print: all of them, or the first and last EDGE of every dim.
+local function printed_elements(t)
+  local shape = shape_of(t)
+  local truncate = t:numel() > MAX_PRINTED
+  local elements = {}
+  local function walk(d, offset)
+    if d > #shape then
+      elements[#elements + 1] = C.pmp_load_element(t, offset)
+      return
+    end
+    local size = shape[d]
+    local stride = tonumber(t.strides[d - 1])
+    for k = 1, size do
+      if truncate and size > 2 * EDGE and k == EDGE + 1 then elements[#elements + 1] = false end
+      if not (truncate and size > 2 * EDGE and k > EDGE and k <= size - EDGE) then
+        walk(d + 1, offset + (k - 1) * stride)
+      end
+    end
+  end
+  walk(1, 0)
+  return elements, shape, truncate
+end
+
+local function render(t)
+  local elements, shape, truncate = printed_elements(t)
+  local numbers = {}
+  for _, v in ipairs(elements) do
+    if v then numbers[#numbers + 1] = (t.dtype_id == C.PMP_BOOL) and (v ~= 0) or v end
+  end
+  local text = format_numbers(numbers, DTYPE_NAMES[t.dtype_id])
+  local width = 0
+  for _, s in ipairs(text) do width = math.max(width, #s) end
+  local next_number, next_element = 0, 0
+  local function take()
+    next_element = next_element + 1
+    if elements[next_element] == false then return nil end
+    next_number = next_number + 1
+    return string.rep(' ', width - #text[next_number]) .. text[next_number]
+  end
+  local indent = 'tensor('
+  local function build(d)
+    if d > #shape then return take() end
+    local parts = {}
+    local size = shape[d]
+    local k = 1
+    while k <= size do
+      if truncate and size > 2 * EDGE and k == EDGE + 1 then
+        next_element = next_element + 1  -- the '...' marker
+        parts[#parts + 1] = '...'
+        k = size - EDGE + 1
+      else
+        parts[#parts + 1] = build(d + 1)
+        k = k + 1
+      end
+    end
+    local sep = d == #shape and ', ' or (',' .. string.rep('\n', #shape - d) .. string.rep(' ', #indent + d))
+    return '[' .. table.concat(parts, sep) .. ']'
+  end
+  return build(1)
+end
+
+local function describe(t)
+  local body = t.ndim == 0 and format_numbers({ t.dtype_id == C.PMP_BOOL and t:item() or C.pmp_load_element(t, 0) },
+    DTYPE_NAMES[t.dtype_id])[1] or render(t)
+  local extras = { 'shape=' .. shape_string(shape_of(t)), 'dtype=' .. DTYPE_NAMES[t.dtype_id] }
+  if t.dev.type ~= C.PMP_CPU then extras[#extras + 1] = 'device=' .. device_name(t.dev) end
+  if t.grad_fn ~= nil then
+    extras[#extras + 1] = 'grad_fn=' .. ffi.string(C.pmp_op_name(C.pmp_node_op(t.grad_fn)))
+  elseif t.needs_grad ~= 0 then
+    extras[#extras + 1] = 'requires_grad=true'
+  end
+  return 'tensor(' .. body .. ', ' .. table.concat(extras, ', ') .. ')'
+end
+
+---------------------------------------------------------------------------------------------------
+-- The metatype
+
+local function number_or_tensor_op(method)
+  return function(a, b)
+    if is_tensor(a) then return method(a, b) end
+    return method(as_tensor(a, b, 'operator'), b)
+  end
+end
+
+ffi.metatype('pmp_tensor', {
+  __index = function(t, key)
+    local method = Tensor[key]
+    if method then return method end
+    local property = properties[key]
+    if property then return property(t) end
+    return nil
+  end,
+  __newindex = function(t, key, value)
+    local setter = setters[key]
+    if not setter then error("tensor: cannot set field '" .. tostring(key) .. "'", 2) end
+    setter(t, value)
+  end,
+  __add = number_or_tensor_op(Tensor.add),
+  __sub = number_or_tensor_op(Tensor.sub),
+  __mul = number_or_tensor_op(Tensor.mul),
+  __div = number_or_tensor_op(Tensor.div),
+  __pow = number_or_tensor_op(Tensor.pow),
+  __unm = function(t) return t:neg() end,
+  __len = function(t) return t.ndim > 0 and tonumber(t.sizes[0]) or 0 end,
+  __tostring = describe,
+})
+
+return M
