@@ -22,16 +22,21 @@ local cpu_stats = C.pmp_memory_stats_of(C.PMP_CPU)
 local GC_STEP = 256 * 1024 * 1024
 local gc_threshold = GC_STEP
 
+-- A tensor is a handle struct around the engine pointer: LuaJIT does pointer arithmetic on raw
+-- pointers (p + 1, p - q) instead of calling metamethods, so the operators need a struct type.
+ffi.cdef('typedef struct pmp_tensor_handle { pmp_tensor *ptr; } pmp_tensor_handle;')
+local Handle  -- the metatype, set at the end of this file
+
 local function wrap(ptr)
   if ptr == nil then raise(4) end
-  ptr = ffi.gc(ptr, C.pmp_tensor_release)
+  local t = Handle(ptr)
   local in_use = tonumber(cpu_stats.in_use)
   if in_use > gc_threshold then
     collectgarbage()
     in_use = tonumber(cpu_stats.in_use)
     gc_threshold = math.max(2 * in_use, in_use + GC_STEP)
   end
-  return ptr
+  return t
 end
 M.wrap = wrap
 
@@ -39,8 +44,8 @@ local function check(rc)
   if rc ~= 0 then raise(4) end
 end
 
-local tensor_ct = ffi.typeof('pmp_tensor *')
-local function is_tensor(x) return type(x) == 'cdata' and ffi.istype(tensor_ct, x) end
+local handle_ct = ffi.typeof('pmp_tensor_handle')
+local function is_tensor(x) return type(x) == 'cdata' and ffi.istype(handle_ct, x) end
 M.is_tensor = is_tensor
 
 ---------------------------------------------------------------------------------------------------
@@ -79,21 +84,17 @@ local function is_options(x)
   return type(x) == 'table' and x[1] == nil and not is_tensor(x)
 end
 
--- Shapes come as varargs (2, 3) or one table {2, 3}; an options table may come last.
-local function shape_and_options(...)
-  local n = select('#', ...)
-  local last = select(n, ...)
+-- Shapes come as varargs (2, 3) or one table {2, 3} ({} is the 0-d shape); an options table may come last.
+local function is_shape_table(x)
+  return type(x) == 'table' and (x[1] ~= nil or next(x) == nil)
+end
+
+local function shape_and_options(first, ...)
+  if is_shape_table(first) then return first, (...) or {} end
+  local args = { first, ... }
   local options = {}
-  if n > 0 and is_options(last) then options, n = last, n - 1 end
-  local first = ...
-  local shape
-  if n == 1 and type(first) == 'table' then
-    shape = first
-  else
-    shape = { ... }
-    for k = n + 1, #shape do shape[k] = nil end
-  end
-  return shape, options
+  if is_options(args[#args]) then options = table.remove(args) end
+  return args, options
 end
 
 -- Reusable buffers: the engine copies shapes before returning, so one buffer per argument suffices.
@@ -127,7 +128,7 @@ end
 
 local function shape_of(t)
   local shape = {}
-  for k = 0, t.ndim - 1 do shape[k + 1] = tonumber(t.sizes[k]) end
+  for k = 0, t.ptr.ndim - 1 do shape[k + 1] = tonumber(t.ptr.sizes[k]) end
   return shape
 end
 
@@ -143,7 +144,7 @@ local function creation_options(options, op, default_dtype)
 end
 
 local function finish(t, options)
-  if options.requires_grad then check(C.pmp_set_requires_grad(t, 1)) end
+  if options.requires_grad then check(C.pmp_set_requires_grad(t.ptr, 1)) end
   return t
 end
 
@@ -283,12 +284,13 @@ end
 -- Properties
 
 function properties.shape(t) return shape_of(t) end
-function properties.dtype(t) return DTYPE_NAMES[t.dtype_id] end
-function properties.device(t) return device_name(t.dev) end
-function properties.requires_grad(t) return t.needs_grad ~= 0 end
-function properties.is_leaf(t) return t.grad_fn == nil end
+function properties.ndim(t) return t.ptr.ndim end
+function properties.dtype(t) return DTYPE_NAMES[t.ptr.dtype_id] end
+function properties.device(t) return device_name(t.ptr.dev) end
+function properties.requires_grad(t) return t.ptr.needs_grad ~= 0 end
+function properties.is_leaf(t) return t.ptr.grad_fn == nil end
 function properties.grad(t)
-  local g = t.grad_acc
+  local g = t.ptr.grad_acc
   if g == nil then return nil end
   C.pmp_tensor_retain(g)
   return wrap(g)
@@ -297,9 +299,9 @@ end
 local setters = {}
 function setters.grad(t, g)
   if g ~= nil and not is_tensor(g) then error('grad: expected a tensor or nil', 3) end
-  check(C.pmp_set_grad(t, g))
+  check(C.pmp_set_grad(t.ptr, g and g.ptr))
 end
-function setters.requires_grad(t, flag) check(C.pmp_set_requires_grad(t, flag and 1 or 0)) end
+function setters.requires_grad(t, flag) check(C.pmp_set_requires_grad(t.ptr, flag and 1 or 0)) end
 
 M.fields = { 'shape', 'dtype', 'device', 'grad', 'requires_grad', 'is_leaf', 'ndim' }
 
@@ -308,13 +310,13 @@ M.fields = { 'shape', 'dtype', 'device', 'grad', 'requires_grad', 'is_leaf', 'nd
 
 function Tensor.size(t, d)
   if d == nil then return shape_of(t) end
-  return tonumber(t.sizes[cdim(d, t.ndim, 'size')])
+  return tonumber(t.ptr.sizes[cdim(d, t.ptr.ndim, 'size')])
 end
-function Tensor.dim(t) return t.ndim end
-function Tensor.numel(t) return tonumber(C.pmp_numel(t)) end
-function Tensor.is_contiguous(t) return C.pmp_is_contiguous(t) ~= 0 end
-function Tensor.is_floating_point(t) return is_float_id(t.dtype_id) end
-function Tensor.element_size(t) return C.pmp_dtype_size(t.dtype_id) end
+function Tensor.dim(t) return t.ptr.ndim end
+function Tensor.numel(t) return tonumber(C.pmp_numel(t.ptr)) end
+function Tensor.is_contiguous(t) return C.pmp_is_contiguous(t.ptr) ~= 0 end
+function Tensor.is_floating_point(t) return is_float_id(t.ptr.dtype_id) end
+function Tensor.element_size(t) return C.pmp_dtype_size(t.ptr.dtype_id) end
 
 local function is_device_name(x) return x == 'cpu' or x == 'cuda' or (type(x) == 'string' and x:match('^cuda:%d+$')) end
 
@@ -331,8 +333,8 @@ function Tensor.to(t, target)
     dtype = target
   end
   local out = t
-  if device then out = wrap(C.pmp_to_device(out, parse_device(device, 'to'))) end
-  if dtype then out = wrap(C.pmp_to_dtype(out, dtype_id(dtype, 'to'))) end
+  if device then out = wrap(C.pmp_to_device(out.ptr, parse_device(device, 'to'))) end
+  if dtype then out = wrap(C.pmp_to_dtype(out.ptr, dtype_id(dtype, 'to'))) end
   return out
 end
 function Tensor.float(t) return t:to('f32') end
@@ -344,17 +346,17 @@ function Tensor.int(t) return t:to('i32') end
 function Tensor.bool(t) return t:to('bool') end
 function Tensor.cpu(t) return t:to('cpu') end
 function Tensor.cuda(t, index) return t:to('cuda:' .. (index or 0)) end
-function Tensor.clone(t) return wrap(C.pmp_clone(t)) end
-function Tensor.contiguous(t) return wrap(C.pmp_contiguous(t)) end
-function Tensor.detach(t) return wrap(C.pmp_detach(t)) end
+function Tensor.clone(t) return wrap(C.pmp_clone(t.ptr)) end
+function Tensor.contiguous(t) return wrap(C.pmp_contiguous(t.ptr)) end
+function Tensor.detach(t) return wrap(C.pmp_detach(t.ptr)) end
 
 local item_value = ffi.new('double[1]')
 function Tensor.item(t)
-  check(C.pmp_item(t, item_value))
-  if t.dtype_id == C.PMP_BOOL then return item_value[0] ~= 0 end
-  if t.dtype_id == C.PMP_I64 then
+  check(C.pmp_item(t.ptr, item_value))
+  if t.ptr.dtype_id == C.PMP_BOOL then return item_value[0] ~= 0 end
+  if t.ptr.dtype_id == C.PMP_I64 then
     local exact = ffi.new('int64_t[1]')
-    check(C.pmp_copy_to_buffer(t, exact, C.PMP_I64))
+    check(C.pmp_copy_to_buffer(t.ptr, exact, C.PMP_I64))
     return tonumber(exact[0])
   end
   return item_value[0]
@@ -363,10 +365,10 @@ end
 -- All elements in row-major order as Lua numbers (booleans for bool tensors).
 local function values_of(t)
   local n = t:numel()
-  local is_bool = t.dtype_id == C.PMP_BOOL
-  local integral = not is_float_id(t.dtype_id)
+  local is_bool = t.ptr.dtype_id == C.PMP_BOOL
+  local integral = not is_float_id(t.ptr.dtype_id)
   local buf = ffi.new(integral and 'int64_t[?]' or 'double[?]', math.max(n, 1))
-  check(C.pmp_copy_to_buffer(t, buf, integral and C.PMP_I64 or C.PMP_F64))
+  check(C.pmp_copy_to_buffer(t.ptr, buf, integral and C.PMP_I64 or C.PMP_F64))
   local values = {}
   for k = 0, n - 1 do
     local v = tonumber(buf[k])
@@ -401,7 +403,7 @@ end
 
 -- A Lua number meets a tensor as a 0-d tensor of a dtype that does not widen the tensor (torch's rule).
 local function scalar_dtype(t, v)
-  local id = t.dtype_id
+  local id = t.ptr.dtype_id
   if is_float_id(id) then return id end
   if not is_integer(v) then return C.PMP_F32 end
   return id == C.PMP_BOOL and C.PMP_I64 or id
@@ -411,7 +413,7 @@ local function as_tensor(x, like, op)
   if is_tensor(x) then return x end
   if type(x) == 'boolean' then x = x and 1 or 0 end
   if type(x) ~= 'number' then error(op .. ': expected a tensor or a number, got ' .. type(x), 4) end
-  return wrap(C.pmp_full(nil, 0, x, scalar_dtype(like, x), like.dev))
+  return wrap(C.pmp_full(nil, 0, x, scalar_dtype(like, x), like.ptr.dev))
 end
 
 local function binary(op, name)
@@ -419,12 +421,12 @@ local function binary(op, name)
     local ta = is_tensor(a)
     if not ta and not is_tensor(b) then error(name .. ': expected a tensor operand', 2) end
     local like = ta and a or b
-    return wrap(C.pmp_binary(op, as_tensor(a, like, name), as_tensor(b, like, name)))
+    return wrap(C.pmp_binary(op, as_tensor(a, like, name).ptr, as_tensor(b, like, name).ptr))
   end
 end
 
 local function unary(op)
-  return function(t) return wrap(C.pmp_unary(op, t)) end
+  return function(t) return wrap(C.pmp_unary(op, t.ptr)) end
 end
 
 Tensor.add = binary(C.PMP_OP_ADD, 'add')
@@ -461,11 +463,11 @@ function Tensor.square(t) return t:mul(t) end
 -- gelu(x) exact (erf); gelu(x, 'tanh') the tanh approximation (HF's gelu_new / gelu_pytorch_tanh).
 function Tensor.gelu(t, approximate)
   if type(approximate) == 'table' then approximate = approximate.approximate end
-  if approximate == 'tanh' then return wrap(C.pmp_unary(C.PMP_OP_GELU_TANH, t)) end
+  if approximate == 'tanh' then return wrap(C.pmp_unary(C.PMP_OP_GELU_TANH, t.ptr)) end
   if approximate ~= nil and approximate ~= 'none' then
     error("gelu: approximate must be 'none' or 'tanh', got " .. tostring(approximate), 2)
   end
-  return wrap(C.pmp_unary(C.PMP_OP_GELU, t))
+  return wrap(C.pmp_unary(C.PMP_OP_GELU, t.ptr))
 end
 
 function Tensor.clamp(t, min, max)
@@ -473,13 +475,13 @@ function Tensor.clamp(t, min, max)
   if min ~= nil and type(min) ~= 'number' or max ~= nil and type(max) ~= 'number' then
     error('clamp: bounds must be numbers or nil', 2)
   end
-  return wrap(C.pmp_clamp(t, min or -math.huge, max or math.huge))
+  return wrap(C.pmp_clamp(t.ptr, min or -math.huge, max or math.huge))
 end
 
 function M.where(cond, a, b)
   local like = is_tensor(a) and a or is_tensor(b) and b or cond
   if not is_tensor(cond) then error('where: the condition must be a tensor', 2) end
-  return wrap(C.pmp_where(cond, as_tensor(a, like, 'where'), as_tensor(b, like, 'where')))
+  return wrap(C.pmp_where(cond.ptr, as_tensor(a, like, 'where').ptr, as_tensor(b, like, 'where').ptr))
 end
 function Tensor.where(cond, a, b) return M.where(cond, a, b) end
 
@@ -497,10 +499,10 @@ local function reduction_dims(t, dim, keepdim, op)
   end
   local n = 0
   if type(dim) == 'number' then
-    dims_buffer[0] = cdim(dim, t.ndim, op)
+    dims_buffer[0] = cdim(dim, t.ptr.ndim, op)
     n = 1
   elseif type(dim) == 'table' then
-    for k, d in ipairs(dim) do dims_buffer[k - 1] = cdim(d, t.ndim, op) end
+    for k, d in ipairs(dim) do dims_buffer[k - 1] = cdim(d, t.ptr.ndim, op) end
     n = #dim
   elseif dim ~= nil then
     error(op .. ': dim must be a number or a table of numbers', 4)
@@ -510,12 +512,12 @@ end
 
 function Tensor.sum(t, dim, keepdim)
   local dims, n, keep = reduction_dims(t, dim, keepdim, 'sum')
-  return wrap(C.pmp_sum(t, dims, n, keep))
+  return wrap(C.pmp_sum(t.ptr, dims, n, keep))
 end
 
 function Tensor.mean(t, dim, keepdim)
   local dims, n, keep = reduction_dims(t, dim, keepdim, 'mean')
-  return wrap(C.pmp_mean(t, dims, n, keep))
+  return wrap(C.pmp_mean(t.ptr, dims, n, keep))
 end
 
 -- t:max() is the largest element; t:max(dim) gives values and (0-based) indices along dim.
@@ -524,10 +526,10 @@ local function extreme(c_fn, op)
     if type(dim) == 'table' then dim, keepdim = dim.dim, dim.keepdim end
     if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
     if dim == nil then
-      return wrap(c_fn(t:reshape(-1), 0, 0, nil))
+      return wrap(c_fn(t:reshape(-1).ptr, 0, 0, nil))
     end
     local indices = ffi.new('pmp_tensor *[1]')
-    local values = c_fn(t, cdim(dim, t.ndim, op), keepdim and 1 or 0, indices)
+    local values = c_fn(t.ptr, cdim(dim, t.ptr.ndim, op), keepdim and 1 or 0, indices)
     if values == nil then raise(3) end
     return wrap(values), wrap(indices[0])
   end
@@ -539,8 +541,8 @@ local function arg_extreme(c_fn, op)
   return function(t, dim, keepdim)
     if type(dim) == 'table' then dim, keepdim = dim.dim, dim.keepdim end
     if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
-    if dim == nil then return wrap(c_fn(t:reshape(-1), 0, 0)) end
-    return wrap(c_fn(t, cdim(dim, t.ndim, op), keepdim and 1 or 0))
+    if dim == nil then return wrap(c_fn(t:reshape(-1).ptr, 0, 0)) end
+    return wrap(c_fn(t.ptr, cdim(dim, t.ptr.ndim, op), keepdim and 1 or 0))
   end
 end
 Tensor.argmax = arg_extreme(C.pmp_argmax, 'argmax')
@@ -552,7 +554,7 @@ function Tensor.var(t, dim, options)
   if type(options) == 'boolean' then options = { keepdim = options } end
   options = options or {}
   local correction = options.correction or (options.unbiased == false and 0 or 1)
-  local x = is_float_id(t.dtype_id) and t or t:float()
+  local x = is_float_id(t.ptr.dtype_id) and t or t:float()
   local mean = x:mean(dim, true)
   local squares = (x - mean):square():sum(dim, options.keepdim)
   local count = x:numel() / math.max(squares:numel(), 1)
@@ -581,12 +583,12 @@ function Tensor.any(t) return t:bool():sum():item() > 0 end
 
 function M.matmul(a, b)
   if not is_tensor(a) or not is_tensor(b) then error('matmul: expected two tensors', 2) end
-  return wrap(C.pmp_matmul(a, b))
+  return wrap(C.pmp_matmul(a.ptr, b.ptr))
 end
 Tensor.matmul = M.matmul
 
-function Tensor.softmax(t, dim) return wrap(C.pmp_softmax(t, cdim(dim or -1, t.ndim, 'softmax'))) end
-function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t, cdim(dim or -1, t.ndim, 'log_softmax'))) end
+function Tensor.softmax(t, dim) return wrap(C.pmp_softmax(t.ptr, cdim(dim or -1, t.ptr.ndim, 'softmax'))) end
+function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t.ptr, cdim(dim or -1, t.ptr.ndim, 'log_softmax'))) end
 
 ---------------------------------------------------------------------------------------------------
 -- Shape
@@ -594,62 +596,62 @@ function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t, cdim(dim or
 function Tensor.view(t, ...)
   local shape = shape_and_options(...)
   local buf, n = c_shape(shape, 'view')
-  return wrap(C.pmp_view(t, buf, n))
+  return wrap(C.pmp_view(t.ptr, buf, n))
 end
 
 function Tensor.reshape(t, ...)
   local shape = shape_and_options(...)
   local buf, n = c_shape(shape, 'reshape')
-  return wrap(C.pmp_reshape(t, buf, n))
+  return wrap(C.pmp_reshape(t.ptr, buf, n))
 end
 
 function Tensor.flatten(t) return t:reshape(-1) end
 
 function Tensor.transpose(t, d0, d1)
-  return wrap(C.pmp_transpose(t, cdim(d0, t.ndim, 'transpose'), cdim(d1, t.ndim, 'transpose')))
+  return wrap(C.pmp_transpose(t.ptr, cdim(d0, t.ptr.ndim, 'transpose'), cdim(d1, t.ptr.ndim, 'transpose')))
 end
 
 -- The transpose of a matrix (Torch7's t:t()).
 function Tensor.t(t)
-  if t.ndim ~= 2 then error('t: expects a 2-D tensor, got shape ' .. shape_string(shape_of(t)), 2) end
+  if t.ptr.ndim ~= 2 then error('t: expects a 2-D tensor, got shape ' .. shape_string(shape_of(t)), 2) end
   return t:transpose(1, 2)
 end
 
 function Tensor.permute(t, ...)
   local dims = shape_and_options(...)
-  if #dims ~= t.ndim then
-    error(string.format('permute: %d dims given for a tensor with %d dims', #dims, t.ndim), 2)
+  if #dims ~= t.ptr.ndim then
+    error(string.format('permute: %d dims given for a tensor with %d dims', #dims, t.ptr.ndim), 2)
   end
   local buf = ffi.new('int[8]')
-  for k, d in ipairs(dims) do buf[k - 1] = cdim(d, t.ndim, 'permute') end
-  return wrap(C.pmp_permute(t, buf, #dims))
+  for k, d in ipairs(dims) do buf[k - 1] = cdim(d, t.ptr.ndim, 'permute') end
+  return wrap(C.pmp_permute(t.ptr, buf, #dims))
 end
 
-function Tensor.unsqueeze(t, d) return wrap(C.pmp_unsqueeze(t, cdim(d, t.ndim + 1, 'unsqueeze'))) end
+function Tensor.unsqueeze(t, d) return wrap(C.pmp_unsqueeze(t.ptr, cdim(d, t.ptr.ndim + 1, 'unsqueeze'))) end
 
 function Tensor.squeeze(t, d)
-  if d == nil then return wrap(C.pmp_squeeze(t, -1)) end
-  return wrap(C.pmp_squeeze(t, cdim(d, t.ndim, 'squeeze')))
+  if d == nil then return wrap(C.pmp_squeeze(t.ptr, -1)) end
+  return wrap(C.pmp_squeeze(t.ptr, cdim(d, t.ptr.ndim, 'squeeze')))
 end
 
 function Tensor.expand(t, ...)
   local shape = shape_and_options(...)
   local buf, n = c_shape(shape, 'expand')
-  return wrap(C.pmp_expand(t, buf, n))
+  return wrap(C.pmp_expand(t.ptr, buf, n))
 end
 function Tensor.expand_as(t, other) return t:expand(other.shape) end
 
 -- narrow(dim, start, length): start is 1-based (negative counts from the end).
 function Tensor.narrow(t, dim, start, length)
-  local d = cdim(dim, t.ndim, 'narrow')
-  local size = tonumber(t.sizes[d])
+  local d = cdim(dim, t.ptr.ndim, 'narrow')
+  local size = tonumber(t.ptr.sizes[d])
   if type(start) ~= 'number' or type(length) ~= 'number' then error('narrow: start and length must be numbers', 2) end
   local first = start > 0 and start - 1 or size + start
   if start == 0 or first < 0 or length < 0 or first + length > size then
     error(string.format('narrow: start %d and length %d are out of range for dim %d of size %d (shape %s)',
       start, length, dim, size, shape_string(shape_of(t))), 2)
   end
-  return wrap(C.pmp_narrow(t, d, first, length))
+  return wrap(C.pmp_narrow(t.ptr, d, first, length))
 end
 
 -- select(dim, i): the slice at 1-based position i, with dim removed.
@@ -663,9 +665,9 @@ function M.cat(list, dim)
   local ptrs = ffi.new('pmp_tensor *[?]', #list)
   for k, t in ipairs(list) do
     if not is_tensor(t) then error('cat: element ' .. k .. ' is not a tensor', 2) end
-    ptrs[k - 1] = t
+    ptrs[k - 1] = t.ptr
   end
-  return wrap(C.pmp_cat(ptrs, #list, cdim(dim, list[1].ndim, 'cat')))
+  return wrap(C.pmp_cat(ptrs, #list, cdim(dim, list[1].ptr.ndim, 'cat')))
 end
 
 function M.stack(list, dim)
@@ -715,25 +717,25 @@ function Tensor.chunk(t, n, dim)
   return t:split(math.ceil(t:size(dim) / n), dim)
 end
 
-function Tensor.gather(t, dim, index) return wrap(C.pmp_gather(t, cdim(dim, t.ndim, 'gather'), index)) end
-function Tensor.scatter_add(t, dim, index, src) return wrap(C.pmp_scatter_add(t, cdim(dim, t.ndim, 'scatter_add'), index, src)) end
-function Tensor.index_select(t, dim, index) return wrap(C.pmp_index_select(t, cdim(dim, t.ndim, 'index_select'), index)) end
-function Tensor.index_add(t, dim, index, src) return wrap(C.pmp_index_add(t, cdim(dim, t.ndim, 'index_add'), index, src)) end
+function Tensor.gather(t, dim, index) return wrap(C.pmp_gather(t.ptr, cdim(dim, t.ptr.ndim, 'gather'), index.ptr)) end
+function Tensor.scatter_add(t, dim, index, src) return wrap(C.pmp_scatter_add(t.ptr, cdim(dim, t.ptr.ndim, 'scatter_add'), index.ptr, src.ptr)) end
+function Tensor.index_select(t, dim, index) return wrap(C.pmp_index_select(t.ptr, cdim(dim, t.ptr.ndim, 'index_select'), index.ptr)) end
+function Tensor.index_add(t, dim, index, src) return wrap(C.pmp_index_add(t.ptr, cdim(dim, t.ptr.ndim, 'index_add'), index.ptr, src.ptr)) end
 
 function Tensor.masked_fill(t, mask, value)
   if type(value) == 'boolean' then value = value and 1 or 0 end
   if type(value) ~= 'number' then error('masked_fill: the value must be a number', 2) end
-  return wrap(C.pmp_masked_fill(t, mask, value))
+  return wrap(C.pmp_masked_fill(t.ptr, mask.ptr, value))
 end
 
-function Tensor.tril(t, k) return wrap(C.pmp_tril(t, k or 0)) end
-function Tensor.triu(t, k) return wrap(C.pmp_triu(t, k or 0)) end
+function Tensor.tril(t, k) return wrap(C.pmp_tril(t.ptr, k or 0)) end
+function Tensor.triu(t, k) return wrap(C.pmp_triu(t.ptr, k or 0)) end
 
 ---------------------------------------------------------------------------------------------------
 -- Autograd
 
 function Tensor.requires_grad_(t, flag)
-  check(C.pmp_set_requires_grad(t, (flag == nil or flag) and 1 or 0))
+  check(C.pmp_set_requires_grad(t.ptr, (flag == nil or flag) and 1 or 0))
   return t
 end
 
@@ -741,10 +743,10 @@ end
 function Tensor.backward(t, grad, options)
   if is_options(grad) then grad, options = nil, grad end
   if grad ~= nil and not is_tensor(grad) then grad = as_tensor(grad, t, 'backward') end
-  check(C.pmp_backward(t, grad, (options and options.retain_graph) and 1 or 0))
+  check(C.pmp_backward(t.ptr, grad and grad.ptr, (options and options.retain_graph) and 1 or 0))
 end
 
-function Tensor.zero_grad(t) check(C.pmp_set_grad(t, nil)) end
+function Tensor.zero_grad(t) check(C.pmp_set_grad(t.ptr, nil)) end
 
 ---------------------------------------------------------------------------------------------------
 -- Printing
@@ -789,11 +791,11 @@ local function printed_elements(t)
   local elements = {}
   local function walk(d, offset)
     if d > #shape then
-      elements[#elements + 1] = C.pmp_load_element(t, offset)
+      elements[#elements + 1] = C.pmp_load_element(t.ptr, offset)
       return
     end
     local size = shape[d]
-    local stride = tonumber(t.strides[d - 1])
+    local stride = tonumber(t.ptr.strides[d - 1])
     for k = 1, size do
       if truncate and size > 2 * EDGE and k == EDGE + 1 then elements[#elements + 1] = false end
       if not (truncate and size > 2 * EDGE and k > EDGE and k <= size - EDGE) then
@@ -809,9 +811,9 @@ local function render(t)
   local elements, shape, truncate = printed_elements(t)
   local numbers = {}
   for _, v in ipairs(elements) do
-    if v then numbers[#numbers + 1] = (t.dtype_id == C.PMP_BOOL) and (v ~= 0) or v end
+    if v then numbers[#numbers + 1] = (t.ptr.dtype_id == C.PMP_BOOL) and (v ~= 0) or v end
   end
-  local text = format_numbers(numbers, DTYPE_NAMES[t.dtype_id])
+  local text = format_numbers(numbers, DTYPE_NAMES[t.ptr.dtype_id])
   local width = 0
   for _, s in ipairs(text) do width = math.max(width, #s) end
   local next_number, next_element = 0, 0
@@ -844,13 +846,13 @@ local function render(t)
 end
 
 local function describe(t)
-  local body = t.ndim == 0 and format_numbers({ t.dtype_id == C.PMP_BOOL and t:item() or C.pmp_load_element(t, 0) },
-    DTYPE_NAMES[t.dtype_id])[1] or render(t)
-  local extras = { 'shape=' .. shape_string(shape_of(t)), 'dtype=' .. DTYPE_NAMES[t.dtype_id] }
-  if t.dev.type ~= C.PMP_CPU then extras[#extras + 1] = 'device=' .. device_name(t.dev) end
-  if t.grad_fn ~= nil then
-    extras[#extras + 1] = 'grad_fn=' .. ffi.string(C.pmp_op_name(C.pmp_node_op(t.grad_fn)))
-  elseif t.needs_grad ~= 0 then
+  local body = t.ptr.ndim == 0 and format_numbers({ t.ptr.dtype_id == C.PMP_BOOL and t:item() or C.pmp_load_element(t.ptr, 0) },
+    DTYPE_NAMES[t.ptr.dtype_id])[1] or render(t)
+  local extras = { 'shape=' .. shape_string(shape_of(t)), 'dtype=' .. DTYPE_NAMES[t.ptr.dtype_id] }
+  if t.ptr.dev.type ~= C.PMP_CPU then extras[#extras + 1] = 'device=' .. device_name(t.ptr.dev) end
+  if t.ptr.grad_fn ~= nil then
+    extras[#extras + 1] = 'grad_fn=' .. ffi.string(C.pmp_op_name(C.pmp_node_op(t.ptr.grad_fn)))
+  elseif t.ptr.needs_grad ~= 0 then
     extras[#extras + 1] = 'requires_grad=true'
   end
   return 'tensor(' .. body .. ', ' .. table.concat(extras, ', ') .. ')'
@@ -866,7 +868,7 @@ local function number_or_tensor_op(method)
   end
 end
 
-ffi.metatype('pmp_tensor', {
+Handle = ffi.metatype('pmp_tensor_handle', {
   __index = function(t, key)
     local method = Tensor[key]
     if method then return method end
@@ -885,8 +887,9 @@ ffi.metatype('pmp_tensor', {
   __div = number_or_tensor_op(Tensor.div),
   __pow = number_or_tensor_op(Tensor.pow),
   __unm = function(t) return t:neg() end,
-  __len = function(t) return t.ndim > 0 and tonumber(t.sizes[0]) or 0 end,
+  __len = function(t) return t.ptr.ndim > 0 and tonumber(t.ptr.sizes[0]) or 0 end,
   __tostring = describe,
+  __gc = function(t) C.pmp_tensor_release(t.ptr) end,
 })
 
 return M
