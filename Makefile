@@ -1,9 +1,14 @@
 # pmp — build, test and benchmark. `make deps` installs what the build needs on Debian 12.
 CC       ?= cc
 CFLAGS   ?= -O2 -g
+# OpenBLAS built on OpenMP, so BLAS and our kernels share one thread pool instead of two pools
+# spinning against each other; rpath pins that variant whatever Debian's alternatives point to.
+MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+OPENBLAS_DIR := /usr/lib/$(MULTIARCH)/openblas-openmp
 CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -D_GNU_SOURCE -Icore \
-            $(shell pkg-config --cflags luajit openblas 2>/dev/null)
-LDLIBS   += $(shell pkg-config --libs luajit openblas 2>/dev/null) -lreadline -lm -ldl -fopenmp
+            -I/usr/include/$(MULTIARCH)/openblas-openmp $(shell pkg-config --cflags luajit 2>/dev/null)
+LDLIBS   += $(shell pkg-config --libs luajit 2>/dev/null) -L$(OPENBLAS_DIR) -Wl,-rpath,$(OPENBLAS_DIR) -lopenblas \
+            -lreadline -lm -ldl -fopenmp
 # Export every engine symbol so the FFI can find them through ffi.C.
 LDFLAGS  += -rdynamic
 
@@ -13,7 +18,7 @@ CORE_OBJS := $(CORE_SRCS:%.c=build/%.o)
 HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
 
 DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadline-dev \
-                   libopenblas-dev lua-busted tmux
+                   libopenblas-dev libopenblas-openmp-dev lua-busted tmux
 
 .PHONY: all deps test bench clean
 all: pmp
@@ -24,7 +29,7 @@ pmp: $(HOST_OBJS) build/libpmpcore.a
 build/libpmpcore.a: $(CORE_OBJS)
 	ar rcs $@ $^
 
-build/%.o: %.c core/pmp.h $(wildcard core/*.h)
+build/%.o: %.c core/pmp.h $(wildcard core/*.h core/host/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 

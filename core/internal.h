@@ -198,7 +198,7 @@ uint64_t pmp_random_u64(void);
 double pmp_random_uniform(void);    /* [0, 1) */
 
 /* ---- threading ---- */
-#define PMP_PARALLEL_THRESHOLD 32768
+#define PMP_PARALLEL_THRESHOLD 262144
 
 #endif
 
