@@ -139,8 +139,6 @@ static void binary_i64(const void *ctx, void *out, const void *const *in, int64_
   case PMP_OP_POW: MAP2(int64_t, int64_t, ipow(a, b)); break;
   case PMP_OP_MAXIMUM: MAP2(int64_t, int64_t, a > b ? a : b); break;
   case PMP_OP_MINIMUM: MAP2(int64_t, int64_t, a < b ? a : b); break;
-  case PMP_OP_LOGICAL_AND: MAP2(int64_t, int64_t, a && b); break;
-  case PMP_OP_LOGICAL_OR: MAP2(int64_t, int64_t, a || b); break;
   }
 }
 
@@ -168,7 +166,7 @@ int pmp_cpu_binary(const pmp_op_args *a) {
   int cd = pmp_compute_dtype(a->in[0]->dtype_id);
   pmp_elementwise e = {.out = a->out, .in = {a->in[0], a->in[1]}, .nin = 2, .ctx = &op,
                        .in_buf_dtype = {cd, cd}};
-  if (a->out->dtype_id == PMP_BOOL) {
+  if (op >= PMP_OP_EQ && op <= PMP_OP_LOGICAL_OR) {
     e.fn = cd == PMP_F64 ? compare_f64 : cd == PMP_F32 ? compare_f32 : compare_i64;
     e.out_buf_dtype = PMP_BOOL;
   } else {

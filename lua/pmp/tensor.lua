@@ -811,7 +811,10 @@ local function render(t)
   local elements, shape, truncate = printed_elements(t)
   local numbers = {}
   for _, v in ipairs(elements) do
-    if v then numbers[#numbers + 1] = (t.ptr.dtype_id == C.PMP_BOOL) and (v ~= 0) or v end
+    if v then
+      if t.ptr.dtype_id == C.PMP_BOOL then v = v ~= 0 end
+      numbers[#numbers + 1] = v
+    end
   end
   local text = format_numbers(numbers, DTYPE_NAMES[t.ptr.dtype_id])
   local width = 0
