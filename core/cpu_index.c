@@ -4,7 +4,7 @@
 static bool load_index(const pmp_tensor *index, int64_t at, int64_t size, int64_t *value, const char *op, int dim) {
   int64_t v = pmp_load_as_i64(index->dtype_id, index->data + at * pmp_dtype_size(index->dtype_id));
   if (v < 0 || v >= size) {
-    pmp_fail("%s: index %lld is out of range for dim %d of size %lld", op, (long long)v, dim, (long long)size);
+    pmp_fail("%s: index %lld is out of range for dim %d of size %lld", op, (long long)v, dim + 1, (long long)size);
     return false;
   }
   *value = v;

@@ -68,7 +68,7 @@ static bool target_of(const pmp_tensor *targets, int64_t row, int64_t classes, i
   if (*target == ignore) return true;
   if (*target < 0 || *target >= classes) {
     pmp_fail("cross_entropy: target %lld in row %lld is out of range for %lld classes", (long long)*target,
-             (long long)row, (long long)classes);
+             (long long)row + 1, (long long)classes);
     return false;
   }
   return true;

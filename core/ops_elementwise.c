@@ -76,6 +76,15 @@ static int binary_result_dtype(int op, int promoted) {
   return promoted;
 }
 
+static bool has_negative(pmp_tensor *t) {
+  int64_t n = pmp_numel(t);
+  pmp_tensor *c = pmp_contiguous(t);
+  bool found = false;
+  for (int64_t k = 0; c && k < n && !found; k++) found = pmp_load_as_i64(c->dtype_id, c->data + k * pmp_dtype_size(c->dtype_id)) < 0;
+  pmp_tensor_release(c);
+  return found;
+}
+
 pmp_tensor *pmp_binary(int op, pmp_tensor *a, pmp_tensor *b) {
   if (!a || !b) return NULL;
   if (!is_binary(op)) return pmp_fail("binary: op %d is not a binary op", op);
@@ -95,6 +104,10 @@ pmp_tensor *pmp_binary(int op, pmp_tensor *a, pmp_tensor *b) {
   pmp_tensor *ca = a->dtype_id == operand_dtype ? a : pmp_keep(&s, pmp_to_dtype(a, operand_dtype));
   pmp_tensor *cb = b->dtype_id == operand_dtype ? b : pmp_keep(&s, pmp_to_dtype(b, operand_dtype));
   pmp_tensor *out = NULL;
+  if (ca && cb && op == PMP_OP_POW && !pmp_dtype_is_float(operand_dtype) && has_negative(cb)) {
+    pmp_scope_end(&s);
+    return pmp_fail("pow: integers cannot be raised to negative integer powers (convert to a float dtype first)");
+  }
   if (ca && cb) {
     pmp_tensor *va = pmp_keep(&s, pmp_broadcast_view(ca, shape, ndim));
     pmp_tensor *vb = pmp_keep(&s, pmp_broadcast_view(cb, shape, ndim));
@@ -249,6 +262,8 @@ pmp_tensor *pmp_masked_fill(pmp_tensor *t, pmp_tensor *mask, double value) {
       memcmp(shape, t->sizes, sizeof(int64_t) * (size_t)ndim) != 0)
     return pmp_fail("masked_fill: mask of shape %s does not broadcast to the tensor's shape %s",
                     pmp_shape_str(mask->sizes, mask->ndim, sm, sizeof sm), pmp_shape_str(t->sizes, t->ndim, st, sizeof st));
+  if (pmp_dtype_is_float(mask->dtype_id))
+    return pmp_fail("masked_fill: the mask must be bool (or integer), got %s", pmp_dtype_name(mask->dtype_id));
   pmp_scope s = {0};
   pmp_tensor *m = mask->dtype_id == PMP_BOOL ? mask : pmp_keep(&s, pmp_to_dtype(mask, PMP_BOOL));
   pmp_tensor *out = NULL;

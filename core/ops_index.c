@@ -19,7 +19,7 @@ static bool check_gather_shapes(const pmp_tensor *t, int dim, const pmp_tensor *
     if (src && index->sizes[d] > src->sizes[d]) ok = false;
   }
   if (!ok)
-    pmp_fail("%s: index of shape %s does not fit a tensor of shape %s along dim %d", op, SHAPE(index, si), SHAPE(t, st), dim);
+    pmp_fail("%s: index of shape %s does not fit a tensor of shape %s along dim %d", op, SHAPE(index, si), SHAPE(t, st), dim + 1);
   return ok;
 }
 
@@ -158,7 +158,7 @@ pmp_tensor *pmp_index_add(pmp_tensor *t, int dim, pmp_tensor *index, pmp_tensor 
   for (int d = 0; fits && d < t->ndim; d++) fits = d == dim ? src->sizes[d] == pmp_numel(index) : src->sizes[d] == t->sizes[d];
   if (!fits)
     return pmp_fail("index_add: source of shape %s does not match a tensor of shape %s with %lld indices along dim %d",
-                    SHAPE(src, ss), SHAPE(t, st), (long long)pmp_numel(index), dim);
+                    SHAPE(src, ss), SHAPE(t, st), (long long)pmp_numel(index), dim + 1);
   pmp_scope s = {0};
   pmp_tensor *csrc = pmp_keep(&s, pmp_to_dtype(src, t->dtype_id));
   pmp_tensor *contiguous_src = pmp_keep(&s, pmp_contiguous(csrc));

@@ -79,6 +79,10 @@ pmp_tensor *pmp_matmul(pmp_tensor *a, pmp_tensor *b) {
   if (a->ndim == 0 || b->ndim == 0)
     return pmp_fail("matmul: both operands need at least 1 dim, got shapes %s and %s",
                     pmp_shape_str(a->sizes, a->ndim, sa, sizeof sa), pmp_shape_str(b->sizes, b->ndim, sb, sizeof sb));
+  int64_t inner_a = a->sizes[a->ndim - 1], inner_b = b->sizes[b->ndim > 1 ? b->ndim - 2 : 0];
+  if (inner_a != inner_b)
+    return pmp_fail("matmul: shapes %s and %s are not aligned", pmp_shape_str(a->sizes, a->ndim, sa, sizeof sa),
+                    pmp_shape_str(b->sizes, b->ndim, sb, sizeof sb));
   int dtype = pmp_promote_types(a->dtype_id, b->dtype_id);
   pmp_scope s = {0};
   pmp_tensor *ca = a->dtype_id == dtype ? a : pmp_keep(&s, pmp_to_dtype(a, dtype));

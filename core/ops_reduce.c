@@ -133,7 +133,7 @@ static pmp_tensor *reduce_index(pmp_tensor *t, int dim, int keepdim, pmp_tensor 
   char st[PMP_SHAPE_BUF];
   if (pmp_check_interrupt(name) || !pmp_wrap_dim(&dim, t->ndim, name)) return NULL;
   if (t->ndim > 0 && t->sizes[dim] == 0)
-    return pmp_fail("%s: cannot reduce over the empty dim %d of a tensor of shape %s", name, dim,
+    return pmp_fail("%s: cannot reduce over the empty dim %d of a tensor of shape %s", name, dim + 1,
                     pmp_shape_str(t->sizes, t->ndim, st, sizeof st));
   bool reduce[PMP_MAX_DIMS] = {0};
   reduce[dim] = t->ndim > 0;

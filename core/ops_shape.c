@@ -125,7 +125,7 @@ pmp_tensor *pmp_permute(pmp_tensor *t, const int *dims, int ndim) {
   for (int k = 0; k < ndim; k++) {
     int d = dims[k];
     if (!pmp_wrap_dim(&d, ndim, "permute")) return NULL;
-    if (seen[d]) return pmp_fail("permute: dim %d repeated in the permutation of a tensor of shape %s", d, SHAPE(t, st));
+    if (seen[d]) return pmp_fail("permute: dim %d repeated in the permutation of a tensor of shape %s", d + 1, SHAPE(t, st));
     seen[d] = true;
     wrapped[k] = d;
     shape[k] = t->sizes[d];
@@ -205,7 +205,7 @@ pmp_tensor *pmp_expand(pmp_tensor *t, const int64_t *shape, int ndim) {
   for (int k = 0; k < ndim; k++) {
     int64_t want = shape[k];
     if (k < lead) {
-      if (want < 0) return pmp_fail("expand: size -1 is not allowed for the new leading dim %d", k);
+      if (want < 0) return pmp_fail("expand: size -1 is not allowed for the new leading dim %d", k + 1);
       resolved[k] = want;
       stride[k] = 0;
       continue;
@@ -233,7 +233,7 @@ pmp_tensor *pmp_narrow(pmp_tensor *t, int dim, int64_t start, int64_t length) {
   if (start < 0) start += t->sizes[dim];
   if (start < 0 || length < 0 || start + length > t->sizes[dim])
     return pmp_fail("narrow: start %lld and length %lld are out of range for dim %d of a tensor of shape %s",
-                    (long long)start, (long long)length, dim, SHAPE(t, st));
+                    (long long)start, (long long)length, dim + 1, SHAPE(t, st));
   int64_t shape[PMP_MAX_DIMS];
   memcpy(shape, t->sizes, sizeof shape);
   shape[dim] = length;
@@ -278,7 +278,7 @@ pmp_tensor *pmp_cat(pmp_tensor *const *tensors, int count, int dim) {
     for (int d = 0; fits && d < t->ndim; d++) fits = d == dim || t->sizes[d] == first->sizes[d];
     if (!fits)
       return pmp_fail("cat: tensor %d has shape %s, which does not match %s outside dim %d", k + 1, SHAPE(t, st),
-                      SHAPE(first, sf), dim);
+                      SHAPE(first, sf), dim + 1);
     dtype = pmp_promote_types(dtype, t->dtype_id);
     shape[dim] += t->sizes[dim];
   }

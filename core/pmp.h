@@ -8,7 +8,8 @@
  *  - Dimensions are 0-based here; the Lua layer converts from its 1-based, negative-from-the-end form.
  *  - Every function that returns a pmp_tensor* returns a new reference (release it with
  *    pmp_tensor_release) or NULL on failure. Functions returning int return 0 on success and -1 on
- *    failure. After a failure pmp_last_error() describes it, naming the op and the shapes involved.
+ *    failure. After a failure pmp_last_error() describes it, naming the op and the shapes involved;
+ *    messages count dims and rows from 1, as the Lua user does.
  *  - No function aborts on user input. abort() is reserved for broken internal invariants.
  *  - Ops record an autograd node when grad mode is on and an input requires grad.
  */

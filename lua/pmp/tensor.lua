@@ -97,16 +97,25 @@ local function shape_and_options(first, ...)
   return args, options
 end
 
--- Reusable buffers: the engine copies shapes before returning, so one buffer per argument suffices.
-local shape_buffers = { ffi.new('int64_t[8]'), ffi.new('int64_t[8]') }
-local function c_shape(shape, op, slot)
+local function shape_string(shape)
+  local parts = {}
+  for k = 1, #shape do parts[k] = tostring(shape[k]) end
+  return '[' .. table.concat(parts, ',') .. ']'
+end
+
+-- A reusable buffer: the engine copies shapes before returning, so one buffer per argument suffices.
+local shape_buffer = ffi.new('int64_t[8]')
+local function c_shape(shape, op, allow_infer)
   local n = #shape
   if n > 8 then error(op .. ': at most 8 dims are supported, got ' .. n, 4) end
-  local buf = shape_buffers[slot or 1]
+  local buf = shape_buffer
   for k = 1, n do
     local size = shape[k]
     if type(size) ~= 'number' or size ~= math.floor(size) then
       error(op .. ': shape entries must be integers, got ' .. tostring(size) .. ' at position ' .. k, 4)
+    end
+    if size < 0 and not (size == -1 and allow_infer) then
+      error(string.format('%s: invalid size %d at position %d of shape %s', op, size, k, shape_string(shape)), 4)
     end
     buf[k - 1] = size
   end
@@ -132,9 +141,6 @@ local function shape_of(t)
   return shape
 end
 
-local function shape_string(shape)
-  return '[' .. table.concat(shape, ',') .. ']'
-end
 
 ---------------------------------------------------------------------------------------------------
 -- Creation
@@ -595,13 +601,13 @@ function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t.ptr, cdim(di
 
 function Tensor.view(t, ...)
   local shape = shape_and_options(...)
-  local buf, n = c_shape(shape, 'view')
+  local buf, n = c_shape(shape, 'view', true)
   return wrap(C.pmp_view(t.ptr, buf, n))
 end
 
 function Tensor.reshape(t, ...)
   local shape = shape_and_options(...)
-  local buf, n = c_shape(shape, 'reshape')
+  local buf, n = c_shape(shape, 'reshape', true)
   return wrap(C.pmp_reshape(t.ptr, buf, n))
 end
 
@@ -636,7 +642,7 @@ end
 
 function Tensor.expand(t, ...)
   local shape = shape_and_options(...)
-  local buf, n = c_shape(shape, 'expand')
+  local buf, n = c_shape(shape, 'expand', true)
   return wrap(C.pmp_expand(t.ptr, buf, n))
 end
 function Tensor.expand_as(t, other) return t:expand(other.shape) end

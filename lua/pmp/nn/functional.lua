@@ -42,6 +42,14 @@ end
 -- embedding(ids, weight): rows of weight [V, D] picked by 0-based ids of any shape -> [..., D].
 function F.embedding(ids, weight)
   if weight.ndim ~= 2 then error('embedding: weight must be [vocab, dim], got ' .. shape_string(weight.shape), 2) end
+  if ids:numel() > 0 then
+    local lowest, highest = ids:min():item(), ids:max():item()
+    local vocab = weight:size(1)
+    if lowest < 0 or highest >= vocab then
+      error(string.format('embedding: token id %d is out of range for a vocabulary of %d',
+        lowest < 0 and lowest or highest, vocab), 2)
+    end
+  end
   local shape = ids.shape
   shape[#shape + 1] = weight:size(2)
   return weight:index_select(1, ids:reshape(-1)):view(shape)
