@@ -400,3 +400,36 @@ pmp_tensor *pmp_sum_to_shape(pmp_tensor *grad, const int64_t *shape, int ndim) {
   pmp_tensor_release(summed);
   return out;
 }
+
+static bool check_in_place(pmp_tensor *t, const char *op) {
+  if (pmp_is_grad_enabled() && t->needs_grad) {
+    pmp_fail("%s: in-place change of a tensor that requires grad while grad mode is on (wrap it in pmp.no_grad)", op);
+    return false;
+  }
+  return true;
+}
+
+int pmp_copy_(pmp_tensor *dst, pmp_tensor *src) {
+  if (!dst || !src) return -1;
+  char sd[PMP_SHAPE_BUF], ss[PMP_SHAPE_BUF];
+  if (!check_in_place(dst, "copy_") || !pmp_same_device(dst, src, "copy_")) return -1;
+  int64_t shape[PMP_MAX_DIMS];
+  int ndim;
+  if (!pmp_broadcast_shapes(dst->sizes, dst->ndim, src->sizes, src->ndim, shape, &ndim) || ndim != dst->ndim ||
+      memcmp(shape, dst->sizes, sizeof(int64_t) * (size_t)ndim) != 0)
+    return pmp_fail_code("copy_: source of shape %s does not broadcast to the destination's shape %s",
+                         SHAPE(src, ss), SHAPE(dst, sd));
+  pmp_tensor *view = pmp_broadcast_view(src, dst->sizes, dst->ndim);
+  int rc = view ? pmp_copy_into(dst, view) : -1;
+  pmp_tensor_release(view);
+  return rc;
+}
+
+int pmp_fill_(pmp_tensor *t, double value) {
+  if (!t) return -1;
+  if (!check_in_place(t, "fill_")) return -1;
+  pmp_tensor *v = pmp_scalar(value, t->dtype_id, t->dev);
+  int rc = v ? pmp_copy_(t, v) : -1;
+  pmp_tensor_release(v);
+  return rc;
+}

@@ -163,6 +163,10 @@ pmp_tensor *pmp_masked_fill(pmp_tensor *t, pmp_tensor *mask, double value);
 pmp_tensor *pmp_tril(pmp_tensor *t, int64_t diagonal);
 pmp_tensor *pmp_triu(pmp_tensor *t, int64_t diagonal);
 
+/* ---- in place (never recorded by autograd: use on leaves outside the graph, e.g. optimizer steps) ---- */
+int pmp_copy_(pmp_tensor *dst, pmp_tensor *src);     /* src broadcast to dst's shape, dtype converted */
+int pmp_fill_(pmp_tensor *t, double value);
+
 /* ---- elementwise math ---- */
 pmp_tensor *pmp_unary(int op, pmp_tensor *t);
 pmp_tensor *pmp_binary(int op, pmp_tensor *a, pmp_tensor *b);

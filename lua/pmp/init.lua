@@ -48,4 +48,14 @@ function pmp.memory.empty_cache() C.pmp_memory_empty_cache(C.PMP_CPU) end
 function pmp.num_threads() return C.pmp_num_threads() end
 function pmp.set_num_threads(n) C.pmp_set_num_threads(n) end
 
+-- Other parts of the library (pmp.optim, pmp.safetensors, ...) load on first use from lua/pmp/<name>.
+setmetatable(pmp, {
+  __index = function(t, key)
+    if type(key) ~= 'string' or not package.searchpath('pmp.' .. key, package.path) then return nil end
+    local module = require('pmp.' .. key)
+    rawset(t, key, module)
+    return module
+  end,
+})
+
 return pmp

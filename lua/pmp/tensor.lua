@@ -738,6 +738,23 @@ function Tensor.tril(t, k) return wrap(C.pmp_tril(t.ptr, k or 0)) end
 function Tensor.triu(t, k) return wrap(C.pmp_triu(t.ptr, k or 0)) end
 
 ---------------------------------------------------------------------------------------------------
+-- In place (outside autograd: optimizer steps, loading weights)
+
+function Tensor.copy_(t, src)
+  check(C.pmp_copy_(t.ptr, as_tensor(src, t, 'copy_').ptr))
+  return t
+end
+
+function Tensor.fill_(t, value)
+  if type(value) == 'boolean' then value = value and 1 or 0 end
+  if type(value) ~= 'number' then error('fill_: the value must be a number', 2) end
+  check(C.pmp_fill_(t.ptr, value))
+  return t
+end
+
+function Tensor.zero_(t) return t:fill_(0) end
+
+---------------------------------------------------------------------------------------------------
 -- Autograd
 
 function Tensor.requires_grad_(t, flag)
