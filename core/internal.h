@@ -85,10 +85,11 @@ void pmp_iter_offsets(const pmp_iter *it, int64_t run, int64_t *offsets);
 typedef struct pmp_op_args {
   int op;
   pmp_tensor *out;
-  pmp_tensor *out2;             /* second output, e.g. indices of max */
-  pmp_tensor *in[4];
+  pmp_tensor *out2;             /* further outputs, e.g. indices of max, gradients of a fused op */
+  pmp_tensor *out3;
+  pmp_tensor *in[6];
   int nin;
-  double f[4];
+  double f[6];
   int64_t i[8];
 } pmp_op_args;
 
@@ -128,6 +129,15 @@ int pmp_cpu_cross_entropy_backward(const pmp_op_args *a);
 int pmp_cpu_fill(const pmp_op_args *a);
 int pmp_cpu_arange(const pmp_op_args *a);
 int pmp_cpu_random(const pmp_op_args *a);
+int pmp_cpu_rms_norm(const pmp_op_args *a);
+int pmp_cpu_rms_norm_backward(const pmp_op_args *a);
+int pmp_cpu_rope(const pmp_op_args *a);
+int pmp_cpu_swiglu(const pmp_op_args *a);
+int pmp_cpu_swiglu_backward(const pmp_op_args *a);
+int pmp_cpu_attention(const pmp_op_args *a);
+int pmp_cpu_attention_backward(const pmp_op_args *a);
+int pmp_cpu_adamw(const pmp_op_args *a);
+int pmp_cpu_scale(const pmp_op_args *a);
 
 /* Backward rules, defined next to their forward ops */
 int pmp_backward_unary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
@@ -153,9 +163,13 @@ int pmp_backward_to_dtype(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_softmax(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_log_softmax(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_cross_entropy(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_rms_norm(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_rope(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_swiglu(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 
 /* ---- autograd (autograd.c) ---- */
-enum { PMP_NODE_MAX_SAVED = 4 };
+enum { PMP_NODE_MAX_SAVED = 6 };
 
 /* Where one input's gradient goes: the node that produced it, or the leaf itself. */
 typedef struct pmp_edge {

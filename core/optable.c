@@ -70,6 +70,15 @@ const pmp_op_info pmp_op_table[PMP_OP_COUNT] = {
     [PMP_OP_RAND] = {"rand", CPU(pmp_cpu_random), NULL},
     [PMP_OP_RANDN] = {"randn", CPU(pmp_cpu_random), NULL},
     [PMP_OP_RANDINT] = {"randint", CPU(pmp_cpu_random), NULL},
+    [PMP_OP_RMS_NORM] = {"rms_norm", CPU(pmp_cpu_rms_norm), pmp_backward_rms_norm},
+    [PMP_OP_RMS_NORM_BACKWARD] = {"rms_norm_backward", CPU(pmp_cpu_rms_norm_backward), NULL},
+    [PMP_OP_ROPE] = {"rope", CPU(pmp_cpu_rope), pmp_backward_rope},
+    [PMP_OP_SWIGLU] = {"swiglu", CPU(pmp_cpu_swiglu), pmp_backward_swiglu},
+    [PMP_OP_SWIGLU_BACKWARD] = {"swiglu_backward", CPU(pmp_cpu_swiglu_backward), NULL},
+    [PMP_OP_ATTENTION] = {"attention", CPU(pmp_cpu_attention), pmp_backward_attention},
+    [PMP_OP_ATTENTION_BACKWARD] = {"attention_backward", CPU(pmp_cpu_attention_backward), NULL},
+    [PMP_OP_ADAMW] = {"adamw", CPU(pmp_cpu_adamw), NULL},
+    [PMP_OP_SCALE] = {"scale", CPU(pmp_cpu_scale), NULL},
 };
 
 const char *pmp_op_name(int op) { return op >= 0 && op < PMP_OP_COUNT && pmp_op_table[op].name ? pmp_op_table[op].name : "?"; }

@@ -82,6 +82,11 @@ typedef enum pmp_op_id {
   PMP_OP_SOFTMAX, PMP_OP_LOG_SOFTMAX, PMP_OP_CROSS_ENTROPY, PMP_OP_CROSS_ENTROPY_BACKWARD,
   /* creation */
   PMP_OP_FILL, PMP_OP_ARANGE, PMP_OP_RAND, PMP_OP_RANDN, PMP_OP_RANDINT,
+  /* fused transformer ops, each checked against the composition of the ops above */
+  PMP_OP_RMS_NORM, PMP_OP_RMS_NORM_BACKWARD, PMP_OP_ROPE, PMP_OP_SWIGLU, PMP_OP_SWIGLU_BACKWARD,
+  PMP_OP_ATTENTION, PMP_OP_ATTENTION_BACKWARD,
+  /* optimizer steps (in place) */
+  PMP_OP_ADAMW, PMP_OP_SCALE,
   PMP_OP_COUNT
 } pmp_op_id;
 
@@ -191,6 +196,31 @@ pmp_tensor *pmp_log_softmax(pmp_tensor *t, int dim);
 /* logits [N, C], targets [N] integer; returns per-row losses [N], 0 where target == ignore_index */
 pmp_tensor *pmp_cross_entropy(pmp_tensor *logits, pmp_tensor *targets, int64_t ignore_index);
 
+/* ---- fused transformer ops ---- */
+/* x [..., H], weight [H] or NULL: x / sqrt(mean(x^2) + eps) * weight, normalized in f32 (f64 for f64);
+ * for bf16/f16 the normalized value is rounded to x's dtype before the weight multiplies it, as HF does. */
+pmp_tensor *pmp_rms_norm(pmp_tensor *x, pmp_tensor *weight, double eps);
+/* x [..., T, D]; cos, sin broadcastable to [..., T, rotary_dim] with rotary_dim <= D (the rest passes
+ * through). interleaved = 0 rotates halves (Llama/NeoX), 1 rotates adjacent pairs (GPT-J/GLM). */
+pmp_tensor *pmp_rope(pmp_tensor *x, pmp_tensor *cos, pmp_tensor *sin, int interleaved);
+/* x [..., 2F] laid out as [gate | up]: silu(gate) * up -> [..., F] */
+pmp_tensor *pmp_swiglu(pmp_tensor *x);
+/* q [B, Hq, T, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA/MQA). Tiled with an online
+ * softmax: the T x S score matrix is never stored. causal: query t sees keys up to t + (S - T);
+ * window > 0 also hides keys more than window - 1 positions back (sliding window). */
+pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, double scale, int causal, int64_t window);
+
+/* ---- optimizer steps: in place, outside autograd ---- */
+/* One AdamW step (decoupled weight decay, PyTorch's formula). master (f32, may be NULL) holds the
+ * full-precision copy of a low-precision param; then the update happens there and param gets the
+ * rounded result. step counts from 1. */
+int pmp_adamw_step_(pmp_tensor *param, pmp_tensor *grad, pmp_tensor *exp_avg, pmp_tensor *exp_avg_sq,
+                    pmp_tensor *master, double lr, double beta1, double beta2, double eps, double weight_decay,
+                    int64_t step);
+int pmp_scale_(pmp_tensor *t, double factor);
+/* sum of squares of all elements, accumulated in double (for global gradient norms) */
+int pmp_sum_squares(pmp_tensor *t, double *result);
+
 /* ---- autograd ---- */
 int pmp_set_grad_enabled(int enabled);          /* returns the previous mode */
 int pmp_is_grad_enabled(void);
@@ -199,6 +229,38 @@ int pmp_set_grad(pmp_tensor *t, pmp_tensor *grad);   /* grad may be NULL to clea
 /* grad NULL means ones (t must then hold one element). Frees the graph unless retain_graph. */
 int pmp_backward(pmp_tensor *t, pmp_tensor *grad, int retain_graph);
 int pmp_node_op(const pmp_node *node);
+
+/* ---- files (file_io.c): durable writes, directory trees, file mappings ----
+ * Failures return -1 (or NULL) with pmp_last_error() naming the path and the system's reason. */
+int pmp_getpid(void);
+int pmp_file_open_write(const char *path);      /* create or truncate; returns a descriptor */
+int pmp_file_write(int fd, const void *data, int64_t nbytes, const char *path);
+/* t's elements in row-major order, in t's dtype (t must be on the cpu) */
+int pmp_file_write_tensor(int fd, pmp_tensor *t, const char *path);
+int pmp_file_sync_close(int fd, const char *path);   /* fsync then close; closes even on failure */
+void pmp_file_close(int fd);
+int pmp_file_rename(const char *from, const char *to);
+int pmp_file_exchange(const char *a, const char *b);  /* atomic swap: 0 done, 1 unsupported, -1 error */
+int pmp_file_sync_dir(const char *dir);
+int pmp_file_sync_tree(const char *path);       /* fsync every file and directory under path */
+int pmp_file_remove(const char *path);          /* a missing file is not an error */
+int pmp_file_remove_tree(const char *path);     /* rm -r; links are removed, not followed */
+int pmp_file_kind(const char *path);            /* 0 missing, 1 file, 2 directory, 3 other, -1 error */
+int64_t pmp_file_size(const char *path);
+int pmp_file_mkdir(const char *path);           /* 0 created, 1 was already a directory, -1 error */
+typedef struct pmp_dir pmp_dir;
+pmp_dir *pmp_dir_open(const char *path);
+const char *pmp_dir_next(pmp_dir *dir);         /* next name (no "." or ".."), NULL at the end */
+void pmp_dir_close(pmp_dir *dir);
+/* A whole file mapped copy-on-write (writes to views never reach the file), reference-counted: each
+ * tensor made by pmp_mapping_tensor holds a reference, and the file is unmapped with the last one. */
+typedef struct pmp_mapping pmp_mapping;
+pmp_mapping *pmp_map_file(const char *path);
+const char *pmp_mapping_data(const pmp_mapping *m);
+int64_t pmp_mapping_size(const pmp_mapping *m);
+void pmp_mapping_release(pmp_mapping *m);
+int pmp_mapping_live_count(void);               /* mappings not yet unmapped, for tests */
+pmp_tensor *pmp_mapping_tensor(pmp_mapping *m, int64_t offset, int dtype, const int64_t *shape, int ndim);
 
 /* PMP_CDEF_END */
 

@@ -62,15 +62,28 @@ function F.linear(x, weight, bias)
   return y
 end
 
--- Normalizes in f32 for low-precision inputs and casts back before the weight, as HF's Llama does.
+local C = require('pmp.ffi').C
+local wrap = tensor.wrap
+
+-- Fused: normalizes in f32 for low-precision inputs and rounds before the weight, as HF's Llama does.
 function F.rms_norm(x, weight, eps)
-  eps = eps or 1e-6
-  local dtype = x.dtype
-  local xf = (dtype == 'bf16' or dtype == 'f16') and x:float() or x
-  local normed = xf * (xf:square():mean(-1, true) + eps):rsqrt()
-  normed = normed:to(dtype)
-  if weight then normed = normed * weight end
-  return normed
+  return wrap(C.pmp_rms_norm(x.ptr, weight and weight.ptr, eps or 1e-6))
+end
+
+-- Rotary position embedding on x [..., T, D] with cos/sin broadcastable to [..., T, rotary_dim]
+-- (rotary_dim <= D; the rest of each head passes through). interleaved rotates adjacent pairs.
+function F.rope(x, cos, sin, interleaved)
+  return wrap(C.pmp_rope(x.ptr, cos.ptr, sin.ptr, interleaved and 1 or 0))
+end
+
+-- silu(gate) * up for x = [gate | up] along the last dim (Megatron's fused linear_fc1 layout).
+function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
+
+-- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0}. GQA/MQA when Hkv < Hq.
+function F.attention(q, k, v, options)
+  options = options or {}
+  local causal = options.causal ~= false
+  return wrap(C.pmp_attention(q.ptr, k.ptr, v.ptr, options.scale or 0, causal and 1 or 0, options.window or 0))
 end
 
 function F.layer_norm(x, weight, bias, eps)

@@ -1,0 +1,155 @@
+/*
+ * Tiled causal attention, written once for a real type (included by cpu_attention.c with REAL = float
+ * or double and GEMM = the matching BLAS routine). Blocks of BLOCK_Q queries meet blocks of BLOCK_K
+ * keys; an online softmax keeps a running max and sum per query, so only a BLOCK_Q x BLOCK_K tile of
+ * scores exists at a time. The backward pass recomputes the tiles from the saved log-sum-exp.
+ */
+#define NAME2(a, b) a##b
+#define NAME(a, b) NAME2(a, b)
+
+/* Key range [first, last] visible to query position t (already offset by S - T). */
+static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_t t, int64_t *first, int64_t *last) {
+  int64_t pos = t + sh->offset;
+  *last = sh->causal ? (pos < sh->S - 1 ? pos : sh->S - 1) : sh->S - 1;
+  *first = sh->window > 0 ? (pos - sh->window + 1 > 0 ? pos - sh->window + 1 : 0) : 0;
+}
+
+static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const REAL *q, const REAL *k, const REAL *v,
+                                             REAL *o, REAL *lse) {
+  int64_t qblocks = (sh->T + BLOCK_Q - 1) / BLOCK_Q;
+  int64_t tasks = sh->B * sh->Hq * qblocks;
+  int64_t group = sh->Hq / sh->Hkv, D = sh->D;
+#pragma omp parallel
+  {
+    REAL *scores = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
+    REAL *acc = malloc(sizeof(REAL) * BLOCK_Q * (size_t)D);
+    REAL row_max[BLOCK_Q], row_sum[BLOCK_Q];
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < tasks; task++) {
+      if (!scores || !acc) continue;
+      int64_t qb = task % qblocks, bh = task / qblocks, b = bh / sh->Hq, h = bh % sh->Hq;
+      int64_t t0 = qb * BLOCK_Q, rows = sh->T - t0 < BLOCK_Q ? sh->T - t0 : BLOCK_Q;
+      const REAL *qi = q + (bh * sh->T + t0) * D;
+      const REAL *kh = k + (b * sh->Hkv + h / group) * sh->S * D, *vh = v + (b * sh->Hkv + h / group) * sh->S * D;
+      int64_t first, last, lo = sh->S, hi = -1;
+      for (int64_t r = 0; r < rows; r++) {
+        NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+        if (first < lo) lo = first;
+        if (last > hi) hi = last;
+        row_max[r] = -INFINITY;
+        row_sum[r] = 0;
+      }
+      memset(acc, 0, sizeof(REAL) * (size_t)(rows * D));
+      for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
+        int64_t cols = sh->S - s0 < BLOCK_K ? sh->S - s0 : BLOCK_K;
+        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)sh->scale, qi, (int)D,
+             kh + s0 * D, (int)D, (REAL)0, scores, BLOCK_K);
+        for (int64_t r = 0; r < rows; r++) {
+          REAL *srow = scores + r * BLOCK_K;
+          NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+          REAL peak = row_max[r];
+          for (int64_t c = 0; c < cols; c++) {
+            if (s0 + c < first || s0 + c > last) srow[c] = -INFINITY;
+            else if (srow[c] > peak) peak = srow[c];
+          }
+          if (peak == -INFINITY) {
+            for (int64_t c = 0; c < cols; c++) srow[c] = 0;
+            continue;
+          }
+          REAL rescale = EXP(row_max[r] - peak), total = 0;
+          for (int64_t c = 0; c < cols; c++) total += (srow[c] = EXP(srow[c] - peak));
+          row_sum[r] = row_sum[r] * rescale + total;
+          row_max[r] = peak;
+          REAL *arow = acc + r * D;
+          for (int64_t d = 0; d < D; d++) arow[d] *= rescale;
+        }
+        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)D, (int)cols, (REAL)1, scores, BLOCK_K,
+             vh + s0 * D, (int)D, (REAL)1, acc, (int)D);
+      }
+      for (int64_t r = 0; r < rows; r++) {
+        REAL *orow = o + (bh * sh->T + t0 + r) * D;
+        REAL inv = row_sum[r] > 0 ? (REAL)1 / row_sum[r] : 0;
+        for (int64_t d = 0; d < D; d++) orow[d] = acc[r * D + d] * inv;
+        lse[bh * sh->T + t0 + r] = row_sum[r] > 0 ? row_max[r] + LOG(row_sum[r]) : -INFINITY;
+      }
+    }
+    free(scores);
+    free(acc);
+  }
+}
+
+/* One task per (batch, kv head): it owns dK/dV of that head and dQ of the query heads sharing it. */
+static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const REAL *q, const REAL *k, const REAL *v,
+                                              const REAL *o, const REAL *lse, const REAL *dout, REAL *dq, REAL *dk,
+                                              REAL *dv) {
+  int64_t group = sh->Hq / sh->Hkv, D = sh->D, T = sh->T, S = sh->S;
+  int64_t tasks = sh->B * sh->Hkv;
+  memset(dq, 0, sizeof(REAL) * (size_t)(sh->B * sh->Hq * T * D));
+  memset(dk, 0, sizeof(REAL) * (size_t)(sh->B * sh->Hkv * S * D));
+  memset(dv, 0, sizeof(REAL) * (size_t)(sh->B * sh->Hkv * S * D));
+#pragma omp parallel
+  {
+    REAL *p = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
+    REAL *dp = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
+    REAL *delta = malloc(sizeof(REAL) * (size_t)(T > 0 ? T : 1));
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < tasks; task++) {
+      if (!p || !dp || !delta) continue;
+      int64_t b = task / sh->Hkv, hk = task % sh->Hkv;
+      const REAL *kh = k + task * S * D, *vh = v + task * S * D;
+      REAL *dkh = dk + task * S * D, *dvh = dv + task * S * D;
+      for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
+        int64_t bh = b * sh->Hq + h;
+        const REAL *qh = q + bh * T * D, *oh = o + bh * T * D, *doh = dout + bh * T * D, *lh = lse + bh * T;
+        REAL *dqh = dq + bh * T * D;
+        for (int64_t t = 0; t < T; t++) {
+          REAL dot = 0;
+          for (int64_t d = 0; d < D; d++) dot += doh[t * D + d] * oh[t * D + d];
+          delta[t] = dot;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += BLOCK_Q) {
+          int64_t rows = T - t0 < BLOCK_Q ? T - t0 : BLOCK_Q;
+          int64_t first, last, lo = S, hi = -1;
+          for (int64_t r = 0; r < rows; r++) {
+            NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+            if (first < lo) lo = first;
+            if (last > hi) hi = last;
+          }
+          for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
+            int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)sh->scale, qh + t0 * D,
+                 (int)D, kh + s0 * D, (int)D, (REAL)0, p, BLOCK_K);
+            for (int64_t r = 0; r < rows; r++) {
+              NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+              REAL l = lh[t0 + r];
+              for (int64_t c = 0; c < cols; c++) {
+                bool hidden = s0 + c < first || s0 + c > last || l == -INFINITY;
+                p[r * BLOCK_K + c] = hidden ? 0 : EXP(p[r * BLOCK_K + c] - l);
+              }
+            }
+            /* dV += P^T dO ; dP = dO V^T */
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)cols, (int)D, (int)rows, (REAL)1, p, BLOCK_K,
+                 doh + t0 * D, (int)D, (REAL)1, dvh + s0 * D, (int)D);
+            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)1, doh + t0 * D, (int)D,
+                 vh + s0 * D, (int)D, (REAL)0, dp, BLOCK_K);
+            /* dS = P (dP - delta), reusing dp */
+            for (int64_t r = 0; r < rows; r++)
+              for (int64_t c = 0; c < cols; c++)
+                dp[r * BLOCK_K + c] = p[r * BLOCK_K + c] * (dp[r * BLOCK_K + c] - delta[t0 + r]);
+            /* dQ += scale dS K ; dK += scale dS^T Q */
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)D, (int)cols, (REAL)sh->scale, dp, BLOCK_K,
+                 kh + s0 * D, (int)D, (REAL)1, dqh + t0 * D, (int)D);
+            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)cols, (int)D, (int)rows, (REAL)sh->scale, dp, BLOCK_K,
+                 qh + t0 * D, (int)D, (REAL)1, dkh + s0 * D, (int)D);
+          }
+        }
+      }
+    }
+    free(p);
+    free(dp);
+    free(delta);
+  }
+}
+
+#undef NAME
+#undef NAME2

@@ -1,0 +1,66 @@
+/* CPU optimizer kernels: one pass over each parameter. */
+#include "internal.h"
+#include <math.h>
+
+/*
+ * PyTorch's AdamW, term for term: p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+ * p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). Low-precision params with master
+ * weights update the f32 master and store its rounding into the param.
+ */
+int pmp_cpu_adamw(const pmp_op_args *a) {
+  pmp_tensor *param = a->out, *master = a->out2;
+  const pmp_tensor *grad = a->in[0];
+  pmp_tensor *m = a->in[1], *v = a->in[2];
+  double lr = a->f[0], b1 = a->f[1], b2 = a->f[2], eps = a->f[3], wd = a->f[4];
+  int64_t step = a->i[0], n = pmp_numel(param);
+  double bc1 = 1.0 - pow(b1, (double)step), bc2_sqrt = sqrt(1.0 - pow(b2, (double)step));
+  double step_size = lr / bc1, decay = 1.0 - lr * wd;
+  pmp_tensor *state = master ? master : param;
+  if (state->dtype_id == PMP_F32 && grad->dtype_id == PMP_F32 && !master) {
+    float *p = (float *)param->data, *mm = (float *)m->data, *vv = (float *)v->data;
+    const float *g = (const float *)grad->data;
+    float fb1 = (float)b1, fb2 = (float)b2, fdecay = (float)decay, fstep = (float)step_size, fbc2 = (float)bc2_sqrt,
+          feps = (float)eps;
+#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t k = 0; k < n; k++) {
+      float pk = p[k] * fdecay;
+      mm[k] = fb1 * mm[k] + (1.0f - fb1) * g[k];
+      vv[k] = fb2 * vv[k] + (1.0f - fb2) * g[k] * g[k];
+      p[k] = pk - fstep * mm[k] / (sqrtf(vv[k]) / fbc2 + feps);
+    }
+    return 0;
+  }
+  int sdt = state->dtype_id, ses = pmp_dtype_size(sdt), gdt = grad->dtype_id, ges = pmp_dtype_size(gdt);
+  int pdt = param->dtype_id, pes = pmp_dtype_size(pdt);
+#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
+  for (int64_t k = 0; k < n; k++) {
+    double g = pmp_load_as_f64(gdt, grad->data + k * ges);
+    double p = pmp_load_as_f64(sdt, state->data + k * ses) * decay;
+    double mk = b1 * pmp_load_as_f64(sdt, m->data + k * ses) + (1.0 - b1) * g;
+    double vk = b2 * pmp_load_as_f64(sdt, v->data + k * ses) + (1.0 - b2) * g * g;
+    pmp_store_from_f64(sdt, m->data + k * ses, mk);
+    pmp_store_from_f64(sdt, v->data + k * ses, vk);
+    mk = pmp_load_as_f64(sdt, m->data + k * ses);
+    vk = pmp_load_as_f64(sdt, v->data + k * ses);
+    p -= step_size * mk / (sqrt(vk) / bc2_sqrt + eps);
+    pmp_store_from_f64(sdt, state->data + k * ses, p);
+    if (master) pmp_store_from_f64(pdt, param->data + k * pes, pmp_load_as_f64(sdt, state->data + k * ses));
+  }
+  return 0;
+}
+
+int pmp_cpu_scale(const pmp_op_args *a) {
+  pmp_tensor *t = a->out;
+  int64_t n = pmp_numel(t);
+  int dt = t->dtype_id, es = pmp_dtype_size(dt);
+  double factor = a->f[0];
+  if (dt == PMP_F32) {
+    float *x = (float *)t->data, f = (float)factor;
+#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t k = 0; k < n; k++) x[k] *= f;
+    return 0;
+  }
+#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
+  for (int64_t k = 0; k < n; k++) pmp_store_from_f64(dt, t->data + k * es, pmp_load_as_f64(dt, t->data + k * es) * factor);
+  return 0;
+}

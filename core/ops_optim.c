@@ -1,0 +1,66 @@
+/* Optimizer steps: fused in-place updates, outside autograd. Kernels: cpu_optim.c. */
+#include "internal.h"
+
+#define SHAPE(t, buf) pmp_shape_str((t)->sizes, (t)->ndim, buf, sizeof buf)
+
+static bool same_shape_contiguous(pmp_tensor *ref, pmp_tensor *t, const char *what) {
+  char sr[PMP_SHAPE_BUF], st[PMP_SHAPE_BUF];
+  if (!pmp_same_shape(ref, t)) {
+    pmp_fail("adamw: %s of shape %s does not match the parameter's shape %s", what, SHAPE(t, st), SHAPE(ref, sr));
+    return false;
+  }
+  if (!pmp_is_contiguous(t)) {
+    pmp_fail("adamw: %s must be contiguous", what);
+    return false;
+  }
+  return true;
+}
+
+int pmp_adamw_step_(pmp_tensor *param, pmp_tensor *grad, pmp_tensor *exp_avg, pmp_tensor *exp_avg_sq,
+                    pmp_tensor *master, double lr, double beta1, double beta2, double eps, double weight_decay,
+                    int64_t step) {
+  if (!param || !grad || !exp_avg || !exp_avg_sq) return pmp_fail_code("adamw: missing parameter, gradient or state");
+  if (step < 1) return pmp_fail_code("adamw: step counts from 1, got %lld", (long long)step);
+  if (!same_shape_contiguous(param, param, "parameter") || !same_shape_contiguous(param, grad, "gradient") ||
+      !same_shape_contiguous(param, exp_avg, "exp_avg") || !same_shape_contiguous(param, exp_avg_sq, "exp_avg_sq") ||
+      (master && !same_shape_contiguous(param, master, "master weights")))
+    return -1;
+  pmp_tensor *state = master ? master : param;
+  if (!pmp_dtype_is_float(state->dtype_id) || exp_avg->dtype_id != state->dtype_id || exp_avg_sq->dtype_id != state->dtype_id)
+    return pmp_fail_code("adamw: optimizer state must have the dtype of the %s (%s), got %s and %s",
+                         master ? "master weights" : "parameter", pmp_dtype_name(state->dtype_id),
+                         pmp_dtype_name(exp_avg->dtype_id), pmp_dtype_name(exp_avg_sq->dtype_id));
+  pmp_op_args a = {.op = PMP_OP_ADAMW, .out = param, .out2 = master, .in = {grad, exp_avg, exp_avg_sq}, .nin = 3,
+                   .f = {lr, beta1, beta2, eps, weight_decay}, .i = {step}};
+  return pmp_dispatch(&a);
+}
+
+int pmp_scale_(pmp_tensor *t, double factor) {
+  if (!t) return -1;
+  if (!pmp_is_contiguous(t)) return pmp_fail_code("scale_: the tensor must be contiguous");
+  pmp_op_args a = {.op = PMP_OP_SCALE, .out = t, .f = {factor}};
+  return pmp_dispatch(&a);
+}
+
+int pmp_sum_squares(pmp_tensor *t, double *result) {
+  if (!t) return -1;
+  pmp_tensor *c = pmp_contiguous(t);
+  if (!c) return -1;
+  int64_t n = pmp_numel(c);
+  int dt = c->dtype_id, es = pmp_dtype_size(dt);
+  double total = 0;
+  if (dt == PMP_F32) {
+    const float *x = (const float *)c->data;
+#pragma omp parallel for reduction(+ : total) if (n >= PMP_PARALLEL_THRESHOLD)
+    for (int64_t k = 0; k < n; k++) total += (double)x[k] * x[k];
+  } else {
+#pragma omp parallel for reduction(+ : total) if (n >= PMP_PARALLEL_THRESHOLD)
+    for (int64_t k = 0; k < n; k++) {
+      double v = pmp_load_as_f64(dt, c->data + k * es);
+      total += v * v;
+    }
+  }
+  pmp_tensor_release(c);
+  *result = total;
+  return 0;
+}

@@ -1,0 +1,194 @@
+require 'busted.runner'()
+-- Fused ops (RMSNorm, RoPE, SwiGLU, attention) against the composition of primitive ops, forward and
+-- backward, plus finite differences in f64; optimizer kernels against closed-form updates.
+local check = require 'spec.support.gradcheck'
+local gradcheck, random_input = check.gradcheck, check.random_input
+local F = pmp.F
+
+local function max_diff(a, b) return (a:double() - b:double()):abs():max():item() end
+
+-- Runs fn on fresh leaf copies of inputs and returns output and input gradients for a fixed weighting.
+local function forward_backward(fn, inputs, weights)
+  local leaves = {}
+  for k, x in ipairs(inputs) do leaves[k] = x:detach():clone():requires_grad_() end
+  local out = fn(unpack(leaves))
+  ;(out * weights):sum():backward()
+  local grads = {}
+  for k, leaf in ipairs(leaves) do grads[k] = leaf.grad end
+  return out, grads
+end
+
+-- The fused op and the reference composition agree on outputs and on every input gradient.
+local function agree(fused, composed, inputs, tolerance)
+  local probe = composed(unpack(inputs))
+  local weights = pmp.randn(probe.shape, { dtype = probe.dtype })
+  local out_f, grads_f = forward_backward(fused, inputs, weights)
+  local out_c, grads_c = forward_backward(composed, inputs, weights)
+  assert.are.same(out_c.shape, out_f.shape)
+  assert.is_true(max_diff(out_f, out_c) < tolerance, 'outputs differ by ' .. max_diff(out_f, out_c))
+  for k = 1, #inputs do
+    local d = max_diff(grads_f[k], grads_c[k])
+    assert.is_true(d < tolerance, 'gradient of input ' .. k .. ' differs by ' .. d)
+  end
+end
+
+local function composed_rms_norm(x, w) return x * (x:square():mean(-1, true) + 1e-6):rsqrt() * w end
+
+local function rotate_half(x)
+  local half = x:size(-1) / 2
+  return pmp.cat({ -x:narrow(-1, half + 1, half), x:narrow(-1, 1, half) }, -1)
+end
+
+-- cos/sin tables of HF's rotary embedding: angles t * theta^(-2i/d), the halves repeated.
+local function rope_tables(T, dim, dtype, offset)
+  local cos, sin = {}, {}
+  for t = 1, T do
+    cos[t], sin[t] = {}, {}
+    for i = 1, dim / 2 do
+      local angle = (t - 1 + (offset or 0)) * 10000 ^ (-2 * (i - 1) / dim)
+      cos[t][i], cos[t][i + dim / 2] = math.cos(angle), math.cos(angle)
+      sin[t][i], sin[t][i + dim / 2] = math.sin(angle), math.sin(angle)
+    end
+  end
+  return pmp.tensor(cos, { dtype = dtype }), pmp.tensor(sin, { dtype = dtype })
+end
+
+-- Softmax attention written with matmul, masks and softmax; k/v heads repeated for GQA.
+local function composed_attention(q, k, v, options)
+  options = options or {}
+  local B, Hq, T, D = unpack(q.shape)
+  local Hkv, S = k:size(2), k:size(3)
+  local group = Hq / Hkv
+  if group > 1 then
+    k = k:unsqueeze(3):expand(B, Hkv, group, S, D):reshape(B, Hq, S, D)
+    v = v:unsqueeze(3):expand(B, Hkv, group, S, D):reshape(B, Hq, S, D)
+  end
+  local scores = q:matmul(k:transpose(-1, -2)) * (1 / math.sqrt(D))
+  if options.causal ~= false then
+    local offset, window = S - T, options.window or 0
+    local hidden = {}
+    for t = 1, T do
+      hidden[t] = {}
+      for s = 1, S do
+        local pos = t - 1 + offset
+        hidden[t][s] = (s - 1 > pos) or (window > 0 and s - 1 < pos - window + 1)
+      end
+    end
+    scores = scores:masked_fill(pmp.tensor(hidden), -math.huge)
+  end
+  return scores:softmax(-1):matmul(v)
+end
+
+describe('fused RMSNorm', function()
+  it('matches the composition, forward and backward, in f64 and f32', function()
+    for _, dtype in ipairs({ 'f64', 'f32' }) do
+      local x, w = pmp.randn(3, 5, 16, { dtype = dtype }), pmp.randn(16, { dtype = dtype })
+      agree(function(a, b) return F.rms_norm(a, b, 1e-6) end, composed_rms_norm, { x, w }, dtype == 'f64' and 1e-12 or 1e-5)
+    end
+  end)
+  it('passes finite differences, with and without a weight', function()
+    gradcheck(function(a, b) return F.rms_norm(a, b, 1e-5) end, { random_input({ 3, 6 }), random_input({ 6 }) })
+    gradcheck(function(a) return F.rms_norm(a, nil, 1e-5) end, { random_input({ 2, 5 }) })
+  end)
+  it('rounds to bf16 before the weight, as HF LlamaRMSNorm does', function()
+    local x = pmp.randn(4, 32):bf16()
+    local w = (pmp.randn(32) * 0.1 + 1):bf16()
+    local xf = x:float()
+    local hf = w * (xf * (xf:square():mean(-1, true) + 1e-6):rsqrt()):bf16()
+    assert.are.equal(0, max_diff(F.rms_norm(x, w, 1e-6), hf))
+  end)
+  it('rejects a weight of the wrong size', function()
+    local ok, message = pcall(F.rms_norm, pmp.randn(2, 4), pmp.randn(5))
+    assert.is_false(ok)
+    assert.matches('rms_norm: weight of shape %[5%]', message)
+  end)
+end)
+
+describe('fused RoPE', function()
+  it('matches x*cos + rotate_half(x)*sin, forward and backward', function()
+    local x = pmp.randn(2, 3, 7, 8, { dtype = 'f64' })
+    local cos, sin = rope_tables(7, 8, 'f64')
+    agree(function(a) return F.rope(a, cos, sin) end, function(a) return a * cos + rotate_half(a) * sin end, { x }, 1e-12)
+  end)
+  it('rotates only the first rotary_dim dims when the tables are narrower (partial rotary)', function()
+    local x = pmp.randn(1, 2, 5, 8, { dtype = 'f64' })
+    local cos, sin = rope_tables(5, 4, 'f64')
+    local function composed(a)
+      local rot, pass = a:narrow(-1, 1, 4), a:narrow(-1, 5, 4)
+      return pmp.cat({ rot * cos + rotate_half(rot) * sin, pass }, -1)
+    end
+    agree(function(a) return F.rope(a, cos, sin) end, composed, { x }, 1e-12)
+  end)
+  it('interleaved rotates adjacent pairs', function()
+    local x = pmp.randn(1, 1, 3, 4, { dtype = 'f64' })
+    local cos = pmp.tensor({ { 1, 1, 0.5, 0.5 }, { 0, 0, 1, 1 }, { 0.2, 0.2, -1, -1 } }, { dtype = 'f64' })
+    local sin = pmp.tensor({ { 0, 0, 0.3, 0.3 }, { 1, 1, 0, 0 }, { 0.9, 0.9, 0.1, 0.1 } }, { dtype = 'f64' })
+    local y = F.rope(x, cos, sin, true):totable()[1][1]
+    local xv = x:totable()[1][1]
+    local c, s = cos:totable(), sin:totable()
+    for t = 1, 3 do
+      for p = 0, 1 do
+        local i, j = 2 * p + 1, 2 * p + 2
+        assert.is_near(xv[t][i] * c[t][i] - xv[t][j] * s[t][i], y[t][i], 1e-12)
+        assert.is_near(xv[t][j] * c[t][j] + xv[t][i] * s[t][j], y[t][j], 1e-12)
+      end
+    end
+    gradcheck(function(a) return F.rope(a, cos, sin, true) end, { x })
+  end)
+  it('passes finite differences with per-batch tables', function()
+    local cos = pmp.randn(2, 1, 3, 4, { dtype = 'f64' })
+    local sin = pmp.randn(2, 1, 3, 4, { dtype = 'f64' })
+    gradcheck(function(a) return F.rope(a, cos, sin) end, { random_input({ 2, 2, 3, 6 }) })
+  end)
+end)
+
+describe('fused SwiGLU', function()
+  it('matches silu(gate) * up on the [gate | up] layout', function()
+    local x = pmp.randn(3, 4, 10, { dtype = 'f64' })
+    agree(F.swiglu, function(a) return a:narrow(-1, 1, 5):silu() * a:narrow(-1, 6, 5) end, { x }, 1e-12)
+    gradcheck(F.swiglu, { random_input({ 2, 6 }) })
+  end)
+  it('matches HF rounding in bf16', function()
+    local x = pmp.randn(4, 16):bf16()
+    local hf = x:narrow(-1, 1, 8):silu() * x:narrow(-1, 9, 8)
+    assert.are.equal(0, max_diff(F.swiglu(x), hf))
+  end)
+end)
+
+describe('fused attention', function()
+  it('matches softmax(q k^T / sqrt(d)) v for MHA, GQA and MQA across several tiles', function()
+    for _, heads in ipairs({ { 4, 4 }, { 4, 2 }, { 6, 1 } }) do
+      local q = pmp.randn(2, heads[1], 70, 8, { dtype = 'f64' })
+      local k = pmp.randn(2, heads[2], 70, 8, { dtype = 'f64' })
+      local v = pmp.randn(2, heads[2], 70, 8, { dtype = 'f64' })
+      agree(F.attention, composed_attention, { q, k, v }, 1e-10)
+    end
+  end)
+  it('handles fewer queries than keys (a KV cache), no mask, and a sliding window', function()
+    local q = pmp.randn(1, 2, 5, 4, { dtype = 'f64' })
+    local k = pmp.randn(1, 2, 69, 4, { dtype = 'f64' })
+    local v = pmp.randn(1, 2, 69, 4, { dtype = 'f64' })
+    agree(F.attention, composed_attention, { q, k, v }, 1e-10)
+    agree(function(a, b, c) return F.attention(a, b, c, { causal = false }) end,
+      function(a, b, c) return composed_attention(a, b, c, { causal = false }) end, { q, k, v }, 1e-10)
+    local q2 = pmp.randn(1, 2, 80, 4, { dtype = 'f64' })
+    local k2 = pmp.randn(1, 1, 80, 4, { dtype = 'f64' })
+    local v2 = pmp.randn(1, 1, 80, 4, { dtype = 'f64' })
+    agree(function(a, b, c) return F.attention(a, b, c, { window = 7 }) end,
+      function(a, b, c) return composed_attention(a, b, c, { window = 7 }) end, { q2, k2, v2 }, 1e-10)
+  end)
+  it('passes finite differences', function()
+    gradcheck(F.attention, { random_input({ 1, 2, 5, 3 }), random_input({ 1, 1, 5, 3 }), random_input({ 1, 1, 5, 3 }) })
+  end)
+  it('runs bf16 inputs in f32 and returns bf16', function()
+    local q, k, v = pmp.randn(1, 2, 9, 8), pmp.randn(1, 2, 9, 8), pmp.randn(1, 2, 9, 8)
+    local out = F.attention(q:bf16(), k:bf16(), v:bf16())
+    assert.are.equal('bf16', out.dtype)
+    assert.is_true(max_diff(out, composed_attention(q, k, v)) < 3e-2)
+  end)
+  it('reports mismatched shapes', function()
+    local ok, message = pcall(F.attention, pmp.randn(1, 3, 4, 8), pmp.randn(1, 2, 4, 8), pmp.randn(1, 2, 4, 8))
+    assert.is_false(ok)
+    assert.matches('multiple of Hkv', message)
+  end)
+end)
