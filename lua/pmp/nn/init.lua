@@ -1,4 +1,8 @@
--- pmp.nn: neural-network building blocks. The functional part is here; modules build on it.
-return {
+-- pmp.nn: modules (subclass nn.Module in Lua), layers, the GPT model, and the functional ops.
+local nn = {
   functional = require 'pmp.nn.functional',
+  Module = require 'pmp.nn.module',
 }
+for name, layer in pairs(require 'pmp.nn.layers') do nn[name] = layer end
+for name, layer in pairs(require 'pmp.nn.transformer') do nn[name] = layer end
+return nn
