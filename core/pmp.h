@@ -138,6 +138,9 @@ double pmp_load_element(const pmp_tensor *t, int64_t element_offset);   /* offse
 
 /* ---- random ---- */
 void pmp_manual_seed(uint64_t seed);
+/* The generator's whole state (4 words), so checkpoints can resume the exact random stream. */
+void pmp_rng_get_state(uint64_t *state);
+void pmp_rng_set_state(const uint64_t *state);
 pmp_tensor *pmp_rand(const int64_t *shape, int ndim, int dtype, pmp_device device);
 pmp_tensor *pmp_randn(const int64_t *shape, int ndim, int dtype, pmp_device device);
 pmp_tensor *pmp_randint(int64_t low, int64_t high, const int64_t *shape, int ndim, int dtype,

@@ -20,6 +20,10 @@ void pmp_manual_seed(uint64_t seed) {
   for (int k = 0; k < 4; k++) state[k] = splitmix64(&seed);
 }
 
+void pmp_rng_get_state(uint64_t *out) { memcpy(out, state, sizeof state); }
+
+void pmp_rng_set_state(const uint64_t *in) { memcpy(state, in, sizeof state); }
+
 uint64_t pmp_random_u64(void) {
   uint64_t result = rotl(state[1] * 5, 7) * 9, t = state[1] << 17;
   state[2] ^= state[0];

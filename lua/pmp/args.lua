@@ -1,0 +1,77 @@
+-- Command-line flags for recipes, Megatron-style: `--num-layers 4 --bf16 --data-path a b`.
+--   local opts = pmp.args.parse(arg, {
+--     { '--num-layers', 4, 'transformer layers' },
+--     { '--bf16', false, 'train in bf16' },          -- a boolean default makes a switch
+--     { '--data-path', nil, 'text file or prefixes', multiple = true },
+--   }, { usage = 'pmp recipes/pretrain.lua [flags]' })
+--   opts.num_layers, opts.bf16, opts.data_path
+-- Types follow the defaults; --help prints every flag with its default and exits.
+local M = {}
+
+local function key_of(flag) return flag:gsub('^%-%-', ''):gsub('%-', '_') end
+
+function M.help(specs, options)
+  local lines = { 'usage: ' .. (options.usage or 'pmp script.lua [flags]') }
+  if options.description then lines[#lines + 1] = options.description end
+  lines[#lines + 1] = ''
+  local width = 0
+  for _, s in ipairs(specs) do width = math.max(width, #s[1]) end
+  for _, s in ipairs(specs) do
+    local default = s[2]
+    local shown = default == nil and '' or (type(default) == 'boolean' and (default and '(on)' or '(switch)') or '(default ' .. tostring(default) .. ')')
+    lines[#lines + 1] = string.format('  %-' .. width .. 's  %s %s', s[1], s[3] or '', shown)
+  end
+  return table.concat(lines, '\n')
+end
+
+-- Returns the parsed table; raises an error naming the flag on a bad or unknown argument.
+function M.parse(argv, specs, options)
+  options = options or {}
+  local by_flag, out = {}, {}
+  for _, s in ipairs(specs) do
+    by_flag[s[1]] = s
+    out[key_of(s[1])] = s[2]
+  end
+  local k = 1
+  while k <= #argv do
+    local word = argv[k]
+    if word == '--help' or word == '-h' then
+      print(M.help(specs, options))
+      os.exit(0)
+    end
+    local flag, inline = word:match('^(%-%-[%w%-_]+)=(.*)$')
+    flag = flag or word
+    local spec = by_flag[flag]
+    if not spec then error(string.format("unknown argument '%s' (see --help)", word), 0) end
+    local key, default = key_of(flag), spec[2]
+    if type(default) == 'boolean' and not inline then
+      out[key] = true
+      k = k + 1
+    elseif spec.multiple then
+      local values = {}
+      if inline then values[1] = inline end
+      k = k + 1
+      while not inline and k <= #argv and not argv[k]:match('^%-%-') do
+        values[#values + 1] = argv[k]
+        k = k + 1
+      end
+      if #values == 0 then error(string.format('%s needs at least one value', flag), 0) end
+      out[key] = values
+    else
+      local value = inline or argv[k + 1]
+      if value == nil then error(string.format('%s needs a value', flag), 0) end
+      if type(default) == 'number' then
+        local n = tonumber(value)
+        if not n then error(string.format("%s expects a number, got '%s'", flag, value), 0) end
+        value = n
+      elseif type(default) == 'boolean' then
+        value = value == 'true' or value == '1'
+      end
+      out[key] = value
+      k = k + (inline and 1 or 2)
+    end
+  end
+  return out
+end
+
+return M

@@ -1,0 +1,287 @@
+-- Pretrain a Llama-style GPT from scratch. Flags use Megatron-LM's names; `--help` lists them.
+-- With no arguments it trains a small model on the embedded corpus (no data files, no network),
+-- saves a checkpoint under checkpoints/pretrain and prints a greedy sample.
+--   pmp recipes/pretrain.lua --data-path ../shared/data/tinyshakespeare.txt --tokenizer-type char
+local F = pmp.nn.functional
+
+local FLAGS = {
+  { '--num-layers', 4, 'transformer layers' },
+  { '--hidden-size', 256, 'model width' },
+  { '--ffn-hidden-size', 0, 'MLP width (0: 8/3 of hidden for SwiGLU, rounded to 64)' },
+  { '--num-attention-heads', 8, 'attention heads' },
+  { '--num-query-groups', 0, 'KV heads for GQA (0: as many as attention heads)' },
+  { '--seq-length', 128, 'tokens per sample' },
+  { '--micro-batch-size', 16, 'samples per forward/backward' },
+  { '--global-batch-size', 32, 'samples per optimizer step (a multiple of the micro batch)' },
+  { '--train-iters', 400, 'optimizer steps' },
+  { '--lr', 1e-3, 'peak learning rate' },
+  { '--min-lr', 1e-4, 'final learning rate' },
+  { '--lr-warmup-iters', 40, 'linear warmup steps' },
+  { '--lr-decay-iters', 0, 'steps of decay (0: train-iters)' },
+  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
+  { '--lr-wsd-decay-iters', 0, 'WSD: length of the final anneal' },
+  { '--weight-decay', 0.1, 'AdamW decoupled weight decay (not on norms and biases)' },
+  { '--adam-beta1', 0.9, 'AdamW beta1' },
+  { '--adam-beta2', 0.95, 'AdamW beta2' },
+  { '--adam-eps', 1e-8, 'AdamW epsilon' },
+  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+  { '--hidden-dropout', 0.0, 'dropout on residual branches' },
+  { '--init-method-std', 0.02, 'weight init standard deviation' },
+  { '--rotary-base', 10000, 'RoPE theta' },
+  { '--norm-epsilon', 1e-5, 'RMSNorm epsilon' },
+  { '--untie-embeddings-and-output-weights', false, 'separate output layer' },
+  { '--seed', 1234, 'random seed' },
+  { '--bf16', false, 'bf16 parameters and activations, f32 master weights and optimizer state' },
+  { '--data-path', nil, 'a plain text file (default: the embedded corpus)', multiple = true },
+  { '--split', '969,30,1', 'train,valid,test weights' },
+  { '--tokenizer-type', 'char', 'char or byte' },
+  { '--tokenizer-model', nil, 'tokenizer directory (HF tokenizers come with the HF-interop work)' },
+  { '--eval-interval', 100, 'steps between validations' },
+  { '--eval-iters', 10, 'micro batches per validation' },
+  { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none)' },
+  { '--save-interval', 200, 'steps between checkpoints' },
+  { '--load', nil, 'resume from this checkpoint directory' },
+  { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
+  { '--log-interval', 10, 'steps between log lines' },
+  { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
+}
+
+local ok, opts = pcall(pmp.args.parse, arg, FLAGS, {
+  usage = 'pmp recipes/pretrain.lua [flags]',
+  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.',
+})
+if not ok then
+  io.stderr:write('pretrain: ' .. tostring(opts) .. '\n')
+  os.exit(2)
+end
+
+local function fail(message)
+  io.stderr:write('pretrain: ' .. message .. '\n')
+  os.exit(2)
+end
+
+if opts.global_batch_size % opts.micro_batch_size ~= 0 then
+  fail(string.format('--global-batch-size %d is not a multiple of --micro-batch-size %d', opts.global_batch_size, opts.micro_batch_size))
+end
+if opts.tokenizer_model then fail('--tokenizer-model (HF tokenizers) is not supported yet; use --tokenizer-type char or byte') end
+
+---------------------------------------------------------------------------------------------------
+-- Data
+
+local resume_info
+if opts.load and pmp.checkpoint.latest_iteration(opts.load) then
+  local dir = pmp.checkpoint.iteration_dir(opts.load, pmp.checkpoint.latest_iteration(opts.load))
+  resume_info = pmp.json.decode(pmp.io.read_file(pmp.io.join(dir, 'model_optim_rng.json')))
+end
+
+local text, source
+if opts.data_path then
+  if #opts.data_path > 1 then fail('blended --data-path needs indexed datasets (not supported yet); give one text file') end
+  source = opts.data_path[1]
+  local file = io.open(source, 'rb')
+  if not file then fail('cannot read --data-path ' .. source) end
+  text = file:read('*a')
+  file:close()
+else
+  source = 'the embedded corpus'
+  text = pmp.data.tiny_corpus.generate()
+end
+
+local tokenizers = pmp.data.tokenizers
+local tokenizer
+if resume_info then
+  tokenizer = tokenizers.from_state(resume_info.state.tokenizer)
+elseif opts.tokenizer_type == 'char' then
+  tokenizer = tokenizers.char_from_text(text)
+elseif opts.tokenizer_type == 'byte' then
+  tokenizer = tokenizers.byte()
+else
+  fail("--tokenizer-type must be char or byte, got '" .. tostring(opts.tokenizer_type) .. "'")
+end
+
+local tokens = pmp.tensor(tokenizer:encode(text), { dtype = 'i64' })
+local train_tokens, valid_tokens = pmp.data.TextDataset.split(tokens, opts.split)
+local train_data = pmp.data.TextDataset(train_tokens, opts.seq_length, opts.seed)
+local valid_data = valid_tokens and valid_tokens:numel() > opts.seq_length and pmp.data.TextDataset(valid_tokens, opts.seq_length, opts.seed + 1)
+
+---------------------------------------------------------------------------------------------------
+-- Model and optimizer
+
+pmp.manual_seed(opts.seed)
+local ffn = opts.ffn_hidden_size
+if ffn == 0 then ffn = math.floor((opts.hidden_size * 8 / 3 + 63) / 64) * 64 end
+local model = pmp.nn.GPTModel({
+  num_layers = opts.num_layers,
+  hidden_size = opts.hidden_size,
+  ffn_hidden_size = ffn,
+  num_attention_heads = opts.num_attention_heads,
+  num_query_groups = opts.num_query_groups > 0 and opts.num_query_groups or opts.num_attention_heads,
+  vocab_size = tokenizer.vocab_size,
+  rotary_base = opts.rotary_base,
+  norm_epsilon = opts.norm_epsilon,
+  init_std = opts.init_method_std,
+  hidden_dropout = opts.hidden_dropout,
+  tie_embeddings = not opts.untie_embeddings_and_output_weights,
+})
+if opts.bf16 then model:to('bf16') end
+
+-- No weight decay on norms and biases (1-D parameters), as Megatron does.
+local decay, no_decay = {}, {}
+for _, pair in ipairs(model:named_parameters()) do
+  local p = pair[2]
+  if p:dim() >= 2 then decay[#decay + 1] = p else no_decay[#no_decay + 1] = p end
+end
+local optimizer = pmp.optim.AdamW({ { params = decay }, { params = no_decay, weight_decay = 0 } }, {
+  lr = opts.lr, betas = { opts.adam_beta1, opts.adam_beta2 }, eps = opts.adam_eps, weight_decay = opts.weight_decay,
+})
+local lr_at = pmp.optim.schedule.new({
+  max_lr = opts.lr, min_lr = opts.min_lr, warmup_iters = opts.lr_warmup_iters,
+  decay_iters = opts.lr_decay_iters > 0 and opts.lr_decay_iters or opts.train_iters,
+  style = opts.lr_decay_style:lower(), wsd_decay_iters = opts.lr_wsd_decay_iters,
+})
+local params = model:parameters()
+
+local iteration, consumed = 0, 0
+if resume_info then
+  local info = pmp.checkpoint.load(opts.load, model, optimizer)
+  iteration, consumed = info.iteration, info.state.consumed_samples
+  print(string.format(' loaded checkpoint from %s at iteration %d', opts.load, iteration))
+end
+
+---------------------------------------------------------------------------------------------------
+-- Throughput accounting: model FLOPs per token (matmuls x 3 for forward + backward) against the
+-- GEMM rate measured on this machine now, since a CPU has no single datasheet peak.
+
+local c = model.config
+local tokens_per_step = opts.global_batch_size * opts.seq_length
+local dense = 0
+for _, pair in ipairs(model:named_parameters()) do
+  if pair[2]:dim() == 2 and not pair[1]:match('word_embeddings') then dense = dense + pair[2]:numel() end
+end
+local flops_per_token = 6 * (dense + c.vocab_size * c.hidden_size)
+  + 12 * c.num_layers * opts.seq_length * c.num_attention_heads * c.kv_channels
+local clock = require('pmp.clock')
+local function measured_peak_flops()
+  local a, b = pmp.randn(512, 512), pmp.randn(512, 512)
+  pmp.matmul(a, b)
+  local start, n = clock.now(), 0
+  while clock.now() - start < 0.3 do
+    pmp.matmul(a, b)
+    n = n + 1
+  end
+  return n * 2 * 512 ^ 3 / (clock.now() - start)
+end
+local peak = measured_peak_flops()
+
+print(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s',
+  source, tokens:numel(), tokenizer.type, tokenizer.vocab_size, tostring(model):match('^[^\n]*')))
+print(string.format('pretrain: %d train samples, %d steps x %d samples x %d tokens, %d threads, GEMM peak %.1f GFLOP/s',
+  train_data.count, opts.train_iters, opts.global_batch_size, opts.seq_length, pmp.num_threads(), peak / 1e9))
+
+local tb = opts.tensorboard_dir and pmp.tensorboard.writer(opts.tensorboard_dir)
+
+---------------------------------------------------------------------------------------------------
+-- Training
+
+local accumulation = opts.global_batch_size / opts.micro_batch_size
+
+local function evaluate()
+  model:eval()
+  local total, count = 0, 0
+  pmp.no_grad(function()
+    for k = 0, opts.eval_iters - 1 do
+      local x, y = valid_data:batch((k * opts.micro_batch_size) % valid_data.count, opts.micro_batch_size)
+      total = total + model(x, y):item()
+      count = count + 1
+    end
+  end)
+  model:train()
+  return total / count
+end
+
+local function save()
+  if opts.save == '' then return end
+  pmp.checkpoint.save(opts.save, iteration, model, optimizer, {
+    consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts,
+  })
+  print(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
+end
+
+local function duration(seconds)
+  seconds = math.max(0, math.floor(seconds + 0.5))
+  return string.format('%02d:%02d:%02d', math.floor(seconds / 3600), math.floor(seconds / 60) % 60, seconds % 60)
+end
+
+local first_iteration = iteration
+local interval_start, loss_sum, loss_count, run_start = clock.now(), 0, 0, clock.now()
+while iteration < opts.train_iters do
+  iteration = iteration + 1
+  local lr = lr_at(iteration)
+  optimizer.lr = lr
+  optimizer:zero_grad()
+  local step_loss = 0
+  for _ = 1, accumulation do
+    local x, y = train_data:batch(consumed, opts.micro_batch_size)
+    consumed = consumed + opts.micro_batch_size
+    local loss = model(x, y)
+    ;(loss / accumulation):backward()
+    step_loss = step_loss + loss:item() / accumulation
+  end
+  local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
+  optimizer:step()
+  loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
+
+  if tb then
+    tb:add_scalar('lm loss', step_loss, iteration)
+    tb:add_scalar('learning-rate', lr, iteration)
+    tb:add_scalar('grad-norm', grad_norm, iteration)
+  end
+  if iteration % opts.log_interval == 0 or iteration == opts.train_iters then
+    local now = clock.now()
+    local per_iteration = (now - interval_start) / loss_count
+    local throughput = tokens_per_step / per_iteration
+    local eta = per_iteration * (opts.train_iters - iteration)
+    print(string.format(' iteration %8d/%8d | consumed samples: %12d | elapsed time per iteration (ms): %.1f | ' ..
+      'learning rate: %.6E | global batch size: %5d | lm loss: %.6E | grad norm: %.3f | tokens per second: %.0f | ' ..
+      'MFU: %.1f%% | ETA: %s |', iteration, opts.train_iters, consumed, per_iteration * 1000, lr, opts.global_batch_size,
+      loss_sum / loss_count, grad_norm, throughput, 100 * throughput * flops_per_token / peak, duration(eta)))
+    if tb then tb:add_scalar('throughput', throughput, iteration) end
+    interval_start, loss_sum, loss_count = now, 0, 0
+  end
+  if valid_data and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
+    local valid_loss = evaluate()
+    local line = string.format(' validation loss at iteration %d | lm loss value: %.6E | lm loss PPL: %.6E |',
+      iteration, valid_loss, math.exp(math.min(valid_loss, 20)))
+    print(string.rep('-', #line))
+    print(line)
+    print(string.rep('-', #line))
+    if tb then tb:add_scalar('lm loss validation', valid_loss, iteration) end
+    interval_start = clock.now() - (clock.now() - interval_start)
+  end
+  if opts.save ~= '' and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save() end
+end
+if opts.save ~= '' and iteration > first_iteration and iteration % opts.save_interval ~= 0 then save() end
+if tb then tb:close() end
+print(string.format('pretrain: %d iterations in %s', iteration - first_iteration, duration(clock.now() - run_start)))
+
+---------------------------------------------------------------------------------------------------
+-- A greedy sample from the start of the validation text.
+
+if opts.sample_length > 0 then
+  model:eval()
+  local context = {}
+  local prompt_ids = (valid_tokens or train_tokens):narrow(1, 1, math.min(16, opts.seq_length)):totable()
+  for k, id in ipairs(prompt_ids) do context[k] = id end
+  local produced = {}
+  pmp.no_grad(function()
+    for _ = 1, opts.sample_length do
+      local window = {}
+      for k = math.max(1, #context - opts.seq_length + 1), #context do window[#window + 1] = context[k] end
+      local logits = model(pmp.tensor({ window }, { dtype = 'i64' }))
+      local next_id = logits:select(2, #window):argmax():item()
+      context[#context + 1] = next_id
+      produced[#produced + 1] = next_id
+    end
+  end)
+  print('sample: ' .. tokenizer:decode(prompt_ids) .. '|' .. tokenizer:decode(produced))
+end
