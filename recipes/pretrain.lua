@@ -141,12 +141,6 @@ local lr_at = pmp.optim.schedule.new({
 })
 local params = model:parameters()
 
-local iteration, consumed = 0, 0
-if resume_info then
-  local info = pmp.checkpoint.load(opts.load, model, optimizer)
-  iteration, consumed = info.iteration, info.state.consumed_samples
-  print(string.format(' loaded checkpoint from %s at iteration %d', opts.load, iteration))
-end
 
 ---------------------------------------------------------------------------------------------------
 -- Throughput accounting: model FLOPs per token (matmuls x 3 for forward + backward) against the
@@ -172,6 +166,14 @@ local function measured_peak_flops()
   return n * 2 * 512 ^ 3 / (clock.now() - start)
 end
 local peak = measured_peak_flops()
+
+-- Resume after everything that draws random numbers, so the restored generator state is the one used.
+local iteration, consumed = 0, 0
+if resume_info then
+  local info = pmp.checkpoint.load(opts.load, model, optimizer)
+  iteration, consumed = info.iteration, info.state.consumed_samples
+  print(string.format(' loaded checkpoint from %s at iteration %d', opts.load, iteration))
+end
 
 print(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s',
   source, tokens:numel(), tokenizer.type, tokenizer.vocab_size, tostring(model):match('^[^\n]*')))
