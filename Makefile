@@ -5,7 +5,7 @@ CFLAGS   ?= -O2 -g
 # spinning against each other; rpath pins that variant whatever Debian's alternatives point to.
 MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 OPENBLAS_DIR := /usr/lib/$(MULTIARCH)/openblas-openmp
-CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -D_GNU_SOURCE -Icore \
+CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -fno-semantic-interposition -D_GNU_SOURCE -Icore \
             -I/usr/include/$(MULTIARCH)/openblas-openmp $(shell pkg-config --cflags luajit 2>/dev/null)
 LDLIBS   += $(shell pkg-config --libs luajit 2>/dev/null) -L$(OPENBLAS_DIR) -Wl,-rpath,$(OPENBLAS_DIR) -lopenblas \
             -lreadline -lm -ldl -fopenmp

@@ -50,6 +50,7 @@ void *pmp_alloc(int device_type, int64_t nbytes) {
   device_cache *c = &caches[device_type];
   int64_t size = round_size(nbytes);
   c->stats.allocs++;
+  c->stats.allocated += size;
   unsigned b = bucket_of(size);
   for (block **link = &c->free_lists[b]; *link; link = &(*link)->next) {
     if ((*link)->size != size) continue;

@@ -10,7 +10,7 @@
   do {                                                                                                       \
     const T *x = in[0];                                                                                      \
     T *y = out;                                                                                              \
-    for (int64_t k = 0; k < n; k++) {                                                                        \
+    _Pragma("omp simd") for (int64_t k = 0; k < n; k++) {                                                                        \
       T v = x[k];                                                                                            \
       y[k] = (EXPR);                                                                                         \
     }                                                                                                        \
@@ -20,7 +20,7 @@
   do {                                                                                                       \
     const T *x = in[0], *z = in[1];                                                                          \
     TO *y = out;                                                                                             \
-    for (int64_t k = 0; k < n; k++) {                                                                        \
+    _Pragma("omp simd") for (int64_t k = 0; k < n; k++) {                                                                        \
       T a = x[k], b = z[k];                                                                                  \
       y[k] = (EXPR);                                                                                         \
     }                                                                                                        \

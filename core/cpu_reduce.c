@@ -53,6 +53,23 @@ int pmp_cpu_reduce(const pmp_op_args *a) {
                            sum_integers(x->data + (o * reduced * inner + i) * in_es, x->dtype_id, reduced, inner));
     return 0;
   }
+  if (inner == 1 && outer == 1 && reduced >= PMP_PARALLEL_THRESHOLD) {
+    /* one long row: fixed-size chunks summed in parallel, then added in chunk order (deterministic) */
+    enum { SPAN = 65536 };
+    int64_t spans = (reduced + SPAN - 1) / SPAN;
+    double *partial = malloc(sizeof(double) * (size_t)spans);
+    if (!partial) return pmp_fail_code("%s: out of memory", pmp_op_name(a->op));
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < spans; k++) {
+      int64_t len = reduced - k * SPAN < SPAN ? reduced - k * SPAN : SPAN;
+      partial[k] = sum_contiguous(x->data + k * SPAN * in_es, x->dtype_id, len);
+    }
+    double total = 0;
+    for (int64_t k = 0; k < spans; k++) total += partial[k];
+    free(partial);
+    pmp_store_from_f64(y->dtype_id, y->data, total * scale);
+    return 0;
+  }
   if (inner == 1) {
 #pragma omp parallel for if (outer * reduced >= PMP_PARALLEL_THRESHOLD) schedule(static)
     for (int64_t o = 0; o < outer; o++)

@@ -72,9 +72,13 @@ static const void *load_piece(const char *src, int64_t stride, int dtype, int bu
   int es = pmp_dtype_size(dtype);
   if (stride == es && dtype == buf_dtype) return src;
   if (stride == 0) {
-    int bs = pmp_dtype_size(buf_dtype);
     pmp_convert(buf, buf_dtype, src, dtype, 1);
-    for (int64_t k = 1; k < n; k++) memcpy((char *)buf + k * bs, buf, (size_t)bs);
+    switch (pmp_dtype_size(buf_dtype)) {
+    case 1: memset(buf, *(uint8_t *)buf, (size_t)n); break;
+    case 2: for (int64_t k = 1; k < n; k++) ((uint16_t *)buf)[k] = ((uint16_t *)buf)[0]; break;
+    case 4: for (int64_t k = 1; k < n; k++) ((uint32_t *)buf)[k] = ((uint32_t *)buf)[0]; break;
+    default: for (int64_t k = 1; k < n; k++) ((uint64_t *)buf)[k] = ((uint64_t *)buf)[0]; break;
+    }
     return buf;
   }
   if (stride == es) {

@@ -112,6 +112,7 @@ typedef struct pmp_memory_stats {
   int64_t cached;        /* bytes kept in the cache for reuse */
   int64_t allocs;        /* allocation requests */
   int64_t cache_hits;    /* requests served from the cache */
+  int64_t allocated;     /* bytes handed out since start (monotonic) */
 } pmp_memory_stats;
 const pmp_memory_stats *pmp_memory_stats_of(int device_type);
 void pmp_memory_reset_peak(int device_type);

@@ -16,11 +16,12 @@ local function raise(level)
   error(ffi.string(C.pmp_last_error()), level or 3)
 end
 
--- LuaJIT's collector does not see native memory; when engine allocations grow past a threshold we
--- collect, so loops that drop large tensors run in bounded memory.
+-- LuaJIT's collector does not see native memory: after the engine has handed out more bytes than
+-- were live after the last collection (and at least GC_STEP), we collect, so loops that drop large
+-- tensors run in bounded memory.
 local cpu_stats = C.pmp_memory_stats_of(C.PMP_CPU)
 local GC_STEP = 256 * 1024 * 1024
-local gc_threshold = GC_STEP
+local collect_after = GC_STEP
 
 -- A tensor is a handle struct around the engine pointer: LuaJIT does pointer arithmetic on raw
 -- pointers (p + 1, p - q) instead of calling metamethods, so the operators need a struct type.
@@ -30,11 +31,10 @@ local Handle  -- the metatype, set at the end of this file
 local function wrap(ptr)
   if ptr == nil then raise(4) end
   local t = Handle(ptr)
-  local in_use = tonumber(cpu_stats.in_use)
-  if in_use > gc_threshold then
+  if tonumber(cpu_stats.allocated) > collect_after then
     collectgarbage()
-    in_use = tonumber(cpu_stats.in_use)
-    gc_threshold = math.max(2 * in_use, in_use + GC_STEP)
+    local live = tonumber(cpu_stats.in_use)
+    collect_after = tonumber(cpu_stats.allocated) + math.max(live, GC_STEP)
   end
   return t
 end
