@@ -172,6 +172,8 @@ static void use_short_openmp_spin(char **argv) {
 
 int main(int argc, char **argv) {
   use_short_openmp_spin(argv);
+  /* Training logs are read through pipes and files while the run goes on: flush them per line. */
+  setvbuf(stdout, NULL, _IOLBF, 0);
   command_line cmd = {.argc = argc, .argv = argv};
   if (parse_command_line(&cmd) != 0) return 1;
   if (cmd.show_help) {
