@@ -8,7 +8,7 @@ OPENBLAS_DIR := /usr/lib/$(MULTIARCH)/openblas-openmp
 CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -fno-semantic-interposition -D_GNU_SOURCE -Icore \
             -I/usr/include/$(MULTIARCH)/openblas-openmp $(shell pkg-config --cflags luajit 2>/dev/null)
 LDLIBS   += $(shell pkg-config --libs luajit 2>/dev/null) -L$(OPENBLAS_DIR) -Wl,-rpath,$(OPENBLAS_DIR) -lopenblas \
-            -lreadline -lm -ldl -fopenmp
+            -lreadline -lmvec -lm -ldl -fopenmp
 # Export every engine symbol so the FFI can find them through ffi.C.
 LDFLAGS  += -rdynamic
 

@@ -2,6 +2,21 @@
 #include "iter.h"
 #include <math.h>
 
+/* glibc's libmvec has vector versions of these; declaring them lets `omp simd` loops call them four
+ * at a time instead of one libm call per element (within 4 ulp, per glibc's documentation). */
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+float logf(float);
+#pragma omp declare simd notinbranch
+float sinf(float);
+#pragma omp declare simd notinbranch
+float cosf(float);
+#pragma omp declare simd notinbranch
+float tanhf(float);
+#pragma omp declare simd notinbranch
+float erff(float);
+
 #define SQRT_HALF 0.70710678118654752440
 #define SQRT_2_OVER_PI 0.79788456080286535588
 #define INV_SQRT_2PI 0.39894228040143267794
