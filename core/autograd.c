@@ -87,6 +87,7 @@ void pmp_node_release(pmp_node *n) {
   releasing = true;
   while (release_count) {
     pmp_node *node = release_list[--release_count];
+    if (node->op == PMP_OP_CUSTOM) pmp_custom_node_freed(node);
     free_saved(node);
     pmp_tensor_release(node->grad_acc);
     for (int k = 0; k < node->ninputs; k++) {

@@ -10,6 +10,8 @@ const char *pmp_last_error(void) { return last_error[0] ? last_error : "unknown 
 
 void pmp_clear_error(void) { last_error[0] = 0; }
 
+void pmp_set_error(const char *message) { snprintf(last_error, sizeof last_error, "%s", message); }
+
 static void set_error(const char *fmt, va_list ap) {
   vsnprintf(last_error, sizeof last_error, fmt, ap);
 }

@@ -167,6 +167,8 @@ int pmp_backward_rms_norm(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_rope(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_swiglu(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_custom(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+void pmp_custom_node_freed(pmp_node *n);
 
 /* ---- autograd (autograd.c) ---- */
 enum { PMP_NODE_MAX_SAVED = 6 };

@@ -79,6 +79,7 @@ const pmp_op_info pmp_op_table[PMP_OP_COUNT] = {
     [PMP_OP_ATTENTION_BACKWARD] = {"attention_backward", CPU(pmp_cpu_attention_backward), NULL},
     [PMP_OP_ADAMW] = {"adamw", CPU(pmp_cpu_adamw), NULL},
     [PMP_OP_SCALE] = {"scale", CPU(pmp_cpu_scale), NULL},
+    [PMP_OP_CUSTOM] = {"custom", {0}, pmp_backward_custom},
 };
 
 const char *pmp_op_name(int op) { return op >= 0 && op < PMP_OP_COUNT && pmp_op_table[op].name ? pmp_op_table[op].name : "?"; }

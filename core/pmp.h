@@ -87,6 +87,8 @@ typedef enum pmp_op_id {
   PMP_OP_ATTENTION, PMP_OP_ATTENTION_BACKWARD,
   /* optimizer steps (in place) */
   PMP_OP_ADAMW, PMP_OP_SCALE,
+  /* a node whose backward the host supplies (Lua autograd functions, activation recompute) */
+  PMP_OP_CUSTOM,
   PMP_OP_COUNT
 } pmp_op_id;
 
@@ -233,6 +235,19 @@ int pmp_set_grad(pmp_tensor *t, pmp_tensor *grad);   /* grad may be NULL to clea
 /* grad NULL means ones (t must then hold one element). Frees the graph unless retain_graph. */
 int pmp_backward(pmp_tensor *t, pmp_tensor *grad, int retain_graph);
 int pmp_node_op(const pmp_node *node);
+
+/* Custom autograd functions. The host registers one backward callback; it receives the function id
+ * given to pmp_custom_record, the output's gradient, and one slot per input to fill with a new
+ * reference (or leave NULL); it returns 0 or -1 (with pmp_last_error set through pmp_set_error). */
+typedef int (*pmp_custom_backward_fn)(int64_t function_id, pmp_tensor *grad_output, pmp_tensor **grad_inputs,
+                                      int ninputs);
+void pmp_set_custom_backward(pmp_custom_backward_fn fn);
+/* Makes `out` (computed with grad mode off) the output of a custom node over the inputs. */
+int pmp_custom_record(pmp_tensor *out, pmp_tensor *const *inputs, int ninputs, int64_t function_id);
+/* Ids of custom nodes freed since the last call (up to max), so the host can drop their state
+ * without being called back from inside a garbage collector. Returns how many were written. */
+int pmp_custom_take_freed(int64_t *ids, int max);
+void pmp_set_error(const char *message);
 
 /* ---- files (file_io.c): durable writes, directory trees, file mappings ----
  * Failures return -1 (or NULL) with pmp_last_error() naming the path and the system's reason. */

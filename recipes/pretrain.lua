@@ -32,6 +32,7 @@ local FLAGS = {
   { '--untie-embeddings-and-output-weights', false, 'separate output layer' },
   { '--seed', 1234, 'random seed' },
   { '--bf16', false, 'bf16 parameters and activations, f32 master weights and optimizer state' },
+  { '--recompute-granularity', nil, "'full': re-run each layer's forward in backward to save memory" },
   { '--data-path', nil, 'a plain text file (default: the embedded corpus)', multiple = true },
   { '--split', '969,30,1', 'train,valid,test weights' },
   { '--tokenizer-type', 'char', 'char or byte' },
@@ -122,6 +123,7 @@ local model = pmp.nn.GPTModel({
   init_std = opts.init_method_std,
   hidden_dropout = opts.hidden_dropout,
   tie_embeddings = not opts.untie_embeddings_and_output_weights,
+  recompute_granularity = opts.recompute_granularity,
 })
 if opts.bf16 then model:to('bf16') end
 

@@ -5,7 +5,7 @@ local tensor = require 'pmp.tensor'
 
 local pmp = {}
 for name, value in pairs(tensor) do
-  if name ~= 'methods' and name ~= 'fields' and name ~= 'wrap' then pmp[name] = value end
+  if name ~= 'methods' and name ~= 'fields' and name ~= 'wrap' and name ~= 'set_gc_step' then pmp[name] = value end
 end
 
 pmp.version = ffi.string(C.pmp_version())
@@ -44,6 +44,8 @@ function pmp.memory.stats(device)
 end
 function pmp.memory.reset_peak() C.pmp_memory_reset_peak(C.PMP_CPU) end
 function pmp.memory.empty_cache() C.pmp_memory_empty_cache(C.PMP_CPU) end
+-- Bytes of unreferenced tensors allowed to pile up before the garbage collector runs (256 MiB).
+pmp.memory.set_gc_step = tensor.set_gc_step
 
 function pmp.num_threads() return C.pmp_num_threads() end
 function pmp.set_num_threads(n) C.pmp_set_num_threads(n) end

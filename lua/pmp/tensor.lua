@@ -23,6 +23,13 @@ local cpu_stats = C.pmp_memory_stats_of(C.PMP_CPU)
 local GC_STEP = 256 * 1024 * 1024
 local collect_after = GC_STEP
 
+-- Garbage tensors can hold up to this many bytes before a collection; smaller values free memory
+-- sooner at the cost of more collections.
+function M.set_gc_step(bytes)
+  GC_STEP = bytes
+  collect_after = math.min(collect_after, tonumber(cpu_stats.allocated) + bytes)
+end
+
 -- A tensor is a handle struct around the engine pointer: LuaJIT does pointer arithmetic on raw
 -- pointers (p + 1, p - q) instead of calling metamethods, so the operators need a struct type.
 ffi.cdef('typedef struct pmp_tensor_handle { pmp_tensor *ptr; } pmp_tensor_handle;')
@@ -770,6 +777,9 @@ function Tensor.backward(t, grad, options)
 end
 
 function Tensor.zero_grad(t) check(C.pmp_set_grad(t.ptr, nil)) end
+-- Backward may call back into Lua (custom autograd functions); LuaJIT allows that only when the FFI
+-- call was not made from compiled code.
+jit.off(Tensor.backward)
 
 ---------------------------------------------------------------------------------------------------
 -- Printing

@@ -9,6 +9,7 @@ local tensor = require 'pmp.tensor'
 local Module = require 'pmp.nn.module'
 local layers = require 'pmp.nn.layers'
 local F = require 'pmp.nn.functional'
+local autograd = require 'pmp.autograd'
 
 local M = {}
 
@@ -166,9 +167,19 @@ function M.TransformerDecoder:init(config)
   for k = 1, config.num_layers do list[k] = M.TransformerBlock(config) end
   self.layers = layers.ModuleList(list)
   self.final_layernorm = norm(config, config.hidden_size)
+  if config.recompute_granularity == 'full' then
+    rawset(self, 'recompute', true)
+  elseif config.recompute_granularity ~= nil then
+    error("transformer config: recompute_granularity must be 'full' or nil, got '" .. tostring(config.recompute_granularity) .. "'", 3)
+  end
 end
+-- config.recompute_granularity = 'full' re-runs each layer's forward during backward instead of
+-- keeping its activations (Megatron's --recompute-granularity full --recompute-method uniform).
 function M.TransformerDecoder:forward(x, rope)
-  for _, layer in ipairs(self.layers.items) do x = layer(x, rope) end
+  local recompute = self.training and self.recompute
+  for _, layer in ipairs(self.layers.items) do
+    if recompute then x = autograd.recompute(layer.forward, layer, x, rope) else x = layer(x, rope) end
+  end
   return self.final_layernorm(x)
 end
 
