@@ -266,7 +266,14 @@ while iteration < opts.train_iters do
 end
 if opts.save ~= '' and iteration > first_iteration and iteration % opts.save_interval ~= 0 then save() end
 if tb then tb:close() end
-print(string.format('pretrain: %d iterations in %s', iteration - first_iteration, duration(clock.now() - run_start)))
+local function peak_rss_mib()
+  local status = io.open('/proc/self/status', 'r')
+  local text = status and status:read('*a') or ''
+  if status then status:close() end
+  return (tonumber(text:match('VmHWM:%s*(%d+)')) or 0) / 1024
+end
+print(string.format('pretrain: %d iterations in %s | peak engine memory: %.1f MiB | peak resident memory: %.1f MiB',
+  iteration - first_iteration, duration(clock.now() - run_start), pmp.memory.stats().peak / 2^20, peak_rss_mib()))
 
 ---------------------------------------------------------------------------------------------------
 -- A greedy sample from the start of the validation text.

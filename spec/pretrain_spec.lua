@@ -77,6 +77,29 @@ describe('recipes/pretrain.lua', function()
     assert.is_true(names > 10)
   end)
 
+  it('resumes bit-exactly in bf16 with f32 master weights and with activation recompute', function()
+    local flags = { '--bf16', '--recompute-granularity', 'full', '--save-interval', '2', '--train-iters', '4' }
+    local function with(extra)
+      local all = {}
+      for _, f in ipairs(flags) do all[#all + 1] = f end
+      for _, f in ipairs(extra) do all[#all + 1] = f end
+      return all
+    end
+    local _, err, status = run_pretrain(with({ '--save', scratch .. '/full' }))
+    assert.are.equal(0, status, err)
+    local _, err1, status1 = run_pretrain({ '--bf16', '--recompute-granularity', 'full', '--save-interval', '2',
+      '--train-iters', '2', '--lr-decay-iters', '4', '--save', scratch .. '/part' })
+    assert.are.equal(0, status1, err1)
+    local _, err2, status2 = run_pretrain(with({ '--save', scratch .. '/part', '--load', scratch .. '/part' }))
+    assert.are.equal(0, status2, err2)
+    local a, b = checkpoint_tensors(scratch .. '/full', 4), checkpoint_tensors(scratch .. '/part', 4)
+    assert.are.equal('bf16', a['model.decoder.layers.0.mlp.linear_fc1.weight'].dtype)
+    assert.are.equal('f32', a['optimizer.1.master'].dtype)
+    for name, t in pairs(a) do
+      assert.are.equal(0, (t:double() - b[name]:double()):abs():max():item(), name)
+    end
+  end)
+
   it('a save killed midway leaves the previous checkpoint loadable', function()
     -- save iteration 1, then start saving a large iteration 2 and kill the process while it writes
     local script = scratch .. '/save.lua'
