@@ -7,6 +7,7 @@ enum { BLOCK_Q = 64, BLOCK_K = 64 };
 
 typedef struct attention_shape {
   int64_t B, Hq, Hkv, T, S, D, offset, window;
+  const int64_t *first_key;   /* per batch row, or NULL */
   bool causal;
   double scale;
 } attention_shape;
@@ -35,17 +36,18 @@ typedef struct attention_shape {
 #undef LOG
 #undef SUFFIX
 
-static attention_shape shape_of(const pmp_op_args *a) {
+static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_key) {
   const pmp_tensor *q = a->in[0], *k = a->in[1];
   attention_shape sh = {.B = q->sizes[0], .Hq = q->sizes[1], .Hkv = k->sizes[1], .T = q->sizes[2], .S = k->sizes[2],
                         .D = q->sizes[3], .causal = a->i[0] != 0, .window = a->i[1], .scale = a->f[0]};
   sh.offset = sh.S - sh.T;
+  sh.first_key = first_key ? (const int64_t *)first_key->data : NULL;
   return sh;
 }
 
-/* in: q, k, v (contiguous, f32 or f64); out: o; out2: log-sum-exp per query. */
+/* in: q, k, v (contiguous, f32 or f64), first keys (i64 [B] or NULL); out: o; out2: log-sum-exp per query. */
 int pmp_cpu_attention(const pmp_op_args *a) {
-  attention_shape sh = shape_of(a);
+  attention_shape sh = shape_of(a, a->in[3]);
   if (a->in[0]->dtype_id == PMP_F64)
     attention_forward_f64(&sh, (const double *)a->in[0]->data, (const double *)a->in[1]->data,
                           (const double *)a->in[2]->data, (double *)a->out->data, (double *)a->out2->data);
@@ -55,9 +57,9 @@ int pmp_cpu_attention(const pmp_op_args *a) {
   return 0;
 }
 
-/* in: q, k, v, o, lse, dO; out: dq, out2: dk, out3: dv. */
+/* in: q, k, v, o, lse, dO, first keys; out: dq, out2: dk, out3: dv. */
 int pmp_cpu_attention_backward(const pmp_op_args *a) {
-  attention_shape sh = shape_of(a);
+  attention_shape sh = shape_of(a, a->in[6]);
   if (a->in[0]->dtype_id == PMP_F64)
     attention_backward_f64(&sh, (const double *)a->in[0]->data, (const double *)a->in[1]->data,
                            (const double *)a->in[2]->data, (const double *)a->in[3]->data,

@@ -7,11 +7,13 @@
 #define NAME2(a, b) a##b
 #define NAME(a, b) NAME2(a, b)
 
-/* Key range [first, last] visible to query position t (already offset by S - T). */
-static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_t t, int64_t *first, int64_t *last) {
+/* Key range [first, last] visible to query t of batch row b (empty when first > last). */
+static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_t b, int64_t t, int64_t *first,
+                                               int64_t *last) {
   int64_t pos = t + sh->offset;
   *last = sh->causal ? (pos < sh->S - 1 ? pos : sh->S - 1) : sh->S - 1;
   *first = sh->window > 0 ? (pos - sh->window + 1 > 0 ? pos - sh->window + 1 : 0) : 0;
+  if (sh->first_key && sh->first_key[b] > *first) *first = sh->first_key[b];
 }
 
 static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const REAL *q, const REAL *k, const REAL *v,
@@ -33,7 +35,7 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
       const REAL *kh = k + (b * sh->Hkv + h / group) * sh->S * D, *vh = v + (b * sh->Hkv + h / group) * sh->S * D;
       int64_t first, last, lo = sh->S, hi = -1;
       for (int64_t r = 0; r < rows; r++) {
-        NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+        NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
         if (first < lo) lo = first;
         if (last > hi) hi = last;
         row_max[r] = -INFINITY;
@@ -46,7 +48,7 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
              kh + s0 * D, (int)D, (REAL)0, scores, BLOCK_K);
         for (int64_t r = 0; r < rows; r++) {
           REAL *srow = scores + r * BLOCK_K;
-          NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+          NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
           REAL peak = row_max[r];
           for (int64_t c = 0; c < cols; c++) {
             if (s0 + c < first || s0 + c > last) srow[c] = -INFINITY;
@@ -111,7 +113,7 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
           int64_t rows = T - t0 < BLOCK_Q ? T - t0 : BLOCK_Q;
           int64_t first, last, lo = S, hi = -1;
           for (int64_t r = 0; r < rows; r++) {
-            NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+            NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
             if (first < lo) lo = first;
             if (last > hi) hi = last;
           }
@@ -120,7 +122,7 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
             GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)sh->scale, qh + t0 * D,
                  (int)D, kh + s0 * D, (int)D, (REAL)0, p, BLOCK_K);
             for (int64_t r = 0; r < rows; r++) {
-              NAME(visible_keys_, SUFFIX)(sh, t0 + r, &first, &last);
+              NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
               REAL l = lh[t0 + r];
               for (int64_t c = 0; c < cols; c++) {
                 bool hidden = s0 + c < first || s0 + c > last || l == -INFINITY;

@@ -87,7 +87,7 @@ typedef struct pmp_op_args {
   pmp_tensor *out;
   pmp_tensor *out2;             /* further outputs, e.g. indices of max, gradients of a fused op */
   pmp_tensor *out3;
-  pmp_tensor *in[6];
+  pmp_tensor *in[7];
   int nin;
   double f[6];
   int64_t i[8];

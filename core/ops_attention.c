@@ -4,7 +4,8 @@
 
 #define SHAPE(t, buf) pmp_shape_str((t)->sizes, (t)->ndim, buf, sizeof buf)
 
-pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, double scale, int causal, int64_t window) {
+pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
+                          int64_t window) {
   if (!q || !k || !v) return NULL;
   char sq[PMP_SHAPE_BUF], sk[PMP_SHAPE_BUF], sv[PMP_SHAPE_BUF];
   if (pmp_check_interrupt("attention") || !pmp_same_device(q, k, "attention") || !pmp_same_device(q, v, "attention"))
@@ -17,6 +18,9 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, double sc
                     SHAPE(q, sq), SHAPE(k, sk), SHAPE(v, sv));
   if (!pmp_dtype_is_float(q->dtype_id))
     return pmp_fail("attention: needs floating-point inputs, got %s", pmp_dtype_name(q->dtype_id));
+  if (first_key && (first_key->ndim != 1 || first_key->sizes[0] != q->sizes[0] || pmp_dtype_is_float(first_key->dtype_id)))
+    return pmp_fail("attention: first_key must be an integer tensor [%lld], got %s %s", (long long)q->sizes[0],
+                    pmp_dtype_name(first_key->dtype_id), SHAPE(first_key, sv));
   if (scale <= 0) scale = 1.0 / sqrt((double)q->sizes[3]);
   /* bf16/f16 attend in f32: conversions are recorded, so gradients come back in the input dtype */
   int compute = pmp_compute_dtype(pmp_promote_types(q->dtype_id, pmp_promote_types(k->dtype_id, v->dtype_id)));
@@ -24,19 +28,20 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, double sc
   pmp_tensor *qc = pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(q, compute))));
   pmp_tensor *kc = pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(k, compute))));
   pmp_tensor *vc = pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(v, compute))));
+  pmp_tensor *starts = first_key ? pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(first_key, PMP_I64)))) : NULL;
   int64_t lse_shape[3] = {q->sizes[0], q->sizes[1], q->sizes[2]};
   pmp_tensor *lse = pmp_keep(&s, pmp_empty_shape(lse_shape, 3, compute, q->dev));
   pmp_tensor *out = NULL;
-  if (qc && kc && vc && lse) {
-    pmp_op_args a = {.op = PMP_OP_ATTENTION, .out2 = lse, .in = {qc, kc, vc}, .nin = 3, .f = {scale},
+  if (qc && kc && vc && lse && (starts || !first_key)) {
+    pmp_op_args a = {.op = PMP_OP_ATTENTION, .out2 = lse, .in = {qc, kc, vc, starts}, .nin = 4, .f = {scale},
                      .i = {causal != 0, window}};
     out = pmp_run_new(&a, q->sizes, 4, compute, q->dev);
   }
   pmp_tensor *inputs[3] = {qc, kc, vc};
   if (out && pmp_needs_grad(inputs, 3)) {
     pmp_tensor *o = pmp_detach(out);
-    pmp_tensor *saved[5] = {qc, kc, vc, o, lse};
-    pmp_node *n = o ? pmp_record(PMP_OP_ATTENTION, out, inputs, 3, saved, 5) : NULL;
+    pmp_tensor *saved[6] = {qc, kc, vc, o, lse, starts};
+    pmp_node *n = o ? pmp_record(PMP_OP_ATTENTION, out, inputs, 3, saved, 6) : NULL;
     pmp_tensor_release(o);
     if (!n) {
       pmp_tensor_release(out);
@@ -58,10 +63,11 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, double sc
 
 int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
   pmp_tensor *q = n->saved[0], *k = n->saved[1], *v = n->saved[2], *o = n->saved[3], *lse = n->saved[4];
+  pmp_tensor *starts = n->saved[5];
   pmp_tensor *gc = pmp_contiguous(g);
   pmp_tensor *dq = pmp_empty_like(q, -1), *dk = pmp_empty_like(k, -1), *dv = pmp_empty_like(v, -1);
-  pmp_op_args a = {.op = PMP_OP_ATTENTION_BACKWARD, .out = dq, .out2 = dk, .out3 = dv, .in = {q, k, v, o, lse, gc},
-                   .nin = 6, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
+  pmp_op_args a = {.op = PMP_OP_ATTENTION_BACKWARD, .out = dq, .out2 = dk, .out3 = dv,
+                   .in = {q, k, v, o, lse, gc, starts}, .nin = 7, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
   int rc = gc && dq && dk && dv ? pmp_dispatch(&a) : -1;
   pmp_tensor_release(gc);
   if (rc != 0) {

@@ -213,8 +213,11 @@ pmp_tensor *pmp_rope(pmp_tensor *x, pmp_tensor *cos, pmp_tensor *sin, int interl
 pmp_tensor *pmp_swiglu(pmp_tensor *x);
 /* q [B, Hq, T, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA/MQA). Tiled with an online
  * softmax: the T x S score matrix is never stored. causal: query t sees keys up to t + (S - T);
- * window > 0 also hides keys more than window - 1 positions back (sliding window). */
-pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, double scale, int causal, int64_t window);
+ * window > 0 also hides keys more than window - 1 positions back (sliding window); first_key (NULL or
+ * an integer tensor [B]) hides the keys before first_key[b] in row b (left padding). Queries that see
+ * no key at all output zeros. */
+pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
+                          int64_t window);
 
 /* ---- optimizer steps: in place, outside autograd ---- */
 /* One AdamW step (decoupled weight decay, PyTorch's formula). master (f32, may be NULL) holds the

@@ -177,6 +177,33 @@ describe('fused attention', function()
     agree(function(a, b, c) return F.attention(a, b, c, { window = 7 }) end,
       function(a, b, c) return composed_attention(a, b, c, { window = 7 }) end, { q2, k2, v2 }, 1e-10)
   end)
+  it('hides the keys before first_key in each row (left padding)', function()
+    local q = pmp.randn(2, 2, 6, 4, { dtype = 'f64' })
+    local k = pmp.randn(2, 1, 6, 4, { dtype = 'f64' })
+    local v = pmp.randn(2, 1, 6, 4, { dtype = 'f64' })
+    local starts = pmp.tensor({ 0, 2 }, { dtype = 'i64' })
+    local function composed(a, b, c)
+      local scores = a:matmul(b:expand(2, 2, 6, 4):transpose(-1, -2)) * 0.5
+      local hidden = {}
+      for row = 1, 2 do
+        hidden[row] = { {} }
+        for t = 1, 6 do
+          hidden[row][1][t] = {}
+          for s = 1, 6 do hidden[row][1][t][s] = s > t or (row == 2 and s <= 2) end
+        end
+      end
+      local p = scores:masked_fill(pmp.tensor(hidden), -math.huge):softmax(-1)
+      return p:matmul(c:expand(2, 2, 6, 4))
+    end
+    local fused = F.attention(q, k, v, { first_key = starts })
+    local reference = composed(q, k, v)
+    -- row 2's first two queries see no key: the kernel gives zeros where softmax over nothing is NaN
+    assert.are.equal(0, fused:narrow(1, 2, 1):narrow(3, 1, 2):abs():max():item())
+    assert.is_true(max_diff(fused:narrow(3, 3, 4), reference:narrow(3, 3, 4)) < 1e-12)
+    assert.is_true(max_diff(fused:narrow(1, 1, 1), reference:narrow(1, 1, 1)) < 1e-12)
+    gradcheck(function(a, b, c) return F.attention(a, b, c, { first_key = starts }):narrow(3, 3, 4) end,
+      { random_input({ 2, 2, 6, 4 }), random_input({ 2, 1, 6, 4 }), random_input({ 2, 1, 6, 4 }) })
+  end)
   it('passes finite differences', function()
     gradcheck(F.attention, { random_input({ 1, 2, 5, 3 }), random_input({ 1, 1, 5, 3 }), random_input({ 1, 1, 5, 3 }) })
   end)

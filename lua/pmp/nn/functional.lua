@@ -79,11 +79,14 @@ end
 -- silu(gate) * up for x = [gate | up] along the last dim (Megatron's fused linear_fc1 layout).
 function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 
--- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0}. GQA/MQA when Hkv < Hq.
+-- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0, first_key=nil}.
+-- GQA/MQA when Hkv < Hq. first_key: an integer tensor [B]; row b attends only to keys >= first_key[b]
+-- (0-based), which is how left-padded batches hide their padding.
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
-  return wrap(C.pmp_attention(q.ptr, k.ptr, v.ptr, options.scale or 0, causal and 1 or 0, options.window or 0))
+  local first_key = options.first_key and options.first_key.ptr or nil
+  return wrap(C.pmp_attention(q.ptr, k.ptr, v.ptr, first_key, options.scale or 0, causal and 1 or 0, options.window or 0))
 end
 
 function F.layer_norm(x, weight, bias, eps)
