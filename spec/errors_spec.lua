@@ -4,16 +4,7 @@ require 'busted.runner'()
 
 local i64 = { dtype = 'i64' }
 
--- Runs fn under pcall, checks it failed and that the message contains every given fragment (plain text).
-local function fails_with(fn, ...)
-  local ok, err = pcall(fn)
-  assert(not ok, 'expected an error, but the call succeeded')
-  assert(type(err) == 'string', 'the error value is a ' .. type(err) .. ', not a message')
-  for _, fragment in ipairs({ ... }) do
-    assert(err:find(fragment, 1, true), string.format('message %q does not mention %q', err, fragment))
-  end
-  return err
-end
+local fails_with = require('spec.support.expect').fails_with
 
 -- The engine must still work after each failure (no poisoned state, no stale error).
 local function still_works()

@@ -2,15 +2,7 @@ require 'busted.runner'()
 -- pmp.json: the encoder's deterministic output, round trips, and the decoder's strictness and errors.
 local json = require 'pmp.json'
 
-local function fails_with(fn, ...)
-  local ok, err = pcall(fn)
-  assert(not ok, 'expected an error, but the call succeeded')
-  assert(type(err) == 'string', 'the error value is a ' .. type(err) .. ', not a message')
-  for _, fragment in ipairs({ ... }) do
-    assert(err:find(fragment, 1, true), string.format('message %q does not mention %q', err, fragment))
-  end
-  return err
-end
+local fails_with = require('spec.support.expect').fails_with
 
 describe('json.encode', function()
   it('encodes scalars, with integers printed without a fraction', function()

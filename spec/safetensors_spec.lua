@@ -9,15 +9,7 @@ local st = require 'pmp.safetensors'
 
 local FIXTURES = (package.loaded['pmp.root'] or '.') .. '/spec/fixtures/safetensors'
 
-local function fails_with(fn, ...)
-  local ok, err = pcall(fn)
-  assert(not ok, 'expected an error, but the call succeeded')
-  assert(type(err) == 'string', 'the error value is a ' .. type(err) .. ', not a message')
-  for _, fragment in ipairs({ ... }) do
-    assert(err:find(fragment, 1, true), string.format('message %q does not mention %q', err, fragment))
-  end
-  return err
-end
+local fails_with = require('spec.support.expect').fails_with
 
 local function read(path)
   local f = assert(io.open(path, 'rb'))
