@@ -3,6 +3,8 @@
 --   decoder.layers.N.{input_layernorm, self_attention.{linear_qkv, q_layernorm, k_layernorm, linear_proj},
 --                     pre_mlp_layernorm, mlp.{linear_fc1, linear_fc2}}
 --   decoder.final_layernorm.weight, output_layer.weight (absent when tied to the embedding)
+-- The embedding and output layer hold padded_vocab_size rows (vocab_size rounded up to a multiple of
+-- make_vocab_size_divisible_by, as Megatron pads); logits and the loss only ever see the first vocab_size.
 -- linear_qkv rows are grouped per KV head: [q heads of group 0, k_0, v_0, q heads of group 1, ...];
 -- linear_fc1 rows are [gate; up] for SwiGLU.
 local tensor = require 'pmp.tensor'
@@ -39,6 +41,17 @@ function M.config(c)
   out.dtype = c.dtype or 'f32'
   out.hidden_dropout = c.hidden_dropout or 0
   out.tie_embeddings = c.tie_embeddings ~= false and not c.untie_embeddings_and_output_weights
+  -- Megatron's --make-vocab-size-divisible-by (times the tensor-parallel size); 1 (no padding) unless given.
+  local multiple = (c.make_vocab_size_divisible_by or 1) * (c.tensor_model_parallel_size or 1)
+  out.padded_vocab_size = c.padded_vocab_size or math.ceil(out.vocab_size / multiple) * multiple
+  if out.padded_vocab_size < out.vocab_size then
+    error(string.format('transformer config: padded_vocab_size %d is smaller than vocab_size %d',
+      out.padded_vocab_size, out.vocab_size), 2)
+  end
+  -- Biases: linear_qkv has one with add_qkv_bias; linear_proj and the MLP follow add_bias_linear unless
+  -- add_proj_bias / add_mlp_bias say otherwise (HF Llama's attention_bias and mlp_bias are independent).
+  if out.add_proj_bias == nil then out.add_proj_bias = c.add_bias_linear or false end
+  if out.add_mlp_bias == nil then out.add_mlp_bias = c.add_bias_linear or false end
   if out.num_attention_heads % out.num_query_groups ~= 0 then
     error(string.format('transformer config: num_attention_heads %d is not a multiple of num_query_groups %d',
       out.num_attention_heads, out.num_query_groups), 2)
@@ -54,7 +67,34 @@ local function norm(config, dim)
   return layers.RMSNorm(dim, options)
 end
 
+-- Llama 3.1's frequency-dependent scaling of inv_freq (HF's llama3 rope type): wavelengths longer than
+-- original_max_position_embeddings / low_freq_factor are divided by factor, shorter than
+-- original / high_freq_factor kept, and the band between interpolates smoothly.
+local function llama3_inv_freq(inv_freq, s)
+  local function need(key)
+    local v = s[key]
+    if type(v) ~= 'number' then error("rope scaling 'llama3': missing number '" .. key .. "'", 4) end
+    return v
+  end
+  local factor, low, high = need('factor'), need('low_freq_factor'), need('high_freq_factor')
+  local old = need('original_max_position_embeddings')
+  local low_wavelen, high_wavelen = old / low, old / high
+  local out = {}
+  for i, f in ipairs(inv_freq:totable()) do
+    local wavelen = 2 * math.pi / f
+    local g = wavelen > low_wavelen and f / factor or f
+    if not (wavelen < high_wavelen) and not (wavelen > low_wavelen) then
+      local smooth = (old / wavelen - low) / (high - low)
+      g = (1 - smooth) * g / factor + smooth * g
+    end
+    out[i] = g
+  end
+  return tensor.tensor(out, { dtype = 'f32' })
+end
+
 -- cos/sin tables of rotary position embeddings, computed in f32 as HF does and cached per length.
+-- options.scaling: nil, {type = 'linear', factor = f} (positions / f) or {type = 'llama3', factor,
+-- low_freq_factor, high_freq_factor, original_max_position_embeddings}.
 M.RotaryEmbedding = Module:extend('RotaryEmbedding')
 function M.RotaryEmbedding:init(rotary_dim, options)
   options = options or {}
@@ -63,7 +103,14 @@ function M.RotaryEmbedding:init(rotary_dim, options)
   self.scaling = options.scaling
   local exponent = tensor.arange(0, rotary_dim, 2):float() / rotary_dim
   local inv_freq = 1 / tensor.full({}, self.base):pow(exponent)
-  if self.scaling and self.scaling.type == 'linear' then inv_freq = inv_freq / self.scaling.factor end
+  local kind = self.scaling and (self.scaling.type or self.scaling.rope_type) or nil
+  if kind == 'linear' then
+    inv_freq = inv_freq / self.scaling.factor
+  elseif kind == 'llama3' then
+    inv_freq = llama3_inv_freq(inv_freq, self.scaling)
+  elseif kind ~= nil and kind ~= 'default' then
+    error("RotaryEmbedding: unknown rope scaling type '" .. tostring(kind) .. "' (known: linear, llama3)", 3)
+  end
   self:register_buffer('inv_freq', inv_freq, false)
   rawset(self, 'cache', {})
 end
@@ -80,11 +127,21 @@ function M.RotaryEmbedding:forward(length, offset, dtype)
   self.cache[key] = { cos, sin }
   return cos, sin
 end
-function M.RotaryEmbedding:extra_repr() return string.format('dim=%d, base=%g', self.rotary_dim, self.base) end
+function M.RotaryEmbedding:extra_repr()
+  local s = self.scaling
+  local kind = s and (s.type or s.rope_type)
+  return string.format('dim=%d, base=%g%s', self.rotary_dim, self.base,
+    (kind and kind ~= 'default') and string.format(', %s x%g', kind, s.factor or 1) or '')
+end
 
+-- config.sliding_window: nil/0 (full causal attention), a number of keys for every layer, or a list with
+-- one entry per layer (0 or false: full attention in that layer). layer is 1-based.
 M.Attention = Module:extend('SelfAttention')
-function M.Attention:init(config)
+function M.Attention:init(config, layer)
   self.config = config
+  local window = config.sliding_window
+  if type(window) == 'table' then window = window[layer or 1] end
+  rawset(self, 'window', window or nil)
   local heads, groups, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
   local opts = { init_std = config.init_std, dtype = config.dtype }
   self.linear_qkv = layers.Linear(config.hidden_size, (heads + 2 * groups) * d,
@@ -94,7 +151,7 @@ function M.Attention:init(config)
     self.k_layernorm = norm(config, d)
   end
   self.linear_proj = layers.Linear(heads * d, config.hidden_size,
-    { bias = config.add_bias_linear or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype })
+    { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype })
 end
 
 function M.Attention:forward(x, rope)
@@ -115,15 +172,19 @@ function M.Attention:forward(x, rope)
     q = F.rope(q, rope.cos, rope.sin)
     k = F.rope(k, rope.cos, rope.sin)
   end
-  local o = F.attention(q, k, v, { causal = true, window = c.sliding_window })
+  local o = F.attention(q, k, v, { causal = true, window = self.window })
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
+end
+
+function M.Attention:extra_repr()
+  return (self.window and self.window > 0) and ('window=' .. self.window) or ''
 end
 
 M.MLP = Module:extend('MLP')
 function M.MLP:init(config)
   self.activation = config.activation
   local gated = config.activation == 'swiglu'
-  local bias = config.add_bias_linear or false
+  local bias = config.add_mlp_bias or false
   self.linear_fc1 = layers.Linear(config.hidden_size, (gated and 2 or 1) * config.ffn_hidden_size,
     { bias = bias, init_std = config.init_std, dtype = config.dtype })
   self.linear_fc2 = layers.Linear(config.ffn_hidden_size, config.hidden_size,
@@ -142,10 +203,10 @@ function M.MLP:extra_repr() return self.activation end
 
 -- Pre-norm block with sequential residuals.
 M.TransformerBlock = Module:extend('TransformerBlock')
-function M.TransformerBlock:init(config)
+function M.TransformerBlock:init(config, layer)
   rawset(self, 'dropout', config.hidden_dropout)
   self.input_layernorm = norm(config, config.hidden_size)
-  self.self_attention = M.Attention(config)
+  self.self_attention = M.Attention(config, layer)
   self.pre_mlp_layernorm = norm(config, config.hidden_size)
   self.mlp = M.MLP(config)
 end
@@ -157,14 +218,14 @@ end
 
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
-  self.word_embeddings = layers.Embedding(config.vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype })
+  self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype })
 end
 function M.LanguageModelEmbedding:forward(ids) return self.word_embeddings(ids) end
 
 M.TransformerDecoder = Module:extend('TransformerDecoder')
 function M.TransformerDecoder:init(config)
   local list = {}
-  for k = 1, config.num_layers do list[k] = M.TransformerBlock(config) end
+  for k = 1, config.num_layers do list[k] = M.TransformerBlock(config, k) end
   self.layers = layers.ModuleList(list)
   self.final_layernorm = norm(config, config.hidden_size)
   if config.recompute_granularity == 'full' then
@@ -183,8 +244,10 @@ function M.TransformerDecoder:forward(x, rope)
   return self.final_layernorm(x)
 end
 
--- config: see M.config (Megatron's names). forward(ids [B, T]) -> logits [B, T, vocab];
+-- config: see M.config (Megatron's names). forward(ids [B, T]) -> logits [B, T, vocab_size] (the padded
+-- vocabulary rows are cut off before the output matmul, so they never reach logits, loss or sampling);
 -- forward(ids, targets) -> mean cross-entropy over targets ~= ignore_index (-100).
+-- Models loaded with pmp.models.from_pretrained also have save_pretrained(dir).
 M.GPTModel = Module:extend('GPTModel')
 function M.GPTModel:init(config)
   config = M.config(config)
@@ -195,7 +258,7 @@ function M.GPTModel:init(config)
   self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim, { base = config.rotary_base, scaling = config.rope_scaling })
   self.decoder = M.TransformerDecoder(config)
   if not config.tie_embeddings then
-    self.output_layer = layers.Linear(config.hidden_size, config.vocab_size,
+    self.output_layer = layers.Linear(config.hidden_size, config.padded_vocab_size,
       { bias = false, init_std = config.init_std, dtype = config.dtype })
   end
 end
@@ -206,15 +269,24 @@ function M.GPTModel:forward(ids, targets, options)
   local cos, sin = self.rotary_pos_emb(T, 0, x.dtype)
   x = self.decoder(F.dropout(x, self.config.hidden_dropout, self.training), { cos = cos, sin = sin })
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
+  if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   local logits = x:matmul(weight:t())
   if targets == nil then return logits end
   return F.cross_entropy(logits, targets, options)
 end
 
+-- Writes a Hugging Face directory (config.json + model.safetensors, sharded when large) for a model of a
+-- family that pmp.models knows; see pmp.models.save_pretrained.
+function M.GPTModel:save_pretrained(dir, options)
+  return require('pmp.models').save_pretrained(self, dir, options)
+end
+
 function M.GPTModel:extra_repr()
   local c = self.config
-  return string.format('layers=%d, hidden=%d, heads=%d, groups=%d, ffn=%d, vocab=%d%s', c.num_layers, c.hidden_size,
-    c.num_attention_heads, c.num_query_groups, c.ffn_hidden_size, c.vocab_size, c.tie_embeddings and ', tied' or '')
+  local vocab = c.padded_vocab_size ~= c.vocab_size and string.format('%d (padded %d)', c.vocab_size, c.padded_vocab_size)
+    or tostring(c.vocab_size)
+  return string.format('layers=%d, hidden=%d, heads=%d, groups=%d, ffn=%d, vocab=%s%s', c.num_layers, c.hidden_size,
+    c.num_attention_heads, c.num_query_groups, c.ffn_hidden_size, vocab, c.tie_embeddings and ', tied' or '')
 end
 
 return M

@@ -1,0 +1,504 @@
+-- pmp.models: Hugging Face checkpoints in and out of pmp's GPTModel.
+--
+--   local model = pmp.models.from_pretrained('path/to/hf_dir', {dtype = 'bf16'})
+--   model:save_pretrained('out_dir')                  -- config.json + model.safetensors (sharded when large)
+--   local model = pmp.models.from_config(hf_config)   -- a fresh random model of an HF config table
+--
+-- Families live in models/<model_type>.lua (models/llama.lua, models/qwen3.lua, ...). Each one returns
+--   model_type, architectures    the HF names
+--   config(read)                 HF config.json -> GPTModel config (read: see M.reader)
+--   hf_config(config)            GPTModel config -> HF config.json (for models not loaded from HF)
+--   mapping                      THE table between pmp (Megatron-Core) and HF parameter names/layouts
+--   ignore                       optional Lua patterns of HF tensor names to skip on load (buffers)
+-- This file holds no family knowledge: it only interprets those tables, in both directions, so loading,
+-- saving (and Megatron conversion) are driven by the same mapping.
+--
+-- A mapping entry is { pmp_name, hf_name_or_names, pack = ..., tp = ..., tied = ... } where names may
+-- hold '{L}' for the layer index (0-based on both sides) and
+--   pack = nil       one HF tensor, same layout
+--          'vocab'   rows padded from vocab_size to padded_vocab_size (zeros) on load, cut on save
+--          'qkv'     {q, k, v} packed per query group: [q heads of group g, k_g, v_g] for g = 0..ng-1
+--          'gate_up' {gate, up} concatenated along dim 1: [gate; up]
+--   tp   = Megatron's tensor-parallel split: 'column' (dim 1; qkv by whole groups, gate_up per half),
+--          'row' (dim 2), 'vocab' (dim 1 of the padded table) or nil (replicated)
+--   tied = true      the entry's pmp parameter is absent when embeddings are tied; its HF tensor, if a
+--                    file has it anyway, is ignored (transformers overwrites it with the embedding)
+-- Entries whose pmp parameter the model does not have (e.g. biases that the config turns off) are
+-- skipped, so a file that still holds their HF tensors is rejected as having unexpected weights.
+local json = require 'pmp.json'
+local pio = require 'pmp.io'
+local safetensors = require 'pmp.safetensors'
+local tensor = require 'pmp.tensor'
+local transformer = require 'pmp.nn.transformer'
+
+local M = {}
+
+-- Megatron's default --make-vocab-size-divisible-by.
+M.DEFAULT_VOCAB_MULTIPLE = 128
+
+local DTYPE_NAMES = { f32 = 'float32', bf16 = 'bfloat16', f16 = 'float16', f64 = 'float64' }
+local DTYPE_FROM_HF = { float32 = 'f32', bfloat16 = 'bf16', float16 = 'f16', float64 = 'f64' }
+local DTYPE_ALIASES = { float = 'f32', float32 = 'f32', bfloat16 = 'bf16', half = 'f16', float16 = 'f16',
+  double = 'f64', float64 = 'f64', f32 = 'f32', bf16 = 'bf16', f16 = 'f16', f64 = 'f64' }
+
+local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
+
+local function copy_table(t)
+  local out = {}
+  for k, v in pairs(t) do out[k] = v end
+  return out
+end
+
+---------------------------------------------------------------------------------------------------
+-- Families
+
+local function models_dir()
+  local root = package.loaded['pmp.root']
+  return root and (root .. '/models') or 'models'
+end
+
+-- The model_types with a family file in models/ (files that return a table with model_type).
+function M.known_families()
+  local out = {}
+  local ok, names = pcall(pio.listdir, models_dir())
+  if not ok then return out end
+  for _, file in ipairs(names) do
+    local name = file:match('^([%w_]+)%.lua$')
+    if name then
+      local loaded, family = pcall(require, 'models.' .. name)
+      if loaded and type(family) == 'table' and family.model_type == name then out[#out + 1] = name end
+    end
+  end
+  table.sort(out)
+  return out
+end
+
+-- The family table for an HF model_type; an unknown one is an error that lists the known ones.
+function M.family(model_type)
+  if type(model_type) ~= 'string' or not model_type:match('^[%w_]+$')
+      or not package.searchpath('models.' .. model_type, package.path) then
+    error(string.format("pmp.models: unknown model_type '%s' (supported: %s)", tostring(model_type),
+      table.concat(M.known_families(), ', ')), 2)
+  end
+  local family = require('models.' .. model_type)
+  if type(family) ~= 'table' or family.model_type ~= model_type or type(family.mapping) ~= 'table' then
+    error("pmp.models: models/" .. model_type .. ".lua does not define the family '" .. model_type .. "'", 2)
+  end
+  return family
+end
+
+---------------------------------------------------------------------------------------------------
+-- Reading HF configs
+
+-- A reader over an HF config table for the family's config(): read(key) -> the value or nil (JSON null
+-- is nil), read:need(key) -> the value or an error naming the key and the file, read:number(key,
+-- default), read:fail(msg). read.raw is the table.
+function M.reader(hf, source)
+  local r = { raw = hf, source = source or 'config' }
+  local function get(key)
+    local v = hf[key]
+    if v == json.null then return nil end
+    return v
+  end
+  function r.need(_, key)
+    local v = get(key)
+    if v == nil then error(string.format("%s: missing key '%s'", r.source, key), 0) end
+    return v
+  end
+  function r.fail(_, msg) error(r.source .. ': ' .. msg, 0) end
+  function r.number(_, key, default)
+    local v = get(key)
+    if v == nil then v = default end
+    if v ~= nil and type(v) ~= 'number' then r:fail(string.format("key '%s' must be a number, got %s", key, type(v))) end
+    return v
+  end
+  function r.positive_int(self, key, default)
+    local v = self:number(key, default)
+    if v == nil then self:need(key) end
+    if v <= 0 or v ~= math.floor(v) then self:fail(string.format("key '%s' must be a positive integer, got %s", key, tostring(v))) end
+    return v
+  end
+  function r.bool(_, key, default)
+    local v = get(key)
+    if v == nil then return default end
+    if type(v) ~= 'boolean' then r:fail(string.format("key '%s' must be true or false, got %s", key, tostring(v))) end
+    return v
+  end
+  return setmetatable(r, { __call = function(_, key) return get(key) end })
+end
+
+-- RoPE settings from either spelling: transformers v5's rope_parameters {rope_type, rope_theta, ...} or
+-- the older top-level rope_theta + rope_scaling {type | rope_type, factor, ...}. Returns base, scaling
+-- (nil, or a table with type = 'linear' | 'llama3') and rotary_percent.
+function M.read_rope(read, default_theta)
+  local params = read('rope_parameters')
+  local scaling
+  if params ~= nil then
+    if type(params) ~= 'table' then read:fail("key 'rope_parameters' must be an object") end
+    for _, v in pairs(params) do
+      if type(v) == 'table' and v ~= json.null then
+        read:fail("per-layer-type rope_parameters are not supported by this family")
+      end
+    end
+    scaling = params
+  else
+    scaling = read('rope_scaling')
+    if scaling ~= nil and type(scaling) ~= 'table' then read:fail("key 'rope_scaling' must be an object or null") end
+  end
+  local base = (scaling and type(scaling.rope_theta) == 'number' and scaling.rope_theta) or read:number('rope_theta')
+    or default_theta or 10000
+  local percent = (scaling and type(scaling.partial_rotary_factor) == 'number' and scaling.partial_rotary_factor)
+    or read:number('partial_rotary_factor', 1.0)
+  local kind = scaling and (scaling.rope_type ~= json.null and scaling.rope_type or scaling.type)
+  if kind == json.null then kind = nil end
+  if kind == nil or kind == 'default' then return base, nil, percent end
+  local function factor(key, default)
+    local v = scaling[key]
+    if v == nil or v == json.null then v = default end
+    if type(v) ~= 'number' then read:fail(string.format("rope scaling '%s' needs the number '%s'", kind, key)) end
+    return v
+  end
+  if kind == 'linear' then return base, { type = 'linear', factor = factor('factor') }, percent end
+  if kind == 'llama3' then
+    return base, {
+      type = 'llama3',
+      factor = factor('factor'),
+      low_freq_factor = factor('low_freq_factor'),
+      high_freq_factor = factor('high_freq_factor'),
+      original_max_position_embeddings = factor('original_max_position_embeddings', read:number('max_position_embeddings')),
+    }, percent
+  end
+  read:fail(string.format("rope type '%s' is not supported (supported: default, linear, llama3)", tostring(kind)))
+end
+
+-- The inverse of read_rope, in transformers v5's spelling.
+function M.write_rope(config)
+  local p = { rope_type = 'default', rope_theta = config.rotary_base or 10000 }
+  local s = config.rope_scaling
+  if s then
+    p.rope_type = s.type or s.rope_type
+    for _, key in ipairs({ 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings' }) do
+      p[key] = s[key]
+    end
+  end
+  if config.rotary_percent and config.rotary_percent ~= 1 then p.partial_rotary_factor = config.rotary_percent end
+  return p
+end
+
+function M.dtype_name(dtype)
+  local d = DTYPE_ALIASES[dtype]
+  if not d then error("pmp.models: unknown dtype '" .. tostring(dtype) .. "' (f32, bf16, f16, f64)", 3) end
+  return d
+end
+
+---------------------------------------------------------------------------------------------------
+-- The mapping engine
+
+local function subst(name, layer) return (name:gsub('{L}', tostring(layer))) end
+
+-- The mapping with '{L}' expanded for config.num_layers layers: list of
+-- { pmp = name, hf = {names}, pack, tp, tied }.
+function M.expand_mapping(family, config)
+  local out = {}
+  for k, entry in ipairs(family.mapping) do
+    local pmp_name, hf = entry[1], entry[2]
+    if type(pmp_name) ~= 'string' or (type(hf) ~= 'string' and type(hf) ~= 'table') then
+      error(string.format('pmp.models: %s mapping entry %d is malformed', family.model_type, k), 2)
+    end
+    local hf_list = type(hf) == 'table' and hf or { hf }
+    local layers = pmp_name:find('{L}', 1, true) and config.num_layers or 1
+    for layer = 0, layers - 1 do
+      local names = {}
+      for i, n in ipairs(hf_list) do names[i] = subst(n, layer) end
+      out[#out + 1] = { pmp = subst(pmp_name, layer), hf = names, pack = entry.pack, tp = entry.tp, tied = entry.tied }
+    end
+  end
+  return out
+end
+
+-- The HF shapes that make up a pmp tensor of shape `shape` under an entry.
+local function hf_shapes(entry, shape, config)
+  local rest = {}
+  for i = 2, #shape do rest[#rest + 1] = shape[i] end
+  local function with(first)
+    local s = { first }
+    for _, v in ipairs(rest) do s[#s + 1] = v end
+    return s
+  end
+  if entry.pack == nil then return { shape } end
+  if entry.pack == 'vocab' then return { with(config.vocab_size) } end
+  if entry.pack == 'qkv' then
+    local d = config.kv_channels
+    return { with(config.num_attention_heads * d), with(config.num_query_groups * d), with(config.num_query_groups * d) }
+  end
+  if entry.pack == 'gate_up' then return { with(shape[1] / 2), with(shape[1] / 2) } end
+  error("pmp.models: unknown pack '" .. tostring(entry.pack) .. "' for " .. entry.pmp, 3)
+end
+
+-- Builds the pmp tensor of an entry from its HF tensors (already in the right dtype).
+local function pack(entry, parts, shape, config, dtype)
+  if entry.pack == nil then return parts[1] end
+  if entry.pack == 'vocab' then
+    local t = parts[1]
+    if shape[1] == config.vocab_size then return t end
+    local pad_shape = copy_table(shape)
+    pad_shape[1] = shape[1] - config.vocab_size
+    return tensor.cat({ t, tensor.zeros(pad_shape, { dtype = dtype }) }, 1)
+  end
+  if entry.pack == 'gate_up' then return tensor.cat(parts, 1) end
+  -- qkv: per group g, [q rows of its qpg heads; k_g; v_g].
+  local ng, d = config.num_query_groups, config.kv_channels
+  local qpg = config.num_attention_heads / ng
+  local rest = {}
+  for i = 2, #shape do rest[#rest + 1] = shape[i] end
+  local function grouped(t, rows)
+    local s = { ng, rows }
+    for _, v in ipairs(rest) do s[#s + 1] = v end
+    return t:reshape(s)
+  end
+  return tensor.cat({ grouped(parts[1], qpg * d), grouped(parts[2], d), grouped(parts[3], d) }, 2):reshape(shape)
+end
+
+-- Splits a pmp tensor into its HF tensors (views where the layout allows, copies otherwise).
+local function unpack(entry, t, config)
+  if entry.pack == nil then return { t } end
+  if entry.pack == 'vocab' then return { t:narrow(1, 1, config.vocab_size) } end
+  if entry.pack == 'gate_up' then
+    local half = t:size(1) / 2
+    return { t:narrow(1, 1, half), t:narrow(1, half + 1, half) }
+  end
+  local ng, d = config.num_query_groups, config.kv_channels
+  local qpg = config.num_attention_heads / ng
+  local shape = t.shape
+  local grouped_shape, flat = { ng, qpg + 2, d }, {}
+  for i = 2, #shape do
+    grouped_shape[#grouped_shape + 1] = shape[i]
+    flat[#flat + 1] = shape[i]
+  end
+  local g = t:contiguous():view(grouped_shape)
+  local function piece(start, count)
+    local s = { -1 }
+    for _, v in ipairs(flat) do s[#s + 1] = v end
+    return g:narrow(2, start, count):contiguous():view(s)
+  end
+  return { piece(1, qpg), piece(qpg + 1, 1), piece(qpg + 2, 1) }
+end
+
+local function ignored(family, name)
+  for _, pattern in ipairs(family.ignore or {}) do
+    if name:match(pattern) then return true end
+  end
+  return false
+end
+
+-- HF tensors (name -> tensor) -> pmp state (name -> tensor) for a model whose state_dict() is `own`.
+-- Every problem (missing, unexpected, mis-shaped HF tensors) is collected into one error.
+function M.import(family, hf, own, config, source, dtype)
+  local entries = M.expand_mapping(family, config)
+  local covered, used = {}, {}
+  local missing, unexpected, misshaped = {}, {}, {}
+  local state = {}
+  for _, entry in ipairs(entries) do
+    local target = own[entry.pmp]
+    if target == nil then
+      if entry.tied and config.tie_embeddings then
+        for _, n in ipairs(entry.hf) do used[n] = true end
+      end
+    else
+      covered[entry.pmp] = true
+      local shapes = hf_shapes(entry, target.shape, config)
+      local parts, ok = {}, true
+      for i, n in ipairs(entry.hf) do
+        local t = hf[n]
+        used[n] = true
+        if t == nil then
+          missing[#missing + 1] = n
+          ok = false
+        elseif shape_string(t.shape) ~= shape_string(shapes[i]) then
+          misshaped[#misshaped + 1] = string.format('%s (file %s, expected %s)', n, shape_string(t.shape), shape_string(shapes[i]))
+          ok = false
+        elseif not t:is_floating_point() then
+          misshaped[#misshaped + 1] = string.format('%s (dtype %s, expected floating point)', n, t.dtype)
+          ok = false
+        else
+          parts[i] = t.dtype == dtype and t or t:to(dtype)
+        end
+      end
+      if ok then state[entry.pmp] = pack(entry, parts, target.shape, config, dtype) end
+    end
+  end
+  for name in pairs(own) do
+    if not covered[name] then
+      error(string.format("pmp.models: the %s mapping has no entry for the model's parameter '%s'", family.model_type, name), 2)
+    end
+  end
+  for name in pairs(hf) do
+    if not used[name] and not ignored(family, name) then unexpected[#unexpected + 1] = name end
+  end
+  table.sort(missing, safetensors.natural_less)
+  table.sort(unexpected, safetensors.natural_less)
+  table.sort(misshaped, safetensors.natural_less)
+  local problems = {}
+  if #missing > 0 then problems[#problems + 1] = 'missing weights: ' .. table.concat(missing, ', ') end
+  if #unexpected > 0 then problems[#problems + 1] = 'unexpected weights: ' .. table.concat(unexpected, ', ') end
+  if #misshaped > 0 then problems[#problems + 1] = 'mis-shaped weights: ' .. table.concat(misshaped, ', ') end
+  if #problems > 0 then error(source .. ': ' .. table.concat(problems, '; '), 0) end
+  return state
+end
+
+-- pmp tensors (name -> tensor: a state_dict, or gradients by parameter name) -> HF tensors by HF name.
+-- Names the mapping does not know are an error; tensors of entries absent from `state` are skipped.
+function M.export(family, state, config)
+  local out, known = {}, {}
+  for _, entry in ipairs(M.expand_mapping(family, config)) do
+    known[entry.pmp] = true
+    local t = state[entry.pmp]
+    if t ~= nil then
+      for i, piece in ipairs(unpack(entry, t, config)) do out[entry.hf[i]] = piece end
+    end
+  end
+  for name in pairs(state) do
+    if not known[name] then
+      error(string.format("pmp.models: the %s mapping has no entry for '%s'", family.model_type, name), 2)
+    end
+  end
+  return out
+end
+
+---------------------------------------------------------------------------------------------------
+-- Building, loading, saving
+
+-- GPTModel config for an HF config table. options: dtype, make_vocab_size_divisible_by (128),
+-- tensor_model_parallel_size (1), config (a table of GPTModel settings that override, e.g.
+-- recompute_granularity). Returns the config and the family.
+function M.config_from_hf(hf, options, source)
+  options = options or {}
+  source = source or 'config'
+  if type(hf) ~= 'table' or json.is_array(hf) then error(source .. ': not a JSON object', 0) end
+  local model_type = hf.model_type
+  if model_type == nil or model_type == json.null then error(source .. ": missing key 'model_type'", 0) end
+  local ok, family = pcall(M.family, model_type)
+  if not ok then error(source .. ': ' .. tostring(family):gsub('^pmp%.models: ', ''), 0) end
+  local config = family.config(M.reader(hf, source))
+  config.make_vocab_size_divisible_by = options.make_vocab_size_divisible_by or M.DEFAULT_VOCAB_MULTIPLE
+  config.tensor_model_parallel_size = options.tensor_model_parallel_size
+  for k, v in pairs(options.config or {}) do config[k] = v end
+  return config, family
+end
+
+local function attach(model, family, hf)
+  rawset(model, 'hf', { model_type = family.model_type, config = hf })
+  return model
+end
+
+-- A fresh (randomly initialized) GPTModel for an HF config table (or the path of a config.json).
+function M.from_config(hf, options)
+  options = options or {}
+  local source = 'config'
+  if type(hf) == 'string' then
+    source = hf
+    hf = json.read(hf)
+  end
+  local config, family = M.config_from_hf(hf, options, source)
+  config.dtype = M.dtype_name(options.dtype or 'f32')
+  return attach(transformer.GPTModel(config), family, hf)
+end
+
+-- Loads a Hugging Face model directory (config.json + model.safetensors or sharded
+-- model-0000i-of-0000N.safetensors with model.safetensors.index.json). options:
+--   dtype                          parameter dtype (default: that of the file's tensors)
+--   make_vocab_size_divisible_by   vocabulary padding multiple (default 128; 1 turns padding off)
+--   tensor_model_parallel_size     also multiplies the padding (default 1)
+--   config                         GPTModel settings to override (e.g. {recompute_granularity = 'full'})
+function M.from_pretrained(dir, options)
+  options = options or {}
+  if type(dir) ~= 'string' then error('from_pretrained: expects a directory path', 2) end
+  if not pio.is_dir(dir) then error('from_pretrained: ' .. dir .. ' is not a directory', 2) end
+  local config_path = dir .. '/config.json'
+  if not pio.is_file(config_path) then error('from_pretrained: ' .. dir .. ' has no config.json', 2) end
+  local hf = json.read(config_path)
+  local config, family = M.config_from_hf(hf, options, config_path)
+  local has_single = pio.is_file(dir .. '/model.safetensors')
+  if not has_single and not pio.is_file(dir .. '/model.safetensors.index.json') then
+    error('from_pretrained: ' .. dir .. ' has no model.safetensors or model.safetensors.index.json' ..
+      (pio.is_file(dir .. '/pytorch_model.bin') and ' (pytorch_model.bin is not supported; convert it to safetensors)' or ''), 2)
+  end
+  local weights = safetensors.load_sharded(dir)
+  local dtype = options.dtype and M.dtype_name(options.dtype)
+  if not dtype then
+    local sample = nil
+    for _, entry in ipairs(family.mapping) do
+      local first = type(entry[2]) == 'table' and entry[2][1] or entry[2]
+      sample = weights[subst(first, 0)]
+      if sample and sample:is_floating_point() then break end
+    end
+    dtype = sample and sample:is_floating_point() and sample.dtype or 'f32'
+  end
+  config.dtype = dtype
+  local model = transformer.GPTModel(config)
+  local state = M.import(family, weights, model:state_dict(), model.config, 'from_pretrained ' .. dir, dtype)
+  model:load_state_dict(state)
+  return attach(model, family, hf)
+end
+
+-- The family of a model: the one it was loaded with, or options.model_type.
+local function family_of(model, options)
+  local model_type = (options and options.model_type) or (rawget(model, 'hf') and model.hf.model_type)
+  if model_type == nil then
+    error('save_pretrained: the model was not made by pmp.models; pass {model_type = "llama" | ...}', 3)
+  end
+  return M.family(model_type)
+end
+
+-- The HF tensors of a model (name -> tensor), in dtype (default: the model's).
+function M.hf_state_dict(model, options)
+  options = options or {}
+  local family = family_of(model, options)
+  local out = M.export(family, model:state_dict(), model.config)
+  if options.dtype then
+    local dtype = M.dtype_name(options.dtype)
+    for name, t in pairs(out) do
+      if t.dtype ~= dtype then out[name] = t:to(dtype) end
+    end
+  end
+  return out, family
+end
+
+-- The HF config.json table of a model: the one it was loaded with (dtype updated), else the family's
+-- rendering of model.config.
+function M.hf_config(model, options)
+  options = options or {}
+  local family = family_of(model, options)
+  local dtype = M.dtype_name(options.dtype or model.config.dtype)
+  local hf = rawget(model, 'hf') and model.hf.model_type == family.model_type and model.hf.config
+  local out
+  if hf then
+    out = copy_table(hf)
+    if out.torch_dtype ~= nil and out.dtype == nil then out.torch_dtype = DTYPE_NAMES[dtype] else out.dtype = DTYPE_NAMES[dtype] end
+  else
+    out = family.hf_config(model.config)
+    out.model_type = family.model_type
+    out.architectures = json.array(copy_table(family.architectures))
+    out.dtype = DTYPE_NAMES[dtype]
+  end
+  return out
+end
+
+-- Writes dir/config.json and dir/model.safetensors (or shards of at most max_shard_size, default
+-- '5GB', with model.safetensors.index.json), as transformers' save_pretrained lays them out.
+-- options: dtype (default the model's), max_shard_size, model_type (for models not made by pmp.models).
+function M.save_pretrained(model, dir, options)
+  options = options or {}
+  if type(dir) ~= 'string' or dir == '' then error('save_pretrained: expects a directory path', 2) end
+  local tensors = M.hf_state_dict(model, options)
+  local config = M.hf_config(model, options)
+  pio.mkdir_p(dir)
+  safetensors.save_sharded(dir, tensors, { max_shard_size = options.max_shard_size or '5GB' })
+  pio.write_atomic(dir .. '/config.json', json.encode(config, { indent = 2 }) .. '\n')
+  return dir
+end
+
+-- HF dtype string ('bfloat16', ...) -> pmp dtype name, or nil.
+function M.dtype_from_hf(name) return DTYPE_FROM_HF[name] end
+
+return M
