@@ -127,6 +127,13 @@ function M.RotaryEmbedding:forward(length, offset, dtype)
   self.cache[key] = { cos, sin }
   return cos, sin
 end
+-- Tables for explicit positions: an integer tensor [B, T] -> cos, sin [B, 1, T, rotary_dim], so each
+-- row of a left-padded batch counts its own positions.
+function M.RotaryEmbedding:tables(positions, dtype)
+  local freqs = positions:float():unsqueeze(3) * self.inv_freq
+  local emb = tensor.cat({ freqs, freqs }, 3)
+  return emb:cos():to(dtype or 'f32'):unsqueeze(2), emb:sin():to(dtype or 'f32'):unsqueeze(2)
+end
 function M.RotaryEmbedding:extra_repr()
   local s = self.scaling
   local kind = s and (s.type or s.rope_type)
@@ -172,7 +179,18 @@ function M.Attention:forward(x, rope)
     q = F.rope(q, rope.cos, rope.sin)
     k = F.rope(k, rope.cos, rope.sin)
   end
-  local o = F.attention(q, k, v, { causal = true, window = self.window })
+  -- generation: keys and values of earlier steps are kept per layer in rope.cache
+  local first_key
+  if rope and rope.cache then
+    local past = rope.cache[self]
+    if past then
+      k = tensor.cat({ past.k, k }, 3)
+      v = tensor.cat({ past.v, v }, 3)
+    end
+    rope.cache[self] = { k = k, v = v }
+    first_key = rope.first_key
+  end
+  local o = F.attention(q, k, v, { causal = true, window = self.window, first_key = first_key })
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end
 
@@ -273,6 +291,19 @@ function M.GPTModel:forward(ids, targets, options)
   local logits = x:matmul(weight:t())
   if targets == nil then return logits end
   return F.cross_entropy(logits, targets, options)
+end
+
+-- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
+-- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
+-- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab].
+function M.GPTModel:decode(ids, state)
+  local x = self.embedding(ids)
+  local cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype)
+  state.cache = state.cache or {}
+  x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
+  local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
+  if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
+  return x:matmul(weight:t())
 end
 
 -- Writes a Hugging Face directory (config.json + model.safetensors, sharded when large) for a model of a
