@@ -51,12 +51,16 @@ function pmp.num_threads() return C.pmp_num_threads() end
 function pmp.set_num_threads(n) C.pmp_set_num_threads(n) end
 
 -- Other parts of the library (pmp.optim, pmp.safetensors, ...) load on first use from lua/pmp/<name>.
+-- Not cached in pmp itself, so pmp.<name> is always what require('pmp.<name>') gives (busted unloads
+-- modules between spec files).
 setmetatable(pmp, {
-  __index = function(t, key)
-    if type(key) ~= 'string' or not package.searchpath('pmp.' .. key, package.path) then return nil end
-    local module = require('pmp.' .. key)
-    rawset(t, key, module)
-    return module
+  __index = function(_, key)
+    if type(key) ~= 'string' then return nil end
+    local name = 'pmp.' .. key
+    local loaded = package.loaded[name]
+    if loaded ~= nil then return loaded end
+    if not package.searchpath(name, package.path) then return nil end
+    return require(name)
   end,
 })
 
