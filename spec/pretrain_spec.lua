@@ -52,6 +52,22 @@ describe('recipes/pretrain.lua', function()
     local events = pmp.io.listdir(scratch .. '/tb')
     assert.are.equal(1, #events)
     assert.matches('^events%.out%.tfevents%.', events[1])
+    -- the checkpoint generates text, one prompt and a jsonl batch
+    local gen, gen_err, gen_status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', scratch .. '/ck',
+      '--prompt', 'the ', '--max-new-tokens', '12' })
+    assert.are.equal(0, gen_status, gen_err)
+    assert.matches('^the ', gen)
+    assert.matches('12 tokens in', gen_err)
+    shell.write_file(scratch .. '/prompts.jsonl', '{"prompt": "a "}\n{"prompt": "one quiet"}\n')
+    local _, err3, status3 = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', scratch .. '/ck',
+      '--input-file', scratch .. '/prompts.jsonl', '--output', scratch .. '/out.jsonl', '--max-new-tokens', '5',
+      '--temperature', '0.7' })
+    assert.are.equal(0, status3, err3)
+    local lines = {}
+    for line in pmp.io.read_file(scratch .. '/out.jsonl'):gmatch('[^\n]+') do lines[#lines + 1] = pmp.json.decode(line) end
+    assert.are.equal(2, #lines)
+    assert.are.equal('one quiet', lines[2].prompt)
+    assert.are.equal(5, #lines[2].tokens)
   end)
 
   it('resumes bit-exactly: the same weights, optimizer state and losses as an uninterrupted run', function()

@@ -1,0 +1,106 @@
+-- Generate text from a Hugging Face model directory or a pmp pretraining checkpoint.
+--   pmp recipes/generate.lua --load DIR --prompt "Once upon a time" [--max-new-tokens 64 --temperature 0.8]
+--   pmp recipes/generate.lua --load DIR --input-file prompts.jsonl --output out.jsonl   (offline batches)
+-- prompts.jsonl has one {"prompt": "..."} per line; out.jsonl gets {"prompt", "completion", "tokens",
+-- "finish_reason"} per line. Prints tokens per second.
+local FLAGS = {
+  { '--load', nil, 'HF model directory (config.json) or pretraining checkpoint directory' },
+  { '--prompt', nil, 'one prompt' },
+  { '--input-file', nil, 'jsonl with a "prompt" field per line' },
+  { '--output', nil, 'jsonl to write (default: print)' },
+  { '--max-new-tokens', 64, 'tokens to generate per prompt' },
+  { '--temperature', 0.0, '0 for greedy' },
+  { '--top-k', 0, 'keep the k most likely tokens (0: all)' },
+  { '--top-p', 1.0, 'nucleus sampling mass' },
+  { '--repetition-penalty', 1.0, 'HF-style penalty on seen tokens' },
+  { '--micro-batch-size', 8, 'prompts generated together' },
+  { '--seed', 1234, 'sampling seed' },
+  { '--stop', nil, 'stop strings', multiple = true },
+}
+
+local ok, opts = pcall(pmp.args.parse, arg, FLAGS, { usage = 'pmp recipes/generate.lua --load DIR (--prompt TEXT | --input-file FILE)' })
+local function fail(message)
+  io.stderr:write('generate: ' .. message .. '\n')
+  os.exit(2)
+end
+if not ok then fail(tostring(opts)) end
+if not opts.load then fail('--load DIR is required') end
+if not opts.prompt and not opts.input_file then fail('give --prompt or --input-file') end
+
+-- A model and tokenizer from either kind of directory.
+local function load(dir)
+  if pmp.io.is_file(pmp.io.join(dir, 'config.json')) then
+    return pmp.models.from_pretrained(dir), pmp.tokenizer.from_pretrained(dir)
+  end
+  local iteration = pmp.checkpoint.latest_iteration(dir)
+  if not iteration then fail(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt') end
+  local rank_dir = pmp.checkpoint.iteration_dir(dir, iteration)
+  local info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
+  local args, tokenizer = info.state.args, pmp.data.tokenizers.from_state(info.state.tokenizer)
+  local ffn = args.ffn_hidden_size
+  if ffn == 0 then ffn = math.floor((args.hidden_size * 8 / 3 + 63) / 64) * 64 end
+  local model = pmp.nn.GPTModel({
+    num_layers = args.num_layers, hidden_size = args.hidden_size, ffn_hidden_size = ffn,
+    num_attention_heads = args.num_attention_heads,
+    num_query_groups = args.num_query_groups > 0 and args.num_query_groups or args.num_attention_heads,
+    vocab_size = tokenizer.vocab_size, rotary_base = args.rotary_base, norm_epsilon = args.norm_epsilon,
+    tie_embeddings = not args.untie_embeddings_and_output_weights,
+  })
+  if args.bf16 then model:to('bf16') end
+  pmp.checkpoint.load(dir, model)
+  return model, tokenizer
+end
+
+local model, tokenizer = load(opts.load)
+
+local prompts = {}
+if opts.prompt then prompts[1] = opts.prompt end
+if opts.input_file then
+  local file = io.open(opts.input_file, 'r')
+  if not file then fail('cannot read ' .. opts.input_file) end
+  local line_number = 0
+  for line in file:lines() do
+    line_number = line_number + 1
+    if line:match('%S') then
+      local okj, record = pcall(pmp.json.decode, line)
+      if not okj or type(record) ~= 'table' or type(record.prompt) ~= 'string' then
+        fail(string.format('%s:%d: expected a JSON object with a string "prompt"', opts.input_file, line_number))
+      end
+      prompts[#prompts + 1] = record.prompt
+    end
+  end
+  file:close()
+end
+
+local eos_ids = {}
+if tokenizer.eos_id then eos_ids[1] = tokenizer.eos_id end
+local out = opts.output and io.open(opts.output, 'w')
+if opts.output and not out then fail('cannot write ' .. opts.output) end
+local clock = require 'pmp.clock'
+local start, generated = clock.now(), 0
+
+for first = 1, #prompts, opts.micro_batch_size do
+  local batch, ids = {}, {}
+  for k = first, math.min(first + opts.micro_batch_size - 1, #prompts) do
+    batch[#batch + 1] = prompts[k]
+    ids[#ids + 1] = tokenizer:encode(prompts[k])
+  end
+  local results = pmp.generate(model, ids, {
+    max_new_tokens = opts.max_new_tokens, temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p,
+    repetition_penalty = opts.repetition_penalty, eos_ids = eos_ids, stop = opts.stop, tokenizer = tokenizer,
+    seed = opts.seed + first, pad_id = tokenizer.pad_id or 0,
+  })
+  for k, result in ipairs(results) do
+    generated = generated + #result.tokens
+    if out then
+      out:write(pmp.json.encode({ prompt = batch[k], completion = result.text, tokens = pmp.json.array(result.tokens),
+        finish_reason = result.finish_reason }), '\n')
+    else
+      print(batch[k] .. result.text)
+    end
+  end
+end
+if out then out:close() end
+local seconds = clock.now() - start
+io.stderr:write(string.format('generate: %d prompts, %d tokens in %.2f s (%.1f tokens/s)\n', #prompts, generated, seconds,
+  generated / math.max(seconds, 1e-9)))
