@@ -75,35 +75,82 @@ if opts.load and pmp.checkpoint.latest_iteration(opts.load) then
   resume_info = pmp.json.decode(pmp.io.read_file(pmp.io.join(dir, 'model_optim_rng.json')))
 end
 
-local text, source
-if opts.data_path then
-  if #opts.data_path > 1 then fail('blended --data-path needs indexed datasets (not supported yet); give one text file') end
-  source = opts.data_path[1]
-  local file = io.open(source, 'rb')
-  if not file then fail('cannot read --data-path ' .. source) end
-  text = file:read('*a')
-  file:close()
-else
-  source = 'the embedded corpus'
-  text = pmp.data.tiny_corpus.generate()
-end
-
+-- --data-path is a plain text file (tokenized here), or Megatron indexed datasets: `PREFIX` or a blend
+-- `0.3 PREFIX_A 0.7 PREFIX_B` (as made by tools/preprocess_data.lua), read through pmp.data.gpt_dataset.
+-- Either way the data position is the count of consumed samples, so a resumed run continues with the
+-- sample after the last one it trained on.
+local source, tokenizer, tokens, train_tokens, valid_tokens, train_data, valid_data
 local tokenizers = pmp.data.tokenizers
-local tokenizer
-if resume_info then
-  tokenizer = tokenizers.from_state(resume_info.state.tokenizer)
-elseif opts.tokenizer_type == 'char' then
-  tokenizer = tokenizers.char_from_text(text)
-elseif opts.tokenizer_type == 'byte' then
-  tokenizer = tokenizers.byte()
-else
-  fail("--tokenizer-type must be char or byte, got '" .. tostring(opts.tokenizer_type) .. "'")
-end
+local indexed_data = opts.data_path and (#opts.data_path > 1 or pmp.data.indexed.exists(opts.data_path[1]))
 
-local tokens = pmp.tensor(tokenizer:encode(text), { dtype = 'i64' })
-local train_tokens, valid_tokens = pmp.data.TextDataset.split(tokens, opts.split)
-local train_data = pmp.data.TextDataset(train_tokens, opts.seq_length, opts.seed)
-local valid_data = valid_tokens and valid_tokens:numel() > opts.seq_length and pmp.data.TextDataset(valid_tokens, opts.seq_length, opts.seed + 1)
+if indexed_data then
+  local gpt_dataset, dataset_tokenizer = pmp.data.gpt_dataset, pmp.data.dataset_tokenizer
+  local ok, prefixes = pcall(gpt_dataset.parse_blend, opts.data_path)
+  if not ok then fail('--data-path: ' .. tostring(prefixes):gsub('^gpt dataset: ', '')) end
+  for _, prefix in ipairs(prefixes) do
+    if not pmp.data.indexed.exists(prefix) then fail('--data-path: no indexed dataset ' .. prefix .. '.bin/.idx') end
+  end
+  -- The tokenizer: the checkpoint's when resuming, else the one tools/preprocess_data.lua recorded next
+  -- to the data (PREFIX.tokenizer.json), else --tokenizer-model / --tokenizer-type byte.
+  local got, tok = pcall(function()
+    if resume_info then return dataset_tokenizer.from_state(resume_info.state.tokenizer) end
+    local state = dataset_tokenizer.load(prefixes[1])
+    for k = 2, #prefixes do
+      if pmp.json.encode(dataset_tokenizer.load(prefixes[k]) or {}) ~= pmp.json.encode(state or {}) then
+        error(prefixes[k] .. ' was tokenized differently from ' .. prefixes[1], 0)
+      end
+    end
+    if state then return dataset_tokenizer.from_state(state) end
+    if opts.tokenizer_model then return dataset_tokenizer.hf(opts.tokenizer_model) end
+    if opts.tokenizer_type == 'byte' then return dataset_tokenizer.byte() end
+    error(prefixes[1] .. dataset_tokenizer.SUFFIX .. ' (written by tools/preprocess_data.lua) is missing: ' ..
+      'give --tokenizer-model DIR, or --tokenizer-type byte for byte-level data', 0)
+  end)
+  if not got then fail('--data-path: ' .. tostring(tok)) end
+  tokenizer = tok
+  local built
+  ok, built = pcall(gpt_dataset.build, opts.data_path, {
+    seq_length = opts.seq_length, seed = opts.seed, split = opts.split,
+    sizes = { train = opts.train_iters * opts.global_batch_size, valid = opts.eval_iters * opts.micro_batch_size },
+  })
+  if not ok then fail(tostring(built)) end
+  for _, warning in ipairs(built.warnings) do print('pretrain: warning: ' .. warning) end
+  train_data, valid_data = built.train, built.valid
+  if not train_data then fail('--data-path: the --split ' .. opts.split .. ' leaves no training data') end
+  local total = 0
+  for _, ds in ipairs(built.indexed) do total = total + ds.num_tokens end
+  tokens = { numel = function() return total end }
+  train_tokens = train_data:sample(0)
+  valid_tokens = valid_data and valid_data:sample(0)
+  source = table.concat(opts.data_path, ' ')
+else
+  local text
+  if opts.data_path then
+    source = opts.data_path[1]
+    local file = io.open(source, 'rb')
+    if not file then fail('cannot read --data-path ' .. source .. ' (neither a text file nor an indexed dataset prefix)') end
+    text = file:read('*a')
+    file:close()
+  else
+    source = 'the embedded corpus'
+    text = pmp.data.tiny_corpus.generate()
+  end
+
+  if resume_info then
+    tokenizer = tokenizers.from_state(resume_info.state.tokenizer)
+  elseif opts.tokenizer_type == 'char' then
+    tokenizer = tokenizers.char_from_text(text)
+  elseif opts.tokenizer_type == 'byte' then
+    tokenizer = tokenizers.byte()
+  else
+    fail("--tokenizer-type must be char or byte, got '" .. tostring(opts.tokenizer_type) .. "'")
+  end
+
+  tokens = pmp.tensor(tokenizer:encode(text), { dtype = 'i64' })
+  train_tokens, valid_tokens = pmp.data.TextDataset.split(tokens, opts.split)
+  train_data = pmp.data.TextDataset(train_tokens, opts.seq_length, opts.seed)
+  valid_data = valid_tokens and valid_tokens:numel() > opts.seq_length and pmp.data.TextDataset(valid_tokens, opts.seq_length, opts.seed + 1)
+end
 
 ---------------------------------------------------------------------------------------------------
 -- Model and optimizer

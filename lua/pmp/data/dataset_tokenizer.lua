@@ -1,0 +1,154 @@
+-- The tokenizer that goes with an indexed dataset: what tools/preprocess_data.lua tokenizes with, and
+-- what it records next to the data (<dataset prefix>.tokenizer.json) so that training on the data
+-- gets the same vocabulary without extra flags.
+--
+--   local tok = dataset_tokenizer.hf(dir)          -- pmp.tokenizer.from_pretrained(dir), when pmp has it
+--   local tok = dataset_tokenizer.char(chars, eod) -- pmp.data.tokenizers char/byte, plus an EOD id
+--   tok:encode(text) -> ids (Lua table, no BOS/EOS added), tok.eod, tok.vocab_size, tok:state()
+--   dataset_tokenizer.save(prefix, state); dataset_tokenizer.load(prefix) -> state or nil
+--   dataset_tokenizer.from_state(state) -> a tokenizer with vocab_size, type, encode, decode, state
+--
+-- States: {type = 'char', chars = {...}, eod = id} | {type = 'byte', eod = 0} |
+--         {type = 'hf', model = dir, eod = id, vocab_size = n}
+-- EOD for the simple tokenizers: char vocabularies get one extra entry, EOD_TOKEN (a multi-character
+-- string, so no input character ever encodes to it; it decodes to itself); the byte tokenizer has no
+-- spare id, so it uses byte 0 (NUL) as EOD.
+local json = require 'pmp.json'
+local pio = require 'pmp.io'
+local tokenizers = require 'pmp.data.tokenizers'
+
+local M = {}
+
+M.EOD_TOKEN = '<|endoftext|>'
+M.SUFFIX = '.tokenizer.json'
+
+function M.sidecar_path(prefix) return prefix .. M.SUFFIX end
+
+function M.save(prefix, state)
+  pio.write_atomic(M.sidecar_path(prefix), json.encode(state, { indent = 1 }) .. '\n')
+end
+
+function M.load(prefix)
+  local path = M.sidecar_path(prefix)
+  if not pio.is_file(path) then return nil end
+  local ok, state = pcall(json.decode, pio.read_file(path))
+  if not ok or type(state) ~= 'table' or type(state.type) ~= 'string' then
+    error('dataset tokenizer: ' .. path .. ': not a tokenizer description' .. (ok and '' or ': ' .. tostring(state)), 2)
+  end
+  return state
+end
+
+local ffi = require 'ffi'
+pcall(ffi.cdef, 'char *getcwd(char *buf, size_t size);')
+function M.getcwd()
+  local buf = ffi.new('char[?]', 4096)
+  if ffi.C.getcwd(buf, 4096) == nil then return nil end
+  return ffi.string(buf)
+end
+
+-- pmp.tokenizer, if this build has it.
+local function hf_module()
+  local ok, mod = pcall(require, 'pmp.tokenizer')
+  if ok and type(mod) == 'table' and type(mod.from_pretrained) == 'function' then return mod end
+  return nil, ok and 'pmp.tokenizer has no from_pretrained' or tostring(mod)
+end
+M.hf_available = function() return hf_module() ~= nil end
+
+local function first_number(...)
+  for _, v in ipairs({ ... }) do
+    if type(v) == 'number' then return v end
+  end
+  return nil
+end
+
+local function try(obj, name, ...)
+  local f = obj[name]
+  if type(f) ~= 'function' then return nil end
+  local ok, v = pcall(f, obj, ...)
+  if ok then return v end
+  return nil
+end
+
+-- Wraps an HF tokenizer from pmp.tokenizer. Megatron tokenizes with convert_tokens_to_ids(tokenize(text)):
+-- no special tokens added; EOD is the id of the EOS token.
+function M.hf(dir)
+  local mod, why = hf_module()
+  if not mod then
+    error('dataset tokenizer: --tokenizer-model needs pmp.tokenizer (HF tokenizer.json support), which is not ' ..
+      'available in this build (' .. tostring(why):match('^[^\n]*') .. '); use --tokenizer-type char or byte', 2)
+  end
+  local tok = mod.from_pretrained(dir)
+  local vocab = first_number(tok.vocab_size, try(tok, 'get_vocab_size', true), try(tok, 'vocab_size'))
+  if not vocab then error('dataset tokenizer: cannot tell the vocabulary size of the tokenizer in ' .. dir, 2) end
+  local eod = first_number(tok.eos_id, tok.eos_token_id, tok.eod, tok.eod_id)
+  if not eod and type(tok.eos_token) == 'string' then eod = first_number(try(tok, 'token_to_id', tok.eos_token)) end
+  local wrapper = { type = 'hf', model = dir, vocab_size = vocab, eod = eod, inner = tok }
+  function wrapper:encode(text)
+    local ids = tok:encode(text, { add_special_tokens = false })
+    if type(ids) == 'table' and type(ids.ids) == 'table' then ids = ids.ids end
+    if type(ids) == 'cdata' then ids = ids:totable() end
+    return ids
+  end
+  function wrapper:decode(ids) return tok:decode(ids) end
+  -- recorded with an absolute path, so training finds it from any directory
+  local where = dir
+  if where:sub(1, 1) ~= '/' then
+    local cwd = M.getcwd()
+    if cwd then where = cwd .. '/' .. where end
+  end
+  function wrapper:state() return { type = 'hf', model = where, eod = eod, vocab_size = vocab } end
+  return wrapper
+end
+
+-- A char tokenizer over `chars` (sorted by the caller); with_eod adds EOD_TOKEN as the last id.
+function M.char(chars, with_eod)
+  local list = {}
+  for k, c in ipairs(chars) do
+    if c ~= M.EOD_TOKEN then list[#list + 1] = c end
+  end
+  local eod
+  if with_eod then
+    list[#list + 1] = M.EOD_TOKEN
+    eod = #list - 1
+  end
+  local tok = tokenizers.char(list)
+  tok.eod = eod
+  local state = tok.state
+  function tok:state()
+    local s = state(self)
+    s.eod = eod
+    return s
+  end
+  return tok
+end
+
+function M.byte()
+  local tok = tokenizers.byte()
+  tok.eod = 0
+  function tok:state() return { type = 'byte', eod = 0 } end
+  return tok
+end
+
+-- A tokenizer from a recorded state (a dataset's sidecar or a checkpoint's tokenizer state).
+function M.from_state(state)
+  if state.type == 'char' then
+    local tok = tokenizers.char(state.chars)
+    if state.eod then
+      tok.eod = state.eod
+      local base = tok.state
+      function tok:state()
+        local s = base(self)
+        s.eod = state.eod
+        return s
+      end
+    end
+    return tok
+  elseif state.type == 'byte' then
+    return M.byte()
+  elseif state.type == 'hf' then
+    return M.hf(state.model)
+  end
+  error("dataset tokenizer: unknown tokenizer type '" .. tostring(state.type) .. "'", 2)
+end
+
+return M
