@@ -40,6 +40,7 @@ local json = pmp.json
 local pio = pmp.io
 local indexed = pmp.data.indexed
 local dataset_tokenizer = require 'pmp.data.dataset_tokenizer'
+local tokenizers = require 'pmp.data.tokenizers'
 local clock = require 'pmp.clock'
 
 local function die(message)
@@ -132,19 +133,11 @@ end
 
 local function sorted_chars_of_input()
   local seen, chars = {}, {}
-  local UTF8_CHAR = '[%z\1-\127\194-\244][\128-\191]*'
   local start = clock.now()
   for_lines(opts.input, 0, input_size, function(line, n, offset)
     local texts = texts_of(line, n, offset)
     if texts then
-      for _, text in ipairs(texts) do
-        for c in text:gmatch(UTF8_CHAR) do
-          if not seen[c] then
-            seen[c] = true
-            chars[#chars + 1] = c
-          end
-        end
-      end
+      for _, text in ipairs(texts) do tokenizers.add_chars(text, seen, chars) end
     end
   end)
   table.sort(chars)

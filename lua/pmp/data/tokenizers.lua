@@ -8,14 +8,19 @@ local UTF8_CHAR = '[%z\1-\127\194-\244][\128-\191]*'
 local CharTokenizer = {}
 CharTokenizer.__index = CharTokenizer
 
-function M.char_from_text(text)
-  local seen, chars = {}, {}
+-- Appends to chars the characters of text not yet in seen (for vocabularies built over many texts).
+function M.add_chars(text, seen, chars)
   for c in text:gmatch(UTF8_CHAR) do
     if not seen[c] then
       seen[c] = true
       chars[#chars + 1] = c
     end
   end
+end
+
+function M.char_from_text(text)
+  local seen, chars = {}, {}
+  M.add_chars(text, seen, chars)
   table.sort(chars)
   return M.char(chars)
 end
