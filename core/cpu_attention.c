@@ -7,7 +7,8 @@ enum { BLOCK_Q = 64, BLOCK_K = 64 };
 
 typedef struct attention_shape {
   int64_t B, Hq, Hkv, T, S, D, offset, window;
-  const int64_t *first_key;   /* per batch row, or NULL */
+  const int64_t *first_key;   /* per batch row [B] or per query [B, T], or NULL */
+  int64_t first_key_row, first_key_col;   /* its strides */
   bool causal;
   double scale;
 } attention_shape;
@@ -42,6 +43,9 @@ static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_ke
                         .D = q->sizes[3], .causal = a->i[0] != 0, .window = a->i[1], .scale = a->f[0]};
   sh.offset = sh.S - sh.T;
   sh.first_key = first_key ? (const int64_t *)first_key->data : NULL;
+  bool per_query = first_key && first_key->ndim == 2;
+  sh.first_key_row = per_query ? sh.T : 1;
+  sh.first_key_col = per_query ? 1 : 0;
   return sh;
 }
 

@@ -13,7 +13,10 @@ static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_
   int64_t pos = t + sh->offset;
   *last = sh->causal ? (pos < sh->S - 1 ? pos : sh->S - 1) : sh->S - 1;
   *first = sh->window > 0 ? (pos - sh->window + 1 > 0 ? pos - sh->window + 1 : 0) : 0;
-  if (sh->first_key && sh->first_key[b] > *first) *first = sh->first_key[b];
+  if (sh->first_key) {
+    int64_t start = sh->first_key[b * sh->first_key_row + t * sh->first_key_col];
+    if (start > *first) *first = start;
+  }
 }
 
 static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const REAL *q, const REAL *k, const REAL *v,

@@ -18,8 +18,12 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
                     SHAPE(q, sq), SHAPE(k, sk), SHAPE(v, sv));
   if (!pmp_dtype_is_float(q->dtype_id))
     return pmp_fail("attention: needs floating-point inputs, got %s", pmp_dtype_name(q->dtype_id));
-  if (first_key && (first_key->ndim != 1 || first_key->sizes[0] != q->sizes[0] || pmp_dtype_is_float(first_key->dtype_id)))
-    return pmp_fail("attention: first_key must be an integer tensor [%lld], got %s %s", (long long)q->sizes[0],
+  bool per_row = first_key && first_key->ndim == 1 && first_key->sizes[0] == q->sizes[0];
+  bool per_query = first_key && first_key->ndim == 2 && first_key->sizes[0] == q->sizes[0] &&
+                   first_key->sizes[1] == q->sizes[2];
+  if (first_key && ((!per_row && !per_query) || pmp_dtype_is_float(first_key->dtype_id)))
+    return pmp_fail("attention: first_key must be an integer tensor [%lld] or [%lld, %lld], got %s %s",
+                    (long long)q->sizes[0], (long long)q->sizes[0], (long long)q->sizes[2],
                     pmp_dtype_name(first_key->dtype_id), SHAPE(first_key, sv));
   if (scale <= 0) scale = 1.0 / sqrt((double)q->sizes[3]);
   /* bf16/f16 attend in f32: conversions are recorded, so gradients come back in the input dtype */

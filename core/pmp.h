@@ -214,8 +214,9 @@ pmp_tensor *pmp_swiglu(pmp_tensor *x);
 /* q [B, Hq, T, D], k and v [B, Hkv, S, D] with Hq a multiple of Hkv (GQA/MQA). Tiled with an online
  * softmax: the T x S score matrix is never stored. causal: query t sees keys up to t + (S - T);
  * window > 0 also hides keys more than window - 1 positions back (sliding window); first_key (NULL or
- * an integer tensor [B]) hides the keys before first_key[b] in row b (left padding). Queries that see
- * no key at all output zeros. */
+ * an integer tensor [B] or [B, T]) hides the keys before first_key[b] in row b (left padding), or
+ * before first_key[b, t] for query t (packed documents: the start of the query's document). Queries
+ * that see no key at all output zeros. */
 pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
                           int64_t window);
 

@@ -81,7 +81,8 @@ function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 
 -- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0, first_key=nil}.
 -- GQA/MQA when Hkv < Hq. first_key: an integer tensor [B]; row b attends only to keys >= first_key[b]
--- (0-based), which is how left-padded batches hide their padding.
+-- (0-based), which is how left-padded batches hide their padding; or [B, T], per query, which is how
+-- packed sequences keep each document to itself.
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
