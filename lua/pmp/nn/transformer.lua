@@ -180,7 +180,6 @@ function M.Attention:forward(x, rope)
     k = F.rope(k, rope.cos, rope.sin)
   end
   -- generation: keys and values of earlier steps are kept per layer in rope.cache
-  local first_key
   if rope and rope.cache then
     local past = rope.cache[self]
     if past then
@@ -188,9 +187,8 @@ function M.Attention:forward(x, rope)
       v = tensor.cat({ past.v, v }, 3)
     end
     rope.cache[self] = { k = k, v = v }
-    first_key = rope.first_key
   end
-  local o = F.attention(q, k, v, { causal = true, window = self.window, first_key = first_key })
+  local o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key })
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end
 
@@ -281,16 +279,25 @@ function M.GPTModel:init(config)
   end
 end
 
+-- options.positions [B, T] and options.first_key [B] or [B, T] (see F.attention) serve packed sequences:
+-- positions restart at each document and attention stays inside it. The rest of options goes to
+-- F.cross_entropy (ignore_index, reduction).
 function M.GPTModel:forward(ids, targets, options)
   local T = ids:size(2)
   local x = self.embedding(ids)
-  local cos, sin = self.rotary_pos_emb(T, 0, x.dtype)
-  x = self.decoder(F.dropout(x, self.config.hidden_dropout, self.training), { cos = cos, sin = sin })
+  local cos, sin
+  if options and options.positions then
+    cos, sin = self.rotary_pos_emb:tables(options.positions, x.dtype)
+  else
+    cos, sin = self.rotary_pos_emb(T, 0, x.dtype)
+  end
+  local context = { cos = cos, sin = sin, first_key = options and options.first_key }
+  x = self.decoder(F.dropout(x, self.config.hidden_dropout, self.training), context)
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   local logits = x:matmul(weight:t())
   if targets == nil then return logits end
-  return F.cross_entropy(logits, targets, options)
+  return F.cross_entropy(logits, targets, options and { ignore_index = options.ignore_index, reduction = options.reduction })
 end
 
 -- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
