@@ -1,0 +1,164 @@
+-- Supervised fine-tuning data: conversation formats, chat-template tokenization with prompt masking,
+-- and packing several samples into one sequence without attention across them.
+--
+--   local messages = sft.to_messages(record)                 -- alpaca, sharegpt or messages format
+--   local sample = sft.tokenize(messages, { tokenizer = tok, render = render })
+--   local rows = sft.pack({ sample, ... }, seq_length)       -- or sft.pad for one sample per row
+--   local batch = sft.collate(rows)                          -- tensors for GPTModel
+--
+-- render(messages, add_generation_prompt) -> text is the model's chat template (pmp.chat_template).
+-- Only assistant turns are trained, end-of-turn tokens included; everything else is ignore_index.
+local tensor = require 'pmp.tensor'
+
+local M = {}
+
+M.IGNORE_INDEX = -100
+
+-- 'alpaca' (instruction/input/output), 'sharegpt' (conversations of from/value) or 'messages'
+-- (role/content); nil when the record is none of them.
+function M.detect_format(record)
+  if type(record) ~= 'table' then return nil end
+  if type(record.messages) == 'table' then return 'messages' end
+  if type(record.conversations) == 'table' then return 'sharegpt' end
+  if record.instruction ~= nil and record.output ~= nil then return 'alpaca' end
+  return nil
+end
+
+local SHAREGPT_ROLES = { human = 'user', user = 'user', gpt = 'assistant', assistant = 'assistant', system = 'system',
+  chatgpt = 'assistant', bing = 'assistant', bard = 'assistant' }
+
+function M.to_messages(record, format)
+  format = format or M.detect_format(record)
+  if format == 'messages' then
+    for k, m in ipairs(record.messages) do
+      if type(m.role) ~= 'string' or type(m.content) ~= 'string' then
+        error(string.format('sft: message %d needs string role and content', k), 2)
+      end
+    end
+    return record.messages
+  end
+  if format == 'sharegpt' then
+    local out = {}
+    for k, turn in ipairs(record.conversations) do
+      local role = SHAREGPT_ROLES[turn.from]
+      if not role or type(turn.value) ~= 'string' then
+        error(string.format("sft: conversation turn %d has an unknown 'from' (%s) or no string 'value'", k, tostring(turn.from)), 2)
+      end
+      out[k] = { role = role, content = turn.value }
+    end
+    if type(record.system) == 'string' and record.system ~= '' then table.insert(out, 1, { role = 'system', content = record.system }) end
+    return out
+  end
+  if format == 'alpaca' then
+    local prompt = tostring(record.instruction)
+    if type(record.input) == 'string' and record.input ~= '' then prompt = prompt .. '\n\n' .. record.input end
+    local out = { { role = 'user', content = prompt }, { role = 'assistant', content = tostring(record.output) } }
+    if type(record.system) == 'string' and record.system ~= '' then table.insert(out, 1, { role = 'system', content = record.system }) end
+    return out
+  end
+  error("sft: unknown record format (expected alpaca instruction/output, sharegpt conversations or messages)", 2)
+end
+
+local function slice(list, n)
+  local out = {}
+  for k = 1, n do out[k] = list[k] end
+  return out
+end
+
+local function append(ids, mask, new_ids, trained)
+  for _, id in ipairs(new_ids) do
+    ids[#ids + 1] = id
+    mask[#mask + 1] = trained
+  end
+end
+
+-- Tokens of a conversation and, per token, whether it is trained. The template is rendered after each
+-- message; each rendering must extend the previous one, and the text a message adds is tokenized on
+-- its own (turn boundaries are special tokens, so this equals tokenizing the whole text).
+-- options: tokenizer, render, train_on_prompt (false).
+function M.tokenize(messages, options)
+  local tok, render = options.tokenizer, options.render
+  local ids, mask = {}, {}
+  local previous = ''
+  for i = 1, #messages do
+    local next_message = messages[i + 1]
+    local text = render(slice(messages, i), next_message ~= nil and next_message.role == 'assistant')
+    if text:sub(1, #previous) ~= previous then
+      error(string.format('sft: the chat template rewrites earlier turns when message %d is added, so turns cannot be masked separately', i), 2)
+    end
+    local trained = messages[i].role == 'assistant' or options.train_on_prompt == true
+    append(ids, mask, tok:encode(text:sub(#previous + 1), { add_special_tokens = false }), trained)
+    previous = text
+  end
+  return { ids = ids, mask = mask }
+end
+
+-- One training row from one sample: inputs, targets shifted by one with untrained targets ignored,
+-- positions from 0, and the first key of every query (0: a single document).
+local function row_from(samples, seq_length)
+  local row = { inputs = {}, targets = {}, positions = {}, first_key = {} }
+  for _, s in ipairs(samples) do
+    local start = #row.inputs
+    local n = math.min(#s.ids - 1, seq_length - start)
+    for t = 1, n do
+      row.inputs[start + t] = s.ids[t]
+      row.targets[start + t] = s.mask[t + 1] and s.ids[t + 1] or M.IGNORE_INDEX
+      row.positions[start + t] = t - 1
+      row.first_key[start + t] = start
+    end
+  end
+  return row
+end
+
+-- Greedy packing in order: samples share a row while they fit in seq_length tokens (a sample of n
+-- tokens uses n - 1 positions); longer samples are truncated. No padding inside a row.
+function M.pack(samples, seq_length)
+  local rows, current, used = {}, {}, 0
+  for _, s in ipairs(samples) do
+    local need = math.min(#s.ids - 1, seq_length)
+    if need > 0 then
+      if used + need > seq_length and #current > 0 then
+        rows[#rows + 1] = row_from(current, seq_length)
+        current, used = {}, 0
+      end
+      current[#current + 1] = s
+      used = used + need
+    end
+  end
+  if #current > 0 then rows[#rows + 1] = row_from(current, seq_length) end
+  return rows
+end
+
+-- One sample per row (the unpacked layout).
+function M.pad(samples, seq_length)
+  local rows = {}
+  for _, s in ipairs(samples) do
+    if #s.ids > 1 then rows[#rows + 1] = row_from({ s }, seq_length) end
+  end
+  return rows
+end
+
+-- Tensors for a list of rows, right-padded to the longest: inputs, targets, positions [B, T] and
+-- first_key [B, T] for GPTModel(inputs, targets, {positions=, first_key=}). Padding is ignored.
+function M.collate(rows, pad_id)
+  local T = 0
+  for _, r in ipairs(rows) do T = math.max(T, #r.inputs) end
+  local inputs, targets, positions, first_key = {}, {}, {}, {}
+  for b, r in ipairs(rows) do
+    inputs[b], targets[b], positions[b], first_key[b] = {}, {}, {}, {}
+    for t = 1, T do
+      local real = t <= #r.inputs
+      inputs[b][t] = real and r.inputs[t] or (pad_id or 0)
+      targets[b][t] = real and r.targets[t] or M.IGNORE_INDEX
+      positions[b][t] = real and r.positions[t] or 0
+      first_key[b][t] = real and r.first_key[t] or (t - 1)
+    end
+  end
+  local i64 = { dtype = 'i64' }
+  return {
+    inputs = tensor.tensor(inputs, i64), targets = tensor.tensor(targets, i64),
+    positions = tensor.tensor(positions, i64), first_key = tensor.tensor(first_key, i64),
+  }
+end
+
+return M
