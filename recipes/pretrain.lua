@@ -33,10 +33,10 @@ local FLAGS = {
   { '--seed', 1234, 'random seed' },
   { '--bf16', false, 'bf16 parameters and activations, f32 master weights and optimizer state' },
   { '--recompute-granularity', nil, "'full': re-run each layer's forward in backward to save memory" },
-  { '--data-path', nil, 'a plain text file (default: the embedded corpus)', multiple = true },
+  { '--data-path', nil, 'a text file, an indexed dataset PREFIX, or weighted prefixes "0.3 a 0.7 b" (default: the embedded corpus)', multiple = true },
   { '--split', '969,30,1', 'train,valid,test weights' },
   { '--tokenizer-type', 'char', 'char or byte' },
-  { '--tokenizer-model', nil, 'tokenizer directory (HF tokenizers come with the HF-interop work)' },
+  { '--tokenizer-model', nil, 'Hugging Face tokenizer directory (tokenizer.json)' },
   { '--eval-interval', 100, 'steps between validations' },
   { '--eval-iters', 10, 'micro batches per validation' },
   { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none)' },
@@ -64,7 +64,6 @@ end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then
   fail(string.format('--global-batch-size %d is not a multiple of --micro-batch-size %d', opts.global_batch_size, opts.micro_batch_size))
 end
-if opts.tokenizer_model then fail('--tokenizer-model (HF tokenizers) is not supported yet; use --tokenizer-type char or byte') end
 
 ---------------------------------------------------------------------------------------------------
 -- Data
@@ -137,7 +136,9 @@ else
   end
 
   if resume_info then
-    tokenizer = tokenizers.from_state(resume_info.state.tokenizer)
+    tokenizer = pmp.data.dataset_tokenizer.from_state(resume_info.state.tokenizer)
+  elseif opts.tokenizer_model then
+    tokenizer = pmp.data.dataset_tokenizer.hf(opts.tokenizer_model)
   elseif opts.tokenizer_type == 'char' then
     tokenizer = tokenizers.char_from_text(text)
   elseif opts.tokenizer_type == 'byte' then
