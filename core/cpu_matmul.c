@@ -17,11 +17,30 @@ static bool blas_layout(int64_t rows, int64_t cols, int64_t row_stride, int64_t 
   return false;
 }
 
-/* Makes a contiguous f32/f64 copy of one matrix. */
+/* Makes a contiguous f32/f64 copy of one matrix: whole rows at a time when they are contiguous
+ * (the bf16 weight case), in parallel, since this runs before every low-precision GEMM. */
 static void *pack(const char *src, int dtype, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int to) {
   int es = pmp_dtype_size(dtype), ts = pmp_dtype_size(to);
   char *dst = malloc((size_t)(rows * cols * ts) + 1);
   if (!dst) return NULL;
+  if (cs == 1) {
+#pragma omp parallel for if (rows * cols >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t r = 0; r < rows; r++) pmp_convert(dst + r * cols * ts, to, src + r * rs * es, dtype, cols);
+    return dst;
+  }
+  if (rs == 1) {
+    /* a transposed view: convert each stored row (a column here), then scatter it */
+#pragma omp parallel for if (rows * cols >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t c = 0; c < cols; c++) {
+      double column[256];
+      for (int64_t r0 = 0; r0 < rows; r0 += 256) {
+        int64_t n = rows - r0 < 256 ? rows - r0 : 256;
+        pmp_convert(column, PMP_F64, src + (c * cs + r0) * es, dtype, n);
+        for (int64_t r = 0; r < n; r++) pmp_store_from_f64(to, dst + ((r0 + r) * cols + c) * ts, column[r]);
+      }
+    }
+    return dst;
+  }
   for (int64_t r = 0; r < rows; r++)
     for (int64_t c = 0; c < cols; c++)
       pmp_convert(dst + (r * cols + c) * ts, to, src + (r * rs + c * cs) * es, dtype, 1);
@@ -59,7 +78,11 @@ static int gemm_one(const char *pa, const char *pb, char *pc, int dtype, int64_t
       cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (int)n, (int)m, (int)k,
                   1.0, A, (int)lda, B, (int)ldb, 0.0, C, ldc);
     }
-    if (own_c) pmp_convert(pc, dtype, own_c, PMP_F32, n * m);
+    if (own_c) {
+#pragma omp parallel for if (n * m >= PMP_PARALLEL_THRESHOLD) schedule(static)
+      for (int64_t r = 0; r < n; r++)
+        pmp_convert(pc + r * m * pmp_dtype_size(dtype), dtype, (float *)own_c + r * m, PMP_F32, m);
+    }
   }
   free(own_a);
   free(own_b);

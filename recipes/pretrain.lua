@@ -301,6 +301,7 @@ while iteration < opts.train_iters do
     interval_start, loss_sum, loss_count = now, 0, 0
   end
   if valid_data and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
+    local eval_start = clock.now()
     local valid_loss = evaluate()
     local line = string.format(' validation loss at iteration %d | lm loss value: %.6E | lm loss PPL: %.6E |',
       iteration, valid_loss, math.exp(math.min(valid_loss, 20)))
@@ -308,7 +309,7 @@ while iteration < opts.train_iters do
     print(line)
     print(string.rep('-', #line))
     if tb then tb:add_scalar('lm loss validation', valid_loss, iteration) end
-    interval_start = clock.now() - (clock.now() - interval_start)
+    interval_start = interval_start + (clock.now() - eval_start)  -- validation time is not training time
   end
   if opts.save ~= '' and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save() end
 end

@@ -72,10 +72,43 @@ local function append(ids, mask, new_ids, trained)
   end
 end
 
+local function is_prefix(prefix, text) return text:sub(1, #prefix) == prefix end
+
+-- Templates that render a turn differently once later turns follow (Qwen3 drops the empty thinking
+-- block of earlier answers): tokenize the whole conversation, and train each assistant answer from
+-- the end of its prompt (the conversation before it plus the generation prompt, which must be a
+-- prefix of the whole text) through the next end-of-turn token.
+local function tokenize_by_prompts(messages, options, full)
+  local tok, render = options.tokenizer, options.render
+  local end_of_turn = options.end_of_turn_id
+  if not end_of_turn then
+    error('sft: the chat template rewrites earlier turns, and no end_of_turn_id was given to find where answers end', 3)
+  end
+  local ids = tok:encode(full, { add_special_tokens = false })
+  local mask = {}
+  for k = 1, #ids do mask[k] = options.train_on_prompt == true end
+  for i, m in ipairs(messages) do
+    if m.role == 'assistant' then
+      local prompt = render(slice(messages, i - 1), true)
+      if not is_prefix(prompt, full) then
+        error(string.format('sft: the chat template does not render the prompt of answer %d as a prefix of the conversation', i), 3)
+      end
+      local k = #tok:encode(prompt, { add_special_tokens = false }) + 1
+      while k <= #ids do
+        mask[k] = true
+        if ids[k] == end_of_turn then break end
+        k = k + 1
+      end
+    end
+  end
+  return { ids = ids, mask = mask }
+end
+
 -- Tokens of a conversation and, per token, whether it is trained. The template is rendered after each
--- message; each rendering must extend the previous one, and the text a message adds is tokenized on
--- its own (turn boundaries are special tokens, so this equals tokenizing the whole text).
--- options: tokenizer, render, train_on_prompt (false).
+-- message; when each rendering extends the previous one, the text a message adds is tokenized on its
+-- own (turn boundaries are special tokens, so this equals tokenizing the whole text). Otherwise the
+-- answers are located by their prompts (tokenize_by_prompts).
+-- options: tokenizer, render, train_on_prompt (false), end_of_turn_id (for the second way).
 function M.tokenize(messages, options)
   local tok, render = options.tokenizer, options.render
   local ids, mask = {}, {}
@@ -83,9 +116,7 @@ function M.tokenize(messages, options)
   for i = 1, #messages do
     local next_message = messages[i + 1]
     local text = render(slice(messages, i), next_message ~= nil and next_message.role == 'assistant')
-    if text:sub(1, #previous) ~= previous then
-      error(string.format('sft: the chat template rewrites earlier turns when message %d is added, so turns cannot be masked separately', i), 2)
-    end
+    if not is_prefix(previous, text) then return tokenize_by_prompts(messages, options, render(messages, false)) end
     local trained = messages[i].role == 'assistant' or options.train_on_prompt == true
     append(ids, mask, tok:encode(text:sub(#previous + 1), { add_special_tokens = false }), trained)
     previous = text

@@ -1,0 +1,153 @@
+-- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
+--   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save OUT_DIR [--packing]
+-- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
+-- (role/content) records, detected per record unless --format says. Only assistant turns are trained
+-- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
+-- restarting and attention kept inside each sample. The result is written with save_pretrained.
+local FLAGS = {
+  { '--load', nil, 'Hugging Face model directory (config.json, safetensors, tokenizer.json)' },
+  { '--data-path', nil, 'jsonl file of conversations' },
+  { '--format', 'auto', 'auto, alpaca, sharegpt or messages' },
+  { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
+  { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
+  { '--packing', false, 'pack several samples per sequence' },
+  { '--train-on-prompt', false, 'also train on system/user tokens' },
+  { '--micro-batch-size', 4, 'sequences per forward/backward' },
+  { '--global-batch-size', 8, 'sequences per optimizer step' },
+  { '--train-iters', 0, 'optimizer steps (0: --epochs over the data)' },
+  { '--epochs', 1, 'passes over the data when --train-iters is 0' },
+  { '--lr', 1e-5, 'peak learning rate' },
+  { '--min-lr', 0.0, 'final learning rate' },
+  { '--lr-warmup-iters', 0, 'linear warmup steps' },
+  { '--lr-decay-style', 'cosine', 'cosine, linear or constant' },
+  { '--weight-decay', 0.0, 'AdamW weight decay (not on norms and biases)' },
+  { '--adam-beta1', 0.9, 'AdamW beta1' },
+  { '--adam-beta2', 0.95, 'AdamW beta2' },
+  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+  { '--bf16', false, 'bf16 parameters, f32 master weights' },
+  { '--recompute-granularity', nil, "'full' to recompute layer activations in backward" },
+  { '--seed', 1234, 'shuffle seed' },
+  { '--log-interval', 10, 'steps between log lines' },
+  { '--save', nil, 'output directory for the fine-tuned model (save_pretrained)' },
+}
+
+local ok, opts = pcall(pmp.args.parse, arg, FLAGS, { usage = 'pmp recipes/sft.lua --load MODEL_DIR --data-path FILE.jsonl [flags]' })
+local function fail(message)
+  io.stderr:write('sft: ' .. message .. '\n')
+  os.exit(2)
+end
+if not ok then fail(tostring(opts)) end
+if not opts.load then fail('--load MODEL_DIR is required') end
+if not opts.data_path then fail('--data-path FILE.jsonl is required') end
+if opts.global_batch_size % opts.micro_batch_size ~= 0 then fail('--global-batch-size must be a multiple of --micro-batch-size') end
+
+local sft = pmp.data.sft
+local tokenizer = pmp.tokenizer.from_pretrained(opts.load)
+local template = opts.chat_template and pmp.chat_template.compile(pmp.chat_template.builtin(opts.chat_template))
+local function render(messages, add_generation_prompt)
+  if template then
+    return (template:render({ messages = messages, add_generation_prompt = add_generation_prompt,
+      bos_token = tokenizer.bos_token or '', eos_token = tokenizer.eos_token or '' }))
+  end
+  return pmp.chat_template.apply(opts.load, messages, { add_generation_prompt = add_generation_prompt })
+end
+
+-- Samples
+local file = io.open(opts.data_path, 'r')
+if not file then fail('cannot read --data-path ' .. opts.data_path) end
+local samples, line_number, trained_tokens = {}, 0, 0
+for line in file:lines() do
+  line_number = line_number + 1
+  if line:match('%S') then
+    local parsed, record = pcall(pmp.json.decode, line)
+    if not parsed then fail(string.format('%s:%d: %s', opts.data_path, line_number, tostring(record))) end
+    local format = opts.format ~= 'auto' and opts.format or sft.detect_format(record)
+    if not format then fail(string.format('%s:%d: not an alpaca, sharegpt or messages record', opts.data_path, line_number)) end
+    local converted, result = pcall(function()
+      return sft.tokenize(sft.to_messages(record, format), { tokenizer = tokenizer, render = render,
+        train_on_prompt = opts.train_on_prompt, end_of_turn_id = tokenizer.eos_id })
+    end)
+    if not converted then fail(string.format('%s:%d: %s', opts.data_path, line_number, tostring(result))) end
+    samples[#samples + 1] = result
+    for _, m in ipairs(result.mask) do if m then trained_tokens = trained_tokens + 1 end end
+  end
+end
+file:close()
+if #samples == 0 then fail(opts.data_path .. ' holds no samples') end
+local rows = opts.packing and sft.pack(samples, opts.seq_length) or sft.pad(samples, opts.seq_length)
+
+-- Model and optimizer
+local model = pmp.models.from_pretrained(opts.load, {
+  dtype = opts.bf16 and 'bf16' or 'f32', config = { recompute_granularity = opts.recompute_granularity } })
+local decay, no_decay = {}, {}
+for _, pair in ipairs(model:named_parameters()) do
+  if pair[2]:dim() >= 2 then decay[#decay + 1] = pair[2] else no_decay[#no_decay + 1] = pair[2] end
+end
+local optimizer = pmp.optim.AdamW({ { params = decay }, { params = no_decay, weight_decay = 0 } },
+  { lr = opts.lr, betas = { opts.adam_beta1, opts.adam_beta2 }, weight_decay = opts.weight_decay })
+local steps_per_epoch = math.max(1, math.floor(#rows / opts.global_batch_size))
+local train_iters = opts.train_iters > 0 and opts.train_iters or steps_per_epoch * opts.epochs
+local lr_at = pmp.optim.schedule.new({ max_lr = opts.lr, min_lr = opts.min_lr, warmup_iters = opts.lr_warmup_iters,
+  decay_iters = train_iters, style = opts.lr_decay_style })
+local params = model:parameters()
+
+print(string.format('sft: %d samples (%d trained tokens) in %d %s rows of <= %d tokens; %s; %d steps',
+  #samples, trained_tokens, #rows, opts.packing and 'packed' or 'unpacked', opts.seq_length,
+  tostring(model):match('^[^\n]*'), train_iters))
+
+-- A seeded order over the rows, reshuffled each epoch.
+local order, cursor = {}, 0
+local function shuffle(epoch)
+  pmp.manual_seed(opts.seed + epoch)
+  local keys = pmp.rand(#rows, { dtype = 'f64' }):totable()
+  order = {}
+  for k = 1, #rows do order[k] = k end
+  table.sort(order, function(a, b) return keys[a] < keys[b] end)
+end
+local function next_rows(n)
+  local out = {}
+  for _ = 1, n do
+    if cursor % #rows == 0 then shuffle(cursor / #rows) end
+    out[#out + 1] = rows[order[cursor % #rows + 1]]
+    cursor = cursor + 1
+  end
+  return out
+end
+
+local clock = require 'pmp.clock'
+local accumulation = opts.global_batch_size / opts.micro_batch_size
+local interval_start, loss_sum, count, tokens_seen = clock.now(), 0, 0, 0
+model:train()
+for iteration = 1, train_iters do
+  local lr = lr_at(iteration)
+  optimizer.lr = lr
+  optimizer:zero_grad()
+  local step_loss = 0
+  for _ = 1, accumulation do
+    local batch = sft.collate(next_rows(opts.micro_batch_size), tokenizer.pad_id or 0)
+    tokens_seen = tokens_seen + batch.inputs:numel()
+    local loss = model(batch.inputs, batch.targets, { positions = batch.positions, first_key = batch.first_key })
+    ;(loss / accumulation):backward()
+    step_loss = step_loss + loss:item() / accumulation
+  end
+  local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
+  optimizer:step()
+  loss_sum, count = loss_sum + step_loss, count + 1
+  if iteration % opts.log_interval == 0 or iteration == train_iters then
+    local now = clock.now()
+    print(string.format(' iteration %8d/%8d | elapsed time per iteration (ms): %.1f | learning rate: %.6E | ' ..
+      'global batch size: %5d | lm loss: %.6E | grad norm: %.3f | tokens per second: %.0f |', iteration, train_iters,
+      (now - interval_start) * 1000 / count, lr, opts.global_batch_size, loss_sum / count, grad_norm,
+      tokens_seen / (now - interval_start)))
+    interval_start, loss_sum, count, tokens_seen = now, 0, 0, 0
+  end
+end
+
+if opts.save then
+  model:save_pretrained(opts.save)
+  for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json' }) do
+    local source = pmp.io.join(opts.load, name)
+    if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save, name), pmp.io.read_file(source)) end
+  end
+  print('sft: saved the fine-tuned model to ' .. opts.save)
+end
