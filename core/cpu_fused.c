@@ -51,6 +51,11 @@ int pmp_cpu_rms_norm(const pmp_op_args *a) {
                        : (double)(1.0f / sqrtf((float)(squares / (double)hidden) + (float)eps));
       pmp_store_from_f64(rstd->dtype_id, rstd->data + r * pmp_dtype_size(rstd->dtype_id), inv);
       char *out = y->data + r * hidden * es;
+      if (dt == PMP_F32) {
+        float *o = (float *)out, finv = (float)inv;
+        for (int64_t k = 0; k < hidden; k++) o[k] = w ? (float)weight[k] * ((float)row[k] * finv) : (float)row[k] * finv;
+        continue;
+      }
       for (int64_t k = 0; k < hidden; k++) {
         double v = round_to(dt, row[k] * inv);
         if (w) v = weight[k] * v;
@@ -92,6 +97,10 @@ int pmp_cpu_rms_norm_backward(const pmp_op_args *a) {
       }
       dot /= (double)hidden;
       char *out = dx->data + r * hidden * es;
+      if (dt == PMP_F32) {
+        for (int64_t k = 0; k < hidden; k++) ((float *)out)[k] = (float)(inv * (g[k] - xhat[k] * dot));
+        continue;
+      }
       for (int64_t k = 0; k < hidden; k++) pmp_store_from_f64(dt, out + k * es, inv * (g[k] - xhat[k] * dot));
     }
     free(buf);
@@ -130,6 +139,22 @@ int pmp_cpu_rope(const pmp_op_args *a) {
   int64_t cstride = cs->strides[cs->ndim - 1], sstride = sn->strides[sn->ndim - 1];
   int ces = pmp_dtype_size(cs->dtype_id), ses = pmp_dtype_size(sn->dtype_id);
   bool round_products = low_precision(dt) && !transpose;
+  if (dt == PMP_F32 && cs->dtype_id == PMP_F32 && sn->dtype_id == PMP_F32 && cstride == 1 && sstride == 1) {
+#pragma omp parallel for if (rows * dim >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *xr = (const float *)x->data + r * dim;
+      float *yr = (float *)y->data + r * dim;
+      const float *c = (const float *)cs->data + row_offset(cs, r), *sv = (const float *)sn->data + row_offset(sn, r);
+      for (int64_t p = 0; p < half; p++) {
+        int64_t i = interleaved ? 2 * p : p, j = interleaved ? 2 * p + 1 : p + half;
+        float xi = xr[i], xj = xr[j];
+        yr[i] = transpose ? xi * c[i] + xj * sv[j] : xi * c[i] - xj * sv[i];
+        yr[j] = transpose ? xj * c[j] - xi * sv[i] : xj * c[j] + xi * sv[j];
+      }
+      if (rotary < dim) memcpy(yr + rotary, xr + rotary, (size_t)(dim - rotary) * sizeof(float));
+    }
+    return 0;
+  }
 #pragma omp parallel for if (rows * dim >= PMP_PARALLEL_THRESHOLD) schedule(static)
   for (int64_t r = 0; r < rows; r++) {
     const char *xr = x->data + r * dim * es;
@@ -194,6 +219,20 @@ int pmp_cpu_swiglu_backward(const pmp_op_args *a) {
   pmp_tensor *dx = a->out;
   int dt = x->dtype_id, es = pmp_dtype_size(dt), ges = pmp_dtype_size(dy->dtype_id);
   int64_t width = dy->sizes[dy->ndim - 1], rows = width ? pmp_numel(dy) / width : 0;
+  if (dt == PMP_F32 && dy->dtype_id == PMP_F32) {
+#pragma omp parallel for if (rows * width >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *gate = (const float *)x->data + r * 2 * width, *up = gate + width;
+      const float *g = (const float *)dy->data + r * width;
+      float *dgate = (float *)dx->data + r * 2 * width, *dup = dgate + width;
+      for (int64_t k = 0; k < width; k++) {
+        float s = 1.0f / (1.0f + expf(-gate[k]));
+        dgate[k] = g[k] * up[k] * s * (1.0f + gate[k] * (1.0f - s));
+        dup[k] = g[k] * gate[k] * s;
+      }
+    }
+    return 0;
+  }
 #pragma omp parallel for if (rows * width >= PMP_PARALLEL_THRESHOLD) schedule(static)
   for (int64_t r = 0; r < rows; r++) {
     const char *gate = x->data + r * 2 * width * es, *up = gate + width * es;

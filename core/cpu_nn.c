@@ -52,6 +52,14 @@ int pmp_cpu_softmax(const pmp_op_args *a) {
 }
 
 static double row_logsumexp(const pmp_tensor *x, int64_t row, int64_t classes) {
+  if (x->dtype_id == PMP_F32) {
+    const float *v = (const float *)x->data + row * classes;
+    float peak = -INFINITY;
+    for (int64_t c = 0; c < classes; c++) peak = v[c] > peak || v[c] != v[c] ? v[c] : peak;
+    double total = 0;
+    for (int64_t c = 0; c < classes; c++) total += expf(v[c] - peak);
+    return peak + log(total);
+  }
   int es = pmp_dtype_size(x->dtype_id);
   const char *base = x->data + row * classes * es;
   double peak = -INFINITY, total = 0;
@@ -104,6 +112,13 @@ int pmp_cpu_cross_entropy_backward(const pmp_op_args *a) {
     target_of(targets, r, classes, ignore, &t); /* validated by the forward pass */
     double scale = t == ignore ? 0.0 : pmp_load_as_f64(g->dtype_id, g->data + r * es);
     double lse = t == ignore ? 0.0 : row_logsumexp(x, r, classes);
+    if (x->dtype_id == PMP_F32 && dx->dtype_id == PMP_F32) {
+      const float *v = (const float *)x->data + r * classes;
+      float *d = (float *)dx->data + r * classes, fscale = (float)scale, flse = (float)lse;
+      for (int64_t c = 0; c < classes; c++) d[c] = scale == 0 ? 0.0f : fscale * expf(v[c] - flse);
+      if (scale != 0) d[t] -= fscale;
+      continue;
+    }
     for (int64_t c = 0; c < classes; c++) {
       double p = scale == 0 ? 0 : exp(pmp_load_as_f64(x->dtype_id, x->data + (r * classes + c) * es) - lse);
       pmp_store_from_f64(dx->dtype_id, dx->data + (r * classes + c) * es, scale * (p - (c == t ? 1.0 : 0.0)));
