@@ -1,11 +1,13 @@
 -- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
---   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save OUT_DIR [--packing]
+--   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save-hf OUT_DIR [--packing]
 -- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
 -- (role/content) records, detected per record unless --format says. Only assistant turns are trained
 -- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
--- restarting and attention kept inside each sample. The result is written with save_pretrained.
+-- restarting and attention kept inside each sample. The loss is averaged per trained token over the
+-- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
+-- fine-tuned model as a Hugging Face directory.
 local FLAGS = {
-  { '--load', nil, 'Hugging Face model directory (config.json, safetensors, tokenizer.json)' },
+  { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
   { '--data-path', nil, 'jsonl file of conversations' },
   { '--format', 'auto', 'auto, alpaca, sharegpt or messages' },
   { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
@@ -28,7 +30,9 @@ local FLAGS = {
   { '--recompute-granularity', nil, "'full' to recompute layer activations in backward" },
   { '--seed', 1234, 'shuffle seed' },
   { '--log-interval', 10, 'steps between log lines' },
-  { '--save', nil, 'output directory for the fine-tuned model (save_pretrained)' },
+  { '--save', nil, 'checkpoint directory (Megatron layout)' },
+  { '--save-interval', 0, 'steps between checkpoints (0: only at the end)' },
+  { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
 }
 
 local ok, opts = pcall(pmp.args.parse, arg, FLAGS, { usage = 'pmp recipes/sft.lua --load MODEL_DIR --data-path FILE.jsonl [flags]' })
@@ -42,14 +46,25 @@ if not opts.data_path then fail('--data-path FILE.jsonl is required') end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then fail('--global-batch-size must be a multiple of --micro-batch-size') end
 
 local sft = pmp.data.sft
-local tokenizer = pmp.tokenizer.from_pretrained(opts.load)
+
+-- Resuming: an SFT checkpoint records the Hugging Face directory it started from.
+local resume_info, base_dir = nil, opts.load
+if pmp.checkpoint.latest_iteration(opts.load) then
+  local rank_dir = pmp.checkpoint.iteration_dir(opts.load, pmp.checkpoint.latest_iteration(opts.load))
+  resume_info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
+  base_dir = resume_info.state.base_model
+  if type(base_dir) ~= 'string' then fail(opts.load .. ' is a checkpoint without the base model it started from') end
+elseif not pmp.io.is_file(pmp.io.join(opts.load, 'config.json')) then
+  fail(opts.load .. ' has neither config.json nor latest_checkpointed_iteration.txt')
+end
+local tokenizer = pmp.tokenizer.from_pretrained(base_dir)
 local template = opts.chat_template and pmp.chat_template.compile(pmp.chat_template.builtin(opts.chat_template))
 local function render(messages, add_generation_prompt)
   if template then
     return (template:render({ messages = messages, add_generation_prompt = add_generation_prompt,
       bos_token = tokenizer.bos_token or '', eos_token = tokenizer.eos_token or '' }))
   end
-  return pmp.chat_template.apply(opts.load, messages, { add_generation_prompt = add_generation_prompt })
+  return pmp.chat_template.apply(base_dir, messages, { add_generation_prompt = add_generation_prompt })
 end
 
 -- Samples
@@ -77,7 +92,7 @@ if #samples == 0 then fail(opts.data_path .. ' holds no samples') end
 local rows = opts.packing and sft.pack(samples, opts.seq_length) or sft.pad(samples, opts.seq_length)
 
 -- Model and optimizer
-local model = pmp.models.from_pretrained(opts.load, {
+local model = pmp.models.from_pretrained(base_dir, {
   dtype = opts.bf16 and 'bf16' or 'f32', config = { recompute_granularity = opts.recompute_granularity } })
 local decay, no_decay = {}, {}
 for _, pair in ipairs(model:named_parameters()) do
@@ -98,8 +113,11 @@ print(string.format('sft: %d samples (%d trained tokens) in %d %s rows of <= %d 
 -- A seeded order over the rows, reshuffled each epoch.
 local order, cursor = {}, 0
 local function shuffle(epoch)
+  -- its own stream: the training generator (dropout) must not depend on where epochs start
+  local saved = pmp.checkpoint.rng_state()
   pmp.manual_seed(opts.seed + epoch)
   local keys = pmp.rand(#rows, { dtype = 'f64' }):totable()
+  pmp.checkpoint.set_rng_state(saved)
   order = {}
   for k = 1, #rows do order[k] = k end
   table.sort(order, function(a, b) return keys[a] < keys[b] end)
@@ -114,21 +132,41 @@ local function next_rows(n)
   return out
 end
 
+local iteration = 0
+if resume_info then
+  local info = pmp.checkpoint.load(opts.load, model, optimizer)
+  iteration, cursor = info.iteration, info.state.consumed_rows
+  if cursor > 0 then shuffle(math.floor((cursor - 1) / #rows)) end
+  print(string.format(' loaded checkpoint from %s at iteration %d', opts.load, iteration))
+end
+
+local function save()
+  pmp.checkpoint.save(opts.save, iteration, model, optimizer, { consumed_rows = cursor, base_model = base_dir, args = opts })
+  print(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
+end
+
 local clock = require 'pmp.clock'
 local accumulation = opts.global_batch_size / opts.micro_batch_size
 local interval_start, loss_sum, count, tokens_seen = clock.now(), 0, 0, 0
 model:train()
-for iteration = 1, train_iters do
+while iteration < train_iters do
+  iteration = iteration + 1
   local lr = lr_at(iteration)
   optimizer.lr = lr
   optimizer:zero_grad()
+  -- every trained token of the global batch weighs the same, whichever micro batch it falls in
+  local batches, trained = {}, 0
+  for k = 1, accumulation do
+    batches[k] = sft.collate(next_rows(opts.micro_batch_size), tokenizer.pad_id or 0)
+    trained = trained + batches[k].targets:ne(sft.IGNORE_INDEX):sum():item()
+  end
   local step_loss = 0
-  for _ = 1, accumulation do
-    local batch = sft.collate(next_rows(opts.micro_batch_size), tokenizer.pad_id or 0)
+  for _, batch in ipairs(batches) do
     tokens_seen = tokens_seen + batch.inputs:numel()
-    local loss = model(batch.inputs, batch.targets, { positions = batch.positions, first_key = batch.first_key })
-    ;(loss / accumulation):backward()
-    step_loss = step_loss + loss:item() / accumulation
+    local loss = model(batch.inputs, batch.targets, { positions = batch.positions, first_key = batch.first_key,
+      reduction = 'sum' }) / math.max(trained, 1)
+    loss:backward()
+    step_loss = step_loss + loss:item()
   end
   local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
   optimizer:step()
@@ -141,13 +179,15 @@ for iteration = 1, train_iters do
       tokens_seen / (now - interval_start)))
     interval_start, loss_sum, count, tokens_seen = now, 0, 0, 0
   end
+  if opts.save and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save() end
 end
+if opts.save and (opts.save_interval == 0 or iteration % opts.save_interval ~= 0) then save() end
 
-if opts.save then
-  model:save_pretrained(opts.save)
-  for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json' }) do
-    local source = pmp.io.join(opts.load, name)
-    if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save, name), pmp.io.read_file(source)) end
+if opts.save_hf then
+  model:save_pretrained(opts.save_hf)
+  for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja' }) do
+    local source = pmp.io.join(base_dir, name)
+    if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save_hf, name), pmp.io.read_file(source)) end
   end
-  print('sft: saved the fine-tuned model to ' .. opts.save)
+  print('sft: saved the fine-tuned model to ' .. opts.save_hf)
 end
