@@ -32,23 +32,9 @@ local function load(dir)
   if pmp.io.is_file(pmp.io.join(dir, 'config.json')) then
     return pmp.models.from_pretrained(dir), pmp.tokenizer.from_pretrained(dir)
   end
-  local iteration = pmp.checkpoint.latest_iteration(dir)
-  if not iteration then fail(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt') end
-  local rank_dir = pmp.checkpoint.iteration_dir(dir, iteration)
-  local info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
-  local args, tokenizer = info.state.args, pmp.data.tokenizers.from_state(info.state.tokenizer)
-  local ffn = args.ffn_hidden_size
-  if ffn == 0 then ffn = math.floor((args.hidden_size * 8 / 3 + 63) / 64) * 64 end
-  local model = pmp.nn.GPTModel({
-    num_layers = args.num_layers, hidden_size = args.hidden_size, ffn_hidden_size = ffn,
-    num_attention_heads = args.num_attention_heads,
-    num_query_groups = args.num_query_groups > 0 and args.num_query_groups or args.num_attention_heads,
-    vocab_size = tokenizer.vocab_size, rotary_base = args.rotary_base, norm_epsilon = args.norm_epsilon,
-    tie_embeddings = not args.untie_embeddings_and_output_weights,
-  })
-  if args.bf16 then model:to('bf16') end
-  pmp.checkpoint.load(dir, model)
-  return model, tokenizer
+  if not pmp.checkpoint.latest_iteration(dir) then fail(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt') end
+  local model, info = pmp.checkpoint.load_model(dir)
+  return model, pmp.data.dataset_tokenizer.from_state(info.state.tokenizer)
 end
 
 local model, tokenizer = load(opts.load)

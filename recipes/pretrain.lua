@@ -254,7 +254,7 @@ end
 local function save()
   if opts.save == '' then return end
   pmp.checkpoint.save(opts.save, iteration, model, optimizer, {
-    consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts,
+    consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config,
   })
   print(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
 end

@@ -6,6 +6,10 @@
 -- restarting and attention kept inside each sample. The loss is averaged per trained token over the
 -- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
 -- fine-tuned model as a Hugging Face directory.
+--
+-- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
+-- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
+-- generates, and prints the exact-match accuracy on held-out sums before and after.
 local FLAGS = {
   { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
   { '--data-path', nil, 'jsonl file of conversations' },
@@ -41,15 +45,29 @@ local function fail(message)
   os.exit(2)
 end
 if not ok then fail(tostring(opts)) end
+local embedded = not opts.load and not opts.data_path
+if embedded then
+  opts.load = 'checkpoints/pretrain'
+  if not pmp.checkpoint.latest_iteration(opts.load) then
+    fail('the embedded default fine-tunes checkpoints/pretrain: run `pmp recipes/pretrain.lua` first')
+  end
+  if opts.train_iters == 0 then opts.train_iters = 300 end
+  if opts.lr == 1e-5 then opts.lr = 1e-3 end
+  if opts.global_batch_size == 8 then opts.global_batch_size = 16 end
+  opts.packing, opts.seq_length = true, math.min(opts.seq_length, 64)
+end
 if not opts.load then fail('--load MODEL_DIR is required') end
-if not opts.data_path then fail('--data-path FILE.jsonl is required') end
+if not opts.data_path and not embedded then fail('--data-path FILE.jsonl is required') end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then fail('--global-batch-size must be a multiple of --micro-batch-size') end
 
 local sft = pmp.data.sft
 
--- Resuming: an SFT checkpoint records the Hugging Face directory it started from.
+-- Resuming: an SFT checkpoint records the Hugging Face directory it started from. The embedded default
+-- starts from a pretraining checkpoint instead.
 local resume_info, base_dir = nil, opts.load
-if pmp.checkpoint.latest_iteration(opts.load) then
+if embedded then
+  base_dir = nil
+elseif pmp.checkpoint.latest_iteration(opts.load) then
   local rank_dir = pmp.checkpoint.iteration_dir(opts.load, pmp.checkpoint.latest_iteration(opts.load))
   resume_info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
   base_dir = resume_info.state.base_model
@@ -57,9 +75,18 @@ if pmp.checkpoint.latest_iteration(opts.load) then
 elseif not pmp.io.is_file(pmp.io.join(opts.load, 'config.json')) then
   fail(opts.load .. ' has neither config.json nor latest_checkpointed_iteration.txt')
 end
-local tokenizer = pmp.tokenizer.from_pretrained(base_dir)
+local base_model, base_info
+if embedded then base_model, base_info = pmp.checkpoint.load_model(opts.load) end
+local tokenizer = embedded and pmp.data.dataset_tokenizer.from_state(base_info.state.tokenizer)
+  or pmp.tokenizer.from_pretrained(base_dir)
 local template = opts.chat_template and pmp.chat_template.compile(pmp.chat_template.builtin(opts.chat_template))
 local function render(messages, add_generation_prompt)
+  if embedded then
+    -- the sums task in the corpus' own format: "12 + 7 = 19."
+    local text = messages[1].content .. ' = '
+    if messages[2] then text = text .. messages[2].content .. '.\n' end
+    return text
+  end
   if template then
     return (template:render({ messages = messages, add_generation_prompt = add_generation_prompt,
       bos_token = tokenizer.bos_token or '', eos_token = tokenizer.eos_token or '' }))
@@ -68,14 +95,36 @@ local function render(messages, add_generation_prompt)
 end
 
 -- Samples
-local file = io.open(opts.data_path, 'r')
-if not file then fail('cannot read --data-path ' .. opts.data_path) end
 local samples, line_number, trained_tokens = {}, 0, 0
-for line in file:lines() do
+local held_out = {}
+local function lines_of_data()
+  if not embedded then
+    local file = io.open(opts.data_path, 'r')
+    if not file then fail('cannot read --data-path ' .. opts.data_path) end
+    local text = file:read('*a')
+    file:close()
+    return text:gmatch('[^\n]*')
+  end
+  -- sums of numbers below 50 (as in the corpus); 100 pairs are held out for the accuracy check
+  local records, state = {}, opts.seed
+  local function number()
+    state = (state * 1103515245 + 12345) % 2147483648
+    return math.floor(state / 65536) % 50
+  end
+  for k = 1, 2100 do
+    local a, b = number(), number()
+    local record = pmp.json.encode({ messages = { { role = 'user', content = a .. ' + ' .. b },
+      { role = 'assistant', content = tostring(a + b) } } })
+    if k <= 100 then held_out[#held_out + 1] = { a, b } else records[#records + 1] = record end
+  end
+  local i = 0
+  return function() i = i + 1; return records[i] end
+end
+for line in lines_of_data() do
   line_number = line_number + 1
   if line:match('%S') then
     local parsed, record = pcall(pmp.json.decode, line)
-    if not parsed then fail(string.format('%s:%d: %s', opts.data_path, line_number, tostring(record))) end
+    if not parsed then fail(string.format('%s:%d: %s', tostring(opts.data_path), line_number, tostring(record))) end
     local format = opts.format ~= 'auto' and opts.format or sft.detect_format(record)
     if not format then fail(string.format('%s:%d: not an alpaca, sharegpt or messages record', opts.data_path, line_number)) end
     local converted, result = pcall(function()
@@ -87,13 +136,28 @@ for line in file:lines() do
     for _, m in ipairs(result.mask) do if m then trained_tokens = trained_tokens + 1 end end
   end
 end
-file:close()
-if #samples == 0 then fail(opts.data_path .. ' holds no samples') end
+if #samples == 0 then fail(tostring(opts.data_path) .. ' holds no samples') end
 local rows = opts.packing and sft.pack(samples, opts.seq_length) or sft.pad(samples, opts.seq_length)
 
 -- Model and optimizer
-local model = pmp.models.from_pretrained(base_dir, {
+local model = base_model or pmp.models.from_pretrained(base_dir, {
   dtype = opts.bf16 and 'bf16' or 'f32', config = { recompute_granularity = opts.recompute_granularity } })
+
+-- The embedded task's metric: exact-match accuracy of greedy answers on the held-out sums.
+local function sums_accuracy()
+  local prompts = {}
+  for k, pair in ipairs(held_out) do prompts[k] = tokenizer:encode(pair[1] .. ' + ' .. pair[2] .. ' = ') end
+  local dot = tokenizer:encode('.')[1]
+  local results = pmp.generate(model, prompts, { max_new_tokens = 4, eos_ids = { dot } })
+  local right = 0
+  for k, result in ipairs(results) do
+    local answer = tokenizer:decode(result.tokens):gsub('%.$', '')
+    if answer == tostring(held_out[k][1] + held_out[k][2]) then right = right + 1 end
+  end
+  model:train()
+  return right / #held_out
+end
+local accuracy_before = embedded and sums_accuracy()
 local decay, no_decay = {}, {}
 for _, pair in ipairs(model:named_parameters()) do
   if pair[2]:dim() >= 2 then decay[#decay + 1] = pair[2] else no_decay[#no_decay + 1] = pair[2] end
@@ -182,6 +246,11 @@ while iteration < train_iters do
   if opts.save and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save() end
 end
 if opts.save and (opts.save_interval == 0 or iteration % opts.save_interval ~= 0) then save() end
+
+if embedded then
+  print(string.format('sft: exact-match accuracy on %d held-out sums: %.1f%% before, %.1f%% after fine-tuning',
+    #held_out, 100 * accuracy_before, 100 * sums_accuracy()))
+end
 
 if opts.save_hf then
   model:save_pretrained(opts.save_hf)

@@ -151,4 +151,25 @@ describe('pmp.data.sft', function()
     assert.are.equal(12, pmp.checkpoint.latest_iteration(dir .. '/ck'))
     shell.remove_dir(dir)
   end)
+
+  it('runs the embedded default on a pretraining checkpoint and reports the task metric', function()
+    local shell = require 'spec.support.shell'
+    local dir = shell.temp_dir()
+    local function run(script, args)
+      local words = { 'cd', shell.quote(dir), '&&', shell.quote(shell.pmp), shell.quote(shell.root .. '/recipes/' .. script) }
+      for _, a in ipairs(args) do words[#words + 1] = shell.quote(a) end
+      return shell.run(table.concat(words, ' '))
+    end
+    local _, err0, status0 = run('sft.lua', {})
+    assert.are_not.equal(0, status0)
+    assert.matches('run `pmp recipes/pretrain.lua` first', err0)
+    local _, err1, status1 = run('pretrain.lua', { '--num-layers', '1', '--hidden-size', '32', '--num-attention-heads', '2',
+      '--train-iters', '4', '--log-interval', '2', '--eval-interval', '4', '--sample-length', '0' })
+    assert.are.equal(0, status1, err1)
+    local out, err2, status2 = run('sft.lua', { '--train-iters', '6', '--log-interval', '2' })
+    assert.are.equal(0, status2, err2)
+    assert.matches('2000 samples', out)
+    assert.matches('exact%-match accuracy on 100 held%-out sums: [%d.]+%% before, [%d.]+%% after fine%-tuning', out)
+    shell.remove_dir(dir)
+  end)
 end)

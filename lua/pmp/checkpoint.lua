@@ -106,4 +106,23 @@ function M.load(dir, model, optimizer, iteration)
   return info
 end
 
+-- A GPTModel rebuilt from a checkpoint whose state records model_config (as recipes/pretrain.lua
+-- writes), with its weights loaded, plus the checkpoint's info table.
+function M.load_model(dir, iteration)
+  iteration = iteration or M.latest_iteration(dir)
+  if not iteration then error('checkpoint: no ' .. TRACKER .. ' in ' .. dir, 2) end
+  local rank_dir = M.iteration_dir(dir, iteration)
+  local info = json.decode(io_.read_file(io_.join(rank_dir, 'model_optim_rng.json')))
+  if type(info.state) ~= 'table' or type(info.state.model_config) ~= 'table' then
+    error('checkpoint: ' .. rank_dir .. ' does not record model_config', 2)
+  end
+  local model = require('pmp.nn').GPTModel(info.state.model_config)
+  local probe = safetensors.load(io_.join(rank_dir, 'model_optim_rng.safetensors'),
+    { names = { 'model.embedding.word_embeddings.weight' } })
+  local dtype = probe['model.embedding.word_embeddings.weight'].dtype
+  if dtype ~= 'f32' then model:to(dtype) end
+  M.load(dir, model, nil, iteration)
+  return model, info
+end
+
 return M
