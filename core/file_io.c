@@ -201,6 +201,26 @@ static char *join_path(const char *dir, const char *name) {
   return p;
 }
 
+/* Calls visit(child) for each entry of the directory except . and .., stopping at the first failure. */
+static int for_each_child(const char *path, int (*visit)(const char *), const char *doing) {
+  DIR *d = opendir(path);
+  if (!d) return pmp_fail_code("cannot list directory %s: %s", path, strerror(errno));
+  int rc = 0;
+  struct dirent *e;
+  while (rc == 0 && (e = readdir(d)) != NULL) {
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+    char *child = join_path(path, e->d_name);
+    if (!child) {
+      rc = pmp_fail_code("out of memory %s %s", doing, path);
+      break;
+    }
+    rc = visit(child);
+    free(child);
+  }
+  closedir(d);
+  return rc;
+}
+
 /* Removes path and everything under it; symbolic links are removed, never followed. A missing path
  * is not an error. */
 int pmp_file_remove_tree(const char *path) {
@@ -210,21 +230,7 @@ int pmp_file_remove_tree(const char *path) {
     return pmp_fail_code("cannot stat %s: %s", path, strerror(errno));
   }
   if (!S_ISDIR(st.st_mode)) return pmp_file_remove(path);
-  DIR *d = opendir(path);
-  if (!d) return pmp_fail_code("cannot list directory %s: %s", path, strerror(errno));
-  int rc = 0;
-  struct dirent *e;
-  while (rc == 0 && (e = readdir(d)) != NULL) {
-    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-    char *child = join_path(path, e->d_name);
-    if (!child) {
-      rc = pmp_fail_code("out of memory removing %s", path);
-      break;
-    }
-    rc = pmp_file_remove_tree(child);
-    free(child);
-  }
-  closedir(d);
+  int rc = for_each_child(path, pmp_file_remove_tree, "removing");
   if (rc != 0) return rc;
   if (rmdir(path) != 0 && errno != ENOENT) return pmp_fail_code("cannot remove directory %s: %s", path, strerror(errno));
   return 0;
@@ -236,21 +242,7 @@ int pmp_file_sync_tree(const char *path) {
   if (lstat(path, &st) != 0) return pmp_fail_code("cannot stat %s: %s", path, strerror(errno));
   if (S_ISREG(st.st_mode)) return sync_path(path, O_RDONLY);
   if (!S_ISDIR(st.st_mode)) return 0;
-  DIR *d = opendir(path);
-  if (!d) return pmp_fail_code("cannot list directory %s: %s", path, strerror(errno));
-  int rc = 0;
-  struct dirent *e;
-  while (rc == 0 && (e = readdir(d)) != NULL) {
-    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-    char *child = join_path(path, e->d_name);
-    if (!child) {
-      rc = pmp_fail_code("out of memory syncing %s", path);
-      break;
-    }
-    rc = pmp_file_sync_tree(child);
-    free(child);
-  }
-  closedir(d);
+  int rc = for_each_child(path, pmp_file_sync_tree, "syncing");
   if (rc != 0) return rc;
   return pmp_file_sync_dir(path);
 }
