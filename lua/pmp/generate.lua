@@ -108,7 +108,7 @@ local function generate(model, prompts, options)
     seen[b] = {}
     for _, id in ipairs(lists[b]) do seen[b][id] = true end
   end
-  local state = { first_key = tensor.tensor(first_key, { dtype = 'i64' }) }
+  local state = { first_key = tensor.tensor(first_key, { dtype = 'i64' }), last_only = true }
   local was_training = model.training
   model:eval()
   require('pmp').no_grad(function()

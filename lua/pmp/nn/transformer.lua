@@ -302,12 +302,14 @@ end
 
 -- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
 -- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
--- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab].
+-- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
+-- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
 function M.GPTModel:decode(ids, state)
   local x = self.embedding(ids)
   local cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype)
   state.cache = state.cache or {}
   x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
+  if state.last_only then x = x:narrow(2, x:size(2), 1) end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   return x:matmul(weight:t())
