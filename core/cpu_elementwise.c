@@ -272,14 +272,16 @@ int pmp_cpu_masked_fill(const pmp_op_args *a) {
   return pmp_elementwise_run(&e);
 }
 
+/* ctx: {destination dtype, source dtype}; converting here keeps a dtype change to one pass. */
 static void copy_piece(const void *ctx, void *out, const void *const *in, int64_t n) {
-  memcpy(out, in[0], (size_t)(n * *(const int *)ctx));
+  const int *dtypes = ctx;
+  pmp_convert(out, dtypes[0], in[0], dtypes[1], n);
 }
 
 int pmp_cpu_copy(const pmp_op_args *a) {
-  int dt = a->out->dtype_id, es = pmp_dtype_size(dt);
-  pmp_elementwise e = {.out = a->out, .out_buf_dtype = dt, .in = {a->in[0]}, .in_buf_dtype = {dt}, .nin = 1,
-                       .fn = copy_piece, .ctx = &es};
+  int dtypes[2] = {a->out->dtype_id, a->in[0]->dtype_id};
+  pmp_elementwise e = {.out = a->out, .out_buf_dtype = dtypes[0], .in = {a->in[0]}, .in_buf_dtype = {dtypes[1]},
+                       .nin = 1, .fn = copy_piece, .ctx = dtypes};
   return pmp_elementwise_run(&e);
 }
 

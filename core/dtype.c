@@ -119,9 +119,16 @@ void pmp_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64
     return;
   }
   if (src_dtype == PMP_F32 && dst_dtype == PMP_BF16) {
-    const float *s = src;
+    /* pmp_f32_to_bf16 without branches, so the loop vectorizes */
+    const uint32_t *s = src;
     uint16_t *d = dst;
-    for (int64_t k = 0; k < n; k++) d[k] = pmp_f32_to_bf16(s[k]);
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) {
+      uint32_t bits = s[k];
+      uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+      uint32_t quiet_nan = (bits >> 16) | 0x40u;
+      d[k] = (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+    }
     return;
   }
   if (src_dtype == PMP_BF16 && dst_dtype == PMP_F32) {
