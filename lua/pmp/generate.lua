@@ -44,9 +44,16 @@ local function argmax(logits)
 end
 
 -- Samples from softmax(logits) restricted by top_k and top_p, with pmp's seeded generator.
+local NEGLIGIBLE = 40   -- tokens this far below the best logit carry < 1e-17 of the probability mass
+
 local function sample(logits, top_k, top_p)
+  local peak_logit = -math.huge
+  for _, v in ipairs(logits) do if v > peak_logit then peak_logit = v end end
+  -- only sort the candidates that can matter (a large vocabulary would otherwise be sorted each token)
   local order = {}
-  for k = 1, #logits do order[k] = k end
+  for k = 1, #logits do
+    if logits[k] >= peak_logit - NEGLIGIBLE then order[#order + 1] = k end
+  end
   table.sort(order, function(a, b) return logits[a] > logits[b] end)
   local keep = #order
   if top_k and top_k > 0 and top_k < keep then keep = top_k end
