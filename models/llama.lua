@@ -97,7 +97,7 @@ end
 
 function M.hf_config(c)
   local hf = M.base_hf_config(c)
-  if c.add_qkv_bias ~= c.add_proj_bias then
+  if (c.add_qkv_bias or false) ~= (c.add_proj_bias or false) then
     error('llama: attention_bias covers q/k/v and o together; this model has add_qkv_bias ~= add_proj_bias', 0)
   end
   hf.attention_bias = c.add_qkv_bias and true or false

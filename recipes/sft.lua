@@ -62,23 +62,41 @@ if opts.global_batch_size % opts.micro_batch_size ~= 0 then fail('--global-batch
 
 local sft = pmp.data.sft
 
--- Resuming: an SFT checkpoint records the Hugging Face directory it started from. The embedded default
--- starts from a pretraining checkpoint instead.
-local resume_info, base_dir = nil, opts.load
+-- The base model: a Hugging Face directory ({kind = 'hf'}) or a pretraining checkpoint ({kind = 'pmp'},
+-- as the embedded default uses). An SFT checkpoint records its base, so --load on one resumes.
+local resume_info, base = nil, { kind = 'hf', dir = opts.load }
 if embedded then
-  base_dir = nil
+  base = { kind = 'pmp', dir = opts.load }
 elseif pmp.checkpoint.latest_iteration(opts.load) then
   local rank_dir = pmp.checkpoint.iteration_dir(opts.load, pmp.checkpoint.latest_iteration(opts.load))
-  resume_info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
-  base_dir = resume_info.state.base_model
-  if type(base_dir) ~= 'string' then fail(opts.load .. ' is a checkpoint without the base model it started from') end
+  local info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
+  if type(info.state.base_model) == 'table' then
+    resume_info, base = info, info.state.base_model
+  elseif type(info.state.model_config) == 'table' then
+    base = { kind = 'pmp', dir = opts.load }
+  else
+    fail(opts.load .. ' is neither an SFT checkpoint nor a pretraining checkpoint')
+  end
 elseif not pmp.io.is_file(pmp.io.join(opts.load, 'config.json')) then
   fail(opts.load .. ' has neither config.json nor latest_checkpointed_iteration.txt')
 end
-local base_model, base_info
-if embedded then base_model, base_info = pmp.checkpoint.load_model(opts.load) end
-local tokenizer = embedded and pmp.data.dataset_tokenizer.from_state(base_info.state.tokenizer)
-  or pmp.tokenizer.from_pretrained(base_dir)
+local base_dir = base.dir
+
+local base_model, tokenizer, template_dir
+if base.kind == 'pmp' then
+  local base_info
+  base_model, base_info = pmp.checkpoint.load_model(base_dir)
+  tokenizer = pmp.data.dataset_tokenizer.from_state(base_info.state.tokenizer)
+  -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
+  template_dir = base_info.state.tokenizer.type == 'hf' and base_info.state.tokenizer.model or nil
+  if not embedded and not template_dir and not opts.chat_template then
+    fail(base_dir .. ' has no chat template (its tokenizer is ' .. tostring(base_info.state.tokenizer.type) ..
+      '): give --chat-template chatml, llama3 or alpaca')
+  end
+else
+  tokenizer = pmp.tokenizer.from_pretrained(base_dir)
+  template_dir = base_dir
+end
 local template = opts.chat_template and pmp.chat_template.compile(pmp.chat_template.builtin(opts.chat_template))
 local function render(messages, add_generation_prompt)
   if embedded then
@@ -91,7 +109,7 @@ local function render(messages, add_generation_prompt)
     return (template:render({ messages = messages, add_generation_prompt = add_generation_prompt,
       bos_token = tokenizer.bos_token or '', eos_token = tokenizer.eos_token or '' }))
   end
-  return pmp.chat_template.apply(base_dir, messages, { add_generation_prompt = add_generation_prompt })
+  return pmp.chat_template.apply(template_dir, messages, { add_generation_prompt = add_generation_prompt })
 end
 
 -- Samples
@@ -129,7 +147,7 @@ for line in lines_of_data() do
     if not format then fail(string.format('%s:%d: not an alpaca, sharegpt or messages record', opts.data_path, line_number)) end
     local converted, result = pcall(function()
       return sft.tokenize(sft.to_messages(record, format), { tokenizer = tokenizer, render = render,
-        train_on_prompt = opts.train_on_prompt, end_of_turn_id = tokenizer.eos_id })
+        train_on_prompt = opts.train_on_prompt, end_of_turn_id = tokenizer.eos_id or tokenizer.eod })
     end)
     if not converted then fail(string.format('%s:%d: %s', opts.data_path, line_number, tostring(result))) end
     samples[#samples + 1] = result
@@ -205,7 +223,7 @@ if resume_info then
 end
 
 local function save()
-  pmp.checkpoint.save(opts.save, iteration, model, optimizer, { consumed_rows = cursor, base_model = base_dir, args = opts })
+  pmp.checkpoint.save(opts.save, iteration, model, optimizer, { consumed_rows = cursor, base_model = base, args = opts })
   print(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
 end
 
@@ -253,9 +271,10 @@ if embedded then
 end
 
 if opts.save_hf then
-  model:save_pretrained(opts.save_hf)
+  -- a pretraining checkpoint's model has Llama's architecture and exports as one
+  model:save_pretrained(opts.save_hf, { model_type = base.kind == 'pmp' and 'llama' or nil })
   for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja' }) do
-    local source = pmp.io.join(base_dir, name)
+    local source = pmp.io.join(template_dir or base_dir, name)
     if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save_hf, name), pmp.io.read_file(source)) end
   end
   print('sft: saved the fine-tuned model to ' .. opts.save_hf)
