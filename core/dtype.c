@@ -2,9 +2,9 @@
 #include "internal.h"
 #include <math.h>
 
-static const char *const dtype_names[PMP_DTYPE_COUNT] = {"f64", "f32", "bf16", "f16",
-                                                         "i64", "i32", "u8",   "bool"};
-static const int dtype_sizes[PMP_DTYPE_COUNT] = {8, 4, 2, 2, 8, 4, 1, 1};
+static const char *const dtype_names[PMP_DTYPE_COUNT] = {"f64", "f32", "bf16", "f16", "i64",
+                                                         "i32", "u8",  "bool", "u16"};
+static const int dtype_sizes[PMP_DTYPE_COUNT] = {8, 4, 2, 2, 8, 4, 1, 1, 2};
 
 bool pmp_dtype_valid(int dtype) { return dtype >= 0 && dtype < PMP_DTYPE_COUNT; }
 const char *pmp_dtype_name(int dtype) { return pmp_dtype_valid(dtype) ? dtype_names[dtype] : "?"; }
@@ -32,7 +32,7 @@ int pmp_promote_types(int a, int b) {
     if (a == PMP_F64 || b == PMP_F64) return PMP_F64;
     return PMP_F32;
   }
-  static const int int_rank[PMP_DTYPE_COUNT] = {0, 0, 0, 0, 4, 3, 2, 1};
+  static const int int_rank[PMP_DTYPE_COUNT] = {0, 0, 0, 0, 5, 4, 2, 1, 3};
   return int_rank[a] > int_rank[b] ? a : b;
 }
 
@@ -75,6 +75,7 @@ double pmp_load_as_f64(int dtype, const void *p) {
   case PMP_I32: return *(const int32_t *)p;
   case PMP_U8: return *(const uint8_t *)p;
   case PMP_BOOL: return *(const uint8_t *)p ? 1.0 : 0.0;
+  case PMP_U16: return *(const uint16_t *)p;
   }
   return 0;
 }
@@ -85,6 +86,7 @@ int64_t pmp_load_as_i64(int dtype, const void *p) {
   case PMP_I32: return *(const int32_t *)p;
   case PMP_U8: return *(const uint8_t *)p;
   case PMP_BOOL: return *(const uint8_t *)p != 0;
+  case PMP_U16: return *(const uint16_t *)p;
   default: return (int64_t)pmp_load_as_f64(dtype, p);
   }
 }
@@ -99,6 +101,7 @@ void pmp_store_from_f64(int dtype, void *p, double v) {
   case PMP_I32: *(int32_t *)p = (int32_t)v; break;
   case PMP_U8: *(uint8_t *)p = (uint8_t)(int64_t)v; break;
   case PMP_BOOL: *(uint8_t *)p = v != 0; break;
+  case PMP_U16: *(uint16_t *)p = (uint16_t)(int64_t)v; break;
   }
 }
 
@@ -108,6 +111,7 @@ void pmp_store_from_i64(int dtype, void *p, int64_t v) {
   case PMP_I32: *(int32_t *)p = (int32_t)v; break;
   case PMP_U8: *(uint8_t *)p = (uint8_t)v; break;
   case PMP_BOOL: *(uint8_t *)p = v != 0; break;
+  case PMP_U16: *(uint16_t *)p = (uint16_t)v; break;
   default: pmp_store_from_f64(dtype, p, (double)v); break;
   }
 }

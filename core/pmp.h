@@ -29,8 +29,8 @@ enum { PMP_MAX_DIMS = 8 };
 
 typedef enum pmp_dtype {
   PMP_F64 = 0, PMP_F32 = 1, PMP_BF16 = 2, PMP_F16 = 3,
-  PMP_I64 = 4, PMP_I32 = 5, PMP_U8 = 6, PMP_BOOL = 7,
-  PMP_DTYPE_COUNT = 8
+  PMP_I64 = 4, PMP_I32 = 5, PMP_U8 = 6, PMP_BOOL = 7, PMP_U16 = 8,   /* u16: token ids of indexed datasets */
+  PMP_DTYPE_COUNT = 9
 } pmp_dtype;
 
 typedef enum pmp_device_type { PMP_CPU = 0, PMP_CUDA = 1, PMP_DEVICE_TYPE_COUNT = 2 } pmp_device_type;

@@ -60,7 +60,7 @@ M.is_tensor = is_tensor
 
 local DTYPE_ALIASES = {
   float = 'f32', float32 = 'f32', double = 'f64', float64 = 'f64', bfloat16 = 'bf16', half = 'f16',
-  float16 = 'f16', long = 'i64', int64 = 'i64', int = 'i32', int32 = 'i32', uint8 = 'u8', byte = 'u8',
+  float16 = 'f16', long = 'i64', int64 = 'i64', int = 'i32', int32 = 'i32', uint8 = 'u8', byte = 'u8', uint16 = 'u16',
 }
 local DTYPE_NAMES = {}
 for id = 0, C.PMP_DTYPE_COUNT - 1 do DTYPE_NAMES[id] = ffi.string(C.pmp_dtype_name(id)) end
@@ -68,7 +68,7 @@ for id = 0, C.PMP_DTYPE_COUNT - 1 do DTYPE_NAMES[id] = ffi.string(C.pmp_dtype_na
 local function dtype_id(name, op)
   local id = C.pmp_dtype_from_name(DTYPE_ALIASES[name] or name)
   if type(name) ~= 'string' or id < 0 then
-    error((op or 'pmp') .. ": unknown dtype '" .. tostring(name) .. "' (f64 f32 bf16 f16 i64 i32 u8 bool)", 4)
+    error((op or 'pmp') .. ": unknown dtype '" .. tostring(name) .. "' (f64 f32 bf16 f16 i64 i32 u16 u8 bool)", 4)
   end
   return id
 end

@@ -19,11 +19,10 @@
 --   b:abort()                                       -- discard (also what happens to an unfinalized builder)
 --
 -- Zero copy: the .bin is mapped (copy-on-write, so in-place writes to a view never reach the file) and
--- ds:get returns a view of the mapping for the dtypes pmp tensors hold (int32, int64, uint8, float32,
--- float64). pmp has no 16- or 8-bit signed integer dtype, so for uint16, int16 and int8 data (uint16 is
--- what preprocess_data writes for vocabularies under 65500) ds:get returns an i32 copy of the
--- requested range; ds:pointer gives zero-copy access for every dtype, and the GPT dataset reads
--- through it. The .idx arrays start at byte 34 (not aligned for int32/int64), so the tensors
+-- ds:get returns a view of the mapping for the dtypes pmp tensors hold (uint16, int32, int64, uint8,
+-- float32, float64). pmp has no 16- or 8-bit signed integer dtype, so for int16 and int8 data ds:get
+-- returns an i32 copy of the requested range; ds:pointer gives zero-copy access for every dtype, and
+-- the GPT dataset reads through it. The .idx arrays start at byte 34 (not aligned for int32/int64), so the tensors
 -- ds.sequence_lengths / sequence_pointers / document_indices are aligned copies made on first use;
 -- the reader itself reads the mapping in place.
 --
@@ -49,7 +48,7 @@ M.DTYPES = {
   [5] = { code = 5, name = 'int64', ctype = 'int64_t', size = 8, pmp = 'i64', min = -2^53, max = 2^53 },
   [6] = { code = 6, name = 'float64', ctype = 'double', size = 8, pmp = 'f64', float = true },
   [7] = { code = 7, name = 'float32', ctype = 'float', size = 4, pmp = 'f32', float = true },
-  [8] = { code = 8, name = 'uint16', ctype = 'uint16_t', size = 2, min = 0, max = 65535 },
+  [8] = { code = 8, name = 'uint16', ctype = 'uint16_t', size = 2, pmp = 'u16', min = 0, max = 65535 },
 }
 local BY_NAME = {}
 for _, d in pairs(M.DTYPES) do
@@ -302,7 +301,7 @@ end
 
 local shape1 = ffi.new('int64_t[1]')
 -- Sequence i, or `length` tokens of it from `offset`, as a 1-D tensor: a view of the mapping for
--- dtypes pmp holds, an i32 copy for uint16/int16/int8.
+-- dtypes pmp holds, an i32 copy for int16/int8.
 function Reader:get(i, offset, length)
   local s = self
   offset, length = check_range(s, i, offset, length)
