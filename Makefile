@@ -20,7 +20,7 @@ HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
 DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadline-dev \
                    libopenblas-dev libopenblas-openmp-dev libpcre2-dev libutf8proc-dev lua-busted tmux
 
-.PHONY: all deps test bench clean
+.PHONY: all deps test bench bench-tokenizer bench-generate bench-pretrain clean
 all: pmp
 
 pmp: $(HOST_OBJS) build/libpmpcore.a
@@ -47,6 +47,16 @@ test: pmp
 
 bench: pmp
 	./pmp tools/bench_core.lua
+
+# Against the Python reference implementations (pip: tokenizers, torch, transformers), in the same run.
+bench-tokenizer: pmp
+	./pmp tools/bench_tokenizer.lua
+
+bench-generate: pmp
+	tools/bench_generate.sh
+
+bench-pretrain: pmp
+	tools/bench_pretrain.sh
 
 clean:
 	rm -rf build pmp
