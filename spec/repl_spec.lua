@@ -18,6 +18,17 @@ describe('pmp.repl', function()
     assert.equal('function twice(x)\n  return x * 2\nend', repl.feed('end'))
   end)
 
+  it('completes nn module members and modules that pmp loads on first use', function()
+    local function complete(q) return repl.complete(q, q, #q) end
+    rawset(_G, 'completion_model', pmp.nn.GPTModel({ num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab_size = 4 }))
+    assert.are.same({ 'completion_model.decode', 'completion_model.decoder' }, complete('completion_model.dec'))
+    assert.are.same({ 'completion_model.decoder.layers' }, complete('completion_model.decoder.lay'))
+    assert.are.same({ 'completion_model:num_parameters' }, complete('completion_model:num_p'))
+    assert.are.same({ 'pmp.optim' }, complete('pmp.opti'))
+    assert.are.same({ 'pmp.optim.AdamW' }, complete('pmp.optim.Ada'))
+    rawset(_G, 'completion_model', nil)
+  end)
+
   it('completes a syntax error at once', function()
     assert.equal('x = = 1', repl.feed('x = = 1'))
   end)

@@ -53,7 +53,21 @@ function pmp.set_num_threads(n) C.pmp_set_num_threads(n) end
 -- Other parts of the library (pmp.optim, pmp.safetensors, ...) load on first use from lua/pmp/<name>.
 -- Not cached in pmp itself, so pmp.<name> is always what require('pmp.<name>') gives (busted unloads
 -- modules between spec files).
+-- The modules that can load on first use, for the REPL's completion of `pmp.`.
+local function lazy_module_names()
+  local names, root = {}, require('pmp.ffi').root .. '/lua/pmp'
+  local listing = io.popen('ls ' .. root .. ' 2>/dev/null')
+  if not listing then return names end
+  for entry in listing:lines() do
+    local name = entry:match('^([%a_][%w_]*)%.lua$') or entry:match('^([%a_][%w_]*)$')
+    if name and name ~= 'init' and rawget(pmp, name) == nil then names[#names + 1] = name end
+  end
+  listing:close()
+  return names
+end
+
 setmetatable(pmp, {
+  __pmp_members = lazy_module_names,
   __index = function(_, key)
     if type(key) ~= 'string' then return nil end
     local name = 'pmp.' .. key

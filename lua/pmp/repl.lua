@@ -212,10 +212,23 @@ local function field_sources(value)
   return sources
 end
 
+-- Tables whose metatable has __pmp_members (pmp itself, nn modules) list their members through it,
+-- and are indexed normally: their __index only looks up parameters, children and lazy modules.
+local function members_hook(value)
+  if type(value) ~= 'table' then return nil end
+  local mt = getmetatable(value)
+  local hook = type(mt) == 'table' and rawget(mt, '__pmp_members')
+  return type(hook) == 'function' and hook or nil
+end
+
 local function lookup(value, key)
   for _, source in ipairs(field_sources(value)) do
     local found = rawget(source, key)
     if found ~= nil then return found end
+  end
+  if members_hook(value) then
+    local ok, found = pcall(function() return value[key] end)
+    if ok then return found end
   end
   return nil
 end
@@ -246,6 +259,15 @@ local function member_names(value, methods_only)
     for _, source in ipairs(field_sources(value)) do
       for name, member in next, source do
         if not methods_only or type(member) == 'function' then add(name) end
+      end
+    end
+    local hook = members_hook(value)
+    if hook then
+      local ok, extra = pcall(hook, value)
+      if ok and type(extra) == 'table' then
+        for _, name in ipairs(extra) do
+          if not methods_only or type(lookup(value, name)) == 'function' then add(name) end
+        end
       end
     end
   end

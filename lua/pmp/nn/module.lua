@@ -57,15 +57,36 @@ local instance_newindex = function(self, key, value)
 end
 
 -- Creates a subclass; instances are made by calling the class: Class(...) runs Class:init(...).
-function Module:extend(name)
-  local class = setmetatable({ __name = name or 'Module', __super = self }, { __index = self, __call = function(c, ...) return c:new(...) end })
-  class.__instance_mt = {
+-- Parameters, children, buffers and methods: what the REPL completes after `m.` or `m:`.
+local function member_names(m)
+  local names = {}
+  for _, set in ipairs({ rawget(m, '_parameters'), rawget(m, '_modules'), rawget(m, '_buffers') }) do
+    for _, name in ipairs(set.names) do names[#names + 1] = name end
+  end
+  local class = getmetatable(m).__class
+  while class do
+    for name, value in pairs(class) do
+      if type(value) == 'function' and not name:match('^_') then names[#names + 1] = name end
+    end
+    class = rawget(class, '__super')
+  end
+  return names
+end
+
+local function instance_metatable(class)
+  return {
     __index = instance_index,
     __newindex = instance_newindex,
     __call = function(m, ...) return m:forward(...) end,
     __tostring = function(m) return m:tree() end,
+    __pmp_members = member_names,
     __class = class,
   }
+end
+
+function Module:extend(name)
+  local class = setmetatable({ __name = name or 'Module', __super = self }, { __index = self, __call = function(c, ...) return c:new(...) end })
+  class.__instance_mt = instance_metatable(class)
   return class
 end
 
@@ -230,12 +251,6 @@ function Module:tree(indent)
   return table.concat(lines, '\n')
 end
 
-Module.__instance_mt = {
-  __index = instance_index,
-  __newindex = instance_newindex,
-  __call = function(m, ...) return m:forward(...) end,
-  __tostring = function(m) return m:tree() end,
-  __class = Module,
-}
+Module.__instance_mt = instance_metatable(Module)
 
 return setmetatable(Module, { __call = function(c, ...) return c:new(...) end })
