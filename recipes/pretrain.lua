@@ -176,12 +176,7 @@ local model = pmp.nn.GPTModel({
 if opts.bf16 then model:to('bf16') end
 
 -- No weight decay on norms and biases (1-D parameters), as Megatron does.
-local decay, no_decay = {}, {}
-for _, pair in ipairs(model:named_parameters()) do
-  local p = pair[2]
-  if p:dim() >= 2 then decay[#decay + 1] = p else no_decay[#no_decay + 1] = p end
-end
-local optimizer = pmp.optim.AdamW({ { params = decay }, { params = no_decay, weight_decay = 0 } }, {
+local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(model), {
   lr = opts.lr, betas = { opts.adam_beta1, opts.adam_beta2 }, eps = opts.adam_eps, weight_decay = opts.weight_decay,
 })
 local lr_at = pmp.optim.schedule.new({

@@ -176,11 +176,7 @@ local function sums_accuracy()
   return right / #held_out
 end
 local accuracy_before = embedded and sums_accuracy()
-local decay, no_decay = {}, {}
-for _, pair in ipairs(model:named_parameters()) do
-  if pair[2]:dim() >= 2 then decay[#decay + 1] = pair[2] else no_decay[#no_decay + 1] = pair[2] end
-end
-local optimizer = pmp.optim.AdamW({ { params = decay }, { params = no_decay, weight_decay = 0 } },
+local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(model),
   { lr = opts.lr, betas = { opts.adam_beta1, opts.adam_beta2 }, weight_decay = opts.weight_decay })
 local steps_per_epoch = math.max(1, math.floor(#rows / opts.global_batch_size))
 local train_iters = opts.train_iters > 0 and opts.train_iters or steps_per_epoch * opts.epochs
