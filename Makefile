@@ -6,8 +6,8 @@ CFLAGS   ?= -O2 -g
 MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 OPENBLAS_DIR := /usr/lib/$(MULTIARCH)/openblas-openmp
 CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -fno-semantic-interposition -D_GNU_SOURCE -Icore \
-            -I/usr/include/$(MULTIARCH)/openblas-openmp $(shell pkg-config --cflags luajit libpcre2-8 libutf8proc 2>/dev/null)
-LDLIBS   += $(shell pkg-config --libs luajit libpcre2-8 libutf8proc 2>/dev/null) -L$(OPENBLAS_DIR) -Wl,-rpath,$(OPENBLAS_DIR) -lopenblas \
+            -I/usr/include/$(MULTIARCH)/openblas-openmp $(shell pkg-config --cflags luajit libpcre2-8 libutf8proc ompi-c 2>/dev/null)
+LDLIBS   += $(shell pkg-config --libs luajit libpcre2-8 libutf8proc ompi-c 2>/dev/null) -lpthread -L$(OPENBLAS_DIR) -Wl,-rpath,$(OPENBLAS_DIR) -lopenblas \
             -lreadline -lmvec -lm -ldl -fopenmp
 # Export every engine symbol so the FFI can find them through ffi.C.
 LDFLAGS  += -rdynamic
@@ -18,7 +18,8 @@ CORE_OBJS := $(CORE_SRCS:%.c=build/%.o)
 HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
 
 DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadline-dev \
-                   libopenblas-dev libopenblas-openmp-dev libpcre2-dev libutf8proc-dev lua-busted tmux
+                   libopenblas-dev libopenblas-openmp-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
+                   libopenmpi-dev openmpi-bin
 
 .PHONY: all deps test bench bench-tokenizer bench-generate bench-pretrain clean
 all: pmp

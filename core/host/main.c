@@ -188,5 +188,8 @@ int main(int argc, char **argv) {
   if (!L) return 1;
   int status = run(L, &cmd);
   lua_close(L);
+  /* A failed rank leaves MPI without finalizing: the launcher then ends the whole job instead of the
+   * other ranks waiting for it. */
+  if (status == 0) pmp_dist_finalize();
   return status;
 }
