@@ -257,6 +257,7 @@ function M.TransformerDecoder:forward(x, rope)
   for _, layer in ipairs(self.layers.items) do
     if recompute then x = autograd.recompute(layer.forward, layer, x, rope) else x = layer(x, rope) end
   end
+  if not self.final_layernorm then return x end   -- a pipeline stage before the last
   return self.final_layernorm(x)
 end
 
@@ -282,9 +283,13 @@ end
 -- options.positions [B, T] and options.first_key [B] or [B, T] (see F.attention) serve packed sequences:
 -- positions restart at each document and attention stays inside it. The rest of options goes to
 -- F.cross_entropy (ignore_index, reduction).
+--
+-- A pipeline stage (pmp.dist.pipeline) keeps only some layers: without `embedding` its first argument
+-- is the previous stage's hidden states [B, T, H]; without `decoder.final_layernorm` it returns its
+-- hidden states instead of logits or loss.
 function M.GPTModel:forward(ids, targets, options)
   local T = ids:size(2)
-  local x = self.embedding(ids)
+  local x = self.embedding and self.embedding(ids) or ids
   local cos, sin
   if options and options.positions then
     cos, sin = self.rotary_pos_emb:tables(options.positions, x.dtype)
@@ -292,7 +297,9 @@ function M.GPTModel:forward(ids, targets, options)
     cos, sin = self.rotary_pos_emb(T, 0, x.dtype)
   end
   local context = { cos = cos, sin = sin, first_key = options and options.first_key }
-  x = self.decoder(F.dropout(x, self.config.hidden_dropout, self.training), context)
+  if self.embedding then x = F.dropout(x, self.config.hidden_dropout, self.training) end
+  x = self.decoder(x, context)
+  if not self.decoder.final_layernorm then return x end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   local logits = x:matmul(weight:t())

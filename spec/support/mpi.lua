@@ -1,0 +1,32 @@
+-- Running a Lua script on several MPI processes from a spec: `mpirun` on this machine's cores,
+-- oversubscribed (CI has 2 cores), as root where needed.
+local shell = require 'spec.support.shell'
+
+local mpi = {}
+
+mpi.available = os.execute('command -v mpirun >/dev/null 2>&1') == 0
+
+-- Runs `pmp script args...` on np processes; returns stdout, stderr, exit status. env: a table of
+-- environment variables for every rank.
+function mpi.run(np, script, args, env)
+  local parts = { 'mpirun --oversubscribe -np', tostring(np) }
+  local uid = io.popen('id -u'):read('*l')
+  if uid == '0' then parts[#parts + 1] = '--allow-run-as-root' end
+  for k, v in pairs(env or {}) do parts[#parts + 1] = '-x ' .. k .. '=' .. shell.quote(v) end
+  parts[#parts + 1] = shell.quote(shell.pmp)
+  parts[#parts + 1] = shell.quote(script)
+  for _, a in ipairs(args or {}) do parts[#parts + 1] = shell.quote(a) end
+  return shell.run(table.concat(parts, ' '))
+end
+
+-- Lines 'KEY value...' printed by the ranks, collected as result[KEY] = {value strings in order}.
+function mpi.lines(stdout, key)
+  local out = {}
+  for line in stdout:gmatch('[^\n]+') do
+    local k, rest = line:match('^(%S+)%s+(.*)$')
+    if k == key then out[#out + 1] = rest end
+  end
+  return out
+end
+
+return mpi
