@@ -9,7 +9,8 @@ mpi.available = os.execute('command -v mpirun >/dev/null 2>&1') == 0
 -- Runs `pmp script args...` on np processes; returns stdout, stderr, exit status. env: a table of
 -- environment variables for every rank.
 function mpi.run(np, script, args, env)
-  local parts = { 'mpirun --oversubscribe -np', tostring(np) }
+  -- no core binding (several ranks share each core here) and no ptrace-based copies (containers forbid them)
+  local parts = { 'mpirun --oversubscribe --bind-to none --mca btl_vader_single_copy_mechanism none -np', tostring(np) }
   local uid = io.popen('id -u'):read('*l')
   if uid == '0' then parts[#parts + 1] = '--allow-run-as-root' end
   for k, v in pairs(env or {}) do parts[#parts + 1] = '-x ' .. k .. '=' .. shell.quote(v) end

@@ -1,5 +1,5 @@
--- GPT pretraining samples from Megatron indexed datasets, built as megatron.core's GPTDataset and
--- BlendedDataset build them (FORMATS.md §5.3):
+-- GPT pretraining samples from Megatron indexed datasets, built exactly as megatron.core's GPTDataset
+-- and BlendedDataset build them (FORMATS.md §5.3), down to the shuffled order:
 --
 --   local sets = pmp.data.gpt_dataset.build({'0.3', 'a_text_document', '0.7', 'b_text_document'}, {
 --     seq_length = 1024, seed = 1234, split = '969,30,1', sizes = {train = n, valid = m, test = k}})
@@ -10,37 +10,52 @@
 --                                                       range = {beg, end}, num_samples =, cache_dir =})
 --   local bl = pmp.data.gpt_dataset.BlendedDataset({ds1, ds2}, {0.3, 0.7}, {size = n})
 --
--- What follows Megatron:
+-- Given the same data, seq_length, seed, split and numbers of samples (Megatron's
+-- train_val_test_num_samples), the samples come in the same order as megatron-core's (checked against
+-- megatron-core 0.16 by spec/indexed_spec.lua on fixtures from tools/make_gpt_dataset_fixtures.py):
 --  * The "documents" are the sequences of the indexed dataset. --split weights are normalized and the
 --    split of N sequences is [round(lo * N), round(hi * N)) with Python's round (half to even).
---  * Epochs tile the split's documents; the number of epochs is the smallest that holds the requested
---    samples. The document index lists the documents of every epoch, each epoch shuffled.
+--  * Epochs (gpt_dataset.py _get_num_epochs): the smallest E >= 1 with E * tokens_per_epoch >=
+--    num_samples * seq_length + 1; one epoch when no number of samples is given.
+--  * The document index lists the split's documents E times, shuffled by numpy's
+--    RandomState(seed).shuffle (MT19937 and the shuffle of core/random_numpy.c). When E > 1 and the
+--    final epoch supplies fewer than int(0.8 * samples_per_epoch) of the requested samples
+--    (separate_final_epoch), the first E - 1 epochs are shuffled together and the last on its own.
 --  * The sample index holds (position in the document index, token offset) for each sample boundary:
 --    sample j is the seq_length + 1 tokens from boundary j through boundary j + 1 inclusive, so
 --    consecutive samples overlap by one token (the last target of one is the first input of the next)
---    and samples run across document boundaries (helpers.cpp build_sample_idx, drop_last).
---  * A shuffle index maps the position i in training order to a sample. The data position is the
+--    and samples run across document boundaries (helpers.cpp build_sample_idx, drop_last). There are
+--    count = (E * tokens_per_epoch - 1) // seq_length samples, at least the number asked for.
+--  * The shuffle index maps the position i in training order to a sample: arange(count) shuffled,
+--    after the document index, by the same RandomState; with a separate final epoch the samples
+--    before the final epoch and those after are shuffled as two parts. The data position is the
 --    number of consumed samples: batch(consumed, n) is samples consumed .. consumed + n - 1.
---  * Blending picks, for each position, the dataset whose achieved count falls furthest below
---    weight * max(position, 1) (helpers.cpp build_blending_indices), taking that dataset's next sample.
---    Without weights, datasets weigh by their samples per epoch.
+--    Consequence (as in Megatron): the order depends on the number of samples asked for, through E and
+--    separate_final_epoch. A run resumed with the same sizes (--train-iters, batch sizes) resumes
+--    exactly at its consumed-samples count; asking for more samples may reorder all of them.
+--  * Blends (--data-path 0.3 A 0.7 B): weights are normalized (numpy's pairwise sum), dataset k is built
+--    with int(ceil(ceil(size * w_k) * 1.005)) samples (mid_level_dataset_surplus), and the blend has
+--    sum_k ceil(size * w_k) positions; each position goes to the dataset whose achieved count falls
+--    furthest below weight * max(position, 1), taking that dataset's next sample (helpers.cpp
+--    build_blending_indices). Without weights each dataset gives one epoch, weighs by its sample
+--    count, and the blend has min(size, total) positions, or, without a size, takes every sample
+--    (build_exhaustive_blending_indices). A single weighted prefix is a blend of one, as in Megatron.
 --
--- Where pmp differs (deliberately; the token content of every sample is Megatron's, the order is not):
---  * Random numbers come from pmp's own seeded generator (xorshift128 seeded through a murmur3 mix),
---    not numpy's RandomState, so the shuffled order is not Megatron's.
---  * Each epoch of the document index is shuffled on its own (Megatron shuffles the tiled array as a
---    whole, and separates only a short final epoch), and the shuffle index permutes blocks of one
---    epoch's worth of samples (P = (tokens_per_epoch - 1) // seq_length) on their own, block k with
---    its own seed. The number of samples is a whole number of blocks, E * P.
---    Consequence: samples never depend on how many were asked for. Asking for more (a longer run, a
---    resume with a larger --train-iters) extends the dataset by whole epochs and leaves every earlier
---    sample where it was, so a run resumes exactly at its consumed-samples count.
+-- Where pmp differs (none of it changes the samples of a Megatron-valid configuration):
 --  * The indices are cached next to the data in <prefix dir>/cache/GPTDataset_indices/
 --    <hash>-pmpGPTDataset-<split>-{description.json,document_index.npy,sample_index.npy,
---    shuffle_index.npy} (NumPy .npy v1.0, readable with numpy.load; the names cannot collide with
---    Megatron's <md5>-GPTDataset-... files). A cache holding fewer epochs than needed is rebuilt.
---  * No padding, loss masks or position resets: samples are always full (drop_last), and pmp's
---    model takes (inputs, targets).
+--    shuffle_index.npy}. The .npy files hold what Megatron's hold (same dtypes: int32 document index,
+--    int32/int64 sample index, uint32/int64 shuffle index), but the names differ from Megatron's
+--    <md5>-GPTDataset-... files, and the hash covers what determines the indices (data, split range,
+--    seq_length, seed, epochs, separate_final_epoch) rather than Megatron's description text.
+--  * Past the built count: sample(i) fails (Megatron raises IndexError); ensure(n) rebuilds the
+--    indices for num_samples = n, which is Megatron's dataset for n samples (its order may differ).
+--    A blend whose datasets fall short rebuilds them that way instead of failing as Megatron does.
+--  * A weighted blend without a size (Megatron refuses one) takes one epoch of each dataset and
+--    sum-of-their-counts positions. A valid/test split too small for one sample is left out with a
+--    warning; zero-weight datasets are left out of a blend.
+--  * No padding, loss masks or position resets: samples are always full (drop_last, also for the valid
+--    split), and pmp's model takes (inputs, targets).
 local ffi = require 'ffi'
 local bit = require 'bit'
 local C = require('pmp.ffi').C
@@ -54,58 +69,40 @@ local M = {}
 local function fail(msg, level) error('gpt dataset: ' .. msg, (level or 1) + 1) end
 
 ---------------------------------------------------------------------------------------------------
--- Random permutations (pmp's own generator; see the header)
+-- NumPy arithmetic Megatron relies on
 
--- 32-bit multiply mod 2^32 without losing bits in doubles.
-local function mul32(a, b)
-  a, b = a % 4294967296, b % 4294967296
-  local lo = (a % 65536) * b
-  local hi = math.floor(a / 65536) * b % 65536
-  return (lo + hi * 65536) % 4294967296
-end
-local function fmix32(h)
-  h = h % 4294967296
-  h = bit.bxor(h, bit.rshift(h, 16)) % 4294967296
-  h = mul32(h, 0x85ebca6b)
-  h = bit.bxor(h, bit.rshift(h, 13)) % 4294967296
-  h = mul32(h, 0xc2b2ae35)
-  return bit.bxor(h, bit.rshift(h, 16)) % 4294967296
-end
-
--- A generator for stream (seed, a, b): returns next() giving uniform integers in [0, 2^32).
-local function generator(seed, a, b)
-  local s = seed % 4294967296
-  local x = fmix32(s + 0x9e3779b9)
-  local y = fmix32(bit.bxor(x, fmix32(a + 0x632be5ab)) % 4294967296)
-  local z = fmix32(bit.bxor(y, fmix32(b + 0x85157af5)) % 4294967296)
-  local w = fmix32(bit.bxor(z, fmix32(math.floor(seed / 4294967296) + 0x1b873593)) % 4294967296)
-  if x + y + z + w == 0 then w = 1 end
-  x, y, z, w = bit.tobit(x), bit.tobit(y), bit.tobit(z), bit.tobit(w)
-  return function()
-    local t = bit.bxor(x, bit.lshift(x, 11))
-    x, y, z = y, z, w
-    w = bit.bxor(bit.bxor(w, bit.rshift(w, 19)), bit.bxor(t, bit.rshift(t, 8)))
-    return w % 4294967296
+-- numpy.sum of float64 values: pairwise summation (blocks of 8 partial sums up to 128 elements,
+-- halves beyond), so that normalized blend weights round as Megatron's do.
+local function numpy_sum(a, first, n)
+  if n < 8 then
+    local s = 0.0
+    for k = first, first + n - 1 do s = s + a[k] end
+    return s
+  elseif n <= 128 then
+    local r = {}
+    for j = 0, 7 do r[j] = a[first + j] end
+    local i = 8
+    while i < n - n % 8 do
+      for j = 0, 7 do r[j] = r[j] + a[first + i + j] end
+      i = i + 8
+    end
+    local s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    for k = i, n - 1 do s = s + a[first + k] end
+    return s
   end
+  local half = math.floor(n / 2)
+  half = half - half % 8
+  return numpy_sum(a, first, half) + numpy_sum(a, first + half, n - half)
 end
 
--- Uniform integer in [0, k) for 1 <= k <= 2^32, without modulo bias.
-local function below(next_u32, k)
-  local limit = 4294967296 - 4294967296 % k
-  while true do
-    local u = next_u32()
-    if u < limit then return u % k end
-  end
+-- megatron.core.datasets.utils.normalize: w / numpy.sum(w) in float64.
+local function normalize(weights)
+  local total = numpy_sum(weights, 1, #weights)
+  local out = {}
+  for k, w in ipairs(weights) do out[k] = w / total end
+  return out
 end
-
--- Fisher-Yates over arr[first .. first + n - 1] (a cdata array).
-local function shuffle(arr, first, n, next_u32)
-  for k = n - 1, 1, -1 do
-    local j = below(next_u32, k + 1)
-    arr[first + k], arr[first + j] = arr[first + j], arr[first + k]
-  end
-end
-M._generator, M._shuffle = generator, shuffle
+M._numpy_sum, M._normalize = numpy_sum, normalize
 
 ---------------------------------------------------------------------------------------------------
 -- Splits
@@ -209,27 +206,77 @@ end
 local GPT = {}
 GPT.__index = GPT
 
-local function int_type(max_value) return max_value < 2^31 and 'int32_t' or 'int64_t' end
-local function descr_of(ctype) return ctype == 'int32_t' and '<i4' or '<i8' end
+local INT32_MAX, UINT32_MAX = 2147483647, 4294967295
 
--- Builds the three indices for `epochs` epochs into plain cdata arrays.
-local function build_indices(ds, epochs)
-  local nd, P, seq = ds.num_docs, ds.samples_per_epoch, ds.seq_length
-  local count = epochs * P
-  -- document index: epoch e is the split's documents shuffled with stream (seed, e, 0)
-  local docs = ffi.new('int32_t[?]', math.max(epochs * nd, 1))
-  for e = 0, epochs - 1 do
+-- Floor division of non-negative integers held in doubles (exact below 2^53).
+local function idiv(a, b) return math.floor(a / b) end
+
+-- The shape of Megatron's indices for num_samples (nil: one epoch): epochs E, whether the final
+-- epoch is shuffled apart, the samples before the final epoch, and the sample count
+-- (gpt_dataset.py _get_num_epochs and _build_document_sample_shuffle_indices).
+local function plan(ds, num_samples)
+  local T, seq = ds.tokens_per_epoch, ds.seq_length
+  local E = 1
+  if num_samples then
+    local need = num_samples * seq + 1
+    E = math.max(1, math.ceil(need / T))
+    while E * T < need do E = E + 1 end
+    while E > 1 and (E - 1) * T >= need do E = E - 1 end
+  end
+  local p = { num_epochs = E, separate_final_epoch = false, count = idiv(E * T - 1, seq) }
+  if E > 1 then
+    p.samples_before_final_epoch = idiv((E - 1) * T - 1, seq)
+    local from_final = num_samples - p.samples_before_final_epoch
+    if from_final < 0 or from_final > ds.samples_per_epoch + 1 then
+      error('gpt dataset: internal error: ' .. from_final .. ' samples from the final epoch')
+    end
+    p.separate_final_epoch = from_final < math.floor(0.80 * ds.samples_per_epoch)
+  end
+  return p
+end
+
+-- Element types as Megatron's: the sample index is int32 unless the document index length or the
+-- longest sequence of the whole dataset exceeds int32 (helpers.py build_sample_idx); the shuffle
+-- index is uint32 unless the count reaches 2^32 - 2 (_build_shuffle_index).
+local function index_types(ds, p)
+  local sctype = math.max(p.num_epochs * ds.num_docs, ds.max_sequence_length) <= INT32_MAX and 'int32_t' or 'int64_t'
+  local shctype = p.count >= UINT32_MAX - 1 and 'int64_t' or 'uint32_t'
+  return sctype, shctype
+end
+local DESCR = { int32_t = '<i4', int64_t = '<i8', uint32_t = '<u4' }
+
+-- RandomState.shuffle of arr[first .. first + n - 1] (a cdata array of 4- or 8-byte integers).
+local function shuffle(rs, arr, ctype, first, n)
+  if ffi.sizeof(ctype) == 4 then
+    C.pmp_np_random_shuffle_i32(rs, ffi.cast('int32_t *', arr) + first, n)
+  else
+    C.pmp_np_random_shuffle_i64(rs, ffi.cast('int64_t *', arr) + first, n)
+  end
+end
+
+-- Builds the three indices of plan p into plain cdata arrays, drawing from one RandomState(seed) in
+-- Megatron's order: document index (one or two shuffles), then shuffle index (one or two).
+local function build_indices(ds, p)
+  local nd, seq, E, count = ds.num_docs, ds.seq_length, p.num_epochs, p.count
+  local rs = ffi.new('pmp_np_random')
+  C.pmp_np_random_seed(rs, ds.seed)
+  -- document index (_build_document_index): the split's documents tiled E times, shuffled
+  local docs = ffi.new('int32_t[?]', math.max(E * nd, 1))
+  for e = 0, E - 1 do
     local first = e * nd
     for k = 0, nd - 1 do docs[first + k] = ds.range[1] + k end
-    shuffle(docs, first, nd, generator(ds.seed, e, 0))
+  end
+  if p.separate_final_epoch then
+    shuffle(rs, docs, 'int32_t', 0, (E - 1) * nd)
+    shuffle(rs, docs, 'int32_t', (E - 1) * nd, nd)
+  else
+    shuffle(rs, docs, 'int32_t', 0, E * nd)
   end
   -- sample index (helpers.cpp build_sample_idx with add_extra_token = 1, drop_last)
-  local max_offset = 0
-  for k = ds.range[1], ds.range[2] - 1 do max_offset = math.max(max_offset, ds.lengths[k]) end
-  local sctype = int_type(math.max(epochs * nd, max_offset))
+  local sctype, shctype = index_types(ds, p)
   local samples = ffi.new(sctype .. '[?]', 2 * (count + 1))
   local lengths = ds.lengths
-  local last = epochs * nd - 1
+  local last = E * nd - 1
   local di, offset = 0, 0
   samples[0], samples[1] = 0, 0
   for j = 1, count do
@@ -248,26 +295,30 @@ local function build_indices(ds, epochs)
     end
     samples[2 * j], samples[2 * j + 1] = di, offset
   end
-  -- shuffle index: block k (one epoch's worth of samples) permuted with stream (seed, k, 1)
-  local shctype = int_type(count)
+  -- shuffle index (_build_shuffle_index): arange(count), shuffled in one part or two
   local order = ffi.new(shctype .. '[?]', math.max(count, 1))
   for i = 0, count - 1 do order[i] = i end
-  for k = 0, epochs - 1 do shuffle(order, k * P, P, generator(ds.seed, k, 1)) end
-  return docs, samples, order, sctype, shctype
+  local split_at = p.separate_final_epoch and p.samples_before_final_epoch or count
+  shuffle(rs, order, shctype, 0, split_at)
+  if split_at < count then shuffle(rs, order, shctype, split_at, count - split_at) end
+  return docs, samples, order
 end
 
-local function describe(ds)
+-- What determines the indices: the cache key, and what a cached description must match.
+local function describe(ds, p)
   return {
-    class = 'pmp.GPTDataset', format = 1, path_prefix = ds.path_prefix, split = ds.split,
+    class = 'pmp.GPTDataset', format = 2, order = 'megatron-core GPTDataset (numpy RandomState shuffles)',
+    path_prefix = ds.path_prefix, split = ds.split,
     idx_bytes = ds.idx_bytes, bin_bytes = ds.bin_bytes, sequence_count = #ds.indexed,
     document_count = ds.indexed.document_count, dtype = ds.indexed.dtype,
     range = json.array({ ds.range[1], ds.range[2] }), seq_length = ds.seq_length, seed = ds.seed,
-    tokens_per_epoch = ds.tokens_per_epoch,
+    tokens_per_epoch = ds.tokens_per_epoch, num_epochs = p.num_epochs,
+    separate_final_epoch = p.separate_final_epoch, num_samples = p.count,
   }
 end
 
-local function cache_paths(ds)
-  local desc = describe(ds)
+local function cache_paths(ds, p)
+  local desc = describe(ds, p)
   local key = fnv1a64(json.encode(desc))
   local base = pio.join(ds.cache_dir, key .. '-pmpGPTDataset-' .. ds.split .. '-')
   return desc, {
@@ -276,47 +327,39 @@ local function cache_paths(ds)
   }
 end
 
--- Uses the cached indices when they hold at least `epochs` epochs of this exact dataset.
-local function load_cache(ds, epochs)
-  if not ds.cache_dir then return false end
-  local desc, paths = cache_paths(ds)
-  if not pio.is_file(paths.description) then return false end
+-- Maps the cached indices of plan p when a cache of this exact dataset and plan is there.
+local function load_cache(ds, p)
+  if not ds.cache_dir then return nil end
+  local desc, paths = cache_paths(ds, p)
+  if not pio.is_file(paths.description) then return nil end
   local ok, cached = pcall(json.decode, pio.read_file(paths.description))
-  if not ok or type(cached) ~= 'table' or type(cached.num_epochs) ~= 'number' or cached.num_epochs < epochs then return false end
+  if not ok or type(cached) ~= 'table' then return nil end
   for key, value in pairs(desc) do
     if key == 'range' then
-      if type(cached.range) ~= 'table' or cached.range[1] ~= value[1] or cached.range[2] ~= value[2] then return false end
+      if type(cached.range) ~= 'table' or cached.range[1] ~= value[1] or cached.range[2] ~= value[2] then return nil end
     elseif cached[key] ~= value then
-      return false
+      return nil
     end
   end
-  local e = cached.num_epochs
-  local count = e * ds.samples_per_epoch
-  local sctype, shctype = cached.sample_index_type, cached.shuffle_index_type
-  if (sctype ~= 'int32_t' and sctype ~= 'int64_t') or (shctype ~= 'int32_t' and shctype ~= 'int64_t') then return false end
-  local m1, p1 = map_npy(paths.document_index, '<i4', { e * ds.num_docs })
-  local m2, p2 = map_npy(paths.sample_index, descr_of(sctype), { count + 1, 2 })
-  local m3, p3 = map_npy(paths.shuffle_index, descr_of(shctype), { count })
-  if not (m1 and m2 and m3) then return false end
-  ds.keep = { m1, m2, m3 }
-  ds.document_index = ffi.cast('const int32_t *', p1)
-  ds.sample_index = ffi.cast('const ' .. sctype .. ' *', p2)
-  ds.shuffle_index = ffi.cast('const ' .. shctype .. ' *', p3)
-  ds.num_epochs, ds.count, ds.from_cache = e, count, true
-  return true
+  local sctype, shctype = index_types(ds, p)
+  local m1, p1 = map_npy(paths.document_index, '<i4', { p.num_epochs * ds.num_docs })
+  local m2, p2 = map_npy(paths.sample_index, DESCR[sctype], { p.count + 1, 2 })
+  local m3, p3 = map_npy(paths.shuffle_index, DESCR[shctype], { p.count })
+  if not (m1 and m2 and m3) then return nil end
+  return { m1, m2, m3 }, ffi.cast('const int32_t *', p1), ffi.cast('const ' .. sctype .. ' *', p2),
+    ffi.cast('const ' .. shctype .. ' *', p3)
 end
 
-local function save_cache(ds, docs, samples, order, sctype, shctype)
+local function save_cache(ds, p, docs, samples, order)
   if not ds.cache_dir then return end
   local ok, err = pcall(function()
     pio.mkdir_p(ds.cache_dir)
-    local desc, paths = cache_paths(ds)
-    local e, count = ds.num_epochs, ds.count
-    write_npy(paths.document_index, '<i4', { e * ds.num_docs }, docs, 4 * e * ds.num_docs)
-    write_npy(paths.sample_index, descr_of(sctype), { count + 1, 2 }, samples, ffi.sizeof(sctype) * 2 * (count + 1))
-    write_npy(paths.shuffle_index, descr_of(shctype), { count }, order, ffi.sizeof(shctype) * count)
-    desc.num_epochs, desc.num_samples = e, count
-    desc.sample_index_type, desc.shuffle_index_type = sctype, shctype
+    local desc, paths = cache_paths(ds, p)
+    local sctype, shctype = index_types(ds, p)
+    local n = p.num_epochs * ds.num_docs
+    write_npy(paths.document_index, '<i4', { n }, docs, 4 * n)
+    write_npy(paths.sample_index, DESCR[sctype], { p.count + 1, 2 }, samples, ffi.sizeof(sctype) * 2 * (p.count + 1))
+    write_npy(paths.shuffle_index, DESCR[shctype], { p.count }, order, ffi.sizeof(shctype) * p.count)
     pio.write_atomic(paths.description, json.encode(desc, { indent = 2 }) .. '\n')   -- written last: the marker
   end)
   if not ok then
@@ -324,24 +367,38 @@ local function save_cache(ds, docs, samples, order, sctype, shctype)
   end
 end
 
-local function materialize(ds, epochs)
-  if load_cache(ds, epochs) then return end
-  local docs, samples, order, sctype, shctype = build_indices(ds, epochs)
-  ds.keep = { docs, samples, order }
-  ds.document_index, ds.sample_index, ds.shuffle_index = docs, samples, order
-  ds.num_epochs, ds.count, ds.from_cache = epochs, epochs * ds.samples_per_epoch, false
-  save_cache(ds, docs, samples, order, sctype, shctype)
+-- Makes the indices Megatron builds for num_samples (nil: one epoch) this dataset's indices.
+local function materialize(ds, num_samples)
+  local p = plan(ds, num_samples)
+  local keep, docs, samples, order = load_cache(ds, p)
+  ds.from_cache = keep ~= nil
+  if not keep then
+    docs, samples, order = build_indices(ds, p)
+    keep = { docs, samples, order }
+    save_cache(ds, p, docs, samples, order)
+  end
+  ds.keep, ds.document_index, ds.sample_index, ds.shuffle_index = keep, docs, samples, order
+  ds.num_samples, ds.num_epochs, ds.separate_final_epoch, ds.count = num_samples, p.num_epochs, p.separate_final_epoch, p.count
 end
 
 -- indexed: an open pmp.data.indexed dataset. options:
---   seq_length (required), seed (default 1234), split (name: 'train', 'valid', 'test'; default 'train'),
+--   seq_length (required), seed (default 1234; an integer in [0, 2^32)),
+--   split (name: 'train', 'valid', 'test'; default 'train'),
 --   range = {beg, end} (the split's sequences, 0-based, end excluded; default all),
---   num_samples (samples to make available now; default one epoch; more are added on demand),
+--   num_samples (Megatron's num_samples for this dataset; default nil: one epoch),
 --   cache_dir (default <prefix dir>/cache/GPTDataset_indices; false: keep the indices in memory only).
 function M.GPTDataset(ds_indexed, options)
   options = options or {}
   local seq = options.seq_length
   if type(seq) ~= 'number' or seq < 1 or seq ~= math.floor(seq) then fail('seq_length must be a positive integer', 2) end
+  local seed = options.seed or 1234
+  if type(seed) ~= 'number' or seed ~= math.floor(seed) or seed < 0 or seed > UINT32_MAX then
+    fail('seed must be an integer in [0, 2^32) (numpy.random.RandomState), got ' .. tostring(seed), 2)
+  end
+  local num_samples = options.num_samples
+  if num_samples ~= nil and (type(num_samples) ~= 'number' or num_samples < 0 or num_samples ~= math.floor(num_samples)) then
+    fail('num_samples must be a non-negative integer, got ' .. tostring(num_samples), 2)
+  end
   local S = #ds_indexed
   local range = options.range or { 0, S }
   if range[1] < 0 or range[2] > S or range[2] < range[1] then
@@ -349,15 +406,16 @@ function M.GPTDataset(ds_indexed, options)
   end
   local prefix = ds_indexed.path_prefix
   local ds = setmetatable({
-    indexed = ds_indexed, path_prefix = prefix, seq_length = seq, seed = options.seed or 1234,
+    indexed = ds_indexed, path_prefix = prefix, seq_length = seq, seed = seed,
     split = options.split or 'train', range = { range[1], range[2] }, num_docs = range[2] - range[1],
     lengths = ds_indexed.lengths_ptr, pointers = ds_indexed.pointers_ptr, data = ds_indexed.data_ptr,
     itemsize = ds_indexed.itemsize,
   }, GPT)
-  local tokens = 0
+  local tokens, longest = 0, 0
   for k = range[1], range[2] - 1 do tokens = tokens + ds.lengths[k] end
-  ds.tokens_per_epoch = tokens
-  ds.samples_per_epoch = math.floor((tokens - 1) / seq)
+  for k = 0, S - 1 do longest = math.max(longest, ds.lengths[k]) end
+  ds.tokens_per_epoch, ds.max_sequence_length = tokens, longest
+  ds.samples_per_epoch = idiv(tokens - 1, seq)
   if ds.samples_per_epoch < 1 then
     fail(string.format('the %s split of %s (sequences [%d, %d)) has %d tokens, too few for one sample of %d',
       ds.split, prefix, range[1], range[2], tokens, seq + 1), 2)
@@ -369,16 +427,14 @@ function M.GPTDataset(ds_indexed, options)
   end
   ds.idx_bytes = pio.size(ds_indexed.idx_path)
   ds.bin_bytes = pio.size(ds_indexed.bin_path)
-  local want = options.num_samples or ds.samples_per_epoch
-  materialize(ds, math.max(1, math.ceil(want / ds.samples_per_epoch)))
+  materialize(ds, num_samples)
   return ds
 end
 
--- Makes samples 0 .. n - 1 available (adds whole epochs; earlier samples do not move).
+-- Makes at least n samples available: when the dataset has fewer, its indices become those Megatron
+-- builds for num_samples = n, which may reorder every sample (see the header).
 function GPT:ensure(n)
-  if n <= self.count then return end
-  local epochs = math.max(math.ceil(n / self.samples_per_epoch), self.num_epochs + 1)
-  materialize(self, epochs)
+  if n > self.count then materialize(self, n) end
 end
 
 -- Writes unshuffled sample j (seq_length + 1 tokens) into dst (int64_t *).
@@ -403,10 +459,17 @@ function GPT:raw_sample_into(j, dst)
   end
 end
 
+local function check_range(ds, i, level)
+  if i >= ds.count then
+    fail(string.format('sample %d is past the %d samples of %s (asked for %s); build it with num_samples > %d',
+      i, ds.count, tostring(ds), ds.num_samples and tostring(ds.num_samples) or 'one epoch', i), level + 1)
+  end
+end
+
 -- Writes sample i in training order into dst (int64_t *).
 function GPT:sample_into(i, dst)
   if self.indexed.closed then fail(self.path_prefix .. ': the indexed dataset was closed', 2) end
-  if i >= self.count then self:ensure(i + 1) end
+  check_range(self, i, 2)
   self:raw_sample_into(tonumber(self.shuffle_index[i]), dst)
 end
 
@@ -419,6 +482,7 @@ end
 -- Sample i (0-based, training order) as an i64 tensor of seq_length + 1 tokens.
 function GPT:sample(i)
   check_index(self, i, 'sample')
+  check_range(self, i, 2)
   local t = tensor.empty({ self.seq_length + 1 }, { dtype = 'i64' })
   self:sample_into(i, ffi.cast('int64_t *', t.ptr.data))
   return t
@@ -428,7 +492,7 @@ end
 function GPT:raw_sample(j)
   check_index(self, j, 'raw_sample')
   if self.indexed.closed then fail(self.path_prefix .. ': the indexed dataset was closed', 2) end
-  if j >= self.count then self:ensure(j + 1) end
+  check_range(self, j, 2)
   local t = tensor.empty({ self.seq_length + 1 }, { dtype = 'i64' })
   self:raw_sample_into(j, ffi.cast('int64_t *', t.ptr.data))
   return t
@@ -438,6 +502,7 @@ end
 -- (the same interface as pmp.data.TextDataset).
 local function batch(ds, first, size)
   check_index(ds, first, 'batch')
+  if size > 0 then check_range(ds, first + size - 1, 2) end
   local seq = ds.seq_length
   local block = tensor.empty({ size, seq + 1 }, { dtype = 'i64' })
   local base = ffi.cast('int64_t *', block.ptr.data)
@@ -448,7 +513,7 @@ GPT.batch = batch
 
 -- The shuffle, sample and document indices as tensors (copies), for inspection and tests.
 function GPT:indices()
-  local function copy(ptr, n, ctype)
+  local function copy(ptr, n)
     local t = tensor.empty({ n }, { dtype = 'i64' })
     local dst = ffi.cast('int64_t *', t.ptr.data)
     for k = 0, n - 1 do dst[k] = ptr[k] end
@@ -462,9 +527,10 @@ function GPT:indices()
 end
 
 function GPT:__tostring()
-  return string.format('GPTDataset(%s, %s split: sequences [%d, %d), %d tokens per epoch, %d samples of %d tokens in %d epochs%s)',
-    self.path_prefix, self.split, self.range[1], self.range[2], self.tokens_per_epoch, self.count, self.seq_length + 1,
-    self.num_epochs, self.from_cache and ', indices from cache' or '')
+  return string.format('GPTDataset(%s, %s split: sequences [%d, %d), %d tokens per epoch, %d samples of %d tokens in %d epochs%s%s)',
+    self.path_prefix, self.split, self.range[1], self.range[2], self.tokens_per_epoch, self.count or 0, self.seq_length + 1,
+    self.num_epochs or 0, self.separate_final_epoch and ', final epoch shuffled apart' or '',
+    self.from_cache and ', indices from cache' or '')
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -473,46 +539,65 @@ end
 local Blended = {}
 Blended.__index = Blended
 
--- datasets: GPT datasets (or anything with sample_into/ensure/seq_length); weights: positive numbers
--- (normalized here). options.size: positions to index now (more are added on demand).
+-- datasets: GPT datasets (or anything with sample_into, ensure, count, seq_length); weights: positive
+-- numbers. options.size: the number of positions (Megatron's size), each going to a dataset by
+-- build_blending_indices over the normalized weights. Without a size the blend is exhaustive
+-- (build_exhaustive_blending_indices): the weights are whole sample counts, and dataset k gives
+-- exactly weights[k] samples.
 function M.BlendedDataset(datasets, weights, options)
   options = options or {}
   if #datasets == 0 then fail('a blend needs at least one dataset', 2) end
-  if #datasets > 32767 then fail('too many datasets in a blend', 2) end
+  if #datasets > 32766 then fail('too many datasets in a blend', 2) end
   if #weights ~= #datasets then fail(string.format('%d datasets but %d weights', #datasets, #weights), 2) end
-  local total = 0
-  for k, w in ipairs(weights) do
-    if type(w) ~= 'number' or w < 0 or w ~= w then fail('weight ' .. k .. ' is not a non-negative number', 2) end
-    total = total + w
+  local size = options.size
+  if size ~= nil and (type(size) ~= 'number' or size < 0 or size ~= math.floor(size)) then
+    fail('the blend size must be a non-negative integer, got ' .. tostring(size), 2)
   end
-  if total <= 0 then fail('the blend weights add up to 0', 2) end
+  for k, w in ipairs(weights) do
+    if type(w) ~= 'number' or not (w > 0) or w == math.huge then fail('weight ' .. k .. ' is not a positive number', 2) end
+    if size == nil and w ~= math.floor(w) then
+      fail('a blend without a size takes weights[k] samples from dataset k: weight ' .. k .. ' is not a whole number', 2)
+    end
+  end
   local seq = datasets[1].seq_length
-  for k, ds in ipairs(datasets) do
+  for _, ds in ipairs(datasets) do
     if ds.seq_length ~= seq then fail('all blended datasets need the same seq_length', 2) end
   end
-  local normalized = {}
-  for k, w in ipairs(weights) do normalized[k] = w / total end
   local b = setmetatable({
-    datasets = datasets, weights = normalized, seq_length = seq, count = 0,
+    datasets = datasets, weights = size and normalize(weights) or { unpack(weights) }, size = size,
+    seq_length = seq, count = 0, current = {},
     dataset_index = indexed._vec('int16_t'), dataset_sample_index = indexed._vec('int64_t'),
-    current = {},
   }, Blended)
   for k = 1, #datasets do b.current[k] = 0 end
-  b:ensure(options.size or 1)
-  -- Each dataset makes the samples the blend will take from it available up front.
-  for k, ds in ipairs(datasets) do
-    if ds.ensure then ds:ensure(b.current[k]) end
+  if size then
+    b:ensure(size)
+  else
+    b:exhaust()
   end
   return b
 end
 
--- Extends the blending indices to n positions (helpers.cpp build_blending_indices).
+local function push(b, k)
+  b.dataset_index:push(k - 1)
+  b.dataset_sample_index:push(b.current[k])
+  b.current[k] = b.current[k] + 1
+end
+
+-- Each dataset makes the samples the blend takes from it available (Megatron would fail instead).
+local function ensure_datasets(b)
+  for k, ds in ipairs(b.datasets) do
+    if ds.ensure then ds:ensure(b.current[k]) end
+  end
+end
+
+-- Extends the blending indices to n positions (helpers.cpp build_blending_indices; the positions
+-- before n do not depend on n).
 function Blended:ensure(n)
   if n <= self.count then return end
+  if not self.size then fail('an exhaustive blend has exactly ' .. self.count .. ' samples', 2) end
   local w, cur, nds = self.weights, self.current, #self.datasets
-  local di, dsi = self.dataset_index, self.dataset_sample_index
-  di:reserve(n)
-  dsi:reserve(n)
+  self.dataset_index:reserve(n)
+  self.dataset_sample_index:reserve(n)
   for i = self.count, n - 1 do
     local x = math.max(i, 1)
     local best, best_err = 1, w[1] * x - cur[1]
@@ -520,16 +605,49 @@ function Blended:ensure(n)
       local err = w[k] * x - cur[k]
       if err > best_err then best, best_err = k, err end
     end
-    di:push(best - 1)
-    dsi:push(cur[best])
-    cur[best] = cur[best] + 1
+    push(self, best)
   end
   self.count = n
+  ensure_datasets(self)
+end
+
+-- Every sample of every dataset, weights[k] from dataset k (helpers.cpp
+-- build_exhaustive_blending_indices): among the datasets not yet spent, the one furthest below its
+-- share, the first on ties.
+function Blended:exhaust()
+  local sizes, cur, nds = self.weights, self.current, #self.datasets
+  local total = 0
+  for k = 1, nds do total = total + sizes[k] end
+  local w, spent, left = {}, {}, nds
+  for k = 1, nds do w[k] = sizes[k] / total end
+  self.dataset_index:reserve(total)
+  self.dataset_sample_index:reserve(total)
+  local i = 0
+  while left > 0 do
+    local x = math.max(i, 1)
+    local best, best_err = nil, -math.huge
+    for k = 1, nds do
+      if not spent[k] then
+        local err = w[k] * x - cur[k]
+        if err > best_err then best, best_err = k, err end
+      end
+    end
+    push(self, best)
+    if cur[best] == sizes[best] then
+      spent[best] = true
+      left = left - 1
+    end
+    i = i + 1
+  end
+  self.count = i
+  ensure_datasets(self)
 end
 
 -- Which dataset (1-based) and which of its samples (0-based) position i takes.
 function Blended:source(i)
-  if i >= self.count then self:ensure(i + 1) end
+  if i >= self.count then
+    fail(string.format('sample %d is past the %d samples of %s', i, self.count, tostring(self)), 2)
+  end
   return self.dataset_index.data[i] + 1, tonumber(self.dataset_sample_index.data[i])
 end
 
@@ -584,9 +702,13 @@ function M.parse_blend(list)
 end
 
 -- blend: what --data-path gave (see parse_blend). options: seq_length, seed, split ('969,30,1'),
--- sizes = {train =, valid =, test =} (samples wanted now; default one epoch), cache_dir.
+-- sizes = {train =, valid =, test =} (Megatron's train_val_test_num_samples: the samples each split
+-- must provide; nil: one epoch), cache_dir.
 -- Returns {train =, valid =, test =, indexed = {open datasets}, warnings = {...}}; a split with no
 -- sequences, or too few tokens for one sample in a valid/test split, is nil (with a warning for the latter).
+-- The datasets and sizes are megatron-core's BlendedMegatronDatasetBuilder's (see the header).
+local MID_LEVEL_DATASET_SURPLUS = 0.005   -- BlendedMegatronDatasetConfig.mid_level_dataset_surplus
+
 function M.build(blend, options)
   options = options or {}
   local prefixes, weights = M.parse_blend(blend)
@@ -595,20 +717,23 @@ function M.build(blend, options)
   local sizes = options.sizes or {}
   local out = { indexed = {}, warnings = {} }
   local per_split = { train = {}, valid = {}, test = {} }
-  local weight_total = 0
-  for _, w in ipairs(weights or {}) do weight_total = weight_total + w end
+  local normalized = weights and normalize(weights)
+  -- Megatron's num_samples for dataset k in split `name` (_get_size_per_split_per_dataset)
+  local function num_samples(k, name)
+    local size = sizes[name]
+    if not normalized then return #prefixes == 1 and size or nil end
+    return size and math.ceil(math.ceil(size * normalized[k]) * (1 + MID_LEVEL_DATASET_SURPLUS))
+  end
   for k, prefix in ipairs(prefixes) do
     local ds = indexed.open(prefix)
     out.indexed[k] = ds
     local ranges = M.split_ranges(split, #ds)
     for _, name in ipairs(M.SPLITS) do
       local r = ranges[name]
-      if r then
+      if r and not (normalized and normalized[k] == 0) then
         local ok, result = pcall(M.GPTDataset, ds, {
           seq_length = options.seq_length, seed = options.seed, split = name, range = r,
-          cache_dir = options.cache_dir,
-          -- what the blend will take from this dataset (build_blending_indices stays within 1 of it)
-          num_samples = sizes[name] and math.ceil(sizes[name] * (weights and weights[k] / weight_total or 1)) + 1 or nil,
+          cache_dir = options.cache_dir, num_samples = num_samples(k, name),
         })
         if ok then
           per_split[name][k] = result
@@ -621,20 +746,25 @@ function M.build(blend, options)
     end
   end
   for _, name in ipairs(M.SPLITS) do
-    local list, ws = {}, {}
+    local list, ws, counts, target = {}, {}, 0, 0
     for k = 1, #prefixes do
       local ds = per_split[name][k]
-      local w = weights and weights[k] or (ds and ds.samples_per_epoch)
-      if ds and w > 0 then
+      if normalized and sizes[name] then target = target + math.ceil(sizes[name] * normalized[k]) end
+      if ds then
         list[#list + 1] = ds
-        ws[#ws + 1] = w
+        ws[#ws + 1] = normalized and normalized[k] or ds.count
+        counts = counts + ds.count
       end
     end
-    if #prefixes == 1 or #list == 0 then
+    if #list == 0 then
+      out[name] = nil
+    elseif not weights and #prefixes == 1 then
       out[name] = list[1]
-      if list[1] and sizes[name] then list[1]:ensure(sizes[name]) end
+    elseif normalized then
+      -- Megatron requires a size with weights; without one pmp takes one epoch's worth of each dataset
+      out[name] = M.BlendedDataset(list, ws, { size = sizes[name] and target or counts })
     else
-      out[name] = M.BlendedDataset(list, ws, { size = sizes[name] or list[1].count })
+      out[name] = M.BlendedDataset(list, ws, { size = sizes[name] and math.min(sizes[name], counts) or nil })
     end
   end
   return out
