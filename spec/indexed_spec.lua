@@ -1,6 +1,7 @@
 require 'busted.runner'()
 -- Megatron indexed datasets (.bin/.idx): reader, builder, validation, files written by megatron-core;
--- GPT samples (overlap, splits, blending, determinism, resume); preprocess_data; pretraining on them.
+-- GPT samples (overlap, splits, blending, determinism, resume, megatron-core's exact order); numpy's
+-- RandomState (core/random_numpy.c); preprocess_data; pretraining on them.
 local ffi = require 'ffi'
 local shell = require 'spec.support.shell'
 local indexed = pmp.data.indexed
@@ -378,6 +379,7 @@ describe('pmp.data.gpt_dataset', function()
     local g = G.GPTDataset(ds, { seq_length = 5, seed = 1, num_samples = 200, cache_dir = dir .. '/cache' })
     assert.is_false(g.from_cache)
     assert.is_true(g.num_epochs > 1)
+    assert.is_true(g.count >= 200)
     local full = {}
     for step = 0, 19 do
       local x = g:batch(step * 8, 8)
@@ -387,9 +389,20 @@ describe('pmp.data.gpt_dataset', function()
     local r = G.GPTDataset(indexed.open(dir .. '/a'), { seq_length = 5, seed = 1, num_samples = 200, cache_dir = dir .. '/cache' })
     assert.is_true(r.from_cache)
     for step = 12, 19 do assert.are.same(full[step], r:batch(step * 8, 8):totable()) end
-    -- asking for fewer samples up front (a shorter --train-iters) and growing on demand changes nothing
+    -- the indices depend on the number of samples only through the epochs and the final-epoch split
+    local same = G.GPTDataset(ds, { seq_length = 5, seed = 1, num_samples = 199, cache_dir = false })
+    assert.are.equal(g.num_epochs, same.num_epochs)
+    assert.are.equal(g.separate_final_epoch, same.separate_final_epoch)
+    assert.are.same(g:indices().shuffle_index:totable(), same:indices().shuffle_index:totable())
+    -- fewer samples: fewer epochs, another order (as Megatron); past the count is an error, and
+    -- ensure(n) makes it Megatron's dataset for n samples
     local small = G.GPTDataset(ds, { seq_length = 5, seed = 1, num_samples = 10, cache_dir = false })
-    assert.is_true(small.count < 160)
+    assert.are.equal(1, small.num_epochs)
+    assert.are.equal(small.samples_per_epoch, small.count)
+    assert.has_error(function() small:sample(small.count) end)
+    assert.has_error(function() small:batch(small.count - 4, 8) end)
+    small:ensure(200)
+    assert.are.equal(g.count, small.count)
     for step = 0, 19 do assert.are.same(full[step], small:batch(step * 8, 8):totable()) end
     -- a damaged cache is rebuilt, not trusted
     for _, name in ipairs(pmp.io.listdir(dir .. '/cache')) do
@@ -409,6 +422,13 @@ describe('pmp.data.gpt_dataset', function()
     local npy = read(dir .. '/cache/GPTDataset_indices/' .. names[2])
     assert.are.equal('\147NUMPY\1\0', npy:sub(1, 8))
     assert.are.equal(0, (10 + npy:byte(9) + 256 * npy:byte(10)) % 64)
+    -- Megatron's dtypes (int32 documents, uint32 shuffle); format 2 (Megatron's order) keeps caches of
+    -- the earlier pmp-only order from being used
+    assert.matches("'descr': '<i4'", npy)
+    assert.matches("'descr': '<u4'", read(dir .. '/cache/GPTDataset_indices/' .. names[4]))
+    local desc = pmp.json.decode(read(dir .. '/cache/GPTDataset_indices/' .. names[1]))
+    assert.are.equal(2, desc.format)
+    assert.are.equal(1, desc.num_epochs)
   end)
 
   it('says which split is too small', function()
@@ -416,6 +436,167 @@ describe('pmp.data.gpt_dataset', function()
     local ok, err = pcall(G.build, { dir .. '/tiny' }, { seq_length = 64, split = '1', cache_dir = false })
     assert.is_false(ok)
     assert.matches('the train split of .*tiny %(sequences %[0, 2%)%) has %d+ tokens, too few for one sample of 65', err)
+  end)
+
+  it('refuses seeds numpy.random.RandomState refuses', function()
+    local ds = make('a', 10)
+    assert.has_error(function() G.GPTDataset(ds, { seq_length = 4, seed = -1, cache_dir = false }) end)
+    assert.has_error(function() G.GPTDataset(ds, { seq_length = 4, seed = 2 ^ 32, cache_dir = false }) end)
+    assert.has_error(function() G.GPTDataset(ds, { seq_length = 4, seed = 1.5, cache_dir = false }) end)
+  end)
+
+  -- spec/fixtures/gpt_dataset: what megatron-core's BlendedMegatronDatasetBuilder(GPTDataset, ...) built
+  -- (tools/make_gpt_dataset_fixtures.py).
+  local GPT_FIXTURES = shell.root .. '/spec/fixtures/gpt_dataset'
+  local function gpt_expected() return pmp.json.decode(read(GPT_FIXTURES .. '/expected.json')) end
+
+  local function assert_megatron_gpt(what, want, g)
+    assert.are.equal(GPT_FIXTURES .. '/' .. want.prefix, g.path_prefix, what)
+    assert.are.same(want.range, g.range, what)
+    assert.are.equal(want.tokens_per_epoch, g.tokens_per_epoch, what)
+    assert.are.equal(want.num_epochs, g.num_epochs, what .. ': epochs')
+    assert.are.equal(want.separate_final_epoch, g.separate_final_epoch, what .. ': separate final epoch')
+    assert.are.equal(want.count, g.count, what .. ': samples')
+    local idx = g:indices()
+    assert.are.same(want.document_index, idx.document_index:totable(), what .. ': document index')
+    local flat = {}
+    for _, row in ipairs(idx.sample_index:totable()) do flat[#flat + 1], flat[#flat + 2] = row[1], row[2] end
+    assert.are.same(want.sample_index, flat, what .. ': sample index')
+    assert.are.same(want.shuffle_index, idx.shuffle_index:totable(), what .. ': shuffle index')
+    for _, s in ipairs(want.samples) do
+      assert.are.same(s[2], g:sample(s[1]):totable(), what .. ': sample ' .. s[1])
+    end
+  end
+
+  it("builds megatron-core's document, sample and shuffle indices and blends (spec/fixtures/gpt_dataset)", function()
+    local expected = gpt_expected()
+    assert.is_true(#expected.cases >= 10)
+    for _, case in ipairs(expected.cases) do
+      local list, weighted = {}, #case.data_path % 2 == 0 and tonumber(case.data_path[1]) ~= nil
+      for i, p in ipairs(case.data_path) do
+        list[i] = (weighted and i % 2 == 1) and p or (GPT_FIXTURES .. '/' .. p)
+      end
+      local sizes = {}
+      for k, name in ipairs(G.SPLITS) do
+        if case.sizes[k] ~= pmp.json.null then sizes[name] = case.sizes[k] end
+      end
+      local sets = G.build(list, { seq_length = case.seq_length, seed = case.seed, split = case.split, sizes = sizes,
+        cache_dir = false })
+      for _, name in ipairs(G.SPLITS) do
+        local want, got, what = case.splits[name], sets[name], case.name .. ', ' .. name
+        if not want then
+          assert.is_nil(got, what)
+        elseif want.kind == 'gpt' then
+          assert.are.equal(want.num_samples ~= pmp.json.null and want.num_samples or nil, got.num_samples, what)
+          assert_megatron_gpt(what, want, got)
+        else
+          assert.are.equal(#want.dataset_index, got.count, what .. ': blend size')
+          assert.are.same(want.weights, got.weights, what .. ': blend weights')
+          for i = 0, got.count - 1 do
+            local d, k = got:source(i)
+            if d - 1 ~= want.dataset_index[i + 1] or k ~= want.dataset_sample_index[i + 1] then
+              error(string.format('%s: position %d takes sample %d of dataset %d, megatron-core sample %d of dataset %d',
+                what, i, k, d - 1, want.dataset_sample_index[i + 1], want.dataset_index[i + 1]))
+            end
+          end
+          assert.has_error(function() got:sample(got.count) end)
+          for k, wd in ipairs(want.datasets) do
+            assert_megatron_gpt(what .. ', dataset ' .. k, wd, got.datasets[k])
+          end
+          for _, s in ipairs(want.samples) do
+            assert.are.same(s[2], got:sample(s[1]):totable(), what .. ': sample ' .. s[1])
+          end
+        end
+      end
+    end
+  end)
+
+  it('normalizes blend weights with numpy.sum (pairwise) arithmetic', function()
+    local a = {}
+    for k = 1, 300 do a[k] = 1 / k end
+    local seq = 0
+    for k = 1, 300 do seq = seq + a[k] end
+    -- numpy: 8 partial sums for blocks up to 128, halves beyond (a plain loop rounds differently here)
+    local function pairwise(first, n)
+      if n < 8 then
+        local s = 0
+        for k = first, first + n - 1 do s = s + a[k] end
+        return s
+      elseif n > 128 then
+        local h = math.floor(n / 2)
+        h = h - h % 8
+        return pairwise(first, h) + pairwise(first + h, n - h)
+      end
+      local r = {}
+      for j = 0, 7 do r[j] = a[first + j] end
+      local i = 8
+      while i < n - n % 8 do
+        for j = 0, 7 do r[j] = r[j] + a[first + i + j] end
+        i = i + 8
+      end
+      local s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+      for k = i, n - 1 do s = s + a[first + k] end
+      return s
+    end
+    assert.are.equal(pairwise(1, 300), G._numpy_sum(a, 1, 300))
+    assert.are_not.equal(seq, G._numpy_sum(a, 1, 300))
+    assert.are.same({ 0.25, 0.75 }, G._normalize({ 1, 3 }))
+  end)
+end)
+
+describe("numpy's legacy RandomState (core/random_numpy.c)", function()
+  local C = require('pmp.ffi').C
+  local fixtures = pmp.json.decode(read(shell.root .. '/spec/fixtures/gpt_dataset/expected.json')).numpy_random
+  local function state(seed)
+    local r = ffi.new('pmp_np_random')
+    C.pmp_np_random_seed(r, seed)
+    return r
+  end
+
+  it('is MT19937: the 10000th output from seed 5489 is 4123659995', function()
+    local r = state(5489)
+    local v
+    for _ = 1, 10000 do v = C.pmp_np_random_next_u32(r) end
+    assert.are.equal(4123659995, v)
+  end)
+
+  it("gives numpy's outputs for RandomState(seed), across twists", function()
+    for seed, want in pairs(fixtures.mt19937_outputs) do
+      local r = state(tonumber(seed))
+      local got = {}
+      for k = 1, 632 do
+        local v = C.pmp_np_random_next_u32(r)
+        if k <= 8 or k >= 631 then got[#got + 1] = v end
+      end
+      assert.are.same(want, got, 'seed ' .. seed)
+    end
+  end)
+
+  it("shuffles as RandomState.shuffle, one generator through successive shuffles", function()
+    for _, case in ipairs(fixtures.shuffles) do
+      local r = state(case.seed)
+      local a, b = ffi.new('int32_t[?]', case.n), ffi.new('int64_t[?]', case.n)
+      for k = 0, case.n - 1 do a[k], b[k] = k, k end
+      C.pmp_np_random_shuffle_i32(r, a, case.n)
+      C.pmp_np_random_shuffle_i64(r, b, case.n)
+      local ga, gb = {}, {}
+      for k = 0, case.n - 1 do ga[k + 1], gb[k + 1] = a[k], tonumber(b[k]) end
+      assert.are.same(case.int32_then_int64[1], ga, 'seed ' .. case.seed .. ', n ' .. case.n)
+      assert.are.same(case.int32_then_int64[2], gb, 'seed ' .. case.seed .. ', n ' .. case.n)
+    end
+  end)
+
+  it('draws in [0, max] past 32 bits from two outputs, the first as the high half', function()
+    local case = fixtures.interval64
+    local r = state(case.seed)
+    for _, want in ipairs(case.values) do
+      assert.are.equal(want, tonumber(C.pmp_np_random_interval(r, case.max)))
+    end
+    -- and bounds: [0, 0] takes no draw, [0, 1] takes one
+    local x, y = state(1), state(1)
+    assert.are.equal(0, tonumber(C.pmp_np_random_interval(x, 0)))
+    assert.are.equal(C.pmp_np_random_next_u32(x), C.pmp_np_random_next_u32(y))
+    assert.is_true(tonumber(C.pmp_np_random_interval(x, 1)) <= 1)
   end)
 end)
 

@@ -502,7 +502,9 @@ end
 -- (the same interface as pmp.data.TextDataset).
 local function batch(ds, first, size)
   check_index(ds, first, 'batch')
-  if size > 0 then check_range(ds, first + size - 1, 2) end
+  if size > 0 and first + size > ds.count then
+    fail(string.format('batch: samples [%d, %d) go past the %d samples of %s', first, first + size, ds.count, tostring(ds)), 2)
+  end
   local seq = ds.seq_length
   local block = tensor.empty({ size, seq + 1 }, { dtype = 'i64' })
   local base = ffi.cast('int64_t *', block.ptr.data)
@@ -643,11 +645,13 @@ function Blended:exhaust()
   ensure_datasets(self)
 end
 
+local function check_blend_range(b, i, level)
+  if i >= b.count then fail(string.format('sample %d is past the %d samples of %s', i, b.count, tostring(b)), level + 1) end
+end
+
 -- Which dataset (1-based) and which of its samples (0-based) position i takes.
 function Blended:source(i)
-  if i >= self.count then
-    fail(string.format('sample %d is past the %d samples of %s', i, self.count, tostring(self)), 2)
-  end
+  check_blend_range(self, i, 2)
   return self.dataset_index.data[i] + 1, tonumber(self.dataset_sample_index.data[i])
 end
 
@@ -658,6 +662,7 @@ end
 
 function Blended:sample(i)
   check_index(self, i, 'sample')
+  check_blend_range(self, i, 2)
   local t = tensor.empty({ self.seq_length + 1 }, { dtype = 'i64' })
   self:sample_into(i, ffi.cast('int64_t *', t.ptr.data))
   return t
