@@ -110,7 +110,10 @@ if indexed_data then
   local built
   ok, built = pcall(gpt_dataset.build, opts.data_path, {
     seq_length = opts.seq_length, seed = opts.seed, split = opts.split,
-    sizes = { train = opts.train_iters * opts.global_batch_size, valid = opts.eval_iters * opts.micro_batch_size },
+    -- Megatron's train_val_test_num_samples, so each split's order is the one Megatron builds
+    sizes = { train = opts.train_iters * opts.global_batch_size,
+              valid = (math.floor(opts.train_iters / math.max(opts.eval_interval, 1)) + 1) * opts.eval_iters * opts.global_batch_size,
+              test = opts.eval_iters * opts.global_batch_size },
   })
   if not ok then fail(tostring(built)) end
   for _, warning in ipairs(built.warnings) do print('pretrain: warning: ' .. warning) end
