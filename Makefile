@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libopenblas-dev libopenblas-openmp-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all deps test bench bench-tokenizer bench-generate bench-pretrain clean
+.PHONY: all cuda deps test bench bench-tokenizer bench-generate bench-pretrain clean
 all: pmp
 
 pmp: $(HOST_OBJS) build/libpmpcore.a
@@ -33,6 +33,16 @@ build/libpmpcore.a: $(CORE_OBJS)
 build/%.o: %.c core/pmp.h $(wildcard core/*.h core/host/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
+
+# The GPU backend, a library loaded at run time so the pmp executable needs no CUDA.
+CUDA_HOME ?= /usr/local/cuda
+NVCC      ?= $(CUDA_HOME)/bin/nvcc
+cuda: build/libpmp_cuda.so
+
+build/libpmp_cuda.so: cuda/nccl.cu core/pmp.h
+	@mkdir -p build
+	$(NVCC) -O2 -std=c++17 -Xcompiler -fPIC,-Wall -shared -Icore -o $@ $< -L$(CUDA_HOME)/lib64 -lnccl -lcudart \
+	  -Xlinker -rpath,$(CUDA_HOME)/lib64
 
 deps:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do \
