@@ -12,6 +12,7 @@ local Module = require 'pmp.nn.module'
 local layers = require 'pmp.nn.layers'
 local F = require 'pmp.nn.functional'
 local autograd = require 'pmp.autograd'
+local parallel = require 'pmp.nn.parallel'
 
 local M = {}
 
@@ -150,6 +151,8 @@ function M.Attention:init(config, layer)
   if type(window) == 'table' then window = window[layer or 1] end
   rawset(self, 'window', window or nil)
   local heads, groups, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
+  -- the heads and query groups this module computes: fewer under tensor parallelism (pmp.nn.parallel)
+  self.num_heads, self.num_query_groups = heads, groups
   local opts = { init_std = config.init_std, dtype = config.dtype }
   self.linear_qkv = layers.Linear(config.hidden_size, (heads + 2 * groups) * d,
     { bias = config.add_qkv_bias or false, init_std = config.init_std, dtype = config.dtype })
@@ -162,11 +165,12 @@ function M.Attention:init(config, layer)
 end
 
 function M.Attention:forward(x, rope)
-  local c = self.config
-  local B, T = x:size(1), x:size(2)
-  local heads, groups, d = c.num_attention_heads, c.num_query_groups, c.kv_channels
+  local heads, groups, d = self.num_heads, self.num_query_groups, self.config.kv_channels
   local per_group = heads / groups
-  local qkv = self.linear_qkv(x):view(B, T, groups, per_group + 2, d)
+  local qkv = self.linear_qkv(x)
+  -- with sequence parallelism x is this rank's slice of the sequence and linear_qkv gathers it whole
+  local B, T = qkv:size(1), qkv:size(2)
+  qkv = qkv:view(B, T, groups, per_group + 2, d)
   local q = qkv:narrow(4, 1, per_group):reshape(B, T, heads, d)
   local k = qkv:narrow(4, per_group + 1, 1):reshape(B, T, groups, d)
   local v = qkv:narrow(4, per_group + 2, 1):reshape(B, T, groups, d)
@@ -289,6 +293,9 @@ end
 -- hidden states instead of logits or loss.
 function M.GPTModel:forward(ids, targets, options)
   local T = ids:size(2)
+  local tp = self.tensor_parallel
+  -- a later pipeline stage under sequence parallelism receives its slice of the sequence
+  if tp and tp.sequence_parallel and not self.embedding then T = T * tp.group.size end
   local x = self.embedding and self.embedding(ids) or ids
   local cos, sin
   if options and options.positions then
@@ -300,6 +307,7 @@ function M.GPTModel:forward(ids, targets, options)
   if self.embedding then x = F.dropout(x, self.config.hidden_dropout, self.training) end
   x = self.decoder(x, context)
   if not self.decoder.final_layernorm then return x end
+  if tp then return parallel.gpt_output(self, x, targets, options) end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   local logits = x:matmul(weight:t())
@@ -312,6 +320,7 @@ end
 -- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
 -- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
 function M.GPTModel:decode(ids, state)
+  if self.tensor_parallel then error('GPTModel:decode: a tensor-parallel model cannot decode; generate with the whole model', 2) end
   local x = self.embedding(ids)
   local cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype)
   state.cache = state.cache or {}

@@ -1,0 +1,131 @@
+require 'busted.runner'()
+-- Tensor and sequence parallelism (lua/pmp/nn/parallel.lua): spec/dist/tp_worker.lua runs on a tp group
+-- of 2 (mpirun) and of 1 (no launcher) and compares, in the same process, against references computed
+-- without tensor parallelism: F.cross_entropy on whole logits, plain Linear layers, and a plain GPTModel
+-- trained three AdamW steps on the same global batch.
+local shell = require 'spec.support.shell'
+local mpi = require 'spec.support.mpi'
+
+local worker = shell.root .. '/spec/dist/tp_worker.lua'
+local CASES = { 'tied', 'tied_sp', 'untied', 'untied_sp', 'extras', 'extras_sp' }
+
+local function words(text)
+  local out = {}
+  for w in text:gmatch('%S+') do out[#out + 1] = w end
+  return out
+end
+
+local function rows(out, key)
+  local found = {}
+  for _, rest in ipairs(mpi.lines(out, key)) do found[#found + 1] = words(rest) end
+  return found
+end
+
+-- One worker run per group size, shared by the tests below.
+local outputs = {}
+local function output(np)
+  if not outputs[np] then
+    local out, err, status
+    if np == 1 then
+      out, err, status = shell.run(shell.quote(shell.pmp) .. ' ' .. shell.quote(worker))
+    else
+      out, err, status = mpi.run(np, worker)
+    end
+    assert.are.equal(0, status, err .. out)
+    outputs[np] = out
+  end
+  return outputs[np]
+end
+
+-- tol: relative to the reference loss.
+local function check_losses(out, tol)
+  local seen = 0
+  for _, r in ipairs(rows(out, 'LOSS')) do
+    local expected, diff = tonumber(r[4]), tonumber(r[5])
+    assert.is_true(diff <= tol * math.abs(expected), string.format(
+      '%s step %s: loss %s vs one process %s (a rank differs by %s)', r[1], r[2], r[3], r[4], r[5]))
+    seen = seen + 1
+  end
+  assert.are.equal(#CASES * 3, seen, 'one LOSS line per case and step')
+end
+
+-- Gradients after the first backward (tolerance relative to the largest) and parameters after three
+-- steps: every name of the reference's state dict is in the parallel model's with this rank's shard
+-- of the reference's values, and there is no other name.
+local function check_shards(out, grad_tol, param_tol, logits_tol)
+  local params, grads = rows(out, 'PARAM'), rows(out, 'GRAD')
+  for _, r in ipairs(params) do
+    assert.are_not.equal('missing', r[3], string.format('%s: %s missing or mis-shaped on some rank', r[1], r[2]))
+    assert.is_true(tonumber(r[3]) <= param_tol, string.format('%s: %s differs from the reference shard by %s',
+      r[1], r[2], r[3]))
+  end
+  assert.are.equal(#params, #grads)
+  for _, r in ipairs(grads) do
+    local diff, scale = tonumber(r[3]), tonumber(r[4])
+    assert.is_true(diff <= grad_tol * scale, string.format('%s: gradient of %s differs by %s (largest %s)',
+      r[1], r[2], r[3], r[4]))
+  end
+  local keys = rows(out, 'KEYS')
+  assert.are.equal(#CASES, #keys)
+  for _, r in ipairs(keys) do assert.are.equal('0', r[2], r[1] .. ': state_dict names the reference does not have') end
+  local logits = rows(out, 'LOGITS')
+  assert.are.equal(#CASES, #logits)
+  for _, r in ipairs(logits) do
+    assert.is_true(tonumber(r[2]) <= logits_tol, string.format('%s: logits differ by %s', r[1], r[2]))
+  end
+end
+
+local function check_cross_entropy(out)
+  local ce = rows(out, 'CE')
+  assert.are.equal(3, #ce)   -- mean, sum, none
+  for _, r in ipairs(ce) do
+    assert.is_true(tonumber(r[2]) <= 1e-5, string.format('%s: loss differs by %s', r[1], r[2]))
+    assert.is_true(tonumber(r[3]) <= 1e-6, string.format('%s: gradient differs by %s', r[1], r[3]))
+  end
+end
+
+describe('pmp.nn.parallel', function()
+  it('vocab_parallel_cross_entropy matches F.cross_entropy on the whole logits (TP=2, padded vocabulary)', function()
+    check_cross_entropy(output(2))
+  end)
+
+  it('column then row parallel layers match two Linear layers (gathered, split, sequence parallel)', function()
+    local layer_rows = rows(output(2), 'LAYERS')
+    assert.are.equal(3, #layer_rows)
+    for _, r in ipairs(layer_rows) do
+      assert.is_true(tonumber(r[2]) <= 1e-5, string.format('%s: differs by %s', r[1], r[2]))
+    end
+  end)
+
+  it('TP=2 trains a GPTModel like one process: tied, untied, biases and qk_layernorm, with and without SP', function()
+    local out = output(2)
+    check_losses(out, 1e-5)
+    check_shards(out, 1e-5, 2e-5, 5e-5)
+  end)
+
+  it('rejects sizes that TP=2 cannot split, naming them', function()
+    local errors = {}
+    for _, r in ipairs(rows(output(2), 'ERROR')) do errors[r[1]] = table.concat(r, ' ', 2) end
+    local expected = {
+      heads = 'num_attention_heads (3) is not divisible',
+      groups = 'num_query_groups (1) is not divisible',
+      ffn = 'ffn_hidden_size (45) is not divisible',
+      vocab = 'padded_vocab_size (61) is not divisible',
+      sequence = 'sequence length (15) divisible by the size 2',
+    }
+    for case, fragment in pairs(expected) do
+      assert.is_truthy(errors[case], case .. ': no ERROR line')
+      assert.is_truthy(errors[case]:find(fragment, 1, true), string.format('%s: %q does not mention %q', case, errors[case], fragment))
+    end
+  end)
+
+  it('on a group of one (no mpirun) leaves the model untouched and computes the same', function()
+    local out = output(1)
+    local same = rows(out, 'SAME')
+    assert.are.equal(#CASES, #same)
+    for _, r in ipairs(same) do assert.are.equal('true', r[2], r[1] .. ': the model changed') end
+    check_losses(out, 0)
+    check_shards(out, 0, 0, 0)
+    check_cross_entropy(out)
+  end)
+end)
