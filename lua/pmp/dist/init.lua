@@ -305,4 +305,6 @@ function M.print0(...)
   if M.rank() == 0 then print(...) end
 end
 
+M.pipeline = require 'pmp.dist.pipeline'   -- pipeline stages and the 1F1B schedule
+
 return M
