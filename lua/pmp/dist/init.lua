@@ -306,5 +306,9 @@ function M.print0(...)
 end
 
 M.pipeline = require 'pmp.dist.pipeline'   -- pipeline stages and the 1F1B schedule
+M.ddp = require 'pmp.dist.ddp'             -- data parallelism: gradient buckets reduced during backward
+-- the global gradient norm over tp/pp/dp ranks, and clipping by it
+M.grad_norm = require('pmp.dist.grad_norm').grad_norm
+M.clip_grad_norm = require('pmp.dist.grad_norm').clip_grad_norm
 
 return M

@@ -13,6 +13,7 @@ end
 return {
   decay_groups = decay_groups,
   AdamW = require 'pmp.optim.adamw',
+  DistributedOptimizer = require 'pmp.optim.distributed',
   SGD = require 'pmp.optim.sgd',
   schedule = require 'pmp.optim.schedule',
   clip_grad_norm = require('pmp.optim.clip').clip_grad_norm,
