@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libopenblas-dev libopenblas-openmp-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test bench bench-tokenizer bench-generate bench-pretrain clean
+.PHONY: all cuda deps test bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
 all: pmp
 
 pmp: $(HOST_OBJS) build/libpmpcore.a
@@ -68,6 +68,10 @@ bench-generate: pmp
 
 bench-pretrain: pmp
 	tools/bench_pretrain.sh
+
+# Collective traffic per layout (measured vs expected bytes) and the hidden part of DP communication (mpirun).
+bench-dist: pmp
+	tools/bench_dist.sh
 
 clean:
 	rm -rf build pmp
