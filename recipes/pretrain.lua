@@ -2,6 +2,9 @@
 -- With no arguments it trains a small model on the embedded corpus (no data files, no network),
 -- saves a checkpoint under checkpoints/pretrain and prints a greedy sample.
 --   pmp recipes/pretrain.lua --data-path ../shared/data/tinyshakespeare.txt --tokenizer-type char
+-- Under mpirun it trains in parallel with Megatron's layout (the data-parallel size is what is left):
+--   mpirun -np 8 pmp recipes/pretrain.lua --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+--     --use-distributed-optimizer
 local F = pmp.nn.functional
 
 local FLAGS = {
@@ -31,6 +34,15 @@ local FLAGS = {
   { '--norm-epsilon', 1e-5, 'RMSNorm epsilon' },
   { '--untie-embeddings-and-output-weights', false, 'separate output layer' },
   { '--seed', 1234, 'random seed' },
+  { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size' },
+  { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)' },
+  { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)' },
+  { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
+  { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
+  { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },
+  { '--use-distributed-optimizer', false, 'shard f32 master weights and Adam moments over data-parallel ranks (ZeRO-1)' },
+  { '--overlap-grad-reduce', true, 'reduce gradient buckets during backward (--overlap-grad-reduce=false: after it)' },
+  { '--distributed-timeout-minutes', 10, 'a collective that makes no progress this long ends the job' },
   { '--bf16', false, 'bf16 parameters and activations, f32 master weights and optimizer state' },
   { '--recompute-granularity', nil, "'full': re-run each layer's forward in backward to save memory" },
   { '--data-path', nil, 'a text file, an indexed dataset PREFIX, or weighted prefixes "0.3 a 0.7 b" (default: the embedded corpus)', multiple = true },
@@ -41,6 +53,7 @@ local FLAGS = {
   { '--eval-iters', 10, 'micro batches per validation' },
   { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none)' },
   { '--save-interval', 150, 'steps between checkpoints' },
+  { '--exit-interval', 0, 'stop (saving a checkpoint) after an iteration divisible by this (0: never)' },
   { '--load', nil, 'resume from this checkpoint directory' },
   { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
   { '--log-interval', 20, 'steps between log lines' },
@@ -61,17 +74,36 @@ local function fail(message)
   os.exit(2)
 end
 
-if opts.global_batch_size % opts.micro_batch_size ~= 0 then
-  fail(string.format('--global-batch-size %d is not a multiple of --micro-batch-size %d', opts.global_batch_size, opts.micro_batch_size))
+---------------------------------------------------------------------------------------------------
+-- Parallel layout: one process unless started by mpirun. Only the last rank (last pipeline stage, last
+-- tensor- and data-parallel rank) logs, as in Megatron.
+
+local tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
+local got_layout, layout = pcall(pmp.dist.init, { tp = tp, pp = pp, timeout = opts.distributed_timeout_minutes * 60 })
+if not got_layout then fail(tostring(layout):gsub('^pmp%.dist%.init: ', '')) end
+local dp = layout.dp
+local is_logger = layout.rank == layout.world - 1
+local function log(...) if is_logger then print(...) end end
+if opts.sequence_parallel and tp == 1 then opts.sequence_parallel = false end
+
+if opts.global_batch_size % (opts.micro_batch_size * dp) ~= 0 then
+  fail(string.format('--global-batch-size %d is not a multiple of --micro-batch-size %d x data-parallel size %d',
+    opts.global_batch_size, opts.micro_batch_size, dp))
 end
 
 ---------------------------------------------------------------------------------------------------
 -- Data
 
-local resume_info
+-- A run under mpirun saves one directory per model-parallel rank (pmp.dist.checkpoint) and loads any
+-- layout's checkpoint, resharding it; one process keeps pmp.checkpoint's files unless it resumes from
+-- a parallel run's checkpoint.
+local dcp = require 'pmp.dist.checkpoint'
+local resume_info, resume_sharded
 if opts.load and pmp.checkpoint.latest_iteration(opts.load) then
-  local dir = pmp.checkpoint.iteration_dir(opts.load, pmp.checkpoint.latest_iteration(opts.load))
-  resume_info = pmp.json.decode(pmp.io.read_file(pmp.io.join(dir, 'model_optim_rng.json')))
+  local got, info = pcall(dcp.info, opts.load)
+  if not got then fail('--load: ' .. tostring(info)) end
+  resume_info = info
+  resume_sharded = layout.world > 1 or not info.layout.single_process
 end
 
 -- --data-path is a plain text file (tokenized here), or Megatron indexed datasets: `PREFIX` or a blend
@@ -175,13 +207,41 @@ local model = pmp.nn.GPTModel({
   hidden_dropout = opts.hidden_dropout,
   tie_embeddings = not opts.untie_embeddings_and_output_weights,
   recompute_granularity = opts.recompute_granularity,
+  make_vocab_size_divisible_by = opts.make_vocab_size_divisible_by,
+  tensor_model_parallel_size = tp,
 })
+-- Every rank built the whole model from the same seed; now it keeps its pipeline stage and its
+-- tensor-parallel shard, so the initial weights are the single-process model's whatever the layout.
+local got_parts, why = pcall(function()
+  pmp.dist.pipeline.stage(model, {
+    first_stage_layers = opts.decoder_first_pipeline_num_layers > 0 and opts.decoder_first_pipeline_num_layers or nil,
+    last_stage_layers = opts.decoder_last_pipeline_num_layers > 0 and opts.decoder_last_pipeline_num_layers or nil,
+  })
+  pmp.nn.parallel.tensor_parallel(model, { sequence_parallel = opts.sequence_parallel })
+end)
+if not got_parts then fail(tostring(why)) end
 if opts.bf16 then model:to('bf16') end
 
+-- Data parallelism: gradient buckets averaged (or reduce-scattered for the distributed optimizer) over
+-- the data-parallel ranks while backward runs.
+local ddp
+if dp > 1 or opts.use_distributed_optimizer then
+  ddp = pmp.dist.ddp.DistributedDataParallel(model, {
+    overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer,
+  })
+end
+
 -- No weight decay on norms and biases (1-D parameters), as Megatron does.
-local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(model), {
+local adam_options = {
   lr = opts.lr, betas = { opts.adam_beta1, opts.adam_beta2 }, eps = opts.adam_eps, weight_decay = opts.weight_decay,
-})
+}
+local optimizer
+if opts.use_distributed_optimizer then
+  adam_options.ddp = ddp
+  optimizer = pmp.optim.DistributedOptimizer(pmp.optim.decay_groups(model), adam_options)
+else
+  optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(model), adam_options)
+end
 local lr_at = pmp.optim.schedule.new({
   max_lr = opts.lr, min_lr = opts.min_lr, warmup_iters = opts.lr_warmup_iters,
   decay_iters = opts.lr_decay_iters > 0 and opts.lr_decay_iters or opts.train_iters,
@@ -196,11 +256,11 @@ local params = model:parameters()
 
 local c = model.config
 local tokens_per_step = opts.global_batch_size * opts.seq_length
-local dense = 0
-for _, pair in ipairs(model:named_parameters()) do
-  if pair[2]:dim() == 2 and not pair[1]:match('word_embeddings') then dense = dense + pair[2]:numel() end
-end
-local flops_per_token = 6 * (dense + c.vocab_size * c.hidden_size)
+-- from the whole model's config: a rank holds only its part
+local per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
+  + c.num_attention_heads * c.kv_channels * c.hidden_size
+  + c.hidden_size * c.ffn_hidden_size * (c.activation == 'swiglu' and 3 or 2)
+local flops_per_token = 6 * (c.num_layers * per_layer + c.vocab_size * c.hidden_size)
   + 12 * c.num_layers * opts.seq_length * c.num_attention_heads * c.kv_channels
 local clock = require('pmp.clock')
 local function measured_peak_flops()
@@ -218,43 +278,89 @@ local peak = measured_peak_flops()
 -- Resume after everything that draws random numbers, so the restored generator state is the one used.
 local iteration, consumed = 0, 0
 if resume_info then
-  local info = pmp.checkpoint.load(opts.load, model, optimizer)
+  local info = resume_sharded and dcp.load(opts.load, model, optimizer) or pmp.checkpoint.load(opts.load, model, optimizer)
   iteration, consumed = info.iteration, info.state.consumed_samples
-  print(string.format(' loaded checkpoint from %s at iteration %d', opts.load, iteration))
+  log(string.format(' loaded checkpoint from %s at iteration %d%s', opts.load, iteration,
+    info.resharded and ' (resharded from another parallel layout)' or ''))
 end
 
-print(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s',
+log(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s',
   source, tokens:numel(), tokenizer.type, tokenizer.vocab_size, tostring(model):match('^[^\n]*')))
-print(string.format('pretrain: %d train samples, %d steps x %d samples x %d tokens, %d threads, GEMM peak %.1f GFLOP/s',
+log(string.format('pretrain: %d train samples, %d steps x %d samples x %d tokens, %d threads, GEMM peak %.1f GFLOP/s',
   train_data.count, opts.train_iters, opts.global_batch_size, opts.seq_length, pmp.num_threads(), peak / 1e9))
+if layout.world > 1 then
+  log(string.format('pretrain: %d processes: tensor-parallel %d%s, pipeline-parallel %d, data-parallel %d%s',
+    layout.world, tp, opts.sequence_parallel and ' (sequence parallel)' or '', pp, dp,
+    opts.use_distributed_optimizer and ' (distributed optimizer)' or ''))
+end
 
-local tb = opts.tensorboard_dir and pmp.tensorboard.writer(opts.tensorboard_dir)
+local tb = is_logger and opts.tensorboard_dir and pmp.tensorboard.writer(opts.tensorboard_dir)
 
 ---------------------------------------------------------------------------------------------------
 -- Training
 
-local accumulation = opts.global_batch_size / opts.micro_batch_size
+local accumulation = opts.global_batch_size / (opts.micro_batch_size * dp)
+local pipeline = pmp.dist.pipeline
+
+-- This data-parallel rank's share of the samples from `first` on, in Megatron's order: micro-step k
+-- of data-parallel rank r reads the micro batch at first + (k * dp + r) * micro_batch_size.
+local function micro_batches(data, first, count, wrap)
+  local list = {}
+  for k = 0, count - 1 do
+    local start = first + (k * dp + layout.dp_rank) * opts.micro_batch_size
+    if wrap then start = start % data.count end
+    local x, y = data:batch(start, opts.micro_batch_size)
+    list[#list + 1] = { ids = x, targets = y }
+  end
+  return list
+end
+
+-- Forward (and backward) over the micro batches; the mean loss on the last pipeline stage, nil on the
+-- others. With data parallelism only the last micro batch's backward reduces gradients.
+local function forward_backward(batches, forward_only)
+  if ddp and not forward_only then ddp:set_sync(false) end
+  if pp > 1 then
+    return pipeline.forward_backward(model, batches, { forward_only = forward_only,
+      before_last_backward = ddp and function() ddp:set_sync(true) end })
+  end
+  local total = 0
+  for k, mb in ipairs(batches) do
+    if forward_only then
+      total = total + pmp.no_grad(function() return model(mb.ids, mb.targets):item() end)
+    else
+      if ddp then ddp:set_sync(k == #batches) end
+      local loss = model(mb.ids, mb.targets)
+      ;(loss / #batches):backward()
+      total = total + loss:item()
+    end
+  end
+  return total / #batches
+end
+
+-- A last-stage loss averaged over the data-parallel ranks (which all hold one).
+local function data_parallel_mean(loss)
+  if loss == nil or dp == 1 then return loss end
+  local t = pmp.tensor({ loss }, { dtype = 'f64' })
+  pmp.dist.group('dp'):all_reduce(t, 'avg')
+  return t:item()
+end
 
 local function evaluate()
   model:eval()
-  local total, count = 0, 0
-  pmp.no_grad(function()
-    for k = 0, opts.eval_iters - 1 do
-      local x, y = valid_data:batch((k * opts.micro_batch_size) % valid_data.count, opts.micro_batch_size)
-      total = total + model(x, y):item()
-      count = count + 1
-    end
-  end)
+  local loss = forward_backward(micro_batches(valid_data, 0, math.max(1, math.floor(opts.eval_iters / dp)), true), true)
   model:train()
-  return total / count
+  return data_parallel_mean(loss)
 end
 
 local function save()
   if opts.save == '' then return end
-  pmp.checkpoint.save(opts.save, iteration, model, optimizer, {
-    consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config,
-  })
-  print(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
+  local state = { consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
+  if layout.world > 1 then
+    dcp.save(opts.save, iteration, model, optimizer, state)
+  else
+    pmp.checkpoint.save(opts.save, iteration, model, optimizer, state)
+  end
+  log(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
 end
 
 local function duration(seconds)
@@ -269,19 +375,27 @@ while iteration < opts.train_iters do
   local lr = lr_at(iteration)
   optimizer.lr = lr
   optimizer:zero_grad()
-  local step_loss = 0
-  for _ = 1, accumulation do
-    local x, y = train_data:batch(consumed, opts.micro_batch_size)
-    consumed = consumed + opts.micro_batch_size
-    local loss = model(x, y)
-    ;(loss / accumulation):backward()
-    step_loss = step_loss + loss:item() / accumulation
+  if ddp then ddp:zero_grad() end
+  local step_loss = forward_backward(micro_batches(train_data, consumed, accumulation))
+  consumed = consumed + opts.global_batch_size
+  -- gradients complete: data-parallel buckets in, then the sums over tensor-parallel ranks (sequence
+  -- parallel norms) and over the pipeline's two copies of a tied embedding
+  if ddp then ddp:finish_grad_sync() end
+  pmp.nn.parallel.finish_grads(model)
+  pipeline.sync_embedding_grads(model)
+  local grad_norm
+  if opts.use_distributed_optimizer then
+    grad_norm = opts.clip_grad > 0 and optimizer:clip_grad_norm(opts.clip_grad) or optimizer:grad_norm()
+  elseif layout.world > 1 then
+    grad_norm = opts.clip_grad > 0 and pmp.dist.clip_grad_norm(model, opts.clip_grad) or pmp.dist.grad_norm(model)
+  else
+    grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
   end
-  local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
   optimizer:step()
-  loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
+  step_loss = data_parallel_mean(step_loss)
+  loss_sum, loss_count = loss_sum + (step_loss or 0), loss_count + 1
 
-  if tb then
+  if tb and step_loss then
     tb:add_scalar('lm loss', step_loss, iteration)
     tb:add_scalar('learning-rate', lr, iteration)
     tb:add_scalar('grad-norm', grad_norm, iteration)
@@ -291,7 +405,7 @@ while iteration < opts.train_iters do
     local per_iteration = (now - interval_start) / loss_count
     local throughput = tokens_per_step / per_iteration
     local eta = per_iteration * (opts.train_iters - iteration)
-    print(string.format(' iteration %8d/%8d | consumed samples: %12d | elapsed time per iteration (ms): %.1f | ' ..
+    log(string.format(' iteration %8d/%8d | consumed samples: %12d | elapsed time per iteration (ms): %.1f | ' ..
       'learning rate: %.6E | global batch size: %5d | lm loss: %.6E | grad norm: %.3f | tokens per second: %.0f | ' ..
       'MFU: %.1f%% | ETA: %s |', iteration, opts.train_iters, consumed, per_iteration * 1000, lr, opts.global_batch_size,
       loss_sum / loss_count, grad_norm, throughput, 100 * throughput * flops_per_token / peak, duration(eta)))
@@ -300,16 +414,20 @@ while iteration < opts.train_iters do
   end
   if valid_data and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     local eval_start = clock.now()
-    local valid_loss = evaluate()
+    local valid_loss = evaluate() or 0
     local line = string.format(' validation loss at iteration %d | lm loss value: %.6E | lm loss PPL: %.6E |',
       iteration, valid_loss, math.exp(math.min(valid_loss, 20)))
-    print(string.rep('-', #line))
-    print(line)
-    print(string.rep('-', #line))
+    log(string.rep('-', #line))
+    log(line)
+    log(string.rep('-', #line))
     if tb then tb:add_scalar('lm loss validation', valid_loss, iteration) end
     interval_start = interval_start + (clock.now() - eval_start)  -- validation time is not training time
   end
   if opts.save ~= '' and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save() end
+  if opts.exit_interval > 0 and iteration % opts.exit_interval == 0 then
+    log(string.format('pretrain: exiting at iteration %d (--exit-interval %d)', iteration, opts.exit_interval))
+    break
+  end
 end
 if opts.save ~= '' and iteration > first_iteration and iteration % opts.save_interval ~= 0 then save() end
 if tb then tb:close() end
@@ -319,13 +437,15 @@ local function peak_rss_mib()
   if status then status:close() end
   return (tonumber(text:match('VmHWM:%s*(%d+)')) or 0) / 1024
 end
-print(string.format('pretrain: %d iterations in %s | peak engine memory: %.1f MiB | peak resident memory: %.1f MiB',
+log(string.format('pretrain: %d iterations in %s | peak engine memory: %.1f MiB | peak resident memory: %.1f MiB',
   iteration - first_iteration, duration(clock.now() - run_start), pmp.memory.stats().peak / 2^20, peak_rss_mib()))
 
 ---------------------------------------------------------------------------------------------------
 -- A greedy sample from the start of the validation text.
 
-if opts.sample_length > 0 then
+if opts.sample_length > 0 and layout.world > 1 then
+  log('pretrain: no sample under a parallel layout (load the checkpoint in one process: recipes/generate.lua)')
+elseif opts.sample_length > 0 then
   model:eval()
   local context = {}
   local prompt_ids = (valid_tokens or train_tokens):narrow(1, 1, math.min(16, opts.seq_length)):totable()
