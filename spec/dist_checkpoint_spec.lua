@@ -38,11 +38,7 @@ local function run_ok(np, args)
   return out
 end
 
-local function words(text)
-  local out = {}
-  for w in text:gmatch('%S+') do out[#out + 1] = w end
-  return out
-end
+local words = mpi.words
 
 -- The KEY lines of one case, by rank: rank -> the words after case and rank.
 local function by_rank(out, key, case)

@@ -9,20 +9,9 @@ local ddp_module = require 'pmp.dist.ddp'
 
 local worker = shell.root .. '/spec/dist/dp_worker.lua'
 
-local function words(text)
-  local out = {}
-  for w in text:gmatch('%S+') do out[#out + 1] = w end
-  return out
-end
+local words = mpi.words
 
-local function rows(out, key, case)
-  local found = {}
-  for _, rest in ipairs(mpi.lines(out, key)) do
-    local w = words(rest)
-    if w[1] == case then found[#found + 1] = { unpack(w, 2) } end
-  end
-  return found
-end
+local rows = mpi.rows
 
 local function assert_relative(expected, actual, tolerance, what)
   local rel = math.abs(actual - expected) / math.abs(expected)

@@ -8,21 +8,9 @@ local pipeline = require 'pmp.dist.pipeline'
 
 local worker = shell.root .. '/spec/dist/pp_worker.lua'
 
-local function words(text)
-  local out = {}
-  for w in text:gmatch('%S+') do out[#out + 1] = w end
-  return out
-end
+local words = mpi.words
 
--- The worker's KEY lines of one case, split into words (the case itself dropped).
-local function rows(out, key, case)
-  local found = {}
-  for _, rest in ipairs(mpi.lines(out, key)) do
-    local w = words(rest)
-    if w[1] == case then found[#found + 1] = { unpack(w, 2) } end
-  end
-  return found
-end
+local rows = mpi.rows
 
 local function assert_close(expected, actual, what)
   local rel = math.abs(actual - expected) / math.abs(expected)

@@ -9,17 +9,9 @@ local mpi = require 'spec.support.mpi'
 local worker = shell.root .. '/spec/dist/tp_worker.lua'
 local CASES = { 'tied', 'tied_sp', 'untied', 'untied_sp', 'extras', 'extras_sp' }
 
-local function words(text)
-  local out = {}
-  for w in text:gmatch('%S+') do out[#out + 1] = w end
-  return out
-end
+local words = mpi.words
 
-local function rows(out, key)
-  local found = {}
-  for _, rest in ipairs(mpi.lines(out, key)) do found[#found + 1] = words(rest) end
-  return found
-end
+local rows = mpi.rows
 
 -- One worker run per group size, shared by the tests below.
 local outputs = {}

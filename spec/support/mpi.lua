@@ -30,4 +30,22 @@ function mpi.lines(stdout, key)
   return out
 end
 
+function mpi.words(text)
+  local out = {}
+  for w in text:gmatch('%S+') do out[#out + 1] = w end
+  return out
+end
+
+-- The KEY lines whose first word is `case`, each split into the words after it; without case, every
+-- KEY line split into words.
+function mpi.rows(stdout, key, case)
+  local found = {}
+  for _, rest in ipairs(mpi.lines(stdout, key)) do
+    local w = mpi.words(rest)
+    if case == nil then found[#found + 1] = w
+    elseif w[1] == case then found[#found + 1] = { unpack(w, 2) } end
+  end
+  return found
+end
+
 return mpi
