@@ -193,6 +193,11 @@ def cases(dir_):
     ]
 
 
+def numpy_sums():
+    """numpy.sum of 1/k for k = 1..n (its pairwise summation), for the blend-weight normalization spec."""
+    return {str(n): float(numpy.sum(numpy.array([1.0 / k for k in range(1, n + 1)]))) for n in (3, 8, 100, 128, 129, 300, 1000)}
+
+
 def numpy_random():
     """numpy's MT19937 outputs and RandomState draws, for the spec of core/random_numpy.c."""
     out = {}
@@ -302,6 +307,7 @@ def main():
         expected = {
             "_written_by": f"tools/make_gpt_dataset_fixtures.py with megatron-core {version}, numpy {numpy.__version__}",
             "numpy_random": numpy_random(),
+            "numpy_sums": numpy_sums(),
             "cases": [],
         }
         built = []
