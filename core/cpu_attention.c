@@ -1,6 +1,6 @@
 /* CPU attention kernels: the tiled implementation (cpu_attention_impl.h) for f32 and f64. */
 #include "internal.h"
-#include <cblas.h>
+#include "blas.h"
 #include <math.h>
 
 enum { BLOCK_Q = 64, BLOCK_K = 64 };
@@ -51,6 +51,7 @@ static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_ke
 
 /* in: q, k, v (contiguous, f32 or f64), first keys (i64 [B] or NULL); out: o; out2: log-sum-exp per query. */
 int pmp_cpu_attention(const pmp_op_args *a) {
+  pmp_blas_sync_threads();
   attention_shape sh = shape_of(a, a->in[3]);
   if (a->in[0]->dtype_id == PMP_F64)
     attention_forward_f64(&sh, (const double *)a->in[0]->data, (const double *)a->in[1]->data,
@@ -63,6 +64,7 @@ int pmp_cpu_attention(const pmp_op_args *a) {
 
 /* in: q, k, v, o, lse, dO, first keys; out: dq, out2: dk, out3: dv. */
 int pmp_cpu_attention_backward(const pmp_op_args *a) {
+  pmp_blas_sync_threads();
   attention_shape sh = shape_of(a, a->in[6]);
   if (a->in[0]->dtype_id == PMP_F64)
     attention_backward_f64(&sh, (const double *)a->in[0]->data, (const double *)a->in[1]->data,

@@ -1,6 +1,17 @@
-/* CPU GEMM: OpenBLAS for f32/f64 (bf16/f16 go through f32), a plain loop for integers. */
+/* CPU GEMM: BLAS (core/blas.h) for f32/f64 (bf16/f16 go through f32), a plain loop for integers. */
 #include "internal.h"
-#include <cblas.h>
+#include "blas.h"
+#include <omp.h>
+
+void pmp_blas_sync_threads(void) {
+  static int given = -1;
+  if (omp_in_parallel()) return;   /* nested calls run on their caller's thread */
+  int n = omp_get_max_threads();
+  if (n != given) {
+    bli_thread_set_num_threads(n);
+    given = n;
+  }
+}
 
 /* How BLAS should read a strided matrix, or false if it needs a contiguous copy first. */
 static bool blas_layout(int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, bool *trans, int64_t *ld) {
@@ -134,6 +145,7 @@ int pmp_cpu_matmul(const pmp_op_args *args) {
   int64_t n = a->sizes[nd - 2], k = a->sizes[nd - 1], m = b->sizes[nd - 1];
   int64_t batches = 1;
   for (int d = 0; d < nd - 2; d++) batches *= a->sizes[d];
+  pmp_blas_sync_threads();
   for (int64_t bi = 0; bi < batches; bi++) {
     int64_t off_a = 0, off_b = 0, rest = bi;
     for (int d = nd - 3; d >= 0; d--) {

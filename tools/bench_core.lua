@@ -22,8 +22,10 @@ declare [[int clock_gettime(int clock_id, struct timespec *tp);]]
 declare [[void *memcpy(void *dst, const void *src, size_t n);]]
 declare [[void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha,
                            const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);]]
-declare [[int openblas_get_num_threads(void);]]
-declare [[char *openblas_get_config(void);]]
+declare [[long bli_thread_get_num_threads(void);]]
+declare [[const char *bli_info_get_version_str(void);]]
+declare [[int bli_arch_query_id(void);]]
+declare [[const char *bli_arch_string(int id);]]
 
 -- `./pmp tools/bench_core.lua [matmul|bandwidth]` runs one part; no argument runs both.
 local only = arg and arg[1]
@@ -123,14 +125,6 @@ local function l3_bytes()
   return best
 end
 
-local function has_cpu_flag(flag)
-  local f = io.open('/proc/cpuinfo', 'r')
-  if not f then return false end
-  local text = f:read('*a')
-  f:close()
-  local flags = text:match('\nflags%s*:([^\n]*)') or ''
-  return (' ' .. flags .. ' '):find(' ' .. flag .. ' ', 1, true) ~= nil
-end
 
 ---------------------------------------------------------------------------------------------------
 -- Header
@@ -139,9 +133,12 @@ local MiB = 1024 * 1024
 local started = now()
 
 local function print_header()
-  local blas_threads = optional(function() return C.openblas_get_num_threads() end)
-  local blas_config = optional(function() return ffi.string(C.openblas_get_config()) end)
-  print(string.format('pmp %s core benchmark: pmp.num_threads() = %d, OpenBLAS threads = %s',
+  pmp.matmul(pmp.randn(2, 2), pmp.randn(2, 2))   -- hands BLIS the engine's thread count
+  local blas_threads = optional(function() return tonumber(C.bli_thread_get_num_threads()) end)
+  local blas_config = optional(function()
+    return 'BLIS ' .. ffi.string(C.bli_info_get_version_str()) .. ', ' .. ffi.string(C.bli_arch_string(C.bli_arch_query_id())) .. ' kernels'
+  end)
+  print(string.format('pmp %s core benchmark: pmp.num_threads() = %d, BLIS threads = %s',
     pmp.version, pmp.num_threads(), tostring(blas_threads or '?')))
   local f = io.open('/proc/loadavg', 'r')
   local load = f and tonumber((f:read('*l') or ''):match('^(%S+)'))
@@ -154,17 +151,8 @@ local function print_header()
   end
   print('blas: ' .. tostring(blas_config or '?'))
   print('env: OMP_NUM_THREADS=' .. (os.getenv('OMP_NUM_THREADS') or 'unset')
-    .. ', OPENBLAS_NUM_THREADS=' .. (os.getenv('OPENBLAS_NUM_THREADS') or 'unset')
-    .. ', OPENBLAS_CORETYPE=' .. (os.getenv('OPENBLAS_CORETYPE') or 'unset')
+    .. ', BLIS_ARCH_TYPE=' .. (os.getenv('BLIS_ARCH_TYPE') or 'unset')
     .. ', GOMP_SPINCOUNT=' .. (os.getenv('GOMP_SPINCOUNT') or 'unset'))
-  -- OpenBLAS's DYNAMIC_ARCH picks kernels from the CPU model; a model it does not know gets the
-  -- generic SSE3 (Prescott) kernels, several times slower than the AVX2/AVX-512 ones the CPU can run.
-  if blas_config and blas_config:find('Prescott', 1, true) and (has_cpu_flag('avx2') or has_cpu_flag('avx512f')) then
-    local avx512 = has_cpu_flag('avx512f')
-    print(string.format('WARNING: OpenBLAS picked its Prescott (SSE3) kernels on a CPU with %s, so GEMM runs several'
-      .. ' times slower than it could;\n         run with OPENBLAS_CORETYPE=%s (read when OpenBLAS loads, so set it'
-      .. ' before starting pmp).', avx512 and 'AVX-512' or 'AVX2', avx512 and 'SkylakeX' or 'Haswell'))
-  end
   print('wall-clock best of N after warm-up; ratio = pmp / reference (1.00 = as fast as the reference)')
 end
 

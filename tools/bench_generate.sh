@@ -2,14 +2,14 @@
 # Generation throughput: pmp.generate against transformers' model.generate on CPU, same model, same
 # prompts, same batch, same thread count, in one invocation.
 #
-#   tools/bench_generate.sh [--new 64] [--reps 5] [--threads 2] [--batches "1 4"] [--coretypes "default SkylakeX"]
+#   tools/bench_generate.sh [--new 64] [--reps 5] [--threads 2] [--batches "1 4"]
 #                           [--keep DIR]
 #
 # Builds (with transformers, in a temp dir) a random-weight float32 Llama model: hidden 512, 8 layers,
 # 8 heads, 4 KV heads, ffn 1408, vocab 32000, saved with save_pretrained, and 4 seeded prompts of lengths
 # 37, 12, 58, 25. For each batch size B (the first B prompts, left-padded with an attention mask):
 # transformers greedy generate (use_cache=True) with torch.set_num_threads(T), then pmp.generate (greedy)
-# once per OpenBLAS coretype; each does one warm-up run and REPS timed runs of NEW tokens per row
+# each does one warm-up run and REPS timed runs of NEW tokens per row
 # (prefill included). Prints tokens/s (B*NEW / seconds; median and best of the runs), the ratio
 # pmp/transformers, and whether the greedy tokens are identical.
 # Needs: a built ./pmp, python3 with torch and transformers.
@@ -20,8 +20,6 @@ NEW=64
 REPS=5
 THREADS=2
 BATCHES="1 4"
-# OpenBLAS 0.3.21 runs SSE3 'Prescott' kernels on CPUs newer than it (README); "default" = its own pick.
-CORETYPES="default SkylakeX"
 KEEP=
 
 while [ $# -gt 0 ]; do
@@ -30,7 +28,6 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --batches) BATCHES=${2//,/ }; shift 2 ;;
-    --coretypes) CORETYPES=${2//,/ }; shift 2 ;;
     --keep) KEEP=$2; shift 2 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "bench_generate: unknown argument $1" >&2; exit 2 ;;
@@ -43,7 +40,7 @@ WORK=${KEEP:-$(mktemp -d "${TMPDIR:-/tmp}/bench_generate.XXXXXX")}
 mkdir -p "$WORK"
 [ -n "$KEEP" ] || trap 'rm -rf "$WORK"' EXIT
 MODEL=$WORK/model
-export OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1
 
 [ -f "$MODEL/config.json" ] || python3 "$ROOT/tools/bench_generate.py" make "$MODEL" >&2
@@ -80,15 +77,10 @@ for B in $BATCHES; do
   read -r hmed hbest < <(stats "$hf" "$B")
   gap=$(python3 -c "import json; print('%.3g' % json.load(open('$hf'))['min_gap'])")
   printf '%-6s %-26s %10s %10s %18s  %s\n' "$B" "transformers" "$hmed" "$hbest" "1 1" "(smallest top-2 logit gap $gap)"
-  for ct in $CORETYPES; do
-    out=$WORK/pmp-$ct-b$B.json
-    # unset, not empty: OpenBLAS reads OPENBLAS_CORETYPE= (empty) as an unknown core and then detects anew
-    env_ct=(-u OPENBLAS_CORETYPE)
-    [ "$ct" != default ] && env_ct=(OPENBLAS_CORETYPE="$ct")
-    (cd "$ROOT" && env "${env_ct[@]}" ./pmp tools/bench_generate.lua "$MODEL" "$B" "$NEW" "$REPS" "$out")
-    read -r pmed pbest < <(stats "$out" "$B")
-    ratio=$(awk -v a="$pmed" -v b="$hmed" -v c="$pbest" -v d="$hbest" 'BEGIN { printf "%.2f %.2f", a / b, c / d }')
-    printf '%-6s %-26s %10s %10s %18s  %s\n' "$B" "pmp (OpenBLAS $ct)" "$pmed" "$pbest" "$ratio" "$(compare "$out" "$hf")"
-  done
+  out=$WORK/pmp-b$B.json
+  (cd "$ROOT" && ./pmp tools/bench_generate.lua "$MODEL" "$B" "$NEW" "$REPS" "$out")
+  read -r pmed pbest < <(stats "$out" "$B")
+  ratio=$(awk -v a="$pmed" -v b="$hmed" -v c="$pbest" -v d="$hbest" 'BEGIN { printf "%.2f %.2f", a / b, c / d }')
+  printf '%-6s %-26s %10s %10s %18s  %s\n' "$B" "pmp" "$pmed" "$pbest" "$ratio" "$(compare "$out" "$hf")"
 done
 [ -z "$KEEP" ] || echo "kept: $WORK" >&2

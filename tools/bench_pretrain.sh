@@ -5,7 +5,7 @@
 #
 #   tools/bench_pretrain.sh                 # both configs, full length
 #   tools/bench_pretrain.sh --iters 200     # config (a) shortened, for a quick check
-#   tools/bench_pretrain.sh --configs a --coretypes SkylakeX
+#   tools/bench_pretrain.sh --configs a
 #
 # Configs:
 #   a  nanoGPT's CPU "baby" Shakespeare run: char-level, 4 layers, 4 heads, 128 wide, seq 64,
@@ -22,9 +22,6 @@ THREADS=2
 ITERS_A=2000
 ITERS_B=10        # timed iterations of (b); one warm-up interval of 2 more runs before them
 CONFIGS="a b"
-# OpenBLAS 0.3.21 runs SSE3 'Prescott' kernels on CPUs newer than it; SkylakeX is ~4x faster GEMM
-# there (README). "default" = whatever OpenBLAS picks by itself.
-CORETYPES="default SkylakeX"
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -32,7 +29,6 @@ while [ $# -gt 0 ]; do
     --b-iters) ITERS_B=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --configs) CONFIGS=${2//,/ }; shift 2 ;;
-    --coretypes) CORETYPES=${2//,/ }; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench_pretrain: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -42,9 +38,9 @@ done
 python3 -c 'import torch' 2>/dev/null || { echo "bench_pretrain: pip install torch" >&2; exit 1; }
 
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/bench_pretrain.XXXXXX")
-# Both sides get the same thread budget: pmp through OpenMP and OpenBLAS, PyTorch through
+# Both sides get the same thread budget: pmp through OpenMP (BLIS included), PyTorch through
 # torch.set_num_threads (--threads) and its OpenMP/MKL pools.
-export OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 # The flags both programs take with the same meaning.
 flags_a() {
@@ -100,20 +96,16 @@ for config in $CONFIGS; do
     || { echo "bench_pretrain: pytorch failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
   read -r torch_ms torch_med torch_best torch_rss torch_val torch_n < <(summarize "$log")
   rows+=("pytorch $(python3 -c 'import torch; print(torch.__version__)')|$torch_ms|$torch_med|$torch_best|1 1 1|$torch_rss|$torch_val|$torch_n")
-  for coretype in $CORETYPES; do
-    log=$LOGS/$config-pmp-$coretype.log
-    echo "== $title: pmp, OpenBLAS coretype $coretype ($log)" >&2
-    env_ct=()
-    [ "$coretype" != default ] && env_ct=(OPENBLAS_CORETYPE="$coretype")
-    # No checkpoints, no sample: only training and the final validation are timed or run.
-    (cd "$ROOT" && env "${env_ct[@]}" ./pmp recipes/pretrain.lua $flags --data-path "$DATA" \
-      --tokenizer-type char --save '' --sample-length 0) > "$log" 2>&1 \
-      || { echo "bench_pretrain: pmp failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
-    read -r ms med best rss val n < <(summarize "$log")
-    ratio=$(awk -v a="$ms" -v b="$torch_ms" -v c="$med" -v d="$torch_med" -v e="$best" -v f="$torch_best" \
-      'BEGIN { printf "%.2f %.2f %.2f", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0), (f > 0 ? e / f : 0) }')
-    rows+=("pmp (OpenBLAS $coretype)|$ms|$med|$best|$ratio|$rss|$val|$n")
-  done
+  log=$LOGS/$config-pmp.log
+  echo "== $title: pmp ($log)" >&2
+  # No checkpoints, no sample: only training and the final validation are timed or run.
+  (cd "$ROOT" && ./pmp recipes/pretrain.lua $flags --data-path "$DATA" \
+    --tokenizer-type char --save '' --sample-length 0) > "$log" 2>&1 \
+    || { echo "bench_pretrain: pmp failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+  read -r ms med best rss val n < <(summarize "$log")
+  ratio=$(awk -v a="$ms" -v b="$torch_ms" -v c="$med" -v d="$torch_med" -v e="$best" -v f="$torch_best" \
+    'BEGIN { printf "%.2f %.2f %.2f", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0), (f > 0 ? e / f : 0) }')
+  rows+=("pmp $(cd "$ROOT" && ./pmp --version | cut -d' ' -f2)|$ms|$med|$best|$ratio|$rss|$val|$n")
   echo
   echo "$title, $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
   # ms/iter: mean over the timed iterations; median, best: of the log intervals' ms/iter;
