@@ -1,7 +1,7 @@
 /* CPU attention kernels: the tiled implementation (cpu_attention_impl.h) for f32 and f64. */
 #include "internal.h"
 #include "blas.h"
-#include <math.h>
+#include "vector_math.h"
 
 enum { BLOCK_Q = 64, BLOCK_K = 64 };
 

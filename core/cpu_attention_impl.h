@@ -62,6 +62,7 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
             continue;
           }
           REAL rescale = EXP(row_max[r] - peak), total = 0;
+#pragma omp simd reduction(+ : total)
           for (int64_t c = 0; c < cols; c++) total += (srow[c] = EXP(srow[c] - peak));
           row_sum[r] = row_sum[r] * rescale + total;
           row_max[r] = peak;

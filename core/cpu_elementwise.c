@@ -1,21 +1,6 @@
 /* CPU kernels of the elementwise ops; each works on contiguous pieces handed out by iter.c. */
 #include "iter.h"
-#include <math.h>
-
-/* glibc's libmvec has vector versions of these; declaring them lets `omp simd` loops call them four
- * at a time instead of one libm call per element (within 4 ulp, per glibc's documentation). */
-#pragma omp declare simd notinbranch
-float expf(float);
-#pragma omp declare simd notinbranch
-float logf(float);
-#pragma omp declare simd notinbranch
-float sinf(float);
-#pragma omp declare simd notinbranch
-float cosf(float);
-#pragma omp declare simd notinbranch
-float tanhf(float);
-#pragma omp declare simd notinbranch
-float erff(float);
+#include "vector_math.h"
 
 #define SQRT_HALF 0.70710678118654752440
 #define SQRT_2_OVER_PI 0.79788456080286535588
@@ -41,13 +26,6 @@ float erff(float);
     }                                                                                                        \
   } while (0)
 
-/* One binary, several instruction sets: the loader picks the AVX2 build of these loops where the CPU has
- * it, doubling the lanes of the vector math calls over the baseline SSE2 build. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define WIDE_VECTORS __attribute__((target_clones("avx2", "default")))
-#else
-#define WIDE_VECTORS
-#endif
 
 /* Float unary ops, written once for float (F = f suffix functions) and double. */
 #define FLOAT_UNARY(NAME, T, EXP, LOG, SQRT, FABS, SIN, COS, TANH, ERF)                                      \

@@ -3,7 +3,7 @@
  * they round intermediate results where Hugging Face's modules do, so outputs match theirs exactly.
  */
 #include "internal.h"
-#include <math.h>
+#include "vector_math.h"
 #include <omp.h>
 
 /* Loads n elements of any float dtype as double. */
@@ -187,6 +187,21 @@ int pmp_cpu_rope(const pmp_op_args *a) {
 
 static double silu(double v) { return v / (1.0 + exp(-v)); }
 
+WIDE_VECTORS static void swiglu_row_f32(const float *gate, const float *up, float *out, int64_t width) {
+#pragma omp simd
+  for (int64_t k = 0; k < width; k++) out[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+}
+
+WIDE_VECTORS static void swiglu_backward_row_f32(const float *gate, const float *up, const float *g, float *dgate,
+                                                 float *dup, int64_t width) {
+#pragma omp simd
+  for (int64_t k = 0; k < width; k++) {
+    float s = 1.0f / (1.0f + expf(-gate[k]));
+    dgate[k] = g[k] * up[k] * s * (1.0f + gate[k] * (1.0f - s));
+    dup[k] = g[k] * gate[k] * s;
+  }
+}
+
 int pmp_cpu_swiglu(const pmp_op_args *a) {
   const pmp_tensor *x = a->in[0];
   pmp_tensor *y = a->out;
@@ -195,9 +210,8 @@ int pmp_cpu_swiglu(const pmp_op_args *a) {
   if (dt == PMP_F32) {
 #pragma omp parallel for if (rows * width >= PMP_PARALLEL_THRESHOLD) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-      const float *gate = (const float *)x->data + r * 2 * width, *up = gate + width;
-      float *out = (float *)y->data + r * width;
-      for (int64_t k = 0; k < width; k++) out[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+      const float *gate = (const float *)x->data + r * 2 * width;
+      swiglu_row_f32(gate, gate + width, (float *)y->data + r * width, width);
     }
     return 0;
   }
@@ -223,13 +237,8 @@ int pmp_cpu_swiglu_backward(const pmp_op_args *a) {
 #pragma omp parallel for if (rows * width >= PMP_PARALLEL_THRESHOLD) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
       const float *gate = (const float *)x->data + r * 2 * width, *up = gate + width;
-      const float *g = (const float *)dy->data + r * width;
-      float *dgate = (float *)dx->data + r * 2 * width, *dup = dgate + width;
-      for (int64_t k = 0; k < width; k++) {
-        float s = 1.0f / (1.0f + expf(-gate[k]));
-        dgate[k] = g[k] * up[k] * s * (1.0f + gate[k] * (1.0f - s));
-        dup[k] = g[k] * gate[k] * s;
-      }
+      float *dgate = (float *)dx->data + r * 2 * width;
+      swiglu_backward_row_f32(gate, up, (const float *)dy->data + r * width, dgate, dgate + width, width);
     }
     return 0;
   }
