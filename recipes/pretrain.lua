@@ -40,6 +40,7 @@ local FLAGS = {
   { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
   { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
   { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },
+  { '--num-layers-per-virtual-pipeline-stage', 0, 'layers per virtual pipeline stage: the interleaved schedule (0: off)' },
   { '--use-distributed-optimizer', false, 'shard f32 master weights and Adam moments over data-parallel ranks (ZeRO-1)' },
   { '--overlap-grad-reduce', true, 'reduce gradient buckets during backward (--overlap-grad-reduce=false: after it)' },
   { '--distributed-timeout-minutes', 10, 'a collective that makes no progress this long ends the job' },
@@ -89,6 +90,24 @@ if opts.sequence_parallel and tp == 1 then opts.sequence_parallel = false end
 if opts.global_batch_size % (opts.micro_batch_size * dp) ~= 0 then
   fail(string.format('--global-batch-size %d is not a multiple of --micro-batch-size %d x data-parallel size %d',
     opts.global_batch_size, opts.micro_batch_size, dp))
+end
+
+-- Interleaved pipeline: each stage holds `virtual` chunks of --num-layers-per-virtual-pipeline-stage
+-- layers (Megatron: virtual size = num_layers / pp / that), and a step needs a multiple of pp micro batches.
+local virtual = 1
+local per_virtual = opts.num_layers_per_virtual_pipeline_stage
+if per_virtual > 0 then
+  if pp == 1 then fail('--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1') end
+  if opts.num_layers % (pp * per_virtual) ~= 0 then
+    fail(string.format('--num-layers %d is not a multiple of --pipeline-model-parallel-size %d x ' ..
+      '--num-layers-per-virtual-pipeline-stage %d', opts.num_layers, pp, per_virtual))
+  end
+  virtual = opts.num_layers / (pp * per_virtual)
+  local micro = opts.global_batch_size / (opts.micro_batch_size * dp)
+  if micro % pp ~= 0 then
+    fail(string.format('the interleaved schedule needs the micro batches per step (%d) to be a multiple of ' ..
+      '--pipeline-model-parallel-size %d', micro, pp))
+  end
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -212,12 +231,16 @@ local model = pmp.nn.GPTModel({
 })
 -- Every rank built the whole model from the same seed; now it keeps its pipeline stage and its
 -- tensor-parallel shard, so the initial weights are the single-process model's whatever the layout.
+-- With virtual stages the model becomes a pmp.dist.pipeline.Chunks of this stage's chunks.
 local got_parts, why = pcall(function()
-  pmp.dist.pipeline.stage(model, {
+  model = pmp.dist.pipeline.stage(model, {
     first_stage_layers = opts.decoder_first_pipeline_num_layers > 0 and opts.decoder_first_pipeline_num_layers or nil,
     last_stage_layers = opts.decoder_last_pipeline_num_layers > 0 and opts.decoder_last_pipeline_num_layers or nil,
+    virtual_stages = virtual,
   })
-  pmp.nn.parallel.tensor_parallel(model, { sequence_parallel = opts.sequence_parallel })
+  for _, chunk in ipairs(pmp.dist.pipeline.chunks(model)) do
+    pmp.nn.parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
+  end
 end)
 if not got_parts then fail(tostring(why)) end
 if opts.bf16 then model:to('bf16') end
@@ -289,8 +312,9 @@ log(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s',
 log(string.format('pretrain: %d train samples, %d steps x %d samples x %d tokens, %d threads, GEMM peak %.1f GFLOP/s',
   train_data.count, opts.train_iters, opts.global_batch_size, opts.seq_length, pmp.num_threads(), peak / 1e9))
 if layout.world > 1 then
-  log(string.format('pretrain: %d processes: tensor-parallel %d%s, pipeline-parallel %d, data-parallel %d%s',
-    layout.world, tp, opts.sequence_parallel and ' (sequence parallel)' or '', pp, dp,
+  log(string.format('pretrain: %d processes: tensor-parallel %d%s, pipeline-parallel %d%s, data-parallel %d%s',
+    layout.world, tp, opts.sequence_parallel and ' (sequence parallel)' or '', pp,
+    virtual > 1 and string.format(' (%d virtual stages each)', virtual) or '', dp,
     opts.use_distributed_optimizer and ' (distributed optimizer)' or ''))
 end
 
@@ -381,7 +405,7 @@ while iteration < opts.train_iters do
   -- gradients complete: data-parallel buckets in, then the sums over tensor-parallel ranks (sequence
   -- parallel norms) and over the pipeline's two copies of a tied embedding
   if ddp then ddp:finish_grad_sync() end
-  pmp.nn.parallel.finish_grads(model)
+  for _, chunk in ipairs(pipeline.chunks(model)) do pmp.nn.parallel.finish_grads(chunk) end
   pipeline.sync_embedding_grads(model)
   local grad_norm
   if opts.use_distributed_optimizer then

@@ -38,7 +38,7 @@ local function check_case(out, case, world, copies)
 
   -- every reference parameter lives on exactly one stage (the tied embedding on the first and last),
   -- with the reference's values
-  local seen, tied = {}, case:match(':tied$') ~= nil
+  local seen, tied = {}, (case .. ':'):find(':tied:', 1, true) ~= nil
   for _, r in ipairs(rows(out, 'PARAM', case)) do
     seen[r[1]] = (seen[r[1]] or 0) + 1
     assert.is_true(tonumber(r[2]) <= 1e-5, string.format('%s: %s differs from the reference by %s', case, r[1], r[2]))
@@ -71,8 +71,23 @@ describe('pmp.dist.pipeline', function()
     for _, case in ipairs(cases) do check_case(out, case, 4, 1) end
   end)
 
-  it('TP=2 x PP=2 matches one process, also with sequence parallelism', function()
-    local cases = { '4:-:-:tied', '3:1:-:untied', '4:-:-:untied:sp' }
+  it('PP=2 with 2 virtual stages per rank (interleaved 1F1B) matches one process, tied and untied', function()
+    -- 4 layers: one per chunk; 6 layers with first_stage_layers 2: rank 0 one layer per chunk, rank 1 two
+    local cases = { '4:-:-:tied:v2', '4:-:-:untied:v2', '6:2:-:untied:v2' }
+    local out = run(2, { '2', '1', 'trace:2', unpack(cases) })
+    for _, case in ipairs(cases) do check_case(out, case, 2, 1) end
+
+    -- Megatron's order for PP=2, 2 chunks, 4 micro-batches (get_schedule_table with groups of pp
+    -- micro-batches: (0,0) (1,0) (0,1) (1,1) (2,0) (3,0) (2,1) (3,1) as (micro-batch, chunk); backward k
+    -- takes entry k with the chunk reversed; stage s warms up with 2 (pp - s - 1) + (V - 1) pp forwards)
+    local traces = {}
+    for _, r in ipairs(rows(out, 'TRACE')) do traces[tonumber(r[1])] = table.concat(r, ' ', 2) end
+    assert.are.equal('F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0', traces[0])
+    assert.are.equal('F0.0 F1.0 F0.1 B0.1 F1.1 B1.1 F2.0 B0.0 F3.0 B1.0 F2.1 B2.1 F3.1 B3.1 B2.0 B3.0', traces[1])
+  end)
+
+  it('TP=2 x PP=2 matches one process, also with sequence parallelism and with virtual stages', function()
+    local cases = { '4:-:-:tied', '3:1:-:untied', '4:-:-:untied:sp', '4:-:-:tied:sp:v2' }
     local out = run(4, { '2', '2', unpack(cases) })
     for _, case in ipairs(cases) do check_case(out, case, 4, 2) end
   end)
@@ -97,6 +112,44 @@ describe('pmp.dist.pipeline', function()
     assert.has_error(function()
       pipeline.stage(pmp.nn.GPTModel(config), { group = two_stages, first_stage_layers = 4 })
     end, 'pipeline: 3 layers cannot be split into 2 stages (first stage 4, last stage even layers)')
+  end)
+
+  it('places the chunks of virtual stages where Megatron does', function()
+    -- expected: Megatron's get_transformer_layer_offset (offset of chunk v on rank p) with its counts
+    local function layout(...)
+      local out = {}
+      for p, chunks in ipairs(pipeline.chunk_layers(...)) do
+        for v, c in ipairs(chunks) do out[#out + 1] = string.format('%d.%d:%d+%d', p - 1, v - 1, c.first, c.count) end
+      end
+      return table.concat(out, ' ')
+    end
+    assert.are.equal('0.0:0+2 0.1:4+2 1.0:2+2 1.1:6+2', layout(8, 2, 2))
+    assert.are.equal('0.0:0+1 0.1:4+1 1.0:1+3 1.1:5+3', layout(8, 2, 2, 2))
+    assert.are.equal('0.0:0+1 0.1:6+1 1.0:1+4 1.1:7+4 2.0:5+1 2.1:11+1', layout(12, 3, 2, 2, 2))
+    assert.has_error(function() pipeline.chunk_layers(6, 2, 2) end,
+      'pipeline: 6 layers cannot be split into 2 virtual stages on each of 2 stages (first stage even, last stage even layers)')
+    assert.has_error(function() pipeline.chunk_layers(8, 2, 2, 3) end,
+      'pipeline: 8 layers cannot be split into 2 virtual stages on each of 2 stages (first stage 3, last stage even layers)')
+  end)
+
+  it('rejects virtual stages without a pipeline, and micro-batch counts the interleaved schedule cannot run', function()
+    assert.has_error(function()
+      pipeline.stage(pmp.nn.GPTModel(config), { group = { rank = 0, size = 1, name = 'pp' }, virtual_stages = 2 })
+    end, "pipeline.stage: virtual_stages = 2 needs a pipeline of more than one stage (group 'pp' has one rank)")
+    local two_stages = { rank = 0, size = 2, name = 'pp' }
+    local chunks = pipeline.stage(pmp.nn.GPTModel({ num_layers = 4, hidden_size = 16, num_attention_heads = 2,
+      vocab_size = 20 }), { group = two_stages, virtual_stages = 2 })
+    assert.is_true(pipeline.is_chunks(chunks))
+    assert.are.equal(2, #pipeline.chunks(chunks))
+    local batches = {}
+    for k = 1, 3 do batches[k] = { ids = pmp.randint(0, 20, { 1, 4 }), targets = pmp.randint(0, 20, { 1, 4 }) } end
+    -- no message is exchanged before these checks, so the fake group is enough
+    assert.has_error(function() pipeline.forward_backward(chunks, batches, { group = two_stages }) end,
+      "pipeline.forward_backward: the interleaved schedule needs a number of micro-batches that is a multiple of " ..
+      "the pipeline size 2 (group 'pp'), got 3")
+    assert.has_error(function() pipeline.forward_backward(chunks.items[1], batches, { group = two_stages }) end,
+      "pipeline.forward_backward: the model is one chunk of a pipeline.Chunks (pass the Chunks) of stage 0 of 2 " ..
+      "(call pipeline.stage with group 'pp')")
   end)
 
   it('is plain gradient accumulation with a single stage', function()

@@ -51,6 +51,8 @@ describe('recipes/pretrain.lua under mpirun', function()
       '--sequence-parallel', '--overlap-grad-reduce=false', '--make-vocab-size-divisible-by', '64' } },
     { 3, 'PP=3 with an uneven split', { '--pipeline-model-parallel-size', '3', '--decoder-first-pipeline-num-layers', '2',
       '--make-vocab-size-divisible-by', '128' } },
+    { 2, 'PP=2 with 2 virtual stages per rank (interleaved schedule)', { '--pipeline-model-parallel-size', '2',
+      '--num-layers-per-virtual-pipeline-stage', '1', '--make-vocab-size-divisible-by', '128' } },
   }
   for _, case in ipairs(layouts) do
     local np, name, flags = case[1], case[2], case[3]
@@ -66,17 +68,21 @@ describe('recipes/pretrain.lua under mpirun', function()
     end)
   end
 
-  it('resumes a TP=2 x PP=2 distributed-optimizer checkpoint in other layouts where one process would be', function()
-    local six = {}
-    for k, a in ipairs(common) do six[k] = a == '3' and common[k - 1] == '--train-iters' and '6' or a end
-    local function run(np, extra)
-      local args = with(extra, six)
-      if np == 1 then
-        table.insert(args, 1, shell.root .. '/recipes/pretrain.lua')
-        return shell.run_pmp(args)
-      end
-      return mpi.run(np, shell.root .. '/recipes/pretrain.lua', args)
+  -- six iterations of the common model on np processes (one: without mpirun)
+  local six = {}
+  for k, a in ipairs(common) do six[k] = a == '3' and common[k - 1] == '--train-iters' and '6' or a end
+  local function run(np, extra)
+    local args = with(extra, six)
+    if np == 1 then
+      table.insert(args, 1, shell.root .. '/recipes/pretrain.lua')
+      return shell.run_pmp(args)
     end
+    return mpi.run(np, shell.root .. '/recipes/pretrain.lua', args)
+  end
+  local interleaved = { '--pipeline-model-parallel-size', '2', '--num-layers-per-virtual-pipeline-stage', '1',
+    '--make-vocab-size-divisible-by', '128' }
+
+  it('resumes a TP=2 x PP=2 distributed-optimizer checkpoint in other layouts where one process would be', function()
     local out, err, status = run(1, { '--save', '', '--make-vocab-size-divisible-by', '128', '--eval-interval', '0' })
     assert.are.equal(0, status, err)
     local want = losses(out)
@@ -86,12 +92,28 @@ describe('recipes/pretrain.lua under mpirun', function()
     assert.are.equal(0, status, err)
     assert_close({ want[1], want[2], want[3] }, losses(out), 'before the checkpoint')
     for _, case in ipairs({ { 1, { '--make-vocab-size-divisible-by', '128' } },
-                            { 4, { '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } } }) do
+                            { 4, { '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
+                            { 2, interleaved } }) do
       out, err, status = run(case[1], with({ '--load', dir, '--save', '', '--eval-interval', '0' }, case[2]))
       assert.are.equal(0, status, err)
       assert.truthy(out:find('resharded from another parallel layout', 1, true), out)
       assert_close({ want[4], want[5], want[6] }, losses(out), 'resumed on ' .. case[1] .. ' processes')
     end
+  end)
+
+  it('saves virtual pipeline stages (PP=2 x DP=2, distributed optimizer) and resumes them in one process', function()
+    local out, err, status = run(1, { '--save', '', '--make-vocab-size-divisible-by', '128', '--eval-interval', '0' })
+    assert.are.equal(0, status, err)
+    local want = losses(out)
+    local saved = dir .. '/interleaved'
+    out, err, status = run(4, with({ '--save', saved, '--exit-interval', '3', '--eval-interval', '0',
+      '--use-distributed-optimizer' }, interleaved))
+    assert.are.equal(0, status, err)
+    assert_close({ want[1], want[2], want[3] }, losses(out), 'before the checkpoint')
+    out, err, status = run(1, { '--load', saved, '--save', '', '--eval-interval', '0', '--make-vocab-size-divisible-by', '128' })
+    assert.are.equal(0, status, err)
+    assert.truthy(out:find('resharded from another parallel layout', 1, true), out)
+    assert_close({ want[4], want[5], want[6] }, losses(out), 'resumed on one process')
   end)
 
   it('refuses a layout the world cannot hold', function()

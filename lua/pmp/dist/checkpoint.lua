@@ -9,13 +9,15 @@
 --   DIR/iter_0000100/mp_rank_TT/ (PP = 1) or mp_rank_TT_PPP/ (PP > 1), one per model-parallel rank,
 --     written by the first data-parallel replica of that rank:
 --       model_optim_rng.safetensors   model.<name>: this TP rank's part of the stage's tensors, layers
---                                     numbered from 0 on each stage as Megatron numbers them;
+--                                     numbered from 0 on each stage as Megatron numbers them (with
+--                                     virtual pipeline stages model<v>.<name> for chunk v, numbered
+--                                     from 0 in each chunk: Megatron's model0, model1, ...);
 --                                     optimizer.<name>.<slot>: a replicated optimizer's state, same cut
 --       model_optim_rng.json          iteration, state (the caller's: data position, args, ...), the RNG
 --                                     state of every data-parallel replica, optimizer hyperparameters
 --                                     and steps, and `layout`: tp, pp, dp, cp, this directory's
---                                     tp_rank/pp_rank, the stages' layer ranges, whether the optimizer
---                                     was distributed, and the model config
+--                                     tp_rank/pp_rank, the stages' layer ranges (or their chunks'),
+--                                     whether the optimizer was distributed, and the model config
 --       distrib_optim_DDD.safetensors with the distributed optimizer, one per replica DDD: <name>.<slot>
 --                                     holds the DDD-th of optimizer_shards even pieces of the flattened
 --                                     state of <name> (so each replica writes 1/dp of the state)
@@ -36,6 +38,7 @@ local json = require 'pmp.json'
 local safetensors = require 'pmp.safetensors'
 local checkpoint = require 'pmp.checkpoint'
 local sharding = require 'pmp.dist.sharding'
+local pipeline = require 'pmp.dist.pipeline'
 
 local M = {}
 
@@ -65,10 +68,15 @@ local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']'
 ---------------------------------------------------------------------------------------------------
 -- The model's place in the layout
 
--- This rank's stage {first = global layer offset, count}, after checking that the model was cut for
--- the layout (a model left whole would be saved as if it were one part).
+-- This rank's stage {first = global layer offset, count}, or with virtual pipeline stages (a
+-- pmp.dist.pipeline.Chunks) {chunks = {first, count} of each chunk}, after checking that the model was
+-- cut for the layout (a model left whole would be saved as if it were one part).
 local function model_stage(model, layout, op)
-  local p, tp = model.pipeline, model.tensor_parallel
+  local chunks = pipeline.chunks(model)
+  local p, tp = chunks[1].pipeline, chunks[1].tensor_parallel
+  if #chunks == 1 and p and (p.virtual_stages or 1) > 1 then
+    error(op .. ': the model is one chunk of a pmp.dist.pipeline.Chunks; pass the Chunks', 3)
+  end
   if layout.pp > 1 and (not p or p.stages ~= layout.pp) then
     error(string.format('%s: the layout has pp=%d but the model is %s (pmp.dist.pipeline.stage makes the stage)', op,
       layout.pp, p and ('stage ' .. p.stage .. ' of ' .. p.stages) or 'not a pipeline stage'), 3)
@@ -78,8 +86,29 @@ local function model_stage(model, layout, op)
       layout.tp, tp and ('split ' .. tp.group.size .. ' ways') or 'not tensor parallel'), 3)
   end
   if layout.ep > 1 then error(op .. ': expert-parallel checkpoints (ep > 1) are not supported', 3) end
+  if #chunks > 1 then
+    local ranges = {}
+    for v, chunk in ipairs(chunks) do
+      ranges[v] = { first = chunk.pipeline.layer_offset, count = chunk.pipeline.num_layers }
+    end
+    return { chunks = ranges }
+  end
   if p and layout.pp > 1 then return { first = p.layer_offset, count = p.num_layers } end
   return { first = 0, count = model.config.num_layers }
+end
+
+-- The tensor key of a model parameter in the model file: 'model.<name>' for a stage, and the name
+-- itself, 'model<v>.<name in chunk v>', for the chunks of virtual stages (Megatron's model0, model1).
+local function model_key(name)
+  if name:match('^model%d+%.') then return name end
+  return 'model.' .. name
+end
+
+-- The global parameter name (whole-model layer numbering) of a stage's parameter.
+local function global_name(name, stage)
+  local v, inner = name:match('^model(%d+)%.(.*)$')
+  if v then return sharding.shift_layer(inner, stage.chunks[tonumber(v) + 1].first) end
+  return sharding.shift_layer(name, stage.first)
 end
 
 -- The address of a tensor's storage handle: the optimizer and the model hold the same tensors.
@@ -117,11 +146,23 @@ end
 
 local function f64(values) return tensor.tensor(values, { dtype = 'f64' }) end
 
--- Everybody's {first, count} stage, in pipeline order.
+-- Everybody's stage (as model_stage gives it), in pipeline order. Every stage has as many chunks.
 local function gather_stages(stage)
-  local all = dist().group('pp'):all_gather(f64({ stage.first, stage.count })):totable()
+  local ranges, mine = stage.chunks or { stage }, {}
+  for _, r in ipairs(ranges) do
+    mine[#mine + 1] = r.first
+    mine[#mine + 1] = r.count
+  end
+  local all = dist().group('pp'):all_gather(f64(mine)):totable()
   local out = {}
-  for s = 1, #all / 2 do out[s] = { first = all[2 * s - 1], count = all[2 * s] } end
+  for s = 1, #all / #mine do
+    local list = {}
+    for v = 1, #ranges do
+      local at = (s - 1) * #mine + 2 * (v - 1)
+      list[v] = { first = all[at + 1], count = all[at + 2] }
+    end
+    out[s] = stage.chunks and { chunks = list } or list[1]
+  end
   return out
 end
 
@@ -182,7 +223,7 @@ local function rank_files(layout, model, stages, rngs, opt, state, iteration)
   end
   if replica.rank ~= 0 then return files end
   local tensors = {}
-  for name, t in pairs(model:state_dict()) do tensors['model.' .. name] = t end
+  for name, t in pairs(model:state_dict()) do tensors[model_key(name)] = t end
   local info = {
     iteration = iteration, state = state or {}, rng = rngs,
     layout = { tp = layout.tp, pp = layout.pp, dp = layout.dp, cp = layout.cp, tp_rank = layout.tp_rank,
@@ -357,9 +398,9 @@ function Source:index()
   local names = {}
   for s, st in ipairs(self.layout.stages) do
     for key in pairs(self:shard(s, 0).tensors) do
-      local name = key:match('^model%.(.*)$')
+      local name = key:match('^model%.(.*)$') or (key:match('^model%d+%.') and key)
       if name then
-        local global = sharding.shift_layer(name, st.first)
+        local global = global_name(name, st)
         names[global] = names[global] or { stage = s, name = name, global = global }
       end
     end
@@ -404,8 +445,8 @@ function Source:part(entry, read, tp, rank, config)
 end
 
 local function read_model(shard, name)
-  local t = shard.tensors['model.' .. name]
-  if not t then error(string.format('checkpoint: %s lacks model.%s', shard.model_path, name), 0) end
+  local t = shard.tensors[model_key(name)]
+  if not t then error(string.format('checkpoint: %s lacks %s', shard.model_path, model_key(name)), 0) end
   return t
 end
 
@@ -469,7 +510,11 @@ end
 local function same_stages(a, b)
   if #a ~= #b then return false end
   for s = 1, #a do
-    if a[s].first ~= b[s].first or a[s].count ~= b[s].count then return false end
+    local x, y = a[s].chunks or { a[s] }, b[s].chunks or { b[s] }
+    if #x ~= #y then return false end
+    for v = 1, #x do
+      if x[v].first ~= y[v].first or x[v].count ~= y[v].count then return false end
+    end
   end
   return true
 end
@@ -486,9 +531,9 @@ local function prepare(dir, iteration, model, optimizer, layout, stage, stages)
   table.sort(names)   -- the same first error on every run
   for _, name in ipairs(names) do
     local t = own[name]
-    local entry = source:find(sharding.shift_layer(name, stage.first), config)
+    local entry = source:find(global_name(name, stage), config)
     local value = source:part(entry, read_model, layout.tp, layout.tp_rank, config)
-    check_shape(value, t, 'model.' .. name, source, entry)
+    check_shape(value, t, model_key(name), source, entry)
     out.values[name] = value
   end
 
@@ -509,7 +554,7 @@ local function prepare(dir, iteration, model, optimizer, layout, stage, stages)
       opt_names = optimizer_param_names(model, optimizer, 'checkpoint.load')
     end
     for _, name in ipairs(opt_names) do
-      local entry = source:find(sharding.shift_layer(name, stage.first), config)
+      local entry = source:find(global_name(name, stage), config)
       local shard = source:shard(entry.stage, 0)
       local step = shard.info.optimizer and shard.info.optimizer.steps[entry.name]
       if step == nil then

@@ -29,13 +29,15 @@
 -- parameters are all final starts its asynchronous collective on the spot. Buckets start strictly in
 -- order so that every rank issues the same collectives in the same order; whatever the hooks did not
 -- start (overlap = false, sync off, a parameter read outside a forward) finish_grad_sync starts.
--- The model must be complete (pipeline.stage, tensor_parallel, :to(dtype) done) before it is wrapped.
+-- The model must be complete (pipeline.stage, tensor_parallel, :to(dtype) done) before it is wrapped;
+-- with virtual pipeline stages wrap the pipeline.Chunks (all of the rank's chunks in one set of buckets).
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
 local autograd = require 'pmp.autograd'
 local Module = require 'pmp.nn.module'
 local clock = require 'pmp.clock'
+local pipeline = require 'pmp.dist.pipeline'
 
 local M = {}
 
@@ -48,12 +50,16 @@ local function grad_enabled() return C.pmp_is_grad_enabled() ~= 0 end
 -- The word-embedding weight that the first and last pipeline stages both hold when the model ties them
 -- (pmp.dist.pipeline), nil otherwise. Under the distributed optimizer it gets a bucket of its own so
 -- that both stages cut it into the same shards, and the sum of its gradient over the two stages
--- (pipeline.sync_embedding_grads) lines up shard by shard.
+-- (pipeline.sync_embedding_grads) lines up shard by shard. With virtual stages (a pipeline.Chunks) it
+-- is on rank 0's first chunk or the last rank's last chunk.
 local function tied_stage_weight(model)
-  local stage = model.pipeline
-  if not stage or not (model.config and model.config.tie_embeddings) then return nil end
-  if stage.is_first then return model.embedding.word_embeddings.weight end
-  if stage.is_last then return model.output_layer.weight end
+  for _, chunk in ipairs(pipeline.chunks(model)) do
+    local stage = chunk.pipeline
+    if stage and chunk.config and chunk.config.tie_embeddings then
+      if stage.is_first then return chunk.embedding.word_embeddings.weight end
+      if stage.is_last then return chunk.output_layer.weight end
+    end
+  end
   return nil
 end
 
@@ -137,9 +143,14 @@ end
 
 -- Every module whose subtree holds parameters reads them through proxies while its forward runs with
 -- grad on (the outermost such forward installs them; recompute's re-run of a block installs its own).
--- Without overlap only the root is wrapped, to notice that a new accumulation has begun.
+-- Without overlap only the root is wrapped, to notice that a new accumulation has begun. A
+-- pipeline.Chunks is never called itself (pipeline.forward_backward runs its chunks): each chunk is a root.
 function DDP:_wrap_forwards()
-  if not self.overlap then return self:_wrap_forward(self.model, {}, true) end
+  local roots = pipeline.chunks(self.model)
+  if not self.overlap then
+    for _, root in ipairs(roots) do self:_wrap_forward(root, {}, true) end
+    return
+  end
   local wrapped = {}
   local function visit(m, is_root)
     local owners = {}
@@ -153,7 +164,7 @@ function DDP:_wrap_forwards()
     end
     return owners
   end
-  visit(self.model, true)
+  for _, root in ipairs(roots) do visit(root, true) end
 end
 
 function DDP:_wrap_forward(m, owners, is_root)

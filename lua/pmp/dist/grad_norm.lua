@@ -4,7 +4,8 @@
 --   * tensor parallelism: a parameter sharded by pmp.dist.sharding's rules counts on every rank (each
 --     holds its part); a replicated one (rule(name) == nil) on tp rank 0 only;
 --   * pipeline parallelism: the stages' sums add up; the copy of a tied word embedding that the last
---     stage holds as output_layer.weight is not counted again;
+--     stage holds as output_layer.weight is not counted again; a pipeline.Chunks (virtual stages) counts
+--     each chunk by its own place;
 --   * the distributed optimizer: each data-parallel rank counts its shard of the reduced gradients.
 -- Call it after the gradients are final (DistributedDataParallel:finish_grad_sync and, with TP/PP,
 -- pmp.nn.parallel.finish_grads / pipeline.sync_embedding_grads), on every rank of the model.
@@ -13,6 +14,7 @@ local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
 local sharding = require 'pmp.dist.sharding'
 local Module = require 'pmp.nn.module'
+local pipeline = require 'pmp.dist.pipeline'
 
 local M = {}
 
@@ -68,6 +70,15 @@ end
 -- Whether a parameter of this rank adds to the norm (see the header).
 local function counter(model)
   if not model then return function() return true end end
+  if pipeline.is_chunks(model) then
+    -- virtual pipeline stages: names are 'model<v>.<name in chunk v>', each chunk with its own place
+    local counts = {}
+    for v, chunk in ipairs(model.items) do counts[v] = counter(chunk) end
+    return function(name)
+      local v, inner = name:match('^model(%d+)%.(.*)$')
+      return counts[tonumber(v) + 1](inner)
+    end
+  end
   local tp = model.tensor_parallel
   local stage = model.pipeline
   local config = model.config or {}
@@ -87,8 +98,9 @@ local function total_norm(pieces, model, shard_group, options)
   end
   local groups = {}
   if shard_group then groups[#groups + 1] = shard_group end
-  if model and model.tensor_parallel then groups[#groups + 1] = model.tensor_parallel.group end
-  if model and model.pipeline then groups[#groups + 1] = (options and options.pp_group) or require('pmp.dist').group('pp') end
+  local part = model and pipeline.chunks(model)[1]   -- the chunks of virtual stages share one layout
+  if part and part.tensor_parallel then groups[#groups + 1] = part.tensor_parallel.group end
+  if part and part.pipeline then groups[#groups + 1] = (options and options.pp_group) or require('pmp.dist').group('pp') end
   if options and options.group then groups[#groups + 1] = options.group end
   if #groups > 0 then
     local t = tensor.tensor({ total }, { dtype = 'f64' })

@@ -1,5 +1,5 @@
 -- Pipeline parallelism: each rank of the 'pp' group holds consecutive transformer layers of one
--- GPTModel and micro-batches flow through the stages with Megatron-LM's non-interleaved 1F1B schedule.
+-- GPTModel and micro-batches flow through the stages with Megatron-LM's 1F1B schedules.
 --
 --   local pipeline = require 'pmp.dist.pipeline'
 --   pipeline.stage(model)                                   -- every rank built the whole model first
@@ -10,10 +10,21 @@
 --   opt:step()
 --   print(pipeline.broadcast_loss(loss))                    -- the same number on every stage
 --
+-- Interleaved (virtual) stages, Megatron's --num-layers-per-virtual-pipeline-stage: each rank holds
+-- several non-consecutive blocks of layers (model chunks) and runs the interleaved 1F1B schedule, which
+-- divides the pipeline bubble by the number of chunks at the cost of that much more point-to-point
+-- traffic.
+--
+--   local model = pipeline.stage(model, {virtual_stages = 2})   -- a pipeline.Chunks of 2 GPTModels
+--   for _, chunk in ipairs(pipeline.chunks(model)) do pmp.nn.parallel.tensor_parallel(chunk) end
+--   ... then as above: forward_backward, sync_embedding_grads and the optimizer take the Chunks.
+--
 -- With a pipeline of one stage every function here degrades to the single-process computation
 -- (forward_backward is then plain gradient accumulation over the micro-batches).
 local tensor = require 'pmp.tensor'
+local Module = require 'pmp.nn.module'
 local layers = require 'pmp.nn.layers'
+local transformer = require 'pmp.nn.transformer'
 local sharding = require 'pmp.dist.sharding'
 
 local M = {}
@@ -26,62 +37,184 @@ local function pp_group(options)
   return (options and options.group) or require('pmp.dist').group('pp')
 end
 
+---------------------------------------------------------------------------------------------------
+-- Model chunks
+
+-- One rank's virtual pipeline stages, kept as Megatron keeps them (a list of models): chunk v
+-- (0-based) is the child 'model<v>', the name Megatron's checkpoints give it, and items lists the
+-- chunks in order. Being a Module, it gives parameters(), to(), train() and optimizers every chunk;
+-- it has no forward: pipeline.forward_backward runs the chunks.
+M.Chunks = Module:extend('PipelineChunks')
+function M.Chunks:init(chunks)
+  rawset(self, 'items', {})
+  rawset(self, 'config', chunks[1].config)
+  for v, chunk in ipairs(chunks) do
+    self['model' .. (v - 1)] = chunk
+    self.items[v] = chunk
+  end
+end
+function M.Chunks:forward()
+  error('pipeline.Chunks has no forward: run its chunks with pipeline.forward_backward', 2)
+end
+function M.Chunks:extra_repr()
+  local p = self.items[1].pipeline
+  return string.format('%s; %d virtual stages of pipeline stage %d of %d', self.items[1]:extra_repr(), #self.items,
+    p.stage, p.stages)
+end
+
+-- Whether model is a pipeline.Chunks.
+function M.is_chunks(model)
+  local mt = type(model) == 'table' and getmetatable(model)
+  return mt and mt.__class == M.Chunks or false
+end
+
+-- The models a rank runs: the chunks of a pipeline.Chunks, else {model}.
+function M.chunks(model)
+  if M.is_chunks(model) then return model.items end
+  return { model }
+end
+
+-- A chunk after the first: a GPTModel made of parts of the model pipeline.stage cut up (the first
+-- chunk is that model itself). GPTModel:init would build and initialize a whole model, drawing random
+-- numbers the single process does not draw.
+local ChunkDecoder = transformer.TransformerDecoder:extend('TransformerDecoder')
+function ChunkDecoder:init(kept, recompute)
+  self.layers = layers.ModuleList(kept)
+  if recompute then rawset(self, 'recompute', true) end
+end
+
+local Chunk = transformer.GPTModel:extend('GPTModel')
+function Chunk:init(config, rotary_pos_emb)
+  rawset(self, 'config', config)
+  self.rotary_pos_emb = rotary_pos_emb
+end
+
+-- Layers of every model chunk under interleaving, as Megatron places them (get_transformer_layer_offset):
+-- the model is cut into `virtual` rounds of num_layers / virtual consecutive layers, and each round is
+-- split over the pp ranks as stage_layers splits a whole model (the first and last rank taking
+-- first_stage_layers / virtual and last_stage_layers / virtual of it). Rank p's chunk v is stage p of
+-- round v, so a micro-batch visits ranks 0, 1, ..., pp - 1, then rank 0 again for the next round.
+-- Returns out[p + 1][v + 1] = {first = global 0-based layer, count}.
+function M.chunk_layers(num_layers, pp, virtual, first_stage_layers, last_stage_layers)
+  local function divides(n) return n == nil or n % virtual == 0 end
+  local ok, stages = false, nil
+  if divides(num_layers) and divides(first_stage_layers) and divides(last_stage_layers) then
+    ok, stages = pcall(sharding.stage_layers, num_layers / virtual, pp,
+      first_stage_layers and first_stage_layers / virtual, last_stage_layers and last_stage_layers / virtual)
+  end
+  if not ok then
+    error(string.format('pipeline: %d layers cannot be split into %d virtual stages on each of %d stages ' ..
+      '(first stage %s, last stage %s layers)', num_layers, virtual, pp, tostring(first_stage_layers or 'even'),
+      tostring(last_stage_layers or 'even')), 2)
+  end
+  local round, out = num_layers / virtual, {}
+  for p = 1, pp do
+    out[p] = {}
+    for v = 1, virtual do out[p][v] = { first = (v - 1) * round + stages[p].first, count = stages[p].count } end
+  end
+  return out
+end
+
 -- Turns a GPTModel that this rank built whole (same seed everywhere, so the weights are the single
 -- process's) into this rank's stage, in place, and returns it. options: group (the 'pp' group),
 -- first_stage_layers / last_stage_layers (Megatron's --decoder-first/last-pipeline-num-layers; the
--- other stages split the rest evenly). The stage's layers are renumbered from 0, as Megatron's per-rank
--- checkpoints number them; model.pipeline records the stage, its global layer offset and count.
+-- other stages split the rest evenly), virtual_stages (default 1; see below). The stage's layers are
+-- renumbered from 0, as Megatron's per-rank checkpoints number them; model.pipeline records the
+-- stage, its global layer offset and count, and whether it holds the embedding (is_first) and the
+-- final norm and output layer (is_last).
+-- With virtual_stages = V > 1 the rank keeps V chunks (see chunk_layers) and stage returns them as a
+-- pipeline.Chunks; the model itself becomes the first chunk. Each chunk's pipeline field also has
+-- virtual_stage (0-based) and virtual_stages; is_first holds on rank 0's first chunk only, is_last on
+-- the last rank's last chunk only.
 function M.stage(model, options)
   options = options or {}
   local group = pp_group(options)
-  if group.size == 1 then return model end
-  if model.pipeline then
-    error(string.format('pipeline.stage: the model is already stage %d of %d', model.pipeline.stage, model.pipeline.stages), 2)
+  local virtual = options.virtual_stages or 1
+  if type(virtual) ~= 'number' or virtual < 1 or virtual % 1 ~= 0 then
+    error('pipeline.stage: virtual_stages must be a positive integer, got ' .. tostring(virtual), 2)
+  end
+  if group.size == 1 then
+    if virtual > 1 then
+      error(string.format("pipeline.stage: virtual_stages = %d needs a pipeline of more than one stage (group '%s' " ..
+        'has one rank)', virtual, group.name or 'pp'), 2)
+    end
+    return model
+  end
+  if M.is_chunks(model) or model.pipeline then
+    local p = M.chunks(model)[1].pipeline
+    error(string.format('pipeline.stage: the model is already stage %d of %d', p.stage, p.stages), 2)
   end
   if model.tensor_parallel then
     -- the last stage's copy of tied embeddings is made from the whole embedding, then split like it
     error('pipeline.stage: make the pipeline stage before pmp.nn.parallel.tensor_parallel splits the model', 2)
   end
   local config = model.config
-  local ok, stages = pcall(sharding.stage_layers, config.num_layers, group.size, options.first_stage_layers,
-    options.last_stage_layers)
-  if not ok then error(stages, 2) end   -- raised here, the message points at the caller's line
-  local mine = stages[group.rank + 1]
-  local is_first, is_last = group.rank == 0, group.rank == group.size - 1
-  local all = model.decoder.layers.items
-  local kept = {}
-  for k = 1, mine.count do kept[k] = all[mine.first + k] end
-  model.decoder.layers = layers.ModuleList(kept)
-  if is_last and config.tie_embeddings then
+  local rank, size = group.rank, group.size
+  local ok, mine
+  if virtual == 1 then
+    ok, mine = pcall(sharding.stage_layers, config.num_layers, size, options.first_stage_layers,
+      options.last_stage_layers)
+    mine = ok and { mine[rank + 1] } or mine
+  else
+    ok, mine = pcall(M.chunk_layers, config.num_layers, size, virtual, options.first_stage_layers,
+      options.last_stage_layers)
+    mine = ok and mine[rank + 1] or mine
+  end
+  if not ok then error(mine, 2) end   -- raised here, the message points at the caller's line
+
+  -- what the chunks are made of, taken before the model becomes the first of them
+  local all, embedding, final_layernorm = model.decoder.layers.items, model.embedding, model.decoder.final_layernorm
+  local output = model.output_layer
+  if rank == size - 1 and config.tie_embeddings then
     -- Megatron's last stage holds its own copy of the word embeddings as output_layer.weight; the
     -- two copies stay equal because sync_embedding_grads gives both the summed gradient.
-    local output = layers.Linear(config.hidden_size, config.padded_vocab_size, { bias = false, dtype = config.dtype })
-    output.weight = model.embedding.word_embeddings.weight:detach():clone():requires_grad_()
-    model.output_layer = output
+    output = layers.Linear(config.hidden_size, config.padded_vocab_size, { bias = false, dtype = config.dtype })
+    output.weight = embedding.word_embeddings.weight:detach():clone():requires_grad_()
   end
-  if not is_first then model.embedding = nil end
-  if not is_last then
-    model.decoder.final_layernorm = nil
-    model.output_layer = nil
+  local chunks = {}
+  for v = 1, virtual do
+    local is_first, is_last = rank == 0 and v == 1, rank == size - 1 and v == virtual
+    local kept = {}
+    for k = 1, mine[v].count do kept[k] = all[mine[v].first + k] end
+    local chunk = model
+    if v == 1 then
+      model.decoder.layers = layers.ModuleList(kept)
+    else
+      chunk = Chunk(config, model.rotary_pos_emb)
+      chunk.decoder = ChunkDecoder(kept, rawget(model.decoder, 'recompute'))
+    end
+    chunk.embedding = is_first and embedding or nil
+    chunk.decoder.final_layernorm = is_last and final_layernorm or nil
+    chunk.output_layer = is_last and output or nil
+    rawset(chunk, 'pipeline', { stage = rank, stages = size, virtual_stage = v - 1, virtual_stages = virtual,
+      layer_offset = mine[v].first, num_layers = mine[v].count, is_first = is_first, is_last = is_last })
+    chunks[v] = chunk
   end
-  rawset(model, 'pipeline', { stage = group.rank, stages = group.size, layer_offset = mine.first,
-    num_layers = mine.count, is_first = is_first, is_last = is_last })
-  return model
+  if virtual == 1 then return model end
+  return M.Chunks(chunks)
 end
 
+---------------------------------------------------------------------------------------------------
+-- Tied embeddings
+
 -- The weight shared by the first stage (embedding) and the last (output layer) when the model ties
--- them and has more than one stage; nil otherwise.
+-- them and has more than one stage; nil otherwise (and on middle stages).
 local function tied_weight(model)
-  local p = model.pipeline
-  if not p or not model.config.tie_embeddings then return nil end
-  if p.is_first then return model.embedding.word_embeddings.weight end
-  if p.is_last then return model.output_layer.weight end
+  for _, chunk in ipairs(M.chunks(model)) do
+    local p = chunk.pipeline
+    if p and chunk.config.tie_embeddings then
+      if p.is_first then return chunk.embedding.word_embeddings.weight end
+      if p.is_last then return chunk.output_layer.weight end
+    end
+  end
   return nil
 end
 
 -- Sums the gradient of the tied word-embedding weight over the first and last stage (the 'embedding'
 -- group, or options.group), so both copies take the same optimizer step. Call it after
 -- forward_backward and before the optimizer step, on every rank (middle stages return at once).
+-- model: a stage, or the pipeline.Chunks of one (the copies are on rank 0's first chunk and the last
+-- rank's last chunk).
 function M.sync_embedding_grads(model, options)
   local weight = tied_weight(model)
   if not weight then return end
@@ -89,6 +222,9 @@ function M.sync_embedding_grads(model, options)
   if weight.grad == nil then weight.grad = tensor.zeros(weight.shape, { dtype = weight.dtype }) end
   group:all_reduce(weight.grad, 'sum')
 end
+
+---------------------------------------------------------------------------------------------------
+-- Schedules
 
 local function check_micro_batches(micro_batches)
   if type(micro_batches) ~= 'table' or #micro_batches == 0 then
@@ -101,48 +237,89 @@ local function check_micro_batches(micro_batches)
   end
 end
 
--- Runs forward and backward of every micro-batch through the pipeline (Megatron's 1F1B: stage s runs
--- pp - s - 1 warm-up forwards, then alternates one forward with one backward, then drains the
--- remaining backwards), accumulating gradients into the stage's parameters.
+local function check_chunks(chunks, group)
+  local V = #chunks
+  if group.size == 1 and V == 1 then return end
+  for v, chunk in ipairs(chunks) do
+    local p = chunk.pipeline
+    if not (p and p.stage == group.rank and p.stages == group.size and (p.virtual_stages or 1) == V
+        and (p.virtual_stage or 0) == v - 1) then
+      local what = V > 1 and string.format('chunk %d of %d is not virtual stage %d', v, V, v - 1) or
+        (p and (p.virtual_stages or 1) > 1) and 'the model is one chunk of a pipeline.Chunks (pass the Chunks)' or
+        'the model is not'
+      error(string.format("pipeline.forward_backward: %s of stage %d of %d (call pipeline.stage with group '%s')",
+        what, group.rank, group.size, group.name or 'pp'), 3)
+    end
+  end
+end
+
+-- Megatron's schedule table (get_schedule_table, with microbatch_group_size_per_vp_stage = pp): the
+-- order of forwards on every rank as a list of {micro-batch, chunk}. Micro-batches go in groups of
+-- group_size; a group goes through chunk 1, then chunk 2, ..., before the next group starts.
+local function schedule_table(n, V, group_size)
+  local out = {}
+  for first = 1, n, group_size do
+    for v = 1, V do
+      for k = first, math.min(first + group_size - 1, n) do out[#out + 1] = { k, v } end
+    end
+  end
+  return out
+end
+
+-- Runs forward and backward of every micro-batch through the pipeline, accumulating gradients into
+-- the stage's parameters, with Megatron's schedules:
+--   * one chunk per rank (forward_backward_pipelining_without_interleaving): stage s runs pp - s - 1
+--     warm-up forwards, then alternates one forward with one backward, then drains the backwards;
+--   * V chunks (forward_backward_pipelining_with_interleaving): the forwards follow schedule_table,
+--     the backwards the same table with the chunks reversed (chunk V - v + 1 where the table says v);
+--     stage s runs 2 (pp - s - 1) + (V - 1) pp warm-up forwards, then one forward and one backward at
+--     a time, then the remaining backwards. The number of micro-batches must be a multiple of pp.
+-- Sends are asynchronous and each receive waits just before its data is used, which keeps the order
+-- of every stage's computation that of Megatron's schedule.
+--   model: the stage (pipeline.stage), or its pipeline.Chunks.
 --   micro_batches: a list of {ids = [mb, T] i64, targets = [mb, T] i64, options = GPTModel forward
 --     options (optional)}, the same list on every rank; the first stage reads ids, the last targets.
 --   options: group ('pp'), forward_only (forwards only, without recording the graph: validation),
 --     hidden_shape (the activation between stages; default {mb, T, hidden_size}, with T / tp under
 --     sequence parallelism), dtype (the activation dtype; default the model's), loss_scale (default
 --     1 / #micro_batches: the gradient is that of the mean loss), before_last_backward (called on
---     every stage just before the last micro-batch's backward, e.g. to let data-parallel gradient
---     buckets start reducing).
+--     every stage just before the first backward of the last micro-batch, after every forward, e.g.
+--     to let data-parallel gradient buckets start reducing).
 -- Returns the mean loss over the micro-batches on the last stage, nil on the others.
 function M.forward_backward(model, micro_batches, options)
   options = options or {}
   check_micro_batches(micro_batches)
   local group = pp_group(options)
-  local info = model.pipeline
-  if group.size > 1 and not (info and info.stage == group.rank and info.stages == group.size) then
-    error(string.format('pipeline.forward_backward: the model is not stage %d of %d (call pipeline.stage with group %s)',
-      group.rank, group.size, group.name or 'pp'), 2)
-  end
-  local rank, size = group.rank, group.size
-  local is_first, is_last = rank == 0, rank == size - 1
+  local chunks = M.chunks(model)
+  check_chunks(chunks, group)
+  local rank, size, V = group.rank, group.size, #chunks
   local n = #micro_batches
   local forward_only = options.forward_only
+  if V > 1 and not forward_only and n % size ~= 0 then
+    error(string.format("pipeline.forward_backward: the interleaved schedule needs a number of micro-batches that " ..
+      "is a multiple of the pipeline size %d (group '%s'), got %d", size, group.name or 'pp', n), 2)
+  end
   local scale = options.loss_scale or 1 / n
   local ids = micro_batches[1].ids
   local hidden_shape = options.hidden_shape
   if not hidden_shape then
     -- under sequence parallelism (pmp.nn.parallel) each rank passes on its slice of the sequence
-    local tp = model.tensor_parallel
+    local tp = chunks[1].tensor_parallel
     local T = (tp and tp.sequence_parallel) and ids:size(2) / tp.group.size or ids:size(2)
-    hidden_shape = { ids:size(1), T, model.config.hidden_size }
+    hidden_shape = { ids:size(1), T, chunks[1].config.hidden_size }
   end
-  local dtype = options.dtype or model.config.dtype
+  local dtype = options.dtype or chunks[1].config.dtype
+  -- the neighbours of every chunk: virtual stage v * pp + rank follows v * pp + rank - 1, on the
+  -- previous rank or (on rank 0) on the last rank for the previous chunk
+  local previous, next_ = (rank - 1) % size, (rank + 1) % size
   local sends, loss_sum = {}, 0
 
-  local function receive(peer, tag, what, k)
+  local function where(v) return V > 1 and string.format('stage %d chunk %d', rank, v - 1) or 'stage ' .. rank end
+  local function receive(peer, tag, what, k, v)
     local t = tensor.empty(hidden_shape, { dtype = dtype })
     local ok, err = pcall(function() group:recv(t, peer, { tag = tag }) end)
     if not ok then
-      error(string.format('pipeline: stage %d receiving the %s of micro-batch %d from stage %d: %s', rank, what, k,
+      error(string.format('pipeline: %s receiving the %s of micro-batch %d from stage %d: %s', where(v), what, k,
         peer, tostring(err)), 0)
     end
     return t
@@ -158,58 +335,63 @@ function M.forward_backward(model, micro_batches, options)
     sends = open
   end
 
-  -- One micro-batch's forward; returns {input, output} for its backward.
-  local function forward(k)
-    local mb = micro_batches[k]
+  -- Micro-batch k's forward through chunk v; returns {k, v, input, output} for its backward.
+  local function forward(k, v)
+    local mb, is_first, is_last = micro_batches[k], rank == 0 and v == 1, rank == size - 1 and v == V
     local input = mb.ids
     if not is_first then
-      input = receive(rank - 1, FORWARD_TAG, 'activations', k)
+      input = receive(previous, FORWARD_TAG, 'activations', k, v)
       if not forward_only then input:requires_grad_() end
     end
-    local output = model(input, is_last and mb.targets or nil, mb.options)
+    local output = chunks[v](input, is_last and mb.targets or nil, mb.options)
     if is_last then
       loss_sum = loss_sum + output:item()
     else
-      send(output, rank + 1, FORWARD_TAG)
+      send(output, next_, FORWARD_TAG)
     end
-    return { input = input, output = output }
+    return { k = k, v = v, input = input, output = output }
   end
 
-  -- One micro-batch's backward; the graph it walked is freed once `step` is dropped by the caller.
-  local function backward(k, step)
-    if k == n and options.before_last_backward then options.before_last_backward() end
-    if is_last then
+  -- One forward's backward; the graph it walked is freed once `step` is dropped by the caller.
+  local function backward(step)
+    local k, v = step.k, step.v
+    -- the last micro-batch's first backward is that of the last chunk; every forward has run by then
+    if k == n and v == V and options.before_last_backward then options.before_last_backward() end
+    if rank == size - 1 and v == V then
       (step.output * scale):backward()
     else
-      step.output:backward(receive(rank + 1, BACKWARD_TAG, 'output gradient', k))
+      step.output:backward(receive(next_, BACKWARD_TAG, 'output gradient', k, v))
     end
-    if not is_first then
-      send(step.input.grad or tensor.zeros(hidden_shape, { dtype = dtype }), rank - 1, BACKWARD_TAG)
+    if not (rank == 0 and v == 1) then
+      send(step.input.grad or tensor.zeros(hidden_shape, { dtype = dtype }), previous, BACKWARD_TAG)
     end
   end
 
+  local order = schedule_table(n, V, size)
   if forward_only then
     require('pmp').no_grad(function()
-      for k = 1, n do forward(k) end
+      for _, e in ipairs(order) do forward(e[1], e[2]) end
     end)
   else
-    local warmup = math.min(size - rank - 1, n)
-    local in_flight = {}    -- forwards whose backward has not run yet, oldest first
-    local next_backward = 1
-    for k = 1, n do
-      in_flight[#in_flight + 1] = forward(k)
-      if k > warmup then
-        backward(next_backward, table.remove(in_flight, 1))
-        next_backward = next_backward + 1
-      end
+    local total = #order
+    local warmup = V == 1 and size - rank - 1 or 2 * (size - rank - 1) + (V - 1) * size
+    warmup = math.min(warmup, total)
+    local in_flight = {}    -- per chunk, the forwards whose backward has not run yet, oldest first
+    for v = 1, V do in_flight[v] = {} end
+    local function run_forward(j)
+      local list = in_flight[order[j][2]]
+      list[#list + 1] = forward(order[j][1], order[j][2])
     end
-    while next_backward <= n do
-      backward(next_backward, table.remove(in_flight, 1))
-      next_backward = next_backward + 1
+    local function run_backward(j) backward(table.remove(in_flight[V + 1 - order[j][2]], 1)) end
+    for j = 1, warmup do run_forward(j) end
+    for j = 1, total - warmup do
+      run_forward(warmup + j)
+      run_backward(j)
     end
+    for j = total - warmup + 1, total do run_backward(j) end
   end
   for _, h in ipairs(sends) do h:wait() end
-  if is_last then return loss_sum / n end
+  if rank == size - 1 then return loss_sum / n end
   return nil
 end
 
