@@ -1,6 +1,5 @@
 /* CPU attention kernels: the tiled implementation (cpu_attention_impl.h) for f32 and f64. */
 #include "internal.h"
-#include "blas.h"
 #include "vector_math.h"
 
 enum { BLOCK_Q = 64, BLOCK_K = 64 };
@@ -14,25 +13,21 @@ typedef struct attention_shape {
 } attention_shape;
 
 #define REAL float
-#define GEMM cblas_sgemm
 #define EXP expf
 #define LOG logf
 #define SUFFIX f32
 #include "cpu_attention_impl.h"
 #undef REAL
-#undef GEMM
 #undef EXP
 #undef LOG
 #undef SUFFIX
 
 #define REAL double
-#define GEMM cblas_dgemm
 #define EXP exp
 #define LOG log
 #define SUFFIX f64
 #include "cpu_attention_impl.h"
 #undef REAL
-#undef GEMM
 #undef EXP
 #undef LOG
 #undef SUFFIX
@@ -51,7 +46,6 @@ static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_ke
 
 /* in: q, k, v (contiguous, f32 or f64), first keys (i64 [B] or NULL); out: o; out2: log-sum-exp per query. */
 int pmp_cpu_attention(const pmp_op_args *a) {
-  pmp_blas_sync_threads();
   attention_shape sh = shape_of(a, a->in[3]);
   if (a->in[0]->dtype_id == PMP_F64)
     attention_forward_f64(&sh, (const double *)a->in[0]->data, (const double *)a->in[1]->data,
@@ -64,7 +58,6 @@ int pmp_cpu_attention(const pmp_op_args *a) {
 
 /* in: q, k, v, o, lse, dO, first keys; out: dq, out2: dk, out3: dv. */
 int pmp_cpu_attention_backward(const pmp_op_args *a) {
-  pmp_blas_sync_threads();
   attention_shape sh = shape_of(a, a->in[6]);
   if (a->in[0]->dtype_id == PMP_F64)
     attention_backward_f64(&sh, (const double *)a->in[0]->data, (const double *)a->in[1]->data,

@@ -1,11 +1,76 @@
 /*
  * Tiled causal attention, written once for a real type (included by cpu_attention.c with REAL = float
- * or double and GEMM = the matching BLAS routine). Blocks of BLOCK_Q queries meet blocks of BLOCK_K
+ * or double). Blocks of BLOCK_Q queries meet blocks of BLOCK_K
  * keys; an online softmax keeps a running max and sum per query, so only a BLOCK_Q x BLOCK_K tile of
  * scores exists at a time. The backward pass recomputes the tiles from the saved log-sum-exp.
  */
 #define NAME2(a, b) a##b
 #define NAME(a, b) NAME2(a, b)
+#define VEC NAME(vec_, SUFFIX)
+#define LANES ((int64_t)(32 / sizeof(REAL)))
+
+typedef REAL VEC __attribute__((vector_size(32)));
+
+/* C = (accumulate ? C : 0) + alpha A B on one tile: A is m x k with element (i, p) at A[i * a_rs + p * a_cs]
+ * (so a transposed tile costs nothing), B is k x n with rows ldb apart, C is m x n with rows ldc apart.
+ * At tile sizes (64 x 64 x head_dim) a BLAS call spends more on setup than on arithmetic, so this is a
+ * small register-blocked kernel: 4 rows of C by 2 vectors of columns stay in registers while p runs. */
+WIDE_VECTORS static void NAME(tile_gemm_, SUFFIX)(int64_t m, int64_t n, int64_t k, REAL alpha, const REAL *A,
+                                                 int64_t a_rs, int64_t a_cs, const REAL *B, int64_t ldb,
+                                                 bool accumulate, REAL *C, int64_t ldc) {
+  enum { ROWS = 4 };
+  const int64_t cols = 2 * LANES;
+  int64_t i = 0;
+  for (; i + ROWS <= m; i += ROWS) {
+    int64_t j = 0;
+    for (; j + cols <= n; j += cols) {
+      /* named accumulators, so they live in registers rather than in an array on the stack */
+      VEC c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
+      const REAL *a0 = A + i * a_rs, *a1 = a0 + a_rs, *a2 = a1 + a_rs, *a3 = a2 + a_rs;
+      for (int64_t p = 0; p < k; p++) {
+        VEC b0, b1;
+        memcpy(&b0, B + p * ldb + j, sizeof b0);
+        memcpy(&b1, B + p * ldb + j + LANES, sizeof b1);
+        REAL x0 = a0[p * a_cs], x1 = a1[p * a_cs], x2 = a2[p * a_cs], x3 = a3[p * a_cs];
+        c00 += x0 * b0, c01 += x0 * b1;
+        c10 += x1 * b0, c11 += x1 * b1;
+        c20 += x2 * b0, c21 += x2 * b1;
+        c30 += x3 * b0, c31 += x3 * b1;
+      }
+      VEC acc[ROWS][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+      for (int r = 0; r < ROWS; r++) {
+        REAL *c = C + (i + r) * ldc + j;
+        for (int h = 0; h < 2; h++) {
+          VEC out = alpha * acc[r][h];
+          if (accumulate) {
+            VEC old;
+            memcpy(&old, c + h * LANES, sizeof old);
+            out += old;
+          }
+          memcpy(c + h * LANES, &out, sizeof out);
+        }
+      }
+    }
+    for (; j < n; j++)
+      for (int r = 0; r < ROWS; r++) {
+        REAL sum = 0;
+        for (int64_t p = 0; p < k; p++) sum += A[(i + r) * a_rs + p * a_cs] * B[p * ldb + j];
+        C[(i + r) * ldc + j] = alpha * sum + (accumulate ? C[(i + r) * ldc + j] : 0);
+      }
+  }
+  for (; i < m; i++)
+    for (int64_t j = 0; j < n; j++) {
+      REAL sum = 0;
+      for (int64_t p = 0; p < k; p++) sum += A[i * a_rs + p * a_cs] * B[p * ldb + j];
+      C[i * ldc + j] = alpha * sum + (accumulate ? C[i * ldc + j] : 0);
+    }
+}
+
+/* dst (cols x D, rows BLOCK_K apart) = src^T for a block of cols rows of D values. */
+static void NAME(transpose_block_, SUFFIX)(const REAL *src, int64_t cols, int64_t D, REAL *dst) {
+  for (int64_t c = 0; c < cols; c++)
+    for (int64_t d = 0; d < D; d++) dst[d * BLOCK_K + c] = src[c * D + d];
+}
 
 /* Key range [first, last] visible to query t of batch row b (empty when first > last). */
 static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_t b, int64_t t, int64_t *first,
@@ -28,10 +93,11 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
   {
     REAL *scores = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
     REAL *acc = malloc(sizeof(REAL) * BLOCK_Q * (size_t)D);
+    REAL *kt = malloc(sizeof(REAL) * BLOCK_K * (size_t)D);
     REAL row_max[BLOCK_Q], row_sum[BLOCK_Q];
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; task++) {
-      if (!scores || !acc) continue;
+      if (!scores || !acc || !kt) continue;
       int64_t qb = task % qblocks, bh = task / qblocks, b = bh / sh->Hq, h = bh % sh->Hq;
       int64_t t0 = qb * BLOCK_Q, rows = sh->T - t0 < BLOCK_Q ? sh->T - t0 : BLOCK_Q;
       const REAL *qi = q + (bh * sh->T + t0) * D;
@@ -47,8 +113,8 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
       memset(acc, 0, sizeof(REAL) * (size_t)(rows * D));
       for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
         int64_t cols = sh->S - s0 < BLOCK_K ? sh->S - s0 : BLOCK_K;
-        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)sh->scale, qi, (int)D,
-             kh + s0 * D, (int)D, (REAL)0, scores, BLOCK_K);
+        NAME(transpose_block_, SUFFIX)(kh + s0 * D, cols, D, kt);
+        NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qi, D, 1, kt, BLOCK_K, false, scores, BLOCK_K);
         for (int64_t r = 0; r < rows; r++) {
           REAL *srow = scores + r * BLOCK_K;
           NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
@@ -69,8 +135,7 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
           REAL *arow = acc + r * D;
           for (int64_t d = 0; d < D; d++) arow[d] *= rescale;
         }
-        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)D, (int)cols, (REAL)1, scores, BLOCK_K,
-             vh + s0 * D, (int)D, (REAL)1, acc, (int)D);
+        NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D);
       }
       for (int64_t r = 0; r < rows; r++) {
         REAL *orow = o + (bh * sh->T + t0 + r) * D;
@@ -81,6 +146,7 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
     }
     free(scores);
     free(acc);
+    free(kt);
   }
 }
 
@@ -98,9 +164,10 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
     REAL *p = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
     REAL *dp = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
     REAL *delta = malloc(sizeof(REAL) * (size_t)(T > 0 ? T : 1));
+    REAL *kt = malloc(sizeof(REAL) * BLOCK_K * (size_t)D), *vt = malloc(sizeof(REAL) * BLOCK_K * (size_t)D);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; task++) {
-      if (!p || !dp || !delta) continue;
+      if (!p || !dp || !delta || !kt || !vt) continue;
       int64_t b = task / sh->Hkv, hk = task % sh->Hkv;
       const REAL *kh = k + task * S * D, *vh = v + task * S * D;
       REAL *dkh = dk + task * S * D, *dvh = dv + task * S * D;
@@ -123,8 +190,9 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
           }
           for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
             int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
-            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)sh->scale, qh + t0 * D,
-                 (int)D, kh + s0 * D, (int)D, (REAL)0, p, BLOCK_K);
+            NAME(transpose_block_, SUFFIX)(kh + s0 * D, cols, D, kt);
+            NAME(transpose_block_, SUFFIX)(vh + s0 * D, cols, D, vt);
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt, BLOCK_K, false, p, BLOCK_K);
             for (int64_t r = 0; r < rows; r++) {
               NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
               REAL l = lh[t0 + r];
@@ -134,19 +202,15 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
               }
             }
             /* dV += P^T dO ; dP = dO V^T */
-            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)cols, (int)D, (int)rows, (REAL)1, p, BLOCK_K,
-                 doh + t0 * D, (int)D, (REAL)1, dvh + s0 * D, (int)D);
-            GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)cols, (int)D, (REAL)1, doh + t0 * D, (int)D,
-                 vh + s0 * D, (int)D, (REAL)0, dp, BLOCK_K);
+            NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D);
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)1, doh + t0 * D, D, 1, vt, BLOCK_K, false, dp, BLOCK_K);
             /* dS = P (dP - delta), reusing dp */
             for (int64_t r = 0; r < rows; r++)
               for (int64_t c = 0; c < cols; c++)
                 dp[r * BLOCK_K + c] = p[r * BLOCK_K + c] * (dp[r * BLOCK_K + c] - delta[t0 + r]);
             /* dQ += scale dS K ; dK += scale dS^T Q */
-            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)D, (int)cols, (REAL)sh->scale, dp, BLOCK_K,
-                 kh + s0 * D, (int)D, (REAL)1, dqh + t0 * D, (int)D);
-            GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)cols, (int)D, (int)rows, (REAL)sh->scale, dp, BLOCK_K,
-                 qh + t0 * D, (int)D, (REAL)1, dkh + s0 * D, (int)D);
+            NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)sh->scale, dp, BLOCK_K, 1, kh + s0 * D, D, true, dqh + t0 * D, D);
+            NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)sh->scale, dp, 1, BLOCK_K, qh + t0 * D, D, true, dkh + s0 * D, D);
           }
         }
       }
@@ -154,8 +218,12 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
     free(p);
     free(dp);
     free(delta);
+    free(kt);
+    free(vt);
   }
 }
 
+#undef VEC
+#undef LANES
 #undef NAME
 #undef NAME2
