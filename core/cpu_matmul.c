@@ -28,28 +28,27 @@ static bool blas_layout(int64_t rows, int64_t cols, int64_t row_stride, int64_t 
   return false;
 }
 
-/* Makes a contiguous f32/f64 copy of one matrix: whole rows at a time when they are contiguous
- * (the bf16 weight case), in parallel, since this runs before every low-precision GEMM. */
-static void *pack(const char *src, int dtype, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int to) {
+/* Makes a contiguous f32/f64 copy of one matrix, converting whole stored runs at a time, in parallel,
+ * since this runs before every low-precision GEMM. A matrix stored by columns (a transposed view, as
+ * the weight is in x @ w:t()) is copied as it is stored and handed to BLAS as transposed (*trans);
+ * *ld is the copy's row stride. */
+static void *pack(const char *src, int dtype, int64_t rows, int64_t cols, int64_t rs, int64_t cs, int to, bool *trans,
+                  int64_t *ld) {
   int es = pmp_dtype_size(dtype), ts = pmp_dtype_size(to);
   char *dst = malloc((size_t)(rows * cols * ts) + 1);
   if (!dst) return NULL;
+  *trans = false;
+  *ld = cols > 1 ? cols : 1;
   if (cs == 1) {
 #pragma omp parallel for if (rows * cols >= PMP_PARALLEL_THRESHOLD) schedule(static)
     for (int64_t r = 0; r < rows; r++) pmp_convert(dst + r * cols * ts, to, src + r * rs * es, dtype, cols);
     return dst;
   }
   if (rs == 1) {
-    /* a transposed view: convert each stored row (a column here), then scatter it */
+    *trans = true;
+    *ld = rows > 1 ? rows : 1;
 #pragma omp parallel for if (rows * cols >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t c = 0; c < cols; c++) {
-      double column[256];
-      for (int64_t r0 = 0; r0 < rows; r0 += 256) {
-        int64_t n = rows - r0 < 256 ? rows - r0 : 256;
-        pmp_convert(column, PMP_F64, src + (c * cs + r0) * es, dtype, n);
-        for (int64_t r = 0; r < n; r++) pmp_store_from_f64(to, dst + ((r0 + r) * cols + c) * ts, column[r]);
-      }
-    }
+    for (int64_t c = 0; c < cols; c++) pmp_convert(dst + c * rows * ts, to, src + c * cs * es, dtype, rows);
     return dst;
   }
   for (int64_t r = 0; r < rows; r++)
@@ -91,14 +90,10 @@ static int gemm_one(const char *pa, const char *pb, char *pc, int dtype, int64_t
   void *own_a = NULL, *own_b = NULL, *own_c = NULL;
   const void *A = pa, *B = pb;
   void *C = pc;
-  if (dtype != blas_dtype || !blas_layout(n, k, sa[0], sa[1], &ta, &lda)) {
-    A = own_a = pack(pa, dtype, n, k, sa[0], sa[1], blas_dtype);
-    ta = false, lda = k > 1 ? k : 1;
-  }
-  if (dtype != blas_dtype || !blas_layout(k, m, sb[0], sb[1], &tb, &ldb)) {
-    B = own_b = pack(pb, dtype, k, m, sb[0], sb[1], blas_dtype);
-    tb = false, ldb = m > 1 ? m : 1;
-  }
+  if (dtype != blas_dtype || !blas_layout(n, k, sa[0], sa[1], &ta, &lda))
+    A = own_a = pack(pa, dtype, n, k, sa[0], sa[1], blas_dtype, &ta, &lda);
+  if (dtype != blas_dtype || !blas_layout(k, m, sb[0], sb[1], &tb, &ldb))
+    B = own_b = pack(pb, dtype, k, m, sb[0], sb[1], blas_dtype, &tb, &ldb);
   if (dtype != blas_dtype) C = own_c = malloc((size_t)(n * m * 4) + 1);
   int rc = 0;
   if (!A || !B || !C) {
