@@ -192,6 +192,27 @@ WIDE_VECTORS static void swiglu_row_f32(const float *gate, const float *up, floa
   for (int64_t k = 0; k < width; k++) out[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
 }
 
+/* bf16: silu(gate) in f32 rounded to bf16, times up, rounded again, as PyTorch's bf16 modules do */
+WIDE_VECTORS static void swiglu_row_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t width) {
+#pragma omp simd
+  for (int64_t k = 0; k < width; k++) {
+    float g = bf16_bits_to_f32(gate[k]);
+    float activated = bf16_bits_to_f32(f32_to_bf16_bits(g / (1.0f + expf(-g))));
+    out[k] = f32_to_bf16_bits(activated * bf16_bits_to_f32(up[k]));
+  }
+}
+
+WIDE_VECTORS static void swiglu_backward_row_bf16(const uint16_t *gate, const uint16_t *up, const uint16_t *g,
+                                                  uint16_t *dgate, uint16_t *dup, int64_t width) {
+#pragma omp simd
+  for (int64_t k = 0; k < width; k++) {
+    float v = bf16_bits_to_f32(gate[k]), u = bf16_bits_to_f32(up[k]), grad = bf16_bits_to_f32(g[k]);
+    float s = 1.0f / (1.0f + expf(-v));
+    dgate[k] = f32_to_bf16_bits(grad * u * s * (1.0f + v * (1.0f - s)));
+    dup[k] = f32_to_bf16_bits(grad * v * s);
+  }
+}
+
 WIDE_VECTORS static void swiglu_backward_row_f32(const float *gate, const float *up, const float *g, float *dgate,
                                                  float *dup, int64_t width) {
 #pragma omp simd
@@ -212,6 +233,14 @@ int pmp_cpu_swiglu(const pmp_op_args *a) {
     for (int64_t r = 0; r < rows; r++) {
       const float *gate = (const float *)x->data + r * 2 * width;
       swiglu_row_f32(gate, gate + width, (float *)y->data + r * width, width);
+    }
+    return 0;
+  }
+  if (dt == PMP_BF16) {
+#pragma omp parallel for if (rows * width >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const uint16_t *gate = (const uint16_t *)x->data + r * 2 * width;
+      swiglu_row_bf16(gate, gate + width, (uint16_t *)y->data + r * width, width);
     }
     return 0;
   }
@@ -239,6 +268,15 @@ int pmp_cpu_swiglu_backward(const pmp_op_args *a) {
       const float *gate = (const float *)x->data + r * 2 * width, *up = gate + width;
       float *dgate = (float *)dx->data + r * 2 * width;
       swiglu_backward_row_f32(gate, up, (const float *)dy->data + r * width, dgate, dgate + width, width);
+    }
+    return 0;
+  }
+  if (dt == PMP_BF16 && dy->dtype_id == PMP_BF16) {
+#pragma omp parallel for if (rows * width >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const uint16_t *gate = (const uint16_t *)x->data + r * 2 * width;
+      uint16_t *dgate = (uint16_t *)dx->data + r * 2 * width;
+      swiglu_backward_row_bf16(gate, gate + width, (const uint16_t *)dy->data + r * width, dgate, dgate + width, width);
     }
     return 0;
   }

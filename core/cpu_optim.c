@@ -30,6 +30,25 @@ int pmp_cpu_adamw(const pmp_op_args *a) {
     }
     return 0;
   }
+  if (master && master->dtype_id == PMP_F32 && m->dtype_id == PMP_F32 && param->dtype_id == PMP_BF16 &&
+      (grad->dtype_id == PMP_F32 || grad->dtype_id == PMP_BF16)) {
+    /* bf16 parameters with f32 master weights: the f32 step above, then the rounded copy */
+    float *p = (float *)master->data, *mm = (float *)m->data, *vv = (float *)v->data;
+    uint16_t *out = (uint16_t *)param->data;
+    bool g16 = grad->dtype_id == PMP_BF16;
+    float fb1 = (float)b1, fb2 = (float)b2, fdecay = (float)decay, fstep = (float)step_size, fbc2 = (float)bc2_sqrt,
+          feps = (float)eps;
+#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t k = 0; k < n; k++) {
+      float gk = g16 ? pmp_bf16_to_f32(((const uint16_t *)grad->data)[k]) : ((const float *)grad->data)[k];
+      float pk = p[k] * fdecay;
+      mm[k] = fb1 * mm[k] + (1.0f - fb1) * gk;
+      vv[k] = fb2 * vv[k] + (1.0f - fb2) * gk * gk;
+      p[k] = pk - fstep * mm[k] / (sqrtf(vv[k]) / fbc2 + feps);
+      out[k] = pmp_f32_to_bf16(p[k]);
+    }
+    return 0;
+  }
   int sdt = state->dtype_id, ses = pmp_dtype_size(sdt), gdt = grad->dtype_id, ges = pmp_dtype_size(gdt);
   int pdt = param->dtype_id, pes = pmp_dtype_size(pdt);
 #pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
