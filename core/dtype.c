@@ -1,5 +1,6 @@
 /* Dtypes: names, sizes, promotion and conversion between every pair. */
 #include "internal.h"
+#include "vector_math.h"
 #include <math.h>
 
 static const char *const dtype_names[PMP_DTYPE_COUNT] = {"f64", "f32", "bf16", "f16", "i64",
@@ -123,24 +124,17 @@ void pmp_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64
     return;
   }
   if (src_dtype == PMP_F32 && dst_dtype == PMP_BF16) {
-    /* pmp_f32_to_bf16 without branches, so the loop vectorizes */
-    const uint32_t *s = src;
+    const float *s = src;
     uint16_t *d = dst;
 #pragma omp simd
-    for (int64_t k = 0; k < n; k++) {
-      uint32_t bits = s[k];
-      uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-      uint32_t quiet_nan = (bits >> 16) | 0x40u;
-      d[k] = (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-    }
+    for (int64_t k = 0; k < n; k++) d[k] = f32_to_bf16_bits(s[k]);
     return;
   }
   if (src_dtype == PMP_BF16 && dst_dtype == PMP_F32) {
-    /* bf16 is the top half of an f32: a shift the loop vectorizes */
     const uint16_t *s = src;
-    uint32_t *d = dst;
+    float *d = dst;
 #pragma omp simd
-    for (int64_t k = 0; k < n; k++) d[k] = (uint32_t)s[k] << 16;
+    for (int64_t k = 0; k < n; k++) d[k] = bf16_bits_to_f32(s[k]);
     return;
   }
   if (src_dtype == PMP_F16 && dst_dtype == PMP_F32) {
