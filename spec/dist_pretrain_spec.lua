@@ -99,6 +99,11 @@ describe('recipes/pretrain.lua under mpirun', function()
       assert.truthy(out:find('resharded from another parallel layout', 1, true), out)
       assert_close({ want[4], want[5], want[6] }, losses(out), 'resumed on ' .. case[1] .. ' processes')
     end
+    -- one process generates from the parallel run's checkpoint (its parts joined into the whole model)
+    out, err, status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', dir, '--prompt', 'the ',
+      '--max-new-tokens', '8' })
+    assert.are.equal(0, status, err)
+    assert.truthy((out .. err):find('generate: 1 prompts, 8 tokens', 1, true), out .. err)
   end)
 
   it('saves virtual pipeline stages (PP=2 x DP=2, distributed optimizer) and resumes them in one process', function()

@@ -108,10 +108,22 @@ end
 
 -- A GPTModel rebuilt from a checkpoint whose state records model_config (as recipes/pretrain.lua
 -- writes), with its weights loaded, plus the checkpoint's info table.
+-- A parallel run's checkpoint (pmp.dist.checkpoint: one directory per model-parallel rank) gives the
+-- whole model, its parts joined.
 function M.load_model(dir, iteration)
   iteration = iteration or M.latest_iteration(dir)
   if not iteration then error('checkpoint: no ' .. TRACKER .. ' in ' .. dir, 2) end
   local rank_dir = M.iteration_dir(dir, iteration)
+  if not io_.exists(io_.join(rank_dir, 'model_optim_rng.json')) then
+    local dcp = require 'pmp.dist.checkpoint'
+    local info = dcp.info(dir, iteration)
+    if type(info.layout.model_config) ~= 'table' then
+      error('checkpoint: ' .. dcp.iteration_root(dir, iteration) .. ' does not record model_config', 2)
+    end
+    local model = require('pmp.nn').GPTModel(info.layout.model_config)
+    dcp.load(dir, model, nil, iteration)
+    return model, info
+  end
   local info = json.decode(io_.read_file(io_.join(rank_dir, 'model_optim_rng.json')))
   if type(info.state) ~= 'table' or type(info.state.model_config) ~= 'table' then
     error('checkpoint: ' .. rank_dir .. ' does not record model_config', 2)
