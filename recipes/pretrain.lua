@@ -38,6 +38,7 @@ local FLAGS = {
   { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)' },
   { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)' },
   { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
+  { '--context-parallel-size', 1, 'ranks that split every sequence, attention gathering keys and values (run under mpirun)' },
   { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
   { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },
   { '--num-layers-per-virtual-pipeline-stage', 0, 'layers per virtual pipeline stage: the interleaved schedule (0: off)' },
@@ -77,15 +78,27 @@ end
 
 ---------------------------------------------------------------------------------------------------
 -- Parallel layout: one process unless started by mpirun. Only the last rank (last pipeline stage, last
--- tensor- and data-parallel rank) logs, as in Megatron.
+-- tensor-, context- and data-parallel rank) logs, as in Megatron.
 
-local tp, pp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size
-local got_layout, layout = pcall(pmp.dist.init, { tp = tp, pp = pp, timeout = opts.distributed_timeout_minutes * 60 })
+local tp, pp, cp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.context_parallel_size
+local got_layout, layout = pcall(pmp.dist.init, { tp = tp, pp = pp, cp = cp,
+  timeout = opts.distributed_timeout_minutes * 60 })
 if not got_layout then fail(tostring(layout):gsub('^pmp%.dist%.init: ', '')) end
 local dp = layout.dp
 local is_logger = layout.rank == layout.world - 1
 local function log(...) if is_logger then print(...) end end
 if opts.sequence_parallel and tp == 1 then opts.sequence_parallel = false end
+
+-- Context parallelism cuts every sequence into 2 x cp chunks (pmp.nn.context_parallel); sequence
+-- parallelism then cuts a rank's two chunks into tp slices.
+if opts.seq_length % (2 * cp) ~= 0 then
+  fail(string.format('--seq-length %d is not divisible by 2 x --context-parallel-size %d (each rank holds two chunks ' ..
+    'of every sequence)', opts.seq_length, cp))
+end
+if opts.sequence_parallel and (opts.seq_length / cp) % tp ~= 0 then
+  fail(string.format('--sequence-parallel needs --seq-length %d / --context-parallel-size %d divisible by ' ..
+    '--tensor-model-parallel-size %d', opts.seq_length, cp, tp))
+end
 
 if opts.global_batch_size % (opts.micro_batch_size * dp) ~= 0 then
   fail(string.format('--global-batch-size %d is not a multiple of --micro-batch-size %d x data-parallel size %d',
@@ -240,15 +253,17 @@ local got_parts, why = pcall(function()
   })
   for _, chunk in ipairs(pmp.dist.pipeline.chunks(model)) do
     pmp.nn.parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
+    pmp.nn.parallel.context_parallel(chunk)
   end
 end)
 if not got_parts then fail(tostring(why)) end
 if opts.bf16 then model:to('bf16') end
 
 -- Data parallelism: gradient buckets averaged (or reduce-scattered for the distributed optimizer) over
--- the data-parallel ranks while backward runs.
+-- the data- and context-parallel ranks ('dp_cp') while backward runs. Context-parallel ranks hold the
+-- same parameters, each with the gradient of its part of the sequences, so they need the average too.
 local ddp
-if dp > 1 or opts.use_distributed_optimizer then
+if dp > 1 or cp > 1 or opts.use_distributed_optimizer then
   ddp = pmp.dist.ddp.DistributedDataParallel(model, {
     overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer,
   })
@@ -312,9 +327,9 @@ log(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s',
 log(string.format('pretrain: %d train samples, %d steps x %d samples x %d tokens, %d threads, GEMM peak %.1f GFLOP/s',
   train_data.count, opts.train_iters, opts.global_batch_size, opts.seq_length, pmp.num_threads(), peak / 1e9))
 if layout.world > 1 then
-  log(string.format('pretrain: %d processes: tensor-parallel %d%s, pipeline-parallel %d%s, data-parallel %d%s',
-    layout.world, tp, opts.sequence_parallel and ' (sequence parallel)' or '', pp,
-    virtual > 1 and string.format(' (%d virtual stages each)', virtual) or '', dp,
+  log(string.format('pretrain: %d processes: tensor-parallel %d%s, pipeline-parallel %d%s, context-parallel %d, ' ..
+    'data-parallel %d%s', layout.world, tp, opts.sequence_parallel and ' (sequence parallel)' or '', pp,
+    virtual > 1 and string.format(' (%d virtual stages each)', virtual) or '', cp, dp,
     opts.use_distributed_optimizer and ' (distributed optimizer)' or ''))
 end
 
@@ -327,14 +342,16 @@ local accumulation = opts.global_batch_size / (opts.micro_batch_size * dp)
 local pipeline = pmp.dist.pipeline
 
 -- This data-parallel rank's share of the samples from `first` on, in Megatron's order: micro-step k
--- of data-parallel rank r reads the micro batch at first + (k * dp + r) * micro_batch_size.
+-- of data-parallel rank r reads the micro batch at first + (k * dp + r) * micro_batch_size. Each
+-- context-parallel rank keeps its two chunks of every sequence.
+local context_parallel = pmp.nn.context_parallel
 local function micro_batches(data, first, count, wrap)
   local list = {}
   for k = 0, count - 1 do
     local start = first + (k * dp + layout.dp_rank) * opts.micro_batch_size
     if wrap then start = start % data.count end
     local x, y = data:batch(start, opts.micro_batch_size)
-    list[#list + 1] = { ids = x, targets = y }
+    list[#list + 1] = { ids = context_parallel.split(x), targets = context_parallel.split(y) }
   end
   return list
 end
@@ -361,11 +378,12 @@ local function forward_backward(batches, forward_only)
   return total / #batches
 end
 
--- A last-stage loss averaged over the data-parallel ranks (which all hold one).
+-- A last-stage loss averaged over the data- and context-parallel ranks (which all hold one: a
+-- context-parallel rank its share of the mean over whole sequences, see pmp.nn.context_parallel).
 local function data_parallel_mean(loss)
-  if loss == nil or dp == 1 then return loss end
+  if loss == nil or dp * cp == 1 then return loss end
   local t = pmp.tensor({ loss }, { dtype = 'f64' })
-  pmp.dist.group('dp'):all_reduce(t, 'avg')
+  pmp.dist.group('dp_cp'):all_reduce(t, 'avg')
   return t:item()
 end
 

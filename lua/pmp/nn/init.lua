@@ -3,6 +3,7 @@ local nn = {
   functional = require 'pmp.nn.functional',
   Module = require 'pmp.nn.module',
   parallel = require 'pmp.nn.parallel',
+  context_parallel = require 'pmp.nn.context_parallel',
 }
 for name, layer in pairs(require 'pmp.nn.layers') do nn[name] = layer end
 for name, layer in pairs(require 'pmp.nn.transformer') do nn[name] = layer end

@@ -409,6 +409,10 @@ function M.tensor_parallel(model, options)
   return model
 end
 
+-- Context parallelism (pmp.nn.context_parallel, a concept of its own) converts a model the same way:
+-- parallel.context_parallel(model, {group = pmp.dist.group('cp')}), before or after tensor_parallel.
+M.context_parallel = require('pmp.nn.context_parallel').context_parallel
+
 -- Sums over the tensor-parallel group the gradients that each rank holds only part of: with sequence
 -- parallelism every replicated parameter (norms, row-parallel biases: each rank saw its slice of the
 -- sequence), and always q_layernorm/k_layernorm (each rank saw its heads). Call it once per step, after

@@ -13,6 +13,7 @@ local layers = require 'pmp.nn.layers'
 local F = require 'pmp.nn.functional'
 local autograd = require 'pmp.autograd'
 local parallel = require 'pmp.nn.parallel'
+local context_parallel = require 'pmp.nn.context_parallel'
 
 local M = {}
 
@@ -192,7 +193,13 @@ function M.Attention:forward(x, rope)
     end
     rope.cache[self] = { k = k, v = v }
   end
-  local o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key })
+  local o
+  local cp = rope and rope.context_parallel
+  if cp then   -- this rank's queries against the whole sequence's keys (pmp.nn.context_parallel)
+    o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key })
+  else
+    o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key })
+  end
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end
 
@@ -265,6 +272,16 @@ function M.TransformerDecoder:forward(x, rope)
   return self.final_layernorm(x)
 end
 
+-- Logits, or the loss against targets, from the final hidden states (see forward).
+local function output(model, x, targets, options)
+  if model.tensor_parallel then return parallel.gpt_output(model, x, targets, options) end
+  local weight = model.output_layer and model.output_layer.weight or model.embedding.word_embeddings.weight
+  if model.config.padded_vocab_size ~= model.config.vocab_size then weight = weight:narrow(1, 1, model.config.vocab_size) end
+  local logits = x:matmul(weight:t())
+  if targets == nil then return logits end
+  return F.cross_entropy(logits, targets, options and { ignore_index = options.ignore_index, reduction = options.reduction })
+end
+
 -- config: see M.config (Megatron's names). forward(ids [B, T]) -> logits [B, T, vocab_size] (the padded
 -- vocabulary rows are cut off before the output matmul, so they never reach logits, loss or sampling);
 -- forward(ids, targets) -> mean cross-entropy over targets ~= ignore_index (-100).
@@ -291,28 +308,34 @@ end
 -- A pipeline stage (pmp.dist.pipeline) keeps only some layers: without `embedding` its first argument
 -- is the previous stage's hidden states [B, T, H]; without `decoder.final_layernorm` it returns its
 -- hidden states instead of logits or loss.
+--
+-- A context-parallel model (pmp.nn.context_parallel) takes this rank's part of the sequence (ids,
+-- targets, and options.positions / first_key if given); its mean loss is this rank's share of the
+-- mean over the whole context-parallel group (see there).
 function M.GPTModel:forward(ids, targets, options)
   local T = ids:size(2)
-  local tp = self.tensor_parallel
+  local tp, cp = self.tensor_parallel, self.context_parallel
   -- a later pipeline stage under sequence parallelism receives its slice of the sequence
   if tp and tp.sequence_parallel and not self.embedding then T = T * tp.group.size end
   local x = self.embedding and self.embedding(ids) or ids
   local cos, sin
   if options and options.positions then
     cos, sin = self.rotary_pos_emb:tables(options.positions, x.dtype)
+  elseif cp then
+    cos, sin = context_parallel.rotary_tables(self.rotary_pos_emb, T, cp.group, x.dtype)
   else
     cos, sin = self.rotary_pos_emb(T, 0, x.dtype)
   end
-  local context = { cos = cos, sin = sin, first_key = options and options.first_key }
+  local context = { cos = cos, sin = sin, first_key = options and options.first_key, context_parallel = cp and cp.group }
   if self.embedding then x = F.dropout(x, self.config.hidden_dropout, self.training) end
   x = self.decoder(x, context)
   if not self.decoder.final_layernorm then return x end
-  if tp then return parallel.gpt_output(self, x, targets, options) end
-  local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
-  if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
-  local logits = x:matmul(weight:t())
-  if targets == nil then return logits end
-  return F.cross_entropy(logits, targets, options and { ignore_index = options.ignore_index, reduction = options.reduction })
+  if cp and targets ~= nil and (options == nil or (options.reduction or 'mean') == 'mean') then
+    local ignore_index = options and options.ignore_index
+    local sum = output(self, x, targets, { ignore_index = ignore_index, reduction = 'sum' })
+    return context_parallel.mean_loss(sum, targets, ignore_index, cp.group)
+  end
+  return output(self, x, targets, options)
 end
 
 -- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
@@ -320,7 +343,9 @@ end
 -- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
 -- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
 function M.GPTModel:decode(ids, state)
-  if self.tensor_parallel then error('GPTModel:decode: a tensor-parallel model cannot decode; generate with the whole model', 2) end
+  if self.tensor_parallel or self.context_parallel then
+    error('GPTModel:decode: a tensor- or context-parallel model cannot decode; generate with the whole model', 2)
+  end
   local x = self.embedding(ids)
   local cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype)
   state.cache = state.cache or {}
