@@ -53,6 +53,8 @@ describe('recipes/pretrain.lua under mpirun', function()
       '--make-vocab-size-divisible-by', '128' } },
     { 2, 'PP=2 with 2 virtual stages per rank (interleaved schedule)', { '--pipeline-model-parallel-size', '2',
       '--num-layers-per-virtual-pipeline-stage', '1', '--make-vocab-size-divisible-by', '128' } },
+    { 4, 'PP=2 with 2 virtual stages x DP=2 with activation recompute', { '--pipeline-model-parallel-size', '2',
+      '--num-layers-per-virtual-pipeline-stage', '1', '--recompute-granularity', 'full', '--make-vocab-size-divisible-by', '128' } },
     { 4, 'CP=2 x TP=2 with sequence parallel', { '--context-parallel-size', '2', '--tensor-model-parallel-size', '2',
       '--sequence-parallel', '--make-vocab-size-divisible-by', '64' } },
     { 4, 'CP=2 x DP=2 with the distributed optimizer', { '--context-parallel-size', '2', '--use-distributed-optimizer',

@@ -283,8 +283,8 @@ end
 --     hidden_shape (the activation between stages; default {mb, T, hidden_size}, with T / tp under
 --     sequence parallelism), dtype (the activation dtype; default the model's), loss_scale (default
 --     1 / #micro_batches: the gradient is that of the mean loss), before_last_backward (called on
---     every stage just before the first backward of the last micro-batch, after every forward, e.g.
---     to let data-parallel gradient buckets start reducing).
+--     every stage just before its final backward, after every forward, e.g. to let data-parallel
+--     gradient buckets start reducing).
 -- Returns the mean loss over the micro-batches on the last stage, nil on the others.
 function M.forward_backward(model, micro_batches, options)
   options = options or {}
@@ -353,10 +353,12 @@ function M.forward_backward(model, micro_batches, options)
   end
 
   -- One forward's backward; the graph it walked is freed once `step` is dropped by the caller.
-  local function backward(step)
+  local function backward(step, final)
     local k, v = step.k, step.v
-    -- the last micro-batch's first backward is that of the last chunk; every forward has run by then
-    if k == n and v == V and options.before_last_backward then options.before_last_backward() end
+    -- Only the schedule's final backward may let data-parallel buckets start: under the interleaved
+    -- schedule other micro-batches' backwards follow the last micro-batch's first one, and with
+    -- activation recompute their graphs only read the parameters again when they run.
+    if final and options.before_last_backward then options.before_last_backward() end
     if rank == size - 1 and v == V then
       (step.output * scale):backward()
     else
@@ -382,7 +384,7 @@ function M.forward_backward(model, micro_batches, options)
       local list = in_flight[order[j][2]]
       list[#list + 1] = forward(order[j][1], order[j][2])
     end
-    local function run_backward(j) backward(table.remove(in_flight[V + 1 - order[j][2]], 1)) end
+    local function run_backward(j) backward(table.remove(in_flight[V + 1 - order[j][2]], 1), j == total) end
     for j = 1, warmup do run_forward(j) end
     for j = 1, total - warmup do
       run_forward(warmup + j)
