@@ -25,20 +25,10 @@ for step = 1, STEPS do
   data[step] = { ids = pmp.randint(0, VOCAB, { GLOBAL, T }), targets = pmp.randint(0, VOCAB, { GLOBAL, T }) }
 end
 
-pmp.manual_seed(7)
-local ref = pmp.nn.GPTModel(config)
-local initial = {}
-for name, t in pairs(ref:state_dict()) do initial[name] = t:clone() end
-local ref_opt = pmp.optim.AdamW(pmp.optim.decay_groups(ref), optimizer_options())
-local ref_losses, ref_norms = {}, {}
-for step = 1, STEPS do
-  ref_opt:zero_grad()
-  local loss = ref(data[step].ids, data[step].targets)
-  loss:backward()
-  ref_norms[step] = pmp.optim.clip_grad_norm(ref:parameters(), MAX_NORM)
-  ref_opt:step()
-  ref_losses[step] = loss:item()
-end
+local reference = require('spec.support.reference_run').train(config, data,
+  { seed = 7, adam = optimizer_options(), max_norm = MAX_NORM })
+local ref, ref_opt, initial = reference.model, reference.optimizer, reference.initial
+local ref_losses, ref_norms = reference.losses, reference.norms
 
 local model = pmp.nn.GPTModel(config)
 model:load_state_dict(initial)
