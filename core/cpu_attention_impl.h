@@ -66,6 +66,15 @@ WIDE_VECTORS static void NAME(tile_gemm_, SUFFIX)(int64_t m, int64_t n, int64_t 
     }
 }
 
+/* row[c] = exp(row[c] - shift) for c in [0, n); returns their sum. Vectorized (libmvec) in its own
+ * function so it gets the wide build. */
+WIDE_VECTORS static REAL NAME(exp_shifted_, SUFFIX)(REAL *row, int64_t n, REAL shift) {
+  REAL total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t c = 0; c < n; c++) total += (row[c] = EXP(row[c] - shift));
+  return total;
+}
+
 /* dst (cols x D, rows BLOCK_K apart) = src^T for a block of cols rows of D values. */
 static void NAME(transpose_block_, SUFFIX)(const REAL *src, int64_t cols, int64_t D, REAL *dst) {
   for (int64_t c = 0; c < cols; c++)
@@ -127,9 +136,7 @@ static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const RE
             for (int64_t c = 0; c < cols; c++) srow[c] = 0;
             continue;
           }
-          REAL rescale = EXP(row_max[r] - peak), total = 0;
-#pragma omp simd reduction(+ : total)
-          for (int64_t c = 0; c < cols; c++) total += (srow[c] = EXP(srow[c] - peak));
+          REAL rescale = EXP(row_max[r] - peak), total = NAME(exp_shifted_, SUFFIX)(srow, cols, peak);
           row_sum[r] = row_sum[r] * rescale + total;
           row_max[r] = peak;
           REAL *arow = acc + r * D;
@@ -195,11 +202,16 @@ static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const R
             NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt, BLOCK_K, false, p, BLOCK_K);
             for (int64_t r = 0; r < rows; r++) {
               NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
-              REAL l = lh[t0 + r];
-              for (int64_t c = 0; c < cols; c++) {
-                bool hidden = s0 + c < first || s0 + c > last || l == -INFINITY;
-                p[r * BLOCK_K + c] = hidden ? 0 : EXP(p[r * BLOCK_K + c] - l);
+              REAL l = lh[t0 + r], *prow = p + r * BLOCK_K;
+              /* visible keys are one run [first, last]: exp over the tile, then zero the rest */
+              int64_t lo_c = first - s0 > 0 ? first - s0 : 0, hi_c = last - s0 < cols - 1 ? last - s0 : cols - 1;
+              if (l == -INFINITY || lo_c > hi_c) {
+                for (int64_t c = 0; c < cols; c++) prow[c] = 0;
+                continue;
               }
+              NAME(exp_shifted_, SUFFIX)(prow + lo_c, hi_c - lo_c + 1, l);
+              for (int64_t c = 0; c < lo_c; c++) prow[c] = 0;
+              for (int64_t c = hi_c + 1; c < cols; c++) prow[c] = 0;
             }
             /* dV += P^T dO ; dP = dO V^T */
             NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D);
