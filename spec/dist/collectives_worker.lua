@@ -14,7 +14,8 @@ end
 local function input_of(k, shape, dtype, seed)
   pmp.manual_seed(seed * 100 + k)
   if dtype == 'bool' then return pmp.rand(shape):lt(0.5) end
-  if dtype == 'u8' then return pmp.randint(0, 60, shape):to(dtype) end
+  -- u8 sums must fit in a byte whatever the world size
+  if dtype == 'u8' then return pmp.randint(0, math.floor(255 / n) + 1, shape):to(dtype) end
   if dtype == 'i32' or dtype == 'i64' then return pmp.randint(-1000, 1000, shape):to(dtype) end
   return pmp.randn(shape):to(dtype)
 end
