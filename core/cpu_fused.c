@@ -127,6 +127,26 @@ static int64_t row_offset(const pmp_tensor *t, int64_t r) {
   return off;
 }
 
+/* The rotate-half layout in f32 with contiguous tables, as straight loops the compiler vectorizes. */
+WIDE_VECTORS static void rope_half_row_f32(const float *x, float *y, const float *c, const float *s, int64_t half,
+                                           bool transpose) {
+  const float *x1 = x, *x2 = x + half, *c1 = c, *c2 = c + half, *s1 = s, *s2 = s + half;
+  float *y1 = y, *y2 = y + half;
+  if (transpose) {
+#pragma omp simd
+    for (int64_t p = 0; p < half; p++) {
+      y1[p] = x1[p] * c1[p] + x2[p] * s2[p];
+      y2[p] = x2[p] * c2[p] - x1[p] * s1[p];
+    }
+  } else {
+#pragma omp simd
+    for (int64_t p = 0; p < half; p++) {
+      y1[p] = x1[p] * c1[p] - x2[p] * s1[p];
+      y2[p] = x2[p] * c2[p] + x1[p] * s2[p];
+    }
+  }
+}
+
 /* Rotates pairs (i, j): forward y_i = x_i c_i - x_j s_i, y_j = x_j c_j + x_i s_j; the transpose (for the
  * gradient) y_i = x_i c_i + x_j s_j, y_j = x_j c_j - x_i s_i. Pairs are (k, k + R/2) or (2k, 2k + 1). */
 int pmp_cpu_rope(const pmp_op_args *a) {
@@ -145,6 +165,11 @@ int pmp_cpu_rope(const pmp_op_args *a) {
       const float *xr = (const float *)x->data + r * dim;
       float *yr = (float *)y->data + r * dim;
       const float *c = (const float *)cs->data + row_offset(cs, r), *sv = (const float *)sn->data + row_offset(sn, r);
+      if (!interleaved) {
+        rope_half_row_f32(xr, yr, c, sv, half, transpose);
+        if (rotary < dim) memcpy(yr + rotary, xr + rotary, (size_t)(dim - rotary) * sizeof(float));
+        continue;
+      }
       for (int64_t p = 0; p < half; p++) {
         int64_t i = interleaved ? 2 * p : p, j = interleaved ? 2 * p + 1 : p + half;
         float xi = xr[i], xj = xr[j];
