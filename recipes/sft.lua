@@ -45,6 +45,10 @@ local function fail(message)
   os.exit(2)
 end
 if not ok then fail(tostring(opts)) end
+-- Several processes would each train the whole model and write the same checkpoint files.
+if pmp.dist.init().world > 1 then
+  fail('runs on one process (parallel layouts are in recipes/pretrain.lua); start it without mpirun')
+end
 local embedded = not opts.load and not opts.data_path
 if embedded then
   opts.load = 'checkpoints/pretrain'
