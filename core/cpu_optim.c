@@ -1,5 +1,6 @@
 /* CPU optimizer kernels: one pass over each parameter. */
 #include "internal.h"
+#include "vector_math.h"
 #include <math.h>
 
 /*
@@ -7,6 +8,20 @@
  * p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). Low-precision params with master
  * weights update the f32 master and store its rounding into the param.
  */
+/* The f32 form of the step, shared by f32 parameters and f32 master weights. */
+typedef struct adam_f32 { float b1, b2, decay, step_size, bc2_sqrt, eps; } adam_f32;
+
+static adam_f32 adam_f32_of(double b1, double b2, double decay, double step_size, double bc2_sqrt, double eps) {
+  return (adam_f32){(float)b1, (float)b2, (float)decay, (float)step_size, (float)bc2_sqrt, (float)eps};
+}
+
+static inline void adam_f32_update(const adam_f32 *h, float *p, float *m, float *v, float g) {
+  float decayed = *p * h->decay;
+  *m = h->b1 * *m + (1.0f - h->b1) * g;
+  *v = h->b2 * *v + (1.0f - h->b2) * g * g;
+  *p = decayed - h->step_size * *m / (sqrtf(*v) / h->bc2_sqrt + h->eps);
+}
+
 int pmp_cpu_adamw(const pmp_op_args *a) {
   pmp_tensor *param = a->out, *master = a->out2;
   const pmp_tensor *grad = a->in[0];
@@ -19,15 +34,9 @@ int pmp_cpu_adamw(const pmp_op_args *a) {
   if (state->dtype_id == PMP_F32 && grad->dtype_id == PMP_F32 && !master) {
     float *p = (float *)param->data, *mm = (float *)m->data, *vv = (float *)v->data;
     const float *g = (const float *)grad->data;
-    float fb1 = (float)b1, fb2 = (float)b2, fdecay = (float)decay, fstep = (float)step_size, fbc2 = (float)bc2_sqrt,
-          feps = (float)eps;
+    adam_f32 h = adam_f32_of(b1, b2, decay, step_size, bc2_sqrt, eps);
 #pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t k = 0; k < n; k++) {
-      float pk = p[k] * fdecay;
-      mm[k] = fb1 * mm[k] + (1.0f - fb1) * g[k];
-      vv[k] = fb2 * vv[k] + (1.0f - fb2) * g[k] * g[k];
-      p[k] = pk - fstep * mm[k] / (sqrtf(vv[k]) / fbc2 + feps);
-    }
+    for (int64_t k = 0; k < n; k++) adam_f32_update(&h, p + k, mm + k, vv + k, g[k]);
     return 0;
   }
   if (master && master->dtype_id == PMP_F32 && m->dtype_id == PMP_F32 && param->dtype_id == PMP_BF16 &&
@@ -36,16 +45,12 @@ int pmp_cpu_adamw(const pmp_op_args *a) {
     float *p = (float *)master->data, *mm = (float *)m->data, *vv = (float *)v->data;
     uint16_t *out = (uint16_t *)param->data;
     bool g16 = grad->dtype_id == PMP_BF16;
-    float fb1 = (float)b1, fb2 = (float)b2, fdecay = (float)decay, fstep = (float)step_size, fbc2 = (float)bc2_sqrt,
-          feps = (float)eps;
+    adam_f32 h = adam_f32_of(b1, b2, decay, step_size, bc2_sqrt, eps);
 #pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
     for (int64_t k = 0; k < n; k++) {
-      float gk = g16 ? pmp_bf16_to_f32(((const uint16_t *)grad->data)[k]) : ((const float *)grad->data)[k];
-      float pk = p[k] * fdecay;
-      mm[k] = fb1 * mm[k] + (1.0f - fb1) * gk;
-      vv[k] = fb2 * vv[k] + (1.0f - fb2) * gk * gk;
-      p[k] = pk - fstep * mm[k] / (sqrtf(vv[k]) / fbc2 + feps);
-      out[k] = pmp_f32_to_bf16(p[k]);
+      float gk = g16 ? bf16_bits_to_f32(((const uint16_t *)grad->data)[k]) : ((const float *)grad->data)[k];
+      adam_f32_update(&h, p + k, mm + k, vv + k, gk);
+      out[k] = f32_to_bf16_bits(p[k]);
     }
     return 0;
   }

@@ -37,21 +37,10 @@ int pmp_promote_types(int a, int b) {
   return int_rank[a] > int_rank[b] ? a : b;
 }
 
-float pmp_bf16_to_f32(uint16_t v) {
-  uint32_t bits = (uint32_t)v << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
+float pmp_bf16_to_f32(uint16_t v) { return bf16_bits_to_f32(v); }
 
 /* Round to nearest even; NaN stays a quiet NaN. */
-uint16_t pmp_f32_to_bf16(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return (uint16_t)(bits >> 16);
-}
+uint16_t pmp_f32_to_bf16(float f) { return f32_to_bf16_bits(f); }
 
 float pmp_f16_to_f32(uint16_t v) {
   _Float16 h;
