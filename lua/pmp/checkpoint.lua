@@ -12,7 +12,9 @@ local safetensors = require 'pmp.safetensors'
 
 local M = {}
 
+-- The file naming the latest iteration (pmp.dist.checkpoint writes the same one).
 local TRACKER = 'latest_checkpointed_iteration.txt'
+M.TRACKER = TRACKER
 
 function M.iteration_dir(dir, iteration)
   return io_.join(dir, string.format('iter_%07d', iteration), 'mp_rank_00')

@@ -42,7 +42,7 @@ local pipeline = require 'pmp.dist.pipeline'
 
 local M = {}
 
-local TRACKER = 'latest_checkpointed_iteration.txt'
+local TRACKER = checkpoint.TRACKER
 local MODEL_FILE, INFO_FILE = 'model_optim_rng.safetensors', 'model_optim_rng.json'
 local SLOTS = { 'exp_avg', 'exp_avg_sq', 'master' }
 
