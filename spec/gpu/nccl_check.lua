@@ -11,7 +11,8 @@ int cudaFree(void *ptr);
 int cudaMemcpy(void *dst, const void *src, size_t count, int kind);
 int cudaGetDeviceCount(int *count);
 ]]
-local cudart = ffi.load('/usr/local/cuda/lib64/libcudart.so')
+-- The runtime libpmp_cuda.so was linked against (already loaded with it, found by its soname).
+local cudart = ffi.load('libcudart.so.13')
 local HOST_TO_DEVICE, DEVICE_TO_HOST = 1, 2
 
 local devices = ffi.new('int[1]')
