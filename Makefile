@@ -7,7 +7,7 @@ MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu
 BLAS_DIR := /usr/lib/$(MULTIARCH)/blis-openmp
 CFLAGS   += -std=c11 -Wall -Wextra -fopenmp -fPIC -fno-semantic-interposition -D_GNU_SOURCE -Icore \
             -isystem /usr/include/$(MULTIARCH)/blis-openmp $(shell pkg-config --cflags luajit libpcre2-8 libutf8proc ompi-c 2>/dev/null)
-LDLIBS   += $(shell pkg-config --libs luajit libpcre2-8 libutf8proc ompi-c 2>/dev/null) -lpthread -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lblis \
+LDLIBS   += $(shell pkg-config --libs luajit libpcre2-8 libutf8proc ompi-c 2>/dev/null) -lpthread -ldnnl -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lblis \
             -lreadline -lmvec -lm -ldl -fopenmp
 # Export every engine symbol so the FFI can find them through ffi.C.
 LDFLAGS  += -rdynamic
@@ -18,7 +18,7 @@ CORE_OBJS := $(CORE_SRCS:%.c=build/%.o)
 HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
 
 DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadline-dev \
-                   libblis-openmp-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
+                   libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
 .PHONY: all cuda deps test bench bench-tokenizer bench-generate bench-pretrain bench-dist clean

@@ -1,4 +1,5 @@
-/* CPU GEMM: BLAS (core/blas.h) for f32/f64 (bf16/f16 go through f32), a plain loop for integers. */
+/* CPU GEMM: oneDNN (core/onednn_matmul.c) for f32, bf16 and f16; BLAS (core/blas.h) for f64, single-row
+ * f32 products and whatever oneDNN declines (bf16/f16 then go through f32); a plain loop for integers. */
 #include "internal.h"
 #include "blas.h"
 #include <omp.h>
@@ -133,6 +134,44 @@ static void gemm_integer(const char *pa, const char *pb, char *pc, int dtype, in
     }
 }
 
+/* The one element stride that walks all batch dims of t in order, or false if there is none. */
+static bool batch_stride(const pmp_tensor *t, int64_t *stride) {
+  int nd = t->ndim;
+  int64_t expected = -1;
+  *stride = 0;
+  for (int d = nd - 3; d >= 0; d--) {
+    if (t->sizes[d] == 1) continue;
+    if (expected < 0) *stride = t->strides[d];
+    else if (t->strides[d] != expected) return false;
+    expected = t->strides[d] * t->sizes[d];
+  }
+  return true;
+}
+
+/* All batches in one oneDNN call where the batch dims collapse, else one call per batch; 1 when
+ * oneDNN declines the layout. */
+static int onednn_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *c, int64_t batches, int64_t n, int64_t k,
+                          int64_t m) {
+  int nd = a->ndim, es = pmp_dtype_size(a->dtype_id);
+  int64_t sa[3] = {0, a->strides[nd - 2], a->strides[nd - 1]}, sb[3] = {0, b->strides[nd - 2], b->strides[nd - 1]};
+  if (n == 0 || m == 0 || k == 0) return 1;
+  if (batches == 1 || (batch_stride(a, &sa[0]) && batch_stride(b, &sb[0]) && sb[0] != 0))
+    return pmp_onednn_matmul(a->dtype_id, batches, n, k, m, a->data, sa, b->data, sb, c->data);
+  for (int64_t bi = 0; bi < batches; bi++) {
+    int64_t off_a = 0, off_b = 0, rest = bi;
+    for (int d = nd - 3; d >= 0; d--) {
+      int64_t idx = rest % a->sizes[d];
+      rest /= a->sizes[d];
+      off_a += idx * a->strides[d];
+      off_b += idx * b->strides[d];
+    }
+    int rc = pmp_onednn_matmul(a->dtype_id, 1, n, k, m, a->data + off_a * es, sa, b->data + off_b * es, sb,
+                               c->data + bi * n * m * es);
+    if (rc != 0) return rc;   /* declined layouts are declined for every batch: the first one decides */
+  }
+  return 0;
+}
+
 int pmp_cpu_matmul(const pmp_op_args *args) {
   const pmp_tensor *a = args->in[0], *b = args->in[1];
   pmp_tensor *c = args->out;
@@ -140,6 +179,11 @@ int pmp_cpu_matmul(const pmp_op_args *args) {
   int64_t n = a->sizes[nd - 2], k = a->sizes[nd - 1], m = b->sizes[nd - 1];
   int64_t batches = 1;
   for (int d = 0; d < nd - 2; d++) batches *= a->sizes[d];
+  bool single_row_f32 = n <= GEMV_MAX_ROWS && a->dtype_id == PMP_F32;
+  if (pmp_dtype_is_float(a->dtype_id) && a->dtype_id != PMP_F64 && !single_row_f32) {
+    int rc = onednn_batches(a, b, c, batches, n, k, m);
+    if (rc <= 0) return rc;
+  }
   pmp_blas_sync_threads();
   for (int64_t bi = 0; bi < batches; bi++) {
     int64_t off_a = 0, off_b = 0, rest = bi;

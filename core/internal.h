@@ -107,6 +107,13 @@ typedef struct pmp_op_info {
 extern const pmp_op_info pmp_op_table[PMP_OP_COUNT];
 /* Runs the op's kernel for the device of args->out. */
 int pmp_dispatch(const pmp_op_args *args);
+/* core/profile.c: a start time (0 while the profiler is off) and the op's accounting */
+int64_t pmp_profile_begin(void);
+/* core/onednn_matmul.c: c = a @ b over batches (strides in elements: batch, row, column); 1 when
+ * oneDNN declines the dtype or layout */
+int pmp_onednn_matmul(int dtype, int64_t batch, int64_t n, int64_t k, int64_t m, const void *a, const int64_t a_strides[3],
+                      const void *b, const int64_t b_strides[3], void *c);
+void pmp_profile_end(int op, int64_t start);
 
 /* CPU kernels, one family per file */
 int pmp_cpu_unary(const pmp_op_args *a);

@@ -89,5 +89,8 @@ int pmp_dispatch(const pmp_op_args *args) {
   int device = args->out->dev.type;
   if (!info->kernel[device])
     return pmp_fail_code("%s: no kernel for device %s in this build", info->name, device == PMP_CPU ? "cpu" : "cuda");
-  return info->kernel[device](args);
+  int64_t start = pmp_profile_begin();
+  int rc = info->kernel[device](args);
+  pmp_profile_end(args->op, start);
+  return rc;
 }

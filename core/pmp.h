@@ -107,6 +107,13 @@ void pmp_set_num_threads(int n);
 void pmp_request_interrupt(void);
 void pmp_clear_interrupt(void);
 
+/* ---- op profiler: while on, every kernel run is counted and timed per op (wall clock, calling
+ * thread), so a training step can be broken down without an external profiler ---- */
+void pmp_profile_enable(int on);
+void pmp_profile_reset(void);
+/* the calls and nanoseconds recorded for op (a pmp_op_id) since the last reset */
+void pmp_profile_read(int op, int64_t *calls, int64_t *nanoseconds);
+
 /* ---- memory: a caching allocator per device ---- */
 typedef struct pmp_memory_stats {
   int64_t in_use;        /* bytes held by live storages */

@@ -1,7 +1,7 @@
 /* Vector math for `omp simd` loops: glibc's libmvec has vector versions of these libm functions, and
  * declaring them lets the loops call them 4-16 lanes at a time instead of once per element (within
- * 4 ulp, per glibc's documentation). WIDE_VECTORS builds a function twice, for x86-64-v3 (AVX2 and
- * FMA) and the baseline, and the loader picks the one the CPU runs. The bf16 conversions below are
+ * 4 ulp, per glibc's documentation). WIDE_VECTORS builds a function three times, for x86-64-v4 (AVX-512),
+ * x86-64-v3 (AVX2 and FMA) and the baseline, and the loader picks the one the CPU runs. The bf16 conversions below are
  * written as bit operations for the same reason: so those loops vectorize. */
 #ifndef PMP_VECTOR_MATH_H
 #define PMP_VECTOR_MATH_H
@@ -24,7 +24,7 @@ float tanhf(float);
 float erff(float);
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define WIDE_VECTORS __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define WIDE_VECTORS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define WIDE_VECTORS
 #endif

@@ -59,6 +59,9 @@ local FLAGS = {
   { '--load', nil, 'resume from this checkpoint directory' },
   { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
   { '--log-interval', 20, 'steps between log lines' },
+  { '--profile', false, 'time every engine op from --profile-step-start to --profile-step-end and print the table' },
+  { '--profile-step-start', 10, 'first profiled iteration' },
+  { '--profile-step-end', 12, 'last profiled iteration' },
   { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
 }
 
@@ -414,6 +417,7 @@ local first_iteration = iteration
 local interval_start, loss_sum, loss_count, run_start = clock.now(), 0, 0, clock.now()
 while iteration < opts.train_iters do
   iteration = iteration + 1
+  if opts.profile and iteration == opts.profile_step_start then pmp.profile.start() end
   local lr = lr_at(iteration)
   optimizer.lr = lr
   optimizer:zero_grad()
@@ -453,6 +457,10 @@ while iteration < opts.train_iters do
       loss_sum / loss_count, grad_norm, throughput, 100 * throughput * flops_per_token / peak, duration(eta)))
     if tb then tb:add_scalar('throughput', throughput, iteration) end
     interval_start, loss_sum, loss_count = now, 0, 0
+  end
+  if opts.profile and iteration == opts.profile_step_end then
+    pmp.profile.stop()
+    log(string.format(' engine ops over iterations %d-%d:\n%s', opts.profile_step_start, iteration, pmp.profile.report()))
   end
   if valid_data and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     local eval_start = clock.now()

@@ -1,0 +1,135 @@
+/* f32, bf16 and f16 GEMM through oneDNN's matmul primitive. oneDNN picks its kernels by CPU feature at
+ * run time (AVX-512, AVX-512 BF16, AMX tiles for bf16 on Sapphire Rapids, down to SSE4.1), reads
+ * strided and transposed operands in place, and accumulates in f32 for bf16/f16 inputs. Its OpenMP
+ * build shares our thread pool.
+ *
+ * Creating a primitive costs far more than running a small one, so primitives are cached by shape,
+ * dtype and strides: a training step asks for the same few dozen GEMMs every iteration. */
+#include "internal.h"
+#include <oneapi/dnnl/dnnl.h>
+#include <oneapi/dnnl/dnnl_debug.h>
+#include <pthread.h>
+
+typedef struct gemm_key {
+  int64_t batch, n, k, m;
+  int64_t a_strides[3], b_strides[3];   /* batch, row, column strides in elements */
+  int32_t dtype;
+} gemm_key;
+
+typedef struct gemm_entry {
+  gemm_key key;
+  dnnl_primitive_t primitive;           /* NULL: oneDNN has no fast kernel for this key */
+  dnnl_memory_desc_t a, b, c;
+  bool used;
+} gemm_entry;
+
+enum { CACHE_SLOTS = 1024, CACHE_LIMIT = 512 };   /* emptied when full: shapes of one run are few */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static dnnl_engine_t engine;
+static dnnl_stream_t stream;
+static gemm_entry cache[CACHE_SLOTS];
+static int cached;
+
+static uint64_t key_hash(const gemm_key *k) {
+  const unsigned char *p = (const unsigned char *)k;
+  uint64_t h = 1469598103934665603ULL;
+  for (size_t i = 0; i < sizeof *k; i++) h = (h ^ p[i]) * 1099511628211ULL;
+  return h;
+}
+
+static void cache_clear(void) {
+  for (int i = 0; i < CACHE_SLOTS; i++)
+    if (cache[i].used && cache[i].primitive) dnnl_primitive_destroy(cache[i].primitive);
+  memset(cache, 0, sizeof cache);
+  cached = 0;
+}
+
+static dnnl_data_type_t dnnl_type(int dtype) {
+  return dtype == PMP_BF16 ? dnnl_bf16 : dtype == PMP_F16 ? dnnl_f16 : dnnl_f32;
+}
+
+/* Builds the primitive for a key. Leaves entry->primitive NULL when oneDNN cannot describe the layout
+ * or offers only its reference (scalar) implementation, which is slower than packing the operands and
+ * asking again; when creation itself fails (memory) the caller's fallback path reports it. */
+static void build(gemm_entry *e) {
+  const gemm_key *k = &e->key;
+  dnnl_data_type_t t = dnnl_type(k->dtype);
+  dnnl_dims_t a_dims = {k->batch, k->n, k->k}, b_dims = {k->batch, k->k, k->m}, c_dims = {k->batch, k->n, k->m};
+  dnnl_dims_t a_str = {k->a_strides[0], k->a_strides[1], k->a_strides[2]};
+  dnnl_dims_t b_str = {k->b_strides[0], k->b_strides[1], k->b_strides[2]};
+  dnnl_dims_t c_str = {k->n * k->m, k->m, 1};
+  /* One batch is described as plain matrices: oneDNN takes a size-1 batch dim with an arbitrary
+   * stride for a non-plain layout and would run its reference kernel. */
+  int nd = k->batch == 1 ? 2 : 3, first = 3 - nd;
+  if (dnnl_memory_desc_init_by_strides(&e->a, nd, a_dims + first, t, a_str + first) ||
+      dnnl_memory_desc_init_by_strides(&e->b, nd, b_dims + first, t, b_str + first) ||
+      dnnl_memory_desc_init_by_strides(&e->c, nd, c_dims + first, t, c_str + first))
+    return;
+  dnnl_matmul_desc_t desc;
+  dnnl_primitive_desc_t pd;
+  if (dnnl_matmul_desc_init(&desc, &e->a, &e->b, NULL, &e->c) || dnnl_primitive_desc_create(&pd, &desc, NULL, engine, NULL))
+    return;
+  const char *impl = "";
+  dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl);
+  if (strncmp(impl, "ref", 3) != 0 && dnnl_primitive_create(&e->primitive, pd) != dnnl_success) e->primitive = NULL;
+  dnnl_primitive_desc_destroy(pd);
+}
+
+/* The cache entry for a key, built on first use; NULL when oneDNN has no CPU engine here. */
+static gemm_entry *lookup(const gemm_key *key) {
+  static bool engine_failed;
+  if (!engine && !engine_failed) {
+    engine_failed = dnnl_engine_create(&engine, dnnl_cpu, 0) != dnnl_success ||
+                    dnnl_stream_create(&stream, engine, dnnl_stream_default_flags) != dnnl_success;
+  }
+  if (engine_failed) return NULL;
+  uint64_t slot = key_hash(key) % CACHE_SLOTS;
+  for (;; slot = (slot + 1) % CACHE_SLOTS) {
+    if (!cache[slot].used) break;
+    if (memcmp(&cache[slot].key, key, sizeof *key) == 0) return &cache[slot];
+  }
+  if (cached >= CACHE_LIMIT) {
+    cache_clear();
+    slot = key_hash(key) % CACHE_SLOTS;
+  }
+  gemm_entry *e = &cache[slot];
+  e->key = *key;
+  e->used = true;
+  cached++;
+  build(e);
+  return e;
+}
+
+static int run(gemm_entry *e, const void *a, const void *b, void *c) {
+  dnnl_memory_t ma = NULL, mb = NULL, mc = NULL;
+  dnnl_status_t s = dnnl_memory_create(&ma, &e->a, engine, (void *)a);
+  if (s == dnnl_success) s = dnnl_memory_create(&mb, &e->b, engine, (void *)b);
+  if (s == dnnl_success) s = dnnl_memory_create(&mc, &e->c, engine, c);
+  if (s == dnnl_success) {
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
+    s = dnnl_primitive_execute(e->primitive, stream, 3, args);
+    if (s == dnnl_success) s = dnnl_stream_wait(stream);
+  }
+  if (ma) dnnl_memory_destroy(ma);
+  if (mb) dnnl_memory_destroy(mb);
+  if (mc) dnnl_memory_destroy(mc);
+  return s == dnnl_success ? 0 : pmp_fail_code("matmul: oneDNN %s", dnnl_status2str(s));
+}
+
+/* c[batch, n, m] (contiguous) = a[batch, n, k] @ b[batch, k, m], a and b given by element strides.
+ * Returns 1 when oneDNN has no fast kernel for this layout (the caller then packs or uses BLAS), 0 on
+ * success, -1 on failure. */
+int pmp_onednn_matmul(int dtype, int64_t batch, int64_t n, int64_t k, int64_t m, const void *a, const int64_t a_strides[3],
+                      const void *b, const int64_t b_strides[3], void *c) {
+  if (dtype != PMP_F32 && dtype != PMP_BF16 && dtype != PMP_F16) return 1;
+  gemm_key key;
+  memset(&key, 0, sizeof key);   /* the key is hashed and compared bytewise, padding included */
+  key.batch = batch, key.n = n, key.k = k, key.m = m, key.dtype = dtype;
+  for (int i = 0; i < 3; i++) key.a_strides[i] = a_strides[i], key.b_strides[i] = b_strides[i];
+  pthread_mutex_lock(&lock);
+  gemm_entry *e = lookup(&key);
+  int rc = e && e->primitive ? run(e, a, b, c) : 1;
+  pthread_mutex_unlock(&lock);
+  return rc;
+}
