@@ -130,8 +130,21 @@ int pmp_set_grad(pmp_tensor *t, pmp_tensor *grad) {
   return 0;
 }
 
+/* True when nothing but the caller's reference reaches g's memory, so a leaf may keep g itself as its
+ * gradient instead of a copy (the usual case: a weight's gradient fresh from its matmul). */
+static bool exclusively_owned(const pmp_tensor *g, const pmp_tensor *leaf) {
+  return g->refcount == 1 && !g->grad_fn && !g->needs_grad && g->storage->refcount == 1 && !g->storage->release &&
+         g->offset == 0 && pmp_is_contiguous(g) && g->dtype_id == leaf->dtype_id && g->dev.type == leaf->dev.type &&
+         g->dev.index == leaf->dev.index;
+}
+
 /* Leaf gradients accumulate in place, like PyTorch, so .grad_acc keeps its identity across steps. */
 static int accumulate_leaf(pmp_tensor *leaf, pmp_tensor *g) {
+  if (!leaf->grad_acc && exclusively_owned(g, leaf)) {
+    pmp_tensor_retain(g);
+    leaf->grad_acc = g;
+    return 0;
+  }
   if (!leaf->grad_acc) {
     pmp_tensor *own = pmp_empty_like(leaf, leaf->dtype_id);
     if (!own || pmp_copy_into(own, g) != 0) {
@@ -166,7 +179,13 @@ static int accumulate_node(pmp_node *n, pmp_tensor *g) {
     n->grad_acc = g;
     return 0;
   }
-  pmp_tensor *sum = pmp_binary(PMP_OP_ADD, n->grad_acc, g);
+  pmp_tensor *acc = n->grad_acc;
+  if (acc->refcount == 1 && acc->storage->refcount == 1 && !acc->grad_fn && pmp_is_contiguous(acc) &&
+      acc->dtype_id == g->dtype_id && pmp_same_shape(acc, g)) {   /* ours alone: add in place */
+    pmp_op_args a = {.op = PMP_OP_ADD, .out = acc, .in = {acc, g}, .nin = 2};
+    return pmp_dispatch(&a);
+  }
+  pmp_tensor *sum = pmp_binary(PMP_OP_ADD, acc, g);
   if (!sum) return -1;
   pmp_tensor_release(n->grad_acc);
   n->grad_acc = sum;
@@ -217,13 +236,32 @@ static int count_dependencies(pmp_node *root, uint32_t epoch) {
   return rc;
 }
 
+/* A narrow's gradient is a slice of its input's gradient. When the input node already holds a
+ * gradient buffer of its own (q, k and v narrowed off one projection: the second and third to arrive),
+ * the slice is added in place, instead of building a zero tensor of the full shape and adding it whole.
+ * 1: done; 0: not applicable (run the op's backward); -1: failed. */
+static int add_into_slice(pmp_node *n) {
+  pmp_edge *e = &n->in[0];
+  pmp_tensor *g = n->grad_acc, *acc = e->next ? e->next->grad_acc : NULL;
+  if (n->op != PMP_OP_NARROW || !e->needs_grad || !acc || acc->refcount != 1 || acc->storage->refcount != 1 ||
+      acc->grad_fn || !pmp_is_contiguous(acc) || acc->dtype_id != g->dtype_id || acc->dtype_id != e->dtype_id)
+    return 0;
+  pmp_tensor *slot = pmp_narrow(acc, (int)n->i[0], n->i[1], g->sizes[n->i[0]]);
+  if (!slot) return -1;
+  pmp_op_args a = {.op = PMP_OP_ADD, .out = slot, .in = {slot, g}, .nin = 2};
+  int rc = pmp_dispatch(&a);
+  pmp_tensor_release(slot);
+  return rc == 0 ? 1 : -1;
+}
+
 static int run_node(pmp_node *n, bool retain_graph) {
   pmp_tensor **grads = calloc((size_t)n->ninputs + 1, sizeof *grads);
   if (!grads) return pmp_fail_code("backward: out of memory");
   int rc = 0;
   if (n->grad_acc) {
-    if (!pmp_node_check_alive(n)) rc = -1;
-    else rc = pmp_op_table[n->op].backward(n, n->grad_acc, grads);
+    int sliced = pmp_node_check_alive(n) ? add_into_slice(n) : -1;
+    if (sliced < 0) rc = -1;
+    else if (!sliced) rc = pmp_op_table[n->op].backward(n, n->grad_acc, grads);
   }
   for (int k = 0; rc == 0 && k < n->ninputs; k++) {
     pmp_tensor *g = grads[k];
