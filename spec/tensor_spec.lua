@@ -1055,6 +1055,35 @@ describe('matmul', function()
     local e = pmp.matmul(pmp.tensor({ { 1 + 2 ^ -40 } }, { dtype = 'f64' }), pmp.tensor({ { 1 } }, { dtype = 'f64' }))
     assert.equal(1 + 2 ^ -40, e:item())
   end)
+
+  -- f32/bf16 run on oneDNN and f64 on BLIS: the f64 product of the same (rounded) values is an
+  -- independent reference, over layouts oneDNN reads in place (transposes, collapsible batches) and
+  -- those it is handed per batch (permuted batch dims, broadcast right operand).
+  it('f32 and bf16 agree with f64 on large, transposed, permuted and broadcast operands', function()
+    local function max_rel_err(got, a, b)
+      local want = pmp.matmul(a:double(), b:double())
+      local scale = want:abs():max():item()
+      return (got:double() - want):abs():max():item() / scale
+    end
+    local cases = {
+      { pmp.randn(70, 130), pmp.randn(130, 90) },
+      { pmp.randn(130, 70):t(), pmp.randn(90, 130):t() },
+      { pmp.randn(3, 40, 33), pmp.randn(3, 33, 50) },
+      { pmp.randn(40, 3, 33):transpose(1, 2), pmp.randn(3, 50, 33):transpose(2, 3) },
+      { pmp.randn(2, 3, 17, 9):permute(2, 1, 3, 4), pmp.randn(9, 21) },
+      { pmp.randn(4, 17, 9), pmp.randn(1, 9, 21):expand(4, 9, 21) },
+    }
+    for i, c in ipairs(cases) do
+      local a, b = c[1], c[2]
+      assert.is_true(max_rel_err(pmp.matmul(a, b), a, b) < 1e-5, 'f32 case ' .. i)
+      local ab, bb = a:to('bf16'), b:to('bf16')
+      local r = pmp.matmul(ab, bb)
+      assert.equal('bf16', r.dtype)
+      -- inputs are exact in f64; the only error is the f32 accumulation and one bf16 rounding
+      assert.is_true(max_rel_err(r, ab, bb) < 2 ^ -8, 'bf16 case ' .. i)
+      assert.are.same(r:float():totable(), pmp.matmul(ab, bb):float():totable(), 'repeatable, case ' .. i)
+    end
+  end)
 end)
 
 describe('joining, splitting and indexing', function()
