@@ -28,6 +28,75 @@ static double round_to(int dtype, double v) {
 
 static bool low_precision(int dtype) { return dtype == PMP_BF16 || dtype == PMP_F16; }
 
+/* f32 and bf16 rows, loaded and stored as f32; `bf16` is a constant in each caller, so the branch folds
+ * away and the loops vectorize. */
+static inline float load_float(const void *p, int64_t k, bool bf16) {
+  return bf16 ? bf16_bits_to_f32(((const uint16_t *)p)[k]) : ((const float *)p)[k];
+}
+
+static inline void store_float(void *p, int64_t k, float v, bool bf16) {
+  if (bf16) ((uint16_t *)p)[k] = f32_to_bf16_bits(v);
+  else ((float *)p)[k] = v;
+}
+
+/* RMSNorm's row sums run in double, each row in index order (as the generic path adds them, so results
+ * are bit-identical). One row is a chain of dependent adds; RMS_BLOCK rows side by side fill the vector
+ * lanes instead. */
+enum { RMS_BLOCK = 8 };
+
+/* sums[j] = sum over k of (x[j][k] * w[k]) * (y[j][k] * scale[j]) for nb <= RMS_BLOCK rows; w and scale
+ * may be NULL (then 1), y NULL means y = x. */
+static inline __attribute__((always_inline)) void rms_row_sums(const void *x, const void *y, const double *w, const float *scale, int64_t hidden,
+                                int nb, double *sums, bool bf16) {
+  double acc[RMS_BLOCK] = {0}, s[RMS_BLOCK];
+  for (int j = 0; j < RMS_BLOCK; j++) s[j] = scale && j < nb ? scale[j] : 1.0;
+  for (int64_t k = 0; k < hidden; k++) {
+    double wk = w ? w[k] : 1.0;
+#pragma omp simd
+    for (int j = 0; j < nb; j++) {
+      double a = load_float(x, j * hidden + k, bf16), b = y ? load_float(y, j * hidden + k, bf16) : a;
+      acc[j] += y ? (b * wk) * (a * s[j]) : a * b;
+    }
+  }
+  memcpy(sums, acc, sizeof acc);
+}
+
+/* nb rows: rstd = 1 / sqrt(mean(x^2) + eps) in f32 as HF does, y = w * (x * rstd); bf16 rounds x * rstd
+ * before the weight, as HF's LlamaRMSNorm does (both products are exact in f32, so f32 arithmetic gives
+ * what the f64 generic path gives). */
+static inline __attribute__((always_inline)) void rms_norm_block(const void *x, const void *w, void *y, float *rstd, int64_t hidden, int nb,
+                                  double eps, bool bf16) {
+  double squares[RMS_BLOCK];
+  rms_row_sums(x, NULL, NULL, NULL, hidden, nb, squares, bf16);
+  for (int j = 0; j < nb; j++) {
+    float inv = 1.0f / sqrtf((float)(squares[j] / (double)hidden) + (float)eps);
+    rstd[j] = inv;
+    const char *xr = (const char *)x + j * hidden * (bf16 ? 2 : 4);
+    char *yr = (char *)y + j * hidden * (bf16 ? 2 : 4);
+    if (bf16 && w) {
+#pragma omp simd
+      for (int64_t k = 0; k < hidden; k++)
+        store_float(yr, k, load_float(w, k, true) * bf16_bits_to_f32(f32_to_bf16_bits(load_float(xr, k, true) * inv)), true);
+    } else if (w) {
+#pragma omp simd
+      for (int64_t k = 0; k < hidden; k++) store_float(yr, k, load_float(w, k, false) * (load_float(xr, k, false) * inv), false);
+    } else {
+#pragma omp simd
+      for (int64_t k = 0; k < hidden; k++) store_float(yr, k, load_float(xr, k, bf16) * inv, bf16);
+    }
+  }
+}
+
+WIDE_VECTORS static void rms_norm_block_f32(const void *x, const void *w, void *y, float *rstd, int64_t hidden, int nb,
+                                            double eps) {
+  rms_norm_block(x, w, y, rstd, hidden, nb, eps, false);
+}
+
+WIDE_VECTORS static void rms_norm_block_bf16(const void *x, const void *w, void *y, float *rstd, int64_t hidden, int nb,
+                                             double eps) {
+  rms_norm_block(x, w, y, rstd, hidden, nb, eps, true);
+}
+
 int pmp_cpu_rms_norm(const pmp_op_args *a) {
   const pmp_tensor *x = a->in[0], *w = a->in[1];
   pmp_tensor *y = a->out, *rstd = a->out2;
@@ -35,6 +104,18 @@ int pmp_cpu_rms_norm(const pmp_op_args *a) {
   int dt = x->dtype_id, es = pmp_dtype_size(dt);
   double eps = a->f[0];
   bool f64 = dt == PMP_F64;
+  if ((dt == PMP_F32 || dt == PMP_BF16) && rstd->dtype_id == PMP_F32) {
+    int64_t blocks = (rows + RMS_BLOCK - 1) / RMS_BLOCK;
+#pragma omp parallel for if (rows * hidden >= PMP_PARALLEL_THRESHOLD) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+      int64_t r = b * RMS_BLOCK;
+      int nb = (int)(rows - r < RMS_BLOCK ? rows - r : RMS_BLOCK);
+      (dt == PMP_BF16 ? rms_norm_block_bf16 : rms_norm_block_f32)(x->data + r * hidden * es, w ? w->data : NULL,
+                                                                   y->data + r * hidden * es, (float *)rstd->data + r,
+                                                                   hidden, nb, eps);
+    }
+    return 0;
+  }
 #pragma omp parallel if (rows * hidden >= PMP_PARALLEL_THRESHOLD)
   {
     double *row = malloc(sizeof(double) * (size_t)(2 * hidden + 1));
@@ -51,11 +132,6 @@ int pmp_cpu_rms_norm(const pmp_op_args *a) {
                        : (double)(1.0f / sqrtf((float)(squares / (double)hidden) + (float)eps));
       pmp_store_from_f64(rstd->dtype_id, rstd->data + r * pmp_dtype_size(rstd->dtype_id), inv);
       char *out = y->data + r * hidden * es;
-      if (dt == PMP_F32) {
-        float *o = (float *)out, finv = (float)inv;
-        for (int64_t k = 0; k < hidden; k++) o[k] = w ? (float)weight[k] * ((float)row[k] * finv) : (float)row[k] * finv;
-        continue;
-      }
       for (int64_t k = 0; k < hidden; k++) {
         double v = round_to(dt, row[k] * inv);
         if (w) v = weight[k] * v;
@@ -67,6 +143,68 @@ int pmp_cpu_rms_norm(const pmp_op_args *a) {
   return 0;
 }
 
+/* The dot products of RMS_BLOCK rows starting at r (see rms_row_sums), divided by hidden. */
+static inline __attribute__((always_inline)) void rms_backward_dots(const char *x, const char *dy, const double *w, const float *rstd, int64_t hidden,
+                                     int nb, double *dots, bool bf16) {
+  rms_row_sums(x, dy, w, rstd, hidden, nb, dots, bf16);
+  for (int j = 0; j < nb; j++) dots[j] /= (double)hidden;
+}
+
+/* One row of dx (and the row's share of dw) in double, in the generic path's order of operations. */
+static inline __attribute__((always_inline)) void rms_backward_row(const void *x, const void *dy, const double *w, double inv, double dot, void *dx,
+                                    double *dw, int64_t hidden, bool bf16) {
+  if (dw) {
+#pragma omp simd
+    for (int64_t k = 0; k < hidden; k++) dw[k] += (double)load_float(dy, k, bf16) * ((double)load_float(x, k, bf16) * inv);
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < hidden; k++) {
+    double xhat = (double)load_float(x, k, bf16) * inv, g = (double)load_float(dy, k, bf16) * w[k];
+    store_float(dx, k, (float)(inv * (g - xhat * dot)), bf16);
+  }
+}
+
+WIDE_VECTORS static void rms_backward_f32(const char *x, const char *dy, const double *w, const float *rstd, int64_t hidden,
+                                          int nb, double *dots, char *dx, double *dw, int phase) {
+  if (phase == 0) rms_backward_dots(x, dy, w, rstd, hidden, nb, dots, false);
+  else rms_backward_row(x, dy, w, rstd[0], dots[0], dx, dw, hidden, false);
+}
+
+WIDE_VECTORS static void rms_backward_bf16(const char *x, const char *dy, const double *w, const float *rstd, int64_t hidden,
+                                           int nb, double *dots, char *dx, double *dw, int phase) {
+  if (phase == 0) rms_backward_dots(x, dy, w, rstd, hidden, nb, dots, true);
+  else rms_backward_row(x, dy, w, rstd[0], dots[0], dx, dw, hidden, true);
+}
+
+/* f32/bf16 with an f32 rstd. dw sums over the rows each thread takes from the same static schedule as the
+ * generic path, so its partial sums and their total are the same. */
+static int rms_norm_backward_fast(const pmp_op_args *a, int threads, double *dw_parts, double *weight) {
+  const pmp_tensor *x = a->in[0], *rstd = a->in[2], *dy = a->in[3];
+  int64_t rows = a->i[0], hidden = a->i[1];
+  int es = pmp_dtype_size(x->dtype_id);
+  void (*kernel)(const char *, const char *, const double *, const float *, int64_t, int, double *, char *, double *, int) =
+      x->dtype_id == PMP_BF16 ? rms_backward_bf16 : rms_backward_f32;
+  const float *inv = (const float *)rstd->data;
+#pragma omp parallel num_threads(threads) if (rows * hidden >= PMP_PARALLEL_THRESHOLD)
+  {
+    double *my_dw = dw_parts ? dw_parts + omp_get_thread_num() * hidden : NULL;
+    double dots[RMS_BLOCK];
+    int64_t first = 0, end = 0;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      if (r >= end) {
+        first = r;
+        end = rows - r < RMS_BLOCK ? rows : r + RMS_BLOCK;
+        kernel(x->data + r * hidden * es, dy->data + r * hidden * es, weight, inv + r, hidden, (int)(end - first), dots,
+               NULL, NULL, 0);
+      }
+      kernel(x->data + r * hidden * es, dy->data + r * hidden * es, weight, inv + r, hidden, 1, dots + (r - first),
+             a->out->data + r * hidden * es, my_dw, 1);
+    }
+  }
+  return 0;
+}
+
 /* dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w;  dw = sum over rows of dy * xhat. */
 int pmp_cpu_rms_norm_backward(const pmp_op_args *a) {
   const pmp_tensor *x = a->in[0], *w = a->in[1], *rstd = a->in[2], *dy = a->in[3];
@@ -74,36 +212,43 @@ int pmp_cpu_rms_norm_backward(const pmp_op_args *a) {
   int64_t rows = a->i[0], hidden = a->i[1];
   int dt = x->dtype_id, es = pmp_dtype_size(dt), gdt = dy->dtype_id, ges = pmp_dtype_size(gdt);
   int threads = omp_get_max_threads();
-  double *dw_parts = dw ? calloc((size_t)(threads * hidden) + 1, sizeof(double)) : NULL;
-  if (dw && !dw_parts) return pmp_fail_code("rms_norm backward: out of memory");
+  bool fast = (dt == PMP_F32 || dt == PMP_BF16) && gdt == dt && rstd->dtype_id == PMP_F32;
+  /* the fast path's weight in double, ones without a weight (multiplying by 1 changes nothing) */
+  size_t extra = fast ? (size_t)hidden : 0;
+  double *dw_parts = dw || fast ? calloc((size_t)(threads * hidden) + extra + 1, sizeof(double)) : NULL;
+  if ((dw || fast) && !dw_parts) return pmp_fail_code("rms_norm backward: out of memory");
+  if (fast) {
+    double *weight = dw_parts + threads * hidden;
+    if (w) load_row(weight, w->data, dt, hidden);
+    else
+      for (int64_t k = 0; k < hidden; k++) weight[k] = 1.0;
+    rms_norm_backward_fast(a, threads, dw ? dw_parts : NULL, weight);
+  } else {
 #pragma omp parallel num_threads(threads) if (rows * hidden >= PMP_PARALLEL_THRESHOLD)
-  {
-    double *buf = malloc(sizeof(double) * (size_t)(3 * hidden + 1));
-    double *xhat = buf, *g = buf ? buf + hidden : NULL, *weight = buf ? buf + 2 * hidden : NULL;
-    double *my_dw = dw_parts ? dw_parts + omp_get_thread_num() * hidden : NULL;
-    if (buf && w) load_row(weight, w->data, dt, hidden);
+    {
+      double *buf = malloc(sizeof(double) * (size_t)(3 * hidden + 1));
+      double *xhat = buf, *g = buf ? buf + hidden : NULL, *weight = buf ? buf + 2 * hidden : NULL;
+      double *my_dw = dw ? dw_parts + omp_get_thread_num() * hidden : NULL;
+      if (buf && w) load_row(weight, w->data, dt, hidden);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-      if (!buf) continue;
-      double inv = pmp_load_as_f64(rstd->dtype_id, rstd->data + r * pmp_dtype_size(rstd->dtype_id));
-      load_row(xhat, x->data + r * hidden * es, dt, hidden);
-      load_row(g, dy->data + r * hidden * ges, gdt, hidden);
-      double dot = 0;
-      for (int64_t k = 0; k < hidden; k++) {
-        xhat[k] *= inv;
-        if (my_dw) my_dw[k] += g[k] * xhat[k];
-        if (w) g[k] *= weight[k];
-        dot += g[k] * xhat[k];
+      for (int64_t r = 0; r < rows; r++) {
+        if (!buf) continue;
+        double inv = pmp_load_as_f64(rstd->dtype_id, rstd->data + r * pmp_dtype_size(rstd->dtype_id));
+        load_row(xhat, x->data + r * hidden * es, dt, hidden);
+        load_row(g, dy->data + r * hidden * ges, gdt, hidden);
+        double dot = 0;
+        for (int64_t k = 0; k < hidden; k++) {
+          xhat[k] *= inv;
+          if (my_dw) my_dw[k] += g[k] * xhat[k];
+          if (w) g[k] *= weight[k];
+          dot += g[k] * xhat[k];
+        }
+        dot /= (double)hidden;
+        char *out = dx->data + r * hidden * es;
+        for (int64_t k = 0; k < hidden; k++) pmp_store_from_f64(dt, out + k * es, inv * (g[k] - xhat[k] * dot));
       }
-      dot /= (double)hidden;
-      char *out = dx->data + r * hidden * es;
-      if (dt == PMP_F32) {
-        for (int64_t k = 0; k < hidden; k++) ((float *)out)[k] = (float)(inv * (g[k] - xhat[k] * dot));
-        continue;
-      }
-      for (int64_t k = 0; k < hidden; k++) pmp_store_from_f64(dt, out + k * es, inv * (g[k] - xhat[k] * dot));
+      free(buf);
     }
-    free(buf);
   }
   if (dw) {
     for (int64_t k = 0; k < hidden; k++) {
@@ -111,20 +256,39 @@ int pmp_cpu_rms_norm_backward(const pmp_op_args *a) {
       for (int t = 0; t < threads; t++) total += dw_parts[t * hidden + k];
       pmp_store_from_f64(dw->dtype_id, dw->data + k * pmp_dtype_size(dw->dtype_id), total);
     }
-    free(dw_parts);
   }
+  free(dw_parts);
   return 0;
 }
 
-/* Element offset of row r of a (possibly broadcast) view whose last dim is contiguous or stride 1. */
-static int64_t row_offset(const pmp_tensor *t, int64_t r) {
-  int64_t off = 0;
-  for (int d = t->ndim - 2; d >= 0; d--) {
-    int64_t idx = r % t->sizes[d];
-    r /= t->sizes[d];
-    off += idx * t->strides[d];
+/* Walks the rows (every index but the last dim's) of views that share x's shape, in order, keeping each
+ * view's element offset: x and y may be strided views (q as a transpose of [B, T, H, D] memory) and the
+ * tables broadcast ones. */
+typedef struct {
+  const pmp_tensor *t[4];
+  int64_t idx[PMP_MAX_DIMS], off[4];
+} row_walk;
+
+static void walk_start(row_walk *w, int64_t r) {
+  const pmp_tensor *x = w->t[0];
+  for (int d = x->ndim - 2; d >= 0; d--) {
+    w->idx[d] = r % x->sizes[d];
+    r /= x->sizes[d];
   }
-  return off;
+  for (int j = 0; j < 4; j++) {
+    w->off[j] = 0;
+    for (int d = 0; d < x->ndim - 1; d++) w->off[j] += w->idx[d] * w->t[j]->strides[d];
+  }
+}
+
+static void walk_next(row_walk *w) {
+  const pmp_tensor *x = w->t[0];
+  for (int d = x->ndim - 2; d >= 0; d--) {
+    for (int j = 0; j < 4; j++) w->off[j] += w->t[j]->strides[d];
+    if (++w->idx[d] < x->sizes[d]) return;
+    for (int j = 0; j < 4; j++) w->off[j] -= w->idx[d] * w->t[j]->strides[d];
+    w->idx[d] = 0;
+  }
 }
 
 /* The rotate-half layout in f32 with contiguous tables, as straight loops the compiler vectorizes. */
@@ -147,8 +311,50 @@ WIDE_VECTORS static void rope_half_row_f32(const float *x, float *y, const float
   }
 }
 
+static inline __attribute__((always_inline)) double round_bf16(double v) {
+  return bf16_bits_to_f32(f32_to_bf16_bits((float)v));
+}
+
+/* The rotate-half layout for bf16 x with contiguous f32 or bf16 tables, in double with the generic path's
+ * operations and rounding points, so results are the same bits. */
+static inline __attribute__((always_inline)) void rope_half_row_bf16(const uint16_t *x, uint16_t *y, const void *c,
+                                                                     const void *s, int64_t half, bool transpose,
+                                                                     bool bf16_tables) {
+  if (transpose) {
+#pragma omp simd
+    for (int64_t p = 0; p < half; p++) {
+      double x1 = bf16_bits_to_f32(x[p]), x2 = bf16_bits_to_f32(x[p + half]);
+      double c1 = load_float(c, p, bf16_tables), c2 = load_float(c, p + half, bf16_tables);
+      double s1 = load_float(s, p, bf16_tables), s2 = load_float(s, p + half, bf16_tables);
+      y[p] = f32_to_bf16_bits((float)(x1 * c1 + x2 * s2));
+      y[p + half] = f32_to_bf16_bits((float)(x2 * c2 - x1 * s1));
+    }
+  } else {
+    /* HF: (x * cos) + (rotate_half(x) * sin), each product rounded to the activation dtype */
+#pragma omp simd
+    for (int64_t p = 0; p < half; p++) {
+      double x1 = bf16_bits_to_f32(x[p]), x2 = bf16_bits_to_f32(x[p + half]);
+      double c1 = load_float(c, p, bf16_tables), c2 = load_float(c, p + half, bf16_tables);
+      double s1 = load_float(s, p, bf16_tables), s2 = load_float(s, p + half, bf16_tables);
+      y[p] = f32_to_bf16_bits((float)(round_bf16(x1 * c1) + round_bf16(-x2 * s1)));
+      y[p + half] = f32_to_bf16_bits((float)(round_bf16(x2 * c2) + round_bf16(x1 * s2)));
+    }
+  }
+}
+
+WIDE_VECTORS static void rope_half_row_bf16_f32_tables(const uint16_t *x, uint16_t *y, const void *c, const void *s,
+                                                       int64_t half, bool transpose) {
+  rope_half_row_bf16(x, y, c, s, half, transpose, false);
+}
+
+WIDE_VECTORS static void rope_half_row_bf16_bf16_tables(const uint16_t *x, uint16_t *y, const void *c, const void *s,
+                                                        int64_t half, bool transpose) {
+  rope_half_row_bf16(x, y, c, s, half, transpose, true);
+}
+
 /* Rotates pairs (i, j): forward y_i = x_i c_i - x_j s_i, y_j = x_j c_j + x_i s_j; the transpose (for the
- * gradient) y_i = x_i c_i + x_j s_j, y_j = x_j c_j - x_i s_i. Pairs are (k, k + R/2) or (2k, 2k + 1). */
+ * gradient) y_i = x_i c_i + x_j s_j, y_j = x_j c_j - x_i s_i. Pairs are (k, k + R/2) or (2k, 2k + 1). The last
+ * dims of x and y are contiguous; their other dims may have any strides. */
 int pmp_cpu_rope(const pmp_op_args *a) {
   const pmp_tensor *x = a->in[0], *cs = a->in[1], *sn = a->in[2];
   pmp_tensor *y = a->out;
@@ -159,53 +365,61 @@ int pmp_cpu_rope(const pmp_op_args *a) {
   int64_t cstride = cs->strides[cs->ndim - 1], sstride = sn->strides[sn->ndim - 1];
   int ces = pmp_dtype_size(cs->dtype_id), ses = pmp_dtype_size(sn->dtype_id);
   bool round_products = low_precision(dt) && !transpose;
-  if (dt == PMP_F32 && cs->dtype_id == PMP_F32 && sn->dtype_id == PMP_F32 && cstride == 1 && sstride == 1) {
-#pragma omp parallel for if (rows * dim >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-      const float *xr = (const float *)x->data + r * dim;
-      float *yr = (float *)y->data + r * dim;
-      const float *c = (const float *)cs->data + row_offset(cs, r), *sv = (const float *)sn->data + row_offset(sn, r);
-      if (!interleaved) {
-        rope_half_row_f32(xr, yr, c, sv, half, transpose);
-        if (rotary < dim) memcpy(yr + rotary, xr + rotary, (size_t)(dim - rotary) * sizeof(float));
+  bool tables_dense = cstride == 1 && sstride == 1 && cs->dtype_id == sn->dtype_id;
+  bool f32 = dt == PMP_F32 && cs->dtype_id == PMP_F32 && tables_dense;
+  bool bf16 = dt == PMP_BF16 && !interleaved && tables_dense && (cs->dtype_id == PMP_F32 || cs->dtype_id == PMP_BF16);
+  void (*bf16_row)(const uint16_t *, uint16_t *, const void *, const void *, int64_t, bool) =
+      cs->dtype_id == PMP_BF16 ? rope_half_row_bf16_bf16_tables : rope_half_row_bf16_f32_tables;
+#pragma omp parallel if (rows * dim >= PMP_PARALLEL_THRESHOLD)
+  {
+    int threads = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t first = rows * me / threads, end = rows * (me + 1) / threads;
+    row_walk walk = {.t = {x, y, cs, sn}};
+    if (first < end) walk_start(&walk, first);
+    for (int64_t r = first; r < end; r++, walk_next(&walk)) {
+      const char *xr = x->data + walk.off[0] * es;
+      char *yr = y->data + walk.off[1] * es;
+      const char *cr = cs->data + walk.off[2] * ces, *sr = sn->data + walk.off[3] * ses;
+      if (rotary < dim) memcpy(yr + rotary * es, xr + rotary * es, (size_t)((dim - rotary) * es));
+      if (bf16) {
+        bf16_row((const uint16_t *)xr, (uint16_t *)yr, cr, sr, half, transpose);
+        continue;
+      }
+      if (f32 && !interleaved) {
+        rope_half_row_f32((const float *)xr, (float *)yr, (const float *)cr, (const float *)sr, half, transpose);
+        continue;
+      }
+      if (f32) {
+        const float *xf = (const float *)xr, *c = (const float *)cr, *sv = (const float *)sr;
+        float *yf = (float *)yr;
+        for (int64_t p = 0; p < half; p++) {
+          float xi = xf[2 * p], xj = xf[2 * p + 1];
+          yf[2 * p] = transpose ? xi * c[2 * p] + xj * sv[2 * p + 1] : xi * c[2 * p] - xj * sv[2 * p];
+          yf[2 * p + 1] = transpose ? xj * c[2 * p + 1] - xi * sv[2 * p] : xj * c[2 * p + 1] + xi * sv[2 * p + 1];
+        }
         continue;
       }
       for (int64_t p = 0; p < half; p++) {
         int64_t i = interleaved ? 2 * p : p, j = interleaved ? 2 * p + 1 : p + half;
-        float xi = xr[i], xj = xr[j];
-        yr[i] = transpose ? xi * c[i] + xj * sv[j] : xi * c[i] - xj * sv[i];
-        yr[j] = transpose ? xj * c[j] - xi * sv[i] : xj * c[j] + xi * sv[j];
+        double xi = pmp_load_as_f64(dt, xr + i * es), xj = pmp_load_as_f64(dt, xr + j * es);
+        double ci = pmp_load_as_f64(cs->dtype_id, cr + i * cstride * ces), cj = pmp_load_as_f64(cs->dtype_id, cr + j * cstride * ces);
+        double si = pmp_load_as_f64(sn->dtype_id, sr + i * sstride * ses), sj = pmp_load_as_f64(sn->dtype_id, sr + j * sstride * ses);
+        double yi, yj;
+        if (transpose) {
+          yi = xi * ci + xj * sj;
+          yj = xj * cj - xi * si;
+        } else if (round_products) {
+          /* HF: (x * cos) + (rotate_half(x) * sin), each product rounded to the activation dtype */
+          yi = round_to(dt, xi * ci) + round_to(dt, -xj * si);
+          yj = round_to(dt, xj * cj) + round_to(dt, xi * sj);
+        } else {
+          yi = xi * ci - xj * si;
+          yj = xj * cj + xi * sj;
+        }
+        pmp_store_from_f64(dt, yr + i * es, yi);
+        pmp_store_from_f64(dt, yr + j * es, yj);
       }
-      if (rotary < dim) memcpy(yr + rotary, xr + rotary, (size_t)(dim - rotary) * sizeof(float));
     }
-    return 0;
-  }
-#pragma omp parallel for if (rows * dim >= PMP_PARALLEL_THRESHOLD) schedule(static)
-  for (int64_t r = 0; r < rows; r++) {
-    const char *xr = x->data + r * dim * es;
-    char *yr = y->data + r * dim * es;
-    const char *cr = cs->data + row_offset(cs, r) * ces, *sr = sn->data + row_offset(sn, r) * ses;
-    for (int64_t p = 0; p < half; p++) {
-      int64_t i = interleaved ? 2 * p : p, j = interleaved ? 2 * p + 1 : p + half;
-      double xi = pmp_load_as_f64(dt, xr + i * es), xj = pmp_load_as_f64(dt, xr + j * es);
-      double ci = pmp_load_as_f64(cs->dtype_id, cr + i * cstride * ces), cj = pmp_load_as_f64(cs->dtype_id, cr + j * cstride * ces);
-      double si = pmp_load_as_f64(sn->dtype_id, sr + i * sstride * ses), sj = pmp_load_as_f64(sn->dtype_id, sr + j * sstride * ses);
-      double yi, yj;
-      if (transpose) {
-        yi = xi * ci + xj * sj;
-        yj = xj * cj - xi * si;
-      } else if (round_products) {
-        /* HF: (x * cos) + (rotate_half(x) * sin), each product rounded to the activation dtype */
-        yi = round_to(dt, xi * ci) + round_to(dt, -xj * si);
-        yj = round_to(dt, xj * cj) + round_to(dt, xi * sj);
-      } else {
-        yi = xi * ci - xj * si;
-        yj = xj * cj + xi * sj;
-      }
-      pmp_store_from_f64(dt, yr + i * es, yi);
-      pmp_store_from_f64(dt, yr + j * es, yj);
-    }
-    if (rotary < dim) memcpy(yr + rotary * es, xr + rotary * es, (size_t)((dim - rotary) * es));
   }
   return 0;
 }
@@ -217,24 +431,40 @@ WIDE_VECTORS static void swiglu_row_f32(const float *gate, const float *up, floa
   for (int64_t k = 0; k < width; k++) out[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
 }
 
+/* bf16 rows go through f32 chunks so that the expf loop is the f32 one, which vectorizes (libmvec);
+ * a loop mixing expf with the bf16 bit conversions stays scalar. */
+enum { SWIGLU_CHUNK = 256 };
+
 /* bf16: silu(gate) in f32 rounded to bf16, times up, rounded again, as PyTorch's bf16 modules do */
 WIDE_VECTORS static void swiglu_row_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t width) {
+  float g[SWIGLU_CHUNK], activated[SWIGLU_CHUNK];
+  for (int64_t start = 0; start < width; start += SWIGLU_CHUNK) {
+    int64_t n = width - start < SWIGLU_CHUNK ? width - start : SWIGLU_CHUNK;
 #pragma omp simd
-  for (int64_t k = 0; k < width; k++) {
-    float g = bf16_bits_to_f32(gate[k]);
-    float activated = bf16_bits_to_f32(f32_to_bf16_bits(g / (1.0f + expf(-g))));
-    out[k] = f32_to_bf16_bits(activated * bf16_bits_to_f32(up[k]));
+    for (int64_t k = 0; k < n; k++) g[k] = bf16_bits_to_f32(gate[start + k]);
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) activated[k] = g[k] / (1.0f + expf(-g[k]));
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++)
+      out[start + k] = f32_to_bf16_bits(bf16_bits_to_f32(f32_to_bf16_bits(activated[k])) * bf16_bits_to_f32(up[start + k]));
   }
 }
 
 WIDE_VECTORS static void swiglu_backward_row_bf16(const uint16_t *gate, const uint16_t *up, const uint16_t *g,
                                                   uint16_t *dgate, uint16_t *dup, int64_t width) {
+  float v[SWIGLU_CHUNK], s[SWIGLU_CHUNK];
+  for (int64_t start = 0; start < width; start += SWIGLU_CHUNK) {
+    int64_t n = width - start < SWIGLU_CHUNK ? width - start : SWIGLU_CHUNK;
 #pragma omp simd
-  for (int64_t k = 0; k < width; k++) {
-    float v = bf16_bits_to_f32(gate[k]), u = bf16_bits_to_f32(up[k]), grad = bf16_bits_to_f32(g[k]);
-    float s = 1.0f / (1.0f + expf(-v));
-    dgate[k] = f32_to_bf16_bits(grad * u * s * (1.0f + v * (1.0f - s)));
-    dup[k] = f32_to_bf16_bits(grad * v * s);
+    for (int64_t k = 0; k < n; k++) v[k] = bf16_bits_to_f32(gate[start + k]);
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) s[k] = 1.0f / (1.0f + expf(-v[k]));
+#pragma omp simd
+    for (int64_t k = 0; k < n; k++) {
+      float u = bf16_bits_to_f32(up[start + k]), grad = bf16_bits_to_f32(g[start + k]);
+      dgate[start + k] = f32_to_bf16_bits(grad * u * s[k] * (1.0f + v[k] * (1.0f - s[k])));
+      dup[start + k] = f32_to_bf16_bits(grad * v[k] * s[k]);
+    }
   }
 }
 
