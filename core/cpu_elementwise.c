@@ -82,17 +82,55 @@ int pmp_cpu_unary(const pmp_op_args *a) {
   return pmp_elementwise_run(&e);
 }
 
-/* Binary ops whose result has the operands' dtype. */
-#define FLOAT_BINARY(NAME, T, POW, EXP, ERF, TANH)                                                          \
-  static void NAME(const void *ctx, void *out, const void *const *in, int64_t n) {                          \
+/* Binary ops whose result has the operands' dtype. The exactly rounded ones get the widest vectors; the
+ * others stay on one build, since libmvec's variants for different vector widths may differ in the
+ * last bit. */
+#define FLOAT_ARITH(NAME, T)                                                                                 \
+  WIDE_VECTORS static void NAME(const void *ctx, void *out, const void *const *in, int64_t n) {             \
     switch (*(const int *)ctx) {                                                                             \
     case PMP_OP_ADD: MAP2(T, T, a + b); break;                                                               \
     case PMP_OP_SUB: MAP2(T, T, a - b); break;                                                               \
     case PMP_OP_MUL: MAP2(T, T, a * b); break;                                                               \
     case PMP_OP_DIV: MAP2(T, T, a / b); break;                                                               \
-    case PMP_OP_POW: MAP2(T, T, POW(a, b)); break;                                                           \
     case PMP_OP_MAXIMUM: MAP2(T, T, (a > b || a != a) ? a : b); break;                                       \
     case PMP_OP_MINIMUM: MAP2(T, T, (a < b || a != a) ? a : b); break;                                       \
+    }                                                                                                        \
+  }
+
+FLOAT_ARITH(arith_f32, float)
+FLOAT_ARITH(arith_f64, double)
+
+/* bf16 operands computed in f32 and rounded once on store, as converting to f32 pieces would. */
+#define MAP2_BF16(EXPR)                                                                                      \
+  do {                                                                                                       \
+    const uint16_t *x = in[0], *z = in[1];                                                                   \
+    uint16_t *y = out;                                                                                       \
+    _Pragma("omp simd") for (int64_t k = 0; k < n; k++) {                                                    \
+      float a = bf16_bits_to_f32(x[k]), b = bf16_bits_to_f32(z[k]);                                          \
+      y[k] = f32_to_bf16_bits(EXPR);                                                                         \
+    }                                                                                                        \
+  } while (0)
+
+WIDE_VECTORS static void arith_bf16(const void *ctx, void *out, const void *const *in, int64_t n) {
+  switch (*(const int *)ctx) {
+  case PMP_OP_ADD: MAP2_BF16(a + b); break;
+  case PMP_OP_SUB: MAP2_BF16(a - b); break;
+  case PMP_OP_MUL: MAP2_BF16(a * b); break;
+  case PMP_OP_DIV: MAP2_BF16(a / b); break;
+  case PMP_OP_MAXIMUM: MAP2_BF16((a > b || a != a) ? a : b); break;
+  case PMP_OP_MINIMUM: MAP2_BF16((a < b || a != a) ? a : b); break;
+  }
+}
+
+static bool is_arith(int op) {
+  return op == PMP_OP_ADD || op == PMP_OP_SUB || op == PMP_OP_MUL || op == PMP_OP_DIV || op == PMP_OP_MAXIMUM ||
+         op == PMP_OP_MINIMUM;
+}
+
+#define FLOAT_BINARY(NAME, T, POW, EXP, ERF, TANH)                                                          \
+  static void NAME(const void *ctx, void *out, const void *const *in, int64_t n) {                          \
+    switch (*(const int *)ctx) {                                                                             \
+    case PMP_OP_POW: MAP2(T, T, POW(a, b)); break;                                                           \
     case PMP_OP_GELU_GRAD:                                                                                   \
       MAP2(T, T, b * ((T)0.5 * ((T)1 + ERF(a * (T)SQRT_HALF)) + a * (T)INV_SQRT_2PI * EXP((T)-0.5 * a * a))); \
       break;                                                                                                 \
@@ -170,6 +208,11 @@ int pmp_cpu_binary(const pmp_op_args *a) {
   if (op >= PMP_OP_EQ && op <= PMP_OP_LOGICAL_OR) {
     e.fn = cd == PMP_F64 ? compare_f64 : cd == PMP_F32 ? compare_f32 : compare_i64;
     e.out_buf_dtype = PMP_BOOL;
+  } else if (is_arith(op) && cd != PMP_I64) {
+    bool bf16 = a->in[0]->dtype_id == PMP_BF16 && a->in[1]->dtype_id == PMP_BF16 && a->out->dtype_id == PMP_BF16;
+    if (bf16) e.in_buf_dtype[0] = e.in_buf_dtype[1] = PMP_BF16;
+    e.fn = bf16 ? arith_bf16 : cd == PMP_F64 ? arith_f64 : arith_f32;
+    e.out_buf_dtype = bf16 ? PMP_BF16 : cd;
   } else {
     e.fn = cd == PMP_F64 ? binary_f64 : cd == PMP_F32 ? binary_f32 : binary_i64;
     e.out_buf_dtype = cd;
@@ -250,47 +293,54 @@ int pmp_cpu_masked_fill(const pmp_op_args *a) {
   return pmp_elementwise_run(&e);
 }
 
+typedef struct fill_value {
+  char bits[8];
+  int es;
+} fill_value;
+
+static void fill_piece(const void *ctx, void *out, const void *const *in, int64_t n) {
+  (void)in;
+  const fill_value *v = ctx;
+  pmp_iter_splat(out, v->bits, v->es, n);
+}
+
+static int fill(pmp_tensor *out, const fill_value *v) {
+  pmp_elementwise e = {.out = out, .out_buf_dtype = out->dtype_id, .fn = fill_piece, .ctx = v};
+  return pmp_elementwise_run(&e);
+}
+
 /* ctx: {destination dtype, source dtype}; converting here keeps a dtype change to one pass. */
 static void copy_piece(const void *ctx, void *out, const void *const *in, int64_t n) {
   const int *dtypes = ctx;
-  pmp_convert(out, dtypes[0], in[0], dtypes[1], n);
+  pmp_iter_convert(out, dtypes[0], in[0], dtypes[1], n);
 }
 
 int pmp_cpu_copy(const pmp_op_args *a) {
-  int dtypes[2] = {a->out->dtype_id, a->in[0]->dtype_id};
+  const pmp_tensor *src = a->in[0];
+  bool one_element = true;
+  for (int d = 0; d < src->ndim; d++) one_element = one_element && (src->strides[d] == 0 || src->sizes[d] == 1);
+  if (one_element) {
+    /* a broadcast scalar, as fill_ copies: convert it once */
+    fill_value v = {.es = pmp_dtype_size(a->out->dtype_id)};
+    pmp_convert(v.bits, a->out->dtype_id, src->data, src->dtype_id, 1);
+    return fill(a->out, &v);
+  }
+  if (pmp_iter_copy_runs(a->out, src) || pmp_iter_copy_transposed(a->out, src)) return 0;
+  int dtypes[2] = {a->out->dtype_id, src->dtype_id};
   pmp_elementwise e = {.out = a->out, .out_buf_dtype = dtypes[0], .in = {a->in[0]}, .in_buf_dtype = {dtypes[1]},
                        .nin = 1, .fn = copy_piece, .ctx = dtypes};
   return pmp_elementwise_run(&e);
 }
 
-static void fill_piece(const void *ctx, void *out, const void *const *in, int64_t n) {
-  (void)in;
-  const double *value = ctx;
-  double *y = out;
-  for (int64_t k = 0; k < n; k++) y[k] = *value;
-}
-
-static void fill_piece_i64(const void *ctx, void *out, const void *const *in, int64_t n) {
-  (void)in;
-  int64_t value = (int64_t)*(const double *)ctx;
-  int64_t *y = out;
-  for (int64_t k = 0; k < n; k++) y[k] = value;
-}
-
+/* The element is the value converted as a store through f64 (floats) or i64 (integers) would be. */
 int pmp_cpu_fill(const pmp_op_args *a) {
-  bool is_float = pmp_dtype_is_float(a->out->dtype_id);
-  pmp_elementwise e = {.out = a->out, .out_buf_dtype = is_float ? PMP_F64 : PMP_I64,
-                       .fn = is_float ? fill_piece : fill_piece_i64, .ctx = a->f};
-  if (a->out->dtype_id == PMP_F32) {
-    /* the hot case (zeros/ones of f32): fill directly */
-    float v = (float)a->f[0];
-    float *y = (float *)a->out->data;
-    int64_t n = pmp_numel(a->out);
-#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t k = 0; k < n; k++) y[k] = v;
-    return 0;
-  }
-  return pmp_elementwise_run(&e);
+  int dt = a->out->dtype_id;
+  fill_value v = {.es = pmp_dtype_size(dt)};
+  if (pmp_dtype_is_float(dt))
+    pmp_store_from_f64(dt, v.bits, a->f[0]);
+  else
+    pmp_store_from_i64(dt, v.bits, (int64_t)a->f[0]);
+  return fill(a->out, &v);
 }
 
 int pmp_cpu_arange(const pmp_op_args *a) {

@@ -2,6 +2,7 @@
 #include "internal.h"
 #include "vector_math.h"
 #include <math.h>
+#include <omp.h>
 
 /*
  * PyTorch's AdamW, term for term: p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
@@ -15,11 +16,51 @@ static adam_f32 adam_f32_of(double b1, double b2, double decay, double step_size
   return (adam_f32){(float)b1, (float)b2, (float)decay, (float)step_size, (float)bc2_sqrt, (float)eps};
 }
 
-static inline void adam_f32_update(const adam_f32 *h, float *p, float *m, float *v, float g) {
-  float decayed = *p * h->decay;
-  *m = h->b1 * *m + (1.0f - h->b1) * g;
-  *v = h->b2 * *v + (1.0f - h->b2) * g * g;
-  *p = decayed - h->step_size * *m / (sqrtf(*v) / h->bc2_sqrt + h->eps);
+enum { ADAM_BLOCK = 512 };
+
+/*
+ * The step on one block. ISO C keeps every product and sum separately rounded, so the vector loops give
+ * the scalar results. sqrtf has a loop of its own: without -fno-math-errno it is a call that may set
+ * errno, which would keep the whole step scalar.
+ */
+WIDE_VECTORS static void adam_block(const adam_f32 *h, float *p, float *m, float *v, const float *g, int64_t n) {
+  float root[ADAM_BLOCK];
+#pragma omp simd
+  for (int64_t k = 0; k < n; k++) {
+    m[k] = h->b1 * m[k] + (1.0f - h->b1) * g[k];
+    v[k] = h->b2 * v[k] + (1.0f - h->b2) * g[k] * g[k];
+  }
+  for (int64_t k = 0; k < n; k++) root[k] = sqrtf(v[k]);
+#pragma omp simd
+  for (int64_t k = 0; k < n; k++) p[k] = p[k] * h->decay - h->step_size * m[k] / (root[k] / h->bc2_sqrt + h->eps);
+}
+
+/* f32 parameters (out NULL), or f32 master weights whose bf16 rounding goes to out; g16: bf16 grads. */
+WIDE_VECTORS static void adamw_f32(const adam_f32 *h, float *p, float *m, float *v, const void *grad, bool g16,
+                                   uint16_t *out, int64_t n) {
+  float g32[ADAM_BLOCK];
+  for (int64_t b = 0; b < n; b += ADAM_BLOCK) {
+    int64_t len = n - b < ADAM_BLOCK ? n - b : ADAM_BLOCK;
+    const float *g = (const float *)grad + b;
+    if (g16) {
+      const uint16_t *g_bf16 = (const uint16_t *)grad + b;
+#pragma omp simd
+      for (int64_t k = 0; k < len; k++) g32[k] = bf16_bits_to_f32(g_bf16[k]);
+      g = g32;
+    }
+    adam_block(h, p + b, m + b, v + b, g, len);
+    if (out) {
+#pragma omp simd
+      for (int64_t k = 0; k < len; k++) out[b + k] = f32_to_bf16_bits(p[b + k]);
+    }
+  }
+}
+
+/* This thread's share [*lo, *hi) of n elements. */
+static void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
+  int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), q = n / nt, r = n % nt;
+  *lo = t * q + (t < r ? t : r);
+  *hi = *lo + q + (t < r);
 }
 
 int pmp_cpu_adamw(const pmp_op_args *a) {
@@ -31,26 +72,21 @@ int pmp_cpu_adamw(const pmp_op_args *a) {
   double bc1 = 1.0 - pow(b1, (double)step), bc2_sqrt = sqrt(1.0 - pow(b2, (double)step));
   double step_size = lr / bc1, decay = 1.0 - lr * wd;
   pmp_tensor *state = master ? master : param;
-  if (state->dtype_id == PMP_F32 && grad->dtype_id == PMP_F32 && !master) {
-    float *p = (float *)param->data, *mm = (float *)m->data, *vv = (float *)v->data;
-    const float *g = (const float *)grad->data;
-    adam_f32 h = adam_f32_of(b1, b2, decay, step_size, bc2_sqrt, eps);
-#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t k = 0; k < n; k++) adam_f32_update(&h, p + k, mm + k, vv + k, g[k]);
-    return 0;
-  }
-  if (master && master->dtype_id == PMP_F32 && m->dtype_id == PMP_F32 && param->dtype_id == PMP_BF16 &&
-      (grad->dtype_id == PMP_F32 || grad->dtype_id == PMP_BF16)) {
-    /* bf16 parameters with f32 master weights: the f32 step above, then the rounded copy */
-    float *p = (float *)master->data, *mm = (float *)m->data, *vv = (float *)v->data;
-    uint16_t *out = (uint16_t *)param->data;
+  bool f32 = !master && param->dtype_id == PMP_F32 && grad->dtype_id == PMP_F32;
+  /* bf16 parameters with f32 master weights: the f32 step on the master, then its rounded copy */
+  bool bf16_master = master && master->dtype_id == PMP_F32 && m->dtype_id == PMP_F32 &&
+                     param->dtype_id == PMP_BF16 && (grad->dtype_id == PMP_F32 || grad->dtype_id == PMP_BF16);
+  if (f32 || bf16_master) {
+    float *p = (float *)state->data, *mm = (float *)m->data, *vv = (float *)v->data;
     bool g16 = grad->dtype_id == PMP_BF16;
+    int ges = pmp_dtype_size(grad->dtype_id);
     adam_f32 h = adam_f32_of(b1, b2, decay, step_size, bc2_sqrt, eps);
-#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t k = 0; k < n; k++) {
-      float gk = g16 ? bf16_bits_to_f32(((const uint16_t *)grad->data)[k]) : ((const float *)grad->data)[k];
-      adam_f32_update(&h, p + k, mm + k, vv + k, gk);
-      out[k] = f32_to_bf16_bits(p[k]);
+#pragma omp parallel if (n >= PMP_PARALLEL_THRESHOLD)
+    {
+      int64_t lo, hi;
+      thread_share(n, &lo, &hi);
+      adamw_f32(&h, p + lo, mm + lo, vv + lo, grad->data + lo * ges, g16,
+                bf16_master ? (uint16_t *)param->data + lo : NULL, hi - lo);
     }
     return 0;
   }
@@ -73,15 +109,32 @@ int pmp_cpu_adamw(const pmp_op_args *a) {
   return 0;
 }
 
+/* bf16 goes through f64 and f32 on its way back, as pmp_store_from_f64 rounds. */
+WIDE_VECTORS static void scale_f32(float *x, float f, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; k++) x[k] *= f;
+}
+
+WIDE_VECTORS static void scale_bf16(uint16_t *x, double f, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; k++) x[k] = f32_to_bf16_bits((float)((double)bf16_bits_to_f32(x[k]) * f));
+}
+
 int pmp_cpu_scale(const pmp_op_args *a) {
   pmp_tensor *t = a->out;
   int64_t n = pmp_numel(t);
   int dt = t->dtype_id, es = pmp_dtype_size(dt);
   double factor = a->f[0];
-  if (dt == PMP_F32) {
-    float *x = (float *)t->data, f = (float)factor;
-#pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t k = 0; k < n; k++) x[k] *= f;
+  if (dt == PMP_F32 || dt == PMP_BF16) {
+#pragma omp parallel if (n >= PMP_PARALLEL_THRESHOLD)
+    {
+      int64_t lo, hi;
+      thread_share(n, &lo, &hi);
+      if (dt == PMP_F32)
+        scale_f32((float *)t->data + lo, (float)factor, hi - lo);
+      else
+        scale_bf16((uint16_t *)t->data + lo, factor, hi - lo);
+    }
     return 0;
   }
 #pragma omp parallel for if (n >= PMP_PARALLEL_THRESHOLD) schedule(static)

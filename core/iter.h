@@ -20,4 +20,14 @@ typedef struct pmp_elementwise {
 } pmp_elementwise;
 
 int pmp_elementwise_run(const pmp_elementwise *e);
+/* pmp_convert with the bf16 <-> f32 loops built for the widest vectors the CPU has. */
+void pmp_iter_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n);
+/* n copies of the es-byte element at value. */
+void pmp_iter_splat(void *dst, const void *value, int es, int64_t n);
+/* Copies src into dst (same shape) when the innermost dim is contiguous in both, one run at a time,
+ * converting dtype; false, with nothing done, for other layouts. */
+bool pmp_iter_copy_runs(pmp_tensor *dst, const pmp_tensor *src);
+/* The same for a same-dtype copy whose innermost dim is contiguous in dst and another dim is in src
+ * (a transpose), in tiles. */
+bool pmp_iter_copy_transposed(pmp_tensor *dst, const pmp_tensor *src);
 #endif

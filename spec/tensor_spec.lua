@@ -650,6 +650,30 @@ describe('large and strided inputs', function()
     assert_close(rows, { 1, 1, 1, 1 }, 1e-4)
   end)
 
+  it('copies of transposed and head-split views, fills of views, in every layout the fast paths take', function()
+    -- x[a][b][c] = 10000 (a-1) + 100 (b-1) + (c-1), exact in f32 and (small) in bf16
+    local function ref(a, b, c) return 10000 * (a - 1) + 100 * (b - 1) + (c - 1) end
+    local x = pmp.arange(3):float():view(3, 1, 1) * 10000 + pmp.arange(37):float():view(1, 37, 1) * 100 +
+        pmp.arange(53):float():view(1, 1, 53)
+    for _, dt in ipairs({ 'f32', 'f64', 'i32' }) do
+      local t = x:to(dt):transpose(2, 3):contiguous() -- [3, 53, 37], a tiled transpose
+      local back = t:totable()
+      assert.equal(ref(3, 37, 53), back[3][53][37], dt)
+      assert.equal(ref(2, 5, 7), back[2][7][5], dt)
+      local p = x:to(dt):permute(2, 1, 3):contiguous() -- [37, 3, 53]: contiguous runs of 53
+      assert.equal(ref(3, 11, 17), p:totable()[11][3][17], dt)
+    end
+    local h = x:bf16():permute(2, 1, 3):contiguous():float() -- runs converted on the way
+    assert.equal(ref(1, 2, 3), h:totable()[2][1][3])
+    local f = pmp.zeros(6, 5)
+    f:t():fill_(0.1)
+    f:narrow(2, 2, 2):fill_(-2)
+    local v = f:totable()
+    assert.equal(-2, v[6][3])
+    assert.equal(pmp.tensor({ 0.1 }):item(), v[6][5])
+    assert.equal(pmp.tensor({ 0.1 }):bf16():double():item(), pmp.full({ 300000 }, 0.1, { dtype = 'bf16' }):max():double():item())
+  end)
+
   it('reductions over every dim of a permuted 3-D view', function()
     -- x[a][b][c] = 12 (a-1) + 4 (b-1) + (c-1); p = x:permute(3, 1, 2), so p[c][a][b] = x[a][b][c]
     local p = pmp.arange(24):float():view(2, 3, 4):permute(3, 1, 2)
@@ -881,6 +905,19 @@ describe('elementwise math', function()
     assert_close(pmp.where(cond, 9, b), { { 9, -2, 9 }, { -1, -2, 9 } }, 0)
     assert_close(pmp.where(pmp.tensor({ { true }, { false } }), a, b), { { 1, 2, 3 }, { -1, -2, -3 } }, 0)
     assert_close(pmp.where(a:gt(3), a, a:neg()), { { -1, -2, -3 }, { 4, 5, 6 } }, 0)
+  end)
+
+  it('bf16 arithmetic rounds once, from the f32 result, ties to even', function()
+    -- 1 + 3/256 lies halfway between bf16 neighbours 1 + 2/256 and 1 + 4/256: the even one wins
+    local x = pmp.tensor({ 1, 1, 1, -3 }):bf16()
+    local y = pmp.tensor({ 2 ^ -8, 3 * 2 ^ -8, 5 * 2 ^ -8, 0.5 }):bf16()
+    assert_close((x + y):double(), { 1, 1 + 4 / 256, 1 + 4 / 256, -2.5 }, 0)
+    assert_close((x * y):double(), { 2 ^ -8, 3 * 2 ^ -8, 5 * 2 ^ -8, -1.5 }, 0)
+    assert_close(x:maximum(y):double(), { 1, 1, 1, 0.5 }, 0)
+    -- 2049 elements: whole vectors and a tail, with a scalar operand
+    local big = pmp.full({ 2049 }, 1, { dtype = 'bf16' }) + 3 * 2 ^ -8
+    assert.equal('bf16', big.dtype)
+    assert.equal(2049, big:eq(1 + 4 / 256):sum():item())
   end)
 end)
 
