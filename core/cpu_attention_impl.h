@@ -3,82 +3,190 @@
  * or double). Blocks of BLOCK_Q queries meet blocks of BLOCK_K
  * keys; an online softmax keeps a running max and sum per query, so only a BLOCK_Q x BLOCK_K tile of
  * scores exists at a time. The backward pass recomputes the tiles from the saved log-sum-exp.
+ * Operands are read where they lie (any strides over batch, head and position) and converted to REAL
+ * as they are loaded into per-thread buffers; results are rounded into their dtype once, when stored.
  */
 #define NAME2(a, b) a##b
 #define NAME(a, b) NAME2(a, b)
 #define VEC NAME(vec_, SUFFIX)
-#define LANES ((int64_t)(32 / sizeof(REAL)))
+#define LANES ((int64_t)(64 / sizeof(REAL)))
 
-typedef REAL VEC __attribute__((vector_size(32)));
+/* 64 bytes: one AVX-512 register, two AVX2 ones */
+typedef REAL VEC __attribute__((vector_size(64)));
+
+/* C[rows x vecs vectors] = (accumulate ? C : 0) + alpha A B for up to GEMM_ROWS rows and 2 vectors of columns
+ * at A, B, C (see tile_gemm). rows and vecs are constants where this is inlined, so the loops unroll and
+ * the accumulators stay in registers. */
+__attribute__((always_inline)) static inline void NAME(gemm_block_, SUFFIX)(int rows, int vecs, int64_t k, REAL alpha,
+                                                                            const REAL *A, int64_t a_rs, int64_t a_cs,
+                                                                            const REAL *B, int64_t ldb, bool accumulate,
+                                                                            REAL *C, int64_t ldc) {
+  VEC acc[GEMM_ROWS][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+    for (int h = 0; h < vecs; h++) acc[r][h] = (VEC){0};
+  for (int64_t p = 0; p < k; p++) {
+    VEC b[2];
+#pragma GCC unroll 2
+    for (int h = 0; h < vecs; h++) memcpy(&b[h], B + p * ldb + h * LANES, sizeof b[h]);
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) {
+      REAL x = A[r * a_rs + p * a_cs];
+#pragma GCC unroll 2
+      for (int h = 0; h < vecs; h++) acc[r][h] += x * b[h];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < rows; r++)
+#pragma GCC unroll 2
+    for (int h = 0; h < vecs; h++) {
+      REAL *c = C + r * ldc + h * LANES;
+      VEC out = alpha * acc[r][h];
+      if (accumulate) {
+        VEC old;
+        memcpy(&old, c, sizeof old);
+        out += old;
+      }
+      memcpy(c, &out, sizeof out);
+    }
+}
 
 /* C = (accumulate ? C : 0) + alpha A B on one tile: A is m x k with element (i, p) at A[i * a_rs + p * a_cs]
  * (so a transposed tile costs nothing), B is k x n with rows ldb apart, C is m x n with rows ldc apart.
  * At tile sizes (64 x 64 x head_dim) a BLAS call spends more on setup than on arithmetic, so this is a
- * small register-blocked kernel: 4 rows of C by 2 vectors of columns stay in registers while p runs. */
+ * small register-blocked kernel: 8 rows of C by 2 vectors of columns stay in registers while p runs
+ * (16 of AVX-512's 32 registers). */
 WIDE_VECTORS static void NAME(tile_gemm_, SUFFIX)(int64_t m, int64_t n, int64_t k, REAL alpha, const REAL *A,
                                                  int64_t a_rs, int64_t a_cs, const REAL *B, int64_t ldb,
                                                  bool accumulate, REAL *C, int64_t ldc) {
-  enum { ROWS = 4 };
-  const int64_t cols = 2 * LANES;
-  int64_t i = 0;
-  for (; i + ROWS <= m; i += ROWS) {
-    int64_t j = 0;
-    for (; j + cols <= n; j += cols) {
-      /* named accumulators, so they live in registers rather than in an array on the stack */
-      VEC c00 = {0}, c01 = {0}, c10 = {0}, c11 = {0}, c20 = {0}, c21 = {0}, c30 = {0}, c31 = {0};
-      const REAL *a0 = A + i * a_rs, *a1 = a0 + a_rs, *a2 = a1 + a_rs, *a3 = a2 + a_rs;
-      for (int64_t p = 0; p < k; p++) {
-        VEC b0, b1;
-        memcpy(&b0, B + p * ldb + j, sizeof b0);
-        memcpy(&b1, B + p * ldb + j + LANES, sizeof b1);
-        REAL x0 = a0[p * a_cs], x1 = a1[p * a_cs], x2 = a2[p * a_cs], x3 = a3[p * a_cs];
-        c00 += x0 * b0, c01 += x0 * b1;
-        c10 += x1 * b0, c11 += x1 * b1;
-        c20 += x2 * b0, c21 += x2 * b1;
-        c30 += x3 * b0, c31 += x3 * b1;
-      }
-      VEC acc[ROWS][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-      for (int r = 0; r < ROWS; r++) {
-        REAL *c = C + (i + r) * ldc + j;
-        for (int h = 0; h < 2; h++) {
-          VEC out = alpha * acc[r][h];
-          if (accumulate) {
-            VEC old;
-            memcpy(&old, c + h * LANES, sizeof old);
-            out += old;
-          }
-          memcpy(c + h * LANES, &out, sizeof out);
-        }
-      }
-    }
-    for (; j < n; j++)
-      for (int r = 0; r < ROWS; r++) {
-        REAL sum = 0;
-        for (int64_t p = 0; p < k; p++) sum += A[(i + r) * a_rs + p * a_cs] * B[p * ldb + j];
-        C[(i + r) * ldc + j] = alpha * sum + (accumulate ? C[(i + r) * ldc + j] : 0);
-      }
+  int64_t j = 0;
+  for (; j + 2 * LANES <= n; j += 2 * LANES) {
+    int64_t i = 0;
+    for (; i + GEMM_ROWS <= m; i += GEMM_ROWS)
+      NAME(gemm_block_, SUFFIX)(GEMM_ROWS, 2, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
+    for (; i < m; i++)
+      NAME(gemm_block_, SUFFIX)(1, 2, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
   }
-  for (; i < m; i++)
-    for (int64_t j = 0; j < n; j++) {
+  for (; j + LANES <= n; j += LANES) {
+    int64_t i = 0;
+    for (; i + GEMM_ROWS <= m; i += GEMM_ROWS)
+      NAME(gemm_block_, SUFFIX)(GEMM_ROWS, 1, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
+    for (; i < m; i++)
+      NAME(gemm_block_, SUFFIX)(1, 1, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
+  }
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t jj = j; jj < n; jj++) {
       REAL sum = 0;
-      for (int64_t p = 0; p < k; p++) sum += A[i * a_rs + p * a_cs] * B[p * ldb + j];
-      C[i * ldc + j] = alpha * sum + (accumulate ? C[i * ldc + j] : 0);
+      for (int64_t p = 0; p < k; p++) sum += A[i * a_rs + p * a_cs] * B[p * ldb + jj];
+      C[i * ldc + jj] = alpha * sum + (accumulate ? C[i * ldc + jj] : 0);
     }
 }
 
-/* row[c] = exp(row[c] - shift) for c in [0, n); returns their sum. Vectorized (libmvec) in its own
- * function so it gets the wide build. */
-WIDE_VECTORS static REAL NAME(exp_shifted_, SUFFIX)(REAL *row, int64_t n, REAL shift) {
-  REAL total = 0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t c = 0; c < n; c++) total += (row[c] = EXP(row[c] - shift));
-  return total;
+/* dst (n x D, contiguous) = rows pos0 .. pos0 + n - 1 of head h of batch row b of t, in the compute dtype. */
+WIDE_VECTORS static void NAME(load_rows_, SUFFIX)(REAL *dst, const attention_operand *t, int64_t b, int64_t h,
+                                                  int64_t pos0, int64_t n, int64_t D) {
+  for (int64_t r = 0; r < n; r++) NAME(load_row_, SUFFIX)(dst + r * D, row_of(t, b, h, pos0 + r), t->dtype, D);
 }
 
-/* dst (cols x D, rows BLOCK_K apart) = src^T for a block of cols rows of D values. */
-static void NAME(transpose_block_, SUFFIX)(const REAL *src, int64_t cols, int64_t D, REAL *dst) {
-  for (int64_t c = 0; c < cols; c++)
-    for (int64_t d = 0; d < D; d++) dst[d * BLOCK_K + c] = src[c * D + d];
+/* The same rows transposed: dst is D x n with rows ld apart, tmp holds n x D. */
+WIDE_VECTORS static void NAME(load_rows_transposed_, SUFFIX)(REAL *dst, int64_t ld, REAL *tmp, const attention_operand *t,
+                                                             int64_t b, int64_t h, int64_t n, int64_t D) {
+  for (int64_t r = 0; r < n; r++) NAME(load_row_, SUFFIX)(tmp + r * D, row_of(t, b, h, r), t->dtype, D);
+  for (int64_t d = 0; d < D; d++)
+    for (int64_t c = 0; c < n; c++) dst[d * ld + c] = tmp[c * D + d];
+}
+
+WIDE_VECTORS static void NAME(store_rows_, SUFFIX)(const attention_operand *t, int64_t b, int64_t h, int64_t pos0,
+                                                   int64_t n, int64_t D, const REAL *src) {
+  for (int64_t r = 0; r < n; r++) NAME(store_row_, SUFFIX)(row_of(t, b, h, pos0 + r), t->dtype, src + r * D, D);
+}
+
+/* The online-softmax step for a tile of scores whose row r sees columns [lo[r], hi[r]]: turns scores
+ * into exp(score - running max), zero where masked, and rescales the row's sum and output accumulator.
+ * Masked columns take exp(0) and are zeroed after: an infinite argument would send the vector exp
+ * down its slow special-case path. */
+WIDE_VECTORS static void NAME(softmax_tile_, SUFFIX)(REAL *scores, int64_t rows, int64_t cols, const int64_t *lo,
+                                                     const int64_t *hi, REAL *row_max, REAL *row_sum, REAL *acc,
+                                                     int64_t D) {
+  for (int64_t r = 0; r < rows; r++) {
+    REAL *srow = scores + r * BLOCK_K;
+    int64_t first = lo[r], last = hi[r];
+    REAL peak = row_max[r];
+#pragma omp simd reduction(max : peak)
+    for (int64_t c = 0; c < cols; c++) {
+      REAL x = (c < first) | (c > last) ? -INFINITY : srow[c];
+      peak = x > peak ? x : peak;
+    }
+    if (peak == -INFINITY) {
+      for (int64_t c = 0; c < cols; c++) srow[c] = 0;
+      continue;
+    }
+    /* the selects and the exp vectorize only in loops of their own; most rows of most tiles see every column */
+    bool masked = first > 0 || last < cols - 1;
+    if (masked)
+#pragma omp simd
+      for (int64_t c = 0; c < cols; c++) srow[c] = (c < first) | (c > last) ? peak : srow[c];
+#pragma omp simd
+    for (int64_t c = 0; c < cols; c++) srow[c] = EXP(srow[c] - peak);
+    if (masked)
+#pragma omp simd
+      for (int64_t c = 0; c < cols; c++) srow[c] = (c < first) | (c > last) ? 0 : srow[c];
+    REAL rescale = EXP(row_max[r] - peak), total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t c = 0; c < cols; c++) total += srow[c];
+    row_sum[r] = row_sum[r] * rescale + total;
+    row_max[r] = peak;
+    REAL *arow = acc + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) arow[d] *= rescale;
+  }
+}
+
+/* P = exp(scores - lse) on a tile whose row r sees columns [lo[r], hi[r]], zero elsewhere (masked
+ * columns take exp(0) first, as in softmax_tile). */
+WIDE_VECTORS static void NAME(probabilities_tile_, SUFFIX)(REAL *p, int64_t rows, int64_t cols, const int64_t *lo,
+                                                           const int64_t *hi, const REAL *lse) {
+  for (int64_t r = 0; r < rows; r++) {
+    REAL *prow = p + r * BLOCK_K, l = lse[r];
+    int64_t first = lo[r], last = hi[r];
+    if (l == -INFINITY) {
+      for (int64_t c = 0; c < cols; c++) prow[c] = 0;
+      continue;
+    }
+    bool masked = first > 0 || last < cols - 1;
+    if (masked)
+#pragma omp simd
+      for (int64_t c = 0; c < cols; c++) prow[c] = (c < first) | (c > last) ? l : prow[c];
+#pragma omp simd
+    for (int64_t c = 0; c < cols; c++) prow[c] = EXP(prow[c] - l);
+    if (masked)
+#pragma omp simd
+      for (int64_t c = 0; c < cols; c++) prow[c] = (c < first) | (c > last) ? 0 : prow[c];
+  }
+}
+
+/* dS = P (dP - delta) in place of dP */
+WIDE_VECTORS static void NAME(score_grad_tile_, SUFFIX)(REAL *dp, const REAL *p, int64_t rows, int64_t cols,
+                                                        const REAL *delta) {
+  for (int64_t r = 0; r < rows; r++) {
+    REAL *drow = dp + r * BLOCK_K, dr = delta[r];
+    const REAL *prow = p + r * BLOCK_K;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; c++) drow[c] = prow[c] * (drow[c] - dr);
+  }
+}
+
+/* delta[t] = dO[t] . O[t] for the T rows of one head; orow holds one row of O. */
+WIDE_VECTORS static void NAME(row_dots_, SUFFIX)(REAL *delta, const REAL *dout, const attention_operand *o, int64_t b,
+                                                 int64_t h, int64_t T, int64_t D, REAL *orow) {
+  for (int64_t t = 0; t < T; t++) {
+    NAME(load_row_, SUFFIX)(orow, row_of(o, b, h, t), o->dtype, D);
+    REAL dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; d++) dot += dout[t * D + d] * orow[d];
+    delta[t] = dot;
+  }
 }
 
 /* Key range [first, last] visible to query t of batch row b (empty when first > last). */
@@ -93,146 +201,168 @@ static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_
   }
 }
 
-static void NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const REAL *q, const REAL *k, const REAL *v,
-                                             REAL *o, REAL *lse) {
-  int64_t qblocks = (sh->T + BLOCK_Q - 1) / BLOCK_Q;
-  int64_t tasks = sh->B * sh->Hq * qblocks;
-  int64_t group = sh->Hq / sh->Hkv, D = sh->D;
+/* Visible columns [lo[r], hi[r]] of each query row of a tile starting at query t0 and key s0. */
+static void NAME(tile_ranges_, SUFFIX)(const attention_shape *sh, int64_t b, int64_t t0, int64_t rows, int64_t s0,
+                                       int64_t *lo, int64_t *hi) {
+  for (int64_t r = 0; r < rows; r++) {
+    NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &lo[r], &hi[r]);
+    lo[r] -= s0;
+    hi[r] -= s0;
+  }
+}
+
+/* Keys [*lo, *hi] some query of the block [t0, t0 + rows) sees. */
+static void NAME(block_keys_, SUFFIX)(const attention_shape *sh, int64_t b, int64_t t0, int64_t rows, int64_t *lo,
+                                      int64_t *hi) {
+  int64_t first, last;
+  *lo = sh->S;
+  *hi = -1;
+  for (int64_t r = 0; r < rows; r++) {
+    NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
+    if (first < *lo) *lo = first;
+    if (last > *hi) *hi = last;
+  }
+}
+
+/* Writes o (and exact, the same in the compute dtype, when its data is set) and lse; -1 when out of memory.
+ * One task per query head, so its K (transposed) and V are converted once. */
+static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const attention_operand *q,
+                                            const attention_operand *k, const attention_operand *v,
+                                            const attention_operand *o, const attention_operand *exact, REAL *lse) {
+  int64_t tasks = sh->B * sh->Hq, group = sh->Hq / sh->Hkv, D = sh->D, S = sh->S;
+  int failed = 0;
 #pragma omp parallel
   {
+    size_t tile = sizeof(REAL) * BLOCK_Q * (size_t)(D > 0 ? D : 1), keys = sizeof(REAL) * (size_t)(S * D > 0 ? S * D : 1);
     REAL *scores = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
-    REAL *acc = malloc(sizeof(REAL) * BLOCK_Q * (size_t)D);
-    REAL *kt = malloc(sizeof(REAL) * BLOCK_K * (size_t)D);
+    REAL *acc = malloc(tile), *qt = malloc(tile), *kt = malloc(keys), *vh = malloc(keys);
     REAL row_max[BLOCK_Q], row_sum[BLOCK_Q];
+    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q];
+    bool ok = scores && acc && qt && kt && vh;
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < tasks; task++) {
-      if (!scores || !acc || !kt) continue;
-      int64_t qb = task % qblocks, bh = task / qblocks, b = bh / sh->Hq, h = bh % sh->Hq;
-      int64_t t0 = qb * BLOCK_Q, rows = sh->T - t0 < BLOCK_Q ? sh->T - t0 : BLOCK_Q;
-      const REAL *qi = q + (bh * sh->T + t0) * D;
-      const REAL *kh = k + (b * sh->Hkv + h / group) * sh->S * D, *vh = v + (b * sh->Hkv + h / group) * sh->S * D;
-      int64_t first, last, lo = sh->S, hi = -1;
-      for (int64_t r = 0; r < rows; r++) {
-        NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
-        if (first < lo) lo = first;
-        if (last > hi) hi = last;
-        row_max[r] = -INFINITY;
-        row_sum[r] = 0;
-      }
-      memset(acc, 0, sizeof(REAL) * (size_t)(rows * D));
-      for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
-        int64_t cols = sh->S - s0 < BLOCK_K ? sh->S - s0 : BLOCK_K;
-        NAME(transpose_block_, SUFFIX)(kh + s0 * D, cols, D, kt);
-        NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qi, D, 1, kt, BLOCK_K, false, scores, BLOCK_K);
+    for (int64_t bh = 0; bh < tasks; bh++) {
+      if (!ok) continue;
+      int64_t b = bh / sh->Hq, h = bh % sh->Hq, hk = h / group;
+      /* vh doubles as the scratch for K's rows before they are transposed */
+      NAME(load_rows_transposed_, SUFFIX)(kt, S, vh, k, b, hk, S, D);
+      NAME(load_rows_, SUFFIX)(vh, v, b, hk, 0, S, D);
+      for (int64_t t0 = 0; t0 < sh->T; t0 += BLOCK_Q) {
+        int64_t rows = sh->T - t0 < BLOCK_Q ? sh->T - t0 : BLOCK_Q, lo, hi;
+        NAME(load_rows_, SUFFIX)(qt, q, b, h, t0, rows, D);
+        NAME(block_keys_, SUFFIX)(sh, b, t0, rows, &lo, &hi);
         for (int64_t r = 0; r < rows; r++) {
-          REAL *srow = scores + r * BLOCK_K;
-          NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
-          REAL peak = row_max[r];
-          for (int64_t c = 0; c < cols; c++) {
-            if (s0 + c < first || s0 + c > last) srow[c] = -INFINITY;
-            else if (srow[c] > peak) peak = srow[c];
-          }
-          if (peak == -INFINITY) {
-            for (int64_t c = 0; c < cols; c++) srow[c] = 0;
-            continue;
-          }
-          REAL rescale = EXP(row_max[r] - peak), total = NAME(exp_shifted_, SUFFIX)(srow, cols, peak);
-          row_sum[r] = row_sum[r] * rescale + total;
-          row_max[r] = peak;
-          REAL *arow = acc + r * D;
-          for (int64_t d = 0; d < D; d++) arow[d] *= rescale;
+          row_max[r] = -INFINITY;
+          row_sum[r] = 0;
         }
-        NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D);
-      }
-      for (int64_t r = 0; r < rows; r++) {
-        REAL *orow = o + (bh * sh->T + t0 + r) * D;
-        REAL inv = row_sum[r] > 0 ? (REAL)1 / row_sum[r] : 0;
-        for (int64_t d = 0; d < D; d++) orow[d] = acc[r * D + d] * inv;
-        lse[bh * sh->T + t0 + r] = row_sum[r] > 0 ? row_max[r] + LOG(row_sum[r]) : -INFINITY;
+        memset(acc, 0, sizeof(REAL) * (size_t)(rows * D));
+        /* key blocks no query of the block sees (above the causal diagonal, before a window) are skipped */
+        for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
+          int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
+          NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K);
+          NAME(tile_ranges_, SUFFIX)(sh, b, t0, rows, s0, lo_c, hi_c);
+          NAME(softmax_tile_, SUFFIX)(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, D);
+          NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+          REAL *arow = acc + r * D;
+          REAL inv = row_sum[r] > 0 ? (REAL)1 / row_sum[r] : 0;
+          for (int64_t d = 0; d < D; d++) arow[d] *= inv;
+          lse[bh * sh->T + t0 + r] = row_sum[r] > 0 ? row_max[r] + LOG(row_sum[r]) : -INFINITY;
+        }
+        NAME(store_rows_, SUFFIX)(o, b, h, t0, rows, D, acc);
+        if (exact->data) NAME(store_rows_, SUFFIX)(exact, b, h, t0, rows, D, acc);
       }
     }
     free(scores);
     free(acc);
+    free(qt);
     free(kt);
+    free(vh);
   }
+  return failed ? -1 : 0;
 }
 
-/* One task per (batch, kv head): it owns dK/dV of that head and dQ of the query heads sharing it. */
-static void NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const REAL *q, const REAL *k, const REAL *v,
-                                              const REAL *o, const REAL *lse, const REAL *dout, REAL *dq, REAL *dk,
-                                              REAL *dv) {
+/* One task per (batch, kv head): it owns dK/dV of that head and dQ of the query heads sharing it, and
+ * accumulates them in the compute dtype before storing each once. -1 when out of memory. */
+static int NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const attention_operand *q,
+                                             const attention_operand *k, const attention_operand *v,
+                                             const attention_operand *o, const REAL *lse,
+                                             const attention_operand *dout, const attention_operand *dq,
+                                             const attention_operand *dk, const attention_operand *dv) {
   int64_t group = sh->Hq / sh->Hkv, D = sh->D, T = sh->T, S = sh->S;
   int64_t tasks = sh->B * sh->Hkv;
-  memset(dq, 0, sizeof(REAL) * (size_t)(sh->B * sh->Hq * T * D));
-  memset(dk, 0, sizeof(REAL) * (size_t)(sh->B * sh->Hkv * S * D));
-  memset(dv, 0, sizeof(REAL) * (size_t)(sh->B * sh->Hkv * S * D));
+  int failed = 0;
 #pragma omp parallel
   {
-    REAL *p = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
-    REAL *dp = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
-    REAL *delta = malloc(sizeof(REAL) * (size_t)(T > 0 ? T : 1));
-    REAL *kt = malloc(sizeof(REAL) * BLOCK_K * (size_t)D), *vt = malloc(sizeof(REAL) * BLOCK_K * (size_t)D);
+    size_t keys = sizeof(REAL) * (size_t)(S * D > 0 ? S * D : 1), queries = sizeof(REAL) * (size_t)(T * D > 0 ? T * D : 1);
+    REAL *p = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K), *dp = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
+    REAL *delta = malloc(sizeof(REAL) * (size_t)(T > 0 ? T : 1)), *orow = malloc(sizeof(REAL) * (size_t)(D > 0 ? D : 1));
+    /* K and V rows, both transposed (D x S), and the dK/dV accumulators of the task's kv head */
+    REAL *kh = malloc(keys), *vh = malloc(keys), *kt = malloc(keys), *vt = malloc(keys);
+    REAL *dkh = malloc(keys), *dvh = malloc(keys);
+    /* Q, dO and the dQ accumulator of one query head */
+    REAL *qh = malloc(queries), *doh = malloc(queries), *dqh = malloc(queries);
+    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q];
+    bool ok = p && dp && delta && orow && kh && vh && kt && vt && dkh && dvh && qh && doh && dqh;
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; task++) {
-      if (!p || !dp || !delta || !kt || !vt) continue;
+      if (!ok) continue;
       int64_t b = task / sh->Hkv, hk = task % sh->Hkv;
-      const REAL *kh = k + task * S * D, *vh = v + task * S * D;
-      REAL *dkh = dk + task * S * D, *dvh = dv + task * S * D;
+      NAME(load_rows_transposed_, SUFFIX)(kt, S, kh, k, b, hk, S, D);
+      NAME(load_rows_transposed_, SUFFIX)(vt, S, vh, v, b, hk, S, D);
+      memset(dkh, 0, keys);
+      memset(dvh, 0, keys);
       for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
-        int64_t bh = b * sh->Hq + h;
-        const REAL *qh = q + bh * T * D, *oh = o + bh * T * D, *doh = dout + bh * T * D, *lh = lse + bh * T;
-        REAL *dqh = dq + bh * T * D;
-        for (int64_t t = 0; t < T; t++) {
-          REAL dot = 0;
-          for (int64_t d = 0; d < D; d++) dot += doh[t * D + d] * oh[t * D + d];
-          delta[t] = dot;
-        }
+        const REAL *lh = lse + (b * sh->Hq + h) * T;
+        NAME(load_rows_, SUFFIX)(qh, q, b, h, 0, T, D);
+        NAME(load_rows_, SUFFIX)(doh, dout, b, h, 0, T, D);
+        memset(dqh, 0, queries);
+        NAME(row_dots_, SUFFIX)(delta, doh, o, b, h, T, D, orow);
         for (int64_t t0 = 0; t0 < T; t0 += BLOCK_Q) {
-          int64_t rows = T - t0 < BLOCK_Q ? T - t0 : BLOCK_Q;
-          int64_t first, last, lo = S, hi = -1;
-          for (int64_t r = 0; r < rows; r++) {
-            NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
-            if (first < lo) lo = first;
-            if (last > hi) hi = last;
-          }
+          int64_t rows = T - t0 < BLOCK_Q ? T - t0 : BLOCK_Q, lo, hi;
+          NAME(block_keys_, SUFFIX)(sh, b, t0, rows, &lo, &hi);
           for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
             int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
-            NAME(transpose_block_, SUFFIX)(kh + s0 * D, cols, D, kt);
-            NAME(transpose_block_, SUFFIX)(vh + s0 * D, cols, D, vt);
-            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt, BLOCK_K, false, p, BLOCK_K);
-            for (int64_t r = 0; r < rows; r++) {
-              NAME(visible_keys_, SUFFIX)(sh, b, t0 + r, &first, &last);
-              REAL l = lh[t0 + r], *prow = p + r * BLOCK_K;
-              /* visible keys are one run [first, last]: exp over the tile, then zero the rest */
-              int64_t lo_c = first - s0 > 0 ? first - s0 : 0, hi_c = last - s0 < cols - 1 ? last - s0 : cols - 1;
-              if (l == -INFINITY || lo_c > hi_c) {
-                for (int64_t c = 0; c < cols; c++) prow[c] = 0;
-                continue;
-              }
-              NAME(exp_shifted_, SUFFIX)(prow + lo_c, hi_c - lo_c + 1, l);
-              for (int64_t c = 0; c < lo_c; c++) prow[c] = 0;
-              for (int64_t c = hi_c + 1; c < cols; c++) prow[c] = 0;
-            }
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt + s0, S, false, p, BLOCK_K);
+            NAME(tile_ranges_, SUFFIX)(sh, b, t0, rows, s0, lo_c, hi_c);
+            NAME(probabilities_tile_, SUFFIX)(p, rows, cols, lo_c, hi_c, lh + t0);
             /* dV += P^T dO ; dP = dO V^T */
             NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D);
-            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)1, doh + t0 * D, D, 1, vt, BLOCK_K, false, dp, BLOCK_K);
-            /* dS = P (dP - delta), reusing dp */
-            for (int64_t r = 0; r < rows; r++)
-              for (int64_t c = 0; c < cols; c++)
-                dp[r * BLOCK_K + c] = p[r * BLOCK_K + c] * (dp[r * BLOCK_K + c] - delta[t0 + r]);
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)1, doh + t0 * D, D, 1, vt + s0, S, false, dp, BLOCK_K);
+            NAME(score_grad_tile_, SUFFIX)(dp, p, rows, cols, delta + t0);
             /* dQ += scale dS K ; dK += scale dS^T Q */
             NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)sh->scale, dp, BLOCK_K, 1, kh + s0 * D, D, true, dqh + t0 * D, D);
             NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)sh->scale, dp, 1, BLOCK_K, qh + t0 * D, D, true, dkh + s0 * D, D);
           }
         }
+        NAME(store_rows_, SUFFIX)(dq, b, h, 0, T, D, dqh);
       }
+      NAME(store_rows_, SUFFIX)(dk, b, hk, 0, S, D, dkh);
+      NAME(store_rows_, SUFFIX)(dv, b, hk, 0, S, D, dvh);
     }
     free(p);
     free(dp);
     free(delta);
+    free(orow);
+    free(kh);
+    free(vh);
     free(kt);
     free(vt);
+    free(dkh);
+    free(dvh);
+    free(qh);
+    free(doh);
+    free(dqh);
   }
+  return failed ? -1 : 0;
 }
 
 #undef VEC

@@ -4,6 +4,36 @@
 
 #define SHAPE(t, buf) pmp_shape_str((t)->sizes, (t)->ndim, buf, sizeof buf)
 
+/* The kernels read any strides over [B, H, T] but want each row of D values contiguous. */
+static pmp_tensor *rows_contiguous(pmp_tensor *t) {
+  if (t->strides[3] == 1 || t->sizes[3] == 1) {
+    pmp_tensor_retain(t);
+    return t;
+  }
+  return pmp_contiguous(t);
+}
+
+/* A fresh tensor shaped like t whose memory orders the dims as t's strides do (outermost first), so a
+ * gradient written into it is as free to view back through the ops that made t as t itself was. */
+static pmp_tensor *empty_in_layout_of(const pmp_tensor *t, int dtype) {
+  int order[4] = {0, 1, 2, 3};
+  for (int i = 1; i < 4; i++)
+    for (int j = i; j > 0 && t->strides[order[j - 1]] < t->strides[order[j]]; j--) {
+      int swap = order[j];
+      order[j] = order[j - 1];
+      order[j - 1] = swap;
+    }
+  int64_t shape[4], dense[4], strides[4];
+  for (int i = 0; i < 4; i++) shape[i] = t->sizes[order[i]];
+  pmp_tensor *base = pmp_empty_shape(shape, 4, dtype, t->dev);
+  if (!base) return NULL;
+  pmp_contiguous_strides(shape, 4, dense);
+  for (int i = 0; i < 4; i++) strides[order[i]] = dense[i];
+  pmp_tensor *view = pmp_tensor_new_view(base, t->sizes, strides, 4, base->offset);
+  pmp_tensor_release(base);
+  return view;
+}
+
 pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
                           int64_t window) {
   if (!q || !k || !v) return NULL;
@@ -16,8 +46,9 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
   if (!ok)
     return pmp_fail("attention: q %s must be [B, Hq, T, D] and k %s, v %s [B, Hkv, S, D] with Hq a multiple of Hkv",
                     SHAPE(q, sq), SHAPE(k, sk), SHAPE(v, sv));
-  if (!pmp_dtype_is_float(q->dtype_id))
-    return pmp_fail("attention: needs floating-point inputs, got %s", pmp_dtype_name(q->dtype_id));
+  if (!pmp_dtype_is_float(q->dtype_id) || !pmp_dtype_is_float(k->dtype_id) || !pmp_dtype_is_float(v->dtype_id))
+    return pmp_fail("attention: needs floating-point inputs, got %s, %s, %s", pmp_dtype_name(q->dtype_id),
+                    pmp_dtype_name(k->dtype_id), pmp_dtype_name(v->dtype_id));
   bool per_row = first_key && first_key->ndim == 1 && first_key->sizes[0] == q->sizes[0];
   bool per_query = first_key && first_key->ndim == 2 && first_key->sizes[0] == q->sizes[0] &&
                    first_key->sizes[1] == q->sizes[2];
@@ -26,27 +57,35 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
                     (long long)q->sizes[0], (long long)q->sizes[0], (long long)q->sizes[2],
                     pmp_dtype_name(first_key->dtype_id), SHAPE(first_key, sv));
   if (scale <= 0) scale = 1.0 / sqrt((double)q->sizes[3]);
-  /* bf16/f16 attend in f32: conversions are recorded, so gradients come back in the input dtype */
+  /* The kernels load q, k, v in place, converting rows to the compute dtype (f32 for bf16/f16) as they
+   * go, and round the output once into q's dtype. */
   int compute = pmp_compute_dtype(pmp_promote_types(q->dtype_id, pmp_promote_types(k->dtype_id, v->dtype_id)));
+  int64_t B = q->sizes[0], Hq = q->sizes[1], T = q->sizes[2], D = q->sizes[3];
   pmp_scope s = {0};
-  pmp_tensor *qc = pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(q, compute))));
-  pmp_tensor *kc = pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(k, compute))));
-  pmp_tensor *vc = pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(v, compute))));
+  pmp_tensor *qc = pmp_keep(&s, rows_contiguous(q)), *kc = pmp_keep(&s, rows_contiguous(k));
+  pmp_tensor *vc = pmp_keep(&s, rows_contiguous(v));
   pmp_tensor *starts = first_key ? pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(first_key, PMP_I64)))) : NULL;
-  int64_t lse_shape[3] = {q->sizes[0], q->sizes[1], q->sizes[2]};
+  int64_t lse_shape[3] = {B, Hq, T};
   pmp_tensor *lse = pmp_keep(&s, pmp_empty_shape(lse_shape, 3, compute, q->dev));
-  pmp_tensor *out = NULL;
-  if (qc && kc && vc && lse && (starts || !first_key)) {
-    pmp_op_args a = {.op = PMP_OP_ATTENTION, .out2 = lse, .in = {qc, kc, vc, starts}, .nin = 4, .f = {scale},
-                     .i = {causal != 0, window}};
-    out = pmp_run_new(&a, q->sizes, 4, compute, q->dev);
+  /* The output's memory is [B, T, Hq, D], so merging the heads back into [B, T, Hq * D] is a view. */
+  int64_t bthd[4] = {B, T, Hq, D}, view_strides[4] = {T * Hq * D, D, Hq * D, 1};
+  pmp_tensor *base = pmp_keep(&s, pmp_empty_shape(bthd, 4, q->dtype_id, q->dev));
+  pmp_tensor *out = base ? pmp_tensor_new_view(base, q->sizes, view_strides, 4, base->offset) : NULL;
+  /* the backward pass wants the output before rounding: keep a compute-dtype copy when they differ */
+  pmp_tensor *exact = q->dtype_id == compute ? NULL : pmp_keep(&s, pmp_empty_shape(q->sizes, 4, compute, q->dev));
+  bool ready = out && qc && kc && vc && lse && (starts || !first_key) && (exact || q->dtype_id == compute);
+  pmp_op_args a = {.op = PMP_OP_ATTENTION, .out = out, .out2 = lse, .out3 = exact, .in = {qc, kc, vc, starts},
+                   .nin = 4, .f = {scale}, .i = {causal != 0, window}};
+  if (out && (!ready || pmp_dispatch(&a) != 0)) {
+    pmp_tensor_release(out);
+    out = NULL;
   }
   pmp_tensor *inputs[3] = {qc, kc, vc};
   if (out && pmp_needs_grad(inputs, 3)) {
-    pmp_tensor *o = pmp_detach(out);
+    pmp_tensor *o = exact ? exact : pmp_detach(out);
     pmp_tensor *saved[6] = {qc, kc, vc, o, lse, starts};
     pmp_node *n = o ? pmp_record(PMP_OP_ATTENTION, out, inputs, 3, saved, 6) : NULL;
-    pmp_tensor_release(o);
+    if (!exact) pmp_tensor_release(o);
     if (!n) {
       pmp_tensor_release(out);
       out = NULL;
@@ -56,20 +95,16 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
       n->i[1] = window;
     }
   }
-  pmp_tensor *result = out;
-  if (out && out->dtype_id != q->dtype_id) {
-    result = pmp_to_dtype(out, q->dtype_id);
-    pmp_tensor_release(out);
-  }
   pmp_scope_end(&s);
-  return result;
+  return out;
 }
 
 int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
   pmp_tensor *q = n->saved[0], *k = n->saved[1], *v = n->saved[2], *o = n->saved[3], *lse = n->saved[4];
   pmp_tensor *starts = n->saved[5];
-  pmp_tensor *gc = pmp_contiguous(g);
-  pmp_tensor *dq = pmp_empty_like(q, -1), *dk = pmp_empty_like(k, -1), *dv = pmp_empty_like(v, -1);
+  pmp_tensor *gc = rows_contiguous(g);
+  pmp_tensor *dq = empty_in_layout_of(q, q->dtype_id), *dk = empty_in_layout_of(k, k->dtype_id);
+  pmp_tensor *dv = empty_in_layout_of(v, v->dtype_id);
   pmp_op_args a = {.op = PMP_OP_ATTENTION_BACKWARD, .out = dq, .out2 = dk, .out3 = dv,
                    .in = {q, k, v, o, lse, gc, starts}, .nin = 7, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
   int rc = gc && dq && dk && dv ? pmp_dispatch(&a) : -1;

@@ -246,3 +246,64 @@ describe('fused attention', function()
     assert.matches('multiple of Hkv', message)
   end)
 end)
+
+describe('fused attention layouts and half precision', function()
+  local function same(a, b) return (a:double() - b:double()):abs():max():item() == 0 and a.dtype == b.dtype end
+  local function strides(t) return { tonumber(t.ptr.strides[0]), tonumber(t.ptr.strides[1]), tonumber(t.ptr.strides[2]),
+    tonumber(t.ptr.strides[3]) } end
+
+  -- outputs and gradients of attention, and the strides of the gradients as attention hands them on
+  -- (leaves keep contiguous copies, so an identity function in between looks at them)
+  local function run(q, k, v, g, options)
+    local leaves = { q:detach():requires_grad_(), k:detach():requires_grad_(), v:detach():requires_grad_() }
+    local seen, probed = {}, {}
+    for i, leaf in ipairs(leaves) do
+      probed[i] = pmp.autograd.custom({ leaf }, leaf:detach(), function(grad)
+        seen[i] = strides(grad)
+        return { grad }
+      end)
+    end
+    local o = F.attention(probed[1], probed[2], probed[3], options)
+    o:backward(g)
+    return o, leaves[1].grad, leaves[2].grad, leaves[3].grad, seen
+  end
+
+  it('reads transposed views in place and lays out o and the gradients like the model wants', function()
+    for _, dtype in ipairs({ 'f32', 'bf16', 'f64' }) do
+      local B, T, Hq, Hkv, D = 2, 70, 4, 2, 20
+      local q = pmp.randn(B, T, Hq, D):to(dtype):transpose(2, 3)
+      local k = pmp.randn(B, T, Hkv, D):to(dtype):transpose(2, 3)
+      local v = pmp.randn(B, T, Hkv, D):to(dtype):transpose(2, 3)
+      local g = pmp.randn(B, T, Hq, D):to(dtype):transpose(2, 3)
+      local o, dq, dk, dv, seen = run(q, k, v, g)
+      local o2, dq2, dk2, dv2, seen2 = run(q:contiguous(), k:contiguous(), v:contiguous(), g:contiguous())
+      assert.is_true(same(o, o2) and same(dq, dq2) and same(dk, dk2) and same(dv, dv2), dtype)
+      -- merging the heads back is a view, and the gradients have their inputs' layouts
+      assert.is_true(o:transpose(2, 3):is_contiguous())
+      assert.are.same({ strides(q), strides(k), strides(v) }, seen)
+      assert.are.same({ strides(q:contiguous()), strides(k:contiguous()), strides(v:contiguous()) }, seen2)
+    end
+  end)
+
+  it('computes bf16 and f16 in f32 and rounds once, as converting around an f32 call does', function()
+    for _, dtype in ipairs({ 'bf16', 'f16' }) do
+      local q = pmp.randn(1, 3, 100, 16):to(dtype)
+      local k, v = pmp.randn(1, 3, 130, 16):to(dtype), pmp.randn(1, 3, 130, 16):to(dtype)
+      local g = pmp.randn(1, 3, 100, 16):to(dtype)
+      for _, options in ipairs({ {}, { window = 9 }, { causal = false } }) do
+        local o, dq, dk, dv = run(q, k, v, g, options)
+        local o2, dq2, dk2, dv2 = run(q:float(), k:float(), v:float(), g:float(), options)
+        assert.is_true(same(o, o2:to(dtype)) and same(dq, dq2:to(dtype)) and same(dk, dk2:to(dtype)) and
+          same(dv, dv2:to(dtype)), dtype)
+      end
+    end
+  end)
+
+  it('reads a gradient whose rows are not contiguous', function()
+    local q, k, v = pmp.randn(2, 2, 9, 4), pmp.randn(2, 2, 9, 4), pmp.randn(2, 2, 9, 4)
+    local g = pmp.randn(2, 2, 4, 9):transpose(3, 4)
+    local _, dq, dk, dv = run(q, k, v, g)
+    local _, dq2, dk2, dv2 = run(q, k, v, g:contiguous())
+    assert.is_true(same(dq, dq2) and same(dk, dk2) and same(dv, dv2))
+  end)
+end)
