@@ -142,12 +142,12 @@ int pmp_backward_binary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
   pmp_scope s = {0};
   pmp_tensor *ga = NULL, *gb = NULL;
   switch (n->op) {
-  case PMP_OP_ADD:
-    if (need_a) ga = pmp_clone(g);
-    if (need_b) gb = pmp_clone(g);
+  case PMP_OP_ADD:   /* both inputs share g: autograd adds into a gradient in place only when it alone holds it */
+    if (need_a) ga = (pmp_tensor_retain(g), g);
+    if (need_b) gb = (pmp_tensor_retain(g), g);
     break;
   case PMP_OP_SUB:
-    if (need_a) ga = pmp_clone(g);
+    if (need_a) ga = (pmp_tensor_retain(g), g);
     if (need_b) gb = pmp_unary(PMP_OP_NEG, g);
     break;
   case PMP_OP_MUL:

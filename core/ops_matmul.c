@@ -28,9 +28,21 @@ int pmp_backward_matmul(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
     if (!grads[0]) return -1;
   }
   if (PMP_NEEDS(n, 1)) {
-    pmp_tensor *at = pmp_transpose(a, nd - 2, nd - 1);
-    grads[1] = at ? batched_matmul(at, g) : NULL;
-    pmp_tensor_release(at);
+    /* b stored by columns is a weight used transposed (x @ w:t()): its gradient is computed as
+     * (g^T a)^T, so that after the transpose's backward the weight gets a contiguous gradient it can
+     * keep, instead of a transposed view that has to be copied. */
+    bool by_columns = b->strides[nd - 2] == 1 && b->strides[nd - 1] >= b->sizes[nd - 2] && b->sizes[nd - 1] > 1;
+    if (by_columns) {
+      pmp_tensor *gt = pmp_transpose(g, nd - 2, nd - 1);
+      pmp_tensor *prod = gt ? batched_matmul(gt, a) : NULL;
+      grads[1] = prod ? pmp_transpose(prod, nd - 2, nd - 1) : NULL;
+      pmp_tensor_release(gt);
+      pmp_tensor_release(prod);
+    } else {
+      pmp_tensor *at = pmp_transpose(a, nd - 2, nd - 1);
+      grads[1] = at ? batched_matmul(at, g) : NULL;
+      pmp_tensor_release(at);
+    }
     if (!grads[1]) return -1;
   }
   return 0;
