@@ -1,7 +1,8 @@
 -- Core benchmark: `make bench` (= ./pmp tools/bench_core.lua).
 --
 -- Compares the engine against the floor it is built on, on the same buffers and sizes:
---   * pmp.matmul (f32) against a direct cblas_sgemm call through the FFI, in GFLOP/s;
+--   * pmp.matmul (f32) against a direct call of the library it runs on (oneDNN's dnnl_sgemm) through
+--     the FFI, in GFLOP/s, with BLIS's cblas_sgemm (pmp's f64 BLAS) beside them for scale;
 --   * elementwise ops, reductions and dtype conversion against memcpy, in GB/s.
 -- Times are wall-clock (CLOCK_MONOTONIC), best of N repetitions after a warm-up. It reports; it
 -- never asserts. Targets: pmp/direct within 5% at 1024^3; large elementwise ops >= 50% of memcpy.
@@ -22,6 +23,11 @@ declare [[int clock_gettime(int clock_id, struct timespec *tp);]]
 declare [[void *memcpy(void *dst, const void *src, size_t n);]]
 declare [[void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha,
                            const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);]]
+declare [[int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                          int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);]]
+declare [[typedef struct { int major; int minor; int patch; const char *hash; unsigned cpu_runtime; unsigned gpu_runtime; } bench_dnnl_version_t;]]
+declare [[const bench_dnnl_version_t *dnnl_version(void);]]
+declare [[void bli_thread_set_num_threads(long n);]]
 declare [[long bli_thread_get_num_threads(void);]]
 declare [[const char *bli_info_get_version_str(void);]]
 declare [[int bli_arch_query_id(void);]]
@@ -149,7 +155,8 @@ local function print_header()
   if load and load > 0.5 * cpus then
     print('note: other processes are using the cpus; multi-threaded numbers will be low and noisy')
   end
-  print('blas: ' .. tostring(blas_config or '?'))
+  local v = C.dnnl_version()
+  print(string.format('gemm: oneDNN %d.%d.%d (f32/bf16); blas: %s (f64)', v.major, v.minor, v.patch, tostring(blas_config or '?')))
   print('env: OMP_NUM_THREADS=' .. (os.getenv('OMP_NUM_THREADS') or 'unset')
     .. ', BLIS_ARCH_TYPE=' .. (os.getenv('BLIS_ARCH_TYPE') or 'unset')
     .. ', GOMP_SPINCOUNT=' .. (os.getenv('GOMP_SPINCOUNT') or 'unset'))
@@ -157,7 +164,7 @@ local function print_header()
 end
 
 ---------------------------------------------------------------------------------------------------
--- GEMM: pmp.matmul against cblas_sgemm on the same operands
+-- GEMM: pmp.matmul against dnnl_sgemm and cblas_sgemm on the same operands
 
 local function bench_gemm(label, m, n, k, transposed_b)
   local a = pmp.randn(m, k)
@@ -169,21 +176,26 @@ local function bench_gemm(label, m, n, k, transposed_b)
   local tb = transposed_b and CblasTrans or CblasNoTrans
   local ldb = transposed_b and k or n
   local function run_pmp() local _ = pmp.matmul(a, b) end
-  local function run_direct() C.cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, m, n, k, 1, pa, k, pw, ldb, 0, pc, n) end
+  local N, T = string.byte('N'), string.byte('T')
+  local function run_direct() C.dnnl_sgemm(N, transposed_b and T or N, m, n, k, 1, pa, k, pw, ldb, 0, pc, n) end
+  local function run_blis() C.cblas_sgemm(CblasRowMajor, CblasNoTrans, tb, m, n, k, 1, pa, k, pw, ldb, 0, pc, n) end
   local flops = 2 * m * n * k
   local big = flops > 1e10   -- seconds per call with slow kernels: one warm-up, a fixed few repetitions
-  local tp, td, reps = best_pair(run_pmp, run_direct,
-    { warmup = big and 1 or 2, min_reps = 3, max_reps = 200, budget = big and 2.0 or 1.0 })
-  -- the two must agree, or the comparison means nothing
+  local options = { warmup = big and 1 or 2, min_reps = 3, max_reps = 200, budget = big and 2.0 or 1.0 }
+  local tp, td, reps = best_pair(run_pmp, run_direct, options)
+  C.bli_thread_set_num_threads(pmp.num_threads())
+  local _, tb_blis = best_pair(run_pmp, run_blis, options)
+  -- the results must agree, or the comparison means nothing
   local diff = pmp.matmul(a, b):sub(c):abs():max():item()
   local note = diff > 1e-2 and string.format('  MISMATCH max|diff| = %g', diff) or ''
-  print(string.format('%-34s %10.1f %10.1f %7.2f %5d%s', label, flops / tp * 1e-9, flops / td * 1e-9, td / tp, reps, note))
+  print(string.format('%-34s %10.1f %10.1f %10.1f %7.2f %5d%s', label, flops / tp * 1e-9, flops / td * 1e-9,
+    flops / tb_blis * 1e-9, td / tp, reps, note))
 end
 
 local function bench_matmul()
   print()
-  print(string.format('%-34s %10s %10s %7s %5s', 'matmul (f32)', 'pmp GF/s', 'sgemm GF/s', 'ratio', 'reps'))
-  print(string.rep('-', 70))
+  print(string.format('%-34s %10s %10s %10s %7s %5s', 'matmul (f32)', 'pmp GF/s', 'oneDNN', 'BLIS', 'ratio', 'reps'))
+  print(string.rep('-', 81))
   pmp.manual_seed(1)
   bench_gemm('256^3', 256, 256, 256)
   bench_gemm('512^3', 512, 512, 512)
