@@ -92,6 +92,18 @@ WIDE_VECTORS static void add_bf16_row(uint16_t *dst, const uint16_t *src, int64_
   for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16_bits(bf16_bits_to_f32(dst[i]) + bf16_bits_to_f32(src[i]));
 }
 
+/* Rows are short (one embedding row): even an OpenMP region that decides not to fork costs a call
+ * into the runtime, more than adding the row, so only very long rows are split across threads. */
+WIDE_VECTORS static void add_f32_row(float *dst, const float *src, int64_t n) {
+  if (n >= PMP_PARALLEL_THRESHOLD) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
 int pmp_cpu_index_add(const pmp_op_args *a) {
   const pmp_tensor *index = a->in[0], *src = a->in[1];
   pmp_tensor *out = a->out;
@@ -105,15 +117,12 @@ int pmp_cpu_index_add(const pmp_op_args *a) {
   for (int64_t k = 0; k < count; k++) {
     int64_t row;
     if (!load_index(index, k, size, &row, "index_add", dim)) return -1;
-    /* repeated indices accumulate, so rows run in order; the inner slice is split across threads */
+    /* repeated indices accumulate, so rows run in order */
     for (int64_t o = 0; o < outer; o++) {
       char *dst = out->data + (o * size + row) * inner * es;
       const char *from = src->data + (o * count + k) * inner * es;
       if (out->dtype_id == PMP_F32) {
-        float *d = (float *)dst;
-        const float *s = (const float *)from;
-#pragma omp parallel for if (inner >= PMP_PARALLEL_THRESHOLD)
-        for (int64_t i = 0; i < inner; i++) d[i] += s[i];
+        add_f32_row((float *)dst, (const float *)from, inner);
       } else if (out->dtype_id == PMP_BF16) {
         add_bf16_row((uint16_t *)dst, (const uint16_t *)from, inner);
       } else {
