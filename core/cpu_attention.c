@@ -87,6 +87,419 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
 #undef LOG
 #undef SUFFIX
 
+/* ---- bf16 on AMX ----
+ * When q, k, v (and dO) are bf16 and the CPU has AMX, the tile products run on the bf16 matrix unit:
+ * Q K^T and dO V^T multiply bf16 values exactly (only the order of the f32 sums changes); P and dS are
+ * rounded to bf16 before P V, P^T dO, dS K and dS^T Q, as PyTorch's CPU flash attention does. The
+ * softmax statistics, delta and the O, dQ, dK, dV accumulators stay f32. Elsewhere (f16, f32, f64,
+ * mixed dtypes, no AMX, PMP_ATTENTION_NO_AMX=1) the f32/f64 kernels above run. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,fma,bmi,bmi2")))
+
+/* AMX needs the CPU bits and the kernel's permission (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA) before the first tile instruction; asked once per process. */
+static bool amx_check(void) {
+  const char *off = getenv("PMP_ATTENTION_NO_AMX");
+  if (off && *off && strcmp(off, "0") != 0) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  bool tiles = (d >> 24 & 1) && (d >> 22 & 1);
+  if (!tiles || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("fma"))
+    return false;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+static bool amx_usable(void) {
+  static int state = -1;   /* -1 unknown, 0 no, 1 yes; checking twice is harmless */
+  int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+  if (s < 0) {
+    s = amx_check();
+    __atomic_store_n(&state, s, __ATOMIC_RELEASE);
+  }
+  return s == 1;
+}
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/* Operands with rows of a whole number of positions are held PAIRS_SKEW (bf16 pairs or f32) wider:
+ * rows 2 KiB apart would put the 16 rows of a tile in two sets of the L1 cache. */
+enum { PAIRS_SKEW = 16 };
+
+/* Every tile is 16 rows of 64 bytes: A tiles 16 x 32 bf16, B tiles 32 x 16 bf16 as 16 rows of
+ * (even, odd) row pairs, C tiles 16 x 16 f32. Operands are zero-padded to whole tiles. */
+AMX_TARGET static void amx_configure(void) {
+  struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {.palette = 1};
+  for (int t = 0; t < 8; t++) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+AMX_TARGET static void amx_release(void) { _tile_release(); }
+
+/* A B operand of k x n values held as pairs: element (p, j) at base[(p / 2) * 2 * width + 2 * j + p % 2],
+ * width the padded n. */
+typedef struct amx_pairs {
+  const uint16_t *base;
+  int64_t width;
+} amx_pairs;
+
+/* One 32 x 32 (or narrower) block of C += A B: C tiles 0-3, A tiles 4-5, B tiles 6-7. */
+AMX_TARGET static inline void amx_block(bool two_m, bool two_n, int64_t k32, const uint16_t *A, int64_t lda,
+                                        amx_pairs B, int64_t j, bool accumulate, float *C, int64_t ldc) {
+  size_t sa = (size_t)lda * 2, sb = (size_t)B.width * 4, sc = (size_t)ldc * 4;
+  const uint16_t *b0 = B.base + 2 * j;
+  if (accumulate) {
+    _tile_loadd(0, C, sc);
+    if (two_n) _tile_loadd(1, C + 16, sc);
+    if (two_m) _tile_loadd(2, C + 16 * ldc, sc);
+    if (two_m && two_n) _tile_loadd(3, C + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t p = 0; p < k32; p++) {
+    _tile_loadd(4, A + 32 * p, sa);
+    if (two_m) _tile_loadd(5, A + 16 * lda + 32 * p, sa);
+    _tile_loadd(6, b0 + 32 * p * B.width, sb);
+    if (two_n) _tile_loadd(7, b0 + 32 * p * B.width + 32, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    if (two_n) _tile_dpbf16ps(1, 4, 7);
+    if (two_m) _tile_dpbf16ps(2, 5, 6);
+    if (two_m && two_n) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, sc);
+  if (two_n) _tile_stored(1, C + 16, sc);
+  if (two_m) _tile_stored(2, C + 16 * ldc, sc);
+  if (two_m && two_n) _tile_stored(3, C + 16 * ldc + 16, sc);
+}
+
+/* C (m16 x n16 tiles, rows ldc floats apart) = (accumulate ? C : 0) + A B, A bf16 rows lda apart with
+ * k32 blocks of 32 columns, B as pairs starting at row 0, column 0. */
+AMX_TARGET static void amx_gemm(int64_t m16, int64_t n16, int64_t k32, const uint16_t *A, int64_t lda, amx_pairs B,
+                                bool accumulate, float *C, int64_t ldc) {
+  for (int64_t i = 0; i < m16; i += 2)
+    for (int64_t j = 0; j < n16; j += 2)
+      amx_block(i + 1 < m16, j + 1 < n16, k32, A + 16 * i * lda, lda, B, 16 * j, accumulate, C + 16 * i * ldc + 16 * j,
+                ldc);
+}
+
+/* dst (n x D bf16, rows ld apart, columns D..ld zero) = rows pos0.. of a bf16 operand */
+AMX_TARGET static void amx_load_rows(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b, int64_t h,
+                                     int64_t pos0, int64_t n, int64_t D) {
+  for (int64_t r = 0; r < n; r++) {
+    memcpy(dst + r * ld, row_of(t, b, h, pos0 + r), sizeof(uint16_t) * (size_t)D);
+    memset(dst + r * ld + D, 0, sizeof(uint16_t) * (size_t)(ld - D));
+  }
+}
+
+/* As pairs of rows (B = the rows, k = positions, n = D): dst has width ld >= D; padding stays as the
+ * caller zeroed it. */
+AMX_TARGET static void amx_load_row_pairs(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b, int64_t h,
+                                          int64_t n, int64_t D) {
+  for (int64_t r = 0; r < n; r++) {
+    const uint16_t *src = (const uint16_t *)row_of(t, b, h, r);
+    uint16_t *out = dst + (r / 2) * 2 * ld + r % 2;
+#pragma omp simd
+    for (int64_t d = 0; d < D; d++) out[2 * d] = src[d];
+  }
+}
+
+/* As pairs of columns (B = the rows transposed, k = D, n = positions): dst has width ld >= n. Blocks of
+ * 16 rows, so each output line is written whole. */
+AMX_TARGET static void amx_load_column_pairs(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b,
+                                             int64_t h, int64_t n, int64_t D) {
+  uint32_t *out = (uint32_t *)dst;
+  for (int64_t r0 = 0; r0 < n; r0 += 16) {
+    int64_t rn = n - r0 < 16 ? n - r0 : 16;
+    const uint16_t *src[16];
+    for (int64_t r = 0; r < rn; r++) src[r] = (const uint16_t *)row_of(t, b, h, r0 + r);
+    for (int64_t d = 0; d < D; d += 2)
+      for (int64_t r = 0; r < rn; r++)
+        out[(d / 2) * ld + r0 + r] = (uint32_t)src[r][d] | (d + 1 < D ? (uint32_t)src[r][d + 1] << 16 : 0);
+  }
+}
+
+/* dst (D x n bf16, rows ld apart) = the rows transposed, in blocks of 16 rows */
+AMX_TARGET static void amx_load_transposed(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b,
+                                           int64_t h, int64_t n, int64_t D) {
+  for (int64_t r0 = 0; r0 < n; r0 += 16) {
+    int64_t rn = n - r0 < 16 ? n - r0 : 16;
+    const uint16_t *src[16];
+    for (int64_t r = 0; r < rn; r++) src[r] = (const uint16_t *)row_of(t, b, h, r0 + r);
+    for (int64_t d = 0; d < D; d++)
+      for (int64_t r = 0; r < rn; r++) dst[d * ld + r0 + r] = src[r][d];
+  }
+}
+
+/* dst[r][c] = bf16(src[r][c]) for r < rows, c < cols, zero for cols <= c < width */
+AMX_TARGET static void amx_round_tile(uint16_t *dst, const float *src, int64_t rows, int64_t cols, int64_t width) {
+  for (int64_t r = 0; r < rows; r++)
+#pragma omp simd
+    for (int64_t c = 0; c < width; c++) dst[r * BLOCK_K + c] = f32_to_bf16_bits(c < cols ? src[r * BLOCK_K + c] : 0.0f);
+}
+
+/* The transposed tiles of the backward pass, keys as rows and queries as columns (BLOCK_Q apart):
+ * P^T = exp(scale S^T - lse) where query r sees key c (lo[r] <= c <= hi[r], lse[r] finite), zero
+ * elsewhere, for keys rows; pb = bf16(P^T). Queries past the block's last are given lo > hi. */
+AMX_TARGET static void amx_probabilities_transposed(float *p, uint16_t *pb, int64_t keys, int64_t width,
+                                                    const int64_t *lo, const int64_t *hi, const float *lse,
+                                                    float scale) {
+  for (int64_t c = 0; c < keys; c++) {
+    float *prow = p + c * BLOCK_Q;
+    uint16_t *brow = pb + c * BLOCK_Q;
+    /* the selects and the exp vectorize only in loops of their own; a masked entry takes exp(0), as an
+     * infinite argument sends the vector exp down its slow path */
+#pragma omp simd
+    for (int64_t r = 0; r < width; r++)
+      prow[r] = (lo[r] <= c) & (c <= hi[r]) & (lse[r] > -INFINITY) ? scale * prow[r] - lse[r] : 0.0f;
+#pragma omp simd
+    for (int64_t r = 0; r < width; r++) prow[r] = expf(prow[r]);
+#pragma omp simd
+    for (int64_t r = 0; r < width; r++) {
+      float x = (lo[r] <= c) & (c <= hi[r]) & (lse[r] > -INFINITY) ? prow[r] : 0.0f;
+      prow[r] = x;
+      brow[r] = f32_to_bf16_bits(x);
+    }
+  }
+}
+
+/* dS^T = scale P^T (dP^T - delta) on the transposed tiles: dsb = bf16(dS^T) as rows (queries padded
+ * with zeros to width), dsp = the same as pairs of rows; keys32 keys, a multiple of 32. */
+AMX_TARGET static void amx_score_grad_transposed(const float *p, const float *dp, uint16_t *dsb, uint32_t *dsp,
+                                                 int64_t keys32, int64_t width, const float *delta, float scale) {
+  for (int64_t c = 0; c < keys32; c += 2)
+#pragma omp simd
+    for (int64_t r = 0; r < width; r++) {
+      uint32_t even = f32_to_bf16_bits(scale * p[c * BLOCK_Q + r] * (dp[c * BLOCK_Q + r] - delta[r]));
+      uint32_t odd = f32_to_bf16_bits(scale * p[(c + 1) * BLOCK_Q + r] * (dp[(c + 1) * BLOCK_Q + r] - delta[r]));
+      dsb[c * BLOCK_Q + r] = (uint16_t)even;
+      dsb[(c + 1) * BLOCK_Q + r] = (uint16_t)odd;
+      dsp[(c / 2) * BLOCK_Q + r] = even | odd << 16;
+    }
+}
+
+AMX_TARGET static void amx_scale_tile(float *s, int64_t rows, int64_t cols, float alpha) {
+  for (int64_t r = 0; r < rows; r++)
+#pragma omp simd
+    for (int64_t c = 0; c < cols; c++) s[r * BLOCK_K + c] *= alpha;
+}
+
+/* rows of src (rows ld apart) into n rows of t, D values each */
+AMX_TARGET static void amx_store_rows(const attention_operand *t, int64_t b, int64_t h, int64_t pos0, int64_t n,
+                                      int64_t D, const float *src, int64_t ld) {
+  for (int64_t r = 0; r < n; r++) store_row_f32(row_of(t, b, h, pos0 + r), t->dtype, src + r * ld, D);
+}
+
+/* The forward kernel of attention_forward_f32 with bf16 tile products; same outputs and failure. */
+AMX_TARGET static int attention_forward_amx(const attention_shape *sh, const attention_operand *q,
+                                            const attention_operand *k, const attention_operand *v,
+                                            const attention_operand *o, const attention_operand *exact, float *lse) {
+  int64_t tasks = sh->B * sh->Hq, group = sh->Hq / sh->Hkv, D = sh->D, S = sh->S;
+  int64_t Dp = round_up(D > 0 ? D : 1, 32), Sp = round_up(S > 0 ? S : 1, BLOCK_K), Sw = Sp + PAIRS_SKEW;
+  float scale = (float)sh->scale;
+  int failed = 0;
+#pragma omp parallel
+  {
+    size_t keys = sizeof(uint16_t) * (size_t)(Sw * Dp);
+    float *scores = malloc(sizeof(float) * BLOCK_Q * BLOCK_K), *acc = malloc(sizeof(float) * BLOCK_Q * (size_t)Dp);
+    uint16_t *qb = malloc(sizeof(uint16_t) * BLOCK_Q * (size_t)Dp), *pb = malloc(sizeof(uint16_t) * BLOCK_Q * BLOCK_K);
+    uint16_t *kt = malloc(keys), *vp = malloc(keys);
+    float row_max[BLOCK_Q], row_sum[BLOCK_Q];
+    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q];
+    bool ok = scores && acc && qb && pb && kt && vp;
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      amx_configure();
+      /* tile rows past the last query or key are computed and never read: keep them finite */
+      memset(qb, 0, sizeof(uint16_t) * BLOCK_Q * (size_t)Dp);
+      memset(pb, 0, sizeof(uint16_t) * BLOCK_Q * BLOCK_K);
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t bh = 0; bh < tasks; bh++) {
+      if (!ok) continue;
+      int64_t b = bh / sh->Hq, h = bh % sh->Hq, hk = h / group;
+      memset(kt, 0, keys);
+      memset(vp, 0, keys);
+      amx_load_column_pairs(kt, Sw, k, b, hk, S, D);
+      amx_load_row_pairs(vp, Dp, v, b, hk, S, D);
+      for (int64_t t0 = 0; t0 < sh->T; t0 += BLOCK_Q) {
+        int64_t rows = sh->T - t0 < BLOCK_Q ? sh->T - t0 : BLOCK_Q, lo, hi, m16 = (rows + 15) / 16;
+        amx_load_rows(qb, Dp, q, b, h, t0, rows, D);
+        block_keys_f32(sh, b, t0, rows, &lo, &hi);
+        for (int64_t r = 0; r < rows; r++) {
+          row_max[r] = -INFINITY;
+          row_sum[r] = 0;
+        }
+        memset(acc, 0, sizeof(float) * BLOCK_Q * (size_t)Dp);
+        for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
+          int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K, width = round_up(cols, 32);
+          amx_gemm(m16, (cols + 15) / 16, Dp / 32, qb, Dp, (amx_pairs){kt + 2 * s0, Sw}, false, scores, BLOCK_K);
+          amx_scale_tile(scores, rows, cols, scale);
+          tile_ranges_f32(sh, b, t0, rows, s0, lo_c, hi_c);
+          softmax_tile_f32(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, Dp);
+          amx_round_tile(pb, scores, rows, cols, width);
+          amx_gemm(m16, Dp / 16, width / 32, pb, BLOCK_K, (amx_pairs){vp + s0 * Dp, Dp}, true, acc, Dp);
+        }
+        for (int64_t r = 0; r < rows; r++) {
+          float *arow = acc + r * Dp;
+          float inv = row_sum[r] > 0 ? 1.0f / row_sum[r] : 0;
+          for (int64_t d = 0; d < D; d++) arow[d] *= inv;
+          lse[bh * sh->T + t0 + r] = row_sum[r] > 0 ? row_max[r] + logf(row_sum[r]) : -INFINITY;
+        }
+        amx_store_rows(o, b, h, t0, rows, D, acc, Dp);
+        if (exact->data) amx_store_rows(exact, b, h, t0, rows, D, acc, Dp);
+      }
+    }
+    if (ok) amx_release();
+    free(scores);
+    free(acc);
+    free(qb);
+    free(pb);
+    free(kt);
+    free(vp);
+  }
+  return failed ? -1 : 0;
+}
+
+/* The backward kernel of attention_backward_f32 with bf16 tile products; same outputs and failure.
+ * Its tiles are transposed (keys as rows) so that P^T and dS^T, the A operands of dV += P^T dO and
+ * dK += dS^T Q, come out as rows; dQ is accumulated transposed, dQ^T += K^T dS^T. */
+AMX_TARGET static int attention_backward_amx(const attention_shape *sh, const attention_operand *q,
+                                             const attention_operand *k, const attention_operand *v,
+                                             const attention_operand *o, const float *lse,
+                                             const attention_operand *dout, const attention_operand *dq,
+                                             const attention_operand *dk, const attention_operand *dv) {
+  int64_t group = sh->Hq / sh->Hkv, D = sh->D, T = sh->T, S = sh->S, tasks = sh->B * sh->Hkv;
+  int64_t Dp = round_up(D > 0 ? D : 1, 32), Sp = round_up(S > 0 ? S : 1, BLOCK_K), Tp = round_up(T > 0 ? T : 1, BLOCK_Q);
+  int64_t Sw = Sp + 2 * PAIRS_SKEW, Tw = Tp + PAIRS_SKEW;
+  float scale = (float)sh->scale;
+  int failed = 0;
+#pragma omp parallel
+  {
+    size_t keys = sizeof(uint16_t) * (size_t)(Sw * Dp), queries = sizeof(uint16_t) * (size_t)(Tw * Dp);
+    size_t tile = sizeof(float) * BLOCK_Q * BLOCK_K, half_tile = sizeof(uint16_t) * BLOCK_Q * BLOCK_K;
+    float *p = malloc(tile), *dp = malloc(tile), *delta = malloc(sizeof(float) * (size_t)Tp);
+    float *orow = malloc(sizeof(float) * (size_t)Dp), *dorow = malloc(sizeof(float) * (size_t)Dp);
+    uint16_t *pb = malloc(half_tile), *dsb = malloc(half_tile);
+    uint32_t *dsp = malloc(half_tile);
+    /* K and V as rows, K transposed (the A operands) */
+    uint16_t *kb = malloc(keys), *vb = malloc(keys), *kt = malloc(keys);
+    /* Q and dO as pairs of columns (for K Q^T, V dO^T) and of rows (for dS^T Q, P^T dO) */
+    uint16_t *qc = malloc(queries), *qr = malloc(queries), *doc = malloc(queries), *dor = malloc(queries);
+    float *dkh = malloc(2 * keys), *dvh = malloc(2 * keys), *dqt = malloc(2 * queries);
+    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q];
+    float lrow[BLOCK_Q];
+    bool ok = p && dp && delta && orow && dorow && pb && dsb && dsp && kb && vb && kt && qc && qr && doc && dor &&
+              dkh && dvh && dqt;
+    if (!ok) {
+#pragma omp atomic write
+      failed = 1;
+    } else {
+      amx_configure();
+      /* Padding past T, S and D is zero once and for all: the tasks write the same places. Tile
+       * entries past the last query or key are computed and never read, but must stay finite. */
+      memset(p, 0, tile);
+      memset(dp, 0, tile);
+      memset(delta, 0, sizeof(float) * (size_t)Tp);
+      memset(kb, 0, keys);
+      memset(vb, 0, keys);
+      memset(kt, 0, keys);
+      memset(qc, 0, queries);
+      memset(qr, 0, queries);
+      memset(doc, 0, queries);
+      memset(dor, 0, queries);
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < tasks; task++) {
+      if (!ok) continue;
+      int64_t b = task / sh->Hkv, hk = task % sh->Hkv;
+      amx_load_rows(kb, Dp, k, b, hk, 0, S, D);
+      amx_load_rows(vb, Dp, v, b, hk, 0, S, D);
+      amx_load_transposed(kt, Sw, k, b, hk, S, D);
+      memset(dkh, 0, 2 * keys);
+      memset(dvh, 0, 2 * keys);
+      for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
+        const float *lh = lse + (b * sh->Hq + h) * T;
+        amx_load_column_pairs(qc, Tw, q, b, h, T, D);
+        amx_load_column_pairs(doc, Tw, dout, b, h, T, D);
+        amx_load_row_pairs(qr, Dp, q, b, h, T, D);
+        amx_load_row_pairs(dor, Dp, dout, b, h, T, D);
+        memset(dqt, 0, 2 * queries);
+        for (int64_t t = 0; t < T; t++) {
+          load_row_f32(orow, row_of(o, b, h, t), o->dtype, D);
+          load_row_f32(dorow, row_of(dout, b, h, t), dout->dtype, D);
+          float dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; d++) dot += dorow[d] * orow[d];
+          delta[t] = dot;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += BLOCK_Q) {
+          int64_t rows = T - t0 < BLOCK_Q ? T - t0 : BLOCK_Q, lo, hi, m16 = (rows + 15) / 16, height = round_up(rows, 32);
+          block_keys_f32(sh, b, t0, rows, &lo, &hi);
+          for (int64_t r = 0; r < BLOCK_Q; r++) {
+            lrow[r] = r < rows ? lh[t0 + r] : -INFINITY;
+            lo_c[r] = 1;
+            hi_c[r] = 0;
+          }
+          for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
+            int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K, width = round_up(cols, 32), n16 = (cols + 15) / 16;
+            /* S^T = K Q^T, P^T; dV += P^T dO */
+            amx_gemm(n16, m16, Dp / 32, kb + s0 * Dp, Dp, (amx_pairs){qc + 2 * t0, Tw}, false, p, BLOCK_Q);
+            tile_ranges_f32(sh, b, t0, rows, s0, lo_c, hi_c);
+            amx_probabilities_transposed(p, pb, width, height, lo_c, hi_c, lrow, scale);
+            amx_gemm(n16, Dp / 16, height / 32, pb, BLOCK_Q, (amx_pairs){dor + t0 * Dp, Dp}, true, dvh + s0 * Dp, Dp);
+            /* dP^T = V dO^T, dS^T; dK += scale dS^T Q ; dQ^T += scale K^T dS^T */
+            amx_gemm(n16, m16, Dp / 32, vb + s0 * Dp, Dp, (amx_pairs){doc + 2 * t0, Tw}, false, dp, BLOCK_Q);
+            amx_score_grad_transposed(p, dp, dsb, dsp, width, height, delta + t0, scale);
+            amx_gemm(n16, Dp / 16, height / 32, dsb, BLOCK_Q, (amx_pairs){qr + t0 * Dp, Dp}, true, dkh + s0 * Dp, Dp);
+            amx_gemm(Dp / 16, m16, width / 32, kt + s0, Sw, (amx_pairs){(uint16_t *)dsp, BLOCK_Q}, true, dqt + t0, Tw);
+          }
+        }
+        for (int64_t t = 0; t < T; t++) {
+          for (int64_t d = 0; d < D; d++) orow[d] = dqt[d * Tw + t];
+          store_row_f32(row_of(dq, b, h, t), dq->dtype, orow, D);
+        }
+      }
+      amx_store_rows(dk, b, hk, 0, S, D, dkh, Dp);
+      amx_store_rows(dv, b, hk, 0, S, D, dvh, Dp);
+    }
+    if (ok) amx_release();
+    free(p);
+    free(dp);
+    free(delta);
+    free(orow);
+    free(dorow);
+    free(pb);
+    free(dsb);
+    free(dsp);
+    free(kb);
+    free(vb);
+    free(kt);
+    free(qc);
+    free(qr);
+    free(doc);
+    free(dor);
+    free(dkh);
+    free(dvh);
+    free(dqt);
+  }
+  return failed ? -1 : 0;
+}
+#define HAVE_AMX_ATTENTION 1
+#endif
+
 static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_key) {
   const pmp_tensor *q = a->in[0], *k = a->in[1];
   attention_shape sh = {.B = q->sizes[0], .Hq = q->sizes[1], .Hkv = k->sizes[1], .T = q->sizes[2], .S = k->sizes[2],
@@ -106,9 +519,14 @@ int pmp_cpu_attention(const pmp_op_args *a) {
   attention_shape sh = shape_of(a, a->in[3]);
   attention_operand q = operand_of(a->in[0]), k = operand_of(a->in[1]), v = operand_of(a->in[2]);
   attention_operand o = operand_of(a->out), exact = operand_of(a->out3);
-  int rc = a->out2->dtype_id == PMP_F64
-               ? attention_forward_f64(&sh, &q, &k, &v, &o, &exact, (double *)a->out2->data)
-               : attention_forward_f32(&sh, &q, &k, &v, &o, &exact, (float *)a->out2->data);
+  int rc;
+#ifdef HAVE_AMX_ATTENTION
+  if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && a->out2->dtype_id == PMP_F32 && amx_usable())
+    rc = attention_forward_amx(&sh, &q, &k, &v, &o, &exact, (float *)a->out2->data);
+  else
+#endif
+    rc = a->out2->dtype_id == PMP_F64 ? attention_forward_f64(&sh, &q, &k, &v, &o, &exact, (double *)a->out2->data)
+                                      : attention_forward_f32(&sh, &q, &k, &v, &o, &exact, (float *)a->out2->data);
   return rc == 0 ? 0 : pmp_fail_code("attention: out of memory for its work buffers");
 }
 
@@ -119,8 +537,15 @@ int pmp_cpu_attention_backward(const pmp_op_args *a) {
   attention_operand q = operand_of(a->in[0]), k = operand_of(a->in[1]), v = operand_of(a->in[2]);
   attention_operand o = operand_of(a->in[3]), dout = operand_of(a->in[5]);
   attention_operand dq = operand_of(a->out), dk = operand_of(a->out2), dv = operand_of(a->out3);
-  int rc = a->in[4]->dtype_id == PMP_F64
-               ? attention_backward_f64(&sh, &q, &k, &v, &o, (const double *)a->in[4]->data, &dout, &dq, &dk, &dv)
-               : attention_backward_f32(&sh, &q, &k, &v, &o, (const float *)a->in[4]->data, &dout, &dq, &dk, &dv);
+  int rc;
+#ifdef HAVE_AMX_ATTENTION
+  if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && dout.dtype == PMP_BF16 &&
+      a->in[4]->dtype_id == PMP_F32 && amx_usable())
+    rc = attention_backward_amx(&sh, &q, &k, &v, &o, (const float *)a->in[4]->data, &dout, &dq, &dk, &dv);
+  else
+#endif
+    rc = a->in[4]->dtype_id == PMP_F64
+             ? attention_backward_f64(&sh, &q, &k, &v, &o, (const double *)a->in[4]->data, &dout, &dq, &dk, &dv)
+             : attention_backward_f32(&sh, &q, &k, &v, &o, (const float *)a->in[4]->data, &dout, &dq, &dk, &dv);
   return rc == 0 ? 0 : pmp_fail_code("attention backward: out of memory for its work buffers");
 }
