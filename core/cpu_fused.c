@@ -39,62 +39,75 @@ static inline void store_float(void *p, int64_t k, float v, bool bf16) {
   else ((float *)p)[k] = v;
 }
 
-/* RMSNorm's row sums run in double, each row in index order (as the generic path adds them, so results
- * are bit-identical). One row is a chain of dependent adds; RMS_BLOCK rows side by side fill the vector
- * lanes instead. */
-enum { RMS_BLOCK = 8 };
+/* RMSNorm's row sums run in double in RMS_LANES interleaved partial sums (element k goes to sum k mod
+ * RMS_LANES), added up in lane order at the end: the loop fills the vector lanes, and the order does not
+ * depend on the thread count or the data's alignment. */
+enum { RMS_LANES = 16 };
 
-/* sums[j] = sum over k of (x[j][k] * w[k]) * (y[j][k] * scale[j]) for nb <= RMS_BLOCK rows; w and scale
- * may be NULL (then 1), y NULL means y = x. */
-static inline __attribute__((always_inline)) void rms_row_sums(const void *x, const void *y, const double *w, const float *scale, int64_t hidden,
-                                int nb, double *sums, bool bf16) {
-  double acc[RMS_BLOCK] = {0}, s[RMS_BLOCK];
-  for (int j = 0; j < RMS_BLOCK; j++) s[j] = scale && j < nb ? scale[j] : 1.0;
-  for (int64_t k = 0; k < hidden; k++) {
-    double wk = w ? w[k] : 1.0;
-#pragma omp simd
-    for (int j = 0; j < nb; j++) {
-      double a = load_float(x, j * hidden + k, bf16), b = y ? load_float(y, j * hidden + k, bf16) : a;
-      acc[j] += y ? (b * wk) * (a * s[j]) : a * b;
-    }
-  }
-  memcpy(sums, acc, sizeof acc);
+/* The RMS_LANES partial sums of term(k) for k < hidden, added up in lane order. */
+#define RMS_ROW_SUM(total, hidden, term)                                                                     \
+  do {                                                                                                       \
+    double acc_[RMS_LANES] = {0};                                                                            \
+    int64_t k = 0;                                                                                           \
+    for (; k + RMS_LANES <= (hidden); k += RMS_LANES) {                                                      \
+      _Pragma("omp simd") for (int j = 0; j < RMS_LANES; j++) acc_[j] += term(k + j);                        \
+    }                                                                                                        \
+    for (int j = 0; k + j < (hidden); j++) acc_[j] += term(k + j);                                           \
+    (total) = 0;                                                                                             \
+    for (int j = 0; j < RMS_LANES; j++) (total) += acc_[j];                                                  \
+  } while (0)
+
+/* sum over k of x[k]^2 */
+static inline __attribute__((always_inline)) double rms_row_squares(const void *x, int64_t hidden, bool bf16) {
+  double total;
+#define SQUARE(k) ((double)load_float(x, k, bf16) * (double)load_float(x, k, bf16))
+  RMS_ROW_SUM(total, hidden, SQUARE);
+#undef SQUARE
+  return total;
 }
 
-/* nb rows: rstd = 1 / sqrt(mean(x^2) + eps) in f32 as HF does, y = w * (x * rstd); bf16 rounds x * rstd
+/* sum over k of (dy[k] * w[k]) * (x[k] * inv), adding dy[k] * (x[k] * inv) to dw[k] on the way */
+static inline __attribute__((always_inline)) double rms_row_dot(const void *x, const void *dy, const double *w,
+                                                                double inv, double *dw, int64_t hidden, bool bf16) {
+  double total;
+#define TERM(k) (((double)load_float(dy, k, bf16) * w[k]) * ((double)load_float(x, k, bf16) * inv))
+#define TERM_DW(k) (dw[k] += (double)load_float(dy, k, bf16) * ((double)load_float(x, k, bf16) * inv), TERM(k))
+  if (dw) RMS_ROW_SUM(total, hidden, TERM_DW);
+  else RMS_ROW_SUM(total, hidden, TERM);
+#undef TERM_DW
+#undef TERM
+  return total;
+}
+
+/* One row: rstd = 1 / sqrt(mean(x^2) + eps) in f32 as HF does, y = w * (x * rstd); bf16 rounds x * rstd
  * before the weight, as HF's LlamaRMSNorm does (both products are exact in f32, so f32 arithmetic gives
  * what the f64 generic path gives). */
-static inline __attribute__((always_inline)) void rms_norm_block(const void *x, const void *w, void *y, float *rstd, int64_t hidden, int nb,
-                                  double eps, bool bf16) {
-  double squares[RMS_BLOCK];
-  rms_row_sums(x, NULL, NULL, NULL, hidden, nb, squares, bf16);
-  for (int j = 0; j < nb; j++) {
-    float inv = 1.0f / sqrtf((float)(squares[j] / (double)hidden) + (float)eps);
-    rstd[j] = inv;
-    const char *xr = (const char *)x + j * hidden * (bf16 ? 2 : 4);
-    char *yr = (char *)y + j * hidden * (bf16 ? 2 : 4);
-    if (bf16 && w) {
+static inline __attribute__((always_inline)) void rms_norm_row(const void *x, const void *w, void *y, float *rstd,
+                                                               int64_t hidden, double eps, bool bf16) {
+  float inv = 1.0f / sqrtf((float)(rms_row_squares(x, hidden, bf16) / (double)hidden) + (float)eps);
+  *rstd = inv;
+  if (bf16 && w) {
 #pragma omp simd
-      for (int64_t k = 0; k < hidden; k++)
-        store_float(yr, k, load_float(w, k, true) * bf16_bits_to_f32(f32_to_bf16_bits(load_float(xr, k, true) * inv)), true);
-    } else if (w) {
+    for (int64_t k = 0; k < hidden; k++)
+      store_float(y, k, load_float(w, k, true) * bf16_bits_to_f32(f32_to_bf16_bits(load_float(x, k, true) * inv)), true);
+  } else if (w) {
 #pragma omp simd
-      for (int64_t k = 0; k < hidden; k++) store_float(yr, k, load_float(w, k, false) * (load_float(xr, k, false) * inv), false);
-    } else {
+    for (int64_t k = 0; k < hidden; k++) store_float(y, k, load_float(w, k, false) * (load_float(x, k, false) * inv), false);
+  } else {
 #pragma omp simd
-      for (int64_t k = 0; k < hidden; k++) store_float(yr, k, load_float(xr, k, bf16) * inv, bf16);
-    }
+    for (int64_t k = 0; k < hidden; k++) store_float(y, k, load_float(x, k, bf16) * inv, bf16);
   }
 }
 
-WIDE_VECTORS static void rms_norm_block_f32(const void *x, const void *w, void *y, float *rstd, int64_t hidden, int nb,
-                                            double eps) {
-  rms_norm_block(x, w, y, rstd, hidden, nb, eps, false);
+/* Rows [lo, hi): one call per thread, so the dispatch to the CPU's build happens once. */
+WIDE_VECTORS static void rms_norm_rows_f32(const char *x, const void *w, char *y, float *rstd, int64_t hidden,
+                                           int64_t lo, int64_t hi, double eps) {
+  for (int64_t r = lo; r < hi; r++) rms_norm_row(x + r * hidden * 4, w, y + r * hidden * 4, rstd + r, hidden, eps, false);
 }
 
-WIDE_VECTORS static void rms_norm_block_bf16(const void *x, const void *w, void *y, float *rstd, int64_t hidden, int nb,
-                                             double eps) {
-  rms_norm_block(x, w, y, rstd, hidden, nb, eps, true);
+WIDE_VECTORS static void rms_norm_rows_bf16(const char *x, const void *w, char *y, float *rstd, int64_t hidden,
+                                            int64_t lo, int64_t hi, double eps) {
+  for (int64_t r = lo; r < hi; r++) rms_norm_row(x + r * hidden * 2, w, y + r * hidden * 2, rstd + r, hidden, eps, true);
 }
 
 int pmp_cpu_rms_norm(const pmp_op_args *a) {
@@ -105,14 +118,12 @@ int pmp_cpu_rms_norm(const pmp_op_args *a) {
   double eps = a->f[0];
   bool f64 = dt == PMP_F64;
   if ((dt == PMP_F32 || dt == PMP_BF16) && rstd->dtype_id == PMP_F32) {
-    int64_t blocks = (rows + RMS_BLOCK - 1) / RMS_BLOCK;
-#pragma omp parallel for if (rows * hidden >= PMP_PARALLEL_THRESHOLD) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-      int64_t r = b * RMS_BLOCK;
-      int nb = (int)(rows - r < RMS_BLOCK ? rows - r : RMS_BLOCK);
-      (dt == PMP_BF16 ? rms_norm_block_bf16 : rms_norm_block_f32)(x->data + r * hidden * es, w ? w->data : NULL,
-                                                                   y->data + r * hidden * es, (float *)rstd->data + r,
-                                                                   hidden, nb, eps);
+#pragma omp parallel if (rows * hidden >= PMP_PARALLEL_THRESHOLD)
+    {
+      int64_t lo, hi;
+      pmp_thread_share(rows, &lo, &hi);
+      (dt == PMP_BF16 ? rms_norm_rows_bf16 : rms_norm_rows_f32)(x->data, w ? w->data : NULL, y->data,
+                                                               (float *)rstd->data, hidden, lo, hi, eps);
     }
     return 0;
   }
@@ -143,37 +154,31 @@ int pmp_cpu_rms_norm(const pmp_op_args *a) {
   return 0;
 }
 
-/* The dot products of RMS_BLOCK rows starting at r (see rms_row_sums), divided by hidden. */
-static inline __attribute__((always_inline)) void rms_backward_dots(const char *x, const char *dy, const double *w, const float *rstd, int64_t hidden,
-                                     int nb, double *dots, bool bf16) {
-  rms_row_sums(x, dy, w, rstd, hidden, nb, dots, bf16);
-  for (int j = 0; j < nb; j++) dots[j] /= (double)hidden;
-}
-
-/* One row of dx (and the row's share of dw) in double, in the generic path's order of operations. */
-static inline __attribute__((always_inline)) void rms_backward_row(const void *x, const void *dy, const double *w, double inv, double dot, void *dx,
-                                    double *dw, int64_t hidden, bool bf16) {
-  if (dw) {
+/* Rows [lo, hi) of dx, and their share of dw, in double with the generic path's operations: the row's
+ * dot product mean((dy * w) * xhat), then dx = rstd * (g - xhat * dot) with g = dy * w. */
+static inline __attribute__((always_inline)) void rms_backward_rows(const char *x, const char *dy, const double *w,
+                                                                    const float *rstd, char *dx, double *dw,
+                                                                    int64_t hidden, int64_t lo, int64_t hi, bool bf16) {
+  int64_t row_bytes = hidden * (bf16 ? 2 : 4);
+  for (int64_t r = lo; r < hi; r++) {
+    const char *xr = x + r * row_bytes, *dyr = dy + r * row_bytes;
+    double inv = rstd[r], dot = rms_row_dot(xr, dyr, w, inv, dw, hidden, bf16) / (double)hidden;
 #pragma omp simd
-    for (int64_t k = 0; k < hidden; k++) dw[k] += (double)load_float(dy, k, bf16) * ((double)load_float(x, k, bf16) * inv);
-  }
-#pragma omp simd
-  for (int64_t k = 0; k < hidden; k++) {
-    double xhat = (double)load_float(x, k, bf16) * inv, g = (double)load_float(dy, k, bf16) * w[k];
-    store_float(dx, k, (float)(inv * (g - xhat * dot)), bf16);
+    for (int64_t k = 0; k < hidden; k++) {
+      double xhat = (double)load_float(xr, k, bf16) * inv, g = (double)load_float(dyr, k, bf16) * w[k];
+      store_float(dx + r * row_bytes, k, (float)(inv * (g - xhat * dot)), bf16);
+    }
   }
 }
 
-WIDE_VECTORS static void rms_backward_f32(const char *x, const char *dy, const double *w, const float *rstd, int64_t hidden,
-                                          int nb, double *dots, char *dx, double *dw, int phase) {
-  if (phase == 0) rms_backward_dots(x, dy, w, rstd, hidden, nb, dots, false);
-  else rms_backward_row(x, dy, w, rstd[0], dots[0], dx, dw, hidden, false);
+WIDE_VECTORS static void rms_backward_f32(const char *x, const char *dy, const double *w, const float *rstd, char *dx,
+                                          double *dw, int64_t hidden, int64_t lo, int64_t hi) {
+  rms_backward_rows(x, dy, w, rstd, dx, dw, hidden, lo, hi, false);
 }
 
-WIDE_VECTORS static void rms_backward_bf16(const char *x, const char *dy, const double *w, const float *rstd, int64_t hidden,
-                                           int nb, double *dots, char *dx, double *dw, int phase) {
-  if (phase == 0) rms_backward_dots(x, dy, w, rstd, hidden, nb, dots, true);
-  else rms_backward_row(x, dy, w, rstd[0], dots[0], dx, dw, hidden, true);
+WIDE_VECTORS static void rms_backward_bf16(const char *x, const char *dy, const double *w, const float *rstd, char *dx,
+                                           double *dw, int64_t hidden, int64_t lo, int64_t hi) {
+  rms_backward_rows(x, dy, w, rstd, dx, dw, hidden, lo, hi, true);
 }
 
 /* f32/bf16 with an f32 rstd. dw sums over the rows each thread takes from the same static schedule as the
@@ -181,26 +186,13 @@ WIDE_VECTORS static void rms_backward_bf16(const char *x, const char *dy, const 
 static int rms_norm_backward_fast(const pmp_op_args *a, int threads, double *dw_parts, double *weight) {
   const pmp_tensor *x = a->in[0], *rstd = a->in[2], *dy = a->in[3];
   int64_t rows = a->i[0], hidden = a->i[1];
-  int es = pmp_dtype_size(x->dtype_id);
-  void (*kernel)(const char *, const char *, const double *, const float *, int64_t, int, double *, char *, double *, int) =
-      x->dtype_id == PMP_BF16 ? rms_backward_bf16 : rms_backward_f32;
-  const float *inv = (const float *)rstd->data;
 #pragma omp parallel num_threads(threads) if (rows * hidden >= PMP_PARALLEL_THRESHOLD)
   {
-    double *my_dw = dw_parts ? dw_parts + omp_get_thread_num() * hidden : NULL;
-    double dots[RMS_BLOCK];
-    int64_t first = 0, end = 0;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-      if (r >= end) {
-        first = r;
-        end = rows - r < RMS_BLOCK ? rows : r + RMS_BLOCK;
-        kernel(x->data + r * hidden * es, dy->data + r * hidden * es, weight, inv + r, hidden, (int)(end - first), dots,
-               NULL, NULL, 0);
-      }
-      kernel(x->data + r * hidden * es, dy->data + r * hidden * es, weight, inv + r, hidden, 1, dots + (r - first),
-             a->out->data + r * hidden * es, my_dw, 1);
-    }
+    int64_t lo, hi;
+    pmp_thread_share(rows, &lo, &hi);
+    (x->dtype_id == PMP_BF16 ? rms_backward_bf16 : rms_backward_f32)(
+        x->data, dy->data, weight, (const float *)rstd->data, a->out->data,
+        dw_parts ? dw_parts + omp_get_thread_num() * hidden : NULL, hidden, lo, hi);
   }
   return 0;
 }
@@ -292,8 +284,8 @@ static void walk_next(row_walk *w) {
 }
 
 /* The rotate-half layout in f32 with contiguous tables, as straight loops the compiler vectorizes. */
-WIDE_VECTORS static void rope_half_row_f32(const float *x, float *y, const float *c, const float *s, int64_t half,
-                                           bool transpose) {
+static inline __attribute__((always_inline)) void rope_half_row_f32(const float *x, float *y, const float *c,
+                                                                    const float *s, int64_t half, bool transpose) {
   const float *x1 = x, *x2 = x + half, *c1 = c, *c2 = c + half, *s1 = s, *s2 = s + half;
   float *y1 = y, *y2 = y + half;
   if (transpose) {
@@ -330,26 +322,59 @@ static inline __attribute__((always_inline)) void rope_half_row_bf16(const uint1
       y[p + half] = f32_to_bf16_bits((float)(x2 * c2 - x1 * s1));
     }
   } else {
-    /* HF: (x * cos) + (rotate_half(x) * sin), each product rounded to the activation dtype */
+    /* HF: (x * cos) + (rotate_half(x) * sin), each product rounded to the activation dtype. In f32, which
+     * gives the generic path's bits: a bf16 times an f32 is exact in double, so rounding it to f32 is the
+     * f32 product; two bf16 values' sum is exact in double or far below f32's half ulp of the larger. */
 #pragma omp simd
     for (int64_t p = 0; p < half; p++) {
-      double x1 = bf16_bits_to_f32(x[p]), x2 = bf16_bits_to_f32(x[p + half]);
-      double c1 = load_float(c, p, bf16_tables), c2 = load_float(c, p + half, bf16_tables);
-      double s1 = load_float(s, p, bf16_tables), s2 = load_float(s, p + half, bf16_tables);
-      y[p] = f32_to_bf16_bits((float)(round_bf16(x1 * c1) + round_bf16(-x2 * s1)));
-      y[p + half] = f32_to_bf16_bits((float)(round_bf16(x2 * c2) + round_bf16(x1 * s2)));
+      float x1 = bf16_bits_to_f32(x[p]), x2 = bf16_bits_to_f32(x[p + half]);
+      float c1 = load_float(c, p, bf16_tables), c2 = load_float(c, p + half, bf16_tables);
+      float s1 = load_float(s, p, bf16_tables), s2 = load_float(s, p + half, bf16_tables);
+      y[p] = f32_to_bf16_bits(bf16_bits_to_f32(f32_to_bf16_bits(x1 * c1)) + bf16_bits_to_f32(f32_to_bf16_bits(-x2 * s1)));
+      y[p + half] = f32_to_bf16_bits(bf16_bits_to_f32(f32_to_bf16_bits(x2 * c2)) + bf16_bits_to_f32(f32_to_bf16_bits(x1 * s2)));
     }
   }
 }
 
-WIDE_VECTORS static void rope_half_row_bf16_f32_tables(const uint16_t *x, uint16_t *y, const void *c, const void *s,
-                                                       int64_t half, bool transpose) {
-  rope_half_row_bf16(x, y, c, s, half, transpose, false);
+/* The rotate-half rows [first, end) of a fast case (f32, or bf16 with f32 or bf16 tables), walked in one
+ * call per thread so that the rows (often short: one head) cost no call each. */
+enum rope_kind { ROPE_F32, ROPE_BF16_F32_TABLES, ROPE_BF16_BF16_TABLES };
+
+static inline __attribute__((always_inline)) void rope_half_rows(const pmp_tensor *x, pmp_tensor *y,
+                                                                 const pmp_tensor *cs, const pmp_tensor *sn,
+                                                                 int64_t first, int64_t end, bool transpose,
+                                                                 enum rope_kind kind) {
+  int es = kind == ROPE_F32 ? 4 : 2, tes = kind == ROPE_BF16_BF16_TABLES ? 2 : 4;
+  int64_t dim = x->sizes[x->ndim - 1], rotary = cs->sizes[cs->ndim - 1], half = rotary / 2;
+  row_walk walk = {.t = {x, y, cs, sn}};
+  walk_start(&walk, first);
+  for (int64_t r = first; r < end; r++, walk_next(&walk)) {
+    const char *xr = x->data + walk.off[0] * es;
+    char *yr = y->data + walk.off[1] * es;
+    const char *cr = cs->data + walk.off[2] * tes, *sr = sn->data + walk.off[3] * tes;
+    if (rotary < dim) memcpy(yr + rotary * es, xr + rotary * es, (size_t)((dim - rotary) * es));
+    if (kind == ROPE_F32)
+      rope_half_row_f32((const float *)xr, (float *)yr, (const float *)cr, (const float *)sr, half, transpose);
+    else
+      rope_half_row_bf16((const uint16_t *)xr, (uint16_t *)yr, cr, sr, half, transpose, kind == ROPE_BF16_BF16_TABLES);
+  }
 }
 
-WIDE_VECTORS static void rope_half_row_bf16_bf16_tables(const uint16_t *x, uint16_t *y, const void *c, const void *s,
-                                                        int64_t half, bool transpose) {
-  rope_half_row_bf16(x, y, c, s, half, transpose, true);
+WIDE_VECTORS static void rope_half_rows_f32(const pmp_tensor *x, pmp_tensor *y, const pmp_tensor *cs,
+                                            const pmp_tensor *sn, int64_t first, int64_t end, bool transpose) {
+  rope_half_rows(x, y, cs, sn, first, end, transpose, ROPE_F32);
+}
+
+WIDE_VECTORS static void rope_half_rows_bf16_f32_tables(const pmp_tensor *x, pmp_tensor *y, const pmp_tensor *cs,
+                                                        const pmp_tensor *sn, int64_t first, int64_t end,
+                                                        bool transpose) {
+  rope_half_rows(x, y, cs, sn, first, end, transpose, ROPE_BF16_F32_TABLES);
+}
+
+WIDE_VECTORS static void rope_half_rows_bf16_bf16_tables(const pmp_tensor *x, pmp_tensor *y, const pmp_tensor *cs,
+                                                         const pmp_tensor *sn, int64_t first, int64_t end,
+                                                         bool transpose) {
+  rope_half_rows(x, y, cs, sn, first, end, transpose, ROPE_BF16_BF16_TABLES);
 }
 
 /* Rotates pairs (i, j): forward y_i = x_i c_i - x_j s_i, y_j = x_j c_j + x_i s_j; the transpose (for the
@@ -368,12 +393,17 @@ int pmp_cpu_rope(const pmp_op_args *a) {
   bool tables_dense = cstride == 1 && sstride == 1 && cs->dtype_id == sn->dtype_id;
   bool f32 = dt == PMP_F32 && cs->dtype_id == PMP_F32 && tables_dense;
   bool bf16 = dt == PMP_BF16 && !interleaved && tables_dense && (cs->dtype_id == PMP_F32 || cs->dtype_id == PMP_BF16);
-  void (*bf16_row)(const uint16_t *, uint16_t *, const void *, const void *, int64_t, bool) =
-      cs->dtype_id == PMP_BF16 ? rope_half_row_bf16_bf16_tables : rope_half_row_bf16_f32_tables;
+  void (*half_rows)(const pmp_tensor *, pmp_tensor *, const pmp_tensor *, const pmp_tensor *, int64_t, int64_t, bool) =
+      bf16 ? (cs->dtype_id == PMP_BF16 ? rope_half_rows_bf16_bf16_tables : rope_half_rows_bf16_f32_tables)
+      : f32 && !interleaved ? rope_half_rows_f32 : NULL;
 #pragma omp parallel if (rows * dim >= PMP_PARALLEL_THRESHOLD)
   {
     int threads = omp_get_num_threads(), me = omp_get_thread_num();
     int64_t first = rows * me / threads, end = rows * (me + 1) / threads;
+    if (half_rows) {
+      if (first < end) half_rows(x, y, cs, sn, first, end, transpose);
+      first = end;
+    }
     row_walk walk = {.t = {x, y, cs, sn}};
     if (first < end) walk_start(&walk, first);
     for (int64_t r = first; r < end; r++, walk_next(&walk)) {
@@ -381,14 +411,6 @@ int pmp_cpu_rope(const pmp_op_args *a) {
       char *yr = y->data + walk.off[1] * es;
       const char *cr = cs->data + walk.off[2] * ces, *sr = sn->data + walk.off[3] * ses;
       if (rotary < dim) memcpy(yr + rotary * es, xr + rotary * es, (size_t)((dim - rotary) * es));
-      if (bf16) {
-        bf16_row((const uint16_t *)xr, (uint16_t *)yr, cr, sr, half, transpose);
-        continue;
-      }
-      if (f32 && !interleaved) {
-        rope_half_row_f32((const float *)xr, (float *)yr, (const float *)cr, (const float *)sr, half, transpose);
-        continue;
-      }
       if (f32) {
         const float *xf = (const float *)xr, *c = (const float *)cr, *sv = (const float *)sr;
         float *yf = (float *)yr;

@@ -20,8 +20,9 @@ enum { ADAM_BLOCK = 512 };
 
 /*
  * The step on one block. ISO C keeps every product and sum separately rounded, so the vector loops give
- * the scalar results. sqrtf has a loop of its own: without -fno-math-errno it is a call that may set
- * errno, which would keep the whole step scalar.
+ * the scalar results. sqrtf has a loop of its own, and the Makefile builds this file with
+ * -fno-math-errno: otherwise sqrtf is a call that may set errno and keeps its loop scalar (v is never
+ * negative, so it never does; IEEE square roots are exactly rounded at any vector width).
  */
 WIDE_VECTORS static void adam_block(const adam_f32 *h, float *p, float *m, float *v, const float *g, int64_t n) {
   float root[ADAM_BLOCK];
@@ -30,6 +31,7 @@ WIDE_VECTORS static void adam_block(const adam_f32 *h, float *p, float *m, float
     m[k] = h->b1 * m[k] + (1.0f - h->b1) * g[k];
     v[k] = h->b2 * v[k] + (1.0f - h->b2) * g[k] * g[k];
   }
+#pragma omp simd
   for (int64_t k = 0; k < n; k++) root[k] = sqrtf(v[k]);
 #pragma omp simd
   for (int64_t k = 0; k < n; k++) p[k] = p[k] * h->decay - h->step_size * m[k] / (root[k] / h->bc2_sqrt + h->eps);
@@ -56,13 +58,6 @@ WIDE_VECTORS static void adamw_f32(const adam_f32 *h, float *p, float *m, float 
   }
 }
 
-/* This thread's share [*lo, *hi) of n elements. */
-static void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
-  int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), q = n / nt, r = n % nt;
-  *lo = t * q + (t < r ? t : r);
-  *hi = *lo + q + (t < r);
-}
-
 int pmp_cpu_adamw(const pmp_op_args *a) {
   pmp_tensor *param = a->out, *master = a->out2;
   const pmp_tensor *grad = a->in[0];
@@ -84,7 +79,7 @@ int pmp_cpu_adamw(const pmp_op_args *a) {
 #pragma omp parallel if (n >= PMP_PARALLEL_THRESHOLD)
     {
       int64_t lo, hi;
-      thread_share(n, &lo, &hi);
+      pmp_thread_share(n, &lo, &hi);
       adamw_f32(&h, p + lo, mm + lo, vv + lo, grad->data + lo * ges, g16,
                 bf16_master ? (uint16_t *)param->data + lo : NULL, hi - lo);
     }
@@ -129,7 +124,7 @@ int pmp_cpu_scale(const pmp_op_args *a) {
 #pragma omp parallel if (n >= PMP_PARALLEL_THRESHOLD)
     {
       int64_t lo, hi;
-      thread_share(n, &lo, &hi);
+      pmp_thread_share(n, &lo, &hi);
       if (dt == PMP_F32)
         scale_f32((float *)t->data + lo, (float)factor, hi - lo);
       else

@@ -370,3 +370,54 @@ describe('fused attention layouts and half precision', function()
     assert.is_true(same(dq, dq2) and same(dk, dk2) and same(dv, dv2))
   end)
 end)
+
+describe('fused kernels on their vectorized paths', function()
+  it('RMSNorm in f32 and bf16 agrees with f64 for row lengths that are not multiples of the vector width', function()
+    for _, hidden in ipairs({ 1, 15, 37, 130 }) do
+      local x, w = pmp.randn(5, 3, hidden, { dtype = 'f64' }), pmp.randn(hidden, { dtype = 'f64' })
+      local g = pmp.randn(5, 3, hidden, { dtype = 'f64' })
+      local out64, grads64 = forward_backward(function(a, b) return F.rms_norm(a, b, 1e-6) end, { x, w }, g)
+      for dtype, tolerance in pairs({ f32 = 1e-4, bf16 = 0.1 }) do
+        local out, grads = forward_backward(function(a, b) return F.rms_norm(a, b, 1e-6) end,
+          { x:to(dtype), w:to(dtype) }, g:to(dtype))
+        assert.is_true(max_diff(out, out64) < tolerance, dtype .. ' output, hidden ' .. hidden)
+        assert.is_true(max_diff(grads[1], grads64[1]) < tolerance * 10, dtype .. ' dx, hidden ' .. hidden)
+        assert.is_true(max_diff(grads[2], grads64[2]) < tolerance * 20, dtype .. ' dw, hidden ' .. hidden)
+      end
+    end
+  end)
+  it('RoPE in bf16 rounds each product to bf16 before the sum, also for values near overflow and underflow', function()
+    for _, table_dtype in ipairs({ 'f32', 'bf16' }) do
+      local x = (pmp.randn(2, 3, 5, 12) * (pmp.randn(2, 3, 5, 12) * 20):exp()):bf16()
+      local cos = (pmp.randn(5, 12) * (pmp.randn(5, 12) * 20):exp()):to(table_dtype)
+      local sin = (pmp.randn(5, 12) * (pmp.randn(5, 12) * 20):exp()):to(table_dtype)
+      local xd, c, s = x:double(), cos:double(), sin:double()
+      local function rounded(t) return t:float():bf16():double() end
+      local x1, x2 = xd:narrow(-1, 1, 6), xd:narrow(-1, 7, 6)
+      local y1 = rounded(x1 * c:narrow(-1, 1, 6)) + rounded(-x2 * s:narrow(-1, 1, 6))
+      local y2 = rounded(x2 * c:narrow(-1, 7, 6)) + rounded(x1 * s:narrow(-1, 7, 6))
+      local expected = pmp.cat({ y1, y2 }, -1):float():bf16():double()
+      local got = F.rope(x, cos, sin):double()
+      local differ = got:ne(expected):logical_and(got:eq(got):logical_or(expected:eq(expected))):sum():item()
+      assert.are.equal(0, differ, table_dtype .. ' tables')
+    end
+  end)
+  it('cross_entropy in f32 and bf16 agrees with f64 across row chunks, with ignored rows', function()
+    for _, classes in ipairs({ 7, 65, 1100 }) do
+      local logits = pmp.randn(6, classes, { dtype = 'f64' }) * 4
+      local targets = pmp.tensor({ 0, classes - 1, -100, 3 % classes, 5 % classes, -100 }, { dtype = 'i64' })
+      local g = pmp.randn(6, { dtype = 'f64' })
+      local loss64, grads64 = forward_backward(function(a) return F.cross_entropy(a, targets, { reduction = 'none' }) end,
+        { logits }, g)
+      for dtype, tolerance in pairs({ f32 = 1e-5, bf16 = 0.1 }) do
+        local loss, grads = forward_backward(function(a) return F.cross_entropy(a, targets, { reduction = 'none' }) end,
+          { logits:to(dtype) }, g:to(dtype))
+        local lossf = F.cross_entropy(logits:to(dtype):double(), targets, { reduction = 'none' })
+        assert.is_true(max_diff(loss, lossf) < tolerance * 10, dtype .. ' loss, ' .. classes .. ' classes')
+        assert.is_true(max_diff(grads[1], grads64[1]) < tolerance, dtype .. ' gradient, ' .. classes .. ' classes')
+        assert.are.equal(0, grads[1]:narrow(1, 3, 1):abs():sum():item())
+      end
+      assert.is_true(loss64:narrow(1, 3, 1):item() == 0)
+    end
+  end)
+end)
