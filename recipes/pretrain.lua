@@ -374,7 +374,8 @@ local function forward_backward(batches, forward_only)
     else
       if ddp then ddp:set_sync(k == #batches) end
       local loss = model(mb.ids, mb.targets)
-      ;(loss / #batches):backward()
+      -- one micro batch needs no scaling (x / 1 is x, forward and backward), so no extra ops
+      ;(#batches == 1 and loss or loss / #batches):backward()
       total = total + loss:item()
     end
   end

@@ -129,6 +129,38 @@ local function c_shape(shape, op, allow_infer)
   return buf, n
 end
 
+-- The sizes of view/reshape/expand, (t, B, T, -1) or (t, {B, T, -1}), straight into shape_buffer with
+-- no loop, table or vararg: these run several times per layer, and LuaJIT cannot compile a trace that
+-- leaves a vararg function or a loop's trace back into its caller, so everything after such a call ran
+-- in the interpreter. Returns the number of dims, or nil for anything else (options, more than 8 dims,
+-- a bad size), which c_shape then checks and reports.
+local function put_size(k, size)
+  if type(size) ~= 'number' or size ~= math.floor(size) or (size < 0 and size ~= -1) then return false end
+  shape_buffer[k] = size
+  return true
+end
+
+local function direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
+  local n
+  if type(s1) == 'table' and s2 == nil and s1[1] ~= nil then
+    n = #s1
+    s1, s2, s3, s4, s5, s6, s7, s8 = s1[1], s1[2], s1[3], s1[4], s1[5], s1[6], s1[7], s1[8]
+  elseif s9 == nil then
+    n = s2 == nil and 1 or s3 == nil and 2 or s4 == nil and 3 or s5 == nil and 4 or s6 == nil and 5
+      or s7 == nil and 6 or s8 == nil and 7 or 8
+  else
+    return nil
+  end
+  if n > 8 or not put_size(0, s1)
+    or n > 1 and not put_size(1, s2) or n > 2 and not put_size(2, s3)
+    or n > 3 and not put_size(3, s4) or n > 4 and not put_size(4, s5)
+    or n > 5 and not put_size(5, s6) or n > 6 and not put_size(6, s7)
+    or n > 7 and not put_size(7, s8) then
+    return nil
+  end
+  return n
+end
+
 -- 1-based (negative from the end) dim to the engine's 0-based one.
 local function cdim(d, ndim, op)
   if type(d) ~= 'number' or d ~= math.floor(d) then
@@ -606,16 +638,22 @@ function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t.ptr, cdim(di
 ---------------------------------------------------------------------------------------------------
 -- Shape
 
-function Tensor.view(t, ...)
-  local shape = shape_and_options(...)
-  local buf, n = c_shape(shape, 'view', true)
-  return wrap(C.pmp_view(t.ptr, buf, n))
+-- view, reshape and expand name their size parameters (see direct_sizes): ten cover 8 dims, an
+-- options table and one more, so that too many sizes are still reported.
+function Tensor.view(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
+  local n = direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
+  if not n then
+    n = select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), 'view', true))
+  end
+  return wrap(C.pmp_view(t.ptr, shape_buffer, n))
 end
 
-function Tensor.reshape(t, ...)
-  local shape = shape_and_options(...)
-  local buf, n = c_shape(shape, 'reshape', true)
-  return wrap(C.pmp_reshape(t.ptr, buf, n))
+function Tensor.reshape(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
+  local n = direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
+  if not n then
+    n = select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), 'reshape', true))
+  end
+  return wrap(C.pmp_reshape(t.ptr, shape_buffer, n))
 end
 
 function Tensor.flatten(t) return t:reshape(-1) end
@@ -647,10 +685,12 @@ function Tensor.squeeze(t, d)
   return wrap(C.pmp_squeeze(t.ptr, cdim(d, t.ptr.ndim, 'squeeze')))
 end
 
-function Tensor.expand(t, ...)
-  local shape = shape_and_options(...)
-  local buf, n = c_shape(shape, 'expand', true)
-  return wrap(C.pmp_expand(t.ptr, buf, n))
+function Tensor.expand(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
+  local n = direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
+  if not n then
+    n = select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), 'expand', true))
+  end
+  return wrap(C.pmp_expand(t.ptr, shape_buffer, n))
 end
 function Tensor.expand_as(t, other) return t:expand(other.shape) end
 
@@ -683,14 +723,23 @@ function M.cat(list, dim)
   return wrap(C.pmp_cat(ptrs, #list, cdim(dim, list[1].ptr.ndim, 'cat')))
 end
 
+local function same_shape(a, b)
+  if a.ndim ~= b.ndim then return false end
+  for k = 0, a.ndim - 1 do
+    if a.sizes[k] ~= b.sizes[k] then return false end
+  end
+  return true
+end
+
 function M.stack(list, dim)
   dim = dim or 1
   if type(list) ~= 'table' or #list == 0 then error('stack: expects a non-empty list of tensors', 2) end
-  local first = list[1].shape
+  local first = is_tensor(list[1]) and list[1].ptr
   local parts = {}
   for k, t in ipairs(list) do
-    if shape_string(t.shape) ~= shape_string(first) then
-      error(string.format('stack: tensor %d has shape %s, expected %s', k, shape_string(t.shape), shape_string(first)), 2)
+    if not is_tensor(t) then error('stack: element ' .. k .. ' is not a tensor', 2) end
+    if not same_shape(t.ptr, first) then
+      error(string.format('stack: tensor %d has shape %s, expected %s', k, shape_string(t.shape), shape_string(list[1].shape)), 2)
     end
     parts[k] = t:unsqueeze(dim)
   end

@@ -1,6 +1,9 @@
 -- pmp.nn.functional (also pmp.F): stateless neural-network functions built on tensor ops.
 local tensor = require 'pmp.tensor'
 local is_tensor = tensor.is_tensor
+local wrap = tensor.wrap
+local ffi = require 'ffi'
+local C = require('pmp.ffi').C
 
 local F = {}
 
@@ -14,6 +17,15 @@ function F.tanh(x) return x:tanh() end
 
 local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
 
+-- targets [...] for logits [..., C]
+local function targets_match(logits, targets)
+  if targets.ndim ~= logits.ndim - 1 then return false end
+  for k = 0, targets.ndim - 1 do
+    if targets.sizes[k] ~= logits.sizes[k] then return false end
+  end
+  return true
+end
+
 -- cross_entropy(logits [..., C], targets [...] holding 0-based class ids,
 --               {ignore_index=-100, reduction='mean'|'sum'|'none'})
 -- 'mean' averages over the targets that are not ignored, as PyTorch does.
@@ -23,16 +35,12 @@ function F.cross_entropy(logits, targets, options)
   local reduction = options.reduction or 'mean'
   if not is_tensor(logits) or not is_tensor(targets) then error('cross_entropy: expects logits and targets tensors', 2) end
   local classes = logits:size(-1)
-  local target_shape = targets.shape
-  local expected = logits.shape
-  table.remove(expected)
-  if shape_string(target_shape) ~= shape_string(expected) then
+  if not targets_match(logits.ptr, targets.ptr) then
     error(string.format('cross_entropy: targets of shape %s do not match logits of shape %s',
-      shape_string(target_shape), shape_string(logits.shape)), 2)
+      shape_string(targets.shape), shape_string(logits.shape)), 2)
   end
-  local losses = tensor.wrap(require('pmp.ffi').C.pmp_cross_entropy(logits:reshape(-1, classes).ptr,
-    targets:reshape(-1).ptr, ignore_index))
-  if reduction == 'none' then return losses:view(target_shape) end
+  local losses = wrap(C.pmp_cross_entropy(logits:reshape(-1, classes).ptr, targets:reshape(-1).ptr, ignore_index))
+  if reduction == 'none' then return losses:view(targets.shape) end
   if reduction == 'sum' then return losses:sum() end
   if reduction ~= 'mean' then error("cross_entropy: reduction must be 'mean', 'sum' or 'none', got " .. tostring(reduction), 2) end
   local counted = targets:ne(ignore_index):sum():item()
@@ -42,17 +50,24 @@ end
 -- embedding(ids, weight): rows of weight [V, D] picked by 0-based ids of any shape -> [..., D].
 function F.embedding(ids, weight)
   if weight.ndim ~= 2 then error('embedding: weight must be [vocab, dim], got ' .. shape_string(weight.shape), 2) end
-  if ids:numel() > 0 then
-    local lowest, highest = ids:min():item(), ids:max():item()
-    local vocab = weight:size(1)
-    if lowest < 0 or highest >= vocab then
-      error(string.format('embedding: token id %d is out of range for a vocabulary of %d',
-        lowest < 0 and lowest or highest, vocab), 2)
+  local flat = ids:reshape(-1)
+  -- The engine checks every id, so the ids' range is only read to word the error when it fails.
+  local rows = C.pmp_index_select(weight.ptr, 0, flat.ptr)
+  if rows == nil then
+    local reason = ffi.string(C.pmp_last_error())
+    if ids:numel() > 0 then
+      local lowest, highest = ids:min():item(), ids:max():item()
+      local vocab = weight:size(1)
+      if lowest < 0 or highest >= vocab then
+        error(string.format('embedding: token id %d is out of range for a vocabulary of %d',
+          lowest < 0 and lowest or highest, vocab), 2)
+      end
     end
+    error(reason, 0)
   end
   local shape = ids.shape
   shape[#shape + 1] = weight:size(2)
-  return weight:index_select(1, ids:reshape(-1)):view(shape)
+  return wrap(rows):view(shape)
 end
 
 -- linear(x, weight [out, in], bias [out] or nil) = x weight^T + bias
@@ -61,9 +76,6 @@ function F.linear(x, weight, bias)
   if bias then y = y + bias end
   return y
 end
-
-local C = require('pmp.ffi').C
-local wrap = tensor.wrap
 
 -- Fused: normalizes in f32 for low-precision inputs and rounds before the weight, as HF's Llama does.
 function F.rms_norm(x, weight, eps)

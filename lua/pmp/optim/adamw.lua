@@ -44,17 +44,25 @@ local function check(rc)
   if rc ~= 0 then error(require('ffi').string(C.pmp_last_error()), 3) end
 end
 
--- One update from the parameters' current .grad (parameters without a gradient are skipped).
+-- One update from the parameters' current .grad (parameters without a gradient are skipped). The
+-- gradient is read from the engine's tensor rather than through t.grad and t:contiguous(), which would
+-- make two tensor handles per parameter per step for the collector to finalize.
 function AdamW:step()
   local b1, b2 = self.betas[1], self.betas[2]
   for _, s in ipairs(self.state) do
-    local grad = s.param.grad
-    if grad then
+    local param = s.param.ptr
+    local grad = param.grad_acc
+    if grad ~= nil then
       s.step = s.step + 1
       local group = s.group
       local lr = self.lr * (group.lr_scale or 1)
       local wd = group.weight_decay or self.weight_decay
-      check(C.pmp_adamw_step_(s.param.ptr, grad:contiguous().ptr, s.exp_avg.ptr, s.exp_avg_sq.ptr,
+      local dense   -- keeps a contiguous copy of a strided gradient alive through the call
+      if C.pmp_is_contiguous(grad) == 0 then
+        dense = tensor.wrap(C.pmp_contiguous(grad))
+        grad = dense.ptr
+      end
+      check(C.pmp_adamw_step_(param, grad, s.exp_avg.ptr, s.exp_avg_sq.ptr,
         s.master and s.master.ptr or nil, lr, b1, b2, self.eps, wd, s.step))
     end
   end

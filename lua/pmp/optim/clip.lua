@@ -6,13 +6,14 @@ local M = {}
 
 local sum_buffer = ffi.new('double[1]')
 
--- The L2 norm of all gradients together (parameters without a gradient count as zero).
+-- The L2 norm of all gradients together (parameters without a gradient count as zero). Gradients are
+-- read from the engine's tensors: p.grad would make a tensor handle per parameter for the collector.
 function M.grad_norm(params)
   local total = 0
   for _, p in ipairs(params) do
-    local g = p.grad
-    if g then
-      if C.pmp_sum_squares(g.ptr, sum_buffer) ~= 0 then error(ffi.string(C.pmp_last_error()), 2) end
+    local g = p.ptr.grad_acc
+    if g ~= nil then
+      if C.pmp_sum_squares(g, sum_buffer) ~= 0 then error(ffi.string(C.pmp_last_error()), 2) end
       total = total + sum_buffer[0]
     end
   end
@@ -25,13 +26,13 @@ function M.clip_grad_norm(params, max_norm)
   local factor = max_norm / (norm + 1e-6)
   if factor < 1 then
     for _, p in ipairs(params) do
-      local g = p.grad
-      if g then
-        if not g:is_contiguous() then
-          g = g:contiguous()
-          p.grad = g
+      local g = p.ptr.grad_acc
+      if g ~= nil then
+        if C.pmp_is_contiguous(g) == 0 then
+          p.grad = p.grad:contiguous()
+          g = p.ptr.grad_acc
         end
-        if C.pmp_scale_(g.ptr, factor) ~= 0 then error(ffi.string(C.pmp_last_error()), 2) end
+        if C.pmp_scale_(g, factor) ~= 0 then error(ffi.string(C.pmp_last_error()), 2) end
       end
     end
   end
