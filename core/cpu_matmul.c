@@ -134,6 +134,17 @@ static void gemm_integer(const char *pa, const char *pb, char *pc, int dtype, in
     }
 }
 
+/* Element offsets of batch bi (batch dims in row-major order) in a and b. */
+static void batch_offsets(const pmp_tensor *a, const pmp_tensor *b, int64_t bi, int64_t *off_a, int64_t *off_b) {
+  *off_a = *off_b = 0;
+  for (int d = a->ndim - 3; d >= 0; d--) {
+    int64_t idx = bi % a->sizes[d];
+    bi /= a->sizes[d];
+    *off_a += idx * a->strides[d];
+    *off_b += idx * b->strides[d];
+  }
+}
+
 /* The one element stride that walks all batch dims of t in order, or false if there is none. */
 static bool batch_stride(const pmp_tensor *t, int64_t *stride) {
   int nd = t->ndim;
@@ -158,13 +169,8 @@ static int onednn_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *
   if (batches == 1 || (batch_stride(a, &sa[0]) && batch_stride(b, &sb[0]) && sb[0] != 0))
     return pmp_onednn_matmul(a->dtype_id, batches, n, k, m, a->data, sa, b->data, sb, c->data);
   for (int64_t bi = 0; bi < batches; bi++) {
-    int64_t off_a = 0, off_b = 0, rest = bi;
-    for (int d = nd - 3; d >= 0; d--) {
-      int64_t idx = rest % a->sizes[d];
-      rest /= a->sizes[d];
-      off_a += idx * a->strides[d];
-      off_b += idx * b->strides[d];
-    }
+    int64_t off_a, off_b;
+    batch_offsets(a, b, bi, &off_a, &off_b);
     int rc = pmp_onednn_matmul(a->dtype_id, 1, n, k, m, a->data + off_a * es, sa, b->data + off_b * es, sb,
                                c->data + bi * n * m * es);
     if (rc != 0) return rc;   /* declined layouts are declined for every batch: the first one decides */
@@ -186,13 +192,8 @@ int pmp_cpu_matmul(const pmp_op_args *args) {
   }
   pmp_blas_sync_threads();
   for (int64_t bi = 0; bi < batches; bi++) {
-    int64_t off_a = 0, off_b = 0, rest = bi;
-    for (int d = nd - 3; d >= 0; d--) {
-      int64_t idx = rest % a->sizes[d];
-      rest /= a->sizes[d];
-      off_a += idx * a->strides[d];
-      off_b += idx * b->strides[d];
-    }
+    int64_t off_a, off_b;
+    batch_offsets(a, b, bi, &off_a, &off_b);
     const char *pa = a->data + off_a * es, *pb = b->data + off_b * es;
     char *pc = c->data + bi * n * m * es;
     const int64_t sa[2] = {a->strides[nd - 2], a->strides[nd - 1]}, sb[2] = {b->strides[nd - 2], b->strides[nd - 1]};

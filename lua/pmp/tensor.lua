@@ -639,21 +639,19 @@ function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t.ptr, cdim(di
 -- Shape
 
 -- view, reshape and expand name their size parameters (see direct_sizes): ten cover 8 dims, an
--- options table and one more, so that too many sizes are still reported.
+-- options table and one more, so that too many sizes are still reported. Returns the dim count of the
+-- shape now in shape_buffer.
+local function sizes_into_buffer(op, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
+  return direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
+    or select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), op, true))
+end
+
 function Tensor.view(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
-  local n = direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
-  if not n then
-    n = select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), 'view', true))
-  end
-  return wrap(C.pmp_view(t.ptr, shape_buffer, n))
+  return wrap(C.pmp_view(t.ptr, shape_buffer, sizes_into_buffer('view', s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)))
 end
 
 function Tensor.reshape(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
-  local n = direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
-  if not n then
-    n = select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), 'reshape', true))
-  end
-  return wrap(C.pmp_reshape(t.ptr, shape_buffer, n))
+  return wrap(C.pmp_reshape(t.ptr, shape_buffer, sizes_into_buffer('reshape', s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)))
 end
 
 function Tensor.flatten(t) return t:reshape(-1) end
@@ -686,11 +684,7 @@ function Tensor.squeeze(t, d)
 end
 
 function Tensor.expand(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
-  local n = direct_sizes(s1, s2, s3, s4, s5, s6, s7, s8, s9)
-  if not n then
-    n = select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), 'expand', true))
-  end
-  return wrap(C.pmp_expand(t.ptr, shape_buffer, n))
+  return wrap(C.pmp_expand(t.ptr, shape_buffer, sizes_into_buffer('expand', s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)))
 end
 function Tensor.expand_as(t, other) return t:expand(other.shape) end
 
