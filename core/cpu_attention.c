@@ -38,8 +38,10 @@ __attribute__((always_inline)) static inline void load_row_f32(float *dst, const
     const uint16_t *s = (const uint16_t *)src;
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) dst[i] = bf16_bits_to_f32(s[i]);
-  } else if (dtype == PMP_F32) {
-    memcpy(dst, src, sizeof(float) * (size_t)n);
+  } else if (dtype == PMP_F32) {   /* rows are short (a head dim): an inline loop, not a memcpy call */
+    const float *s = (const float *)src;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = s[i];
   } else {
     pmp_convert(dst, PMP_F32, src, dtype, n);
   }
@@ -51,7 +53,9 @@ __attribute__((always_inline)) static inline void store_row_f32(char *dst, int d
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16_bits(src[i]);
   } else if (dtype == PMP_F32) {
-    memcpy(dst, src, sizeof(float) * (size_t)n);
+    float *d = (float *)dst;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) d[i] = src[i];
   } else {
     pmp_convert(dst, dtype, src, PMP_F32, n);
   }
