@@ -304,15 +304,17 @@ local per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_query_group
 local flops_per_token = 6 * (c.num_layers * per_layer + c.vocab_size * c.hidden_size)
   + 12 * c.num_layers * opts.seq_length * c.num_attention_heads * c.kv_channels
 local clock = require('pmp.clock')
+-- In the training dtype: bf16 GEMMs run on other units (AMX, AVX512-BF16) than f32 ones.
 local function measured_peak_flops()
-  local a, b = pmp.randn(512, 512), pmp.randn(512, 512)
+  local dtype = opts.bf16 and 'bf16' or 'f32'
+  local a, b = pmp.randn(1024, 1024):to(dtype), pmp.randn(1024, 1024):to(dtype)
   pmp.matmul(a, b)
   local start, n = clock.now(), 0
   while clock.now() - start < 0.3 do
     pmp.matmul(a, b)
     n = n + 1
   end
-  return n * 2 * 512 ^ 3 / (clock.now() - start)
+  return n * 2 * 1024 ^ 3 / (clock.now() - start)
 end
 local peak = measured_peak_flops()
 
