@@ -20,6 +20,7 @@ typedef struct gemm_entry {
   gemm_key key;
   dnnl_primitive_t primitive;           /* NULL: oneDNN has no fast kernel for this key */
   dnnl_memory_desc_t a, b, c;
+  dnnl_memory_t mem_a, mem_b, mem_c;    /* pointed at each call's operands (creating them costs more) */
   bool used;
 } gemm_entry;
 
@@ -39,8 +40,13 @@ static uint64_t key_hash(const gemm_key *k) {
 }
 
 static void cache_clear(void) {
-  for (int i = 0; i < CACHE_SLOTS; i++)
-    if (cache[i].used && cache[i].primitive) dnnl_primitive_destroy(cache[i].primitive);
+  for (int i = 0; i < CACHE_SLOTS; i++) {
+    if (!cache[i].used || !cache[i].primitive) continue;
+    dnnl_primitive_destroy(cache[i].primitive);
+    dnnl_memory_destroy(cache[i].mem_a);
+    dnnl_memory_destroy(cache[i].mem_b);
+    dnnl_memory_destroy(cache[i].mem_c);
+  }
   memset(cache, 0, sizeof cache);
   cached = 0;
 }
@@ -74,6 +80,14 @@ static void build(gemm_entry *e) {
   dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl);
   if (strncmp(impl, "ref", 3) != 0 && dnnl_primitive_create(&e->primitive, pd) != dnnl_success) e->primitive = NULL;
   dnnl_primitive_desc_destroy(pd);
+  if (e->primitive && (dnnl_memory_create(&e->mem_a, &e->a, engine, DNNL_MEMORY_NONE) != dnnl_success ||
+                       dnnl_memory_create(&e->mem_b, &e->b, engine, DNNL_MEMORY_NONE) != dnnl_success ||
+                       dnnl_memory_create(&e->mem_c, &e->c, engine, DNNL_MEMORY_NONE) != dnnl_success)) {
+    if (e->mem_a) dnnl_memory_destroy(e->mem_a);
+    if (e->mem_b) dnnl_memory_destroy(e->mem_b);
+    dnnl_primitive_destroy(e->primitive);
+    e->primitive = NULL;
+  }
 }
 
 /* The cache entry for a key, built on first use; NULL when oneDNN has no CPU engine here. */
@@ -102,18 +116,14 @@ static gemm_entry *lookup(const gemm_key *key) {
 }
 
 static int run(gemm_entry *e, const void *a, const void *b, void *c) {
-  dnnl_memory_t ma = NULL, mb = NULL, mc = NULL;
-  dnnl_status_t s = dnnl_memory_create(&ma, &e->a, engine, (void *)a);
-  if (s == dnnl_success) s = dnnl_memory_create(&mb, &e->b, engine, (void *)b);
-  if (s == dnnl_success) s = dnnl_memory_create(&mc, &e->c, engine, c);
+  dnnl_status_t s = dnnl_memory_set_data_handle(e->mem_a, (void *)a);
+  if (s == dnnl_success) s = dnnl_memory_set_data_handle(e->mem_b, (void *)b);
+  if (s == dnnl_success) s = dnnl_memory_set_data_handle(e->mem_c, c);
   if (s == dnnl_success) {
-    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, e->mem_a}, {DNNL_ARG_WEIGHTS, e->mem_b}, {DNNL_ARG_DST, e->mem_c}};
     s = dnnl_primitive_execute(e->primitive, stream, 3, args);
     if (s == dnnl_success) s = dnnl_stream_wait(stream);
   }
-  if (ma) dnnl_memory_destroy(ma);
-  if (mb) dnnl_memory_destroy(mb);
-  if (mc) dnnl_memory_destroy(mc);
   return s == dnnl_success ? 0 : pmp_fail_code("matmul: oneDNN %s", dnnl_status2str(s));
 }
 
