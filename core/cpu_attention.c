@@ -72,21 +72,25 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
 }
 
 #define REAL float
+#define IREAL int32_t   /* an integer of REAL's size: shuffle indices */
 #define EXP expf
 #define LOG logf
 #define SUFFIX f32
 #include "cpu_attention_impl.h"
 #undef REAL
+#undef IREAL
 #undef EXP
 #undef LOG
 #undef SUFFIX
 
 #define REAL double
+#define IREAL int64_t
 #define EXP exp
 #define LOG log
 #define SUFFIX f64
 #include "cpu_attention_impl.h"
 #undef REAL
+#undef IREAL
 #undef EXP
 #undef LOG
 #undef SUFFIX

@@ -13,6 +13,7 @@
 
 /* 64 bytes: one AVX-512 register, two AVX2 ones */
 typedef REAL VEC __attribute__((vector_size(64)));
+typedef IREAL NAME(index_vec_, SUFFIX) __attribute__((vector_size(64)));
 
 /* C[rows x vecs vectors] = (accumulate ? C : 0) + alpha A B for up to GEMM_ROWS rows and 2 vectors of columns
  * at A, B, C (see tile_gemm). rows and vecs are constants where this is inlined, so the loops unroll and
@@ -56,31 +57,73 @@ __attribute__((always_inline)) static inline void NAME(gemm_block_, SUFFIX)(int 
  * (so a transposed tile costs nothing), B is k x n with rows ldb apart, C is m x n with rows ldc apart.
  * At tile sizes (64 x 64 x head_dim) a BLAS call spends more on setup than on arithmetic, so this is a
  * small register-blocked kernel: 8 rows of C by 2 vectors of columns stay in registers while p runs
- * (16 of AVX-512's 32 registers). */
+ * (16 of AVX-512's 32 registers).
+ * Masks make much of a tile zero. Per block of GEMM_ROWS rows of C: terms (NULL: all) gives the terms
+ * [terms[0], terms[1]) of the sums where A may be nonzero (the rest are zero and skipped, which leaves
+ * every finite sum as it was); col_end (NULL: n) the columns [0, col_end) of C the rows need (the others
+ * are left as they were). */
 WIDE_VECTORS static void NAME(tile_gemm_, SUFFIX)(int64_t m, int64_t n, int64_t k, REAL alpha, const REAL *A,
                                                  int64_t a_rs, int64_t a_cs, const REAL *B, int64_t ldb,
-                                                 bool accumulate, REAL *C, int64_t ldc) {
+                                                 bool accumulate, REAL *C, int64_t ldc, const int64_t (*terms)[2],
+                                                 const int64_t *col_end) {
+#define GEMM_BLOCK(ROWS, VECS)                                                                                       \
+  do {                                                                                                               \
+    int64_t p0 = terms ? terms[i / GEMM_ROWS][0] : 0, p1 = terms ? terms[i / GEMM_ROWS][1] : k;                      \
+    if (p1 < p0) p1 = p0;                                                                                            \
+    if (!col_end || j < col_end[i / GEMM_ROWS])                                                                      \
+      NAME(gemm_block_, SUFFIX)(ROWS, VECS, p1 - p0, alpha, A + i * a_rs + p0 * a_cs, a_rs, a_cs, B + p0 * ldb + j,   \
+                                ldb, accumulate, C + i * ldc + j, ldc);                                              \
+  } while (0)
   int64_t j = 0;
   for (; j + 2 * LANES <= n; j += 2 * LANES) {
     int64_t i = 0;
-    for (; i + GEMM_ROWS <= m; i += GEMM_ROWS)
-      NAME(gemm_block_, SUFFIX)(GEMM_ROWS, 2, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
-    for (; i < m; i++)
-      NAME(gemm_block_, SUFFIX)(1, 2, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
+    for (; i + GEMM_ROWS <= m; i += GEMM_ROWS) GEMM_BLOCK(GEMM_ROWS, 2);
+    for (; i < m; i++) GEMM_BLOCK(1, 2);
   }
   for (; j + LANES <= n; j += LANES) {
     int64_t i = 0;
-    for (; i + GEMM_ROWS <= m; i += GEMM_ROWS)
-      NAME(gemm_block_, SUFFIX)(GEMM_ROWS, 1, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
-    for (; i < m; i++)
-      NAME(gemm_block_, SUFFIX)(1, 1, k, alpha, A + i * a_rs, a_rs, a_cs, B + j, ldb, accumulate, C + i * ldc + j, ldc);
+    for (; i + GEMM_ROWS <= m; i += GEMM_ROWS) GEMM_BLOCK(GEMM_ROWS, 1);
+    for (; i < m; i++) GEMM_BLOCK(1, 1);
   }
+#undef GEMM_BLOCK
   for (int64_t i = 0; i < m; i++)
     for (int64_t jj = j; jj < n; jj++) {
       REAL sum = 0;
       for (int64_t p = 0; p < k; p++) sum += A[i * a_rs + p * a_cs] * B[p * ldb + jj];
       C[i * ldc + jj] = alpha * sum + (accumulate ? C[i * ldc + jj] : 0);
     }
+}
+
+/* terms and col_end (see tile_gemm) of a tile whose query row r sees key columns [lo[r], hi[r]]:
+ * by_queries for products with a row per query (terms, or columns, are keys), by_keys for those with a
+ * row per key (terms are queries). */
+static void NAME(spans_by_queries_, SUFFIX)(int64_t rows, int64_t cols, const int64_t *lo, const int64_t *hi,
+                                            int64_t (*terms)[2], int64_t *col_end) {
+  for (int64_t r0 = 0; r0 < rows; r0 += GEMM_ROWS) {
+    int64_t first = cols, last = -1;
+    for (int64_t r = r0; r < rows && r < r0 + GEMM_ROWS; r++)
+      if (lo[r] <= hi[r]) {
+        if (lo[r] < first) first = lo[r];
+        if (hi[r] > last) last = hi[r];
+      }
+    terms[r0 / GEMM_ROWS][0] = first < 0 ? 0 : first;
+    terms[r0 / GEMM_ROWS][1] = last + 1 > cols ? cols : last + 1;
+    col_end[r0 / GEMM_ROWS] = last + 1;
+  }
+}
+
+static void NAME(spans_by_keys_, SUFFIX)(int64_t rows, int64_t cols, const int64_t *lo, const int64_t *hi,
+                                         int64_t (*terms)[2]) {
+  for (int64_t c0 = 0; c0 < cols; c0 += GEMM_ROWS) {
+    int64_t c1 = c0 + GEMM_ROWS - 1 < cols - 1 ? c0 + GEMM_ROWS - 1 : cols - 1, first = rows, last = -1;
+    for (int64_t r = 0; r < rows; r++)
+      if (lo[r] <= hi[r] && lo[r] <= c1 && hi[r] >= c0) {
+        if (r < first) first = r;
+        last = r;
+      }
+    terms[c0 / GEMM_ROWS][0] = first;
+    terms[c0 / GEMM_ROWS][1] = last + 1;
+  }
 }
 
 /* dst (n x D, contiguous) = rows pos0 .. pos0 + n - 1 of head h of batch row b of t, in the compute dtype. */
@@ -93,8 +136,35 @@ WIDE_VECTORS static void NAME(load_rows_, SUFFIX)(REAL *dst, const attention_ope
 WIDE_VECTORS static void NAME(load_rows_transposed_, SUFFIX)(REAL *dst, int64_t ld, REAL *tmp, const attention_operand *t,
                                                              int64_t b, int64_t h, int64_t n, int64_t D) {
   for (int64_t r = 0; r < n; r++) NAME(load_row_, SUFFIX)(tmp + r * D, row_of(t, b, h, r), t->dtype, D);
+  /* Whole LANES x LANES blocks in registers: step w swaps the off-diagonal w x w blocks of row pairs
+   * (i, i + w), so after every power of two each element's row and column bits are exchanged. An
+   * element at a time, the transpose cost as much as the tile products that use it. */
+  NAME(index_vec_, SUFFIX) low[LANES], high[LANES];
+  for (int w = 1, s = 0; w < LANES; w *= 2, s++)
+    for (int l = 0; l < LANES; l++) {
+      low[s][l] = (l & w) ? LANES + l - w : l;
+      high[s][l] = (l & w) ? LANES + l : l + w;
+    }
+  int64_t n_whole = n - n % LANES, d_whole = D - D % LANES;
+  for (int64_t c0 = 0; c0 < n_whole; c0 += LANES)
+    for (int64_t d0 = 0; d0 < d_whole; d0 += LANES) {
+      VEC m[LANES];
+#pragma GCC unroll 16
+      for (int r = 0; r < LANES; r++) memcpy(&m[r], tmp + (c0 + r) * D + d0, sizeof m[r]);
+#pragma GCC unroll 4
+      for (int w = 1, s = 0; w < LANES; w *= 2, s++)
+#pragma GCC unroll 16
+        for (int i = 0; i < LANES; i++)
+          if (!(i & w)) {
+            VEC x = m[i], y = m[i + w];
+            m[i] = __builtin_shuffle(x, y, low[s]);
+            m[i + w] = __builtin_shuffle(x, y, high[s]);
+          }
+#pragma GCC unroll 16
+      for (int r = 0; r < LANES; r++) memcpy(dst + (d0 + r) * ld + c0, &m[r], sizeof m[r]);
+    }
   for (int64_t d = 0; d < D; d++)
-    for (int64_t c = 0; c < n; c++) dst[d * ld + c] = tmp[c * D + d];
+    for (int64_t c = d < d_whole ? n_whole : 0; c < n; c++) dst[d * ld + c] = tmp[c * D + d];
 }
 
 WIDE_VECTORS static void NAME(store_rows_, SUFFIX)(const attention_operand *t, int64_t b, int64_t h, int64_t pos0,
@@ -237,11 +307,14 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
     REAL *scores = malloc(sizeof(REAL) * BLOCK_Q * BLOCK_K);
     REAL *acc = malloc(tile), *qt = malloc(tile), *kt = malloc(keys), *vh = malloc(keys);
     REAL row_max[BLOCK_Q], row_sum[BLOCK_Q];
-    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q];
+    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q], q_terms[BLOCK_Q / GEMM_ROWS][2], q_cols[BLOCK_Q / GEMM_ROWS];
     bool ok = scores && acc && qt && kt && vh;
     if (!ok) {
 #pragma omp atomic write
       failed = 1;
+    } else {
+      /* score columns no query of a row block sees are not computed: keep what they hold finite */
+      memset(scores, 0, sizeof(REAL) * BLOCK_Q * BLOCK_K);
     }
 #pragma omp for schedule(dynamic)
     for (int64_t bh = 0; bh < tasks; bh++) {
@@ -262,10 +335,13 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
         /* key blocks no query of the block sees (above the causal diagonal, before a window) are skipped */
         for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
           int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
-          NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K);
           NAME(tile_ranges_, SUFFIX)(sh, b, t0, rows, s0, lo_c, hi_c);
+          NAME(spans_by_queries_, SUFFIX)(rows, cols, lo_c, hi_c, q_terms, q_cols);
+          NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K, NULL,
+                                   q_cols);
           NAME(softmax_tile_, SUFFIX)(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, D);
-          NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D);
+          NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D, q_terms,
+                                   NULL);
         }
         for (int64_t r = 0; r < rows; r++) {
           REAL *arow = acc + r * D;
@@ -306,11 +382,16 @@ static int NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const at
     REAL *dkh = malloc(keys), *dvh = malloc(keys);
     /* Q, dO and the dQ accumulator of one query head */
     REAL *qh = malloc(queries), *doh = malloc(queries), *dqh = malloc(queries);
-    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q];
+    int64_t lo_c[BLOCK_Q], hi_c[BLOCK_Q], q_terms[BLOCK_Q / GEMM_ROWS][2], q_cols[BLOCK_Q / GEMM_ROWS];
+    int64_t k_terms[BLOCK_K / GEMM_ROWS][2];
     bool ok = p && dp && delta && orow && kh && vh && kt && vt && dkh && dvh && qh && doh && dqh;
     if (!ok) {
 #pragma omp atomic write
       failed = 1;
+    } else {
+      /* tile columns no query of a row block sees are not computed: keep what they hold finite */
+      memset(p, 0, sizeof(REAL) * BLOCK_Q * BLOCK_K);
+      memset(dp, 0, sizeof(REAL) * BLOCK_Q * BLOCK_K);
     }
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; task++) {
@@ -331,16 +412,23 @@ static int NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const at
           NAME(block_keys_, SUFFIX)(sh, b, t0, rows, &lo, &hi);
           for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
             int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
-            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt + s0, S, false, p, BLOCK_K);
             NAME(tile_ranges_, SUFFIX)(sh, b, t0, rows, s0, lo_c, hi_c);
+            NAME(spans_by_queries_, SUFFIX)(rows, cols, lo_c, hi_c, q_terms, q_cols);
+            NAME(spans_by_keys_, SUFFIX)(rows, cols, lo_c, hi_c, k_terms);
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt + s0, S, false, p, BLOCK_K,
+                                     NULL, q_cols);
             NAME(probabilities_tile_, SUFFIX)(p, rows, cols, lo_c, hi_c, lh + t0);
             /* dV += P^T dO ; dP = dO V^T */
-            NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D);
-            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)1, doh + t0 * D, D, 1, vt + s0, S, false, dp, BLOCK_K);
+            NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D,
+                                     k_terms, NULL);
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)1, doh + t0 * D, D, 1, vt + s0, S, false, dp, BLOCK_K, NULL,
+                                     q_cols);
             NAME(score_grad_tile_, SUFFIX)(dp, p, rows, cols, delta + t0);
             /* dQ += scale dS K ; dK += scale dS^T Q */
-            NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)sh->scale, dp, BLOCK_K, 1, kh + s0 * D, D, true, dqh + t0 * D, D);
-            NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)sh->scale, dp, 1, BLOCK_K, qh + t0 * D, D, true, dkh + s0 * D, D);
+            NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)sh->scale, dp, BLOCK_K, 1, kh + s0 * D, D, true, dqh + t0 * D,
+                                     D, q_terms, NULL);
+            NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)sh->scale, dp, 1, BLOCK_K, qh + t0 * D, D, true, dkh + s0 * D,
+                                     D, k_terms, NULL);
           }
         }
         NAME(store_rows_, SUFFIX)(dq, b, h, 0, T, D, dqh);
