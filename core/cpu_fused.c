@@ -253,32 +253,44 @@ int pmp_cpu_rms_norm_backward(const pmp_op_args *a) {
   return 0;
 }
 
-/* Walks the rows (every index but the last dim's) of views that share x's shape, in order, keeping each
- * view's element offset: x and y may be strided views (q as a transpose of [B, T, H, D] memory) and the
- * tables broadcast ones. */
+/* Walks the rows (every index but the last dim's) of views that share x's shape, keeping each view's
+ * element offset: x and y may be strided views (q as a transpose of [B, T, H, D] memory) and the tables
+ * broadcast ones. The dims go in the order of x's strides, so that x and y (which has x's layout) are read
+ * and written in memory order: in index order a transposed view's rows lie far apart and each costs
+ * cache misses. */
 typedef struct {
-  const pmp_tensor *t[4];
-  int64_t idx[PMP_MAX_DIMS], off[4];
+  int nd;
+  int64_t size[PMP_MAX_DIMS], stride[4][PMP_MAX_DIMS], idx[PMP_MAX_DIMS], off[4];
 } row_walk;
 
-static void walk_start(row_walk *w, int64_t r) {
-  const pmp_tensor *x = w->t[0];
-  for (int d = x->ndim - 2; d >= 0; d--) {
-    w->idx[d] = r % x->sizes[d];
-    r /= x->sizes[d];
+static void walk_start(row_walk *w, const pmp_tensor *const t[4], int64_t r) {
+  const pmp_tensor *x = t[0];
+  int order[PMP_MAX_DIMS];
+  w->nd = x->ndim - 1;
+  for (int d = 0; d < w->nd; d++) {
+    int k = d;
+    for (; k > 0 && x->strides[order[k - 1]] < x->strides[d]; k--) order[k] = order[k - 1];
+    order[k] = d;
+  }
+  for (int k = 0; k < w->nd; k++) {
+    w->size[k] = x->sizes[order[k]];
+    for (int j = 0; j < 4; j++) w->stride[j][k] = t[j]->strides[order[k]];
+  }
+  for (int d = w->nd - 1; d >= 0; d--) {
+    w->idx[d] = r % w->size[d];
+    r /= w->size[d];
   }
   for (int j = 0; j < 4; j++) {
     w->off[j] = 0;
-    for (int d = 0; d < x->ndim - 1; d++) w->off[j] += w->idx[d] * w->t[j]->strides[d];
+    for (int d = 0; d < w->nd; d++) w->off[j] += w->idx[d] * w->stride[j][d];
   }
 }
 
 static void walk_next(row_walk *w) {
-  const pmp_tensor *x = w->t[0];
-  for (int d = x->ndim - 2; d >= 0; d--) {
-    for (int j = 0; j < 4; j++) w->off[j] += w->t[j]->strides[d];
-    if (++w->idx[d] < x->sizes[d]) return;
-    for (int j = 0; j < 4; j++) w->off[j] -= w->idx[d] * w->t[j]->strides[d];
+  for (int d = w->nd - 1; d >= 0; d--) {
+    for (int j = 0; j < 4; j++) w->off[j] += w->stride[j][d];
+    if (++w->idx[d] < w->size[d]) return;
+    for (int j = 0; j < 4; j++) w->off[j] -= w->idx[d] * w->stride[j][d];
     w->idx[d] = 0;
   }
 }
@@ -346,8 +358,8 @@ static inline __attribute__((always_inline)) void rope_half_rows(const pmp_tenso
                                                                  enum rope_kind kind) {
   int es = kind == ROPE_F32 ? 4 : 2, tes = kind == ROPE_BF16_BF16_TABLES ? 2 : 4;
   int64_t dim = x->sizes[x->ndim - 1], rotary = cs->sizes[cs->ndim - 1], half = rotary / 2;
-  row_walk walk = {.t = {x, y, cs, sn}};
-  walk_start(&walk, first);
+  row_walk walk;
+  walk_start(&walk, (const pmp_tensor *const[4]){x, y, cs, sn}, first);
   for (int64_t r = first; r < end; r++, walk_next(&walk)) {
     const char *xr = x->data + walk.off[0] * es;
     char *yr = y->data + walk.off[1] * es;
@@ -404,8 +416,8 @@ int pmp_cpu_rope(const pmp_op_args *a) {
       if (first < end) half_rows(x, y, cs, sn, first, end, transpose);
       first = end;
     }
-    row_walk walk = {.t = {x, y, cs, sn}};
-    if (first < end) walk_start(&walk, first);
+    row_walk walk;
+    if (first < end) walk_start(&walk, (const pmp_tensor *const[4]){x, y, cs, sn}, first);
     for (int64_t r = first; r < end; r++, walk_next(&walk)) {
       const char *xr = x->data + walk.off[0] * es;
       char *yr = y->data + walk.off[1] * es;
