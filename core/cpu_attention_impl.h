@@ -192,21 +192,24 @@ WIDE_VECTORS static void NAME(softmax_tile_, SUFFIX)(REAL *scores, int64_t rows,
       for (int64_t c = 0; c < cols; c++) srow[c] = 0;
       continue;
     }
-    /* the selects and the exp vectorize only in loops of their own; most rows of most tiles see every column */
+    /* the selects and the exp vectorize only in loops of their own, and masked columns must reach the exp in
+     * range (exp(0)), since libmvec's expf takes a slow scalar path on a vector holding -inf */
     bool masked = first > 0 || last < cols - 1;
     if (masked)
 #pragma omp simd
       for (int64_t c = 0; c < cols; c++) srow[c] = (c < first) | (c > last) ? peak : srow[c];
 #pragma omp simd
     for (int64_t c = 0; c < cols; c++) srow[c] = EXP(srow[c] - peak);
-    if (masked)
-#pragma omp simd
-      for (int64_t c = 0; c < cols; c++) srow[c] = (c < first) | (c > last) ? 0 : srow[c];
     REAL rescale = EXP(row_max[r] - peak), total = 0;
 #pragma omp simd reduction(+ : total)
-    for (int64_t c = 0; c < cols; c++) total += srow[c];
+    for (int64_t c = 0; c < cols; c++) {
+      REAL e = (c < first) | (c > last) ? 0 : srow[c];
+      srow[c] = e;
+      total += e;
+    }
     row_sum[r] = row_sum[r] * rescale + total;
     row_max[r] = peak;
+    if (rescale == 1) continue; /* the common case of an unchanged maximum: scaling by one is exact */
     REAL *arow = acc + r * D;
 #pragma omp simd
     for (int64_t d = 0; d < D; d++) arow[d] *= rescale;
