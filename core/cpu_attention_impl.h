@@ -172,10 +172,20 @@ WIDE_VECTORS static void NAME(store_rows_, SUFFIX)(const attention_operand *t, i
   for (int64_t r = 0; r < n; r++) NAME(store_row_, SUFFIX)(row_of(t, b, h, pos0 + r), t->dtype, src + r * D, D);
 }
 
+/* row[c] = exp(row[c] - shift) for the visible columns [first, last]; masked columns become exp(0)
+ * for the caller to zero. They must reach the exp in range: libmvec's expf takes a slow scalar path on
+ * a vector holding -inf. The selects and the exp vectorize only in loops of their own. */
+__attribute__((always_inline)) static inline void NAME(exp_visible_, SUFFIX)(REAL *row, int64_t cols, int64_t first,
+                                                                            int64_t last, REAL shift) {
+  if (first > 0 || last < cols - 1)
+#pragma omp simd
+    for (int64_t c = 0; c < cols; c++) row[c] = (c < first) | (c > last) ? shift : row[c];
+#pragma omp simd
+  for (int64_t c = 0; c < cols; c++) row[c] = EXP(row[c] - shift);
+}
+
 /* The online-softmax step for a tile of scores whose row r sees columns [lo[r], hi[r]]: turns scores
- * into exp(score - running max), zero where masked, and rescales the row's sum and output accumulator.
- * Masked columns take exp(0) and are zeroed after: an infinite argument would send the vector exp
- * down its slow special-case path. */
+ * into exp(score - running max), zero where masked, and rescales the row's sum and output accumulator. */
 WIDE_VECTORS static void NAME(softmax_tile_, SUFFIX)(REAL *scores, int64_t rows, int64_t cols, const int64_t *lo,
                                                      const int64_t *hi, REAL *row_max, REAL *row_sum, REAL *acc,
                                                      int64_t D) {
@@ -192,14 +202,7 @@ WIDE_VECTORS static void NAME(softmax_tile_, SUFFIX)(REAL *scores, int64_t rows,
       for (int64_t c = 0; c < cols; c++) srow[c] = 0;
       continue;
     }
-    /* the selects and the exp vectorize only in loops of their own, and masked columns must reach the exp in
-     * range (exp(0)), since libmvec's expf takes a slow scalar path on a vector holding -inf */
-    bool masked = first > 0 || last < cols - 1;
-    if (masked)
-#pragma omp simd
-      for (int64_t c = 0; c < cols; c++) srow[c] = (c < first) | (c > last) ? peak : srow[c];
-#pragma omp simd
-    for (int64_t c = 0; c < cols; c++) srow[c] = EXP(srow[c] - peak);
+    NAME(exp_visible_, SUFFIX)(srow, cols, first, last, peak);
     REAL rescale = EXP(row_max[r] - peak), total = 0;
 #pragma omp simd reduction(+ : total)
     for (int64_t c = 0; c < cols; c++) {
@@ -217,7 +220,7 @@ WIDE_VECTORS static void NAME(softmax_tile_, SUFFIX)(REAL *scores, int64_t rows,
 }
 
 /* P = exp(scores - lse) on a tile whose row r sees columns [lo[r], hi[r]], zero elsewhere (masked
- * columns take exp(0) first, as in softmax_tile). */
+ * columns pass through exp_visible_ first). */
 WIDE_VECTORS static void NAME(probabilities_tile_, SUFFIX)(REAL *p, int64_t rows, int64_t cols, const int64_t *lo,
                                                            const int64_t *hi, const REAL *lse) {
   for (int64_t r = 0; r < rows; r++) {
@@ -227,13 +230,8 @@ WIDE_VECTORS static void NAME(probabilities_tile_, SUFFIX)(REAL *p, int64_t rows
       for (int64_t c = 0; c < cols; c++) prow[c] = 0;
       continue;
     }
-    bool masked = first > 0 || last < cols - 1;
-    if (masked)
-#pragma omp simd
-      for (int64_t c = 0; c < cols; c++) prow[c] = (c < first) | (c > last) ? l : prow[c];
-#pragma omp simd
-    for (int64_t c = 0; c < cols; c++) prow[c] = EXP(prow[c] - l);
-    if (masked)
+    NAME(exp_visible_, SUFFIX)(prow, cols, first, last, l);
+    if (first > 0 || last < cols - 1)
 #pragma omp simd
       for (int64_t c = 0; c < cols; c++) prow[c] = (c < first) | (c > last) ? 0 : prow[c];
   }
