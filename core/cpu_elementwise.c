@@ -312,7 +312,7 @@ static int fill(pmp_tensor *out, const fill_value *v) {
 /* ctx: {destination dtype, source dtype}; converting here keeps a dtype change to one pass. */
 static void copy_piece(const void *ctx, void *out, const void *const *in, int64_t n) {
   const int *dtypes = ctx;
-  pmp_iter_convert(out, dtypes[0], in[0], dtypes[1], n);
+  pmp_convert(out, dtypes[0], in[0], dtypes[1], n);
 }
 
 int pmp_cpu_copy(const pmp_op_args *a) {

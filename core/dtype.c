@@ -107,23 +107,29 @@ void pmp_store_from_i64(int dtype, void *p, int64_t v) {
 }
 
 /* Fast paths for the conversions training uses; everything else goes element by element. */
+/* The bf16 <-> f32 runs that every kernel's loads and stores go through, built for the widest vectors
+ * the CPU has. */
+WIDE_VECTORS static void bf16_to_f32_run(float *dst, const uint16_t *src, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; k++) dst[k] = bf16_bits_to_f32(src[k]);
+}
+
+WIDE_VECTORS static void f32_to_bf16_run(uint16_t *dst, const float *src, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; k++) dst[k] = f32_to_bf16_bits(src[k]);
+}
+
 void pmp_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n) {
   if (dst_dtype == src_dtype) {
     memcpy(dst, src, (size_t)(n * pmp_dtype_size(dst_dtype)));
     return;
   }
   if (src_dtype == PMP_F32 && dst_dtype == PMP_BF16) {
-    const float *s = src;
-    uint16_t *d = dst;
-#pragma omp simd
-    for (int64_t k = 0; k < n; k++) d[k] = f32_to_bf16_bits(s[k]);
+    f32_to_bf16_run(dst, src, n);
     return;
   }
   if (src_dtype == PMP_BF16 && dst_dtype == PMP_F32) {
-    const uint16_t *s = src;
-    float *d = dst;
-#pragma omp simd
-    for (int64_t k = 0; k < n; k++) d[k] = bf16_bits_to_f32(s[k]);
+    bf16_to_f32_run(dst, src, n);
     return;
   }
   if (src_dtype == PMP_F16 && dst_dtype == PMP_F32) {

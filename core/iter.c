@@ -12,7 +12,6 @@
  */
 #include "iter.h"
 #include "vector_math.h"
-#include <omp.h>
 
 void pmp_iter_init(pmp_iter *it, const int64_t *shape, int ndim, int nops, pmp_tensor *const *ops) {
   it->nops = nops;
@@ -76,33 +75,6 @@ static void cursor_next(const pmp_iter *it, cursor *c) {
     for (int op = 0; op < it->nops; op++) c->off[op] -= it->strides[op][d] * it->sizes[d];
     c->idx[d] = 0;
   }
-}
-
-/* This thread's share [*lo, *hi) of count items, in contiguous blocks as OpenMP's static schedule. */
-static void thread_share(int64_t count, int64_t *lo, int64_t *hi) {
-  int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-  int64_t q = count / nt, r = count % nt;
-  *lo = t * q + (t < r ? t : r);
-  *hi = *lo + q + (t < r);
-}
-
-WIDE_VECTORS static void bf16_to_f32(float *dst, const uint16_t *src, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; k++) dst[k] = bf16_bits_to_f32(src[k]);
-}
-
-WIDE_VECTORS static void f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; k++) dst[k] = f32_to_bf16_bits(src[k]);
-}
-
-void pmp_iter_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n) {
-  if (src_dtype == PMP_BF16 && dst_dtype == PMP_F32)
-    bf16_to_f32(dst, src, n);
-  else if (src_dtype == PMP_F32 && dst_dtype == PMP_BF16)
-    f32_to_bf16(dst, src, n);
-  else
-    pmp_convert(dst, dst_dtype, src, src_dtype, n);
 }
 
 static void gather(void *dst, const char *src, int64_t stride, int es, int64_t n) {
@@ -171,11 +143,11 @@ static const void *load_piece(operand *o, const char *src, int64_t stride, int64
     return buf;
   }
   if (stride == o->es) {
-    pmp_iter_convert(buf, o->buf_dtype, src, o->dtype, n);
+    pmp_convert(buf, o->buf_dtype, src, o->dtype, n);
     return buf;
   }
   gather(o->dtype == o->buf_dtype ? buf : tmp, src, stride, o->es, n);
-  if (o->dtype != o->buf_dtype) pmp_iter_convert(buf, o->buf_dtype, tmp, o->dtype, n);
+  if (o->dtype != o->buf_dtype) pmp_convert(buf, o->buf_dtype, tmp, o->dtype, n);
   return buf;
 }
 
@@ -205,7 +177,7 @@ int pmp_elementwise_run(const pmp_elementwise *e) {
       in_ops[k] = (operand){.dtype = e->in[k]->dtype_id, .buf_dtype = e->in_buf_dtype[k],
                             .es = pmp_dtype_size(e->in[k]->dtype_id)};
     int64_t lo, hi;
-    thread_share(pieces, &lo, &hi);
+    pmp_thread_share(pieces, &lo, &hi);
     cursor c;
     if (lo < hi) cursor_at(&it, lo / chunks, &c);
     for (int64_t p = lo; p < hi;) {
@@ -222,11 +194,11 @@ int pmp_elementwise_run(const pmp_elementwise *e) {
       e->fn(e->ctx, out_ptr, in_ptrs, n);
       if (!out_direct) {
         if (os == out_es) {
-          pmp_iter_convert(dst, e->out->dtype_id, bufs[0], e->out_buf_dtype, n);
+          pmp_convert(dst, e->out->dtype_id, bufs[0], e->out_buf_dtype, n);
         } else if (e->out->dtype_id == e->out_buf_dtype) {
           scatter(dst, os, bufs[0], out_es, n);
         } else {
-          pmp_iter_convert(tmp, e->out->dtype_id, bufs[0], e->out_buf_dtype, n);
+          pmp_convert(tmp, e->out->dtype_id, bufs[0], e->out_buf_dtype, n);
           scatter(dst, os, tmp, out_es, n);
         }
       }
@@ -251,16 +223,16 @@ bool pmp_iter_copy_runs(pmp_tensor *dst, const pmp_tensor *src) {
 #pragma omp parallel if (it.outer * it.inner >= PMP_PARALLEL_THRESHOLD)
   {
     int64_t lo, hi;
-    thread_share(items, &lo, &hi);
+    pmp_thread_share(items, &lo, &hi);
     if (lo < hi) {
       if (split > 1) {
         int64_t start = lo * PMP_PIECE, end = hi * PMP_PIECE < it.inner ? hi * PMP_PIECE : it.inner;
-        pmp_iter_convert(dst->data + start * des, ddt, src->data + start * ses, sdt, end - start);
+        pmp_convert(dst->data + start * des, ddt, src->data + start * ses, sdt, end - start);
       } else {
         cursor c;
         cursor_at(&it, lo, &c);
         for (int64_t r = lo; r < hi; r++) {
-          pmp_iter_convert(dst->data + c.off[0], ddt, src->data + c.off[1], sdt, it.inner);
+          pmp_convert(dst->data + c.off[0], ddt, src->data + c.off[1], sdt, it.inner);
           cursor_next(&it, &c);
         }
       }
@@ -315,7 +287,7 @@ bool pmp_iter_copy_transposed(pmp_tensor *dst, const pmp_tensor *src) {
 #pragma omp parallel if (batch.outer * rows * cols >= PMP_PARALLEL_THRESHOLD)
   {
     int64_t lo, hi;
-    thread_share(batch.outer * row_tiles, &lo, &hi);
+    pmp_thread_share(batch.outer * row_tiles, &lo, &hi);
     cursor c;
     if (lo < hi) cursor_at(&batch, lo / row_tiles, &c);
     for (int64_t t = lo; t < hi; t++) {

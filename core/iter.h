@@ -20,8 +20,6 @@ typedef struct pmp_elementwise {
 } pmp_elementwise;
 
 int pmp_elementwise_run(const pmp_elementwise *e);
-/* pmp_convert with the bf16 <-> f32 loops built for the widest vectors the CPU has. */
-void pmp_iter_convert(void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n);
 /* n copies of the es-byte element at value. */
 void pmp_iter_splat(void *dst, const void *value, int es, int64_t n);
 /* Copies src into dst (same shape) when the innermost dim is contiguous in both, one run at a time,
