@@ -267,11 +267,7 @@ static void walk_start(row_walk *w, const pmp_tensor *const t[4], int64_t r) {
   const pmp_tensor *x = t[0];
   int order[PMP_MAX_DIMS];
   w->nd = x->ndim - 1;
-  for (int d = 0; d < w->nd; d++) {
-    int k = d;
-    for (; k > 0 && x->strides[order[k - 1]] < x->strides[d]; k--) order[k] = order[k - 1];
-    order[k] = d;
-  }
+  pmp_dims_by_stride(x, order);
   for (int k = 0; k < w->nd; k++) {
     w->size[k] = x->sizes[order[k]];
     for (int j = 0; j < 4; j++) w->stride[j][k] = t[j]->strides[order[k]];

@@ -55,6 +55,12 @@ pmp_tensor *pmp_tensor_new_view(pmp_tensor *base, const int64_t *shape, const in
                                 int64_t offset_bytes);
 pmp_tensor *pmp_empty_like(const pmp_tensor *t, int dtype);
 pmp_tensor *pmp_empty_shape(const int64_t *shape, int ndim, int dtype, pmp_device device);
+/* order[0..ndim-1]: t's dims from the largest stride to the smallest (ties keep their order), the last
+ * dim kept last, as kernels that read rows in place need. */
+void pmp_dims_by_stride(const pmp_tensor *t, int *order);
+/* A new dense tensor shaped like t whose memory orders the dims as pmp_dims_by_stride does (dtype -1:
+ * t's), so a result or gradient written into it views back through the ops that made t as freely as t. */
+pmp_tensor *pmp_empty_in_layout(const pmp_tensor *t, int dtype);
 void pmp_contiguous_strides(const int64_t *shape, int ndim, int64_t *stride);
 bool pmp_same_shape(const pmp_tensor *a, const pmp_tensor *b);
 bool pmp_same_device(const pmp_tensor *a, const pmp_tensor *b, const char *op);

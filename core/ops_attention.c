@@ -13,27 +13,6 @@ static pmp_tensor *rows_contiguous(pmp_tensor *t) {
   return pmp_contiguous(t);
 }
 
-/* A fresh tensor shaped like t whose memory orders the dims as t's strides do (outermost first), so a
- * gradient written into it is as free to view back through the ops that made t as t itself was. */
-static pmp_tensor *empty_in_layout_of(const pmp_tensor *t, int dtype) {
-  int order[4] = {0, 1, 2, 3};
-  for (int i = 1; i < 4; i++)
-    for (int j = i; j > 0 && t->strides[order[j - 1]] < t->strides[order[j]]; j--) {
-      int swap = order[j];
-      order[j] = order[j - 1];
-      order[j - 1] = swap;
-    }
-  int64_t shape[4], dense[4], strides[4];
-  for (int i = 0; i < 4; i++) shape[i] = t->sizes[order[i]];
-  pmp_tensor *base = pmp_empty_shape(shape, 4, dtype, t->dev);
-  if (!base) return NULL;
-  pmp_contiguous_strides(shape, 4, dense);
-  for (int i = 0; i < 4; i++) strides[order[i]] = dense[i];
-  pmp_tensor *view = pmp_tensor_new_view(base, t->sizes, strides, 4, base->offset);
-  pmp_tensor_release(base);
-  return view;
-}
-
 pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
                           int64_t window) {
   if (!q || !k || !v) return NULL;
@@ -103,8 +82,8 @@ int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
   pmp_tensor *q = n->saved[0], *k = n->saved[1], *v = n->saved[2], *o = n->saved[3], *lse = n->saved[4];
   pmp_tensor *starts = n->saved[5];
   pmp_tensor *gc = rows_contiguous(g);
-  pmp_tensor *dq = empty_in_layout_of(q, q->dtype_id), *dk = empty_in_layout_of(k, k->dtype_id);
-  pmp_tensor *dv = empty_in_layout_of(v, v->dtype_id);
+  pmp_tensor *dq = pmp_empty_in_layout(q, q->dtype_id), *dk = pmp_empty_in_layout(k, k->dtype_id);
+  pmp_tensor *dv = pmp_empty_in_layout(v, v->dtype_id);
   pmp_op_args a = {.op = PMP_OP_ATTENTION_BACKWARD, .out = dq, .out2 = dk, .out3 = dv,
                    .in = {q, k, v, o, lse, gc, starts}, .nin = 7, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
   int rc = gc && dq && dk && dv ? pmp_dispatch(&a) : -1;

@@ -72,31 +72,11 @@ static pmp_tensor *rope_table(pmp_tensor *table, pmp_tensor *x, int64_t rotary, 
   return pmp_broadcast_view(table, shape, x->ndim);
 }
 
-/* An empty tensor of x's shape, dense, with x's dims in the order of their strides (the last dim
- * innermost): the kernel writes rows where x has them, so a strided view (q as a transpose of [B, T, H, D]
- * memory) gives the same kind of view back and nothing is copied either way. */
-static pmp_tensor *empty_in_layout(pmp_tensor *x) {
-  int n = x->ndim, order[PMP_MAX_DIMS];
-  for (int d = 0; d < n - 1; d++) {
-    int k = d;
-    for (; k > 0 && x->strides[order[k - 1]] < x->strides[d]; k--) order[k] = order[k - 1];
-    order[k] = d;
-  }
-  order[n - 1] = n - 1;
-  int64_t strides[PMP_MAX_DIMS], step = 1, numel = pmp_numel(x);
-  for (int k = n - 1; k >= 0; k--) {
-    strides[order[k]] = step;
-    step *= x->sizes[order[k]];
-  }
-  pmp_tensor *base = pmp_empty_shape(&numel, 1, x->dtype_id, x->dev);
-  pmp_tensor *out = base ? pmp_tensor_new_view(base, x->sizes, strides, n, 0) : NULL;
-  pmp_tensor_release(base);
-  return out;
-}
-
+/* The output takes x's memory layout: a strided view (q as a transpose of [B, T, H, D] memory) gives the
+ * same kind of view back and nothing is copied either way. */
 static pmp_tensor *rope_apply(pmp_tensor *x, pmp_tensor *cos_view, pmp_tensor *sin_view, int interleaved, int transpose) {
   pmp_tensor *xc = x->strides[x->ndim - 1] == 1 ? (pmp_tensor_retain(x), x) : pmp_contiguous(x);
-  pmp_tensor *out = xc ? empty_in_layout(xc) : NULL;
+  pmp_tensor *out = xc ? pmp_empty_in_layout(xc, -1) : NULL;
   pmp_op_args a = {.op = PMP_OP_ROPE, .out = out, .in = {xc, cos_view, sin_view}, .nin = 3, .i = {interleaved, transpose}};
   if (out && pmp_dispatch(&a) != 0) {
     pmp_tensor_release(out);

@@ -141,6 +141,30 @@ pmp_tensor *pmp_empty_like(const pmp_tensor *t, int dtype) {
   return pmp_empty_shape(t->sizes, t->ndim, dtype < 0 ? t->dtype_id : dtype, t->dev);
 }
 
+void pmp_dims_by_stride(const pmp_tensor *t, int *order) {
+  int n = t->ndim;
+  for (int d = 0; d < n - 1; d++) {
+    int k = d;
+    for (; k > 0 && t->strides[order[k - 1]] < t->strides[d]; k--) order[k] = order[k - 1];
+    order[k] = d;
+  }
+  if (n > 0) order[n - 1] = n - 1;
+}
+
+pmp_tensor *pmp_empty_in_layout(const pmp_tensor *t, int dtype) {
+  int n = t->ndim, order[PMP_MAX_DIMS];
+  pmp_dims_by_stride(t, order);
+  int64_t strides[PMP_MAX_DIMS], step = 1, numel = pmp_numel(t);
+  for (int k = n - 1; k >= 0; k--) {
+    strides[order[k]] = step;
+    step *= t->sizes[order[k]];
+  }
+  pmp_tensor *base = pmp_empty_shape(&numel, 1, dtype < 0 ? t->dtype_id : dtype, t->dev);
+  pmp_tensor *out = base ? pmp_tensor_new_view(base, t->sizes, strides, n, 0) : NULL;
+  pmp_tensor_release(base);
+  return out;
+}
+
 pmp_tensor *pmp_tensor_new_view(pmp_tensor *base, const int64_t *shape, const int64_t *stride, int ndim,
                                 int64_t offset_bytes) {
   pmp_tensor *t = calloc(1, sizeof *t);

@@ -362,6 +362,20 @@ describe('fused attention layouts and half precision', function()
     assert.are.equal('exact\n', out, err)
   end)
 
+  -- An expanded (stride 0) head dim must not end up innermost in the gradient's layout: the kernel
+  -- writes each head's rows with the head dim contiguous.
+  it('gives expanded keys and values the gradients of their contiguous copies', function()
+    local q = pmp.randn(2, 3, 9, 4):requires_grad_()
+    local k, v = pmp.randn(2, 1, 9, 4):requires_grad_(), pmp.randn(2, 1, 9, 4):requires_grad_()
+    local g = pmp.randn(2, 3, 9, 4)
+    F.attention(q, k:expand(2, 3, 9, 4), v:expand(2, 3, 9, 4), { causal = true }):backward(g)
+    local q2, k2, v2 = q:detach():requires_grad_(), k:detach():requires_grad_(), v:detach():requires_grad_()
+    F.attention(q2, k2:expand(2, 3, 9, 4):contiguous(), v2:expand(2, 3, 9, 4):contiguous(), { causal = true }):backward(g)
+    assert.are.same(q2.grad:totable(), q.grad:totable())
+    assert.are.same(k2.grad:totable(), k.grad:totable())
+    assert.are.same(v2.grad:totable(), v.grad:totable())
+  end)
+
   it('reads a gradient whose rows are not contiguous', function()
     local q, k, v = pmp.randn(2, 2, 9, 4), pmp.randn(2, 2, 9, 4), pmp.randn(2, 2, 9, 4)
     local g = pmp.randn(2, 2, 4, 9):transpose(3, 4)
