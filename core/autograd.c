@@ -130,17 +130,23 @@ int pmp_set_grad(pmp_tensor *t, pmp_tensor *grad) {
   return 0;
 }
 
-/* True when nothing but the caller's reference reaches g's memory, so a leaf may keep g itself as its
- * gradient instead of a copy (the usual case: a weight's gradient fresh from its matmul). */
-static bool exclusively_owned(const pmp_tensor *g, const pmp_tensor *leaf) {
-  return g->refcount == 1 && !g->grad_fn && !g->needs_grad && g->storage->refcount == 1 && !g->storage->release &&
-         g->offset == 0 && pmp_is_contiguous(g) && g->dtype_id == leaf->dtype_id && g->dev.type == leaf->dev.type &&
+/* True when nothing but the caller's one reference reaches t's memory, so t may be kept as a gradient
+ * or added into in place. */
+static bool owned_alone(const pmp_tensor *t) {
+  return t->refcount == 1 && t->storage->refcount == 1 && !t->storage->release && !t->grad_fn && !t->needs_grad &&
+         pmp_is_contiguous(t);
+}
+
+/* A leaf keeps g itself as its gradient instead of a copy (the usual case: a weight's gradient fresh
+ * from its matmul) when g is ours alone, spans its whole storage and matches the leaf. */
+static bool keepable(const pmp_tensor *g, const pmp_tensor *leaf) {
+  return owned_alone(g) && g->offset == 0 && g->dtype_id == leaf->dtype_id && g->dev.type == leaf->dev.type &&
          g->dev.index == leaf->dev.index;
 }
 
 /* Leaf gradients accumulate in place, like PyTorch, so .grad_acc keeps its identity across steps. */
 static int accumulate_leaf(pmp_tensor *leaf, pmp_tensor *g) {
-  if (!leaf->grad_acc && exclusively_owned(g, leaf)) {
+  if (!leaf->grad_acc && keepable(g, leaf)) {
     pmp_tensor_retain(g);
     leaf->grad_acc = g;
     return 0;
@@ -180,8 +186,7 @@ static int accumulate_node(pmp_node *n, pmp_tensor *g) {
     return 0;
   }
   pmp_tensor *acc = n->grad_acc;
-  if (acc->refcount == 1 && acc->storage->refcount == 1 && !acc->grad_fn && pmp_is_contiguous(acc) &&
-      acc->dtype_id == g->dtype_id && pmp_same_shape(acc, g)) {   /* ours alone: add in place */
+  if (owned_alone(acc) && acc->dtype_id == g->dtype_id && pmp_same_shape(acc, g)) {
     pmp_op_args a = {.op = PMP_OP_ADD, .out = acc, .in = {acc, g}, .nin = 2};
     return pmp_dispatch(&a);
   }
@@ -243,8 +248,8 @@ static int count_dependencies(pmp_node *root, uint32_t epoch) {
 static int add_into_slice(pmp_node *n) {
   pmp_edge *e = &n->in[0];
   pmp_tensor *g = n->grad_acc, *acc = e->next ? e->next->grad_acc : NULL;
-  if (n->op != PMP_OP_NARROW || !e->needs_grad || !acc || acc->refcount != 1 || acc->storage->refcount != 1 ||
-      acc->grad_fn || !pmp_is_contiguous(acc) || acc->dtype_id != g->dtype_id || acc->dtype_id != e->dtype_id)
+  if (n->op != PMP_OP_NARROW || !e->needs_grad || !acc || !owned_alone(acc) || acc->dtype_id != g->dtype_id ||
+      acc->dtype_id != e->dtype_id)
     return 0;
   pmp_tensor *slot = pmp_narrow(acc, (int)n->i[0], n->i[1], g->sizes[n->i[0]]);
   if (!slot) return -1;
