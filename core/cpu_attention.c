@@ -101,36 +101,13 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
  * rounded to bf16 before P V, P^T dO, dS K and dS^T Q, as PyTorch's CPU flash attention does. The
  * softmax statistics, delta and the O, dQ, dK, dV accumulators stay f32. Elsewhere (f16, f32, f64,
  * mixed dtypes, no AMX, PMP_ATTENTION_NO_AMX=1) the f32/f64 kernels above run. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,fma,bmi,bmi2")))
-
-/* AMX needs the CPU bits and the kernel's permission (arch_prctl ARCH_REQ_XCOMP_PERM for
- * XFEATURE_XTILEDATA) before the first tile instruction; asked once per process. */
-static bool amx_check(void) {
-  const char *off = getenv("PMP_ATTENTION_NO_AMX");
-  if (off && *off && strcmp(off, "0") != 0) return false;
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  bool tiles = (d >> 24 & 1) && (d >> 22 & 1);
-  if (!tiles || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("fma"))
-    return false;
-  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-}
+#include "amx.h"
+#ifdef PMP_HAVE_AMX
+#define HAVE_AMX_ATTENTION 1
 
 static bool amx_usable(void) {
-  static int state = -1;   /* -1 unknown, 0 no, 1 yes; checking twice is harmless */
-  int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
-  if (s < 0) {
-    s = amx_check();
-    __atomic_store_n(&state, s, __ATOMIC_RELEASE);
-  }
-  return s == 1;
+  const char *off = getenv("PMP_ATTENTION_NO_AMX");
+  return !(off && *off && strcmp(off, "0") != 0) && pmp_amx_usable();
 }
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -138,19 +115,6 @@ static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * 
 /* Operands with rows of a whole number of positions are held PAIRS_SKEW (bf16 pairs or f32) wider:
  * rows 2 KiB apart would put the 16 rows of a tile in two sets of the L1 cache. */
 enum { PAIRS_SKEW = 16 };
-
-/* Every tile is 16 rows of 64 bytes: A tiles 16 x 32 bf16, B tiles 32 x 16 bf16 as 16 rows of
- * (even, odd) row pairs, C tiles 16 x 16 f32. Operands are zero-padded to whole tiles. */
-AMX_TARGET static void amx_configure(void) {
-  struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg = {.palette = 1};
-  for (int t = 0; t < 8; t++) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-AMX_TARGET static void amx_release(void) { _tile_release(); }
 
 /* A B operand of k x n values held as pairs: element (p, j) at base[(p / 2) * 2 * width + 2 * j + p % 2],
  * width the padded n. */
@@ -329,7 +293,7 @@ AMX_TARGET static int attention_forward_amx(const attention_shape *sh, const att
 #pragma omp atomic write
       failed = 1;
     } else {
-      amx_configure();
+      pmp_amx_configure();
       /* tile rows past the last query or key are computed and never read: keep them finite */
       memset(qb, 0, sizeof(uint16_t) * BLOCK_Q * (size_t)Dp);
       memset(pb, 0, sizeof(uint16_t) * BLOCK_Q * BLOCK_K);
@@ -370,7 +334,7 @@ AMX_TARGET static int attention_forward_amx(const attention_shape *sh, const att
         if (exact->data) amx_store_rows(exact, b, h, t0, rows, D, acc, Dp);
       }
     }
-    if (ok) amx_release();
+    if (ok) _tile_release();
     free(scores);
     free(acc);
     free(qb);
@@ -415,7 +379,7 @@ AMX_TARGET static int attention_backward_amx(const attention_shape *sh, const at
 #pragma omp atomic write
       failed = 1;
     } else {
-      amx_configure();
+      pmp_amx_configure();
       /* Padding past T, S and D is zero once and for all: the tasks write the same places. Tile
        * entries past the last query or key are computed and never read, but must stay finite. */
       memset(p, 0, tile);
@@ -483,7 +447,7 @@ AMX_TARGET static int attention_backward_amx(const attention_shape *sh, const at
       amx_store_rows(dk, b, hk, 0, S, D, dkh, Dp);
       amx_store_rows(dv, b, hk, 0, S, D, dvh, Dp);
     }
-    if (ok) amx_release();
+    if (ok) _tile_release();
     free(p);
     free(dp);
     free(delta);
@@ -505,7 +469,6 @@ AMX_TARGET static int attention_backward_amx(const attention_shape *sh, const at
   }
   return failed ? -1 : 0;
 }
-#define HAVE_AMX_ATTENTION 1
 #endif
 
 static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_key) {

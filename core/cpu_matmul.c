@@ -1,4 +1,5 @@
-/* CPU GEMM: oneDNN (core/onednn_matmul.c) for f32, bf16 and f16; BLAS (core/blas.h) for f64, single-row
+/* CPU GEMM: AMX tiles (core/amx_matmul.c) for bf16 where the CPU has them; oneDNN (core/onednn_matmul.c)
+ * for f32, bf16 and f16; BLAS (core/blas.h) for f64, single-row
  * f32 products and whatever oneDNN declines (bf16/f16 then go through f32); a plain loop for integers. */
 #include "internal.h"
 #include "blas.h"
@@ -161,6 +162,21 @@ static bool batch_stride(const pmp_tensor *t, int64_t *stride) {
 
 /* All batches in one oneDNN call where the batch dims collapse, else one call per batch; 1 when
  * oneDNN declines the layout. */
+/* bf16 products on AMX, one batch at a time; 1 when the AMX kernel declines (then for every batch). */
+static int amx_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *c, int64_t batches, int64_t n, int64_t k,
+                       int64_t m) {
+  int nd = a->ndim;
+  const int64_t sa[2] = {a->strides[nd - 2], a->strides[nd - 1]}, sb[2] = {b->strides[nd - 2], b->strides[nd - 1]};
+  for (int64_t bi = 0; bi < batches; bi++) {
+    int64_t off_a, off_b;
+    batch_offsets(a, b, bi, &off_a, &off_b);
+    int rc = pmp_amx_matmul(n, k, m, (const uint16_t *)a->data + off_a, sa, (const uint16_t *)b->data + off_b, sb,
+                            (uint16_t *)c->data + bi * n * m);
+    if (rc != 0) return rc;
+  }
+  return 0;
+}
+
 static int onednn_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *c, int64_t batches, int64_t n, int64_t k,
                           int64_t m) {
   int nd = a->ndim, es = pmp_dtype_size(a->dtype_id);
@@ -186,6 +202,10 @@ int pmp_cpu_matmul(const pmp_op_args *args) {
   int64_t batches = 1;
   for (int d = 0; d < nd - 2; d++) batches *= a->sizes[d];
   bool single_row_f32 = n <= GEMV_MAX_ROWS && a->dtype_id == PMP_F32;
+  if (a->dtype_id == PMP_BF16) {
+    int rc = amx_batches(a, b, c, batches, n, k, m);
+    if (rc <= 0) return rc;
+  }
   if (pmp_dtype_is_float(a->dtype_id) && a->dtype_id != PMP_F64 && !single_row_f32) {
     int rc = onednn_batches(a, b, c, batches, n, k, m);
     if (rc <= 0) return rc;

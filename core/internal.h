@@ -120,6 +120,11 @@ int64_t pmp_profile_begin(void);
  * oneDNN declines the dtype or layout */
 int pmp_onednn_matmul(int dtype, int64_t batch, int64_t n, int64_t k, int64_t m, const void *a, const int64_t a_strides[3],
                       const void *b, const int64_t b_strides[3], void *c);
+/* core/amx_matmul.c: bf16 c[n, m] (contiguous) = a[n, k] @ b[k, m] on AMX tiles (strides in elements:
+ * row, column, one of them 1); 1 when AMX is absent or off (PMP_MATMUL_NO_AMX=1) or the layout is not
+ * one it reads, 0 on success, -1 on failure */
+int pmp_amx_matmul(int64_t n, int64_t k, int64_t m, const uint16_t *a, const int64_t a_strides[2], const uint16_t *b,
+                   const int64_t b_strides[2], uint16_t *c);
 void pmp_profile_end(int op, int64_t start);
 
 /* CPU kernels, one family per file */

@@ -1093,9 +1093,14 @@ describe('matmul', function()
     assert.equal(1 + 2 ^ -40, e:item())
   end)
 
-  -- f32/bf16 run on oneDNN and f64 on BLIS: the f64 product of the same (rounded) values is an
-  -- independent reference, over layouts oneDNN reads in place (transposes, collapsible batches) and
-  -- those it is handed per batch (permuted batch dims, broadcast right operand).
+  -- f32/bf16 run on oneDNN (bf16 on AMX tiles where the CPU has them) and f64 on BLIS: the f64
+  -- product of the same (rounded) values is an independent reference, over layouts read in place
+  -- (transposes, collapsible batches) and those handed over per batch (permuted batch dims, broadcast
+  -- right operand). The AMX kernel reads whole 32-row blocks of a in place and packs the rest, b in
+  -- groups of columns and a in chunks of rows of bounded size: the shapes below take each way, with
+  -- rows, columns and k that are and are not whole tiles, several column groups (k = 1024, 300
+  -- columns), several row chunks (k = 4096, 1100 rows of a transposed a) and several pieces of b
+  -- (k = 4096, 1100 columns).
   it('f32 and bf16 agree with f64 on large, transposed, permuted and broadcast operands', function()
     local function max_rel_err(got, a, b)
       local want = pmp.matmul(a:double(), b:double())
@@ -1109,6 +1114,15 @@ describe('matmul', function()
       { pmp.randn(40, 3, 33):transpose(1, 2), pmp.randn(3, 50, 33):transpose(2, 3) },
       { pmp.randn(2, 3, 17, 9):permute(2, 1, 3, 4), pmp.randn(9, 21) },
       { pmp.randn(4, 17, 9), pmp.randn(1, 9, 21):expand(4, 9, 21) },
+      { pmp.randn(64, 96), pmp.randn(96, 80) },
+      { pmp.randn(96, 64):t(), pmp.randn(80, 96):t() },
+      { pmp.randn(33, 1024), pmp.randn(1024, 47) },
+      { pmp.randn(64, 1024), pmp.randn(47, 1024):t() },
+      { pmp.randn(5, 40), pmp.randn(40, 3) },
+      { pmp.randn(2, 64, 160), pmp.randn(2, 160, 48) },
+      { pmp.randn(64, 1024), pmp.randn(300, 1024):t() },
+      { pmp.randn(4096, 1100):t(), pmp.randn(4096, 70) },
+      { pmp.randn(40, 4096), pmp.randn(4096, 1100) },
     }
     for i, c in ipairs(cases) do
       local a, b = c[1], c[2]

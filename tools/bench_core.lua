@@ -3,6 +3,8 @@
 -- Compares the engine against the floor it is built on, on the same buffers and sizes:
 --   * pmp.matmul (f32) against a direct call of the library it runs on (oneDNN's dnnl_sgemm) through
 --     the FFI, in GFLOP/s, with BLIS's cblas_sgemm (pmp's f64 BLAS) beside them for scale;
+--   * pmp.matmul (bf16) on AMX tiles against the same product through oneDNN (PMP_MATMUL_NO_AMX=1),
+--     on the GEMMs of a Llama layer's forward and backward (tokens x hidden x ffn);
 --   * elementwise ops, reductions and dtype conversion against memcpy, in GB/s.
 -- Times are wall-clock (CLOCK_MONOTONIC), best of N repetitions after a warm-up. It reports; it
 -- never asserts. Targets: pmp/direct within 5% at 1024^3; large elementwise ops >= 50% of memcpy.
@@ -28,12 +30,14 @@ declare [[int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t
 declare [[typedef struct { int major; int minor; int patch; const char *hash; unsigned cpu_runtime; unsigned gpu_runtime; } bench_dnnl_version_t;]]
 declare [[const bench_dnnl_version_t *dnnl_version(void);]]
 declare [[void bli_thread_set_num_threads(long n);]]
+declare [[int setenv(const char *name, const char *value, int overwrite);]]
+declare [[int unsetenv(const char *name);]]
 declare [[long bli_thread_get_num_threads(void);]]
 declare [[const char *bli_info_get_version_str(void);]]
 declare [[int bli_arch_query_id(void);]]
 declare [[const char *bli_arch_string(int id);]]
 
--- `./pmp tools/bench_core.lua [matmul|bandwidth]` runs one part; no argument runs both.
+-- `./pmp tools/bench_core.lua [matmul|bf16|bandwidth]` runs one part; no argument runs all.
 local only = arg and arg[1]
 local function wanted(part) return only == nil or only == part end
 
@@ -205,6 +209,46 @@ local function bench_matmul()
 end
 
 ---------------------------------------------------------------------------------------------------
+-- bf16 GEMM: the AMX kernel against oneDNN on the products of a training step's linear layers
+
+local function bench_bf16_gemm(label, a, b)
+  local function run_amx() local _ = pmp.matmul(a, b) end
+  local function run_onednn()
+    C.setenv('PMP_MATMUL_NO_AMX', '1', 1)
+    local _ = pmp.matmul(a, b)
+    C.unsetenv('PMP_MATMUL_NO_AMX')
+  end
+  local flops = 2 * a.shape[1] * a.shape[2] * b.shape[2]
+  local ta, td, reps = best_pair(run_amx, run_onednn, { warmup = 2, min_reps = 5, max_reps = 100, budget = 1.5 })
+  local via_amx = pmp.matmul(a, b):float()
+  C.setenv('PMP_MATMUL_NO_AMX', '1', 1)
+  local via_onednn = pmp.matmul(a, b):float()
+  C.unsetenv('PMP_MATMUL_NO_AMX')
+  local diff = via_amx:sub(via_onednn):abs():max():item() / via_onednn:abs():max():item()
+  local note = diff > 2 ^ -7 and string.format('  MISMATCH max rel diff %g', diff) or ''
+  print(string.format('%-40s %10.1f %10.1f %7.2f %5d%s', label, flops / ta * 1e-9, flops / td * 1e-9, td / ta, reps, note))
+end
+
+local function bench_bf16()
+  print()
+  print(string.format('%-40s %10s %10s %7s %5s', 'matmul (bf16), tokens 2048', 'AMX GF/s', 'oneDNN', 'ratio', 'reps'))
+  print(string.rep('-', 77))
+  pmp.manual_seed(1)
+  local tokens, hidden, ffn = 2048, 512, 1408
+  local function r(...) return pmp.randn(...):to('bf16') end
+  local x, g_qkv, w_qkv = r(tokens, hidden), r(tokens, 3 * hidden), r(3 * hidden, hidden)
+  local h, g_fc2, w_fc2 = r(tokens, ffn), r(tokens, hidden), r(hidden, ffn)
+  bench_bf16_gemm('qkv forward   x @ W:t()', x, w_qkv:t())
+  bench_bf16_gemm('qkv dgrad     g @ W', g_qkv, w_qkv)
+  bench_bf16_gemm('qkv wgrad     g:t() @ x', g_qkv:t(), x)
+  bench_bf16_gemm('fc2 forward   h @ W:t()', h, w_fc2:t())
+  bench_bf16_gemm('fc2 dgrad     g @ W', g_fc2, w_fc2)
+  bench_bf16_gemm('fc2 wgrad     g:t() @ h', g_fc2:t(), h)
+  bench_bf16_gemm('1024^3', r(1024, 1024), r(1024, 1024))
+  collectgarbage()
+end
+
+---------------------------------------------------------------------------------------------------
 -- Bandwidth: elementwise ops, reductions and a cast against memcpy
 
 local function bench_bandwidth()
@@ -274,6 +318,7 @@ end
 
 print_header()
 if wanted('matmul') then bench_matmul(); release() end
+if wanted('bf16') then bench_bf16(); release() end
 if wanted('bandwidth') then bench_bandwidth(); release() end
 local st = pmp.memory.stats()
 print()
