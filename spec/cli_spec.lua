@@ -27,6 +27,21 @@ describe('pmp command line', function()
     assert.matches('varargs=a --flag v\n', out, 1, true)
   end)
 
+  -- libgomp reads its spin policy when it loads, so pmp picks one and re-executes itself: long spins
+  -- when its threads have the cores to themselves, short ones when ranks or other work share them.
+  it('chooses the OpenMP spin before libgomp loads, and keeps a policy the user set', function()
+    local function spin_count(env)
+      local out, err, status = shell.run('env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY ' .. env .. ' ' ..
+        shell.quote(shell.pmp) .. [[ -e 'print(os.getenv("GOMP_SPINCOUNT"))']])
+      assert.equal(0, status, err)
+      return out
+    end
+    assert.equal('1000\n', spin_count('OMPI_COMM_WORLD_LOCAL_SIZE=100000 OMP_NUM_THREADS=2'))
+    assert.is_truthy(({ ['1000\n'] = true, ['100000\n'] = true })[spin_count('')])
+    assert.equal('7\n', spin_count('GOMP_SPINCOUNT=7'))
+    assert.equal('nil\n', spin_count('OMP_WAIT_POLICY=passive'))
+  end)
+
   it('preloads the pmp library as a global', function()
     local out, err, status = shell.run_pmp({ '-e', "print(type(pmp), pmp == require 'pmp')" })
     assert.equal(0, status, err)

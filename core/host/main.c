@@ -4,6 +4,7 @@
  * standalone runner, for one) find `arg` and `...` where they expect them.
  */
 #include "host.h"
+#include <sched.h>
 
 #include <stdbool.h>
 #include <stdio.h>
@@ -157,21 +158,51 @@ static int run(lua_State *L, const command_line *cmd) {
 }
 
 /*
- * OpenMP worker threads spin after each parallel region before sleeping. When the cores are shared
- * (other processes, several MPI ranks per node) that spinning starves the thread doing the work: a
- * small-model training loop ran 14x slower on a loaded 2-core machine. libgomp reads its policy only
- * when it loads, before main, so we set a short spin and re-execute ourselves once. A user's own
- * OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone.
+ * OpenMP worker threads spin after each parallel region before they sleep (GOMP_SPINCOUNT pause loops,
+ * about 20 ns each on current x86). Waking a sleeping worker costs each of a step's GEMMs 10-15% on a
+ * small model, so when every thread has a core of its own they spin for about 2 ms (100000). When the
+ * cores are shared (several MPI ranks, or other processes running when we start) spinning starves the
+ * thread doing the work: with one busy process beside it on 2 cores, a small-model training loop ran 3x
+ * slower at 100000 than at 1000 (14x slower at libgomp's own default once), so then they spin briefly
+ * (1000). libgomp reads the setting only when it loads, before main: we set it and re-execute ourselves
+ * once. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone.
  */
-static void use_short_openmp_spin(char **argv) {
+static long env_number(const char *name, long fallback) {
+  const char *text = getenv(name);
+  long value = text ? strtol(text, NULL, 10) : 0;
+  return value > 0 ? value : fallback;
+}
+
+/* Tasks running or waiting for a core right now besides us (the kernel's count of runnable tasks). */
+static long others_running(void) {
+  FILE *f = fopen("/proc/loadavg", "r");
+  long running = 1;
+  if (f) {
+    if (fscanf(f, "%*f %*f %*f %ld", &running) != 1) running = 1;
+    fclose(f);
+  }
+  return running > 1 ? running - 1 : 0;
+}
+
+static bool cores_are_shared(void) {
+  cpu_set_t set;
+  long cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : sysconf(_SC_NPROCESSORS_ONLN);
+  if (cpus < 1) cpus = 1;
+  long ranks = env_number("OMPI_COMM_WORLD_LOCAL_SIZE", env_number("SLURM_NTASKS_PER_NODE", 1));
+  /* without OMP_NUM_THREADS each rank takes its share of the cores (pmp.dist) */
+  long threads = env_number("OMP_NUM_THREADS", cpus / ranks > 0 ? cpus / ranks : 1);
+  return ranks * threads + others_running() > cpus;
+}
+
+static void choose_openmp_spin(char **argv) {
   if (getenv("GOMP_SPINCOUNT") || getenv("OMP_WAIT_POLICY")) return;
-  setenv("GOMP_SPINCOUNT", "1000", 1);
+  setenv("GOMP_SPINCOUNT", cores_are_shared() ? "1000" : "100000", 1);
   execv("/proc/self/exe", argv);
   /* exec failed: carry on with libgomp's default policy */
 }
 
 int main(int argc, char **argv) {
-  use_short_openmp_spin(argv);
+  choose_openmp_spin(argv);
   /* Training logs are read through pipes and files while the run goes on: flush them per line. */
   setvbuf(stdout, NULL, _IOLBF, 0);
   command_line cmd = {.argc = argc, .argv = argv};
