@@ -20,30 +20,6 @@ enum { TILE = 512 };   /* bf16 elements in one 16 x 64-byte tile */
 static inline __mmask32 first32(int64_t n) { return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (1u << n) - 1; }
 static inline __mmask16 first16(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
-/* Sixteen 16 x 32-bit rows transposed in registers. */
-AMX_TARGET static void transpose_16x16(__m512i r[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; j++) {
-      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
-    }
-  for (int j = 0; j < 8; j++) {
-    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
-  }
-}
-
 /* A tile from 16 lines of 32 contiguous values (lines `stride` apart, `lines` and `width` of them
  * valid, the rest zero). Read as 16 x 16 pairs, transposed when the lines run along the tile's columns. */
 AMX_TARGET static void tile_from_lines(uint16_t *tile, const uint16_t *src, int64_t stride, int64_t lines, int64_t width,
@@ -51,7 +27,7 @@ AMX_TARGET static void tile_from_lines(uint16_t *tile, const uint16_t *src, int6
   __m512i r[16];
   __mmask32 valid = first32(width);
   for (int i = 0; i < 16; i++) r[i] = i < lines ? _mm512_maskz_loadu_epi16(valid, src + i * stride) : _mm512_setzero_si512();
-  if (transposed) transpose_16x16(r);
+  if (transposed) pmp_transpose_16x16(r);
   for (int i = 0; i < 16; i++) _mm512_store_si512(tile + i * 32, r[i]);
 }
 
@@ -74,8 +50,8 @@ AMX_TARGET static void tiles_from_line_pairs(uint16_t *first, uint16_t *second, 
     high[q] = _mm512_permutex2var_epi16(even, high_index, odd);
   }
   if (transposed) {
-    transpose_16x16(low);
-    transpose_16x16(high);
+    pmp_transpose_16x16(low);
+    pmp_transpose_16x16(high);
   }
   for (int i = 0; i < 16; i++) {
     _mm512_store_si512(first + i * 32, low[i]);

@@ -174,96 +174,195 @@ AMX_TARGET static void amx_load_rows(uint16_t *dst, int64_t ld, const attention_
   }
 }
 
-/* As pairs of rows (B = the rows, k = positions, n = D): dst has width ld >= D; padding stays as the
- * caller zeroed it. */
+/* As pairs of rows (B = the rows, k = positions, n = D): dst has width ld >= D, a multiple of 32;
+ * padding is written with zeros. */
 AMX_TARGET static void amx_load_row_pairs(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b, int64_t h,
                                           int64_t n, int64_t D) {
-  for (int64_t r = 0; r < n; r++) {
-    const uint16_t *src = (const uint16_t *)row_of(t, b, h, r);
-    uint16_t *out = dst + (r / 2) * 2 * ld + r % 2;
-#pragma omp simd
-    for (int64_t d = 0; d < D; d++) out[2 * d] = src[d];
+  static const uint16_t low_pairs[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  static const uint16_t high_pairs[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                          24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  __m512i low_index = _mm512_loadu_si512(low_pairs), high_index = _mm512_loadu_si512(high_pairs);
+  for (int64_t r = 0; r < n; r += 2) {
+    const uint16_t *even = (const uint16_t *)row_of(t, b, h, r);
+    const uint16_t *odd = r + 1 < n ? (const uint16_t *)row_of(t, b, h, r + 1) : NULL;
+    uint16_t *out = dst + r * ld;
+    for (int64_t d = 0; d < D; d += 32) {
+      __mmask32 valid = D - d >= 32 ? 0xffffffffu : (1u << (D - d)) - 1;
+      __m512i e = _mm512_maskz_loadu_epi16(valid, even + d);
+      __m512i o = odd ? _mm512_maskz_loadu_epi16(valid, odd + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(e, low_index, o));
+      _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(e, high_index, o));
+    }
   }
 }
 
-/* As pairs of columns (B = the rows transposed, k = D, n = positions): dst has width ld >= n. Blocks of
- * 16 rows, so each output line is written whole. */
+/* Sixteen rows r0.. (zero past n) as 16 x 16 (even, odd) pairs of values d0.. (zero past D), each row
+ * one register. */
+AMX_TARGET static void load_pair_block(__m512i m[16], const attention_operand *t, int64_t b, int64_t h, int64_t r0,
+                                       int64_t n, int64_t d0, int64_t D) {
+  __mmask32 valid = D - d0 >= 32 ? 0xffffffffu : (1u << (D - d0)) - 1;
+  for (int64_t r = 0; r < 16; r++)
+    m[r] = r0 + r < n ? _mm512_maskz_loadu_epi16(valid, (const uint16_t *)row_of(t, b, h, r0 + r) + d0)
+                      : _mm512_setzero_si512();
+}
+
+/* As pairs of columns (B = the rows transposed, k = D, n = positions): dst has width ld >= n rounded up
+ * to 16, and round_up(D, 32) / 2 rows; padding is written with zeros. */
 AMX_TARGET static void amx_load_column_pairs(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b,
                                              int64_t h, int64_t n, int64_t D) {
   uint32_t *out = (uint32_t *)dst;
-  for (int64_t r0 = 0; r0 < n; r0 += 16) {
-    int64_t rn = n - r0 < 16 ? n - r0 : 16;
-    const uint16_t *src[16];
-    for (int64_t r = 0; r < rn; r++) src[r] = (const uint16_t *)row_of(t, b, h, r0 + r);
-    for (int64_t d = 0; d < D; d += 2)
-      for (int64_t r = 0; r < rn; r++)
-        out[(d / 2) * ld + r0 + r] = (uint32_t)src[r][d] | (d + 1 < D ? (uint32_t)src[r][d + 1] << 16 : 0);
-  }
+  __m512i m[16];
+  for (int64_t r0 = 0; r0 < n; r0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      load_pair_block(m, t, b, h, r0, n, d0, D);
+      pmp_transpose_16x16(m);
+      for (int64_t q = 0; q < 16; q++) _mm512_storeu_si512(out + (d0 / 2 + q) * ld + r0, m[q]);
+    }
 }
 
-/* dst (D x n bf16, rows ld apart) = the rows transposed, in blocks of 16 rows */
+/* dst (D x n bf16, rows ld apart) = the rows transposed: as pairs of columns, each pair then split
+ * into its even and odd row. dst has width ld >= n rounded up to 16 and round_up(D, 32) rows; padding is
+ * written with zeros. */
 AMX_TARGET static void amx_load_transposed(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b,
                                            int64_t h, int64_t n, int64_t D) {
-  for (int64_t r0 = 0; r0 < n; r0 += 16) {
-    int64_t rn = n - r0 < 16 ? n - r0 : 16;
-    const uint16_t *src[16];
-    for (int64_t r = 0; r < rn; r++) src[r] = (const uint16_t *)row_of(t, b, h, r0 + r);
-    for (int64_t d = 0; d < D; d++)
-      for (int64_t r = 0; r < rn; r++) dst[d * ld + r0 + r] = src[r][d];
-  }
+  __m512i m[16];
+  for (int64_t r0 = 0; r0 < n; r0 += 16)
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      load_pair_block(m, t, b, h, r0, n, d0, D);
+      pmp_transpose_16x16(m);
+      for (int64_t q = 0; q < 16; q++) {
+        _mm256_storeu_si256((__m256i *)(dst + (d0 + 2 * q) * ld + r0), _mm512_cvtepi32_epi16(m[q]));
+        _mm256_storeu_si256((__m256i *)(dst + (d0 + 2 * q + 1) * ld + r0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(m[q], 16)));
+      }
+    }
 }
 
-/* dst[r][c] = bf16(src[r][c]) for r < rows, c < cols, zero for cols <= c < width */
-AMX_TARGET static void amx_round_tile(uint16_t *dst, const float *src, int64_t rows, int64_t cols, int64_t width) {
-  for (int64_t r = 0; r < rows; r++)
-#pragma omp simd
-    for (int64_t c = 0; c < width; c++) dst[r * BLOCK_K + c] = f32_to_bf16_bits(c < cols ? src[r * BLOCK_K + c] : 0.0f);
+/* exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial (about 1
+ * ulp), times 2^n by scalef, which also gives 0 below the f32 range and inf above it. */
+AMX_TARGET static inline __m512 exp16(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));   /* also maps -inf to a finite argument */
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* Lanes first..first+15 that lie in [lo, hi] and below cols. */
+AMX_TARGET static inline __mmask16 visible_lanes(int64_t first, int64_t lo, int64_t hi, int64_t cols) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t from = lo > first ? lo - first : 0, to = (hi < cols - 1 ? hi : cols - 1) - first;
+  if (to < from || from > 15 || to < 0) return 0;
+  __m512i lane = iota;
+  return _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32((int)from), _MM_CMPINT_NLT) &
+         _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32((int)(to < 15 ? to : 15)), _MM_CMPINT_LE);
+}
+
+/* The online-softmax step of the forward pass on a tile of raw scores Q K^T (rows x cols <= 64), one
+ * pass per row in registers: scale, keep row r's columns [lo[r], hi[r]], update the running max and
+ * sum, rescale the row's output accumulator when the max moved, and write P = exp(scaled - max) as
+ * bf16 into pb (zero past cols up to width). Same arithmetic as softmax_tile_f32 after a scale. */
+AMX_TARGET static void amx_softmax_tile(const float *scores, uint16_t *pb, int64_t rows, int64_t cols, int64_t width,
+                                        const int64_t *lo, const int64_t *hi, float scale, float *row_max,
+                                        float *row_sum, float *acc, int64_t Dp) {
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY), scale_v = _mm512_set1_ps(scale);
+  int64_t vectors = (cols + 15) / 16;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *srow = scores + r * BLOCK_K;
+    uint16_t *prow = pb + r * BLOCK_K;
+    __m512 x[BLOCK_K / 16];
+    __mmask16 seen[BLOCK_K / 16];
+    __m512 top = _mm512_set1_ps(row_max[r]);
+    for (int64_t j = 0; j < vectors; j++) {
+      seen[j] = visible_lanes(16 * j, lo[r], hi[r], cols);
+      x[j] = _mm512_mask_mul_ps(minus_inf, seen[j], _mm512_maskz_loadu_ps(seen[j], srow + 16 * j), scale_v);
+      top = _mm512_max_ps(top, x[j]);
+    }
+    float peak = _mm512_reduce_max_ps(top);
+    if (peak == -INFINITY) {
+      memset(prow, 0, sizeof(uint16_t) * (size_t)width);
+      continue;
+    }
+    __m512 shift = _mm512_set1_ps(peak), total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < width / 16; j++) {
+      __m512 e = j < vectors ? _mm512_maskz_mov_ps(seen[j], exp16(_mm512_sub_ps(x[j], shift))) : _mm512_setzero_ps();
+      total = _mm512_add_ps(total, e);
+      _mm256_storeu_si256((__m256i *)(prow + 16 * j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    float rescale = expf(row_max[r] - peak);
+    row_sum[r] = row_sum[r] * rescale + _mm512_reduce_add_ps(total);
+    row_max[r] = peak;
+    if (rescale == 1) continue; /* the common case of an unchanged maximum: scaling by one is exact */
+    __m512 factor = _mm512_set1_ps(rescale);
+    float *arow = acc + r * Dp;
+    for (int64_t d = 0; d < Dp; d += 16) _mm512_storeu_ps(arow + d, _mm512_mul_ps(_mm512_loadu_ps(arow + d), factor));
+  }
 }
 
 /* The transposed tiles of the backward pass, keys as rows and queries as columns (BLOCK_Q apart):
  * P^T = exp(scale S^T - lse) where query r sees key c (lo[r] <= c <= hi[r], lse[r] finite), zero
- * elsewhere, for keys rows; pb = bf16(P^T). Queries past the block's last are given lo > hi. */
+ * elsewhere, for keys rows; pb = bf16(P^T). Queries past the block's last are given lo > hi; width is
+ * a multiple of 16. */
 AMX_TARGET static void amx_probabilities_transposed(float *p, uint16_t *pb, int64_t keys, int64_t width,
                                                     const int64_t *lo, const int64_t *hi, const float *lse,
                                                     float scale) {
+  __m512i first[BLOCK_Q / 16], last[BLOCK_Q / 16];
+  __m512 shift[BLOCK_Q / 16];
+  __mmask16 finite[BLOCK_Q / 16];
+  int32_t lo32[BLOCK_Q], hi32[BLOCK_Q];
+  for (int64_t r = 0; r < width; r++) {
+    lo32[r] = (int32_t)(lo[r] < INT32_MAX ? lo[r] : INT32_MAX);
+    hi32[r] = (int32_t)(hi[r] > -1 ? hi[r] : -1);
+  }
+  for (int64_t j = 0; j < width / 16; j++) {
+    first[j] = _mm512_loadu_si512(lo32 + 16 * j);
+    last[j] = _mm512_loadu_si512(hi32 + 16 * j);
+    shift[j] = _mm512_loadu_ps(lse + 16 * j);
+    finite[j] = _mm512_cmp_ps_mask(shift[j], _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+  }
+  const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t c = 0; c < keys; c++) {
+    __m512i key = _mm512_set1_epi32((int)c);
     float *prow = p + c * BLOCK_Q;
     uint16_t *brow = pb + c * BLOCK_Q;
-    /* the selects and the exp vectorize only in loops of their own; a masked entry takes exp(0), as an
-     * infinite argument sends the vector exp down its slow path */
-#pragma omp simd
-    for (int64_t r = 0; r < width; r++)
-      prow[r] = (lo[r] <= c) & (c <= hi[r]) & (lse[r] > -INFINITY) ? scale * prow[r] - lse[r] : 0.0f;
-#pragma omp simd
-    for (int64_t r = 0; r < width; r++) prow[r] = expf(prow[r]);
-#pragma omp simd
-    for (int64_t r = 0; r < width; r++) {
-      float x = (lo[r] <= c) & (c <= hi[r]) & (lse[r] > -INFINITY) ? prow[r] : 0.0f;
-      prow[r] = x;
-      brow[r] = f32_to_bf16_bits(x);
+    for (int64_t j = 0; j < width / 16; j++) {
+      __mmask16 seen = finite[j] & _mm512_cmp_epi32_mask(first[j], key, _MM_CMPINT_LE) &
+                       _mm512_cmp_epi32_mask(key, last[j], _MM_CMPINT_LE);
+      __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(prow + 16 * j), scale_v, shift[j]);
+      __m512 e = _mm512_maskz_mov_ps(seen, exp16(x));
+      _mm512_storeu_ps(prow + 16 * j, e);
+      _mm256_storeu_si256((__m256i *)(brow + 16 * j), (__m256i)_mm512_cvtneps_pbh(e));
     }
   }
 }
 
 /* dS^T = scale P^T (dP^T - delta) on the transposed tiles: dsb = bf16(dS^T) as rows (queries padded
- * with zeros to width), dsp = the same as pairs of rows; keys32 keys, a multiple of 32. */
+ * with zeros to width, a multiple of 16), dsp = the same as pairs of rows; keys32 keys, a multiple of 32. */
 AMX_TARGET static void amx_score_grad_transposed(const float *p, const float *dp, uint16_t *dsb, uint32_t *dsp,
                                                  int64_t keys32, int64_t width, const float *delta, float scale) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t c = 0; c < keys32; c += 2)
-#pragma omp simd
-    for (int64_t r = 0; r < width; r++) {
-      uint32_t even = f32_to_bf16_bits(scale * p[c * BLOCK_Q + r] * (dp[c * BLOCK_Q + r] - delta[r]));
-      uint32_t odd = f32_to_bf16_bits(scale * p[(c + 1) * BLOCK_Q + r] * (dp[(c + 1) * BLOCK_Q + r] - delta[r]));
-      dsb[c * BLOCK_Q + r] = (uint16_t)even;
-      dsb[(c + 1) * BLOCK_Q + r] = (uint16_t)odd;
-      dsp[(c / 2) * BLOCK_Q + r] = even | odd << 16;
+    for (int64_t j = 0; j < width; j += 16) {
+      __m512 d = _mm512_loadu_ps(delta + j);
+      const float *p0 = p + c * BLOCK_Q + j, *dp0 = dp + c * BLOCK_Q + j;
+      __m512 even = _mm512_mul_ps(_mm512_mul_ps(scale_v, _mm512_loadu_ps(p0)), _mm512_sub_ps(_mm512_loadu_ps(dp0), d));
+      __m512 odd = _mm512_mul_ps(_mm512_mul_ps(scale_v, _mm512_loadu_ps(p0 + BLOCK_Q)),
+                                 _mm512_sub_ps(_mm512_loadu_ps(dp0 + BLOCK_Q), d));
+      __m256i even16 = (__m256i)_mm512_cvtneps_pbh(even), odd16 = (__m256i)_mm512_cvtneps_pbh(odd);
+      _mm256_storeu_si256((__m256i *)(dsb + c * BLOCK_Q + j), even16);
+      _mm256_storeu_si256((__m256i *)(dsb + (c + 1) * BLOCK_Q + j), odd16);
+      __m512i pairs = _mm512_or_si512(_mm512_cvtepu16_epi32(even16), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd16), 16));
+      _mm512_storeu_si512(dsp + (c / 2) * BLOCK_Q + j, pairs);
     }
-}
-
-AMX_TARGET static void amx_scale_tile(float *s, int64_t rows, int64_t cols, float alpha) {
-  for (int64_t r = 0; r < rows; r++)
-#pragma omp simd
-    for (int64_t c = 0; c < cols; c++) s[r * BLOCK_K + c] *= alpha;
 }
 
 /* rows of src (rows ld apart) into n rows of t, D values each */
@@ -318,10 +417,8 @@ AMX_TARGET static int attention_forward_amx(const attention_shape *sh, const att
         for (int64_t s0 = lo - lo % BLOCK_K; s0 <= hi; s0 += BLOCK_K) {
           int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K, width = round_up(cols, 32);
           amx_gemm(m16, (cols + 15) / 16, Dp / 32, qb, Dp, (amx_pairs){kt + 2 * s0, Sw}, false, scores, BLOCK_K);
-          amx_scale_tile(scores, rows, cols, scale);
           tile_ranges_f32(sh, b, t0, rows, s0, lo_c, hi_c);
-          softmax_tile_f32(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, Dp);
-          amx_round_tile(pb, scores, rows, cols, width);
+          amx_softmax_tile(scores, pb, rows, cols, width, lo_c, hi_c, scale, row_max, row_sum, acc, Dp);
           amx_gemm(m16, Dp / 16, width / 32, pb, BLOCK_K, (amx_pairs){vp + s0 * Dp, Dp}, true, acc, Dp);
         }
         for (int64_t r = 0; r < rows; r++) {
