@@ -1,7 +1,7 @@
-/* f32, bf16 and f16 GEMM through oneDNN's matmul primitive (2-D f32 products through its sgemm). oneDNN picks its kernels by CPU feature at
- * run time (AVX-512, AVX-512 BF16, AMX tiles for bf16 on Sapphire Rapids, down to SSE4.1), reads
- * strided and transposed operands in place, and accumulates in f32 for bf16/f16 inputs. Its OpenMP
- * build shares our thread pool.
+/* f32, bf16 and f16 GEMM through oneDNN's matmul primitive (2-D f32 products through its sgemm).
+ * oneDNN picks its kernels by CPU feature at run time (AVX-512, AVX-512 BF16, AMX tiles for bf16 on
+ * Sapphire Rapids, down to SSE4.1), reads strided and transposed operands in place, and accumulates in
+ * f32 for bf16/f16 inputs. Its OpenMP build shares our thread pool.
  *
  * Creating a primitive costs far more than running a small one, so primitives are cached by shape,
  * dtype and strides: a training step asks for the same few dozen GEMMs every iteration. */
