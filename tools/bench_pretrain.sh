@@ -6,6 +6,11 @@
 #   tools/bench_pretrain.sh                 # both configs, full length
 #   tools/bench_pretrain.sh --iters 200     # config (a) shortened, for a quick check
 #   tools/bench_pretrain.sh --configs a
+#   tools/bench_pretrain.sh --rounds 3      # PyTorch and pmp alternate, 3 times each (default 2)
+#
+# The machine's speed drifts (other tenants, clock changes): a run of one program and then the other can
+# land in different phases. So the two alternate over rounds, each round's pair gives a ratio, and the
+# summary divides the rounds' mean times.
 #
 # Configs:
 #   a  nanoGPT's CPU "baby" Shakespeare run: char-level, 4 layers, 4 heads, 128 wide, seq 64,
@@ -22,6 +27,7 @@ THREADS=2
 ITERS_A=2000
 ITERS_B=10        # timed iterations of (b); one warm-up interval of 2 more runs before them
 CONFIGS="a b"
+ROUNDS=2
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -29,7 +35,8 @@ while [ $# -gt 0 ]; do
     --b-iters) ITERS_B=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --configs) CONFIGS=${2//,/ }; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench_pretrain: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -89,33 +96,41 @@ for config in $CONFIGS; do
     *) echo "bench_pretrain: unknown config $config" >&2; exit 2 ;;
   esac
   rows=()
-  # PyTorch first: its number is the reference the ratio divides by.
-  log=$LOGS/$config-pytorch.log
-  echo "== $title: pytorch ($log)" >&2
-  python3 "$ROOT/tools/pytorch_pretrain.py" $flags --data-path "$DATA" --threads "$THREADS" > "$log" 2>&1 \
-    || { echo "bench_pretrain: pytorch failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
-  read -r torch_ms torch_med torch_best torch_rss torch_val torch_n < <(summarize "$log")
-  rows+=("pytorch $(python3 -c 'import torch; print(torch.__version__)')|$torch_ms|$torch_med|$torch_best|1 1 1|$torch_rss|$torch_val|$torch_n")
-  log=$LOGS/$config-pmp.log
-  echo "== $title: pmp ($log)" >&2
-  # No checkpoints, no sample: only training and the final validation are timed or run.
-  (cd "$ROOT" && ./pmp recipes/pretrain.lua $flags --data-path "$DATA" \
-    --tokenizer-type char --save '' --sample-length 0) > "$log" 2>&1 \
-    || { echo "bench_pretrain: pmp failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
-  read -r ms med best rss val n < <(summarize "$log")
-  ratio=$(awk -v a="$ms" -v b="$torch_ms" -v c="$med" -v d="$torch_med" -v e="$best" -v f="$torch_best" \
-    'BEGIN { printf "%.2f %.2f %.2f", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0), (f > 0 ? e / f : 0) }')
-  rows+=("pmp $(cd "$ROOT" && ./pmp --version | cut -d' ' -f2)|$ms|$med|$best|$ratio|$rss|$val|$n")
+  torch_version=$(python3 -c 'import torch; print(torch.__version__)')
+  pmp_version=$(cd "$ROOT" && ./pmp --version | cut -d' ' -f2)
+  torch_sum=0 pmp_sum=0
+  for round in $(seq "$ROUNDS"); do
+    log=$LOGS/$config-pytorch-$round.log
+    echo "== $title, round $round/$ROUNDS: pytorch ($log)" >&2
+    python3 "$ROOT/tools/pytorch_pretrain.py" $flags --data-path "$DATA" --threads "$THREADS" > "$log" 2>&1 \
+      || { echo "bench_pretrain: pytorch failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+    read -r torch_ms torch_med torch_best torch_rss torch_val torch_n < <(summarize "$log")
+    rows+=("$round pytorch $torch_version|$torch_ms|$torch_med|$torch_best|1 1 1|$torch_rss|$torch_val|$torch_n")
+    log=$LOGS/$config-pmp-$round.log
+    echo "== $title, round $round/$ROUNDS: pmp ($log)" >&2
+    # No checkpoints, no sample: only training and the final validation are timed or run.
+    (cd "$ROOT" && ./pmp recipes/pretrain.lua $flags --data-path "$DATA" \
+      --tokenizer-type char --save '' --sample-length 0) > "$log" 2>&1 \
+      || { echo "bench_pretrain: pmp failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+    read -r ms med best rss val n < <(summarize "$log")
+    ratio=$(awk -v a="$ms" -v b="$torch_ms" -v c="$med" -v d="$torch_med" -v e="$best" -v f="$torch_best" \
+      'BEGIN { printf "%.2f %.2f %.2f", (b > 0 ? a / b : 0), (d > 0 ? c / d : 0), (f > 0 ? e / f : 0) }')
+    rows+=("$round pmp $pmp_version|$ms|$med|$best|$ratio|$rss|$val|$n")
+    torch_sum=$(awk -v s="$torch_sum" -v x="$torch_ms" 'BEGIN { print s + x }')
+    pmp_sum=$(awk -v s="$pmp_sum" -v x="$ms" 'BEGIN { print s + x }')
+  done
   echo
   echo "$title, $THREADS threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
   # ms/iter: mean over the timed iterations; median, best: of the log intervals' ms/iter;
-  # pmp/pytorch: the ratios of the three.
-  printf '%-24s %8s %8s %8s %16s %13s %15s %8s\n' run 'ms/iter' median best 'pmp/pytorch' 'peak RSS MiB' 'final val loss' 'timed it'
-  printf '%-24s %8s %8s %8s %16s\n' '' mean '' '' 'mean median best'
+  # pmp/pytorch: the ratios of the three to the same round's PyTorch run.
+  printf '%-26s %8s %8s %8s %16s %13s %15s %8s\n' 'round run' 'ms/iter' median best 'pmp/pytorch' 'peak RSS MiB' 'final val loss' 'timed it'
+  printf '%-26s %8s %8s %8s %16s\n' '' mean '' '' 'mean median best'
   for row in "${rows[@]}"; do
     IFS='|' read -r name ms med best ratio rss val n <<< "$row"
-    printf '%-24s %8s %8s %8s %16s %13s %15s %8s\n' "$name" "$ms" "$med" "$best" "$ratio" "$rss" "$val" "$n"
+    printf '%-26s %8s %8s %8s %16s %13s %15s %8s\n' "$name" "$ms" "$med" "$best" "$ratio" "$rss" "$val" "$n"
   done
+  awk -v t="$torch_sum" -v p="$pmp_sum" -v r="$ROUNDS" 'BEGIN {
+    printf "all %d rounds: PyTorch %.1f ms/iteration, pmp %.1f: pmp/pytorch %.2f\n", r, t / r, p / r, (t > 0 ? p / t : 0) }'
   echo
 done
 echo "logs: $LOGS" >&2
