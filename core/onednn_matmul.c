@@ -127,12 +127,16 @@ static int run(gemm_entry *e, const void *a, const void *b, void *c) {
   return s == dnnl_success ? 0 : pmp_fail_code("matmul: oneDNN %s", dnnl_status2str(s));
 }
 
-/* A 2-D f32 product with each operand row- or column-major goes to oneDNN's sgemm, which skips the
- * primitive's per-call setup: 4-9% of a small GEMM (make bench). 1 when the layout is not one it reads. */
+/* A 2-D f32 product of SGEMM_MIN_ROWS rows or more, each operand row- or column-major, goes to oneDNN's
+ * sgemm, which skips the primitive's per-call setup: 4-9% at 256^3 to 1024^3 (make bench). With fewer
+ * rows (decoding) sgemm was up to 1.5x slower than the primitive on a large transposed weight. 1 when
+ * the product is not one for sgemm. */
+enum { SGEMM_MIN_ROWS = 256 };
 static int sgemm(int64_t n, int64_t k, int64_t m, const float *a, const int64_t a_strides[3], const float *b,
                  const int64_t b_strides[3], float *c) {
   char ta, tb;
   int64_t lda, ldb;
+  if (n < SGEMM_MIN_ROWS) return 1;
   if (a_strides[2] == 1 && a_strides[1] >= (k > 1 ? k : 1)) ta = 'N', lda = a_strides[1];
   else if (a_strides[1] == 1 && a_strides[2] >= (n > 1 ? n : 1)) ta = 'T', lda = a_strides[2];
   else return 1;

@@ -1123,6 +1123,11 @@ describe('matmul', function()
       { pmp.randn(64, 1024), pmp.randn(300, 1024):t() },
       { pmp.randn(4096, 1100):t(), pmp.randn(4096, 70) },
       { pmp.randn(40, 4096), pmp.randn(4096, 1100) },
+      -- 2-D f32 products of 256 rows or more go to oneDNN's sgemm: each transpose combination
+      { pmp.randn(300, 40), pmp.randn(40, 50) },
+      { pmp.randn(260, 33), pmp.randn(50, 33):t() },
+      { pmp.randn(33, 270):t(), pmp.randn(33, 50) },
+      { pmp.randn(40, 300):t(), pmp.randn(50, 40):t() },
     }
     for i, c in ipairs(cases) do
       local a, b = c[1], c[2]
