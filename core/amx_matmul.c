@@ -64,36 +64,21 @@ typedef struct operand {
   int64_t row_stride, col_stride;   /* one of them is 1 */
 } operand;
 
-/* Row blocks [first, last) of a (n x k) into packed[tile - 2 origin][k chunk], two 16-row tiles per
- * block, each tile 16 rows x 32 k. */
-AMX_TARGET static void pack_rows(uint16_t *packed, operand a, int64_t origin, int64_t first, int64_t last, int64_t n,
-                                 int64_t k) {
+/* Blocks [first, last) of an operand into packed[tile - 2 origin][k chunk], two tiles of 16 lines per
+ * block: a's rows as 16 x 32-k tiles, or b's columns as 16 k-pairs x 16 columns (the same tiles
+ * transposed as pairs). `across` steps from one of a's rows or b's columns to the next, `along` along
+ * k; one of them is 1. extent: a's rows or b's columns. */
+AMX_TARGET static void pack_blocks(uint16_t *packed, const uint16_t *data, int64_t across, int64_t along, bool columns,
+                                   int64_t origin, int64_t first, int64_t last, int64_t extent, int64_t k) {
   int64_t chunks = (k + 31) / 32;
   for (int64_t t = 2 * first; t < 2 * last; t += 2)
     for (int64_t p = 0; p < chunks; p++) {
       uint16_t *tile = packed + ((t - 2 * origin) * chunks + p) * TILE, *next = tile + chunks * TILE;
-      if (a.col_stride == 1) {
-        tile_from_lines(tile, a.data + 16 * t * a.row_stride + 32 * p, a.row_stride, n - 16 * t, k - 32 * p, false);
-        tile_from_lines(next, a.data + 16 * (t + 1) * a.row_stride + 32 * p, a.row_stride, n - 16 * (t + 1), k - 32 * p, false);
+      if (along == 1) {
+        tile_from_lines(tile, data + 16 * t * across + 32 * p, across, extent - 16 * t, k - 32 * p, columns);
+        tile_from_lines(next, data + 16 * (t + 1) * across + 32 * p, across, extent - 16 * (t + 1), k - 32 * p, columns);
       } else {
-        tiles_from_line_pairs(tile, next, a.data + 16 * t + 32 * p * a.col_stride, a.col_stride, k - 32 * p, n - 16 * t, true);
-      }
-    }
-}
-
-/* Column blocks [first, last) of b (k x m) into packed[tile - 2 origin][k chunk], two 16-column tiles
- * per block, each tile 16 k-pairs x 16 columns. */
-AMX_TARGET static void pack_columns(uint16_t *packed, operand b, int64_t origin, int64_t first, int64_t last, int64_t k,
-                                    int64_t m) {
-  int64_t chunks = (k + 31) / 32;
-  for (int64_t t = 2 * first; t < 2 * last; t += 2)
-    for (int64_t p = 0; p < chunks; p++) {
-      uint16_t *tile = packed + ((t - 2 * origin) * chunks + p) * TILE, *next = tile + chunks * TILE;
-      if (b.col_stride == 1) {
-        tiles_from_line_pairs(tile, next, b.data + 32 * p * b.row_stride + 16 * t, b.row_stride, k - 32 * p, m - 16 * t, false);
-      } else {
-        tile_from_lines(tile, b.data + 16 * t * b.col_stride + 32 * p, b.col_stride, m - 16 * t, k - 32 * p, true);
-        tile_from_lines(next, b.data + 16 * (t + 1) * b.col_stride + 32 * p, b.col_stride, m - 16 * (t + 1), k - 32 * p, true);
+        tiles_from_line_pairs(tile, next, data + 16 * t + 32 * p * along, along, k - 32 * p, extent - 16 * t, !columns);
       }
     }
 }
@@ -192,10 +177,10 @@ AMX_TARGET static void gemm(const plan *pl, operand a, operand b, uint16_t *c, i
       for (int64_t p0 = 0; p0 < pl->col_blocks; p0 += pl->piece) {
         int64_t p1 = p0 + pl->piece < pl->col_blocks ? p0 + pl->piece : pl->col_blocks;
         pmp_thread_share(p1 - p0, &lo, &hi);
-        pack_columns(packed_b, b, p0, p0 + lo, p0 + hi, k, m);
+        pack_blocks(packed_b, b.data, b.col_stride, b.row_stride, true, p0, p0 + lo, p0 + hi, m, k);
         if (!pl->in_place && p0 == 0) {
           pmp_thread_share(r1 - r0, &lo, &hi);
-          pack_rows(packed_a, a, r0, r0 + lo, r0 + hi, n, k);
+          pack_blocks(packed_a, a.data, a.row_stride, a.col_stride, false, r0, r0 + lo, r0 + hi, n, k);
         }
 #pragma omp barrier
         /* Rows are split between threads when there are enough of them, else columns. */
