@@ -1,5 +1,7 @@
 /* Whether this process may run AMX tile instructions (see amx.h). */
 #include "amx.h"
+#include <stdlib.h>
+#include <string.h>
 
 #ifdef PMP_HAVE_AMX
 #include <cpuid.h>
@@ -19,7 +21,7 @@ static bool amx_check(void) {
   return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
 
-bool pmp_amx_usable(void) {
+static bool amx_usable(void) {
   static int state = -1;   /* -1 unknown, 0 no, 1 yes; checking twice is harmless */
   int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
   if (s < 0) {
@@ -27,5 +29,10 @@ bool pmp_amx_usable(void) {
     __atomic_store_n(&state, s, __ATOMIC_RELEASE);
   }
   return s == 1;
+}
+
+bool pmp_amx_enabled(const char *off) {
+  const char *value = getenv(off);
+  return !(value && *value && strcmp(value, "0") != 0) && amx_usable();
 }
 #endif

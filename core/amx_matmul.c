@@ -1,23 +1,21 @@
 /* bf16 GEMM on AMX tiles: c[n, m] = a[n, k] @ b[k, m], bf16 in and out, f32 sums.
  *
- * oneDNN 2.6 (Debian's) reaches AMX too, but this machine-sized kernel is 1.1-1.5x faster on the
- * shapes of a training step, so bf16 products with unit-stride rows or columns come here first.
+ * oneDNN 2.6 (Debian's) reaches AMX too, but this kernel is 1.0-1.2x faster on a Llama layer's GEMMs
+ * (tools/bench_core.lua bf16) and a bf16 training step 8-20%, so bf16 products with unit-stride rows or
+ * columns come here first.
  *
  * Layout: b is packed into tiles of 16 (even, odd) k-pairs x 16 columns, the form the tile unit
  * multiplies; a is read in place when its rows are contiguous and whole (tile rows straight from
  * memory) and packed into 16 x 32 tiles otherwise. Each 32 x 32 block of c is summed over all of k in
- * four C tiles and rounded to bf16 once, so every element is one f32 sum in
- * a fixed order: the result does not depend on the thread count. */
+ * four C tiles and rounded to bf16 once, so every element is one f32 sum in a fixed order: the result
+ * does not depend on the thread count. */
 #include "internal.h"
 #include "amx.h"
-#include <stdio.h>
-#include <time.h>
 
 #ifdef PMP_HAVE_AMX
 
 enum { TILE = 512 };   /* bf16 elements in one 16 x 64-byte tile */
 
-static inline __mmask32 first32(int64_t n) { return n >= 32 ? 0xffffffffu : n <= 0 ? 0 : (1u << n) - 1; }
 static inline __mmask16 first16(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
 /* A tile from 16 lines of 32 contiguous values (lines `stride` apart, `lines` and `width` of them
@@ -25,7 +23,7 @@ static inline __mmask16 first16(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 
 AMX_TARGET static void tile_from_lines(uint16_t *tile, const uint16_t *src, int64_t stride, int64_t lines, int64_t width,
                                        bool transposed) {
   __m512i r[16];
-  __mmask32 valid = first32(width);
+  __mmask32 valid = pmp_first32(width);
   for (int i = 0; i < 16; i++) r[i] = i < lines ? _mm512_maskz_loadu_epi16(valid, src + i * stride) : _mm512_setzero_si512();
   if (transposed) pmp_transpose_16x16(r);
   for (int i = 0; i < 16; i++) _mm512_store_si512(tile + i * 32, r[i]);
@@ -36,18 +34,12 @@ AMX_TARGET static void tile_from_lines(uint16_t *tile, const uint16_t *src, int6
  * transposed when the lines run along the tiles' rows. */
 AMX_TARGET static void tiles_from_line_pairs(uint16_t *first, uint16_t *second, const uint16_t *src, int64_t stride,
                                              int64_t lines, int64_t width, bool transposed) {
-  static const uint16_t low_pairs[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  static const uint16_t high_pairs[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                          24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  __m512i low_index = _mm512_loadu_si512(low_pairs), high_index = _mm512_loadu_si512(high_pairs);
   __m512i low[16], high[16];
-  __mmask32 valid = first32(width);
+  __mmask32 valid = pmp_first32(width);
   for (int q = 0; q < 16; q++) {
     __m512i even = 2 * q < lines ? _mm512_maskz_loadu_epi16(valid, src + 2 * q * stride) : _mm512_setzero_si512();
     __m512i odd = 2 * q + 1 < lines ? _mm512_maskz_loadu_epi16(valid, src + (2 * q + 1) * stride) : _mm512_setzero_si512();
-    low[q] = _mm512_permutex2var_epi16(even, low_index, odd);
-    high[q] = _mm512_permutex2var_epi16(even, high_index, odd);
+    pmp_interleave_pairs(even, odd, &low[q], &high[q]);
   }
   if (transposed) {
     pmp_transpose_16x16(low);
@@ -214,16 +206,11 @@ AMX_TARGET static void gemm(const plan *pl, operand a, operand b, uint16_t *c, i
   }
 }
 
-static bool amx_matmul_enabled(void) {
-  const char *off = getenv("PMP_MATMUL_NO_AMX");
-  return !(off && *off && strcmp(off, "0") != 0) && pmp_amx_usable();
-}
-
 int pmp_amx_matmul(int64_t n, int64_t k, int64_t m, const uint16_t *a, const int64_t a_strides[2], const uint16_t *b,
                    const int64_t b_strides[2], uint16_t *c) {
   /* Under 32 rows (decoding) the tiles would mostly multiply padding, and packing b would cost more
    * than reading it once: oneDNN's vector kernels are the better fit. */
-  if (!amx_matmul_enabled() || n < 32 || m == 0 || k == 0) return 1;
+  if (!pmp_amx_enabled("PMP_MATMUL_NO_AMX") || n < 32 || m == 0 || k == 0) return 1;
   operand oa = {a, a_strides[0], a_strides[1]}, ob = {b, b_strides[0], b_strides[1]};
   if ((oa.row_stride != 1 && oa.col_stride != 1) || (ob.row_stride != 1 && ob.col_stride != 1)) return 1;
   plan pl = plan_for(oa, n, k, m);

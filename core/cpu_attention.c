@@ -105,11 +105,6 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
 #ifdef PMP_HAVE_AMX
 #define HAVE_AMX_ATTENTION 1
 
-static bool amx_usable(void) {
-  const char *off = getenv("PMP_ATTENTION_NO_AMX");
-  return !(off && *off && strcmp(off, "0") != 0) && pmp_amx_usable();
-}
-
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 /* Operands with rows of a whole number of positions are held PAIRS_SKEW (bf16 pairs or f32) wider:
@@ -178,21 +173,17 @@ AMX_TARGET static void amx_load_rows(uint16_t *dst, int64_t ld, const attention_
  * padding is written with zeros. */
 AMX_TARGET static void amx_load_row_pairs(uint16_t *dst, int64_t ld, const attention_operand *t, int64_t b, int64_t h,
                                           int64_t n, int64_t D) {
-  static const uint16_t low_pairs[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  static const uint16_t high_pairs[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                          24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  __m512i low_index = _mm512_loadu_si512(low_pairs), high_index = _mm512_loadu_si512(high_pairs);
   for (int64_t r = 0; r < n; r += 2) {
     const uint16_t *even = (const uint16_t *)row_of(t, b, h, r);
     const uint16_t *odd = r + 1 < n ? (const uint16_t *)row_of(t, b, h, r + 1) : NULL;
     uint16_t *out = dst + r * ld;
     for (int64_t d = 0; d < D; d += 32) {
-      __mmask32 valid = D - d >= 32 ? 0xffffffffu : (1u << (D - d)) - 1;
-      __m512i e = _mm512_maskz_loadu_epi16(valid, even + d);
+      __mmask32 valid = pmp_first32(D - d);
+      __m512i e = _mm512_maskz_loadu_epi16(valid, even + d), low, high;
       __m512i o = odd ? _mm512_maskz_loadu_epi16(valid, odd + d) : _mm512_setzero_si512();
-      _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(e, low_index, o));
-      _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(e, high_index, o));
+      pmp_interleave_pairs(e, o, &low, &high);
+      _mm512_storeu_si512(out + 2 * d, low);
+      _mm512_storeu_si512(out + 2 * d + 32, high);
     }
   }
 }
@@ -201,7 +192,7 @@ AMX_TARGET static void amx_load_row_pairs(uint16_t *dst, int64_t ld, const atten
  * one register. */
 AMX_TARGET static void load_pair_block(__m512i m[16], const attention_operand *t, int64_t b, int64_t h, int64_t r0,
                                        int64_t n, int64_t d0, int64_t D) {
-  __mmask32 valid = D - d0 >= 32 ? 0xffffffffu : (1u << (D - d0)) - 1;
+  __mmask32 valid = pmp_first32(D - d0);
   for (int64_t r = 0; r < 16; r++)
     m[r] = r0 + r < n ? _mm512_maskz_loadu_epi16(valid, (const uint16_t *)row_of(t, b, h, r0 + r) + d0)
                       : _mm512_setzero_si512();
@@ -262,9 +253,8 @@ AMX_TARGET static inline __mmask16 visible_lanes(int64_t first, int64_t lo, int6
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t from = lo > first ? lo - first : 0, to = (hi < cols - 1 ? hi : cols - 1) - first;
   if (to < from || from > 15 || to < 0) return 0;
-  __m512i lane = iota;
-  return _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32((int)from), _MM_CMPINT_NLT) &
-         _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32((int)(to < 15 ? to : 15)), _MM_CMPINT_LE);
+  return _mm512_cmp_epi32_mask(iota, _mm512_set1_epi32((int)from), _MM_CMPINT_NLT) &
+         _mm512_cmp_epi32_mask(iota, _mm512_set1_epi32((int)(to < 15 ? to : 15)), _MM_CMPINT_LE);
 }
 
 /* The online-softmax step of the forward pass on a tile of raw scores Q K^T (rows x cols <= 64), one
@@ -589,7 +579,7 @@ int pmp_cpu_attention(const pmp_op_args *a) {
   attention_operand o = operand_of(a->out), exact = operand_of(a->out3);
   int rc;
 #ifdef HAVE_AMX_ATTENTION
-  if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && a->out2->dtype_id == PMP_F32 && amx_usable())
+  if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && a->out2->dtype_id == PMP_F32 && pmp_amx_enabled("PMP_ATTENTION_NO_AMX"))
     rc = attention_forward_amx(&sh, &q, &k, &v, &o, &exact, (float *)a->out2->data);
   else
 #endif
@@ -608,7 +598,7 @@ int pmp_cpu_attention_backward(const pmp_op_args *a) {
   int rc;
 #ifdef HAVE_AMX_ATTENTION
   if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && dout.dtype == PMP_BF16 &&
-      a->in[4]->dtype_id == PMP_F32 && amx_usable())
+      a->in[4]->dtype_id == PMP_F32 && pmp_amx_enabled("PMP_ATTENTION_NO_AMX"))
     rc = attention_backward_amx(&sh, &q, &k, &v, &o, (const float *)a->in[4]->data, &dout, &dq, &dk, &dv);
   else
 #endif
