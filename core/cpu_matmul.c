@@ -1,6 +1,6 @@
 /* CPU GEMM: AMX tiles (core/amx_matmul.c) for bf16 where the CPU has them; oneDNN (core/onednn_matmul.c)
- * for f32, bf16 and f16; BLAS (core/blas.h) for f64, single-row
- * f32 products and whatever oneDNN declines (bf16/f16 then go through f32); a plain loop for integers. */
+ * for f32, bf16 and f16; BLAS (core/blas.h) for f64, single-row f32 products and whatever oneDNN
+ * declines (bf16/f16 then go through f32); a plain loop for integers. */
 #include "internal.h"
 #include "blas.h"
 #include <omp.h>
@@ -160,8 +160,6 @@ static bool batch_stride(const pmp_tensor *t, int64_t *stride) {
   return true;
 }
 
-/* All batches in one oneDNN call where the batch dims collapse, else one call per batch; 1 when
- * oneDNN declines the layout. */
 /* bf16 products on AMX, one batch at a time; 1 when the AMX kernel declines (then for every batch). */
 static int amx_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *c, int64_t batches, int64_t n, int64_t k,
                        int64_t m) {
@@ -177,6 +175,8 @@ static int amx_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *c, 
   return 0;
 }
 
+/* All batches in one oneDNN call where the batch dims collapse, else one call per batch; 1 when
+ * oneDNN declines the layout. */
 static int onednn_batches(const pmp_tensor *a, const pmp_tensor *b, pmp_tensor *c, int64_t batches, int64_t n, int64_t k,
                           int64_t m) {
   int nd = a->ndim, es = pmp_dtype_size(a->dtype_id);

@@ -211,19 +211,21 @@ end
 ---------------------------------------------------------------------------------------------------
 -- bf16 GEMM: the AMX kernel against oneDNN on the products of a training step's linear layers
 
+-- a @ b through oneDNN: the engine reads PMP_MATMUL_NO_AMX at each call
+local function onednn_matmul(a, b)
+  C.setenv('PMP_MATMUL_NO_AMX', '1', 1)
+  local c = pmp.matmul(a, b)
+  C.unsetenv('PMP_MATMUL_NO_AMX')
+  return c
+end
+
 local function bench_bf16_gemm(label, a, b)
   local function run_amx() local _ = pmp.matmul(a, b) end
-  local function run_onednn()
-    C.setenv('PMP_MATMUL_NO_AMX', '1', 1)
-    local _ = pmp.matmul(a, b)
-    C.unsetenv('PMP_MATMUL_NO_AMX')
-  end
+  local function run_onednn() local _ = onednn_matmul(a, b) end
   local flops = 2 * a.shape[1] * a.shape[2] * b.shape[2]
   local ta, td, reps = best_pair(run_amx, run_onednn, { warmup = 2, min_reps = 5, max_reps = 100, budget = 1.5 })
   local via_amx = pmp.matmul(a, b):float()
-  C.setenv('PMP_MATMUL_NO_AMX', '1', 1)
-  local via_onednn = pmp.matmul(a, b):float()
-  C.unsetenv('PMP_MATMUL_NO_AMX')
+  local via_onednn = onednn_matmul(a, b):float()
   local diff = via_amx:sub(via_onednn):abs():max():item() / via_onednn:abs():max():item()
   local note = diff > 2 ^ -7 and string.format('  MISMATCH max rel diff %g', diff) or ''
   print(string.format('%-40s %10.1f %10.1f %7.2f %5d%s', label, flops / ta * 1e-9, flops / td * 1e-9, td / ta, reps, note))

@@ -4,8 +4,8 @@
  * standalone runner, for one) find `arg` and `...` where they expect them.
  */
 #include "host.h"
-#include <sched.h>
 
+#include <sched.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
