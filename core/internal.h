@@ -114,13 +114,13 @@ typedef struct pmp_op_info {
 extern const pmp_op_info pmp_op_table[PMP_OP_COUNT];
 /* Runs the op's kernel for the device of args->out. */
 int pmp_dispatch(const pmp_op_args *args);
-/* core/profile.c: a start time (0 while the profiler is off) and the op's accounting */
+/* core/ops/profile.c: a start time (0 while the profiler is off) and the op's accounting */
 int64_t pmp_profile_begin(void);
-/* core/onednn_matmul.c: c = a @ b over batches (strides in elements: batch, row, column); 1 when
+/* core/cpu/blas/onednn_matmul.c: c = a @ b over batches (strides in elements: batch, row, column); 1 when
  * oneDNN declines the dtype or layout */
 int pmp_onednn_matmul(int dtype, int64_t batch, int64_t n, int64_t k, int64_t m, const void *a, const int64_t a_strides[3],
                       const void *b, const int64_t b_strides[3], void *c);
-/* core/amx_matmul.c: bf16 c[n, m] (contiguous) = a[n, k] @ b[k, m] on AMX tiles (strides in elements:
+/* core/cpu/x86/amx_matmul.c: bf16 c[n, m] (contiguous) = a[n, k] @ b[k, m] on AMX tiles (strides in elements:
  * row, column, one of them 1); 1 when AMX is absent or off (PMP_MATMUL_NO_AMX=1) or the layout is not
  * one it reads, 0 on success, -1 on failure */
 int pmp_amx_matmul(int64_t n, int64_t k, int64_t m, const uint16_t *a, const int64_t a_strides[2], const uint16_t *b,

@@ -156,7 +156,7 @@ pmp_tensor *pmp_randn(const int64_t *shape, int ndim, int dtype, pmp_device devi
 pmp_tensor *pmp_randint(int64_t low, int64_t high, const int64_t *shape, int ndim, int dtype,
                         pmp_device device);
 
-/* ---- numpy's legacy RandomState (core/random_numpy.c) ----
+/* ---- numpy's legacy RandomState (core/tensor/random_numpy.c) ----
  * MT19937 seeded and drawn as numpy.random.RandomState(seed) does, and its in-place 1-D shuffle, so the
  * GPT dataset's indices match megatron-core's draw for draw. The state is plain data: allocate it from
  * Lua with ffi.new('pmp_np_random'). */
@@ -304,7 +304,7 @@ void pmp_mapping_release(pmp_mapping *m);
 int pmp_mapping_live_count(void);               /* mappings not yet unmapped, for tests */
 pmp_tensor *pmp_mapping_tensor(pmp_mapping *m, int64_t offset, int dtype, const int64_t *shape, int ndim);
 
-/* ==== collectives (core/dist.c): communicators over MPI ====
+/* ==== collectives (core/dist/dist.c): communicators over MPI ====
  * Started by pmp_dist_init when an MPI launcher (mpirun, srun) started the process; otherwise the world
  * is this process alone and every collective is local. Tensors must be contiguous cpu tensors. The
  * _start functions queue the op and return a request (NULL on a bad argument); pmp_dist_wait finishes
@@ -360,7 +360,7 @@ int pmp_nccl_send(pmp_nccl_comm *c, const void *data, int64_t count, int dtype, 
 int pmp_nccl_recv(pmp_nccl_comm *c, void *data, int64_t count, int dtype, int peer);
 int pmp_nccl_wait(pmp_nccl_comm *c);
 
-/* ==== tokenizer (core/tokenizer_*.c): the fast parts of Hugging Face tokenizer.json support ====
+/* ==== tokenizer (core/tokenizer/): the fast parts of Hugging Face tokenizer.json support ====
  * Used by lua/pmp/tokenizer. Failures return -1 or NULL with pmp_last_error() set. Text arguments
  * are byte strings with explicit lengths; text returned as const char * lives in a per-thread
  * buffer until the next call of the same family. */

@@ -3,7 +3,7 @@
  * they round intermediate results where Hugging Face's modules do, so outputs match theirs exactly.
  */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 #include <omp.h>
 
 /* Loads n elements of any float dtype as double. */

@@ -10,8 +10,8 @@
  * its elements between the vector body and the scalar tail the same way (libmvec and libm may differ
  * in the last bit).
  */
-#include "iter.h"
-#include "vector_math.h"
+#include "tensor/iter.h"
+#include "cpu/vector_math.h"
 
 void pmp_iter_init(pmp_iter *it, const int64_t *shape, int ndim, int nops, pmp_tensor *const *ops) {
   it->nops = nops;

@@ -5,7 +5,7 @@
  * the next call on the same thread) with its length in *out_len; NULL with pmp_last_error() on failure. */
 #include "internal.h"
 #include <utf8proc.h>
-#include "tokenizer_unicode.h"
+#include "tokenizer/tokenizer_unicode.h"
 
 static _Thread_local char *text_buf;
 static _Thread_local size_t text_cap;

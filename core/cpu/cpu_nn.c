@@ -1,6 +1,6 @@
 /* CPU kernels: softmax / log-softmax and softmax cross-entropy, computed in f32 (f64 for f64). */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 #include <math.h>
 #include <omp.h>
 

@@ -1,6 +1,6 @@
 /* CPU optimizer kernels: one pass over each parameter. */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 #include <math.h>
 #include <omp.h>
 

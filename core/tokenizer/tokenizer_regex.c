@@ -13,7 +13,7 @@
 #include <stdio.h>
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
-#include "tokenizer_unicode.h"
+#include "tokenizer/tokenizer_unicode.h"
 
 /* ---- rewriting ---- */
 

@@ -1,8 +1,8 @@
-/* CPU GEMM: AMX tiles (core/amx_matmul.c) for bf16 where the CPU has them; oneDNN (core/onednn_matmul.c)
- * for f32, bf16 and f16; BLAS (core/blas.h) for f64, single-row f32 products and whatever oneDNN
- * declines (bf16/f16 then go through f32); a plain loop for integers. */
+/* CPU GEMM: AMX tiles (core/cpu/x86/amx_matmul.c) for bf16 where the CPU has them; oneDNN
+ * (core/cpu/blas/onednn_matmul.c) for f32, bf16 and f16; BLAS (core/cpu/blas/blas.h) for f64, single-row
+ * f32 products and whatever oneDNN declines (bf16/f16 then go through f32); a plain loop for integers. */
 #include "internal.h"
-#include "blas.h"
+#include "cpu/blas/blas.h"
 #include <omp.h>
 
 void pmp_blas_sync_threads(void) {

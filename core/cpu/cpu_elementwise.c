@@ -1,6 +1,6 @@
 /* CPU kernels of the elementwise ops; each works on contiguous pieces handed out by iter.c. */
-#include "iter.h"
-#include "vector_math.h"
+#include "tensor/iter.h"
+#include "cpu/vector_math.h"
 
 #define SQRT_HALF 0.70710678118654752440
 #define SQRT_2_OVER_PI 0.79788456080286535588

@@ -1,6 +1,6 @@
 /* CPU attention kernels: the tiled implementation (cpu_attention_impl.h) computing in f32 or f64. */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 
 /* GEMM_ROWS: rows of C a tile GEMM keeps in registers (with 2 vectors of columns, 16 of AVX-512's 32) */
 enum { BLOCK_Q = 64, BLOCK_K = 64, GEMM_ROWS = 8 };
@@ -76,7 +76,7 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
 #define EXP expf
 #define LOG logf
 #define SUFFIX f32
-#include "cpu_attention_impl.h"
+#include "cpu/cpu_attention_impl.h"
 #undef REAL
 #undef IREAL
 #undef EXP
@@ -88,7 +88,7 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
 #define EXP exp
 #define LOG log
 #define SUFFIX f64
-#include "cpu_attention_impl.h"
+#include "cpu/cpu_attention_impl.h"
 #undef REAL
 #undef IREAL
 #undef EXP
@@ -101,7 +101,7 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
  * rounded to bf16 before P V, P^T dO, dS K and dS^T Q, as PyTorch's CPU flash attention does. The
  * softmax statistics, delta and the O, dQ, dK, dV accumulators stay f32. Elsewhere (f16, f32, f64,
  * mixed dtypes, no AMX, PMP_ATTENTION_NO_AMX=1) the f32/f64 kernels above run. */
-#include "amx.h"
+#include "cpu/x86/amx.h"
 #ifdef PMP_HAVE_AMX
 #define HAVE_AMX_ATTENTION 1
 

@@ -1,6 +1,6 @@
 /* CPU kernels of the indexing ops. Every index is bounds-checked: a bad id is an error, not a crash. */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 
 static bool load_index(const pmp_tensor *index, int64_t at, int64_t size, int64_t *value, const char *op, int dim) {
   int64_t v = pmp_load_as_i64(index->dtype_id, index->data + at * pmp_dtype_size(index->dtype_id));

@@ -1,6 +1,6 @@
 /* Dtypes: names, sizes, promotion and conversion between every pair. */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 #include <math.h>
 
 static const char *const dtype_names[PMP_DTYPE_COUNT] = {"f64", "f32", "bf16", "f16", "i64",

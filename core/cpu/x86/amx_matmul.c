@@ -10,7 +10,7 @@
  * four C tiles and rounded to bf16 once, so every element is one f32 sum in a fixed order: the result
  * does not depend on the thread count. */
 #include "internal.h"
-#include "amx.h"
+#include "cpu/x86/amx.h"
 
 #ifdef PMP_HAVE_AMX
 

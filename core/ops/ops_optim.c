@@ -1,6 +1,6 @@
 /* Optimizer steps: fused in-place updates, outside autograd. Kernels: cpu_optim.c. */
 #include "internal.h"
-#include "vector_math.h"
+#include "cpu/vector_math.h"
 
 #define SHAPE(t, buf) pmp_shape_str((t)->sizes, (t)->ndim, buf, sizeof buf)
 

@@ -4,7 +4,7 @@
  * but PCRE2 10.42 2022-12-11 (Unicode 14.0.0) does not (add). A NULL base means the add list is the whole
  * class (used where PCRE2 matches code points the reference does not). */
 #include "internal.h"
-#include "tokenizer_unicode.h"
+#include "tokenizer/tokenizer_unicode.h"
 
 static const uint32_t add_L[] = {
   0x1C89, 0x1C8A, 0xA7CB, 0xA7CD, 0xA7DA, 0xA7DC, 0x105C0, 0x105F3, 0x10D4A, 0x10D65, 0x10D6F, 0x10D85, 0x10EC2,

@@ -1,5 +1,5 @@
 /* Whether this process may run AMX tile instructions (see amx.h). */
-#include "amx.h"
+#include "cpu/x86/amx.h"
 #include <stdlib.h>
 #include <string.h>
 
