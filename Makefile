@@ -47,7 +47,7 @@ CUDA_HOME ?= /usr/local/cuda
 NVCC      ?= $(CUDA_HOME)/bin/nvcc
 cuda: build/libpmp_cuda.so
 
-build/libpmp_cuda.so: cuda/nccl.cu core/pmp.h
+build/libpmp_cuda.so: cuda/nccl.cu core/pmp.h $(wildcard core/pmp/*.h)
 	@mkdir -p build
 	$(NVCC) -O2 -std=c++17 -Xcompiler -fPIC,-Wall -shared -Icore -o $@ $< -L$(CUDA_HOME)/lib64 -lnccl -lcudart \
 	  -Xlinker -rpath,$(CUDA_HOME)/lib64
