@@ -246,9 +246,7 @@ static inline void pmp_thread_share(int64_t n, int64_t *lo, int64_t *hi) {
   *hi = *lo + q + (t < r);
 }
 
-#endif
-
-/* ---- helpers for backward rules (ops_common.c) ---- */
+/* ---- helpers for op front-ends and backward rules (ops/ops_common.c) ---- */
 /* A 0-d tensor holding v in dtype. */
 pmp_tensor *pmp_scalar(double v, int dtype, pmp_device device);
 /* Temporaries created while computing gradients, released together at the end of a rule. */
@@ -263,3 +261,5 @@ pmp_tensor *pmp_run_new(pmp_op_args *args, const int64_t *shape, int ndim, int d
 /* The shape stored for input k of a node. */
 #define PMP_IN_SHAPE(node, k) (node)->in[k].sizes, (node)->in[k].ndim
 #define PMP_NEEDS(node, k) ((node)->in[k].needs_grad)
+
+#endif
