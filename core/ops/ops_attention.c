@@ -17,8 +17,7 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
                           int64_t window) {
   if (!q || !k || !v) return NULL;
   char sq[PMP_SHAPE_BUF], sk[PMP_SHAPE_BUF], sv[PMP_SHAPE_BUF];
-  if (pmp_check_interrupt("attention") || !pmp_same_device(q, k, "attention") || !pmp_same_device(q, v, "attention"))
-    return NULL;
+  if (!pmp_same_device(q, k, "attention") || !pmp_same_device(q, v, "attention")) return NULL;
   bool ok = q->ndim == 4 && k->ndim == 4 && v->ndim == 4 && k->sizes[0] == q->sizes[0] && v->sizes[0] == q->sizes[0] &&
             k->sizes[3] == q->sizes[3] && v->sizes[3] == q->sizes[3] && v->sizes[1] == k->sizes[1] &&
             v->sizes[2] == k->sizes[2] && k->sizes[1] > 0 && q->sizes[1] % k->sizes[1] == 0;
@@ -52,28 +51,17 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
   pmp_tensor *out = base ? pmp_tensor_new_view(base, q->sizes, view_strides, 4, base->offset) : NULL;
   /* the backward pass wants the output before rounding: keep a compute-dtype copy when they differ */
   pmp_tensor *exact = q->dtype_id == compute ? NULL : pmp_keep(&s, pmp_empty_shape(q->sizes, 4, compute, q->dev));
-  bool ready = out && qc && kc && vc && lse && (starts || !first_key) && (exact || q->dtype_id == compute);
-  pmp_op_args a = {.op = PMP_OP_ATTENTION, .out = out, .out2 = lse, .out3 = exact, .in = {qc, kc, vc, starts},
-                   .nin = 4, .f = {scale}, .i = {causal != 0, window}};
-  if (out && (!ready || pmp_dispatch(&a) != 0)) {
+  bool ready = qc && kc && vc && lse && (starts || !first_key) && (exact || q->dtype_id == compute);
+  if (out && !ready) {
     pmp_tensor_release(out);
     out = NULL;
   }
+  pmp_op_args a = {.op = PMP_OP_ATTENTION, .out = out, .out2 = lse, .out3 = exact, .in = {qc, kc, vc, starts},
+                   .nin = 4, .f = {scale}, .i = {causal != 0, window}};
   pmp_tensor *inputs[3] = {qc, kc, vc};
-  if (out && pmp_needs_grad(inputs, 3)) {
-    pmp_tensor *o = exact ? exact : pmp_detach(out);
-    pmp_tensor *saved[6] = {qc, kc, vc, o, lse, starts};
-    pmp_node *n = o ? pmp_record(PMP_OP_ATTENTION, out, inputs, 3, saved, 6) : NULL;
-    if (!exact) pmp_tensor_release(o);
-    if (!n) {
-      pmp_tensor_release(out);
-      out = NULL;
-    } else {
-      n->f[0] = scale;
-      n->i[0] = causal != 0;
-      n->i[1] = window;
-    }
-  }
+  pmp_node *n;
+  out = pmp_run_op(&a, inputs, 3, (pmp_tensor *[]){qc, kc, vc, exact ? exact : PMP_SAVED_OUTPUT, lse, starts}, 6, &n);
+  if (n) n->f[0] = scale, n->i[0] = causal != 0, n->i[1] = window;
   pmp_scope_end(&s);
   return out;
 }

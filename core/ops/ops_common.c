@@ -1,10 +1,17 @@
 /* Small pieces every op front-end and backward rule uses. */
 #include "internal.h"
+#include <stdio.h>
 
 pmp_tensor *pmp_scalar(double v, int dtype, pmp_device device) { return pmp_full(NULL, 0, v, dtype, device); }
 
 pmp_tensor *pmp_keep(pmp_scope *s, pmp_tensor *t) {
-  if (t && s->count < (int)(sizeof s->items / sizeof s->items[0])) s->items[s->count++] = t;
+  if (!t) return NULL;
+  int capacity = (int)(sizeof s->items / sizeof s->items[0]);
+  if (s->count == capacity) {
+    fprintf(stderr, "pmp: internal error: a scope of temporaries is full (%d); raise pmp_scope's capacity\n", capacity);
+    abort();
+  }
+  s->items[s->count++] = t;
   return t;
 }
 
@@ -21,6 +28,50 @@ pmp_tensor *pmp_run_new(pmp_op_args *args, const int64_t *shape, int ndim, int d
     pmp_tensor_release(out);
     return NULL;
   }
+  return out;
+}
+
+pmp_tensor pmp_saved_output_marker;
+
+pmp_node *pmp_record_op(int op, pmp_tensor **out, pmp_tensor *const *inputs, int ninputs, pmp_tensor *const *saved,
+                        int nsaved) {
+  pmp_tensor *result = *out;
+  if (!result || !pmp_op_table[op].backward || !pmp_dtype_is_float(result->dtype_id) || !pmp_needs_grad(inputs, ninputs))
+    return NULL;
+  if (nsaved > PMP_NODE_MAX_SAVED) {
+    fprintf(stderr, "pmp: internal error: %s saves %d tensors, a node holds %d\n", pmp_op_name(op), nsaved,
+            PMP_NODE_MAX_SAVED);
+    abort();
+  }
+  pmp_tensor *kept[PMP_NODE_MAX_SAVED], *detached = NULL;
+  bool ready = true;
+  for (int k = 0; k < nsaved; k++) {
+    kept[k] = saved[k];
+    if (saved[k] != PMP_SAVED_OUTPUT) continue;
+    if (!detached) detached = pmp_detach(result);
+    kept[k] = detached;
+    ready = detached != NULL;
+  }
+  pmp_node *n = ready ? pmp_record(op, result, inputs, ninputs, kept, nsaved) : NULL;
+  pmp_tensor_release(detached);
+  if (!n) {
+    pmp_tensor_release(result);
+    *out = NULL;
+  }
+  return n;
+}
+
+pmp_tensor *pmp_run_op(pmp_op_args *args, pmp_tensor *const *inputs, int ninputs, pmp_tensor *const *saved,
+                       int nsaved, pmp_node **node) {
+  if (node) *node = NULL;
+  pmp_tensor *out = args->out;
+  if (!out) return NULL;
+  if (pmp_check_interrupt(pmp_op_name(args->op)) || pmp_dispatch(args) != 0) {
+    pmp_tensor_release(out);
+    return NULL;
+  }
+  pmp_node *n = pmp_record_op(args->op, &out, inputs, ninputs, saved, nsaved);
+  if (node) *node = n;
   return out;
 }
 

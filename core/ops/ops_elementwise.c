@@ -10,30 +10,16 @@ static bool keeps_integers(int op) {
   return op == PMP_OP_NEG || op == PMP_OP_ABS || op == PMP_OP_RELU || op == PMP_OP_SIGN;
 }
 
-/* Saves an op's output for its backward rule without the reference cycle out -> node -> out. */
-static pmp_tensor *saved_output(pmp_tensor *out) { return pmp_detach(out); }
-
 pmp_tensor *pmp_unary(int op, pmp_tensor *t) {
   if (!t) return NULL;
   if (!is_unary(op)) return pmp_fail("unary: op %d is not a unary op", op);
-  if (pmp_check_interrupt(pmp_op_name(op))) return NULL;
   int dtype = t->dtype_id;
   if (op == PMP_OP_LOGICAL_NOT)
     dtype = PMP_BOOL;
   else if (!pmp_dtype_is_float(dtype) && !keeps_integers(op))
     dtype = PMP_F32;
-  pmp_op_args a = {.op = op, .in = {t}, .nin = 1};
-  pmp_tensor *out = pmp_run_new(&a, t->sizes, t->ndim, dtype, t->dev);
-  if (!out || !pmp_dtype_is_float(dtype) || !pmp_needs_grad(&t, 1)) return out;
-  pmp_tensor *y = saved_output(out);
-  pmp_tensor *saved[2] = {t, y};
-  pmp_node *n = pmp_record(op, out, &t, 1, saved, 2);
-  pmp_tensor_release(y);
-  if (!n) {
-    pmp_tensor_release(out);
-    return NULL;
-  }
-  return out;
+  pmp_op_args a = {.op = op, .out = pmp_empty_shape(t->sizes, t->ndim, dtype, t->dev), .in = {t}, .nin = 1};
+  return pmp_run_op(&a, &t, 1, (pmp_tensor *[]){t, PMP_SAVED_OUTPUT}, 2, NULL);
 }
 
 int pmp_backward_unary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
@@ -89,7 +75,7 @@ pmp_tensor *pmp_binary(int op, pmp_tensor *a, pmp_tensor *b) {
   if (!a || !b) return NULL;
   if (!is_binary(op)) return pmp_fail("binary: op %d is not a binary op", op);
   const char *name = pmp_op_name(op);
-  if (pmp_check_interrupt(name) || !pmp_same_device(a, b, name)) return NULL;
+  if (!pmp_same_device(a, b, name)) return NULL;
   int64_t shape[PMP_MAX_DIMS];
   int ndim;
   if (!pmp_broadcast_shapes(a->sizes, a->ndim, b->sizes, b->ndim, shape, &ndim)) {
@@ -112,17 +98,9 @@ pmp_tensor *pmp_binary(int op, pmp_tensor *a, pmp_tensor *b) {
     pmp_tensor *va = pmp_keep(&s, pmp_broadcast_view(ca, shape, ndim));
     pmp_tensor *vb = pmp_keep(&s, pmp_broadcast_view(cb, shape, ndim));
     pmp_op_args args = {.op = op, .in = {va, vb}, .nin = 2};
-    if (va && vb) out = pmp_run_new(&args, shape, ndim, binary_result_dtype(op, promoted), a->dev);
-  }
-  pmp_tensor *inputs[2] = {ca, cb};
-  if (out && pmp_op_table[op].backward && pmp_dtype_is_float(out->dtype_id) && pmp_needs_grad(inputs, 2)) {
-    pmp_tensor *y = saved_output(out);
-    pmp_tensor *saved[3] = {ca, cb, y};
-    if (!pmp_record(op, out, inputs, 2, saved, 3)) {
-      pmp_tensor_release(out);
-      out = NULL;
-    }
-    pmp_tensor_release(y);
+    if (va && vb) args.out = pmp_empty_shape(shape, ndim, binary_result_dtype(op, promoted), a->dev);
+    pmp_tensor *inputs[2] = {ca, cb};
+    out = pmp_run_op(&args, inputs, 2, (pmp_tensor *[]){ca, cb, PMP_SAVED_OUTPUT}, 3, NULL);
   }
   pmp_scope_end(&s);
   return out;
@@ -202,14 +180,9 @@ pmp_tensor *pmp_where(pmp_tensor *cond, pmp_tensor *a, pmp_tensor *b) {
     pmp_op_args args = {.op = PMP_OP_WHERE, .nin = 3,
                         .in = {pmp_keep(&s, pmp_broadcast_view(cc, shape, ndim)), pmp_keep(&s, pmp_broadcast_view(ca, shape, ndim)),
                                pmp_keep(&s, pmp_broadcast_view(cb, shape, ndim))}};
-    out = pmp_run_new(&args, shape, ndim, dtype, a->dev);
-  }
-  pmp_tensor *inputs[2] = {ca, cb};
-  if (out && pmp_dtype_is_float(dtype) && pmp_needs_grad(inputs, 2)) {
-    if (!pmp_record(PMP_OP_WHERE, out, inputs, 2, &cc, 1)) {
-      pmp_tensor_release(out);
-      out = NULL;
-    }
+    args.out = pmp_empty_shape(shape, ndim, dtype, a->dev);
+    pmp_tensor *inputs[2] = {ca, cb};
+    out = pmp_run_op(&args, inputs, 2, &cc, 1, NULL);
   }
   pmp_scope_end(&s);
   return out;
@@ -228,17 +201,11 @@ int pmp_backward_where(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
 pmp_tensor *pmp_clamp(pmp_tensor *t, double min, double max) {
   if (!t) return NULL;
   if (min > max) return pmp_fail("clamp: min %g is greater than max %g", min, max);
-  pmp_op_args a = {.op = PMP_OP_CLAMP, .in = {t}, .nin = 1, .f = {min, max}};
-  pmp_tensor *out = pmp_run_new(&a, t->sizes, t->ndim, t->dtype_id, t->dev);
-  if (out && pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(&t, 1)) {
-    pmp_node *n = pmp_record(PMP_OP_CLAMP, out, &t, 1, &t, 1);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->f[0] = min;
-    n->f[1] = max;
-  }
+  pmp_op_args a = {.op = PMP_OP_CLAMP, .out = pmp_empty_shape(t->sizes, t->ndim, t->dtype_id, t->dev), .in = {t},
+                   .nin = 1, .f = {min, max}};
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, &t, 1, &t, 1, &n);
+  if (n) n->f[0] = min, n->f[1] = max;
   return out;
 }
 
@@ -270,11 +237,8 @@ pmp_tensor *pmp_masked_fill(pmp_tensor *t, pmp_tensor *mask, double value) {
   if (m) {
     pmp_op_args a = {.op = PMP_OP_MASKED_FILL, .in = {t, pmp_keep(&s, pmp_broadcast_view(m, shape, ndim))}, .nin = 2,
                      .f = {value}};
-    out = pmp_run_new(&a, shape, ndim, t->dtype_id, t->dev);
-  }
-  if (out && pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(&t, 1) && !pmp_record(PMP_OP_MASKED_FILL, out, &t, 1, &m, 1)) {
-    pmp_tensor_release(out);
-    out = NULL;
+    a.out = pmp_empty_shape(shape, ndim, t->dtype_id, t->dev);
+    out = pmp_run_op(&a, &t, 1, &m, 1, NULL);
   }
   pmp_scope_end(&s);
   return out;
@@ -293,17 +257,12 @@ static pmp_tensor *tri(pmp_tensor *t, int64_t diagonal, bool lower) {
     return pmp_fail("%s: needs a tensor with at least 2 dims, got shape %s", name, pmp_shape_str(t->sizes, t->ndim, st, sizeof st));
   pmp_tensor *c = pmp_is_contiguous(t) ? (pmp_tensor_retain(t), t) : pmp_contiguous(t);
   if (!c) return NULL;
-  pmp_op_args a = {.op = lower ? PMP_OP_TRIL : PMP_OP_TRIU, .in = {c}, .nin = 1, .i = {diagonal, lower}};
-  pmp_tensor *out = pmp_run_new(&a, t->sizes, t->ndim, t->dtype_id, t->dev);
+  pmp_op_args a = {.op = lower ? PMP_OP_TRIL : PMP_OP_TRIU, .out = pmp_empty_shape(t->sizes, t->ndim, t->dtype_id, t->dev),
+                   .in = {c}, .nin = 1, .i = {diagonal, lower}};
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, &t, 1, NULL, 0, &n);
   pmp_tensor_release(c);
-  if (out && pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(&t, 1)) {
-    pmp_node *n = pmp_record(a.op, out, &t, 1, NULL, 0);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->i[0] = diagonal;
-  }
+  if (n) n->i[0] = diagonal;
   return out;
 }
 

@@ -3,15 +3,9 @@
 
 #define SHAPE(t, buf) pmp_shape_str((t)->sizes, (t)->ndim, buf, sizeof buf)
 
-static pmp_tensor *fail_and_release(pmp_tensor *out) {
-  pmp_tensor_release(out);
-  return NULL;
-}
-
 pmp_tensor *pmp_rms_norm(pmp_tensor *x, pmp_tensor *weight, double eps) {
   if (!x) return NULL;
   char sx[PMP_SHAPE_BUF], sw[PMP_SHAPE_BUF];
-  if (pmp_check_interrupt("rms_norm")) return NULL;
   if (x->ndim < 1 || !pmp_dtype_is_float(x->dtype_id))
     return pmp_fail("rms_norm: needs a floating-point tensor with at least 1 dim, got %s %s", pmp_dtype_name(x->dtype_id), SHAPE(x, sx));
   int64_t hidden = x->sizes[x->ndim - 1];
@@ -25,15 +19,12 @@ pmp_tensor *pmp_rms_norm(pmp_tensor *x, pmp_tensor *weight, double eps) {
   pmp_tensor *rstd = pmp_keep(&s, pmp_empty_shape(&rows, 1, pmp_compute_dtype(x->dtype_id), x->dev));
   pmp_tensor *out = NULL;
   if (xc && rstd && (wc || !weight)) {
-    pmp_op_args a = {.op = PMP_OP_RMS_NORM, .out2 = rstd, .in = {xc, wc}, .nin = 2, .f = {eps}, .i = {rows, hidden}};
-    out = pmp_run_new(&a, x->sizes, x->ndim, x->dtype_id, x->dev);
-  }
-  pmp_tensor *inputs[2] = {xc, wc};
-  if (out && pmp_needs_grad(inputs, 2)) {
-    pmp_tensor *saved[3] = {xc, wc, rstd};
-    pmp_node *n = pmp_record(PMP_OP_RMS_NORM, out, inputs, 2, saved, 3);
-    if (!n) out = fail_and_release(out);
-    else n->i[0] = rows, n->i[1] = hidden;
+    pmp_op_args a = {.op = PMP_OP_RMS_NORM, .out = pmp_empty_shape(x->sizes, x->ndim, x->dtype_id, x->dev), .out2 = rstd,
+                     .in = {xc, wc}, .nin = 2, .f = {eps}, .i = {rows, hidden}};
+    pmp_tensor *inputs[2] = {xc, wc};
+    pmp_node *n;
+    out = pmp_run_op(&a, inputs, 2, (pmp_tensor *[]){xc, wc, rstd}, 3, &n);
+    if (n) n->i[0] = rows, n->i[1] = hidden;
   }
   pmp_scope_end(&s);
   return out;
@@ -72,24 +63,20 @@ static pmp_tensor *rope_table(pmp_tensor *table, pmp_tensor *x, int64_t rotary, 
   return pmp_broadcast_view(table, shape, x->ndim);
 }
 
-/* The output takes x's memory layout: a strided view (q as a transpose of [B, T, H, D] memory) gives the
- * same kind of view back and nothing is copied either way. */
-static pmp_tensor *rope_apply(pmp_tensor *x, pmp_tensor *cos_view, pmp_tensor *sin_view, int interleaved, int transpose) {
-  pmp_tensor *xc = x->strides[x->ndim - 1] == 1 ? (pmp_tensor_retain(x), x) : pmp_contiguous(x);
-  pmp_tensor *out = xc ? pmp_empty_in_layout(xc, -1) : NULL;
-  pmp_op_args a = {.op = PMP_OP_ROPE, .out = out, .in = {xc, cos_view, sin_view}, .nin = 3, .i = {interleaved, transpose}};
-  if (out && pmp_dispatch(&a) != 0) {
-    pmp_tensor_release(out);
-    out = NULL;
-  }
-  pmp_tensor_release(xc);
-  return out;
+/* The rotation of x as op arguments, xc being x with its rows contiguous (a new reference the caller
+ * releases). The output takes x's memory layout: a strided view (q as a transpose of [B, T, H, D]
+ * memory) gives the same kind of view back and nothing is copied either way. */
+static pmp_op_args rope_args(pmp_tensor *x, pmp_tensor *cos_view, pmp_tensor *sin_view, int interleaved, int transpose,
+                             pmp_tensor **xc) {
+  *xc = x->strides[x->ndim - 1] == 1 ? (pmp_tensor_retain(x), x) : pmp_contiguous(x);
+  return (pmp_op_args){.op = PMP_OP_ROPE, .out = *xc ? pmp_empty_in_layout(*xc, -1) : NULL,
+                       .in = {*xc, cos_view, sin_view}, .nin = 3, .i = {interleaved, transpose}};
 }
 
 pmp_tensor *pmp_rope(pmp_tensor *x, pmp_tensor *cos, pmp_tensor *sin, int interleaved) {
   if (!x || !cos || !sin) return NULL;
   char sx[PMP_SHAPE_BUF], sc[PMP_SHAPE_BUF];
-  if (pmp_check_interrupt("rope") || !pmp_same_device(x, cos, "rope") || !pmp_same_device(x, sin, "rope")) return NULL;
+  if (!pmp_same_device(x, cos, "rope") || !pmp_same_device(x, sin, "rope")) return NULL;
   if (x->ndim < 2 || !pmp_dtype_is_float(x->dtype_id))
     return pmp_fail("rope: needs a floating-point [..., T, D] input, got %s %s", pmp_dtype_name(x->dtype_id), SHAPE(x, sx));
   int64_t rotary = cos->ndim ? cos->sizes[cos->ndim - 1] : 0;
@@ -99,12 +86,14 @@ pmp_tensor *pmp_rope(pmp_tensor *x, pmp_tensor *cos, pmp_tensor *sin, int interl
   pmp_scope s = {0};
   pmp_tensor *cv = pmp_keep(&s, rope_table(cos, x, rotary, "cos"));
   pmp_tensor *sv = pmp_keep(&s, rope_table(sin, x, rotary, "sin"));
-  pmp_tensor *out = cv && sv ? rope_apply(x, cv, sv, interleaved, 0) : NULL;
-  if (out && pmp_needs_grad(&x, 1)) {
-    pmp_tensor *saved[2] = {cv, sv};
-    pmp_node *n = pmp_record(PMP_OP_ROPE, out, &x, 1, saved, 2);
-    if (!n) out = fail_and_release(out);
-    else n->i[0] = interleaved;
+  pmp_tensor *out = NULL;
+  if (cv && sv) {
+    pmp_tensor *xc;
+    pmp_op_args a = rope_args(x, cv, sv, interleaved, 0, &xc);
+    pmp_node *n;
+    out = pmp_run_op(&a, &x, 1, (pmp_tensor *[]){cv, sv}, 2, &n);
+    pmp_tensor_release(xc);
+    if (n) n->i[0] = interleaved;
   }
   pmp_scope_end(&s);
   return out;
@@ -112,14 +101,16 @@ pmp_tensor *pmp_rope(pmp_tensor *x, pmp_tensor *cos, pmp_tensor *sin, int interl
 
 /* The rotation is orthogonal, so its gradient is the transposed rotation of the output gradient. */
 int pmp_backward_rope(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
-  grads[0] = rope_apply(g, n->saved[0], n->saved[1], (int)n->i[0], 1);
+  pmp_tensor *gc;
+  pmp_op_args a = rope_args(g, n->saved[0], n->saved[1], (int)n->i[0], 1, &gc);
+  grads[0] = pmp_run_op(&a, NULL, 0, NULL, 0, NULL);
+  pmp_tensor_release(gc);
   return grads[0] ? 0 : -1;
 }
 
 pmp_tensor *pmp_swiglu(pmp_tensor *x) {
   if (!x) return NULL;
   char sx[PMP_SHAPE_BUF];
-  if (pmp_check_interrupt("swiglu")) return NULL;
   if (x->ndim < 1 || x->sizes[x->ndim - 1] % 2 || !pmp_dtype_is_float(x->dtype_id))
     return pmp_fail("swiglu: needs a floating-point input whose last dim is even ([gate | up]), got %s %s",
                     pmp_dtype_name(x->dtype_id), SHAPE(x, sx));
@@ -128,9 +119,8 @@ pmp_tensor *pmp_swiglu(pmp_tensor *x) {
   int64_t shape[PMP_MAX_DIMS];
   memcpy(shape, x->sizes, sizeof shape);
   shape[x->ndim - 1] /= 2;
-  pmp_op_args a = {.op = PMP_OP_SWIGLU, .in = {xc}, .nin = 1};
-  pmp_tensor *out = pmp_run_new(&a, shape, x->ndim, x->dtype_id, x->dev);
-  if (out && pmp_needs_grad(&xc, 1) && !pmp_record(PMP_OP_SWIGLU, out, &xc, 1, &xc, 1)) out = fail_and_release(out);
+  pmp_op_args a = {.op = PMP_OP_SWIGLU, .out = pmp_empty_shape(shape, x->ndim, x->dtype_id, x->dev), .in = {xc}, .nin = 1};
+  pmp_tensor *out = pmp_run_op(&a, &xc, 1, &xc, 1, NULL);
   pmp_tensor_release(xc);
   return out;
 }

@@ -28,16 +28,11 @@ pmp_tensor *pmp_gather(pmp_tensor *t, int dim, pmp_tensor *index) {
   if (!pmp_wrap_dim(&dim, t->ndim, "gather") || !check_index_dtype(index, "gather") ||
       !check_gather_shapes(t, dim, index, NULL, "gather") || !pmp_same_device(t, index, "gather"))
     return NULL;
-  pmp_op_args a = {.op = PMP_OP_GATHER, .in = {t, index}, .nin = 2, .i = {dim}};
-  pmp_tensor *out = pmp_run_new(&a, index->sizes, index->ndim, t->dtype_id, t->dev);
-  if (out && pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(&t, 1)) {
-    pmp_node *n = pmp_record(PMP_OP_GATHER, out, &t, 1, &index, 1);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->i[0] = dim;
-  }
+  pmp_op_args a = {.op = PMP_OP_GATHER, .out = pmp_empty_shape(index->sizes, index->ndim, t->dtype_id, t->dev),
+                   .in = {t, index}, .nin = 2, .i = {dim}};
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, &t, 1, &index, 1, &n);
+  if (n) n->i[0] = dim;
   return out;
 }
 
@@ -54,23 +49,12 @@ pmp_tensor *pmp_scatter_add(pmp_tensor *t, int dim, pmp_tensor *index, pmp_tenso
       !check_gather_shapes(t, dim, index, src, "scatter_add") || !pmp_same_device(t, src, "scatter_add"))
     return NULL;
   int previous = pmp_set_grad_enabled(0);
-  pmp_tensor *out = pmp_clone(t);
+  pmp_op_args a = {.op = PMP_OP_SCATTER_ADD, .out = pmp_clone(t), .in = {index, src}, .nin = 2, .i = {dim}};
   pmp_set_grad_enabled(previous);
-  if (!out) return NULL;
-  pmp_op_args a = {.op = PMP_OP_SCATTER_ADD, .out = out, .in = {index, src}, .nin = 2, .i = {dim}};
-  if (pmp_dispatch(&a) != 0) {
-    pmp_tensor_release(out);
-    return NULL;
-  }
   pmp_tensor *inputs[2] = {t, src};
-  if (pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(inputs, 2)) {
-    pmp_node *n = pmp_record(PMP_OP_SCATTER_ADD, out, inputs, 2, &index, 1);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->i[0] = dim;
-  }
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, inputs, 2, &index, 1, &n);
+  if (n) n->i[0] = dim;
   return out;
 }
 
@@ -125,17 +109,11 @@ pmp_tensor *pmp_index_select(pmp_tensor *t, int dim, pmp_tensor *index) {
   if (t->ndim > 0) shape[dim] = pmp_numel(index);
   pmp_tensor *out = NULL;
   if (src && idx) {
-    pmp_op_args a = {.op = PMP_OP_INDEX_SELECT, .in = {src, idx}, .nin = 2, .i = {dim}};
-    out = pmp_run_new(&a, shape, t->ndim, t->dtype_id, t->dev);
-  }
-  if (out && pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(&t, 1)) {
-    pmp_node *n = pmp_record(PMP_OP_INDEX_SELECT, out, &t, 1, &idx, 1);
-    if (!n) {
-      pmp_tensor_release(out);
-      out = NULL;
-    } else {
-      n->i[0] = dim;
-    }
+    pmp_op_args a = {.op = PMP_OP_INDEX_SELECT, .out = pmp_empty_shape(shape, t->ndim, t->dtype_id, t->dev),
+                     .in = {src, idx}, .nin = 2, .i = {dim}};
+    pmp_node *n;
+    out = pmp_run_op(&a, &t, 1, &idx, 1, &n);
+    if (n) n->i[0] = dim;
   }
   pmp_scope_end(&s);
   return out;
@@ -163,26 +141,16 @@ pmp_tensor *pmp_index_add(pmp_tensor *t, int dim, pmp_tensor *index, pmp_tensor 
   pmp_tensor *csrc = pmp_keep(&s, pmp_to_dtype(src, t->dtype_id));
   pmp_tensor *contiguous_src = pmp_keep(&s, pmp_contiguous(csrc));
   pmp_tensor *idx = pmp_keep(&s, pmp_contiguous(index));
-  pmp_tensor *out = pmp_empty_like(t, -1);
-  int rc = out && contiguous_src && idx ? pmp_copy_into(out, t) : -1;
-  if (rc == 0) {
-    pmp_op_args a = {.op = PMP_OP_INDEX_ADD, .out = out, .in = {idx, contiguous_src}, .nin = 2, .i = {dim}};
-    rc = pmp_dispatch(&a);
-  }
-  if (rc != 0) {
-    pmp_tensor_release(out);
-    out = NULL;
+  pmp_op_args a = {.op = PMP_OP_INDEX_ADD, .out = pmp_empty_like(t, -1), .in = {idx, contiguous_src}, .nin = 2,
+                   .i = {dim}};
+  if (a.out && (!contiguous_src || !idx || pmp_copy_into(a.out, t) != 0)) {
+    pmp_tensor_release(a.out);
+    a.out = NULL;
   }
   pmp_tensor *inputs[2] = {t, csrc};
-  if (out && pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(inputs, 2)) {
-    pmp_node *n = pmp_record(PMP_OP_INDEX_ADD, out, inputs, 2, &idx, 1);
-    if (!n) {
-      pmp_tensor_release(out);
-      out = NULL;
-    } else {
-      n->i[0] = dim;
-    }
-  }
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, inputs, 2, &idx, 1, &n);
+  if (n) n->i[0] = dim;
   pmp_scope_end(&s);
   return out;
 }

@@ -7,15 +7,9 @@ static pmp_tensor *batched_matmul(pmp_tensor *a, pmp_tensor *b) {
   int64_t shape[PMP_MAX_DIMS];
   memcpy(shape, a->sizes, sizeof shape);
   shape[nd - 1] = b->sizes[nd - 1];
-  int dtype = a->dtype_id;
-  pmp_op_args args = {.op = PMP_OP_MATMUL, .in = {a, b}, .nin = 2};
-  pmp_tensor *out = pmp_run_new(&args, shape, nd, dtype, a->dev);
+  pmp_op_args args = {.op = PMP_OP_MATMUL, .out = pmp_empty_shape(shape, nd, a->dtype_id, a->dev), .in = {a, b}, .nin = 2};
   pmp_tensor *inputs[2] = {a, b};
-  if (out && pmp_dtype_is_float(dtype) && pmp_needs_grad(inputs, 2) && !pmp_record(PMP_OP_MATMUL, out, inputs, 2, inputs, 2)) {
-    pmp_tensor_release(out);
-    return NULL;
-  }
-  return out;
+  return pmp_run_op(&args, inputs, 2, inputs, 2, NULL);
 }
 
 int pmp_backward_matmul(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
@@ -86,7 +80,7 @@ static pmp_tensor *matmul_nd(pmp_tensor *a, pmp_tensor *b) {
 
 pmp_tensor *pmp_matmul(pmp_tensor *a, pmp_tensor *b) {
   if (!a || !b) return NULL;
-  if (pmp_check_interrupt("matmul") || !pmp_same_device(a, b, "matmul")) return NULL;
+  if (!pmp_same_device(a, b, "matmul")) return NULL;
   char sa[PMP_SHAPE_BUF], sb[PMP_SHAPE_BUF];
   if (a->ndim == 0 || b->ndim == 0)
     return pmp_fail("matmul: both operands need at least 1 dim, got shapes %s and %s",

@@ -7,7 +7,7 @@
 static pmp_tensor *softmax_like(pmp_tensor *t, int dim, int op) {
   if (!t) return NULL;
   const char *name = pmp_op_name(op);
-  if (pmp_check_interrupt(name) || !pmp_wrap_dim(&dim, t->ndim, name)) return NULL;
+  if (!pmp_wrap_dim(&dim, t->ndim, name)) return NULL;
   if (!pmp_dtype_is_float(t->dtype_id)) return pmp_fail("%s: needs a floating-point tensor, got %s", name, pmp_dtype_name(t->dtype_id));
   pmp_tensor *src = pmp_contiguous(t);
   if (!src) return NULL;
@@ -16,19 +16,12 @@ static pmp_tensor *softmax_like(pmp_tensor *t, int dim, int op) {
     if (d < dim) outer *= t->sizes[d];
     if (d > dim) inner *= t->sizes[d];
   }
-  pmp_op_args a = {.op = op, .in = {src}, .nin = 1, .i = {outer, size, inner}};
-  pmp_tensor *out = pmp_run_new(&a, t->sizes, t->ndim, t->dtype_id, t->dev);
+  pmp_op_args a = {.op = op, .out = pmp_empty_shape(t->sizes, t->ndim, t->dtype_id, t->dev), .in = {src}, .nin = 1,
+                   .i = {outer, size, inner}};
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, &t, 1, (pmp_tensor *[]){PMP_SAVED_OUTPUT}, 1, &n);
   pmp_tensor_release(src);
-  if (out && pmp_needs_grad(&t, 1)) {
-    pmp_tensor *y = pmp_detach(out);
-    pmp_node *n = y ? pmp_record(op, out, &t, 1, &y, 1) : NULL;
-    pmp_tensor_release(y);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->i[0] = dim;
-  }
+  if (n) n->i[0] = dim;
   return out;
 }
 
@@ -61,7 +54,7 @@ int pmp_backward_log_softmax(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
 pmp_tensor *pmp_cross_entropy(pmp_tensor *logits, pmp_tensor *targets, int64_t ignore_index) {
   if (!logits || !targets) return NULL;
   char sl[PMP_SHAPE_BUF], st[PMP_SHAPE_BUF];
-  if (pmp_check_interrupt("cross_entropy") || !pmp_same_device(logits, targets, "cross_entropy")) return NULL;
+  if (!pmp_same_device(logits, targets, "cross_entropy")) return NULL;
   if (logits->ndim != 2 || targets->ndim != 1 || targets->sizes[0] != logits->sizes[0])
     return pmp_fail("cross_entropy: logits must be [N, C] and targets [N], got %s and %s", SHAPE(logits, sl), SHAPE(targets, st));
   if (!pmp_dtype_is_float(logits->dtype_id) || pmp_dtype_is_float(targets->dtype_id))
@@ -72,18 +65,11 @@ pmp_tensor *pmp_cross_entropy(pmp_tensor *logits, pmp_tensor *targets, int64_t i
   pmp_tensor *y = pmp_keep(&s, pmp_contiguous(targets));
   pmp_tensor *out = NULL;
   if (x && y) {
-    pmp_op_args a = {.op = PMP_OP_CROSS_ENTROPY, .in = {x, y}, .nin = 2, .i = {ignore_index}};
-    out = pmp_run_new(&a, targets->sizes, 1, logits->dtype_id, logits->dev);
-  }
-  if (out && pmp_needs_grad(&logits, 1)) {
-    pmp_tensor *saved[2] = {x, y};
-    pmp_node *n = pmp_record(PMP_OP_CROSS_ENTROPY, out, &logits, 1, saved, 2);
-    if (!n) {
-      pmp_tensor_release(out);
-      out = NULL;
-    } else {
-      n->i[0] = ignore_index;
-    }
+    pmp_op_args a = {.op = PMP_OP_CROSS_ENTROPY, .out = pmp_empty_shape(targets->sizes, 1, logits->dtype_id, logits->dev),
+                     .in = {x, y}, .nin = 2, .i = {ignore_index}};
+    pmp_node *n;
+    out = pmp_run_op(&a, &logits, 1, (pmp_tensor *[]){x, y}, 2, &n);
+    if (n) n->i[0] = ignore_index;
   }
   pmp_scope_end(&s);
   return out;

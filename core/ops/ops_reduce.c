@@ -83,24 +83,17 @@ static pmp_tensor *spread(pmp_node *n, pmp_tensor *g) {
 static pmp_tensor *sum_or_mean(pmp_tensor *t, const int *dims, int ndims, int keepdim, int op) {
   if (!t) return NULL;
   const char *name = pmp_op_name(op);
-  if (pmp_check_interrupt(name)) return NULL;
   bool reduce[PMP_MAX_DIMS];
   if (!dims_to_mask(t, dims, ndims, reduce, name)) return NULL;
   reduce_plan p;
   if (!plan_reduce(t, reduce, keepdim != 0, &p)) return NULL;
   int dtype = pmp_dtype_is_float(t->dtype_id) ? t->dtype_id : (op == PMP_OP_MEAN ? PMP_F32 : PMP_I64);
-  pmp_op_args a = {.op = op, .in = {p.src}, .nin = 1, .i = {p.outer, p.reduced, p.inner}};
-  pmp_tensor *out = pmp_run_new(&a, p.out_shape, p.out_ndim, dtype, t->dev);
+  pmp_op_args a = {.op = op, .out = pmp_empty_shape(p.out_shape, p.out_ndim, dtype, t->dev), .in = {p.src}, .nin = 1,
+                   .i = {p.outer, p.reduced, p.inner}};
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, &t, 1, NULL, 0, &n);
   pmp_tensor_release(p.src);
-  if (out && pmp_dtype_is_float(dtype) && pmp_needs_grad(&t, 1)) {
-    pmp_node *n = pmp_record(op, out, &t, 1, NULL, 0);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->i[0] = p.reduced;
-    n->i[1] = reduce_mask(reduce, t->ndim);
-  }
+  if (n) n->i[0] = p.reduced, n->i[1] = reduce_mask(reduce, t->ndim);
   return out;
 }
 
@@ -131,7 +124,7 @@ static pmp_tensor *reduce_index(pmp_tensor *t, int dim, int keepdim, pmp_tensor 
   if (!t) return NULL;
   const char *name = pmp_op_name(op);
   char st[PMP_SHAPE_BUF];
-  if (pmp_check_interrupt(name) || !pmp_wrap_dim(&dim, t->ndim, name)) return NULL;
+  if (!pmp_wrap_dim(&dim, t->ndim, name)) return NULL;
   if (t->ndim > 0 && t->sizes[dim] == 0)
     return pmp_fail("%s: cannot reduce over the empty dim %d of a tensor of shape %s", name, dim + 1,
                     pmp_shape_str(t->sizes, t->ndim, st, sizeof st));
@@ -142,33 +135,26 @@ static pmp_tensor *reduce_index(pmp_tensor *t, int dim, int keepdim, pmp_tensor 
   bool want_values = op == PMP_OP_MAX || op == PMP_OP_MIN;
   pmp_tensor *values = want_values ? pmp_empty_shape(p.out_shape, p.out_ndim, t->dtype_id, t->dev) : NULL;
   pmp_tensor *idx = pmp_empty_shape(p.out_shape, p.out_ndim, PMP_I64, t->dev);
-  pmp_op_args a = {.op = op, .out = values ? values : idx, .out2 = idx, .in = {p.src}, .nin = 1,
+  /* max/min's node saves the indices with the reduced dim kept, for its backward to scatter through */
+  pmp_tensor *kept_idx = NULL;
+  if (want_values && idx) kept_idx = keepdim || t->ndim == 0 ? (pmp_tensor_retain(idx), idx) : pmp_unsqueeze(idx, dim);
+  pmp_op_args a = {.op = op, .out = want_values ? values : idx, .out2 = idx, .in = {p.src}, .nin = 1,
                    .i = {p.outer, p.reduced, p.inner}};
-  int rc = (want_values && !values) || !idx ? -1 : pmp_dispatch(&a);
+  if (!idx || (want_values && !kept_idx)) {   /* making one of them failed */
+    pmp_tensor_release(a.out);
+    a.out = NULL;
+  }
+  pmp_node *n;
+  pmp_tensor *out = pmp_run_op(&a, &t, want_values ? 1 : 0, &kept_idx, 1, &n);
+  pmp_tensor_release(kept_idx);
   pmp_tensor_release(p.src);
-  if (rc != 0) {
-    pmp_tensor_release(values);
-    pmp_tensor_release(idx);
-    return NULL;
-  }
-  if (!want_values) return idx;
-  if (pmp_dtype_is_float(t->dtype_id) && pmp_needs_grad(&t, 1)) {
-    pmp_tensor *kept_idx = keepdim || t->ndim == 0 ? (pmp_tensor_retain(idx), idx) : pmp_unsqueeze(idx, dim);
-    pmp_node *n = kept_idx ? pmp_record(op, values, &t, 1, &kept_idx, 1) : NULL;
-    pmp_tensor_release(kept_idx);
-    if (!n) {
-      pmp_tensor_release(values);
-      pmp_tensor_release(idx);
-      return NULL;
-    }
-    n->i[0] = dim;
-    n->i[1] = t->ndim > 0 ? (int64_t)1 << dim : 0;
-  }
-  if (indices)
+  if (n) n->i[0] = dim, n->i[1] = t->ndim > 0 ? (int64_t)1 << dim : 0;
+  if (!want_values) return out;   /* argmax, argmin: the indices are the result */
+  if (out && indices)
     *indices = idx;
   else
     pmp_tensor_release(idx);
-  return values;
+  return out;
 }
 
 pmp_tensor *pmp_max(pmp_tensor *t, int dim, int keepdim, pmp_tensor **indices) {

@@ -301,14 +301,8 @@ pmp_tensor *pmp_cat(pmp_tensor *const *tensors, int count, int dim) {
     }
     at += len;
   }
-  if (pmp_dtype_is_float(dtype) && pmp_needs_grad(tensors, count)) {
-    pmp_node *n = pmp_record(PMP_OP_CAT, out, tensors, count, NULL, 0);
-    if (!n) {
-      pmp_tensor_release(out);
-      return NULL;
-    }
-    n->i[0] = dim;
-  }
+  pmp_node *n = pmp_record_op(PMP_OP_CAT, &out, tensors, count, NULL, 0);
+  if (n) n->i[0] = dim;
   return out;
 }
 
