@@ -88,8 +88,9 @@ local base_dir = base.dir
 
 local base_model, tokenizer, template_dir
 if base.kind == 'pmp' then
-  local base_info
-  base_model, base_info = pmp.checkpoint.load_model(base_dir)
+  local got, loaded, base_info = pcall(pmp.checkpoint.load_model, base_dir)
+  if not got then fail(tostring(loaded)) end
+  base_model = loaded
   tokenizer = pmp.data.dataset_tokenizer.from_state(base_info.state.tokenizer)
   -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
   template_dir = base_info.state.tokenizer.type == 'hf' and base_info.state.tokenizer.model or nil

@@ -59,11 +59,7 @@ local function run_ok(np, script, args)
   return out
 end
 
-local function losses(log)
-  local out = {}
-  for it, loss in log:gmatch('iteration%s+(%d+)/%s*%d+ |.-lm loss: ([%d.E+-]+) |') do out[tonumber(it)] = tonumber(loss) end
-  return out
-end
+local losses = require('spec.support.train_log').losses
 
 local function assert_close(want, got, label)
   local rel = math.abs(got - want) / math.abs(want)

@@ -17,11 +17,7 @@ local function run_pretrain(extra)
   return shell.run(table.concat(words, ' '))
 end
 
-local function losses(log)
-  local out = {}
-  for it, loss in log:gmatch('iteration%s+(%d+)/%s*%d+ |.-lm loss: ([%d.E+-]+) |') do out[tonumber(it)] = tonumber(loss) end
-  return out
-end
+local losses = require('spec.support.train_log').losses
 
 local function checkpoint_tensors(dir, iteration)
   local rank = string.format('%s/iter_%07d/mp_rank_00', dir, iteration)

@@ -75,7 +75,6 @@ function M.describe(iteration, layout, stages, listings, config, optimizer)
     distributed_optimizer = distributed, optimizer_shards = shards, optimizer = optimizer ~= nil,
     model_config = config, stages = stages, ranks = {}, params = {},
   }
-  local names = {}
   for _, listing in ipairs(listings) do
     local name = M.rank_dir_name(listing.tp_rank, listing.pp_rank, layout.pp)
     local files = { M.MODEL_FILE, M.INFO_FILE }
@@ -90,15 +89,16 @@ function M.describe(iteration, layout, stages, listings, config, optimizer)
         local shape = { unpack(t.shape) }
         if rule then shape[rule.dim] = shape[rule.dim] * layout.tp end
         out.params[global] = { shape = shape, tp_dim = rule and rule.dim or nil, stage = listing.pp_rank, key = key }
-        names[#names + 1] = key
       end
     end
   end
-  -- the dtype of the model: that of its word embeddings, else of its first tensor by name
-  table.sort(names)
+  -- the dtype of the model: that of its word embeddings, else of the first stage's first tensor by name
   local first = out.ranks[M.rank_dir_name(0, 0, layout.pp)].tensors
+  local keys = {}
+  for key in pairs(first) do keys[#keys + 1] = key end
+  table.sort(keys)
   local embedding = first['model.embedding.word_embeddings.weight'] or first['model0.embedding.word_embeddings.weight']
-  out.dtype = embedding and embedding.dtype or (names[1] and first[names[1]] and first[names[1]].dtype) or 'f32'
+  out.dtype = (embedding or first[keys[1]] or { dtype = 'f32' }).dtype
   return out
 end
 
