@@ -138,6 +138,7 @@ describe('pmp.checkpoint in parallel layouts', function()
     assert.is_true(pio.is_file(ONE .. '/iter_0000007/layout.json'))
     -- an earlier single-process checkpoint: its optimizer state by position maps onto one process's AdamW
     assert_case(out, 'OLD-single', 1, function() return with_optimizer(WHOLE) end, 8, false)
+    assert_case(out, 'OLD-load_model', 1, function() return WHOLE end, 8, false)
   end)
 
   it('reshards into TP=2 PP=1 and TP=1 PP=2, from TP=2 PP=2, DP=4, one process and an earlier one-process save', function()

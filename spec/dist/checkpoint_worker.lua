@@ -10,7 +10,8 @@
 --   save_load A G        np 4: TP=2 PP=2 saves A (AdamW) and loads it back; DP=4 with the distributed
 --                        optimizer loads A, saves G and loads G back
 --   single A G ONE OLD   one process: loads A and G into a GPTModel; saves ONE (TP=PP=1) and OLD (the
---                        format of earlier single-process saves, written here), and loads OLD back
+--                        format of earlier single-process saves, written here), and loads OLD back (also
+--                        through load_model)
 --   reshard A G ONE OLD  np 2: TP=2, then PP=2, load A, G, ONE (and OLD, whose optimizer state, stored
 --                        by position, is reported not restored)
 --   kill DIR             np 4: saves iteration 1, then rank 3 is killed midway through saving iteration 2
@@ -280,11 +281,14 @@ elseif mode == 'single' then
     check_whole(case[1], ref, model, opt)
   end
   checkpoint.save(dir_one, 7, model, opt, { consumed_samples = CONSUMED })
-  save_legacy(dir_old, 8, model, opt, { consumed_samples = CONSUMED })
+  save_legacy(dir_old, 8, model, opt, { consumed_samples = CONSUMED, model_config = model.config })
   model = fresh_whole()
   opt = pmp.optim.AdamW(model:parameters())
   info_line('OLD-single', checkpoint.load(dir_old, model, opt))
   check_whole('OLD-single', ref, model, opt)
+  local rebuilt, info = checkpoint.load_model(dir_old)
+  info_line('OLD-load_model', info)
+  check_whole('OLD-load_model', ref, rebuilt)
 
 elseif mode == 'reshard' then
   local dirs = { A = arg[2], G = arg[3], ONE = arg[4], OLD = arg[5] }

@@ -549,8 +549,7 @@ function M.load_model(dir, iteration)
   end
   local model = require('pmp.nn').GPTModel(config)
   if info.layout.dtype ~= 'f32' then model:to(info.layout.dtype) end
-  M.load(dir, model, nil, { iteration = info.iteration, rng = false })
-  return model, info
+  return model, M.load(dir, model, nil, { iteration = info.iteration, rng = false })
 end
 
 return M

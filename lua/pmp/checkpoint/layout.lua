@@ -108,9 +108,9 @@ end
 -- An earlier single-process checkpoint (no layout.json, no layout in its JSON) as a description.
 local function legacy(root, info)
   local dir = io_.join(root, 'mp_rank_00')
-  local header = safetensors.inspect(io_.join(dir, M.MODEL_FILE)).tensors
+  local saved = safetensors.load(io_.join(dir, M.MODEL_FILE))   -- memory-mapped: nothing is read yet
   local tensors, params, layers = {}, {}, 0
-  for key, t in pairs(header) do
+  for key, t in pairs(saved) do
     local name = key:match('^model%.(.*)$')
     if name then
       tensors[key] = { shape = t.shape, dtype = t.dtype }
