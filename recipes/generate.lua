@@ -33,7 +33,8 @@ local function load(dir)
     return pmp.models.from_pretrained(dir), pmp.tokenizer.from_pretrained(dir)
   end
   if not pmp.checkpoint.latest_iteration(dir) then fail(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt') end
-  local model, info = pmp.checkpoint.load_model(dir)
+  local got, model, info = pcall(pmp.checkpoint.load_model, dir)
+  if not got then fail(tostring(model)) end
   return model, pmp.data.dataset_tokenizer.from_state(info.state.tokenizer)
 end
 

@@ -129,16 +129,13 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Data
 
--- A run under mpirun saves one directory per model-parallel rank (pmp.dist.checkpoint) and loads any
--- layout's checkpoint, resharding it; one process keeps pmp.checkpoint's files unless it resumes from
--- a parallel run's checkpoint.
-local dcp = require 'pmp.dist.checkpoint'
-local resume_info, resume_sharded
+-- Checkpoints of any layout load into any other (pmp.checkpoint reshards them); what is read here is
+-- the saved state (tokenizer, data position) needed before the model is built.
+local resume_info
 if opts.load and pmp.checkpoint.latest_iteration(opts.load) then
-  local got, info = pcall(dcp.info, opts.load)
+  local got, info = pcall(pmp.checkpoint.info, opts.load)
   if not got then fail('--load: ' .. tostring(info)) end
   resume_info = info
-  resume_sharded = layout.world > 1 or not info.layout.single_process
 end
 
 -- --data-path is a plain text file (tokenized here), or Megatron indexed datasets: `PREFIX` or a blend
@@ -321,7 +318,7 @@ local peak = measured_peak_flops()
 -- Resume after everything that draws random numbers, so the restored generator state is the one used.
 local iteration, consumed = 0, 0
 if resume_info then
-  local info = resume_sharded and dcp.load(opts.load, model, optimizer) or pmp.checkpoint.load(opts.load, model, optimizer)
+  local info = pmp.checkpoint.load(opts.load, model, optimizer)
   iteration, consumed = info.iteration, info.state.consumed_samples
   log(string.format(' loaded checkpoint from %s at iteration %d%s', opts.load, iteration,
     info.resharded and ' (resharded from another parallel layout)' or ''))
@@ -403,11 +400,7 @@ end
 local function save()
   if opts.save == '' then return end
   local state = { consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
-  if layout.world > 1 then
-    dcp.save(opts.save, iteration, model, optimizer, state)
-  else
-    pmp.checkpoint.save(opts.save, iteration, model, optimizer, state)
-  end
+  pmp.checkpoint.save(opts.save, iteration, model, optimizer, state)
   log(string.format(' saved checkpoint to %s at iteration %d', opts.save, iteration))
 end
 

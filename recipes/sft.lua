@@ -72,11 +72,11 @@ local resume_info, base = nil, { kind = 'hf', dir = opts.load }
 if embedded then
   base = { kind = 'pmp', dir = opts.load }
 elseif pmp.checkpoint.latest_iteration(opts.load) then
-  local rank_dir = pmp.checkpoint.iteration_dir(opts.load, pmp.checkpoint.latest_iteration(opts.load))
-  local info = pmp.json.decode(pmp.io.read_file(pmp.io.join(rank_dir, 'model_optim_rng.json')))
+  local got, info = pcall(pmp.checkpoint.info, opts.load)
+  if not got then fail('--load: ' .. tostring(info)) end
   if type(info.state.base_model) == 'table' then
     resume_info, base = info, info.state.base_model
-  elseif type(info.state.model_config) == 'table' then
+  elseif type(info.layout.model_config) == 'table' then
     base = { kind = 'pmp', dir = opts.load }
   else
     fail(opts.load .. ' is neither an SFT checkpoint nor a pretraining checkpoint')
@@ -88,8 +88,9 @@ local base_dir = base.dir
 
 local base_model, tokenizer, template_dir
 if base.kind == 'pmp' then
-  local base_info
-  base_model, base_info = pmp.checkpoint.load_model(base_dir)
+  local got, loaded, base_info = pcall(pmp.checkpoint.load_model, base_dir)
+  if not got then fail(tostring(loaded)) end
+  base_model = loaded
   tokenizer = pmp.data.dataset_tokenizer.from_state(base_info.state.tokenizer)
   -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
   template_dir = base_info.state.tokenizer.type == 'hf' and base_info.state.tokenizer.model or nil
