@@ -199,6 +199,17 @@ local function assign(target, value, frame)
   end
 end
 
+-- {% set %}'s targets: those of assign, or a namespace's attribute (ns.attr).
+local function set_target(target, value, frame, ctx)
+  if target.t == 'nsattr' then
+    local ns = lookup(frame, target.ns, ctx)
+    if kind(ns) ~= 'namespace' then throw('cannot assign attribute on non-namespace object') end
+    ns.vals[target.attr] = value
+  else
+    assign(target, value, frame)
+  end
+end
+
 local EXEC = {}
 
 EXEC.data = function(node, _, ctx) emit(ctx, node.v) end
@@ -236,27 +247,13 @@ EXEC['for'] = function(node, frame, ctx)
 end
 EXEC.set = function(node, frame, ctx)
   local v = eval(node.e, frame, ctx)
-  local target = node.target
-  if target.t == 'nsattr' then
-    local ns = lookup(frame, target.ns, ctx)
-    if kind(ns) ~= 'namespace' then throw('cannot assign attribute on non-namespace object') end
-    ns.vals[target.attr] = v
-  else
-    assign(target, v, frame)
-  end
+  set_target(node.target, v, frame, ctx)
 end
 EXEC.setblock = function(node, frame, ctx)
   local s = capture(node.body, frame, ctx)
   ctx.blockval = s
   local v = eval(node.filter, frame, ctx)
-  local target = node.target
-  if target.t == 'nsattr' then
-    local ns = lookup(frame, target.ns, ctx)
-    if kind(ns) ~= 'namespace' then throw('cannot assign attribute on non-namespace object') end
-    ns.vals[target.attr] = v
-  else
-    assign(target, v, frame)
-  end
+  set_target(node.target, v, frame, ctx)
 end
 EXEC.filterblock = function(node, frame, ctx)
   ctx.blockval = capture(node.body, frame, ctx)
