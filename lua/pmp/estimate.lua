@@ -64,8 +64,8 @@ local function family_names()
 end
 
 -- A filled-in transformer config from a family name, the path of an HF config.json, or a table of
--- GPTModel settings (Megatron's names). tie_embeddings defaults to false for families and tables
--- without it (Llama-style models keep a separate output layer).
+-- GPTModel settings (Megatron's names, GPTModel's defaults). options.tp multiplies the vocabulary
+-- padding as Megatron does.
 function M.model_config(model, options)
   options = options or {}
   local config
@@ -75,7 +75,8 @@ function M.model_config(model, options)
   elseif type(model) == 'string' and M.FAMILIES[model:lower()] then
     config = {}
     for k, v in pairs(M.FAMILIES[model:lower()]) do config[k] = v end
-    config.make_vocab_size_divisible_by = config.make_vocab_size_divisible_by or 128
+    config.make_vocab_size_divisible_by = 128
+    if config.tie_embeddings == nil then config.tie_embeddings = false end
   elseif type(model) == 'string' and model:match('%.json$') then
     local json = require 'pmp.json'
     local ok, hf = pcall(json.read, model)
@@ -85,7 +86,6 @@ function M.model_config(model, options)
     error(string.format("estimate: unknown model '%s' (known: %s, or the path of an HF config.json)", tostring(model),
       table.concat(family_names(), ', ')), 0)
   end
-  if config.tie_embeddings == nil then config.tie_embeddings = false end
   config.tensor_model_parallel_size = options.tp or config.tensor_model_parallel_size
   config.padded_vocab_size = nil
   return transformer.config(config)
