@@ -120,12 +120,13 @@ describe('estimate: memory', function()
     vocab_size = 700, tie_embeddings = false }
   local tied = { num_layers = 3, hidden_size = 96, num_attention_heads = 4, ffn_hidden_size = 256, vocab_size = 300,
     tie_embeddings = true }
+  -- activations are most of the step's memory here, so a wrong activation term shows
   local cases = {
-    { gqa, { micro_batch = 2, global_batch = 2, seq_length = 96, dtype = 'f32' } },
-    { gqa, { micro_batch = 1, global_batch = 3, seq_length = 128, dtype = 'bf16' } },
-    { tied, { micro_batch = 4, global_batch = 4, seq_length = 48, dtype = 'f32', recompute = 'full' } },
-    { tied, { micro_batch = 2, global_batch = 4, seq_length = 64, dtype = 'bf16', distributed_optimizer = true } },
-    { tied, { micro_batch = 8, global_batch = 8, seq_length = 8, dtype = 'f32' } },
+    { gqa, { micro_batch = 4, global_batch = 4, seq_length = 256, dtype = 'f32' } },
+    { gqa, { micro_batch = 2, global_batch = 6, seq_length = 128, dtype = 'bf16' } },
+    { tied, { micro_batch = 8, global_batch = 8, seq_length = 96, dtype = 'f32', recompute = 'full' } },
+    { tied, { micro_batch = 4, global_batch = 8, seq_length = 64, dtype = 'bf16', distributed_optimizer = true } },
+    { tied, { micro_batch = 32, global_batch = 32, seq_length = 8, dtype = 'f32' } },
   }
   for _, case in ipairs(cases) do
     local settings, layout = case[1], case[2]
@@ -133,6 +134,7 @@ describe('estimate: memory', function()
       local measured = measure(settings, layout)
       local estimated = estimate.memory(estimate.model_config(settings), layout).peak
       local ratio = estimated / measured
+      if os.getenv('SHOW') then print(ratio) end
       assert.is_true(ratio > 0.85 and ratio < 1.15, string.format('estimated %d bytes, measured %d (ratio %.3f)',
         estimated, measured, ratio))
     end)

@@ -154,12 +154,24 @@ function M.memory(c, layout)
     c.ffn_hidden_size, c.vocab_size
   local n = b * s / cp                                      -- tokens of one micro batch on this rank
 
-  -- bytes kept for backward by one layer for one micro batch
-  local hidden = sp and (2 * H / tp + 2 * H) or 4 * H
-  local attention = (4 * Q + 4 * KV) / tp + (cp > 1 and 2 * KV * (cp - 1) / tp or 0)   -- CP: gathered k and v
-  local mlp = (c.activation == 'swiglu' and 3 or 2) * F / tp * (c.num_experts and c.num_experts > 0 and (c.moe_router_topk or 2) or 1)
-  local layer_bytes = n * ((hidden + attention + mlp) * ab + (ab < 4 and 4 * H or 0))
-  local layer_input = n * H / (sp and tp or 1) * ab
+  -- the tensors one layer keeps for backward for one micro batch: {elements per token, bytes each}
+  local hidden_t = sp and tp or 1
+  local experts_active = (c.num_experts and c.num_experts > 0) and (c.moe_router_topk or 2) or 1
+  local kept_tensors = {
+    { H / hidden_t, ab }, { H / hidden_t, ab },                  -- layer input, pre-MLP residual (norms)
+    { H, ab }, { H, ab },                                        -- norm outputs (whole, gathered under SP)
+    { (Q + 2 * KV) / tp, ab }, { Q / tp, ab }, { KV / tp, ab }, { KV / tp, ab },   -- qkv; q, k after RoPE; v
+    { Q / tp, ab }, { Q / tp, ab },                              -- attention output and its copy
+    { 2 * F / tp * experts_active, ab }, { F / tp * experts_active, ab },   -- FC1 output, activation
+  }
+  if c.activation ~= 'swiglu' then kept_tensors[11][1] = F / tp * experts_active end
+  if ab < 4 then kept_tensors[#kept_tensors + 1] = { H, 4 } end                -- an f32 copy in bf16 runs
+  if cp > 1 then kept_tensors[#kept_tensors + 1] = { 2 * KV * (cp - 1) / tp, ab } end   -- gathered k and v
+  local layer_bytes = 0
+  for _, t in ipairs(kept_tensors) do layer_bytes = layer_bytes + allocation(n * t[1] * t[2]) end
+  local layer_input = allocation(n * H / hidden_t * ab)
+  -- the last stage: final norm input and output, the logits and the loss's f32 log-probabilities
+  local output_tensors = allocation(n * H * ab) * 2 + allocation(n * V / tp * ab) + allocation(n * V / tp * 4)
 
   local ddp = dp > 1 or cp > 1 or layout.distributed_optimizer
   local stages = sharding.stage_layers(c.num_layers, pp, layout.first_stage_layers, layout.last_stage_layers)
@@ -186,7 +198,7 @@ function M.memory(c, layout)
       optimizer = params * (8 + (ab < 4 and 4 or 0))             -- moments, and f32 master weights for bf16
     end
     local in_flight = math.min(pp - p, micro_batches)
-    local output_bytes = is_last and n * (2 * H * ab + V / tp * ab) or 0
+    local output_bytes = is_last and output_tensors or 0
     local per_micro = layers * layer_bytes + output_bytes
     -- what one micro batch leaves for the collector: with recompute, the forward's dropped tensors
     -- and the re-run's, else its saved activations (freed only once their handles are collected)
