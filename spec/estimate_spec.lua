@@ -141,6 +141,27 @@ describe('estimate: memory', function()
   end
 end)
 
+describe('estimate: memory under mpirun', function()
+  local mpi = require 'spec.support.mpi'
+  it('is within 15% of each rank\'s measured peak with TP 2 (sequence parallel) x PP 2', function()
+    if not mpi.available then pending('mpirun is not installed') return end
+    local out, err, status = mpi.run(4, shell.root .. '/spec/dist/estimate_worker.lua', { '2', '2', '2', '4', '64', '4', 'sp' })
+    assert.are.equal(0, status, err)
+    local c = estimate.model_config({ num_layers = 4, hidden_size = 128, num_attention_heads = 4, ffn_hidden_size = 256,
+      vocab_size = 500, tie_embeddings = true }, { tp = 2 })
+    local stages = estimate.memory(c, { tp = 2, pp = 2, micro_batch = 2, global_batch = 8, seq_length = 64,
+      sequence_parallel = true }).stages
+    local rows = mpi.lines(out, 'PEAK')
+    assert.are.equal(4, #rows)
+    for _, row in ipairs(rows) do
+      local stage, _, measured = unpack(mpi.words(row))
+      local ratio = stages[tonumber(stage) + 1].peak / tonumber(measured)
+      assert.is_true(ratio > 0.85 and ratio < 1.15, string.format('stage %s: estimated %d bytes, measured %s (ratio %.3f)',
+        stage, stages[tonumber(stage) + 1].peak, measured, ratio))
+    end
+  end)
+end)
+
 describe('tools/estimate.lua', function()
   local function run(args)
     local words = { shell.quote(shell.pmp), shell.quote(shell.root .. '/tools/estimate.lua') }

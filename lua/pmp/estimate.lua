@@ -167,11 +167,22 @@ function M.memory(c, layout)
   if c.activation ~= 'swiglu' then kept_tensors[11][1] = F / tp * experts_active end
   if ab < 4 then kept_tensors[#kept_tensors + 1] = { H, 4 } end                -- an f32 copy in bf16 runs
   if cp > 1 then kept_tensors[#kept_tensors + 1] = { 2 * KV * (cp - 1) / tp, ab } end   -- gathered k and v
+  -- tensor parallelism's mappings (pmp.nn.parallel) are Lua autograd functions: what they make forward
+  -- (the row-parallel outputs and their reduced copies) and backward (gradients passed through them, the
+  -- collectives' results) waits for the collector like the rest. Measured per token and layer (TP 2
+  -- and 4): 9 tensors of H, or with sequence parallelism 14 of H and 6 of H / t.
+  if tp > 1 then
+    kept_tensors[#kept_tensors + 1] = { (sp and 14 or 9) * H, ab }
+    if sp then kept_tensors[#kept_tensors + 1] = { 6 * H / tp, ab } end
+  end
   local layer_bytes = 0
   for _, t in ipairs(kept_tensors) do layer_bytes = layer_bytes + allocation(n * t[1] * t[2]) end
   local layer_input = allocation(n * H / hidden_t * ab)
-  -- the last stage: final norm input and output, the logits and the loss's f32 log-probabilities
-  local output_tensors = allocation(n * H * ab) * 2 + allocation(n * V / tp * ab) + allocation(n * V / tp * 4)
+  -- the last stage: final norm input and output, the logits and the loss's f32 log-probabilities; the
+  -- vocabulary-parallel loss keeps five f32 tensors of the rank's logits (shifted, exponentials, and
+  -- the gradient's three steps), and the vocabulary-parallel embedding three of H
+  local output_tensors = allocation(n * H * ab) * 2 + allocation(n * V / tp * ab) + allocation(n * V / tp * 4) * (tp > 1 and 5 or 1)
+  local embedding_tensors = tp > 1 and 3 * allocation(n * H / hidden_t * ab) or 0
 
   local ddp = dp > 1 or cp > 1 or layout.distributed_optimizer
   local stages = sharding.stage_layers(c.num_layers, pp, layout.first_stage_layers, layout.last_stage_layers)
@@ -198,7 +209,7 @@ function M.memory(c, layout)
       optimizer = params * (8 + (ab < 4 and 4 or 0))             -- moments, and f32 master weights for bf16
     end
     local in_flight = math.min(pp - p, micro_batches)
-    local output_bytes = is_last and output_tensors or 0
+    local output_bytes = (is_last and output_tensors or 0) + (is_first and embedding_tensors or 0)
     local per_micro = layers * layer_bytes + output_bytes
     -- what one micro batch leaves for the collector: with recompute, the forward's dropped tensors
     -- and the re-run's, else its saved activations (freed only once their handles are collected)
