@@ -185,7 +185,7 @@ describe('tools/estimate.lua', function()
       '--grid', 'tp=1,2', 'recompute=none,full', '--seq-length', '128' })
     assert.are.equal(0, status, err)
     local rows = 0
-    for _ in out:gmatch('\n +[12] +1 +1 +1 +1 +%a+ +[%d.]+ GiB') do rows = rows + 1 end
+    for _ in out:gmatch('\n +[12] +1 +1 +1 +1 +%a+ +[%d.]+ [MG]iB +[%d.]+ [MG]iB') do rows = rows + 1 end
     assert.are.equal(4, rows)
     assert.matches('estimate: 4/4 layouts %(100%.0%%%)', err)
   end)

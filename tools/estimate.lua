@@ -81,7 +81,10 @@ local function global_batch(layout)
   return opts.global_batch_size > 0 and opts.global_batch_size or layout.micro_batch * layout.dp
 end
 
-local function gib(bytes) return string.format('%.2f GiB', bytes / 2^30) end
+local function gib(bytes)
+  if bytes < 2^30 then return string.format('%.1f MiB', bytes / 2^20) end
+  return string.format('%.2f GiB', bytes / 2^30)
+end
 local function count(n)
   for _, u in ipairs({ { 1e12, 'T' }, { 1e9, 'B' }, { 1e6, 'M' }, { 1e3, 'K' } }) do
     if n >= u[1] then return string.format('%.2f%s', n / u[1], u[2]) end
@@ -107,14 +110,15 @@ local function report(layout)
     'per rank and step), sequence %d, %s%s%s', layout.tp, layout.sequence_parallel and ' (SP)' or '', layout.pp, layout.dp,
     layout.cp, layout.ep, layout.micro_batch, layout.global_batch, memory.micro_batches, layout.seq_length, layout.dtype,
     layout.recompute == 'full' and ', full recompute' or '', layout.distributed_optimizer and ', distributed optimizer' or ''))
-  print(string.format('%-6s %7s %10s %11s %11s %11s %12s %9s %11s %11s %11s', 'stage', 'layers', 'params',
-    'weights', 'gradients', 'optimizer', 'activations', 'in flight', 'transient', 'peak', 'live peak'))
+  print(string.format('%-6s %7s %10s %11s %11s %11s %12s %9s %11s %11s %11s %11s', 'stage', 'layers', 'params',
+    'weights', 'gradients', 'optimizer', 'activations', 'in flight', 'transient', 'step peak', 'run peak', 'live peak'))
   for _, s in ipairs(memory.stages) do
-    print(string.format('%-6d %7d %10s %11s %11s %11s %12s %9d %11s %11s %11s', s.stage, s.layers, count(s.parameters),
-      gib(s.weights), gib(s.gradients), gib(s.optimizer), gib(s.activations), s.in_flight, gib(s.transient),
-      gib(s.peak), gib(s.live_peak)))
+    print(string.format('%-6d %7d %10s %11s %11s %11s %12s %9d %11s %11s %11s %11s', s.stage, s.layers,
+      count(s.parameters), gib(s.weights), gib(s.gradients), gib(s.optimizer), gib(s.activations), s.in_flight,
+      gib(s.transient), gib(s.peak), gib(s.run_peak), gib(s.live_peak)))
   end
-  print('(per rank; activations include what waits for the Lua collector; live peak: if dropped tensors were freed at once)')
+  print('(per rank. activations: also what waits for the Lua collector in one step; step peak: the first step\'s; ' ..
+    'run peak: at most, once dropped tensors of earlier steps wait too; live peak: if dropped tensors were freed at once)')
   print(string.format('FLOPs: %s per token (6N + attention), %s per step (model), %s with recompute (hardware), ' ..
     '%s per rank of %d', count(flops.per_token), count(flops.model), count(flops.hardware), count(flops.per_rank), flops.world))
   if opts.peak_tflops > 0 then
@@ -177,17 +181,17 @@ local function grid(axes)
     bar:update(k)
   end
   bar:finish()
-  print(string.format('%4s %4s %4s %4s %6s %9s %11s %11s %13s', 'TP', 'PP', 'DP', 'CP', 'micro', 'recompute', 'peak',
-    'live peak', 'TFLOP/rank'))
+  print(string.format('%4s %4s %4s %4s %6s %9s %11s %11s %11s %13s', 'TP', 'PP', 'DP', 'CP', 'micro', 'recompute',
+    'step peak', 'run peak', 'live peak', 'TFLOP/rank'))
   for _, r in ipairs(rows) do
     local l = r.layout
     local head = string.format('%4d %4d %4d %4d %6d %9s', l.tp, l.pp, l.dp, l.cp, l.micro_batch, l.recompute or 'none')
     if r.error then
       print(head .. '  ' .. r.error)
     else
-      local live = 0
-      for _, s in ipairs(r.memory.stages) do live = math.max(live, s.live_peak) end
-      print(string.format('%s %11s %11s %13.1f', head, gib(r.memory.peak), gib(live), r.flops.per_rank / 1e12))
+      local run, live = 0, 0
+      for _, s in ipairs(r.memory.stages) do run, live = math.max(run, s.run_peak), math.max(live, s.live_peak) end
+      print(string.format('%s %11s %11s %11s %13.1f', head, gib(r.memory.peak), gib(run), gib(live), r.flops.per_rank / 1e12))
     end
   end
 end

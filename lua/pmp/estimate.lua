@@ -22,9 +22,11 @@
 -- parallelism so do the gradients handed to the bucket hooks and the collectives' results. So the
 -- peak is the weights, optimizer state and gradient buffers, plus the gradients, plus the lesser of
 -- all those dropped bytes and what the collector lets pile up, plus the largest backward transient
--- (the gradient of the logits, and of FC1's output). `live_peak` is what the same step needs when
--- every dropped tensor is freed at once (a lower bound, e.g. after collectgarbage() between forward
--- and backward). Not counted: communication buffers and the allocator's cache of free blocks.
+-- (the gradient of the logits, and of FC1's output): `peak`, the first step's. `live_peak` is what the
+-- step needs when every dropped tensor is freed at once (a lower bound, e.g. after collectgarbage()
+-- between forward and backward); over a run, dropped tensors of earlier steps can still wait too, so
+-- `run_peak` = live_peak + max(live_peak, 256 MiB) bounds it. Not counted: communication buffers and
+-- the allocator's cache of free blocks.
 local transformer = require 'pmp.nn.transformer'
 local sharding = require 'pmp.dist.sharding'
 
@@ -229,11 +231,13 @@ function M.memory(c, layout)
     local activations = math.min(micro_batches * dropped + ddp_dropped, in_flight * kept + slack)
     local transient = n * ((is_last and V / tp or 0) + 2 * F / tp) * ab
     local peak = static + activations + (ddp and 0 or grads) + transient
+    local live_peak = static + in_flight * kept + (layout.recompute == 'full' and layer_bytes or 0) + (ddp and 0 or grads)
+      + transient
     result.stages[p + 1] = {
       stage = p, layers = layers, parameters = params, weights = weights, gradients = grads, optimizer = optimizer,
       activations = activations, in_flight = in_flight, transient = transient, peak = peak,
-      live_peak = static + in_flight * kept + (layout.recompute == 'full' and layer_bytes or 0) + (ddp and 0 or grads)
-        + transient,
+      live_peak = live_peak,
+      run_peak = live_peak + math.max(live_peak, GC_STEP),
     }
     result.peak = math.max(result.peak, peak)
   end
