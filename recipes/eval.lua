@@ -18,6 +18,7 @@ local evaluation = pmp.evaluation
 
 local FLAGS = {
   { '--load', nil, 'pmp checkpoint directory or HF model directory (default: checkpoints/pretrain or a random model)' },
+  { '--tokenizer-model', nil, 'HF tokenizer directory (tokenizer.json) to use instead of the model\'s own' },
   { '--data-path', nil, 'text file or indexed dataset prefix to compute perplexity on' },
   { '--seq-length', 0, 'tokens per window (0: the checkpoint\'s training --seq-length, else 128)' },
   { '--stride', 0, 'tokens between window starts (0: --seq-length, windows that do not overlap)' },
@@ -39,7 +40,8 @@ local model, tokenizer, trained_seq_length, model_name
 local default_run = opts.load == nil and opts.data_path == nil and opts.task == nil
 local load = opts.load or (pmp.checkpoint.latest_iteration('checkpoints/pretrain') and 'checkpoints/pretrain')
 if load and pmp.io.is_file(pmp.io.join(load, 'config.json')) then
-  model, tokenizer = pmp.models.from_pretrained(load), pmp.data.dataset_tokenizer.hf(load)
+  model = pmp.models.from_pretrained(load)
+  tokenizer = not opts.tokenizer_model and pmp.data.dataset_tokenizer.hf(load)
 elseif load then
   if not pmp.checkpoint.latest_iteration(load) then
     error('--load ' .. load .. ' has neither config.json nor latest_checkpointed_iteration.txt', 0)
@@ -54,6 +56,11 @@ else
   tokenizer = pmp.data.tokenizers.char_from_text(pmp.data.tiny_corpus.generate())
   pmp.manual_seed(1234)
   model = pmp.nn.GPTModel({ num_layers = 2, hidden_size = 64, num_attention_heads = 4, vocab_size = tokenizer.vocab_size })
+end
+if opts.tokenizer_model then tokenizer = pmp.data.dataset_tokenizer.hf(opts.tokenizer_model) end
+if tokenizer.vocab_size > model.config.vocab_size then
+  error(string.format('the tokenizer has %d ids but the model a vocabulary of %d: give the model\'s own tokenizer',
+    tokenizer.vocab_size, model.config.vocab_size), 0)
 end
 model_name = load or 'a random model (no checkpoints/pretrain here)'
 model:eval()
