@@ -31,6 +31,8 @@ local FLAGS = {
   { '--context-parallel-size', 1, 'CP' },
   { '--expert-model-parallel-size', 1, 'EP' },
   { '--sequence-parallel', false, 'sequence parallelism in the TP group' },
+  { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
+  { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },
   { '--micro-batch-size', 1, 'samples per micro batch' },
   { '--global-batch-size', 0, 'samples per step (0: micro batch x DP)' },
   { '--seq-length', 2048, 'tokens per sample' },
@@ -75,6 +77,8 @@ local base_layout = {
   cp = opts.context_parallel_size, ep = opts.expert_model_parallel_size, micro_batch = opts.micro_batch_size,
   seq_length = opts.seq_length, recompute = opts.recompute_granularity,
   distributed_optimizer = opts.use_distributed_optimizer, sequence_parallel = opts.sequence_parallel,
+  first_stage_layers = opts.decoder_first_pipeline_num_layers > 0 and opts.decoder_first_pipeline_num_layers or nil,
+  last_stage_layers = opts.decoder_last_pipeline_num_layers > 0 and opts.decoder_last_pipeline_num_layers or nil,
   dtype = opts.bf16 and 'bf16' or 'f32',
 }
 local function global_batch(layout)

@@ -187,7 +187,8 @@ function M.memory(c, layout)
   local embedding_tensors = tp > 1 and 3 * allocation(n * H / hidden_t * ab) or 0
 
   local ddp = dp > 1 or cp > 1 or layout.distributed_optimizer
-  local stages = sharding.stage_layers(c.num_layers, pp, layout.first_stage_layers, layout.last_stage_layers)
+  local split_ok, stages = pcall(sharding.stage_layers, c.num_layers, pp, layout.first_stage_layers, layout.last_stage_layers)
+  if not split_ok then error('estimate: ' .. tostring(stages):gsub('^[^:]*:%d+: ', ''), 0) end
   local result = { stages = {}, micro_batches = micro_batches, peak = 0 }
   for p = 0, pp - 1 do
     local is_first, is_last = p == 0, p == pp - 1
