@@ -23,6 +23,7 @@ local FLAGS = {
   { '--seq-length', 0, 'tokens per window (0: the checkpoint\'s training --seq-length, else 128)' },
   { '--stride', 0, 'tokens between window starts (0: --seq-length, windows that do not overlap)' },
   { '--max-tokens', 0, 'evaluate only the first this many tokens of --data-path (0: all)' },
+  { '--micro-batch-size', 8, 'perplexity windows per forward' },
   { '--task', nil, 'task jsonl files', multiple = true },
   { '--limit', 0, 'records per task (0: all)' },
   { '--max-new-tokens', 16, 'exact-match tasks: tokens to generate at most' },
@@ -137,7 +138,7 @@ local rows = {}   -- the printed table: task, metric, value, over what
 if text_tokens then
   local bar = pmp.progress.new({ total = #text_tokens - 1, label = 'perplexity', unit = 'tokens' })
   local r = evaluation.perplexity(model, text_tokens, { seq_length = seq_length, stride = stride,
-    on_window = function(done) bar:update(done) end })
+    batch_size = opts.micro_batch_size, on_window = function(done) bar:update(done) end })
   bar:finish()
   results.perplexity = { source = text_source, perplexity = r.perplexity, mean_nll = r.mean_nll, tokens = r.tokens }
   rows[#rows + 1] = { text_source, 'perplexity', r.perplexity, r.tokens .. ' tokens' }

@@ -72,9 +72,9 @@ describe('evaluation.perplexity', function()
 
   it('is exp of the mean token NLL, for windows that do not overlap and for strided ones', function()
     local model = random_model(tokenizer.vocab_size)
-    for _, case in ipairs({ { 16, 16 }, { 16, 5 }, { 7, 7 }, { 200, 200 } }) do
+    for _, case in ipairs({ { 16, 16, 8 }, { 16, 5, 3 }, { 7, 7, 1 }, { 200, 200, 8 } }) do
       local length, stride = case[1], case[2]
-      local r = evaluation.perplexity(model, tokens, { seq_length = length, stride = stride })
+      local r = evaluation.perplexity(model, tokens, { seq_length = length, stride = stride, batch_size = case[3] })
       local expected = reference_mean_nll(model, tokens, length, stride)
       assert.are.equal(#tokens - 1, r.tokens)
       assert.is_true(math.abs(r.mean_nll - expected) < 1e-5, string.format('length %d stride %d: %.8f vs %.8f',

@@ -21,7 +21,8 @@ local function no_grad(fn, ...) return require('pmp').no_grad(fn, ...) end
 -- read in windows of seq_length inputs that start every `stride` tokens (default seq_length: windows
 -- that do not overlap). Every token after the first is scored exactly once, in the first window that
 -- predicts it, so with stride < seq_length each is predicted from at least seq_length - stride tokens
--- of context. options.on_window(scored_so_far, total) reports progress.
+-- of context. options.batch_size windows of equal length run together (default 8);
+-- options.on_window(scored_so_far, total) reports progress.
 function M.perplexity(model, tokens, options)
   local seq_length = assert(options.seq_length, 'perplexity: seq_length is required')
   local stride = options.stride or seq_length
@@ -30,22 +31,35 @@ function M.perplexity(model, tokens, options)
   end
   local n = #tokens
   if n < 2 then error('perplexity: need at least 2 tokens, got ' .. n, 2) end
-  local nll, count, last_scored, start = 0, 0, 1, 1   -- last_scored: 1-based index of the last predicted token
+  -- the windows: inputs tokens[start..stop] predict tokens[start+1..stop+1], those not scored before
+  local windows, last_scored, start = {}, 1, 1
   while last_scored < n do
-    local stop = math.min(start + seq_length - 1, n - 1)   -- inputs tokens[start..stop] predict [start+1..stop+1]
+    local stop = math.min(start + seq_length - 1, n - 1)
     local ids, targets = {}, {}
     for k = start, stop do
       ids[#ids + 1] = tokens[k]
       targets[#targets + 1] = (k + 1 > last_scored) and tokens[k + 1] or -100
     end
-    local sum = no_grad(function()
-      local x = tensor.tensor({ ids }, { dtype = 'i64' })
-      local y = tensor.tensor({ targets }, { dtype = 'i64' })
-      return model(x, y, { reduction = 'sum' }):item()
-    end)
-    nll, count = nll + sum, count + (stop + 1 - last_scored)
+    windows[#windows + 1] = { ids = ids, targets = targets, scored = stop + 1 - last_scored }
     last_scored = stop + 1
     start = start + stride
+  end
+  local batch_size = options.batch_size or 8
+  local nll, count, first = 0, 0, 1
+  while first <= #windows do
+    local last = first
+    while last < #windows and last - first + 1 < batch_size and #windows[last + 1].ids == #windows[first].ids do
+      last = last + 1
+    end
+    local ids, targets = {}, {}
+    for k = first, last do
+      ids[#ids + 1], targets[#targets + 1] = windows[k].ids, windows[k].targets
+      count = count + windows[k].scored
+    end
+    nll = nll + no_grad(function()
+      return model(tensor.tensor(ids, { dtype = 'i64' }), tensor.tensor(targets, { dtype = 'i64' }), { reduction = 'sum' }):item()
+    end)
+    first = last + 1
     if options.on_window then options.on_window(count, n - 1) end
   end
   return { nll = nll, tokens = count, mean_nll = nll / count, perplexity = math.exp(nll / count) }
