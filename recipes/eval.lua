@@ -123,7 +123,14 @@ end
 
 local tasks = {}
 for _, path in ipairs(opts.task or {}) do tasks[#tasks + 1] = evaluation.read_task(path, opts.limit > 0 and opts.limit or nil) end
-if default_run then tasks = embedded_tasks() end
+if default_run then
+  tasks = embedded_tasks()
+  if opts.limit > 0 then
+    for _, task in ipairs(tasks) do
+      for k = #task.records, opts.limit + 1, -1 do task.records[k] = nil end
+    end
+  end
+end
 if not text_tokens and #tasks == 0 then error('nothing to evaluate: give --data-path and/or --task', 0) end
 
 print(string.format('eval: %s (%s); windows of %d tokens every %d', model_name, tostring(model):match('^[^\n]*'),
