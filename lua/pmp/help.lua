@@ -62,6 +62,30 @@ local function escape_pattern(s)
   return (s:gsub('%p', '%%%0'))
 end
 
+-- The name a line defines (`function a.b:key(`, `a.key = `), or nil.
+local function defined_key(line)
+  return line:match('^%s*function%s+[%w_.:]-([%w_]+)%s*%(') or line:match('^%s*[%w_.]-%.([%w_]+)%s*=[^=]')
+end
+
+-- A line with what varies between sibling definitions masked: its own name, strings and constants.
+-- `Tensor.add = binary(C.PMP_OP_ADD, 'add')` and `Tensor.sub = ...` look the same.
+local function line_shape(line)
+  local key = defined_key(line)
+  if not key then return nil end
+  local shape = line:gsub(escape_pattern(key), '\0'):gsub("%b''", '\1'):gsub('%b""', '\1')
+  return (shape:gsub('[%w_]+', function(word)
+    if word:match('%u') and word:match('^[%u%d_]+$') then return '\2' end
+  end))
+end
+
+-- The doc comment above line n; a definition without one that continues a run of look-alike lines
+-- (`Tensor.sub = binary(...)` below `Tensor.add = binary(...)`) shares the doc of the run's first.
+local function doc_of(lines, n)
+  local shape, first = line_shape(lines[n]), n
+  while shape and first > 1 and line_shape(lines[first - 1]) == shape do first = first - 1 end
+  return doc_above(lines, first)
+end
+
 -- Whether `line` defines `key`: `function a.key(`, `function a:key(`, `local function key(`,
 -- `a.key = ...` or `local key = ...`.
 local function defines(line, key)
@@ -287,7 +311,7 @@ local function describe(entry)
   if not lines then return out end
   local line = definition_line(lines, entry.key, linedefined)
   if line then
-    out.doc = doc_above(lines, line)
+    out.doc = doc_of(lines, line)
     out.where = shown_path(path) .. ':' .. line
   end
   -- a module that is a function (pmp.generate) is documented at the top of its file
