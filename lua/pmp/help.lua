@@ -301,6 +301,8 @@ local function describe(entry)
       local _, init_line = file_of(init)
       out.doc = doc_above(lines, init_line)
     end
+    -- a class that is its file's module (nn.Module) is documented at the top of the file
+    if #out.doc == 0 and loaded_module_name(value) then out.doc = file_doc(lines) end
     out.where = line and shown_path(path) .. ':' .. line
     return out
   end
