@@ -1,4 +1,4 @@
--- Autograd functions written in Lua, and activation recompute built on them.
+--- Autograd functions written in Lua, and activation recompute built on them.
 --
 --   local y = pmp.autograd.custom({x, w}, y_computed_without_grad, function(grad_y)
 --     return {grad_x, grad_w}          -- one entry per input (nil for none), shapes of the inputs

@@ -115,6 +115,13 @@ local function file_of(fn)
   return info.source:sub(2), info.linedefined
 end
 
+-- Whether the `function` statement that made fn names it `key`.
+local function named_where_defined(fn, key)
+  local path, line = file_of(fn)
+  local lines = path and source_lines(path)
+  return lines ~= nil and lines[line] ~= nil and defines(lines[line], key)
+end
+
 -- A project-relative path for showing where something is defined.
 local function shown_path(path)
   local root = package.loaded['pmp.root']
@@ -137,6 +144,7 @@ end
 local function is_class(value)
   if type(value) ~= 'table' then return false end
   if rawget(value, '__instance_mt') ~= nil then return true end
+  if rawget(value, '__index') == value then return true end -- a metatable for instances (Tokenizer)
   local mt = getmetatable(value)
   return type(mt) == 'table' and rawget(mt, '__call') ~= nil and rawget(value, 'new') ~= nil
 end
@@ -224,7 +232,12 @@ local function collect()
   end
 
   function visit(value, name, key, owner, depth)
-    if by_value[value] or depth > 4 then return end
+    local known = by_value[value]
+    if known and known.kind == 'function' and type(value) == 'function' and named_where_defined(value, key)
+        and not named_where_defined(value, known.key) then
+      known.name, known.key = name, key   -- an alias was met first (from_file = from_pretrained)
+    end
+    if known or depth > 4 then return end
     if type(value) == 'function' then
       add({ name = name, value = value, kind = 'function', key = key, owner = owner })
     elseif is_class(value) then
@@ -382,9 +395,10 @@ function help.index()
   for _, entry in ipairs(entries) do
     if entry.kind == 'module' then
       local summary = first_line(describe(entry).doc):gsub('^[%w_.]+: ', '')
-      out[#out + 1] = string.format('  %-22s %s', entry.name, summary)
+      if #summary > 72 then summary = summary:sub(1, 72):gsub('%s+%S*$', '') .. ' ...' end
+      out[#out + 1] = string.format('  %-26s %s', entry.name, summary)
       local members = member_summary(entries, entry)
-      if #members > 0 then out[#out + 1] = wrap(members, string.rep(' ', 25)) end
+      if #members > 0 then out[#out + 1] = wrap(members, string.rep(' ', 29)) end
     end
   end
   return table.concat(out, '\n')

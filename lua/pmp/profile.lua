@@ -1,4 +1,4 @@
--- Where a step's time goes, op by op: the engine times every kernel while the profiler is on.
+--- Where a step's time goes, op by op: the engine times every kernel while the profiler is on.
 --
 --   pmp.profile.start()
 --   ... a few training steps ...
