@@ -67,14 +67,15 @@ local function defined_key(line)
   return line:match('^%s*function%s+[%w_.:]-([%w_]+)%s*%(') or line:match('^%s*[%w_.]-%.([%w_]+)%s*=[^=]')
 end
 
--- A line with what varies between sibling definitions masked: its own name, strings and constants.
+-- A line with what varies between sibling definitions masked: its own name, strings, numbers and
+-- constants.
 -- `Tensor.add = binary(C.PMP_OP_ADD, 'add')` and `Tensor.sub = ...` look the same.
 local function line_shape(line)
   local key = defined_key(line)
   if not key then return nil end
   local shape = line:gsub(escape_pattern(key), '\0'):gsub("%b''", '\1'):gsub('%b""', '\1')
   return (shape:gsub('[%w_]+', function(word)
-    if word:match('%u') and word:match('^[%u%d_]+$') then return '\2' end
+    if word:match('^%d') or word:match('%u') and word:match('^[%u%d_]+$') then return '\2' end
   end))
 end
 
@@ -418,6 +419,25 @@ local function resolve(name, by_name)
   return value
 end
 
+-- An entry for a function or class that a module outside pmp (one loaded with require) holds.
+local function entry_in_loaded_modules(value)
+  if type(value) ~= 'function' and not is_class(value) then return nil end
+  local names = {}
+  for name, module in pairs(package.loaded) do
+    if type(module) == 'table' and module ~= _G then names[#names + 1] = name end
+  end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for _, key in ipairs(sorted_keys(package.loaded[name])) do
+      if rawget(package.loaded[name], key) == value then
+        local kind = type(value) == 'function' and 'function' or 'class'
+        return { name = name .. '.' .. key, value = value, kind = kind, key = key }
+      end
+    end
+  end
+  return nil
+end
+
 --- help.search(topic) -> the names whose name or doc comment contains topic (any case), one a line.
 function help.search(topic)
   local entries = collect()
@@ -461,17 +481,22 @@ function help.text(...)
     end
     return 'Tensor methods (help(t.sum) or help \'tensor:sum\' for one):\n' .. wrap(names, '  ')
   end
-  local entry = by_value[subject]
+  local entry = by_value[subject] or entry_in_loaded_modules(subject)
   if not entry and type(subject) == 'table' then   -- an nn module instance: its class
     local mt = getmetatable(subject)
     local class = type(mt) == 'table' and rawget(mt, '__class')
     entry = class and by_value[class]
   end
   if entry then return show(entry, entries) end
-  if type(subject) == 'function' then
-    local d = describe({ value = subject, kind = 'function' })
+  if type(subject) == 'function' then   -- outside pmp: named as its definition names it
     if debug.getinfo(subject, 'S').what ~= 'Lua' then return 'a built-in function' end
-    return show({ name = d.signature:match('^[^(]*'), value = subject, kind = 'function' }, entries)
+    local path, line = file_of(subject)
+    local lines = path and source_lines(path)
+    local text = lines and lines[line] or ''
+    local name = text:match('^%s*function%s+([%w_.:]+)') or text:match('^%s*local%s+function%s+([%w_]+)')
+      or text:match('^%s*([%w_.]+)%s*=') or 'function'
+    return show({ name = name, value = subject, kind = 'function', key = name:match('([%w_]+)$'),
+                  drop_first = name:find(':') ~= nil }, entries)
   end
   return 'no documentation for a ' .. type(subject) .. ' value; help() lists what has some'
 end
