@@ -210,7 +210,7 @@ local function load_modules(pmp)
   return modules
 end
 
--- entries: a list of {name, value, kind, key, owner} in walking order; by_value: value -> entry.
+-- entries: a list of {name, value, kind, key} in walking order; by_value: value -> entry.
 local function collect()
   local pmp = package.loaded.pmp
   local entries, by_value = {}, {}
@@ -227,12 +227,12 @@ local function collect()
     for _, key in ipairs(sorted_keys(t)) do
       local value = rawget(t, key)
       if not (key == 'tensor_methods' or key == 'tensor_fields' or INTERNAL_MODULES[key]) then
-        visit(value, name .. '.' .. key, key, t, depth + 1)
+        visit(value, name .. '.' .. key, key, depth + 1)
       end
     end
   end
 
-  function visit(value, name, key, owner, depth)
+  function visit(value, name, key, depth)
     local known = by_value[value]
     if known and known.kind == 'function' and type(value) == 'function' and named_where_defined(value, key)
         and not named_where_defined(value, known.key) then
@@ -240,15 +240,15 @@ local function collect()
     end
     if known or depth > 4 then return end
     if type(value) == 'function' then
-      add({ name = name, value = value, kind = 'function', key = key, owner = owner })
+      add({ name = name, value = value, kind = 'function', key = key })
     elseif is_class(value) then
-      add({ name = name, value = value, kind = 'class', key = key, owner = owner })
+      add({ name = name, value = value, kind = 'class', key = key })
       for _, method in ipairs(sorted_keys(value)) do
         local fn = rawget(value, method)
         if type(fn) == 'function' and method ~= 'init' and method ~= 'new' and not by_value[fn] then
           local self_first = parameter_names(fn)[1] == 'self'
           add({ name = name .. (self_first and ':' or '.') .. method, value = fn, kind = 'method', key = method,
-                owner = value, drop_first = self_first })
+                drop_first = self_first })
         end
       end
     elseif type(value) == 'table' then
@@ -262,13 +262,13 @@ local function collect()
 
   add({ name = 'pmp', value = pmp, kind = 'module' })
   visit_members(pmp, 'pmp', 0)
-  for _, key in ipairs(sorted_keys(lazy_modules)) do visit(lazy_modules[key], 'pmp.' .. key, key, pmp, 1) end
+  for _, key in ipairs(sorted_keys(lazy_modules)) do visit(lazy_modules[key], 'pmp.' .. key, key, 1) end
   local methods = rawget(pmp, 'tensor_methods')
   if type(methods) == 'table' then
     for _, key in ipairs(sorted_keys(methods)) do
       local fn = rawget(methods, key)
       if type(fn) == 'function' and not by_value[fn] then
-        add({ name = 'tensor:' .. key, value = fn, kind = 'method', key = key, owner = methods, drop_first = true })
+        add({ name = 'tensor:' .. key, value = fn, kind = 'method', key = key, drop_first = true })
       end
     end
   end
@@ -322,6 +322,10 @@ local function describe(entry)
   end
   -- a function or method
   local out = { signature = signature_of(value, name, entry.drop_first), doc = {} }
+  if debug.getinfo(value, 'S').what ~= 'Lua' then
+    out.doc = { 'built into LuaJIT (see the Lua 5.1 reference manual)' }
+    return out
+  end
   local path, linedefined = file_of(value)
   local lines = path and source_lines(path)
   if not lines then return out end
@@ -489,7 +493,7 @@ function help.text(...)
   end
   if entry then return show(entry, entries) end
   if type(subject) == 'function' then   -- outside pmp: named as its definition names it
-    if debug.getinfo(subject, 'S').what ~= 'Lua' then return 'a built-in function' end
+    if debug.getinfo(subject, 'S').what ~= 'Lua' then return 'a function built into LuaJIT or the host' end
     local path, line = file_of(subject)
     local lines = path and source_lines(path)
     local text = lines and lines[line] or ''

@@ -5,7 +5,8 @@
 --   repl.execute()                     runs the statement the last feed completed, printing its values
 --   repl.discard()                     drops the lines typed so far (Ctrl-C at the prompt)
 --   repl.complete(text, line, cursor)  tab-completion candidates for the word `text` before the cursor
--- Besides Lua, the prompt takes `?x` for help(x) and a bare `help` for help().
+-- Besides Lua, the prompt takes `?x` for help(x) and a bare `help` for help(). help(x) (lua/pmp/help.lua)
+-- shows the doc comment of what x is: the `---` lines directly above its definition in the source.
 local repl = {}
 
 local CHUNK_NAME = '=stdin'
