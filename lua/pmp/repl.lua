@@ -5,8 +5,9 @@
 --   repl.execute()                     runs the statement the last feed completed, printing its values
 --   repl.discard()                     drops the lines typed so far (Ctrl-C at the prompt)
 --   repl.complete(text, line, cursor)  tab-completion candidates for the word `text` before the cursor
--- Besides Lua, the prompt takes `?x` for help(x) and a bare `help` for help(). help(x) (lua/pmp/help.lua)
--- shows the doc comment of what x is: the `---` lines directly above its definition in the source.
+-- Besides Lua, the prompt takes `?x` for help(x), `?x:m` for help(x.m) and a bare `help` for help().
+-- help(x) (lua/pmp/help.lua) shows the doc comment of what x is: the `---` lines directly above its
+-- definition in the source.
 local repl = {}
 
 local CHUNK_NAME = '=stdin'
@@ -39,10 +40,13 @@ local function compile(source)
   return loadstring(source, CHUNK_NAME)
 end
 
--- `?x` stands for help(x), and `help` alone for help() while help is still pmp's.
+-- `?x` stands for help(x) (`?x:m` for help(x.m)), and `help` alone for help() while help is still pmp's.
 local function expand_help_shorthand(source)
   local subject = source:match('^%s*%?%s*(.-)%s*$')
-  if subject then return 'help(' .. subject .. ')' end
+  if subject then
+    local object, method = subject:match('^(.-):([%a_][%w_]*)$')
+    return 'help(' .. (object and object .. '.' .. method or subject) .. ')'
+  end
   if source:match('^%s*help%s*$') and rawget(_G, 'help') == require('pmp.help').print then return 'help()' end
   return source
 end
