@@ -278,10 +278,27 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Describing one entry
 
+-- s1, s2, ..., s10 (sizes passed one by one, see Tensor.view) shortened to s1, s2, ...
+local function shorten_numbered(params)
+  local out, i = {}, 1
+  while i <= #params do
+    local stem = params[i]:match('^(.-)1$')
+    local j = i
+    while stem and params[j + 1] == stem .. (j - i + 2) do j = j + 1 end
+    if stem and j - i >= 3 then
+      out[#out + 1], out[#out + 2], out[#out + 3] = params[i], params[i + 1], '...'
+      i = j + 1
+    else
+      out[#out + 1], i = params[i], i + 1
+    end
+  end
+  return out
+end
+
 local function signature_of(fn, name, drop_first)
   local params = parameter_names(fn)
   if drop_first then table.remove(params, 1) end
-  return name .. '(' .. table.concat(params, ', ') .. ')'
+  return name .. '(' .. table.concat(shorten_numbered(params), ', ') .. ')'
 end
 
 -- {signature, doc lines, where} of an entry (or of an unnamed value: entry.name may be nil).
