@@ -168,6 +168,15 @@ return M
     assert.matches('AdamW', optim, 1, true)
   end)
 
+  it('shows the doc comment that opens a Lua file named by its path', function()
+    local path = dir .. '/recipe.lua'
+    local file = assert(io.open(path, 'w'))
+    file:write('--- Trains a model.\n---   pmp recipe.lua --steps 10\n-- (a note)\nlocal x = 1\n')
+    file:close()
+    assert.equal(path .. '\n  Trains a model.\n    pmp recipe.lua --steps 10', help.text(path))
+    assert.matches("no file 'missing.lua'", help.text('missing.lua'), 1, true)
+  end)
+
   it('prints an index of the modules with their documented members', function()
     local index = help.text()
     assert.matches("help 'topic'", index, 1, true)

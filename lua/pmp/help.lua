@@ -404,11 +404,24 @@ end
 local USAGE = [[
 Type a Lua statement; an expression prints its value. The library is the global `pmp`.
   help(x), ?x      what x is: the signature and doc comment of a function, class, module or method
-  help 'topic'     searches names and doc comments (help 'pmp.nn.Linear' shows that name)
+  help 'topic'     searches names and doc comments (help 'pmp.nn.Linear' shows that name,
+                   help 'recipes/pretrain.lua' the doc comment atop that file)
   Tab              completes names, fields, methods after ':' and keys in t['...']
   Up/Down          walk the history (~/.pmp_history)
   Ctrl-C           interrupts a running statement, or discards the line being typed
   Ctrl-D           exits]]
+
+-- The recipes shipped with pmp: recipes/*.lua under its root.
+local function recipe_files()
+  local root, names = package.loaded['pmp.root'], {}
+  local listing = type(root) == 'string' and io.popen('ls ' .. root .. '/recipes 2>/dev/null')
+  if not listing then return names end
+  for entry in listing:lines() do
+    if entry:match('^[%w_-]+%.lua$') then names[#names + 1] = 'recipes/' .. entry end
+  end
+  listing:close()
+  return names
+end
 
 --- help() -> the usage and an index of pmp's modules with their documented functions and classes.
 function help.index()
@@ -422,6 +435,11 @@ function help.index()
       local members = member_summary(entries, entry)
       if #members > 0 then out[#out + 1] = wrap(members, string.rep(' ', 29)) end
     end
+  end
+  local recipes = recipe_files()
+  if #recipes > 0 then
+    out[#out + 1] = "Recipes (help 'recipes/pretrain.lua' for one):"
+    out[#out + 1] = wrap(recipes, '  ')
   end
   return table.concat(out, '\n')
 end
@@ -459,6 +477,17 @@ local function entry_in_loaded_modules(value)
   return nil
 end
 
+-- help 'recipes/pretrain.lua': the doc comment at the top of a Lua file (a recipe, a tool), found
+-- from the current directory or pmp's root.
+local function file_help(path)
+  local root = package.loaded['pmp.root']
+  local lines = source_lines(path) or (type(root) == 'string' and source_lines(root .. '/' .. path))
+  if not lines then return "help: no file '" .. path .. "' here or under pmp's root" end
+  local doc = file_doc(lines)
+  if #doc == 0 then doc = { '(no doc comment: no --- lines open the file)' } end
+  return path .. '\n  ' .. table.concat(doc, '\n  ')
+end
+
 --- help.search(topic) -> the names whose name or doc comment contains topic (any case), one a line.
 function help.search(topic)
   local entries = collect()
@@ -476,12 +505,14 @@ function help.search(topic)
   return table.concat(out, '\n')
 end
 
---- help.text(x) -> what help(x) prints: x is a value, a name ('pmp.zeros', 'tensor:sum') or a topic.
+--- help.text(x) -> what help(x) prints: x is a value, a name ('pmp.zeros', 'tensor:sum'), a Lua file
+--- ('recipes/pretrain.lua') or a topic.
 function help.text(...)
   if select('#', ...) == 0 then return help.index() end
   local subject = ...
   if subject == nil then return 'help(nil): the value given is nil (a misspelt name?); help() lists what there is' end
   local entries, by_value = collect()
+  if type(subject) == 'string' and subject:match('%.lua$') then return file_help(subject) end
   if type(subject) == 'string' then
     local by_name = {}
     for _, entry in ipairs(entries) do by_name[entry.name] = entry end
