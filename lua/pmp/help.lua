@@ -6,8 +6,9 @@
 -- notes for readers of the code and stay out of help. A definition is a `function` statement
 -- (`function M.f(a)`, `function Class:m(a)`, `local function f(a)`), an assignment of a function or
 -- class (`M.add = binary(...)`, `M.Linear = Module:extend('Linear')`, `local AdamW = {}`), or, for a
--- module, the comment block that opens its file. Keep a doc comment short: what it does, its
--- arguments and options with their defaults, what it returns; the signature comes from the code.
+-- module or a script, the comment block that opens its file. A separator line of dashes is not a doc
+-- line. Keep a doc comment short: what it does, its arguments and options with their defaults, what
+-- it returns; the signature comes from the code.
 local help = {}
 
 ---------------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@
 --     causal kernels skip the masked half), the logits 2 * tokens * hidden * vocab. Norms, activation
 --     functions and softmax are not counted.
 --   Activation memory: the tensors backward keeps, in the model's dtype: the inputs of every Linear,
---     norm and activation function, attention's q, k, v and output, and the logits. Recompute
---     (recompute_granularity = 'full') is not taken into account.
+--     norm and activation function, attention's q, k, v and output, and the logits. The engine keeps
+--     somewhat more (copies made by layout changes, the loss's softmax, dropout masks): for a small
+--     Llama-style model in f32 the estimate was 80% of the memory a forward pass left in use.
+--     Recompute (recompute_granularity = 'full') is not taken into account.
 -- Parameters of a tensor- or pipeline-parallel model are this rank's.
 local Module = require 'pmp.nn.module'
 
