@@ -1,11 +1,11 @@
--- pmp.generate(model, prompts, options): batched text generation with a KV cache.
---
---   prompts: a list of token-id lists (0-based ids, any lengths) or an i64 tensor [B, T]
---   options: max_new_tokens (32), temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
---            repetition_penalty (1 = off), eos_ids ({}), stop ({strings}, needs tokenizer),
---            tokenizer, seed, return_logprobs (false), pad_id (0)
---   returns: one table per prompt: { tokens = {generated ids}, logprobs = {...} (when asked),
---            finish_reason = 'eos' | 'stop' | 'length', text = (when a tokenizer is given) }
+--- pmp.generate(model, prompts, options): batched text generation with a KV cache.
+---
+---   prompts: a list of token-id lists (0-based ids, any lengths) or an i64 tensor [B, T]
+---   options: max_new_tokens (32), temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
+---            repetition_penalty (1 = off), eos_ids ({}), stop ({strings}, needs tokenizer),
+---            tokenizer, seed, return_logprobs (false), pad_id (0)
+---   returns: one table per prompt: { tokens = {generated ids}, logprobs = {...} (when asked),
+---            finish_reason = 'eos' | 'stop' | 'length', text = (when a tokenizer is given) }
 --
 -- Prompts of different lengths are left-padded: each row counts its own positions and never attends
 -- to its padding. Log-probs are those of the sampled tokens under the temperature-scaled model

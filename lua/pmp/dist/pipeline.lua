@@ -1,5 +1,5 @@
--- Pipeline parallelism: each rank of the 'pp' group holds consecutive transformer layers of one
--- GPTModel and micro-batches flow through the stages with Megatron-LM's 1F1B schedules.
+--- Pipeline parallelism: each rank of the 'pp' group holds consecutive transformer layers of one
+--- GPTModel and micro-batches flow through the stages with Megatron-LM's 1F1B schedules.
 --
 --   local pipeline = require 'pmp.dist.pipeline'
 --   pipeline.stage(model)                                   -- every rank built the whole model first
