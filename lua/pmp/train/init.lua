@@ -4,6 +4,8 @@
 --   parallel     the Megatron layout from the flags, the model split over it, data parallelism
 --   model        the GPT of the model flags
 --   data         pretraining data from the flags, and each rank's micro batches
+--   chat_data    fine-tuning conversations (jsonl) into samples and micro batches
+--   Epochs       a seeded order over items, reshuffled every pass
 --   optimizer    AdamW (or the distributed optimizer) and the learning-rate schedule
 --   step         zero_grad, forward_backward (incl. pipeline schedules), finish_grads, clip_grads, evaluate
 --   throughput   model FLOPs per token and the measured GEMM peak, for MFU
@@ -14,6 +16,8 @@ return {
   parallel = require 'pmp.train.parallel',
   model = require 'pmp.train.model',
   data = require 'pmp.train.data',
+  chat_data = require 'pmp.train.chat_data',
+  Epochs = require 'pmp.train.epochs',
   optimizer = require 'pmp.train.optimizer',
   step = require 'pmp.train.step',
   throughput = require 'pmp.train.throughput',
