@@ -13,27 +13,29 @@
 local train = pmp.train
 local flags, step = train.flags, train.step
 
-local opts = flags.parse(arg, { flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, {
-  { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
+local opts = flags.parse(arg, { {
   { '--data-path', nil, 'jsonl file of conversations' },
   { '--format', 'auto', 'auto, alpaca, sharegpt or messages' },
   { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
-  { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
   { '--packing', false, 'pack several samples per sequence' },
   { '--train-on-prompt', false, 'also train on system/user tokens' },
+  { '--epochs', 1, 'passes over the data when --train-iters is 0' },
+  { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
+}, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, {
+  -- the shared flags whose defaults or meaning differ for fine-tuning
+  { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
+  { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
   { '--micro-batch-size', 4, 'sequences per forward/backward' },
   { '--global-batch-size', 8, 'sequences per optimizer step' },
   { '--train-iters', 0, 'optimizer steps (0: --epochs over the data)' },
-  { '--epochs', 1, 'passes over the data when --train-iters is 0' },
+  { '--seed', 1234, 'shuffle seed' },
   { '--lr', 1e-5, 'peak learning rate' },
   { '--min-lr', 0.0, 'final learning rate' },
   { '--lr-warmup-iters', 0, 'linear warmup steps' },
   { '--weight-decay', 0.0, 'AdamW weight decay (not on norms and biases)' },
-  { '--seed', 1234, 'shuffle seed' },
-  { '--log-interval', 10, 'steps between log lines' },
   { '--save', nil, 'checkpoint directory (Megatron layout)' },
   { '--save-interval', 0, 'steps between checkpoints (0: only at the end)' },
-  { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
+  { '--log-interval', 10, 'steps between log lines' },
 } }, { usage = 'pmp recipes/sft.lua --load MODEL_DIR --data-path FILE.jsonl [flags]' })
 -- Several processes would each train the whole model and write the same checkpoint files.
 local layout = pmp.dist.init()
