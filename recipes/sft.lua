@@ -55,53 +55,16 @@ if not opts.load then error('--load MODEL_DIR is required', 0) end
 if not opts.data_path and not embedded then error('--data-path FILE.jsonl is required', 0) end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batch-size must be a multiple of --micro-batch-size', 0) end
 
--- The base model: a Hugging Face directory ({kind = 'hf'}) or a pretraining checkpoint ({kind = 'pmp'},
--- as the embedded default uses). An SFT checkpoint records its base, so --load on one resumes.
-local resume, base = nil, { kind = 'hf', dir = opts.load }
-local info = train.Checkpoints.info(opts.load)
-if embedded then
-  base = { kind = 'pmp', dir = opts.load }
-elseif info then
-  if type(info.state.base_model) == 'table' then
-    resume, base = info, info.state.base_model
-  elseif type(info.state.model_config) == 'table' then
-    base = { kind = 'pmp', dir = opts.load }
-  else
-    error(opts.load .. ' is neither an SFT checkpoint nor a pretraining checkpoint', 0)
-  end
-elseif not pmp.io.is_file(pmp.io.join(opts.load, 'config.json')) then
-  error(opts.load .. ' has neither config.json nor latest_checkpointed_iteration.txt', 0)
+-- The base model: a Hugging Face directory, or a pretraining checkpoint (as the embedded default uses).
+-- An SFT checkpoint records its base, so --load on one resumes.
+local base, resume = train.base_model.locate(opts.load)
+local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
+  recompute_granularity = opts.recompute_granularity })
+-- the embedded task is in the corpus' own format: "12 + 7 = 19."
+local function sums_format(messages)
+  return messages[1].content .. ' = ' .. (messages[2] and messages[2].content .. '.\n' or '')
 end
-
-local base_model, tokenizer, template_dir
-if base.kind == 'pmp' then
-  local base_info
-  base_model, base_info = train.Checkpoints.load_model(base.dir)
-  tokenizer = pmp.data.dataset_tokenizer.from_state(base_info.state.tokenizer)
-  -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
-  template_dir = base_info.state.tokenizer.type == 'hf' and base_info.state.tokenizer.model or nil
-  if not embedded and not template_dir and not opts.chat_template then
-    error(base.dir .. ' has no chat template (its tokenizer is ' .. tostring(base_info.state.tokenizer.type) ..
-      '): give --chat-template chatml, llama3 or alpaca', 0)
-  end
-else
-  tokenizer = pmp.tokenizer.from_pretrained(base.dir)
-  template_dir = base.dir
-end
-local template = opts.chat_template and pmp.chat_template.compile(pmp.chat_template.builtin(opts.chat_template))
-local function render(messages, add_generation_prompt)
-  if embedded then
-    -- the sums task in the corpus' own format: "12 + 7 = 19."
-    local text = messages[1].content .. ' = '
-    if messages[2] then text = text .. messages[2].content .. '.\n' end
-    return text
-  end
-  if template then
-    return (template:render({ messages = messages, add_generation_prompt = add_generation_prompt,
-      bos_token = tokenizer.bos_token or '', eos_token = tokenizer.eos_token or '' }))
-  end
-  return pmp.chat_template.apply(template_dir, messages, { add_generation_prompt = add_generation_prompt })
-end
+local render = embedded and sums_format or train.base_model.chat_renderer(tokenizer, template_dir, opts.chat_template, base.dir)
 
 -- The embedded task: sums of numbers below 50 (as in the corpus) as messages records; the first 100
 -- pairs are held out for the accuracy check.
@@ -126,9 +89,6 @@ local samples, trained_tokens = train.chat_data.samples(embedded and sums() or t
   tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt,
   source = opts.data_path })
 local rows = opts.packing and pmp.data.sft.pack(samples, opts.seq_length) or pmp.data.sft.pad(samples, opts.seq_length)
-
-local model = base_model or pmp.models.from_pretrained(base.dir, {
-  dtype = opts.bf16 and 'bf16' or 'f32', config = { recompute_granularity = opts.recompute_granularity } })
 
 -- The embedded task's metric: exact-match accuracy of greedy answers on the held-out sums.
 local function sums_accuracy()

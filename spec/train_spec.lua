@@ -331,3 +331,38 @@ describe('pmp.train.chat_data.samples', function()
     assert.are.equal('data.jsonl holds no samples', message)
   end)
 end)
+
+describe('pmp.train.base_model', function()
+  local dir
+  before_each(function() dir = shell.temp_dir() end)
+  after_each(function() shell.remove_dir(dir) end)
+  local Box = pmp.nn.Module:extend('Box')
+  function Box:init() self.w = pmp.zeros({ 2 }):requires_grad_() end
+
+  it('tells a Hugging Face directory, a pretraining checkpoint and a fine-tuning checkpoint apart', function()
+    local ok, message = pcall(train.base_model.locate, dir)
+    assert.are.equal(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt', message)
+    shell.write_file(dir .. '/config.json', '{}')
+    assert.are.same({ { kind = 'hf', dir = dir } }, { train.base_model.locate(dir) })
+    pmp.checkpoint.save(dir .. '/pre', 1, Box(), nil, { model_config = { num_layers = 1 } })
+    assert.are.same({ kind = 'pmp', dir = dir .. '/pre' }, (train.base_model.locate(dir .. '/pre')))
+    pmp.checkpoint.save(dir .. '/sft', 2, Box(), nil, { base_model = { kind = 'hf', dir = 'somewhere' } })
+    local base, resume = train.base_model.locate(dir .. '/sft')
+    assert.are.same({ kind = 'hf', dir = 'somewhere' }, base)
+    assert.are.equal(2, resume.iteration)
+    pmp.checkpoint.save(dir .. '/other', 1, Box(), nil, { note = 'x' })
+    ok, message = pcall(train.base_model.locate, dir .. '/other')
+    assert.is_false(ok)
+    assert.are.equal(dir .. '/other is neither an SFT checkpoint nor a pretraining checkpoint', message)
+  end)
+
+  it('renders with a built-in template, and asks for one when the base has none', function()
+    local render = train.base_model.chat_renderer({}, nil, 'chatml', 'base')
+    assert.are.equal('<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n',
+      render({ { role = 'user', content = 'hi' } }, true))
+    local ok, message = pcall(train.base_model.chat_renderer, { type = 'char' }, nil, nil, 'base')
+    assert.is_false(ok)
+    assert.are.equal('base has no chat template (its tokenizer is char): give --chat-template chatml, llama3 or alpaca',
+      message)
+  end)
+end)

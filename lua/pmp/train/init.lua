@@ -4,6 +4,7 @@
 --   parallel     the Megatron layout from the flags, the model split over it, data parallelism
 --   model        the GPT of the model flags
 --   data         pretraining data from the flags, and each rank's micro batches
+--   base_model   the model a fine-tuning run starts from (Hugging Face, pretraining or own checkpoint)
 --   chat_data    fine-tuning conversations (jsonl) into samples and micro batches
 --   Epochs       a seeded order over items, reshuffled every pass
 --   optimizer    AdamW (or the distributed optimizer) and the learning-rate schedule
@@ -16,6 +17,7 @@ return {
   parallel = require 'pmp.train.parallel',
   model = require 'pmp.train.model',
   data = require 'pmp.train.data',
+  base_model = require 'pmp.train.base_model',
   chat_data = require 'pmp.train.chat_data',
   Epochs = require 'pmp.train.epochs',
   optimizer = require 'pmp.train.optimizer',
