@@ -1,7 +1,7 @@
 # pmp — build, test and benchmark. `make deps` installs what the build needs on Debian 12.
 CC       ?= cc
 CFLAGS   ?= -O2 -g
-# BLIS built on OpenMP (core/blas.h), so BLAS and our kernels share one thread pool instead of two
+# BLIS built on OpenMP (core/cpu/blas/blas.h), so BLAS and our kernels share one thread pool instead of two
 # pools spinning against each other; rpath pins that variant whatever Debian's alternatives point to.
 MULTIARCH := $(shell $(CC) -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
 BLAS_DIR := /usr/lib/$(MULTIARCH)/blis-openmp
@@ -12,8 +12,10 @@ LDLIBS   += $(shell pkg-config --libs luajit libpcre2-8 libutf8proc ompi-c 2>/de
 # Export every engine symbol so the FFI can find them through ffi.C.
 LDFLAGS  += -rdynamic
 
-CORE_SRCS := $(wildcard core/*.c)
+# The engine is every .c under core/ by subsystem folder, except the executable's host.
+CORE_SRCS := $(sort $(shell find core -name '*.c' -not -path 'core/host/*'))
 HOST_SRCS := $(wildcard core/host/*.c)
+HEADERS   := $(shell find core -name '*.h')
 CORE_OBJS := $(CORE_SRCS:%.c=build/%.o)
 HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
 
@@ -28,15 +30,15 @@ pmp: $(HOST_OBJS) build/libpmpcore.a
 	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJS) -Wl,--whole-archive build/libpmpcore.a -Wl,--no-whole-archive $(LDLIBS)
 
 build/libpmpcore.a: $(CORE_OBJS)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 # The attention tiles are hand-blocked multiply-adds: let them fuse into FMA instructions (ISO C mode
 # otherwise keeps every multiply and add separately rounded).
-build/core/cpu_attention.o: CFLAGS += -ffp-contract=fast
+build/core/cpu/cpu_attention.o: CFLAGS += -ffp-contract=fast
 # sqrtf without errno is one vector instruction; the moments are never negative, so errno never mattered
-build/core/cpu_optim.o: CFLAGS += -fno-math-errno
+build/core/cpu/cpu_optim.o: CFLAGS += -fno-math-errno
 
-build/%.o: %.c core/pmp.h $(wildcard core/*.h core/host/*.h)
+build/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -45,7 +47,7 @@ CUDA_HOME ?= /usr/local/cuda
 NVCC      ?= $(CUDA_HOME)/bin/nvcc
 cuda: build/libpmp_cuda.so
 
-build/libpmp_cuda.so: cuda/nccl.cu core/pmp.h
+build/libpmp_cuda.so: cuda/nccl.cu core/pmp.h $(wildcard core/pmp/*.h)
 	@mkdir -p build
 	$(NVCC) -O2 -std=c++17 -Xcompiler -fPIC,-Wall -shared -Icore -o $@ $< -L$(CUDA_HOME)/lib64 -lnccl -lcudart \
 	  -Xlinker -rpath,$(CUDA_HOME)/lib64

@@ -114,13 +114,13 @@ typedef struct pmp_op_info {
 extern const pmp_op_info pmp_op_table[PMP_OP_COUNT];
 /* Runs the op's kernel for the device of args->out. */
 int pmp_dispatch(const pmp_op_args *args);
-/* core/profile.c: a start time (0 while the profiler is off) and the op's accounting */
+/* core/ops/profile.c: a start time (0 while the profiler is off) and the op's accounting */
 int64_t pmp_profile_begin(void);
-/* core/onednn_matmul.c: c = a @ b over batches (strides in elements: batch, row, column); 1 when
+/* core/cpu/blas/onednn_matmul.c: c = a @ b over batches (strides in elements: batch, row, column); 1 when
  * oneDNN declines the dtype or layout */
 int pmp_onednn_matmul(int dtype, int64_t batch, int64_t n, int64_t k, int64_t m, const void *a, const int64_t a_strides[3],
                       const void *b, const int64_t b_strides[3], void *c);
-/* core/amx_matmul.c: bf16 c[n, m] (contiguous) = a[n, k] @ b[k, m] on AMX tiles (strides in elements:
+/* core/cpu/x86/amx_matmul.c: bf16 c[n, m] (contiguous) = a[n, k] @ b[k, m] on AMX tiles (strides in elements:
  * row, column, one of them 1); 1 when AMX is absent or off (PMP_MATMUL_NO_AMX=1) or the layout is not
  * one it reads, 0 on success, -1 on failure */
 int pmp_amx_matmul(int64_t n, int64_t k, int64_t m, const uint16_t *a, const int64_t a_strides[2], const uint16_t *b,
@@ -246,20 +246,41 @@ static inline void pmp_thread_share(int64_t n, int64_t *lo, int64_t *hi) {
   *hi = *lo + q + (t < r);
 }
 
-#endif
-
-/* ---- helpers for backward rules (ops_common.c) ---- */
+/* ---- helpers for op front-ends and backward rules (ops/ops_common.c) ---- */
 /* A 0-d tensor holding v in dtype. */
 pmp_tensor *pmp_scalar(double v, int dtype, pmp_device device);
-/* Temporaries created while computing gradients, released together at the end of a rule. */
+/* Temporaries of one op or backward rule, released together at its end. */
 typedef struct pmp_scope {
   pmp_tensor *items[24];
   int count;
 } pmp_scope;
+/* Adds t (NULL is let through) to the scope and returns it. No rule needs more than a handful, so a
+ * full scope is a bug in the engine: it aborts rather than let the temporary leak unnoticed. */
 pmp_tensor *pmp_keep(pmp_scope *s, pmp_tensor *t);
 void pmp_scope_end(pmp_scope *s);
-/* Makes a fresh output and runs the op on it; NULL on failure. */
+/* Makes a fresh output and runs the op on it; NULL on failure. For kernels inside backward rules and
+ * creation functions: op front-ends end with pmp_run_op. */
 pmp_tensor *pmp_run_new(pmp_op_args *args, const int64_t *shape, int ndim, int dtype, pmp_device device);
+
+/* In the saved list of pmp_run_op and pmp_record_op, the op's output. It is saved detached: a node
+ * holding its own output would be a reference cycle. */
+extern pmp_tensor pmp_saved_output_marker;
+#define PMP_SAVED_OUTPUT (&pmp_saved_output_marker)
+/* The tail every op front-end that runs a kernel ends with, once its checks passed and its operands
+ * are ready. It takes over args->out, the fresh output the caller made (NULL when making it or an
+ * operand failed), fails with "<op>: interrupted" when the host asked for it (Ctrl-C), runs the op's
+ * kernel, and records the op's node through pmp_record_op. On any failure it releases the output and
+ * returns NULL. *node (node may be NULL) gets the recorded node, or NULL when none was recorded, for
+ * the caller to store the op's parameters in. */
+pmp_tensor *pmp_run_op(pmp_op_args *args, pmp_tensor *const *inputs, int ninputs, pmp_tensor *const *saved,
+                       int nsaved, pmp_node **node);
+/* Records op's node on *out when autograd wants one: the op has a backward rule, *out is
+ * floating-point and one of inputs needs grad. Returns the node, or NULL when none was wanted (*out
+ * kept) or recording failed (*out released and set to NULL). */
+pmp_node *pmp_record_op(int op, pmp_tensor **out, pmp_tensor *const *inputs, int ninputs, pmp_tensor *const *saved,
+                        int nsaved);
 /* The shape stored for input k of a node. */
 #define PMP_IN_SHAPE(node, k) (node)->in[k].sizes, (node)->in[k].ndim
 #define PMP_NEEDS(node, k) ((node)->in[k].needs_grad)
+
+#endif

@@ -1,6 +1,6 @@
 /* Collectives between GPUs with NCCL, on device memory.
  *
- * A NCCL communicator mirrors one pmp_comm (core/dist.c): rank 0 of the group creates NCCL's unique id
+ * A NCCL communicator mirrors one pmp_comm (core/dist/dist.c): rank 0 of the group creates NCCL's unique id
  * and the group's MPI broadcast carries it to the others, so NCCL groups follow exactly the Megatron
  * layout pmp.dist.init built. Ops are enqueued on the communicator's own stream; pmp_nccl_wait blocks
  * until they are done. Errors come back as -1 with pmp_last_error() naming the op and the group.

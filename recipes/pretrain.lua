@@ -36,12 +36,12 @@ local lr_at = train.optimizer.schedule(opts, opts.train_iters)
 local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logger, train_iters = opts.train_iters,
   consumed = true, flops_per_token = train.throughput.flops_per_token(model.config, opts.seq_length),
   peak_flops = train.throughput.measured_peak_flops(opts.bf16 and 'bf16' or 'f32') })
-local checkpoints = train.Checkpoints(opts, layout, logger)
+local checkpoints = train.Checkpoints(opts, logger)
 -- after everything that draws random numbers, so the restored generator state is the one used
 local iteration, consumed = 0, 0
 if resume then
   local state
-  iteration, state = checkpoints:load(opts.load, resume, model, optimizer)
+  iteration, state = checkpoints:load(opts.load, model, optimizer)
   consumed = state.consumed_samples
 end
 local function checkpoint_state()

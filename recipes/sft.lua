@@ -111,7 +111,7 @@ local train_iters = opts.train_iters > 0 and opts.train_iters or
   math.max(1, math.floor(#rows / opts.global_batch_size)) * opts.epochs
 local lr_at = train.optimizer.schedule(opts, train_iters)
 local logger = train.Logger(opts, { name = 'sft', train_iters = train_iters })
-local checkpoints = train.Checkpoints(opts, layout, logger)
+local checkpoints = train.Checkpoints(opts, logger)
 logger:line(string.format('sft: %d samples (%d trained tokens) in %d %s rows of <= %d tokens; %s; %d steps',
   #samples, trained_tokens, #rows, opts.packing and 'packed' or 'unpacked', opts.seq_length,
   tostring(model):match('^[^\n]*'), train_iters))
@@ -120,7 +120,7 @@ local order = train.Epochs(rows, opts.seed)   -- reshuffled each epoch
 local iteration = 0
 if resume then
   local state
-  iteration, state = checkpoints:load(opts.load, resume, model, optimizer)
+  iteration, state = checkpoints:load(opts.load, model, optimizer)
   order:seek(state.consumed_rows)
 end
 local function checkpoint_state() return { consumed_rows = order.position, base_model = base, args = opts } end

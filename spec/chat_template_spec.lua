@@ -2,7 +2,7 @@ require 'busted.runner'()
 -- pmp.chat_template: the Jinja2 subset of Hugging Face chat templates. Fixtures come from
 -- tools/make_chat_template_fixtures.py (transformers' apply_chat_template and its Jinja environment).
 local json = require 'pmp.json'
-local ct = require 'pmp.chat_template'
+local ct = require 'pmp.tokenizer.chat_template'
 local pio = require 'pmp.io'
 
 local fails_with = require('spec.support.expect').fails_with

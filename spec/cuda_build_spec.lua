@@ -7,11 +7,11 @@ local has_nvcc = io.open(nvcc, 'r') ~= nil
 
 describe('the CUDA backend', function()
   local build = has_nvcc and it or pending
-  build('compiles with nvcc and links NCCL and exports the ABI in core/pmp.h', function()
+  build('compiles with nvcc and links NCCL and exports the ABI in core/pmp/nccl.h', function()
     local _, err, status = shell.run('cd ' .. shell.quote(shell.root) .. ' && make -s cuda')
     assert.are.equal(0, status, err)
     local symbols = shell.run('nm -D --defined-only ' .. shell.quote(shell.root .. '/build/libpmp_cuda.so'))
-    local header = io.open(shell.root .. '/core/pmp.h'):read('*a')
+    local header = io.open(shell.root .. '/core/pmp/nccl.h'):read('*a')
     local declared = 0
     for name in header:gmatch('(pmp_nccl_[%w_]+)%(') do
       declared = declared + 1

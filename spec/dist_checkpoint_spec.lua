@@ -1,8 +1,9 @@
 require 'busted.runner'()
--- Checkpoints of parallel layouts (lua/pmp/dist/checkpoint.lua): a tiny GPTModel and its AdamW state
--- saved with TP=2 PP=2 under mpirun, in Megatron's per-rank directories, load bit-identically into
--- TP=2 PP=2, TP=1 PP=1 (one process, and DP=4 with the distributed optimizer), TP=2 PP=1 and TP=1 PP=2;
--- so do the distributed optimizer's per-replica pieces and a checkpoint of one process. Every loaded
+-- Checkpoints of parallel layouts (lua/pmp/checkpoint): a tiny GPTModel and its AdamW state saved with
+-- TP=2 PP=2 under mpirun, in Megatron's per-rank directories, load bit-identically into TP=2 PP=2,
+-- TP=1 PP=1 (one process, and DP=4 with the distributed optimizer), TP=2 PP=1 and TP=1 PP=2; so do the
+-- distributed optimizer's per-replica pieces, a checkpoint of one process, and one in the format
+-- single-process saves had before the layout description (optimizer state by position). Every loaded
 -- tensor is compared by the worker (spec/dist/checkpoint_worker.lua) with the reference's tensor cut
 -- for the rank by pmp.dist.sharding. A killed or failed save never becomes the latest, and broken
 -- checkpoints are errors that name the file at fault.
@@ -65,7 +66,7 @@ end
 
 local function read_json(path) return json.decode(pio.read_file(path)) end
 
-describe('pmp.dist.checkpoint', function()
+describe('pmp.checkpoint in parallel layouts', function()
   local scratch, A, G, ONE, OLD
 
   setup(function()
@@ -80,19 +81,24 @@ describe('pmp.dist.checkpoint', function()
     local iter = A .. '/iter_0000005'
     local listing = pio.listdir(iter)
     table.sort(listing)
-    assert.are.same({ 'mp_rank_00_000', 'mp_rank_00_001', 'mp_rank_01_000', 'mp_rank_01_001' }, listing)
-    for _, d in ipairs(listing) do
+    assert.are.same({ 'layout.json', 'mp_rank_00_000', 'mp_rank_00_001', 'mp_rank_01_000', 'mp_rank_01_001' }, listing)
+    for _, d in ipairs({ unpack(listing, 2) }) do
       local files = pio.listdir(iter .. '/' .. d)
       table.sort(files)
       assert.are.same({ 'model_optim_rng.json', 'model_optim_rng.safetensors' }, files)
     end
     local info = read_json(iter .. '/mp_rank_01_001/model_optim_rng.json')
-    local layout = info.layout
-    assert.are.same({ 2, 2, 1, 1, 1, false }, { layout.tp, layout.pp, layout.dp, layout.tp_rank, layout.pp_rank,
-      layout.distributed_optimizer })
+    local layout = read_json(iter .. '/layout.json')
+    assert.are.same({ 2, 2, 1, 1, 1, 1, false }, { layout.tp, layout.pp, layout.dp, layout.cp, info.tp_rank,
+      info.pp_rank, layout.distributed_optimizer })
     assert.are.same({ { first = 0, count = 2 }, { first = 2, count = 2 } }, layout.stages)
     assert.are.equal(4, layout.model_config.num_layers)
     assert.are.equal(4242, info.state.consumed_samples)
+    -- the description lists each rank directory's tensors and each parameter's whole shape and place
+    assert.are.same({ 1, 1 }, { layout.ranks.mp_rank_01_001.tp_rank, layout.ranks.mp_rank_01_001.pp_rank })
+    assert.are.same({ 32, 32 }, layout.ranks.mp_rank_01_001.tensors['model.output_layer.weight'].shape)
+    assert.are.same({ shape = { 2 * 64, 32 }, tp_dim = 1, stage = 1,
+      key = 'model.decoder.layers.1.mlp.linear_fc1.weight' }, layout.params['decoder.layers.3.mlp.linear_fc1.weight'])
     -- stage 1 numbers its layers from 0 and keeps the tied embedding's copy as output_layer.weight
     local names = pmp.safetensors.inspect(iter .. '/mp_rank_01_001/model_optim_rng.safetensors').tensors
     assert.is_not_nil(names['model.decoder.layers.1.mlp.linear_fc2.weight'])
@@ -120,7 +126,7 @@ describe('pmp.dist.checkpoint', function()
     table.sort(files)
     assert.are.same({ 'distrib_optim_000.safetensors', 'distrib_optim_001.safetensors', 'distrib_optim_002.safetensors',
       'distrib_optim_003.safetensors', 'model_optim_rng.json', 'model_optim_rng.safetensors' }, files)
-    local g = read_json(G .. '/iter_0000006/mp_rank_00/model_optim_rng.json').layout
+    local g = read_json(G .. '/iter_0000006/layout.json')
     assert.are.same({ 1, 1, 4, true, 4 }, { g.tp, g.pp, g.dp, g.distributed_optimizer, g.optimizer_shards })
   end)
 
@@ -129,17 +135,33 @@ describe('pmp.dist.checkpoint', function()
     assert_case(out, 'A-single', 1, function() return with_optimizer(WHOLE) end, 5, true)
     assert_case(out, 'G-single', 1, function() return with_optimizer(WHOLE) end, 6, true)
     assert.is_true(pio.is_file(ONE .. '/iter_0000007/mp_rank_00/model_optim_rng.safetensors'))
+    assert.is_true(pio.is_file(ONE .. '/iter_0000007/layout.json'))
+    -- an earlier single-process checkpoint: its optimizer state by position maps onto one process's AdamW
+    assert_case(out, 'OLD-single', 1, function() return with_optimizer(WHOLE) end, 8, false)
+    assert_case(out, 'OLD-load_model', 1, function() return WHOLE end, 8, false)
   end)
 
-  it('reshards into TP=2 PP=1 and TP=1 PP=2, from TP=2 PP=2, DP=4, one process and pmp.checkpoint.save', function()
+  it('reshards into TP=2 PP=1 and TP=1 PP=2, from TP=2 PP=2, DP=4, one process and an earlier one-process save', function()
     local out = run_ok(2, { 'reshard', A, G, ONE, OLD })
     for name, iteration in pairs({ A = 5, G = 6, ONE = 7 }) do
       assert_case(out, name .. '-tp2pp1', 2, function() return with_optimizer(WHOLE) end, iteration, true)
       assert_case(out, name .. '-tp1pp2', 2, function(rank) return with_optimizer(STAGE[rank]) end, iteration, true)
     end
-    -- the checkpoint of one process: the model (its optimizer state is stored by position)
+    -- the earlier one-process format: the model; its optimizer state (by position) is reported not restored
     assert_case(out, 'OLD-tp2pp1', 2, function() return WHOLE end, 8, true)
     assert_case(out, 'OLD-tp1pp2', 2, function(rank) return STAGE[rank] end, 8, true)
+    for _, case in ipairs({ 'OLD-tp2pp1', 'OLD-tp1pp2' }) do
+      local reported = by_rank(out, 'NOT_RESTORED', case)
+      for rank = 0, 1 do
+        local text = table.concat(reported[rank] or {}, ' ')
+        assert.matches('the optimizer state %(an earlier single%-process checkpoint stores it by position', text, 1)
+        assert.matches('the RNG state of each rank', text, 1)
+      end
+    end
+    -- printed once per load (by rank 0): 6 resharded loads of A, G, ONE, 2 of OLD, 2 of OLD with the optimizer
+    local printed = 0
+    for _ in out:gmatch('checkpoint: loaded [^\n]*not restored') do printed = printed + 1 end
+    assert.are.equal(10, printed)
   end)
 
   it('a save killed midway, or failing on one rank, leaves the previous checkpoint the latest', function()
@@ -183,33 +205,28 @@ describe('pmp.dist.checkpoint', function()
     copy(A, missing)
     local gone = missing .. '/iter_0000005/mp_rank_01_001/model_optim_rng.safetensors'
     pio.remove(gone)
-    assert.are.same({ 'checkpoint: ' .. gone .. ' is missing (the checkpoint was saved with tp=2 pp=2)' },
-      load_error(1, missing, 1, 1))
-    -- on two ranks the one that needs the file says so, the other names it
-    local errors = load_error(2, missing, 2, 1)
-    table.sort(errors)
-    assert.are.same({ 'checkpoint.load: ' .. missing .. ': rank 1 could not load (see its error)',
-      'checkpoint: ' .. gone .. ' is missing (the checkpoint was saved with tp=2 pp=2)' }, errors)
+    local message = 'checkpoint: ' .. gone .. ' is missing (layout.json lists it)'
+    assert.are.same({ message }, load_error(1, missing, 1, 1))
+    -- on two ranks each checks the directory against its description
+    assert.are.same({ message, message }, load_error(2, missing, 2, 1))
 
     local swapped = scratch .. '/swapped'
     copy(A, swapped)
     local wrong = swapped .. '/iter_0000005/mp_rank_01_000/model_optim_rng.json'
     copy(swapped .. '/iter_0000005/mp_rank_00_000/model_optim_rng.json', wrong)
-    assert.are.same({ 'checkpoint: ' .. wrong .. ' records tp_rank 0 pp_rank 0 of tp=2 pp=2, but its directory ' ..
-      'holds tp_rank 1 pp_rank 0 of tp=2 pp=2' }, load_error(1, swapped, 1, 1))
+    assert.are.same({ 'checkpoint: ' .. wrong .. ' records tp_rank 0 pp_rank 0, but its directory holds tp_rank 1 ' ..
+      'pp_rank 0 of tp=2 pp=2' }, load_error(1, swapped, 1, 1))
 
     local pieces = scratch .. '/pieces'
     copy(G, pieces)
     local piece = pieces .. '/iter_0000006/mp_rank_00/distrib_optim_002.safetensors'
     pio.remove(piece)
-    assert.are.same({ 'checkpoint: ' .. piece .. ' is missing (the distributed optimizer was saved in 4 pieces)' },
+    assert.are.same({ 'checkpoint: ' .. piece .. ' is missing (layout.json lists it)' },
       load_error(1, pieces, 1, 1, 'optimizer'))
 
     assert.are.same({ 'checkpoint: model.decoder.layers.0.mlp.linear_fc1.bias is [128] in the checkpoint but ' ..
       '[192] in the model (saved as decoder.layers.0.mlp.linear_fc1.bias in ' .. A ..
       '/iter_0000005/mp_rank_00_000 and its other tp ranks)' }, load_error(1, A, 1, 1, 'wide'))
-    assert.are.same({ 'checkpoint: ' .. OLD .. '/iter_0000008 was written by pmp.checkpoint.save, which stores the ' ..
-      'optimizer state by position; load it without an optimizer' }, load_error(1, OLD, 1, 1, 'optimizer'))
     assert.are.same({ 'checkpoint: no latest_checkpointed_iteration.txt in ' .. scratch .. '/nothing' },
       load_error(1, scratch .. '/nothing', 1, 1))
   end)

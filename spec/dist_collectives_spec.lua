@@ -1,4 +1,4 @@
--- Collectives between MPI processes (core/dist.c, lua/pmp/dist): results against sums each rank
+-- Collectives between MPI processes (core/dist/dist.c, lua/pmp/dist): results against sums each rank
 -- computes itself in f64, Megatron's group layout, and the failures that must end a job quickly.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'

@@ -1,7 +1,7 @@
 require 'busted.runner'()
 -- Megatron indexed datasets (.bin/.idx): reader, builder, validation, files written by megatron-core;
 -- GPT samples (overlap, splits, blending, determinism, resume, megatron-core's exact order); numpy's
--- RandomState (core/random_numpy.c); preprocess_data; pretraining on them.
+-- RandomState (core/tensor/random_numpy.c); preprocess_data; pretraining on them.
 local ffi = require 'ffi'
 local shell = require 'spec.support.shell'
 local indexed = pmp.data.indexed
@@ -529,7 +529,7 @@ describe('pmp.data.gpt_dataset', function()
   end)
 end)
 
-describe("numpy's legacy RandomState (core/random_numpy.c)", function()
+describe("numpy's legacy RandomState (core/tensor/random_numpy.c)", function()
   local C = require('pmp.ffi').C
   local fixtures = pmp.json.decode(read(shell.root .. '/spec/fixtures/gpt_dataset/expected.json')).numpy_random
   local function state(seed)

@@ -17,14 +17,10 @@ local function run_pretrain(extra)
   return shell.run(table.concat(words, ' '))
 end
 
-local function losses(log)
-  local out = {}
-  for it, loss in log:gmatch('iteration%s+(%d+)/%s*%d+ |.-lm loss: ([%d.E+-]+) |') do out[tonumber(it)] = tonumber(loss) end
-  return out
-end
+local losses = require('spec.support.train_log').losses
 
 local function checkpoint_tensors(dir, iteration)
-  local rank = pmp.checkpoint.iteration_dir(dir, iteration)
+  local rank = string.format('%s/iter_%07d/mp_rank_00', dir, iteration)
   return pmp.safetensors.load(rank .. '/model_optim_rng.safetensors', { copy = true })
 end
 
@@ -48,7 +44,8 @@ describe('recipes/pretrain.lua', function()
     assert.is_true(pmp.io.is_file(scratch .. '/ck/iter_0000012/mp_rank_00/model_optim_rng.json'))
     local tensors = checkpoint_tensors(scratch .. '/ck', 12)
     assert.is_not_nil(tensors['model.decoder.layers.1.self_attention.linear_qkv.weight'])
-    assert.is_not_nil(tensors['optimizer.1.exp_avg'])
+    assert.is_not_nil(tensors['optimizer.decoder.layers.1.self_attention.linear_qkv.weight.exp_avg'])
+    assert.is_true(pmp.io.is_file(scratch .. '/ck/iter_0000012/layout.json'))
     local events = pmp.io.listdir(scratch .. '/tb')
     assert.are.equal(1, #events)
     assert.matches('^events%.out%.tfevents%.', events[1])
@@ -110,7 +107,7 @@ describe('recipes/pretrain.lua', function()
     assert.are.equal(0, status2, err2)
     local a, b = checkpoint_tensors(scratch .. '/full', 4), checkpoint_tensors(scratch .. '/part', 4)
     assert.are.equal('bf16', a['model.decoder.layers.0.mlp.linear_fc1.weight'].dtype)
-    assert.are.equal('f32', a['optimizer.1.master'].dtype)
+    assert.are.equal('f32', a['optimizer.decoder.layers.0.mlp.linear_fc1.weight.master'].dtype)
     for name, t in pairs(a) do
       assert.are.equal(0, (t:double() - b[name]:double()):abs():max():item(), name)
     end

@@ -76,6 +76,167 @@ describe('pmp.repl', function()
   end)
 end)
 
+describe('pmp.help', function()
+  local help = require 'pmp.help'
+  local dir, fixture
+
+  -- A module whose doc comments the expectations below are written from.
+  local FIXTURE = [=[
+local M = {}
+
+--- Doubles x.
+--- Returns a number.
+-- A note for readers of the code, not for help.
+function M.double(x) return 2 * x end
+
+---------------------------------------------------------------------------------------------------
+-- A section title is not a doc comment.
+function M.under_separator(a, b) return a + b end
+
+local function multiplier(k) return function(x) return k * x end end
+--- Multiplies by a constant.
+M.triple = multiplier(3)
+M.quadruple = multiplier(4)
+M.negate = function(x) return -x end
+
+--- A point in the plane.
+M.Point = pmp.nn.Module:extend('Point')
+function M.Point:init(x, y) self.x, self.y = x, y end
+function M.Point:norm() return math.sqrt(self.x ^ 2 + self.y ^ 2) end
+
+return M
+]=]
+
+  local saved_path
+
+  setup(function()
+    dir = shell.temp_dir()
+    local file = assert(io.open(dir .. '/help_fixture.lua', 'w'))
+    file:write(FIXTURE)
+    file:close()
+    saved_path = package.path
+    package.path = dir .. '/?.lua;' .. package.path
+    fixture = require 'help_fixture'
+  end)
+
+  teardown(function()
+    package.loaded.help_fixture = nil
+    package.path = saved_path
+    shell.remove_dir(dir)
+  end)
+
+  it('shows the signature and the --- lines above a definition, not plain comments', function()
+    local text = help.text(fixture.double)
+    assert.matches('^help_fixture%.double%(x%)', text)
+    assert.matches('help_fixture.lua:6]', text, 1, true)
+    assert.matches('\n  Doubles x.\n  Returns a number.$', text)
+    assert.not_matches('A note', text, 1, true)
+    assert.matches('^help_fixture%.under_separator%(a, b%).*%(no doc comment%)$', help.text(fixture.under_separator))
+  end)
+
+  it('gives look-alike definitions below a documented one its doc', function()
+    assert.matches('Multiplies by a constant.', help.text(fixture.triple), 1, true)
+    assert.matches('^help_fixture%.quadruple%(x%).*Multiplies by a constant%.$', help.text(fixture.quadruple))
+    assert.matches('(no doc comment)', help.text(fixture.negate), 1, true)
+  end)
+
+  it('documents a class by its definition and its constructor signature', function()
+    local text = help.text(fixture.Point)
+    assert.matches('^help_fixture%.Point%(x, y%)', text)
+    assert.matches('A point in the plane.', text, 1, true)
+  end)
+
+  it('explains pmp functions, nn classes and their instances, tensor methods and modules', function()
+    local linear = help.text(pmp.nn.Linear)
+    assert.matches('^pmp%.nn%.Linear%(in_features, out_features, options%)', linear)
+    assert.matches('y = x weight^T + bias', linear, 1, true)
+    assert.equal(linear, help.text(pmp.nn.Linear(2, 3)))
+    assert.equal(linear, help.text('pmp.nn.Linear'))
+    assert.matches('^pmp%.zeros%(%.%.%.%).*pmp%.zeros%(2, 3%)', help.text(pmp.zeros))
+    local sum = help.text(pmp.zeros(2).sum)
+    assert.matches('^tensor:sum%(dim, keepdim%)', sum)
+    assert.matches('along dims', sum, 1, true)
+    assert.equal(sum, help.text('tensor:sum'))
+    assert.matches('^tensor:sub%(b%).*Elementwise a %+ b', help.text(pmp.tensor_methods.sub))
+    assert.matches('^pmp%.nn%.Module:num_parameters%(%)', help.text(pmp.nn.Linear(2, 3).num_parameters))
+    assert.matches('^pmp%.models%.from_pretrained%(dir, options%).*Loads a Hugging Face model directory',
+      help.text(pmp.models.from_pretrained))
+    assert.matches('^pmp%.tokenizer%.from_pretrained%(dir%)', help.text(pmp.tokenizer.from_pretrained))
+    assert.matches('^pmp%.optim%.AdamW%(params, options%)', help.text(pmp.optim.AdamW))
+    local optim = help.text(pmp.optim)
+    assert.matches('^pmp%.optim    %[lua/pmp/optim/init%.lua%]\n  pmp%.optim: optimizers', optim)
+    assert.matches('AdamW', optim, 1, true)
+  end)
+
+  it('shows the doc comment that opens a Lua file named by its path', function()
+    local path = dir .. '/recipe.lua'
+    local file = assert(io.open(path, 'w'))
+    file:write('--- Trains a model.\n---   pmp recipe.lua --steps 10\n-- (a note)\nlocal x = 1\n')
+    file:close()
+    assert.equal(path .. '\n  Trains a model.\n    pmp recipe.lua --steps 10', help.text(path))
+    assert.matches("no file 'missing.lua'", help.text('missing.lua'), 1, true)
+  end)
+
+  it('prints an index of the modules with their documented members', function()
+    local index = help.text()
+    assert.matches("help 'topic'", index, 1, true)
+    assert.matches('\n  pmp%.nn +modules[^\n]*\n +Attention Dropout Embedding GPTModel', index)
+    assert.matches('\n  pmp%.optim +optimizers', index)
+    assert.matches('\n  pmp%.summary ', index)
+  end)
+
+  it('searches names and doc comments', function()
+    local found = help.text('warmup')
+    assert.matches("^Found for 'warmup':", found)
+    assert.matches('pmp.optim.schedule.new(options)', found, 1, true)
+    assert.matches('tensor:softmax(dim)', help.text('SOFTMAX'), 1, true)
+    assert.equal("nothing found for 'no such topic'", help.text('no such topic'))
+    assert.matches('help%(nil%)', help.text(nil))
+  end)
+end)
+
+describe('pmp.repl shorthands', function()
+  after_each(function() repl.discard() end)
+
+  it('reads ?x as help(x), ?x:m as help(x.m) and a bare help as help()', function()
+    local printed
+    local original_print, original_help = print, rawget(_G, 'help')
+    rawset(_G, 'help', require('pmp.help').print)
+    rawset(_G, 'print', function(text) printed = text end)
+    local ok, err = pcall(function()
+      assert.equal('?pmp.zeros', repl.feed('?pmp.zeros'))
+      repl.execute()
+      assert.equal(require('pmp.help').text(pmp.zeros), printed)
+      repl.feed('?pmp.zeros(2):sum')
+      repl.execute()
+      assert.equal(require('pmp.help').text(pmp.tensor_methods.sum), printed)
+      assert.equal('help', repl.feed('help'))
+      repl.execute()
+      assert.equal(require('pmp.help').text(), printed)
+    end)
+    rawset(_G, 'print', original_print)
+    rawset(_G, 'help', original_help)
+    assert(ok, err)
+  end)
+
+  it("completes tensor methods after ':' and string keys in brackets", function()
+    local function complete(line)
+      local word = line:match('[^%s\'"%[%]%(%)]*$')
+      return repl.complete(word, line, #line)
+    end
+    rawset(_G, 'completion_tensor', pmp.zeros(2))
+    rawset(_G, 'completion_cfg', { hidden_size = 8, hidden_dropout = 0, ['decoder.layers.0.weight'] = 1, ['two words'] = 2 })
+    assert.same({ 'completion_tensor:softmax' }, complete('completion_tensor:softm'))
+    assert.same({ 'completion_cfg.hidden_dropout', 'completion_cfg.hidden_size' }, complete('completion_cfg.hid'))
+    assert.same({ 'hidden_dropout', 'hidden_size' }, complete("completion_cfg['hid"))
+    assert.same({ 'decoder.layers.0.weight' }, complete('x = completion_cfg["decoder.la'))
+    assert.same({}, complete("completion_cfg['two"))
+    assert.same({}, complete("print('hid"))
+    rawset(_G, 'completion_tensor', nil)
+    rawset(_G, 'completion_cfg', nil)
+  end)
+end)
+
 describe('pmp prompt on a terminal', function()
   local dir, home, term
 
@@ -165,6 +326,37 @@ describe('pmp prompt on a terminal', function()
     term:type('pmp.tens')
     term:press('Tab')
     term:wait_for_text('pmp> pmp.tensor')
+  end)
+
+  it('explains things with help(x), ?x, help \'topic\' and a bare help', function()
+    start()
+    local linear = run('help(pmp.nn.Linear)')
+    assert.matches('^pmp%.nn%.Linear%(in_features, out_features, options%)', linear)
+    assert.matches('y = x weight^T + bias', linear, 1, true)
+    assert.matches('^tensor:sum%(dim, keepdim%)', run('?pmp.zeros(1).sum'))
+    assert.matches('pmp.optim.schedule.new(options)', run("help 'warmup'"), 1, true)
+    term:type('help')
+    term:press('Enter')
+    term:wait_until('the end of the index', function(t)  -- the index is longer than the screen
+      return at_prompt(t) and t:screen():find('\n  pmp%.tokenizer +Hugging Face[^\n]*\n +from_pretrained') ~= nil
+    end)
+  end)
+
+  it('completes methods after : and keys in brackets with Tab', function()
+    start()
+    run('t = pmp.zeros(3)')
+    term:type('t:softm')
+    term:press('Tab')
+    term:wait_for_text('pmp> t:softmax')
+    term:press('C-c')
+    term:wait_until('a fresh prompt', at_prompt)
+    run('cfg = {hidden_size = 64}')
+    term:type("cfg['hid")
+    term:press('Tab')
+    term:wait_for_text("pmp> cfg['hidden_size'") -- readline closes the quote
+    term:type(']')
+    term:press('Enter')
+    term:wait_for_text('\n64\n')
   end)
 
   it('keeps the history in $HOME/.pmp_history across sessions', function()

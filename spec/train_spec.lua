@@ -220,7 +220,7 @@ describe('pmp.train.Checkpoints', function()
   it('saves every interval and at the end, once per iteration, stops at the exit interval, and resumes', function()
     local lines = {}
     local logger = { name = 'test', line = function(_, text) lines[#lines + 1] = text end }
-    local checkpoints = train.Checkpoints({ save = dir .. '/ck', save_interval = 2, exit_interval = 3 }, { world = 1 }, logger)
+    local checkpoints = train.Checkpoints({ save = dir .. '/ck', save_interval = 2, exit_interval = 3 }, logger)
     assert.is_nil(train.Checkpoints.info(dir .. '/ck'))
     local model, position = Box(1), 0
     local function state() return { position = position } end
@@ -241,8 +241,8 @@ describe('pmp.train.Checkpoints', function()
     local info = train.Checkpoints.info(dir .. '/ck')
     assert.are.equal(40, info.state.position)
     local restored = Box(0)
-    local again = train.Checkpoints({ save = dir .. '/ck', save_interval = 2 }, { world = 1 }, logger)
-    local iteration, saved = again:load(dir .. '/ck', train.Checkpoints.info(dir .. '/ck'), restored)
+    local again = train.Checkpoints({ save = dir .. '/ck', save_interval = 2 }, logger)
+    local iteration, saved = again:load(dir .. '/ck', restored)
     assert.are.equal(4, iteration)
     assert.are.equal(40, saved.position)
     assert.are.same({ 1, 1 }, restored.w:totable())
@@ -254,7 +254,7 @@ describe('pmp.train.Checkpoints', function()
   it('saves nothing without a directory', function()
     local logger = { name = 'test', line = function() error('nothing to log') end }
     for _, save in ipairs({ '', false }) do
-      local checkpoints = train.Checkpoints({ save = save or nil, save_interval = 1 }, { world = 1 }, logger)
+      local checkpoints = train.Checkpoints({ save = save or nil, save_interval = 1 }, logger)
       checkpoints:save_if_due(1, Box(1), nil, function() return {} end)
       checkpoints:finish(1, Box(1), nil, function() return {} end)
     end
@@ -344,7 +344,9 @@ describe('pmp.train.base_model', function()
     assert.are.equal(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt', message)
     shell.write_file(dir .. '/config.json', '{}')
     assert.are.same({ { kind = 'hf', dir = dir } }, { train.base_model.locate(dir) })
-    pmp.checkpoint.save(dir .. '/pre', 1, Box(), nil, { model_config = { num_layers = 1 } })
+    local pretrained = Box()
+    pretrained.config = { num_layers = 1 }   -- what a GPTModel's checkpoint records
+    pmp.checkpoint.save(dir .. '/pre', 1, pretrained, nil, {})
     assert.are.same({ kind = 'pmp', dir = dir .. '/pre' }, (train.base_model.locate(dir .. '/pre')))
     pmp.checkpoint.save(dir .. '/sft', 2, Box(), nil, { base_model = { kind = 'hf', dir = 'somewhere' } })
     local base, resume = train.base_model.locate(dir .. '/sft')

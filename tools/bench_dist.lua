@@ -33,7 +33,7 @@ local opts = pmp.args.parse(arg, {
   { '--bf16', false, 'bf16 parameters and activations (gradients reduce in f32)' },
 }, { usage = 'mpirun -np N pmp tools/bench_dist.lua [flags]' })
 
-local HEADER = 40   -- bytes of the header each ring collective sends ahead (core/dist.c)
+local HEADER = 40   -- bytes of the header each ring collective sends ahead (core/dist/dist.c)
 local layout = pmp.dist.init{ tp = opts.tp, pp = opts.pp }
 local distributed_optimizer = opts.distributed_optimizer
 local layout_name = string.format('tp%d pp%d dp%d%s%s', layout.tp, layout.pp, layout.dp,

@@ -199,7 +199,7 @@ def numpy_sums():
 
 
 def numpy_random():
-    """numpy's MT19937 outputs and RandomState draws, for the spec of core/random_numpy.c."""
+    """numpy's MT19937 outputs and RandomState draws, for the spec of core/tensor/random_numpy.c."""
     out = {}
     raw = {}
     for seed in (5489, 0, 1234, 4294967295):

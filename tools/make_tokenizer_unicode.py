@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates core/tokenizer_unicode.c: how the reference's regex classes differ from PCRE2's.
+"""Generates core/tokenizer/tokenizer_unicode.c: how the reference's regex classes differ from PCRE2's.
 
     pip install tokenizers && python3 tools/make_tokenizer_unicode.py
 
@@ -8,7 +8,7 @@ than those of the PCRE2 that pmp links (Debian 12: PCRE2 10.42, Unicode 14), so 
 in Unicode 15/16 are \\p{L} for the reference but unassigned for PCRE2. This tool asks both engines
 which code points each class escape matches (the reference through tokenizers' Split pre-tokenizer,
 PCRE2 through ctypes) and writes, per escape, the code points to add to PCRE2's class (or the
-whole class where PCRE2's has code points the reference's lacks). core/tokenizer_regex.c rewrites patterns with them before compiling. Rerun it when PCRE2 or
+whole class where PCRE2's has code points the reference's lacks). core/tokenizer/tokenizer_regex.c rewrites patterns with them before compiling. Rerun it when PCRE2 or
 the reference changes.
 
 It also writes the code points whose normalization the reference does not know (its normalizer's
@@ -24,7 +24,7 @@ import sys
 from tokenizers import Regex, pre_tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, 'core', 'tokenizer_unicode.c')
+OUT = os.path.join(ROOT, 'core', 'tokenizer', 'tokenizer_unicode.c')
 
 GC = ['L', 'Lu', 'Ll', 'Lt', 'Lm', 'Lo', 'M', 'Mn', 'Mc', 'Me', 'N', 'Nd', 'Nl', 'No', 'P', 'Pc', 'Pd', 'Ps',
       'Pe', 'Pi', 'Pf', 'Po', 'S', 'Sm', 'Sc', 'Sk', 'So', 'Z', 'Zs', 'Zl', 'Zp', 'C', 'Cc', 'Cf', 'Co', 'Cn']
@@ -243,7 +243,7 @@ def main():
                 ' * Per regex class escape: the code-point ranges the reference (tokenizers %s, Oniguruma) matches\n'
                 ' * but PCRE2 %s (Unicode %s) does not (add). A NULL base means the add list is the whole\n'
                 ' * class (used where PCRE2 matches code points the reference does not). */\n' % (tokenizers.__version__, pcre.version, pcre.unicode))
-        f.write('#include "internal.h"\n#include "tokenizer_unicode.h"\n\n')
+        f.write('#include "internal.h"\n#include "tokenizer/tokenizer_unicode.h"\n\n')
         f.write(''.join(arrays))
         f.write('\nconst tok_uclass pmp_tok_uclasses[] = {\n%s\n  {NULL, NULL, NULL, 0},\n};\n' % '\n'.join(rows))
         f.write('\n/* Code points the reference\'s normalizer does not know (inert starters for it), against\n'

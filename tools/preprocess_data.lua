@@ -65,11 +65,6 @@ local keys = opts.json_keys or { 'text' }
 local worker_mode = opts._range_start >= 0
 local input_size = pio.size(opts.input)
 
-local function duration(seconds)
-  seconds = math.max(0, math.floor(seconds + 0.5))
-  return string.format('%02d:%02d:%02d', math.floor(seconds / 3600), math.floor(seconds / 60) % 60, seconds % 60)
-end
-
 local function human_bytes(n)
   if n >= 2^30 then return string.format('%.2f GB', n / 2^30) end
   if n >= 2^20 then return string.format('%.1f MB', n / 2^20) end
@@ -248,16 +243,17 @@ local tokenizer = make_tokenizer()
 local out_dir = pio.dirname(opts.output_prefix)
 if not pio.is_dir(out_dir) then pio.mkdir_p(out_dir) end
 local start_time = clock.now()
-local last_log = start_time
 
+-- Progress over the input's bytes (a bar on a terminal, plain lines otherwise), then a summary line.
+local bar = pmp.progress.new({ total = input_size, label = 'processing', unit = 'B', interval = opts.log_interval,
+  clock = clock.now })
 local function progress_line(bytes, docs, final)
+  bar:update(bytes, docs .. ' documents')
+  if not final then return end
+  bar:finish(docs .. ' documents')
   local elapsed = math.max(clock.now() - start_time, 1e-9)
-  local rate = bytes / elapsed
-  local eta = (input_size - bytes) / math.max(rate, 1e-9)
-  io.stderr:write(string.format('%s %d documents (%.1f docs/s, %.2f MB/s), %s of %s (%.1f%%), %s %s\n',
-    final and 'processed' or 'processing', docs, docs / elapsed, rate / 1e6, human_bytes(bytes), human_bytes(input_size),
-    input_size > 0 and 100 * bytes / input_size or 100, final and 'elapsed' or 'ETA',
-    (final or bytes > 0) and duration(final and elapsed or eta) or '--:--:--'))
+  io.stderr:write(string.format('processed %d documents (%.1f docs/s, %.2f MB/s), %s in %s\n', docs, docs / elapsed,
+    bytes / elapsed / 1e6, human_bytes(bytes), pmp.progress.duration(elapsed)))
 end
 
 local workers = math.max(1, math.floor(opts.workers))
@@ -275,12 +271,7 @@ end
 
 if workers == 1 then
   local docs, tokens = tokenize_range(tokenizer, opts.output_prefix, 0, input_size, function(bytes, docs, _, final)
-    if final then return end
-    local now = clock.now()
-    if now - last_log >= opts.log_interval then
-      last_log = now
-      progress_line(bytes, docs)
-    end
+    if not final then progress_line(bytes, docs) end
   end)
   total_docs, total_tokens = docs, tokens
   progress_line(input_size, total_docs, true)
@@ -335,11 +326,7 @@ else
       bytes, docs = bytes + b, docs + d
     end
     if finished == #parts then break end
-    local now = clock.now()
-    if now - last_log >= opts.log_interval then
-      last_log = now
-      progress_line(bytes, docs)
-    end
+    progress_line(bytes, docs)
     ffi.C.poll(nil, 0, 50)
   end
   for k, part in ipairs(parts) do

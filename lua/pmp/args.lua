@@ -1,11 +1,11 @@
--- Command-line flags for recipes, Megatron-style: `--num-layers 4 --bf16 --data-path a b`.
---   local opts = pmp.args.parse(arg, {
---     { '--num-layers', 4, 'transformer layers' },
---     { '--bf16', false, 'train in bf16' },          -- a boolean default makes a switch
---     { '--data-path', nil, 'text file or prefixes', multiple = true },
---   }, { usage = 'pmp recipes/pretrain.lua [flags]' })
---   opts.num_layers, opts.bf16, opts.data_path
--- Types follow the defaults; --help prints every flag with its default and exits.
+--- Command-line flags for recipes, Megatron-style: `--num-layers 4 --bf16 --data-path a b`.
+---   local opts = pmp.args.parse(arg, {
+---     { '--num-layers', 4, 'transformer layers' },
+---     { '--bf16', false, 'train in bf16' },          -- a boolean default makes a switch
+---     { '--data-path', nil, 'text file or prefixes', multiple = true },
+---   }, { usage = 'pmp recipes/pretrain.lua [flags]' })
+---   opts.num_layers, opts.bf16, opts.data_path
+--- Types follow the defaults; --help prints every flag with its default and exits.
 local M = {}
 
 local function key_of(flag) return flag:gsub('^%-%-', ''):gsub('%-', '_') end

@@ -1,10 +1,10 @@
--- Autograd functions written in Lua, and activation recompute built on them.
---
---   local y = pmp.autograd.custom({x, w}, y_computed_without_grad, function(grad_y)
---     return {grad_x, grad_w}          -- one entry per input (nil for none), shapes of the inputs
---   end)
---
--- The engine calls back into Lua during backward through one registered FFI callback.
+--- Autograd functions written in Lua, and activation recompute built on them.
+---
+---   local y = pmp.autograd.custom({x, w}, y_computed_without_grad, function(grad_y)
+---     return {grad_x, grad_w}          -- one entry per input (nil for none), shapes of the inputs
+---   end)
+---
+--- The engine calls back into Lua during backward through one registered FFI callback.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
@@ -52,7 +52,7 @@ end
 local callback = ffi.cast('pmp_custom_backward_fn', run_backward)
 C.pmp_set_custom_backward(callback)
 
--- Makes output (computed with grad mode off) depend on inputs through backward_fn.
+--- Makes output (computed with grad mode off) depend on inputs through backward_fn.
 function M.custom(inputs, output, backward_fn)
   drop_freed()
   if not C.pmp_is_grad_enabled() then return output end
@@ -75,9 +75,9 @@ local function rng_state()
   return state
 end
 
--- Runs fn(...) without keeping its activations; backward runs it again (with the random state it
--- first saw, so dropout masks repeat) and backpropagates through that. Gradients equal those of fn
--- itself; parameters used inside fn receive theirs during the re-run.
+--- Runs fn(...) without keeping its activations; backward runs it again (with the random state it
+--- first saw, so dropout masks repeat) and backpropagates through that. Gradients equal those of fn
+--- itself; parameters used inside fn receive theirs during the re-run.
 function M.recompute(fn, ...)
   local args, n = { ... }, select('#', ...)
   if not C.pmp_is_grad_enabled() then return fn(...) end

@@ -1,4 +1,4 @@
--- Wall-clock time in seconds (monotonic), for throughput and ETA.
+--- Wall-clock time in seconds (monotonic), for throughput and ETA.
 local ffi = require 'ffi'
 ffi.cdef [[
 typedef struct pmp_clock_timespec { long tv_sec; long tv_nsec; } pmp_clock_timespec;

@@ -1,11 +1,11 @@
--- pmp.generate(model, prompts, options): batched text generation with a KV cache.
---
---   prompts: a list of token-id lists (0-based ids, any lengths) or an i64 tensor [B, T]
---   options: max_new_tokens (32), temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
---            repetition_penalty (1 = off), eos_ids ({}), stop ({strings}, needs tokenizer),
---            tokenizer, seed, return_logprobs (false), pad_id (0)
---   returns: one table per prompt: { tokens = {generated ids}, logprobs = {...} (when asked),
---            finish_reason = 'eos' | 'stop' | 'length', text = (when a tokenizer is given) }
+--- pmp.generate(model, prompts, options): batched text generation with a KV cache.
+---
+---   prompts: a list of token-id lists (0-based ids, any lengths) or an i64 tensor [B, T]
+---   options: max_new_tokens (32), temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
+---            repetition_penalty (1 = off), eos_ids ({}), stop ({strings}, needs tokenizer),
+---            tokenizer, seed, return_logprobs (false), pad_id (0)
+---   returns: one table per prompt: { tokens = {generated ids}, logprobs = {...} (when asked),
+---            finish_reason = 'eos' | 'stop' | 'length', text = (when a tokenizer is given) }
 --
 -- Prompts of different lengths are left-padded: each row counts its own positions and never attends
 -- to its padding. Log-probs are those of the sampled tokens under the temperature-scaled model
@@ -81,21 +81,12 @@ local function sample(logits, top_k, top_p)
   return order[keep] - 1
 end
 
-local function generate(model, prompts, options)
-  options = options or {}
-  local lists = prompts_as_lists(prompts)
-  local max_new = options.max_new_tokens or 32
-  local temperature = options.temperature or 0
-  local penalty = options.repetition_penalty or 1
-  local pad_id = options.pad_id or 0
-  local eos = {}
-  for _, id in ipairs(options.eos_ids or {}) do eos[id] = true end
-  if options.stop and not options.tokenizer then error('generate: stop strings need options.tokenizer', 2) end
-  if options.seed then tensor.manual_seed(options.seed) end
-
-  local B, longest = #lists, 0
+-- Left-pads the prompts to the longest: the ids, each row's positions (counted from its first token)
+-- and its number of padding keys.
+local function left_pad(lists, pad_id)
+  local longest = 0
   for b, ids in ipairs(lists) do
-    if #ids == 0 then error('generate: prompt ' .. b .. ' is empty', 2) end
+    if #ids == 0 then error('generate: prompt ' .. b .. ' is empty', 3) end
     longest = math.max(longest, #ids)
   end
   local padded, positions, first_key = {}, {}, {}
@@ -108,7 +99,57 @@ local function generate(model, prompts, options)
     end
     first_key[b] = pad
   end
+  return padded, positions, first_key
+end
 
+-- Picks a row's next token from its last logits (penalty, temperature, then sampling or argmax) and
+-- records it in result and seen. Returns the id and, when it ends the row, the reason ('eos', 'stop').
+local function next_token(row, result, seen, eos, options, penalty, temperature)
+  if penalty ~= 1 then penalize(row, seen, penalty) end
+  if temperature > 0 then
+    for k = 1, #row do row[k] = row[k] / temperature end
+  end
+  local id = temperature > 0 and sample(row, options.top_k, options.top_p) or argmax(row)
+  result.tokens[#result.tokens + 1] = id
+  if result.logprobs then result.logprobs[#result.logprobs + 1] = log_softmax_of(row, id) end
+  seen[id] = true
+  if eos[id] then return id, 'eos' end
+  if options.stop then
+    local text = options.tokenizer:decode(result.tokens)
+    for _, s in ipairs(options.stop) do
+      if text:find(s, 1, true) then return id, 'stop' end
+    end
+  end
+  return id, nil
+end
+
+-- Each result's text, cut before the stop string that ended it.
+local function add_texts(results, tokenizer, stop)
+  for _, result in ipairs(results) do
+    result.text = tokenizer:decode(result.tokens)
+    if result.finish_reason == 'stop' then
+      for _, s in ipairs(stop) do
+        local at = result.text:find(s, 1, true)
+        if at then result.text = result.text:sub(1, at - 1) end
+      end
+    end
+  end
+end
+
+local function generate(model, prompts, options)
+  options = options or {}
+  local lists = prompts_as_lists(prompts)
+  local max_new = options.max_new_tokens or 32
+  local temperature = options.temperature or 0
+  local penalty = options.repetition_penalty or 1
+  local pad_id = options.pad_id or 0
+  local eos = {}
+  for _, id in ipairs(options.eos_ids or {}) do eos[id] = true end
+  if options.stop and not options.tokenizer then error('generate: stop strings need options.tokenizer', 2) end
+  if options.seed then tensor.manual_seed(options.seed) end
+
+  local B = #lists
+  local padded, positions, first_key = left_pad(lists, pad_id)
   local results, seen, done = {}, {}, {}
   for b = 1, B do
     results[b] = { tokens = {}, logprobs = options.return_logprobs and {} or nil, finish_reason = 'length' }
@@ -127,29 +168,16 @@ local function generate(model, prompts, options)
       local last = logits:select(2, logits:size(2)):double():totable()
       local chosen, remaining = {}, 0
       for b = 1, B do
-        local row = last[b]
         if done[b] then
           chosen[b] = pad_id
         else
-          if penalty ~= 1 then penalize(row, seen[b], penalty) end
-          if temperature > 0 then
-            for k = 1, #row do row[k] = row[k] / temperature end
-          end
-          local id = temperature > 0 and sample(row, options.top_k, options.top_p) or argmax(row)
+          local id, finish = next_token(last[b], results[b], seen[b], eos, options, penalty, temperature)
           chosen[b] = id
-          local result = results[b]
-          result.tokens[#result.tokens + 1] = id
-          if result.logprobs then result.logprobs[#result.logprobs + 1] = log_softmax_of(row, id) end
-          seen[b][id] = true
-          if eos[id] then
-            done[b], result.finish_reason = true, 'eos'
-          elseif options.stop then
-            local text = options.tokenizer:decode(result.tokens)
-            for _, s in ipairs(options.stop) do
-              if text:find(s, 1, true) then done[b], result.finish_reason = true, 'stop' end
-            end
+          if finish then
+            done[b], results[b].finish_reason = true, finish
+          else
+            remaining = remaining + 1
           end
-          if not done[b] then remaining = remaining + 1 end
         end
       end
       if remaining == 0 or step == max_new then break end
@@ -165,17 +193,7 @@ local function generate(model, prompts, options)
     end
   end)
   if was_training then model:train() end
-  if options.tokenizer then
-    for _, result in ipairs(results) do
-      result.text = options.tokenizer:decode(result.tokens)
-      if result.finish_reason == 'stop' then
-        for _, s in ipairs(options.stop) do
-          local at = result.text:find(s, 1, true)
-          if at then result.text = result.text:sub(1, at - 1) end
-        end
-      end
-    end
-  end
+  if options.tokenizer then add_texts(results, options.tokenizer, options.stop) end
   return results
 end
 

@@ -1,4 +1,6 @@
--- pmp: the Lua library over the engine. `pmp` is a preloaded global in the pmp executable.
+--- pmp: the Lua library over the engine. `pmp` is a preloaded global in the pmp executable.
+--- Tensors (pmp.zeros, pmp.tensor, ...), pmp.nn, pmp.optim, pmp.models, pmp.tokenizer, pmp.generate;
+--- help() in the REPL lists them all.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
@@ -14,7 +16,7 @@ pmp.tensor_fields = tensor.fields
 pmp.nn = require 'pmp.nn'
 pmp.F = pmp.nn.functional
 
--- Runs fn(...) with gradient recording off, restoring the previous mode even if fn fails.
+--- Runs fn(...) with gradient recording off, restoring the previous mode even if fn fails; returns fn's results.
 function pmp.no_grad(fn, ...)
   local previous = C.pmp_set_grad_enabled(0)
   local results = { pcall(fn, ...) }
@@ -23,6 +25,7 @@ function pmp.no_grad(fn, ...)
   return unpack(results, 2, table.maxn(results))
 end
 
+--- Runs fn(...) with gradient recording on (inside no_grad), restoring the previous mode afterwards.
 function pmp.enable_grad(fn, ...)
   local previous = C.pmp_set_grad_enabled(1)
   local results = { pcall(fn, ...) }
@@ -31,10 +34,12 @@ function pmp.enable_grad(fn, ...)
   return unpack(results, 2, table.maxn(results))
 end
 
+--- Whether operations record the autograd graph now.
 function pmp.is_grad_enabled() return C.pmp_is_grad_enabled() ~= 0 end
 
 -- Engine memory, per device: bytes in use, the peak, and what the caching allocator holds for reuse.
 pmp.memory = {}
+--- {in_use, peak, cached, allocs, cache_hits} of the engine's allocator (bytes), for device ('cpu').
 function pmp.memory.stats(device)
   local s = C.pmp_memory_stats_of(device == nil and C.PMP_CPU or (device:match('^cuda') and C.PMP_CUDA or C.PMP_CPU))
   return {
@@ -42,12 +47,16 @@ function pmp.memory.stats(device)
     allocs = tonumber(s.allocs), cache_hits = tonumber(s.cache_hits),
   }
 end
+--- Starts measuring memory.stats().peak afresh.
 function pmp.memory.reset_peak() C.pmp_memory_reset_peak(C.PMP_CPU) end
+--- Gives the memory the caching allocator holds for reuse back to the system.
 function pmp.memory.empty_cache() C.pmp_memory_empty_cache(C.PMP_CPU) end
 -- Bytes of unreferenced tensors allowed to pile up before the garbage collector runs (256 MiB).
 pmp.memory.set_gc_step = tensor.set_gc_step
 
+--- The number of threads the engine's kernels use.
 function pmp.num_threads() return C.pmp_num_threads() end
+--- Sets the number of threads the engine's kernels use.
 function pmp.set_num_threads(n) C.pmp_set_num_threads(n) end
 
 -- Other parts of the library (pmp.optim, pmp.safetensors, ...) load on first use from lua/pmp/<name>.

@@ -1,4 +1,4 @@
--- Durable file and directory writes, for checkpoints and exported models.
+--- Durable file and directory writes, for checkpoints and exported models.
 --
 --   pmp.io.write_atomic(path, string_or_writer)   -- path holds the old bytes or the new ones, never half
 --   pmp.io.replace_dir_atomic(dir, function(tmp) ... end)

@@ -1,4 +1,4 @@
--- JSON (RFC 8259) for config.json, tokenizer.json, safetensors headers and checkpoint indexes.
+--- JSON (RFC 8259) for config.json, tokenizer.json, safetensors headers and checkpoint indexes.
 --
 --   local json = require 'pmp.json'            -- also pmp.json
 --   json.encode({b = 1, a = {1, 2.5, 'x'}})     --> {"a":[1,2.5,"x"],"b":1}

@@ -1,10 +1,10 @@
--- Where a step's time goes, op by op: the engine times every kernel while the profiler is on.
---
---   pmp.profile.start()
---   ... a few training steps ...
---   print(pmp.profile.report())     -- ops by total time, and the share spent outside kernels
---
--- Times are wall clock on the calling thread, so a kernel's time includes its parallel region.
+--- Where a step's time goes, op by op: the engine times every kernel while the profiler is on.
+---
+---   pmp.profile.start()
+---   ... a few training steps ...
+---   print(pmp.profile.report())     -- ops by total time, and the share spent outside kernels
+---
+--- Times are wall clock on the calling thread, so a kernel's time includes its parallel region.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local clock = require 'pmp.clock'
@@ -12,18 +12,20 @@ local clock = require 'pmp.clock'
 local profile = {}
 local started_at, stopped_at
 
+--- Clears the counters and starts timing every kernel.
 function profile.start()
   C.pmp_profile_reset()
   C.pmp_profile_enable(1)
   started_at, stopped_at = clock.now(), nil
 end
 
+--- Stops timing; results() and report() keep what was measured.
 function profile.stop()
   C.pmp_profile_enable(0)
   stopped_at = stopped_at or clock.now()
 end
 
--- {op =, calls =, seconds =} for every op that ran, slowest first, and the wall time since start().
+--- {op =, calls =, seconds =} for every op that ran, slowest first, and the wall time since start().
 function profile.results()
   local rows, calls, ns = {}, ffi.new('int64_t[1]'), ffi.new('int64_t[1]')
   for op = 0, C.PMP_OP_COUNT - 1 do
@@ -37,6 +39,7 @@ function profile.results()
   return rows, wall
 end
 
+--- A table of ops by total time with calls, time per call and share of the wall time, as text.
 function profile.report()
   local rows, wall = profile.results()
   local lines = { string.format('%-24s %8s %11s %10s %7s', 'op', 'calls', 'total ms', 'us/call', 'share') }

@@ -5,6 +5,9 @@
 --   repl.execute()                     runs the statement the last feed completed, printing its values
 --   repl.discard()                     drops the lines typed so far (Ctrl-C at the prompt)
 --   repl.complete(text, line, cursor)  tab-completion candidates for the word `text` before the cursor
+-- Besides Lua, the prompt takes `?x` for help(x), `?x:m` for help(x.m) and a bare `help` for help().
+-- help(x) (lua/pmp/help.lua) shows the doc comment of what x is: the `---` lines directly above its
+-- definition in the source.
 local repl = {}
 
 local CHUNK_NAME = '=stdin'
@@ -37,10 +40,21 @@ local function compile(source)
   return loadstring(source, CHUNK_NAME)
 end
 
+-- `?x` stands for help(x) (`?x:m` for help(x.m)), and `help` alone for help() while help is still pmp's.
+local function expand_help_shorthand(source)
+  local subject = source:match('^%s*%?%s*(.-)%s*$')
+  if subject then
+    local object, method = subject:match('^(.-):([%a_][%w_]*)$')
+    return 'help(' .. (object and object .. '.' .. method or subject) .. ')'
+  end
+  if source:match('^%s*help%s*$') and rawget(_G, 'help') == require('pmp.help').print then return 'help()' end
+  return source
+end
+
 function repl.feed(line)
   pending_lines[#pending_lines + 1] = line
   local source = table.concat(pending_lines, '\n')
-  local fn, message = compile(source)
+  local fn, message = compile(expand_help_shorthand(source))
   if not fn and message:find("'<eof>'$") then return nil end
   pending_lines = {}
   ready_statement = fn and { fn = fn } or { syntax_error = message }
@@ -303,9 +317,29 @@ local function resolve_path(path)
 end
 
 -- Candidates replacing the word `text` (ending at byte `cursor` of `line`): `pmp.ze` gives
--- `pmp.zeros`, `x:su` gives `x:sum`, `pri` gives `print`. Sorted, without duplicates.
+-- `pmp.zeros`, `x:su` gives `x:sum`, `pri` gives `print`, `cfg['hid` gives `hidden_size`. Sorted,
+-- without duplicates.
+-- Candidates for a string key being typed in brackets: `sd['decoder.la` gives the keys of sd that
+-- start with 'decoder.la' (as far as readline's word reaches: keys with spaces or quotes are left out).
+local function complete_bracket_key(text, before)
+  local path = before:match('([%a_][%w_.]*)%[%s*[\'"]$')
+  local value = path and resolve_path(path)
+  if type(value) ~= 'table' then return {} end
+  local candidates, seen = {}, {}
+  for _, source in ipairs(field_sources(value)) do
+    for key in next, source do
+      if type(key) == 'string' and key:sub(1, #text) == text and not seen[key] and not key:find('[%s\'"]') then
+        candidates[#candidates + 1], seen[key] = key, true
+      end
+    end
+  end
+  table.sort(candidates)
+  return candidates
+end
+
 function repl.complete(text, line, cursor)
-  if inside_string(line, cursor - #text) then return {} end
+  local before = line:sub(1, cursor - #text)
+  if inside_string(line, cursor - #text) then return complete_bracket_key(text, before) end
   local path, separator, partial = text:match('^(.*)([.:])([%w_]*)$')
   local prefix, names
   if path then
@@ -330,30 +364,9 @@ function repl.complete(text, line, cursor)
   return candidates
 end
 
----------------------------------------------------------------------------------------------------
--- help(x)
-
-local HELP = [[
-Type a Lua statement; an expression prints its value. The library is the global `pmp`.
-  Tab          completes names: pmp.ze<Tab>, x:su<Tab>
-  Up/Down      walk the history (~/.pmp_history)
-  Ctrl-C       interrupts a running statement, or discards the line being typed
-  Ctrl-D       exits
-  help(f)      shows what pmp.doc says about f (a value, or its name as a string)]]
-
-function repl.help(subject)
-  if subject == nil then
-    print(HELP)
-    return
-  end
-  local pmp = pmp_library()
-  local docs = pmp and rawget(pmp, 'doc')
-  local text = type(docs) == 'table' and rawget(docs, subject)
-  print(text or 'no documentation for ' .. repl.format(subject))
-end
-
+-- help(x) and the prompt's shorthands for it are pmp.help's (see there for the doc comment convention).
 function repl.start()
-  if rawget(_G, 'help') == nil then rawset(_G, 'help', repl.help) end
+  if rawget(_G, 'help') == nil then rawset(_G, 'help', require('pmp.help').print) end
 end
 
 return repl

@@ -1,7 +1,7 @@
--- safetensors files (Hugging Face): read by mmap, written atomically, single files and sharded
--- directories. The layout and the validation rules are those of the reference implementation
--- (FORMATS.md §6): an 8-byte little-endian header length N, N bytes of JSON, then the data region
--- that the tensors tile from byte 0 to its end without gaps or overlaps.
+--- safetensors files (Hugging Face): read by mmap, written atomically, single files and sharded
+--- directories. The layout and the validation rules are those of the reference implementation
+--- (FORMATS.md §6): an 8-byte little-endian header length N, N bytes of JSON, then the data region
+--- that the tensors tile from byte 0 to its end without gaps or overlaps.
 --
 --   local tensors, metadata = pmp.safetensors.load(path, {dtype = nil | 'f32' ..., names = {...}, copy = false})
 --   pmp.safetensors.save(path, {name = tensor, ...}, {key = 'value'} or nil)
@@ -64,11 +64,9 @@ local function is_int(x) return type(x) == 'number' and x == math.floor(x) and x
 ---------------------------------------------------------------------------------------------------
 -- Header parsing and validation
 
--- Parses and validates the header of a mapped file. Returns
---   { header_size, data_start, file_size, metadata, tensors = {name -> entry}, order = {entries by offset} }
--- where entry = { name, dtype (safetensors string), shape, begin, finish (data_offsets) }.
--- `fail(msg)` raises the error.
-local function parse_header(ptr, file_size, fail)
+-- The header's JSON object, after the checks on its 8-byte size. Returns the header size and the
+-- decoded object.
+local function read_header_json(ptr, file_size, fail)
   if file_size < 8 then
     fail(string.format('file is %d bytes, too short for the 8-byte header size', file_size))
   end
@@ -92,68 +90,64 @@ local function parse_header(ptr, file_size, fail)
   if type(header) ~= 'table' or json.is_array(header) or header == json.null then
     fail('header is not a JSON object')
   end
+  return n, header
+end
 
-  local data_size = file_size - 8 - n
-  local info = { header_size = n, data_start = 8 + n, file_size = file_size, data_size = data_size,
-                 metadata = {}, tensors = {}, order = {} }
-  local names = {}
-  for key in pairs(header) do names[#names + 1] = key end
-  table.sort(names)
-  for _, name in ipairs(names) do
-    local entry = header[name]
-    if name == '__metadata__' then
-      if type(entry) ~= 'table' or json.is_array(entry) then fail("header key '__metadata__' is not an object") end
-      for k, v in pairs(entry) do
-        if type(v) ~= 'string' then
-          fail(string.format("__metadata__ key '%s' holds a %s; metadata values must be strings", k,
-            v == json.null and 'null' or type(v)))
-        end
-        info.metadata[k] = v
-      end
-    else
-      local function bad(msg) fail(string.format("tensor '%s': %s", name, msg)) end
-      if type(entry) ~= 'table' or json.is_array(entry) or entry == json.null then bad('entry is not an object') end
-      local dtype, shape, offsets = entry.dtype, entry.shape, entry.data_offsets
-      if dtype == nil then bad("missing 'dtype'") end
-      if shape == nil then bad("missing 'shape'") end
-      if offsets == nil then bad("missing 'data_offsets'") end
-      if type(dtype) ~= 'string' then bad("'dtype' is not a string") end
-      if not BITS[dtype] then bad(string.format("unknown dtype '%s'", dtype)) end
-      if type(shape) ~= 'table' or not json.is_array(shape) then
-        bad("'shape' is not an array")
-      end
-      local numel = 1
-      for k, size in ipairs(shape) do
-        if not is_int(size) then bad(string.format("'shape' entry %d (%s) is not a non-negative integer", k, tostring(size))) end
-        numel = numel * size
-        if numel >= 2^53 then bad("'shape' " .. shape_string(shape) .. ' has too many elements') end
-      end
-      if type(offsets) ~= 'table' or not json.is_array(offsets) or #offsets ~= 2 then
-        bad("'data_offsets' is not an array of two integers")
-      end
-      local begin, finish = offsets[1], offsets[2]
-      if not is_int(begin) or not is_int(finish) then bad("'data_offsets' are not non-negative integers") end
-      if finish < begin then bad(string.format("'data_offsets' [%d,%d] end before they begin", begin, finish)) end
-      local bits = numel * BITS[dtype]
-      if bits % 8 ~= 0 then bad(string.format('shape %s of %s is not a whole number of bytes', shape_string(shape), dtype)) end
-      if bits / 8 ~= finish - begin then
-        bad(string.format("shape %s of %s needs %d bytes but 'data_offsets' [%d,%d] span %d", shape_string(shape), dtype,
-          bits / 8, begin, finish, finish - begin))
-      end
-      local e = { name = name, dtype = dtype, shape = shape, begin = begin, finish = finish }
-      info.tensors[name] = e
-      info.order[#info.order + 1] = e
+-- Copies the '__metadata__' entry (string values only) into metadata.
+local function read_metadata(entry, metadata, fail)
+  if type(entry) ~= 'table' or json.is_array(entry) then fail("header key '__metadata__' is not an object") end
+  for k, v in pairs(entry) do
+    if type(v) ~= 'string' then
+      fail(string.format("__metadata__ key '%s' holds a %s; metadata values must be strings", k,
+        v == json.null and 'null' or type(v)))
     end
+    metadata[k] = v
   end
+end
 
-  -- The tensors must tile the data region from 0 to its end, in offset order.
-  table.sort(info.order, function(a, b)
+-- A tensor's header entry, validated on its own: { name, dtype, shape, begin, finish }.
+local function read_tensor_entry(name, entry, fail)
+  local function bad(msg) fail(string.format("tensor '%s': %s", name, msg)) end
+  if type(entry) ~= 'table' or json.is_array(entry) or entry == json.null then bad('entry is not an object') end
+  local dtype, shape, offsets = entry.dtype, entry.shape, entry.data_offsets
+  if dtype == nil then bad("missing 'dtype'") end
+  if shape == nil then bad("missing 'shape'") end
+  if offsets == nil then bad("missing 'data_offsets'") end
+  if type(dtype) ~= 'string' then bad("'dtype' is not a string") end
+  if not BITS[dtype] then bad(string.format("unknown dtype '%s'", dtype)) end
+  if type(shape) ~= 'table' or not json.is_array(shape) then
+    bad("'shape' is not an array")
+  end
+  local numel = 1
+  for k, size in ipairs(shape) do
+    if not is_int(size) then bad(string.format("'shape' entry %d (%s) is not a non-negative integer", k, tostring(size))) end
+    numel = numel * size
+    if numel >= 2^53 then bad("'shape' " .. shape_string(shape) .. ' has too many elements') end
+  end
+  if type(offsets) ~= 'table' or not json.is_array(offsets) or #offsets ~= 2 then
+    bad("'data_offsets' is not an array of two integers")
+  end
+  local begin, finish = offsets[1], offsets[2]
+  if not is_int(begin) or not is_int(finish) then bad("'data_offsets' are not non-negative integers") end
+  if finish < begin then bad(string.format("'data_offsets' [%d,%d] end before they begin", begin, finish)) end
+  local bits = numel * BITS[dtype]
+  if bits % 8 ~= 0 then bad(string.format('shape %s of %s is not a whole number of bytes', shape_string(shape), dtype)) end
+  if bits / 8 ~= finish - begin then
+    bad(string.format("shape %s of %s needs %d bytes but 'data_offsets' [%d,%d] span %d", shape_string(shape), dtype,
+      bits / 8, begin, finish, finish - begin))
+  end
+  return { name = name, dtype = dtype, shape = shape, begin = begin, finish = finish }
+end
+
+-- Sorts the entries by offset and checks that they tile the data region from 0 to its end.
+local function check_tiling(order, data_size, fail)
+  table.sort(order, function(a, b)
     if a.begin ~= b.begin then return a.begin < b.begin end
     if a.finish ~= b.finish then return a.finish < b.finish end
     return a.name < b.name
   end)
   local position, previous = 0, nil
-  for _, e in ipairs(info.order) do
+  for _, e in ipairs(order) do
     if e.begin > position then
       if previous then
         fail(string.format("tensor '%s': data_offsets [%d,%d] leave a gap of %d bytes after tensor '%s' (which ends at %d)",
@@ -175,6 +169,30 @@ local function parse_header(ptr, file_size, fail)
     fail(string.format('the tensors end at byte %d of the data region but it holds %d bytes (%d bytes unaccounted for)',
       position, data_size, data_size - position))
   end
+end
+
+-- Parses and validates the header of a mapped file. Returns
+--   { header_size, data_start, file_size, metadata, tensors = {name -> entry}, order = {entries by offset} }
+-- where entry = { name, dtype (safetensors string), shape, begin, finish (data_offsets) }.
+-- `fail(msg)` raises the error.
+local function parse_header(ptr, file_size, fail)
+  local n, header = read_header_json(ptr, file_size, fail)
+  local data_size = file_size - 8 - n
+  local info = { header_size = n, data_start = 8 + n, file_size = file_size, data_size = data_size,
+                 metadata = {}, tensors = {}, order = {} }
+  local names = {}
+  for key in pairs(header) do names[#names + 1] = key end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    if name == '__metadata__' then
+      read_metadata(header[name], info.metadata, fail)
+    else
+      local e = read_tensor_entry(name, header[name], fail)
+      info.tensors[name] = e
+      info.order[#info.order + 1] = e
+    end
+  end
+  check_tiling(info.order, data_size, fail)
   return info
 end
 

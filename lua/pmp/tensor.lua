@@ -1,6 +1,6 @@
--- The tensor type: a metatype over the engine's pmp_tensor, with creation functions, operators,
--- methods and pretty printing. Dimensions and positions are 1-based here (negative counts from the
--- end); tensors that hold indices (gather/index_select inputs, argmax results) hold 0-based values.
+--- The tensor type: a metatype over the engine's pmp_tensor, with creation functions, operators,
+--- methods and pretty printing. Dimensions and positions are 1-based here (negative counts from the
+--- end); tensors that hold indices (gather/index_select inputs, argmax results) hold 0-based values.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 
@@ -193,6 +193,7 @@ local function finish(t, options)
   return t
 end
 
+--- pmp.empty(2, 3) or pmp.empty({2, 3}, {dtype =, device =, requires_grad =}): an uninitialized tensor.
 function M.empty(...)
   local shape, options = shape_and_options(...)
   local dtype, dev = creation_options(options, 'empty', 'f32')
@@ -207,10 +208,12 @@ local function filled(value, op, ...)
   return finish(wrap(C.pmp_full(buf, n, value, dtype, dev)), options)
 end
 
+--- pmp.zeros(2, 3) or pmp.zeros({2, 3}, {dtype = 'f32', device = 'cpu', requires_grad = false}): zeros.
 function M.zeros(...) return filled(0, 'zeros', ...) end
+--- pmp.ones(shape, options): ones (shape and options as for pmp.zeros).
 function M.ones(...) return filled(1, 'ones', ...) end
 
--- pmp.full({2, 3}, 7) or pmp.full(2, 3, 7), options last.
+--- pmp.full({2, 3}, 7) or pmp.full(2, 3, 7), options last.
 function M.full(...)
   local args = { ... }
   local options = is_options(args[#args]) and table.remove(args) or {}
@@ -227,7 +230,7 @@ end
 
 local function is_integer(x) return type(x) == 'number' and x == math.floor(x) and x > -2^53 and x < 2^53 end
 
--- pmp.arange(n), (start, stop), (start, stop, step); integers give i64, like torch.
+--- pmp.arange(n), (start, stop), (start, stop, step); integers give i64, like torch.
 function M.arange(...)
   local args = { ... }
   local options = is_options(args[#args]) and table.remove(args) or {}
@@ -242,6 +245,7 @@ function M.arange(...)
   return finish(wrap(C.pmp_arange(start, stop, step, dtype, dev)), options)
 end
 
+--- pmp.rand(shape, options): uniform samples in [0, 1) from pmp's seeded generator (see manual_seed).
 function M.rand(...)
   local shape, options = shape_and_options(...)
   local dtype, dev = creation_options(options, 'rand', 'f32')
@@ -249,6 +253,7 @@ function M.rand(...)
   return finish(wrap(C.pmp_rand(buf, n, dtype, dev)), options)
 end
 
+--- pmp.randn(shape, options): standard normal samples from pmp's seeded generator (see manual_seed).
 function M.randn(...)
   local shape, options = shape_and_options(...)
   local dtype, dev = creation_options(options, 'randn', 'f32')
@@ -256,7 +261,7 @@ function M.randn(...)
   return finish(wrap(C.pmp_randn(buf, n, dtype, dev)), options)
 end
 
--- pmp.randint(low, high, shape) or pmp.randint(high, shape); values in [low, high).
+--- pmp.randint(low, high, shape) or pmp.randint(high, shape); values in [low, high).
 function M.randint(a, b, ...)
   local low, high, rest
   if type(b) == 'number' then
@@ -271,6 +276,7 @@ function M.randint(a, b, ...)
   return wrap(C.pmp_randint(low, high, buf, n, dtype, dev))
 end
 
+--- Seeds the generator behind rand, randn, randint, dropout and sampling.
 function M.manual_seed(seed)
   if not is_integer(seed) then error('manual_seed: seed must be an integer', 2) end
   C.pmp_manual_seed(seed < 0 and seed + 2^64 or seed)
@@ -303,8 +309,8 @@ local function first_leaf(data)
   return data
 end
 
--- pmp.tensor(nested_table_or_number, {dtype=, device=, requires_grad=}); f32 unless the data is
--- boolean (Lua does not tell 1 from 1.0, so integers need dtype='i64').
+--- pmp.tensor(nested_table_or_number, {dtype=, device=, requires_grad=}); f32 unless the data is
+--- boolean (Lua does not tell 1 from 1.0, so integers need dtype='i64').
 function M.tensor(data, options)
   options = options or {}
   if is_tensor(data) then
@@ -353,19 +359,23 @@ M.fields = { 'shape', 'dtype', 'device', 'grad', 'requires_grad', 'is_leaf', 'nd
 ---------------------------------------------------------------------------------------------------
 -- Inspection and conversion
 
+--- t:size() is the shape as a Lua list; t:size(d) the size of dim d (1-based, negative from the end).
 function Tensor.size(t, d)
   if d == nil then return shape_of(t) end
   return tonumber(t.ptr.sizes[cdim(d, t.ptr.ndim, 'size')])
 end
+--- The number of dims (also t.ndim).
 function Tensor.dim(t) return t.ptr.ndim end
+--- The number of elements.
 function Tensor.numel(t) return tonumber(C.pmp_numel(t.ptr)) end
+--- Whether the elements lie in row-major order without gaps.
 function Tensor.is_contiguous(t) return C.pmp_is_contiguous(t.ptr) ~= 0 end
 function Tensor.is_floating_point(t) return is_float_id(t.ptr.dtype_id) end
 function Tensor.element_size(t) return C.pmp_dtype_size(t.ptr.dtype_id) end
 
 local function is_device_name(x) return x == 'cpu' or x == 'cuda' or (type(x) == 'string' and x:match('^cuda:%d+$')) end
 
--- t:to('bf16'), t:to('cpu'), t:to(other_tensor), t:to({dtype=, device=})
+--- t:to('bf16'), t:to('cpu'), t:to(other_tensor), t:to({dtype=, device=})
 function Tensor.to(t, target)
   local dtype, device
   if is_tensor(target) then
@@ -382,6 +392,7 @@ function Tensor.to(t, target)
   if dtype then out = wrap(C.pmp_to_dtype(out.ptr, dtype_id(dtype, 'to'))) end
   return out
 end
+--- The tensor in f32 (t:double(), t:bf16(), t:half(), t:long(), t:int(), t:bool() likewise).
 function Tensor.float(t) return t:to('f32') end
 function Tensor.double(t) return t:to('f64') end
 function Tensor.bf16(t) return t:to('bf16') end
@@ -391,11 +402,15 @@ function Tensor.int(t) return t:to('i32') end
 function Tensor.bool(t) return t:to('bool') end
 function Tensor.cpu(t) return t:to('cpu') end
 function Tensor.cuda(t, index) return t:to('cuda:' .. (index or 0)) end
+--- A copy with its own storage (autograd flows through it).
 function Tensor.clone(t) return wrap(C.pmp_clone(t.ptr)) end
+--- t itself when contiguous, else a row-major copy.
 function Tensor.contiguous(t) return wrap(C.pmp_contiguous(t.ptr)) end
+--- The same storage without autograd history.
 function Tensor.detach(t) return wrap(C.pmp_detach(t.ptr)) end
 
 local item_value = ffi.new('double[1]')
+--- The value of a one-element tensor as a Lua number (boolean for bool).
 function Tensor.item(t)
   check(C.pmp_item(t.ptr, item_value))
   if t.ptr.dtype_id == C.PMP_BOOL then return item_value[0] ~= 0 end
@@ -423,6 +438,7 @@ local function values_of(t)
   return values
 end
 
+--- The elements as nested Lua tables (a number for a 0-d tensor).
 function Tensor.totable(t)
   local values = values_of(t)
   local shape = shape_of(t)
@@ -474,6 +490,8 @@ local function unary(op)
   return function(t) return wrap(C.pmp_unary(op, t.ptr)) end
 end
 
+--- Elementwise a + b with broadcasting; b may be a number (also the + operator). Likewise sub, mul, div,
+--- pow, maximum, minimum, and the comparisons eq, ne, lt, le, gt, ge (bool results).
 Tensor.add = binary(C.PMP_OP_ADD, 'add')
 Tensor.sub = binary(C.PMP_OP_SUB, 'sub')
 Tensor.mul = binary(C.PMP_OP_MUL, 'mul')
@@ -491,6 +509,7 @@ Tensor.logical_and = binary(C.PMP_OP_LOGICAL_AND, 'logical_and')
 Tensor.logical_or = binary(C.PMP_OP_LOGICAL_OR, 'logical_or')
 Tensor.logical_not = unary(C.PMP_OP_LOGICAL_NOT)
 Tensor.neg = unary(C.PMP_OP_NEG)
+--- Elementwise exp; likewise neg, log, sqrt, rsqrt, abs, sin, cos, tanh, sigmoid, relu, silu, sign.
 Tensor.exp = unary(C.PMP_OP_EXP)
 Tensor.log = unary(C.PMP_OP_LOG)
 Tensor.sqrt = unary(C.PMP_OP_SQRT)
@@ -505,7 +524,7 @@ Tensor.silu = unary(C.PMP_OP_SILU)
 Tensor.sign = unary(C.PMP_OP_SIGN)
 function Tensor.square(t) return t:mul(t) end
 
--- gelu(x) exact (erf); gelu(x, 'tanh') the tanh approximation (HF's gelu_new / gelu_pytorch_tanh).
+--- gelu(x) exact (erf); gelu(x, 'tanh') the tanh approximation (HF's gelu_new / gelu_pytorch_tanh).
 function Tensor.gelu(t, approximate)
   if type(approximate) == 'table' then approximate = approximate.approximate end
   if approximate == 'tanh' then return wrap(C.pmp_unary(C.PMP_OP_GELU_TANH, t.ptr)) end
@@ -515,6 +534,7 @@ function Tensor.gelu(t, approximate)
   return wrap(C.pmp_unary(C.PMP_OP_GELU, t.ptr))
 end
 
+--- t:clamp(min, max) or t:clamp({min =, max =}): limits every element to [min, max] (nil: no bound).
 function Tensor.clamp(t, min, max)
   if type(min) == 'table' then min, max = min.min, min.max end
   if min ~= nil and type(min) ~= 'number' or max ~= nil and type(max) ~= 'number' then
@@ -523,6 +543,7 @@ function Tensor.clamp(t, min, max)
   return wrap(C.pmp_clamp(t.ptr, min or -math.huge, max or math.huge))
 end
 
+--- pmp.where(cond, a, b): a where cond is true, b elsewhere (tensors or numbers, broadcast).
 function M.where(cond, a, b)
   local like = is_tensor(a) and a or is_tensor(b) and b or cond
   if not is_tensor(cond) then error('where: the condition must be a tensor', 2) end
@@ -555,11 +576,13 @@ local function reduction_dims(t, dim, keepdim, op)
   return dims_buffer, n, keepdim and 1 or 0
 end
 
+--- t:sum() of all elements, t:sum(dim) or t:sum({dims}) along dims; keepdim keeps them with size 1.
 function Tensor.sum(t, dim, keepdim)
   local dims, n, keep = reduction_dims(t, dim, keepdim, 'sum')
   return wrap(C.pmp_sum(t.ptr, dims, n, keep))
 end
 
+--- t:mean(), t:mean(dim, keepdim): the mean, as sum.
 function Tensor.mean(t, dim, keepdim)
   local dims, n, keep = reduction_dims(t, dim, keepdim, 'mean')
   return wrap(C.pmp_mean(t.ptr, dims, n, keep))
@@ -579,6 +602,7 @@ local function extreme(c_fn, op)
     return wrap(values), wrap(indices[0])
   end
 end
+--- t:max() the largest element; t:max(dim, keepdim) its values and 0-based indices along dim (min too).
 Tensor.max = extreme(C.pmp_max, 'max')
 Tensor.min = extreme(C.pmp_min, 'min')
 
@@ -590,10 +614,11 @@ local function arg_extreme(c_fn, op)
     return wrap(c_fn(t.ptr, cdim(dim, t.ptr.ndim, op), keepdim and 1 or 0))
   end
 end
+--- t:argmax(dim, keepdim): 0-based indices of the largest elements (argmin likewise); no dim: flat index.
 Tensor.argmax = arg_extreme(C.pmp_argmax, 'argmax')
 Tensor.argmin = arg_extreme(C.pmp_argmin, 'argmin')
 
--- Variance with Bessel's correction by default ({unbiased=false} or {correction=0} for the population one).
+--- Variance with Bessel's correction by default ({unbiased=false} or {correction=0} for the population one).
 function Tensor.var(t, dim, options)
   if type(dim) == 'table' and is_options(dim) then dim, options = dim.dim, dim end
   if type(options) == 'boolean' then options = { keepdim = options } end
@@ -607,7 +632,7 @@ function Tensor.var(t, dim, options)
 end
 function Tensor.std(t, dim, options) return t:var(dim, options):sqrt() end
 
--- p-norm over all elements or over dim (p = 2 by default; math.huge for the max norm).
+--- p-norm over all elements or over dim (p = 2 by default; math.huge for the max norm).
 function Tensor.norm(t, p, dim, keepdim)
   if type(p) == 'table' then p, dim, keepdim = p.p, p.dim, p.keepdim end
   p = p or 2
@@ -626,13 +651,16 @@ function Tensor.any(t) return t:bool():sum():item() > 0 end
 ---------------------------------------------------------------------------------------------------
 -- Linear algebra and nn ops
 
+--- pmp.matmul(a, b) or a:matmul(b): matrix product, batched over leading dims with broadcasting.
 function M.matmul(a, b)
   if not is_tensor(a) or not is_tensor(b) then error('matmul: expected two tensors', 2) end
   return wrap(C.pmp_matmul(a.ptr, b.ptr))
 end
 Tensor.matmul = M.matmul
 
+--- t:softmax(dim): softmax along dim (the last by default).
 function Tensor.softmax(t, dim) return wrap(C.pmp_softmax(t.ptr, cdim(dim or -1, t.ptr.ndim, 'softmax'))) end
+--- t:log_softmax(dim): log of the softmax along dim (the last by default), computed stably.
 function Tensor.log_softmax(t, dim) return wrap(C.pmp_log_softmax(t.ptr, cdim(dim or -1, t.ptr.ndim, 'log_softmax'))) end
 
 ---------------------------------------------------------------------------------------------------
@@ -646,26 +674,31 @@ local function sizes_into_buffer(op, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
     or select(2, c_shape(shape_and_options(s1, s2, s3, s4, s5, s6, s7, s8, s9, s10), op, true))
 end
 
+--- t:view(B, T, -1) or t:view({B, T, -1}): the same storage seen in a new shape (-1: inferred); needs a
+--- layout that allows it (contiguous does); see reshape.
 function Tensor.view(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
   return wrap(C.pmp_view(t.ptr, shape_buffer, sizes_into_buffer('view', s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)))
 end
 
+--- t:reshape(B, T, -1): as view when the layout allows, else a copy.
 function Tensor.reshape(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
   return wrap(C.pmp_reshape(t.ptr, shape_buffer, sizes_into_buffer('reshape', s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)))
 end
 
 function Tensor.flatten(t) return t:reshape(-1) end
 
+--- t:transpose(d0, d1): a view with dims d0 and d1 swapped.
 function Tensor.transpose(t, d0, d1)
   return wrap(C.pmp_transpose(t.ptr, cdim(d0, t.ptr.ndim, 'transpose'), cdim(d1, t.ptr.ndim, 'transpose')))
 end
 
--- The transpose of a matrix (Torch7's t:t()).
+--- The transpose of a matrix (Torch7's t:t()).
 function Tensor.t(t)
   if t.ptr.ndim ~= 2 then error('t: expects a 2-D tensor, got shape ' .. shape_string(shape_of(t)), 2) end
   return t:transpose(1, 2)
 end
 
+--- t:permute(3, 1, 2): a view with the dims in the given order.
 function Tensor.permute(t, ...)
   local dims = shape_and_options(...)
   if #dims ~= t.ptr.ndim then
@@ -676,8 +709,10 @@ function Tensor.permute(t, ...)
   return wrap(C.pmp_permute(t.ptr, buf, #dims))
 end
 
+--- t:unsqueeze(d): a view with a new dim of size 1 at position d.
 function Tensor.unsqueeze(t, d) return wrap(C.pmp_unsqueeze(t.ptr, cdim(d, t.ptr.ndim + 1, 'unsqueeze'))) end
 
+--- t:squeeze(d) removes dim d if its size is 1; t:squeeze() every dim of size 1.
 function Tensor.squeeze(t, d)
   if d == nil then return wrap(C.pmp_squeeze(t.ptr, -1)) end
   return wrap(C.pmp_squeeze(t.ptr, cdim(d, t.ptr.ndim, 'squeeze')))
@@ -688,7 +723,7 @@ function Tensor.expand(t, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10)
 end
 function Tensor.expand_as(t, other) return t:expand(other.shape) end
 
--- narrow(dim, start, length): start is 1-based (negative counts from the end).
+--- narrow(dim, start, length): start is 1-based (negative counts from the end).
 function Tensor.narrow(t, dim, start, length)
   local d = cdim(dim, t.ptr.ndim, 'narrow')
   local size = tonumber(t.ptr.sizes[d])
@@ -701,11 +736,12 @@ function Tensor.narrow(t, dim, start, length)
   return wrap(C.pmp_narrow(t.ptr, d, first, length))
 end
 
--- select(dim, i): the slice at 1-based position i, with dim removed.
+--- select(dim, i): the slice at 1-based position i, with dim removed.
 function Tensor.select(t, dim, index)
   return t:narrow(dim, index, 1):squeeze(dim)
 end
 
+--- pmp.cat({a, b, ...}, dim): the tensors joined along dim (1 by default).
 function M.cat(list, dim)
   dim = dim or 1
   if type(list) ~= 'table' or #list == 0 then error('cat: expects a non-empty list of tensors', 2) end
@@ -725,6 +761,7 @@ local function same_shape(a, b)
   return true
 end
 
+--- pmp.stack({a, b, ...}, dim): same-shaped tensors stacked along a new dim (1 by default).
 function M.stack(list, dim)
   dim = dim or 1
   if type(list) ~= 'table' or #list == 0 then error('stack: expects a non-empty list of tensors', 2) end
@@ -740,7 +777,7 @@ function M.stack(list, dim)
   return M.cat(parts, dim)
 end
 
--- split(size, dim) into pieces of `size` (the last may be smaller), or split({sizes}, dim).
+--- split(size, dim) into pieces of `size` (the last may be smaller), or split({sizes}, dim).
 function Tensor.split(t, sizes, dim)
   dim = dim or 1
   local total = t:size(dim)
@@ -766,18 +803,21 @@ function Tensor.split(t, sizes, dim)
   return pieces
 end
 
--- chunk(n, dim): n pieces of equal size (the last may be smaller), as torch.chunk.
+--- chunk(n, dim): n pieces of equal size (the last may be smaller), as torch.chunk.
 function Tensor.chunk(t, n, dim)
   dim = dim or 1
   if type(n) ~= 'number' or n <= 0 then error('chunk: the number of chunks must be positive', 2) end
   return t:split(math.ceil(t:size(dim) / n), dim)
 end
 
+--- t:gather(dim, index): elements of t picked along dim by the 0-based integer tensor index.
 function Tensor.gather(t, dim, index) return wrap(C.pmp_gather(t.ptr, cdim(dim, t.ptr.ndim, 'gather'), index.ptr)) end
 function Tensor.scatter_add(t, dim, index, src) return wrap(C.pmp_scatter_add(t.ptr, cdim(dim, t.ptr.ndim, 'scatter_add'), index.ptr, src.ptr)) end
+--- t:index_select(dim, index): the slices of t at the 0-based positions in index along dim.
 function Tensor.index_select(t, dim, index) return wrap(C.pmp_index_select(t.ptr, cdim(dim, t.ptr.ndim, 'index_select'), index.ptr)) end
 function Tensor.index_add(t, dim, index, src) return wrap(C.pmp_index_add(t.ptr, cdim(dim, t.ptr.ndim, 'index_add'), index.ptr, src.ptr)) end
 
+--- t:masked_fill(mask, value): a copy with value where the bool tensor mask is true.
 function Tensor.masked_fill(t, mask, value)
   if type(value) == 'boolean' then value = value and 1 or 0 end
   if type(value) ~= 'number' then error('masked_fill: the value must be a number', 2) end
@@ -790,11 +830,13 @@ function Tensor.triu(t, k) return wrap(C.pmp_triu(t.ptr, k or 0)) end
 ---------------------------------------------------------------------------------------------------
 -- In place (outside autograd: optimizer steps, loading weights)
 
+--- t:copy_(src): copies src (a tensor, broadcast and converted, or a number) into t in place; returns t.
 function Tensor.copy_(t, src)
   check(C.pmp_copy_(t.ptr, as_tensor(src, t, 'copy_').ptr))
   return t
 end
 
+--- t:fill_(value): sets every element to value in place; returns t.
 function Tensor.fill_(t, value)
   if type(value) == 'boolean' then value = value and 1 or 0 end
   if type(value) ~= 'number' then error('fill_: the value must be a number', 2) end
@@ -807,18 +849,20 @@ function Tensor.zero_(t) return t:fill_(0) end
 ---------------------------------------------------------------------------------------------------
 -- Autograd
 
+--- t:requires_grad_(flag = true): marks a leaf tensor as a parameter whose .grad backward fills.
 function Tensor.requires_grad_(t, flag)
   check(C.pmp_set_requires_grad(t.ptr, (flag == nil or flag) and 1 or 0))
   return t
 end
 
--- backward([grad], {retain_graph=}); the options table may come first.
+--- backward([grad], {retain_graph=}); the options table may come first.
 function Tensor.backward(t, grad, options)
   if is_options(grad) then grad, options = nil, grad end
   if grad ~= nil and not is_tensor(grad) then grad = as_tensor(grad, t, 'backward') end
   check(C.pmp_backward(t.ptr, grad and grad.ptr, (options and options.retain_graph) and 1 or 0))
 end
 
+--- Drops t.grad.
 function Tensor.zero_grad(t) check(C.pmp_set_grad(t.ptr, nil)) end
 -- Backward may call back into Lua (custom autograd functions); LuaJIT allows that only when the FFI
 -- call was not made from compiled code.

@@ -1,4 +1,4 @@
--- TensorBoard event files written from Lua: scalars (and text) logged the way a training loop does.
+--- TensorBoard event files written from Lua: scalars (and text) logged the way a training loop does.
 --
 --   local tb = pmp.tensorboard.writer('runs/exp1')
 --   tb:add_scalar('lm loss', loss, iteration)

@@ -1,5 +1,5 @@
 -- Run by spec/dist_checkpoint_spec.lua, under mpirun or as one process: saves and loads checkpoints of
--- tiny GPTModels in parallel layouts (lua/pmp/dist/checkpoint.lua) and compares what was loaded with
+-- tiny GPTModels in parallel layouts (lua/pmp/checkpoint) and compares what was loaded with
 -- the expected part of the reference, cut in the same script.
 --
 -- The reference is one process's GPTModel and its AdamW state after one step. A rank's part of it for
@@ -9,9 +9,11 @@
 --
 --   save_load A G        np 4: TP=2 PP=2 saves A (AdamW) and loads it back; DP=4 with the distributed
 --                        optimizer loads A, saves G and loads G back
---   single A G ONE OLD   one process: loads A and G into a GPTModel; saves ONE (this module, TP=PP=1)
---                        and OLD (pmp.checkpoint.save)
---   reshard A G ONE OLD  np 2: TP=2, then PP=2, load A, G, ONE (and OLD, model only, at TP=2)
+--   single A G ONE OLD   one process: loads A and G into a GPTModel; saves ONE (TP=PP=1) and OLD (the
+--                        format of earlier single-process saves, written here), and loads OLD back (also
+--                        through load_model)
+--   reshard A G ONE OLD  np 2: TP=2, then PP=2, load A, G, ONE (and OLD, whose optimizer state, stored
+--                        by position, is reported not restored)
 --   kill DIR             np 4: saves iteration 1, then rank 3 is killed midway through saving iteration 2
 --   fail_save DIR        np 2 (TP=2): saves iteration 1, then rank 1 fails to write iteration 2
 --   load_error DIR TP PP [optimizer|wide]  prints ERROR <message> (wide: a GPTModel with another
@@ -21,7 +23,8 @@
 --   MISMATCH case rank what max_abs_diff   a tensor that is not bit-identical to the expected one
 --   INFO case rank iteration consumed_samples resharded lr
 --   RNG case rank saved|loaded words...    the generator state at save time / right after loading
-local dcp = require 'pmp.dist.checkpoint'
+--   NOT_RESTORED case rank what|what...    what a load reported it could not restore
+local checkpoint = require 'pmp.checkpoint'
 local sharding = require 'pmp.dist.sharding'
 
 local mode = arg[1]
@@ -201,6 +204,26 @@ local function check_whole(case, ref, model, opt)
   c:report()
 end
 
+-- A checkpoint in the format single-process saves had before the layout description: the optimizer
+-- state by position in the optimizer (optimizer.<k>.<slot>), one RNG state, no layout.
+local function save_legacy(dir, iteration, model, opt, state)
+  local tensors = {}
+  for name, t in pairs(model:state_dict()) do tensors['model.' .. name] = t end
+  local sd = opt:state_dict()
+  local info = { iteration = iteration, rng = checkpoint.rng_state(), state = state,
+    optimizer = { lr = sd.lr, betas = sd.betas, eps = sd.eps, weight_decay = sd.weight_decay, steps = {} } }
+  for k, s in ipairs(sd.state) do
+    info.optimizer.steps[k] = s.step
+    tensors[string.format('optimizer.%d.exp_avg', k)] = s.exp_avg
+    tensors[string.format('optimizer.%d.exp_avg_sq', k)] = s.exp_avg_sq
+  end
+  local rank_dir = string.format('%s/iter_%07d/mp_rank_00', dir, iteration)
+  pmp.io.mkdir_p(rank_dir)
+  pmp.safetensors.save(rank_dir .. '/model_optim_rng.safetensors', tensors, { format = 'pt' })
+  pmp.io.write_atomic(rank_dir .. '/model_optim_rng.json', pmp.json.encode(info))
+  pmp.io.write_atomic(dir .. '/latest_checkpointed_iteration.txt', iteration .. '\n')
+end
+
 local function fresh_whole()
   pmp.manual_seed(99)
   return pmp.nn.GPTModel(CONFIG)
@@ -216,7 +239,7 @@ local function load_part(case, ref, dir, model_only)
   local layout = pmp.dist.layout()
   local m = part_model(ref, layout, false)
   local opt = not model_only and part_adamw(ref, m, layout, false) or nil
-  local info = dcp.load(dir, m, opt)
+  local info = checkpoint.load(dir, m, opt)
   info_line(case, info)
   check_part(case, ref, m, opt, layout)
 end
@@ -232,7 +255,7 @@ if mode == 'save_load' then
   local opt = part_adamw(ref, m, layout, true)
   pmp.manual_seed(100 + layout.rank)   -- every rank its own stream
   rng_line('A', 'saved')
-  dcp.save(dir_a, 5, m, opt, { consumed_samples = CONSUMED })
+  checkpoint.save(dir_a, 5, m, opt, { consumed_samples = CONSUMED })
   pmp.manual_seed(1)
   load_part('A', ref, dir_a)
   rng_line('A', 'loaded')
@@ -240,12 +263,12 @@ if mode == 'save_load' then
   pmp.dist.init { dp = 4 }
   local model = fresh_whole()
   local dopt = distributed(model)
-  info_line('A-dp4', dcp.load(dir_a, model, dopt))
+  info_line('A-dp4', checkpoint.load(dir_a, model, dopt))
   check_whole('A-dp4', ref, model, dopt)
-  dcp.save(dir_g, 6, model, dopt, { consumed_samples = CONSUMED })
+  checkpoint.save(dir_g, 6, model, dopt, { consumed_samples = CONSUMED })
   model = fresh_whole()
   dopt = distributed(model)
-  info_line('G-dp4', dcp.load(dir_g, model, dopt))
+  info_line('G-dp4', checkpoint.load(dir_g, model, dopt))
   check_whole('G-dp4', ref, model, dopt)
 
 elseif mode == 'single' then
@@ -254,11 +277,18 @@ elseif mode == 'single' then
   for _, case in ipairs({ { 'A-single', dir_a }, { 'G-single', dir_g } }) do
     model = fresh_whole()
     opt = pmp.optim.AdamW(model:parameters())
-    info_line(case[1], dcp.load(case[2], model, opt))
+    info_line(case[1], checkpoint.load(case[2], model, opt))
     check_whole(case[1], ref, model, opt)
   end
-  dcp.save(dir_one, 7, model, opt, { consumed_samples = CONSUMED })
-  pmp.checkpoint.save(dir_old, 8, model, opt, { consumed_samples = CONSUMED })
+  checkpoint.save(dir_one, 7, model, opt, { consumed_samples = CONSUMED })
+  save_legacy(dir_old, 8, model, opt, { consumed_samples = CONSUMED, model_config = model.config })
+  model = fresh_whole()
+  opt = pmp.optim.AdamW(model:parameters())
+  info_line('OLD-single', checkpoint.load(dir_old, model, opt))
+  check_whole('OLD-single', ref, model, opt)
+  local rebuilt, info = checkpoint.load_model(dir_old)
+  info_line('OLD-load_model', info)
+  check_whole('OLD-load_model', ref, rebuilt)
 
 elseif mode == 'reshard' then
   local dirs = { A = arg[2], G = arg[3], ONE = arg[4], OLD = arg[5] }
@@ -267,13 +297,17 @@ elseif mode == 'reshard' then
     local suffix = string.format('-tp%dpp%d', shape.tp, shape.pp)
     for _, name in ipairs({ 'A', 'G', 'ONE' }) do load_part(name .. suffix, ref, dirs[name]) end
     load_part('OLD' .. suffix, ref, dirs.OLD, true)
+    local layout = pmp.dist.layout()
+    local m = part_model(ref, layout, false)
+    local info = checkpoint.load(dirs.OLD, m, part_adamw(ref, m, layout, false))
+    print(string.format('NOT_RESTORED OLD%s %d %s', suffix, layout.rank, table.concat(info.not_restored, '|')))
   end
 
 elseif mode == 'kill' then
   local dir = arg[2]
   local layout = pmp.dist.init { tp = 2, pp = 2 }
   local m = part_model(ref, layout, true)
-  dcp.save(dir, 1, m, nil, { consumed_samples = 1 })
+  checkpoint.save(dir, 1, m, nil, { consumed_samples = 1 })
   if layout.rank == 3 then
     -- killed right after writing its shard of iteration 2, while the others wait for it
     local save = require('pmp.safetensors').save
@@ -283,18 +317,18 @@ elseif mode == 'kill' then
       return result
     end
   end
-  dcp.save(dir, 2, m, nil, { consumed_samples = 2 })
+  checkpoint.save(dir, 2, m, nil, { consumed_samples = 2 })
   print('SAVED 2')   -- never reached: the job dies with rank 3
 
 elseif mode == 'fail_save' then
   local dir = arg[2]
   local layout = pmp.dist.init { tp = 2 }
   local m = part_model(ref, layout, true)
-  dcp.save(dir, 1, m, nil, { consumed_samples = 1 })
+  checkpoint.save(dir, 1, m, nil, { consumed_samples = 1 })
   if layout.rank == 1 then
     require('pmp.safetensors').save = function() error('no space left on device', 0) end
   end
-  local ok, err = pcall(dcp.save, dir, 2, m, nil, { consumed_samples = 2 })
+  local ok, err = pcall(checkpoint.save, dir, 2, m, nil, { consumed_samples = 2 })
   print('ERROR ' .. (ok and 'none' or tostring(err)))
 
 elseif mode == 'load_error' then
@@ -310,7 +344,7 @@ elseif mode == 'load_error' then
     m = part_model(ref, layout, false)
   end
   local opt = what == 'optimizer' and part_adamw(ref, m, layout, false) or nil
-  local ok, err = pcall(dcp.load, dir, m, opt)
+  local ok, err = pcall(checkpoint.load, dir, m, opt)
   print('ERROR ' .. (ok and 'none' or tostring(err)))
 
 else

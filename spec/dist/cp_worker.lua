@@ -3,7 +3,7 @@
 -- the same global batch, the context-parallel one on each rank's part of the sequence, its gradients
 -- averaged over 'dp_cp' by DistributedDataParallel.
 --   cp_worker.lua TP [DIR]   on every rank of a world of TP x CP: the cases below; with DIR the 'gqa'
---                            case saves its model and optimizer there (pmp.dist.checkpoint)
+--                            case saves its model and optimizer there (pmp.checkpoint)
 --   cp_worker.lua load DIR   one process: loads DIR into the whole model and compares it with the
 --                            reference after the same three steps
 -- Differences are the largest over the ranks, printed by rank 0 alone:
@@ -16,7 +16,7 @@
 local parallel = pmp.nn.parallel
 local cp_lib = pmp.nn.context_parallel
 local sharding = require 'pmp.dist.sharding'
-local dcp = require 'pmp.dist.checkpoint'
+local checkpoint = require 'pmp.checkpoint'
 
 local load_mode = arg[1] == 'load'
 local tp = load_mode and 1 or tonumber(arg[1])
@@ -145,7 +145,7 @@ local function run_case(case)
     report('PARAM %s %s %.3e', case.name, name,
       worst(max_diff(mine[name], sharding.shard(name, theirs[name], cfg, layout.tp, layout.tp_rank))))
   end
-  if save_dir and case.name == 'gqa' then dcp.save(save_dir, STEPS, model, opt, {}) end
+  if save_dir and case.name == 'gqa' then checkpoint.save(save_dir, STEPS, model, opt, {}) end
 end
 
 local CASES = {
@@ -158,7 +158,7 @@ if load_mode then
   local reference, ref_opt = train_reference(CASES[1])
   local model = build(CASES[1])
   local opt = optimizer(model)
-  dcp.load(arg[2], model, opt)
+  checkpoint.load(arg[2], model, opt)
   local theirs, params, moments = reference:state_dict(), 0, 0
   for name, t in pairs(model:state_dict()) do params = math.max(params, max_diff(t, theirs[name])) end
   local want, got = ref_opt:state_dict().state, opt:state_dict().state

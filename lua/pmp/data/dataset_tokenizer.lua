@@ -1,6 +1,6 @@
--- The tokenizer that goes with an indexed dataset: what tools/preprocess_data.lua tokenizes with, and
--- what it records next to the data (<dataset prefix>.tokenizer.json) so that training on the data
--- gets the same vocabulary without extra flags.
+--- The tokenizer that goes with an indexed dataset: what tools/preprocess_data.lua tokenizes with, and
+--- what it records next to the data (<dataset prefix>.tokenizer.json) so that training on the data
+--- gets the same vocabulary without extra flags.
 --
 --   local tok = dataset_tokenizer.hf(dir)          -- pmp.tokenizer.from_pretrained(dir), when pmp has it
 --   local tok = dataset_tokenizer.char(chars, eod) -- pmp.data.tokenizers char/byte, plus an EOD id

@@ -1,5 +1,5 @@
--- GPT pretraining samples from Megatron indexed datasets, built exactly as megatron.core's GPTDataset
--- and BlendedDataset build them (FORMATS.md §5.3), down to the shuffled order:
+--- GPT pretraining samples from Megatron indexed datasets, built exactly as megatron.core's GPTDataset
+--- and BlendedDataset build them (FORMATS.md §5.3), down to the shuffled order:
 --
 --   local sets = pmp.data.gpt_dataset.build({'0.3', 'a_text_document', '0.7', 'b_text_document'}, {
 --     seq_length = 1024, seed = 1234, split = '969,30,1', sizes = {train = n, valid = m, test = k}})

@@ -1,6 +1,6 @@
--- Megatron-LM indexed datasets (.bin/.idx), FORMATS.md §5.1: a reader over memory mappings of both
--- files and a builder that writes them atomically. Files are interchangeable with
--- megatron.core.datasets.indexed_dataset (tools/check_indexed_megatron.py checks both directions).
+--- Megatron-LM indexed datasets (.bin/.idx), FORMATS.md §5.1: a reader over memory mappings of both
+--- files and a builder that writes them atomically. Files are interchangeable with
+--- megatron.core.datasets.indexed_dataset (tools/check_indexed_megatron.py checks both directions).
 --
 --   local ds = pmp.data.indexed.open(prefix)        -- reads prefix.idx and prefix.bin, validated
 --   #ds                                             -- sequences (S)

@@ -1,4 +1,4 @@
--- pmp.data: tokenizers for raw text and GPT datasets.
+--- pmp.data: tokenizers for raw text and GPT datasets.
 return {
   tokenizers = require 'pmp.data.tokenizers',
   TextDataset = require 'pmp.data.text_dataset',

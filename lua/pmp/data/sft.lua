@@ -1,5 +1,5 @@
--- Supervised fine-tuning data: conversation formats, chat-template tokenization with prompt masking,
--- and packing several samples into one sequence without attention across them.
+--- Supervised fine-tuning data: conversation formats, chat-template tokenization with prompt masking,
+--- and packing several samples into one sequence without attention across them.
 --
 --   local messages = sft.to_messages(record)                 -- alpaca, sharegpt or messages format
 --   local sample = sft.tokenize(messages, { tokenizer = tok, render = render })

@@ -1,6 +1,6 @@
--- GPT training samples from one token stream, as Megatron's GPTDataset builds them: consecutive
--- windows of seq_length + 1 tokens overlapping by one token (inputs and shifted targets), visited in
--- a shuffled order that depends only on the seed, so a run resumes from a count of consumed samples.
+--- GPT training samples from one token stream, as Megatron's GPTDataset builds them: consecutive
+--- windows of seq_length + 1 tokens overlapping by one token (inputs and shifted targets), visited in
+--- a shuffled order that depends only on the seed, so a run resumes from a count of consumed samples.
 local tensor = require 'pmp.tensor'
 
 local Dataset = {}

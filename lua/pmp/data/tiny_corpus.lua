@@ -1,6 +1,6 @@
--- The embedded default corpus: English-like sentences from a small grammar, and sums written out,
--- generated deterministically so the pretraining recipe runs with no download and no data files.
--- A model can learn both the grammar and the arithmetic, so the loss keeps falling for a while.
+--- The embedded default corpus: English-like sentences from a small grammar, and sums written out,
+--- generated deterministically so the pretraining recipe runs with no download and no data files.
+--- A model can learn both the grammar and the arithmetic, so the loss keeps falling for a while.
 local M = {}
 
 local words = {

@@ -1,5 +1,5 @@
--- Simple tokenizers for pretraining from text: characters (as nanoGPT's char-level models) and bytes.
--- HF tokenizer.json support lives in pmp.tokenizer.
+--- Simple tokenizers for pretraining from text: characters (as nanoGPT's char-level models) and bytes.
+--- HF tokenizer.json support lives in pmp.tokenizer.
 local M = {}
 
 local UTF8_CHAR = '[%z\1-\127\194-\244][\128-\191]*'

@@ -1,6 +1,6 @@
--- Data parallelism: every rank of the data-parallel group runs the whole model (or its pipeline stage /
--- tensor-parallel part) on its own part of the global batch, and the gradients are averaged over the
--- group in buckets that start reducing during backward, as Megatron-LM's DistributedDataParallel does.
+--- Data parallelism: every rank of the data-parallel group runs the whole model (or its pipeline stage /
+--- tensor-parallel part) on its own part of the global batch, and the gradients are averaged over the
+--- group in buckets that start reducing during backward, as Megatron-LM's DistributedDataParallel does.
 --
 --   local ddp = pmp.dist.ddp.DistributedDataParallel(model, { bucket_size = 4e7 })
 --   optimizer:zero_grad()

@@ -1,14 +1,14 @@
--- The global gradient norm of a model spread over ranks, and clipping by it, with the semantics of
--- pmp.optim.clip_grad_norm (the L2 norm of all gradients together; scale by max_norm / (norm + 1e-6)
--- when that is below 1; return the norm before clipping). Every parameter counts exactly once:
---   * tensor parallelism: a parameter sharded by pmp.dist.sharding's rules counts on every rank (each
---     holds its part); a replicated one (rule(name) == nil) on tp rank 0 only;
---   * pipeline parallelism: the stages' sums add up; the copy of a tied word embedding that the last
---     stage holds as output_layer.weight is not counted again; a pipeline.Chunks (virtual stages) counts
---     each chunk by its own place;
---   * the distributed optimizer: each data-parallel rank counts its shard of the reduced gradients.
--- Call it after the gradients are final (DistributedDataParallel:finish_grad_sync and, with TP/PP,
--- pmp.nn.parallel.finish_grads / pipeline.sync_embedding_grads), on every rank of the model.
+--- The global gradient norm of a model spread over ranks, and clipping by it, with the semantics of
+--- pmp.optim.clip_grad_norm (the L2 norm of all gradients together; scale by max_norm / (norm + 1e-6)
+--- when that is below 1; return the norm before clipping). Every parameter counts exactly once:
+---   * tensor parallelism: a parameter sharded by pmp.dist.sharding's rules counts on every rank (each
+---     holds its part); a replicated one (rule(name) == nil) on tp rank 0 only;
+---   * pipeline parallelism: the stages' sums add up; the copy of a tied word embedding that the last
+---     stage holds as output_layer.weight is not counted again; a pipeline.Chunks (virtual stages) counts
+---     each chunk by its own place;
+---   * the distributed optimizer: each data-parallel rank counts its shard of the reduced gradients.
+--- Call it after the gradients are final (DistributedDataParallel:finish_grad_sync and, with TP/PP,
+--- pmp.nn.parallel.finish_grads / pipeline.sync_embedding_grads), on every rank of the model.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'

@@ -1,4 +1,4 @@
--- pmp.dist: process groups and collectives.
+--- pmp.dist: process groups and collectives.
 --
 --   pmp.dist.init{tp = 2, pp = 2}            -- dp is whatever is left of the world
 --   local tp = pmp.dist.group('tp')          -- a Communicator: tp.rank, tp.size, tp.name

@@ -1,5 +1,5 @@
--- Pipeline parallelism: each rank of the 'pp' group holds consecutive transformer layers of one
--- GPTModel and micro-batches flow through the stages with Megatron-LM's 1F1B schedules.
+--- Pipeline parallelism: each rank of the 'pp' group holds consecutive transformer layers of one
+--- GPTModel and micro-batches flow through the stages with Megatron-LM's 1F1B schedules.
 --
 --   local pipeline = require 'pmp.dist.pipeline'
 --   pipeline.stage(model)                                   -- every rank built the whole model first
@@ -266,6 +266,124 @@ local function schedule_table(n, V, group_size)
   return out
 end
 
+-- One forward_backward call: this rank's place in the pipeline, the schedule, the sends in flight
+-- and the loss summed so far.
+local Run = {}
+Run.__index = Run
+
+local function new_run(chunks, micro_batches, group, options)
+  local rank, size, V = group.rank, group.size, #chunks
+  local hidden_shape = options.hidden_shape
+  if not hidden_shape then
+    -- under sequence parallelism (pmp.nn.parallel) each rank passes on its slice of the sequence
+    local ids = micro_batches[1].ids
+    local tp = chunks[1].tensor_parallel
+    local T = (tp and tp.sequence_parallel) and ids:size(2) / tp.group.size or ids:size(2)
+    hidden_shape = { ids:size(1), T, chunks[1].config.hidden_size }
+  end
+  return setmetatable({
+    chunks = chunks, micro_batches = micro_batches, group = group, options = options,
+    rank = rank, size = size, V = V, forward_only = options.forward_only,
+    scale = options.loss_scale or 1 / #micro_batches,
+    hidden_shape = hidden_shape, dtype = options.dtype or chunks[1].config.dtype,
+    -- the neighbours of every chunk: virtual stage v * pp + rank follows v * pp + rank - 1, on the
+    -- previous rank or (on rank 0) on the last rank for the previous chunk
+    previous = (rank - 1) % size, next_ = (rank + 1) % size,
+    order = schedule_table(#micro_batches, V, size),
+    sends = {}, loss_sum = 0,
+  }, Run)
+end
+
+function Run:where(v)
+  return self.V > 1 and string.format('stage %d chunk %d', self.rank, v - 1) or 'stage ' .. self.rank
+end
+
+function Run:receive(peer, tag, what, k, v)
+  local t = tensor.empty(self.hidden_shape, { dtype = self.dtype })
+  local group = self.group
+  local ok, err = pcall(group.recv, group, t, peer, { tag = tag })
+  if not ok then
+    error(string.format('pipeline: %s receiving the %s of micro-batch %d from stage %d: %s', self:where(v), what, k,
+      peer, tostring(err)), 0)
+  end
+  return t
+end
+
+-- Sends overlap with compute; finished ones are dropped so that their buffers (and the activation's
+-- graph, which a sent output keeps alive) can go.
+function Run:send(t, peer, tag)
+  local open = {}
+  for _, h in ipairs(self.sends) do
+    if h:is_completed() then h:wait() else open[#open + 1] = h end
+  end
+  open[#open + 1] = self.group:send(t, peer, { tag = tag, async = true })
+  self.sends = open
+end
+
+-- Micro-batch k's forward through chunk v; returns {k, v, input, output} for its backward.
+function Run:forward(k, v)
+  local rank, size = self.rank, self.size
+  local mb, is_first, is_last = self.micro_batches[k], rank == 0 and v == 1, rank == size - 1 and v == self.V
+  local input = mb.ids
+  if not is_first then
+    input = self:receive(self.previous, FORWARD_TAG, 'activations', k, v)
+    if not self.forward_only then input:requires_grad_() end
+  end
+  local output = self.chunks[v](input, is_last and mb.targets or nil, mb.options)
+  if is_last then
+    self.loss_sum = self.loss_sum + output:item()
+  else
+    self:send(output, self.next_, FORWARD_TAG)
+  end
+  return { k = k, v = v, input = input, output = output }
+end
+
+-- One forward's backward; the graph it walked is freed once `step` is dropped by the caller.
+function Run:backward(step, final)
+  local k, v = step.k, step.v
+  -- Only the schedule's final backward may let data-parallel buckets start: under the interleaved
+  -- schedule other micro-batches' backwards follow the last micro-batch's first one, and with
+  -- activation recompute their graphs only read the parameters again when they run.
+  local before_last_backward = self.options.before_last_backward
+  if final and before_last_backward then before_last_backward() end
+  if self.rank == self.size - 1 and v == self.V then
+    (step.output * self.scale):backward()
+  else
+    step.output:backward(self:receive(self.next_, BACKWARD_TAG, 'output gradient', k, v))
+  end
+  if not (self.rank == 0 and v == 1) then
+    self:send(step.input.grad or tensor.zeros(self.hidden_shape, { dtype = self.dtype }), self.previous, BACKWARD_TAG)
+  end
+end
+
+-- forward_only: every forward in schedule order.
+local function run_forwards(run)
+  for _, e in ipairs(run.order) do run:forward(e[1], e[2]) end
+end
+
+-- The 1F1B schedules: warm-up forwards, then one forward and one backward at a time, then the
+-- remaining backwards. Backward j is that of the oldest outstanding forward of the chunk the reversed
+-- table names.
+local function run_one_forward_one_backward(run)
+  local order, rank, size, V = run.order, run.rank, run.size, run.V
+  local total = #order
+  local warmup = V == 1 and size - rank - 1 or 2 * (size - rank - 1) + (V - 1) * size
+  warmup = math.min(warmup, total)
+  local in_flight = {}    -- per chunk, the forwards whose backward has not run yet, oldest first
+  for v = 1, V do in_flight[v] = {} end
+  local function run_forward(j)
+    local list = in_flight[order[j][2]]
+    list[#list + 1] = run:forward(order[j][1], order[j][2])
+  end
+  local function run_backward(j) run:backward(table.remove(in_flight[V + 1 - order[j][2]], 1), j == total) end
+  for j = 1, warmup do run_forward(j) end
+  for j = 1, total - warmup do
+    run_forward(warmup + j)
+    run_backward(j)
+  end
+  for j = total - warmup + 1, total do run_backward(j) end
+end
+
 -- Runs forward and backward of every micro-batch through the pipeline, accumulating gradients into
 -- the stage's parameters, with Megatron's schedules:
 --   * one chunk per rank (forward_backward_pipelining_without_interleaving): stage s runs pp - s - 1
@@ -292,108 +410,19 @@ function M.forward_backward(model, micro_batches, options)
   local group = pp_group(options)
   local chunks = M.chunks(model)
   check_chunks(chunks, group)
-  local rank, size, V = group.rank, group.size, #chunks
-  local n = #micro_batches
-  local forward_only = options.forward_only
-  if V > 1 and not forward_only and n % size ~= 0 then
+  local size, V, n = group.size, #chunks, #micro_batches
+  if V > 1 and not options.forward_only and n % size ~= 0 then
     error(string.format("pipeline.forward_backward: the interleaved schedule needs a number of micro-batches that " ..
       "is a multiple of the pipeline size %d (group '%s'), got %d", size, group.name or 'pp', n), 2)
   end
-  local scale = options.loss_scale or 1 / n
-  local ids = micro_batches[1].ids
-  local hidden_shape = options.hidden_shape
-  if not hidden_shape then
-    -- under sequence parallelism (pmp.nn.parallel) each rank passes on its slice of the sequence
-    local tp = chunks[1].tensor_parallel
-    local T = (tp and tp.sequence_parallel) and ids:size(2) / tp.group.size or ids:size(2)
-    hidden_shape = { ids:size(1), T, chunks[1].config.hidden_size }
-  end
-  local dtype = options.dtype or chunks[1].config.dtype
-  -- the neighbours of every chunk: virtual stage v * pp + rank follows v * pp + rank - 1, on the
-  -- previous rank or (on rank 0) on the last rank for the previous chunk
-  local previous, next_ = (rank - 1) % size, (rank + 1) % size
-  local sends, loss_sum = {}, 0
-
-  local function where(v) return V > 1 and string.format('stage %d chunk %d', rank, v - 1) or 'stage ' .. rank end
-  local function receive(peer, tag, what, k, v)
-    local t = tensor.empty(hidden_shape, { dtype = dtype })
-    local ok, err = pcall(function() group:recv(t, peer, { tag = tag }) end)
-    if not ok then
-      error(string.format('pipeline: %s receiving the %s of micro-batch %d from stage %d: %s', where(v), what, k,
-        peer, tostring(err)), 0)
-    end
-    return t
-  end
-  -- Sends overlap with compute; finished ones are dropped so that their buffers (and the activation's
-  -- graph, which a sent output keeps alive) can go.
-  local function send(t, peer, tag)
-    local open = {}
-    for _, h in ipairs(sends) do
-      if h:is_completed() then h:wait() else open[#open + 1] = h end
-    end
-    open[#open + 1] = group:send(t, peer, { tag = tag, async = true })
-    sends = open
-  end
-
-  -- Micro-batch k's forward through chunk v; returns {k, v, input, output} for its backward.
-  local function forward(k, v)
-    local mb, is_first, is_last = micro_batches[k], rank == 0 and v == 1, rank == size - 1 and v == V
-    local input = mb.ids
-    if not is_first then
-      input = receive(previous, FORWARD_TAG, 'activations', k, v)
-      if not forward_only then input:requires_grad_() end
-    end
-    local output = chunks[v](input, is_last and mb.targets or nil, mb.options)
-    if is_last then
-      loss_sum = loss_sum + output:item()
-    else
-      send(output, next_, FORWARD_TAG)
-    end
-    return { k = k, v = v, input = input, output = output }
-  end
-
-  -- One forward's backward; the graph it walked is freed once `step` is dropped by the caller.
-  local function backward(step, final)
-    local k, v = step.k, step.v
-    -- Only the schedule's final backward may let data-parallel buckets start: under the interleaved
-    -- schedule other micro-batches' backwards follow the last micro-batch's first one, and with
-    -- activation recompute their graphs only read the parameters again when they run.
-    if final and options.before_last_backward then options.before_last_backward() end
-    if rank == size - 1 and v == V then
-      (step.output * scale):backward()
-    else
-      step.output:backward(receive(next_, BACKWARD_TAG, 'output gradient', k, v))
-    end
-    if not (rank == 0 and v == 1) then
-      send(step.input.grad or tensor.zeros(hidden_shape, { dtype = dtype }), previous, BACKWARD_TAG)
-    end
-  end
-
-  local order = schedule_table(n, V, size)
-  if forward_only then
-    require('pmp').no_grad(function()
-      for _, e in ipairs(order) do forward(e[1], e[2]) end
-    end)
+  local run = new_run(chunks, micro_batches, group, options)
+  if options.forward_only then
+    require('pmp').no_grad(run_forwards, run)
   else
-    local total = #order
-    local warmup = V == 1 and size - rank - 1 or 2 * (size - rank - 1) + (V - 1) * size
-    warmup = math.min(warmup, total)
-    local in_flight = {}    -- per chunk, the forwards whose backward has not run yet, oldest first
-    for v = 1, V do in_flight[v] = {} end
-    local function run_forward(j)
-      local list = in_flight[order[j][2]]
-      list[#list + 1] = forward(order[j][1], order[j][2])
-    end
-    local function run_backward(j) backward(table.remove(in_flight[V + 1 - order[j][2]], 1), j == total) end
-    for j = 1, warmup do run_forward(j) end
-    for j = 1, total - warmup do
-      run_forward(warmup + j)
-      run_backward(j)
-    end
-    for j = total - warmup + 1, total do run_backward(j) end
+    run_one_forward_one_backward(run)
   end
-  for _, h in ipairs(sends) do h:wait() end
-  if rank == size - 1 then return loss_sum / n end
+  for _, h in ipairs(run.sends) do h:wait() end
+  if run.rank == size - 1 then return run.loss_sum / n end
   return nil
 end
 

@@ -1,13 +1,13 @@
--- How a GPTModel's parameters are cut across tensor-parallel ranks and pipeline stages, in Megatron-LM's
--- layout (../shared/FORMATS.md §2). One table serves the parallel layers, checkpoint saving and
--- resharding on load:
---   * word_embeddings / output_layer: vocabulary rows split evenly (the padded vocabulary);
---   * linear_qkv: rows, which are grouped per KV head, so each rank holds whole KV groups;
---   * linear_fc1: rows; for gated MLPs ([gate; up]) each rank holds its slice of gate then of up;
---   * linear_proj, linear_fc2 weights: columns (their biases are whole on every rank);
---   * norms and everything else: whole on every rank.
--- Pipeline stages hold consecutive layers, numbered from 0 on each stage as Megatron's per-rank
--- checkpoints number them.
+--- How a GPTModel's parameters are cut across tensor-parallel ranks and pipeline stages, in Megatron-LM's
+--- layout (../shared/FORMATS.md §2). One table serves the parallel layers, checkpoint saving and
+--- resharding on load:
+---   * word_embeddings / output_layer: vocabulary rows split evenly (the padded vocabulary);
+---   * linear_qkv: rows, which are grouped per KV head, so each rank holds whole KV groups;
+---   * linear_fc1: rows; for gated MLPs ([gate; up]) each rank holds its slice of gate then of up;
+---   * linear_proj, linear_fc2 weights: columns (their biases are whole on every rank);
+---   * norms and everything else: whole on every rank.
+--- Pipeline stages hold consecutive layers, numbered from 0 on each stage as Megatron's per-rank
+--- checkpoints number them.
 local tensor = require 'pmp.tensor'
 
 local M = {}

@@ -1,8 +1,8 @@
--- pmp.models: Hugging Face checkpoints in and out of pmp's GPTModel.
---
---   local model = pmp.models.from_pretrained('path/to/hf_dir', {dtype = 'bf16'})
---   model:save_pretrained('out_dir')                  -- config.json + model.safetensors (sharded when large)
---   local model = pmp.models.from_config(hf_config)   -- a fresh random model of an HF config table
+--- pmp.models: Hugging Face checkpoints in and out of pmp's GPTModel.
+---
+---   local model = pmp.models.from_pretrained('path/to/hf_dir', {dtype = 'bf16'})
+---   model:save_pretrained('out_dir')                  -- config.json + model.safetensors (sharded when large)
+---   local model = pmp.models.from_config(hf_config)   -- a fresh random model of an HF config table
 --
 -- Families live in models/<model_type>.lua (models/llama.lua, models/qwen3.lua, ...). Each one returns
 --   model_type, architectures    the HF names
@@ -57,7 +57,7 @@ local function models_dir()
   return root and (root .. '/models') or 'models'
 end
 
--- The model_types with a family file in models/ (files that return a table with model_type).
+--- The model_types with a family file in models/ (files that return a table with model_type).
 function M.known_families()
   local out = {}
   local ok, names = pcall(pio.listdir, models_dir())
@@ -391,7 +391,7 @@ local function attach(model, family, hf)
   return model
 end
 
--- A fresh (randomly initialized) GPTModel for an HF config table (or the path of a config.json).
+--- A fresh (randomly initialized) GPTModel for an HF config table (or the path of a config.json).
 function M.from_config(hf, options)
   options = options or {}
   local source = 'config'
@@ -404,12 +404,12 @@ function M.from_config(hf, options)
   return attach(transformer.GPTModel(config), family, hf)
 end
 
--- Loads a Hugging Face model directory (config.json + model.safetensors or sharded
--- model-0000i-of-0000N.safetensors with model.safetensors.index.json). options:
---   dtype                          parameter dtype (default: that of the file's tensors)
---   make_vocab_size_divisible_by   vocabulary padding multiple (default 128; 1 turns padding off)
---   tensor_model_parallel_size     also multiplies the padding (default 1)
---   config                         GPTModel settings to override (e.g. {recompute_granularity = 'full'})
+--- Loads a Hugging Face model directory (config.json + model.safetensors or sharded
+--- model-0000i-of-0000N.safetensors with model.safetensors.index.json). options:
+---   dtype                          parameter dtype (default: that of the file's tensors)
+---   make_vocab_size_divisible_by   vocabulary padding multiple (default 128; 1 turns padding off)
+---   tensor_model_parallel_size     also multiplies the padding (default 1)
+---   config                         GPTModel settings to override (e.g. {recompute_granularity = 'full'})
 function M.from_pretrained(dir, options)
   options = options or {}
   if type(dir) ~= 'string' then error('from_pretrained: expects a directory path', 2) end
@@ -484,9 +484,9 @@ function M.hf_config(model, options)
   return out
 end
 
--- Writes dir/config.json and dir/model.safetensors (or shards of at most max_shard_size, default
--- '5GB', with model.safetensors.index.json), as transformers' save_pretrained lays them out.
--- options: dtype (default the model's), max_shard_size, model_type (for models not made by pmp.models).
+--- Writes dir/config.json and dir/model.safetensors (or shards of at most max_shard_size, default
+--- '5GB', with model.safetensors.index.json), as transformers' save_pretrained lays them out.
+--- options: dtype (default the model's), max_shard_size, model_type (for models not made by pmp.models).
 function M.save_pretrained(model, dir, options)
   options = options or {}
   if type(dir) ~= 'string' or dir == '' then error('save_pretrained: expects a directory path', 2) end

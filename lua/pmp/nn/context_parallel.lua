@@ -1,5 +1,5 @@
--- Context parallelism (Megatron-LM's --context-parallel-size): the ranks of the 'cp' group each hold a
--- part of every sequence, and only attention looks at the other parts.
+--- Context parallelism (Megatron-LM's --context-parallel-size): the ranks of the 'cp' group each hold a
+--- part of every sequence, and only attention looks at the other parts.
 --
 --   pmp.dist.init{cp = 2}
 --   pmp.manual_seed(1234)

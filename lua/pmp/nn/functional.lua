@@ -1,4 +1,4 @@
--- pmp.nn.functional (also pmp.F): stateless neural-network functions built on tensor ops.
+--- pmp.nn.functional (also pmp.F): stateless neural-network functions built on tensor ops.
 local tensor = require 'pmp.tensor'
 local is_tensor = tensor.is_tensor
 local wrap = tensor.wrap
@@ -7,6 +7,7 @@ local C = require('pmp.ffi').C
 
 local F = {}
 
+--- F.softmax(x, dim = -1), and likewise log_softmax, relu, silu, gelu, sigmoid, tanh: the tensor methods.
 function F.softmax(x, dim) return x:softmax(dim or -1) end
 function F.log_softmax(x, dim) return x:log_softmax(dim or -1) end
 function F.relu(x) return x:relu() end
@@ -26,9 +27,9 @@ local function targets_match(logits, targets)
   return true
 end
 
--- cross_entropy(logits [..., C], targets [...] holding 0-based class ids,
---               {ignore_index=-100, reduction='mean'|'sum'|'none'})
--- 'mean' averages over the targets that are not ignored, as PyTorch does.
+--- cross_entropy(logits [..., C], targets [...] holding 0-based class ids,
+---               {ignore_index=-100, reduction='mean'|'sum'|'none'})
+--- 'mean' averages over the targets that are not ignored, as PyTorch does.
 function F.cross_entropy(logits, targets, options)
   options = options or {}
   local ignore_index = options.ignore_index or -100
@@ -47,7 +48,7 @@ function F.cross_entropy(logits, targets, options)
   return losses:sum() / counted
 end
 
--- embedding(ids, weight): rows of weight [V, D] picked by 0-based ids of any shape -> [..., D].
+--- embedding(ids, weight): rows of weight [V, D] picked by 0-based ids of any shape -> [..., D].
 function F.embedding(ids, weight)
   if weight.ndim ~= 2 then error('embedding: weight must be [vocab, dim], got ' .. shape_string(weight.shape), 2) end
   local flat = ids:reshape(-1)
@@ -70,7 +71,7 @@ function F.embedding(ids, weight)
   return wrap(rows):view(shape)
 end
 
--- linear(x, weight [out, in], bias [out] or nil) = x weight^T + bias
+--- linear(x, weight [out, in], bias [out] or nil) = x weight^T + bias
 function F.linear(x, weight, bias)
   local y = x:matmul(weight:t())
   if bias then y = y + bias end
@@ -78,23 +79,24 @@ function F.linear(x, weight, bias)
 end
 
 -- Fused: normalizes in f32 for low-precision inputs and rounds before the weight, as HF's Llama does.
+--- rms_norm(x, weight, eps): x / sqrt(mean(x^2) + eps) * weight over the last dim.
 function F.rms_norm(x, weight, eps)
   return wrap(C.pmp_rms_norm(x.ptr, weight and weight.ptr, eps or 1e-6))
 end
 
--- Rotary position embedding on x [..., T, D] with cos/sin broadcastable to [..., T, rotary_dim]
--- (rotary_dim <= D; the rest of each head passes through). interleaved rotates adjacent pairs.
+--- Rotary position embedding on x [..., T, D] with cos/sin broadcastable to [..., T, rotary_dim]
+--- (rotary_dim <= D; the rest of each head passes through). interleaved rotates adjacent pairs.
 function F.rope(x, cos, sin, interleaved)
   return wrap(C.pmp_rope(x.ptr, cos.ptr, sin.ptr, interleaved and 1 or 0))
 end
 
--- silu(gate) * up for x = [gate | up] along the last dim (Megatron's fused linear_fc1 layout).
+--- silu(gate) * up for x = [gate | up] along the last dim (Megatron's fused linear_fc1 layout).
 function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 
--- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0, first_key=nil}.
--- GQA/MQA when Hkv < Hq. first_key: an integer tensor [B]; row b attends only to keys >= first_key[b]
--- (0-based), which is how left-padded batches hide their padding; or [B, T], per query, which is how
--- packed sequences keep each document to itself.
+--- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0, first_key=nil}.
+--- GQA/MQA when Hkv < Hq. first_key: an integer tensor [B]; row b attends only to keys >= first_key[b]
+--- (0-based), which is how left-padded batches hide their padding; or [B, T], per query, which is how
+--- packed sequences keep each document to itself.
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
@@ -102,6 +104,7 @@ function F.attention(q, k, v, options)
   return wrap(C.pmp_attention(q.ptr, k.ptr, v.ptr, first_key, options.scale or 0, causal and 1 or 0, options.window or 0))
 end
 
+--- layer_norm(x, weight, bias, eps): (x - mean) / sqrt(var + eps) * weight + bias over the last dim.
 function F.layer_norm(x, weight, bias, eps)
   eps = eps or 1e-5
   local dtype = x.dtype
@@ -113,7 +116,7 @@ function F.layer_norm(x, weight, bias, eps)
   return normed
 end
 
--- Inverted dropout: kept activations are scaled by 1/(1-p) during training, identity otherwise.
+--- Inverted dropout: kept activations are scaled by 1/(1-p) during training, identity otherwise.
 function F.dropout(x, p, training)
   p = p or 0.5
   if p < 0 or p > 1 then error('dropout: probability must be in [0, 1], got ' .. tostring(p), 2) end

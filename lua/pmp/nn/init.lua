@@ -1,4 +1,4 @@
--- pmp.nn: modules (subclass nn.Module in Lua), layers, the GPT model, and the functional ops.
+--- pmp.nn: modules (subclass nn.Module in Lua), layers, the GPT model, and the functional ops.
 local nn = {
   functional = require 'pmp.nn.functional',
   Module = require 'pmp.nn.module',

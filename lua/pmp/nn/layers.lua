@@ -11,7 +11,8 @@ local function normal(shape, std, dtype)
 end
 M.normal_init = normal
 
--- weight [out, in] (and bias [out]); options: bias (true), init_std (0.02), dtype ('f32').
+--- Linear(in_features, out_features, options): y = x weight^T + bias.
+--- weight [out, in] (and bias [out]); options: bias (true), init_std (0.02), dtype ('f32').
 M.Linear = Module:extend('Linear')
 function M.Linear:init(in_features, out_features, options)
   options = options or {}
@@ -24,6 +25,8 @@ function M.Linear:extra_repr()
   return string.format('%d -> %d%s', self.in_features, self.out_features, self.bias and '' or ', no bias')
 end
 
+--- Embedding(num_embeddings, dim, {init_std = 0.02, dtype = 'f32'}): rows of weight [num, dim] picked by
+--- 0-based ids of any shape.
 M.Embedding = Module:extend('Embedding')
 function M.Embedding:init(num_embeddings, dim, options)
   options = options or {}
@@ -33,6 +36,7 @@ end
 function M.Embedding:forward(ids) return F.embedding(ids, self.weight) end
 function M.Embedding:extra_repr() return string.format('%d x %d', self.num_embeddings, self.dim) end
 
+--- RMSNorm(dim, {eps = 1e-6, dtype = 'f32'}): x / rms(x) * weight over the last dim.
 M.RMSNorm = Module:extend('RMSNorm')
 function M.RMSNorm:init(dim, options)
   options = options or {}
@@ -42,6 +46,7 @@ end
 function M.RMSNorm:forward(x) return F.rms_norm(x, self.weight, self.eps) end
 function M.RMSNorm:extra_repr() return string.format('%d, eps=%g', self.dim, self.eps) end
 
+--- LayerNorm(dim, {eps = 1e-5, bias = true, dtype = 'f32'}): (x - mean) / std * weight + bias over the last dim.
 M.LayerNorm = Module:extend('LayerNorm')
 function M.LayerNorm:init(dim, options)
   options = options or {}
@@ -52,12 +57,13 @@ end
 function M.LayerNorm:forward(x) return F.layer_norm(x, self.weight, self.bias, self.eps) end
 function M.LayerNorm:extra_repr() return string.format('%d, eps=%g', self.dim, self.eps) end
 
+--- Dropout(p = 0.5): zeroes elements with probability p while training, scaling the rest by 1/(1-p).
 M.Dropout = Module:extend('Dropout')
 function M.Dropout:init(p) self.p = p or 0.5 end
 function M.Dropout:forward(x) return F.dropout(x, self.p, self.training) end
 function M.Dropout:extra_repr() return 'p=' .. self.p end
 
--- Children named 0, 1, ... as Megatron names its layers; iterate with ipairs(list.items).
+--- Children named 0, 1, ... as Megatron names its layers; iterate with ipairs(list.items).
 M.ModuleList = Module:extend('ModuleList')
 function M.ModuleList:init(modules)
   rawset(self, 'items', {})

@@ -1,9 +1,9 @@
--- nn.Module: the base class of layers and models. Subclass it in plain Lua:
---
---   local MLP = nn.Module:extend('MLP')
---   function MLP:init(dim) self.fc = nn.Linear(dim, dim) end
---   function MLP:forward(x) return self.fc(x):relu() end
---   local m = MLP(16); m(x); m:named_parameters()
+--- nn.Module: the base class of layers and models. Subclass it in plain Lua:
+---
+---   local MLP = nn.Module:extend('MLP')
+---   function MLP:init(dim) self.fc = nn.Linear(dim, dim) end
+---   function MLP:forward(x) return self.fc(x):relu() end
+---   local m = MLP(16); m(x); m:named_parameters()
 --
 -- Assigning a tensor that requires grad to a field registers a parameter, assigning a module registers
 -- a child; both keep their assignment order, so parameter names are stable and Megatron-shaped
@@ -84,6 +84,7 @@ local function instance_metatable(class)
   }
 end
 
+--- Module:extend(name) -> a subclass; define Class:init(...) and Class:forward(...), build with Class(...).
 function Module:extend(name)
   local class = setmetatable({ __name = name or 'Module', __super = self }, { __index = self, __call = function(c, ...) return c:new(...) end })
   class.__instance_mt = instance_metatable(class)
@@ -104,30 +105,33 @@ end
 
 function Module:init() end
 
+--- m:forward(...), also m(...): the module's computation; subclasses define it.
 function Module:forward()
   error(self.__name .. ':forward is not implemented', 2)
 end
 
--- A non-trainable tensor that moves with the module; persistent buffers are part of state_dict.
+--- A non-trainable tensor that moves with the module; persistent buffers are part of state_dict.
 function Module:register_buffer(name, value, persistent)
   local buffers = rawget(self, '_buffers')
   ordered_set(buffers, name, value)
   buffers.persistent[name] = persistent ~= false
 end
 
+--- The direct child modules, in assignment order.
 function Module:children()
   local out = {}
   for _, name in ipairs(self._modules.names) do out[#out + 1] = self._modules.values[name] end
   return out
 end
 
+--- {name, module} of the direct children, in assignment order.
 function Module:named_children()
   local out = {}
   for _, name in ipairs(self._modules.names) do out[#out + 1] = { name, self._modules.values[name] } end
   return out
 end
 
--- Depth-first list of {name, tensor} with dotted names.
+--- Depth-first list of {name, tensor} with dotted names.
 function Module:named_parameters(prefix, out)
   out = out or {}
   prefix = prefix or ''
@@ -136,19 +140,21 @@ function Module:named_parameters(prefix, out)
   return out
 end
 
+--- Every parameter below the module, depth-first (the order of named_parameters).
 function Module:parameters()
   local out = {}
   for k, pair in ipairs(self:named_parameters()) do out[k] = pair[2] end
   return out
 end
 
+--- The number of parameter elements below the module.
 function Module:num_parameters()
   local n = 0
   for _, p in ipairs(self:parameters()) do n = n + p:numel() end
   return n
 end
 
--- name -> tensor of parameters and persistent buffers. Tensors are shared, not copied.
+--- name -> tensor of parameters and persistent buffers. Tensors are shared, not copied.
 function Module:state_dict(prefix, out)
   out = out or {}
   prefix = prefix or ''
@@ -162,8 +168,8 @@ end
 
 local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
 
--- Copies values in (dtype converted). strict (default) fails on missing or unexpected keys; a shape
--- mismatch always fails. The error lists every offending key.
+--- Copies values in (dtype converted). strict (default) fails on missing or unexpected keys; a shape
+--- mismatch always fails. The error lists every offending key.
 function Module:load_state_dict(sd, options)
   local strict = not (options and options.strict == false)
   local own = self:state_dict()
@@ -195,24 +201,28 @@ function Module:load_state_dict(sd, options)
   return { missing = missing, unexpected = unexpected }
 end
 
+--- Calls fn(m) on every module below, children first; returns self.
 function Module:apply(fn)
   for _, child in ipairs(self:children()) do child:apply(fn) end
   fn(self)
   return self
 end
 
+--- Sets training mode (true by default) on the module and its children: dropout is on; returns self.
 function Module:train(mode)
   if mode == nil then mode = true end
   return self:apply(function(m) rawset(m, 'training', mode) end)
 end
 
+--- Sets evaluation mode (training = false) everywhere below; returns self.
 function Module:eval() return self:train(false) end
 
+--- Drops the .grad of every parameter.
 function Module:zero_grad()
   for _, p in ipairs(self:parameters()) do p.grad = nil end
 end
 
--- Casts every parameter and buffer to dtype (new leaves; optimizers must be created afterwards).
+--- Casts every parameter and buffer to dtype (new leaves; optimizers must be created afterwards).
 function Module:to(dtype)
   self:apply(function(m)
     for _, name in ipairs(m._parameters.names) do
@@ -236,6 +246,7 @@ end
 -- A readable tree: each module with its extra description and parameter count.
 function Module:extra_repr() return '' end
 
+--- The text printing a module shows: each module, its parameters with dtype and shape, and counts.
 function Module:tree(indent)
   indent = indent or ''
   local extra = self:extra_repr()

@@ -1,4 +1,4 @@
--- Tensor and sequence parallelism in Megatron-LM's form (Shoeybi et al. 2019, Korthikanti et al. 2022).
+--- Tensor and sequence parallelism in Megatron-LM's form (Shoeybi et al. 2019, Korthikanti et al. 2022).
 --
 --   pmp.dist.init{tp = 2}
 --   pmp.manual_seed(1234)

@@ -23,7 +23,7 @@ local function required(config, key)
   return v
 end
 
--- Fills in derived defaults the way Megatron's TransformerConfig does.
+--- Fills in derived defaults the way Megatron's TransformerConfig does.
 function M.config(c)
   local out = {}
   for k, v in pairs(c) do out[k] = v end
@@ -97,6 +97,7 @@ end
 -- cos/sin tables of rotary position embeddings, computed in f32 as HF does and cached per length.
 -- options.scaling: nil, {type = 'linear', factor = f} (positions / f) or {type = 'llama3', factor,
 -- low_freq_factor, high_freq_factor, original_max_position_embeddings}.
+--- RotaryEmbedding(rotary_dim, {base = 10000, scaling}): cos/sin tables of rotary position embeddings.
 M.RotaryEmbedding = Module:extend('RotaryEmbedding')
 function M.RotaryEmbedding:init(rotary_dim, options)
   options = options or {}
@@ -145,6 +146,8 @@ end
 
 -- config.sliding_window: nil/0 (full causal attention), a number of keys for every layer, or a list with
 -- one entry per layer (0 or false: full attention in that layer). layer is 1-based.
+--- SelfAttention(config, layer): causal self-attention with grouped query heads, rotary embeddings and an
+--- optional sliding window, in Megatron's layout (linear_qkv, linear_proj).
 M.Attention = Module:extend('SelfAttention')
 function M.Attention:init(config, layer)
   self.config = config
@@ -207,6 +210,7 @@ function M.Attention:extra_repr()
   return (self.window and self.window > 0) and ('window=' .. self.window) or ''
 end
 
+--- MLP(config): linear_fc1, the activation (config.activation: swiglu, gelu, gelu_tanh, relu), linear_fc2.
 M.MLP = Module:extend('MLP')
 function M.MLP:init(config)
   self.activation = config.activation
@@ -228,7 +232,7 @@ function M.MLP:forward(x)
 end
 function M.MLP:extra_repr() return self.activation end
 
--- Pre-norm block with sequential residuals.
+--- Pre-norm block with sequential residuals.
 M.TransformerBlock = Module:extend('TransformerBlock')
 function M.TransformerBlock:init(config, layer)
   rawset(self, 'dropout', config.hidden_dropout)
@@ -243,12 +247,14 @@ function M.TransformerBlock:forward(x, rope)
   return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p, training)
 end
 
+--- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size).
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
   self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype })
 end
 function M.LanguageModelEmbedding:forward(ids) return self.word_embeddings(ids) end
 
+--- TransformerDecoder(config): num_layers TransformerBlocks (decoder.layers) and the final norm.
 M.TransformerDecoder = Module:extend('TransformerDecoder')
 function M.TransformerDecoder:init(config)
   local list = {}
@@ -286,6 +292,10 @@ end
 -- vocabulary rows are cut off before the output matmul, so they never reach logits, loss or sampling);
 -- forward(ids, targets) -> mean cross-entropy over targets ~= ignore_index (-100).
 -- Models loaded with pmp.models.from_pretrained also have save_pretrained(dir).
+--- GPTModel(config): a decoder-only transformer (Llama, Qwen, GPT-style) in Megatron-Core's structure.
+--- config: num_layers, hidden_size, num_attention_heads, vocab_size, and optional Megatron names
+--- (num_query_groups, ffn_hidden_size, activation, normalization, ...; see pmp.nn.config).
+--- model(ids [B, T]) -> logits [B, T, vocab]; model(ids, targets) -> mean cross-entropy.
 M.GPTModel = Module:extend('GPTModel')
 function M.GPTModel:init(config)
   config = M.config(config)
@@ -338,10 +348,10 @@ function M.GPTModel:forward(ids, targets, options)
   return output(self, x, targets, options)
 end
 
--- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
--- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
--- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
--- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
+--- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
+--- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
+--- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
+--- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
 function M.GPTModel:decode(ids, state)
   if self.tensor_parallel or self.context_parallel then
     error('GPTModel:decode: a tensor- or context-parallel model cannot decode; generate with the whole model', 2)
@@ -356,8 +366,8 @@ function M.GPTModel:decode(ids, state)
   return x:matmul(weight:t())
 end
 
--- Writes a Hugging Face directory (config.json + model.safetensors, sharded when large) for a model of a
--- family that pmp.models knows; see pmp.models.save_pretrained.
+--- Writes a Hugging Face directory (config.json + model.safetensors, sharded when large) for a model of a
+--- family that pmp.models knows; see pmp.models.save_pretrained.
 function M.GPTModel:save_pretrained(dir, options)
   return require('pmp.models').save_pretrained(self, dir, options)
 end

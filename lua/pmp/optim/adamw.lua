@@ -1,13 +1,14 @@
--- AdamW with decoupled weight decay (PyTorch's formula), one fused pass per parameter.
+--- AdamW with decoupled weight decay (PyTorch's formula), one fused pass per parameter.
 -- Parameters in bf16/f16 keep an f32 master copy; the moments are f32 as well.
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
 
+--- AdamW(params, options): the optimizer; opt:zero_grad(), loss:backward(), opt:step(); opt.lr may change.
 local AdamW = {}
 AdamW.__index = AdamW
 
--- params: a list of tensors, or of groups {params = {...}, weight_decay = ..., lr_scale = ...}.
--- options: lr (1e-3), betas ({0.9, 0.999}), eps (1e-8), weight_decay (0.01).
+--- params: a list of tensors, or of groups {params = {...}, weight_decay = ..., lr_scale = ...}.
+--- options: lr (1e-3), betas ({0.9, 0.999}), eps (1e-8), weight_decay (0.01).
 function AdamW.new(params, options)
   options = options or {}
   local self = setmetatable({
@@ -44,9 +45,9 @@ local function check(rc)
   if rc ~= 0 then error(require('ffi').string(C.pmp_last_error()), 3) end
 end
 
--- One update from the parameters' current .grad (parameters without a gradient are skipped). The
--- gradient is read from the engine's tensor rather than through t.grad and t:contiguous(), which would
--- make two tensor handles per parameter per step for the collector to finalize.
+--- One update from the parameters' current .grad (parameters without a gradient are skipped).
+-- The gradient is read from the engine's tensor rather than through t.grad and t:contiguous(), which
+-- would make two tensor handles per parameter per step for the collector to finalize.
 function AdamW:step()
   local b1, b2 = self.betas[1], self.betas[2]
   for _, s in ipairs(self.state) do
@@ -68,11 +69,12 @@ function AdamW:step()
   end
 end
 
+--- Drops the .grad of every parameter.
 function AdamW:zero_grad()
   for _, s in ipairs(self.state) do s.param.grad = nil end
 end
 
--- The state as tensors and numbers, in parameter order, for checkpoints.
+--- The state as tensors and numbers, in parameter order, for checkpoints.
 function AdamW:state_dict()
   local out = { lr = self.lr, betas = { self.betas[1], self.betas[2] }, eps = self.eps,
     weight_decay = self.weight_decay, state = {} }
@@ -82,6 +84,7 @@ function AdamW:state_dict()
   return out
 end
 
+--- Restores what state_dict returned (same parameters in the same order).
 function AdamW:load_state_dict(sd)
   if #sd.state ~= #self.state then
     error(string.format('AdamW.load_state_dict: %d parameter states given, the optimizer has %d', #sd.state, #self.state), 2)

@@ -1,4 +1,4 @@
--- Global gradient norm and clipping over a list of parameters, as Megatron and PyTorch compute them.
+--- Global gradient norm and clipping over a list of parameters, as Megatron and PyTorch compute them.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 
@@ -8,6 +8,7 @@ local sum_buffer = ffi.new('double[1]')
 
 -- The L2 norm of all gradients together (parameters without a gradient count as zero). Gradients are
 -- read from the engine's tensors: p.grad would make a tensor handle per parameter for the collector.
+--- grad_norm(params): the L2 norm of all gradients together (parameters without one count as zero).
 function M.grad_norm(params)
   local total = 0
   for _, p in ipairs(params) do
@@ -20,7 +21,7 @@ function M.grad_norm(params)
   return math.sqrt(total)
 end
 
--- Scales the gradients in place so their global norm is at most max_norm; returns the norm before.
+--- Scales the gradients in place so their global norm is at most max_norm; returns the norm before.
 function M.clip_grad_norm(params, max_norm)
   local norm = M.grad_norm(params)
   local factor = max_norm / (norm + 1e-6)

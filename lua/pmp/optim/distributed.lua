@@ -1,8 +1,8 @@
--- The distributed optimizer (ZeRO-1, Megatron-LM's --use-distributed-optimizer): AdamW whose f32 master
--- weights and moments are sharded over the data-parallel group. Each rank keeps the state of its slice
--- of every gradient bucket of a pmp.dist.ddp.DistributedDataParallel built with
--- distributed_optimizer = true; the buckets are reduce-scattered (during backward, by the DDP hooks),
--- each rank steps its slices, and the updated parameters are all-gathered back into the model.
+--- The distributed optimizer (ZeRO-1, Megatron-LM's --use-distributed-optimizer): AdamW whose f32 master
+--- weights and moments are sharded over the data-parallel group. Each rank keeps the state of its slice
+--- of every gradient bucket of a pmp.dist.ddp.DistributedDataParallel built with
+--- distributed_optimizer = true; the buckets are reduce-scattered (during backward, by the DDP hooks),
+--- each rank steps its slices, and the updated parameters are all-gathered back into the model.
 --
 --   local ddp = pmp.dist.ddp.DistributedDataParallel(model, { distributed_optimizer = true })
 --   local opt = pmp.optim.DistributedOptimizer(pmp.optim.decay_groups(model), { ddp = ddp, lr = 3e-4 })

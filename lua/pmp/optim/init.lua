@@ -1,7 +1,7 @@
--- pmp.optim: optimizers, learning-rate schedules and gradient clipping.
+--- pmp.optim: optimizers, learning-rate schedules and gradient clipping.
 
--- Parameter groups as Megatron forms them: weight decay on matrices, none on norms and biases
--- (1-D parameters). Pass the result to an optimizer as its params.
+--- Parameter groups as Megatron forms them: weight decay on matrices, none on norms and biases
+--- (1-D parameters). Pass the result to an optimizer as its params.
 local function decay_groups(model)
   local decay, no_decay = {}, {}
   for _, p in ipairs(model:parameters()) do

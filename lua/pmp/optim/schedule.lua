@@ -1,9 +1,10 @@
--- Learning-rate schedules as Megatron-LM's OptimizerParamScheduler computes them: linear warmup from 0,
--- then cosine / linear / constant / WSD decay from max_lr to min_lr over decay_iters.
+--- Learning-rate schedules as Megatron-LM's OptimizerParamScheduler computes them: linear warmup from 0,
+--- then cosine / linear / constant / WSD decay from max_lr to min_lr over decay_iters.
 local M = {}
 
--- options: max_lr, min_lr (0), warmup_iters (0), decay_iters, style ('cosine'|'linear'|'constant'|'wsd'),
--- wsd_decay_iters (WSD: length of the final decay), wsd_decay_style ('linear'|'cosine'|'exponential'|'minus_sqrt').
+--- options: max_lr, min_lr (0), warmup_iters (0), decay_iters, style ('cosine'|'linear'|'constant'|'wsd'),
+--- wsd_decay_iters (WSD: length of the final decay), wsd_decay_style ('linear'|'cosine'|'exponential'|'minus_sqrt').
+--- schedule.new(options) -> lr(iteration), a function giving the learning rate at an iteration.
 function M.new(options)
   local max_lr, min_lr = assert(options.max_lr, 'schedule: max_lr is required'), options.min_lr or 0
   local warmup = options.warmup_iters or 0

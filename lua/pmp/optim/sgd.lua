@@ -1,9 +1,10 @@
--- SGD with momentum and (coupled) weight decay, as torch.optim.SGD with dampening 0.
+--- SGD with momentum and (coupled) weight decay, as torch.optim.SGD with dampening 0.
 local tensor = require 'pmp.tensor'
 
 local SGD = {}
 SGD.__index = SGD
 
+--- SGD(params, {lr = 1e-3, momentum = 0, weight_decay = 0}); opt:step() after backward.
 function SGD.new(params, options)
   options = options or {}
   return setmetatable({

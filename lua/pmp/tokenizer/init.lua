@@ -1,14 +1,14 @@
--- pmp.tokenizer: Hugging Face tokenizer.json tokenizers (BPE models), giving the same ids as the
--- `tokenizers` package.
---
---   local tok = pmp.tokenizer.from_pretrained('path/to/model')   -- dir with tokenizer.json (or the file)
---   local ids = tok:encode('Hello world')                     -- Lua list of 0-based token ids
---   tok:encode(text, {add_special_tokens = false})            -- no post-processor tokens (BOS ...)
---   tok:encode(text, {add_bos = true, add_eos = true})        -- force BOS first / EOS last
---   tok:decode(ids, {skip_special_tokens = true})             -- string
---   tok:encode_batch({'a', 'b'})                              -- list of id lists
---   tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id        -- ids are nil when absent
---   tok:token_to_id('<|im_end|>'), tok:id_to_token(151645)
+--- pmp.tokenizer: Hugging Face tokenizer.json tokenizers (BPE models), giving the same ids as the
+--- `tokenizers` package.
+---
+---   local tok = pmp.tokenizer.from_pretrained('path/to/model')   -- dir with tokenizer.json (or the file)
+---   local ids = tok:encode('Hello world')                     -- Lua list of 0-based token ids
+---   tok:encode(text, {add_special_tokens = false})            -- no post-processor tokens (BOS ...)
+---   tok:encode(text, {add_bos = true, add_eos = true})        -- force BOS first / EOS last
+---   tok:decode(ids, {skip_special_tokens = true})             -- string
+---   tok:encode_batch({'a', 'b'})                              -- list of id lists
+---   tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id        -- ids are nil when absent
+---   tok:token_to_id('<|im_end|>'), tok:id_to_token(151645)
 --   tok:normalize(text), tok:pre_tokenize(text)               -- the pipeline's intermediate strings
 --
 -- The pipeline is the reference's: added tokens are cut out of the raw text first (leftmost-longest;
@@ -28,6 +28,7 @@ local pio = require 'pmp.io'
 local comp = require 'pmp.tokenizer.components'
 
 local M = {}
+--- A tokenizer made by pmp.tokenizer.from_pretrained: tok:encode(text), tok:decode(ids), tok.vocab_size.
 local Tokenizer = {}
 Tokenizer.__index = Tokenizer
 M.Tokenizer = Tokenizer
@@ -216,8 +217,8 @@ local function token_name(v)
   return nil
 end
 
--- Builds a tokenizer from a decoded tokenizer.json. opts.path names the file in errors; opts.config is
--- the decoded tokenizer_config.json (optional).
+--- Builds a tokenizer from a decoded tokenizer.json. opts.path names the file in errors; opts.config is
+--- the decoded tokenizer_config.json (optional).
 function M.from_json(spec, opts)
   opts = opts or {}
   local path = opts.path or 'tokenizer.json'
@@ -276,8 +277,8 @@ local function read_json(file, what)
   return value
 end
 
--- dir: a directory holding tokenizer.json (and optionally tokenizer_config.json), or the path of a
--- tokenizer.json file.
+--- dir: a directory holding tokenizer.json (and optionally tokenizer_config.json), or the path of a
+--- tokenizer.json file.
 function M.from_pretrained(dir)
   if type(dir) ~= 'string' then error('pmp.tokenizer.from_pretrained: expects a directory path, got ' .. type(dir), 2) end
   local kind = pio.kind(dir)
@@ -407,11 +408,13 @@ local function encode_checked(self, text, opts, fname, batch)
   return ids
 end
 
+--- tok:encode(text, {add_special_tokens = true, add_bos =, add_eos =}) -> a list of 0-based token ids.
 function Tokenizer:encode(text, opts)
   check_text(text, 'encode')
   return encode_checked(self, text, opts, 'encode')
 end
 
+--- tok:encode_batch({texts}, opts) -> a list of id lists (padded when the file asks for padding).
 function Tokenizer:encode_batch(texts, opts)
   if type(texts) ~= 'table' then error('pmp.tokenizer: encode_batch expects a list of strings, got ' .. type(texts), 2) end
   local out = {}
@@ -432,6 +435,7 @@ end
 
 -- ---- decoding ----
 
+--- tok:decode(ids, {skip_special_tokens = false}) -> the text of a list of ids.
 function Tokenizer:decode(ids, opts)
   if type(ids) ~= 'table' then error('pmp.tokenizer: decode expects a list of ids, got ' .. type(ids), 2) end
   local skip = opts ~= nil and opts.skip_special_tokens == true
@@ -462,6 +466,7 @@ function Tokenizer:decode(ids, opts)
   return table.concat(tokens, ' ')
 end
 
+--- tok:decode_batch({id lists}, opts) -> a list of texts.
 function Tokenizer:decode_batch(list, opts)
   local out = {}
   for i = 1, #list do out[i] = self:decode(list[i], opts) end
@@ -470,6 +475,7 @@ end
 
 -- ---- vocabulary ----
 
+--- The id of a token string, or nil.
 function Tokenizer:token_to_id(token)
   if type(token) ~= 'string' then return nil end
   local id = self._added.by_content[token]
@@ -477,6 +483,7 @@ function Tokenizer:token_to_id(token)
   return self._vocab[token]
 end
 
+--- The token string of an id, or nil.
 function Tokenizer:id_to_token(id)
   id = tonumber(id)
   if id == nil then return nil end

@@ -12,7 +12,7 @@ function M.locate(dir)
   local info = Checkpoints.info(dir)
   if info then
     if type(info.state.base_model) == 'table' then return info.state.base_model, info end
-    if type(info.state.model_config) == 'table' then return { kind = 'pmp', dir = dir }, nil end
+    if type(info.layout.model_config) == 'table' then return { kind = 'pmp', dir = dir }, nil end
     error(dir .. ' is neither an SFT checkpoint nor a pretraining checkpoint', 0)
   end
   if not io_.is_file(io_.join(dir, 'config.json')) then

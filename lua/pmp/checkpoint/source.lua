@@ -1,0 +1,147 @@
+-- The saved shards of one checkpoint iteration, read for a load into any layout: each parameter (and
+-- its optimizer state) is found on the stage that saved it, its TP parts joined with
+-- pmp.dist.sharding.unshard and the loading rank's part cut with shard. Nothing is computed, so a
+-- resharded tensor is bit-identical to the saved one. Rank directories are read (memory-mapped) once,
+-- when first needed, and checked against the layout description.
+local tensor = require 'pmp.tensor'
+local io_ = require 'pmp.io'
+local safetensors = require 'pmp.safetensors'
+local sharding = require 'pmp.dist.sharding'
+local layout_file = require 'pmp.checkpoint.layout'
+
+local Source = {}
+Source.__index = Source
+
+-- root: the iteration directory; description: its layout (pmp.checkpoint.layout.read).
+function Source.open(root, description)
+  return setmetatable({ root = root, layout = description, shards = {} }, Source)
+end
+
+local function sizes(L) return string.format('tp=%d pp=%d', L.tp, L.pp) end
+
+-- The rank directory of stage s (1-based) and TP rank r (0-based): {dir, info, tensors}, its
+-- recorded place checked against its name and its tensors against the description.
+function Source:shard(s, r)
+  local key = s .. ':' .. r
+  if self.shards[key] then return self.shards[key] end
+  local L = self.layout
+  local name = layout_file.rank_dir_name(r, s - 1, L.pp)
+  local dir = io_.join(self.root, name)
+  local info_path, model_path = io_.join(dir, layout_file.INFO_FILE), io_.join(dir, layout_file.MODEL_FILE)
+  local info = layout_file.read_json(info_path)
+  if not L.legacy and (info.tp_rank ~= r or info.pp_rank ~= s - 1) then
+    error(string.format('checkpoint: %s records tp_rank %s pp_rank %s, but its directory holds tp_rank %d pp_rank %d of %s',
+      info_path, tostring(info.tp_rank), tostring(info.pp_rank), r, s - 1, sizes(L)), 0)
+  end
+  local tensors = safetensors.load(model_path)
+  layout_file.check_tensors(L, name, model_path, tensors)
+  local shard = { dir = dir, model_path = model_path, info = info, tensors = tensors }
+  self.shards[key] = shard
+  return shard
+end
+
+-- Where the tensor of global name `global` is saved: {stage (1-based), name (the stage's own), global}.
+-- With tied embeddings the last stage's output layer is a copy of the word embeddings, which is where
+-- a checkpoint of one stage keeps it.
+function Source:find(global, config)
+  local params = self.layout.params
+  local p = params[global]
+  if not p and global == 'output_layer.weight' and config.tie_embeddings then
+    global, p = 'embedding.word_embeddings.weight', params['embedding.word_embeddings.weight']
+  end
+  if not p then
+    error(string.format('checkpoint: %s holds no model.%s on any stage (saved with %s)', self.root, global,
+      sizes(self.layout)), 0)
+  end
+  return { stage = p.stage + 1, name = p.key:match('^model%.(.*)$') or p.key, global = global }
+end
+
+-- Part `rank` of `tp` of the saved tensor at entry, read from each TP shard by read(shard, name)
+-- (nil where the shard has none). Same TP size: the rank's own shard, as saved.
+function Source:part(entry, read, tp, rank, config)
+  local L = self.layout
+  local same = L.tp == tp
+  if not sharding.rule(entry.global, config) then return read(self:shard(entry.stage, same and rank or 0), entry.name) end
+  if same then return read(self:shard(entry.stage, rank), entry.name) end
+  local parts = {}
+  for r = 0, L.tp - 1 do
+    local shard = self:shard(entry.stage, r)
+    parts[r + 1] = read(shard, entry.name)
+    if (parts[r + 1] == nil) ~= (parts[1] == nil) then
+      error(string.format('checkpoint: %s and %s disagree on whether %s has this tensor', self:shard(entry.stage, 0).dir,
+        shard.dir, entry.name), 0)
+    end
+  end
+  if parts[1] == nil then return nil end
+  return sharding.shard(entry.global, sharding.unshard(entry.global, parts, config), config, tp, rank)
+end
+
+function Source.read_model(shard, name)
+  local key = layout_file.model_key(name)
+  local t = shard.tensors[key]
+  if not t then error(string.format('checkpoint: %s lacks %s', shard.model_path, key), 0) end
+  return t
+end
+
+-- The distributed optimizer's pieces of a shard directory, read once.
+function Source:pieces(shard)
+  if shard.pieces then return shard.pieces end
+  local count = self.layout.optimizer_shards
+  shard.pieces = {}
+  for i = 0, count - 1 do
+    local path = io_.join(shard.dir, layout_file.optimizer_file_name(i))
+    shard.pieces[i + 1] = { path = path, tensors = safetensors.load(path) }
+  end
+  return shard.pieces
+end
+
+-- Elements [first, last) of a flattened tensor of numel elements held by piece `index` of `count`.
+function Source.piece_range(numel, index, count)
+  return math.floor(index * numel / count), math.floor((index + 1) * numel / count)
+end
+
+-- A reader of optimizer slot `slot` (nil where it was not saved, as master weights of f32 parameters).
+function Source:slot_reader(slot)
+  if not self.layout.distributed_optimizer then
+    return function(shard, name) return shard.tensors['optimizer.' .. name .. '.' .. slot] end
+  end
+  return function(shard, name)
+    local pieces = self:pieces(shard)
+    local shape = Source.read_model(shard, name).shape
+    local numel = 1
+    for _, n in ipairs(shape) do numel = numel * n end
+    local key = name .. '.' .. slot
+    local parts, found, lacking = {}, false, nil
+    for i, piece in ipairs(pieces) do
+      local first, last = Source.piece_range(numel, i - 1, #pieces)
+      if last > first then
+        local t = piece.tensors[key]
+        if t then
+          if t:numel() ~= last - first then
+            error(string.format('checkpoint: %s: %s has %d elements, its piece of %s %s is %d', piece.path, key, t:numel(),
+              name, layout_file.shape_string(shape), last - first), 0)
+          end
+          found, parts[#parts + 1] = true, t
+        else
+          lacking = lacking or piece.path
+        end
+      end
+    end
+    if not found then return nil end
+    if lacking then error(string.format('checkpoint: %s lacks %s', lacking, key), 0) end
+    return tensor.cat(parts, 1):view(shape)
+  end
+end
+
+-- Raises naming where the tensor was saved when its shape is not the model's.
+function Source:check_shape(got, want, what, entry)
+  local a, b = layout_file.shape_string(got.shape), layout_file.shape_string(want.shape)
+  if a ~= b then
+    local L = self.layout
+    error(string.format('checkpoint: %s is %s in the checkpoint but %s in the model (saved as %s in %s%s)', what, a, b,
+      entry.name, io_.join(self.root, layout_file.rank_dir_name(0, entry.stage - 1, L.pp)),
+      L.tp > 1 and ' and its other tp ranks' or ''), 0)
+  end
+end
+
+return Source
