@@ -11,9 +11,13 @@
 --   ppo_policy_loss / value_loss / dpo_loss / pairwise_loss
 --   AdaptiveKL(init_coef, target, horizon)            Ziegler et al.'s KL coefficient controller
 --   preference                                        preference-pair data (pmp.rl.preference)
+--   sequences                                         prompt + answer lists as [B, T] tensors
+--   rollout                                           sampling answers and scoring them with a reward
 local M = {}
 for _, part in ipairs({ 'pmp.rl.logprobs', 'pmp.rl.kl', 'pmp.rl.advantages', 'pmp.rl.losses' }) do
   for name, fn in pairs(require(part)) do M[name] = fn end
 end
 M.preference = require 'pmp.rl.preference'
+M.sequences = require 'pmp.rl.sequences'
+M.rollout = require 'pmp.rl.rollout'
 return M

@@ -8,7 +8,7 @@
 --   local pairs = preference.load_jsonl(path, { tokenizer = tok, render = render })
 --   local batch = preference.collate(pairs, pad_id)   -- chosen rows 1..B, rejected rows B+1..2B
 local json = require 'pmp.json'
-local tensor = require 'pmp.tensor'
+local sequences = require 'pmp.rl.sequences'
 
 local M = {}
 
@@ -105,33 +105,13 @@ function M.load_jsonl(path, opts)
   return out
 end
 
--- pairs -> { ids [2B, T] i64 (chosen rows first, then rejected; right-padded with pad_id),
--- mask [2B, T] f32 (1 on answer tokens), last = {2B 1-based positions of each row's last token} }.
--- max_length cuts rows (from the end of the answer).
+-- pairs -> pmp.rl.sequences.collate's batch of 2B rows: chosen rows 1..B, then rejected rows B+1..2B.
 function M.collate(pairs, pad_id, max_length)
   local rows = {}
   for _, key in ipairs({ 'chosen', 'rejected' }) do
     for _, p in ipairs(pairs) do rows[#rows + 1] = { p.prompt, p[key] } end
   end
-  local T = 0
-  for _, r in ipairs(rows) do T = math.max(T, #r[1] + #r[2]) end
-  if max_length then T = math.min(T, max_length) end
-  local ids, mask, last = {}, {}, {}
-  for b, r in ipairs(rows) do
-    ids[b], mask[b] = {}, {}
-    local n = 0
-    for part = 1, 2 do
-      for _, id in ipairs(r[part]) do
-        if n < T then
-          n = n + 1
-          ids[b][n], mask[b][n] = id, part == 2 and 1 or 0
-        end
-      end
-    end
-    last[b] = n
-    for t = n + 1, T do ids[b][t], mask[b][t] = pad_id or 0, 0 end
-  end
-  return { ids = tensor.tensor(ids, { dtype = 'i64' }), mask = tensor.tensor(mask, { dtype = 'f32' }), last = last }
+  return sequences.collate(rows, pad_id, max_length)
 end
 
 return M

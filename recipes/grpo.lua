@@ -1,0 +1,110 @@
+-- GRPO: G sampled answers per prompt, each rewarded, advantages relative to the prompt's group
+-- ((r - group mean) / (group std + 1e-4), Dr. GRPO's unscaled form with --no-scale-rewards), the
+-- clipped policy loss over answer tokens plus a k3 KL term to the frozen start policy (--kl-coef), no critic.
+--   pmp recipes/grpo.lua --load HF_DIR --prompts prompts.jsonl --reward-fn reward.lua [--save-hf OUT]
+-- prompts.jsonl holds {"prompt": "text" | [messages]} records (the chat template is applied);
+-- reward.lua returns function(prompt, response, sample) -> number; --reward-model DIR scores with a
+-- *ForSequenceClassification model instead.
+--
+-- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
+-- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
+-- and after.
+local rl = pmp.rl
+local recipe = require 'pmp.rl.recipe'
+local clock = require 'pmp.clock'
+
+local FLAGS = {
+  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
+  { '--prompts', nil, 'jsonl file of prompts' },
+  { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' },
+  { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' },
+  { '--iterations', 40, 'policy updates' },
+  { '--prompts-per-iteration', 16, 'prompts sampled per update' },
+  { '--num-generations', 8, 'answers per prompt (G)' },
+  { '--lr', 2e-5, 'AdamW learning rate' },
+  { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
+  { '--clip-range', 0.2, 'policy ratio clipping' },
+  { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
+  { '--temperature', 1.0, 'sampling temperature' },
+  { '--top-p', 1.0, 'nucleus sampling' },
+  { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' },
+  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+  { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
+  { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' },
+  { '--seed', 1234, 'random seed' },
+  { '--log-interval', 1, 'iterations between log lines' },
+  { '--save', nil, 'checkpoint directory (written at the end)' },
+  { '--save-hf', nil, 'write the policy here as a Hugging Face directory' },
+}
+local opts, fail = recipe.parse('grpo', FLAGS, 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]')
+local embedded = not opts.load
+
+local ok, err = pcall(function()
+  pmp.manual_seed(opts.seed)
+  local policy, tokenizer, render = recipe.policy(opts)
+  local prompts = recipe.prompts(opts, tokenizer, render)
+  local reward = recipe.reward(opts, tokenizer)
+  local reference = recipe.frozen_copy(policy)
+  local G = opts.num_generations
+  local sample_opts = { temperature = opts.temperature, top_p = opts.top_p, eos_ids = recipe.stop_ids(opts, tokenizer),
+    max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (embedded and 4 or 128), pad_id = tokenizer.pad_id }
+  local sums = require 'pmp.rl.sums'
+  local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
+  local before = embedded and held_out()
+  local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(policy), { lr = opts.lr, weight_decay = 0 })
+  local params = policy:parameters()
+  print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
+    opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
+  local order, cursor = {}, 0
+  for k = 1, #prompts do order[k] = k end
+  for iteration = 1, opts.iterations do
+    local t0 = clock.now()
+    local batch_prompts = {}
+    for _ = 1, opts.prompts_per_iteration do
+      if cursor % #prompts == 0 then   -- a new seeded shuffle each pass
+        local keys = pmp.rand(#prompts, { dtype = 'f64' }):totable()
+        table.sort(order, function(a, b) return keys[a] < keys[b] end)
+      end
+      local p = prompts[order[cursor % #prompts + 1]]
+      cursor = cursor + 1
+      for _ = 1, G do batch_prompts[#batch_prompts + 1] = p end
+    end
+    local samples = rl.rollout.sample(policy, batch_prompts, sample_opts)
+    local rewards = reward(samples, tokenizer)
+    local advantages = rl.group_advantages(rewards, G, { scale = not opts.no_scale_rewards })
+    local rows = {}
+    for k, s in ipairs(samples) do rows[k] = { s.prompt, s.response } end
+    local batch = rl.sequences.collate(rows, tokenizer.pad_id or 0)
+    local t1 = clock.now()
+    local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, batch.mask, { temperature = opts.temperature })
+    local t2 = clock.now()
+    policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
+    optimizer:zero_grad()
+    local logp, entropy = rl.sequence_logprobs(policy, batch.ids, batch.mask, { temperature = opts.temperature, entropy = true })
+    local token_advantages = advantages:view(-1, 1) * batch.mask
+    local policy_loss, clipfrac = rl.ppo_policy_loss(logp, logp:detach(), token_advantages, batch.mask, opts.clip_range)
+    local kl = (rl.kl(logp, ref_logp, 'k3') * batch.mask):sum() / batch.mask:sum()
+    local loss = policy_loss + kl * opts.kl_coef
+    loss:backward()
+    local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
+    optimizer:step()
+    local t3 = clock.now()
+    if iteration % opts.log_interval == 0 or iteration == opts.iterations then
+      local tokens = batch.mask:sum():item()
+      print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | entropy: %.4f | loss: %.5f | ' ..
+        'clipfrac: %.4f | response length: %.2f | grad norm: %.3f | time (s) rollout %.2f reference %.2f update %.2f |',
+        iteration, opts.iterations, rl.rollout.mean(rewards), kl:item(), (entropy:sum() / tokens):item(), loss:item(),
+        clipfrac, tokens / #samples, grad_norm, t1 - t0, t2 - t1, t3 - t2))
+    end
+  end
+  if opts.save then
+    pmp.checkpoint.save(opts.save, opts.iterations, policy, optimizer, { model_config = policy.config, args = opts })
+    print(' saved checkpoint to ' .. opts.save)
+  end
+  if opts.save_hf then
+    policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
+    print('grpo: saved the policy to ' .. opts.save_hf)
+  end
+  if embedded then print(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end
+end)
+if not ok then fail(err) end
