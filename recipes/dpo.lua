@@ -100,7 +100,7 @@ local ok, err = pcall(function()
     print(' saved checkpoint to ' .. opts.save)
   end
   if opts.save_hf then
-    policy:save_pretrained(opts.save_hf, { model_type = opts.load and nil or 'llama' })
+    policy:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
     print('dpo: saved the policy to ' .. opts.save_hf)
   end
   if held_out then print(string.format('dpo: held-out preference accuracy before %.4f after %.4f', before, accuracy(held_out))) end

@@ -88,7 +88,7 @@ local ok, err = pcall(function()
     print(' saved checkpoint to ' .. opts.save)
   end
   if opts.save_hf then
-    model:save_pretrained(opts.save_hf, { model_type = opts.load and nil or 'llama', pad_token_id = tokenizer.pad_id })
+    model:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id })
     print('rm: saved the reward model to ' .. opts.save_hf)
   end
   if held_out then print(string.format('rm: held-out pairwise accuracy before %.4f after %.4f', before, accuracy(held_out))) end

@@ -72,6 +72,9 @@ function M.tokenize(record, opts)
   local prompt_text = opts.render(prompt, true)
   local out = { prompt = opts.tokenizer:encode(prompt_text) }
   for key, answer in pairs({ chosen = chosen, rejected = rejected }) do
+    local text = ''
+    for _, m in ipairs(answer) do text = text .. m.content end
+    if not text:match('%S') then error("the '" .. key .. "' answer is empty", 0) end
     local full = opts.render(concat(prompt, answer), false)
     if full:sub(1, #prompt_text) ~= prompt_text then
       error('the chat template renders the prompt differently once the ' .. key .. ' answer follows', 0)
