@@ -13,24 +13,16 @@ local rl = pmp.rl
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local FLAGS = {
+local FLAGS = recipe.flags('preference', {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
-  { '--data-path', nil, 'jsonl file of preference pairs' },
-  { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
   { '--train-iters', 200, 'optimizer steps' },
   { '--batch-size', 32, 'pairs per step' },
   { '--lr', 2e-5, 'AdamW learning rate' },
   { '--beta', 0.1, 'DPO beta' },
   { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)' },
   { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge' },
-  { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
-  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
-  { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
-  { '--seed', 1234, 'random seed' },
   { '--log-interval', 20, 'steps between log lines' },
-  { '--save', nil, 'checkpoint directory (written at the end)' },
-  { '--save-hf', nil, 'write the policy here as a Hugging Face directory' },
-}
+})
 local opts, fail = recipe.parse('dpo', FLAGS, 'pmp recipes/dpo.lua [--load HF_DIR --data-path FILE.jsonl] [flags]')
 if opts.load and not opts.data_path then fail('--data-path FILE.jsonl is required with --load') end
 

@@ -13,29 +13,19 @@ local rl = pmp.rl
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local FLAGS = {
+local FLAGS = recipe.flags('rollout', {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
-  { '--prompts', nil, 'jsonl file of prompts' },
-  { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' },
-  { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' },
-  { '--iterations', 40, 'policy updates' },
+  { '--iterations', 80, 'rollouts' },
   { '--prompts-per-iteration', 16, 'prompts sampled per update' },
   { '--num-generations', 8, 'answers per prompt (G)' },
-  { '--lr', 2e-5, 'AdamW learning rate' },
+  { '--lr', 5e-5, 'AdamW learning rate' },
+  { '--epochs', 2, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
+  { '--mini-batch-size', 32, 'answers per optimizer step' },
   { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
-  { '--temperature', 1.0, 'sampling temperature' },
-  { '--top-p', 1.0, 'nucleus sampling' },
-  { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' },
-  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
-  { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
-  { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' },
-  { '--seed', 1234, 'random seed' },
   { '--log-interval', 1, 'iterations between log lines' },
-  { '--save', nil, 'checkpoint directory (written at the end)' },
-  { '--save-hf', nil, 'write the policy here as a Hugging Face directory' },
-}
+})
 local opts, fail = recipe.parse('grpo', FLAGS, 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]')
 local embedded = not opts.load
 
@@ -46,8 +36,7 @@ local ok, err = pcall(function()
   local reward = recipe.reward(opts, tokenizer)
   local reference = recipe.frozen_copy(policy)
   local G = opts.num_generations
-  local sample_opts = { temperature = opts.temperature, top_p = opts.top_p, eos_ids = recipe.stop_ids(opts, tokenizer),
-    max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (embedded and 4 or 128), pad_id = tokenizer.pad_id }
+  local sample_opts = recipe.sample_options(opts, tokenizer)
   local sums = require 'pmp.rl.sums'
   local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
   local before = embedded and held_out()
@@ -55,18 +44,11 @@ local ok, err = pcall(function()
   local params = policy:parameters()
   print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
     opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
-  local order, cursor = {}, 0
-  for k = 1, #prompts do order[k] = k end
+  local next_prompts = recipe.batches(prompts, opts.prompts_per_iteration)
   for iteration = 1, opts.iterations do
     local t0 = clock.now()
     local batch_prompts = {}
-    for _ = 1, opts.prompts_per_iteration do
-      if cursor % #prompts == 0 then   -- a new seeded shuffle each pass
-        local keys = pmp.rand(#prompts, { dtype = 'f64' }):totable()
-        table.sort(order, function(a, b) return keys[a] < keys[b] end)
-      end
-      local p = prompts[order[cursor % #prompts + 1]]
-      cursor = cursor + 1
+    for _, p in ipairs(next_prompts()) do
       for _ = 1, G do batch_prompts[#batch_prompts + 1] = p end
     end
     local samples = rl.rollout.sample(policy, batch_prompts, sample_opts)
@@ -79,22 +61,34 @@ local ok, err = pcall(function()
     local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, batch.mask, { temperature = opts.temperature })
     local t2 = clock.now()
     policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
-    optimizer:zero_grad()
-    local logp, entropy = rl.sequence_logprobs(policy, batch.ids, batch.mask, { temperature = opts.temperature, entropy = true })
+    local old_logp = pmp.no_grad(rl.sequence_logprobs, policy, batch.ids, batch.mask, { temperature = opts.temperature })
     local token_advantages = advantages:view(-1, 1) * batch.mask
-    local policy_loss, clipfrac = rl.ppo_policy_loss(logp, logp:detach(), token_advantages, batch.mask, opts.clip_range)
-    local kl = (rl.kl(logp, ref_logp, 'k3') * batch.mask):sum() / batch.mask:sum()
-    local loss = policy_loss + kl * opts.kl_coef
-    loss:backward()
-    local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
-    optimizer:step()
+    local sums_of = { loss = 0, kl = 0, entropy = 0, clipfrac = 0, grad_norm = 0, steps = 0 }
+    for _ = 1, opts.epochs do
+      for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
+        local function rows_of(t) return t:index_select(1, index) end
+        local m = rows_of(batch.mask)
+        optimizer:zero_grad()
+        local logp, entropy = rl.sequence_logprobs(policy, rows_of(batch.ids), m, { temperature = opts.temperature, entropy = true })
+        local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(token_advantages), m, opts.clip_range)
+        local kl = (rl.kl(logp, rows_of(ref_logp), 'k3') * m):sum() / m:sum()
+        local loss = policy_loss + kl * opts.kl_coef
+        loss:backward()
+        local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
+        optimizer:step()
+        sums_of.loss, sums_of.kl = sums_of.loss + loss:item(), sums_of.kl + kl:item()
+        sums_of.entropy = sums_of.entropy + (entropy:sum() / m:sum()):item()
+        sums_of.clipfrac, sums_of.grad_norm = sums_of.clipfrac + clipfrac, sums_of.grad_norm + grad_norm
+        sums_of.steps = sums_of.steps + 1
+      end
+    end
     local t3 = clock.now()
     if iteration % opts.log_interval == 0 or iteration == opts.iterations then
-      local tokens = batch.mask:sum():item()
+      local n = sums_of.steps
       print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | entropy: %.4f | loss: %.5f | ' ..
         'clipfrac: %.4f | response length: %.2f | grad norm: %.3f | time (s) rollout %.2f reference %.2f update %.2f |',
-        iteration, opts.iterations, rl.rollout.mean(rewards), kl:item(), (entropy:sum() / tokens):item(), loss:item(),
-        clipfrac, tokens / #samples, grad_norm, t1 - t0, t2 - t1, t3 - t2))
+        iteration, opts.iterations, rl.rollout.mean(rewards), sums_of.kl / n, sums_of.entropy / n, sums_of.loss / n,
+        sums_of.clipfrac / n, batch.mask:sum():item() / #samples, sums_of.grad_norm / n, t1 - t0, t2 - t1, t3 - t2))
     end
   end
   if opts.save then

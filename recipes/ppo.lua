@@ -14,17 +14,14 @@ local rl = pmp.rl
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local FLAGS = {
+local FLAGS = recipe.flags('rollout', {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
-  { '--prompts', nil, 'jsonl file of prompts' },
-  { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' },
-  { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' },
   { '--critic-model', nil, 'Hugging Face directory to start the critic from (default: the policy)' },
-  { '--iterations', 40, 'rollout + update rounds' },
+  { '--iterations', 80, 'rollout + update rounds' },
   { '--rollout-batch-size', 64, 'prompts (one answer each) per rollout' },
   { '--mini-batch-size', 16, 'answers per optimizer step' },
   { '--ppo-epochs', 4, 'passes over each rollout' },
-  { '--lr', 2e-5, 'actor learning rate' },
+  { '--lr', 1e-4, 'actor learning rate' },
   { '--critic-lr', 1e-4, 'critic learning rate' },
   { '--init-kl-coef', 0.05, 'coefficient of the per-token KL penalty in the reward' },
   { '--target-kl', 0, 'adapt the KL coefficient toward this KL per answer (0: fixed)' },
@@ -34,17 +31,8 @@ local FLAGS = {
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
   { '--vf-coef', 0.1, 'value loss weight' },
-  { '--temperature', 1.0, 'sampling temperature' },
-  { '--top-p', 1.0, 'nucleus sampling' },
-  { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' },
-  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
-  { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
-  { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' },
-  { '--seed', 1234, 'random seed' },
   { '--log-interval', 1, 'iterations between log lines' },
-  { '--save', nil, 'checkpoint directory (actor and critic, written at the end)' },
-  { '--save-hf', nil, 'write the actor here as a Hugging Face directory' },
-}
+})
 local opts, fail = recipe.parse('ppo', FLAGS, 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]')
 local embedded = not opts.load
 if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then fail('--rollout-batch-size must be a multiple of --mini-batch-size') end
@@ -65,8 +53,7 @@ local ok, err = pcall(function()
     or pmp.models.score_model(actor)
   actor:eval()   -- no dropout anywhere: ratios and values compare like with like
   critic:eval()
-  local sample_opts = { temperature = opts.temperature, top_p = opts.top_p, eos_ids = recipe.stop_ids(opts, tokenizer),
-    max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (embedded and 4 or 128), pad_id = tokenizer.pad_id }
+  local sample_opts = recipe.sample_options(opts, tokenizer)
   local sums = require 'pmp.rl.sums'
   local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
   local before = embedded and held_out()
@@ -76,19 +63,10 @@ local ok, err = pcall(function()
   local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
   print(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations; %s', #prompts,
     opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations, tostring(actor):match('^[^\n]*')))
-  local order, cursor = {}, 0
-  for k = 1, #prompts do order[k] = k end
+  local next_prompts = recipe.batches(prompts, opts.rollout_batch_size)
   for iteration = 1, opts.iterations do
     local t0 = clock.now()
-    local batch_prompts = {}
-    for k = 1, opts.rollout_batch_size do
-      if cursor % #prompts == 0 then
-        local keys = pmp.rand(#prompts, { dtype = 'f64' }):totable()
-        table.sort(order, function(a, b) return keys[a] < keys[b] end)
-      end
-      batch_prompts[k] = prompts[order[cursor % #prompts + 1]]
-      cursor = cursor + 1
-    end
+    local batch_prompts = next_prompts()
     local samples = rl.rollout.sample(actor, batch_prompts, sample_opts)
     local scores = reward(samples, tokenizer)
     local rows = {}
@@ -113,13 +91,7 @@ local ok, err = pcall(function()
     advantages = rl.whiten(advantages, mask)
     local sums_of = { policy = 0, value = 0, clipfrac = 0, entropy = 0, steps = 0 }
     for _ = 1, opts.ppo_epochs do
-      local perm = pmp.rand(#samples, { dtype = 'f64' }):totable()
-      local idx = {}
-      for k = 1, #samples do idx[k] = k end
-      table.sort(idx, function(a, b) return perm[a] < perm[b] end)
-      for first = 1, #samples, opts.mini_batch_size do
-        local pick = { unpack(idx, first, first + opts.mini_batch_size - 1) }
-        local index = pmp.tensor(pick, { dtype = 'i64' }) - 1
+      for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
         local function rows_of(t) return t:index_select(1, index) end
         local ids, m = rows_of(batch.ids), rows_of(mask)
         actor_opt:zero_grad()

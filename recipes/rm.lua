@@ -12,21 +12,13 @@ local rl = pmp.rl
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local FLAGS = {
+local FLAGS = recipe.flags('preference', {
   { '--load', nil, 'Hugging Face model directory (default: the embedded sums task)' },
-  { '--data-path', nil, 'jsonl file of preference pairs' },
-  { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
   { '--train-iters', 300, 'optimizer steps' },
   { '--batch-size', 32, 'pairs per step' },
   { '--lr', 1e-4, 'AdamW learning rate' },
-  { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
-  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
-  { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
-  { '--seed', 1234, 'random seed' },
   { '--log-interval', 20, 'steps between log lines' },
-  { '--save', nil, 'checkpoint directory (written at the end)' },
-  { '--save-hf', nil, 'write the reward model here as a Hugging Face directory' },
-}
+})
 local opts, fail = recipe.parse('rm', FLAGS, 'pmp recipes/rm.lua [--load HF_DIR --data-path FILE.jsonl] [flags]')
 if opts.load and not opts.data_path then fail('--data-path FILE.jsonl is required with --load') end
 

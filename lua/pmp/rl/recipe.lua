@@ -6,6 +6,34 @@ local rollout = require 'pmp.rl.rollout'
 
 local M = {}
 
+-- The flags every RL recipe has ('rollout': ppo, grpo; 'preference': rm, dpo) after its own.
+function M.flags(kind, own)
+  local out = {}
+  for _, f in ipairs(own) do out[#out + 1] = f end
+  local common = {
+    { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+    { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
+    { '--seed', 1234, 'random seed' },
+    { '--save', nil, 'checkpoint directory (written at the end)' },
+    { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
+  }
+  if kind == 'rollout' then
+    common[#common + 1] = { '--prompts', nil, 'jsonl file of prompts' }
+    common[#common + 1] = { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' }
+    common[#common + 1] = { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' }
+    common[#common + 1] = { '--temperature', 1.0, 'sampling temperature' }
+    common[#common + 1] = { '--top-p', 1.0, 'nucleus sampling' }
+    common[#common + 1] = { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' }
+    common[#common + 1] = { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' }
+  else
+    common[#common + 1] = { '--data-path', nil, 'jsonl file of preference pairs' }
+    common[#common + 1] = { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' }
+    common[#common + 1] = { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' }
+  end
+  for _, f in ipairs(common) do out[#out + 1] = f end
+  return out
+end
+
 -- Parses flags; a problem ends the process with "<name>: message" on stderr (exit status 2).
 function M.parse(name, flags, usage)
   local function fail(message)
@@ -84,6 +112,26 @@ end
 function M.stop_ids(opts, tokenizer)
   if opts.load then return tokenizer.eos_id and { tokenizer.eos_id } or {} end
   return sums.stop_ids(tokenizer)
+end
+
+-- pmp.generate's options for rollouts under the recipe flags.
+function M.sample_options(opts, tokenizer)
+  return { temperature = opts.temperature, top_p = opts.top_p, eos_ids = M.stop_ids(opts, tokenizer),
+    max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (opts.load and 128 or 4), pad_id = tokenizer.pad_id }
+end
+
+-- n rows split into mini-batches of `size` in a seeded random order: a list of 0-based i64 index tensors.
+function M.minibatches(n, size)
+  local tensor = require 'pmp.tensor'
+  local keys = tensor.rand(n, { dtype = 'f64' }):totable()
+  local order = {}
+  for k = 1, n do order[k] = k end
+  table.sort(order, function(a, b) return keys[a] < keys[b] end)
+  local out = {}
+  for first = 1, n, size do
+    out[#out + 1] = tensor.tensor({ unpack(order, first, math.min(first + size - 1, n)) }, { dtype = 'i64' }) - 1
+  end
+  return out
 end
 
 -- A frozen copy of model: no gradients are recorded through it (callers run it under pmp.no_grad).
