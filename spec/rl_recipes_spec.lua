@@ -41,19 +41,12 @@ describe('RL recipes on the embedded sums task', function()
 end)
 
 describe('RL recipes on a Hugging Face model', function()
-  local shared = package.loaded['pmp.root'] .. '/../shared/tokenizers/qwen3'
+  local tiny_hf = require 'spec.support.tiny_hf'
   local dir
   setup(function()
-    if not pmp.io.is_file(shared .. '/tokenizer.json') then return end
+    if not tiny_hf.available() then return end
     dir = shell.temp_dir()
-    local tok = pmp.tokenizer.from_pretrained(shared)
-    local hf = pmp.json.decode(pmp.io.read_file(shell.root .. '/spec/fixtures/hf/qwen3/config.json'))
-    hf.vocab_size, hf.hidden_size, hf.num_hidden_layers = tok.vocab_size, 16, 1
-    hf.intermediate_size, hf.head_dim, hf.num_attention_heads, hf.num_key_value_heads = 32, 8, 2, 1
-    pmp.models.from_config(hf):save_pretrained(dir .. '/base')
-    for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json' }) do
-      shell.write_file(dir .. '/base/' .. name, pmp.io.read_file(shared .. '/' .. name))
-    end
+    tiny_hf.write(dir .. '/base')
     shell.write_file(dir .. '/prefs.jsonl', table.concat({
       '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}',
       '{"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], ' ..
