@@ -15,11 +15,11 @@ local clock = require 'pmp.clock'
 
 local FLAGS = recipe.flags('rollout', {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
-  { '--iterations', 80, 'rollouts' },
+  { '--iterations', 100, 'rollouts' },
   { '--prompts-per-iteration', 16, 'prompts sampled per update' },
   { '--num-generations', 8, 'answers per prompt (G)' },
   { '--lr', 5e-5, 'AdamW learning rate' },
-  { '--epochs', 2, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
+  { '--epochs', 4, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
   { '--mini-batch-size', 32, 'answers per optimizer step' },
   { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
   { '--clip-range', 0.2, 'policy ratio clipping' },

@@ -32,6 +32,7 @@ local FLAGS = recipe.flags('rollout', {
   { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
   { '--vf-coef', 0.1, 'value loss weight' },
   { '--log-interval', 1, 'iterations between log lines' },
+  { '--save-interval', 0, 'iterations between checkpoints (0: only at the end); a --save DIR that holds one resumes' },
 })
 local opts, fail = recipe.parse('ppo', FLAGS, 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]')
 local embedded = not opts.load
@@ -56,15 +57,30 @@ local ok, err = pcall(function()
   local sample_opts = recipe.sample_options(opts, tokenizer)
   local sums = require 'pmp.rl.sums'
   local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
-  local before = embedded and held_out()
+  local before = embedded and not (opts.save and pmp.checkpoint.latest_iteration(opts.save .. '/actor')) and held_out()
   local actor_opt = pmp.optim.AdamW(pmp.optim.decay_groups(actor), { lr = opts.lr, weight_decay = 0 })
   local critic_opt = pmp.optim.AdamW(pmp.optim.decay_groups(critic), { lr = opts.critic_lr, weight_decay = 0 })
   local actor_params, critic_params = actor:parameters(), critic:parameters()
   local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
   print(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations; %s', #prompts,
     opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations, tostring(actor):match('^[^\n]*')))
-  local next_prompts = recipe.batches(prompts, opts.rollout_batch_size)
-  for iteration = 1, opts.iterations do
+  local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size)
+  local function save(iteration)
+    local state = { model_config = actor.config, args = opts, kl_coef = kl_ctl.value, before = before,
+      prompt_order = prompt_position.order, prompt_cursor = prompt_position.cursor }
+    pmp.checkpoint.save(opts.save .. '/actor', iteration, actor, actor_opt, state)
+    pmp.checkpoint.save(opts.save .. '/critic', iteration, critic, critic_opt, { model_config = critic.config })
+    print(string.format(' saved checkpoints to %s/actor and /critic at iteration %d', opts.save, iteration))
+  end
+  local first_iteration = 1
+  if opts.save and pmp.checkpoint.latest_iteration(opts.save .. '/actor') then
+    pmp.checkpoint.load(opts.save .. '/critic', critic, critic_opt)
+    local info = pmp.checkpoint.load(opts.save .. '/actor', actor, actor_opt)   -- its RNG state last
+    first_iteration, kl_ctl.value, before = info.iteration + 1, info.state.kl_coef, info.state.before
+    prompt_position.order, prompt_position.cursor = info.state.prompt_order, info.state.prompt_cursor
+    print(string.format(' resumed from %s at iteration %d', opts.save, info.iteration))
+  end
+  for iteration = first_iteration, opts.iterations do
     local t0 = clock.now()
     local batch_prompts = next_prompts()
     local samples = rl.rollout.sample(actor, batch_prompts, sample_opts)
@@ -126,11 +142,11 @@ local ok, err = pcall(function()
         kl_per_answer, coef, sums_of.entropy / n, sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n,
         mask:sum():item() / #samples, t1 - t0, t2 - t1, t3 - t2))
     end
+    if opts.save and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save(iteration) end
   end
-  if opts.save then
-    pmp.checkpoint.save(opts.save .. '/actor', opts.iterations, actor, actor_opt, { model_config = actor.config, args = opts })
-    pmp.checkpoint.save(opts.save .. '/critic', opts.iterations, critic, critic_opt, { model_config = critic.config, args = opts })
-    print(' saved checkpoints to ' .. opts.save .. '/actor and /critic')
+  if opts.save and first_iteration <= opts.iterations and
+      (opts.save_interval == 0 or opts.iterations % opts.save_interval ~= 0) then
+    save(opts.iterations)
   end
   if opts.save_hf then
     actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })

@@ -26,7 +26,7 @@ describe('RL recipes on the embedded sums task', function()
       { 'grpo.lua', { '--iterations', '2', '--prompts-per-iteration', '2', '--num-generations', '3', '--eval-samples', '1' },
         '\ngrpo: held%-out mean reward before [%d.]+ after [%d.]+\n$', 'clipfrac: ' },
       { 'ppo.lua', { '--iterations', '2', '--rollout-batch-size', '4', '--mini-batch-size', '2', '--ppo-epochs', '2',
-        '--eval-samples', '1', '--target-kl', '0.1', '--save', 'ppo_ck' },
+        '--eval-samples', '1', '--target-kl', '0.1', '--save', 'ppo_ck', '--save-interval', '1' },
         '\nppo: held%-out mean reward before [%d.]+ after [%d.]+\n$', 'value loss: ' },
     }
     for _, r in ipairs(runs) do
@@ -36,6 +36,35 @@ describe('RL recipes on the embedded sums task', function()
       assert.matches(r[4], out)
     end
     assert.is_true(pmp.checkpoint.latest_iteration(dir .. '/ppo_ck/actor') == 2)
+
+    -- ppo resumes bit-exactly: 2 + 2 iterations give the log lines and weights of 4 in one go
+    shell.write_file(dir .. '/length.lua', 'return function(prompt, response) return #response / 4 end\n')
+    local args = { '--reward-fn', 'length.lua', '--rollout-batch-size', '4', '--mini-batch-size', '2', '--ppo-epochs', '2',
+      '--target-kl', '0.01', '--iterations', '4' }
+    local function ppo(save, iterations)
+      local a = { unpack(args) }
+      a[#a] = iterations
+      a[#a + 1], a[#a + 2] = '--save', save
+      local out, err, status = run_in(dir, 'ppo.lua', a)
+      assert.are.equal(0, status, err)
+      local lines = {}
+      for line in out:gmatch('iteration +%d+/ +%d+ | (.-)| time') do lines[#lines + 1] = line end
+      return lines
+    end
+    local whole = ppo('whole', '4')
+    local first, rest = ppo('parts', '2'), ppo('parts', '4')
+    assert.are.equal(4, #whole)
+    assert.are.same(whole, { first[1], first[2], rest[1], rest[2] })
+    for _, part in ipairs({ 'actor', 'critic' }) do
+      local function weights(run)
+        local file = string.format('%s/%s/%s/iter_0000004/mp_rank_00/model_optim_rng.safetensors', dir, run, part)
+        return pmp.safetensors.load(file)
+      end
+      local a, b = weights('whole'), weights('parts')
+      for name, t in pairs(a) do
+        assert.are.equal(0, (t:double() - b[name]:double()):abs():max():item(), part .. ' ' .. name)
+      end
+    end
     shell.remove_dir(dir)
   end)
 end)

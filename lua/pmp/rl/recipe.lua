@@ -182,22 +182,24 @@ function M.pair_accuracy(chosen, rejected)
   return right / #chosen
 end
 
--- Minibatches of `size` pairs drawn in a seeded order, reshuffled each pass: next() -> list of pairs.
+-- Batches of `size` items of list drawn in a seeded order, reshuffled each pass: returns next() -> a
+-- list of items, and the position ({order, cursor}: JSON-able, assign both to resume).
 function M.batches(list, size)
-  local order, cursor = {}, 0
-  for k = 1, #list do order[k] = k end
-  return function()
+  local position = { order = {}, cursor = 0 }
+  for k = 1, #list do position.order[k] = k end
+  local function next_batch()
     local out = {}
     for k = 1, size do
-      if cursor % #list == 0 then
+      if position.cursor % #list == 0 then
         local keys = require('pmp.tensor').rand(#list, { dtype = 'f64' }):totable()
-        table.sort(order, function(a, b) return keys[a] < keys[b] end)
+        table.sort(position.order, function(a, b) return keys[a] < keys[b] end)
       end
-      out[k] = list[order[cursor % #list + 1]]
-      cursor = cursor + 1
+      out[k] = list[position.order[position.cursor % #list + 1]]
+      position.cursor = position.cursor + 1
     end
     return out
   end
+  return next_batch, position
 end
 
 return M
