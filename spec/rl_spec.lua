@@ -330,3 +330,19 @@ describe('pmp.rl.sequence_logprobs and sequence_scores', function()
     expect.fails_with(function() rl.sequence_scores(model, { { 0, 0 } }, 0) end, 'row 1 holds only padding')
   end)
 end)
+
+describe("pmp.rl against TRL's implementations (spec/fixtures/rl, tools/make_rl_fixtures.py)", function()
+  local ref = pmp.json.decode(pmp.io.read_file(package.loaded['pmp.root'] .. '/spec/fixtures/rl/trl_reference.json'))
+  it("whiten matches TRL's masked_whiten on the masked positions", function()
+    close(ref.whiten.expected, values(rl.whiten(f32(ref.whiten.values), f32(ref.whiten.mask))), 1e-5)
+  end)
+  it("dpo_loss matches TRL's dpo_loss for sigmoid (with label smoothing), IPO and hinge", function()
+    for _, c in ipairs(ref.dpo) do
+      local loss, chosen, rejected = rl.dpo_loss(f64(c.policy_chosen), f64(c.policy_rejected), f64(c.reference_chosen),
+        f64(c.reference_rejected), { beta = c.beta, label_smoothing = c.label_smoothing, loss_type = c.loss_type })
+      close(c.loss, loss:item(), 1e-9, c.loss_type .. ' loss')
+      close(c.chosen_rewards, values(chosen), 1e-9, 'chosen rewards')
+      close(c.rejected_rewards, values(rejected), 1e-9, 'rejected rewards')
+    end
+  end)
+end)
