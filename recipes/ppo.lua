@@ -134,6 +134,9 @@ local ok, err = pcall(function()
     local kl_per_answer = kl:sum():item() / #samples
     local coef = kl_ctl.value
     kl_ctl:update(kl_per_answer, #samples)
+    if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+      print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
+    end
     if iteration % opts.log_interval == 0 or iteration == opts.iterations then
       local n = sums_of.steps
       print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | kl coef: %.4f | entropy: %.4f | ' ..

@@ -1,4 +1,4 @@
--- Advantage estimators: GAE for PPO with a critic, group-relative advantages for GRPO, whitening.
+--- Advantage estimators: GAE for PPO with a critic, group-relative advantages for GRPO, whitening.
 local tensor = require 'pmp.tensor'
 local masked = require 'pmp.rl.masked'
 
@@ -9,9 +9,9 @@ local function rows_of(t, name)
   return t:double():totable()
 end
 
--- rewards, values, mask [B, T] -> advantages, returns [B, T] (f32, 0 outside the mask). Backwards over
--- each row's response tokens: delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next, where
--- "next" is the next response token (V = 0 after the last one); returns = A + V. Computed in f64.
+--- rewards, values, mask [B, T] -> advantages, returns [B, T] (f32, 0 outside the mask). Backwards over
+--- each row's response tokens: delta_t = r_t + gamma V_next - V_t, A_t = delta_t + gamma lam A_next, where
+--- "next" is the next response token (V = 0 after the last one); returns = A + V. Computed in f64.
 function M.gae(rewards, values, mask, gamma, lam)
   gamma, lam = gamma or 1, lam or 0.95
   local r, v, m = rows_of(rewards, 'rewards'), rows_of(values, 'values'), rows_of(mask, 'mask')
@@ -34,14 +34,14 @@ function M.gae(rewards, values, mask, gamma, lam)
   return tensor.tensor(advantages, { dtype = 'f32' }), tensor.tensor(returns, { dtype = 'f32' })
 end
 
--- (x - masked mean) / sqrt(masked unbiased variance + 1e-8), as TRL's masked_whiten; 0 outside the mask.
+--- (x - masked mean) / sqrt(masked unbiased variance + 1e-8), as TRL's masked_whiten; 0 outside the mask.
 function M.whiten(x, mask)
   return (x - masked.mean(x, mask)) * (masked.var(x, mask) + 1e-8):rsqrt() * mask
 end
 
--- rewards [N] (N = groups x group_size, each group's samples consecutive) -> advantages [N]:
--- (r - group mean) / (group std + 1e-4) with the unbiased std, as TRL's GRPO; opts.scale = false leaves
--- out the division (Dr. GRPO).
+--- rewards [N] (N = groups x group_size, each group's samples consecutive) -> advantages [N]:
+--- (r - group mean) / (group std + 1e-4) with the unbiased std, as TRL's GRPO; opts.scale = false leaves
+--- out the division (Dr. GRPO).
 function M.group_advantages(rewards, group_size, opts)
   local scale = not (opts and opts.scale == false)
   local values = tensor.is_tensor(rewards) and rewards:double():reshape(-1):totable() or rewards

@@ -1,5 +1,5 @@
--- What a model says about given sequences: per-token log-probs (policies) and last-token scores
--- (reward models and critics with a score head).
+--- What a model says about given sequences: per-token log-probs (policies) and last-token scores
+--- (reward models and critics with a score head).
 local tensor = require 'pmp.tensor'
 local F = require 'pmp.nn.functional'
 
@@ -11,10 +11,10 @@ local function as_ids(ids, who)
   error(who .. ': ids must be an i64 tensor [B, T] or a list of equal-length id lists', 3)
 end
 
--- ids [B, T] (0-based token ids), mask [B, T] -> log p(ids[:, t] | ids[:, < t]) [B, T], 0 where mask is 0
--- and at t = 1 (nothing predicts the first token), with autograd through the model.
--- opts.temperature divides the logits first (to match a sampler's distribution); opts.entropy = true
--- also returns the per-token entropy of the predicted distributions [B, T] (no autograd, 0 off-mask).
+--- ids [B, T] (0-based token ids), mask [B, T] -> log p(ids[:, t] | ids[:, < t]) [B, T], 0 where mask is 0
+--- and at t = 1 (nothing predicts the first token), with autograd through the model.
+--- opts.temperature divides the logits first (to match a sampler's distribution); opts.entropy = true
+--- also returns the per-token entropy of the predicted distributions [B, T] (no autograd, 0 off-mask).
 function M.sequence_logprobs(model, ids, mask, opts)
   opts = opts or {}
   ids = as_ids(ids, 'pmp.rl.sequence_logprobs')
@@ -34,9 +34,9 @@ function M.sequence_logprobs(model, ids, mask, opts)
   return logp, entropy
 end
 
--- values [B, T] of a score-head model (pmp.models: head = 'score') at each row's last token -> [B].
--- `last` is either a pad id (the rightmost token that is not it, as transformers' sequence
--- classification picks) or a list of B 1-based positions.
+--- values [B, T] of a score-head model (pmp.models: head = 'score') at each row's last token -> [B].
+--- `last` is either a pad id (the rightmost token that is not it, as transformers' sequence
+--- classification picks) or a list of B 1-based positions.
 function M.sequence_scores(model, ids, last)
   ids = as_ids(ids, 'pmp.rl.sequence_scores')
   local B, T = ids:size(1), ids:size(2)

@@ -1,4 +1,4 @@
--- Means and variances over the positions where mask is 1 (the response tokens of a batch).
+--- Means and variances over the positions where mask is 1 (the response tokens of a batch).
 local M = {}
 
 function M.count(mask)
@@ -9,7 +9,7 @@ end
 
 function M.mean(x, mask) return (x * mask):sum() / M.count(mask) end
 
--- unbiased (n - 1 in the denominator) as TRL's masked_var is by default
+--- unbiased (n - 1 in the denominator) as TRL's masked_var is by default
 function M.var(x, mask)
   local n = M.count(mask)
   if n < 2 then error('pmp.rl: a masked variance needs at least 2 tokens', 3) end

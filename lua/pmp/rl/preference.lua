@@ -1,12 +1,12 @@
--- Preference pairs (reward models, DPO) in TRL's formats, one JSON record per line:
---   {"prompt": "...", "chosen": "...", "rejected": "..."}                       strings
---   {"chosen": [messages...], "rejected": [messages...]}                        implicit prompt: the
---       messages the two share before they differ (TRL's conversational format)
---   {"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}  explicit prompt
--- Strings become a user turn and an assistant turn; the chat template (render) is applied to all.
---
---   local pairs = preference.load_jsonl(path, { tokenizer = tok, render = render })
---   local batch = preference.collate(pairs, pad_id)   -- chosen rows 1..B, rejected rows B+1..2B
+--- Preference pairs (reward models, DPO) in TRL's formats, one JSON record per line:
+---   {"prompt": "...", "chosen": "...", "rejected": "..."}                       strings
+---   {"chosen": [messages...], "rejected": [messages...]}                        implicit prompt: the
+---       messages the two share before they differ (TRL's conversational format)
+---   {"prompt": [messages...], "chosen": [messages...], "rejected": [messages...]}  explicit prompt
+--- Strings become a user turn and an assistant turn; the chat template (render) is applied to all.
+---
+---   local pairs = preference.load_jsonl(path, { tokenizer = tok, render = render })
+---   local batch = preference.collate(pairs, pad_id)   -- chosen rows 1..B, rejected rows B+1..2B
 local json = require 'pmp.json'
 local sequences = require 'pmp.rl.sequences'
 
@@ -61,8 +61,8 @@ local function concat(a, b)
   return out
 end
 
--- One record -> { prompt = ids, chosen = ids, rejected = ids } (answers: the ids after the prompt).
--- opts.render(messages, add_generation_prompt) -> text, opts.tokenizer (encode). Errors say what is wrong.
+--- One record -> { prompt = ids, chosen = ids, rejected = ids } (answers: the ids after the prompt).
+--- opts.render(messages, add_generation_prompt) -> text, opts.tokenizer (encode). Errors say what is wrong.
 function M.tokenize(record, opts)
   local prompt, chosen, rejected, shared = split(record)
   if shared then
@@ -87,7 +87,7 @@ function M.tokenize(record, opts)
   return out
 end
 
--- Every record of a jsonl file, tokenized; an error names the file and line.
+--- Every record of a jsonl file, tokenized; an error names the file and line.
 function M.load_jsonl(path, opts)
   local file = io.open(path, 'r')
   if not file then error('preference: cannot read ' .. tostring(path), 2) end
@@ -108,7 +108,7 @@ function M.load_jsonl(path, opts)
   return out
 end
 
--- pairs -> pmp.rl.sequences.collate's batch of 2B rows: chosen rows 1..B, then rejected rows B+1..2B.
+--- pairs -> pmp.rl.sequences.collate's batch of 2B rows: chosen rows 1..B, then rejected rows B+1..2B.
 function M.collate(pairs, pad_id, max_length)
   local rows = {}
   for _, key in ipairs({ 'chosen', 'rejected' }) do

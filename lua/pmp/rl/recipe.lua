@@ -1,12 +1,12 @@
--- What recipes/rm.lua, dpo.lua, ppo.lua and grpo.lua share: the model they start from (a Hugging Face
--- directory, or the embedded sums task's start policy), prompts, reward sources and failing cleanly.
+--- What recipes/rm.lua, dpo.lua, ppo.lua and grpo.lua share: the model they start from (a Hugging Face
+--- directory, or the embedded sums task's start policy), prompts, reward sources and failing cleanly.
 local json = require 'pmp.json'
 local sums = require 'pmp.rl.sums'
 local rollout = require 'pmp.rl.rollout'
 
 local M = {}
 
--- The flags every RL recipe has ('rollout': ppo, grpo; 'preference': rm, dpo) after its own.
+--- The flags every RL recipe has ('rollout': ppo, grpo; 'preference': rm, dpo) after its own.
 function M.flags(kind, own)
   local out = {}
   for _, f in ipairs(own) do out[#out + 1] = f end
@@ -25,6 +25,7 @@ function M.flags(kind, own)
     common[#common + 1] = { '--top-p', 1.0, 'nucleus sampling' }
     common[#common + 1] = { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' }
     common[#common + 1] = { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' }
+    common[#common + 1] = { '--eval-interval', 0, 'embedded task: iterations between held-out evaluations (0: at the end)' }
   else
     common[#common + 1] = { '--data-path', nil, 'jsonl file of preference pairs' }
     common[#common + 1] = { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' }
@@ -34,7 +35,7 @@ function M.flags(kind, own)
   return out
 end
 
--- Parses flags; a problem ends the process with "<name>: message" on stderr (exit status 2).
+--- Parses flags; a problem ends the process with "<name>: message" on stderr (exit status 2).
 function M.parse(name, flags, usage)
   local function fail(message)
     io.stderr:write(name .. ': ' .. tostring(message) .. '\n')
@@ -46,7 +47,7 @@ function M.parse(name, flags, usage)
   return opts, fail
 end
 
--- The chat-template renderer of an HF model directory: render(messages, add_generation_prompt) -> text.
+--- The chat-template renderer of an HF model directory: render(messages, add_generation_prompt) -> text.
 function M.renderer(dir)
   local chat_template = require 'pmp.chat_template'
   return function(messages, add_generation_prompt)
@@ -54,8 +55,8 @@ function M.renderer(dir)
   end
 end
 
--- The policy to start from and its tokenizer: opts.load (an HF directory) or the embedded start.
--- Returns model, tokenizer, render (nil for the embedded task, whose prompts are plain text).
+--- The policy to start from and its tokenizer: opts.load (an HF directory) or the embedded start.
+--- Returns model, tokenizer, render (nil for the embedded task, whose prompts are plain text).
 function M.policy(opts, load)
   if opts.load then
     local model = require('pmp.models').from_pretrained(opts.load, { head = load and load.head })
@@ -66,8 +67,8 @@ function M.policy(opts, load)
   return model, tokenizer
 end
 
--- Prompt token lists from a jsonl file of {"prompt": "text" | [messages]} or {"messages": [...]}
--- records (the chat template applied), or the embedded task's training prompts.
+--- Prompt token lists from a jsonl file of {"prompt": "text" | [messages]} or {"messages": [...]}
+--- records (the chat template applied), or the embedded task's training prompts.
 function M.prompts(opts, tokenizer, render)
   local out = {}
   if not opts.prompts then
@@ -95,7 +96,7 @@ function M.prompts(opts, tokenizer, render)
   return out
 end
 
--- The reward source: --reward-fn FILE, --reward-model DIR, or the embedded task's exact reward.
+--- The reward source: --reward-fn FILE, --reward-model DIR, or the embedded task's exact reward.
 function M.reward(opts, tokenizer)
   if opts.reward_fn and opts.reward_model then error('give one of --reward-fn and --reward-model', 0) end
   if opts.reward_fn then return rollout.load_reward_fn(opts.reward_fn) end
@@ -108,19 +109,19 @@ function M.reward(opts, tokenizer)
   return rollout.reward_fn(sums.reward, 'sums')
 end
 
--- Token ids that end an answer.
+--- Token ids that end an answer.
 function M.stop_ids(opts, tokenizer)
   if opts.load then return tokenizer.eos_id and { tokenizer.eos_id } or {} end
   return sums.stop_ids(tokenizer)
 end
 
--- pmp.generate's options for rollouts under the recipe flags.
+--- pmp.generate's options for rollouts under the recipe flags.
 function M.sample_options(opts, tokenizer)
   return { temperature = opts.temperature, top_p = opts.top_p, eos_ids = M.stop_ids(opts, tokenizer),
     max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (opts.load and 128 or 4), pad_id = tokenizer.pad_id }
 end
 
--- n rows split into mini-batches of `size` in a seeded random order: a list of 0-based i64 index tensors.
+--- n rows split into mini-batches of `size` in a seeded random order: a list of 0-based i64 index tensors.
 function M.minibatches(n, size)
   local tensor = require 'pmp.tensor'
   local keys = tensor.rand(n, { dtype = 'f64' }):totable()
@@ -134,7 +135,7 @@ function M.minibatches(n, size)
   return out
 end
 
--- A frozen copy of model: no gradients are recorded through it (callers run it under pmp.no_grad).
+--- A frozen copy of model: no gradients are recorded through it (callers run it under pmp.no_grad).
 function M.frozen_copy(model)
   local copy = require('pmp.nn').GPTModel(model.config)
   copy:load_state_dict(model:state_dict())
@@ -143,9 +144,9 @@ function M.frozen_copy(model)
   return copy
 end
 
--- Tokenized preference pairs for training and evaluation: --data-path (and --eval-data-path) jsonl in
--- TRL's formats (pmp.rl.preference), or the embedded task's pairs (the right sum chosen over a wrong one;
--- the held-out sums for evaluation).
+--- Tokenized preference pairs for training and evaluation: --data-path (and --eval-data-path) jsonl in
+--- TRL's formats (pmp.rl.preference), or the embedded task's pairs (the right sum chosen over a wrong one;
+--- the held-out sums for evaluation).
 function M.preference_pairs(opts, tokenizer, render)
   local preference = require 'pmp.rl.preference'
   if opts.data_path then
@@ -173,7 +174,7 @@ function M.preference_pairs(opts, tokenizer, render)
   return pairs_of('train', 1), pairs_of('held_out', 2)
 end
 
--- The share of pairs where chosen_score > rejected_score (ties count half), over lists of numbers.
+--- The share of pairs where chosen_score > rejected_score (ties count half), over lists of numbers.
 function M.pair_accuracy(chosen, rejected)
   local right = 0
   for k = 1, #chosen do
@@ -182,8 +183,8 @@ function M.pair_accuracy(chosen, rejected)
   return right / #chosen
 end
 
--- Batches of `size` items of list drawn in a seeded order, reshuffled each pass: returns next() -> a
--- list of items, and the position ({order, cursor}: JSON-able, assign both to resume).
+--- Batches of `size` items of list drawn in a seeded order, reshuffled each pass: returns next() -> a
+--- list of items, and the position ({order, cursor}: JSON-able, assign both to resume).
 function M.batches(list, size)
   local position = { order = {}, cursor = 0 }
   for k = 1, #list do position.order[k] = k end

@@ -1,18 +1,18 @@
--- Rollouts: answers sampled from a policy with pmp.generate, and their rewards from a Lua function or
--- a reward model.
---
---   local samples = rollout.sample(policy, prompt_id_lists, { temperature = 1, max_new_tokens = 32, eos_ids = {..} })
---   local reward = rollout.reward_fn(function(prompt, response, sample) ... end, 'file.lua')  -- or
---   local reward = rollout.reward_model(model, pad_id)
---   local rewards = reward(samples, tokenizer)         -- one number per sample
+--- Rollouts: answers sampled from a policy with pmp.generate, and their rewards from a Lua function or
+--- a reward model.
+---
+---   local samples = rollout.sample(policy, prompt_id_lists, { temperature = 1, max_new_tokens = 32, eos_ids = {..} })
+---   local reward = rollout.reward_fn(function(prompt, response, sample) ... end, 'file.lua')  -- or
+---   local reward = rollout.reward_model(model, pad_id)
+---   local rewards = reward(samples, tokenizer)         -- one number per sample
 local generate = require 'pmp.generate'
 local sequences = require 'pmp.rl.sequences'
 local logprobs = require 'pmp.rl.logprobs'
 
 local M = {}
 
--- prompts: lists of token ids -> { prompt = ids, response = ids, finish_reason }, one per prompt.
--- opts: temperature (1), top_p, top_k, max_new_tokens, eos_ids (passed to pmp.generate).
+--- prompts: lists of token ids -> { prompt = ids, response = ids, finish_reason }, one per prompt.
+--- opts: temperature (1), top_p, top_k, max_new_tokens, eos_ids (passed to pmp.generate).
 function M.sample(policy, prompts, opts)
   local results = generate(policy, prompts, { max_new_tokens = opts.max_new_tokens or 32,
     temperature = opts.temperature or 1, top_p = opts.top_p, top_k = opts.top_k, eos_ids = opts.eos_ids,
@@ -29,8 +29,8 @@ local function preview(text)
   return #text > 40 and text:sub(1, 40) .. '...' or text
 end
 
--- A reward source from fn(prompt_text, response_text, sample) -> number; an error inside it or a
--- result that is not a finite number stops the run with a message naming `name` and the sample.
+--- A reward source from fn(prompt_text, response_text, sample) -> number; an error inside it or a
+--- result that is not a finite number stops the run with a message naming `name` and the sample.
 function M.reward_fn(fn, name)
   return function(samples, tokenizer)
     local out = {}
@@ -52,7 +52,7 @@ function M.reward_fn(fn, name)
   end
 end
 
--- A reward function from a Lua file that returns function(prompt, response, sample) -> number.
+--- A reward function from a Lua file that returns function(prompt, response, sample) -> number.
 function M.load_reward_fn(path)
   local chunk, err = loadfile(path)
   if not chunk then error('--reward-fn ' .. path .. ': ' .. tostring(err), 0) end
@@ -64,7 +64,7 @@ function M.load_reward_fn(path)
   return M.reward_fn(fn, path)
 end
 
--- A reward source from a score-head model: its score at each sample's last token.
+--- A reward source from a score-head model: its score at each sample's last token.
 function M.reward_model(model, pad_id)
   return function(samples)
     local rows = {}

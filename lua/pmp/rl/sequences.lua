@@ -1,11 +1,11 @@
--- Batches of prompt + answer token lists as the tensors the pmp.rl functions take.
+--- Batches of prompt + answer token lists as the tensors the pmp.rl functions take.
 local tensor = require 'pmp.tensor'
 
 local M = {}
 
--- rows: list of { prompt_ids, answer_ids } -> { ids [B, T] i64 (right-padded with pad_id), mask [B, T]
--- f32 (1 on answer tokens), last = { B 1-based positions of each row's last token } }. Rows longer than
--- max_length are cut at their end.
+--- rows: list of { prompt_ids, answer_ids } -> { ids [B, T] i64 (right-padded with pad_id), mask [B, T]
+--- f32 (1 on answer tokens), last = { B 1-based positions of each row's last token } }. Rows longer than
+--- max_length are cut at their end.
 function M.collate(rows, pad_id, max_length)
   local T = 0
   for _, r in ipairs(rows) do T = math.max(T, #r[1] + #r[2]) end
@@ -28,7 +28,7 @@ function M.collate(rows, pad_id, max_length)
   return { ids = tensor.tensor(ids, { dtype = 'i64' }), mask = tensor.tensor(mask, { dtype = 'f32' }), last = last }
 end
 
--- The rows of a collated batch picked by a list of 1-based indices.
+--- The rows of a collated batch picked by a list of 1-based indices.
 function M.select(batch, indices)
   local index = tensor.tensor(indices, { dtype = 'i64' }) - 1
   local last = {}

@@ -1,10 +1,10 @@
--- The embedded task of the RL recipes: "a + b = " answered with the sum and a period, in the format of
--- the pretraining corpus ("12 + 7 = 19."), numbers below 50. The reward is exact: 1 for the right sum,
--- 0 otherwise. Pairs with (31 a + 17 b) % 10 == 0 (250 of 2500, spread over all numbers) are held out:
--- never trained on, they measure the recipes' effect.
---
--- The start policy is the main job's checkpoint (checkpoints/pretrain) fine-tuned on the training sums;
--- it is trained once and kept in checkpoints/rl_start, which every recipe then starts from.
+--- The embedded task of the RL recipes: "a + b = " answered with the sum and a period, in the format of
+--- the pretraining corpus ("12 + 7 = 19."), numbers below 50. The reward is exact: 1 for the right sum,
+--- 0 otherwise. Pairs with (31 a + 17 b) % 10 == 0 (250 of 2500, spread over all numbers) are held out:
+--- never trained on, they measure the recipes' effect.
+---
+--- The start policy is the main job's checkpoint (checkpoints/pretrain) fine-tuned on the training sums;
+--- it is trained once and kept in checkpoints/rl_start, which every recipe then starts from.
 local checkpoint = require 'pmp.checkpoint'
 local dataset_tokenizer = require 'pmp.data.dataset_tokenizer'
 local sequences = require 'pmp.rl.sequences'
@@ -14,7 +14,7 @@ local M = { PRETRAIN = 'checkpoints/pretrain', START = 'checkpoints/rl_start' }
 
 function M.is_held_out(a, b) return (31 * a + 17 * b) % 10 == 0 end
 
--- The {a, b} pairs of 'train' or 'held_out'.
+--- The {a, b} pairs of 'train' or 'held_out'.
 function M.pairs(which)
   local out = {}
   for a = 0, 49 do
@@ -27,7 +27,7 @@ end
 
 function M.prompt(pair) return pair[1] .. ' + ' .. pair[2] .. ' = ' end
 
--- 1 when the response, up to its first period, is the sum the prompt asks for; 0 otherwise.
+--- 1 when the response, up to its first period, is the sum the prompt asks for; 0 otherwise.
 function M.reward(prompt, response)
   local a, b = prompt:match('(%d+) %+ (%d+) = $')
   if not a then error('not a sums prompt: ' .. prompt, 2) end
@@ -35,8 +35,8 @@ function M.reward(prompt, response)
   return answer == tostring(tonumber(a) + tonumber(b)) and 1 or 0
 end
 
--- Preference records: the right sum chosen over a wrong one drawn with `random` (a function of n ->
--- an integer in 1..n) from the other numbers 0..98.
+--- Preference records: the right sum chosen over a wrong one drawn with `random` (a function of n ->
+--- an integer in 1..n) from the other numbers 0..98.
 function M.preference_record(pair, random)
   local right = pair[1] + pair[2]
   local wrong = random(98) - 1
@@ -44,12 +44,12 @@ function M.preference_record(pair, random)
   return { prompt = M.prompt(pair), chosen = right .. '.', rejected = wrong .. '.' }
 end
 
--- The task's tokens are the corpus' characters: the period ends an answer.
+--- The task's tokens are the corpus' characters: the period ends an answer.
 function M.stop_ids(tokenizer) return { tokenizer:encode('.')[1] } end
 
 local function tokenizer_of(info) return dataset_tokenizer.from_state(info.state.tokenizer) end
 
--- The start policy and its tokenizer. opts: iters (300), batch (64), lr (1e-3), log (print).
+--- The start policy and its tokenizer. opts: iters (300), batch (64), lr (1e-3), log (print).
 function M.start_policy(opts)
   opts = opts or {}
   local log = opts.log or print
@@ -94,7 +94,7 @@ function M.start_policy(opts)
   return model, tokenizer
 end
 
--- Mean reward of `samples_per_prompt` sampled answers (temperature 1, seeded) per held-out prompt.
+--- Mean reward of `samples_per_prompt` sampled answers (temperature 1, seeded) per held-out prompt.
 function M.held_out_reward(policy, tokenizer, opts)
   opts = opts or {}
   local rollout = require 'pmp.rl.rollout'
