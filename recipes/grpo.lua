@@ -16,9 +16,9 @@ local clock = require 'pmp.clock'
 local FLAGS = recipe.flags('rollout', {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--iterations', 100, 'rollouts' },
-  { '--prompts-per-iteration', 16, 'prompts sampled per update' },
-  { '--num-generations', 8, 'answers per prompt (G)' },
-  { '--lr', 5e-5, 'AdamW learning rate' },
+  { '--prompts-per-iteration', 32, 'prompts sampled per rollout' },
+  { '--num-generations', 4, 'answers per prompt (G)' },
+  { '--lr', 5e-5, 'AdamW peak learning rate (cosine decay to 0 over the iterations)' },
   { '--epochs', 4, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
   { '--mini-batch-size', 32, 'answers per optimizer step' },
   { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
@@ -42,11 +42,14 @@ local ok, err = pcall(function()
   local before = embedded and held_out()
   local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(policy), { lr = opts.lr, weight_decay = 0 })
   local params = policy:parameters()
+  local schedule = pmp.optim.schedule.new({ max_lr = opts.lr, min_lr = 0, warmup_iters = 0, decay_iters = opts.iterations,
+    style = 'cosine' })
   print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
     opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
   local next_prompts = recipe.batches(prompts, opts.prompts_per_iteration)
   for iteration = 1, opts.iterations do
     local t0 = clock.now()
+    optimizer.lr = schedule(iteration)
     local batch_prompts = {}
     for _, p in ipairs(next_prompts()) do
       for _ = 1, G do batch_prompts[#batch_prompts + 1] = p end
