@@ -21,7 +21,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
+.PHONY: all cuda deps test mutate bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
 all: pmp
 
 pmp: $(HOST_OBJS) build/libpmpcore.a
@@ -61,6 +61,10 @@ deps:
 
 test: pmp
 	./pmp spec/run.lua
+
+# Plants each bug of tools/mutations.txt in a scratch copy and checks that the specs catch it (minutes).
+mutate: pmp
+	./pmp tools/mutate.lua
 
 bench: pmp
 	./pmp tools/bench_core.lua
