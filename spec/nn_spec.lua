@@ -461,6 +461,25 @@ describe('nn layers against hand-composed references', function()
     end
   end)
 
+  it('LayerNorm keeps epsilon on rows whose variance is comparable to it, in f32 and bf16', function()
+    -- variance ~ 9e-6 against eps = 1e-5: without eps the output would grow by ~1.5x
+    local x = pmp.randn(6, 40, { dtype = 'f64' }) * 3e-3 + 1e-3
+    local w = pmp.randn(40, { dtype = 'f64' }) * 0.1 + 1
+    local b = pmp.randn(40, { dtype = 'f64' }) * 0.1
+    for dtype, tolerance in pairs({ f32 = 1e-6, bf16 = 1e-2 }) do
+      local layer = nn.LayerNorm(40, { dtype = dtype, eps = 1e-5 })
+      pmp.no_grad(function()
+        layer.weight:copy_(w)
+        layer.bias:copy_(b)
+      end)
+      local xr = x:to(dtype)
+      local want = ref_layer_norm(xr:double(), layer.weight:double(), layer.bias:double(), 1e-5)
+      local got = layer(xr)
+      local off = max_diff(got, want) / max_abs(want)
+      assert.is_true(off < tolerance, dtype .. ' output off by ' .. off)
+    end
+  end)
+
   it('Dropout is the identity in eval mode and scales kept values by 1/(1-p) in training', function()
     local drop = nn.Dropout(0.25)
     local x = leaf(pmp.ones(20000, { dtype = 'f64' }))
