@@ -731,6 +731,36 @@ describe('nn.GPTModel', function()
     assert.is_true(last < 0.5 * first, string.format('loss went from %.3f to %.3f', first, last))
   end)
 
+  -- A falling loss also survives a wrong update (no bias correction, decay applied twice...); this
+  -- checks the same training loop step by step against AdamW written out here in f64.
+  it('trains with AdamW exactly as the textbook update applied to its gradients would (f64, 3 steps)', function()
+    pmp.manual_seed(6)
+    local model = nn.GPTModel({ num_layers = 1, hidden_size = 16, num_attention_heads = 2, vocab_size = 12,
+      ffn_hidden_size = 32, dtype = 'f64' })
+    local input, targets = pmp.randint(12, { 2, 6 }), pmp.randint(12, { 2, 6 })
+    local lr, b1, b2, eps, wd = 3e-2, 0.9, 0.95, 1e-8, 0.1
+    local opt = pmp.optim.AdamW(model:parameters(), { lr = lr, betas = { b1, b2 }, eps = eps, weight_decay = wd })
+    local params = model:named_parameters()
+    local m, v = {}, {}
+    for k, pair in ipairs(params) do m[k], v[k] = pair[2]:detach() * 0, pair[2]:detach() * 0 end
+    for step = 1, 3 do
+      opt:zero_grad()
+      model(input, targets):backward()
+      local expected = {}
+      for k, pair in ipairs(params) do
+        local p, g = pair[2]:detach(), pair[2].grad
+        m[k] = m[k] * b1 + g * (1 - b1)
+        v[k] = v[k] * b2 + g:square() * (1 - b2)
+        local m_hat, v_hat = m[k] / (1 - b1 ^ step), v[k] / (1 - b2 ^ step)
+        expected[k] = p * (1 - lr * wd) - m_hat / (v_hat:sqrt() + eps) * lr
+      end
+      opt:step()
+      for k, pair in ipairs(params) do
+        assert_close(pair[2]:detach(), expected[k], 1e-12, pair[1] .. ' after step ' .. step)
+      end
+    end
+  end)
+
   it('packs documents: positions restart and attention stays inside each document', function()
     pmp.manual_seed(1)
     local m = pmp.nn.GPTModel({ num_layers = 2, hidden_size = 32, num_attention_heads = 4, num_query_groups = 2,
