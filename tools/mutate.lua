@@ -20,18 +20,8 @@ local function quote(text) return "'" .. tostring(text):gsub("'", [['\'']]) .. "
 
 local function run(command) return os.execute(command) == 0 end
 
-local function read(path)
-  local file = assert(io.open(path, 'rb'))
-  local content = file:read('*a')
-  file:close()
-  return content
-end
-
-local function write(path, content)
-  local file = assert(io.open(path, 'wb'))
-  file:write(content)
-  file:close()
-end
+local pio = pmp.io
+local write = pio.write_atomic
 
 -- Lines "name | file | text | replacement | spec files", '#' comments. The text must occur exactly once
 -- in the file; it and the replacement are literal (no patterns), with \n, \t and \\ standing for
@@ -126,10 +116,9 @@ end
 
 -- The file's content, or nil and why the mutation no longer applies to it.
 local function target_of(tree, m)
-  local file = io.open(tree .. '/' .. m.file, 'rb')
-  if not file then return nil, 'STALE: no such file' end
-  local content = file:read('*a')
-  file:close()
+  local path = tree .. '/' .. m.file
+  if not pio.is_file(path) then return nil, 'STALE: no such file' end
+  local content = pio.read_file(path)
   local n = count_plain(content, m.find)
   if n ~= 1 then return nil, string.format('STALE: text found %d times', n) end
   return content
