@@ -7,8 +7,9 @@
 --   ./pmp tools/mutate.lua rope adam       -- those whose name contains any of the words
 --   ./pmp tools/mutate.lua --check         -- only checks that every line still applies to the tree
 --
--- The scratch copy (PMP_MUTATE_DIR, default /tmp/pmp-mutate-<user>) keeps its build/ between runs, so
--- a C mutation recompiles one object and relinks. Its logs are in <scratch>/mutate-logs/.
+-- The scratch copy (PMP_MUTATE_DIR/tree, default /tmp/pmp-mutate-<user>/tree) keeps its build/ between
+-- runs, so a C mutation recompiles one object and relinks; ../shared is linked beside it as beside the
+-- worktree, so the specs that read it run there too. Logs are in PMP_MUTATE_DIR/logs/.
 -- Exits non-zero when a mutation survived, no longer applies (its text is not in the file exactly once:
 -- remap it after a move or rewrite), fails to build, or when the unmutated specs already fail.
 local root = assert(package.loaded['pmp.root'], 'run tools/mutate.lua with ./pmp')
@@ -77,13 +78,17 @@ end
 
 -- The scratch tree: the worktree's files (tracked and untracked-not-ignored, with their times, so make
 -- only rebuilds what changed since the last run) over the previous copy's build/.
-local function refresh_scratch(scratch)
-  assert(scratch:match('^/tmp/'), 'PMP_MUTATE_DIR must be under /tmp: ' .. scratch)
-  assert(run('mkdir -p ' .. quote(scratch)))
+local function refresh_scratch(base)
+  assert(base:match('^/tmp/'), 'PMP_MUTATE_DIR must be under /tmp: ' .. base)
+  local scratch = base .. '/tree'
+  assert(run('mkdir -p ' .. quote(scratch) .. ' ' .. quote(base .. '/logs')))
   assert(run('find ' .. quote(scratch) .. ' -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +'))
   assert(run('cd ' .. quote(root) .. ' && git ls-files -z -co --exclude-standard | ' ..
     'xargs -0 cp -a --parents -t ' .. quote(scratch)), 'copying the tree to ' .. scratch .. ' failed')
-  assert(run('mkdir -p ' .. quote(scratch .. '/mutate-logs')))
+  if pio.is_dir(root .. '/../shared') then
+    assert(run('ln -sfn ' .. quote(root .. '/../shared') .. ' ' .. quote(base .. '/shared')))
+  end
+  return scratch
 end
 
 -- The objects that must be recompiled when `file` changes: its own for a .c file; for a header, those
@@ -124,8 +129,8 @@ local function target_of(tree, m)
   return content
 end
 
-local function try_mutation(scratch, m, index)
-  local log = string.format('%s/mutate-logs/%02d.log', scratch, index)
+local function try_mutation(scratch, logs, m, index)
+  local log = string.format('%s/%02d.log', logs, index)
   write(log, string.format('mutation %q (%s line %d)\n', m.name, LIST, m.line))
   local path = scratch .. '/' .. m.file
   local original, stale = target_of(scratch, m)
@@ -166,9 +171,9 @@ if checking then
   os.exit(stale == 0 and 0 or 1)
 end
 
-local scratch = os.getenv('PMP_MUTATE_DIR') or ('/tmp/pmp-mutate-' .. (os.getenv('USER') or 'user'))
-refresh_scratch(scratch)
-local baseline_log = scratch .. '/mutate-logs/baseline.log'
+local base = os.getenv('PMP_MUTATE_DIR') or ('/tmp/pmp-mutate-' .. (os.getenv('USER') or 'user'))
+local scratch, logs = refresh_scratch(base), base .. '/logs'
+local baseline_log = logs .. '/baseline.log'
 write(baseline_log, '')
 if not build(scratch, baseline_log) then
   io.stderr:write('mutate: the unmutated tree does not build; see ' .. baseline_log .. '\n')
@@ -187,15 +192,16 @@ if not specs_pass(scratch, union, baseline_log) then
   io.stderr:write('mutate: the specs fail without any mutation; see ' .. baseline_log .. '\n')
   os.exit(2)
 end
-print('pass')
+-- the summary line: skipped specs are worth seeing, since a mutation in what they cover would survive
+print(pio.read_file(baseline_log):match('\n(%d+ passed[^\n]*)\n?$') or 'pass')
 
 local failures = 0
 print(string.format('%-3s %-12s %-52s %s', '#', 'result', 'mutation', 'file'))
 for index, m in ipairs(mutations) do
   local started = os.time()
-  local verdict = try_mutation(scratch, m, index)
+  local verdict = try_mutation(scratch, logs, m, index)
   if verdict ~= 'caught' then failures = failures + 1 end
   print(string.format('%-3d %-12s %-52s %s (%ds)', index, verdict, m.name, m.file, os.time() - started))
 end
-print(string.format('%d of %d mutations caught; logs in %s/mutate-logs', #mutations - failures, #mutations, scratch))
+print(string.format('%d of %d mutations caught; logs in %s', #mutations - failures, #mutations, logs))
 os.exit(failures == 0 and 0 or 1)
