@@ -2,10 +2,10 @@ require 'busted.runner'()
 -- Megatron indexed datasets (.bin/.idx): reader, builder, validation, files written by megatron-core;
 -- GPT samples (overlap, splits, blending, determinism, resume, megatron-core's exact order); numpy's
 -- RandomState (core/random_numpy.c); preprocess_data; pretraining on them.
-local fails_with = require('spec.support.expect').fails_with
 local ffi = require 'ffi'
 local shell = require 'spec.support.shell'
 local indexed = pmp.data.indexed
+local fails_with = require('spec.support.expect').fails_with
 local G = pmp.data.gpt_dataset
 
 local FIXTURES = shell.root .. '/spec/fixtures/indexed'
