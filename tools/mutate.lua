@@ -92,15 +92,16 @@ local function refresh_scratch(base)
 end
 
 -- The objects that must be recompiled when `file` changes: its own for a .c file; for a header, those
--- of the .c files beside it that include it (make is told to ignore the header's time, which would
--- otherwise rebuild every object).
+-- of the .c files under the same top folder that include it by any relative path (make is told to
+-- ignore the header's time, which would otherwise rebuild every object).
 local function dependents(scratch, file)
   if file:match('%.c$') then return { 'build/' .. file:gsub('%.c$', '.o') }, '' end
   if not file:match('%.h$') then return {}, nil end
-  local dir, base = file:match('^(.-)([^/]+)$')
+  local top, base = file:match('^([^/]+)/'), file:match('([^/]+)$')
   local objects = {}
-  local pipe = io.popen('cd ' .. quote(scratch) .. ' && grep -l ' .. quote('#include "' .. base .. '"') .. ' ' ..
-    quote(dir) .. '*.c 2>/dev/null')
+  local include = '#include "([^"]*/)?' .. base:gsub('%.', '\\.') .. '"'
+  local pipe = io.popen('cd ' .. quote(scratch) .. ' && grep -rlE --include=*.c ' .. quote(include) .. ' ' ..
+    quote(top or '.') .. ' 2>/dev/null')
   for c_file in pipe:lines() do objects[#objects + 1] = 'build/' .. c_file:gsub('%.c$', '.o') end
   pipe:close()
   return objects, ' -o ' .. quote(file)
@@ -138,6 +139,7 @@ local function try_mutation(scratch, logs, m, index)
   local s, e = original:find(m.find, 1, true)
   write(path, original:sub(1, s - 1) .. m.replace .. original:sub(e + 1))
   local objects, make_flags = dependents(scratch, m.file)
+  if make_flags and #objects == 0 then return 'NO OBJECT: nothing includes ' .. m.file end
   forget_objects(scratch, objects)
   local verdict
   if make_flags and not build(scratch, log, make_flags) then
