@@ -14,10 +14,13 @@ describe('chat_template sandbox', function()
       'Chat templates cannot store underscore-prefixed attributes on a namespace', "'_x'")
   end)
 
-  -- transformers rejects these two as well (SecurityError naming the attribute); pmp renders them.
+  -- transformers' TemplateNamespace checks every way a name is stored, not only keywords
   it('refuses underscore-prefixed namespace attributes set later or given as a mapping', function()
-    pending('pmp.chat_template checks only namespace(...) keywords: {% set ns._x = 2 %} and ' ..
-      'namespace({"_y": 1}) still pass (follow-up for the chat-template rewrite)')
+    fails_with(function() render('{% set ns = namespace(a=1) %}{% set ns._x = 2 %}{{ ns.a }}') end,
+      'Chat templates cannot store underscore-prefixed attributes on a namespace', "'_x'")
+    fails_with(function() render('{% set ns = namespace({"_y": 1}) %}{{ ns.a }}') end,
+      'Chat templates cannot store underscore-prefixed attributes on a namespace', "'_y'")
+    assert.are.equal('2', render('{% set ns = namespace({"a": 1}) %}{% set ns.a = 2 %}{{ ns.a }}'))
   end)
 
   it('refuses the list and dict methods that would mutate the context', function()
