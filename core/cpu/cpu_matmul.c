@@ -1,6 +1,7 @@
-/* CPU GEMM: AMX tiles (core/cpu/x86/amx_matmul.c) for bf16 where the CPU has them; oneDNN
- * (core/cpu/blas/onednn_matmul.c) for f32, bf16 and f16; BLAS (core/cpu/blas/blas.h) for f64, single-row
- * f32 products and whatever oneDNN declines (bf16/f16 then go through f32); a plain loop for integers. */
+/* CPU GEMM: few-row f32/bf16/f16 products (decoding) on our own kernels (core/cpu/cpu_gemv.c); AMX
+ * tiles (core/cpu/x86/amx_matmul.c) for bf16 where the CPU has them; oneDNN (core/cpu/blas/onednn_matmul.c)
+ * for f32, bf16 and f16; BLAS (core/cpu/blas/blas.h) for f64 and whatever oneDNN declines (bf16/f16 then
+ * go through f32); a plain loop for integers. */
 #include "internal.h"
 #include "cpu/blas/blas.h"
 #include <omp.h>
@@ -201,12 +202,16 @@ int pmp_cpu_matmul(const pmp_op_args *args) {
   int64_t n = a->sizes[nd - 2], k = a->sizes[nd - 1], m = b->sizes[nd - 1];
   int64_t batches = 1;
   for (int d = 0; d < nd - 2; d++) batches *= a->sizes[d];
-  bool single_row_f32 = n <= GEMV_MAX_ROWS && a->dtype_id == PMP_F32;
+  if (batches == 1 && n <= PMP_GEMV_MAX_ROWS) {
+    const int64_t sa[2] = {a->strides[nd - 2], a->strides[nd - 1]}, sb[2] = {b->strides[nd - 2], b->strides[nd - 1]};
+    int rc = pmp_cpu_gemv(a->dtype_id, n, k, m, a->data, sa, b->data, sb, c->data);
+    if (rc <= 0) return rc;
+  }
   if (a->dtype_id == PMP_BF16) {
     int rc = amx_batches(a, b, c, batches, n, k, m);
     if (rc <= 0) return rc;
   }
-  if (pmp_dtype_is_float(a->dtype_id) && a->dtype_id != PMP_F64 && !single_row_f32) {
+  if (pmp_dtype_is_float(a->dtype_id) && a->dtype_id != PMP_F64) {
     int rc = onednn_batches(a, b, c, batches, n, k, m);
     if (rc <= 0) return rc;
   }
