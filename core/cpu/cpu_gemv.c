@@ -217,16 +217,21 @@ static void outputs_scalar(const gemv_args *s, int g, const float *x, float *y, 
 
 typedef void (*outputs_fn)(const gemv_args *s, int g, const float *x, float *y, int64_t j0, int64_t j1);
 
+/* The widest kernel the CPU runs, or a narrower one named by PMP_GEMV_KERNEL=avx2 or scalar (so that the
+ * fallbacks are tested on any machine), read at each call. */
 static outputs_fn pick_kernel(void) {
-  static outputs_fn picked;
-  if (!picked) {
+  static int widest = -1;   /* 2: AVX-512, 1: AVX2, 0: scalar */
+  if (widest < 0) {
     __builtin_cpu_init();
-    picked = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
-                 ? outputs_avx512
-             : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? outputs_avx2
-                                                                               : outputs_scalar;
+    widest = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") ? 2
+           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")               ? 1
+                                                                                                                              : 0;
   }
-  return picked;
+  const char *asked = getenv("PMP_GEMV_KERNEL");
+  int level = widest;
+  if (asked && strcmp(asked, "scalar") == 0) level = 0;
+  else if (asked && strcmp(asked, "avx2") == 0 && level > 1) level = 1;
+  return level == 2 ? outputs_avx512 : level == 1 ? outputs_avx2 : outputs_scalar;
 }
 
 /* Input rows as f32, padded with zeros so that every kernel reads whole vectors of them. */
