@@ -27,7 +27,10 @@ enum {
 
 /* Weight rows handled at once for a group of g input rows: enough independent sums to hide the FMA
  * latency for one row, few enough accumulators to stay in AVX2's 16 registers for eight. */
-static int weights_per_pass(int g) { return g >= 8 ? 1 : g >= 4 ? 2 : 4; }
+/* pmp_dtype_size for the three dtypes here, visible to the compiler so that it stays out of the loops */
+static inline int elem_size(int dtype) { return dtype == PMP_F32 ? 4 : 2; }
+
+static int weights_per_pass(int g) { return g >= 8 ? 1 : g >= 4 ? 2 : g >= 2 ? 4 : 8; }
 
 /* ---- AVX-512: 16 lanes, tails read with masked loads ---- */
 
@@ -41,22 +44,22 @@ TARGET_AVX512 static ALWAYS_INLINE __m512 load16(int dtype, const void *p, __mma
 /* out[i * ldo + j] = x_i . w_j for g input rows x (f32, zero-padded) and r weight rows w. */
 TARGET_AVX512 static ALWAYS_INLINE void dot_avx512(int dtype, int g, int r, const float *x, int64_t ldx, const char *w,
                                                    int64_t ldw, int64_t k, float *out, int64_t ldo) {
-  int es = pmp_dtype_size(dtype);
-  __m512 acc[4][ROW_GROUP];
-#pragma GCC unroll 4
+  int es = elem_size(dtype);
+  __m512 acc[8][ROW_GROUP];
+#pragma GCC unroll 8
   for (int j = 0; j < r; j++)
 #pragma GCC unroll 8
     for (int i = 0; i < g; i++) acc[j][i] = _mm512_setzero_ps();
   for (int64_t p = 0; p < k; p += 16) {
     __mmask16 mask = k - p >= 16 ? 0xffff : (__mmask16)((1u << (k - p)) - 1);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < r; j++) {
       __m512 wv = load16(dtype, w + (j * ldw + p) * es, mask);
 #pragma GCC unroll 8
       for (int i = 0; i < g; i++) acc[j][i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + p), wv, acc[j][i]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < r; j++)
 #pragma GCC unroll 8
     for (int i = 0; i < g; i++) out[i * ldo + j] = _mm512_reduce_add_ps(acc[j][i]);
@@ -65,7 +68,7 @@ TARGET_AVX512 static ALWAYS_INLINE void dot_avx512(int dtype, int g, int r, cons
 /* out[i * ldo + j] = sum_p x_i[p] b[p, j] for g input rows and 16 columns of b (stored by rows). */
 TARGET_AVX512 static ALWAYS_INLINE void axpy_avx512(int dtype, int g, const float *x, int64_t ldx, const char *b,
                                                     int64_t ldb, int64_t k, int64_t cols, float *out, int64_t ldo) {
-  int es = pmp_dtype_size(dtype);
+  int es = elem_size(dtype);
   __mmask16 mask = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1);
   __m512 acc[ROW_GROUP];
 #pragma GCC unroll 8
@@ -79,12 +82,9 @@ TARGET_AVX512 static ALWAYS_INLINE void axpy_avx512(int dtype, int g, const floa
   for (int i = 0; i < g; i++) _mm512_mask_storeu_ps(out + i * ldo, mask, acc[i]);
 }
 
-/* ---- AVX2: 8 lanes, weight tails copied into a zeroed vector ---- */
+/* ---- AVX2: 8 lanes; what is left of k or of the columns is added one element at a time ---- */
 
-TARGET_AVX2 static ALWAYS_INLINE __m256 load8(int dtype, const void *p, int64_t n) {
-  int es = pmp_dtype_size(dtype);
-  unsigned char tail[32] = {0};
-  if (n < 8) p = memcpy(tail, p, (size_t)(n * es));
+TARGET_AVX2 static ALWAYS_INLINE __m256 load8(int dtype, const void *p) {
   if (dtype == PMP_F32) return _mm256_loadu_ps(p);
   __m128i h = _mm_loadu_si128(p);
   if (dtype == PMP_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -97,45 +97,52 @@ TARGET_AVX2 static ALWAYS_INLINE float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+static float load1(int dtype, const char *p) {
+  if (dtype == PMP_F32) return *(const float *)p;
+  return dtype == PMP_BF16 ? bf16_bits_to_f32(*(const uint16_t *)p) : pmp_f16_to_f32(*(const uint16_t *)p);
+}
+
 TARGET_AVX2 static ALWAYS_INLINE void dot_avx2(int dtype, int g, int r, const float *x, int64_t ldx, const char *w,
                                                int64_t ldw, int64_t k, float *out, int64_t ldo) {
-  int es = pmp_dtype_size(dtype);
-  __m256 acc[4][ROW_GROUP];
-#pragma GCC unroll 4
+  int es = elem_size(dtype);
+  int64_t whole = k / 8 * 8;
+  __m256 acc[8][ROW_GROUP];
+#pragma GCC unroll 8
   for (int j = 0; j < r; j++)
 #pragma GCC unroll 8
     for (int i = 0; i < g; i++) acc[j][i] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < k; p += 8) {
-#pragma GCC unroll 4
+  for (int64_t p = 0; p < whole; p += 8) {
+#pragma GCC unroll 8
     for (int j = 0; j < r; j++) {
-      __m256 wv = load8(dtype, w + (j * ldw + p) * es, k - p);
+      __m256 wv = load8(dtype, w + (j * ldw + p) * es);
 #pragma GCC unroll 8
       for (int i = 0; i < g; i++) acc[j][i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + p), wv, acc[j][i]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < r; j++)
 #pragma GCC unroll 8
-    for (int i = 0; i < g; i++) out[i * ldo + j] = sum8(acc[j][i]);
+    for (int i = 0; i < g; i++) {
+      float sum = sum8(acc[j][i]);
+      for (int64_t p = whole; p < k; p++) sum += x[i * ldx + p] * load1(dtype, w + (j * ldw + p) * es);
+      out[i * ldo + j] = sum;
+    }
 }
 
+/* Eight whole columns. */
 TARGET_AVX2 static ALWAYS_INLINE void axpy_avx2(int dtype, int g, const float *x, int64_t ldx, const char *b,
-                                                int64_t ldb, int64_t k, int64_t cols, float *out, int64_t ldo) {
-  int es = pmp_dtype_size(dtype);
+                                                int64_t ldb, int64_t k, float *out, int64_t ldo) {
+  int es = elem_size(dtype);
   __m256 acc[ROW_GROUP];
 #pragma GCC unroll 8
   for (int i = 0; i < g; i++) acc[i] = _mm256_setzero_ps();
   for (int64_t p = 0; p < k; p++) {
-    __m256 bv = load8(dtype, b + p * ldb * es, cols);
+    __m256 bv = load8(dtype, b + p * ldb * es);
 #pragma GCC unroll 8
     for (int i = 0; i < g; i++) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(x[i * ldx + p]), bv, acc[i]);
   }
 #pragma GCC unroll 8
-  for (int i = 0; i < g; i++) {
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc[i]);
-    memcpy(out + i * ldo, lanes, (size_t)(cols < 8 ? cols : 8) * sizeof(float));
-  }
+  for (int i = 0; i < g; i++) _mm256_storeu_ps(out + i * ldo, acc[i]);
 }
 
 /* ---- Outputs [j0, j1) for a group of g input rows, per instruction set ---- */
@@ -150,9 +157,21 @@ typedef struct gemv_args {
   float *y;             /* [rows, m] f32 results */
 } gemv_args;
 
+/* Without AVX2: the same sums one element at a time, in order of k. */
+static void outputs_scalar(const gemv_args *s, int g, const float *x, float *y, int64_t j0, int64_t j1) {
+  int es = elem_size(s->dtype);
+  int64_t step_k = s->weight_rows ? 1 : s->ldb, step_j = s->weight_rows ? s->ldb : 1;
+  for (int64_t j = j0; j < j1; j++)
+    for (int i = 0; i < g; i++) {
+      float sum = 0;
+      for (int64_t p = 0; p < s->k; p++) sum += x[i * s->ldx + p] * load1(s->dtype, s->b + (p * step_k + j * step_j) * es);
+      y[i * s->m + j] = sum;
+    }
+}
+
 TARGET_AVX512 static ALWAYS_INLINE void outputs_avx512_typed(int dtype, int g, const gemv_args *s, const float *x,
                                                              float *y, int64_t j0, int64_t j1) {
-  int es = pmp_dtype_size(dtype), r = weights_per_pass(g);
+  int es = elem_size(dtype), r = weights_per_pass(g);
   if (s->weight_rows) {
     int64_t j = j0;
     for (; j + r <= j1; j += r) dot_avx512(dtype, g, r, x, s->ldx, s->b + j * s->ldb * es, s->ldb, s->k, y + j, s->m);
@@ -179,13 +198,15 @@ TARGET_AVX512 static void outputs_avx512(const gemv_args *s, int g, const float 
 
 TARGET_AVX2 static ALWAYS_INLINE void outputs_avx2_typed(int dtype, int g, const gemv_args *s, const float *x, float *y,
                                                          int64_t j0, int64_t j1) {
-  int es = pmp_dtype_size(dtype), r = weights_per_pass(g);
+  int es = elem_size(dtype), r = weights_per_pass(g);
   if (s->weight_rows) {
     int64_t j = j0;
     for (; j + r <= j1; j += r) dot_avx2(dtype, g, r, x, s->ldx, s->b + j * s->ldb * es, s->ldb, s->k, y + j, s->m);
     for (; j < j1; j++) dot_avx2(dtype, g, 1, x, s->ldx, s->b + j * s->ldb * es, s->ldb, s->k, y + j, s->m);
   } else {
-    for (int64_t j = j0; j < j1; j += 8) axpy_avx2(dtype, g, x, s->ldx, s->b + j * es, s->ldb, s->k, j1 - j, y + j, s->m);
+    int64_t j = j0;
+    for (; j + 8 <= j1; j += 8) axpy_avx2(dtype, g, x, s->ldx, s->b + j * es, s->ldb, s->k, y + j, s->m);
+    outputs_scalar(s, g, x, y, j, j1);
   }
 }
 
@@ -201,18 +222,6 @@ TARGET_AVX2 static void outputs_avx2(const gemv_args *s, int g, const float *x, 
     return g == 8 ? outputs_avx2_typed(PMP_F16, 8, s, x, y, j0, j1) : g == 4 ? outputs_avx2_typed(PMP_F16, 4, s, x, y, j0, j1)
          : g == 2 ? outputs_avx2_typed(PMP_F16, 2, s, x, y, j0, j1) : outputs_avx2_typed(PMP_F16, 1, s, x, y, j0, j1);
   }
-}
-
-/* Without AVX2: the same sums one element at a time, in order of k. */
-static void outputs_scalar(const gemv_args *s, int g, const float *x, float *y, int64_t j0, int64_t j1) {
-  int es = pmp_dtype_size(s->dtype);
-  int64_t step_k = s->weight_rows ? 1 : s->ldb, step_j = s->weight_rows ? s->ldb : 1;
-  for (int64_t j = j0; j < j1; j++)
-    for (int i = 0; i < g; i++) {
-      float sum = 0;
-      for (int64_t p = 0; p < s->k; p++) sum += x[i * s->ldx + p] * (float)pmp_load_as_f64(s->dtype, s->b + (p * step_k + j * step_j) * es);
-      y[i * s->m + j] = sum;
-    }
 }
 
 typedef void (*outputs_fn)(const gemv_args *s, int g, const float *x, float *y, int64_t j0, int64_t j1);
@@ -238,7 +247,7 @@ static outputs_fn pick_kernel(void) {
 static float *pack_rows(int dtype, int64_t rows, int64_t k, const char *a, const int64_t sa[2], int64_t ldx) {
   float *x = aligned_alloc(64, (size_t)(rows * ldx) * sizeof(float));
   if (!x) return NULL;
-  int es = pmp_dtype_size(dtype);
+  int es = elem_size(dtype);
   for (int64_t i = 0; i < rows; i++) {
     float *row = x + i * ldx;
     if (sa[1] == 1) pmp_convert(row, PMP_F32, a + i * sa[0] * es, dtype, k);
