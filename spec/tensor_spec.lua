@@ -1150,7 +1150,7 @@ describe('matmul', function()
   local ffi = require 'ffi'
   pcall(ffi.cdef, 'int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);')
   local function each_kernel(fn)
-    for _, kernel in ipairs({ 'widest', 'avx2', 'scalar' }) do
+    for _, kernel in ipairs({ 'widest', 'avx512', 'avx2', 'scalar' }) do
       if kernel ~= 'widest' then ffi.C.setenv('PMP_GEMV_KERNEL', kernel, 1) end
       local ok, err = pcall(fn, kernel)
       ffi.C.unsetenv('PMP_GEMV_KERNEL')

@@ -25,6 +25,7 @@ enum {
 
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,f16c")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 /* Weight rows handled at once for a group of g input rows: enough independent sums to hide the FMA
@@ -156,6 +157,8 @@ typedef struct gemv_args {
   int64_t ldb, k, m;    /* ldb: elements between W's rows (weight_rows) or b's rows */
   const float *x;       /* the input rows as f32, each padded with zeros to ldx */
   int64_t ldx;
+  const uint16_t *x_bf16;   /* bf16 inputs only: the rows as they are, padded with zeros to ldx_bf16 */
+  int64_t ldx_bf16;
   float *y;             /* [rows, m] f32 results */
 } gemv_args;
 
@@ -226,23 +229,69 @@ TARGET_AVX2 static void outputs_avx2(const gemv_args *s, int g, const float *x, 
   }
 }
 
+/* ---- AVX-512 BF16: bf16 weights by rows against bf16 inputs, 32 products per instruction ---- */
+
+/* vdpbf16ps multiplies pairs of bf16 exactly and adds both to an f32 lane: twice the products of an
+ * FMA and no conversion of the weights. out[i * ldo + j] = x_i . w_j as in dot_avx512. */
+TARGET_AVX512_BF16 static ALWAYS_INLINE void dot_bf16_pairs(int g, int r, const uint16_t *x, int64_t ldx, const uint16_t *w,
+                                                            int64_t ldw, int64_t k, float *out, int64_t ldo) {
+  __m512 acc[8][ROW_GROUP];
+#pragma GCC unroll 8
+  for (int j = 0; j < r; j++)
+#pragma GCC unroll 8
+    for (int i = 0; i < g; i++) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; p += 32) {
+    __mmask32 mask = k - p >= 32 ? 0xffffffffu : (__mmask32)((1u << (k - p)) - 1);
+#pragma GCC unroll 8
+    for (int j = 0; j < r; j++) {
+      __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + j * ldw + p);
+#pragma GCC unroll 8
+      for (int i = 0; i < g; i++) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], (__m512bh)_mm512_loadu_si512(x + i * ldx + p), wv);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < r; j++)
+#pragma GCC unroll 8
+    for (int i = 0; i < g; i++) out[i * ldo + j] = _mm512_reduce_add_ps(acc[j][i]);
+}
+
+TARGET_AVX512_BF16 static ALWAYS_INLINE void outputs_bf16_pairs_typed(int g, const gemv_args *s, const uint16_t *x, float *y,
+                                                                      int64_t j0, int64_t j1) {
+  const uint16_t *b = (const uint16_t *)s->b;
+  int r = weights_per_pass(g);
+  int64_t j = j0;
+  for (; j + r <= j1; j += r) dot_bf16_pairs(g, r, x, s->ldx_bf16, b + j * s->ldb, s->ldb, s->k, y + j, s->m);
+  for (; j < j1; j++) dot_bf16_pairs(g, 1, x, s->ldx_bf16, b + j * s->ldb, s->ldb, s->k, y + j, s->m);
+}
+
+TARGET_AVX512_BF16 static void outputs_avx512_bf16(const gemv_args *s, int g, const float *x, float *y, int64_t j0, int64_t j1) {
+  if (s->dtype != PMP_BF16 || !s->weight_rows) return outputs_avx512(s, g, x, y, j0, j1);
+  const uint16_t *x_bf16 = s->x_bf16 + (x - s->x) / s->ldx * s->ldx_bf16;   /* the same input row */
+  return g == 8 ? outputs_bf16_pairs_typed(8, s, x_bf16, y, j0, j1) : g == 4 ? outputs_bf16_pairs_typed(4, s, x_bf16, y, j0, j1)
+       : g == 2 ? outputs_bf16_pairs_typed(2, s, x_bf16, y, j0, j1) : outputs_bf16_pairs_typed(1, s, x_bf16, y, j0, j1);
+}
+
 typedef void (*outputs_fn)(const gemv_args *s, int g, const float *x, float *y, int64_t j0, int64_t j1);
 
-/* The widest kernel the CPU runs, or a narrower one named by PMP_GEMV_KERNEL=avx2 or scalar (so that the
- * fallbacks are tested on any machine), read at each call. */
+/* The widest kernel the CPU runs, or a narrower one named by PMP_GEMV_KERNEL=avx512, avx2 or scalar (so
+ * that the fallbacks are tested on any machine), read at each call. */
 static outputs_fn pick_kernel(void) {
-  static int widest = -1;   /* 2: AVX-512, 1: AVX2, 0: scalar */
+  static int widest = -1;   /* 3: AVX-512 with BF16, 2: AVX-512, 1: AVX2, 0: scalar */
   if (widest < 0) {
     __builtin_cpu_init();
-    widest = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") ? 2
-           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")               ? 1
-                                                                                                                              : 0;
+    bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    widest = avx512 && __builtin_cpu_supports("avx512bf16")                                              ? 3
+           : avx512                                                                                       ? 2
+           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 1
+                                                                                                          : 0;
   }
   const char *asked = getenv("PMP_GEMV_KERNEL");
   int level = widest;
   if (asked && strcmp(asked, "scalar") == 0) level = 0;
   else if (asked && strcmp(asked, "avx2") == 0 && level > 1) level = 1;
-  return level == 2 ? outputs_avx512 : level == 1 ? outputs_avx2 : outputs_scalar;
+  else if (asked && strcmp(asked, "avx512") == 0 && level > 2) level = 2;
+  static const outputs_fn kernels[] = {outputs_scalar, outputs_avx2, outputs_avx512, outputs_avx512_bf16};
+  return kernels[level];
 }
 
 /* Input rows as f32, padded with zeros so that every kernel reads whole vectors of them. */
@@ -275,9 +324,17 @@ int pmp_cpu_gemv(int dtype, int64_t rows, int64_t k, int64_t m, const void *a, c
   else if (sb[1] == 1 && sb[0] >= m) s.weight_rows = false, s.ldb = sb[0];
   else return 1;
   float *x = pack_rows(dtype, rows, k, a, sa, s.ldx);
+  uint16_t *x_bf16 = NULL;
+  if (dtype == PMP_BF16 && x) {   /* exact: the f32 rows hold bf16 values */
+    s.ldx_bf16 = (k + 31) / 32 * 32;
+    x_bf16 = calloc((size_t)(rows * s.ldx_bf16), sizeof(uint16_t));
+    for (int64_t i = 0; x_bf16 && i < rows; i++) pmp_convert(x_bf16 + i * s.ldx_bf16, PMP_BF16, x + i * s.ldx, PMP_F32, k);
+  }
+  s.x_bf16 = x_bf16;
   float *y = dtype == PMP_F32 ? c : malloc((size_t)(rows * m) * sizeof(float));
-  if (!x || !y) {
+  if (!x || !y || (dtype == PMP_BF16 && !x_bf16)) {
     free(x);
+    free(x_bf16);
     if (y != c) free(y);
     return pmp_fail_code("matmul: out of memory for a %lld-row product", (long long)rows);
   }
@@ -303,6 +360,7 @@ int pmp_cpu_gemv(int dtype, int64_t rows, int64_t k, int64_t m, const void *a, c
       for (int64_t i = 0; i < rows; i++) pmp_convert((char *)c + (i * m + j0) * 2, dtype, y + i * m + j0, PMP_F32, j1 - j0);
   }
   free(x);
+  free(x_bf16);
   if (y != c) free(y);
   return 0;
 }
