@@ -7,7 +7,8 @@
  * much as the product; BLIS's gemv reads it in place but on one core. Here the outputs are split over
  * all threads in fixed blocks and each thread streams its weight rows once from memory, for every
  * input row at a time. The inputs are converted once to zero-padded f32 rows (small); weights are
- * converted in registers. Kernels for AVX-512 and AVX2 are picked at run time, with a scalar fallback.
+ * converted in registers. Kernels for AVX-512 (with its BF16 dot products for bf16 weights by rows) and
+ * AVX2 are picked at run time, with a scalar fallback.
  *
  * Determinism: each output is computed by one thread with a reduction order that depends only on k
  * and the kernel the CPU picks, so results do not depend on the thread count. */
