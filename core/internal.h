@@ -138,6 +138,12 @@ int pmp_cpu_copy(const pmp_op_args *a);
 int pmp_cpu_reduce(const pmp_op_args *a);
 int pmp_cpu_reduce_index(const pmp_op_args *a);
 int pmp_cpu_matmul(const pmp_op_args *a);
+/* core/cpu/cpu_gemv.c: f32/bf16/f16 c[rows, m] (contiguous) = a[rows, k] @ b[k, m] for 1 <= rows <=
+ * PMP_GEMV_MAX_ROWS (strides in elements: row, column; b stored by rows or by columns); 1 when it
+ * declines the dtype, shape or layout or is off (PMP_MATMUL_NO_GEMV=1), 0 on success, -1 on failure */
+enum { PMP_GEMV_MAX_ROWS = 8 };
+int pmp_cpu_gemv(int dtype, int64_t rows, int64_t k, int64_t m, const void *a, const int64_t sa[2], const void *b,
+                 const int64_t sb[2], void *c);
 int pmp_cpu_gather(const pmp_op_args *a);
 int pmp_cpu_scatter_add(const pmp_op_args *a);
 int pmp_cpu_index_select(const pmp_op_args *a);

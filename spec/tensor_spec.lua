@@ -1140,6 +1140,74 @@ describe('matmul', function()
       assert.are.same(r:float():totable(), pmp.matmul(ab, bb):float():totable(), 'repeatable, case ' .. i)
     end
   end)
+
+  -- Up to 8 rows (decoding) f32, bf16 and f16 run on the few-row kernels of core/cpu/cpu_gemv.c: a
+  -- weight W [m, k] used as W:t() or a right operand [k, m] stored by rows, with k not a whole number
+  -- of vectors (37) and m not a whole number of output blocks (67, 200); a strided left operand is
+  -- converted, a right operand stored neither way falls back to the GEMM paths, and 9 rows go there too.
+  -- The reference is the f64 product (BLIS) of the same rounded values.
+  -- Each kernel the CPU runs is tried: the widest, then those PMP_GEMV_KERNEL narrows it to.
+  local ffi = require 'ffi'
+  pcall(ffi.cdef, 'int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);')
+  local function each_kernel(fn)
+    for _, kernel in ipairs({ 'widest', 'avx512', 'avx2', 'scalar' }) do
+      if kernel ~= 'widest' then ffi.C.setenv('PMP_GEMV_KERNEL', kernel, 1) end
+      local ok, err = pcall(fn, kernel)
+      ffi.C.unsetenv('PMP_GEMV_KERNEL')
+      if not ok then error(err, 0) end
+    end
+  end
+
+  it('few-row products agree with f64 for every row count, layout and dtype', function()
+    local function max_rel_err(got, a, b)
+      local want = pmp.matmul(a:double(), b:double())
+      return (got:double() - want):abs():max():item() / want:abs():max():item()
+    end
+    local tolerance = { f32 = 1e-5, bf16 = 2 ^ -8, f16 = 2 ^ -10 }
+    pmp.manual_seed(7)
+    each_kernel(function(kernel)
+      for _, dtype in ipairs({ 'f32', 'bf16', 'f16' }) do
+        for rows = 1, 9 do
+          for _, shape in ipairs({ { 37, 67 }, { 64, 200 } }) do
+            local k, m = shape[1], shape[2]
+            local a = pmp.randn(rows, k):to(dtype)
+            local cases = {
+              { a, pmp.randn(m, k):to(dtype):t(), 'W:t()' },
+              { a, pmp.randn(k, m):to(dtype), 'by rows' },
+              { pmp.randn(k, rows):to(dtype):t(), pmp.randn(m, k):to(dtype):t(), 'strided a' },
+              { a, pmp.randn(k, m, 2):to(dtype):select(3, 1), 'strided b' },
+            }
+            for _, c in ipairs(cases) do
+              local r = pmp.matmul(c[1], c[2])
+              local what = string.format('%s kernel, %s rows %d k %d m %d %s', kernel, dtype, rows, k, m, c[3])
+              assert.equal(dtype, r.dtype, what)
+              assert.are.same({ rows, m }, r.shape, what)
+              assert.is_true(max_rel_err(r, c[1], c[2]) < tolerance[dtype], what)
+            end
+          end
+        end
+      end
+    end)
+  end)
+
+  it('few-row products give the same bits on 1 and 2 threads', function()
+    local threads = pmp.num_threads()
+    pmp.manual_seed(8)
+    each_kernel(function(kernel)
+      for _, dtype in ipairs({ 'f32', 'bf16', 'f16' }) do
+        for _, rows in ipairs({ 1, 3, 8 }) do
+          local a, w, b = pmp.randn(rows, 301):to(dtype), pmp.randn(1000, 301):to(dtype), pmp.randn(301, 1000):to(dtype)
+          pmp.set_num_threads(1)
+          local one_wt, one_b = pmp.matmul(a, w:t()):float():totable(), pmp.matmul(a, b):float():totable()
+          pmp.set_num_threads(2)
+          local two_wt, two_b = pmp.matmul(a, w:t()):float():totable(), pmp.matmul(a, b):float():totable()
+          pmp.set_num_threads(threads)
+          assert.are.same(one_wt, two_wt, kernel .. ' kernel, ' .. dtype .. ' W:t() rows ' .. rows)
+          assert.are.same(one_b, two_b, kernel .. ' kernel, ' .. dtype .. ' by rows, rows ' .. rows)
+        end
+      end
+    end)
+  end)
 end)
 
 describe('joining, splitting and indexing', function()

@@ -5,6 +5,10 @@
 --     the FFI, in GFLOP/s, with BLIS's cblas_sgemm (pmp's f64 BLAS) beside them for scale;
 --   * pmp.matmul (bf16) on AMX tiles against the same product through oneDNN (PMP_MATMUL_NO_AMX=1),
 --     on the GEMMs of a Llama layer's forward and backward (tokens x hidden x ffn);
+--   * few-row products (decoding: 1, 4 and 8 rows against a weight [out, in] used transposed) on pmp's
+--     kernels (core/cpu/cpu_gemv.c) against the same product through oneDNN (PMP_MATMUL_NO_GEMV=1) and,
+--     in f32, against BLIS's cblas_sgemv called once per row, on the layers of the bench-generate model
+--     (hidden 512) and of one twice as wide;
 --   * elementwise ops, reductions and dtype conversion against memcpy, in GB/s.
 -- Times are wall-clock (CLOCK_MONOTONIC), best of N repetitions after a warm-up. It reports; it
 -- never asserts. Targets: pmp/direct within 5% at 1024^3; large elementwise ops >= 50% of memcpy.
@@ -25,6 +29,8 @@ declare [[int clock_gettime(int clock_id, struct timespec *tp);]]
 declare [[void *memcpy(void *dst, const void *src, size_t n);]]
 declare [[void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha,
                            const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc);]]
+declare [[void cblas_sgemv(int order, int trans, int m, int n, float alpha, const float *a, int lda, const float *x,
+                           int incx, float beta, float *y, int incy);]]
 declare [[int dnnl_sgemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
                           int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);]]
 declare [[typedef struct { int major; int minor; int patch; const char *hash; unsigned cpu_runtime; unsigned gpu_runtime; } bench_dnnl_version_t;]]
@@ -37,7 +43,7 @@ declare [[const char *bli_info_get_version_str(void);]]
 declare [[int bli_arch_query_id(void);]]
 declare [[const char *bli_arch_string(int id);]]
 
--- `./pmp tools/bench_core.lua [matmul|bf16|bandwidth]` runs one part; no argument runs all.
+-- `./pmp tools/bench_core.lua [matmul|bf16|gemv|bandwidth]` runs one part; no argument runs all.
 local only = arg and arg[1]
 local function wanted(part) return only == nil or only == part end
 
@@ -251,6 +257,59 @@ local function bench_bf16()
 end
 
 ---------------------------------------------------------------------------------------------------
+-- Few-row products (decode steps): pmp's kernels against oneDNN and BLIS's gemv
+
+local function bench_gemv_case(label, dtype, rows, k, m)
+  local x, w = pmp.randn(rows, k):to(dtype), pmp.randn(m, k):to(dtype)
+  local wt = w:t()
+  local function run_pmp() local _ = pmp.matmul(x, wt) end
+  local function via_onednn()
+    C.setenv('PMP_MATMUL_NO_GEMV', '1', 1)
+    local c = pmp.matmul(x, wt)
+    C.unsetenv('PMP_MATMUL_NO_GEMV')
+    return c
+  end
+  local options = { warmup = 2, min_reps = 5, max_reps = 200, budget = 0.4 }
+  local tp, to, reps = best_pair(run_pmp, via_onednn, options)
+  local blis = '-'
+  if dtype == 'f32' then
+    local y = pmp.empty(rows, m)
+    local px, pw, py = float_ptr(x), float_ptr(w), float_ptr(y)
+    local function run_blis()
+      for r = 0, rows - 1 do C.cblas_sgemv(CblasRowMajor, CblasNoTrans, m, k, 1, pw, k, px + r * k, 1, 0, py + r * m, 1) end
+    end
+    C.bli_thread_set_num_threads(pmp.num_threads())
+    local _, tb = best_pair(run_pmp, run_blis, options)
+    blis = string.format('%.1f (%.2f)', 2 * rows * k * m / tb * 1e-9, tb / tp)
+  end
+  local want = via_onednn():float()
+  local diff = (pmp.matmul(x, wt):float() - want):abs():max():item() / want:abs():max():item()
+  local note = diff > (dtype == 'f32' and 1e-5 or 2 ^ -7) and string.format('  MISMATCH max rel diff %g', diff) or ''
+  local flops = 2 * rows * k * m
+  print(string.format('%-22s %4s %4d %9.1f %9.1f %7.2f %16s %5d%s', label, dtype, rows, flops / tp * 1e-9,
+    flops / to * 1e-9, to / tp, blis, reps, note))
+end
+
+local function bench_gemv()
+  print()
+  print(string.format('%-22s %4s %4s %9s %9s %7s %16s %5s', 'x @ W:t() (decode)', '', 'rows', 'pmp GF/s', 'oneDNN',
+    'ratio', 'BLIS gemv (ratio)', 'reps'))
+  print(string.rep('-', 84))
+  pmp.manual_seed(1)
+  local layers = {
+    { 'attn  512 -> 512', 512, 512 }, { 'ffn   512 -> 1408', 512, 1408 }, { 'ffn  1408 -> 512', 1408, 512 },
+    { 'head  512 -> 32000', 512, 32000 }, { 'attn 1024 -> 1024', 1024, 1024 }, { 'ffn  1024 -> 2816', 1024, 2816 },
+    { 'head 1024 -> 32000', 1024, 32000 },
+  }
+  for _, dtype in ipairs({ 'f32', 'bf16', 'f16' }) do
+    for _, layer in ipairs(layers) do
+      for _, rows in ipairs({ 1, 4, 8 }) do bench_gemv_case(layer[1], dtype, rows, layer[2], layer[3]) end
+      collectgarbage()
+    end
+  end
+end
+
+---------------------------------------------------------------------------------------------------
 -- Bandwidth: elementwise ops, reductions and a cast against memcpy
 
 local function bench_bandwidth()
@@ -321,6 +380,7 @@ end
 print_header()
 if wanted('matmul') then bench_matmul(); release() end
 if wanted('bf16') then bench_bf16(); release() end
+if wanted('gemv') then bench_gemv(); release() end
 if wanted('bandwidth') then bench_bandwidth(); release() end
 local st = pmp.memory.stats()
 print()

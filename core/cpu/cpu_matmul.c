@@ -1,6 +1,7 @@
-/* CPU GEMM: AMX tiles (core/cpu/x86/amx_matmul.c) for bf16 where the CPU has them; oneDNN
- * (core/cpu/blas/onednn_matmul.c) for f32, bf16 and f16; BLAS (core/cpu/blas/blas.h) for f64, single-row
- * f32 products and whatever oneDNN declines (bf16/f16 then go through f32); a plain loop for integers. */
+/* CPU GEMM: few-row f32/bf16/f16 products (decoding) on our own kernels (core/cpu/cpu_gemv.c); AMX
+ * tiles (core/cpu/x86/amx_matmul.c) for bf16 where the CPU has them; oneDNN (core/cpu/blas/onednn_matmul.c)
+ * for f32, bf16 and f16; BLAS (core/cpu/blas/blas.h) for f64 and whatever oneDNN declines (bf16/f16 then
+ * go through f32); a plain loop for integers. */
 #include "internal.h"
 #include "cpu/blas/blas.h"
 #include <omp.h>
@@ -59,27 +60,20 @@ static void *pack(const char *src, int dtype, int64_t rows, int64_t cols, int64_
   return dst;
 }
 
-/* One row times a matrix (a decode step of single-prompt generation): GEMV reads B once, where GEMM
- * first copies all of B into its packed layout (25% faster for a 32000x512 output layer here; from two
- * rows on, GEMM's packing pays for itself). false when the layout does not fit. */
+/* One f64 row times a matrix: GEMV reads B once, where GEMM first copies all of B into its packed
+ * layout (f32, bf16 and f16 few-row products have their own kernels, core/cpu/cpu_gemv.c). false when
+ * the layout does not fit. */
 enum { GEMV_MAX_ROWS = 1 };
 static bool gemv_rows(const char *pa, const char *pb, char *pc, int dtype, int64_t n, int64_t k, int64_t m,
                       const int64_t *sa, const int64_t *sb) {
-  if (n > GEMV_MAX_ROWS || (dtype != PMP_F32 && dtype != PMP_F64) || sa[1] != 1 || k == 0 || m == 0) return false;
+  if (n > GEMV_MAX_ROWS || dtype != PMP_F64 || sa[1] != 1 || k == 0 || m == 0) return false;
   bool b_rows = sb[1] == 1 && sb[0] >= m;        /* B stored [k, m]: y = B^T x */
   bool b_cols = sb[0] == 1 && sb[1] >= k;        /* B = W^T with W stored [m, k]: y = W x */
   if (!b_rows && !b_cols) return false;
-  int es = pmp_dtype_size(dtype);
-  for (int64_t r = 0; r < n; r++) {
-    const void *x = pa + r * sa[0] * es;
-    void *y = pc + r * m * es;
-    if (dtype == PMP_F32)
-      cblas_sgemv(CblasRowMajor, b_rows ? CblasTrans : CblasNoTrans, (int)(b_rows ? k : m), (int)(b_rows ? m : k), 1.0f,
-                  (const float *)pb, (int)(b_rows ? sb[0] : sb[1]), x, 1, 0.0f, y, 1);
-    else
-      cblas_dgemv(CblasRowMajor, b_rows ? CblasTrans : CblasNoTrans, (int)(b_rows ? k : m), (int)(b_rows ? m : k), 1.0,
-                  (const double *)pb, (int)(b_rows ? sb[0] : sb[1]), x, 1, 0.0, y, 1);
-  }
+  for (int64_t r = 0; r < n; r++)
+    cblas_dgemv(CblasRowMajor, b_rows ? CblasTrans : CblasNoTrans, (int)(b_rows ? k : m), (int)(b_rows ? m : k), 1.0,
+                (const double *)pb, (int)(b_rows ? sb[0] : sb[1]), (const double *)pa + r * sa[0], 1, 0.0,
+                (double *)pc + r * m, 1);
   return true;
 }
 
@@ -201,12 +195,16 @@ int pmp_cpu_matmul(const pmp_op_args *args) {
   int64_t n = a->sizes[nd - 2], k = a->sizes[nd - 1], m = b->sizes[nd - 1];
   int64_t batches = 1;
   for (int d = 0; d < nd - 2; d++) batches *= a->sizes[d];
-  bool single_row_f32 = n <= GEMV_MAX_ROWS && a->dtype_id == PMP_F32;
+  if (batches == 1 && n <= PMP_GEMV_MAX_ROWS) {
+    const int64_t sa[2] = {a->strides[nd - 2], a->strides[nd - 1]}, sb[2] = {b->strides[nd - 2], b->strides[nd - 1]};
+    int rc = pmp_cpu_gemv(a->dtype_id, n, k, m, a->data, sa, b->data, sb, c->data);
+    if (rc <= 0) return rc;
+  }
   if (a->dtype_id == PMP_BF16) {
     int rc = amx_batches(a, b, c, batches, n, k, m);
     if (rc <= 0) return rc;
   }
-  if (pmp_dtype_is_float(a->dtype_id) && a->dtype_id != PMP_F64 && !single_row_f32) {
+  if (pmp_dtype_is_float(a->dtype_id) && a->dtype_id != PMP_F64) {
     int rc = onednn_batches(a, b, c, batches, n, k, m);
     if (rc <= 0) return rc;
   }
