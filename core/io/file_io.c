@@ -63,6 +63,32 @@ int pmp_file_write_tensor(int fd, pmp_tensor *t, const char *path) {
   return rc;
 }
 
+int pmp_file_write_tensor_as(int fd, pmp_tensor *t, int dtype, const char *path) {
+  if (!pmp_dtype_valid(dtype)) return pmp_fail_code("write to %s: unknown dtype %d", path, dtype);
+  if (dtype == t->dtype_id) return pmp_file_write_tensor(fd, t, path);
+  if (t->dev.type != PMP_CPU) return pmp_fail_code("write to %s: the tensor is not on the cpu", path);
+  if (!pmp_is_contiguous(t)) {
+    pmp_tensor *c = pmp_empty_like(t, dtype);
+    int rc = c ? pmp_copy_into(c, t) : -1;
+    if (rc == 0) rc = pmp_file_write_tensor(fd, c, path);
+    pmp_tensor_release(c);
+    return rc;
+  }
+  enum { CHUNK = 1 << 20 };   /* elements per conversion: a few MiB of buffer */
+  int in_size = pmp_dtype_size(t->dtype_id), out_size = pmp_dtype_size(dtype);
+  int64_t n = pmp_numel(t);
+  char *buffer = malloc((size_t)(n < CHUNK ? n : CHUNK) * (size_t)out_size + 1);
+  if (!buffer) return pmp_fail_code("write to %s: out of memory for a conversion buffer", path);
+  int rc = 0;
+  for (int64_t k = 0; k < n && rc == 0; k += CHUNK) {
+    int64_t count = n - k < CHUNK ? n - k : CHUNK;
+    pmp_convert(buffer, dtype, t->data + k * in_size, t->dtype_id, count);
+    rc = pmp_file_write(fd, buffer, count * out_size, path);
+  }
+  free(buffer);
+  return rc;
+}
+
 int pmp_file_sync_close(int fd, const char *path) {
   int rc = 0;
   if (fsync(fd) != 0 && errno != EINVAL && errno != EROFS) {
@@ -336,4 +362,16 @@ pmp_tensor *pmp_mapping_tensor(pmp_mapping *m, int64_t offset, int dtype, const 
                                     release_mapping_ctx, m);
   if (!t) pmp_mapping_release(m);
   return t;
+}
+
+int pmp_mapping_drop_pages(pmp_tensor *t) {
+  if (!t || !t->storage || t->storage->release != release_mapping_ctx || !pmp_is_contiguous(t)) return 0;
+  uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t begin = ((uintptr_t)t->data + page - 1) / page * page;
+  uintptr_t end = ((uintptr_t)t->data + (uintptr_t)(pmp_numel(t) * pmp_dtype_size(t->dtype_id))) / page * page;
+  if (end <= begin) return 0;
+  /* MADV_DONTNEED on a private file mapping: unwritten pages simply go; the file is untouched. */
+  if (madvise((void *)begin, end - begin, MADV_DONTNEED) != 0)
+    return pmp_fail_code("madvise of a mapped tensor failed: %s", strerror(errno));
+  return 0;
 }
