@@ -14,6 +14,7 @@ local ROOT = package.loaded['pmp.root'] or '.'
 local FIXTURES = ROOT .. '/spec/fixtures/hf'
 local NAMES = { 'llama', 'llama3_bias_tied', 'mistral', 'qwen2_tied', 'qwen3' }
 local fails_with = require('spec.support.expect').fails_with
+local shell = require 'spec.support.shell'
 
 pcall(ffi.cdef, 'int memcmp(const void *, const void *, size_t);')
 local function same_bits(a, b)
@@ -192,5 +193,39 @@ describe('safetensors.deferred', function()
     end, "deferred tensor 'a' produced i64 [2], not f32 [2]")
     assert.is_true(old == pio.read_file(path))
     fails_with(function() st.deferred('q8', { 2 }, function() end) end, "dtype 'q8' has no safetensors form")
+  end)
+end)
+
+describe('files that change while mapped', function()
+  it('end the process with a message naming the file when a mapped file is truncated (SIGBUS)', function()
+    local file = tmp .. '/weights.safetensors'
+    local script = tmp .. '/truncate.lua'
+    shell.write_file(script, string.format([[
+      local st = require 'pmp.safetensors'
+      st.save(%q, { a = pmp.ones(65536) })
+      local a = st.load(%q).a
+      assert(a:sum():item() == 65536)
+      io.open(%q, 'w'):close()   -- truncated in place while mapped
+      print('sum after truncation', a:sum():item())
+    ]], file, file, file))
+    local out, err, status = shell.run_pmp({ script })
+    assert.are_not.equal(0, status)
+    assert.is_nil(out:find('sum after truncation', 1, true), 'the lost pages were read as if nothing happened')
+    assert.truthy(err:find('pmp: fatal: ' .. file .. ' shrank while memory-mapped', 1, true), err)
+  end)
+
+  it('are refused by name when a file no longer matches the header read at the start of a load', function()
+    local dir = tmp .. '/model'
+    saved_llama(dir, 'f32')
+    local catalog = require('pmp.models.loading').catalog(dir)
+    local path = dir .. '/model.safetensors'
+    local tensors = st.load(path, { copy = true })
+    tensors['model.norm.weight'] = tensor.ones(128, { dtype = 'bf16' })
+    st.save(path, tensors)
+    local family = models.family('llama')
+    local model = pmp.nn.GPTModel(models.config_from_hf(require('pmp.json').read(dir .. '/config.json')))
+    fails_with(function()
+      require('pmp.models.loading').fill(model, family, models.expand_mapping(family, model.config), catalog, {}, 'load ' .. dir)
+    end, 'load ' .. dir, path .. ' changed while loading: model.norm.weight is bf16 [128], its header said f32 [128]')
   end)
 end)

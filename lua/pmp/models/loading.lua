@@ -13,8 +13,9 @@
 --- the file's mapping itself, not a copy. The mapping is private (copy-on-write): the pages are read
 --- from the file (the page cache) when first touched, an optimizer step or any in-place write copies
 --- the pages it changes into this process's memory, and nothing is ever written to the file. The file
---- stays mapped while such a parameter lives; replacing or truncating it meanwhile is undefined, as
---- for any mapped file (copy instead for files that may change).
+--- stays mapped while such a parameter lives: replace it by writing a new file and renaming it (as
+--- save_pretrained does), never in place. A file truncated while mapped makes the next read of the
+--- lost pages end the process with a message naming the file (SIGBUS; see core/io/file_io.c).
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local safetensors = require 'pmp.safetensors'
@@ -189,7 +190,14 @@ function M.fill(model, family, entries, catalog, options, source)
       for name, e in pairs(catalog.tensors) do
         if e.path == path and needed[name] then names[#names + 1] = name end
       end
-      for name, t in pairs(safetensors.load(path, { names = names })) do open[name] = t end
+      for name, t in pairs(safetensors.load(path, { names = names })) do
+        local e = catalog.tensors[name]
+        if t.dtype ~= e.dtype or shape_string(t.shape) ~= shape_string(e.shape) then
+          error(string.format('%s: %s changed while loading: %s is %s %s, its header said %s %s', source, path, name,
+            t.dtype, shape_string(t.shape), e.dtype, shape_string(e.shape)), 0)
+        end
+        open[name] = t
+      end
       for _, item in ipairs(due[k] or {}) do
         local entry, p = item.entry, item.param
         local first = open[entry.hf[1]]
