@@ -41,8 +41,6 @@ local DTYPE_FROM_HF = { float32 = 'f32', bfloat16 = 'bf16', float16 = 'f16', flo
 local DTYPE_ALIASES = { float = 'f32', float32 = 'f32', bfloat16 = 'bf16', half = 'f16', float16 = 'f16',
   double = 'f64', float64 = 'f64', f32 = 'f32', bf16 = 'bf16', f16 = 'f16', f64 = 'f64' }
 
-local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
-
 local function copy_table(t)
   local out = {}
   for k, v in pairs(t) do out[k] = v end
