@@ -8,6 +8,7 @@
 --   local tensors, metadata, index = pmp.safetensors.load_sharded(dir, options)
 --   pmp.safetensors.save_sharded(dir, tensors, {max_shard_size = bytes or '5GB', metadata = {...}})
 --   local info = pmp.safetensors.inspect(path)     -- the validated header, without loading anything
+--   local t = pmp.safetensors.load_joined(path, {'a', 'b'}, shape)   -- one view over adjacent tensors
 --
 -- load: tensors whose dtype is kept are views of the file mapping (no copy; copy-on-write, so writing
 -- to them in place never changes the file). The file stays mapped while any of them lives. `dtype`
@@ -320,6 +321,38 @@ function M.load(path, options)
       end
     end
     return out, info.metadata
+  end)
+end
+
+-- One view of the mapping over tensors that lie back to back in the file, in this order and of one
+-- dtype (as a writer that sorts by name puts gate_proj before up_proj), with the given shape (of their
+-- elements together). Returns nil when they are not so laid out. The view is copy-on-write like load's.
+function M.load_joined(path, names, shape)
+  return with_mapping(path, 'load_joined', function(m)
+    local fail = failer(path)
+    local info = parse_header(ffi.cast('const uint8_t *', C.pmp_mapping_data(m)), tonumber(C.pmp_mapping_size(m)), fail)
+    local first = info.tensors[names[1]]
+    if not first then fail(string.format("no tensor named '%s'", names[1])) end
+    local finish = first.finish
+    for k = 2, #names do
+      local e = info.tensors[names[k]]
+      if not e then fail(string.format("no tensor named '%s'", names[k])) end
+      if e.dtype ~= first.dtype or e.begin ~= finish then return nil end
+      finish = e.finish
+    end
+    local dtype = TO_PMP[first.dtype]
+    local numel = 1
+    for k = 1, #shape do
+      shape_buffer[k - 1] = shape[k]
+      numel = numel * shape[k]
+    end
+    local offset = info.data_start + first.begin
+    if not dtype or numel * BITS[first.dtype] / 8 ~= finish - first.begin or offset % C.pmp_dtype_size(C.pmp_dtype_from_name(dtype)) ~= 0 then
+      return nil
+    end
+    local ptr = C.pmp_mapping_tensor(m, offset, C.pmp_dtype_from_name(dtype), shape_buffer, #shape)
+    if ptr == nil then fail(last_error()) end
+    return tensor.wrap(ptr)
   end)
 end
 

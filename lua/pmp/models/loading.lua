@@ -10,7 +10,8 @@
 --- one tensor.
 ---
 --- Zero-copy (mmap = true): a parameter whose bytes in the file already have its dtype and layout is
---- the file's mapping itself, not a copy. The mapping is private (copy-on-write): the pages are read
+--- the file's mapping itself, not a copy (also linear_fc1 when the file holds gate_proj and up_proj
+--- back to back, as writers that sort by name do; qkv packed per group is always copied). The mapping is private (copy-on-write): the pages are read
 --- from the file (the page cache) when first touched, an optimizer step or any in-place write copies
 --- the pages it changes into this process's memory, and nothing is ever written to the file. The file
 --- stays mapped while such a parameter lives: replace it by writing a new file and renaming it (as
@@ -164,6 +165,17 @@ local function replace_parameter(model, name, t)
   owner[path[#path]] = t:requires_grad_()
 end
 
+-- The view of the file that can be the parameter p itself, or nil: the HF tensor when it has p's dtype
+-- and shape, or for [gate; up] the two tensors when the file holds them back to back in that order.
+local function zero_copy_view(entry, first, p, catalog)
+  if first.dtype ~= p.dtype then return nil end
+  if #entry.hf == 1 then return shape_string(first.shape) == shape_string(p.shape) and first or nil end
+  if entry.pack ~= 'gate_up' then return nil end
+  local path = catalog.tensors[entry.hf[1]].path
+  if catalog.tensors[entry.hf[2]].path ~= path then return nil end
+  return safetensors.load_joined(path, entry.hf, p.shape)
+end
+
 -- Fills the parameters of `model` (built with init = false) from the catalog's files. options.mmap:
 -- zero-copy where the layout allows (see above). source names the directory in errors.
 function M.fill(model, family, entries, catalog, options, source)
@@ -201,8 +213,9 @@ function M.fill(model, family, entries, catalog, options, source)
       for _, item in ipairs(due[k] or {}) do
         local entry, p = item.entry, item.param
         local first = open[entry.hf[1]]
-        if options.mmap and #entry.hf == 1 and first.dtype == p.dtype and shape_string(first.shape) == shape_string(p.shape) then
-          replace_parameter(model, entry.pmp, first)
+        local view = options.mmap and zero_copy_view(entry, first, p, catalog)
+        if view then
+          replace_parameter(model, entry.pmp, view)
         else
           local parts, padding = destinations(entry, p, config)
           for i, n in ipairs(entry.hf) do
