@@ -31,8 +31,7 @@ local FLAGS = {
   { '--output', nil, 'write the results here as JSON' },
 }
 
-local ok, opts = pcall(pmp.args.parse, arg, FLAGS, { usage = 'pmp recipes/eval.lua [--load DIR] [--data-path P] [--task F ...]' })
-if not ok then error(tostring(opts), 0) end
+local opts = pmp.args.parse(arg, FLAGS, { usage = 'pmp recipes/eval.lua [--load DIR] [--data-path P] [--task F ...]' })
 
 ---------------------------------------------------------------------------------------------------
 -- Model, tokenizer and what to evaluate on

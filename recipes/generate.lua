@@ -18,23 +18,17 @@ local FLAGS = {
   { '--stop', nil, 'stop strings', multiple = true },
 }
 
-local ok, opts = pcall(pmp.args.parse, arg, FLAGS, { usage = 'pmp recipes/generate.lua --load DIR (--prompt TEXT | --input-file FILE)' })
-local function fail(message)
-  io.stderr:write('generate: ' .. message .. '\n')
-  os.exit(2)
-end
-if not ok then fail(tostring(opts)) end
-if not opts.load then fail('--load DIR is required') end
-if not opts.prompt and not opts.input_file then fail('give --prompt or --input-file') end
+local opts = pmp.args.parse(arg, FLAGS, { usage = 'pmp recipes/generate.lua --load DIR (--prompt TEXT | --input-file FILE)' })
+if not opts.load then error('--load DIR is required', 0) end
+if not opts.prompt and not opts.input_file then error('give --prompt or --input-file', 0) end
 
 -- A model and tokenizer from either kind of directory.
 local function load(dir)
   if pmp.io.is_file(pmp.io.join(dir, 'config.json')) then
     return pmp.models.from_pretrained(dir), pmp.tokenizer.from_pretrained(dir)
   end
-  if not pmp.checkpoint.latest_iteration(dir) then fail(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt') end
-  local got, model, info = pcall(pmp.checkpoint.load_model, dir)
-  if not got then fail(tostring(model)) end
+  if not pmp.checkpoint.latest_iteration(dir) then error(dir .. ' has neither config.json nor latest_checkpointed_iteration.txt', 0) end
+  local model, info = pmp.checkpoint.load_model(dir)
   return model, pmp.data.dataset_tokenizer.from_state(info.state.tokenizer)
 end
 
@@ -44,14 +38,14 @@ local prompts = {}
 if opts.prompt then prompts[1] = opts.prompt end
 if opts.input_file then
   local file = io.open(opts.input_file, 'r')
-  if not file then fail('cannot read ' .. opts.input_file) end
+  if not file then error('cannot read ' .. opts.input_file, 0) end
   local line_number = 0
   for line in file:lines() do
     line_number = line_number + 1
     if line:match('%S') then
       local okj, record = pcall(pmp.json.decode, line)
       if not okj or type(record) ~= 'table' or type(record.prompt) ~= 'string' then
-        fail(string.format('%s:%d: expected a JSON object with a string "prompt"', opts.input_file, line_number))
+        error(string.format('%s:%d: expected a JSON object with a string "prompt"', opts.input_file, line_number), 0)
       end
       prompts[#prompts + 1] = record.prompt
     end
@@ -62,7 +56,7 @@ end
 local eos_ids = {}
 if tokenizer.eos_id then eos_ids[1] = tokenizer.eos_id end
 local out = opts.output and io.open(opts.output, 'w')
-if opts.output and not out then fail('cannot write ' .. opts.output) end
+if opts.output and not out then error('cannot write ' .. opts.output, 0) end
 local clock = require 'pmp.clock'
 local start, generated = clock.now(), 0
 

@@ -9,11 +9,8 @@ local function parse_flags(defaults)
   local k = 1
   while k <= #arg do
     local name = arg[k]:match('^%-%-([%w-]+)$')
-    if not name or flags[name] == nil then
-      io.stderr:write('quickstart: unknown argument ' .. arg[k] .. '\n')
-      os.exit(2)
-    end
-    flags[name] = tonumber(arg[k + 1]) or error('quickstart: --' .. name .. ' needs a number')
+    if not name or flags[name] == nil then error('unknown argument ' .. arg[k], 0) end
+    flags[name] = tonumber(arg[k + 1]) or error('--' .. name .. ' needs a number', 0)
     k = k + 2
   end
   return flags
@@ -105,7 +102,4 @@ end
 local sample = {}
 for k, id in ipairs(out) do sample[k] = chars[id + 1] end
 print('sample: ' .. table.concat(sample):gsub('\n', ' '))
-if final_loss >= math.log(vocab) then
-  io.stderr:write('quickstart: the model did not learn\n')
-  os.exit(1)
-end
+if final_loss >= math.log(vocab) then error('the model did not learn', 0) end

@@ -117,21 +117,14 @@ describe('pmp.data.sft', function()
   end)
 
   it('recipes/sft.lua fine-tunes a tiny model: the loss falls, a checkpoint resumes, save_hf loads back', function()
-    local shared = package.loaded['pmp.root'] .. '/../shared/tokenizers/qwen3'
-    if not pmp.io.is_file(shared .. '/tokenizer.json') then
+    local tiny_hf = require 'spec.support.tiny_hf'
+    if not tiny_hf.available() then
       pending('needs ../shared/tokenizers/qwen3')
       return
     end
     local shell = require 'spec.support.shell'
     local dir = shell.temp_dir()
-    local tok = pmp.tokenizer.from_pretrained(shared)
-    local hf = pmp.json.decode(pmp.io.read_file(package.loaded['pmp.root'] .. '/spec/fixtures/hf/qwen3/config.json'))
-    hf.vocab_size, hf.hidden_size, hf.num_hidden_layers = tok.vocab_size, 16, 1
-    hf.intermediate_size, hf.head_dim, hf.num_attention_heads, hf.num_key_value_heads = 32, 8, 2, 1
-    pmp.models.from_config(hf):save_pretrained(dir .. '/base')
-    for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json' }) do
-      shell.write_file(dir .. '/base/' .. name, pmp.io.read_file(shared .. '/' .. name))
-    end
+    local tok = tiny_hf.write(dir .. '/base')
     shell.write_file(dir .. '/data.jsonl', table.concat({
       '{"instruction": "Say hello.", "input": "", "output": "Hello there!"}',
       '{"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]}',

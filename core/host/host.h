@@ -17,8 +17,9 @@
 /* A Lua state with the standard libraries, the project's module path and the global `pmp`.
  * On failure prints why on stderr and returns NULL. */
 lua_State *runtime_open(void);
-/* lua_pcall with a traceback attached to the error and Ctrl-C armed for the duration. The function and
- * its nargs arguments are on the stack; on failure the error message (or nil) replaces them. */
+/* lua_pcall with Ctrl-C armed for the duration; the error becomes its message as text (followed by the
+ * stack with PMP_TRACEBACK=1). The function and its nargs arguments are on the stack; on failure the
+ * error message (or nil) replaces them. */
 int runtime_call(lua_State *L, int nargs, int nresults);
 /* After a failed runtime_call: prints "pmp: <message>" on stderr and pops it. A nil error object
  * prints nothing: `error()` with no value is how busted asks for a failing exit status. */

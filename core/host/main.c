@@ -40,7 +40,8 @@ static void print_usage(FILE *out) {
         "  --             stop handling options\n"
         "  -              read the script from stdin\n"
         "Environment:\n"
-        "  PMP_PATH       project root holding lua/ and models/ (default: the directory of pmp)\n",
+        "  PMP_PATH       project root holding lua/ and models/ (default: the directory of pmp)\n"
+        "  PMP_TRACEBACK  1: follow an uncaught error's one-line message with the Lua stack\n",
         out);
 }
 

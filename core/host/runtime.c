@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -83,8 +84,15 @@ lua_State *runtime_open(void) {
   return L;
 }
 
-/* Message handler: turns the error object into text and appends the stack at the point of the error,
- * which is gone once lua_pcall returns. */
+/* An uncaught error prints as one line, the message: what users of recipes and tools need, so scripts
+ * need no pcall wrappers of their own to hide stacks. PMP_TRACEBACK=1 adds the stack, for debugging. */
+static bool traceback_wanted(void) {
+  const char *setting = getenv("PMP_TRACEBACK");
+  return setting && *setting && strcmp(setting, "0") != 0;
+}
+
+/* Message handler: turns the error object into text and, with PMP_TRACEBACK, appends the stack at the
+ * point of the error, which is gone once lua_pcall returns. */
 static int attach_traceback(lua_State *L) {
   if (lua_isnoneornil(L, 1)) return 1;
   const char *message = lua_tostring(L, 1);
@@ -92,7 +100,8 @@ static int attach_traceback(lua_State *L) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_isstring(L, -1)) message = lua_tostring(L, -1);
     else message = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
   }
-  luaL_traceback(L, L, message, 1);
+  if (traceback_wanted()) luaL_traceback(L, L, message, 1);
+  else lua_pushstring(L, message);
   return 1;
 }
 

@@ -1,6 +1,6 @@
 --- safetensors files (Hugging Face): read by mmap, written atomically, single files and sharded
 --- directories. The layout and the validation rules are those of the reference implementation
---- (FORMATS.md §6): an 8-byte little-endian header length N, N bytes of JSON, then the data region
+--- (docs/formats.md §6): an 8-byte little-endian header length N, N bytes of JSON, then the data region
 --- that the tensors tile from byte 0 to its end without gaps or overlaps.
 --
 --   local tensors, metadata = pmp.safetensors.load(path, {dtype = nil | 'f32' ..., names = {...}, copy = false})

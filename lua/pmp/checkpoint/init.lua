@@ -1,5 +1,5 @@
 -- Checkpoints of any parallel layout (one process included) in Megatron-LM's per-rank directories
--- (../shared/FORMATS.md §3), loadable into any other layout.
+-- (docs/formats.md §3), loadable into any other layout.
 --
 --   pmp.checkpoint.save(dir, iteration, model, optimizer, state)   -- every rank; model: its TP part / PP stage
 --   local info = pmp.checkpoint.load(dir, model, optimizer)         -- every rank; any saved layout

@@ -1,5 +1,5 @@
 --- GPT pretraining samples from Megatron indexed datasets, built exactly as megatron.core's GPTDataset
---- and BlendedDataset build them (FORMATS.md §5.3), down to the shuffled order:
+--- and BlendedDataset build them (docs/formats.md §5.3), down to the shuffled order:
 --
 --   local sets = pmp.data.gpt_dataset.build({'0.3', 'a_text_document', '0.7', 'b_text_document'}, {
 --     seq_length = 1024, seed = 1234, split = '969,30,1', sizes = {train = n, valid = m, test = k}})
@@ -18,7 +18,7 @@
 --  * Epochs (gpt_dataset.py _get_num_epochs): the smallest E >= 1 with E * tokens_per_epoch >=
 --    num_samples * seq_length + 1; one epoch when no number of samples is given.
 --  * The document index lists the split's documents E times, shuffled by numpy's
---    RandomState(seed).shuffle (MT19937 and the shuffle of core/random_numpy.c). When E > 1 and the
+--    RandomState(seed).shuffle (MT19937 and the shuffle of core/tensor/random_numpy.c). When E > 1 and the
 --    final epoch supplies fewer than int(0.8 * samples_per_epoch) of the requested samples
 --    (separate_final_epoch), the first E - 1 epochs are shuffled together and the last on its own.
 --  * The sample index holds (position in the document index, token offset) for each sample boundary:

@@ -1,4 +1,4 @@
---- Megatron-LM indexed datasets (.bin/.idx), FORMATS.md §5.1: a reader over memory mappings of both
+--- Megatron-LM indexed datasets (.bin/.idx), docs/formats.md §5.1: a reader over memory mappings of both
 --- files and a builder that writes them atomically. Files are interchangeable with
 --- megatron.core.datasets.indexed_dataset (tools/check_indexed_megatron.py checks both directions).
 --

@@ -8,7 +8,7 @@
 -- Groups follow Megatron-LM's rank order: tensor-parallel ranks are adjacent, then context, then data,
 -- and pipeline stages are outermost (rank = tp + TP*(cp + CP*(dp + DP*pp))). Expert-parallel groups
 -- take consecutive blocks of ep data-parallel ranks. Under `mpirun` the collectives go over MPI (the
--- engine's core/dist.c); started without a launcher the world is this process alone and the same
+-- engine's core/dist/dist.c); started without a launcher the world is this process alone and the same
 -- script runs unchanged.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C

@@ -1,5 +1,5 @@
 --- How a GPTModel's parameters are cut across tensor-parallel ranks and pipeline stages, in Megatron-LM's
---- layout (../shared/FORMATS.md §2). One table serves the parallel layers, checkpoint saving and
+--- layout (docs/formats.md §2). One table serves the parallel layers, checkpoint saving and
 --- resharding on load:
 ---   * word_embeddings / output_layer: vocabulary rows split evenly (the padded vocabulary);
 ---   * linear_qkv: rows, which are grouped per KV head, so each rank holds whole KV groups;

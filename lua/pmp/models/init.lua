@@ -29,6 +29,7 @@ local json = require 'pmp.json'
 local loading = require 'pmp.models.loading'
 local pio = require 'pmp.io'
 local safetensors = require 'pmp.safetensors'
+local tensor = require 'pmp.tensor'
 local transformer = require 'pmp.nn.transformer'
 
 local M = {}
@@ -211,6 +212,8 @@ function M.expand_mapping(family, config)
       out[#out + 1] = { pmp = subst(pmp_name, layer), hf = names, pack = entry.pack, tp = entry.tp, tied = entry.tied }
     end
   end
+  -- the scalar head of *ForSequenceClassification (num_labels 1) has one name in every family
+  if config.head == 'score' then out[#out + 1] = { pmp = 'score.weight', hf = { 'score.weight' } } end
   return out
 end
 
@@ -279,7 +282,27 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Building, loading, saving
 
--- GPTModel config for an HF config table. options: dtype, make_vocab_size_divisible_by (128),
+-- A *ForSequenceClassification config must have one label. A causal LM's weights (no score.weight)
+-- become a score model with a zero head (a critic initialised from a policy): its lm_head is dropped.
+-- catalog: the files' tensors (pmp.models.loading.catalog), adjusted here.
+function M.check_score_config(hf, source, catalog)
+  local weights = catalog.tensors
+  local labels = 0
+  if type(hf.id2label) == 'table' then for _ in pairs(hf.id2label) do labels = labels + 1 end end
+  if type(hf.num_labels) == 'number' then labels = hf.num_labels end
+  if labels > 1 then
+    error(string.format('%s: num_labels is %d; the score head has one output (num_labels = 1)', source, labels), 0)
+  end
+  if weights['score.weight'] == nil then
+    local sample = weights['model.embed_tokens.weight']
+    if not sample then error(source .. ': no score.weight and no model.embed_tokens.weight', 0) end
+    weights['lm_head.weight'] = nil
+    loading.add_tensor(catalog, 'score.weight', tensor.zeros({ 1, sample.shape[2] }, { dtype = sample.dtype }))
+  end
+end
+
+-- GPTModel config for an HF config table. options: dtype, head ('score': a scalar head, see
+-- GPTModel), make_vocab_size_divisible_by (128),
 -- tensor_model_parallel_size (1), config (a table of GPTModel settings that override, e.g.
 -- recompute_granularity). Returns the config and the family.
 function M.config_from_hf(hf, options, source)
@@ -293,6 +316,7 @@ function M.config_from_hf(hf, options, source)
   local config = family.config(M.reader(hf, source))
   config.make_vocab_size_divisible_by = options.make_vocab_size_divisible_by or M.DEFAULT_VOCAB_MULTIPLE
   config.tensor_model_parallel_size = options.tensor_model_parallel_size
+  config.head = options.head
   for k, v in pairs(options.config or {}) do config[k] = v end
   return config, family
 end
@@ -321,6 +345,10 @@ end
 ---   make_vocab_size_divisible_by   vocabulary padding multiple (default 128; 1 turns padding off)
 ---   tensor_model_parallel_size     also multiplies the padding (default 1)
 ---   config                         GPTModel settings to override (e.g. {recompute_granularity = 'full'})
+---   head                           'score': a *ForSequenceClassification model with num_labels 1 (reward
+---                                  model, critic); model(ids) gives values [B, T] and
+---                                  pmp.rl.sequence_scores the score at the last non-pad token. A causal
+---                                  LM directory loads with a zero-initialised head.
 ---   mmap                           true: parameters whose bytes in the file already have their dtype and
 ---                                  layout are copy-on-write views of the file's mapping, not copies
 ---                                  (loads in the time to map; pages are read when first used; training
@@ -339,6 +367,7 @@ function M.from_pretrained(dir, options)
       (pio.is_file(dir .. '/pytorch_model.bin') and ' (pytorch_model.bin is not supported; convert it to safetensors)' or ''), 2)
   end
   local catalog = loading.catalog(dir)
+  if options.head == 'score' then M.check_score_config(hf, config_path, catalog) end
   config.dtype = options.dtype and M.dtype_name(options.dtype) or loading.file_dtype(family, catalog, subst)
   config.init = false
   local model = transformer.GPTModel(config)
@@ -387,7 +416,27 @@ function M.hf_config(model, options)
     out.architectures = json.array(copy_table(family.architectures))
     out.dtype = DTYPE_NAMES[dtype]
   end
+  if model.config.head == 'score' then
+    out.architectures = json.array({ (family.architectures[1]:gsub('ForCausalLM$', 'ForSequenceClassification')) })
+    out.id2label, out.label2id, out.num_labels = { ['0'] = 'LABEL_0' }, { LABEL_0 = 0 }, nil
+    -- transformers finds the last non-pad token only with a pad id
+    if options.pad_token_id then out.pad_token_id = options.pad_token_id end
+  end
   return out
+end
+
+--- A GPTModel with a score head and the trunk of `model` (weights copied): a reward model or critic
+--- initialised from a policy. The head starts at zero, so every score starts at 0.
+function M.score_model(model)
+  local config = copy_table(model.config)
+  config.head = 'score'
+  local scored = transformer.GPTModel(config)
+  local state = model:state_dict()
+  state['output_layer.weight'] = nil
+  state['score.weight'] = tensor.zeros({ 1, config.hidden_size }, { dtype = config.dtype })
+  scored:load_state_dict(state)
+  if rawget(model, 'hf') then rawset(scored, 'hf', model.hf) end
+  return scored
 end
 
 --- Writes dir/config.json and dir/model.safetensors (or shards of at most max_shard_size, default

@@ -74,7 +74,7 @@ local function destinations(entry, p, config)
 end
 
 -- The headers of a directory's files: files (paths in order) and name -> { path, dtype (pmp's name or
--- the file's for dtypes pmp lacks), shape }.
+-- the file's for dtypes pmp lacks), shape } (or { tensor, dtype, shape }: see add_tensor).
 function M.catalog(dir)
   local files = safetensors.shard_files(dir)
   local tensors = {}
@@ -85,6 +85,11 @@ function M.catalog(dir)
     end
   end
   return { files = files, tensors = tensors }
+end
+
+-- Adds a tensor held in memory to the catalog, as if a file had it (a head a checkpoint lacks).
+function M.add_tensor(catalog, name, t)
+  catalog.tensors[name] = { tensor = t, dtype = t.dtype, shape = t.shape }
 end
 
 local FLOAT = { f64 = true, f32 = true, bf16 = true, f16 = true }
@@ -172,7 +177,7 @@ local function zero_copy_view(entry, first, p, catalog)
   if #entry.hf == 1 then return shape_string(first.shape) == shape_string(p.shape) and first or nil end
   if entry.pack ~= 'gate_up' then return nil end
   local path = catalog.tensors[entry.hf[1]].path
-  if catalog.tensors[entry.hf[2]].path ~= path then return nil end
+  if not path or catalog.tensors[entry.hf[2]].path ~= path then return nil end
   return safetensors.load_joined(path, entry.hf, p.shape)
 end
 
@@ -187,14 +192,17 @@ function M.fill(model, family, entries, catalog, options, source)
   local due = {}
   for _, item in ipairs(work) do
     local last = 1
-    for _, n in ipairs(item.entry.hf) do last = math.max(last, order[catalog.tensors[n].path]) end
+    for _, n in ipairs(item.entry.hf) do last = math.max(last, order[catalog.tensors[n].path] or 1) end
     due[last] = due[last] or {}
     table.insert(due[last], item)
   end
-  local open = {}   -- name -> view of the mapping, for parts of entries still to fill
+  local open = {}   -- name -> view of the mapping (or tensor in memory), for parts of entries still to fill
   local needed = {}
   for _, item in ipairs(work) do
-    for _, n in ipairs(item.entry.hf) do needed[n] = true end
+    for _, n in ipairs(item.entry.hf) do
+      needed[n] = true
+      open[n] = catalog.tensors[n].tensor
+    end
   end
   require('pmp').no_grad(function()
     for k, path in ipairs(catalog.files) do

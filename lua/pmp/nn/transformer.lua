@@ -280,6 +280,10 @@ end
 
 -- Logits, or the loss against targets, from the final hidden states (see forward).
 local function output(model, x, targets, options)
+  if model.score then
+    if targets ~= nil then error('GPTModel: a model with a score head returns values [B, T]; it takes no targets', 3) end
+    return model.score(x):squeeze(-1)
+  end
   if model.tensor_parallel then return parallel.gpt_output(model, x, targets, options) end
   local weight = model.output_layer and model.output_layer.weight or model.embedding.word_embeddings.weight
   if model.config.padded_vocab_size ~= model.config.vocab_size then weight = weight:narrow(1, 1, model.config.vocab_size) end
@@ -291,6 +295,7 @@ end
 -- config: see M.config (Megatron's names). forward(ids [B, T]) -> logits [B, T, vocab_size] (the padded
 -- vocabulary rows are cut off before the output matmul, so they never reach logits, loss or sampling);
 -- forward(ids, targets) -> mean cross-entropy over targets ~= ignore_index (-100).
+-- With config.head = 'score' the output layer is a scalar head: forward(ids) -> values [B, T].
 -- Models loaded with pmp.models.from_pretrained also have save_pretrained(dir).
 --- GPTModel(config): a decoder-only transformer (Llama, Qwen, GPT-style) in Megatron-Core's structure.
 --- config: num_layers, hidden_size, num_attention_heads, vocab_size, and optional Megatron names
@@ -306,7 +311,13 @@ function M.GPTModel:init(config)
   local rotary_dim = math.floor(config.kv_channels * config.rotary_percent)
   self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim, { base = config.rotary_base, scaling = config.rope_scaling })
   self.decoder = M.TransformerDecoder(config)
-  if not config.tie_embeddings then
+  if config.head == 'score' then
+    -- a scalar per position (reward models, critics), as HF's *ForSequenceClassification with num_labels 1
+    self.score = layers.Linear(config.hidden_size, 1, { bias = false, init_std = config.init_std, dtype = config.dtype,
+      init = config.init })
+  elseif config.head ~= nil and config.head ~= 'lm' then
+    error("transformer config: head must be 'lm' or 'score', got '" .. tostring(config.head) .. "'", 2)
+  elseif not config.tie_embeddings then
     self.output_layer = layers.Linear(config.hidden_size, config.padded_vocab_size,
       { bias = false, init_std = config.init_std, dtype = config.dtype, init = config.init })
   end
@@ -357,6 +368,7 @@ function M.GPTModel:decode(ids, state)
   if self.tensor_parallel or self.context_parallel then
     error('GPTModel:decode: a tensor- or context-parallel model cannot decode; generate with the whole model', 2)
   end
+  if self.score then error('GPTModel:decode: a model with a score head does not generate', 2) end
   local x = self.embedding(ids)
   local cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype)
   state.cache = state.cache or {}

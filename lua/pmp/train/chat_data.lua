@@ -1,0 +1,58 @@
+-- Supervised fine-tuning data: jsonl records of conversations (alpaca, sharegpt or messages, see
+-- pmp.data.sft) tokenized with the model's chat template into samples, then packed or padded rows.
+local json = require 'pmp.json'
+local sft = require 'pmp.data.sft'
+
+local M = {}
+
+-- The lines of a file, read at once; an error names the file when it cannot be read.
+function M.lines(path)
+  local file = io.open(path, 'r')
+  if not file then error('cannot read --data-path ' .. path, 0) end
+  local text = file:read('*a')
+  file:close()
+  return text:gmatch('[^\n]*')
+end
+
+-- Tokenizes every non-blank line of `lines` (an iterator of jsonl lines). options: tokenizer, render
+-- (messages, add_generation_prompt) -> text, format ('auto' detects per record), train_on_prompt,
+-- source (the file name for errors, which also give the line). Returns the samples ({ids, mask}) and
+-- the number of trained tokens.
+function M.samples(lines, options)
+  local samples, trained_tokens, line_number = {}, 0, 0
+  local tokenizer = options.tokenizer
+  for line in lines do
+    line_number = line_number + 1
+    if line:match('%S') then
+      local where = string.format('%s:%d: ', tostring(options.source), line_number)
+      local parsed, record = pcall(json.decode, line)
+      if not parsed then error(where .. tostring(record), 0) end
+      local format = options.format ~= 'auto' and options.format or sft.detect_format(record)
+      if not format then error(where .. 'not an alpaca, sharegpt or messages record', 0) end
+      local converted, sample = pcall(function()
+        return sft.tokenize(sft.to_messages(record, format), { tokenizer = tokenizer, render = options.render,
+          train_on_prompt = options.train_on_prompt, end_of_turn_id = tokenizer.eos_id or tokenizer.eod })
+      end)
+      if not converted then error(where .. tostring(sample), 0) end
+      samples[#samples + 1] = sample
+      for _, m in ipairs(sample.mask) do if m then trained_tokens = trained_tokens + 1 end end
+    end
+  end
+  if #samples == 0 then error(tostring(options.source) .. ' holds no samples', 0) end
+  return samples, trained_tokens
+end
+
+-- Collates micro batches of rows as pmp.train.step takes them; also returns the tokens the step trains
+-- on (its targets that are not ignored) and the tokens it reads.
+function M.micro_batches(rows, count, micro_batch_size, pad_id)
+  local batches, trained, tokens = {}, 0, 0
+  for k = 1, count do
+    local b = sft.collate(rows:take(micro_batch_size), pad_id)
+    batches[k] = { ids = b.inputs, targets = b.targets, options = { positions = b.positions, first_key = b.first_key } }
+    trained = trained + b.targets:ne(sft.IGNORE_INDEX):sum():item()
+    tokens = tokens + b.inputs:numel()
+  end
+  return batches, trained, tokens
+end
+
+return M

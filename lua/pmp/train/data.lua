@@ -1,0 +1,115 @@
+-- Pretraining data from pmp.train.flags.data: a plain text file (tokenized here), Megatron indexed
+-- datasets (`PREFIX`, or a blend `0.3 PREFIX_A 0.7 PREFIX_B` as tools/preprocess_data.lua makes them,
+-- read through pmp.data.gpt_dataset), or the embedded corpus. Either way the data position is the
+-- count of consumed samples, so a resumed run continues with the sample after the last one it trained on.
+local json = require 'pmp.json'
+
+local M = {}
+
+-- The tokenizer of indexed data: the checkpoint's when resuming, else the one tools/preprocess_data.lua
+-- recorded next to the data (PREFIX.tokenizer.json), else --tokenizer-model / --tokenizer-type byte.
+local function indexed_tokenizer(opts, prefixes, tokenizer_state)
+  local dataset_tokenizer = require 'pmp.data.dataset_tokenizer'
+  if tokenizer_state then return dataset_tokenizer.from_state(tokenizer_state) end
+  local state = dataset_tokenizer.load(prefixes[1])
+  for k = 2, #prefixes do
+    if json.encode(dataset_tokenizer.load(prefixes[k]) or {}) ~= json.encode(state or {}) then
+      error('--data-path: ' .. prefixes[k] .. ' was tokenized differently from ' .. prefixes[1], 0)
+    end
+  end
+  if state then return dataset_tokenizer.from_state(state) end
+  if opts.tokenizer_model then return dataset_tokenizer.hf(opts.tokenizer_model) end
+  if opts.tokenizer_type == 'byte' then return dataset_tokenizer.byte() end
+  error('--data-path: ' .. prefixes[1] .. dataset_tokenizer.SUFFIX .. ' (written by tools/preprocess_data.lua) is ' ..
+    'missing: give --tokenizer-model DIR, or --tokenizer-type byte for byte-level data', 0)
+end
+
+local function indexed(opts, options)
+  local gpt_dataset, indexed_files = require 'pmp.data.gpt_dataset', require 'pmp.data.indexed'
+  local ok, prefixes = pcall(gpt_dataset.parse_blend, opts.data_path)
+  if not ok then error('--data-path: ' .. tostring(prefixes):gsub('^gpt dataset: ', ''), 0) end
+  for _, prefix in ipairs(prefixes) do
+    if not indexed_files.exists(prefix) then error('--data-path: no indexed dataset ' .. prefix .. '.bin/.idx', 0) end
+  end
+  local tokenizer = indexed_tokenizer(opts, prefixes, options.tokenizer_state)
+  local built = gpt_dataset.build(opts.data_path, {
+    seq_length = opts.seq_length, seed = opts.seed, split = opts.split,
+    -- Megatron's train_val_test_num_samples, so each split's order is the one Megatron builds
+    sizes = { train = opts.train_iters * opts.global_batch_size,
+              valid = (math.floor(opts.train_iters / math.max(opts.eval_interval, 1)) + 1) * opts.eval_iters * opts.global_batch_size,
+              test = opts.eval_iters * opts.global_batch_size },
+  })
+  for _, warning in ipairs(built.warnings) do print(options.name .. ': warning: ' .. warning) end
+  if not built.train then error('--data-path: the --split ' .. opts.split .. ' leaves no training data', 0) end
+  local total = 0
+  for _, ds in ipairs(built.indexed) do total = total + ds.num_tokens end
+  return { source = table.concat(opts.data_path, ' '), tokenizer = tokenizer, num_tokens = total,
+    train = built.train, valid = built.valid,
+    train_tokens = built.train:sample(0), valid_tokens = built.valid and built.valid:sample(0) }
+end
+
+local function text(opts, options)
+  local source, content
+  if opts.data_path then
+    source = opts.data_path[1]
+    local file = io.open(source, 'rb')
+    if not file then error('cannot read --data-path ' .. source .. ' (neither a text file nor an indexed dataset prefix)', 0) end
+    content = file:read('*a')
+    file:close()
+  else
+    source = 'the embedded corpus'
+    content = require('pmp.data.tiny_corpus').generate()
+  end
+
+  local dataset_tokenizer, tokenizers = require 'pmp.data.dataset_tokenizer', require 'pmp.data.tokenizers'
+  local tokenizer
+  if options.tokenizer_state then
+    tokenizer = dataset_tokenizer.from_state(options.tokenizer_state)
+  elseif opts.tokenizer_model then
+    tokenizer = dataset_tokenizer.hf(opts.tokenizer_model)
+  elseif opts.tokenizer_type == 'char' then
+    tokenizer = tokenizers.char_from_text(content)
+  elseif opts.tokenizer_type == 'byte' then
+    tokenizer = tokenizers.byte()
+  else
+    error("--tokenizer-type must be char or byte, got '" .. tostring(opts.tokenizer_type) .. "'", 0)
+  end
+
+  local TextDataset = require('pmp.data').TextDataset
+  local tokens = require('pmp.tensor').tensor(tokenizer:encode(content), { dtype = 'i64' })
+  local train_tokens, valid_tokens = TextDataset.split(tokens, opts.split)
+  return { source = source, tokenizer = tokenizer, num_tokens = tokens:numel(),
+    train = TextDataset(train_tokens, opts.seq_length, opts.seed),
+    valid = valid_tokens and valid_tokens:numel() > opts.seq_length and TextDataset(valid_tokens, opts.seq_length, opts.seed + 1) or nil,
+    train_tokens = train_tokens, valid_tokens = valid_tokens }
+end
+
+-- The data of a pretraining run: {source (what was read, for the log), tokenizer, num_tokens, train
+-- and valid (datasets with :batch(start, n) and .count; valid may be nil), train_tokens, valid_tokens
+-- (the first sample's / split's token ids, for a sample prompt)}. options: tokenizer_state (a
+-- resumed checkpoint's tokenizer, which wins over the flags), name (the recipe, for warnings).
+function M.pretraining(opts, options)
+  options = options or {}
+  local indexed_files = require 'pmp.data.indexed'
+  local is_indexed = opts.data_path and (#opts.data_path > 1 or indexed_files.exists(opts.data_path[1]))
+  if is_indexed then return indexed(opts, options) end
+  return text(opts, options)
+end
+
+-- This data-parallel rank's share of `count` micro batches from sample `first` on, in Megatron's
+-- order: micro-step k of data-parallel rank r reads the micro batch at first + (k * dp + r) *
+-- micro_batch_size (wrapping around the dataset with wrap). Each context-parallel rank keeps its two
+-- chunks of every sequence.
+function M.micro_batches(dataset, first, count, micro_batch_size, layout, wrap)
+  local context_parallel = require 'pmp.nn.context_parallel'
+  local list = {}
+  for k = 0, count - 1 do
+    local start = first + (k * layout.dp + layout.dp_rank) * micro_batch_size
+    if wrap then start = start % dataset.count end
+    local x, y = dataset:batch(start, micro_batch_size)
+    list[#list + 1] = { ids = context_parallel.split(x), targets = context_parallel.split(y) }
+  end
+  return list
+end
+
+return M

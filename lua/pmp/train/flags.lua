@@ -1,0 +1,119 @@
+-- Flag sets that training recipes share, with Megatron-LM's names (pmp.args specs). A recipe parses
+-- the sets it uses plus its own flags; its own spec for a flag that a set also has replaces the set's
+-- in place (another default or help text):
+--   local flags = pmp.train.flags
+--   local opts = flags.parse(arg, { flags.training, flags.optimizer, { { '--lr', 1e-5, 'peak learning rate' } } },
+--     { usage = 'pmp recipes/x.lua [flags]' })
+local args = require 'pmp.args'
+
+local M = {}
+
+-- The GPT that pmp.train.model.gpt builds.
+M.model = {
+  { '--num-layers', 4, 'transformer layers' },
+  { '--hidden-size', 192, 'model width' },
+  { '--ffn-hidden-size', 0, 'MLP width (0: 8/3 of hidden for SwiGLU, rounded to 64)' },
+  { '--num-attention-heads', 6, 'attention heads' },
+  { '--num-query-groups', 0, 'KV heads for GQA (0: as many as attention heads)' },
+  { '--hidden-dropout', 0.0, 'dropout on residual branches' },
+  { '--init-method-std', 0.02, 'weight init standard deviation' },
+  { '--rotary-base', 10000, 'RoPE theta' },
+  { '--norm-epsilon', 1e-5, 'RMSNorm epsilon' },
+  { '--untie-embeddings-and-output-weights', false, 'separate output layer' },
+  { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size' },
+}
+
+-- Sequences, batches and steps.
+M.training = {
+  { '--seq-length', 64, 'tokens per sample' },
+  { '--micro-batch-size', 16, 'samples per forward/backward' },
+  { '--global-batch-size', 16, 'samples per optimizer step (a multiple of the micro batch)' },
+  { '--train-iters', 300, 'optimizer steps' },
+  { '--seed', 1234, 'random seed' },
+}
+
+-- AdamW, its learning-rate schedule and gradient clipping (pmp.train.optimizer).
+M.optimizer = {
+  { '--lr', 1e-3, 'peak learning rate' },
+  { '--min-lr', 1e-4, 'final learning rate' },
+  { '--lr-warmup-iters', 30, 'linear warmup steps' },
+  { '--lr-decay-iters', 0, 'steps of decay (0: train-iters)' },
+  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
+  { '--lr-wsd-decay-iters', 0, 'WSD: length of the final anneal' },
+  { '--weight-decay', 0.1, 'AdamW decoupled weight decay (not on norms and biases)' },
+  { '--adam-beta1', 0.9, 'AdamW beta1' },
+  { '--adam-beta2', 0.95, 'AdamW beta2' },
+  { '--adam-eps', 1e-8, 'AdamW epsilon' },
+  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+}
+
+-- Dtype and activation memory.
+M.precision = {
+  { '--bf16', false, 'bf16 parameters and activations, f32 master weights and optimizer state' },
+  { '--recompute-granularity', nil, "'full': re-run each layer's forward in backward to save memory" },
+}
+
+-- The Megatron layout under mpirun (pmp.train.parallel); the data-parallel size is what is left.
+M.parallel = {
+  { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)' },
+  { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)' },
+  { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
+  { '--context-parallel-size', 1, 'ranks that split every sequence, attention gathering keys and values (run under mpirun)' },
+  { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
+  { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },
+  { '--num-layers-per-virtual-pipeline-stage', 0, 'layers per virtual pipeline stage: the interleaved schedule (0: off)' },
+  { '--use-distributed-optimizer', false, 'shard f32 master weights and Adam moments over data-parallel ranks (ZeRO-1)' },
+  { '--overlap-grad-reduce', true, 'reduce gradient buckets during backward (--overlap-grad-reduce=false: after it)' },
+  { '--distributed-timeout-minutes', 10, 'a collective that makes no progress this long ends the job' },
+}
+
+-- Pretraining text and its validation split (pmp.train.data).
+M.data = {
+  { '--data-path', nil, 'a text file, an indexed dataset PREFIX, or weighted prefixes "0.3 a 0.7 b" (default: the embedded corpus)', multiple = true },
+  { '--split', '969,30,1', 'train,valid,test weights' },
+  { '--tokenizer-type', 'char', 'char or byte' },
+  { '--tokenizer-model', nil, 'Hugging Face tokenizer directory (tokenizer.json)' },
+  { '--eval-interval', 100, 'steps between validations' },
+  { '--eval-iters', 10, 'micro batches per validation' },
+}
+
+-- Checkpoint cadence (pmp.train.Checkpoints).
+M.checkpoint = {
+  { '--save', nil, 'checkpoint directory (none if not given or "")' },
+  { '--save-interval', 150, 'steps between checkpoints (0: only at the end)' },
+  { '--exit-interval', 0, 'stop (saving a checkpoint) after an iteration divisible by this (0: never)' },
+  { '--load', nil, 'resume from this checkpoint directory' },
+}
+
+-- Log lines, TensorBoard and the op profiler (pmp.train.Logger).
+M.logging = {
+  { '--log-interval', 20, 'steps between log lines' },
+  { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
+  { '--profile', false, 'time every engine op from --profile-step-start to --profile-step-end and print the table' },
+  { '--profile-step-start', 10, 'first profiled iteration' },
+  { '--profile-step-end', 12, 'last profiled iteration' },
+}
+
+-- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood.
+function M.merge(sets)
+  local specs, position = {}, {}
+  for _, set in ipairs(sets) do
+    for _, spec in ipairs(set) do
+      local at = position[spec[1]]
+      if at then
+        specs[at] = spec
+      else
+        specs[#specs + 1] = spec
+        position[spec[1]] = #specs
+      end
+    end
+  end
+  return specs
+end
+
+-- pmp.args.parse over the merged sets.
+function M.parse(argv, sets, options)
+  return args.parse(argv, M.merge(sets), options)
+end
+
+return M

@@ -1,0 +1,98 @@
+-- The parallel layout from pmp.train.flags.parallel: one process unless started by mpirun, else
+-- Megatron's tensor / pipeline / context / data parallelism, the data-parallel size being what the
+-- others leave of the world.
+local M = {}
+
+local function check(ok, message, ...)
+  if not ok then error(string.format(message, ...), 0) end
+end
+
+-- pmp.dist.init with the flags' sizes, after checking that the flags fit together. Returns pmp.dist's
+-- layout (tp, pp, cp, dp, world, rank, *_rank) plus virtual (model chunks per pipeline rank),
+-- accumulation (micro batches per step on each rank) and is_logger (the last rank: last pipeline
+-- stage, last tensor-, context- and data-parallel rank, which logs, as in Megatron). Turns
+-- --sequence-parallel off at tensor-parallel size 1, as Megatron does.
+function M.init(opts)
+  local tp, pp, cp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.context_parallel_size
+  local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp,
+    timeout = opts.distributed_timeout_minutes * 60 })
+  if not got then error((tostring(layout):gsub('^pmp%.dist%.init: ', '')), 0) end
+  local dp = layout.dp
+  if opts.sequence_parallel and tp == 1 then opts.sequence_parallel = false end
+
+  -- Context parallelism cuts every sequence into 2 x cp chunks (pmp.nn.context_parallel); sequence
+  -- parallelism then cuts a rank's two chunks into tp slices.
+  check(opts.seq_length % (2 * cp) == 0, '--seq-length %d is not divisible by 2 x --context-parallel-size %d ' ..
+    '(each rank holds two chunks of every sequence)', opts.seq_length, cp)
+  check(not opts.sequence_parallel or (opts.seq_length / cp) % tp == 0, '--sequence-parallel needs --seq-length %d / ' ..
+    '--context-parallel-size %d divisible by --tensor-model-parallel-size %d', opts.seq_length, cp, tp)
+  check(opts.global_batch_size % (opts.micro_batch_size * dp) == 0, '--global-batch-size %d is not a multiple of ' ..
+    '--micro-batch-size %d x data-parallel size %d', opts.global_batch_size, opts.micro_batch_size, dp)
+  layout.accumulation = opts.global_batch_size / (opts.micro_batch_size * dp)
+
+  -- Interleaved pipeline: each stage holds `virtual` chunks of --num-layers-per-virtual-pipeline-stage
+  -- layers (Megatron: virtual size = num_layers / pp / that), and a step needs a multiple of pp micro batches.
+  layout.virtual = 1
+  local per_virtual = opts.num_layers_per_virtual_pipeline_stage
+  if per_virtual > 0 then
+    check(pp > 1, '--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1')
+    check(opts.num_layers % (pp * per_virtual) == 0, '--num-layers %d is not a multiple of ' ..
+      '--pipeline-model-parallel-size %d x --num-layers-per-virtual-pipeline-stage %d', opts.num_layers, pp, per_virtual)
+    layout.virtual = opts.num_layers / (pp * per_virtual)
+    check(layout.accumulation % pp == 0, 'the interleaved schedule needs the micro batches per step (%d) to be a ' ..
+      'multiple of --pipeline-model-parallel-size %d', layout.accumulation, pp)
+  end
+  layout.is_logger = layout.rank == layout.world - 1
+  return layout
+end
+
+-- Every rank built the whole model from the same seed; this keeps its pipeline stage (a
+-- pmp.dist.pipeline.Chunks of this rank's chunks under the interleaved schedule) and its tensor- and
+-- context-parallel part, so the initial weights are the single-process model's whatever the layout.
+-- Casts to bf16 with --bf16. Returns the model this rank trains.
+function M.split(model, opts, layout)
+  local pipeline, parallel = require 'pmp.dist.pipeline', require 'pmp.nn.parallel'
+  model = pipeline.stage(model, {
+    first_stage_layers = opts.decoder_first_pipeline_num_layers > 0 and opts.decoder_first_pipeline_num_layers or nil,
+    last_stage_layers = opts.decoder_last_pipeline_num_layers > 0 and opts.decoder_last_pipeline_num_layers or nil,
+    virtual_stages = layout.virtual,
+  })
+  for _, chunk in ipairs(pipeline.chunks(model)) do
+    parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
+    parallel.context_parallel(chunk)
+  end
+  if opts.bf16 then model:to('bf16') end
+  return model
+end
+
+-- Data parallelism: gradient buckets averaged (or reduce-scattered for the distributed optimizer) over
+-- the data- and context-parallel ranks ('dp_cp') while backward runs. Context-parallel ranks hold the
+-- same parameters, each with the gradient of its part of the sequences, so they need the average too.
+-- nil when there is nothing to reduce.
+function M.data_parallel(model, opts, layout)
+  if layout.dp == 1 and layout.cp == 1 and not opts.use_distributed_optimizer then return nil end
+  return require('pmp.dist.ddp').DistributedDataParallel(model, {
+    overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer,
+  })
+end
+
+-- A last-stage loss averaged over the data- and context-parallel ranks (which all hold one: a
+-- context-parallel rank its share of the mean over whole sequences, see pmp.nn.context_parallel);
+-- nil stays nil (other pipeline stages).
+function M.mean_loss(loss, layout)
+  if loss == nil or layout.dp * layout.cp == 1 then return loss end
+  local t = require('pmp.tensor').tensor({ loss }, { dtype = 'f64' })
+  require('pmp.dist').group('dp_cp'):all_reduce(t, 'avg')
+  return t:item()
+end
+
+-- One line describing a parallel layout for the log; nil on one process.
+function M.describe(opts, layout)
+  if layout.world == 1 then return nil end
+  return string.format('%d processes: tensor-parallel %d%s, pipeline-parallel %d%s, context-parallel %d, ' ..
+    'data-parallel %d%s', layout.world, layout.tp, opts.sequence_parallel and ' (sequence parallel)' or '', layout.pp,
+    layout.virtual > 1 and string.format(' (%d virtual stages each)', layout.virtual) or '', layout.cp, layout.dp,
+    opts.use_distributed_optimizer and ' (distributed optimizer)' or '')
+end
+
+return M

@@ -1,0 +1,160 @@
+-- PPO with a critic: rollouts sampled from the actor, rewards from a reward model (--reward-model DIR)
+-- or a Lua function (--reward-fn FILE) placed on each answer's last token, a per-token k1 KL penalty to
+-- the frozen start policy (--init-kl-coef, adaptive toward --target-kl when given), GAE over answer
+-- tokens, whitened advantages, several epochs of clipped policy and value updates over mini-batches.
+--   pmp recipes/ppo.lua --load HF_DIR --prompts prompts.jsonl --reward-model RM_DIR [--save-hf OUT]
+-- prompts.jsonl holds {"prompt": "text" | [messages]} records (the chat template is applied); reward.lua
+-- returns function(prompt, response, sample) -> number. The critic starts as the policy's trunk under a
+-- zero score head, or from --critic-model DIR (e.g. the reward model).
+--
+-- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
+-- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
+-- and after.
+local rl = pmp.rl
+local recipe = require 'pmp.rl.recipe'
+local clock = require 'pmp.clock'
+
+local FLAGS = recipe.flags('rollout', {
+  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
+  { '--critic-model', nil, 'Hugging Face directory to start the critic from (default: the policy)' },
+  { '--iterations', 80, 'rollout + update rounds' },
+  { '--rollout-batch-size', 64, 'prompts (one answer each) per rollout' },
+  { '--mini-batch-size', 16, 'answers per optimizer step' },
+  { '--ppo-epochs', 4, 'passes over each rollout' },
+  { '--lr', 1e-4, 'actor learning rate' },
+  { '--critic-lr', 1e-4, 'critic learning rate' },
+  { '--init-kl-coef', 0.05, 'coefficient of the per-token KL penalty in the reward' },
+  { '--target-kl', 0, 'adapt the KL coefficient toward this KL per answer (0: fixed)' },
+  { '--kl-horizon', 10000, 'adaptive KL controller horizon' },
+  { '--gamma', 1.0, 'discount' },
+  { '--lam', 0.95, 'GAE lambda' },
+  { '--clip-range', 0.2, 'policy ratio clipping' },
+  { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
+  { '--vf-coef', 0.1, 'value loss weight' },
+  { '--log-interval', 1, 'iterations between log lines' },
+  { '--save-interval', 0, 'iterations between checkpoints (0: only at the end); a --save DIR that holds one resumes' },
+})
+local opts, fail = recipe.parse('ppo', FLAGS, 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]')
+local embedded = not opts.load
+if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then fail('--rollout-batch-size must be a multiple of --mini-batch-size') end
+
+-- The critic's value for answer token t is read where the policy predicts it: at position t - 1.
+local function token_values(critic, ids)
+  local out = critic(ids)
+  return pmp.cat({ pmp.zeros({ out:size(1), 1 }, { dtype = out.dtype }), out:narrow(2, 1, out:size(2) - 1) }, 2)
+end
+
+local ok, err = pcall(function()
+  pmp.manual_seed(opts.seed)
+  local actor, tokenizer, render = recipe.policy(opts)
+  local prompts = recipe.prompts(opts, tokenizer, render)
+  local reward = recipe.reward(opts, tokenizer)
+  local reference = recipe.frozen_copy(actor)
+  local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_model, { head = 'score' })
+    or pmp.models.score_model(actor)
+  actor:eval()   -- no dropout anywhere: ratios and values compare like with like
+  critic:eval()
+  local sample_opts = recipe.sample_options(opts, tokenizer)
+  local sums = require 'pmp.rl.sums'
+  local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
+  local before = embedded and not (opts.save and pmp.checkpoint.latest_iteration(opts.save .. '/actor')) and held_out()
+  local actor_opt = pmp.optim.AdamW(pmp.optim.decay_groups(actor), { lr = opts.lr, weight_decay = 0 })
+  local critic_opt = pmp.optim.AdamW(pmp.optim.decay_groups(critic), { lr = opts.critic_lr, weight_decay = 0 })
+  local actor_params, critic_params = actor:parameters(), critic:parameters()
+  local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
+  print(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations; %s', #prompts,
+    opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations, tostring(actor):match('^[^\n]*')))
+  local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size)
+  local function save(iteration)
+    local state = { model_config = actor.config, args = opts, kl_coef = kl_ctl.value, before = before,
+      prompt_order = prompt_position.order, prompt_cursor = prompt_position.cursor }
+    pmp.checkpoint.save(opts.save .. '/actor', iteration, actor, actor_opt, state)
+    pmp.checkpoint.save(opts.save .. '/critic', iteration, critic, critic_opt, { model_config = critic.config })
+    print(string.format(' saved checkpoints to %s/actor and /critic at iteration %d', opts.save, iteration))
+  end
+  local first_iteration = 1
+  if opts.save and pmp.checkpoint.latest_iteration(opts.save .. '/actor') then
+    pmp.checkpoint.load(opts.save .. '/critic', critic, critic_opt)
+    local info = pmp.checkpoint.load(opts.save .. '/actor', actor, actor_opt)   -- its RNG state last
+    first_iteration, kl_ctl.value, before = info.iteration + 1, info.state.kl_coef, info.state.before
+    prompt_position.order, prompt_position.cursor = info.state.prompt_order, info.state.prompt_cursor
+    print(string.format(' resumed from %s at iteration %d', opts.save, info.iteration))
+  end
+  for iteration = first_iteration, opts.iterations do
+    local t0 = clock.now()
+    local batch_prompts = next_prompts()
+    local samples = rl.rollout.sample(actor, batch_prompts, sample_opts)
+    local scores = reward(samples, tokenizer)
+    local rows = {}
+    for k, s in ipairs(samples) do rows[k] = { s.prompt, s.response } end
+    local batch = rl.sequences.collate(rows, tokenizer.pad_id or 0)
+    local mask = batch.mask
+    local old_logp, old_values = pmp.no_grad(function()
+      return rl.sequence_logprobs(actor, batch.ids, mask, { temperature = opts.temperature }), token_values(critic, batch.ids) * mask
+    end)
+    local t1 = clock.now()
+    local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, mask, { temperature = opts.temperature })
+    local t2 = clock.now()
+    -- rewards: -beta KL on every answer token, the score added on the last one
+    local kl = rl.kl(old_logp, ref_logp, 'k1') * mask
+    local score_at_end = {}
+    for b, s in ipairs(scores) do
+      score_at_end[b] = {}
+      for t = 1, batch.ids:size(2) do score_at_end[b][t] = t == batch.last[b] and s or 0 end
+    end
+    local rewards = pmp.tensor(score_at_end, { dtype = 'f32' }) - kl * kl_ctl.value
+    local advantages, returns = rl.gae(rewards, old_values, mask, opts.gamma, opts.lam)
+    advantages = rl.whiten(advantages, mask)
+    local sums_of = { policy = 0, value = 0, clipfrac = 0, entropy = 0, steps = 0 }
+    for _ = 1, opts.ppo_epochs do
+      for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
+        local function rows_of(t) return t:index_select(1, index) end
+        local ids, m = rows_of(batch.ids), rows_of(mask)
+        actor_opt:zero_grad()
+        critic_opt:zero_grad()
+        local logp, entropy = rl.sequence_logprobs(actor, ids, m, { temperature = opts.temperature, entropy = true })
+        local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(advantages), m, opts.clip_range)
+        local value_loss = rl.value_loss(token_values(critic, ids), rows_of(old_values), rows_of(returns), m,
+          opts.value_clip_range)
+        local loss = policy_loss + value_loss * opts.vf_coef
+        loss:backward()
+        if opts.clip_grad > 0 then
+          pmp.optim.clip_grad_norm(actor_params, opts.clip_grad)
+          pmp.optim.clip_grad_norm(critic_params, opts.clip_grad)
+        end
+        actor_opt:step()
+        critic_opt:step()
+        sums_of.policy, sums_of.value = sums_of.policy + policy_loss:item(), sums_of.value + value_loss:item()
+        sums_of.clipfrac = sums_of.clipfrac + clipfrac
+        sums_of.entropy = sums_of.entropy + ((entropy:sum()) / m:sum()):item()
+        sums_of.steps = sums_of.steps + 1
+      end
+    end
+    local t3 = clock.now()
+    local kl_per_answer = kl:sum():item() / #samples
+    local coef = kl_ctl.value
+    kl_ctl:update(kl_per_answer, #samples)
+    if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+      print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
+    end
+    if iteration % opts.log_interval == 0 or iteration == opts.iterations then
+      local n = sums_of.steps
+      print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | kl coef: %.4f | entropy: %.4f | ' ..
+        'policy loss: %.5f | value loss: %.5f | clipfrac: %.4f | response length: %.2f | ' ..
+        'time (s) rollout %.2f reference %.2f update %.2f |', iteration, opts.iterations, rl.rollout.mean(scores),
+        kl_per_answer, coef, sums_of.entropy / n, sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n,
+        mask:sum():item() / #samples, t1 - t0, t2 - t1, t3 - t2))
+    end
+    if opts.save and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save(iteration) end
+  end
+  if opts.save and first_iteration <= opts.iterations and
+      (opts.save_interval == 0 or opts.iterations % opts.save_interval ~= 0) then
+    save(opts.iterations)
+  end
+  if opts.save_hf then
+    actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
+    print('ppo: saved the actor to ' .. opts.save_hf)
+  end
+  if embedded then print(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end
+end)
+if not ok then fail(err) end
