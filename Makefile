@@ -23,7 +23,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
+.PHONY: all cuda deps test test-reference mutate bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
 all: pmp
 
 pmp: $(HOST_OBJS) build/libpmpcore.a
@@ -63,6 +63,15 @@ deps:
 
 test: pmp
 	./pmp spec/run.lua
+
+# The opt-in checks against Python references (PyPI: torch transformers safetensors megatron-core tensorboard):
+# run before resolving any change to how pmp reads or writes other tools' formats.
+test-reference: pmp
+	tools/test_reference.sh
+
+# Plants each bug of tools/mutations.txt in a scratch copy and checks that the specs catch it (minutes).
+mutate: pmp
+	./pmp tools/mutate.lua
 
 bench: pmp
 	./pmp tools/bench_core.lua

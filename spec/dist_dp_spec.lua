@@ -86,11 +86,11 @@ describe('pmp.dist.ddp and pmp.optim.DistributedOptimizer', function()
   end)
 
   it('reshards its full state into other buckets and loads it back exactly', function()
-    for _, r in ipairs(rows(out, 'RESHARD', 'distopt')) do
-      assert.are.same({ '0', '3', '0.001' }, r)
-    end
-    for _, r in ipairs(rows(out, 'ROUNDTRIP', 'distopt')) do assert.are.equal('0', r[1]) end
-    assert.are.equal(RANKS, #rows(out, 'ROUNDTRIP', 'distopt'))
+    local reshard, roundtrip = rows(out, 'RESHARD', 'distopt'), rows(out, 'ROUNDTRIP', 'distopt')
+    assert.are.equal(RANKS, #reshard, 'one RESHARD line per rank')
+    assert.are.equal(RANKS, #roundtrip, 'one ROUNDTRIP line per rank')
+    for _, r in ipairs(reshard) do assert.are.same({ '0', '3', '0.001' }, r) end
+    for _, r in ipairs(roundtrip) do assert.are.equal('0', r[1]) end
   end)
 
   it('trains bf16 parameters with f32 master weights close to the f32 reference', function()

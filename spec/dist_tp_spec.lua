@@ -46,6 +46,12 @@ end
 -- of the reference's values, and there is no other name.
 local function check_shards(out, grad_tol, param_tol, logits_tol)
   local params, grads = rows(out, 'PARAM'), rows(out, 'GRAD')
+  local names = rows(out, 'NAMES')
+  assert.are.equal(#CASES, #names, 'one NAMES line per case')
+  for _, r in ipairs(names) do
+    assert.is_true(tonumber(r[2]) > 0, r[1] .. ': the reference has no parameters')
+    assert.are.equal(tonumber(r[2]), #rows(out, 'PARAM', r[1]), r[1] .. ': one PARAM line per reference parameter')
+  end
   for _, r in ipairs(params) do
     assert.are_not.equal('missing', r[3], string.format('%s: %s missing or mis-shaped on some rank', r[1], r[2]))
     assert.is_true(tonumber(r[3]) <= param_tol, string.format('%s: %s differs from the reference shard by %s',

@@ -97,6 +97,24 @@ describe('fused RMSNorm', function()
     local hf = w * (xf * (xf:square():mean(-1, true) + 1e-6):rsqrt()):bf16()
     assert.are.equal(0, max_diff(F.rms_norm(x, w, 1e-6), hf))
   end)
+  it('keeps epsilon on rows whose mean square is comparable to it, in f64, f32 and bf16', function()
+    -- mean(x^2) ~ 4e-6 against eps = 1e-5: without eps the output would grow by ~1.9x
+    local eps = 1e-5
+    local function composed(x, w) return x * (x:square():mean(-1, true) + eps):rsqrt() * w end
+    local x = pmp.randn(4, 3, 40, { dtype = 'f64' }) * 2e-3
+    local w = pmp.randn(40, { dtype = 'f64' }) * 0.1 + 1
+    local g = pmp.randn(4, 3, 40, { dtype = 'f64' })
+    for dtype, tolerance in pairs({ f64 = 1e-12, f32 = 1e-6, bf16 = 1e-2 }) do
+      -- the reference sees the inputs as rounded to dtype, so only the kernel's own rounding remains
+      local xr, wr, gr = x:to(dtype), w:to(dtype), g:to(dtype)
+      local want, want_grads = forward_backward(composed, { xr:double(), wr:double() }, gr:double())
+      local got, grads = forward_backward(function(a, b) return F.rms_norm(a, b, eps) end, { xr, wr }, gr)
+      local function relative(a, b) return max_diff(a, b) / b:abs():max():item() end
+      assert.is_true(relative(got, want) < tolerance, dtype .. ' output off by ' .. relative(got, want))
+      assert.is_true(relative(grads[1], want_grads[1]) < tolerance, dtype .. ' dx off by ' .. relative(grads[1], want_grads[1]))
+      assert.is_true(relative(grads[2], want_grads[2]) < tolerance, dtype .. ' dw off by ' .. relative(grads[2], want_grads[2]))
+    end
+  end)
   it('rejects a weight of the wrong size', function()
     local ok, message = pcall(F.rms_norm, pmp.randn(2, 4), pmp.randn(5))
     assert.is_false(ok)

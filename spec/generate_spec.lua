@@ -1,6 +1,7 @@
 require 'busted.runner'()
 -- pmp.generate against transformers' greedy continuations (tiny HF fixtures), the KV cache against
 -- full re-computation, left-padded batches against single prompts, and the sampling controls.
+local fails_with = require('spec.support.expect').fails_with
 local root = package.loaded['pmp.root']
 local FIXTURES = root .. '/spec/fixtures/hf'
 
@@ -120,7 +121,8 @@ describe('pmp.generate', function()
 
   it('rejects empty prompts and stop strings without a tokenizer', function()
     local model = load('llama')
-    assert.has_error(function() pmp.generate(model, { {} }) end)
-    assert.has_error(function() pmp.generate(model, { { 1, 2 } }, { stop = { 'x' } }) end)
+    fails_with(function() pmp.generate(model, { {} }) end, 'generate: prompt 1 is empty')
+    fails_with(function() pmp.generate(model, { { 1, 2 } }, { stop = { 'x' } }) end,
+      'generate: stop strings need options.tokenizer')
   end)
 end)

@@ -5,6 +5,7 @@ require 'busted.runner'()
 local ffi = require 'ffi'
 local shell = require 'spec.support.shell'
 local indexed = pmp.data.indexed
+local fails_with = require('spec.support.expect').fails_with
 local G = pmp.data.gpt_dataset
 
 local FIXTURES = shell.root .. '/spec/fixtures/indexed'
@@ -399,8 +400,9 @@ describe('pmp.data.gpt_dataset', function()
     local small = G.GPTDataset(ds, { seq_length = 5, seed = 1, num_samples = 10, cache_dir = false })
     assert.are.equal(1, small.num_epochs)
     assert.are.equal(small.samples_per_epoch, small.count)
-    assert.has_error(function() small:sample(small.count) end)
-    assert.has_error(function() small:batch(small.count - 4, 8) end)
+    fails_with(function() small:sample(small.count) end, 'sample ' .. small.count .. ' is past the ' .. small.count .. ' samples')
+    fails_with(function() small:batch(small.count - 4, 8) end,
+      string.format('samples [%d, %d) go past the %d samples', small.count - 4, small.count + 4, small.count))
     small:ensure(200)
     assert.are.equal(g.count, small.count)
     for step = 0, 19 do assert.are.same(full[step], small:batch(step * 8, 8):totable()) end
@@ -440,9 +442,10 @@ describe('pmp.data.gpt_dataset', function()
 
   it('refuses seeds numpy.random.RandomState refuses', function()
     local ds = make('a', 10)
-    assert.has_error(function() G.GPTDataset(ds, { seq_length = 4, seed = -1, cache_dir = false }) end)
-    assert.has_error(function() G.GPTDataset(ds, { seq_length = 4, seed = 2 ^ 32, cache_dir = false }) end)
-    assert.has_error(function() G.GPTDataset(ds, { seq_length = 4, seed = 1.5, cache_dir = false }) end)
+    local refused = 'seed must be an integer in [0, 2^32) (numpy.random.RandomState), got '
+    fails_with(function() G.GPTDataset(ds, { seq_length = 4, seed = -1, cache_dir = false }) end, refused .. '-1')
+    fails_with(function() G.GPTDataset(ds, { seq_length = 4, seed = 2 ^ 32, cache_dir = false }) end, refused .. '4294967296')
+    fails_with(function() G.GPTDataset(ds, { seq_length = 4, seed = 1.5, cache_dir = false }) end, refused .. '1.5')
   end)
 
   -- spec/fixtures/gpt_dataset: what megatron-core's BlendedMegatronDatasetBuilder(GPTDataset, ...) built
@@ -499,7 +502,7 @@ describe('pmp.data.gpt_dataset', function()
                 what, i, k, d - 1, want.dataset_sample_index[i + 1], want.dataset_index[i + 1]))
             end
           end
-          assert.has_error(function() got:sample(got.count) end)
+          fails_with(function() got:sample(got.count) end, 'sample ' .. got.count .. ' is past the ' .. got.count .. ' samples')
           for k, wd in ipairs(want.datasets) do
             assert_megatron_gpt(what .. ', dataset ' .. k, wd, got.datasets[k])
           end

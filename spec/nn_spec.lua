@@ -461,6 +461,25 @@ describe('nn layers against hand-composed references', function()
     end
   end)
 
+  it('LayerNorm keeps epsilon on rows whose variance is comparable to it, in f32 and bf16', function()
+    -- variance ~ 9e-6 against eps = 1e-5: without eps the output would grow by ~1.5x
+    local x = pmp.randn(6, 40, { dtype = 'f64' }) * 3e-3 + 1e-3
+    local w = pmp.randn(40, { dtype = 'f64' }) * 0.1 + 1
+    local b = pmp.randn(40, { dtype = 'f64' }) * 0.1
+    for dtype, tolerance in pairs({ f32 = 1e-6, bf16 = 1e-2 }) do
+      local layer = nn.LayerNorm(40, { dtype = dtype, eps = 1e-5 })
+      pmp.no_grad(function()
+        layer.weight:copy_(w)
+        layer.bias:copy_(b)
+      end)
+      local xr = x:to(dtype)
+      local want = ref_layer_norm(xr:double(), layer.weight:double(), layer.bias:double(), 1e-5)
+      local got = layer(xr)
+      local off = max_diff(got, want) / max_abs(want)
+      assert.is_true(off < tolerance, dtype .. ' output off by ' .. off)
+    end
+  end)
+
   it('Dropout is the identity in eval mode and scales kept values by 1/(1-p) in training', function()
     local drop = nn.Dropout(0.25)
     local x = leaf(pmp.ones(20000, { dtype = 'f64' }))
@@ -710,6 +729,36 @@ describe('nn.GPTModel', function()
     end
     assert.is_true(math.abs(first - math.log(24)) < 0.3, 'initial loss ' .. first .. ' should be near ln(24)')
     assert.is_true(last < 0.5 * first, string.format('loss went from %.3f to %.3f', first, last))
+  end)
+
+  -- A falling loss also survives a wrong update (no bias correction, decay applied twice...); this
+  -- checks the same training loop step by step against AdamW written out here in f64.
+  it('trains with AdamW exactly as the textbook update applied to its gradients would (f64, 3 steps)', function()
+    pmp.manual_seed(6)
+    local model = nn.GPTModel({ num_layers = 1, hidden_size = 16, num_attention_heads = 2, vocab_size = 12,
+      ffn_hidden_size = 32, dtype = 'f64' })
+    local input, targets = pmp.randint(12, { 2, 6 }), pmp.randint(12, { 2, 6 })
+    local lr, b1, b2, eps, wd = 3e-2, 0.9, 0.95, 1e-8, 0.1
+    local opt = pmp.optim.AdamW(model:parameters(), { lr = lr, betas = { b1, b2 }, eps = eps, weight_decay = wd })
+    local params = model:named_parameters()
+    local m, v = {}, {}
+    for k, pair in ipairs(params) do m[k], v[k] = pair[2]:detach() * 0, pair[2]:detach() * 0 end
+    for step = 1, 3 do
+      opt:zero_grad()
+      model(input, targets):backward()
+      local expected = {}
+      for k, pair in ipairs(params) do
+        local p, g = pair[2]:detach(), pair[2].grad
+        m[k] = m[k] * b1 + g * (1 - b1)
+        v[k] = v[k] * b2 + g:square() * (1 - b2)
+        local m_hat, v_hat = m[k] / (1 - b1 ^ step), v[k] / (1 - b2 ^ step)
+        expected[k] = p * (1 - lr * wd) - m_hat / (v_hat:sqrt() + eps) * lr
+      end
+      opt:step()
+      for k, pair in ipairs(params) do
+        assert_close(pair[2]:detach(), expected[k], 1e-12, pair[1] .. ' after step ' .. step)
+      end
+    end
   end)
 
   it('packs documents: positions restart and attention stays inside each document', function()

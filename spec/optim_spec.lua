@@ -2,6 +2,7 @@ require 'busted.runner'()
 -- pmp.optim against closed-form updates written in plain Lua: AdamW (PyTorch's decoupled weight
 -- decay with bias correction), SGD (torch.optim.SGD, dampening 0), Megatron's learning-rate schedules,
 -- and global gradient-norm clipping. Expected values never come from the code under test.
+local fails_with = require('spec.support.expect').fails_with
 local optim = pmp.optim
 
 ---------------------------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ describe('optim.schedule', function()
     local ok2, message2 = pcall(lr, 8)
     assert.is_false(ok2)
     assert.matches("unknown wsd_decay_style 'square'", message2, 1, true)
-    assert.has_error(function() optim.schedule.new({ decay_iters = 10 }) end)
+    fails_with(function() optim.schedule.new({ decay_iters = 10 }) end, 'schedule: max_lr is required')
   end)
 end)
 

@@ -1,5 +1,6 @@
 require 'busted.runner'()
 -- Lua autograd functions and activation recompute.
+local fails_with = require('spec.support.expect').fails_with
 
 describe('pmp.autograd.custom', function()
   it('routes gradients through a Lua backward', function()
@@ -71,8 +72,8 @@ describe('activation recompute', function()
   end)
 
   it('is rejected with an unknown granularity', function()
-    assert.has_error(function()
+    fails_with(function()
       pmp.nn.GPTModel({ num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab_size = 4, recompute_granularity = 'selective' })
-    end)
+    end, "recompute_granularity must be 'full' or nil, got 'selective'")
   end)
 end)

@@ -1,5 +1,6 @@
 require 'busted.runner'()
 -- SFT data: formats, assistant-only labels, and packing whose loss equals the unpacked loss.
+local fails_with = require('spec.support.expect').fails_with
 local sft = pmp.data.sft
 
 -- ChatML, the format Qwen uses, written out directly so these tests do not depend on a template engine.
@@ -31,8 +32,9 @@ describe('pmp.data.sft', function()
       sft.to_messages({ system = 's', conversations = { { from = 'human', value = 'hi' }, { from = 'gpt', value = 'yo' } } }))
     local m = { { role = 'user', content = 'x' } }
     assert.are.equal(m, sft.to_messages({ messages = m }))
-    assert.has_error(function() sft.to_messages({ text = 'plain' }) end)
-    assert.has_error(function() sft.to_messages({ conversations = { { from = 'robot', value = 'x' } } }) end)
+    fails_with(function() sft.to_messages({ text = 'plain' }) end, 'sft: unknown record format')
+    fails_with(function() sft.to_messages({ conversations = { { from = 'robot', value = 'x' } } }) end,
+      "sft: conversation turn 1 has an unknown 'from' (robot)")
   end)
 
   it('trains only assistant tokens, end-of-turn included, over several turns', function()

@@ -12,6 +12,7 @@
 --   PARAM case name max_diff                    each parameter shard vs the reference's shard ('missing':
 --                                               absent or mis-shaped on some rank)
 --   KEYS case extra                             state_dict keys the reference lacks, most on any rank
+--   NAMES case count                            the reference's state_dict entries (one PARAM line each)
 --   SAME case all_same                          group of one: the model came back untouched
 --   ERROR case message                          the error tensor_parallel or forward raised on rank 0
 local parallel = pmp.nn.parallel
@@ -174,6 +175,7 @@ local function run_case(case)
   local names = {}
   for name in pairs(theirs) do names[#names + 1] = name end
   table.sort(names)   -- the same order on every rank: worst() is a collective
+  report('NAMES %s %d', case.name, #names)
   for _, name in ipairs(names) do
     local expected = sharding.shard(name, theirs[name], cfg, tp, r)
     local got = mine[name]

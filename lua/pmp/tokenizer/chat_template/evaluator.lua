@@ -11,6 +11,7 @@ local access = require 'pmp.tokenizer.chat_template.access'
 local FILTERS = require 'pmp.tokenizer.chat_template.filters'
 local TESTS = require 'pmp.tokenizer.chat_template.tests'
 local GLOBALS = require 'pmp.tokenizer.chat_template.globals'
+local namespace = require 'pmp.tokenizer.chat_template.namespace'
 
 local format, concat = string.format, table.concat
 local NONE, CallableMT, LoopMT = V.NONE, V.CallableMT, V.LoopMT
@@ -204,7 +205,7 @@ local function set_target(target, value, frame, ctx)
   if target.t == 'nsattr' then
     local ns = lookup(frame, target.ns, ctx)
     if kind(ns) ~= 'namespace' then throw('cannot assign attribute on non-namespace object') end
-    ns.vals[target.attr] = value
+    namespace.store(ns, target.attr, value)
   else
     assign(target, value, frame)
   end

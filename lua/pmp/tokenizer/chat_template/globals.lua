@@ -4,11 +4,11 @@ local V = require 'pmp.tokenizer.chat_template.values'
 local S = require 'pmp.tokenizer.chat_template.strings'
 local O = require 'pmp.tokenizer.chat_template.operators'
 local methods = require 'pmp.tokenizer.chat_template.methods'
+local namespace = require 'pmp.tokenizer.chat_template.namespace'
 
-local sub = string.sub
-local NamespaceMT, CallableMT, throw, new_list, new_dict, kind, isfloat, tonum, py_type, dict_keys =
-  V.NamespaceMT, V.CallableMT, V.throw, V.new_list, V.new_dict, V.kind, V.isfloat, V.tonum, V.py_type, V.dict_keys
-local str_repr, py_str = S.str_repr, S.py_str
+local CallableMT, throw, new_list, new_dict, kind, isfloat, tonum, py_type, dict_keys =
+  V.CallableMT, V.throw, V.new_list, V.new_dict, V.kind, V.isfloat, V.tonum, V.py_type, V.dict_keys
+local py_str = S.py_str
 local iterate = O.iterate
 local need_str = methods.need_str
 
@@ -34,20 +34,19 @@ end)
 
 GLOBALS.namespace = fn('namespace', function(args, kwargs)
   local vals, order = new_dict()
+  local function add(k, v)
+    namespace.check_name(k)
+    if vals[k] == nil then order[#order + 1] = k end
+    vals[k] = v
+  end
   for _, a in ipairs(args) do
     if kind(a) ~= 'dict' then throw('namespace() positional argument must be a mapping') end
-    for _, k in ipairs(dict_keys(a)) do if vals[k] == nil then order[#order + 1] = k end vals[k] = a[k] end
+    for _, k in ipairs(dict_keys(a)) do add(k, a[k]) end
   end
   if kwargs then
-    for _, k in ipairs(dict_keys(kwargs)) do
-      if type(k) == 'string' and sub(k, 1, 1) == '_' then
-        throw('Chat templates cannot store underscore-prefixed attributes on a namespace, but got ' .. str_repr(k) .. '.')
-      end
-      if vals[k] == nil then order[#order + 1] = k end
-      vals[k] = kwargs[k]
-    end
+    for _, k in ipairs(dict_keys(kwargs)) do add(k, kwargs[k]) end
   end
-  return setmetatable({ vals = vals }, NamespaceMT)
+  return namespace.new(vals)
 end)
 
 GLOBALS.dict = fn('dict', function(args, kwargs)
