@@ -9,6 +9,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/mman.h>
@@ -60,6 +62,32 @@ int pmp_file_write_tensor(int fd, pmp_tensor *t, const char *path) {
   if (!c) return -1;
   int rc = pmp_file_write(fd, c->data, nbytes, path);
   pmp_tensor_release(c);
+  return rc;
+}
+
+int pmp_file_write_tensor_as(int fd, pmp_tensor *t, int dtype, const char *path) {
+  if (!pmp_dtype_valid(dtype)) return pmp_fail_code("write to %s: unknown dtype %d", path, dtype);
+  if (dtype == t->dtype_id) return pmp_file_write_tensor(fd, t, path);
+  if (t->dev.type != PMP_CPU) return pmp_fail_code("write to %s: the tensor is not on the cpu", path);
+  if (!pmp_is_contiguous(t)) {
+    pmp_tensor *c = pmp_empty_like(t, dtype);
+    int rc = c ? pmp_copy_into(c, t) : -1;
+    if (rc == 0) rc = pmp_file_write_tensor(fd, c, path);
+    pmp_tensor_release(c);
+    return rc;
+  }
+  enum { CHUNK = 1 << 20 };   /* elements per conversion: a few MiB of buffer */
+  int in_size = pmp_dtype_size(t->dtype_id), out_size = pmp_dtype_size(dtype);
+  int64_t n = pmp_numel(t);
+  char *buffer = malloc((size_t)(n < CHUNK ? n : CHUNK) * (size_t)out_size + 1);
+  if (!buffer) return pmp_fail_code("write to %s: out of memory for a conversion buffer", path);
+  int rc = 0;
+  for (int64_t k = 0; k < n && rc == 0; k += CHUNK) {
+    int64_t count = n - k < CHUNK ? n - k : CHUNK;
+    pmp_convert(buffer, dtype, t->data + k * in_size, t->dtype_id, count);
+    rc = pmp_file_write(fd, buffer, count * out_size, path);
+  }
+  free(buffer);
   return rc;
 }
 
@@ -256,9 +284,77 @@ struct pmp_mapping {
   char *data;
   int64_t nbytes;
   atomic_int refcount;
+  int watch_slot;   /* its entry in `watched`, -1 if none was free */
 };
 
 static atomic_int live_mappings;
+
+/* A file that shrinks while mapped makes reads past its new end fault with SIGBUS, which would end the
+ * process with a bare "Bus error". The mapped ranges are kept here so the handler can name the file and
+ * say what happened; the faulting read cannot be resumed, so the process then dies of the signal as it
+ * would have. The handler only reads the table (without the lock: slots are published by their begin). */
+enum { WATCHED_MAPPINGS = 1024, WATCHED_PATH = 512 };
+typedef struct {
+  _Atomic(uintptr_t) begin;
+  uintptr_t end;
+  char path[WATCHED_PATH];
+} watched_mapping;
+static watched_mapping watched[WATCHED_MAPPINGS];
+static pthread_mutex_t watched_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction sigbus_before;
+static bool sigbus_installed;
+
+static void say(const char *text) {
+  ssize_t unused = write(2, text, strlen(text));
+  (void)unused;
+}
+
+static void on_sigbus(int signal_number, siginfo_t *info, void *context) {
+  (void)context;
+  uintptr_t address = (uintptr_t)info->si_addr;
+  for (int k = 0; k < WATCHED_MAPPINGS; k++) {
+    uintptr_t begin = atomic_load(&watched[k].begin);
+    if (begin && address >= begin && address < watched[k].end) {
+      say("pmp: fatal: ");
+      say(watched[k].path);
+      say(" shrank while memory-mapped (truncated or rewritten in place after it was loaded): tensors viewing it "
+          "lost their data. Replace model files by writing a new file and renaming it, or load with copies "
+          "(pmp.models.from_pretrained without mmap = true; pmp.safetensors.load with copy = true).\n");
+      break;
+    }
+  }
+  /* back to the previous action; returning re-runs the read, which faults again under it */
+  sigaction(signal_number, &sigbus_before, NULL);
+}
+
+static void watch_mapping(pmp_mapping *m, const char *path) {
+  m->watch_slot = -1;
+  pthread_mutex_lock(&watched_lock);
+  if (!sigbus_installed) {
+    struct sigaction action = {0};
+    action.sa_sigaction = on_sigbus;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigbus_installed = sigaction(SIGBUS, &action, &sigbus_before) == 0;
+  }
+  for (int k = 0; k < WATCHED_MAPPINGS; k++) {
+    if (atomic_load(&watched[k].begin) == 0) {
+      snprintf(watched[k].path, WATCHED_PATH, "%s", path);
+      watched[k].end = (uintptr_t)m->data + (uintptr_t)m->nbytes;
+      atomic_store(&watched[k].begin, (uintptr_t)m->data);
+      m->watch_slot = k;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&watched_lock);
+}
+
+static void unwatch_mapping(pmp_mapping *m) {
+  if (m->watch_slot < 0) return;
+  pthread_mutex_lock(&watched_lock);
+  atomic_store(&watched[m->watch_slot].begin, 0);
+  pthread_mutex_unlock(&watched_lock);
+}
 
 pmp_mapping *pmp_map_file(const char *path) {
   int fd;
@@ -292,6 +388,9 @@ pmp_mapping *pmp_map_file(const char *path) {
       return pmp_fail("cannot map %s (%lld bytes): %s", path, (long long)st.st_size, strerror(err));
     }
     m->data = p;
+    watch_mapping(m, path);
+  } else {
+    m->watch_slot = -1;
   }
   close(fd);
   atomic_init(&m->refcount, 1);
@@ -306,7 +405,10 @@ int pmp_mapping_live_count(void) { return atomic_load(&live_mappings); }
 void pmp_mapping_release(pmp_mapping *m) {
   if (!m) return;
   if (atomic_fetch_sub(&m->refcount, 1) != 1) return;
-  if (m->data) munmap(m->data, (size_t)m->nbytes);
+  if (m->data) {
+    unwatch_mapping(m);
+    munmap(m->data, (size_t)m->nbytes);
+  }
   free(m);
   atomic_fetch_sub(&live_mappings, 1);
 }
@@ -336,4 +438,16 @@ pmp_tensor *pmp_mapping_tensor(pmp_mapping *m, int64_t offset, int dtype, const 
                                     release_mapping_ctx, m);
   if (!t) pmp_mapping_release(m);
   return t;
+}
+
+int pmp_mapping_drop_pages(pmp_tensor *t) {
+  if (!t || !t->storage || t->storage->release != release_mapping_ctx || !pmp_is_contiguous(t)) return 0;
+  uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t begin = ((uintptr_t)t->data + page - 1) / page * page;
+  uintptr_t end = ((uintptr_t)t->data + (uintptr_t)(pmp_numel(t) * pmp_dtype_size(t->dtype_id))) / page * page;
+  if (end <= begin) return 0;
+  /* MADV_DONTNEED on a private file mapping: unwritten pages simply go; the file is untouched. */
+  if (madvise((void *)begin, end - begin, MADV_DONTNEED) != 0)
+    return pmp_fail_code("madvise of a mapped tensor failed: %s", strerror(errno));
+  return 0;
 }

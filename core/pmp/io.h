@@ -16,6 +16,9 @@ int pmp_file_open_write(const char *path);      /* create or truncate; returns a
 int pmp_file_write(int fd, const void *data, int64_t nbytes, const char *path);
 /* t's elements in row-major order, in t's dtype (t must be on the cpu) */
 int pmp_file_write_tensor(int fd, pmp_tensor *t, const char *path);
+/* the same converted to dtype, through at most one temporary of t's elements in dtype (none for a
+ * contiguous t: it converts a few MiB at a time) */
+int pmp_file_write_tensor_as(int fd, pmp_tensor *t, int dtype, const char *path);
 int pmp_file_sync_close(int fd, const char *path);   /* fsync then close; closes even on failure */
 void pmp_file_close(int fd);
 int pmp_file_rename(const char *from, const char *to);
@@ -40,6 +43,11 @@ int64_t pmp_mapping_size(const pmp_mapping *m);
 void pmp_mapping_release(pmp_mapping *m);
 int pmp_mapping_live_count(void);               /* mappings not yet unmapped, for tests */
 pmp_tensor *pmp_mapping_tensor(pmp_mapping *m, int64_t offset, int dtype, const int64_t *shape, int ndim);
+/* Gives back the pages of a mapping that lie wholly inside t's bytes (t: a view made by
+ * pmp_mapping_tensor that nothing wrote to, e.g. a source already copied elsewhere): they leave this
+ * process's resident memory and are read from the file again if touched. A tensor that is not such a
+ * view is left alone. Returns 0, or -1 if the system refused. */
+int pmp_mapping_drop_pages(pmp_tensor *t);
 
 /* PMP_CDEF_END */
 

@@ -7,7 +7,7 @@
 -- write_atomic writes to `path.tmp.<pid>` in the same directory, fsyncs it, renames it over path and
 -- fsyncs the directory, so after a crash path holds either the old or the new content. A writer
 -- function receives an object w with w:write(string) and w:write(pointer, nbytes) (any cdata pointer),
--- w:write_tensor(t) (t's elements in row-major order, in its dtype) and w.bytes (bytes written so far).
+-- w:write_tensor(t, dtype) (t's elements in row-major order, in its dtype or dtype) and w.bytes (bytes written so far).
 -- If the writer raises, the temporary file is removed, the old file is left as it was, and the error
 -- is raised again with the path in front.
 local ffi = require 'ffi'
@@ -127,13 +127,16 @@ function Writer:write(data, nbytes)
   self.bytes = self.bytes + nbytes
 end
 
--- Writes t's elements row-major in t's dtype (a tensor on another device is copied to the cpu first).
-function Writer:write_tensor(t)
+-- Writes t's elements row-major in t's dtype, or converted to dtype (a name: 'bf16', ...) without a
+-- whole converted copy (a tensor on another device is copied to the cpu first).
+function Writer:write_tensor(t, dtype)
   tensor_ct = tensor_ct or ffi.typeof('pmp_tensor_handle')
   if not ffi.istype(tensor_ct, t) then error('write_tensor: expects a tensor', 2) end
   if t.ptr.dev.type ~= C.PMP_CPU then t = t:to('cpu') end
-  if C.pmp_file_write_tensor(self.fd, t.ptr, self.tmp) ~= 0 then error(last_error(), 2) end
-  self.bytes = self.bytes + tonumber(C.pmp_numel(t.ptr)) * C.pmp_dtype_size(t.ptr.dtype_id)
+  local id = dtype and C.pmp_dtype_from_name(dtype) or t.ptr.dtype_id
+  if id < 0 then error("write_tensor: unknown dtype '" .. tostring(dtype) .. "'", 2) end
+  if C.pmp_file_write_tensor_as(self.fd, t.ptr, id, self.tmp) ~= 0 then error(last_error(), 2) end
+  self.bytes = self.bytes + tonumber(C.pmp_numel(t.ptr)) * C.pmp_dtype_size(id)
 end
 
 function M.write_atomic(path, content)

@@ -8,6 +8,7 @@
 --   local tensors, metadata, index = pmp.safetensors.load_sharded(dir, options)
 --   pmp.safetensors.save_sharded(dir, tensors, {max_shard_size = bytes or '5GB', metadata = {...}})
 --   local info = pmp.safetensors.inspect(path)     -- the validated header, without loading anything
+--   local t = pmp.safetensors.load_joined(path, {'a', 'b'}, shape)   -- one view over adjacent tensors
 --
 -- load: tensors whose dtype is kept are views of the file mapping (no copy; copy-on-write, so writing
 -- to them in place never changes the file). The file stays mapped while any of them lives. `dtype`
@@ -323,8 +324,57 @@ function M.load(path, options)
   end)
 end
 
+-- One view of the mapping over tensors that lie back to back in the file, in this order and of one
+-- dtype (as a writer that sorts by name puts gate_proj before up_proj), with the given shape (of their
+-- elements together). Returns nil when they are not so laid out. The view is copy-on-write like load's.
+function M.load_joined(path, names, shape)
+  return with_mapping(path, 'load_joined', function(m)
+    local fail = failer(path)
+    local info = parse_header(ffi.cast('const uint8_t *', C.pmp_mapping_data(m)), tonumber(C.pmp_mapping_size(m)), fail)
+    local first = info.tensors[names[1]]
+    if not first then fail(string.format("no tensor named '%s'", names[1])) end
+    local finish = first.finish
+    for k = 2, #names do
+      local e = info.tensors[names[k]]
+      if not e then fail(string.format("no tensor named '%s'", names[k])) end
+      if e.dtype ~= first.dtype or e.begin ~= finish then return nil end
+      finish = e.finish
+    end
+    local dtype = TO_PMP[first.dtype]
+    local numel = 1
+    for k = 1, #shape do
+      shape_buffer[k - 1] = shape[k]
+      numel = numel * shape[k]
+    end
+    local offset = info.data_start + first.begin
+    if not dtype or numel * BITS[first.dtype] / 8 ~= finish - first.begin or offset % C.pmp_dtype_size(C.pmp_dtype_from_name(dtype)) ~= 0 then
+      return nil
+    end
+    local ptr = C.pmp_mapping_tensor(m, offset, C.pmp_dtype_from_name(dtype), shape_buffer, #shape)
+    if ptr == nil then fail(last_error()) end
+    return tensor.wrap(ptr)
+  end)
+end
+
 ---------------------------------------------------------------------------------------------------
 -- save
+
+local Deferred = {}
+Deferred.__index = Deferred
+
+--- A tensor for save/save_sharded that exists only while it is written: dtype and shape go into the
+--- header, and produce() is called when the writer reaches it; it returns a tensor (usually a view) with
+--- that many elements in row-major order, in any layout and floating-point dtype, which the writer
+--- converts to dtype on the way to the file (at most one tensor's temporary). Nothing is kept after.
+function M.deferred(dtype, shape, produce)
+  if not FROM_PMP[dtype] then error("safetensors.deferred: dtype '" .. tostring(dtype) .. "' has no safetensors form", 2) end
+  if type(shape) ~= 'table' or type(produce) ~= 'function' then
+    error('safetensors.deferred: expects a dtype, a shape table and a function', 2)
+  end
+  return setmetatable({ dtype = dtype, shape = shape, produce = produce }, Deferred)
+end
+
+local function is_deferred(t) return getmetatable(t) == Deferred end
 
 local function check_tensors(tensors, op)
   if type(tensors) ~= 'table' then error('safetensors.' .. op .. ': expects a table name -> tensor', 3) end
@@ -334,7 +384,7 @@ local function check_tensors(tensors, op)
       error('safetensors.' .. op .. ': tensor names must be non-empty strings, got ' .. tostring(name), 3)
     end
     if name == '__metadata__' then error('safetensors.' .. op .. ": '__metadata__' cannot name a tensor", 3) end
-    if not tensor.is_tensor(t) then
+    if not tensor.is_tensor(t) and not is_deferred(t) then
       error('safetensors.' .. op .. ": '" .. name .. "' is a " .. type(t) .. ', not a tensor', 3)
     end
     if not FROM_PMP[t.dtype] then
@@ -364,7 +414,27 @@ local function metadata_header(metadata, op)
   return md
 end
 
-local function nbytes_of(t) return t:numel() * t:element_size() end
+local function nbytes_of(t)
+  if is_deferred(t) then
+    local n = 1
+    for _, size in ipairs(t.shape) do n = n * size end
+    return n * C.pmp_dtype_size(C.pmp_dtype_from_name(t.dtype))
+  end
+  return t:numel() * t:element_size()
+end
+
+-- Writes a tensor's bytes; a deferred one is made now and must match its header entry.
+local function write_entry(w, name, t)
+  if not is_deferred(t) then return w:write_tensor(t) end
+  local made = t.produce()
+  local n = 1
+  for _, size in ipairs(t.shape) do n = n * size end
+  if not tensor.is_tensor(made) or made:numel() ~= n or (made.dtype ~= t.dtype and not (FLOAT[made.dtype] and FLOAT[t.dtype])) then
+    error(string.format("deferred tensor '%s' produced %s, not %s %s", name,
+      tensor.is_tensor(made) and (made.dtype .. ' ' .. shape_string(made.shape)) or type(made), t.dtype, shape_string(t.shape)), 0)
+  end
+  w:write_tensor(made, t.dtype)
+end
 
 -- The reference writer's layout order: larger dtypes first (every tensor stays aligned), then by name.
 local function layout_order(tensors, names)
@@ -398,7 +468,7 @@ local function build_header(tensors, names, md)
   return table.concat(size_bytes) .. text, offset
 end
 
--- Writes tensors (name -> tensor, any layout or device) to path atomically. metadata: string -> string
+-- Writes tensors (name -> tensor, any layout or device, or M.deferred) to path atomically. metadata: string -> string
 -- (numbers are written as their JSON text); "format" defaults to "pt". Returns the file size in bytes.
 function M.save(path, tensors, metadata)
   if type(path) ~= 'string' or path == '' then error('safetensors.save: expects a path', 2) end
@@ -406,7 +476,7 @@ function M.save(path, tensors, metadata)
   local header = build_header(tensors, names, metadata_header(metadata, 'save'))
   local ok, result = pcall(pio.write_atomic, path, function(w)
     w:write(header)
-    for _, name in ipairs(names) do w:write_tensor(tensors[name]) end
+    for _, name in ipairs(names) do write_entry(w, name, tensors[name]) end
   end)
   if not ok then error('safetensors.save: ' .. tostring(result):gsub('^pmp%.io%.write_atomic: ', ''), 2) end
   return result
@@ -535,45 +605,48 @@ function M.save_sharded(dir, tensors, options)
   return index
 end
 
--- Loads a directory written by save_sharded or by Hugging Face: the index's weight_map when there is
--- model.safetensors.index.json, else model.safetensors (a path to a .safetensors file also works).
--- options as for load (dtype, names, copy). Returns tensors, the first shard's __metadata__, and the
--- index table (nil for a single file).
-function M.load_sharded(dir, options)
+-- The files of a directory written by save_sharded or by Hugging Face, without reading any tensor:
+-- the index's weight_map when there is model.safetensors.index.json, else model.safetensors. Returns
+-- the paths (in natural order), name -> path for the tensors wanted (options.names, default all; nil
+-- for a single file, whose header lists them), and the index table (nil for a single file).
+-- options: names, prefix (default 'model').
+function M.shard_files(dir, options)
   options = options or {}
-  if type(dir) ~= 'string' then error('safetensors.load_sharded: expects a directory', 2) end
+  if type(dir) ~= 'string' then error('safetensors.load_sharded: expects a directory', 3) end
   local prefix = options.prefix or 'model'
-  if pio.is_file(dir) then return M.load(dir, options) end
-  if not pio.is_dir(dir) then error('safetensors.load_sharded: ' .. dir .. ' is not a directory', 2) end
+  if not pio.is_dir(dir) then error('safetensors.load_sharded: ' .. dir .. ' is not a directory', 3) end
   local index_path = dir .. '/' .. prefix .. '.safetensors.index.json'
   if not pio.is_file(index_path) then
     local single = dir .. '/' .. prefix .. '.safetensors'
     if not pio.is_file(single) then
       error('safetensors.load_sharded: ' .. dir .. ' has neither ' .. prefix .. '.safetensors.index.json nor ' ..
-        prefix .. '.safetensors', 2)
+        prefix .. '.safetensors', 3)
     end
-    local tensors, metadata = M.load(single, options)
-    return tensors, metadata, nil
+    return { single }, nil, nil
   end
-  local function fail(msg) error('safetensors: ' .. index_path .. ': ' .. msg, 3) end
+  local function fail(msg) error('safetensors: ' .. index_path .. ': ' .. msg, 4) end
   local ok, index = pcall(json.read, index_path)
-  if not ok then error('safetensors: ' .. tostring(index), 2) end
+  if not ok then error('safetensors: ' .. tostring(index), 3) end
   if type(index) ~= 'table' or json.is_array(index) then fail('not a JSON object') end
   local weight_map = index.weight_map
   if type(weight_map) ~= 'table' or json.is_array(weight_map) then fail("missing the 'weight_map' object") end
   local wanted, wanted_list = name_set(options.names, 'load_sharded')
-  local by_file, files = {}, {}
+  local path_of, seen, files = {}, {}, {}
   for name, file in pairs(weight_map) do
     if type(file) ~= 'string' or file == '' then fail(string.format("weight_map entry '%s' is not a file name", name)) end
     if file:sub(1, 1) == '/' or file:match('^%.%./') or file:match('/%.%./') or file:match('/%.%.$') or file == '..' then
       fail(string.format("weight_map entry '%s' names '%s', outside the directory", name, file))
     end
     if not wanted or wanted[name] then
-      if not by_file[file] then
-        by_file[file] = {}
-        files[#files + 1] = file
+      local path = dir .. '/' .. file
+      if not seen[path] then
+        if not pio.is_file(path) then
+          fail(string.format("weight_map puts tensor '%s' in %s, which does not exist", name, file))
+        end
+        seen[path] = true
+        files[#files + 1] = path
       end
-      table.insert(by_file[file], name)
+      path_of[name] = path
     end
   end
   if wanted_list then
@@ -582,17 +655,35 @@ function M.load_sharded(dir, options)
     end
   end
   table.sort(files, M.natural_less)
+  return files, path_of, index
+end
+
+-- Loads a directory written by save_sharded or by Hugging Face (see shard_files; a path to a
+-- .safetensors file also works). options as for load (dtype, names, copy) and prefix. Returns tensors,
+-- the first shard's __metadata__, and the index table (nil for a single file).
+function M.load_sharded(dir, options)
+  options = options or {}
+  if type(dir) == 'string' and pio.is_file(dir) then return M.load(dir, options) end
+  local files, path_of, index = M.shard_files(dir, options)
+  if not index then
+    local tensors, metadata = M.load(files[1], options)
+    return tensors, metadata, nil
+  end
+  local by_file = {}
+  for name, path in pairs(path_of) do
+    by_file[path] = by_file[path] or {}
+    table.insert(by_file[path], name)
+  end
   local out, metadata = {}, nil
-  for _, file in ipairs(files) do
-    local path = dir .. '/' .. file
-    if not pio.is_file(path) then
-      fail(string.format("weight_map puts tensor '%s' in %s, which does not exist", by_file[file][1], file))
-    end
-    local tensors, md = M.load(path, { dtype = options.dtype, copy = options.copy, names = by_file[file] })
+  for _, path in ipairs(files) do
+    local tensors, md = M.load(path, { dtype = options.dtype, copy = options.copy, names = by_file[path] })
     metadata = metadata or md
     for name, t in pairs(tensors) do out[name] = t end
   end
   return out, metadata or {}, index
 end
+
+-- The pmp dtype name of a safetensors dtype ('BF16' -> 'bf16'), or nil when pmp has none.
+function M.pmp_dtype(st_dtype) return TO_PMP[st_dtype] end
 
 return M

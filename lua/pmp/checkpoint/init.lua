@@ -547,8 +547,12 @@ function M.load_model(dir, iteration)
   if type(config) ~= 'table' then
     error('checkpoint: ' .. M.iteration_root(dir, info.iteration) .. ' does not record model_config', 0)
   end
-  local model = require('pmp.nn').GPTModel(config)
-  if info.layout.dtype ~= 'f32' then model:to(info.layout.dtype) end
+  -- built uninitialized in the saved dtype: the load fills every parameter or raises
+  local build = {}
+  for k, v in pairs(config) do build[k] = v end
+  build.dtype, build.init = info.layout.dtype, false
+  local model = require('pmp.nn').GPTModel(build)
+  model.config.init = nil
   return model, M.load(dir, model, nil, { iteration = info.iteration, rng = false })
 end
 

@@ -26,6 +26,7 @@
 -- Entries whose pmp parameter the model does not have (e.g. biases that the config turns off) are
 -- skipped, so a file that still holds their HF tensors is rejected as having unexpected weights.
 local json = require 'pmp.json'
+local loading = require 'pmp.models.loading'
 local pio = require 'pmp.io'
 local safetensors = require 'pmp.safetensors'
 local tensor = require 'pmp.tensor'
@@ -40,8 +41,6 @@ local DTYPE_NAMES = { f32 = 'float32', bf16 = 'bfloat16', f16 = 'float16', f64 =
 local DTYPE_FROM_HF = { float32 = 'f32', bfloat16 = 'bf16', float16 = 'f16', float64 = 'f64' }
 local DTYPE_ALIASES = { float = 'f32', float32 = 'f32', bfloat16 = 'bf16', half = 'f16', float16 = 'f16',
   double = 'f64', float64 = 'f64', f32 = 'f32', bf16 = 'bf16', f16 = 'f16', f64 = 'f64' }
-
-local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
 
 local function copy_table(t)
   local out = {}
@@ -218,152 +217,65 @@ function M.expand_mapping(family, config)
   return out
 end
 
--- The HF shapes that make up a pmp tensor of shape `shape` under an entry.
-local function hf_shapes(entry, shape, config)
-  local rest = {}
-  for i = 2, #shape do rest[#rest + 1] = shape[i] end
-  local function with(first)
-    local s = { first }
-    for _, v in ipairs(rest) do s[#s + 1] = v end
-    return s
-  end
-  if entry.pack == nil then return { shape } end
-  if entry.pack == 'vocab' then return { with(config.vocab_size) } end
-  if entry.pack == 'qkv' then
-    local d = config.kv_channels
-    return { with(config.num_attention_heads * d), with(config.num_query_groups * d), with(config.num_query_groups * d) }
-  end
-  if entry.pack == 'gate_up' then return { with(shape[1] / 2), with(shape[1] / 2) } end
-  error("pmp.models: unknown pack '" .. tostring(entry.pack) .. "' for " .. entry.pmp, 3)
-end
-
--- Builds the pmp tensor of an entry from its HF tensors (already in the right dtype).
-local function pack(entry, parts, shape, config, dtype)
-  if entry.pack == nil then return parts[1] end
-  if entry.pack == 'vocab' then
-    local t = parts[1]
-    if shape[1] == config.vocab_size then return t end
-    local pad_shape = copy_table(shape)
-    pad_shape[1] = shape[1] - config.vocab_size
-    return tensor.cat({ t, tensor.zeros(pad_shape, { dtype = dtype }) }, 1)
-  end
-  if entry.pack == 'gate_up' then return tensor.cat(parts, 1) end
-  -- qkv: per group g, [q rows of its qpg heads; k_g; v_g].
-  local ng, d = config.num_query_groups, config.kv_channels
-  local qpg = config.num_attention_heads / ng
-  local rest = {}
-  for i = 2, #shape do rest[#rest + 1] = shape[i] end
-  local function grouped(t, rows)
-    local s = { ng, rows }
-    for _, v in ipairs(rest) do s[#s + 1] = v end
-    return t:reshape(s)
-  end
-  return tensor.cat({ grouped(parts[1], qpg * d), grouped(parts[2], d), grouped(parts[3], d) }, 2):reshape(shape)
-end
-
--- Splits a pmp tensor into its HF tensors (views where the layout allows, copies otherwise).
-local function unpack(entry, t, config)
-  if entry.pack == nil then return { t } end
-  if entry.pack == 'vocab' then return { t:narrow(1, 1, config.vocab_size) } end
+-- HF tensor i of a pmp tensor under its entry (a view where the layout allows, a copy otherwise).
+-- in_place: for qkv, the strided view [groups, heads, d, ...] of the parameter instead of a copy; it
+-- holds the HF tensor's elements in the same row-major order, for writers.
+local function unpack_piece(entry, t, config, i, in_place)
+  if entry.pack == nil then return t end
+  if entry.pack == 'vocab' then return t:narrow(1, 1, config.vocab_size) end
   if entry.pack == 'gate_up' then
     local half = t:size(1) / 2
-    return { t:narrow(1, 1, half), t:narrow(1, half + 1, half) }
+    return t:narrow(1, i == 1 and 1 or half + 1, half)
   end
   local ng, d = config.num_query_groups, config.kv_channels
   local qpg = config.num_attention_heads / ng
   local shape = t.shape
-  local grouped_shape, flat = { ng, qpg + 2, d }, {}
-  for i = 2, #shape do
-    grouped_shape[#grouped_shape + 1] = shape[i]
-    flat[#flat + 1] = shape[i]
+  local grouped_shape, flat = { ng, qpg + 2, d }, { -1 }
+  for k = 2, #shape do
+    grouped_shape[#grouped_shape + 1] = shape[k]
+    flat[#flat + 1] = shape[k]
   end
-  local g = t:contiguous():view(grouped_shape)
-  local function piece(start, count)
-    local s = { -1 }
-    for _, v in ipairs(flat) do s[#s + 1] = v end
-    return g:narrow(2, start, count):contiguous():view(s)
-  end
-  return { piece(1, qpg), piece(qpg + 1, 1), piece(qpg + 2, 1) }
+  local start, count = ({ 1, qpg + 1, qpg + 2 })[i], i == 1 and qpg or 1
+  local piece = t:contiguous():view(grouped_shape):narrow(2, start, count)
+  if in_place then return piece end
+  return piece:contiguous():view(flat)
 end
 
-local function ignored(family, name)
-  for _, pattern in ipairs(family.ignore or {}) do
-    if name:match(pattern) then return true end
-  end
-  return false
-end
-
--- HF tensors (name -> tensor) -> pmp state (name -> tensor) for a model whose state_dict() is `own`.
--- Every problem (missing, unexpected, mis-shaped HF tensors) is collected into one error.
-function M.import(family, hf, own, config, source, dtype)
-  local entries = M.expand_mapping(family, config)
-  local covered, used = {}, {}
-  local missing, unexpected, misshaped = {}, {}, {}
-  local state = {}
-  for _, entry in ipairs(entries) do
-    local target = own[entry.pmp]
-    if target == nil then
-      if entry.tied and config.tie_embeddings then
-        for _, n in ipairs(entry.hf) do used[n] = true end
-      end
-    else
-      covered[entry.pmp] = true
-      local shapes = hf_shapes(entry, target.shape, config)
-      local parts, ok = {}, true
-      for i, n in ipairs(entry.hf) do
-        local t = hf[n]
-        used[n] = true
-        if t == nil then
-          missing[#missing + 1] = n
-          ok = false
-        elseif shape_string(t.shape) ~= shape_string(shapes[i]) then
-          misshaped[#misshaped + 1] = string.format('%s (file %s, expected %s)', n, shape_string(t.shape), shape_string(shapes[i]))
-          ok = false
-        elseif not t:is_floating_point() then
-          misshaped[#misshaped + 1] = string.format('%s (dtype %s, expected floating point)', n, t.dtype)
-          ok = false
-        else
-          parts[i] = t.dtype == dtype and t or t:to(dtype)
-        end
-      end
-      if ok then state[entry.pmp] = pack(entry, parts, target.shape, config, dtype) end
+-- Calls fn(hf_name, entry, t, i) for the i-th HF tensor of every entry that `state` (pmp name ->
+-- tensor) holds. Names the mapping does not know are an error.
+local function each_hf_piece(family, state, config, fn)
+  local known = {}
+  for _, entry in ipairs(M.expand_mapping(family, config)) do
+    known[entry.pmp] = true
+    local t = state[entry.pmp]
+    if t ~= nil then
+      for i, name in ipairs(entry.hf) do fn(name, entry, t, i) end
     end
   end
-  for name in pairs(own) do
-    if not covered[name] then
-      error(string.format("pmp.models: the %s mapping has no entry for the model's parameter '%s'", family.model_type, name), 2)
+  for name in pairs(state) do
+    if not known[name] then
+      error(string.format("pmp.models: the %s mapping has no entry for '%s'", family.model_type, name), 3)
     end
   end
-  for name in pairs(hf) do
-    if not used[name] and not ignored(family, name) then unexpected[#unexpected + 1] = name end
-  end
-  table.sort(missing, safetensors.natural_less)
-  table.sort(unexpected, safetensors.natural_less)
-  table.sort(misshaped, safetensors.natural_less)
-  local problems = {}
-  if #missing > 0 then problems[#problems + 1] = 'missing weights: ' .. table.concat(missing, ', ') end
-  if #unexpected > 0 then problems[#problems + 1] = 'unexpected weights: ' .. table.concat(unexpected, ', ') end
-  if #misshaped > 0 then problems[#problems + 1] = 'mis-shaped weights: ' .. table.concat(misshaped, ', ') end
-  if #problems > 0 then error(source .. ': ' .. table.concat(problems, '; '), 0) end
-  return state
 end
 
 -- pmp tensors (name -> tensor: a state_dict, or gradients by parameter name) -> HF tensors by HF name.
 -- Names the mapping does not know are an error; tensors of entries absent from `state` are skipped.
 function M.export(family, state, config)
-  local out, known = {}, {}
-  for _, entry in ipairs(M.expand_mapping(family, config)) do
-    known[entry.pmp] = true
-    local t = state[entry.pmp]
-    if t ~= nil then
-      for i, piece in ipairs(unpack(entry, t, config)) do out[entry.hf[i]] = piece end
-    end
-  end
-  for name in pairs(state) do
-    if not known[name] then
-      error(string.format("pmp.models: the %s mapping has no entry for '%s'", family.model_type, name), 2)
-    end
-  end
+  local out = {}
+  each_hf_piece(family, state, config, function(name, entry, t, i) out[name] = unpack_piece(entry, t, config, i) end)
+  return out
+end
+
+-- The HF tensors of a model as safetensors.deferred entries in dtype: views of the parameters, which
+-- the writer converts on the way, so a save holds at most one tensor's temporary.
+local function deferred_export(family, model, dtype)
+  local config, out = model.config, {}
+  each_hf_piece(family, model:state_dict(), config, function(name, entry, t, i)
+    out[name] = safetensors.deferred(dtype, loading.hf_shapes(entry, t.shape, config)[i], function()
+      return unpack_piece(entry, t, config, i, true)
+    end)
+  end)
   return out
 end
 
@@ -372,7 +284,9 @@ end
 
 -- A *ForSequenceClassification config must have one label. A causal LM's weights (no score.weight)
 -- become a score model with a zero head (a critic initialised from a policy): its lm_head is dropped.
-function M.check_score_config(hf, source, weights)
+-- catalog: the files' tensors (pmp.models.loading.catalog), adjusted here.
+function M.check_score_config(hf, source, catalog)
+  local weights = catalog.tensors
   local labels = 0
   if type(hf.id2label) == 'table' then for _ in pairs(hf.id2label) do labels = labels + 1 end end
   if type(hf.num_labels) == 'number' then labels = hf.num_labels end
@@ -383,7 +297,7 @@ function M.check_score_config(hf, source, weights)
     local sample = weights['model.embed_tokens.weight']
     if not sample then error(source .. ': no score.weight and no model.embed_tokens.weight', 0) end
     weights['lm_head.weight'] = nil
-    weights['score.weight'] = tensor.zeros({ 1, sample:size(2) }, { dtype = sample.dtype })
+    loading.add_tensor(catalog, 'score.weight', tensor.zeros({ 1, sample.shape[2] }, { dtype = sample.dtype }))
   end
 end
 
@@ -435,6 +349,10 @@ end
 ---                                  model, critic); model(ids) gives values [B, T] and
 ---                                  pmp.rl.sequence_scores the score at the last non-pad token. A causal
 ---                                  LM directory loads with a zero-initialised head.
+---   mmap                           true: parameters whose bytes in the file already have their dtype and
+---                                  layout are copy-on-write views of the file's mapping, not copies
+---                                  (loads in the time to map; pages are read when first used; training
+---                                  never writes to the file). See pmp.models.loading.
 function M.from_pretrained(dir, options)
   options = options or {}
   if type(dir) ~= 'string' then error('from_pretrained: expects a directory path', 2) end
@@ -448,22 +366,13 @@ function M.from_pretrained(dir, options)
     error('from_pretrained: ' .. dir .. ' has no model.safetensors or model.safetensors.index.json' ..
       (pio.is_file(dir .. '/pytorch_model.bin') and ' (pytorch_model.bin is not supported; convert it to safetensors)' or ''), 2)
   end
-  local weights = safetensors.load_sharded(dir)
-  if options.head == 'score' then M.check_score_config(hf, config_path, weights) end
-  local dtype = options.dtype and M.dtype_name(options.dtype)
-  if not dtype then
-    local sample = nil
-    for _, entry in ipairs(family.mapping) do
-      local first = type(entry[2]) == 'table' and entry[2][1] or entry[2]
-      sample = weights[subst(first, 0)]
-      if sample and sample:is_floating_point() then break end
-    end
-    dtype = sample and sample:is_floating_point() and sample.dtype or 'f32'
-  end
-  config.dtype = dtype
+  local catalog = loading.catalog(dir)
+  if options.head == 'score' then M.check_score_config(hf, config_path, catalog) end
+  config.dtype = options.dtype and M.dtype_name(options.dtype) or loading.file_dtype(family, catalog, subst)
+  config.init = false
   local model = transformer.GPTModel(config)
-  local state = M.import(family, weights, model:state_dict(), model.config, 'from_pretrained ' .. dir, dtype)
-  model:load_state_dict(state)
+  model.config.init = nil   -- a model built later from this config is initialized as usual
+  loading.fill(model, family, M.expand_mapping(family, model.config), catalog, options, 'from_pretrained ' .. dir)
   return attach(model, family, hf)
 end
 
@@ -533,10 +442,12 @@ end
 --- Writes dir/config.json and dir/model.safetensors (or shards of at most max_shard_size, default
 --- '5GB', with model.safetensors.index.json), as transformers' save_pretrained lays them out.
 --- options: dtype (default the model's), max_shard_size, model_type (for models not made by pmp.models).
+--- Tensors are written one at a time straight from the parameters (each shard and the index written to
+--- a temporary and renamed), so saving needs no second copy of the model.
 function M.save_pretrained(model, dir, options)
   options = options or {}
   if type(dir) ~= 'string' or dir == '' then error('save_pretrained: expects a directory path', 2) end
-  local tensors = M.hf_state_dict(model, options)
+  local tensors = deferred_export(family_of(model, options), model, M.dtype_name(options.dtype or model.config.dtype))
   local config = M.hf_config(model, options)
   pio.mkdir_p(dir)
   safetensors.save_sharded(dir, tensors, { max_shard_size = options.max_shard_size or '5GB' })

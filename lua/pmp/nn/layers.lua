@@ -5,19 +5,22 @@ local F = require 'pmp.nn.functional'
 
 local M = {}
 
--- Megatron initializes weights from N(0, init_std^2) with init_std = 0.02 by default.
-local function normal(shape, std, dtype)
+-- Megatron initializes weights from N(0, init_std^2) with init_std = 0.02 by default. init = false
+-- leaves them uninitialized, for a model that a checkpoint fills next (no random values thrown away).
+local function normal(shape, std, dtype, init)
+  if init == false then return tensor.empty(shape, { dtype = dtype or 'f32' }):requires_grad_() end
   return (tensor.randn(shape, { dtype = 'f32' }) * std):to(dtype or 'f32'):requires_grad_()
 end
 M.normal_init = normal
 
 --- Linear(in_features, out_features, options): y = x weight^T + bias.
---- weight [out, in] (and bias [out]); options: bias (true), init_std (0.02), dtype ('f32').
+--- weight [out, in] (and bias [out]); options: bias (true), init_std (0.02), dtype ('f32'), init (false:
+--- the weight is left uninitialized, for loading).
 M.Linear = Module:extend('Linear')
 function M.Linear:init(in_features, out_features, options)
   options = options or {}
   self.in_features, self.out_features = in_features, out_features
-  self.weight = normal({ out_features, in_features }, options.init_std or 0.02, options.dtype)
+  self.weight = normal({ out_features, in_features }, options.init_std or 0.02, options.dtype, options.init)
   if options.bias ~= false then self.bias = tensor.zeros(out_features, { dtype = options.dtype or 'f32' }):requires_grad_() end
 end
 function M.Linear:forward(x) return F.linear(x, self.weight, self.bias) end
@@ -25,13 +28,13 @@ function M.Linear:extra_repr()
   return string.format('%d -> %d%s', self.in_features, self.out_features, self.bias and '' or ', no bias')
 end
 
---- Embedding(num_embeddings, dim, {init_std = 0.02, dtype = 'f32'}): rows of weight [num, dim] picked by
+--- Embedding(num_embeddings, dim, {init_std = 0.02, dtype = 'f32', init = false (uninitialized)}): rows of weight [num, dim] picked by
 --- 0-based ids of any shape.
 M.Embedding = Module:extend('Embedding')
 function M.Embedding:init(num_embeddings, dim, options)
   options = options or {}
   self.num_embeddings, self.dim = num_embeddings, dim
-  self.weight = normal({ num_embeddings, dim }, options.init_std or 0.02, options.dtype)
+  self.weight = normal({ num_embeddings, dim }, options.init_std or 0.02, options.dtype, options.init)
 end
 function M.Embedding:forward(ids) return F.embedding(ids, self.weight) end
 function M.Embedding:extra_repr() return string.format('%d x %d', self.num_embeddings, self.dim) end

@@ -159,13 +159,13 @@ function M.Attention:init(config, layer)
   self.num_heads, self.num_query_groups = heads, groups
   local opts = { init_std = config.init_std, dtype = config.dtype }
   self.linear_qkv = layers.Linear(config.hidden_size, (heads + 2 * groups) * d,
-    { bias = config.add_qkv_bias or false, init_std = config.init_std, dtype = config.dtype })
+    { bias = config.add_qkv_bias or false, init_std = config.init_std, dtype = config.dtype, init = config.init })
   if config.qk_layernorm then
     self.q_layernorm = norm(config, d)
     self.k_layernorm = norm(config, d)
   end
   self.linear_proj = layers.Linear(heads * d, config.hidden_size,
-    { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype })
+    { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype, init = config.init })
 end
 
 function M.Attention:forward(x, rope)
@@ -217,9 +217,9 @@ function M.MLP:init(config)
   local gated = config.activation == 'swiglu'
   local bias = config.add_mlp_bias or false
   self.linear_fc1 = layers.Linear(config.hidden_size, (gated and 2 or 1) * config.ffn_hidden_size,
-    { bias = bias, init_std = config.init_std, dtype = config.dtype })
+    { bias = bias, init_std = config.init_std, dtype = config.dtype, init = config.init })
   self.linear_fc2 = layers.Linear(config.ffn_hidden_size, config.hidden_size,
-    { bias = bias, init_std = config.output_init_std or config.init_std, dtype = config.dtype })
+    { bias = bias, init_std = config.output_init_std or config.init_std, dtype = config.dtype, init = config.init })
 end
 function M.MLP:forward(x)
   local h = self.linear_fc1(x)
@@ -250,7 +250,7 @@ end
 --- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size).
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
-  self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype })
+  self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype, init = config.init })
 end
 function M.LanguageModelEmbedding:forward(ids) return self.word_embeddings(ids) end
 
@@ -300,6 +300,7 @@ end
 --- GPTModel(config): a decoder-only transformer (Llama, Qwen, GPT-style) in Megatron-Core's structure.
 --- config: num_layers, hidden_size, num_attention_heads, vocab_size, and optional Megatron names
 --- (num_query_groups, ffn_hidden_size, activation, normalization, ...; see pmp.nn.config).
+--- config.init = false leaves the weight matrices uninitialized, for a model a checkpoint fills next.
 --- model(ids [B, T]) -> logits [B, T, vocab]; model(ids, targets) -> mean cross-entropy.
 M.GPTModel = Module:extend('GPTModel')
 function M.GPTModel:init(config)
@@ -312,12 +313,13 @@ function M.GPTModel:init(config)
   self.decoder = M.TransformerDecoder(config)
   if config.head == 'score' then
     -- a scalar per position (reward models, critics), as HF's *ForSequenceClassification with num_labels 1
-    self.score = layers.Linear(config.hidden_size, 1, { bias = false, init_std = config.init_std, dtype = config.dtype })
+    self.score = layers.Linear(config.hidden_size, 1, { bias = false, init_std = config.init_std, dtype = config.dtype,
+      init = config.init })
   elseif config.head ~= nil and config.head ~= 'lm' then
     error("transformer config: head must be 'lm' or 'score', got '" .. tostring(config.head) .. "'", 2)
   elseif not config.tie_embeddings then
     self.output_layer = layers.Linear(config.hidden_size, config.padded_vocab_size,
-      { bias = false, init_std = config.init_std, dtype = config.dtype })
+      { bias = false, init_std = config.init_std, dtype = config.dtype, init = config.init })
   end
 end
 
