@@ -137,11 +137,12 @@ describe('pmp command line', function()
     assert.matches('cannot open ' .. dir .. '/missing.lua', err, 1, true)
   end)
 
-  -- Runs `code` with -e, sends SIGINT once it printed "started", returns stderr and the status.
+  -- Runs `code` with -e, sends SIGINT once it printed "started", returns stderr and the status (grep -s:
+  -- the background shell may not have created the output file yet when grep first looks).
   local function interrupt(code)
     local out_file = dir .. '/out'
     local _, err, status = shell.run(string.format(
-      '%s -e %s >%s & until grep -q started %s; do sleep 0.02; done; kill -INT $!; wait $!',
+      '%s -e %s >%s & until grep -qs started %s; do sleep 0.02; done; kill -INT $!; wait $!',
       shell.quote(shell.pmp), shell.quote('io.write("started\\n") io.flush() ' .. code),
       shell.quote(out_file), shell.quote(out_file)))
     return err, status
