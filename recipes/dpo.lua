@@ -14,15 +14,17 @@ local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local opts = flags.parse(arg, { flags.optimizer, recipe.flags.common, recipe.flags.preference, {
+local opts = flags.parse(arg, { {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--train-iters', 200, 'optimizer steps' },
   { '--batch-size', 32, 'pairs per step' },
-  { '--lr', 2e-5, 'AdamW peak learning rate' },
   { '--beta', 0.1, 'DPO beta' },
   { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)' },
   { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge' },
   { '--log-interval', 20, 'steps between log lines' },
+}, flags.optimizer, recipe.flags.common, recipe.flags.preference, {
+  -- the shared flags whose defaults or meaning differ here
+  { '--lr', 2e-5, 'AdamW peak learning rate' },
 } }, { usage = 'pmp recipes/dpo.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
 recipe.require_one_process()
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end

@@ -14,19 +14,21 @@ local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local opts = flags.parse(arg, { flags.optimizer, recipe.flags.common, recipe.flags.rollout, {
+local opts = flags.parse(arg, { {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--iterations', 100, 'rollouts' },
   { '--prompts-per-iteration', 32, 'prompts sampled per rollout' },
   { '--num-generations', 4, 'answers per prompt (G)' },
-  { '--lr', 5e-5, 'AdamW peak learning rate' },
-  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
   { '--epochs', 4, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
   { '--mini-batch-size', 32, 'answers per optimizer step' },
   { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
   { '--log-interval', 1, 'iterations between log lines' },
+}, flags.optimizer, recipe.flags.common, recipe.flags.rollout, {
+  -- the shared flags whose defaults or meaning differ here
+  { '--lr', 5e-5, 'AdamW peak learning rate' },
+  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
 recipe.require_one_process()
 local embedded = not opts.load

@@ -15,14 +15,12 @@ local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local opts = flags.parse(arg, { flags.optimizer, recipe.flags.common, recipe.flags.rollout, flags.checkpoint, {
-  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
+local opts = flags.parse(arg, { {
   { '--critic-model', nil, 'Hugging Face directory to start the critic from (default: the policy)' },
   { '--iterations', 80, 'rollout + update rounds' },
   { '--rollout-batch-size', 64, 'prompts (one answer each) per rollout' },
   { '--mini-batch-size', 16, 'answers per optimizer step' },
   { '--ppo-epochs', 4, 'passes over each rollout' },
-  { '--lr', 1e-4, 'actor peak learning rate' },
   { '--critic-lr', 1e-4, 'critic peak learning rate (the actor\'s schedule otherwise)' },
   { '--init-kl-coef', 0.05, 'coefficient of the per-token KL penalty in the reward' },
   { '--target-kl', 0, 'adapt the KL coefficient toward this KL per answer (0: fixed)' },
@@ -33,6 +31,10 @@ local opts = flags.parse(arg, { flags.optimizer, recipe.flags.common, recipe.fla
   { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
   { '--vf-coef', 0.1, 'value loss weight' },
   { '--log-interval', 1, 'iterations between log lines' },
+}, flags.optimizer, recipe.flags.common, recipe.flags.rollout, flags.checkpoint, {
+  -- the shared flags whose defaults or meaning differ here
+  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
+  { '--lr', 1e-4, 'actor peak learning rate' },
   { '--save', nil, 'checkpoint directory (actor/ and critic/); one that holds a checkpoint resumes' },
   { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
 } }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })

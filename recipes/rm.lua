@@ -13,13 +13,15 @@ local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local opts = flags.parse(arg, { flags.optimizer, recipe.flags.common, recipe.flags.preference, {
+local opts = flags.parse(arg, { {
   { '--load', nil, 'Hugging Face model directory (default: the embedded sums task)' },
   { '--train-iters', 300, 'optimizer steps' },
   { '--batch-size', 32, 'pairs per step' },
+  { '--log-interval', 20, 'steps between log lines' },
+}, flags.optimizer, recipe.flags.common, recipe.flags.preference, {
+  -- the shared flags whose defaults or meaning differ here
   { '--lr', 1e-4, 'AdamW peak learning rate' },
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
-  { '--log-interval', 20, 'steps between log lines' },
 } }, { usage = 'pmp recipes/rm.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
 recipe.require_one_process()
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end

@@ -6,13 +6,14 @@ local rollout = require 'pmp.rl.rollout'
 
 local M = {}
 
---- Flag sets (pmp.train.flags specs) that the RL recipes parse after pmp.train.flags.optimizer and before
---- their own: common to all four, then 'rollout' (ppo, grpo) or 'preference' (rm, dpo).
+--- Flag sets (pmp.train.flags specs) that the RL recipes parse after pmp.train.flags.optimizer, whose
+--- defaults 'common' replaces: common to all four, then 'rollout' (ppo, grpo) or 'preference' (rm, dpo).
 M.flags = {
   common = {
     -- the optimizer the RL recipes train with: AdamW at a constant rate, torch's betas, no weight decay
     { '--min-lr', 0.0, 'final learning rate' },
     { '--lr-warmup-iters', 0, 'linear warmup steps' },
+    { '--lr-decay-iters', 0, 'steps of decay (0: all of the run)' },
     { '--lr-decay-style', 'constant', 'cosine, linear, constant or WSD' },
     { '--weight-decay', 0.0, 'AdamW decoupled weight decay (not on norms and biases)' },
     { '--adam-beta2', 0.999, 'AdamW beta2' },
