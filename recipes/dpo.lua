@@ -44,21 +44,15 @@ local function logps(model, batch, n)
   if mean_per_token then total = total / batch.mask:sum(2) end
   return total:narrow(1, 1, n), total:narrow(1, n + 1, n)
 end
-local function accuracy(pairs)
-  local chosen, rejected = {}, {}
-  for first = 1, #pairs, 64 do
-    local part = { unpack(pairs, first, math.min(first + 63, #pairs)) }
-    local batch = rl.preference.collate(part, pad, opts.max_length)
-    pmp.no_grad(function()
-      local pc, pr = logps(policy, batch, #part)
-      local rc, rr = logps(reference, batch, #part)
-      local _, c, r = rl.dpo_loss(pc, pr, rc, rr, { beta = opts.beta })
-      for _, v in ipairs(c:double():totable()) do chosen[#chosen + 1] = v end
-      for _, v in ipairs(r:double():totable()) do rejected[#rejected + 1] = v end
-    end)
-  end
-  return recipe.pair_accuracy(chosen, rejected)
+-- the implicit rewards beta (log pi - log pi_ref) of chosen and rejected answers
+local function implicit_rewards(pairs)
+  local batch = rl.preference.collate(pairs, pad, opts.max_length)
+  local pc, pr = logps(policy, batch, #pairs)
+  local rc, rr = logps(reference, batch, #pairs)
+  local _, chosen, rejected = rl.dpo_loss(pc, pr, rc, rr, { beta = opts.beta })
+  return chosen, rejected
 end
+local function accuracy(pairs) return recipe.pairs_accuracy(pairs, implicit_rewards) end
 local before = held_out and accuracy(held_out)
 local optimizer = train.optimizer.adamw(policy, opts)
 local lr_at = train.optimizer.schedule(opts, opts.train_iters)

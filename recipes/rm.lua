@@ -42,15 +42,7 @@ local function scores(pairs)
   local s = rl.sequence_scores(model, batch.ids, batch.last)
   return s:narrow(1, 1, #pairs), s:narrow(1, #pairs + 1, #pairs)
 end
-local function accuracy(pairs)
-  local chosen, rejected = {}, {}
-  for first = 1, #pairs, 64 do
-    local c, r = pmp.no_grad(scores, { unpack(pairs, first, math.min(first + 63, #pairs)) })
-    for _, v in ipairs(c:double():totable()) do chosen[#chosen + 1] = v end
-    for _, v in ipairs(r:double():totable()) do rejected[#rejected + 1] = v end
-  end
-  return recipe.pair_accuracy(chosen, rejected)
-end
+local function accuracy(pairs) return recipe.pairs_accuracy(pairs, scores) end
 local before = held_out and accuracy(held_out)
 local optimizer = train.optimizer.adamw(model, opts)
 local lr_at = train.optimizer.schedule(opts, opts.train_iters)

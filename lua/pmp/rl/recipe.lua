@@ -173,6 +173,18 @@ function M.pair_accuracy(chosen, rejected)
   return right / #chosen
 end
 
+--- pair_accuracy over all of pairs, scored 64 at a time without recording gradients: score(part) returns
+--- the chosen and rejected scores of a list of pairs as tensors.
+function M.pairs_accuracy(pairs, score)
+  local chosen, rejected = {}, {}
+  for first = 1, #pairs, 64 do
+    local c, r = require('pmp').no_grad(score, { unpack(pairs, first, math.min(first + 63, #pairs)) })
+    for _, v in ipairs(c:double():totable()) do chosen[#chosen + 1] = v end
+    for _, v in ipairs(r:double():totable()) do rejected[#rejected + 1] = v end
+  end
+  return M.pair_accuracy(chosen, rejected)
+end
+
 --- Batches of `size` items of list drawn in a seeded order, reshuffled each pass: returns next() -> a
 --- list of items, and the position ({order, cursor}: JSON-able, assign both to resume).
 function M.batches(list, size)
