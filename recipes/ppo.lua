@@ -35,7 +35,7 @@ local opts = flags.parse(arg, { {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 1e-4, 'actor peak learning rate' },
-  { '--save', nil, 'checkpoint directory (actor/ and critic/); one that holds a checkpoint resumes' },
+  { '--save', nil, 'checkpoint directory (actor/ and critic/; none if not given or ""); one that holds a checkpoint resumes' },
   { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
 } }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })
 recipe.require_one_process()
@@ -62,7 +62,9 @@ critic:eval()
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
 local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
-local resume = train.Checkpoints.info(opts.save and opts.save .. '/actor')
+-- the actor's and the critic's checkpoints, in two directories under --save
+local function save_dir(part) return opts.save and opts.save ~= '' and opts.save .. '/' .. part or nil end
+local resume = train.Checkpoints.info(save_dir('actor'))
 local before = embedded and not resume and held_out()
 local critic_flags = setmetatable({ lr = opts.critic_lr }, { __index = opts })
 local actor_opt, critic_opt = train.optimizer.adamw(actor, opts), train.optimizer.adamw(critic, critic_flags)
@@ -70,7 +72,7 @@ local actor_lr_at = train.optimizer.schedule(opts, opts.iterations)
 local critic_lr_at = train.optimizer.schedule(critic_flags, opts.iterations)
 local logger = train.Logger(opts, { name = 'ppo', train_iters = opts.iterations })
 local function checkpoints_in(part, exit_interval)
-  return train.Checkpoints({ save = opts.save and opts.save .. '/' .. part, save_interval = opts.save_interval,
+  return train.Checkpoints({ save = save_dir(part), save_interval = opts.save_interval,
     exit_interval = exit_interval }, logger)
 end
 local actor_checkpoints, critic_checkpoints = checkpoints_in('actor', opts.exit_interval), checkpoints_in('critic', 0)
@@ -85,9 +87,9 @@ end
 local function critic_state() return { model_config = critic.config } end
 local iteration = 0
 if resume then
-  critic_checkpoints:load(opts.save .. '/critic', critic, critic_opt)
+  critic_checkpoints:load(save_dir('critic'), critic, critic_opt)
   local state
-  iteration, state = actor_checkpoints:load(opts.save .. '/actor', actor, actor_opt)   -- its RNG state last
+  iteration, state = actor_checkpoints:load(save_dir('actor'), actor, actor_opt)   -- its RNG state last
   kl_ctl.value, before = state.kl_coef, state.before
   prompt_position.order, prompt_position.cursor = state.prompt_order, state.prompt_cursor
 end
