@@ -9,102 +9,102 @@
 -- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
 -- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
 -- and after.
-local rl = pmp.rl
+local rl, train = pmp.rl, pmp.train
+local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local FLAGS = recipe.flags('rollout', {
+local opts = flags.parse(arg, { {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--iterations', 100, 'rollouts' },
   { '--prompts-per-iteration', 32, 'prompts sampled per rollout' },
   { '--num-generations', 4, 'answers per prompt (G)' },
-  { '--lr', 5e-5, 'AdamW peak learning rate (cosine decay to 0 over the iterations)' },
   { '--epochs', 4, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
   { '--mini-batch-size', 32, 'answers per optimizer step' },
   { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
   { '--log-interval', 1, 'iterations between log lines' },
-})
-local opts, fail = recipe.parse('grpo', FLAGS, 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]')
+}, flags.optimizer, recipe.flags.common, recipe.flags.rollout, {
+  -- the shared flags whose defaults or meaning differ here
+  { '--lr', 5e-5, 'AdamW peak learning rate' },
+  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
+} }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
+recipe.require_one_process()
 local embedded = not opts.load
 
-local ok, err = pcall(function()
-  pmp.manual_seed(opts.seed)
-  local policy, tokenizer, render = recipe.policy(opts)
-  local prompts = recipe.prompts(opts, tokenizer, render)
-  local reward = recipe.reward(opts, tokenizer)
-  local reference = recipe.frozen_copy(policy)
-  local G = opts.num_generations
-  local sample_opts = recipe.sample_options(opts, tokenizer)
-  local sums = require 'pmp.rl.sums'
-  local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
-  local before = embedded and held_out()
-  local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(policy), { lr = opts.lr, weight_decay = 0 })
-  local params = policy:parameters()
-  local schedule = pmp.optim.schedule.new({ max_lr = opts.lr, min_lr = 0, warmup_iters = 0, decay_iters = opts.iterations,
-    style = 'cosine' })
-  print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
-    opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
-  local next_prompts = recipe.batches(prompts, opts.prompts_per_iteration)
-  for iteration = 1, opts.iterations do
-    local t0 = clock.now()
-    optimizer.lr = schedule(iteration)
-    local batch_prompts = {}
-    for _, p in ipairs(next_prompts()) do
-      for _ = 1, G do batch_prompts[#batch_prompts + 1] = p end
-    end
-    local samples = rl.rollout.sample(policy, batch_prompts, sample_opts)
-    local rewards = reward(samples, tokenizer)
-    local advantages = rl.group_advantages(rewards, G, { scale = not opts.no_scale_rewards })
-    local rows = {}
-    for k, s in ipairs(samples) do rows[k] = { s.prompt, s.response } end
-    local batch = rl.sequences.collate(rows, tokenizer.pad_id or 0)
-    local t1 = clock.now()
-    local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, batch.mask, { temperature = opts.temperature })
-    local t2 = clock.now()
-    policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
-    local old_logp = pmp.no_grad(rl.sequence_logprobs, policy, batch.ids, batch.mask, { temperature = opts.temperature })
-    local token_advantages = advantages:view(-1, 1) * batch.mask
-    local sums_of = { loss = 0, kl = 0, entropy = 0, clipfrac = 0, grad_norm = 0, steps = 0 }
-    for _ = 1, opts.epochs do
-      for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
-        local function rows_of(t) return t:index_select(1, index) end
-        local m = rows_of(batch.mask)
-        optimizer:zero_grad()
-        local logp, entropy = rl.sequence_logprobs(policy, rows_of(batch.ids), m, { temperature = opts.temperature, entropy = true })
-        local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(token_advantages), m, opts.clip_range)
-        local kl = (rl.kl(logp, rows_of(ref_logp), 'k3') * m):sum() / m:sum()
-        local loss = policy_loss + kl * opts.kl_coef
-        loss:backward()
-        local grad_norm = opts.clip_grad > 0 and pmp.optim.clip_grad_norm(params, opts.clip_grad) or pmp.optim.grad_norm(params)
-        optimizer:step()
-        sums_of.loss, sums_of.kl = sums_of.loss + loss:item(), sums_of.kl + kl:item()
-        sums_of.entropy = sums_of.entropy + (entropy:sum() / m:sum()):item()
-        sums_of.clipfrac, sums_of.grad_norm = sums_of.clipfrac + clipfrac, sums_of.grad_norm + grad_norm
-        sums_of.steps = sums_of.steps + 1
-      end
-    end
-    local t3 = clock.now()
-    if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
-      print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
-    end
-    if iteration % opts.log_interval == 0 or iteration == opts.iterations then
-      local n = sums_of.steps
-      print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | entropy: %.4f | loss: %.5f | ' ..
-        'clipfrac: %.4f | response length: %.2f | grad norm: %.3f | time (s) rollout %.2f reference %.2f update %.2f |',
-        iteration, opts.iterations, rl.rollout.mean(rewards), sums_of.kl / n, sums_of.entropy / n, sums_of.loss / n,
-        sums_of.clipfrac / n, batch.mask:sum():item() / #samples, sums_of.grad_norm / n, t1 - t0, t2 - t1, t3 - t2))
+pmp.manual_seed(opts.seed)
+local policy, tokenizer, render = recipe.policy(opts)
+local prompts = recipe.prompts(opts, tokenizer, render)
+local reward = recipe.reward(opts, tokenizer)
+local reference = recipe.frozen_copy(policy)
+local G = opts.num_generations
+local sample_opts = recipe.sample_options(opts, tokenizer)
+local sums = require 'pmp.rl.sums'
+local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
+local before = embedded and held_out()
+local optimizer = train.optimizer.adamw(policy, opts)
+local lr_at = train.optimizer.schedule(opts, opts.iterations)
+local logger = train.Logger(opts, { name = 'grpo', train_iters = opts.iterations })
+local checkpoints = train.Checkpoints({ save = opts.save, save_interval = 0 }, logger)
+print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
+  opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
+local next_prompts = recipe.batches(prompts, opts.prompts_per_iteration)
+for iteration = 1, opts.iterations do
+  logger:begin_iteration(iteration)
+  local t0 = clock.now()
+  optimizer.lr = lr_at(iteration)
+  local batch_prompts = {}
+  for _, p in ipairs(next_prompts()) do
+    for _ = 1, G do batch_prompts[#batch_prompts + 1] = p end
+  end
+  local samples = rl.rollout.sample(policy, batch_prompts, sample_opts)
+  local rewards = reward(samples, tokenizer)
+  local advantages = rl.group_advantages(rewards, G, { scale = not opts.no_scale_rewards })
+  local rows = {}
+  for k, s in ipairs(samples) do rows[k] = { s.prompt, s.response } end
+  local batch = rl.sequences.collate(rows, tokenizer.pad_id or 0)
+  local t1 = clock.now()
+  local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, batch.mask, { temperature = opts.temperature })
+  local t2 = clock.now()
+  policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
+  local old_logp = pmp.no_grad(rl.sequence_logprobs, policy, batch.ids, batch.mask, { temperature = opts.temperature })
+  local token_advantages = advantages:view(-1, 1) * batch.mask
+  local sums_of = { loss = 0, kl = 0, entropy = 0, clipfrac = 0, grad_norm = 0, steps = 0 }
+  for _ = 1, opts.epochs do
+    for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
+      local function rows_of(t) return t:index_select(1, index) end
+      local m = rows_of(batch.mask)
+      optimizer:zero_grad()
+      local logp, entropy = rl.sequence_logprobs(policy, rows_of(batch.ids), m, { temperature = opts.temperature, entropy = true })
+      local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(token_advantages), m, opts.clip_range)
+      local kl = (rl.kl(logp, rows_of(ref_logp), 'k3') * m):sum() / m:sum()
+      local loss = policy_loss + kl * opts.kl_coef
+      loss:backward()
+      local grad_norm = step.clip_grads(policy, optimizer, opts.clip_grad)
+      optimizer:step()
+      sums_of.loss, sums_of.kl = sums_of.loss + loss:item(), sums_of.kl + kl:item()
+      sums_of.entropy = sums_of.entropy + (entropy:sum() / m:sum()):item()
+      sums_of.clipfrac, sums_of.grad_norm = sums_of.clipfrac + clipfrac, sums_of.grad_norm + grad_norm
+      sums_of.steps = sums_of.steps + 1
     end
   end
-  if opts.save then
-    pmp.checkpoint.save(opts.save, opts.iterations, policy, optimizer, { model_config = policy.config, args = opts })
-    print(' saved checkpoint to ' .. opts.save)
+  local t3 = clock.now()
+  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+    print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
   end
-  if opts.save_hf then
-    policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
-    print('grpo: saved the policy to ' .. opts.save_hf)
+  if iteration % opts.log_interval == 0 or iteration == opts.iterations then
+    local n = sums_of.steps
+    print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | entropy: %.4f | loss: %.5f | ' ..
+      'clipfrac: %.4f | response length: %.2f | grad norm: %.3f | time (s) rollout %.2f reference %.2f update %.2f |',
+      iteration, opts.iterations, rl.rollout.mean(rewards), sums_of.kl / n, sums_of.entropy / n, sums_of.loss / n,
+      sums_of.clipfrac / n, batch.mask:sum():item() / #samples, sums_of.grad_norm / n, t1 - t0, t2 - t1, t3 - t2))
   end
-  if embedded then print(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end
-end)
-if not ok then fail(err) end
+end
+checkpoints:finish(opts.iterations, policy, optimizer, function() return { model_config = policy.config, args = opts } end)
+logger:finish(opts.iterations)
+if opts.save_hf then
+  policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
+  print('grpo: saved the policy to ' .. opts.save_hf)
+end
+if embedded then print(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end

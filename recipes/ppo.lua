@@ -10,19 +10,18 @@
 -- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
 -- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
 -- and after.
-local rl = pmp.rl
+local rl, train = pmp.rl, pmp.train
+local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
 local clock = require 'pmp.clock'
 
-local FLAGS = recipe.flags('rollout', {
-  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
+local opts = flags.parse(arg, { {
   { '--critic-model', nil, 'Hugging Face directory to start the critic from (default: the policy)' },
   { '--iterations', 80, 'rollout + update rounds' },
   { '--rollout-batch-size', 64, 'prompts (one answer each) per rollout' },
   { '--mini-batch-size', 16, 'answers per optimizer step' },
   { '--ppo-epochs', 4, 'passes over each rollout' },
-  { '--lr', 1e-4, 'actor learning rate' },
-  { '--critic-lr', 1e-4, 'critic learning rate' },
+  { '--critic-lr', 1e-4, 'critic peak learning rate (the actor\'s schedule otherwise)' },
   { '--init-kl-coef', 0.05, 'coefficient of the per-token KL penalty in the reward' },
   { '--target-kl', 0, 'adapt the KL coefficient toward this KL per answer (0: fixed)' },
   { '--kl-horizon', 10000, 'adaptive KL controller horizon' },
@@ -32,11 +31,18 @@ local FLAGS = recipe.flags('rollout', {
   { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
   { '--vf-coef', 0.1, 'value loss weight' },
   { '--log-interval', 1, 'iterations between log lines' },
-  { '--save-interval', 0, 'iterations between checkpoints (0: only at the end); a --save DIR that holds one resumes' },
-})
-local opts, fail = recipe.parse('ppo', FLAGS, 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]')
+}, flags.optimizer, recipe.flags.common, recipe.flags.rollout, flags.checkpoint, {
+  -- the shared flags whose defaults or meaning differ here
+  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
+  { '--lr', 1e-4, 'actor peak learning rate' },
+  { '--save', nil, 'checkpoint directory (actor/ and critic/; none if not given or ""); one that holds a checkpoint resumes' },
+  { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
+} }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })
+recipe.require_one_process()
 local embedded = not opts.load
-if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then fail('--rollout-batch-size must be a multiple of --mini-batch-size') end
+if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then
+  error('--rollout-batch-size must be a multiple of --mini-batch-size', 0)
+end
 
 -- The critic's value for answer token t is read where the policy predicts it: at position t - 1.
 local function token_values(critic, ids)
@@ -44,117 +50,125 @@ local function token_values(critic, ids)
   return pmp.cat({ pmp.zeros({ out:size(1), 1 }, { dtype = out.dtype }), out:narrow(2, 1, out:size(2) - 1) }, 2)
 end
 
-local ok, err = pcall(function()
-  pmp.manual_seed(opts.seed)
-  local actor, tokenizer, render = recipe.policy(opts)
-  local prompts = recipe.prompts(opts, tokenizer, render)
-  local reward = recipe.reward(opts, tokenizer)
-  local reference = recipe.frozen_copy(actor)
-  local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_model, { head = 'score' })
-    or pmp.models.score_model(actor)
-  actor:eval()   -- no dropout anywhere: ratios and values compare like with like
-  critic:eval()
-  local sample_opts = recipe.sample_options(opts, tokenizer)
-  local sums = require 'pmp.rl.sums'
-  local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
-  local before = embedded and not (opts.save and pmp.checkpoint.latest_iteration(opts.save .. '/actor')) and held_out()
-  local actor_opt = pmp.optim.AdamW(pmp.optim.decay_groups(actor), { lr = opts.lr, weight_decay = 0 })
-  local critic_opt = pmp.optim.AdamW(pmp.optim.decay_groups(critic), { lr = opts.critic_lr, weight_decay = 0 })
-  local actor_params, critic_params = actor:parameters(), critic:parameters()
-  local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
-  print(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations; %s', #prompts,
-    opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations, tostring(actor):match('^[^\n]*')))
-  local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size)
-  local function save(iteration)
-    local state = { model_config = actor.config, args = opts, kl_coef = kl_ctl.value, before = before,
-      prompt_order = prompt_position.order, prompt_cursor = prompt_position.cursor }
-    pmp.checkpoint.save(opts.save .. '/actor', iteration, actor, actor_opt, state)
-    pmp.checkpoint.save(opts.save .. '/critic', iteration, critic, critic_opt, { model_config = critic.config })
-    print(string.format(' saved checkpoints to %s/actor and /critic at iteration %d', opts.save, iteration))
+pmp.manual_seed(opts.seed)
+local actor, tokenizer, render = recipe.policy(opts)
+local prompts = recipe.prompts(opts, tokenizer, render)
+local reward = recipe.reward(opts, tokenizer)
+local reference = recipe.frozen_copy(actor)
+local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_model, { head = 'score' })
+  or pmp.models.score_model(actor)
+actor:eval()   -- no dropout anywhere: ratios and values compare like with like
+critic:eval()
+local sample_opts = recipe.sample_options(opts, tokenizer)
+local sums = require 'pmp.rl.sums'
+local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
+-- the actor's and the critic's checkpoints, in two directories under --save
+local function save_dir(part) return opts.save and opts.save ~= '' and opts.save .. '/' .. part or nil end
+local resume = train.Checkpoints.info(save_dir('actor'))
+local before = embedded and not resume and held_out()
+local critic_flags = setmetatable({ lr = opts.critic_lr }, { __index = opts })
+local actor_opt, critic_opt = train.optimizer.adamw(actor, opts), train.optimizer.adamw(critic, critic_flags)
+local actor_lr_at = train.optimizer.schedule(opts, opts.iterations)
+local critic_lr_at = train.optimizer.schedule(critic_flags, opts.iterations)
+local logger = train.Logger(opts, { name = 'ppo', train_iters = opts.iterations })
+local function checkpoints_in(part, exit_interval)
+  return train.Checkpoints({ save = save_dir(part), save_interval = opts.save_interval,
+    exit_interval = exit_interval }, logger)
+end
+local actor_checkpoints, critic_checkpoints = checkpoints_in('actor', opts.exit_interval), checkpoints_in('critic', 0)
+local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
+print(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations; %s', #prompts,
+  opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations, tostring(actor):match('^[^\n]*')))
+local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size)
+local function actor_state()
+  return { model_config = actor.config, args = opts, kl_coef = kl_ctl.value, before = before,
+    prompt_order = prompt_position.order, prompt_cursor = prompt_position.cursor }
+end
+local function critic_state() return { model_config = critic.config } end
+local iteration = 0
+if resume then
+  critic_checkpoints:load(save_dir('critic'), critic, critic_opt)
+  local state
+  iteration, state = actor_checkpoints:load(save_dir('actor'), actor, actor_opt)   -- its RNG state last
+  kl_ctl.value, before = state.kl_coef, state.before
+  prompt_position.order, prompt_position.cursor = state.prompt_order, state.prompt_cursor
+end
+local first_iteration = iteration
+while iteration < opts.iterations do
+  iteration = iteration + 1
+  logger:begin_iteration(iteration)
+  actor_opt.lr, critic_opt.lr = actor_lr_at(iteration), critic_lr_at(iteration)
+  local t0 = clock.now()
+  local batch_prompts = next_prompts()
+  local samples = rl.rollout.sample(actor, batch_prompts, sample_opts)
+  local scores = reward(samples, tokenizer)
+  local rows = {}
+  for k, s in ipairs(samples) do rows[k] = { s.prompt, s.response } end
+  local batch = rl.sequences.collate(rows, tokenizer.pad_id or 0)
+  local mask = batch.mask
+  local old_logp, old_values = pmp.no_grad(function()
+    return rl.sequence_logprobs(actor, batch.ids, mask, { temperature = opts.temperature }), token_values(critic, batch.ids) * mask
+  end)
+  local t1 = clock.now()
+  local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, mask, { temperature = opts.temperature })
+  local t2 = clock.now()
+  -- rewards: -beta KL on every answer token, the score added on the last one
+  local kl = rl.kl(old_logp, ref_logp, 'k1') * mask
+  local score_at_end = {}
+  for b, s in ipairs(scores) do
+    score_at_end[b] = {}
+    for t = 1, batch.ids:size(2) do score_at_end[b][t] = t == batch.last[b] and s or 0 end
   end
-  local first_iteration = 1
-  if opts.save and pmp.checkpoint.latest_iteration(opts.save .. '/actor') then
-    pmp.checkpoint.load(opts.save .. '/critic', critic, critic_opt)
-    local info = pmp.checkpoint.load(opts.save .. '/actor', actor, actor_opt)   -- its RNG state last
-    first_iteration, kl_ctl.value, before = info.iteration + 1, info.state.kl_coef, info.state.before
-    prompt_position.order, prompt_position.cursor = info.state.prompt_order, info.state.prompt_cursor
-    print(string.format(' resumed from %s at iteration %d', opts.save, info.iteration))
-  end
-  for iteration = first_iteration, opts.iterations do
-    local t0 = clock.now()
-    local batch_prompts = next_prompts()
-    local samples = rl.rollout.sample(actor, batch_prompts, sample_opts)
-    local scores = reward(samples, tokenizer)
-    local rows = {}
-    for k, s in ipairs(samples) do rows[k] = { s.prompt, s.response } end
-    local batch = rl.sequences.collate(rows, tokenizer.pad_id or 0)
-    local mask = batch.mask
-    local old_logp, old_values = pmp.no_grad(function()
-      return rl.sequence_logprobs(actor, batch.ids, mask, { temperature = opts.temperature }), token_values(critic, batch.ids) * mask
-    end)
-    local t1 = clock.now()
-    local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, mask, { temperature = opts.temperature })
-    local t2 = clock.now()
-    -- rewards: -beta KL on every answer token, the score added on the last one
-    local kl = rl.kl(old_logp, ref_logp, 'k1') * mask
-    local score_at_end = {}
-    for b, s in ipairs(scores) do
-      score_at_end[b] = {}
-      for t = 1, batch.ids:size(2) do score_at_end[b][t] = t == batch.last[b] and s or 0 end
+  local rewards = pmp.tensor(score_at_end, { dtype = 'f32' }) - kl * kl_ctl.value
+  local advantages, returns = rl.gae(rewards, old_values, mask, opts.gamma, opts.lam)
+  advantages = rl.whiten(advantages, mask)
+  local sums_of = { policy = 0, value = 0, clipfrac = 0, entropy = 0, steps = 0 }
+  for _ = 1, opts.ppo_epochs do
+    for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
+      local function rows_of(t) return t:index_select(1, index) end
+      local ids, m = rows_of(batch.ids), rows_of(mask)
+      actor_opt:zero_grad()
+      critic_opt:zero_grad()
+      local logp, entropy = rl.sequence_logprobs(actor, ids, m, { temperature = opts.temperature, entropy = true })
+      local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(advantages), m, opts.clip_range)
+      local value_loss = rl.value_loss(token_values(critic, ids), rows_of(old_values), rows_of(returns), m,
+        opts.value_clip_range)
+      local loss = policy_loss + value_loss * opts.vf_coef
+      loss:backward()
+      step.clip_grads(actor, actor_opt, opts.clip_grad)
+      step.clip_grads(critic, critic_opt, opts.clip_grad)
+      actor_opt:step()
+      critic_opt:step()
+      sums_of.policy, sums_of.value = sums_of.policy + policy_loss:item(), sums_of.value + value_loss:item()
+      sums_of.clipfrac = sums_of.clipfrac + clipfrac
+      sums_of.entropy = sums_of.entropy + ((entropy:sum()) / m:sum()):item()
+      sums_of.steps = sums_of.steps + 1
     end
-    local rewards = pmp.tensor(score_at_end, { dtype = 'f32' }) - kl * kl_ctl.value
-    local advantages, returns = rl.gae(rewards, old_values, mask, opts.gamma, opts.lam)
-    advantages = rl.whiten(advantages, mask)
-    local sums_of = { policy = 0, value = 0, clipfrac = 0, entropy = 0, steps = 0 }
-    for _ = 1, opts.ppo_epochs do
-      for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
-        local function rows_of(t) return t:index_select(1, index) end
-        local ids, m = rows_of(batch.ids), rows_of(mask)
-        actor_opt:zero_grad()
-        critic_opt:zero_grad()
-        local logp, entropy = rl.sequence_logprobs(actor, ids, m, { temperature = opts.temperature, entropy = true })
-        local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(advantages), m, opts.clip_range)
-        local value_loss = rl.value_loss(token_values(critic, ids), rows_of(old_values), rows_of(returns), m,
-          opts.value_clip_range)
-        local loss = policy_loss + value_loss * opts.vf_coef
-        loss:backward()
-        if opts.clip_grad > 0 then
-          pmp.optim.clip_grad_norm(actor_params, opts.clip_grad)
-          pmp.optim.clip_grad_norm(critic_params, opts.clip_grad)
-        end
-        actor_opt:step()
-        critic_opt:step()
-        sums_of.policy, sums_of.value = sums_of.policy + policy_loss:item(), sums_of.value + value_loss:item()
-        sums_of.clipfrac = sums_of.clipfrac + clipfrac
-        sums_of.entropy = sums_of.entropy + ((entropy:sum()) / m:sum()):item()
-        sums_of.steps = sums_of.steps + 1
-      end
-    end
-    local t3 = clock.now()
-    local kl_per_answer = kl:sum():item() / #samples
-    local coef = kl_ctl.value
-    kl_ctl:update(kl_per_answer, #samples)
-    if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
-      print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
-    end
-    if iteration % opts.log_interval == 0 or iteration == opts.iterations then
-      local n = sums_of.steps
-      print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | kl coef: %.4f | entropy: %.4f | ' ..
-        'policy loss: %.5f | value loss: %.5f | clipfrac: %.4f | response length: %.2f | ' ..
-        'time (s) rollout %.2f reference %.2f update %.2f |', iteration, opts.iterations, rl.rollout.mean(scores),
-        kl_per_answer, coef, sums_of.entropy / n, sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n,
-        mask:sum():item() / #samples, t1 - t0, t2 - t1, t3 - t2))
-    end
-    if opts.save and opts.save_interval > 0 and iteration % opts.save_interval == 0 then save(iteration) end
   end
-  if opts.save and first_iteration <= opts.iterations and
-      (opts.save_interval == 0 or opts.iterations % opts.save_interval ~= 0) then
-    save(opts.iterations)
+  local t3 = clock.now()
+  local kl_per_answer = kl:sum():item() / #samples
+  local coef = kl_ctl.value
+  kl_ctl:update(kl_per_answer, #samples)
+  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+    print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
   end
-  if opts.save_hf then
-    actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
-    print('ppo: saved the actor to ' .. opts.save_hf)
+  if iteration % opts.log_interval == 0 or iteration == opts.iterations then
+    local n = sums_of.steps
+    print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | kl coef: %.4f | entropy: %.4f | ' ..
+      'policy loss: %.5f | value loss: %.5f | clipfrac: %.4f | response length: %.2f | ' ..
+      'time (s) rollout %.2f reference %.2f update %.2f |', iteration, opts.iterations, rl.rollout.mean(scores),
+      kl_per_answer, coef, sums_of.entropy / n, sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n,
+      mask:sum():item() / #samples, t1 - t0, t2 - t1, t3 - t2))
   end
-  if embedded then print(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end
-end)
-if not ok then fail(err) end
+  actor_checkpoints:save_if_due(iteration, actor, actor_opt, actor_state)
+  critic_checkpoints:save_if_due(iteration, critic, critic_opt, critic_state)
+  if actor_checkpoints:exit_due(iteration) then break end
+end
+actor_checkpoints:finish(iteration, actor, actor_opt, actor_state)
+critic_checkpoints:finish(iteration, critic, critic_opt, critic_state)
+logger:finish(iteration - first_iteration)
+if opts.save_hf then
+  actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
+  print('ppo: saved the actor to ' .. opts.save_hf)
+end
+if embedded then print(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end

@@ -10,6 +10,24 @@ local function run_in(dir, script, args)
 end
 
 describe('RL recipes on the embedded sums task', function()
+  it('end on bad flags or a missing start model with one line from the runner, before any work', function()
+    local dir = shell.temp_dir()
+    local cases = {
+      { 'rm.lua', { '--bogus' }, "pmp: unknown argument '--bogus' (see --help)\n" },
+      { 'dpo.lua', { '--load', 'x' }, 'pmp: --data-path FILE.jsonl is required with --load\n' },
+      { 'ppo.lua', { '--rollout-batch-size', '3', '--mini-batch-size', '2' },
+        'pmp: --rollout-batch-size must be a multiple of --mini-batch-size\n' },
+      { 'grpo.lua', {}, 'pmp: the embedded default starts from checkpoints/pretrain: run `pmp recipes/pretrain.lua` first\n' },
+    }
+    for _, case in ipairs(cases) do
+      local out, err, status = run_in(dir, case[1], case[2])
+      assert.are_not.equal(0, status, case[1])
+      assert.are.equal(case[3], err)
+      assert.are.equal('', out)
+    end
+    shell.remove_dir(dir)
+  end)
+
   it('each trains from a tiny start and prints its held-out metric before and after', function()
     local dir = shell.temp_dir()
     local _, err0, status0 = run_in(dir, 'grpo.lua', {})
@@ -37,23 +55,25 @@ describe('RL recipes on the embedded sums task', function()
     end
     assert.is_true(pmp.checkpoint.latest_iteration(dir .. '/ppo_ck/actor') == 2)
 
-    -- ppo resumes bit-exactly: 2 + 2 iterations give the log lines and weights of 4 in one go
+    -- ppo resumes bit-exactly: 2 iterations (stopped by --exit-interval) + 2 give the log lines and weights of 4
+    -- in one go
     shell.write_file(dir .. '/length.lua', 'return function(prompt, response) return #response / 4 end\n')
     local args = { '--reward-fn', 'length.lua', '--rollout-batch-size', '4', '--mini-batch-size', '2', '--ppo-epochs', '2',
       '--target-kl', '0.01', '--iterations', '4' }
-    local function ppo(save, iterations)
+    local function ppo(save, extra)
       local a = { unpack(args) }
-      a[#a] = iterations
       a[#a + 1], a[#a + 2] = '--save', save
+      for _, word in ipairs(extra or {}) do a[#a + 1] = word end
       local out, err, status = run_in(dir, 'ppo.lua', a)
       assert.are.equal(0, status, err)
       local lines = {}
       for line in out:gmatch('iteration +%d+/ +%d+ | (.-)| time') do lines[#lines + 1] = line end
       return lines
     end
-    local whole = ppo('whole', '4')
-    local first, rest = ppo('parts', '2'), ppo('parts', '4')
+    local whole = ppo('whole')
+    local first, rest = ppo('parts', { '--exit-interval', '2' }), ppo('parts')
     assert.are.equal(4, #whole)
+    assert.are.equal(2, #first)
     assert.are.same(whole, { first[1], first[2], rest[1], rest[2] })
     for _, part in ipairs({ 'actor', 'critic' }) do
       local function weights(run)

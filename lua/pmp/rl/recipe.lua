@@ -1,58 +1,47 @@
---- What recipes/rm.lua, dpo.lua, ppo.lua and grpo.lua share: the model they start from (a Hugging Face
---- directory, or the embedded sums task's start policy), prompts, reward sources and failing cleanly.
+--- What recipes/rm.lua, dpo.lua, ppo.lua and grpo.lua share beyond pmp.train: their flags, the model they
+--- start from (a Hugging Face directory, or the embedded sums task's start policy), prompts, reward sources.
 local json = require 'pmp.json'
 local sums = require 'pmp.rl.sums'
 local rollout = require 'pmp.rl.rollout'
 
 local M = {}
 
---- The flags every RL recipe has ('rollout': ppo, grpo; 'preference': rm, dpo) after its own.
-function M.flags(kind, own)
-  local out = {}
-  for _, f in ipairs(own) do out[#out + 1] = f end
-  local common = {
-    { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+--- Flag sets (pmp.train.flags specs) that the RL recipes parse after pmp.train.flags.optimizer, whose
+--- defaults 'common' replaces: common to all four, then 'rollout' (ppo, grpo) or 'preference' (rm, dpo).
+M.flags = {
+  common = {
+    -- the optimizer the RL recipes train with: AdamW at a constant rate, torch's betas, no weight decay
+    { '--min-lr', 0.0, 'final learning rate' },
+    { '--lr-warmup-iters', 0, 'linear warmup steps' },
+    { '--lr-decay-iters', 0, 'steps of decay (0: all of the run)' },
+    { '--lr-decay-style', 'constant', 'cosine, linear, constant or WSD' },
+    { '--weight-decay', 0.0, 'AdamW decoupled weight decay (not on norms and biases)' },
+    { '--adam-beta2', 0.999, 'AdamW beta2' },
     { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
     { '--seed', 1234, 'random seed' },
     { '--save', nil, 'checkpoint directory (written at the end)' },
     { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
-  }
-  if kind == 'rollout' then
-    common[#common + 1] = { '--prompts', nil, 'jsonl file of prompts' }
-    common[#common + 1] = { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' }
-    common[#common + 1] = { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' }
-    common[#common + 1] = { '--temperature', 1.0, 'sampling temperature' }
-    common[#common + 1] = { '--top-p', 1.0, 'nucleus sampling' }
-    common[#common + 1] = { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' }
-    common[#common + 1] = { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' }
-    common[#common + 1] = { '--eval-interval', 0, 'embedded task: iterations between held-out evaluations (0: at the end)' }
-  else
-    common[#common + 1] = { '--data-path', nil, 'jsonl file of preference pairs' }
-    common[#common + 1] = { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' }
-    common[#common + 1] = { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' }
-  end
-  for _, f in ipairs(common) do out[#out + 1] = f end
-  return out
-end
+  },
+  rollout = {
+    { '--prompts', nil, 'jsonl file of prompts' },
+    { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' },
+    { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' },
+    { '--temperature', 1.0, 'sampling temperature' },
+    { '--top-p', 1.0, 'nucleus sampling' },
+    { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' },
+    { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' },
+    { '--eval-interval', 0, 'embedded task: iterations between held-out evaluations (0: at the end)' },
+  },
+  preference = {
+    { '--data-path', nil, 'jsonl file of preference pairs' },
+    { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
+    { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
+  },
+}
 
---- Parses flags; a problem ends the process with "<name>: message" on stderr (exit status 2).
-function M.parse(name, flags, usage)
-  local function fail(message)
-    io.stderr:write(name .. ': ' .. tostring(message) .. '\n')
-    os.exit(2)
-  end
-  local ok, opts = pcall(require('pmp.args').parse, arg, flags, { usage = usage })
-  if not ok then fail(opts) end
-  if require('pmp.dist').init().world > 1 then fail('runs on one process; start it without mpirun') end
-  return opts, fail
-end
-
---- The chat-template renderer of an HF model directory: render(messages, add_generation_prompt) -> text.
-function M.renderer(dir)
-  local chat_template = require 'pmp.chat_template'
-  return function(messages, add_generation_prompt)
-    return chat_template.apply(dir, messages, { add_generation_prompt = add_generation_prompt })
-  end
+--- The recipes train one model copy in one process.
+function M.require_one_process()
+  if require('pmp.dist').init().world > 1 then error('runs on one process; start it without mpirun', 0) end
 end
 
 --- The policy to start from and its tokenizer: opts.load (an HF directory) or the embedded start.
@@ -60,7 +49,8 @@ end
 function M.policy(opts, load)
   if opts.load then
     local model = require('pmp.models').from_pretrained(opts.load, { head = load and load.head })
-    return model, require('pmp.tokenizer').from_pretrained(opts.load), M.renderer(opts.load)
+    local tokenizer = require('pmp.tokenizer').from_pretrained(opts.load)
+    return model, tokenizer, require('pmp.train.base_model').chat_renderer(tokenizer, opts.load, nil, opts.load)
   end
   local model, tokenizer = sums.start_policy({ iters = opts.start_iters })
   if load and load.head == 'score' then model = require('pmp.models').score_model(model) end
@@ -181,6 +171,18 @@ function M.pair_accuracy(chosen, rejected)
     right = right + (chosen[k] > rejected[k] and 1 or chosen[k] == rejected[k] and 0.5 or 0)
   end
   return right / #chosen
+end
+
+--- pair_accuracy over all of pairs, scored 64 at a time without recording gradients: score(part) returns
+--- the chosen and rejected scores of a list of pairs as tensors.
+function M.pairs_accuracy(pairs, score)
+  local chosen, rejected = {}, {}
+  for first = 1, #pairs, 64 do
+    local c, r = require('pmp').no_grad(score, { unpack(pairs, first, math.min(first + 63, #pairs)) })
+    for _, v in ipairs(c:double():totable()) do chosen[#chosen + 1] = v end
+    for _, v in ipairs(r:double():totable()) do rejected[#rejected + 1] = v end
+  end
+  return M.pair_accuracy(chosen, rejected)
 end
 
 --- Batches of `size` items of list drawn in a seeded order, reshuffled each pass: returns next() -> a
