@@ -1,14 +1,14 @@
--- DPO (and IPO, hinge) on preference pairs: the policy's summed answer log-probs against a frozen
--- reference (the start policy), computed on the fly.
---   pmp recipes/dpo.lua --load HF_DIR --data-path prefs.jsonl [--eval-data-path held.jsonl] --save-hf OUT
--- prefs.jsonl holds TRL's preference records: {"prompt", "chosen", "rejected"} strings, or
--- "chosen"/"rejected" message lists (with or without a "prompt" list); the chat template is applied.
--- --loss-type ipo uses per-token mean log-probs (the IPO authors' normalisation, as TRL).
---
--- With no --load it runs the embedded default: pairs of the sums task (pmp.rl.sums), the right sum
--- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
--- preference accuracy (pairs where the implicit reward beta (log pi - log pi_ref) of the chosen answer
--- is the higher; ties, as at the start, count half) before and after.
+--- DPO (and IPO, hinge) on preference pairs: the policy's summed answer log-probs against a frozen
+--- reference (the start policy), computed on the fly.
+---   pmp recipes/dpo.lua --load HF_DIR --data-path prefs.jsonl [--eval-data-path held.jsonl] --save-hf OUT
+--- prefs.jsonl holds TRL's preference records: {"prompt", "chosen", "rejected"} strings, or
+--- "chosen"/"rejected" message lists (with or without a "prompt" list); the chat template is applied.
+--- --loss-type ipo uses per-token mean log-probs (the IPO authors' normalisation, as TRL).
+---
+--- With no --load it runs the embedded default: pairs of the sums task (pmp.rl.sums), the right sum
+--- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
+--- preference accuracy (pairs where the implicit reward beta (log pi - log pi_ref) of the chosen answer
+--- is the higher; ties, as at the start, count half) before and after.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'

@@ -1,19 +1,19 @@
--- Evaluate a language model: perplexity on a text file or an indexed dataset, and accuracy on
--- multiple-choice and exact-match tasks (jsonl, lm-evaluation-harness's conventions).
---   pmp recipes/eval.lua --load checkpoints/pretrain --data-path text.txt --seq-length 128 --stride 64
---   pmp recipes/eval.lua --load HF_DIR --data-path corpus_text_document --task mc.jsonl qa.jsonl \
---       --output results.json
--- --load: a pmp checkpoint directory or a Hugging Face model directory (config.json). With no arguments
--- it evaluates checkpoints/pretrain (what `pmp recipes/pretrain.lua` saves) if it is there, else a small
--- random model, on an embedded held-out text and three small embedded tasks (grammar, sums).
---
--- Task files, one JSON object per line, all of one kind per file (the file's name names the task):
---   multiple choice: {"context": "2 + 2 =", "choices": [" 4.", " 5."], "gold": 0}     -> acc, acc_norm
---     (log-likelihood of each choice's tokens after the context; acc_norm divides it by the choice's
---     length in bytes; gold is 0-based)
---   exact match:     {"prompt": "2 + 2 =", "answer": "4"}  (or "answer": ["4", "four"])  -> exact_match
---     (greedy generation until a --stop string or --max-new-tokens; compared with whitespace trimmed)
--- Progress goes to stderr; the results table to stdout; --output writes them as JSON.
+--- Evaluate a language model: perplexity on a text file or an indexed dataset, and accuracy on
+--- multiple-choice and exact-match tasks (jsonl, lm-evaluation-harness's conventions).
+---   pmp recipes/eval.lua --load checkpoints/pretrain --data-path text.txt --seq-length 128 --stride 64
+---   pmp recipes/eval.lua --load HF_DIR --data-path corpus_text_document --task mc.jsonl qa.jsonl \
+---       --output results.json
+--- --load: a pmp checkpoint directory or a Hugging Face model directory (config.json). With no arguments
+--- it evaluates checkpoints/pretrain (what `pmp recipes/pretrain.lua` saves) if it is there, else a small
+--- random model, on an embedded held-out text and three small embedded tasks (grammar, sums).
+---
+--- Task files, one JSON object per line, all of one kind per file (the file's name names the task):
+---   multiple choice: {"context": "2 + 2 =", "choices": [" 4.", " 5."], "gold": 0}     -> acc, acc_norm
+---     (log-likelihood of each choice's tokens after the context; acc_norm divides it by the choice's
+---     length in bytes; gold is 0-based)
+---   exact match:     {"prompt": "2 + 2 =", "answer": "4"}  (or "answer": ["4", "four"])  -> exact_match
+---     (greedy generation until a --stop string or --max-new-tokens; compared with whitespace trimmed)
+--- Progress goes to stderr; the results table to stdout; --output writes them as JSON.
 local evaluation = pmp.evaluation
 
 local FLAGS = {

@@ -1,8 +1,8 @@
--- Generate text from a Hugging Face model directory or a pmp pretraining checkpoint.
---   pmp recipes/generate.lua --load DIR --prompt "Once upon a time" [--max-new-tokens 64 --temperature 0.8]
---   pmp recipes/generate.lua --load DIR --input-file prompts.jsonl --output out.jsonl   (offline batches)
--- prompts.jsonl has one {"prompt": "..."} per line; out.jsonl gets {"prompt", "completion", "tokens",
--- "finish_reason"} per line. Prints tokens per second.
+--- Generate text from a Hugging Face model directory or a pmp pretraining checkpoint.
+---   pmp recipes/generate.lua --load DIR --prompt "Once upon a time" [--max-new-tokens 64 --temperature 0.8]
+---   pmp recipes/generate.lua --load DIR --input-file prompts.jsonl --output out.jsonl   (offline batches)
+--- prompts.jsonl has one {"prompt": "..."} per line; out.jsonl gets {"prompt", "completion", "tokens",
+--- "finish_reason"} per line. Prints tokens per second.
 local FLAGS = {
   { '--load', nil, 'HF model directory (config.json) or pretraining checkpoint directory' },
   { '--prompt', nil, 'one prompt' },

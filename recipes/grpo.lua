@@ -1,14 +1,14 @@
--- GRPO: G sampled answers per prompt, each rewarded, advantages relative to the prompt's group
--- ((r - group mean) / (group std + 1e-4), Dr. GRPO's unscaled form with --no-scale-rewards), the
--- clipped policy loss over answer tokens plus a k3 KL term to the frozen start policy (--kl-coef), no critic.
---   pmp recipes/grpo.lua --load HF_DIR --prompts prompts.jsonl --reward-fn reward.lua [--save-hf OUT]
--- prompts.jsonl holds {"prompt": "text" | [messages]} records (the chat template is applied);
--- reward.lua returns function(prompt, response, sample) -> number; --reward-model DIR scores with a
--- *ForSequenceClassification model instead.
---
--- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
--- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
--- and after.
+--- GRPO: G sampled answers per prompt, each rewarded, advantages relative to the prompt's group
+--- ((r - group mean) / (group std + 1e-4), Dr. GRPO's unscaled form with --no-scale-rewards), the
+--- clipped policy loss over answer tokens plus a k3 KL term to the frozen start policy (--kl-coef), no critic.
+---   pmp recipes/grpo.lua --load HF_DIR --prompts prompts.jsonl --reward-fn reward.lua [--save-hf OUT]
+--- prompts.jsonl holds {"prompt": "text" | [messages]} records (the chat template is applied);
+--- reward.lua returns function(prompt, response, sample) -> number; --reward-model DIR scores with a
+--- *ForSequenceClassification model instead.
+---
+--- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
+--- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
+--- and after.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'

@@ -1,15 +1,15 @@
--- PPO with a critic: rollouts sampled from the actor, rewards from a reward model (--reward-model DIR)
--- or a Lua function (--reward-fn FILE) placed on each answer's last token, a per-token k1 KL penalty to
--- the frozen start policy (--init-kl-coef, adaptive toward --target-kl when given), GAE over answer
--- tokens, whitened advantages, several epochs of clipped policy and value updates over mini-batches.
---   pmp recipes/ppo.lua --load HF_DIR --prompts prompts.jsonl --reward-model RM_DIR [--save-hf OUT]
--- prompts.jsonl holds {"prompt": "text" | [messages]} records (the chat template is applied); reward.lua
--- returns function(prompt, response, sample) -> number. The critic starts as the policy's trunk under a
--- zero score head, or from --critic-model DIR (e.g. the reward model).
---
--- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
--- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
--- and after.
+--- PPO with a critic: rollouts sampled from the actor, rewards from a reward model (--reward-model DIR)
+--- or a Lua function (--reward-fn FILE) placed on each answer's last token, a per-token k1 KL penalty to
+--- the frozen start policy (--init-kl-coef, adaptive toward --target-kl when given), GAE over answer
+--- tokens, whitened advantages, several epochs of clipped policy and value updates over mini-batches.
+---   pmp recipes/ppo.lua --load HF_DIR --prompts prompts.jsonl --reward-model RM_DIR [--save-hf OUT]
+--- prompts.jsonl holds {"prompt": "text" | [messages]} records (the chat template is applied); reward.lua
+--- returns function(prompt, response, sample) -> number. The critic starts as the policy's trunk under a
+--- zero score head, or from --critic-model DIR (e.g. the reward model).
+---
+--- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
+--- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
+--- and after.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'

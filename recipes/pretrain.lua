@@ -1,11 +1,11 @@
--- Pretrain a Llama-style GPT from scratch. Flags use Megatron-LM's names; `--help` lists them.
--- With no arguments it trains a small model on the embedded corpus (no data files, no network),
--- saves a checkpoint under checkpoints/pretrain and prints a greedy sample.
---   pmp recipes/pretrain.lua --data-path ../shared/data/tinyshakespeare.txt --tokenizer-type char
--- Under mpirun it trains in parallel with Megatron's layout (the data-parallel size is what is left):
---   mpirun -np 8 pmp recipes/pretrain.lua --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
---     --use-distributed-optimizer
--- The pieces (flags, layout, data, step, logging, checkpoints) are pmp.train's; this is the loop.
+--- Pretrain a Llama-style GPT from scratch. Flags use Megatron-LM's names; `--help` lists them.
+--- With no arguments it trains a small model on the embedded corpus (no data files, no network),
+--- saves a checkpoint under checkpoints/pretrain and prints a greedy sample.
+---   pmp recipes/pretrain.lua --data-path ../shared/data/tinyshakespeare.txt --tokenizer-type char
+--- Under mpirun it trains in parallel with Megatron's layout (the data-parallel size is what is left):
+---   mpirun -np 8 pmp recipes/pretrain.lua --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
+---     --use-distributed-optimizer
+--- The pieces (flags, layout, data, step, logging, checkpoints) are pmp.train's; this is the loop.
 local train = pmp.train
 local flags, step = train.flags, train.step
 

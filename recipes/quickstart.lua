@@ -1,6 +1,6 @@
--- A first look at pmp: a character-level language model with one hidden layer, trained from scratch
--- with autograd and plain SGD on a built-in text. No downloads, a few seconds on a laptop CPU.
---   pmp recipes/quickstart.lua [--steps N] [--lr X] [--hidden H] [--context C] [--seed S]
+--- A first look at pmp: a character-level language model with one hidden layer, trained from scratch
+--- with autograd and plain SGD on a built-in text. No downloads, a few seconds on a laptop CPU.
+---   pmp recipes/quickstart.lua [--steps N] [--lr X] [--hidden H] [--context C] [--seed S]
 local F = pmp.nn.functional
 
 local function parse_flags(defaults)

@@ -1,13 +1,13 @@
--- Reward-model training on preference pairs: a score head on the last token of each answer, the
--- Bradley-Terry loss -log sigmoid(score(chosen) - score(rejected)).
---   pmp recipes/rm.lua --load HF_DIR --data-path prefs.jsonl [--eval-data-path held.jsonl] --save-hf OUT
--- prefs.jsonl holds TRL's preference records: {"prompt", "chosen", "rejected"} strings, or
--- "chosen"/"rejected" message lists (with or without a "prompt" list); the chat template is applied.
--- HF_DIR is a causal LM (the head starts at random) or a *ForSequenceClassification model.
---
--- With no --load it runs the embedded default: pairs of the sums task (pmp.rl.sums), the right sum
--- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
--- pairwise accuracy at initialisation and after training.
+--- Reward-model training on preference pairs: a score head on the last token of each answer, the
+--- Bradley-Terry loss -log sigmoid(score(chosen) - score(rejected)).
+---   pmp recipes/rm.lua --load HF_DIR --data-path prefs.jsonl [--eval-data-path held.jsonl] --save-hf OUT
+--- prefs.jsonl holds TRL's preference records: {"prompt", "chosen", "rejected"} strings, or
+--- "chosen"/"rejected" message lists (with or without a "prompt" list); the chat template is applied.
+--- HF_DIR is a causal LM (the head starts at random) or a *ForSequenceClassification model.
+---
+--- With no --load it runs the embedded default: pairs of the sums task (pmp.rl.sums), the right sum
+--- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
+--- pairwise accuracy at initialisation and after training.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'

@@ -1,15 +1,15 @@
--- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
---   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save-hf OUT_DIR [--packing]
--- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
--- (role/content) records, detected per record unless --format says. Only assistant turns are trained
--- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
--- restarting and attention kept inside each sample. The loss is averaged per trained token over the
--- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
--- fine-tuned model as a Hugging Face directory.
---
--- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
--- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
--- generates, and prints the exact-match accuracy on held-out sums before and after.
+--- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
+---   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save-hf OUT_DIR [--packing]
+--- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
+--- (role/content) records, detected per record unless --format says. Only assistant turns are trained
+--- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
+--- restarting and attention kept inside each sample. The loss is averaged per trained token over the
+--- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
+--- fine-tuned model as a Hugging Face directory.
+---
+--- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
+--- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
+--- generates, and prints the exact-match accuracy on held-out sums before and after.
 local train = pmp.train
 local flags, step = train.flags, train.step
 

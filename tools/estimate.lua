@@ -1,15 +1,15 @@
--- Memory per rank and FLOPs of a training step, before running it (see lua/pmp/estimate.lua for what
--- is counted and how).
---   pmp tools/estimate.lua --model llama-7b --tensor-model-parallel-size 2 --pipeline-model-parallel-size 4 \
---       --data-parallel-size 2 --micro-batch-size 1 --global-batch-size 64 --seq-length 4096 --bf16 \
---       --use-distributed-optimizer --recompute-granularity full
---   pmp tools/estimate.lua --model path/to/config.json --grid tp=1,2,4 pp=1,2 --seq-length 2048
---   pmp tools/estimate.lua --num-layers 4 --hidden-size 192 --num-attention-heads 6 --vocab-size 128 \
---       --seq-length 64 --micro-batch-size 16                  (the pretraining recipe's default model)
--- --model: a family name (llama-7b, llama3-8b, qwen2-1.5b, ...: --model list prints them) or an HF
--- config.json; without it the --num-layers ... flags describe the model. --grid varies tp, pp, dp, cp,
--- micro (batch) or recompute (full, none) over the listed values and prints one row per combination.
--- --peak-tflops (one rank's peak, e.g. 989 for an H100's dense bf16) adds the step time at --mfu.
+--- Memory per rank and FLOPs of a training step, before running it (see lua/pmp/estimate.lua for what
+--- is counted and how).
+---   pmp tools/estimate.lua --model llama-7b --tensor-model-parallel-size 2 --pipeline-model-parallel-size 4 \
+---       --data-parallel-size 2 --micro-batch-size 1 --global-batch-size 64 --seq-length 4096 --bf16 \
+---       --use-distributed-optimizer --recompute-granularity full
+---   pmp tools/estimate.lua --model path/to/config.json --grid tp=1,2,4 pp=1,2 --seq-length 2048
+---   pmp tools/estimate.lua --num-layers 4 --hidden-size 192 --num-attention-heads 6 --vocab-size 128 \
+---       --seq-length 64 --micro-batch-size 16                  (the pretraining recipe's default model)
+--- --model: a family name (llama-7b, llama3-8b, qwen2-1.5b, ...: --model list prints them) or an HF
+--- config.json; without it the --num-layers ... flags describe the model. --grid varies tp, pp, dp, cp,
+--- micro (batch) or recompute (full, none) over the listed values and prints one row per combination.
+--- --peak-tflops (one rank's peak, e.g. 989 for an H100's dense bf16) adds the step time at --mfu.
 local estimate = pmp.estimate
 
 local FLAGS = {

@@ -1,17 +1,17 @@
--- Mutation testing: plants each small bug listed in tools/mutations.txt, one at a time, in a scratch
--- copy of the tree, rebuilds what it touched, runs the specs the line names, and reports whether they
--- failed (the mutation is caught) or passed (it survived: the suite misses that bug).
---
---   ./pmp tools/mutate.lua                 -- every mutation (make mutate)
---   ./pmp tools/mutate.lua --lua-only      -- only those in Lua files (no rebuilds)
---   ./pmp tools/mutate.lua rope adam       -- those whose name contains any of the words
---   ./pmp tools/mutate.lua --check         -- only checks that every line still applies to the tree
---
--- The scratch copy (PMP_MUTATE_DIR/tree, default /tmp/pmp-mutate-<user>/tree) keeps its build/ between
--- runs, so a C mutation recompiles one object and relinks; ../shared is linked beside it as beside the
--- worktree, so the specs that read it run there too. Logs are in PMP_MUTATE_DIR/logs/.
--- Exits non-zero when a mutation survived, no longer applies (its text is not in the file exactly once:
--- remap it after a move or rewrite), fails to build, or when the unmutated specs already fail.
+--- Mutation testing: plants each small bug listed in tools/mutations.txt, one at a time, in a scratch
+--- copy of the tree, rebuilds what it touched, runs the specs the line names, and reports whether they
+--- failed (the mutation is caught) or passed (it survived: the suite misses that bug).
+---
+---   ./pmp tools/mutate.lua                 -- every mutation (make mutate)
+---   ./pmp tools/mutate.lua --lua-only      -- only those in Lua files (no rebuilds)
+---   ./pmp tools/mutate.lua rope adam       -- those whose name contains any of the words
+---   ./pmp tools/mutate.lua --check         -- only checks that every line still applies to the tree
+---
+--- The scratch copy (PMP_MUTATE_DIR/tree, default /tmp/pmp-mutate-<user>/tree) keeps its build/ between
+--- runs, so a C mutation recompiles one object and relinks; ../shared is linked beside it as beside the
+--- worktree, so the specs that read it run there too. Logs are in PMP_MUTATE_DIR/logs/.
+--- Exits non-zero when a mutation survived, no longer applies (its text is not in the file exactly once:
+--- remap it after a move or rewrite), fails to build, or when the unmutated specs already fail.
 local root = assert(package.loaded['pmp.root'], 'run tools/mutate.lua with ./pmp')
 
 local LIST = root .. '/tools/mutations.txt'
@@ -24,9 +24,9 @@ local function run(command) return os.execute(command) == 0 end
 local pio = pmp.io
 local write = pio.write_atomic
 
--- Lines "name | file | text | replacement | spec files", '#' comments. The text must occur exactly once
--- in the file; it and the replacement are literal (no patterns), with \n, \t and \\ standing for
--- newline, tab and backslash. The fields are split at ' | ', so neither may contain that sequence.
+--- Lines "name | file | text | replacement | spec files", '#' comments. The text must occur exactly once
+--- in the file; it and the replacement are literal (no patterns), with \n, \t and \\ standing for
+--- newline, tab and backslash. The fields are split at ' | ', so neither may contain that sequence.
 local ESCAPES = { n = '\n', t = '\t', ['\\'] = '\\' }
 local function unescape(s) return (s:gsub('\\(.)', ESCAPES)) end
 

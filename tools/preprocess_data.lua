@@ -1,23 +1,23 @@
--- Tokenize a JSONL corpus into Megatron indexed datasets, as Megatron-LM's tools/preprocess_data.py:
---
---   pmp tools/preprocess_data.lua --input corpus.jsonl --output-prefix out/corpus --json-keys text \
---       --tokenizer-model path/to/hf_tokenizer_dir --append-eod --workers 8
---   pmp tools/preprocess_data.lua --input corpus.jsonl --output-prefix out/corpus --tokenizer-type char --append-eod
---
--- Writes {output-prefix}_{key}_document.bin/.idx per JSON key (one sequence per document; uint16 when
--- the vocabulary is under 65500, else int32), and {output-prefix}_{key}_document.tokenizer.json, which
--- tells pmp's training recipes which tokenizer made the data.
---
--- Per document (one JSON object per line): the key's text is tokenized without special tokens; an
--- empty result is an empty document; with --append-eod a non-empty document gets the EOD token.
--- Tokenizers: --tokenizer-model DIR (an HF tokenizer through pmp.tokenizer, when this build has it;
--- EOD = the EOS token), or --tokenizer-type char (the distinct characters of the input, found in a
--- first pass, or of --vocab-file; EOD = an extra '<|endoftext|>' entry) or byte (256 ids; EOD = 0).
---
--- Streaming: the input is read line by line, so memory stays bounded whatever its size (the index
--- grows by 12 bytes per document). --workers N > 1 splits the input into N byte ranges (each starts
--- at the first line beginning in it), tokenizes them in N pmp processes, then concatenates their
--- outputs in order (IndexedDatasetBuilder.add_index), so the result is byte-identical to one process.
+--- Tokenize a JSONL corpus into Megatron indexed datasets, as Megatron-LM's tools/preprocess_data.py:
+---
+---   pmp tools/preprocess_data.lua --input corpus.jsonl --output-prefix out/corpus --json-keys text \
+---       --tokenizer-model path/to/hf_tokenizer_dir --append-eod --workers 8
+---   pmp tools/preprocess_data.lua --input corpus.jsonl --output-prefix out/corpus --tokenizer-type char --append-eod
+---
+--- Writes {output-prefix}_{key}_document.bin/.idx per JSON key (one sequence per document; uint16 when
+--- the vocabulary is under 65500, else int32), and {output-prefix}_{key}_document.tokenizer.json, which
+--- tells pmp's training recipes which tokenizer made the data.
+---
+--- Per document (one JSON object per line): the key's text is tokenized without special tokens; an
+--- empty result is an empty document; with --append-eod a non-empty document gets the EOD token.
+--- Tokenizers: --tokenizer-model DIR (an HF tokenizer through pmp.tokenizer, when this build has it;
+--- EOD = the EOS token), or --tokenizer-type char (the distinct characters of the input, found in a
+--- first pass, or of --vocab-file; EOD = an extra '<|endoftext|>' entry) or byte (256 ids; EOD = 0).
+---
+--- Streaming: the input is read line by line, so memory stays bounded whatever its size (the index
+--- grows by 12 bytes per document). --workers N > 1 splits the input into N byte ranges (each starts
+--- at the first line beginning in it), tokenizes them in N pmp processes, then concatenates their
+--- outputs in order (IndexedDatasetBuilder.add_index), so the result is byte-identical to one process.
 local FLAGS = {
   { '--input', nil, 'input JSONL file (one JSON object per line)' },
   { '--output-prefix', nil, 'output prefix: writes PREFIX_KEY_document.bin/.idx' },

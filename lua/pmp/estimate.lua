@@ -1,32 +1,32 @@
--- Memory and FLOPs of a training step before running it: per-rank bytes of weights, gradients,
--- optimizer state and activations for a parallel layout, and the step's FLOPs (tools/estimate.lua
--- prints them; spec/estimate_spec.lua checks them against the engine's measured peak).
---
--- The activation terms count the tensors pmp's autograd keeps for backward, per token and layer
--- (Korthikanti et al.'s method, with pmp's own list; measured against pmp.memory.stats):
---   layer input and the pre-MLP residual (kept by the two RMSNorms), the two norm outputs (kept by the
---   QKV and FC1 matmuls; with sequence parallelism the norms keep 1/t slices and the matmuls the
---   gathered whole), the QKV projection output, q and k after RoPE, v, the attention output and its
---   [B, T, heads*d] copy (kept by the output projection): 4H + 4Q + 4KV, the last two groups split
---   over tensor-parallel ranks; the MLP's FC1 output and activation output: 3F (SwiGLU) or 2F, split
---   over TP ranks. In bf16 runs one more f32 tensor of H per token and layer is kept.
---   The last stage also keeps the final norm's input and output (2H) and the logits (V / t).
--- Pipeline stage p (0-based) of the 1F1B schedule holds the activations of min(pp - p, micro batches)
--- micro batches at once. With full recompute a layer keeps only its input.
---
--- What pmp holds in a step (the `peak`): the tensors of a forward have Lua handles, and the engine frees
--- a saved activation in backward only once its handle is finalized by the Lua collector, which runs
--- after max(live bytes, 256 MiB) of new allocations (pmp.memory.set_gc_step). Until then a micro
--- batch's activations stay through its backward, the gradients add on top, and the next micro batch
--- adds its own; with recompute the forward's dropped tensors and the re-run's wait likewise; under data
--- parallelism so do the gradients handed to the bucket hooks and the collectives' results. So the
--- peak is the weights, optimizer state and gradient buffers, plus the gradients, plus the lesser of
--- all those dropped bytes and what the collector lets pile up, plus the largest backward transient
--- (the gradient of the logits, and of FC1's output): `peak`, the first step's. `live_peak` is what the
--- step needs when every dropped tensor is freed at once (a lower bound, e.g. after collectgarbage()
--- between forward and backward); over a run, dropped tensors of earlier steps can still wait too, so
--- `run_peak` = live_peak + max(live_peak, 256 MiB) bounds it. Not counted: communication buffers and
--- the allocator's cache of free blocks.
+--- Memory and FLOPs of a training step before running it: per-rank bytes of weights, gradients,
+--- optimizer state and activations for a parallel layout, and the step's FLOPs (tools/estimate.lua
+--- prints them; spec/estimate_spec.lua checks them against the engine's measured peak).
+---
+--- The activation terms count the tensors pmp's autograd keeps for backward, per token and layer
+--- (Korthikanti et al.'s method, with pmp's own list; measured against pmp.memory.stats):
+---   layer input and the pre-MLP residual (kept by the two RMSNorms), the two norm outputs (kept by the
+---   QKV and FC1 matmuls; with sequence parallelism the norms keep 1/t slices and the matmuls the
+---   gathered whole), the QKV projection output, q and k after RoPE, v, the attention output and its
+---   [B, T, heads*d] copy (kept by the output projection): 4H + 4Q + 4KV, the last two groups split
+---   over tensor-parallel ranks; the MLP's FC1 output and activation output: 3F (SwiGLU) or 2F, split
+---   over TP ranks. In bf16 runs one more f32 tensor of H per token and layer is kept.
+---   The last stage also keeps the final norm's input and output (2H) and the logits (V / t).
+--- Pipeline stage p (0-based) of the 1F1B schedule holds the activations of min(pp - p, micro batches)
+--- micro batches at once. With full recompute a layer keeps only its input.
+---
+--- What pmp holds in a step (the `peak`): the tensors of a forward have Lua handles, and the engine frees
+--- a saved activation in backward only once its handle is finalized by the Lua collector, which runs
+--- after max(live bytes, 256 MiB) of new allocations (pmp.memory.set_gc_step). Until then a micro
+--- batch's activations stay through its backward, the gradients add on top, and the next micro batch
+--- adds its own; with recompute the forward's dropped tensors and the re-run's wait likewise; under data
+--- parallelism so do the gradients handed to the bucket hooks and the collectives' results. So the
+--- peak is the weights, optimizer state and gradient buffers, plus the gradients, plus the lesser of
+--- all those dropped bytes and what the collector lets pile up, plus the largest backward transient
+--- (the gradient of the logits, and of FC1's output): `peak`, the first step's. `live_peak` is what the
+--- step needs when every dropped tensor is freed at once (a lower bound, e.g. after collectgarbage()
+--- between forward and backward); over a run, dropped tensors of earlier steps can still wait too, so
+--- `run_peak` = live_peak + max(live_peak, 256 MiB) bounds it. Not counted: communication buffers and
+--- the allocator's cache of free blocks.
 local transformer = require 'pmp.nn.transformer'
 local sharding = require 'pmp.dist.sharding'
 
@@ -34,7 +34,7 @@ local M = {}
 
 local GC_STEP = 256 * 2^20   -- pmp.tensor's default collector step
 
--- Hugging Face configs of public model families, by the names people use.
+--- Hugging Face configs of public model families, by the names people use.
 M.FAMILIES = {
   ['llama-7b'] = { num_layers = 32, hidden_size = 4096, num_attention_heads = 32, ffn_hidden_size = 11008, vocab_size = 32000 },
   ['llama-13b'] = { num_layers = 40, hidden_size = 5120, num_attention_heads = 40, ffn_hidden_size = 13824, vocab_size = 32000 },
@@ -65,9 +65,9 @@ local function family_names()
   return names
 end
 
--- A filled-in transformer config from a family name, the path of an HF config.json, or a table of
--- GPTModel settings (Megatron's names, GPTModel's defaults). options.tp multiplies the vocabulary
--- padding as Megatron does.
+--- A filled-in transformer config from a family name, the path of an HF config.json, or a table of
+--- GPTModel settings (Megatron's names, GPTModel's defaults). options.tp multiplies the vocabulary
+--- padding as Megatron does.
 function M.model_config(model, options)
   options = options or {}
   local config
@@ -137,9 +137,9 @@ local function parameter_counts(c, tp, ep)
   }
 end
 
--- layout: tp, pp, dp, cp, ep (1), micro_batch, global_batch, seq_length, dtype ('bf16' | 'f32'),
--- recompute ('full' | nil), distributed_optimizer, sequence_parallel, first_stage_layers, last_stage_layers.
--- Returns one entry per pipeline stage (what each of its ranks holds, in bytes) and the largest peak.
+--- layout: tp, pp, dp, cp, ep (1), micro_batch, global_batch, seq_length, dtype ('bf16' | 'f32'),
+--- recompute ('full' | nil), distributed_optimizer, sequence_parallel, first_stage_layers, last_stage_layers.
+--- Returns one entry per pipeline stage (what each of its ranks holds, in bytes) and the largest peak.
 function M.memory(c, layout)
   local tp, pp, dp, cp, ep = layout.tp or 1, layout.pp or 1, layout.dp or 1, layout.cp or 1, layout.ep or 1
   local b, s = layout.micro_batch or 1, layout.seq_length
@@ -245,8 +245,8 @@ function M.memory(c, layout)
   return result
 end
 
--- Model FLOPs of one step (forward and backward, matmuls and attention, as Megatron counts them) and
--- the hardware FLOPs (with full recompute the layers' forward runs twice).
+--- Model FLOPs of one step (forward and backward, matmuls and attention, as Megatron counts them) and
+--- the hardware FLOPs (with full recompute the layers' forward runs twice).
 function M.flops(c, layout)
   local s = layout.seq_length
   local H, Q, KV, F = c.hidden_size, c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels, c.ffn_hidden_size

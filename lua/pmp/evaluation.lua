@@ -1,15 +1,15 @@
--- Evaluating language models: perplexity over a token stream, and tasks in lm-evaluation-harness's
--- conventions (recipes/eval.lua is the command-line front end).
---
--- Task files are jsonl, one record per line, every record of a file of one kind:
---   multiple choice: {"context": "2 + 2 =", "choices": [" 4", " 5"], "gold": 0}
---     each choice is scored by the log-likelihood of its tokens after the context (the continuation's
---     tokens are those of encode(context .. choice) after encode(context)'s, as the harness splits
---     them); acc: the gold choice has the highest log-likelihood; acc_norm: the highest log-likelihood
---     per byte of the choice's text. Ties go to the first choice. gold is 0-based.
---   exact match (generation): {"prompt": "2 + 2 =", "answer": "4"} (answer: a string or a list of
---     accepted strings); greedy generation until a stop string or max_new_tokens; exact_match: the
---     completion, with surrounding whitespace removed, equals an answer with surrounding whitespace removed.
+--- Evaluating language models: perplexity over a token stream, and tasks in lm-evaluation-harness's
+--- conventions (recipes/eval.lua is the command-line front end).
+---
+--- Task files are jsonl, one record per line, every record of a file of one kind:
+---   multiple choice: {"context": "2 + 2 =", "choices": [" 4", " 5"], "gold": 0}
+---     each choice is scored by the log-likelihood of its tokens after the context (the continuation's
+---     tokens are those of encode(context .. choice) after encode(context)'s, as the harness splits
+---     them); acc: the gold choice has the highest log-likelihood; acc_norm: the highest log-likelihood
+---     per byte of the choice's text. Ties go to the first choice. gold is 0-based.
+---   exact match (generation): {"prompt": "2 + 2 =", "answer": "4"} (answer: a string or a list of
+---     accepted strings); greedy generation until a stop string or max_new_tokens; exact_match: the
+---     completion, with surrounding whitespace removed, equals an answer with surrounding whitespace removed.
 local json = require 'pmp.json'
 local tensor = require 'pmp.tensor'
 
@@ -17,12 +17,12 @@ local M = {}
 
 local function no_grad(fn, ...) return require('pmp').no_grad(fn, ...) end
 
--- The summed negative log-likelihood and the count of scored tokens over `tokens` (a Lua list of ids),
--- read in windows of seq_length inputs that start every `stride` tokens (default seq_length: windows
--- that do not overlap). Every token after the first is scored exactly once, in the first window that
--- predicts it, so with stride < seq_length each is predicted from at least seq_length - stride tokens
--- of context. options.batch_size windows of equal length run together (default 8);
--- options.on_window(scored_so_far, total) reports progress.
+--- The summed negative log-likelihood and the count of scored tokens over `tokens` (a Lua list of ids),
+--- read in windows of seq_length inputs that start every `stride` tokens (default seq_length: windows
+--- that do not overlap). Every token after the first is scored exactly once, in the first window that
+--- predicts it, so with stride < seq_length each is predicted from at least seq_length - stride tokens
+--- of context. options.batch_size windows of equal length run together (default 8);
+--- options.on_window(scored_so_far, total) reports progress.
 function M.perplexity(model, tokens, options)
   local seq_length = assert(options.seq_length, 'perplexity: seq_length is required')
   local stride = options.stride or seq_length
@@ -65,8 +65,8 @@ function M.perplexity(model, tokens, options)
   return { nll = nll, tokens = count, mean_nll = nll / count, perplexity = math.exp(nll / count) }
 end
 
--- The log-likelihood of `continuation` (ids) after `context` (ids), the context cut from the left so
--- the input fits max_length.
+--- The log-likelihood of `continuation` (ids) after `context` (ids), the context cut from the left so
+--- the input fits max_length.
 function M.loglikelihood(model, context, continuation, max_length)
   local all = {}
   for _, id in ipairs(context) do all[#all + 1] = id end
@@ -88,9 +88,9 @@ function M.loglikelihood(model, context, continuation, max_length)
   end)
 end
 
--- The continuation's ids as the harness splits them: encode(context .. continuation) after the
--- length of encode(context), falling back to encode(continuation) when the joint encoding does not
--- start with the context's.
+--- The continuation's ids as the harness splits them: encode(context .. continuation) after the
+--- length of encode(context), falling back to encode(continuation) when the joint encoding does not
+--- start with the context's.
 function M.split_pair(tokenizer, context, continuation)
   local ctx = tokenizer:encode(context)
   local whole = tokenizer:encode(context .. continuation)
@@ -134,8 +134,8 @@ local function check_generation(record, where)
   record_error(where, '"answer" must be a string or a list of strings')
 end
 
--- Reads a task file: { name = basename without .jsonl, kind = 'multiple_choice' | 'exact_match',
--- records = {...} }. A bad line raises an error naming the file and line.
+--- Reads a task file: { name = basename without .jsonl, kind = 'multiple_choice' | 'exact_match',
+--- records = {...} }. A bad line raises an error naming the file and line.
 function M.read_task(path, limit)
   local file = io.open(path, 'r')
   if not file then error('cannot read task file ' .. path, 0) end
@@ -173,7 +173,7 @@ local function argmax(list)
   return best
 end
 
--- acc and acc_norm over multiple-choice records; options.on_record(k) reports progress.
+--- acc and acc_norm over multiple-choice records; options.on_record(k) reports progress.
 function M.multiple_choice(model, tokenizer, records, options)
   local correct, correct_norm, details = 0, 0, {}
   for k, record in ipairs(records) do
@@ -194,7 +194,7 @@ end
 
 local function trim(s) return (s:gsub('^%s+', ''):gsub('%s+$', '')) end
 
--- exact_match over generation records: greedy, stopping at any of options.stop or the eos token.
+--- exact_match over generation records: greedy, stopping at any of options.stop or the eos token.
 function M.exact_match(model, tokenizer, records, options)
   local generate = require 'pmp.generate'
   local hits, details = 0, {}

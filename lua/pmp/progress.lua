@@ -1,12 +1,12 @@
--- Progress of long loops: a bar redrawn in place on a terminal, plain periodic lines otherwise (logs,
--- pipes, CI), both with the rate and the estimated time left.
---   local bar = pmp.progress.new{ total = #items, label = 'eval', unit = 'items' }
---   for k, item in ipairs(items) do work(item); bar:update(k) end
---   bar:finish()
--- Options: total (nil: unknown, no percentage or ETA), label, unit ('B' prints sizes as KB/MB/GB),
--- stream (default io.stderr, so results on stdout stay clean), tty (default: whether the stream's file
--- descriptor is a terminal), interval (seconds between plain lines, default 10; a line is also printed
--- whenever another tenth of the total is done), clock (a function returning seconds, for tests).
+--- Progress of long loops: a bar redrawn in place on a terminal, plain periodic lines otherwise (logs,
+--- pipes, CI), both with the rate and the estimated time left.
+---   local bar = pmp.progress.new{ total = #items, label = 'eval', unit = 'items' }
+---   for k, item in ipairs(items) do work(item); bar:update(k) end
+---   bar:finish()
+--- Options: total (nil: unknown, no percentage or ETA), label, unit ('B' prints sizes as KB/MB/GB),
+--- stream (default io.stderr, so results on stdout stay clean), tty (default: whether the stream's file
+--- descriptor is a terminal), interval (seconds between plain lines, default 10; a line is also printed
+--- whenever another tenth of the total is done), clock (a function returning seconds, for tests).
 local ffi = require 'ffi'
 local clock = require 'pmp.clock'
 
@@ -14,13 +14,13 @@ pcall(ffi.cdef, 'int isatty(int fd);')
 
 local M = {}
 
--- Seconds left at the average rate so far, or nil before anything is done.
+--- Seconds left at the average rate so far, or nil before anything is done.
 function M.eta(done, total, elapsed)
   if not total or done <= 0 or elapsed <= 0 then return nil end
   return math.max(0, total - done) * elapsed / done
 end
 
--- 75 -> '01:15', 3725 -> '1:02:05'.
+--- 75 -> '01:15', 3725 -> '1:02:05'.
 function M.duration(seconds)
   if seconds == nil then return '--:--' end
   seconds = math.floor(seconds + 0.5)
@@ -67,7 +67,7 @@ function M.new(options)
   }, Bar)
 end
 
--- 'label: 45/100 items (45.0%), 12.3 items/s, ETA 00:04' (the counts in the bar's unit).
+--- 'label: 45/100 items (45.0%), 12.3 items/s, ETA 00:04' (the counts in the bar's unit).
 function Bar:status(detail)
   local elapsed = self.now() - self.start
   local parts = { amount(self.done, self.unit) }
@@ -99,7 +99,7 @@ function Bar:draw(detail)
   self.stream:flush()
 end
 
--- done: the count so far (absolute); detail: optional text appended to the line.
+--- done: the count so far (absolute); detail: optional text appended to the line.
 function Bar:update(done, detail)
   self.done = done
   local t = self.now()
@@ -119,7 +119,7 @@ end
 
 function Bar:advance(count, detail) self:update(self.done + (count or 1), detail) end
 
--- The final line, with the total time in place of the ETA.
+--- The final line, with the total time in place of the ETA.
 function Bar:finish(detail)
   self.finished = true
   if self.tty then

@@ -1,13 +1,13 @@
--- The model a fine-tuning run starts from, named by --load: a Hugging Face directory (kind 'hf'), a
--- pretraining checkpoint (kind 'pmp'), or a fine-tuning checkpoint, which records its base in its
--- state (base_model) and is resumed. Also the chat template its conversations are rendered with.
+--- The model a fine-tuning run starts from, named by --load: a Hugging Face directory (kind 'hf'), a
+--- pretraining checkpoint (kind 'pmp'), or a fine-tuning checkpoint, which records its base in its
+--- state (base_model) and is resumed. Also the chat template its conversations are rendered with.
 local io_ = require 'pmp.io'
 local Checkpoints = require 'pmp.train.checkpoints'
 
 local M = {}
 
--- Returns the base {kind, dir} and, when dir is a fine-tuning checkpoint, its info table to resume
--- from (pmp.train.Checkpoints.info).
+--- Returns the base {kind, dir} and, when dir is a fine-tuning checkpoint, its info table to resume
+--- from (pmp.train.Checkpoints.info).
 function M.locate(dir)
   local info = Checkpoints.info(dir)
   if info then
@@ -21,9 +21,9 @@ function M.locate(dir)
   return { kind = 'hf', dir = dir }, nil
 end
 
--- The base's model, its tokenizer, and the directory holding its chat template (nil for a pretraining
--- tokenizer without one). options: dtype and recompute_granularity for a Hugging Face model (a
--- pretraining checkpoint's model is built as it was saved).
+--- The base's model, its tokenizer, and the directory holding its chat template (nil for a pretraining
+--- tokenizer without one). options: dtype and recompute_granularity for a Hugging Face model (a
+--- pretraining checkpoint's model is built as it was saved).
 function M.load(base, options)
   if base.kind == 'pmp' then
     local model, info = Checkpoints.load_model(base.dir)
@@ -36,8 +36,8 @@ function M.load(base, options)
   return model, require('pmp.tokenizer').from_pretrained(base.dir), base.dir
 end
 
--- render(messages, add_generation_prompt) -> text: the built-in template `builtin` (chatml, llama3,
--- alpaca) when given, else the one in template_dir; an error names base_dir when there is neither.
+--- render(messages, add_generation_prompt) -> text: the built-in template `builtin` (chatml, llama3,
+--- alpaca) when given, else the one in template_dir; an error names base_dir when there is neither.
 function M.chat_renderer(tokenizer, template_dir, builtin, base_dir)
   local chat_template = require 'pmp.chat_template'
   if builtin then

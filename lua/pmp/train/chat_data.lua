@@ -1,11 +1,11 @@
--- Supervised fine-tuning data: jsonl records of conversations (alpaca, sharegpt or messages, see
--- pmp.data.sft) tokenized with the model's chat template into samples, then packed or padded rows.
+--- Supervised fine-tuning data: jsonl records of conversations (alpaca, sharegpt or messages, see
+--- pmp.data.sft) tokenized with the model's chat template into samples, then packed or padded rows.
 local json = require 'pmp.json'
 local sft = require 'pmp.data.sft'
 
 local M = {}
 
--- The lines of a file, read at once; an error names the file when it cannot be read.
+--- The lines of a file, read at once; an error names the file when it cannot be read.
 function M.lines(path)
   local file = io.open(path, 'r')
   if not file then error('cannot read --data-path ' .. path, 0) end
@@ -14,10 +14,10 @@ function M.lines(path)
   return text:gmatch('[^\n]*')
 end
 
--- Tokenizes every non-blank line of `lines` (an iterator of jsonl lines). options: tokenizer, render
--- (messages, add_generation_prompt) -> text, format ('auto' detects per record), train_on_prompt,
--- source (the file name for errors, which also give the line). Returns the samples ({ids, mask}) and
--- the number of trained tokens.
+--- Tokenizes every non-blank line of `lines` (an iterator of jsonl lines). options: tokenizer, render
+--- (messages, add_generation_prompt) -> text, format ('auto' detects per record), train_on_prompt,
+--- source (the file name for errors, which also give the line). Returns the samples ({ids, mask}) and
+--- the number of trained tokens.
 function M.samples(lines, options)
   local samples, trained_tokens, line_number = {}, 0, 0
   local tokenizer = options.tokenizer
@@ -42,8 +42,8 @@ function M.samples(lines, options)
   return samples, trained_tokens
 end
 
--- Collates micro batches of rows as pmp.train.step takes them; also returns the tokens the step trains
--- on (its targets that are not ignored) and the tokens it reads.
+--- Collates micro batches of rows as pmp.train.step takes them; also returns the tokens the step trains
+--- on (its targets that are not ignored) and the tokens it reads.
 function M.micro_batches(rows, count, micro_batch_size, pad_id)
   local batches, trained, tokens = {}, 0, 0
   for k = 1, count do

@@ -1,37 +1,37 @@
--- Checkpoint cadence for training loops: resume from --load, save every --save-interval iterations and
--- at the end, stop at --exit-interval. The one place recipes reach pmp.checkpoint (every layout, one
--- process included; a checkpoint loads into any other layout, resharded).
---   local checkpoints = pmp.train.Checkpoints(opts, logger)
---   local iteration, state = checkpoints:load(opts.load, model, optimizer)
---   ... each iteration: checkpoints:save_if_due(iteration, model, optimizer, state_of)
---                       if checkpoints:exit_due(iteration) then break end
---   checkpoints:finish(iteration, model, optimizer, state_of)
--- state_of() returns the recipe's own state to store (data position, tokenizer, args...).
+--- Checkpoint cadence for training loops: resume from --load, save every --save-interval iterations and
+--- at the end, stop at --exit-interval. The one place recipes reach pmp.checkpoint (every layout, one
+--- process included; a checkpoint loads into any other layout, resharded).
+---   local checkpoints = pmp.train.Checkpoints(opts, logger)
+---   local iteration, state = checkpoints:load(opts.load, model, optimizer)
+---   ... each iteration: checkpoints:save_if_due(iteration, model, optimizer, state_of)
+---                       if checkpoints:exit_due(iteration) then break end
+---   checkpoints:finish(iteration, model, optimizer, state_of)
+--- state_of() returns the recipe's own state to store (data position, tokenizer, args...).
 local checkpoint = require 'pmp.checkpoint'
 
 local Checkpoints = {}
 Checkpoints.__index = Checkpoints
 
--- The info table (iteration, state, layout...) of the latest checkpoint in dir without reading any
--- tensor, or nil when dir (which may be nil) holds no checkpoint.
+--- The info table (iteration, state, layout...) of the latest checkpoint in dir without reading any
+--- tensor, or nil when dir (which may be nil) holds no checkpoint.
 function Checkpoints.info(dir)
   if not dir or not checkpoint.latest_iteration(dir) then return nil end
   return checkpoint.info(dir)
 end
 
--- A model rebuilt whole from a pretraining checkpoint of any layout, and its info table.
+--- A model rebuilt whole from a pretraining checkpoint of any layout, and its info table.
 function Checkpoints.load_model(dir) return checkpoint.load_model(dir) end
 
--- opts: save (directory; nil or '' for none), save_interval (0: only at the end), exit_interval (0:
--- never). logger: a pmp.train.Logger (its line() prints on the logging rank).
+--- opts: save (directory; nil or '' for none), save_interval (0: only at the end), exit_interval (0:
+--- never). logger: a pmp.train.Logger (its line() prints on the logging rank).
 function Checkpoints.new(opts, logger)
   return setmetatable({ dir = opts.save ~= '' and opts.save or nil, interval = opts.save_interval,
     exit_interval = opts.exit_interval or 0, logger = logger, first_iteration = 0,
     saved_iteration = nil }, Checkpoints)
 end
 
--- Loads the latest checkpoint in dir into model and optimizer, restoring the random generators;
--- returns its iteration and the recipe state saved with it.
+--- Loads the latest checkpoint in dir into model and optimizer, restoring the random generators;
+--- returns its iteration and the recipe state saved with it.
 function Checkpoints:load(dir, model, optimizer)
   local loaded = checkpoint.load(dir, model, optimizer)
   self.first_iteration = loaded.iteration
@@ -52,7 +52,7 @@ function Checkpoints:save_if_due(iteration, model, optimizer, state_of)
   end
 end
 
--- Whether --exit-interval stops the run after this iteration (then says so).
+--- Whether --exit-interval stops the run after this iteration (then says so).
 function Checkpoints:exit_due(iteration)
   if self.exit_interval > 0 and iteration % self.exit_interval == 0 then
     self.logger:line(string.format('%s: exiting at iteration %d (--exit-interval %d)', self.logger.name, iteration,
@@ -62,7 +62,7 @@ function Checkpoints:exit_due(iteration)
   return false
 end
 
--- The checkpoint at the end of a run that trained since it started, unless this iteration's is saved.
+--- The checkpoint at the end of a run that trained since it started, unless this iteration's is saved.
 function Checkpoints:finish(iteration, model, optimizer, state_of)
   if self.dir and iteration > self.first_iteration and self.saved_iteration ~= iteration then
     self:save(iteration, model, optimizer, state_of())

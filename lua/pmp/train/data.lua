@@ -1,7 +1,7 @@
--- Pretraining data from pmp.train.flags.data: a plain text file (tokenized here), Megatron indexed
--- datasets (`PREFIX`, or a blend `0.3 PREFIX_A 0.7 PREFIX_B` as tools/preprocess_data.lua makes them,
--- read through pmp.data.gpt_dataset), or the embedded corpus. Either way the data position is the
--- count of consumed samples, so a resumed run continues with the sample after the last one it trained on.
+--- Pretraining data from pmp.train.flags.data: a plain text file (tokenized here), Megatron indexed
+--- datasets (`PREFIX`, or a blend `0.3 PREFIX_A 0.7 PREFIX_B` as tools/preprocess_data.lua makes them,
+--- read through pmp.data.gpt_dataset), or the embedded corpus. Either way the data position is the
+--- count of consumed samples, so a resumed run continues with the sample after the last one it trained on.
 local json = require 'pmp.json'
 
 local M = {}
@@ -84,10 +84,10 @@ local function text(opts, options)
     train_tokens = train_tokens, valid_tokens = valid_tokens }
 end
 
--- The data of a pretraining run: {source (what was read, for the log), tokenizer, num_tokens, train
--- and valid (datasets with :batch(start, n) and .count; valid may be nil), train_tokens, valid_tokens
--- (the first sample's / split's token ids, for a sample prompt)}. options: tokenizer_state (a
--- resumed checkpoint's tokenizer, which wins over the flags), name (the recipe, for warnings).
+--- The data of a pretraining run: {source (what was read, for the log), tokenizer, num_tokens, train
+--- and valid (datasets with :batch(start, n) and .count; valid may be nil), train_tokens, valid_tokens
+--- (the first sample's / split's token ids, for a sample prompt)}. options: tokenizer_state (a
+--- resumed checkpoint's tokenizer, which wins over the flags), name (the recipe, for warnings).
 function M.pretraining(opts, options)
   options = options or {}
   local indexed_files = require 'pmp.data.indexed'
@@ -96,10 +96,10 @@ function M.pretraining(opts, options)
   return text(opts, options)
 end
 
--- This data-parallel rank's share of `count` micro batches from sample `first` on, in Megatron's
--- order: micro-step k of data-parallel rank r reads the micro batch at first + (k * dp + r) *
--- micro_batch_size (wrapping around the dataset with wrap). Each context-parallel rank keeps its two
--- chunks of every sequence.
+--- This data-parallel rank's share of `count` micro batches from sample `first` on, in Megatron's
+--- order: micro-step k of data-parallel rank r reads the micro batch at first + (k * dp + r) *
+--- micro_batch_size (wrapping around the dataset with wrap). Each context-parallel rank keeps its two
+--- chunks of every sequence.
 function M.micro_batches(dataset, first, count, micro_batch_size, layout, wrap)
   local context_parallel = require 'pmp.nn.context_parallel'
   local list = {}

@@ -1,8 +1,8 @@
--- Items taken in a seeded random order that is drawn anew for every pass over them (epoch). The
--- order comes from its own stream (seed + epoch) and leaves the global generator as it was, so
--- training randomness (dropout) does not depend on where epochs start. position counts the items
--- taken, the data position a checkpoint stores.
---   local rows = Epochs(list, seed); rows:take(4); rows:seek(saved_position)
+--- Items taken in a seeded random order that is drawn anew for every pass over them (epoch). The
+--- order comes from its own stream (seed + epoch) and leaves the global generator as it was, so
+--- training randomness (dropout) does not depend on where epochs start. position counts the items
+--- taken, the data position a checkpoint stores.
+---   local rows = Epochs(list, seed); rows:take(4); rows:seek(saved_position)
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
@@ -27,7 +27,7 @@ function Epochs:_shuffle(epoch)
   self.order = order
 end
 
--- The next n items.
+--- The next n items.
 function Epochs:take(n)
   local out, count = {}, #self.items
   for _ = 1, n do
@@ -38,7 +38,7 @@ function Epochs:take(n)
   return out
 end
 
--- Continues after `position` items, as if they had been taken.
+--- Continues after `position` items, as if they had been taken.
 function Epochs:seek(position)
   self.position = position
   if position > 0 then self:_shuffle(math.floor((position - 1) / #self.items)) end

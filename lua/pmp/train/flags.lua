@@ -1,14 +1,14 @@
--- Flag sets that training recipes share, with Megatron-LM's names (pmp.args specs). A recipe parses
--- the sets it uses plus its own flags; its own spec for a flag that a set also has replaces the set's
--- in place (another default or help text):
---   local flags = pmp.train.flags
---   local opts = flags.parse(arg, { flags.training, flags.optimizer, { { '--lr', 1e-5, 'peak learning rate' } } },
---     { usage = 'pmp recipes/x.lua [flags]' })
+--- Flag sets that training recipes share, with Megatron-LM's names (pmp.args specs). A recipe parses
+--- the sets it uses plus its own flags; its own spec for a flag that a set also has replaces the set's
+--- in place (another default or help text):
+---   local flags = pmp.train.flags
+---   local opts = flags.parse(arg, { flags.training, flags.optimizer, { { '--lr', 1e-5, 'peak learning rate' } } },
+---     { usage = 'pmp recipes/x.lua [flags]' })
 local args = require 'pmp.args'
 
 local M = {}
 
--- The GPT that pmp.train.model.gpt builds.
+--- The GPT that pmp.train.model.gpt builds.
 M.model = {
   { '--num-layers', 4, 'transformer layers' },
   { '--hidden-size', 192, 'model width' },
@@ -23,7 +23,7 @@ M.model = {
   { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size' },
 }
 
--- Sequences, batches and steps.
+--- Sequences, batches and steps.
 M.training = {
   { '--seq-length', 64, 'tokens per sample' },
   { '--micro-batch-size', 16, 'samples per forward/backward' },
@@ -32,7 +32,7 @@ M.training = {
   { '--seed', 1234, 'random seed' },
 }
 
--- AdamW, its learning-rate schedule and gradient clipping (pmp.train.optimizer).
+--- AdamW, its learning-rate schedule and gradient clipping (pmp.train.optimizer).
 M.optimizer = {
   { '--lr', 1e-3, 'peak learning rate' },
   { '--min-lr', 1e-4, 'final learning rate' },
@@ -47,13 +47,13 @@ M.optimizer = {
   { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
 }
 
--- Dtype and activation memory.
+--- Dtype and activation memory.
 M.precision = {
   { '--bf16', false, 'bf16 parameters and activations, f32 master weights and optimizer state' },
   { '--recompute-granularity', nil, "'full': re-run each layer's forward in backward to save memory" },
 }
 
--- The Megatron layout under mpirun (pmp.train.parallel); the data-parallel size is what is left.
+--- The Megatron layout under mpirun (pmp.train.parallel); the data-parallel size is what is left.
 M.parallel = {
   { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)' },
   { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)' },
@@ -67,7 +67,7 @@ M.parallel = {
   { '--distributed-timeout-minutes', 10, 'a collective that makes no progress this long ends the job' },
 }
 
--- Pretraining text and its validation split (pmp.train.data).
+--- Pretraining text and its validation split (pmp.train.data).
 M.data = {
   { '--data-path', nil, 'a text file, an indexed dataset PREFIX, or weighted prefixes "0.3 a 0.7 b" (default: the embedded corpus)', multiple = true },
   { '--split', '969,30,1', 'train,valid,test weights' },
@@ -77,7 +77,7 @@ M.data = {
   { '--eval-iters', 10, 'micro batches per validation' },
 }
 
--- Checkpoint cadence (pmp.train.Checkpoints).
+--- Checkpoint cadence (pmp.train.Checkpoints).
 M.checkpoint = {
   { '--save', nil, 'checkpoint directory (none if not given or "")' },
   { '--save-interval', 150, 'steps between checkpoints (0: only at the end)' },
@@ -85,7 +85,7 @@ M.checkpoint = {
   { '--load', nil, 'resume from this checkpoint directory' },
 }
 
--- Log lines, TensorBoard and the op profiler (pmp.train.Logger).
+--- Log lines, TensorBoard and the op profiler (pmp.train.Logger).
 M.logging = {
   { '--log-interval', 20, 'steps between log lines' },
   { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
@@ -94,7 +94,7 @@ M.logging = {
   { '--profile-step-end', 12, 'last profiled iteration' },
 }
 
--- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood.
+--- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood.
 function M.merge(sets)
   local specs, position = {}, {}
   for _, set in ipairs(sets) do
@@ -111,7 +111,7 @@ function M.merge(sets)
   return specs
 end
 
--- pmp.args.parse over the merged sets.
+--- pmp.args.parse over the merged sets.
 function M.parse(argv, sets, options)
   return args.parse(argv, M.merge(sets), options)
 end

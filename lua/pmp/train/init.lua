@@ -1,17 +1,17 @@
--- pmp.train: the pieces training recipes share, so that a recipe reads top to bottom like a plain
--- training loop (recipes/pretrain.lua, recipes/sft.lua):
---   flags        flag sets (model, training, optimizer, precision, parallel, data, checkpoint, logging)
---   parallel     the Megatron layout from the flags, the model split over it, data parallelism
---   model        the GPT of the model flags
---   data         pretraining data from the flags, and each rank's micro batches
---   base_model   the model a fine-tuning run starts from (Hugging Face, pretraining or own checkpoint)
---   chat_data    fine-tuning conversations (jsonl) into samples and micro batches
---   Epochs       a seeded order over items, reshuffled every pass
---   optimizer    AdamW (or the distributed optimizer) and the learning-rate schedule
---   step         zero_grad, forward_backward (incl. pipeline schedules), finish_grads, clip_grads, evaluate
---   throughput   model FLOPs per token and the measured GEMM peak, for MFU
---   Logger       Megatron's log lines, TensorBoard, the profiler, the end-of-run summary
---   Checkpoints  resume, save cadence and --exit-interval
+--- pmp.train: the pieces training recipes share, so that a recipe reads top to bottom like a plain
+--- training loop (recipes/pretrain.lua, recipes/sft.lua):
+---   flags        flag sets (model, training, optimizer, precision, parallel, data, checkpoint, logging)
+---   parallel     the Megatron layout from the flags, the model split over it, data parallelism
+---   model        the GPT of the model flags
+---   data         pretraining data from the flags, and each rank's micro batches
+---   base_model   the model a fine-tuning run starts from (Hugging Face, pretraining or own checkpoint)
+---   chat_data    fine-tuning conversations (jsonl) into samples and micro batches
+---   Epochs       a seeded order over items, reshuffled every pass
+---   optimizer    AdamW (or the distributed optimizer) and the learning-rate schedule
+---   step         zero_grad, forward_backward (incl. pipeline schedules), finish_grads, clip_grads, evaluate
+---   throughput   model FLOPs per token and the measured GEMM peak, for MFU
+---   Logger       Megatron's log lines, TensorBoard, the profiler, the end-of-run summary
+---   Checkpoints  resume, save cadence and --exit-interval
 return {
   flags = require 'pmp.train.flags',
   parallel = require 'pmp.train.parallel',

@@ -1,23 +1,23 @@
--- Megatron-LM's training log: a line every --log-interval iterations (and at the last), validation
--- lines between dashes, TensorBoard scalars under Megatron's tags, the op profiler over
--- --profile-step-start..end, and the end-of-run summary. Only the logging rank prints.
---   local logger = pmp.train.Logger(opts, { name = 'pretrain', enabled = layout.is_logger, train_iters = n })
---   each iteration: logger:begin_iteration(it); ...; logger:iteration(it, { lr =, loss =, grad_norm =, tokens = })
---   logger:validation(it, evaluate); logger:finish(iterations_run)
+--- Megatron-LM's training log: a line every --log-interval iterations (and at the last), validation
+--- lines between dashes, TensorBoard scalars under Megatron's tags, the op profiler over
+--- --profile-step-start..end, and the end-of-run summary. Only the logging rank prints.
+---   local logger = pmp.train.Logger(opts, { name = 'pretrain', enabled = layout.is_logger, train_iters = n })
+---   each iteration: logger:begin_iteration(it); ...; logger:iteration(it, { lr =, loss =, grad_norm =, tokens = })
+---   logger:validation(it, evaluate); logger:finish(iterations_run)
 local clock = require 'pmp.clock'
 
 local Logger = {}
 Logger.__index = Logger
 
--- hh:mm:ss
+--- hh:mm:ss
 function Logger.duration(seconds)
   seconds = math.max(0, math.floor(seconds + 0.5))
   return string.format('%02d:%02d:%02d', math.floor(seconds / 3600), math.floor(seconds / 60) % 60, seconds % 60)
 end
 
--- opts: the parsed flags (log_interval, global_batch_size, tensorboard_dir, profile*). options: name
--- (the recipe, prefixing its own lines), enabled (this rank prints; default true), train_iters,
--- flops_per_token and peak_flops (then lines show MFU and ETA), consumed (lines show consumed samples).
+--- opts: the parsed flags (log_interval, global_batch_size, tensorboard_dir, profile*). options: name
+--- (the recipe, prefixing its own lines), enabled (this rank prints; default true), train_iters,
+--- flops_per_token and peak_flops (then lines show MFU and ETA), consumed (lines show consumed samples).
 function Logger.new(opts, options)
   local self = setmetatable({ opts = opts, name = options.name, enabled = options.enabled ~= false,
     train_iters = options.train_iters, flops_per_token = options.flops_per_token, peak_flops = options.peak_flops,
@@ -30,7 +30,7 @@ function Logger:line(text)
   if self.enabled then print(text) end
 end
 
--- Starts the clocks on the first iteration, and the profiler on --profile-step-start.
+--- Starts the clocks on the first iteration, and the profiler on --profile-step-start.
 function Logger:begin_iteration(iteration)
   if not self.run_start then self.run_start, self.interval_start = clock.now(), clock.now() end
   if self.opts.profile and iteration == self.opts.profile_step_start then require('pmp.profile').start() end
@@ -40,8 +40,8 @@ local function scalar(self, tag, value, iteration)
   if self.tensorboard then self.tensorboard:add_scalar(tag, value, iteration) end
 end
 
--- step: lr, loss (nil on ranks without one: other pipeline stages), grad_norm, tokens (trained this
--- step), consumed (samples so far, when the logger shows them).
+--- step: lr, loss (nil on ranks without one: other pipeline stages), grad_norm, tokens (trained this
+--- step), consumed (samples so far, when the logger shows them).
 function Logger:iteration(iteration, step)
   self.loss_sum, self.steps, self.tokens = self.loss_sum + (step.loss or 0), self.steps + 1, self.tokens + step.tokens
   if step.loss then
@@ -74,8 +74,8 @@ function Logger:iteration(iteration, step)
   end
 end
 
--- Runs evaluate() (the validation loss; nil on ranks without one) and logs it; its time does not count
--- as training time.
+--- Runs evaluate() (the validation loss; nil on ranks without one) and logs it; its time does not count
+--- as training time.
 function Logger:validation(iteration, evaluate)
   local start = clock.now()
   local loss = evaluate() or 0
@@ -95,7 +95,7 @@ local function peak_resident_mib()
   return (tonumber(text:match('VmHWM:%s*(%d+)')) or 0) / 1024
 end
 
--- The end-of-run summary (iterations run, wall time, peak memory); closes the TensorBoard file.
+--- The end-of-run summary (iterations run, wall time, peak memory); closes the TensorBoard file.
 function Logger:finish(iterations)
   if self.tensorboard then self.tensorboard:close() end
   self:line(string.format('%s: %d iterations in %s | peak engine memory: %.1f MiB | peak resident memory: %.1f MiB',

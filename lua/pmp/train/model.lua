@@ -1,8 +1,8 @@
--- The Llama-style GPT of pmp.train.flags.model. Every rank builds the whole model from the current
--- generator state; pmp.train.parallel.split then keeps its part.
+--- The Llama-style GPT of pmp.train.flags.model. Every rank builds the whole model from the current
+--- generator state; pmp.train.parallel.split then keeps its part.
 local M = {}
 
--- The SwiGLU MLP width Megatron's Llama recipes use: 8/3 of the hidden size, rounded up to 64.
+--- The SwiGLU MLP width Megatron's Llama recipes use: 8/3 of the hidden size, rounded up to 64.
 function M.ffn_hidden_size(opts)
   if opts.ffn_hidden_size > 0 then return opts.ffn_hidden_size end
   return math.floor((opts.hidden_size * 8 / 3 + 63) / 64) * 64

@@ -1,17 +1,17 @@
--- The parallel layout from pmp.train.flags.parallel: one process unless started by mpirun, else
--- Megatron's tensor / pipeline / context / data parallelism, the data-parallel size being what the
--- others leave of the world.
+--- The parallel layout from pmp.train.flags.parallel: one process unless started by mpirun, else
+--- Megatron's tensor / pipeline / context / data parallelism, the data-parallel size being what the
+--- others leave of the world.
 local M = {}
 
 local function check(ok, message, ...)
   if not ok then error(string.format(message, ...), 0) end
 end
 
--- pmp.dist.init with the flags' sizes, after checking that the flags fit together. Returns pmp.dist's
--- layout (tp, pp, cp, dp, world, rank, *_rank) plus virtual (model chunks per pipeline rank),
--- accumulation (micro batches per step on each rank) and is_logger (the last rank: last pipeline
--- stage, last tensor-, context- and data-parallel rank, which logs, as in Megatron). Turns
--- --sequence-parallel off at tensor-parallel size 1, as Megatron does.
+--- pmp.dist.init with the flags' sizes, after checking that the flags fit together. Returns pmp.dist's
+--- layout (tp, pp, cp, dp, world, rank, *_rank) plus virtual (model chunks per pipeline rank),
+--- accumulation (micro batches per step on each rank) and is_logger (the last rank: last pipeline
+--- stage, last tensor-, context- and data-parallel rank, which logs, as in Megatron). Turns
+--- --sequence-parallel off at tensor-parallel size 1, as Megatron does.
 function M.init(opts)
   local tp, pp, cp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.context_parallel_size
   local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp,
@@ -46,10 +46,10 @@ function M.init(opts)
   return layout
 end
 
--- Every rank built the whole model from the same seed; this keeps its pipeline stage (a
--- pmp.dist.pipeline.Chunks of this rank's chunks under the interleaved schedule) and its tensor- and
--- context-parallel part, so the initial weights are the single-process model's whatever the layout.
--- Casts to bf16 with --bf16. Returns the model this rank trains.
+--- Every rank built the whole model from the same seed; this keeps its pipeline stage (a
+--- pmp.dist.pipeline.Chunks of this rank's chunks under the interleaved schedule) and its tensor- and
+--- context-parallel part, so the initial weights are the single-process model's whatever the layout.
+--- Casts to bf16 with --bf16. Returns the model this rank trains.
 function M.split(model, opts, layout)
   local pipeline, parallel = require 'pmp.dist.pipeline', require 'pmp.nn.parallel'
   model = pipeline.stage(model, {
@@ -65,10 +65,10 @@ function M.split(model, opts, layout)
   return model
 end
 
--- Data parallelism: gradient buckets averaged (or reduce-scattered for the distributed optimizer) over
--- the data- and context-parallel ranks ('dp_cp') while backward runs. Context-parallel ranks hold the
--- same parameters, each with the gradient of its part of the sequences, so they need the average too.
--- nil when there is nothing to reduce.
+--- Data parallelism: gradient buckets averaged (or reduce-scattered for the distributed optimizer) over
+--- the data- and context-parallel ranks ('dp_cp') while backward runs. Context-parallel ranks hold the
+--- same parameters, each with the gradient of its part of the sequences, so they need the average too.
+--- nil when there is nothing to reduce.
 function M.data_parallel(model, opts, layout)
   if layout.dp == 1 and layout.cp == 1 and not opts.use_distributed_optimizer then return nil end
   return require('pmp.dist.ddp').DistributedDataParallel(model, {
@@ -76,9 +76,9 @@ function M.data_parallel(model, opts, layout)
   })
 end
 
--- A last-stage loss averaged over the data- and context-parallel ranks (which all hold one: a
--- context-parallel rank its share of the mean over whole sequences, see pmp.nn.context_parallel);
--- nil stays nil (other pipeline stages).
+--- A last-stage loss averaged over the data- and context-parallel ranks (which all hold one: a
+--- context-parallel rank its share of the mean over whole sequences, see pmp.nn.context_parallel);
+--- nil stays nil (other pipeline stages).
 function M.mean_loss(loss, layout)
   if loss == nil or layout.dp * layout.cp == 1 then return loss end
   local t = require('pmp.tensor').tensor({ loss }, { dtype = 'f64' })
@@ -86,7 +86,7 @@ function M.mean_loss(loss, layout)
   return t:item()
 end
 
--- One line describing a parallel layout for the log; nil on one process.
+--- One line describing a parallel layout for the log; nil on one process.
 function M.describe(opts, layout)
   if layout.world == 1 then return nil end
   return string.format('%d processes: tensor-parallel %d%s, pipeline-parallel %d%s, context-parallel %d, ' ..

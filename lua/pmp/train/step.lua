@@ -1,11 +1,11 @@
--- The pieces of a training step that every layout shares, in the order a loop calls them:
---   step.zero_grad(optimizer, ddp)
---   local loss = step.forward_backward(model, micro_batches, { ddp = ddp })
---   step.finish_grads(model, ddp)
---   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
---   optimizer:step()
--- A micro batch is {ids = [mb, T] i64, targets = [mb, T] i64, options = GPTModel forward options or nil}
--- (pmp.dist.pipeline's convention). ddp is a pmp.dist.ddp.DistributedDataParallel or nil.
+--- The pieces of a training step that every layout shares, in the order a loop calls them:
+---   step.zero_grad(optimizer, ddp)
+---   local loss = step.forward_backward(model, micro_batches, { ddp = ddp })
+---   step.finish_grads(model, ddp)
+---   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
+---   optimizer:step()
+--- A micro batch is {ids = [mb, T] i64, targets = [mb, T] i64, options = GPTModel forward options or nil}
+--- (pmp.dist.pipeline's convention). ddp is a pmp.dist.ddp.DistributedDataParallel or nil.
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
 local grad_norm = require 'pmp.dist.grad_norm'
@@ -19,13 +19,13 @@ end
 
 local function is_pipeline_stage(model) return pipeline.chunks(model)[1].pipeline ~= nil end
 
--- Forward and backward over the micro batches (forwards only without recording the graph when
--- options.forward_only: validation); a pipeline stage runs pmp.dist.pipeline's schedule (1F1B, or the
--- interleaved one over virtual stages). With options.ddp only the last micro batch's backward reduces
--- gradients. The gradient is that of the mean of the micro batches' losses, or with
--- options.loss_divisor = N that of their summed token losses over N (a per-token mean over the whole
--- step, e.g. N = the trained tokens of the global batch; one process only). Returns the mean loss (the
--- summed, divided one with loss_divisor) on the last pipeline stage, nil on the others.
+--- Forward and backward over the micro batches (forwards only without recording the graph when
+--- options.forward_only: validation); a pipeline stage runs pmp.dist.pipeline's schedule (1F1B, or the
+--- interleaved one over virtual stages). With options.ddp only the last micro batch's backward reduces
+--- gradients. The gradient is that of the mean of the micro batches' losses, or with
+--- options.loss_divisor = N that of their summed token losses over N (a per-token mean over the whole
+--- step, e.g. N = the trained tokens of the global batch; one process only). Returns the mean loss (the
+--- summed, divided one with loss_divisor) on the last pipeline stage, nil on the others.
 function M.forward_backward(model, batches, options)
   options = options or {}
   local ddp, forward_only, divisor = options.ddp, options.forward_only, options.loss_divisor
@@ -61,26 +61,26 @@ function M.forward_backward(model, batches, options)
   return total / #batches
 end
 
--- Completes the gradients: the data-parallel buckets, then the sums over tensor-parallel ranks
--- (sequence-parallel norms) and over the pipeline's two copies of a tied embedding. Call it after the
--- step's last backward, on every rank.
+--- Completes the gradients: the data-parallel buckets, then the sums over tensor-parallel ranks
+--- (sequence-parallel norms) and over the pipeline's two copies of a tied embedding. Call it after the
+--- step's last backward, on every rank.
 function M.finish_grads(model, ddp)
   if ddp then ddp:finish_grad_sync() end
   for _, chunk in ipairs(pipeline.chunks(model)) do parallel.finish_grads(chunk) end
   pipeline.sync_embedding_grads(model)
 end
 
--- The global gradient norm, each gradient counted once whatever the layout (pmp.dist.grad_norm: the
--- distributed optimizer's shards, a model spread over ranks, or one process's parameters); with
--- max_norm > 0 the gradients are first scaled so that it is at most max_norm. Returns the norm before.
+--- The global gradient norm, each gradient counted once whatever the layout (pmp.dist.grad_norm: the
+--- distributed optimizer's shards, a model spread over ranks, or one process's parameters); with
+--- max_norm > 0 the gradients are first scaled so that it is at most max_norm. Returns the norm before.
 function M.clip_grads(model, optimizer, max_norm)
   local target = optimizer.grad_shards and optimizer or model
   if max_norm > 0 then return grad_norm.clip_grad_norm(target, max_norm) end
   return grad_norm.grad_norm(target)
 end
 
--- The validation loss over the micro batches, averaged over data- and context-parallel ranks
--- (pmp.train.parallel.mean_loss); nil on ranks that hold no loss. Leaves the model in training mode.
+--- The validation loss over the micro batches, averaged over data- and context-parallel ranks
+--- (pmp.train.parallel.mean_loss); nil on ranks that hold no loss. Leaves the model in training mode.
 function M.evaluate(model, batches, layout)
   model:eval()
   local loss = M.forward_backward(model, batches, { forward_only = true })
