@@ -6,8 +6,11 @@ dist.init{}
 local world = dist.group('world')
 local n, me = world.size, world.rank
 
+-- One write per whole line: with block buffering mpirun could interleave another rank's output inside
+-- a line, and the spec would miscount.
+io.stdout:setvbuf('line')
 local function report(name, ok, detail)
-  print(string.format('%s %s r%d%s', ok and 'OK' or 'FAIL', name, me, ok and '' or (' ' .. tostring(detail))))
+  io.stdout:write(string.format('%s %s r%d%s\n', ok and 'OK' or 'FAIL', name, me, ok and '' or (' ' .. tostring(detail))))
 end
 
 -- the input of rank k for a check: floats, or small integers for integer dtypes
