@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/mman.h>
@@ -21,6 +22,12 @@
 #endif
 
 int pmp_getpid(void) { return (int)getpid(); }
+
+int pmp_process_alive(int pid) {
+  if (pid <= 0) return 0;
+  /* signal 0 checks existence only; EPERM means it exists under another user */
+  return kill((pid_t)pid, 0) == 0 || errno != ESRCH;
+}
 
 /* ---- plain files ---- */
 

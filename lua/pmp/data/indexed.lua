@@ -388,6 +388,7 @@ function M.builder(prefix, options)
   end
   local dir = pio.dirname(prefix)
   if not pio.is_dir(dir) then pio.mkdir_p(dir) end
+  pio.remove_stale_temporaries(dir, pio.basename(prefix) .. '.')   -- a killed build's .bin/.idx temporaries
   local pid = C.pmp_getpid()
   local b = setmetatable({
     prefix = prefix, dtype_info = d, dtype = d.name, itemsize = d.size,
