@@ -6,7 +6,6 @@ require 'busted.runner'()
 -- dead processes are removed by the next save into their directory (checkpoint directories,
 -- safetensors files, indexed dataset builders), while those of live processes stay.
 local ffi = require 'ffi'
-local bit = require 'bit'
 local C = require('pmp.ffi').C
 local pio = require 'pmp.io'
 local json = require 'pmp.json'
@@ -14,31 +13,16 @@ local safetensors = require 'pmp.safetensors'
 local indexed = require 'pmp.data.indexed'
 local shell = require 'spec.support.shell'
 local fails_with = require('spec.support.expect').fails_with
-
--- CRC32C one bit at a time from its definition: reflected, polynomial 0x82F63B78, inverted in and out.
--- bytes: a list of byte values or a string.
-local function crc32c_bitwise(bytes)
-  local crc = 0xFFFFFFFF
-  local text = type(bytes) == 'string'
-  for i = 1, #bytes do
-    crc = bit.bxor(crc, text and bytes:byte(i) or bytes[i])
-    for _ = 1, 8 do
-      local low = bit.band(crc, 1)
-      crc = bit.rshift(crc, 1)
-      if low == 1 then crc = bit.bxor(crc, 0x82F63B78) end
-    end
-  end
-  return bit.tobit(bit.bnot(crc))
-end
+local crc32c_bitwise = require 'spec.support.crc32c'
 
 local function c_crc(bytes)
   local buf = ffi.new('uint8_t[?]', math.max(#bytes, 1), bytes)
-  return bit.tobit(C.pmp_crc32c(0, buf, #bytes))
+  return tonumber(C.pmp_crc32c(0, buf, #bytes))
 end
 
 describe('CRC32C', function()
   it("gives the standard's check value and agrees with a bitwise implementation at every length", function()
-    assert.are.equal(bit.tobit(0xE3069283), c_crc({ ('123456789'):byte(1, -1) }))
+    assert.are.equal(0xE3069283, c_crc({ ('123456789'):byte(1, -1) }))
     local bytes, state = {}, 12345
     for k = 1, 3001 do
       state = (state * 1103515245 + 12345) % 2147483648
@@ -51,11 +35,11 @@ describe('CRC32C', function()
     assert.are.equal(crc32c_bitwise(bytes), c_crc(bytes))
     -- continuing a crc over a second piece is the crc of the whole
     local buf = ffi.new('uint8_t[?]', #bytes, bytes)
-    assert.are.equal(c_crc(bytes), bit.tobit(C.pmp_crc32c(C.pmp_crc32c(0, buf, 1000), buf + 1000, #bytes - 1000)))
+    assert.are.equal(c_crc(bytes), tonumber(C.pmp_crc32c(C.pmp_crc32c(0, buf, 1000), buf + 1000, #bytes - 1000)))
     local dir = shell.temp_dir()
     finally(function() shell.remove_dir(dir) end)
     shell.write_file(dir .. '/f', string.char(unpack(bytes)))
-    assert.are.equal(string.format('crc32c:%08x', bit.band(crc32c_bitwise(bytes), 0xFFFFFFFF) % 4294967296),
+    assert.are.equal(string.format('crc32c:%08x', crc32c_bitwise(bytes)),
       pio.checksum(dir .. '/f'))
     fails_with(function() pio.checksum(dir .. '/missing') end, dir .. '/missing')
   end)
@@ -66,13 +50,6 @@ local config = { num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab
 local function model_and_optimizer()
   local model = pmp.nn.GPTModel(config)
   return model, pmp.optim.AdamW(model:parameters(), { lr = 0.1 })
-end
-
-local function read(path)
-  local f = assert(io.open(path, 'rb'))
-  local text = f:read('*a')
-  f:close()
-  return text
 end
 
 -- Overwrites n bytes of path at 0-based offset with zeros, in place.
@@ -98,10 +75,10 @@ describe('checkpoint checksums', function()
   after_each(function() shell.remove_dir(dir) end)
 
   it('records one per file, of the bytes on disk, and loads an intact checkpoint', function()
-    local sums = json.decode(read(iter .. '/layout.json')).checksums
+    local sums = json.decode(pio.read_file(iter .. '/layout.json')).checksums
     assert.are.same({ 'mp_rank_00/model_optim_rng.json', 'mp_rank_00/model_optim_rng.safetensors' },
       (function() local k = {} for name in pairs(sums) do k[#k + 1] = name end table.sort(k) return k end)())
-    assert.are.equal(string.format('crc32c:%08x', crc32c_bitwise(read(model_file)) % 4294967296),
+    assert.are.equal(string.format('crc32c:%08x', crc32c_bitwise(pio.read_file(model_file))),
       sums['mp_rank_00/model_optim_rng.safetensors'])
     local model, opt = model_and_optimizer()
     pmp.checkpoint.load(dir, model, opt)
@@ -118,7 +95,7 @@ describe('checkpoint checksums', function()
   end)
 
   it('a changed byte in a rank JSON fails too, naming it', function()
-    local text = read(info_file)
+    local text = pio.read_file(info_file)
     local at = text:find('"iteration":1')
     assert.is_truthy(at)
     local f = assert(io.open(info_file, 'r+b'))
