@@ -11,34 +11,40 @@ LDLIBS   += $(shell pkg-config --libs luajit libpcre2-8 libutf8proc ompi-c 2>/de
             -lreadline -lmvec -lm -ldl -fopenmp
 # Export every engine symbol so the FFI can find them through ffi.C.
 LDFLAGS  += -rdynamic
+# `make sanitize` builds the same sources with these into their own folder and executable.
+SANITIZE_FLAGS ?=
+CFLAGS   += $(SANITIZE_FLAGS)
+LDFLAGS  += $(SANITIZE_FLAGS)
+BUILD    ?= build
+EXE      ?= pmp
 
 # The engine is every .c under core/ by subsystem folder, except the executable's host.
 CORE_SRCS := $(sort $(shell find core -name '*.c' -not -path 'core/host/*'))
 HOST_SRCS := $(wildcard core/host/*.c)
 HEADERS   := $(shell find core -name '*.h')
-CORE_OBJS := $(CORE_SRCS:%.c=build/%.o)
-HOST_OBJS := $(HOST_SRCS:%.c=build/%.o)
+CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/%.o)
+HOST_OBJS := $(HOST_SRCS:%.c=$(BUILD)/%.o)
 
 DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadline-dev \
                    libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test test-reference mutate bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
-all: pmp
+.PHONY: all cuda deps test test-reference mutate sanitize bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
+all: $(EXE)
 
-pmp: $(HOST_OBJS) build/libpmpcore.a
-	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJS) -Wl,--whole-archive build/libpmpcore.a -Wl,--no-whole-archive $(LDLIBS)
+$(EXE): $(HOST_OBJS) $(BUILD)/libpmpcore.a
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJS) -Wl,--whole-archive $(BUILD)/libpmpcore.a -Wl,--no-whole-archive $(LDLIBS)
 
-build/libpmpcore.a: $(CORE_OBJS)
+$(BUILD)/libpmpcore.a: $(CORE_OBJS)
 	rm -f $@ && ar rcs $@ $^
 
 # The attention tiles are hand-blocked multiply-adds: let them fuse into FMA instructions (ISO C mode
 # otherwise keeps every multiply and add separately rounded).
-build/core/cpu/cpu_attention.o: CFLAGS += -ffp-contract=fast
+$(BUILD)/core/cpu/cpu_attention.o: CFLAGS += -ffp-contract=fast
 # sqrtf without errno is one vector instruction; the moments are never negative, so errno never mattered
-build/core/cpu/cpu_optim.o: CFLAGS += -fno-math-errno
+$(BUILD)/core/cpu/cpu_optim.o: CFLAGS += -fno-math-errno
 
-build/%.o: %.c $(HEADERS)
+$(BUILD)/%.o: %.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c -o $@ $<
 
@@ -73,6 +79,12 @@ test-reference: pmp
 mutate: pmp
 	./pmp tools/mutate.lua
 
+# AddressSanitizer (with LeakSanitizer) and UndefinedBehaviorSanitizer over the whole spec suite, on
+# pmp-sanitize built in build/sanitize; tools/sanitize.sh sets the options and suppressions.
+sanitize:
+	$(MAKE) BUILD=build/sanitize EXE=pmp-sanitize SANITIZE_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer" pmp-sanitize
+	tools/sanitize.sh $(SPECS)
+
 bench: pmp
 	./pmp tools/bench_core.lua
 
@@ -91,4 +103,4 @@ bench-dist: pmp
 	tools/bench_dist.sh
 
 clean:
-	rm -rf build pmp
+	rm -rf build pmp pmp-sanitize

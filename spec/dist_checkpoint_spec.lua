@@ -214,6 +214,14 @@ describe('pmp.checkpoint in parallel layouts', function()
     copy(A, swapped)
     local wrong = swapped .. '/iter_0000005/mp_rank_01_000/model_optim_rng.json'
     copy(swapped .. '/iter_0000005/mp_rank_00_000/model_optim_rng.json', wrong)
+    local layout_path = swapped .. '/iter_0000005/layout.json'
+    local description = json.decode(pio.read_file(layout_path))
+    local recorded = description.checksums['mp_rank_01_000/model_optim_rng.json']
+    assert.are.same({ 'checkpoint: ' .. wrong .. ' is corrupted: its checksum is ' .. pio.checksum(wrong) ..
+      ', but layout.json recorded ' .. recorded .. ' when it was saved' }, load_error(1, swapped, 1, 1))
+    -- as a saver that wrote the wrong file would have recorded it: the place it records is checked too
+    description.checksums['mp_rank_01_000/model_optim_rng.json'] = pio.checksum(wrong)
+    shell.write_file(layout_path, json.encode(description))
     assert.are.same({ 'checkpoint: ' .. wrong .. ' records tp_rank 0 pp_rank 0, but its directory holds tp_rank 1 ' ..
       'pp_rank 0 of tp=2 pp=2' }, load_error(1, swapped, 1, 1))
 

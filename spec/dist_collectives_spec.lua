@@ -2,6 +2,7 @@
 -- computes itself in f64, Megatron's group layout, and the failures that must end a job quickly.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
+local pio = require 'pmp.io'
 
 local worker = shell.root .. '/spec/dist/'
 
@@ -14,8 +15,12 @@ end
 describe('pmp.dist collectives', function()
   for _, np in ipairs({ 2, 3 }) do
     it('agree with reference reductions for every dtype and op on ' .. np .. ' processes', function()
-      local out, err, status = mpi.run(np, worker .. 'collectives_worker.lua')
+      local reports = shell.temp_dir()
+      finally(function() shell.remove_dir(reports) end)
+      local _, err, status = mpi.run(np, worker .. 'collectives_worker.lua', { reports })
       assert.are.equal(0, status, err)
+      local out = ''
+      for rank = 0, np - 1 do out = out .. pio.read_file(reports .. '/rank' .. rank) end
       local failures = {}
       for line in out:gmatch('FAIL[^\n]*') do failures[#failures + 1] = line end
       assert.are.same({}, failures)
@@ -65,22 +70,48 @@ describe('pmp.dist collectives', function()
     assert.truthy(out:find('GROUP 2 pp 0,2,4\n'))
   end)
 
-  local cases = {
-    { 'size', 'this rank issued all_reduce of 5 f32 elements %(sum%), rank 0 issued all_reduce of 4 f32 elements' },
-    { 'op', 'issued all_gather of 4 f32 elements, rank 0 issued all_reduce of 4 f32 elements' },
-    { 'dtype', 'this rank issued all_reduce of 4 bf16 elements %(sum%), rank 0 issued all_reduce of 4 f32' },
-    { 'silent', "all_reduce on group 'world' %(rank 0 of 3, world rank 0%): no progress within 3 s" },
+  -- What each rank issues in failure_worker.lua's modes, as the engine describes a collective.
+  local issued = {
+    size = function(rank) return string.format('all_reduce of %d f32 elements (sum)', 4 + rank) end,
+    op = function(rank) return rank == 0 and 'all_reduce of 4 f32 elements (sum)' or 'all_gather of 4 f32 elements' end,
+    dtype = function(rank) return string.format('all_reduce of 4 %s elements (sum)', rank == 0 and 'f32' or 'bf16') end,
   }
-  for _, case in ipairs(cases) do
-    it('end the job with a message naming rank, group and op: ' .. case[1], function()
+  -- Which rank notices first depends on timing: every report must name a neighbour on the ring that
+  -- issued something else, each side described as that rank issued it.
+  local function assert_mismatch_reports(mode, err)
+    local reports = 0
+    for rank, mine, peer, theirs in err:gmatch('%(rank (%d) of 3, world rank %d%): mismatched collectives: ' ..
+        'this rank issued ([^\n]-), rank (%d) issued ([^\n]-)\n') do
+      rank, peer = tonumber(rank), tonumber(peer)
+      reports = reports + 1
+      assert.are.equal(issued[mode](rank), mine, 'what rank ' .. rank .. ' issued, in:\n' .. err)
+      assert.are.equal(issued[mode](peer), theirs, 'what rank ' .. peer .. ' issued, in:\n' .. err)
+      assert.are.equal(1, math.min((rank - peer) % 3, (peer - rank) % 3), 'a ring neighbour of ' .. rank)
+      assert.are_not.equal(mine, theirs)
+    end
+    assert.is_true(reports > 0, 'no mismatch reported:\n' .. err)
+  end
+
+  for _, mode in ipairs({ 'size', 'op', 'dtype' }) do
+    it('end the job with a message naming rank, group and op: ' .. mode, function()
       local started = os.time()
-      local out, err, status = mpi.run(3, worker .. 'failure_worker.lua', { case[1], '3' })
+      local out, err, status = mpi.run(3, worker .. 'failure_worker.lua', { mode, '3' })
       assert.are_not.equal(0, status)
-      assert.truthy(err:find(case[2]), err)
+      assert_mismatch_reports(mode, err)
       assert.is_nil(out:find('FINISHED 0'))
       assert.is_true(os.time() - started < 25, 'took ' .. (os.time() - started) .. ' s')
     end)
   end
+
+  it('end the job with a message naming rank, group and op: silent', function()
+    local started = os.time()
+    local out, err, status = mpi.run(3, worker .. 'failure_worker.lua', { 'silent', '3' })
+    assert.are_not.equal(0, status)
+    -- ranks 0 and 1 both wait on rank 2, which never joins; either may give up first
+    assert.truthy(err:find("all_reduce on group 'world' %(rank ([01]) of 3, world rank %1%): no progress within 3 s"), err)
+    assert.is_nil(out:find('FINISHED 0'))
+    assert.is_true(os.time() - started < 25, 'took ' .. (os.time() - started) .. ' s')
+  end)
 
   it('end the job when a peer dies', function()
     local started = os.time()

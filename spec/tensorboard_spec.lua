@@ -1,27 +1,14 @@
 require 'busted.runner'()
--- pmp.tensorboard against an independent reader written here: its own bit-by-bit CRC-32C (no
--- table), its own TFRecord unframing and its own protobuf decoder. Nothing below calls the writer's
+-- pmp.tensorboard against an independent reader written here: a bit-by-bit CRC-32C (no table;
+-- spec/support/crc32c.lua), its own TFRecord unframing and its own protobuf decoder. Nothing below calls the writer's
 -- helpers except the check value test of the writer's crc32c.
 local ffi = require 'ffi'
-local bit = require 'bit'
 local shell = require 'spec.support.shell'
 
 ---------------------------------------------------------------------------------------------------
 -- Independent reader
 
--- CRC-32C one bit at a time, straight from the definition.
-local function crc32c(s)
-  local crc = 0xFFFFFFFF
-  for i = 1, #s do
-    crc = bit.bxor(crc, s:byte(i))
-    for _ = 1, 8 do
-      local lsb = bit.band(crc, 1)
-      crc = bit.rshift(crc, 1)
-      if lsb == 1 then crc = bit.bxor(crc, 0x82F63B78) end
-    end
-  end
-  return bit.bxor(crc, 0xFFFFFFFF) % 2^32
-end
+local crc32c = require 'spec.support.crc32c'
 
 local function masked(crc)
   local rotated = (math.floor(crc / 2^15) + (crc % 2^15) * 2^17) % 2^32

@@ -38,6 +38,8 @@ struct pmp_comm {
   int world_rank;      /* this process's rank in the world, for messages */
   int *world_ranks;    /* world rank of each member */
   char name[64];
+  int has_mpi_comms;            /* coll and p2p are MPI's (a one-process communicator has none) */
+  struct pmp_comm *next_made;   /* every communicator made, for finalize to free */
 };
 
 struct pmp_dist_request {
@@ -59,6 +61,7 @@ static struct {
   int initialized, uses_mpi;
   double timeout;
   pmp_comm *world;
+  pmp_comm *made;                  /* the world and every split, newest first */
   pthread_t thread;
   pthread_mutex_t lock;
   pthread_cond_t work, finished;
@@ -410,9 +413,21 @@ static int run_barrier(pmp_dist_request *r) {
   return 0;
 }
 
+/* Communicators live until pmp_dist_finalize (Lua holds bare pointers to them); each is listed here so
+ * finalize can free it. Called by the thread that makes it: the main one for the world, the worker
+ * for splits, which the main thread waits on; finalize runs after the worker has stopped. */
+static void remember(pmp_comm *c) {
+  pthread_mutex_lock(&D.lock);
+  c->next_made = D.made;
+  D.made = c;
+  pthread_mutex_unlock(&D.lock);
+}
+
 static pmp_comm *comm_from_mpi(MPI_Comm mpi_comm, const char *name) {
   pmp_comm *c = calloc(1, sizeof *c);
   if (!c) return NULL;
+  remember(c);
+  c->has_mpi_comms = 1;
   MPI_Comm_dup(mpi_comm, &c->coll);
   MPI_Comm_dup(mpi_comm, &c->p2p);
   MPI_Comm_rank(mpi_comm, &c->rank);
@@ -525,6 +540,8 @@ int pmp_dist_init(double timeout_seconds) {
       return pmp_fail_code("pmp.dist.init: cannot start the communication thread");
   } else {
     D.world = calloc(1, sizeof *D.world);
+    if (!D.world) return pmp_fail_code("pmp.dist.init: out of memory");
+    remember(D.world);
     D.world->size = 1;
     D.world->world_ranks = calloc(1, sizeof(int));
     snprintf(D.world->name, sizeof D.world->name, "world");
@@ -538,13 +555,26 @@ int pmp_dist_uses_mpi(void) { return D.uses_mpi; }
 double pmp_dist_timeout(void) { return D.timeout; }
 
 void pmp_dist_finalize(void) {
-  if (!D.initialized || !D.uses_mpi) return;
-  pthread_mutex_lock(&D.lock);
-  D.stop = 1;
-  pthread_cond_broadcast(&D.work);
-  pthread_mutex_unlock(&D.lock);
-  pthread_join(D.thread, NULL);
-  MPI_Finalize();
+  if (!D.initialized) return;
+  if (D.uses_mpi) {
+    pthread_mutex_lock(&D.lock);
+    D.stop = 1;
+    pthread_cond_broadcast(&D.work);
+    pthread_mutex_unlock(&D.lock);
+    pthread_join(D.thread, NULL);
+  }
+  while (D.made) {
+    pmp_comm *c = D.made;
+    D.made = c->next_made;
+    if (c->has_mpi_comms) {
+      MPI_Comm_free(&c->coll);
+      MPI_Comm_free(&c->p2p);
+    }
+    free(c->world_ranks);
+    free(c);
+  }
+  D.world = NULL;
+  if (D.uses_mpi) MPI_Finalize();
   D.initialized = 0;
 }
 
@@ -711,6 +741,8 @@ pmp_comm *pmp_comm_split(pmp_comm *parent, int color, int key, const char *name)
   if (!D.uses_mpi || parent->size == 1) {
     if (color < 0) return NULL;
     pmp_comm *c = calloc(1, sizeof *c);
+    if (!c) return pmp_fail("pmp.dist.split: out of memory");
+    remember(c);
     c->size = 1;
     c->world_rank = parent->world_rank;
     c->world_ranks = malloc(sizeof(int));

@@ -24,6 +24,12 @@
 
 int pmp_getpid(void) { return (int)getpid(); }
 
+int pmp_process_alive(int pid) {
+  if (pid <= 0) return 0;
+  /* signal 0 checks existence only; EPERM means it exists under another user */
+  return kill((pid_t)pid, 0) == 0 || errno != ESRCH;
+}
+
 /* ---- plain files ---- */
 
 int pmp_file_open_write(const char *path) {

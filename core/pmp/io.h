@@ -1,4 +1,4 @@
-/* The C ABI, files: durable writes, directory trees, file mappings (core/io/).
+/* The C ABI, files: durable writes, directory trees, file mappings, checksums (core/io/).
  * Included through pmp.h, whose conventions hold here; lua/pmp/ffi.lua declares the region between the
  * CDEF markers to LuaJIT, so it holds plain C declarations only. */
 #ifndef PMP_IO_H
@@ -12,6 +12,7 @@
 /* ---- files (core/io/file_io.c): durable writes, directory trees, file mappings ----
  * Failures return -1 (or NULL) with pmp_last_error() naming the path and the system's reason. */
 int pmp_getpid(void);
+int pmp_process_alive(int pid);                 /* 1 while process pid exists (kill(pid, 0) is not ESRCH) */
 int pmp_file_open_write(const char *path);      /* create or truncate; returns a descriptor */
 int pmp_file_write(int fd, const void *data, int64_t nbytes, const char *path);
 /* t's elements in row-major order, in t's dtype (t must be on the cpu) */
@@ -48,6 +49,10 @@ pmp_tensor *pmp_mapping_tensor(pmp_mapping *m, int64_t offset, int dtype, const 
  * process's resident memory and are read from the file again if touched. A tensor that is not such a
  * view is left alone. Returns 0, or -1 if the system refused. */
 int pmp_mapping_drop_pages(pmp_tensor *t);
+
+/* ---- checksums (core/io/checksum.c): CRC32C (Castagnoli), as iSCSI and ext4 use it ---- */
+uint32_t pmp_crc32c(uint32_t crc, const void *data, int64_t nbytes);  /* continues crc (0 to start) */
+int pmp_file_crc32c(const char *path, uint32_t *out);                 /* of the whole file's bytes */
 
 /* PMP_CDEF_END */
 

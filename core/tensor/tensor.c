@@ -128,7 +128,7 @@ pmp_tensor *pmp_empty_shape(const int64_t *shape, int ndim, int dtype, pmp_devic
   t->dtype_id = dtype;
   t->dev = device;
   t->refcount = 1;
-  memcpy(t->sizes, shape, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) memcpy(t->sizes, shape, sizeof(int64_t) * (size_t)ndim);   /* a 0-d shape may be NULL */
   pmp_contiguous_strides(shape, ndim, t->strides);
   return t;
 }
@@ -177,8 +177,10 @@ pmp_tensor *pmp_tensor_new_view(pmp_tensor *base, const int64_t *shape, const in
   t->dtype_id = base->dtype_id;
   t->dev = base->dev;
   t->refcount = 1;
-  memcpy(t->sizes, shape, sizeof(int64_t) * (size_t)ndim);
-  memcpy(t->strides, stride, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) {   /* a 0-d view's shape and strides may be NULL */
+    memcpy(t->sizes, shape, sizeof(int64_t) * (size_t)ndim);
+    memcpy(t->strides, stride, sizeof(int64_t) * (size_t)ndim);
+  }
   return t;
 }
 
@@ -210,7 +212,7 @@ pmp_tensor *pmp_from_external(void *data, int64_t nbytes, int dtype, const int64
   t->dtype_id = dtype;
   t->dev = device;
   t->refcount = 1;
-  memcpy(t->sizes, shape, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) memcpy(t->sizes, shape, sizeof(int64_t) * (size_t)ndim);
   pmp_contiguous_strides(shape, ndim, t->strides);
   return t;
 }

@@ -98,6 +98,34 @@ function M.mkdir_p(path)
   return path
 end
 
+-- The CRC32C of a file's bytes as 'crc32c:xxxxxxxx' (the form checkpoints record).
+function M.checksum(path)
+  local out = ffi.new('uint32_t[1]')
+  if C.pmp_file_crc32c(path, out) ~= 0 then fail('pmp.io.checksum', 2) end
+  return string.format('crc32c:%08x', out[0])
+end
+
+-- Removes the temporaries of killed runs from dir: entries named `<stem>...tmp.<pid>` (write_atomic,
+-- replace_dir_atomic and the indexed builder name theirs so) whose process no longer exists. Those of a
+-- live process, this one's included, are work in progress and stay. A process on another machine that
+-- shares the directory cannot be checked, so callers clean only directories that one process of the
+-- run writes. stem: only names that start with it (default: all). Returns the removed paths.
+function M.remove_stale_temporaries(dir, stem)
+  stem = stem or ''
+  local removed = {}
+  if not M.is_dir(dir) then return removed end
+  local me = C.pmp_getpid()
+  for _, name in ipairs(M.listdir(dir)) do
+    local pid = name:sub(1, #stem) == stem and tonumber(name:match('%.tmp%.(%d+)$'))
+    if pid and pid ~= me and C.pmp_process_alive(pid) == 0 then
+      local path = M.join(dir, name)
+      if C.pmp_file_remove_tree(path) ~= 0 then fail('pmp.io.remove_stale_temporaries', 2) end
+      removed[#removed + 1] = path
+    end
+  end
+  return removed
+end
+
 -- Removes a file or a directory tree (links are removed, not followed); missing paths are fine.
 function M.remove_tree(path)
   if C.pmp_file_remove_tree(path) ~= 0 then fail('pmp.io.remove_tree', 2) end

@@ -474,6 +474,7 @@ function M.save(path, tensors, metadata)
   if type(path) ~= 'string' or path == '' then error('safetensors.save: expects a path', 2) end
   local names = layout_order(tensors, check_tensors(tensors, 'save'))
   local header = build_header(tensors, names, metadata_header(metadata, 'save'))
+  pio.remove_stale_temporaries(pio.dirname(path), pio.basename(path) .. '.tmp.')   -- a killed save's
   local ok, result = pcall(pio.write_atomic, path, function(w)
     w:write(header)
     for _, name in ipairs(names) do write_entry(w, name, tensors[name]) end

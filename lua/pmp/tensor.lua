@@ -35,7 +35,11 @@ end
 ffi.cdef('typedef struct pmp_tensor_handle { pmp_tensor *ptr; } pmp_tensor_handle;')
 local Handle  -- the metatype, set at the end of this file
 
-local function wrap(ptr)
+-- A handle's raw pointer is no reference for the collector: once the last use of a handle precedes
+-- the C call that takes its pointer, LuaJIT may collect it (and the finalizer release the tensor)
+-- while the pointer is still to be used. Callers that made a handle just for a call (a reshape, a
+-- number turned tensor) pass it after the result to wrap/check, a use after the call that keeps it.
+local function wrap(ptr, ...)
   if ptr == nil then raise(4) end
   local t = Handle(ptr)
   if tonumber(cpu_stats.allocated) > collect_after then
@@ -47,7 +51,7 @@ local function wrap(ptr)
 end
 M.wrap = wrap
 
-local function check(rc)
+local function check(rc, ...)   -- ...: handles kept alive through the call, as in wrap
   if rc ~= 0 then raise(4) end
 end
 
@@ -388,8 +392,14 @@ function Tensor.to(t, target)
     dtype = target
   end
   local out = t
-  if device then out = wrap(C.pmp_to_device(out.ptr, parse_device(device, 'to'))) end
-  if dtype then out = wrap(C.pmp_to_dtype(out.ptr, dtype_id(dtype, 'to'))) end
+  if device then
+    local dev = parse_device(device, 'to')
+    out = wrap(C.pmp_to_device(out.ptr, dev), out)
+  end
+  if dtype then
+    local id = dtype_id(dtype, 'to')
+    out = wrap(C.pmp_to_dtype(out.ptr, id), out)
+  end
   return out
 end
 --- The tensor in f32 (t:double(), t:bf16(), t:half(), t:long(), t:int(), t:bool() likewise).
@@ -482,7 +492,8 @@ local function binary(op, name)
     local ta = is_tensor(a)
     if not ta and not is_tensor(b) then error(name .. ': expected a tensor operand', 2) end
     local like = ta and a or b
-    return wrap(C.pmp_binary(op, as_tensor(a, like, name).ptr, as_tensor(b, like, name).ptr))
+    local x, y = as_tensor(a, like, name), as_tensor(b, like, name)
+    return wrap(C.pmp_binary(op, x.ptr, y.ptr), x, y)
   end
 end
 
@@ -547,7 +558,8 @@ end
 function M.where(cond, a, b)
   local like = is_tensor(a) and a or is_tensor(b) and b or cond
   if not is_tensor(cond) then error('where: the condition must be a tensor', 2) end
-  return wrap(C.pmp_where(cond.ptr, as_tensor(a, like, 'where').ptr, as_tensor(b, like, 'where').ptr))
+  local x, y = as_tensor(a, like, 'where'), as_tensor(b, like, 'where')
+  return wrap(C.pmp_where(cond.ptr, x.ptr, y.ptr), cond, x, y)
 end
 function Tensor.where(cond, a, b) return M.where(cond, a, b) end
 
@@ -594,7 +606,8 @@ local function extreme(c_fn, op)
     if type(dim) == 'table' then dim, keepdim = dim.dim, dim.keepdim end
     if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
     if dim == nil then
-      return wrap(c_fn(t:reshape(-1).ptr, 0, 0, nil))
+      local flat = t:reshape(-1)
+      return wrap(c_fn(flat.ptr, 0, 0, nil), flat)
     end
     local indices = ffi.new('pmp_tensor *[1]')
     local values = c_fn(t.ptr, cdim(dim, t.ptr.ndim, op), keepdim and 1 or 0, indices)
@@ -610,7 +623,10 @@ local function arg_extreme(c_fn, op)
   return function(t, dim, keepdim)
     if type(dim) == 'table' then dim, keepdim = dim.dim, dim.keepdim end
     if type(keepdim) == 'table' then keepdim = keepdim.keepdim end
-    if dim == nil then return wrap(c_fn(t:reshape(-1).ptr, 0, 0)) end
+    if dim == nil then
+      local flat = t:reshape(-1)
+      return wrap(c_fn(flat.ptr, 0, 0), flat)
+    end
     return wrap(c_fn(t.ptr, cdim(dim, t.ptr.ndim, op), keepdim and 1 or 0))
   end
 end
@@ -832,7 +848,8 @@ function Tensor.triu(t, k) return wrap(C.pmp_triu(t.ptr, k or 0)) end
 
 --- t:copy_(src): copies src (a tensor, broadcast and converted, or a number) into t in place; returns t.
 function Tensor.copy_(t, src)
-  check(C.pmp_copy_(t.ptr, as_tensor(src, t, 'copy_').ptr))
+  src = as_tensor(src, t, 'copy_')
+  check(C.pmp_copy_(t.ptr, src.ptr), src)
   return t
 end
 
@@ -859,7 +876,8 @@ end
 function Tensor.backward(t, grad, options)
   if is_options(grad) then grad, options = nil, grad end
   if grad ~= nil and not is_tensor(grad) then grad = as_tensor(grad, t, 'backward') end
-  check(C.pmp_backward(t.ptr, grad and grad.ptr, (options and options.retain_graph) and 1 or 0))
+  -- backward may run Lua (custom functions) and with it the collector: t and grad must outlive it
+  check(C.pmp_backward(t.ptr, grad and grad.ptr, (options and options.retain_graph) and 1 or 0), t, grad)
 end
 
 --- Drops t.grad.

@@ -25,25 +25,9 @@ local C = ffi.C
 local M = {}
 
 ---------------------------------------------------------------------------------------------------
--- CRC-32C (Castagnoli), reflected polynomial 0x82F63B78, one table lookup per byte.
--- LuaJIT's bit ops work on signed 32-bit values; `% 2^32` turns the result into a plain unsigned number.
-
-local CRC_TABLE = {}
-for i = 0, 255 do
-  local c = i
-  for _ = 1, 8 do
-    if bit.band(c, 1) ~= 0 then c = bit.bxor(bit.rshift(c, 1), 0x82F63B78) else c = bit.rshift(c, 1) end
-  end
-  CRC_TABLE[i] = c
-end
-
-function M.crc32c(data)
-  local crc = bit.bnot(0)
-  for i = 1, #data do
-    crc = bit.bxor(bit.rshift(crc, 8), CRC_TABLE[bit.band(bit.bxor(crc, data:byte(i)), 0xff)])
-  end
-  return bit.bnot(crc) % 2^32
-end
+-- CRC-32C (Castagnoli), the engine's (core/io/checksum.c), as an unsigned number.
+local engine = require('pmp.ffi').C
+function M.crc32c(data) return tonumber(engine.pmp_crc32c(0, data, #data)) end
 
 -- TFRecord stores a "masked" CRC: a CRC of data that itself contains CRCs is otherwise weak.
 function M.masked_crc32c(data)

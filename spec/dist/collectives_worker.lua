@@ -1,13 +1,16 @@
 -- Run by spec/dist_collectives_spec.lua on several MPI processes. Every rank draws every rank's input
 -- from the same seed, so each can compute the expected result of a collective by itself (in f64) and
--- compare it with what the collective returned. Prints 'OK name' or 'FAIL name detail' per check.
+-- compare it with what the collective returned. Prints 'OK name rN' or 'FAIL name rN detail' per check,
+-- into <arg[1]>/rank<N> when a directory is given: mpirun's forwarding of several ranks' output can
+-- split or lose lines when the machine is loaded, and the spec counts them.
 local dist = pmp.dist
 dist.init{}
 local world = dist.group('world')
 local n, me = world.size, world.rank
 
+local out = arg[1] and assert(io.open(arg[1] .. '/rank' .. me, 'w')) or io.stdout
 local function report(name, ok, detail)
-  print(string.format('%s %s r%d%s', ok and 'OK' or 'FAIL', name, me, ok and '' or (' ' .. tostring(detail))))
+  out:write(string.format('%s %s r%d%s\n', ok and 'OK' or 'FAIL', name, me, ok and '' or (' ' .. tostring(detail))))
 end
 
 -- the input of rank k for a check: floats, or small integers for integer dtypes
@@ -120,3 +123,4 @@ report('async/in_flight', ok, 'wrong sums')
 world:barrier()
 local stats = dist.stats()
 if n > 1 then report('stats/bytes', stats.bytes_sent > 0 and stats.collectives > 0, 'no traffic counted') end
+if out ~= io.stdout then out:close() end

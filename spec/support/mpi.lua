@@ -9,15 +9,21 @@ mpi.available = os.execute('command -v mpirun >/dev/null 2>&1') == 0
 -- Runs `pmp script args...` on np processes; returns stdout, stderr, exit status. env: a table of
 -- environment variables for every rank.
 function mpi.run(np, script, args, env)
+  -- Each run keeps Open MPI's session files (and PMIx's, under TMPDIR) in a directory of its own:
+  -- concurrent jobs sharing /tmp/ompi.* collided.
+  local session = shell.temp_dir()
   -- no core binding (several ranks share each core here) and no ptrace-based copies (containers forbid them)
-  local parts = { 'mpirun --oversubscribe --bind-to none --mca btl_vader_single_copy_mechanism none -np', tostring(np) }
+  local parts = { 'TMPDIR=' .. shell.quote(session), 'mpirun --oversubscribe --bind-to none',
+    '--mca btl_vader_single_copy_mechanism none --mca orte_tmpdir_base', shell.quote(session), '-np', tostring(np) }
   local uid = io.popen('id -u'):read('*l')
   if uid == '0' then parts[#parts + 1] = '--allow-run-as-root' end
   for k, v in pairs(env or {}) do parts[#parts + 1] = '-x ' .. k .. '=' .. shell.quote(v) end
   parts[#parts + 1] = shell.quote(shell.pmp)
   parts[#parts + 1] = shell.quote(script)
   for _, a in ipairs(args or {}) do parts[#parts + 1] = shell.quote(a) end
-  return shell.run(table.concat(parts, ' '))
+  local out, err, status = shell.run(table.concat(parts, ' '))
+  shell.remove_dir(session)
+  return out, err, status
 end
 
 -- Lines 'KEY value...' printed by the ranks, collected as result[KEY] = {value strings in order}.

@@ -2,7 +2,8 @@
 local shell = {}
 
 shell.root = assert(package.loaded['pmp.root'], 'specs run under pmp, which sets pmp.root')
-shell.pmp = shell.root .. '/pmp'
+-- `make sanitize` points child processes at its own executable
+shell.pmp = os.getenv('PMP_SPEC_EXECUTABLE') or shell.root .. '/pmp'
 
 function shell.quote(text)
   return "'" .. tostring(text):gsub("'", [['\'']]) .. "'"

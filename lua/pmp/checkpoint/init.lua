@@ -266,11 +266,16 @@ local function rank_files(layout, model, rngs, opt, state, iteration)
   return files, listing
 end
 
+-- Writes the files under root; returns their checksums by path relative to root (as the layout
+-- description records them; read back from the file, so they are of the bytes that reached it).
 local function write_files(root, files)
+  local checksums = {}
   for _, f in ipairs(files) do
     local path = io_.join(root, f.dir, f.name)
     if f.text then io_.write_atomic(path, f.text) else safetensors.save(path, f.tensors, { format = 'pt' }) end
+    checksums[f.dir .. '/' .. f.name] = io_.checksum(path)
   end
+  return checksums
 end
 
 -- Saves this rank's part of model (and optimizer) plus the JSON-able `state` for `iteration`. Every
@@ -293,12 +298,16 @@ function M.save(dir, iteration, model, optimizer, state)
 
   local root = M.iteration_root(dir, iteration)
   local mine = not made and tostring(files) or nil   -- this rank's own failure
+  -- Returns the agreement code and, when all succeeded, every rank's checksums (JSON texts).
   local function write_mine(tmp)
+    local checksums = {}
     if made then
-      local ok, err = pcall(write_files, tmp, files)
-      if not ok then mine = tostring(err) end
+      local ok, result = pcall(write_files, tmp, files)
+      if ok then checksums = result else mine = tostring(result) end
     end
-    return agree(world, mine == nil)
+    local code = agree(world, mine == nil)
+    if code ~= 0 then return code end
+    return code, gather_text(world, json.encode(checksums))
   end
   -- Rank 0 makes the temporary directory and tells everybody its path (nil: it could not), all write,
   -- agree, rank 0 describes the layout, renames and updates the tracker, then tells everybody the
@@ -308,6 +317,8 @@ function M.save(dir, iteration, model, optimizer, state)
     local announced, code = false, 0
     local ok, err = pcall(function()
       io_.mkdir_p(dir)
+      -- iter_*.tmp.PID directories and tracker temporaries of killed runs (only rank 0 writes here)
+      io_.remove_stale_temporaries(dir)
       io_.replace_dir_atomic(root, function(tmp)
         for tp_rank = 0, layout.tp - 1 do
           for pp_rank = 0, layout.pp - 1 do
@@ -316,15 +327,20 @@ function M.save(dir, iteration, model, optimizer, state)
         end
         broadcast_text(world, tmp)
         announced = true
-        code = write_mine(tmp)
+        local checksum_texts
+        code, checksum_texts = write_mine(tmp)
         if code ~= 0 then error('a rank could not write', 0) end   -- removes the temporary directory
         local parts = {}
         for _, text in ipairs(listings) do
           if text ~= '' then parts[#parts + 1] = json.decode(text) end
         end
         local kind = opt and (opt.distributed and 'distributed' or 'replicated') or nil
-        io_.write_atomic(io_.join(tmp, layout_file.FILE),
-          json.encode(layout_file.describe(iteration, layout, stages, parts, model.config, kind)))
+        local description = layout_file.describe(iteration, layout, stages, parts, model.config, kind)
+        description.checksums = {}
+        for _, text in ipairs(checksum_texts) do
+          for file, sum in pairs(json.decode(text)) do description.checksums[file] = sum end
+        end
+        io_.write_atomic(io_.join(tmp, layout_file.FILE), json.encode(description))
       end)
       io_.write_atomic(io_.join(dir, M.TRACKER), tostring(iteration) .. '\n')
     end)
@@ -361,7 +377,9 @@ function M.info(dir, iteration)
   local root = M.iteration_root(dir, iteration)
   if not io_.is_dir(root) then error(string.format('checkpoint: %s is missing (%s names it)', root, M.TRACKER), 0) end
   local description = layout_file.read(root)
-  local info = layout_file.read_json(io_.join(root, layout_file.rank_dir_name(0, 0, description.pp), INFO_FILE))
+  local first_rank = layout_file.rank_dir_name(0, 0, description.pp)
+  layout_file.verify(description, root, first_rank .. '/' .. INFO_FILE)
+  local info = layout_file.read_json(io_.join(root, first_rank, INFO_FILE))
   info.layout = description
   return info, root
 end

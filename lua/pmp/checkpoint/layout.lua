@@ -156,6 +156,9 @@ function M.read(root)
   for _, key in ipairs({ 'ranks', 'params', 'stages' }) do
     if type(d[key]) ~= 'table' then error(string.format('checkpoint: %s lacks %s', path, key), 0) end
   end
+  if d.checksums ~= nil and type(d.checksums) ~= 'table' then
+    error(string.format('checkpoint: %s: checksums must be an object of file -> checksum', path), 0)
+  end
   if #d.stages ~= d.pp then
     error(string.format('checkpoint: %s lists %d stages for pp=%d', path, #d.stages, d.pp), 0)
   end
@@ -186,6 +189,23 @@ function M.read(root)
     error(string.format('checkpoint: %s lists %d rank directories for %s', path, count, sizes), 0)
   end
   return d
+end
+
+-- Checks file `relative` (a path under the iteration directory root) against the checksum the save
+-- recorded in the description, reading it whole: a block zeroed or changed on disk is found here,
+-- before any of its tensors is used. Checkpoints saved before checksums were recorded have none.
+function M.verify(d, root, relative)
+  if d.checksums == nil then return end
+  local path = io_.join(root, relative)
+  local want = d.checksums[relative]
+  if type(want) ~= 'string' then
+    error(string.format('checkpoint: %s records no checksum for %s', io_.join(root, M.FILE), path), 0)
+  end
+  local got = io_.checksum(path)
+  if got ~= want then
+    error(string.format('checkpoint: %s is corrupted: its checksum is %s, but %s recorded %s when it was saved',
+      path, got, M.FILE, want), 0)
+  end
 end
 
 -- Checks a rank directory's model file (its safetensors header) against what the description lists.

@@ -28,11 +28,13 @@ function Source:shard(s, r)
   local name = layout_file.rank_dir_name(r, s - 1, L.pp)
   local dir = io_.join(self.root, name)
   local info_path, model_path = io_.join(dir, layout_file.INFO_FILE), io_.join(dir, layout_file.MODEL_FILE)
+  layout_file.verify(L, self.root, name .. '/' .. layout_file.INFO_FILE)
   local info = layout_file.read_json(info_path)
   if not L.legacy and (info.tp_rank ~= r or info.pp_rank ~= s - 1) then
     error(string.format('checkpoint: %s records tp_rank %s pp_rank %s, but its directory holds tp_rank %d pp_rank %d of %s',
       info_path, tostring(info.tp_rank), tostring(info.pp_rank), r, s - 1, sizes(L)), 0)
   end
+  layout_file.verify(L, self.root, name .. '/' .. layout_file.MODEL_FILE)
   local tensors = safetensors.load(model_path)
   layout_file.check_tensors(L, name, model_path, tensors)
   local shard = { dir = dir, model_path = model_path, info = info, tensors = tensors }
@@ -89,7 +91,9 @@ function Source:pieces(shard)
   local count = self.layout.optimizer_shards
   shard.pieces = {}
   for i = 0, count - 1 do
-    local path = io_.join(shard.dir, layout_file.optimizer_file_name(i))
+    local file = layout_file.optimizer_file_name(i)
+    layout_file.verify(self.layout, self.root, io_.basename(shard.dir) .. '/' .. file)
+    local path = io_.join(shard.dir, file)
     shard.pieces[i + 1] = { path = path, tensors = safetensors.load(path) }
   end
   return shard.pieces

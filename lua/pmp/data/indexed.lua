@@ -388,6 +388,7 @@ function M.builder(prefix, options)
   end
   local dir = pio.dirname(prefix)
   if not pio.is_dir(dir) then pio.mkdir_p(dir) end
+  pio.remove_stale_temporaries(dir, pio.basename(prefix) .. '.')   -- a killed build's .bin/.idx temporaries
   local pid = C.pmp_getpid()
   local b = setmetatable({
     prefix = prefix, dtype_info = d, dtype = d.name, itemsize = d.size,
@@ -426,7 +427,6 @@ local function write_tokens(b, tokens, count, level)
     tokens = tokens:to('cpu'):contiguous()
     if tokens.dtype ~= 'i64' then tokens = tokens:to('i64') end
     n = tokens:numel()
-    get = ffi.cast('const int64_t *', tokens.ptr.data)
   elseif type(tokens) == 'cdata' then
     if type(count) ~= 'number' then builder_fail(b, 'a token pointer needs a count', level + 1) end
     n, get = count, tokens
@@ -440,6 +440,9 @@ local function write_tokens(b, tokens, count, level)
     b.staging, b.staging_cap = d.array_t(cap), cap
   end
   local buf, lo, hi = b.staging, d.min, d.max
+  -- the tensor's data is taken only now, after the staging allocation above: a converted copy has
+  -- no other reference, and a collection in between could free it under the pointer
+  if tensor_is(tokens) then get = ffi.cast('const int64_t *', tokens.ptr.data) end
   if get then
     for k = 0, n - 1 do
       local v = get[k]

@@ -40,7 +40,8 @@ function F.cross_entropy(logits, targets, options)
     error(string.format('cross_entropy: targets of shape %s do not match logits of shape %s',
       shape_string(targets.shape), shape_string(logits.shape)), 2)
   end
-  local losses = wrap(C.pmp_cross_entropy(logits:reshape(-1, classes).ptr, targets:reshape(-1).ptr, ignore_index))
+  local rows, flat_targets = logits:reshape(-1, classes), targets:reshape(-1)
+  local losses = wrap(C.pmp_cross_entropy(rows.ptr, flat_targets.ptr, ignore_index), rows, flat_targets)
   if reduction == 'none' then return losses:view(targets.shape) end
   if reduction == 'sum' then return losses:sum() end
   if reduction ~= 'mean' then error("cross_entropy: reduction must be 'mean', 'sum' or 'none', got " .. tostring(reduction), 2) end

@@ -184,9 +184,12 @@ function DistributedOptimizer:step()
       for _, run in ipairs(shard.runs) do
         local function part(t) return t:narrow(1, run.offset + 1, run.length) end
         local group = run.group
-        check(C.pmp_adamw_step_(part(shard.params).ptr, part(grad).ptr, part(shard.exp_avg).ptr,
-          part(shard.exp_avg_sq).ptr, shard.low_precision and part(shard.master).ptr or nil,
-          self.lr * (group.lr_scale or 1), b1, b2, self.eps, group.weight_decay or self.weight_decay, self.step_count))
+        -- the pieces are views made for this call: held in locals used after it, so none is collected first
+        local params, grads, avg, avg_sq = part(shard.params), part(grad), part(shard.exp_avg), part(shard.exp_avg_sq)
+        local master = shard.low_precision and part(shard.master) or nil
+        check(C.pmp_adamw_step_(params.ptr, grads.ptr, avg.ptr, avg_sq.ptr, master and master.ptr or nil,
+          self.lr * (group.lr_scale or 1), b1, b2, self.eps, group.weight_decay or self.weight_decay, self.step_count),
+          params, grads, avg, avg_sq, master)
       end
     end
     self:_gather_params()
