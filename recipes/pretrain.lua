@@ -22,7 +22,7 @@ local opts = flags.parse(arg, { flags.model, flags.training, flags.optimizer, fl
 local layout = train.parallel.init(opts)
 
 -- A checkpoint in --load resumes the run: its tokenizer, weights, optimizer, data position and generators.
-local resume = train.Checkpoints.info(opts.load)
+local resume = train.Checkpoints.resume(opts.load, opts.save)
 local data = train.data.pretraining(opts, { tokenizer_state = resume and resume.state.tokenizer, name = 'pretrain' })
 local tokenizer = data.tokenizer
 

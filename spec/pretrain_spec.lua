@@ -148,6 +148,12 @@ describe('recipes/pretrain.lua', function()
     local _, err2, status2 = run_pretrain({ '--global-batch-size', '6' })
     assert.are_not.equal(0, status2)
     assert.are.equal('pmp: --global-batch-size 6 is not a multiple of --micro-batch-size 4 x data-parallel size 1\n', err2)
+    -- a --load that holds no checkpoint stops the run before any work, instead of training from scratch
+    local out3, err3, status3 = run_pretrain({ '--load', scratch .. '/typo', '--save', scratch .. '/ck' })
+    assert.are.equal(1, status3)
+    assert.are.equal('pmp: --load ' .. scratch .. '/typo does not exist\n', err3)
+    assert.are.equal('', out3)
+    assert.is_false(pmp.io.exists(scratch .. '/ck'))
   end)
 
   it('lists its flags with defaults', function()

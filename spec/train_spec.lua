@@ -251,6 +251,33 @@ describe('pmp.train.Checkpoints', function()
     assert.are.equal(1, #lines)
   end)
 
+  it('resumes only from a directory that holds a checkpoint, or starts fresh in its own --save directory', function()
+    local function refuses(load, save, why)
+      local ok, err = pcall(train.Checkpoints.resume, load, save)
+      assert.is_false(ok, load)
+      assert.are.equal('--load ' .. load .. ' ' .. why, err)
+    end
+    refuses(dir .. '/typo', dir .. '/ck', 'does not exist')
+    local file = dir .. '/file'
+    pmp.io.write_atomic(file, 'x')
+    refuses(file, file, 'is a file, not a checkpoint directory')
+    pmp.io.mkdir_p(dir .. '/hf')
+    pmp.io.write_atomic(dir .. '/hf/config.json', '{}')
+    refuses(dir .. '/hf', dir .. '/ck', 'holds a Hugging Face model (config.json), not a pmp checkpoint to resume')
+    pmp.io.mkdir_p(dir .. '/empty')
+    refuses(dir .. '/empty', nil, 'holds no checkpoint (no latest_checkpointed_iteration.txt)')
+    -- the same path for --load and --save, nothing saved yet: a fresh run
+    assert.is_nil(train.Checkpoints.resume(dir .. '/ck', dir .. '/ck/'))
+    assert.is_nil(train.Checkpoints.resume(nil, dir .. '/ck'))
+
+    local logger = { name = 'test', line = function() end }
+    local checkpoints = train.Checkpoints({ save = dir .. '/ck', save_interval = 1 }, logger)
+    checkpoints:finish(5, Box(3), nil, function() return { position = 7 } end)
+    assert.are.equal(7, train.Checkpoints.resume(dir .. '/ck', '').state.position)
+    refuses(dir .. '/ck/iter_0000005', dir .. '/other',
+      'is one iteration of a checkpoint: pass the directory above it (the one holding latest_checkpointed_iteration.txt)')
+  end)
+
   it('saves nothing without a directory', function()
     local logger = { name = 'test', line = function() error('nothing to log') end }
     for _, save in ipairs({ '', false }) do

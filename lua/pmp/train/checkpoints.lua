@@ -8,6 +8,7 @@
 ---   checkpoints:finish(iteration, model, optimizer, state_of)
 --- state_of() returns the recipe's own state to store (data position, tokenizer, args...).
 local checkpoint = require 'pmp.checkpoint'
+local pio = require 'pmp.io'
 
 local Checkpoints = {}
 Checkpoints.__index = Checkpoints
@@ -17,6 +18,32 @@ Checkpoints.__index = Checkpoints
 function Checkpoints.info(dir)
   if not dir or not checkpoint.latest_iteration(dir) then return nil end
   return checkpoint.info(dir)
+end
+
+-- Why dir holds no checkpoint, in the words a user who typed it needs.
+local function not_a_checkpoint(dir)
+  if not pio.exists(dir) then return 'does not exist' end
+  if not pio.is_dir(dir) then return 'is a file, not a checkpoint directory' end
+  if pio.basename(dir):match('^iter_%d+$') then
+    return 'is one iteration of a checkpoint: pass the directory above it (the one holding ' .. checkpoint.TRACKER .. ')'
+  end
+  if pio.is_file(pio.join(dir, 'config.json')) then
+    return 'holds a Hugging Face model (config.json), not a pmp checkpoint to resume'
+  end
+  return 'holds no checkpoint (no ' .. checkpoint.TRACKER .. ')'
+end
+
+--- The info table of the checkpoint a run resumes from (--load dir), or nil for a fresh run: dir nil,
+--- or dir the run's own --save directory with no checkpoint yet (Megatron scripts pass the same path
+--- to both, so that a restarted job resumes). Any other dir without a checkpoint is an error naming it:
+--- a typo must not start training from scratch and then save over the real checkpoint directory.
+function Checkpoints.resume(dir, save_dir)
+  if dir == nil then return nil end
+  if checkpoint.latest_iteration(dir) then return checkpoint.info(dir) end
+  local function normal(path) return (path:gsub('/+$', '')) end
+  local own_save_dir = save_dir and save_dir ~= '' and normal(dir) == normal(save_dir)
+  if own_save_dir and not pio.is_file(dir) then return nil end
+  error('--load ' .. dir .. ' ' .. not_a_checkpoint(dir), 0)
 end
 
 --- A model rebuilt whole from a pretraining checkpoint of any layout, and its info table.
