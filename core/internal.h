@@ -144,6 +144,14 @@ int pmp_cpu_matmul(const pmp_op_args *a);
 enum { PMP_GEMV_MAX_ROWS = 8 };
 int pmp_cpu_gemv(int dtype, int64_t rows, int64_t k, int64_t m, const void *a, const int64_t sa[2], const void *b,
                  const int64_t sb[2], void *c);
+
+/* An environment switch such as PMP_MATMUL_NO_AMX=1: set to anything but empty or "0". Read at each
+ * call, so benchmarks and specs can flip it between products. */
+static inline bool pmp_env_switch(const char *name) {
+  const char *value = getenv(name);
+  return value && *value && strcmp(value, "0") != 0;
+}
+
 int pmp_cpu_gather(const pmp_op_args *a);
 int pmp_cpu_scatter_add(const pmp_op_args *a);
 int pmp_cpu_index_select(const pmp_op_args *a);

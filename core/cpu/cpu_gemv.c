@@ -310,15 +310,11 @@ static float *pack_rows(int dtype, int64_t rows, int64_t k, const char *a, const
   return x;
 }
 
-/* PMP_MATMUL_NO_GEMV=1 hands these products to the GEMM paths (for benchmarks), read at each call. */
-static bool disabled(void) {
-  const char *value = getenv("PMP_MATMUL_NO_GEMV");
-  return value && *value && strcmp(value, "0") != 0;
-}
 
 int pmp_cpu_gemv(int dtype, int64_t rows, int64_t k, int64_t m, const void *a, const int64_t sa[2], const void *b,
                  const int64_t sb[2], void *c) {
-  if (disabled() || (dtype != PMP_F32 && dtype != PMP_BF16 && dtype != PMP_F16) || rows < 1 || rows > PMP_GEMV_MAX_ROWS || k < 1 || m < 1)
+  /* PMP_MATMUL_NO_GEMV=1 hands these products to the GEMM paths (for benchmarks) */
+  if (pmp_env_switch("PMP_MATMUL_NO_GEMV") || (dtype != PMP_F32 && dtype != PMP_BF16 && dtype != PMP_F16) || rows < 1 || rows > PMP_GEMV_MAX_ROWS || k < 1 || m < 1)
     return 1;
   gemv_args s = {.dtype = dtype, .b = b, .k = k, .m = m, .ldx = (k + PAD - 1) / PAD * PAD};
   if (sb[0] == 1 && sb[1] >= k) s.weight_rows = true, s.ldb = sb[1];

@@ -1,4 +1,5 @@
 /* Whether this process may run AMX tile instructions (see amx.h). */
+#include "internal.h"
 #include "cpu/x86/amx.h"
 #include <stdlib.h>
 #include <string.h>
@@ -31,8 +32,5 @@ static bool amx_usable(void) {
   return s == 1;
 }
 
-bool pmp_amx_enabled(const char *off) {
-  const char *value = getenv(off);
-  return !(value && *value && strcmp(value, "0") != 0) && amx_usable();
-}
+bool pmp_amx_enabled(const char *off) { return !pmp_env_switch(off) && amx_usable(); }
 #endif
