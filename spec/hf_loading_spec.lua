@@ -3,7 +3,6 @@ require 'busted.runner'()
 -- thrown away, zero-copy loads that give the same logits and never write to the file, loads and saves
 -- whose engine memory stays at the model plus about one tensor. Values come from the transformers
 -- fixtures (spec/fixtures/hf, tools/make_hf_fixtures.py) and from the files' own bytes.
-local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local pio = require 'pmp.io'
 local st = require 'pmp.safetensors'
@@ -16,12 +15,7 @@ local NAMES = { 'llama', 'llama3_bias_tied', 'mistral', 'qwen2_tied', 'qwen3' }
 local fails_with = require('spec.support.expect').fails_with
 local shell = require 'spec.support.shell'
 
-pcall(ffi.cdef, 'int memcmp(const void *, const void *, size_t);')
-local function same_bits(a, b)
-  if a.dtype ~= b.dtype or table.concat(a.shape, ',') ~= table.concat(b.shape, ',') then return false end
-  a, b = a:contiguous(), b:contiguous()
-  return ffi.C.memcmp(a.ptr.data, b.ptr.data, a:numel() * a:element_size()) == 0
-end
+local same_bits = require('spec.support.expect').same_bits
 
 local function ids() return tensor.tensor({ { 1, 5, 9, 2, 7, 3 }, { 4, 4, 8, 0, 6, 1 } }, { dtype = 'i64' }) end
 

@@ -3,7 +3,6 @@ require 'busted.runner'()
 -- (tools/make_hf_fixtures.py -> spec/fixtures/hf/<name>/): logits, loss, greedy continuation and
 -- gradient norms match transformers' in float32; save_pretrained round trips bit for bit; bad configs
 -- and bad weight files are errors that name what is wrong.
-local ffi = require 'ffi'
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
 local st = require 'pmp.safetensors'
@@ -61,14 +60,7 @@ local function greedy(model, ids, steps)
   return out
 end
 
--- Exact byte equality of two tensors (dtype, shape and every bit).
-local function same_bits(a, b)
-  if a.dtype ~= b.dtype or table.concat(a.shape, ',') ~= table.concat(b.shape, ',') then return false end
-  a, b = a:contiguous(), b:contiguous()
-  local n = a:numel() * a:element_size()
-  return ffi.C.memcmp(a.ptr.data, b.ptr.data, n) == 0
-end
-pcall(ffi.cdef, 'int memcmp(const void *, const void *, size_t);')
+local same_bits = require('spec.support.expect').same_bits
 
 local function assert_same_tensors(want, got, what)
   local names = {}
