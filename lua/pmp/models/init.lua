@@ -19,10 +19,14 @@
 --          'vocab'   rows padded from vocab_size to padded_vocab_size (zeros) on load, cut on save
 --          'qkv'     {q, k, v} packed per query group: [q heads of group g, k_g, v_g] for g = 0..ng-1
 --          'gate_up' {gate, up} concatenated along dim 1: [gate; up]
+--          'offset'  the HF tensor has `offset` rows before the pmp tensor's (OPT's position table, offset =
+--                    2): skipped on load, written as zeros on save
 --   tp   = Megatron's tensor-parallel split: 'column' (dim 1; qkv by whole groups, gate_up per half),
 --          'row' (dim 2), 'vocab' (dim 1 of the padded table) or nil (replicated)
 --   tied = true      the entry's pmp parameter is absent when embeddings are tied; its HF tensor, if a
 --                    file has it anyway, is ignored (transformers overwrites it with the embedding)
+--   when = fn        the entry holds only for models whose GPTModel config makes fn(config) true (a
+--                    family whose HF names depend on the block layout, e.g. Falcon's norms)
 -- Entries whose pmp parameter the model does not have (e.g. biases that the config turns off) are
 -- skipped, so a file that still holds their HF tensors is rejected as having unexpected weights.
 local json = require 'pmp.json'
@@ -206,10 +210,12 @@ function M.expand_mapping(family, config)
     end
     local hf_list = type(hf) == 'table' and hf or { hf }
     local layers = pmp_name:find('{L}', 1, true) and config.num_layers or 1
+    if entry.when and not entry.when(config) then layers = 0 end
     for layer = 0, layers - 1 do
       local names = {}
       for i, n in ipairs(hf_list) do names[i] = subst(n, layer) end
-      out[#out + 1] = { pmp = subst(pmp_name, layer), hf = names, pack = entry.pack, tp = entry.tp, tied = entry.tied }
+      out[#out + 1] = { pmp = subst(pmp_name, layer), hf = names, pack = entry.pack, tp = entry.tp, tied = entry.tied,
+        offset = entry.offset }
     end
   end
   -- the scalar head of *ForSequenceClassification (num_labels 1) has one name in every family
@@ -223,6 +229,11 @@ end
 local function unpack_piece(entry, t, config, i, in_place)
   if entry.pack == nil then return t end
   if entry.pack == 'vocab' then return t:narrow(1, 1, config.vocab_size) end
+  if entry.pack == 'offset' then
+    local shape = t.shape
+    shape[1] = entry.offset
+    return tensor.cat({ tensor.zeros(shape, { dtype = t.dtype }), t }, 1)
+  end
   if entry.pack == 'gate_up' then
     local half = t:size(1) / 2
     return t:narrow(1, i == 1 and 1 or half + 1, half)

@@ -35,6 +35,7 @@ end
 function M.hf_shapes(entry, shape, config)
   if entry.pack == nil then return { shape } end
   if entry.pack == 'vocab' then return { with_first(config.vocab_size, shape) } end
+  if entry.pack == 'offset' then return { with_first(shape[1] + entry.offset, shape) } end
   if entry.pack == 'qkv' then
     local d = config.kv_channels
     return { with_first(config.num_attention_heads * d, shape), with_first(config.num_query_groups * d, shape),
@@ -45,9 +46,11 @@ function M.hf_shapes(entry, shape, config)
 end
 
 -- Where each HF part of an entry goes in the parameter p: a list of { view of p, shape to view the HF
--- tensor as }, and the view of p's rows no HF tensor fills (vocabulary padding), if any.
+-- tensor as, HF rows to skip first (or nil) }, and the view of p's rows no HF tensor fills (vocabulary
+-- padding), if any.
 local function destinations(entry, p, config)
   if entry.pack == nil then return { { p, p.shape } } end
+  if entry.pack == 'offset' then return { { p, p.shape, entry.offset } } end
   local rows = p:size(1)
   if entry.pack == 'vocab' then
     local n = config.vocab_size
@@ -228,7 +231,9 @@ function M.fill(model, family, entries, catalog, options, source)
           local parts, padding = destinations(entry, p, config)
           for i, n in ipairs(entry.hf) do
             local dst = parts[i]
-            dst[1]:copy_(open[n]:view(dst[2]))
+            local rows = open[n]
+            if dst[3] then rows = rows:narrow(1, dst[3] + 1, rows:size(1) - dst[3]) end
+            dst[1]:copy_(rows:view(dst[2]))
             -- the source pages are copied: out of resident memory with them (the file keeps them cached)
             if C.pmp_mapping_drop_pages(open[n].ptr) ~= 0 then
               error(source .. ': ' .. n .. ': ' .. ffi.string(C.pmp_last_error()), 0)

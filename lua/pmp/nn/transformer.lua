@@ -3,6 +3,13 @@
 --   decoder.layers.N.{input_layernorm, self_attention.{linear_qkv, q_layernorm, k_layernorm, linear_proj},
 --                     pre_mlp_layernorm, mlp.{linear_fc1, linear_fc2}}
 --   decoder.final_layernorm.weight, output_layer.weight (absent when tied to the embedding)
+--   embedding.position_embeddings.weight with position_embedding_type = 'learned_absolute' (GPT-2 style
+--   families: OPT, StarCoder 1), and *.bias beside every LayerNorm weight.
+-- Block variants the other families need (all off by default, Llama-style pre-norm otherwise):
+--   post_norm          the two norms follow each residual sum instead of preceding each branch (OPT-350m)
+--   parallel_residual  x + attention(norm(x)) + mlp(norm'(x)) in one sum (Falcon, GPT-J)
+--   shared_layernorm   with parallel_residual, the MLP reads input_layernorm's output (no pre_mlp_layernorm)
+--   final_layernorm    false: no norm after the last layer (post-norm models)
 -- The embedding and output layer hold padded_vocab_size rows (vocab_size rounded up to a multiple of
 -- make_vocab_size_divisible_by, as Megatron pads); logits and the loss only ever see the first vocab_size.
 -- linear_qkv rows are grouped per KV head: [q heads of group 0, k_0, v_0, q heads of group 1, ...];
@@ -38,6 +45,20 @@ function M.config(c)
   out.normalization = c.normalization or 'RMSNorm'
   out.norm_epsilon = c.norm_epsilon or 1e-5
   out.rotary_base = c.rotary_base or 10000
+  out.position_embedding_type = c.position_embedding_type or 'rope'
+  if out.position_embedding_type ~= 'rope' and out.position_embedding_type ~= 'learned_absolute' then
+    error("transformer config: position_embedding_type must be 'rope' or 'learned_absolute', got '" ..
+      tostring(out.position_embedding_type) .. "'", 2)
+  end
+  if out.position_embedding_type == 'learned_absolute' and type(c.max_position_embeddings) ~= 'number' then
+    error("transformer config: learned_absolute position embeddings need 'max_position_embeddings'", 2)
+  end
+  if c.shared_layernorm and not c.parallel_residual then
+    error('transformer config: shared_layernorm needs parallel_residual', 2)
+  end
+  if c.post_norm and c.parallel_residual then
+    error('transformer config: post_norm and parallel_residual cannot be combined', 2)
+  end
   out.rotary_percent = c.rotary_percent or 1.0
   out.init_std = c.init_std or 0.02
   out.dtype = c.dtype or 'f32'
@@ -183,7 +204,7 @@ function M.Attention:forward(x, rope)
     k = self.k_layernorm(k)
   end
   q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3)
-  if rope then
+  if rope and rope.cos then
     q = F.rope(q, rope.cos, rope.sin)
     k = F.rope(k, rope.cos, rope.sin)
   end
@@ -232,27 +253,70 @@ function M.MLP:forward(x)
 end
 function M.MLP:extra_repr() return self.activation end
 
---- Pre-norm block with sequential residuals.
+--- Pre-norm block with sequential residuals (or post-norm, or parallel attention and MLP: see the top).
 M.TransformerBlock = Module:extend('TransformerBlock')
 function M.TransformerBlock:init(config, layer)
   rawset(self, 'dropout', config.hidden_dropout)
+  rawset(self, 'post_norm', config.post_norm or false)
+  rawset(self, 'parallel_residual', config.parallel_residual or false)
   self.input_layernorm = norm(config, config.hidden_size)
   self.self_attention = M.Attention(config, layer)
-  self.pre_mlp_layernorm = norm(config, config.hidden_size)
+  if not config.shared_layernorm then self.pre_mlp_layernorm = norm(config, config.hidden_size) end
   self.mlp = M.MLP(config)
 end
 function M.TransformerBlock:forward(x, rope)
   local p, training = self.dropout, self.training
+  if self.parallel_residual then
+    local h = self.input_layernorm(x)
+    local attention = self.self_attention(h, rope)
+    local mlp = self.mlp(self.pre_mlp_layernorm and self.pre_mlp_layernorm(x) or h)
+    return x + F.dropout(attention + mlp, p, training)
+  end
+  if self.post_norm then
+    x = self.input_layernorm(x + F.dropout(self.self_attention(x, rope), p, training))
+    return self.pre_mlp_layernorm(x + F.dropout(self.mlp(x), p, training))
+  end
   x = x + F.dropout(self.self_attention(self.input_layernorm(x), rope), p, training)
   return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p, training)
 end
 
---- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size).
+-- The final norm of a model that has none (config.final_layernorm = false): a pipeline's last stage is
+-- still the one holding decoder.final_layernorm.
+local NoFinalNorm = Module:extend('Identity')
+function NoFinalNorm:init() end
+function NoFinalNorm:forward(x) return x end
+
+--- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size), plus learned
+--- position embeddings (max_position_embeddings x hidden_size) with position_embedding_type 'learned_absolute'.
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
   self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype, init = config.init })
+  if config.position_embedding_type == 'learned_absolute' then
+    self.position_embeddings = layers.Embedding(config.max_position_embeddings, config.hidden_size,
+      { init_std = config.init_std, dtype = config.dtype, init = config.init })
+  end
 end
-function M.LanguageModelEmbedding:forward(ids) return self.word_embeddings(ids) end
+-- positions: an integer tensor [B, T] or nil (0 .. T-1 in every row); ignored without position embeddings.
+function M.LanguageModelEmbedding:forward(ids, positions)
+  local x = self.word_embeddings(ids)
+  if not self.position_embeddings then return x end
+  local T = ids:size(2)
+  positions = positions or tensor.arange(0, T):view(1, T)
+  local limit = self.position_embeddings.num_embeddings
+  if positions:numel() > 0 and positions:max():item() >= limit then
+    error(string.format('LanguageModelEmbedding: position %d is beyond max_position_embeddings %d',
+      positions:max():item(), limit), 2)
+  end
+  local added = self.position_embeddings(positions)
+  local words = self.word_embeddings
+  if words.sequence_parallel and words.group.size > 1 then
+    -- the word embeddings came reduce-scattered: this rank's slice of the sequence (the position
+    -- embedding's gradient is then partial, and pmp.nn.parallel.finish_grads sums it over the group)
+    local n = T / words.group.size
+    added = added:narrow(2, 1 + words.group.rank * n, n)
+  end
+  return x + added
+end
 
 --- TransformerDecoder(config): num_layers TransformerBlocks (decoder.layers) and the final norm.
 M.TransformerDecoder = Module:extend('TransformerDecoder')
@@ -260,7 +324,7 @@ function M.TransformerDecoder:init(config)
   local list = {}
   for k = 1, config.num_layers do list[k] = M.TransformerBlock(config, k) end
   self.layers = layers.ModuleList(list)
-  self.final_layernorm = norm(config, config.hidden_size)
+  self.final_layernorm = config.final_layernorm == false and NoFinalNorm() or norm(config, config.hidden_size)
   if config.recompute_granularity == 'full' then
     rawset(self, 'recompute', true)
   elseif config.recompute_granularity ~= nil then
@@ -339,9 +403,14 @@ function M.GPTModel:forward(ids, targets, options)
   local tp, cp = self.tensor_parallel, self.context_parallel
   -- a later pipeline stage under sequence parallelism receives its slice of the sequence
   if tp and tp.sequence_parallel and not self.embedding then T = T * tp.group.size end
-  local x = self.embedding and self.embedding(ids) or ids
+  local learned = self.config.position_embedding_type == 'learned_absolute'
+  if learned and cp then
+    error('GPTModel: context parallelism is not supported with learned_absolute position embeddings', 2)
+  end
+  local x = self.embedding and self.embedding(ids, options and options.positions) or ids
   local cos, sin
-  if options and options.positions then
+  if learned then   -- the positions went in with the embedding
+  elseif options and options.positions then
     cos, sin = self.rotary_pos_emb:tables(options.positions, x.dtype)
   elseif cp then
     cos, sin = context_parallel.rotary_tables(self.rotary_pos_emb, T, cp.group, x.dtype)
@@ -369,8 +438,9 @@ function M.GPTModel:decode(ids, state)
     error('GPTModel:decode: a tensor- or context-parallel model cannot decode; generate with the whole model', 2)
   end
   if self.score then error('GPTModel:decode: a model with a score head does not generate', 2) end
-  local x = self.embedding(ids)
-  local cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype)
+  local x = self.embedding(ids, state.positions)
+  local cos, sin
+  if self.config.position_embedding_type == 'rope' then cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype) end
   state.cache = state.cache or {}
   x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
