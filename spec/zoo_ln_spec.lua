@@ -167,3 +167,27 @@ describe('zoo configs a family cannot honour', function()
     fails_with(function() model(tensor.zeros({ 1, 65 }, { dtype = 'i64' })) end, 'beyond max_position_embeddings 64')
   end)
 end)
+
+-- A character-level BPE tokenizer (no merges) whose ids fit the fixtures' vocabulary of 150.
+local function write_char_tokenizer(dir)
+  local vocab = { ['<unk>'] = 0 }
+  local chars = 'abcdefghijklmnopqrstuvwxyz '
+  for k = 1, #chars do vocab[chars:sub(k, k)] = k + 2 end
+  pio.write_atomic(dir .. '/tokenizer.json', json.encode({ version = '1.0', added_tokens = json.array({}),
+    model = { type = 'BPE', vocab = vocab, merges = json.array({}), unk_token = '<unk>' } }))
+end
+
+describe('recipes/generate.lua --load', function()
+  it('generates from a checkpoint of every family, as pmp.generate does', function()
+    for _, name in ipairs(NAMES) do
+      local dir = copy_dir(FIXTURES .. '/' .. name, tmp .. '/generate_' .. name)
+      write_char_tokenizer(dir)
+      local out, err, status = shell.run_pmp({ ROOT .. '/recipes/generate.lua', '--load', dir, '--prompt', 'the cat',
+        '--max-new-tokens', '5' })
+      assert.are.equal(0, status, name .. ': ' .. err)
+      local model, tok = models.from_pretrained(dir), pmp.tokenizer.from_pretrained(dir)
+      local want = pmp.generate(model, { tok:encode('the cat') }, { max_new_tokens = 5, tokenizer = tok })[1].text
+      assert.is_truthy(out:find('the cat' .. want, 1, true), name .. ': ' .. out)
+    end
+  end)
+end)
