@@ -3,6 +3,8 @@
 -- and in the same script as one process on the same micro-batches (the reference).
 --   zoo_ln_worker.lua TP PP SP NAME...     SP: 'sp' for sequence parallelism, '-' for none
 -- Prints, from the last rank: LOSS name step loss reference_loss
+-- With ZOO_LN_CHECKPOINTS=DIR each split model is also saved, before training, as a Megatron-layout
+-- checkpoint DIR/<name> (iteration 1), which one process must load back to the checkpoint's weights.
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
 local step = require 'pmp.train.step'
@@ -45,6 +47,8 @@ for k = 4, #arg do
   local reference = train(pmp.models.from_pretrained(FIXTURES .. name), data)
   local model = pipeline.stage(pmp.models.from_pretrained(FIXTURES .. name))
   parallel.tensor_parallel(model, { sequence_parallel = sp })
+  local checkpoints = os.getenv('ZOO_LN_CHECKPOINTS')
+  if checkpoints then pmp.checkpoint.save(checkpoints .. '/' .. name, 1, model, nil, { model_config = model.config }) end
   local losses = train(model, data)
   if layout.rank == layout.world - 1 then
     for s = 1, STEPS do print(string.format('LOSS %s %d %.10g %.10g', name, s, losses[s], reference[s])) end
