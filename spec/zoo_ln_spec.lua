@@ -2,8 +2,9 @@ require 'busted.runner'()
 -- The LayerNorm-era families (models/opt.lua, gpt_bigcode.lua, starcoder2.lua, falcon.lua) against tiny
 -- random checkpoints that transformers wrote (tools/make_zoo_ln_fixtures.py -> spec/fixtures/zoo_ln/):
 -- logits on a left-padded batch and greedy generation equal transformers', save_pretrained writes what
--- transformers reads back (checked by transformers itself under PMP_HF_CHECK=1), and configs or files a
--- family cannot honour are errors naming the key or tensor.
+-- transformers reads back (checked by transformers itself under PMP_HF_CHECK=1), recipes/sft.lua and
+-- recipes/generate.lua take each family's directory, and configs or files a family cannot honour are
+-- errors naming the key or tensor.
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
 local st = require 'pmp.safetensors'
@@ -168,6 +169,8 @@ describe('zoo configs a family cannot honour', function()
   end)
 end)
 
+local function model_type_of(name) return json.read(FIXTURES .. '/' .. name .. '/config.json').model_type end
+
 -- A character-level BPE tokenizer (no merges) whose ids fit the fixtures' vocabulary of 150.
 local function write_char_tokenizer(dir)
   local vocab = { ['<unk>'] = 0 }
@@ -176,6 +179,36 @@ local function write_char_tokenizer(dir)
   pio.write_atomic(dir .. '/tokenizer.json', json.encode({ version = '1.0', added_tokens = json.array({}),
     model = { type = 'BPE', vocab = vocab, merges = json.array({}), unk_token = '<unk>' } }))
 end
+
+-- The tokenizer plus a short chat template (the fixtures' position tables hold 64 positions).
+local function write_chat_tokenizer(dir)
+  write_char_tokenizer(dir)
+  pio.write_atomic(dir .. '/tokenizer_config.json', json.encode({ chat_template =
+    "{% for m in messages %}{{ m.role[0] }}{{ m.content }} {% endfor %}{% if add_generation_prompt %}a{% endif %}" }))
+end
+
+describe('recipes/sft.lua --load', function()
+  it('fine-tunes a checkpoint of every family and writes one that loads', function()
+    local data = tmp .. '/chats.jsonl'
+    local lines = {}
+    for k = 1, 4 do
+      lines[k] = json.encode({ messages = { { role = 'user', content = 'say hi' }, { role = 'assistant', content = 'hi there' } } })
+    end
+    pio.write_atomic(data, table.concat(lines, '\n') .. '\n')
+    for _, name in ipairs(NAMES) do
+      local dir = copy_dir(FIXTURES .. '/' .. name, tmp .. '/sft_' .. name)
+      write_chat_tokenizer(dir)
+      local out, err, status = shell.run_pmp({ ROOT .. '/recipes/sft.lua', '--load', dir, '--data-path', data,
+        '--train-iters', '1', '--global-batch-size', '4', '--seq-length', '32', '--log-interval', '1', '--lr', '1e-3',
+        '--save-hf', dir .. '/tuned' })
+      assert.are.equal(0, status, name .. ': ' .. err)
+      local loss = tonumber(out:match('lm loss: (%S+) |'))
+      assert(loss and loss > 1 and loss < 10, name .. ': ' .. out)
+      local tuned = models.from_pretrained(dir .. '/tuned')
+      assert.are.equal(model_type_of(name), tuned.hf.model_type)
+    end
+  end)
+end)
 
 describe('recipes/generate.lua --load', function()
   it('generates from a checkpoint of every family, as pmp.generate does', function()
