@@ -44,6 +44,13 @@ function M.config(read)
   if heads % groups ~= 0 then
     read:fail(string.format('num_attention_heads %d is not a multiple of num_key_value_heads %d', heads, groups))
   end
+  -- keys of the original StarCoder 2 configs that transformers ignores: only the values it implements
+  if read('norm_type') ~= nil and read('norm_type') ~= 'layer_norm' then
+    read:fail(string.format("norm_type '%s' is not supported (only layer_norm)", tostring(read('norm_type'))))
+  end
+  if read('mlp_type') ~= nil and read('mlp_type') ~= 'default' then
+    read:fail(string.format("mlp_type '%s' is not supported (only default)", tostring(read('mlp_type'))))
+  end
   local base, scaling, percent = models.read_rope(read)
   local bias = read:bool('use_bias', true)
   return {

@@ -153,6 +153,8 @@ describe('zoo configs a family cannot honour', function()
       'num_ln_in_parallel_attn 2 needs new_decoder_architecture')
     fails_with(function() models.from_pretrained(edited('starcoder2', function(c) c.hidden_act = 'silu' end)) end,
       "hidden_act 'silu' is not supported")
+    fails_with(function() models.from_pretrained(edited('starcoder2', function(c) c.mlp_type = 'gated' end)) end,
+      "mlp_type 'gated' is not supported")
   end)
 
   it('name a missing tensor', function()

@@ -409,7 +409,8 @@ function M.GPTModel:forward(ids, targets, options)
   end
   local x = self.embedding and self.embedding(ids, options and options.positions) or ids
   local cos, sin
-  if learned then   -- the positions went in with the embedding
+  if learned then
+    -- the positions went in with the embedding: no rotary tables
   elseif options and options.positions then
     cos, sin = self.rotary_pos_emb:tables(options.positions, x.dtype)
   elseif cp then
