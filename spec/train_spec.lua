@@ -199,7 +199,7 @@ describe('pmp.train.Logger', function()
     now = 2
     logger:iteration(2, { lr = 1e-5, loss = 1, grad_norm = 2, tokens = 100 })
     assert.are.equal(' iteration        2/       3 | elapsed time per iteration (ms): 1000.0 | learning rate: ' ..
-      '1.000000E-05 | global batch size:     4 | lm loss: 2.000000E+00 | grad norm: 2.000 | tokens per second: 100 |',
+      '1.000000E-05 | global batch size:     4 | lm loss: 2.000000E+00 | grad norm: 2.000 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 100 |',
       printed[1])
     local silent = train.Logger(opts, { name = 'x', enabled = false, train_iters = 2 })
     silent:begin_iteration(2)

@@ -5,7 +5,8 @@
 ---     { '--data-path', nil, 'text file or prefixes', multiple = true },
 ---   }, { usage = 'pmp recipes/pretrain.lua [flags]' })
 ---   opts.num_layers, opts.bf16, opts.data_path
---- Types follow the defaults; --help prints every flag with its default and exits.
+--- Types follow the defaults; --help prints every flag with its default and exits. A second result
+--- holds the keys the command line gave (given.num_layers == true), for defaults a recipe treats apart.
 local M = {}
 
 local function key_of(flag) return flag:gsub('^%-%-', ''):gsub('%-', '_') end
@@ -27,7 +28,7 @@ end
 -- Returns the parsed table; raises an error naming the flag on a bad or unknown argument.
 function M.parse(argv, specs, options)
   options = options or {}
-  local by_flag, out = {}, {}
+  local by_flag, out, given = {}, {}, {}
   for _, s in ipairs(specs) do
     by_flag[s[1]] = s
     out[key_of(s[1])] = s[2]
@@ -44,6 +45,7 @@ function M.parse(argv, specs, options)
     local spec = by_flag[flag]
     if not spec then error(string.format("unknown argument '%s' (see --help)", word), 0) end
     local key, default = key_of(flag), spec[2]
+    given[key] = true
     if type(default) == 'boolean' and not inline then
       out[key] = true
       k = k + 1
@@ -71,7 +73,7 @@ function M.parse(argv, specs, options)
       k = k + (inline and 1 or 2)
     end
   end
-  return out
+  return out, given
 end
 
 return M

@@ -30,6 +30,8 @@ M.training = {
   { '--global-batch-size', 16, 'samples per optimizer step (a multiple of the micro batch)' },
   { '--train-iters', 300, 'optimizer steps' },
   { '--seed', 1234, 'random seed' },
+  { '--check-for-nan-in-loss-and-grad', true, 'skip (and count) a step whose gradient norm is NaN or Inf' },
+  { '--max-nan-iterations-in-a-row', 5, 'stop the run after this many skipped non-finite steps in a row' },
 }
 
 --- AdamW, its learning-rate schedule and gradient clipping (pmp.train.optimizer).
@@ -83,6 +85,9 @@ M.checkpoint = {
   { '--save-interval', 150, 'steps between checkpoints (0: only at the end)' },
   { '--exit-interval', 0, 'stop (saving a checkpoint) after an iteration divisible by this (0: never)' },
   { '--load', nil, 'resume from this checkpoint directory' },
+  { '--override-checkpoint', false, 'start a fresh run even though --save holds a checkpoint (it is replaced)' },
+  { '--exit-duration-in-mins', 0, 'stop (saving a checkpoint) after this many minutes (0: no limit)' },
+  { '--exit-signal-handler', true, 'on SIGTERM or SIGINT finish the iteration, save and exit (a second Ctrl-C exits at once)' },
 }
 
 --- Log lines, TensorBoard and the op profiler (pmp.train.Logger).
