@@ -237,3 +237,34 @@ describe('the --save directory of a fresh run', function()
     assert.matches('^pmp: %-%-save ' .. scratch:gsub('%p', '%%%0') .. '/file/ck is not writable', err)
   end)
 end)
+
+describe('flags with nonsense values', function()
+  -- each is refused before any work with one line naming the flag (the bounds are Megatron's meanings)
+  local cases = {
+    { { '--num-layers', '-1' }, '--num-layers must be >= 1, got -1' },
+    { { '--train-iters', '-3' }, '--train-iters must be >= 0, got -3' },
+    { { '--rotary-base', '0' }, '--rotary-base must be > 0, got 0' },
+    { { '--adam-beta1', '2' }, '--adam-beta1 must be < 1, got 2' },
+    { { '--num-layers', '2.5' }, '--num-layers must be a whole number, got 2.5' },
+    { { '--bf16=maybe' }, "--bf16 is a switch: give it alone, or =true / =false, not 'maybe'" },
+    { { '--seq-length', '0' }, '--seq-length must be >= 1, got 0' },
+    { { '--make-vocab-size-divisible-by', '0' }, '--make-vocab-size-divisible-by must be >= 1, got 0' },
+    { { '--lr-decay-style', 'cosin' }, "--lr-decay-style must be one of cosine, linear, constant, WSD, got 'cosin'" },
+    { { '--hidden-size', '63', '--num-attention-heads', '4' }, '--hidden-size 63 is not a multiple of --num-attention-heads 4' },
+    { { '--num-attention-heads', '4', '--num-query-groups', '3' }, '--num-attention-heads 4 is not a multiple of --num-query-groups 3' },
+    { { '--split', '0,0,0' }, "--split '0,0,0' has no positive weight" },
+    { { '--split', '0,1,0' }, 'the embedded corpus: the --split 0,1,0 leaves 0 training tokens, fewer than --seq-length 16 + 1' },
+    { { '--data-path', '/tmp' }, '--data-path /tmp is a directory (give a text file or an indexed dataset PREFIX)' },
+    { { '--data-path', '/dev/null' }, '--data-path /dev/null is empty' },
+  }
+  for _, case in ipairs(cases) do
+    it(table.concat(case[1], ' '), function()
+      local args = { '--save', '', '--train-iters', '1' }
+      for _, a in ipairs(case[1]) do args[#args + 1] = a end
+      local out, err, status = run_pretrain(args)
+      assert.are_not.equal(0, status)
+      assert.are.equal('', out)
+      assert.are.equal('pmp: ' .. case[2] .. '\n', err)
+    end)
+  end
+end)
