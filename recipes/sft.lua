@@ -19,6 +19,7 @@ local opts = flags.parse(arg, { {
   { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
   { '--packing', false, 'pack several samples per sequence' },
   { '--train-on-prompt', false, 'also train on system/user tokens' },
+  { '--skip-bad-records', false, 'skip (and count) records that are malformed or have no assistant turn instead of stopping' },
   { '--epochs', 1, 'passes over the data when --train-iters is 0' },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
 }, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, {
@@ -86,9 +87,13 @@ local function sums()
   return function() i = i + 1; return records[i] end
 end
 
-local samples, trained_tokens = train.chat_data.samples(embedded and sums() or train.chat_data.lines(opts.data_path), {
+local samples, trained_tokens, skipped = train.chat_data.samples(embedded and sums() or train.chat_data.lines(opts.data_path), {
   tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt,
-  source = opts.data_path })
+  source = opts.data_path, skip_bad_records = opts.skip_bad_records })
+if #skipped > 0 then
+  print(string.format('sft: skipped %d bad records (--skip-bad-records); the first, %s: %s', #skipped, skipped[1].where,
+    skipped[1].why))
+end
 local rows = opts.packing and pmp.data.sft.pack(samples, opts.seq_length) or pmp.data.sft.pad(samples, opts.seq_length)
 
 -- The embedded task's metric: exact-match accuracy of greedy answers on the held-out sums.
