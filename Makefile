@@ -29,7 +29,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test test-reference mutate sanitize bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
+.PHONY: all cuda deps test test-reference mutate sanitize soak fuzz print-ldlibs print-cflags bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
 all: $(EXE)
 
 $(EXE): $(HOST_OBJS) $(BUILD)/libpmpcore.a
@@ -84,6 +84,20 @@ mutate: pmp
 sanitize:
 	$(MAKE) BUILD=build/sanitize EXE=pmp-sanitize SANITIZE_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer" pmp-sanitize
 	tools/sanitize.sh $(SPECS)
+
+soak: pmp
+	tools/soak.sh
+
+# libFuzzer over the parsers of outside bytes (tools/fuzz.sh; FUZZ_SECONDS per target)
+FUZZ_SECONDS ?= 60
+fuzz:
+	tools/fuzz.sh --seconds $(FUZZ_SECONDS)
+
+print-ldlibs:
+	@echo $(LDLIBS)
+
+print-cflags:
+	@echo $(CFLAGS)
 
 bench: pmp
 	./pmp tools/bench_core.lua

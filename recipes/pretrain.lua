@@ -9,9 +9,9 @@
 local train = pmp.train
 local flags, step = train.flags, train.step
 
-local opts = flags.parse(arg, { flags.model, flags.training, flags.optimizer, flags.precision, flags.parallel,
+local opts, given = flags.parse(arg, { flags.model, flags.training, flags.optimizer, flags.precision, flags.parallel,
   flags.data, flags.checkpoint, flags.logging, {
-    { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none)' },
+    { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none; the default one is replaced by every run that does not resume it)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
@@ -22,7 +22,8 @@ local opts = flags.parse(arg, { flags.model, flags.training, flags.optimizer, fl
 local layout = train.parallel.init(opts)
 
 -- A checkpoint in --load resumes the run: its tokenizer, weights, optimizer, data position and generators.
-local resume = train.Checkpoints.resume(opts.load, opts.save)
+-- A fresh run refuses a --save holding another run's checkpoint, except the default scratch directory.
+local resume = train.Checkpoints.resume(opts.load, opts.save, opts.override_checkpoint or not given.save)
 local data = train.data.pretraining(opts, { tokenizer_state = resume and resume.state.tokenizer, name = 'pretrain' })
 local tokenizer = data.tokenizer
 
@@ -37,6 +38,7 @@ local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logge
   consumed = true, flops_per_token = train.throughput.flops_per_token(model.config, opts.seq_length),
   peak_flops = train.throughput.measured_peak_flops(opts.bf16 and 'bf16' or 'f32') })
 local checkpoints = train.Checkpoints(opts, logger)
+local nan_guard = train.NanGuard(opts, logger)
 -- after everything that draws random numbers, so the restored generator state is the one used
 local iteration, consumed = 0, 0
 if resume then
@@ -71,9 +73,10 @@ while iteration < opts.train_iters do
   consumed = consumed + opts.global_batch_size
   step.finish_grads(model, ddp)
   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
-  optimizer:step()
+  local finite = nan_guard:finite(iteration, grad_norm)
+  if finite then optimizer:step() end
   loss = train.parallel.mean_loss(loss, layout)
-  logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed,
+  logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed, skipped = not finite,
     tokens = opts.global_batch_size * opts.seq_length })
   if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     logger:validation(iteration, evaluate)

@@ -19,6 +19,7 @@ local opts = flags.parse(arg, { {
   { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
   { '--packing', false, 'pack several samples per sequence' },
   { '--train-on-prompt', false, 'also train on system/user tokens' },
+  { '--skip-bad-records', false, 'skip (and count) records that are malformed or have no assistant turn instead of stopping' },
   { '--epochs', 1, 'passes over the data when --train-iters is 0' },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
 }, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, {
@@ -58,6 +59,7 @@ if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batc
 -- The base model: a Hugging Face directory, or a pretraining checkpoint (as the embedded default uses).
 -- An SFT checkpoint records its base, so --load on one resumes.
 local base, resume = train.base_model.locate(opts.load)
+if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint) end
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity })
 -- the embedded task is in the corpus' own format: "12 + 7 = 19."
@@ -85,9 +87,13 @@ local function sums()
   return function() i = i + 1; return records[i] end
 end
 
-local samples, trained_tokens = train.chat_data.samples(embedded and sums() or train.chat_data.lines(opts.data_path), {
+local samples, trained_tokens, skipped = train.chat_data.samples(embedded and sums() or train.chat_data.lines(opts.data_path), {
   tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt,
-  source = opts.data_path })
+  source = opts.data_path, skip_bad_records = opts.skip_bad_records })
+if #skipped > 0 then
+  print(string.format('sft: skipped %d bad records (--skip-bad-records); the first, %s: %s', #skipped, skipped[1].where,
+    skipped[1].why))
+end
 local rows = opts.packing and pmp.data.sft.pack(samples, opts.seq_length) or pmp.data.sft.pad(samples, opts.seq_length)
 
 -- The embedded task's metric: exact-match accuracy of greedy answers on the held-out sums.
@@ -112,6 +118,7 @@ local train_iters = opts.train_iters > 0 and opts.train_iters or
 local lr_at = train.optimizer.schedule(opts, train_iters)
 local logger = train.Logger(opts, { name = 'sft', train_iters = train_iters })
 local checkpoints = train.Checkpoints(opts, logger)
+local nan_guard = train.NanGuard(opts, logger)
 logger:line(string.format('sft: %d samples (%d trained tokens) in %d %s rows of <= %d tokens; %s; %d steps',
   #samples, trained_tokens, #rows, opts.packing and 'packed' or 'unpacked', opts.seq_length,
   tostring(model):match('^[^\n]*'), train_iters))
@@ -139,8 +146,9 @@ while iteration < train_iters do
   local loss = step.forward_backward(model, batches, { loss_divisor = math.max(trained, 1) })
   step.finish_grads(model)
   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
-  optimizer:step()
-  logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, tokens = tokens })
+  local finite = nan_guard:finite(iteration, grad_norm)
+  if finite then optimizer:step() end
+  logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, tokens = tokens, skipped = not finite })
   checkpoints:save_if_due(iteration, model, optimizer, checkpoint_state)
   if checkpoints:exit_due(iteration) then break end
 end

@@ -299,7 +299,10 @@ describe('HF configs', function()
     local _, dir = reference('llama')
     local bad = copy_dir(dir, tmp .. '/gpt2')
     edit_config(bad, function(c) c.model_type = 'gpt2' end)
-    fails_with(function() models.from_pretrained(bad) end, "unknown model_type 'gpt2'", 'llama, mistral, qwen2, qwen3')
+    -- every family file in models/ is listed (more families must not break this)
+    local listed = table.concat(models.known_families(), ', ')
+    for _, family in ipairs({ 'llama', 'mistral', 'qwen2', 'qwen3' }) do assert.matches(family, listed, 1, true) end
+    fails_with(function() models.from_pretrained(bad) end, "unknown model_type 'gpt2'", listed)
     fails_with(function() models.config_from_hf(with({ model_type = json.null })) end, "missing key 'model_type'")
   end)
 
@@ -317,6 +320,20 @@ describe('HF configs', function()
     fails_with(function() models.config_from_hf(with({ hidden_act = 'gelu' })) end, "hidden_act 'gelu'")
     fails_with(function() models.config_from_hf(with({ num_key_value_heads = 3 })) end, 'num_key_value_heads 3')
     fails_with(function() models.config_from_hf(with({ rope_scaling = { rope_type = 'linear' } })) end, "'factor'")
+  end)
+
+  it('type-checks nested values instead of falling back to a default', function()
+    fails_with(function() models.config_from_hf(with({ rope_parameters = { rope_type = 'default', rope_theta = '1e6' } })) end,
+      "key 'rope_parameters.rope_theta' must be a number, got 1e6")
+    fails_with(function() models.config_from_hf(with({ rope_scaling = { type = 3 } })) end,
+      "key 'rope_scaling.type' must be a string, got 3")
+    fails_with(function() models.config_from_hf(with({ rope_parameters = { rope_type = 'default', partial_rotary_factor = true } })) end,
+      "key 'rope_parameters.partial_rotary_factor' must be a number, got true")
+    fails_with(function() models.config_from_hf(with({ rope_scaling = { rope_type = 'linear', factor = '4' } })) end,
+      "rope scaling 'linear' needs the number 'factor' (rope_scaling.factor), got 4")
+    fails_with(function() models.config_from_hf(with({ rms_norm_eps = '1e-6' })) end, "key 'rms_norm_eps' must be a number")
+    fails_with(function() models.config_from_hf(with({ tie_word_embeddings = 'yes' })) end,
+      "key 'tie_word_embeddings' must be true or false")
   end)
 end)
 

@@ -175,3 +175,52 @@ describe('pmp.data.sft', function()
     assert.truthy(err:find('runs on one process', 1, true), err)
   end)
 end)
+
+describe('pmp.train.chat_data.samples', function()
+  local chat_data = pmp.train.chat_data
+  local tokenizer = setmetatable({ eos_id = 257 }, { __index = Bytes })
+  local function lines_of(text)
+    local path = os.tmpname()
+    local file = assert(io.open(path, 'w'))
+    file:write(text)
+    file:close()
+    local lines = chat_data.lines(path)
+    os.remove(path)
+    return lines
+  end
+  local function samples(text, options)
+    options = options or {}
+    options.tokenizer, options.render, options.format, options.source = tokenizer, chatml, 'auto', 'data.jsonl'
+    return chat_data.samples(lines_of(text), options)
+  end
+  local good = '{"instruction": "Add.", "input": "", "output": "4"}'
+
+  it('names the file and the line of a bad record, blank lines counted', function()
+    fails_with(function() samples(good .. '\n\n' .. good .. '\n{"instruction": null, "output": "x"}\n') end,
+      "data.jsonl:4: sft: alpaca field 'instruction' must be a string, got null")
+    fails_with(function() samples(good .. '\n{"instruction": "a", "output": 12}') end,
+      "data.jsonl:2: sft: alpaca field 'output' must be a string, got a number")
+    fails_with(function() samples('{"messages": [{"role": "user", "content": null}]}\n') end,
+      'data.jsonl:1: sft: message 1 needs string role and content, got role a string and content null')
+    fails_with(function() samples(good .. '\n{"conversations": [7]}\n') end,
+      'data.jsonl:2: sft: conversation turn 1 is a number, not an object')
+    fails_with(function() samples(good .. '\n{"messages": [{"role": "user", "content": "hi"}]}\n') end,
+      'data.jsonl:2: the record has no assistant turn: nothing to train on')
+    fails_with(function() samples(good .. '\n{"instruction": "a", "output": "b"\n') end, 'data.jsonl:2: ')
+  end)
+
+  it('skips and reports bad records when asked', function()
+    local all, _, skipped = samples(good .. '\n{"instruction": 1, "output": "x"}\n' .. good .. '\n{"text": "t"}\n',
+      { skip_bad_records = true })
+    assert.are.equal(2, #all)
+    assert.are.same({ 'data.jsonl:2', 'data.jsonl:4' }, { skipped[1].where, skipped[2].where })
+    assert.are.equal("sft: alpaca field 'instruction' must be a string, got a number", skipped[1].why)
+    assert.are.equal('not an alpaca, sharegpt or messages record', skipped[2].why)
+  end)
+
+  it('takes a null alpaca input as none', function()
+    local with_null = samples('{"instruction": "Add.", "input": null, "output": "4"}')
+    local without = samples('{"instruction": "Add.", "output": "4"}')
+    assert.are.same(without[1].ids, with_null[1].ids)
+  end)
+end)

@@ -5,7 +5,10 @@
 ---     { '--data-path', nil, 'text file or prefixes', multiple = true },
 ---   }, { usage = 'pmp recipes/pretrain.lua [flags]' })
 ---   opts.num_layers, opts.bf16, opts.data_path
---- Types follow the defaults; --help prints every flag with its default and exits.
+--- Types follow the defaults; --help prints every flag with its default and exits. A spec may bound
+--- its value: integer = true, min / max (inclusive), above / below (exclusive), choices = {...}; a value
+--- outside is an error naming the flag, as is a switch given a value other than true/false/1/0. A second result
+--- holds the keys the command line gave (given.num_layers == true), for defaults a recipe treats apart.
 local M = {}
 
 local function key_of(flag) return flag:gsub('^%-%-', ''):gsub('%-', '_') end
@@ -24,10 +27,31 @@ function M.help(specs, options)
   return table.concat(lines, '\n')
 end
 
+local function bound_error(flag, value, what) error(string.format('%s must be %s, got %s', flag, what, tostring(value)), 0) end
+
+-- The bounds a spec sets on a given value (see the header).
+local function check_bounds(spec, value)
+  local flag = spec[1]
+  if type(value) == 'number' then
+    if value ~= value then bound_error(flag, value, 'a number') end
+    if spec.integer and value ~= math.floor(value) then bound_error(flag, value, 'a whole number') end
+    if spec.min and value < spec.min then bound_error(flag, value, '>= ' .. spec.min) end
+    if spec.max and value > spec.max then bound_error(flag, value, '<= ' .. spec.max) end
+    if spec.above and value <= spec.above then bound_error(flag, value, '> ' .. spec.above) end
+    if spec.below and value >= spec.below then bound_error(flag, value, '< ' .. spec.below) end
+  end
+  if spec.choices and value ~= nil then
+    for _, choice in ipairs(spec.choices) do
+      if value == choice then return end
+    end
+    bound_error(flag, "'" .. tostring(value) .. "'", 'one of ' .. table.concat(spec.choices, ', '))
+  end
+end
+
 -- Returns the parsed table; raises an error naming the flag on a bad or unknown argument.
 function M.parse(argv, specs, options)
   options = options or {}
-  local by_flag, out = {}, {}
+  local by_flag, out, given = {}, {}, {}
   for _, s in ipairs(specs) do
     by_flag[s[1]] = s
     out[key_of(s[1])] = s[2]
@@ -44,6 +68,7 @@ function M.parse(argv, specs, options)
     local spec = by_flag[flag]
     if not spec then error(string.format("unknown argument '%s' (see --help)", word), 0) end
     local key, default = key_of(flag), spec[2]
+    given[key] = true
     if type(default) == 'boolean' and not inline then
       out[key] = true
       k = k + 1
@@ -65,13 +90,17 @@ function M.parse(argv, specs, options)
         if not n then error(string.format("%s expects a number, got '%s'", flag, value), 0) end
         value = n
       elseif type(default) == 'boolean' then
+        if value ~= 'true' and value ~= 'false' and value ~= '1' and value ~= '0' then
+          error(string.format("%s is a switch: give it alone, or =true / =false, not '%s'", flag, value), 0)
+        end
         value = value == 'true' or value == '1'
       end
+      check_bounds(spec, value)
       out[key] = value
       k = k + (inline and 1 or 2)
     end
   end
-  return out
+  return out, given
 end
 
 return M

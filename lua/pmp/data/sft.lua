@@ -8,6 +8,7 @@
 --
 -- render(messages, add_generation_prompt) -> text is the model's chat template (pmp.chat_template).
 -- Only assistant turns are trained, end-of-turn tokens included; everything else is ignore_index.
+local json = require 'pmp.json'
 local tensor = require 'pmp.tensor'
 
 local M = {}
@@ -24,6 +25,14 @@ function M.detect_format(record)
   return nil
 end
 
+-- A decoded JSON value's type in JSON's words, for messages about records.
+local function json_type(value)
+  if value == nil then return 'nothing (the field is missing)' end
+  if value == json.null then return 'null' end
+  if type(value) == 'table' then return value[1] ~= nil and 'an array' or 'an object' end
+  return 'a ' .. type(value)
+end
+
 local SHAREGPT_ROLES = { human = 'user', user = 'user', gpt = 'assistant', assistant = 'assistant', system = 'system',
   chatgpt = 'assistant', bing = 'assistant', bard = 'assistant' }
 
@@ -31,8 +40,10 @@ function M.to_messages(record, format)
   format = format or M.detect_format(record)
   if format == 'messages' then
     for k, m in ipairs(record.messages) do
+      if type(m) ~= 'table' or m == json.null then error(string.format('sft: message %d is %s, not an object', k, json_type(m)), 2) end
       if type(m.role) ~= 'string' or type(m.content) ~= 'string' then
-        error(string.format('sft: message %d needs string role and content', k), 2)
+        error(string.format('sft: message %d needs string role and content, got role %s and content %s', k,
+          json_type(m.role), json_type(m.content)), 2)
       end
     end
     return record.messages
@@ -40,9 +51,13 @@ function M.to_messages(record, format)
   if format == 'sharegpt' then
     local out = {}
     for k, turn in ipairs(record.conversations) do
+      if type(turn) ~= 'table' or turn == json.null then
+        error(string.format('sft: conversation turn %d is %s, not an object', k, json_type(turn)), 2)
+      end
       local role = SHAREGPT_ROLES[turn.from]
       if not role or type(turn.value) ~= 'string' then
-        error(string.format("sft: conversation turn %d has an unknown 'from' (%s) or no string 'value'", k, tostring(turn.from)), 2)
+        error(string.format("sft: conversation turn %d has an unknown 'from' (%s) or a 'value' that is not a string (%s)", k,
+          tostring(turn.from), json_type(turn.value)), 2)
       end
       out[k] = { role = role, content = turn.value }
     end
@@ -50,9 +65,19 @@ function M.to_messages(record, format)
     return out
   end
   if format == 'alpaca' then
-    local prompt = tostring(record.instruction)
+    for _, field in ipairs({ 'instruction', 'output' }) do
+      if type(record[field]) ~= 'string' then
+        error(string.format("sft: alpaca field '%s' must be a string, got %s", field, json_type(record[field])), 2)
+      end
+    end
+    for _, field in ipairs({ 'input', 'system' }) do   -- optional: absent, null or a string
+      if record[field] ~= nil and record[field] ~= json.null and type(record[field]) ~= 'string' then
+        error(string.format("sft: alpaca field '%s' must be a string or null, got %s", field, json_type(record[field])), 2)
+      end
+    end
+    local prompt = record.instruction
     if type(record.input) == 'string' and record.input ~= '' then prompt = prompt .. '\n\n' .. record.input end
-    local out = { { role = 'user', content = prompt }, { role = 'assistant', content = tostring(record.output) } }
+    local out = { { role = 'user', content = prompt }, { role = 'assistant', content = record.output } }
     if type(record.system) == 'string' and record.system ~= '' then table.insert(out, 1, { role = 'system', content = record.system }) end
     return out
   end

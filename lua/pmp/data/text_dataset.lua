@@ -62,6 +62,7 @@ function Dataset.split(tokens, weights)
     parts[#parts + 1] = v
     total = total + v
   end
+  if total <= 0 then error("--split '" .. tostring(weights) .. "' has no positive weight", 0) end
   while #parts < 3 do parts[#parts + 1] = 0 end
   local n, start, out = tokens:numel(), 0, {}
   for k = 1, 3 do

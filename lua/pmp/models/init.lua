@@ -148,17 +148,24 @@ function M.read_rope(read, default_theta)
     scaling = read('rope_scaling')
     if scaling ~= nil and type(scaling) ~= 'table' then read:fail("key 'rope_scaling' must be an object or null") end
   end
-  local base = (scaling and type(scaling.rope_theta) == 'number' and scaling.rope_theta) or read:number('rope_theta')
-    or default_theta or 10000
-  local percent = (scaling and type(scaling.partial_rotary_factor) == 'number' and scaling.partial_rotary_factor)
-    or read:number('partial_rotary_factor', 1.0)
-  local kind = scaling and (scaling.rope_type ~= json.null and scaling.rope_type or scaling.type)
-  if kind == json.null then kind = nil end
+  -- a nested value of the wrong type must fail, not fall back to a default that gives other logits
+  local where = params ~= nil and 'rope_parameters' or 'rope_scaling'
+  local function nested(key, kind)
+    local v = scaling and scaling[key]
+    if v == nil or v == json.null then return nil end
+    if type(v) ~= kind then read:fail(string.format("key '%s.%s' must be a %s, got %s", where, key, kind, tostring(v))) end
+    return v
+  end
+  local base = nested('rope_theta', 'number') or read:number('rope_theta') or default_theta or 10000
+  local percent = nested('partial_rotary_factor', 'number') or read:number('partial_rotary_factor', 1.0)
+  local kind = nested('rope_type', 'string') or nested('type', 'string')
   if kind == nil or kind == 'default' then return base, nil, percent end
   local function factor(key, default)
     local v = scaling[key]
     if v == nil or v == json.null then v = default end
-    if type(v) ~= 'number' then read:fail(string.format("rope scaling '%s' needs the number '%s'", kind, key)) end
+    if type(v) ~= 'number' then
+      read:fail(string.format("rope scaling '%s' needs the number '%s' (%s.%s), got %s", kind, key, where, key, tostring(v)))
+    end
     return v
   end
   if kind == 'linear' then return base, { type = 'linear', factor = factor('factor') }, percent end

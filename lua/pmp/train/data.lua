@@ -52,10 +52,14 @@ local function text(opts, options)
   local source, content
   if opts.data_path then
     source = opts.data_path[1]
+    if require('pmp.io').is_dir(source) then
+      error('--data-path ' .. source .. ' is a directory (give a text file or an indexed dataset PREFIX)', 0)
+    end
     local file = io.open(source, 'rb')
     if not file then error('cannot read --data-path ' .. source .. ' (neither a text file nor an indexed dataset prefix)', 0) end
     content = file:read('*a')
     file:close()
+    if content == '' then error('--data-path ' .. source .. ' is empty', 0) end
   else
     source = 'the embedded corpus'
     content = require('pmp.data.tiny_corpus').generate()
@@ -78,6 +82,10 @@ local function text(opts, options)
   local TextDataset = require('pmp.data').TextDataset
   local tokens = require('pmp.tensor').tensor(tokenizer:encode(content), { dtype = 'i64' })
   local train_tokens, valid_tokens = TextDataset.split(tokens, opts.split)
+  if not train_tokens or train_tokens:numel() <= opts.seq_length then
+    error(string.format('%s: the --split %s leaves %d training tokens, fewer than --seq-length %d + 1',
+      opts.data_path and '--data-path ' .. source or source, opts.split, train_tokens and train_tokens:numel() or 0, opts.seq_length), 0)
+  end
   return { source = source, tokenizer = tokenizer, num_tokens = tokens:numel(),
     train = TextDataset(train_tokens, opts.seq_length, opts.seed),
     valid = valid_tokens and valid_tokens:numel() > opts.seq_length and TextDataset(valid_tokens, opts.seq_length, opts.seed + 1) or nil,

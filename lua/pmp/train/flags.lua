@@ -10,41 +10,43 @@ local M = {}
 
 --- The GPT that pmp.train.model.gpt builds.
 M.model = {
-  { '--num-layers', 4, 'transformer layers' },
-  { '--hidden-size', 192, 'model width' },
-  { '--ffn-hidden-size', 0, 'MLP width (0: 8/3 of hidden for SwiGLU, rounded to 64)' },
-  { '--num-attention-heads', 6, 'attention heads' },
-  { '--num-query-groups', 0, 'KV heads for GQA (0: as many as attention heads)' },
-  { '--hidden-dropout', 0.0, 'dropout on residual branches' },
-  { '--init-method-std', 0.02, 'weight init standard deviation' },
-  { '--rotary-base', 10000, 'RoPE theta' },
-  { '--norm-epsilon', 1e-5, 'RMSNorm epsilon' },
+  { '--num-layers', 4, 'transformer layers', integer = true, min = 1 },
+  { '--hidden-size', 192, 'model width', integer = true, min = 1 },
+  { '--ffn-hidden-size', 0, 'MLP width (0: 8/3 of hidden for SwiGLU, rounded to 64)', integer = true, min = 0 },
+  { '--num-attention-heads', 6, 'attention heads', integer = true, min = 1 },
+  { '--num-query-groups', 0, 'KV heads for GQA (0: as many as attention heads)', integer = true, min = 0 },
+  { '--hidden-dropout', 0.0, 'dropout on residual branches', min = 0, below = 1 },
+  { '--init-method-std', 0.02, 'weight init standard deviation', min = 0 },
+  { '--rotary-base', 10000, 'RoPE theta', above = 0 },
+  { '--norm-epsilon', 1e-5, 'RMSNorm epsilon', above = 0 },
   { '--untie-embeddings-and-output-weights', false, 'separate output layer' },
-  { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size' },
+  { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size', integer = true, min = 1 },
 }
 
 --- Sequences, batches and steps.
 M.training = {
-  { '--seq-length', 64, 'tokens per sample' },
-  { '--micro-batch-size', 16, 'samples per forward/backward' },
-  { '--global-batch-size', 16, 'samples per optimizer step (a multiple of the micro batch)' },
-  { '--train-iters', 300, 'optimizer steps' },
-  { '--seed', 1234, 'random seed' },
+  { '--seq-length', 64, 'tokens per sample', integer = true, min = 1 },
+  { '--micro-batch-size', 16, 'samples per forward/backward', integer = true, min = 1 },
+  { '--global-batch-size', 16, 'samples per optimizer step (a multiple of the micro batch)', integer = true, min = 1 },
+  { '--train-iters', 300, 'optimizer steps', integer = true, min = 0 },
+  { '--seed', 1234, 'random seed', integer = true, min = 0 },
+  { '--check-for-nan-in-loss-and-grad', true, 'skip (and count) a step whose gradient norm is NaN or Inf' },
+  { '--max-nan-iterations-in-a-row', 5, 'stop the run after this many skipped non-finite steps in a row', integer = true, min = 1 },
 }
 
 --- AdamW, its learning-rate schedule and gradient clipping (pmp.train.optimizer).
 M.optimizer = {
-  { '--lr', 1e-3, 'peak learning rate' },
-  { '--min-lr', 1e-4, 'final learning rate' },
-  { '--lr-warmup-iters', 30, 'linear warmup steps' },
-  { '--lr-decay-iters', 0, 'steps of decay (0: train-iters)' },
-  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
-  { '--lr-wsd-decay-iters', 0, 'WSD: length of the final anneal' },
-  { '--weight-decay', 0.1, 'AdamW decoupled weight decay (not on norms and biases)' },
-  { '--adam-beta1', 0.9, 'AdamW beta1' },
-  { '--adam-beta2', 0.95, 'AdamW beta2' },
-  { '--adam-eps', 1e-8, 'AdamW epsilon' },
-  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)' },
+  { '--lr', 1e-3, 'peak learning rate', min = 0 },
+  { '--min-lr', 1e-4, 'final learning rate', min = 0 },
+  { '--lr-warmup-iters', 30, 'linear warmup steps', integer = true, min = 0 },
+  { '--lr-decay-iters', 0, 'steps of decay (0: train-iters)', integer = true, min = 0 },
+  { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD', choices = { 'cosine', 'linear', 'constant', 'WSD' } },
+  { '--lr-wsd-decay-iters', 0, 'WSD: length of the final anneal', integer = true, min = 0 },
+  { '--weight-decay', 0.1, 'AdamW decoupled weight decay (not on norms and biases)', min = 0 },
+  { '--adam-beta1', 0.9, 'AdamW beta1', min = 0, below = 1 },
+  { '--adam-beta2', 0.95, 'AdamW beta2', min = 0, below = 1 },
+  { '--adam-eps', 1e-8, 'AdamW epsilon', above = 0 },
+  { '--clip-grad', 1.0, 'global gradient-norm clipping (0: off)', min = 0 },
 }
 
 --- Dtype and activation memory.
@@ -55,16 +57,16 @@ M.precision = {
 
 --- The Megatron layout under mpirun (pmp.train.parallel); the data-parallel size is what is left.
 M.parallel = {
-  { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)' },
-  { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)' },
+  { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)', integer = true, min = 1 },
+  { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)', integer = true, min = 1 },
   { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
-  { '--context-parallel-size', 1, 'ranks that split every sequence, attention gathering keys and values (run under mpirun)' },
-  { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
-  { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },
-  { '--num-layers-per-virtual-pipeline-stage', 0, 'layers per virtual pipeline stage: the interleaved schedule (0: off)' },
+  { '--context-parallel-size', 1, 'ranks that split every sequence, attention gathering keys and values (run under mpirun)', integer = true, min = 1 },
+  { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)', integer = true, min = 0 },
+  { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)', integer = true, min = 0 },
+  { '--num-layers-per-virtual-pipeline-stage', 0, 'layers per virtual pipeline stage: the interleaved schedule (0: off)', integer = true, min = 0 },
   { '--use-distributed-optimizer', false, 'shard f32 master weights and Adam moments over data-parallel ranks (ZeRO-1)' },
   { '--overlap-grad-reduce', true, 'reduce gradient buckets during backward (--overlap-grad-reduce=false: after it)' },
-  { '--distributed-timeout-minutes', 10, 'a collective that makes no progress this long ends the job' },
+  { '--distributed-timeout-minutes', 10, 'a collective that makes no progress this long ends the job', above = 0 },
 }
 
 --- Pretraining text and its validation split (pmp.train.data).
@@ -73,25 +75,28 @@ M.data = {
   { '--split', '969,30,1', 'train,valid,test weights' },
   { '--tokenizer-type', 'char', 'char or byte' },
   { '--tokenizer-model', nil, 'Hugging Face tokenizer directory (tokenizer.json)' },
-  { '--eval-interval', 100, 'steps between validations' },
-  { '--eval-iters', 10, 'micro batches per validation' },
+  { '--eval-interval', 100, 'steps between validations', integer = true, min = 0 },
+  { '--eval-iters', 10, 'micro batches per validation', integer = true, min = 0 },
 }
 
 --- Checkpoint cadence (pmp.train.Checkpoints).
 M.checkpoint = {
   { '--save', nil, 'checkpoint directory (none if not given or "")' },
-  { '--save-interval', 150, 'steps between checkpoints (0: only at the end)' },
-  { '--exit-interval', 0, 'stop (saving a checkpoint) after an iteration divisible by this (0: never)' },
+  { '--save-interval', 150, 'steps between checkpoints (0: only at the end)', integer = true, min = 0 },
+  { '--exit-interval', 0, 'stop (saving a checkpoint) after an iteration divisible by this (0: never)', integer = true, min = 0 },
   { '--load', nil, 'resume from this checkpoint directory' },
+  { '--override-checkpoint', false, 'start a fresh run even though --save holds a checkpoint (it is replaced)' },
+  { '--exit-duration-in-mins', 0, 'stop (saving a checkpoint) after this many minutes (0: no limit)', min = 0 },
+  { '--exit-signal-handler', true, 'on SIGTERM or SIGINT finish the iteration, save and exit (a second Ctrl-C exits at once)' },
 }
 
 --- Log lines, TensorBoard and the op profiler (pmp.train.Logger).
 M.logging = {
-  { '--log-interval', 20, 'steps between log lines' },
+  { '--log-interval', 20, 'steps between log lines', integer = true, min = 1 },
   { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
   { '--profile', false, 'time every engine op from --profile-step-start to --profile-step-end and print the table' },
-  { '--profile-step-start', 10, 'first profiled iteration' },
-  { '--profile-step-end', 12, 'last profiled iteration' },
+  { '--profile-step-start', 10, 'first profiled iteration', integer = true, min = 1 },
+  { '--profile-step-end', 12, 'last profiled iteration', integer = true, min = 1 },
 }
 
 --- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood.

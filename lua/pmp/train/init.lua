@@ -11,7 +11,8 @@
 ---   step         zero_grad, forward_backward (incl. pipeline schedules), finish_grads, clip_grads, evaluate
 ---   throughput   model FLOPs per token and the measured GEMM peak, for MFU
 ---   Logger       Megatron's log lines, TensorBoard, the profiler, the end-of-run summary
----   Checkpoints  resume, save cadence and --exit-interval
+---   Checkpoints  resume, save cadence, --exit-interval, --exit-duration-in-mins and SIGTERM/SIGINT
+---   NanGuard     skips (and counts) steps whose gradient is not finite, stops after too many in a row
 return {
   flags = require 'pmp.train.flags',
   parallel = require 'pmp.train.parallel',
@@ -25,4 +26,5 @@ return {
   throughput = require 'pmp.train.throughput',
   Logger = require 'pmp.train.logger',
   Checkpoints = require 'pmp.train.checkpoints',
+  NanGuard = require 'pmp.train.nan_guard',
 }

@@ -21,7 +21,7 @@ end
 function Logger.new(opts, options)
   local self = setmetatable({ opts = opts, name = options.name, enabled = options.enabled ~= false,
     train_iters = options.train_iters, flops_per_token = options.flops_per_token, peak_flops = options.peak_flops,
-    consumed = options.consumed, loss_sum = 0, steps = 0, tokens = 0 }, Logger)
+    consumed = options.consumed, loss_sum = 0, steps = 0, loss_steps = 0, skipped = 0, tokens = 0 }, Logger)
   if self.enabled and opts.tensorboard_dir then self.tensorboard = require('pmp.tensorboard').writer(opts.tensorboard_dir) end
   return self
 end
@@ -41,10 +41,16 @@ local function scalar(self, tag, value, iteration)
 end
 
 --- step: lr, loss (nil on ranks without one: other pipeline stages), grad_norm, tokens (trained this
---- step), consumed (samples so far, when the logger shows them).
+--- step), consumed (samples so far, when the logger shows them), skipped (true when pmp.train.NanGuard
+--- kept the optimizer from stepping: its loss stays out of the line's mean, as in Megatron).
 function Logger:iteration(iteration, step)
-  self.loss_sum, self.steps, self.tokens = self.loss_sum + (step.loss or 0), self.steps + 1, self.tokens + step.tokens
-  if step.loss then
+  self.steps, self.tokens = self.steps + 1, self.tokens + step.tokens
+  if step.skipped then
+    self.skipped = self.skipped + 1
+  elseif step.loss then
+    self.loss_sum, self.loss_steps = self.loss_sum + step.loss, self.loss_steps + 1
+  end
+  if step.loss and not step.skipped then
     scalar(self, 'lm loss', step.loss, iteration)
     scalar(self, 'learning-rate', step.lr, iteration)
     scalar(self, 'grad-norm', step.grad_norm, iteration)
@@ -56,15 +62,17 @@ function Logger:iteration(iteration, step)
     local fields = { string.format(' iteration %8d/%8d |', iteration, self.train_iters) }
     if self.consumed then fields[#fields + 1] = string.format(' consumed samples: %12d |', step.consumed) end
     fields[#fields + 1] = string.format(' elapsed time per iteration (ms): %.1f | learning rate: %.6E | global batch ' ..
-      'size: %5d | lm loss: %.6E | grad norm: %.3f | tokens per second: %.0f |', per_iteration * 1000, step.lr,
-      self.opts.global_batch_size, self.loss_sum / self.steps, step.grad_norm, throughput)
+      'size: %5d | lm loss: %.6E | grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: ' ..
+      '%3d | tokens per second: %.0f |', per_iteration * 1000, step.lr, self.opts.global_batch_size,
+      self.loss_steps > 0 and self.loss_sum / self.loss_steps or 0 / 0, step.grad_norm, self.skipped, self.skipped,
+      throughput)
     if self.flops_per_token then
       fields[#fields + 1] = string.format(' MFU: %.1f%% | ETA: %s |', 100 * throughput * self.flops_per_token /
         self.peak_flops, Logger.duration(per_iteration * (self.train_iters - iteration)))
     end
     self:line(table.concat(fields))
     scalar(self, 'throughput', throughput, iteration)
-    self.interval_start, self.loss_sum, self.steps, self.tokens = now, 0, 0, 0
+    self.interval_start, self.loss_sum, self.steps, self.loss_steps, self.skipped, self.tokens = now, 0, 0, 0, 0, 0
   end
   if self.opts.profile and iteration == self.opts.profile_step_end then
     local profile = require 'pmp.profile'

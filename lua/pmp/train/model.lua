@@ -8,7 +8,19 @@ function M.ffn_hidden_size(opts)
   return math.floor((opts.hidden_size * 8 / 3 + 63) / 64) * 64
 end
 
+-- The shapes the flags must agree on, checked before anything is built.
+local function check_shapes(opts)
+  local heads, groups = opts.num_attention_heads, opts.num_query_groups
+  if opts.hidden_size % heads ~= 0 then
+    error(string.format('--hidden-size %d is not a multiple of --num-attention-heads %d', opts.hidden_size, heads), 0)
+  end
+  if groups > 0 and heads % groups ~= 0 then
+    error(string.format('--num-attention-heads %d is not a multiple of --num-query-groups %d', heads, groups), 0)
+  end
+end
+
 function M.gpt(opts, vocab_size)
+  check_shapes(opts)
   return require('pmp.nn').GPTModel({
     num_layers = opts.num_layers,
     hidden_size = opts.hidden_size,

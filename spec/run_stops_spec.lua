@@ -1,0 +1,270 @@
+require 'busted.runner'()
+-- How a training run stops without losing work or saving a wrong one: SIGTERM / SIGINT save at the end
+-- of the iteration (every MPI rank at the same one), --exit-duration-in-mins, a second Ctrl-C ending the
+-- process at once, steps with a non-finite gradient skipped and counted, a diverged model never saved,
+-- and a --save directory checked before any work.
+local shell = require 'spec.support.shell'
+local mpi = require 'spec.support.mpi'
+local losses = require('spec.support.train_log').losses
+
+local TINY = { '--num-layers', '1', '--hidden-size', '32', '--num-attention-heads', '2', '--seq-length', '16',
+  '--micro-batch-size', '4', '--global-batch-size', '8', '--log-interval', '1', '--eval-interval', '0',
+  '--sample-length', '0', '--lr-warmup-iters', '2' }
+
+local function pretrain_words(extra)
+  local words = { 'cd', shell.quote(shell.root), '&&', shell.quote(shell.pmp), 'recipes/pretrain.lua' }
+  for _, list in ipairs({ TINY, extra }) do
+    for _, a in ipairs(list) do words[#words + 1] = shell.quote(a) end
+  end
+  return table.concat(words, ' ')
+end
+
+local function run_pretrain(extra) return shell.run(pretrain_words(extra)) end
+
+local function tracker(dir)
+  local file = io.open(dir .. '/latest_checkpointed_iteration.txt')
+  if not file then return nil end
+  local text = file:read('*a')
+  file:close()
+  return tonumber(text)
+end
+
+-- Starts `command` in the background, waits until its log shows `iterations` iteration lines, sends
+-- `signal` to the pretraining processes whose command line holds `marker` (the first of them only with
+-- `one`: one MPI rank), waits
+-- for the command; returns its log and exit status.
+local function signal_midway(command, marker, signal, iterations, one)
+  local dir = shell.temp_dir()
+  local script = string.format([[
+( %s ) >%s/log 2>&1 &
+job=$!
+for _ in $(seq 600); do
+  [ "$(grep -c ' iteration ' %s/log)" -ge %d ] && break
+  sleep 0.05
+done
+pids=$(pgrep -f %s %s)
+kill -%s $pids
+wait $job
+echo "status $?" >>%s/log
+]], command, dir, dir, iterations, shell.quote('^' .. shell.pmp .. ' recipes/pretrain.lua .*' .. marker), one and '| head -1' or '', signal, dir)
+  shell.run(script)
+  local file = assert(io.open(dir .. '/log'))
+  local log = file:read('*a')
+  file:close()
+  shell.remove_dir(dir)
+  return log, tonumber(log:match('status (%d+)\n$'))
+end
+
+describe('a training run that is told to stop', function()
+  local scratch
+  before_each(function() scratch = shell.temp_dir() end)
+  after_each(function() shell.remove_dir(scratch) end)
+
+  it('on SIGTERM finishes the iteration, saves it, exits 0, and resumes to the uninterrupted losses', function()
+    local iters = { '--train-iters', '300' }
+    local log, status = signal_midway(pretrain_words({ iters[1], iters[2], '--save', scratch .. '/ck' }),
+      scratch .. '/ck', 'TERM', 5)
+    assert.are.equal(0, status, log)
+    local stopped = tonumber(log:match('pretrain: exiting at iteration (%d+) %(SIGTERM received%)'))
+    assert.is_not_nil(stopped, log)
+    assert.is_true(stopped >= 5 and stopped < 300, log)
+    assert.are.equal(stopped, tracker(scratch .. '/ck'))
+    local resumed_out, err, resumed_status = run_pretrain({ iters[1], iters[2], '--save', scratch .. '/ck', '--load',
+      scratch .. '/ck' })
+    assert.are.equal(0, resumed_status, err)
+    local whole_out = run_pretrain({ iters[1], iters[2], '--save', '' })
+    assert.are.equal(losses(whole_out)[300], losses(resumed_out)[300])
+    assert.is_nil(losses(resumed_out)[stopped], 'the resumed run repeated the saved iteration')
+  end)
+
+  it('under mpirun stops every rank after the same iteration when one rank gets SIGTERM', function()
+    if not mpi.available then pending('mpirun is not installed') return end
+    local session = shell.temp_dir()
+    local words = { 'cd', shell.quote(shell.root), '&&', 'TMPDIR=' .. shell.quote(session),
+      'mpirun --oversubscribe --bind-to none --mca btl_vader_single_copy_mechanism none --mca orte_tmpdir_base',
+      shell.quote(session), '-np 2' }
+    if io.popen('id -u'):read('*l') == '0' then words[#words + 1] = '--allow-run-as-root' end
+    words[#words + 1] = shell.quote(shell.pmp) .. ' recipes/pretrain.lua'
+    for _, a in ipairs(TINY) do words[#words + 1] = shell.quote(a) end
+    for _, a in ipairs({ '--train-iters', '2000', '--save', scratch .. '/ck' }) do words[#words + 1] = shell.quote(a) end
+    local log, status = signal_midway(table.concat(words, ' '), scratch .. '/ck', 'TERM', 3, true)
+    shell.remove_dir(session)
+    assert.are.equal(0, status, log)
+    local stopped = tonumber(log:match('pretrain: exiting at iteration (%d+) %(SIGTERM received%)'))
+    assert.is_not_nil(stopped, log)
+    assert.are.equal(stopped, tracker(scratch .. '/ck'))
+    -- both data-parallel ranks saved that iteration: it loads back whole
+    local out, err, resumed = run_pretrain({ '--train-iters', tostring(stopped + 1), '--load', scratch .. '/ck',
+      '--save', scratch .. '/ck' })
+    assert.are.equal(0, resumed, err)
+    assert.is_not_nil(losses(out)[stopped + 1], out)
+  end)
+
+  it('stops after --exit-duration-in-mins, saving', function()
+    local out, err, status = run_pretrain({ '--train-iters', '300', '--exit-duration-in-mins', '0.0001', '--save',
+      scratch .. '/ck' })
+    assert.are.equal(0, status, err)
+    local stopped = tonumber(out:match('exiting at iteration (%d+) %(%-%-exit%-duration%-in%-mins 0.0001 elapsed%)'))
+    assert.is_not_nil(stopped, out)
+    assert.are.equal(stopped, tracker(scratch .. '/ck'))
+  end)
+
+  it('records the first signal and ends at once on a SIGINT after it', function()
+    local script = scratch .. '/twice.lua'
+    shell.write_file(script, [[
+local ffi = require 'ffi'
+ffi.cdef('int kill(int pid, int sig); int getpid(void);')
+local C = require('pmp.ffi').C
+assert(C.pmp_stop_signals_watch(1, 1) == 0)
+ffi.C.kill(ffi.C.getpid(), 2)
+print('first ' .. C.pmp_stop_signal())
+ffi.C.kill(ffi.C.getpid(), 15)
+print('after SIGTERM ' .. C.pmp_stop_signal())
+ffi.C.kill(ffi.C.getpid(), 2)
+print('survived a second SIGINT')
+]])
+    local out, _, status = shell.run_pmp({ script })
+    assert.are.equal('first 2\nafter SIGTERM 2\n', out)
+    assert.are.equal(130, status)
+  end)
+end)
+
+-- A tiny model whose parameter `name` holds a NaN, and its AdamW optimizer.
+local function model_with_nan(name)
+  local model = pmp.train.model.gpt({ num_layers = 1, hidden_size = 8, num_attention_heads = 2, num_query_groups = 0,
+    ffn_hidden_size = 0, seq_length = 8, hidden_dropout = 0, init_method_std = 0.02, rotary_base = 10000,
+    norm_epsilon = 1e-5, untie_embeddings_and_output_weights = false, make_vocab_size_divisible_by = 1 }, 11)
+  for _, pair in ipairs(model:named_parameters()) do
+    if pair[1] == name then pmp.no_grad(function() pair[2]:narrow(1, 1, 1):fill_(0 / 0) end) end
+  end
+  return model, pmp.optim.AdamW(model:parameters(), { lr = 0.1 })
+end
+
+describe('a run whose gradient is not finite', function()
+  local scratch
+  before_each(function() scratch = shell.temp_dir() end)
+  after_each(function() shell.remove_dir(scratch) end)
+
+  local logger = pmp.train.Logger({ log_interval = 1 }, { name = 'spec', enabled = false })
+
+  it('skips those steps (the weights stay as they were) and stops after too many in a row', function()
+    local model, optimizer = model_with_nan('decoder.layers.0.mlp.linear_fc2.weight')
+    local guard = pmp.train.NanGuard({ max_nan_iterations_in_a_row = 2 }, logger)
+    local ids = pmp.tensor({ { 1, 2, 3, 4 } }, { dtype = 'i64' })
+    local embedding = model.embedding.word_embeddings.weight:clone()
+    local function train_step(iteration)
+      pmp.train.step.zero_grad(optimizer)
+      pmp.train.step.forward_backward(model, { { ids = ids, targets = ids } })
+      local norm = pmp.train.step.clip_grads(model, optimizer, 1.0)
+      if guard:finite(iteration, norm) then optimizer:step() end
+      return norm
+    end
+    local norm = train_step(1)
+    assert.is_true(norm ~= norm, 'a NaN weight gives a NaN gradient norm')
+    assert.is_true(require('spec.support.expect').same_bits(embedding, model.embedding.word_embeddings.weight))
+    require('spec.support.expect').fails_with(function() train_step(2) end, 'stopping at iteration 2: 2 iterations ' ..
+      'in a row had a non-finite loss or gradient (--max-nan-iterations-in-a-row 2)')
+  end)
+
+  it('counts a finite step as ending the streak', function()
+    local guard = pmp.train.NanGuard({ max_nan_iterations_in_a_row = 2 }, logger)
+    assert.is_false(guard:finite(1, 0 / 0))
+    assert.is_true(guard:finite(2, 1.5))
+    assert.is_false(guard:finite(3, math.huge))
+    assert.are.equal(2, guard.total)
+  end)
+
+  it('refuses to save a model holding NaN', function()
+    local model = model_with_nan('decoder.layers.0.mlp.linear_fc2.weight')
+    local checkpoints = pmp.train.Checkpoints({ save = scratch .. '/ck', save_interval = 1 }, logger)
+    require('spec.support.expect').fails_with(function() checkpoints:save(3, model, nil, {}) end,
+      'not saving iteration 3: parameter decoder.layers.0.mlp.linear_fc2.weight holds NaN or Inf (the run diverged)')
+    assert.is_nil(tracker(scratch .. '/ck'))
+  end)
+
+  -- A learning rate of 1e30 blows the weights up within a few steps, then the loss turns NaN.
+  local DIVERGING = { '--train-iters', '40', '--lr', '1e30', '--lr-warmup-iters', '0', '--clip-grad', '0' }
+
+  it('in the recipe: a diverged model is not saved over the last good checkpoint', function()
+    local args = { '--save', scratch .. '/ck', '--save-interval', '1' }
+    for _, a in ipairs(DIVERGING) do args[#args + 1] = a end
+    local _, err, status = run_pretrain(args)
+    assert.are_not.equal(0, status)
+    local refused = tonumber(err:match('^pmp: not saving iteration (%d+): parameter [%w._]+ holds NaN or Inf'))
+    assert.is_not_nil(refused, err)
+    assert.are.equal(refused - 1, tracker(scratch .. '/ck'))
+  end)
+
+  it('in the recipe: NaN steps are logged as skipped until the limit', function()
+    local args = { '--save', '', '--max-nan-iterations-in-a-row', '3' }
+    for _, a in ipairs(DIVERGING) do args[#args + 1] = a end
+    local out, err, status = run_pretrain(args)
+    assert.are_not.equal(0, status)
+    local stopped = tonumber(err:match('stopping at iteration (%d+): 3 iterations in a row'))
+    assert.is_not_nil(stopped, err)
+    for k = stopped - 2, stopped - 1 do
+      assert.matches(' iteration +' .. k .. '/ +40 |.- lm loss: [-%a]+ | grad norm: [-%a]+ | number of skipped ' ..
+        'iterations: +1 | number of nan iterations: +1 |', out)
+    end
+    assert.matches(' iteration ' .. (stopped - 2) .. ': gradient norm is [-%a]+; the update is skipped %(1 in a row%)', out)
+  end)
+end)
+
+describe('the --save directory of a fresh run', function()
+  local scratch
+  before_each(function() scratch = shell.temp_dir() end)
+  after_each(function() shell.remove_dir(scratch) end)
+
+  it('may not hold another run\'s checkpoint unless --override-checkpoint', function()
+    local _, err, status = run_pretrain({ '--train-iters', '2', '--save', scratch .. '/ck' })
+    assert.are.equal(0, status, err)
+    local out2, err2, status2 = run_pretrain({ '--train-iters', '1', '--save', scratch .. '/ck' })
+    assert.are_not.equal(0, status2)
+    assert.are.equal('', out2)
+    assert.are.equal('pmp: --save ' .. scratch .. '/ck already holds a checkpoint (iteration 2) of another run; pass ' ..
+      '--load ' .. scratch .. '/ck to resume it, or --override-checkpoint to start over and replace it\n', err2)
+    assert.are.equal(2, tracker(scratch .. '/ck'))
+    local _, err3, status3 = run_pretrain({ '--train-iters', '1', '--save', scratch .. '/ck', '--override-checkpoint' })
+    assert.are.equal(0, status3, err3)
+    assert.are.equal(1, tracker(scratch .. '/ck'))
+  end)
+
+  it('must be writable before any training', function()
+    shell.write_file(scratch .. '/file', 'x')
+    local out, err, status = run_pretrain({ '--train-iters', '1', '--save', scratch .. '/file/ck' })
+    assert.are_not.equal(0, status)
+    assert.are.equal('', out)
+    assert.matches('^pmp: %-%-save ' .. scratch:gsub('%p', '%%%0') .. '/file/ck is not writable', err)
+  end)
+end)
+
+describe('flags with nonsense values', function()
+  -- each is refused before any work with one line naming the flag (the bounds are Megatron's meanings)
+  local cases = {
+    { { '--num-layers', '-1' }, '--num-layers must be >= 1, got -1' },
+    { { '--train-iters', '-3' }, '--train-iters must be >= 0, got -3' },
+    { { '--rotary-base', '0' }, '--rotary-base must be > 0, got 0' },
+    { { '--adam-beta1', '2' }, '--adam-beta1 must be < 1, got 2' },
+    { { '--num-layers', '2.5' }, '--num-layers must be a whole number, got 2.5' },
+    { { '--bf16=maybe' }, "--bf16 is a switch: give it alone, or =true / =false, not 'maybe'" },
+    { { '--seq-length', '0' }, '--seq-length must be >= 1, got 0' },
+    { { '--make-vocab-size-divisible-by', '0' }, '--make-vocab-size-divisible-by must be >= 1, got 0' },
+    { { '--lr-decay-style', 'cosin' }, "--lr-decay-style must be one of cosine, linear, constant, WSD, got 'cosin'" },
+    { { '--hidden-size', '63', '--num-attention-heads', '4' }, '--hidden-size 63 is not a multiple of --num-attention-heads 4' },
+    { { '--num-attention-heads', '4', '--num-query-groups', '3' }, '--num-attention-heads 4 is not a multiple of --num-query-groups 3' },
+    { { '--split', '0,0,0' }, "--split '0,0,0' has no positive weight" },
+    { { '--split', '0,1,0' }, 'the embedded corpus: the --split 0,1,0 leaves 0 training tokens, fewer than --seq-length 16 + 1' },
+    { { '--data-path', '/tmp' }, '--data-path /tmp is a directory (give a text file or an indexed dataset PREFIX)' },
+    { { '--data-path', '/dev/null' }, '--data-path /dev/null is empty' },
+  }
+  for _, case in ipairs(cases) do
+    it(table.concat(case[1], ' '), function()
+      local args = { '--save', '', '--train-iters', '1' }
+      for _, a in ipairs(case[1]) do args[#args + 1] = a end
+      local out, err, status = run_pretrain(args)
+      assert.are_not.equal(0, status)
+      assert.are.equal('', out)
+      assert.are.equal('pmp: ' .. case[2] .. '\n', err)
+    end)
+  end
+end)
