@@ -3,8 +3,9 @@
 -- rotary embeddings on halves of the first rotary_pct of each head (base rotary_emb_base), and a SwiGLU
 -- MLP whose gate is w2 and whose up projection is w1 (c_proj(w1(x) * silu(w2(x)))), intermediate_size
 -- being twice its width. no_bias (default true) drops the biases of attn.c_proj and the MLP.
--- use_dynamic_ntk and use_logn_attn only change attention beyond seq_length tokens, where pmp does not
--- follow them: sequences up to seq_length give Qwen's logits.
+-- use_dynamic_ntk and use_logn_attn (on unless the config says otherwise) only change attention from
+-- position seq_length on, which pmp does not follow: with either on, positions past seq_length are
+-- refused (rotary_position_limit) rather than given logits Qwen would not give.
 local M = { model_type = 'qwen', architectures = { 'QWenLMHeadModel' } }
 
 M.mapping = {
@@ -39,6 +40,8 @@ function M.config(read)
     kv_channels = hidden / heads
   end
   local biases = not read:bool('no_bias', true)
+  local seq_length = read:positive_int('seq_length', 8192)
+  local extrapolates = read:bool('use_dynamic_ntk', true) or read:bool('use_logn_attn', true)
   return {
     num_layers = read:positive_int('num_hidden_layers'),
     hidden_size = hidden,
@@ -47,7 +50,8 @@ function M.config(read)
     num_query_groups = heads,
     kv_channels = kv_channels,
     vocab_size = read:positive_int('vocab_size'),
-    max_position_embeddings = read:number('seq_length') or read:number('max_position_embeddings'),
+    max_position_embeddings = seq_length,
+    rotary_position_limit = extrapolates and seq_length or nil,
     normalization = 'RMSNorm',
     norm_epsilon = read:number('layer_norm_epsilon', 1e-6),
     activation = 'swiglu',

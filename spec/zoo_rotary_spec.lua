@@ -154,6 +154,17 @@ describe('rotary family configs', function()
     assert.are.equal(0.5, models.from_pretrained(dir).config.rotary_percent)
   end)
 
+  it('Qwen 1 refuses positions from seq_length on while use_dynamic_ntk or use_logn_attn is on', function()
+    local ids = tensor.zeros({ 1, 65 }, { dtype = 'i64' })
+    local model = models.from_pretrained(FIXTURES .. '/qwen')
+    expect.fails_with(function() model(ids) end, 'position 64 is not below rotary_position_limit 64', 'use_logn_attn')
+    -- the 63rd new token comes from the logits at position 63, the 64th would need position 64
+    assert.are.equal(63, #pmp.generate(model, { { 5, 6 } }, { max_new_tokens = 63 })[1].tokens)
+    expect.fails_with(function() pmp.generate(model, { { 5, 6 } }, { max_new_tokens = 64 }) end, 'rotary_position_limit')
+    local plain = models.from_pretrained(edited('qwen', function(c) c.use_dynamic_ntk, c.use_logn_attn = false, false end))
+    assert.are.same({ 1, 65, 150 }, plain(ids).shape)
+  end)
+
   it('a fused qkv of the wrong size is named with both shapes', function()
     local dir = edited('qwen', function(c) c.kv_channels = 4 end)
     expect.fails_with(function() models.from_pretrained(dir) end, 'transformer.h.0.attn.c_attn.weight (file [96,32], expected [48,32])')

@@ -109,7 +109,9 @@ end
 -- options.scaling: nil, {type = 'linear', factor = f} (positions / f) or {type = 'llama3', factor,
 -- low_freq_factor, high_freq_factor, original_max_position_embeddings}. options.interleaved: tables
 -- for rotating adjacent pairs (GPT-J, GLM, ChatGLM; Megatron's rotary_interleaved) instead of halves.
---- RotaryEmbedding(rotary_dim, {base = 10000, scaling, interleaved}): cos/sin tables of rotary position embeddings.
+-- options.position_limit: positions from it on are refused (config.rotary_position_limit: a family
+-- whose own code changes attention there, e.g. Qwen 1's use_dynamic_ntk / use_logn_attn).
+--- RotaryEmbedding(rotary_dim, {base = 10000, scaling, interleaved, position_limit}): cos/sin tables of rotary position embeddings.
 M.RotaryEmbedding = Module:extend('RotaryEmbedding')
 function M.RotaryEmbedding:init(rotary_dim, options)
   options = options or {}
@@ -117,6 +119,7 @@ function M.RotaryEmbedding:init(rotary_dim, options)
   self.base = options.base or 10000
   self.scaling = options.scaling
   rawset(self, 'interleaved', options.interleaved or false)
+  rawset(self, 'position_limit', options.position_limit)
   local exponent = tensor.arange(0, rotary_dim, 2):float() / rotary_dim
   local inv_freq = 1 / tensor.full({}, self.base):pow(exponent)
   local kind = self.scaling and (self.scaling.type or self.scaling.rope_type) or nil
@@ -136,6 +139,7 @@ function M.RotaryEmbedding:forward(length, offset, dtype)
   local key = length .. ':' .. offset .. ':' .. dtype
   local hit = self.cache[key]
   if hit then return hit[1], hit[2] end
+  self:check_positions(offset + length - 1)
   local positions = tensor.arange(offset, offset + length):float()
   local freqs = positions:unsqueeze(2) * self.inv_freq:unsqueeze(1)
   local emb = pair_angles(freqs, self.interleaved)
@@ -146,9 +150,17 @@ end
 -- Tables for explicit positions: an integer tensor [B, T] -> cos, sin [B, 1, T, rotary_dim], so each
 -- row of a left-padded batch counts its own positions.
 function M.RotaryEmbedding:tables(positions, dtype)
+  if self.position_limit then self:check_positions(positions:max():item()) end
   local freqs = positions:float():unsqueeze(3) * self.inv_freq
   local emb = pair_angles(freqs, self.interleaved)
   return emb:cos():to(dtype or 'f32'):unsqueeze(2), emb:sin():to(dtype or 'f32'):unsqueeze(2)
+end
+function M.RotaryEmbedding:check_positions(last)
+  local limit = self.position_limit
+  if limit and last >= limit then
+    error(string.format('RotaryEmbedding: position %d is not below rotary_position_limit %d (the model computes ' ..
+      'only positions below it; Qwen 1 sets it to seq_length while use_dynamic_ntk or use_logn_attn is on)', last, limit), 3)
+  end
 end
 function M.RotaryEmbedding:extra_repr()
   local s = self.scaling
@@ -331,7 +343,8 @@ function M.GPTModel:init(config)
   self.embedding = M.LanguageModelEmbedding(config)
   local rotary_dim = math.floor(config.kv_channels * config.rotary_percent)
   self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim,
-    { base = config.rotary_base, scaling = config.rope_scaling, interleaved = config.rotary_interleaved })
+    { base = config.rotary_base, scaling = config.rope_scaling, interleaved = config.rotary_interleaved,
+      position_limit = config.rotary_position_limit })
   self.decoder = M.TransformerDecoder(config)
   if config.head == 'score' then
     -- a scalar per position (reward models, critics), as HF's *ForSequenceClassification with num_labels 1
