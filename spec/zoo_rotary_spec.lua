@@ -3,7 +3,8 @@ require 'busted.runner'()
 -- checkpoints in their published names and configs (tools/make_zoo_rotary_fixtures.py ->
 -- spec/fixtures/zoo_rotary/<name>/): transformers computed the GLM references, the independent PyTorch
 -- references tools/qwen_reference.py and tools/chatglm_reference.py those of Qwen 1 and ChatGLM2/3.
--- Logits of a left-padded batch and greedy continuations match; save_pretrained writes the files back;
+-- Logits, loss and gradient norms of a left-padded batch and greedy continuations match; save_pretrained
+-- writes the files back;
 -- configs a family cannot honour fail naming the key. Training under TP and PP: zoo_rotary_dist_spec.lua.
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
@@ -52,6 +53,19 @@ local function padded_batch(ref)
     prompts
 end
 
+-- Each position's target: the next token of its row, none (-100) for the last position and padding.
+local function next_tokens(ref)
+  local rows = {}
+  for b, ids in ipairs(ref.input_ids) do
+    rows[b] = {}
+    for t = 1, #ids do
+      local real = t < #ids and ref.attention_mask[b][t] == 1
+      rows[b][t] = real and ids[t + 1] or -100
+    end
+  end
+  return tensor.tensor(rows, { dtype = 'i64' })
+end
+
 -- Largest |logits - reference| over the positions that hold real tokens.
 local function real_diff(ref, logits)
   local worst = 0
@@ -90,6 +104,26 @@ for _, name in ipairs(NAMES) do
       assert.are.same(ref.logits.shape, logits.shape)
       local diff = real_diff(ref, logits)
       assert(diff < 1e-4, string.format('max |logits - reference| = %g', diff))
+    end)
+
+    it('gives the reference loss and gradient norm of every parameter (by its checkpoint name)', function()
+      model:zero_grad()
+      local loss = model(ref.ids, next_tokens(ref), options)
+      assert(math.abs(loss:item() - ref.loss) < 1e-5, string.format('loss %.8f, reference %.8f', loss:item(), ref.loss))
+      loss:backward()
+      local grads = {}
+      for _, pair in ipairs(model:named_parameters()) do grads[pair[1]] = pair[2].grad end
+      local by_name = models.export(models.family(name), grads, model.config)
+      local count = 0
+      for hf_name, want in pairs(ref.grad_norms) do
+        assert(by_name[hf_name] ~= nil, 'no gradient for ' .. hf_name)
+        local norm = by_name[hf_name]:norm():item()
+        assert(math.abs(norm - want) <= 1e-4 * want + 1e-6,
+          string.format('%s: gradient norm %.8g, reference %.8g', hf_name, norm, want))
+        count = count + 1
+      end
+      for hf_name in pairs(by_name) do assert(ref.grad_norms[hf_name] ~= nil, 'extra gradient ' .. hf_name) end
+      assert(count >= 15)
     end)
 
     it('generates the reference greedy continuation of each row', function()

@@ -13,6 +13,8 @@ Each <name>/ holds config.json and model.safetensors as the family's published c
                           the greedy continuation of each row (8 tokens, recomputed without a cache, the
                           padded row keeping its padding) and the smallest gap between the top two logits
                           met while choosing them
+                          the mean next-token cross-entropy of the padded batch (padding never a target)
+                          and the L2 norm of its gradient for every parameter, by the checkpoint's names
   reference.safetensors   "logits" [2, T, vocab] of the padded batch (positions count from each row's first
                           real token; padding keys are masked)
 --verify-export DIR loads DIR/<name> (pmp's save_pretrained output) with transformers or the reference and
@@ -87,7 +89,7 @@ def load(name, path):
         def forward(ids, mask):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             return model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-        return forward
+        return model, forward
     with open(os.path.join(path, 'config.json')) as f:
         cfg = json.load(f)
     model = reference_model(what)(cfg).eval()
@@ -95,7 +97,7 @@ def load(name, path):
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the rotary buffer is computed from the config; published ChatGLM files carry it, pmp's exports do not
     assert not unexpected and set(missing) <= {'transformer.rotary_pos_emb.inv_freq'}, (missing, unexpected)
-    return model
+    return model, model
 
 
 def save(name, path, seed):
@@ -131,11 +133,25 @@ def greedy(forward, ids, mask):
     return torch.cat(out, 1).tolist(), gap
 
 
+def loss_and_grad_norms(model, forward, ids, mask):
+    """Mean cross-entropy of each real token after the first of its row given the tokens before it, and the
+    gradient norm of every parameter (a tied lm_head is the embedding, counted once)."""
+    model.zero_grad()
+    logits = forward(ids, mask)
+    # position t predicts token t + 1 when both are real (a padding position predicts nothing)
+    targets = ids[:, 1:].masked_fill((mask[:, :-1] == 0) | (mask[:, 1:] == 0), -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100)
+    loss.backward()
+    grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
 def build(name, out_dir):
     seed = sorted(MODELS).index(name) + 1
     path = os.path.join(out_dir, name)
     save(name, path, seed)
-    forward = load(name, path)
+    model, forward = load(name, path)
     mask = torch.ones(2, T, dtype=torch.long)
     mask[1, :PAD] = 0
     with torch.no_grad():
@@ -147,9 +163,10 @@ def build(name, out_dir):
             if gap > 0.02:
                 break
         logits = forward(ids, mask)
+    loss, grads = loss_and_grad_norms(model, forward, ids, mask)
     save_file({'logits': logits.contiguous()}, os.path.join(path, 'reference.safetensors'))
     ref = dict(model=name, transformers=transformers.__version__, torch=torch.__version__, input_ids=ids.tolist(),
-               attention_mask=mask.tolist(), greedy=continuation, greedy_min_gap=gap)
+               attention_mask=mask.tolist(), greedy=continuation, greedy_min_gap=gap, loss=loss, grad_norms=grads)
     with open(os.path.join(path, 'reference.json'), 'w') as f:
         json.dump(ref, f, indent=1, sort_keys=True)
         f.write('\n')
@@ -162,7 +179,7 @@ def verify_export(out_dir, export_dir):
     for name in names:
         with open(os.path.join(out_dir, name, 'reference.json')) as f:
             ref = json.load(f)
-        forward = load(name, os.path.join(export_dir, name))
+        _, forward = load(name, os.path.join(export_dir, name))
         with torch.no_grad():
             logits = forward(torch.tensor(ref['input_ids']), torch.tensor(ref['attention_mask']))
         want = load_file(os.path.join(out_dir, name, 'reference.safetensors'))['logits']
