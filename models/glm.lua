@@ -7,22 +7,16 @@ local llama = require 'models.llama'
 
 local M = { model_type = 'glm', architectures = { 'GlmForCausalLM' } }
 
-M.mapping = {
-  { 'embedding.word_embeddings.weight', 'model.embed_tokens.weight', pack = 'vocab', tp = 'vocab' },
-  { 'decoder.layers.{L}.input_layernorm.weight', 'model.layers.{L}.input_layernorm.weight' },
-  { 'decoder.layers.{L}.self_attention.linear_qkv.weight',
-    { 'model.layers.{L}.self_attn.q_proj.weight', 'model.layers.{L}.self_attn.k_proj.weight',
-      'model.layers.{L}.self_attn.v_proj.weight' }, pack = 'qkv', tp = 'column' },
-  { 'decoder.layers.{L}.self_attention.linear_qkv.bias',
-    { 'model.layers.{L}.self_attn.q_proj.bias', 'model.layers.{L}.self_attn.k_proj.bias',
-      'model.layers.{L}.self_attn.v_proj.bias' }, pack = 'qkv', tp = 'column' },
-  { 'decoder.layers.{L}.self_attention.linear_proj.weight', 'model.layers.{L}.self_attn.o_proj.weight', tp = 'row' },
-  { 'decoder.layers.{L}.pre_mlp_layernorm.weight', 'model.layers.{L}.post_attention_layernorm.weight' },
-  { 'decoder.layers.{L}.mlp.linear_fc1.weight', 'model.layers.{L}.mlp.gate_up_proj.weight', tp = 'column' },
-  { 'decoder.layers.{L}.mlp.linear_fc2.weight', 'model.layers.{L}.mlp.down_proj.weight', tp = 'row' },
-  { 'decoder.final_layernorm.weight', 'model.norm.weight' },
-  { 'output_layer.weight', 'lm_head.weight', pack = 'vocab', tp = 'vocab', tied = true },
-}
+-- Llama's table with the MLP's gate and up rows in one tensor and without the biases GLM never has.
+M.mapping = {}
+for _, entry in ipairs(llama.mapping) do
+  local pmp_name = entry[1]
+  if pmp_name == 'decoder.layers.{L}.mlp.linear_fc1.weight' then
+    M.mapping[#M.mapping + 1] = { pmp_name, 'model.layers.{L}.mlp.gate_up_proj.weight', tp = 'column' }
+  elseif not pmp_name:match('linear_proj%.bias$') and not pmp_name:match('linear_fc[12]%.bias$') then
+    M.mapping[#M.mapping + 1] = entry
+  end
+end
 
 M.ignore = llama.ignore
 
