@@ -155,6 +155,22 @@ for _, name in ipairs(NAMES) do
   end)
 end
 
+describe('rotary families in pmp.estimate', function()
+  it('count every parameter a family\'s config.json gives the model (GLM-4\'s four norms per layer included)', function()
+    local estimate = require 'pmp.estimate'
+    for _, name in ipairs(NAMES) do
+      local path = FIXTURES .. '/' .. name .. '/config.json'
+      local count = 0
+      for _, p in ipairs(models.from_pretrained(FIXTURES .. '/' .. name):parameters()) do count = count + p:numel() end
+      local estimated = 0
+      for _, stage in ipairs(estimate.memory(estimate.model_config(path), { seq_length = 8 }).stages) do
+        estimated = estimated + stage.parameters
+      end
+      assert.are.equal(count, estimated, name)
+    end
+  end)
+end)
+
 describe('rotary family configs', function()
   local function edited(name, fn)
     local dir = tmp .. '/' .. name
