@@ -1,7 +1,8 @@
 require 'busted.runner'()
 -- The rotary families (models/glm.lua, glm4.lua, qwen.lua, chatglm.lua) train under tensor parallelism
 -- (TP=2 with sequence parallelism) and pipeline parallelism (PP=2) to the losses of one process doing
--- the same steps: spec/dist/zoo_rotary_worker.lua computes both and prints them.
+-- the same steps, on pretraining and on packed SFT batches: spec/dist/zoo_rotary_worker.lua computes
+-- both and prints them.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
@@ -15,15 +16,15 @@ local function check(tp, pp)
   assert.are.equal(0, status, err .. out)
   local seen = 0
   for _, r in ipairs(mpi.rows(out, 'LOSS')) do
-    local got, want = tonumber(r[3]), tonumber(r[4])
+    local got, want = tonumber(r[4]), tonumber(r[5])
     assert.is_true(math.abs(got - want) <= 1e-5 * math.abs(want),
-      string.format('%s step %s: loss %s, one process %s', r[1], r[2], r[3], r[4]))
+      string.format('%s %s step %s: loss %s, one process %s', r[1], r[2], r[3], r[4], r[5]))
     seen = seen + 1
   end
-  assert.are.equal(3 * #NAMES, seen, 'one LOSS line per family and step')
+  assert.are.equal(2 * 3 * #NAMES, seen, 'one LOSS line per family, kind and step')
 end
 
 describe('rotary families in parallel', function()
-  it('TP=2 with sequence parallelism gives the losses of one process', function() check(2, 1) end)
-  it('PP=2 gives the losses of one process', function() check(1, 2) end)
+  it('TP=2 with sequence parallelism gives the losses of one process, pretraining and SFT', function() check(2, 1) end)
+  it('PP=2 gives the losses of one process, pretraining and SFT', function() check(1, 2) end)
 end)

@@ -1,8 +1,10 @@
 -- Run by spec/zoo_rotary_dist_spec.lua on every rank: trains each rotary family's tiny checkpoint
 -- (spec/fixtures/zoo_rotary/<name>) three AdamW steps split TP ways (with sequence parallelism) and PP
 -- ways, and in the same script as one process doing gradient accumulation over the same micro-batches
--- (the reference); the last pipeline stage's tensor-parallel rank 0 prints
---   LOSS name step parallel_loss reference_loss
+-- (the reference), on pretraining batches (every token a target) and on SFT batches (two samples
+-- packed per row, positions restarting and attention kept inside each, prompt tokens not trained).
+-- The last pipeline stage's tensor-parallel rank 0 prints
+--   LOSS name kind step parallel_loss reference_loss        kind: pretrain or sft
 --   zoo_rotary_worker.lua TP PP NAME...
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
@@ -23,12 +25,41 @@ local function optimizer(model)
   return pmp.optim.AdamW(model:parameters(), { lr = 1e-3, weight_decay = 0.1, eps = 1e-6 })
 end
 
-local function batches(vocab)
+-- Packed SFT rows: samples of FIRST and T - FIRST tokens, each with PROMPT untrained tokens.
+local FIRST, PROMPT = 7, 3
+local function sft_options()
+  local positions, first_key = {}, {}
+  for b = 1, MB do
+    positions[b], first_key[b] = {}, {}
+    for t = 1, T do
+      local second = t > FIRST
+      positions[b][t] = second and t - 1 - FIRST or t - 1
+      first_key[b][t] = second and FIRST or 0
+    end
+  end
+  return { positions = pmp.tensor(positions, { dtype = 'i64' }), first_key = pmp.tensor(first_key, { dtype = 'i64' }) }
+end
+local function sft_targets(targets)
+  local rows = targets:totable()
+  for b = 1, MB do
+    for t = 1, T do
+      local in_sample = t > FIRST and t - FIRST or t
+      if in_sample <= PROMPT or t == FIRST or t == T then rows[b][t] = -100 end
+    end
+  end
+  return pmp.tensor(rows, { dtype = 'i64' })
+end
+
+local function batches(vocab, kind)
   pmp.manual_seed(1234)
   local out = {}
   for step = 1, STEPS do
     out[step] = {}
-    for k = 1, MICRO do out[step][k] = { ids = pmp.randint(0, vocab, { MB, T }), targets = pmp.randint(0, vocab, { MB, T }) } end
+    for k = 1, MICRO do
+      local mb = { ids = pmp.randint(0, vocab, { MB, T }), targets = pmp.randint(0, vocab, { MB, T }) }
+      if kind == 'sft' then mb.targets, mb.options = sft_targets(mb.targets), sft_options() end
+      out[step][k] = mb
+    end
   end
   return out
 end
@@ -41,7 +72,7 @@ local function reference_losses(name, data)
     opt:zero_grad()
     local sum = 0
     for _, mb in ipairs(data[step]) do
-      local loss = model(mb.ids, mb.targets)
+      local loss = model(mb.ids, mb.targets, mb.options)
       sum = sum + loss:item()
       ;(loss * (1 / MICRO)):backward()
     end
@@ -51,10 +82,9 @@ local function reference_losses(name, data)
   return losses
 end
 
-for k = 3, #arg do
-  local name = arg[k]
+local function run(name, kind)
   local model = pipeline.stage(load(name))
-  local data = batches(model.config.vocab_size)
+  local data = batches(model.config.vocab_size, kind)
   local want = reference_losses(name, data)
   local chunks = pipeline.chunks(model)
   for _, chunk in ipairs(chunks) do parallel.tensor_parallel(chunk, { sequence_parallel = tp > 1 }) end
@@ -65,6 +95,11 @@ for k = 3, #arg do
     for _, chunk in ipairs(chunks) do parallel.finish_grads(chunk) end
     pipeline.sync_embedding_grads(model)
     opt:step()
-    if reports then print(string.format('LOSS %s %d %.10g %.10g', name, step, loss, want[step])) end
+    if reports then print(string.format('LOSS %s %s %d %.10g %.10g', name, kind, step, loss, want[step])) end
   end
+end
+
+for k = 3, #arg do
+  run(arg[k], 'pretrain')
+  run(arg[k], 'sft')
 end
