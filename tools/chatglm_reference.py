@@ -88,6 +88,7 @@ class ChatGLM(nn.Module):
         for key, want in (('multi_query_attention', True), ('rmsnorm', True), ('post_layer_norm', True),
                           ('apply_residual_connection_post_layernorm', False)):
             assert cfg[key] == want, f'this reference covers {key} = {want} only'
+        self.cfg = cfg
         h, vocab = cfg['hidden_size'], cfg['padded_vocab_size']
         encoder = nn.Module()
         encoder.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg['num_layers']))

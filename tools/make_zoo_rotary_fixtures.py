@@ -2,7 +2,9 @@
 """Builds the tiny reference models of the rotary families under spec/fixtures/zoo_rotary/ (run from the
 repo root): GLM and GLM-4 written by transformers, Qwen 1 and ChatGLM2/3 by the independent PyTorch
 references tools/qwen_reference.py and tools/chatglm_reference.py (those families ship their own modeling
-code, not a transformers class).
+code, not a transformers class). Each reference is also checked against its transformers twin (Qwen2's
+block for Qwen 1, GLM's for ChatGLM2/3, with the weights renamed and split): a second, independent
+implementation of the same network.
 
     python3 tools/make_zoo_rotary_fixtures.py [--out spec/fixtures/zoo_rotary]
     python3 tools/make_zoo_rotary_fixtures.py --verify-export DIR
@@ -147,6 +149,64 @@ def loss_and_grad_norms(model, forward, ids, mask):
     return loss.item(), grads
 
 
+def transformers_twin(name, cfg, state):
+    """The same network as a transformers model, for cross-checking a reference: Qwen 1 is Qwen2's block
+    (multi-head, q/k/v bias only, rotate-half rotary); ChatGLM2/3 is GLM's (transformers converts GLM-4-9B's
+    ChatGLM-format files to it: interleaved rotary on half of each head, gate_up_proj)."""
+    if name == 'qwen':
+        heads, d = cfg['num_attention_heads'], cfg['kv_channels']
+        twin = transformers.Qwen2Config(
+            vocab_size=cfg['vocab_size'], hidden_size=cfg['hidden_size'], intermediate_size=cfg['intermediate_size'] // 2,
+            num_hidden_layers=cfg['num_hidden_layers'], num_attention_heads=heads, num_key_value_heads=heads, head_dim=d,
+            rms_norm_eps=cfg['layer_norm_epsilon'], tie_word_embeddings=cfg['tie_word_embeddings'],
+            rope_parameters={'rope_type': 'default', 'rope_theta': float(cfg['rotary_emb_base'])})
+        out = {'model.embed_tokens.weight': state['transformer.wte.weight'], 'model.norm.weight': state['transformer.ln_f.weight'],
+               'lm_head.weight': state['lm_head.weight']}
+        for i in range(cfg['num_hidden_layers']):
+            h, m = f'transformer.h.{i}.', f'model.layers.{i}.'
+            for part in ('weight', 'bias'):
+                q, k, v = state[h + 'attn.c_attn.' + part].chunk(3)
+                out.update({m + 'self_attn.q_proj.' + part: q, m + 'self_attn.k_proj.' + part: k, m + 'self_attn.v_proj.' + part: v})
+            out.update({m + 'self_attn.o_proj.weight': state[h + 'attn.c_proj.weight'],
+                        m + 'input_layernorm.weight': state[h + 'ln_1.weight'],
+                        m + 'post_attention_layernorm.weight': state[h + 'ln_2.weight'],
+                        m + 'mlp.gate_proj.weight': state[h + 'mlp.w2.weight'], m + 'mlp.up_proj.weight': state[h + 'mlp.w1.weight'],
+                        m + 'mlp.down_proj.weight': state[h + 'mlp.c_proj.weight']})
+    else:
+        heads, groups, d = cfg['num_attention_heads'], cfg['multi_query_group_num'], cfg['kv_channels']
+        twin = transformers.GlmConfig(
+            vocab_size=cfg['padded_vocab_size'], hidden_size=cfg['hidden_size'], intermediate_size=cfg['ffn_hidden_size'],
+            num_hidden_layers=cfg['num_layers'], num_attention_heads=heads, num_key_value_heads=groups, head_dim=d,
+            rms_norm_eps=cfg['layernorm_epsilon'], tie_word_embeddings=False, pad_token_id=0, attention_bias=True,
+            rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0 * cfg['rope_ratio'], 'partial_rotary_factor': 0.5})
+        out = {'model.embed_tokens.weight': state['transformer.embedding.word_embeddings.weight'],
+               'model.norm.weight': state['transformer.encoder.final_layernorm.weight'],
+               'lm_head.weight': state['transformer.output_layer.weight']}
+        for i in range(cfg['num_layers']):
+            h, m = f'transformer.encoder.layers.{i}.', f'model.layers.{i}.'
+            for part in ('weight', 'bias'):
+                q, k, v = state[h + 'self_attention.query_key_value.' + part].split([heads * d, groups * d, groups * d])
+                out.update({m + 'self_attn.q_proj.' + part: q, m + 'self_attn.k_proj.' + part: k, m + 'self_attn.v_proj.' + part: v})
+            out.update({m + 'self_attn.o_proj.weight': state[h + 'self_attention.dense.weight'],
+                        m + 'input_layernorm.weight': state[h + 'input_layernorm.weight'],
+                        m + 'post_attention_layernorm.weight': state[h + 'post_attention_layernorm.weight'],
+                        m + 'mlp.gate_up_proj.weight': state[h + 'mlp.dense_h_to_4h.weight'],
+                        m + 'mlp.down_proj.weight': state[h + 'mlp.dense_4h_to_h.weight']})
+    model = AutoModelForCausalLM.from_config(twin, attn_implementation='eager', dtype=torch.float32).eval()
+    model.load_state_dict(out, strict=True)
+    return model
+
+
+def cross_check(name, model, ids, mask, logits):
+    """The reference's logits of real positions against its transformers twin's."""
+    twin = transformers_twin(name, model.cfg, model.state_dict())
+    with torch.no_grad():
+        want = twin(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    diff = (logits - want)[mask.bool()].abs().max().item()
+    assert diff < 1e-5, f'{name}: the reference and transformers\' twin differ by {diff}'
+    print(f'{name}: the reference agrees with its transformers twin (max logit diff {diff:.1e})')
+
+
 def build(name, out_dir):
     seed = sorted(MODELS).index(name) + 1
     path = os.path.join(out_dir, name)
@@ -163,6 +223,8 @@ def build(name, out_dir):
             if gap > 0.02:
                 break
         logits = forward(ids, mask)
+    if MODELS[name][0] == 'ref':
+        cross_check(name, model, ids, mask, logits)
     loss, grads = loss_and_grad_norms(model, forward, ids, mask)
     save_file({'logits': logits.contiguous()}, os.path.join(path, 'reference.safetensors'))
     ref = dict(model=name, transformers=transformers.__version__, torch=torch.__version__, input_ids=ids.tolist(),
