@@ -4,7 +4,8 @@
 -- add_qkv_bias), rotary embeddings on interleaved pairs of the first half of each head with base
 -- 10000 * rope_ratio, a SwiGLU MLP whose dense_h_to_4h rows are [gate; up] as Megatron's linear_fc1,
 -- and an untied output_layer over padded_vocab_size rows. Layouts the published models do not use
--- (no multi-query attention, LayerNorm, post-norm residuals, p-tuning prefixes) are refused by key.
+-- (no multi-query attention, LayerNorm, post-norm residuals, p-tuning prefixes) and the int4/int8
+-- quantized releases are refused by key.
 local M = { model_type = 'chatglm', architectures = { 'ChatGLMModel' } }
 
 local LAYER = 'transformer.encoder.layers.{L}.'
@@ -39,6 +40,8 @@ function M.config(read)
     if read:bool(key, want) ~= want then read:fail(string.format("key '%s' = %s is not supported", key, tostring(not want))) end
   end
   if read('pre_seq_len') ~= nil then read:fail("key 'pre_seq_len': p-tuning prefixes are not supported") end
+  local bits = read:number('quantization_bit', 0)
+  if bits ~= 0 then read:fail(string.format("key 'quantization_bit' = %d: quantized weights are not supported", bits)) end
   local heads = read:positive_int('num_attention_heads')
   local hidden = read:positive_int('hidden_size')
   local groups = read:positive_int('multi_query_group_num')

@@ -188,6 +188,7 @@ describe('rotary family configs', function()
       { 'chatglm', function(c) c.rmsnorm = false end, 'rmsnorm' },
       { 'chatglm', function(c) c.apply_residual_connection_post_layernorm = true end, 'apply_residual_connection_post_layernorm' },
       { 'chatglm', function(c) c.pre_seq_len = 8 end, 'pre_seq_len' },
+      { 'chatglm', function(c) c.quantization_bit = 4 end, 'quantization_bit' },
       { 'qwen', function(c) c.intermediate_size = 81 end, 'intermediate_size' },
       { 'qwen', function(c) c.scale_attn_weights = false end, 'scale_attn_weights' },
       { 'glm', function(c) c.hidden_act = 'gelu' end, 'hidden_act' },
