@@ -158,8 +158,8 @@ end
 function M.RotaryEmbedding:check_positions(last)
   local limit = self.position_limit
   if limit and last >= limit then
-    error(string.format('RotaryEmbedding: position %d is not below rotary_position_limit %d (the model computes ' ..
-      'only positions below it; Qwen 1 sets it to seq_length while use_dynamic_ntk or use_logn_attn is on)', last, limit), 3)
+    error(string.format('RotaryEmbedding: position %d is not below rotary_position_limit %d (from there on the ' ..
+      "checkpoint's own code computes attention otherwise; its family file in models/ says how)", last, limit), 3)
   end
 end
 function M.RotaryEmbedding:extra_repr()
