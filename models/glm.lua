@@ -26,7 +26,7 @@ local DEFAULTS = { head_dim = 128, rms_norm_eps = 1.5625e-7, partial_rotary_fact
 -- Whether the config names a partial rotary factor in either spelling (see pmp.models.read_rope).
 local function names_partial_rotary(read)
   local params = read('rope_parameters')
-  local in_params = type(params) == 'table' and params.partial_rotary_factor ~= nil
+  local in_params = type(params) == 'table' and type(params.partial_rotary_factor) == 'number'
   return in_params or read('partial_rotary_factor') ~= nil
 end
 
