@@ -129,8 +129,9 @@ local function parameter_counts(c, tp, ep)
   if c.add_mlp_bias then mlp = mlp + F * (gated and 2 or 1) / tp + H end
   local experts = c.num_experts or 0
   if experts > 0 then mlp = mlp * experts / ep + H * experts end   -- this rank's experts and the router
+  local norms = 2 + (c.post_self_attn_layernorm and 1 or 0) + (c.post_mlp_layernorm and 1 or 0)   -- GLM-4 has four
   return {
-    layer = attention + mlp + 2 * H,
+    layer = attention + mlp + norms * H,
     embedding = c.padded_vocab_size * H / tp,
     output = c.padded_vocab_size * H / tp,
     final_norm = H,

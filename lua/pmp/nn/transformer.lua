@@ -115,16 +115,32 @@ local function llama3_inv_freq(inv_freq, s)
   return tensor.tensor(out, { dtype = 'f32' })
 end
 
+-- Angles [..., n] -> [..., 2n] in the layout F.rope expects: [a, a] for rotate-half pairs (k, k + n),
+-- each angle twice in a row [a0, a0, a1, a1, ...] for interleaved pairs (2k, 2k + 1).
+local function pair_angles(freqs, interleaved)
+  local last = freqs:dim()
+  if not interleaved then return tensor.cat({ freqs, freqs }, last) end
+  local shape = {}
+  for k = 1, last - 1 do shape[k] = freqs:size(k) end
+  shape[last] = 2 * freqs:size(last)
+  return tensor.stack({ freqs, freqs }, last + 1):reshape(shape)
+end
+
 -- cos/sin tables of rotary position embeddings, computed in f32 as HF does and cached per length.
 -- options.scaling: nil, {type = 'linear', factor = f} (positions / f) or {type = 'llama3', factor,
--- low_freq_factor, high_freq_factor, original_max_position_embeddings}.
---- RotaryEmbedding(rotary_dim, {base = 10000, scaling}): cos/sin tables of rotary position embeddings.
+-- low_freq_factor, high_freq_factor, original_max_position_embeddings}. options.interleaved: tables
+-- for rotating adjacent pairs (GPT-J, GLM, ChatGLM; Megatron's rotary_interleaved) instead of halves.
+-- options.position_limit: positions from it on are refused (config.rotary_position_limit: a family
+-- whose own code changes attention there, e.g. Qwen 1's use_dynamic_ntk / use_logn_attn).
+--- RotaryEmbedding(rotary_dim, {base = 10000, scaling, interleaved, position_limit}): cos/sin tables of rotary position embeddings.
 M.RotaryEmbedding = Module:extend('RotaryEmbedding')
 function M.RotaryEmbedding:init(rotary_dim, options)
   options = options or {}
   self.rotary_dim = rotary_dim
   self.base = options.base or 10000
   self.scaling = options.scaling
+  rawset(self, 'interleaved', options.interleaved or false)
+  rawset(self, 'position_limit', options.position_limit)
   local exponent = tensor.arange(0, rotary_dim, 2):float() / rotary_dim
   local inv_freq = 1 / tensor.full({}, self.base):pow(exponent)
   local kind = self.scaling and (self.scaling.type or self.scaling.rope_type) or nil
@@ -144,9 +160,10 @@ function M.RotaryEmbedding:forward(length, offset, dtype)
   local key = length .. ':' .. offset .. ':' .. dtype
   local hit = self.cache[key]
   if hit then return hit[1], hit[2] end
+  self:check_positions(offset + length - 1)
   local positions = tensor.arange(offset, offset + length):float()
   local freqs = positions:unsqueeze(2) * self.inv_freq:unsqueeze(1)
-  local emb = tensor.cat({ freqs, freqs }, 2)
+  local emb = pair_angles(freqs, self.interleaved)
   local cos, sin = emb:cos():to(dtype), emb:sin():to(dtype)
   self.cache[key] = { cos, sin }
   return cos, sin
@@ -154,15 +171,24 @@ end
 -- Tables for explicit positions: an integer tensor [B, T] -> cos, sin [B, 1, T, rotary_dim], so each
 -- row of a left-padded batch counts its own positions.
 function M.RotaryEmbedding:tables(positions, dtype)
+  if self.position_limit then self:check_positions(positions:max():item()) end
   local freqs = positions:float():unsqueeze(3) * self.inv_freq
-  local emb = tensor.cat({ freqs, freqs }, 3)
+  local emb = pair_angles(freqs, self.interleaved)
   return emb:cos():to(dtype or 'f32'):unsqueeze(2), emb:sin():to(dtype or 'f32'):unsqueeze(2)
+end
+function M.RotaryEmbedding:check_positions(last)
+  local limit = self.position_limit
+  if limit and last >= limit then
+    error(string.format('RotaryEmbedding: position %d is not below rotary_position_limit %d (from there on the ' ..
+      "checkpoint's own code computes attention otherwise; its family file in models/ says how)", last, limit), 3)
+  end
 end
 function M.RotaryEmbedding:extra_repr()
   local s = self.scaling
   local kind = s and (s.type or s.rope_type)
-  return string.format('dim=%d, base=%g%s', self.rotary_dim, self.base,
-    (kind and kind ~= 'default') and string.format(', %s x%g', kind, s.factor or 1) or '')
+  return string.format('dim=%d, base=%g%s%s', self.rotary_dim, self.base,
+    (kind and kind ~= 'default') and string.format(', %s x%g', kind, s.factor or 1) or '',
+    self.interleaved and ', interleaved' or '')
 end
 
 -- config.sliding_window: nil/0 (full causal attention), a number of keys for every layer, or a list with
@@ -205,8 +231,8 @@ function M.Attention:forward(x, rope)
   end
   q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3)
   if rope and rope.cos then
-    q = F.rope(q, rope.cos, rope.sin)
-    k = F.rope(k, rope.cos, rope.sin)
+    q = F.rope(q, rope.cos, rope.sin, self.config.rotary_interleaved)
+    k = F.rope(k, rope.cos, rope.sin, self.config.rotary_interleaved)
   end
   -- generation: keys and values of earlier steps are kept per layer in rope.cache
   if rope and rope.cache then
@@ -254,6 +280,8 @@ end
 function M.MLP:extra_repr() return self.activation end
 
 --- Pre-norm block with sequential residuals (or post-norm, or parallel attention and MLP: see the top).
+--- config.post_self_attn_layernorm / post_mlp_layernorm also normalize the attention / MLP output before
+--- its residual add (GLM-4's sandwich norms).
 M.TransformerBlock = Module:extend('TransformerBlock')
 function M.TransformerBlock:init(config, layer)
   rawset(self, 'dropout', config.hidden_dropout)
@@ -261,8 +289,10 @@ function M.TransformerBlock:init(config, layer)
   rawset(self, 'parallel_residual', config.parallel_residual or false)
   self.input_layernorm = norm(config, config.hidden_size)
   self.self_attention = M.Attention(config, layer)
+  if config.post_self_attn_layernorm then self.post_self_attn_layernorm = norm(config, config.hidden_size) end
   if not config.shared_layernorm then self.pre_mlp_layernorm = norm(config, config.hidden_size) end
   self.mlp = M.MLP(config)
+  if config.post_mlp_layernorm then self.post_mlp_layernorm = norm(config, config.hidden_size) end
 end
 function M.TransformerBlock:forward(x, rope)
   local p, training = self.dropout, self.training
@@ -276,8 +306,12 @@ function M.TransformerBlock:forward(x, rope)
     x = self.input_layernorm(x + F.dropout(self.self_attention(x, rope), p, training))
     return self.pre_mlp_layernorm(x + F.dropout(self.mlp(x), p, training))
   end
-  x = x + F.dropout(self.self_attention(self.input_layernorm(x), rope), p, training)
-  return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p, training)
+  local h = self.self_attention(self.input_layernorm(x), rope)
+  if self.post_self_attn_layernorm then h = self.post_self_attn_layernorm(h) end
+  x = x + F.dropout(h, p, training)
+  h = self.mlp(self.pre_mlp_layernorm(x))
+  if self.post_mlp_layernorm then h = self.post_mlp_layernorm(h) end
+  return x + F.dropout(h, p, training)
 end
 
 -- The final norm of a model that has none (config.final_layernorm = false): a pipeline's last stage is
@@ -373,7 +407,9 @@ function M.GPTModel:init(config)
   if config.output_init_std == nil then config.output_init_std = config.init_std / math.sqrt(2 * config.num_layers) end
   self.embedding = M.LanguageModelEmbedding(config)
   local rotary_dim = math.floor(config.kv_channels * config.rotary_percent)
-  self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim, { base = config.rotary_base, scaling = config.rope_scaling })
+  self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim,
+    { base = config.rotary_base, scaling = config.rope_scaling, interleaved = config.rotary_interleaved,
+      position_limit = config.rotary_position_limit })
   self.decoder = M.TransformerDecoder(config)
   if config.head == 'score' then
     -- a scalar per position (reward models, critics), as HF's *ForSequenceClassification with num_labels 1
