@@ -5,7 +5,8 @@
 --- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
 --- restarting and attention kept inside each sample. The loss is averaged per trained token over the
 --- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
---- fine-tuned model as a Hugging Face directory.
+--- fine-tuned model as a Hugging Face directory. --lora-rank N trains LoRA adapters on the frozen model
+--- instead (--save-lora writes them for PEFT, --merge-lora --save-hf the merged model).
 ---
 --- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
 --- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
@@ -21,7 +22,7 @@ local opts = flags.parse(arg, { {
   { '--train-on-prompt', false, 'also train on system/user tokens' },
   { '--epochs', 1, 'passes over the data when --train-iters is 0' },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
-}, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, {
+}, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, train.lora.flags, {
   -- the shared flags whose defaults or meaning differ for fine-tuning
   { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
   { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
@@ -54,12 +55,16 @@ end
 if not opts.load then error('--load MODEL_DIR is required', 0) end
 if not opts.data_path and not embedded then error('--data-path FILE.jsonl is required', 0) end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batch-size must be a multiple of --micro-batch-size', 0) end
+train.lora.check(opts, opts.save_hf)
 
 -- The base model: a Hugging Face directory, or a pretraining checkpoint (as the embedded default uses).
 -- An SFT checkpoint records its base, so --load on one resumes.
 local base, resume = train.base_model.locate(opts.load)
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity })
+-- a pretraining checkpoint's model has Llama's architecture
+local model_type = base.kind == 'pmp' and 'llama' or nil
+train.lora.setup(model, opts, model_type)
 -- the embedded task is in the corpus' own format: "12 + 7 = 19."
 local function sums_format(messages)
   return messages[1].content .. ' = ' .. (messages[2] and messages[2].content .. '.\n' or '')
@@ -152,9 +157,9 @@ if embedded then
     #held_out, 100 * accuracy_before, 100 * sums_accuracy()))
 end
 
+train.lora.finish(model, opts, base.dir)
 if opts.save_hf then
-  -- a pretraining checkpoint's model has Llama's architecture and exports as one
-  model:save_pretrained(opts.save_hf, { model_type = base.kind == 'pmp' and 'llama' or nil })
+  model:save_pretrained(opts.save_hf, { model_type = model_type })
   for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja' }) do
     local source = pmp.io.join(template_dir or base.dir, name)
     if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save_hf, name), pmp.io.read_file(source)) end

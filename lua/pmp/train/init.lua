@@ -12,6 +12,7 @@
 ---   throughput   model FLOPs per token and the measured GEMM peak, for MFU
 ---   Logger       Megatron's log lines, TensorBoard, the profiler, the end-of-run summary
 ---   Checkpoints  resume, save cadence and --exit-interval
+---   lora         LoRA flags, adapters on the model before training, PEFT files after
 return {
   flags = require 'pmp.train.flags',
   parallel = require 'pmp.train.parallel',
@@ -25,4 +26,5 @@ return {
   throughput = require 'pmp.train.throughput',
   Logger = require 'pmp.train.logger',
   Checkpoints = require 'pmp.train.checkpoints',
+  lora = require 'pmp.train.lora',
 }
