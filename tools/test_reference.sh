@@ -18,6 +18,10 @@ need tensorboard tensorboard
 echo '== transformers loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua
 
+echo '== PEFT applies pmp'"'"'s LoRA adapters to pmp'"'"'s logits, transformers reads merged exports (spec/lora_spec.lua, PMP_HF_CHECK=1)'
+python3 -c "import peft" 2>/dev/null || { echo "test-reference: python3 cannot import peft (pip install peft)" >&2; exit 1; }
+PMP_HF_CHECK=1 ./pmp spec/run.lua spec/lora_spec.lua
+
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify
 

@@ -263,29 +263,33 @@ function M.load(model, dir, options)
   end
   local expected = {}
   for _, e in ipairs(state.entries) do
-    expected[e.key .. '.lora_A.weight'] = { e = e, slot = 'A' }
-    expected[e.key .. '.lora_B.weight'] = { e = e, slot = 'B' }
+    expected[e.key .. '.lora_A.weight'], expected[e.key .. '.lora_B.weight'] = true, true
   end
-  for key in pairs(tensors) do
+  local keys = {}
+  for key in pairs(tensors) do keys[#keys + 1] = key end
+  table.sort(keys, safetensors.natural_less)
+  for _, key in ipairs(keys) do
     if not expected[key] then
       error(string.format("%s: tensor '%s' is not an adapter of this %s model's targets (%s) in its %d layers%s",
         weights_path, key, state.family.model_type, table.concat(state.targets, ', '), model.config.num_layers, about()), 0)
     end
   end
   require('pmp').no_grad(function()
-    for key, x in pairs(expected) do
-      local t = tensors[key]
-      if not t then error(string.format("%s: no tensor '%s'%s", weights_path, key, about()), 0) end
-      local param = x.e.adapter[x.slot]
-      local name = x.e.name .. '.' .. x.slot
-      local want = param.shape
-      local rule = tp and sharding.rule(name, model.config)
-      if rule then want[rule.dim] = want[rule.dim] * tp_size end
-      if shape_string(t.shape) ~= shape_string(want) then
-        error(string.format("%s: '%s' has shape %s but layer %d's %s takes %s with rank %d%s", weights_path, key,
-          shape_string(t.shape), x.e.layer, x.e.target, shape_string(want), state.rank, about()), 0)
+    for _, e in ipairs(state.entries) do
+      for _, slot in ipairs({ 'A', 'B' }) do
+        local key = e.key .. '.lora_' .. slot .. '.weight'
+        local t = tensors[key]
+        if not t then error(string.format("%s: no tensor '%s'%s", weights_path, key, about()), 0) end
+        local param, name = e.adapter[slot], e.name .. '.' .. slot
+        local want = param.shape
+        local rule = tp and sharding.rule(name, model.config)
+        if rule then want[rule.dim] = want[rule.dim] * tp_size end
+        if shape_string(t.shape) ~= shape_string(want) then
+          error(string.format("%s: '%s' has shape %s but layer %d's %s takes %s with rank %d%s", weights_path, key,
+            shape_string(t.shape), e.layer, e.target, shape_string(want), state.rank, about()), 0)
+        end
+        param:copy_(sharding.shard(name, t, model.config, tp_size, tp_rank))
       end
-      param:copy_(sharding.shard(name, t, model.config, tp_size, tp_rank))
     end
   end)
   return model
