@@ -258,6 +258,27 @@ describe('LoRA', function()
     shell.remove_dir(dir)
   end)
 
+  it('recipes/dpo.lua takes the same flags for its policy: trained adapters, and their merge, differ from the base', function()
+    local tiny_hf = require 'spec.support.tiny_hf'
+    if not tiny_hf.available() then
+      pending('needs ../shared/tokenizers/qwen3')
+      return
+    end
+    local dir = shell.temp_dir()
+    local tok = tiny_hf.write(dir .. '/base')
+    shell.write_file(dir .. '/prefs.jsonl', '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n')
+    local _, err, status = shell.run_pmp({ ROOT .. '/recipes/dpo.lua', '--load', dir .. '/base', '--data-path',
+      dir .. '/prefs.jsonl', '--train-iters', '2', '--batch-size', '1', '--lr', '1e-2', '--lora-rank', '2',
+      '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
+    assert.are.equal(0, status, err)
+    local ids = pmp.tensor({ tok:encode('Say hi. Hi!') }, { dtype = 'i64' })
+    local base = logits_of(pmp.models.from_pretrained(dir .. '/base'), ids)
+    local adapted = logits_of(peft.load(pmp.models.from_pretrained(dir .. '/base'), dir .. '/adapter'), ids)
+    assert.is_true(max_diff(base, adapted) > 1e-4)
+    assert(max_diff(adapted, logits_of(pmp.models.from_pretrained(dir .. '/merged'), ids)) < 1e-4)
+    shell.remove_dir(dir)
+  end)
+
   local check = os.getenv('PMP_HF_CHECK') == '1'
   local test = check and it or pending
   test("PEFT applies pmp's trained adapters to pmp's logits, transformers reads merged exports (PMP_HF_CHECK=1)", function()
