@@ -55,11 +55,11 @@ end
 if not opts.load then error('--load MODEL_DIR is required', 0) end
 if not opts.data_path and not embedded then error('--data-path FILE.jsonl is required', 0) end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batch-size must be a multiple of --micro-batch-size', 0) end
-train.lora.check(opts, opts.save_hf)
 
 -- The base model: a Hugging Face directory, or a pretraining checkpoint (as the embedded default uses).
 -- An SFT checkpoint records its base, so --load on one resumes.
 local base, resume = train.base_model.locate(opts.load)
+train.lora.check(opts, opts.save_hf, resume and resume.state.args)
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity })
 -- a pretraining checkpoint's model has Llama's architecture

@@ -225,7 +225,7 @@ describe('LoRA', function()
     end)
   end)
 
-  it('recipes/sft.lua --lora-rank trains adapters, --save-lora writes them, --merge-lora --save-hf the merged model', function()
+  it('recipes/sft.lua --lora-rank trains adapters, resumes from its adapters-only checkpoint, --save-lora and --merge-lora --save-hf write them', function()
     local tiny_hf = require 'spec.support.tiny_hf'
     if not tiny_hf.available() then
       pending('needs ../shared/tokenizers/qwen3')
@@ -237,12 +237,24 @@ describe('LoRA', function()
       '{"instruction": "Say hello.", "input": "", "output": "Hello there!"}',
       '{"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]}',
     }, '\n') .. '\n')
-    local out, err, status = shell.run_pmp({ ROOT .. '/recipes/sft.lua', '--load', dir .. '/base', '--data-path',
-      dir .. '/data.jsonl', '--packing', '--seq-length', '64', '--micro-batch-size', '1', '--global-batch-size', '1',
-      '--train-iters', '8', '--log-interval', '1', '--lr', '3e-2', '--lr-decay-style', 'constant',
-      '--lora-rank', '4', '--lora-alpha', '32', '--lora-target-modules', 'q_proj,v_proj,up_proj', '--save-lora', dir .. '/adapter',
-      '--merge-lora', '--save-hf', dir .. '/merged' })
-    assert.are.equal(0, status, err)
+    local common = { '--data-path', dir .. '/data.jsonl', '--packing', '--seq-length', '64', '--micro-batch-size', '1',
+      '--global-batch-size', '1', '--train-iters', '8', '--log-interval', '1', '--lr', '3e-2', '--lr-decay-style', 'constant',
+      '--save', dir .. '/ck' }
+    local function sft(extra)
+      local words = { ROOT .. '/recipes/sft.lua', unpack(common) }
+      for _, w in ipairs(extra) do words[#words + 1] = w end
+      local out, err, status = shell.run_pmp(words)
+      assert.are.equal(0, status, err)
+      return out
+    end
+    -- four steps, then a resume from the adapters-only checkpoint without the LoRA flags (it keeps them)
+    local out = sft({ '--load', dir .. '/base', '--exit-interval', '4', '--lora-rank', '4', '--lora-alpha', '32',
+      '--lora-target-modules', 'q_proj,v_proj,up_proj' })
+    out = out .. sft({ '--load', dir .. '/ck', '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
+    assert.matches('loaded checkpoint from .* at iteration 4', out)
+    for key in pairs(pmp.safetensors.load(dir .. '/ck/iter_0000008/mp_rank_00/model_optim_rng.safetensors')) do
+      assert.matches('%.lora%.', key)
+    end
     local losses = {}
     for loss in out:gmatch('lm loss: ([%d.E+-]+)') do losses[#losses + 1] = tonumber(loss) end
     assert.are.equal(8, #losses)

@@ -19,7 +19,7 @@ M.flags = {
 }
 
 --- Whether the flags ask for adapters.
-function M.enabled(opts) return opts.lora_rank > 0 or opts.load_lora ~= nil end
+function M.enabled(opts) return (opts.lora_rank or 0) > 0 or opts.load_lora ~= nil end
 
 -- The targets of --lora-target-modules: 'all-linear' or a list of names.
 local function targets(text)
@@ -29,9 +29,16 @@ local function targets(text)
   return out
 end
 
+local SETTINGS = { 'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_target_modules', 'load_lora' }
+
 --- Checks the flags against each other; call it before any work. save_hf: the recipe's --save-hf (nil:
---- the recipe writes no Hugging Face model).
-function M.check(opts, save_hf)
+--- the recipe writes no Hugging Face model). resumed_args: the flags of the checkpoint a run resumes;
+--- when they trained adapters and opts names none, opts takes their LoRA settings (the checkpoint holds
+--- the adapters only, which need the same frozen model and targets).
+function M.check(opts, save_hf, resumed_args)
+  if resumed_args and M.enabled(resumed_args) and not M.enabled(opts) then
+    for _, key in ipairs(SETTINGS) do opts[key] = resumed_args[key] end
+  end
   if opts.lora_rank < 0 or opts.lora_rank ~= math.floor(opts.lora_rank) then
     error('--lora-rank must be a non-negative integer, got ' .. opts.lora_rank, 0)
   end
