@@ -150,6 +150,16 @@ function M.apply(model, options)
       end
     end
   end
+  if model.embedding and rawget(model.decoder, 'recompute') then
+    -- pmp.autograd.recompute links a re-run layer into the graph through inputs that need a gradient;
+    -- a frozen embedding's output needs none, so the adapters would get none: give it one (what
+    -- transformers' enable_input_require_grads does for gradient checkpointing with PEFT)
+    rawset(model.embedding, 'forward', function(self, ids)
+      local x = self.word_embeddings(ids)
+      if require('pmp').is_grad_enabled() and not x.requires_grad then x:requires_grad_() end
+      return x
+    end)
+  end
   local names = {}
   for name in pairs(chosen) do names[#names + 1] = name end
   table.sort(names)
@@ -302,6 +312,7 @@ function M.merge(model)
   adapters_of(model, 'merge')
   model:apply(function(m) if lora.is_adapted(m) then lora.merge(m) end end)
   model:apply(lora.unfreeze)
+  if model.embedding then rawset(model.embedding, 'forward', nil) end
   rawset(model, 'lora', nil)
   return model
 end
