@@ -2,9 +2,9 @@
 -- as ratios from one run (not run by the tests).
 --   pmp tools/bench_lora.lua [--steps 5] [--micro-batch-size 1] [--seq-length 256] [--lora-rank 8] ...
 -- The model is tools/bench_generate.sh's: a random Llama with hidden 512, 8 layers, 8 heads, 4 KV heads,
--- ffn 1408, vocabulary 32000 (f32, or --bf16). Each mode builds its own model after the other's is
--- freed, resets the peak, and runs one warm-up step and --steps timed AdamW steps on a fixed random
--- batch; the peak covers the weights, gradients, optimizer state and activations. LoRA saves the
+-- ffn 1408, vocabulary 32000 (f32, or --bf16). Each mode runs in a process of its own (this script with
+-- --mode full or lora, so that nothing of one is still held during the other): it builds the model,
+-- and runs one warm-up step and --steps timed AdamW steps on a fixed random batch; the peak covers the weights, gradients, optimizer state and activations. LoRA saves the
 -- weights' gradients and optimizer state, not activations, so both modes recompute each layer in
 -- backward by default (--recompute-granularity none keeps them), as memory-bound fine-tuning does.
 local clock = require 'pmp.clock'
@@ -18,6 +18,7 @@ local opts = pmp.train.flags.parse(arg, { {
   { '--hidden-size', 512, 'model width' },
   { '--num-layers', 8, 'layers' },
   { '--bf16', false, 'bf16 weights (adapters too)' },
+  { '--mode', nil, 'full or lora: measure that mode alone and print it as one RESULT line' },
   { '--recompute-granularity', 'full', "'full': re-run each layer's forward in backward; 'none': keep activations" },
 } }, { usage = 'pmp tools/bench_lora.lua [flags]' })
 
@@ -26,9 +27,6 @@ local CONFIG = { model_type = 'llama', hidden_size = opts.hidden_size, num_hidde
   vocab_size = 32000, max_position_embeddings = 4096, rms_norm_eps = 1e-5, tie_word_embeddings = false }
 
 local function measure(lora)
-  collectgarbage()
-  collectgarbage()
-  pmp.memory.reset_peak()
   pmp.manual_seed(1)
   local model = pmp.models.from_config(CONFIG, { dtype = opts.bf16 and 'bf16' or 'f32',
     config = { recompute_granularity = opts.recompute_granularity ~= 'none' and opts.recompute_granularity or nil } })
@@ -56,8 +54,29 @@ local function measure(lora)
   return { seconds = seconds, peak = peak, trained = model:num_parameters() }
 end
 
-local full = measure(false)
-local lora = measure(true)
+if opts.mode then
+  if opts.mode ~= 'full' and opts.mode ~= 'lora' then error('--mode must be full or lora', 0) end
+  local r = measure(opts.mode == 'lora')
+  print(string.format('RESULT %d %.6f %d', r.peak, r.seconds, r.trained))
+  return
+end
+
+-- Each mode in a child process with these flags.
+local function run(mode)
+  local words = { pmp.io.join(package.loaded['pmp.root'], 'pmp'), arg[0] }
+  for _, a in ipairs(arg) do words[#words + 1] = a end
+  words[#words + 1], words[#words + 2] = '--mode', mode
+  for k, w in ipairs(words) do words[k] = "'" .. w:gsub("'", "'\\''") .. "'" end
+  local pipe = assert(io.popen(table.concat(words, ' ')))
+  local text = pipe:read('*a')
+  pipe:close()
+  local peak, seconds, trained = text:match('RESULT (%d+) ([%d.]+) (%d+)')
+  if not peak then error('bench_lora: the ' .. mode .. ' run printed no result:\n' .. text, 0) end
+  return { peak = tonumber(peak), seconds = tonumber(seconds), trained = tonumber(trained) }
+end
+
+local full = run('full')
+local lora = run('lora')
 local MiB = 2 ^ 20
 print(string.format('full fine-tuning: %.1f MiB peak, %.3f s/step, %d trained parameters', full.peak / MiB, full.seconds, full.trained))
 print(string.format('LoRA rank %d:      %.1f MiB peak, %.3f s/step, %d trained parameters', opts.lora_rank, lora.peak / MiB,

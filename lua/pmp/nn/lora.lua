@@ -17,6 +17,7 @@
 local tensor = require 'pmp.tensor'
 local Module = require 'pmp.nn.module'
 local F = require 'pmp.nn.functional'
+local autograd = require 'pmp.autograd'
 
 local M = {}
 
@@ -38,7 +39,8 @@ function M.LoRA:init(in_features, out_features, options)
   self.B = (options.B or tensor.zeros({ out_features, rank }, { dtype = dtype })):requires_grad_()
 end
 function M.LoRA:forward(x) return F.dropout(x, self.dropout, self.training):matmul(self.A:t()) end
-function M.LoRA:up(h) return h:matmul(self.B:t()) * self.scaling end
+-- (scaled before B: what the product keeps for backward is then [..., rank], not [..., out])
+function M.LoRA:up(h) return (h * self.scaling):matmul(self.B:t()) end
 --- scaling * B A: what the adapter adds to the weight [out, in].
 function M.LoRA:delta() return self.B:detach():matmul(self.A:detach()) * self.scaling end
 function M.LoRA:extra_repr()
@@ -94,7 +96,12 @@ local function adapters_output(layer, x, region, total)
   return assemble(layer, outputs, total)
 end
 
-local function plus(y, delta) return delta and y + delta or y end
+-- y + delta, through a node that keeps neither operand for backward (the engine's add keeps both: two
+-- [..., out] activations per adapted layer that its gradient never reads).
+local function plus(y, delta)
+  if not delta then return y end
+  return autograd.custom({ y, delta }, y:detach() + delta:detach(), function(g) return { g, g } end)
+end
 
 -- The forwards of adapted layers, one per kind of linear layer (the base computation as the layer's own
 -- forward does it, with the adapters' rows added before any reduction of the output).
