@@ -27,6 +27,17 @@ local function hf_loss(model, ids)
   return model(ids:narrow(2, 1, T - 1), ids:narrow(2, 2, T - 1))
 end
 
+-- n AdamW steps on the model's trainable parameters (with LoRA: the adapters), in training mode.
+local function train_steps(model, ids, n)
+  model:train()
+  local optimizer = pmp.optim.AdamW(model:parameters(), { lr = 1e-2 })
+  for _ = 1, n do
+    optimizer:zero_grad()
+    hf_loss(model, ids):backward()
+    optimizer:step()
+  end
+end
+
 -- A copy of fixture `name` in a temporary directory with adapter_config.json edited by fn(config).
 local function edited_adapter(name, fn)
   local dir = shell.temp_dir()
@@ -35,6 +46,27 @@ local function edited_adapter(name, fn)
   shell.write_file(dir .. '/' .. peft.CONFIG_FILE, pmp.json.encode(config))
   shell.write_file(dir .. '/' .. peft.WEIGHTS_FILE, pmp.io.read_file(FIXTURES .. '/' .. name .. '/' .. peft.WEIGHTS_FILE))
   return dir
+end
+
+-- A temporary directory holding base/: a tiny Qwen3-shaped model with Qwen3's tokenizer (nil, pending,
+-- without the tokenizer); and its tokenizer.
+local function tiny_base()
+  local tiny_hf = require 'spec.support.tiny_hf'
+  if not tiny_hf.available() then
+    pending('needs ../shared/tokenizers/qwen3')
+    return nil
+  end
+  local dir = shell.temp_dir()
+  return dir, tiny_hf.write(dir .. '/base')
+end
+
+-- A recipe's dir/adapter applied to dir/base gives dir/merged's logits on ids, which are not the base's.
+local function assert_merged_is_adapted(dir, ids)
+  local adapted = logits_of(peft.load(pmp.models.from_pretrained(dir .. '/base'), dir .. '/adapter'), ids)
+  local merged = logits_of(pmp.models.from_pretrained(dir .. '/merged'), ids)
+  local diff = max_diff(adapted, merged)
+  assert(diff < 1e-4, 'the merged model differs from base + adapter by ' .. diff)
+  assert.is_true(max_diff(logits_of(pmp.models.from_pretrained(dir .. '/base'), ids), merged) > 1e-4)
 end
 
 describe('LoRA', function()
@@ -89,13 +121,7 @@ describe('LoRA', function()
     end
     assert.are.equal(12, state)
     assert.is_nil(qkv.lora.k_proj)
-    model:train()
-    local optimizer = pmp.optim.AdamW(model:parameters(), { lr = 1e-2 })
-    for _ = 1, 2 do
-      optimizer:zero_grad()
-      hf_loss(model, ids):backward()
-      optimizer:step()
-    end
+    train_steps(model, ids, 2)
     assert.is_true(expect.same_bits(before, qkv.weight))
     assert.is_true(qkv.lora.q_proj.B:abs():max():item() > 0)
     assert.is_true(max_diff(plain, logits_of(model, ids)) > 1e-3)
@@ -231,13 +257,8 @@ describe('LoRA', function()
   end)
 
   it('recipes/sft.lua --lora-rank trains adapters, resumes from its adapters-only checkpoint, --save-lora and --merge-lora --save-hf write them', function()
-    local tiny_hf = require 'spec.support.tiny_hf'
-    if not tiny_hf.available() then
-      pending('needs ../shared/tokenizers/qwen3')
-      return
-    end
-    local dir = shell.temp_dir()
-    local tok = tiny_hf.write(dir .. '/base')
+    local dir, tok = tiny_base()
+    if not dir then return end
     shell.write_file(dir .. '/data.jsonl', table.concat({
       '{"instruction": "Say hello.", "input": "", "output": "Hello there!"}',
       '{"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]}',
@@ -265,34 +286,20 @@ describe('LoRA', function()
     assert.are.equal(8, #losses)
     -- a rank-4 update of a 16-wide model barely moves its 151k-token output: the loss falls a little
     assert.is_true(losses[8] < losses[1] - 0.05, 'loss did not fall: ' .. losses[1] .. ' -> ' .. losses[8])
-    local ids = pmp.tensor({ tok:encode('Say hello. Name a color.') }, { dtype = 'i64' })
-    local adapted = peft.load(pmp.models.from_pretrained(dir .. '/base'), dir .. '/adapter')
-    local merged = pmp.models.from_pretrained(dir .. '/merged')
-    local diff = max_diff(logits_of(adapted, ids), logits_of(merged, ids))
-    assert(diff < 1e-4, 'the merged model differs from base + adapter by ' .. diff)
-    assert.is_true(max_diff(logits_of(pmp.models.from_pretrained(dir .. '/base'), ids), logits_of(merged, ids)) > 1e-3)
+    assert_merged_is_adapted(dir, pmp.tensor({ tok:encode('Say hello. Name a color.') }, { dtype = 'i64' }))
     assert.are.same({ 'q_proj', 'up_proj', 'v_proj' }, pmp.json.read(dir .. '/adapter/' .. peft.CONFIG_FILE).target_modules)
     shell.remove_dir(dir)
   end)
 
   it('recipes/dpo.lua takes the same flags for its policy: trained adapters, and their merge, differ from the base', function()
-    local tiny_hf = require 'spec.support.tiny_hf'
-    if not tiny_hf.available() then
-      pending('needs ../shared/tokenizers/qwen3')
-      return
-    end
-    local dir = shell.temp_dir()
-    local tok = tiny_hf.write(dir .. '/base')
+    local dir, tok = tiny_base()
+    if not dir then return end
     shell.write_file(dir .. '/prefs.jsonl', '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n')
     local _, err, status = shell.run_pmp({ ROOT .. '/recipes/dpo.lua', '--load', dir .. '/base', '--data-path',
       dir .. '/prefs.jsonl', '--train-iters', '2', '--batch-size', '1', '--lr', '1e-2', '--lora-rank', '2',
       '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
     assert.are.equal(0, status, err)
-    local ids = pmp.tensor({ tok:encode('Say hi. Hi!') }, { dtype = 'i64' })
-    local base = logits_of(pmp.models.from_pretrained(dir .. '/base'), ids)
-    local adapted = logits_of(peft.load(pmp.models.from_pretrained(dir .. '/base'), dir .. '/adapter'), ids)
-    assert.is_true(max_diff(base, adapted) > 1e-4)
-    assert(max_diff(adapted, logits_of(pmp.models.from_pretrained(dir .. '/merged'), ids)) < 1e-4)
+    assert_merged_is_adapted(dir, pmp.tensor({ tok:encode('Say hi. Hi!') }, { dtype = 'i64' }))
     shell.remove_dir(dir)
   end)
 
@@ -306,13 +313,7 @@ describe('LoRA', function()
       local written = pmp.json.read(FIXTURES .. '/' .. name .. '/' .. peft.CONFIG_FILE)
       local model = peft.apply(base_model(ref), { rank = written.r, alpha = written.lora_alpha, rslora = written.use_rslora,
         targets = written.target_modules })
-      model:train()
-      local optimizer = pmp.optim.AdamW(model:parameters(), { lr = 1e-2 })
-      for _ = 1, 3 do
-        optimizer:zero_grad()
-        hf_loss(model, ids):backward()
-        optimizer:step()
-      end
+      train_steps(model, ids, 3)
       peft.save(model, dir .. '/adapters/' .. name, { base = 'spec/fixtures/hf/' .. ref.base })
       shell.write_file(dir .. '/adapters/' .. name .. '/input.json', pmp.json.encode({ input_ids = ref.input_ids }))
       pmp.safetensors.save(dir .. '/adapters/' .. name .. '/logits.safetensors', { logits = logits_of(model, ids) })
