@@ -1,7 +1,8 @@
 --- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
 ---   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save-hf OUT_DIR [--packing]
 --- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
---- (role/content) records, detected per record unless --format says. Only assistant turns are trained
+--- (role/content) records, detected per record unless --format says; --data-path PREFIX reads them
+--- pre-tokenized by `pmp tools/preprocess_data.lua --sft` instead (the same samples, no tokenizing). Only assistant turns are trained
 --- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
 --- restarting and attention kept inside each sample. The loss is averaged per trained token over the
 --- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
@@ -15,7 +16,7 @@ local train = pmp.train
 local flags, step = train.flags, train.step
 
 local opts = flags.parse(arg, { {
-  { '--data-path', nil, 'jsonl file of conversations' },
+  { '--data-path', nil, 'jsonl file of conversations, or the PREFIX of tools/preprocess_data.lua --sft output' },
   { '--format', 'auto', 'auto, alpaca, sharegpt or messages' },
   { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
   { '--packing', false, 'pack several samples per sequence' },
@@ -90,9 +91,10 @@ local function sums()
   return function() i = i + 1; return records[i] end
 end
 
-local samples, trained_tokens = train.chat_data.samples(embedded and sums() or train.chat_data.lines(opts.data_path), {
-  tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt,
-  source = opts.data_path })
+local chat_options = { tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt }
+local samples, trained_tokens
+if embedded then samples, trained_tokens = train.chat_data.samples(sums(), chat_options)
+else samples, trained_tokens = train.chat_data.from_data_path(opts.data_path, chat_options) end
 local rows = opts.packing and pmp.data.sft.pack(samples, opts.seq_length) or pmp.data.sft.pad(samples, opts.seq_length)
 
 -- The embedded task's metric: exact-match accuracy of greedy answers on the held-out sums.

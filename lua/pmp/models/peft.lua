@@ -128,24 +128,23 @@ function M.apply(model, options)
     for _, target in ipairs(M.targets(family)) do
       local path = subst(target.module, layer)
       local linear = module_at(model, path)
-      local pieces, any = {}, false
+      local pieces, added = {}, {}
       for i, piece in ipairs(target.pieces) do
         local p = { name = piece.name, out = piece_rows(target.pack, i, linear.weight:size(1), config), adapt = chosen[piece.name] }
         if p.adapt then
-          any = true
-          local name = path .. '.lora.' .. piece.name .. '.A'
-          p.A = sharding.shard(name, lora.initial_A(rank, linear.in_features, linear.weight.dtype), config, tp_size, tp_rank)
-          entries[#entries + 1] = { key = PREFIX .. subst(piece.hf_module, layer), name = path .. '.lora.' .. piece.name,
-            layer = layer, target = piece.name }
+          local name = path .. '.lora.' .. piece.name
+          p.A = sharding.shard(name .. '.A', lora.initial_A(rank, linear.in_features, linear.weight.dtype), config, tp_size, tp_rank)
+          added[#added + 1] = { key = PREFIX .. subst(piece.hf_module, layer), name = name, layer = layer, target = piece.name }
         end
         pieces[i] = p
       end
-      if any then
+      if #added > 0 then
         local adapters = lora.attach(linear, { pieces = pieces, pack = target.pack, kv_channels = config.kv_channels,
           per_group = config.num_attention_heads / config.num_query_groups, rank = rank, alpha = alpha,
           dropout = dropout, rslora = options.rslora })
-        for _, e in ipairs(entries) do
-          if e.name:sub(1, #path + 1) == path .. '.' and not e.adapter then e.adapter = adapters[e.target] end
+        for _, e in ipairs(added) do
+          e.adapter = adapters[e.target]
+          entries[#entries + 1] = e
         end
       end
     end

@@ -5,13 +5,14 @@
 --- carries one adapter per piece, each with the shape of the unfused layer it stands for, so the
 --- adapters are those of the unfused model (see pmp.models.peft for the names).
 ---
----   lora.attach(linear, {pieces = {{name = 'q_proj', out = n}, ...}, pack = 'qkv', rank = 8, alpha = 16})
+---   lora.attach(linear, {pieces = {{name = 'q_proj', out = n, adapt = true}, ...}, pack = 'qkv', rank = 8,
+---     alpha = 16, per_group = 2, kv_channels = 64})
 ---
 --- The frozen weight and bias become non-persistent buffers (lora.freeze): they leave the module's
 --- parameters and its state_dict, so optimizers, data-parallel buckets, gradient norms and checkpoints
---- see the adapters only. Works on Linear and on pmp.nn.parallel's Column/RowParallelLinear: a column-parallel layer's
---- adapters keep A whole and split B by rows like the weight; a row-parallel one's split A by columns
---- and keep B whole; the collective that makes the low-rank activations whole sits between A and B,
+--- see the adapters only. Works on Linear and on pmp.nn.parallel's Column/RowParallelLinear: a
+--- column-parallel layer's adapters keep A whole and split B by rows like the weight; a row-parallel
+--- one's split A by columns and keep B whole; the collective that makes the low-rank activations whole sits between A and B,
 --- so every replicated factor gets a whole gradient (sequence parallelism: a slice of it, which
 --- pmp.nn.parallel.finish_grads sums like the norms').
 local tensor = require 'pmp.tensor'

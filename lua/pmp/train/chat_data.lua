@@ -1,7 +1,9 @@
 --- Supervised fine-tuning data: jsonl records of conversations (alpaca, sharegpt or messages, see
---- pmp.data.sft) tokenized with the model's chat template into samples, then packed or padded rows.
+--- pmp.data.sft) tokenized with the model's chat template into samples (or samples tokenized before,
+--- pmp.data.sft_indexed), then packed or padded rows.
 local json = require 'pmp.json'
 local sft = require 'pmp.data.sft'
+local sft_indexed = require 'pmp.data.sft_indexed'
 
 local M = {}
 
@@ -14,32 +16,47 @@ function M.lines(path)
   return text:gmatch('[^\n]*')
 end
 
+--- One jsonl record (a non-blank line) as a sample {ids, mask}; options as for samples. where: the
+--- prefix of error messages ('file:line: ').
+function M.sample(line, options, where)
+  local parsed, record = pcall(json.decode, line)
+  if not parsed then error(where .. tostring(record), 0) end
+  local format = options.format ~= 'auto' and options.format or sft.detect_format(record)
+  if not format then error(where .. 'not an alpaca, sharegpt or messages record', 0) end
+  local tokenizer = options.tokenizer
+  local converted, sample = pcall(function()
+    return sft.tokenize(sft.to_messages(record, format), { tokenizer = tokenizer, render = options.render,
+      train_on_prompt = options.train_on_prompt, end_of_turn_id = tokenizer.eos_id or tokenizer.eod })
+  end)
+  if not converted then error(where .. tostring(sample), 0) end
+  return sample
+end
+
 --- Tokenizes every non-blank line of `lines` (an iterator of jsonl lines). options: tokenizer, render
 --- (messages, add_generation_prompt) -> text, format ('auto' detects per record), train_on_prompt,
 --- source (the file name for errors, which also give the line). Returns the samples ({ids, mask}) and
 --- the number of trained tokens.
 function M.samples(lines, options)
   local samples, trained_tokens, line_number = {}, 0, 0
-  local tokenizer = options.tokenizer
   for line in lines do
     line_number = line_number + 1
     if line:match('%S') then
-      local where = string.format('%s:%d: ', tostring(options.source), line_number)
-      local parsed, record = pcall(json.decode, line)
-      if not parsed then error(where .. tostring(record), 0) end
-      local format = options.format ~= 'auto' and options.format or sft.detect_format(record)
-      if not format then error(where .. 'not an alpaca, sharegpt or messages record', 0) end
-      local converted, sample = pcall(function()
-        return sft.tokenize(sft.to_messages(record, format), { tokenizer = tokenizer, render = options.render,
-          train_on_prompt = options.train_on_prompt, end_of_turn_id = tokenizer.eos_id or tokenizer.eod })
-      end)
-      if not converted then error(where .. tostring(sample), 0) end
+      local sample = M.sample(line, options, string.format('%s:%d: ', tostring(options.source), line_number))
       samples[#samples + 1] = sample
       for _, m in ipairs(sample.mask) do if m then trained_tokens = trained_tokens + 1 end end
     end
   end
   if #samples == 0 then error(tostring(options.source) .. ' holds no samples', 0) end
   return samples, trained_tokens
+end
+
+--- The samples of --data-path: pre-tokenized data (pmp.data.sft_indexed: PREFIX_text_document and
+--- PREFIX_loss_mask_document) when path is such a prefix, else a jsonl file tokenized with options
+--- (see samples; options.source is the path).
+function M.from_data_path(path, options)
+  if sft_indexed.exists(path) then return sft_indexed.read(path) end
+  options.source = path
+  return M.samples(M.lines(path), options)
 end
 
 --- Collates micro batches of rows as pmp.train.step takes them; also returns the tokens the step trains
