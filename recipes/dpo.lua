@@ -22,16 +22,19 @@ local opts = flags.parse(arg, { {
   { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)' },
   { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge' },
   { '--log-interval', 20, 'steps between log lines' },
-}, flags.optimizer, recipe.flags.common, recipe.flags.preference, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, {
   -- the shared flags whose defaults or meaning differ here
   { '--lr', 2e-5, 'AdamW peak learning rate' },
 } }, { usage = 'pmp recipes/dpo.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
 recipe.require_one_process()
+train.lora.check(opts, opts.save_hf)
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end
 
 pmp.manual_seed(opts.seed)
 local policy, tokenizer, render = recipe.policy(opts)
 local reference = recipe.frozen_copy(policy)
+-- LoRA: the policy trains adapters on its frozen weights (the reference above is a copy of those)
+train.lora.setup(policy, opts, not opts.load and 'llama' or nil)
 policy:eval()   -- no dropout
 local train_pairs, held_out = recipe.preference_pairs(opts, tokenizer, render)
 local pad = tokenizer.pad_id or 0
@@ -89,6 +92,7 @@ for iteration = 1, opts.train_iters do
 end
 checkpoints:finish(opts.train_iters, policy, optimizer, function() return { model_config = policy.config, args = opts } end)
 logger:finish(opts.train_iters)
+train.lora.finish(policy, opts, opts.load)
 if opts.save_hf then
   policy:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
   print('dpo: saved the policy to ' .. opts.save_hf)

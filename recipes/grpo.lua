@@ -25,12 +25,13 @@ local opts = flags.parse(arg, { {
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
   { '--log-interval', 1, 'iterations between log lines' },
-}, flags.optimizer, recipe.flags.common, recipe.flags.rollout, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.rollout, {
   -- the shared flags whose defaults or meaning differ here
   { '--lr', 5e-5, 'AdamW peak learning rate' },
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
 recipe.require_one_process()
+train.lora.check(opts, opts.save_hf)
 local embedded = not opts.load
 
 pmp.manual_seed(opts.seed)
@@ -38,6 +39,8 @@ local policy, tokenizer, render = recipe.policy(opts)
 local prompts = recipe.prompts(opts, tokenizer, render)
 local reward = recipe.reward(opts, tokenizer)
 local reference = recipe.frozen_copy(policy)
+-- LoRA: the policy trains adapters on its frozen weights (the reference above is a copy of those)
+train.lora.setup(policy, opts, not opts.load and 'llama' or nil)
 local G = opts.num_generations
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
@@ -103,6 +106,7 @@ for iteration = 1, opts.iterations do
 end
 checkpoints:finish(opts.iterations, policy, optimizer, function() return { model_config = policy.config, args = opts } end)
 logger:finish(opts.iterations)
+train.lora.finish(policy, opts, opts.load)
 if opts.save_hf then
   policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
   print('grpo: saved the policy to ' .. opts.save_hf)

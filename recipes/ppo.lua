@@ -31,7 +31,7 @@ local opts = flags.parse(arg, { {
   { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
   { '--vf-coef', 0.1, 'value loss weight' },
   { '--log-interval', 1, 'iterations between log lines' },
-}, flags.optimizer, recipe.flags.common, recipe.flags.rollout, flags.checkpoint, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.rollout, flags.checkpoint, {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 1e-4, 'actor peak learning rate' },
@@ -39,6 +39,7 @@ local opts = flags.parse(arg, { {
   { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
 } }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })
 recipe.require_one_process()
+train.lora.check(opts, opts.save_hf)
 local embedded = not opts.load
 if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then
   error('--rollout-batch-size must be a multiple of --mini-batch-size', 0)
@@ -57,6 +58,8 @@ local reward = recipe.reward(opts, tokenizer)
 local reference = recipe.frozen_copy(actor)
 local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_model, { head = 'score' })
   or pmp.models.score_model(actor)
+-- LoRA: the actor trains adapters on its frozen weights (the reference and critic above start from those)
+train.lora.setup(actor, opts, not opts.load and 'llama' or nil)
 actor:eval()   -- no dropout anywhere: ratios and values compare like with like
 critic:eval()
 local sample_opts = recipe.sample_options(opts, tokenizer)
@@ -167,6 +170,7 @@ end
 actor_checkpoints:finish(iteration, actor, actor_opt, actor_state)
 critic_checkpoints:finish(iteration, critic, critic_opt, critic_state)
 logger:finish(iteration - first_iteration)
+train.lora.finish(actor, opts, opts.load)
 if opts.save_hf then
   actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
   print('ppo: saved the actor to ' .. opts.save_hf)

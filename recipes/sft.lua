@@ -1,11 +1,13 @@
 --- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
 ---   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save-hf OUT_DIR [--packing]
 --- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
---- (role/content) records, detected per record unless --format says. Only assistant turns are trained
+--- (role/content) records, detected per record unless --format says; --data-path PREFIX reads them
+--- pre-tokenized by `pmp tools/preprocess_data.lua --sft` instead (the same samples, no tokenizing). Only assistant turns are trained
 --- (end-of-turn tokens included); --packing puts several samples in one sequence with positions
 --- restarting and attention kept inside each sample. The loss is averaged per trained token over the
 --- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
---- fine-tuned model as a Hugging Face directory.
+--- fine-tuned model as a Hugging Face directory. --lora-rank N trains LoRA adapters on the frozen model
+--- instead (--save-lora writes them for PEFT, --merge-lora --save-hf the merged model).
 ---
 --- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
 --- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
@@ -14,7 +16,7 @@ local train = pmp.train
 local flags, step = train.flags, train.step
 
 local opts = flags.parse(arg, { {
-  { '--data-path', nil, 'jsonl file of conversations' },
+  { '--data-path', nil, 'jsonl file of conversations, or the PREFIX of tools/preprocess_data.lua --sft output' },
   { '--format', 'auto', 'auto, alpaca, sharegpt or messages' },
   { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
   { '--packing', false, 'pack several samples per sequence' },
@@ -22,7 +24,7 @@ local opts = flags.parse(arg, { {
   { '--skip-bad-records', false, 'skip (and count) records that are malformed or have no assistant turn instead of stopping' },
   { '--epochs', 1, 'passes over the data when --train-iters is 0' },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
-}, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, {
+}, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, train.lora.flags, {
   -- the shared flags whose defaults or meaning differ for fine-tuning
   { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
   { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
@@ -60,8 +62,12 @@ if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batc
 -- An SFT checkpoint records its base, so --load on one resumes.
 local base, resume = train.base_model.locate(opts.load)
 if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint) end
+train.lora.check(opts, opts.save_hf, resume and resume.state.args)
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity })
+-- a pretraining checkpoint's model has Llama's architecture
+local model_type = base.kind == 'pmp' and 'llama' or nil
+train.lora.setup(model, opts, model_type)
 -- the embedded task is in the corpus' own format: "12 + 7 = 19."
 local function sums_format(messages)
   return messages[1].content .. ' = ' .. (messages[2] and messages[2].content .. '.\n' or '')
@@ -87,9 +93,11 @@ local function sums()
   return function() i = i + 1; return records[i] end
 end
 
-local samples, trained_tokens, skipped = train.chat_data.samples(embedded and sums() or train.chat_data.lines(opts.data_path), {
-  tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt,
-  source = opts.data_path, skip_bad_records = opts.skip_bad_records })
+local chat_options = { tokenizer = tokenizer, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt,
+  skip_bad_records = opts.skip_bad_records }
+local samples, trained_tokens, skipped
+if embedded then samples, trained_tokens, skipped = train.chat_data.samples(sums(), chat_options)
+else samples, trained_tokens, skipped = train.chat_data.from_data_path(opts.data_path, chat_options) end
 if #skipped > 0 then
   print(string.format('sft: skipped %d bad records (--skip-bad-records); the first, %s: %s', #skipped, skipped[1].where,
     skipped[1].why))
@@ -160,9 +168,9 @@ if embedded then
     #held_out, 100 * accuracy_before, 100 * sums_accuracy()))
 end
 
+train.lora.finish(model, opts, base.dir)
 if opts.save_hf then
-  -- a pretraining checkpoint's model has Llama's architecture and exports as one
-  model:save_pretrained(opts.save_hf, { model_type = base.kind == 'pmp' and 'llama' or nil })
+  model:save_pretrained(opts.save_hf, { model_type = model_type })
   for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja' }) do
     local source = pmp.io.join(template_dir or base.dir, name)
     if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save_hf, name), pmp.io.read_file(source)) end

@@ -18,6 +18,12 @@
 --- grows by 12 bytes per document). --workers N > 1 splits the input into N byte ranges (each starts
 --- at the first line beginning in it), tokenizes them in N pmp processes, then concatenates their
 --- outputs in order (IndexedDatasetBuilder.add_index), so the result is byte-identical to one process.
+---
+--- --sft: the lines are fine-tuning records (alpaca, sharegpt or messages, detected per record unless
+--- --format says) rendered with the chat template of --tokenizer-model (or --chat-template) and
+--- tokenized exactly as recipes/sft.lua does; writes PREFIX_text_document (one document of ids per
+--- sample) and the aligned PREFIX_loss_mask_document (1 for the tokens trained: assistant turns, or all
+--- with --train-on-prompt), which `pmp recipes/sft.lua --data-path PREFIX` trains from.
 local FLAGS = {
   { '--input', nil, 'input JSONL file (one JSON object per line)' },
   { '--output-prefix', nil, 'output prefix: writes PREFIX_KEY_document.bin/.idx' },
@@ -28,6 +34,10 @@ local FLAGS = {
   { '--append-eod', false, 'append the end-of-document token to every non-empty document' },
   { '--workers', 1, 'processes to tokenize with' },
   { '--log-interval', 1.0, 'seconds between progress lines' },
+  { '--sft', false, 'fine-tuning records: write token ids and the aligned loss mask (see above)' },
+  { '--format', 'auto', '--sft: auto, alpaca, sharegpt or messages' },
+  { '--chat-template', nil, '--sft: a built-in template (chatml, llama3, alpaca) instead of the tokenizer\'s' },
+  { '--train-on-prompt', false, '--sft: also train on system/user tokens' },
   { '--split-sentences', false, 'not supported (Megatron splits with NLTK punkt)' },
   { '--_range-start', -1, '(internal) worker: first byte of its range' },
   { '--_range-end', -1, '(internal) worker: end of its range' },
@@ -62,6 +72,13 @@ if not opts.output_prefix then die('--output-prefix is required') end
 if opts.split_sentences then die('--split-sentences is not supported (documents are one sequence each)') end
 if not pio.is_file(opts.input) then die('cannot read --input ' .. opts.input) end
 local keys = opts.json_keys or { 'text' }
+local sft_indexed = require 'pmp.data.sft_indexed'
+if opts.sft then
+  if opts.json_keys then die('--sft writes the keys ' .. table.concat(sft_indexed.KEYS, ' and ') .. '; drop --json-keys') end
+  if not opts.tokenizer_model then die('--sft needs --tokenizer-model DIR (its chat template renders the records)') end
+  if opts.append_eod then die('--sft: the chat template ends each turn; drop --append-eod') end
+  keys = sft_indexed.KEYS
+end
 local worker_mode = opts._range_start >= 0
 local input_size = pio.size(opts.input)
 
@@ -184,17 +201,48 @@ end
 
 local function output_prefix_of(base, key) return base .. '_' .. key .. '_document' end
 
+-- The values a key's dataset holds: token ids, or 0 and 1 for --sft's loss mask (the smallest dtype).
+local function vocab_size_of(key, tokenizer)
+  if opts.sft and key == 'loss_mask' then return 2 end
+  return tokenizer.vocab_size
+end
+
 ---------------------------------------------------------------------------------------------------
 -- Tokenizing one byte range into builders (the whole job with one worker)
+
+-- --sft: a line's sample {ids, mask} as recipes/sft.lua makes it (pmp.train.chat_data), nil for a
+-- blank line.
+local sft_options
+local function sample_of(tokenizer, line, line_number, offset)
+  if not line:find('%S') then return nil end
+  local chat_data = require 'pmp.train.chat_data'
+  if not sft_options then
+    local renderer = require('pmp.train.base_model').chat_renderer
+    local okr, render = pcall(renderer, tokenizer.inner, opts.tokenizer_model, opts.chat_template, opts.tokenizer_model)
+    if not okr then die(tostring(render)) end
+    sft_options = { tokenizer = tokenizer.inner, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt }
+  end
+  local oks, sample = pcall(chat_data.sample, line, sft_options, where(line_number, offset) .. ': ')
+  if not oks then die(tostring(sample)) end
+  return sample
+end
 
 local function tokenize_range(tokenizer, out_base, start, stop, report)
   local builders = {}
   for k, key in ipairs(keys) do
-    builders[k] = indexed.builder(output_prefix_of(out_base, key), { vocab_size = tokenizer.vocab_size })
+    builders[k] = indexed.builder(output_prefix_of(out_base, key), { vocab_size = vocab_size_of(key, tokenizer) })
   end
   local docs, tokens = 0, 0
   local eod = opts.append_eod and tokenizer.eod or nil
   local function process(line, n, offset)
+    if opts.sft then
+      local sample = sample_of(tokenizer, line, n, offset)
+      if not sample then return end
+      builders[1]:add_document(sample.ids, { #sample.ids })
+      builders[2]:add_document(sft_indexed.mask_document(sample), { #sample.ids })
+      docs, tokens = docs + 1, tokens + #sample.ids
+      return
+    end
     local texts = texts_of(line, n, offset)
     if not texts then return end
     for k, text in ipairs(texts) do
@@ -294,9 +342,15 @@ else
       rc = pio.join(scratch, 'part' .. k .. '.rc'), log = pio.join(scratch, 'part' .. k .. '.log') }
     parts[k] = part
     local words = { q(pmp_exe), q(arg[0]), '--input', q(opts.input), '--output-prefix', q(part.prefix),
-      '--_range-start', a, '--_range-end', b, '--_tokenizer-state', q(state_path), '--_progress-file', q(part.progress),
-      '--json-keys' }
-    for _, key in ipairs(keys) do words[#words + 1] = q(key) end
+      '--_range-start', a, '--_range-end', b, '--_tokenizer-state', q(state_path), '--_progress-file', q(part.progress) }
+    if opts.sft then
+      for _, w in ipairs({ '--sft', '--tokenizer-model', q(opts.tokenizer_model), '--format', q(opts.format) }) do words[#words + 1] = w end
+      if opts.chat_template then words[#words + 1], words[#words + 2] = '--chat-template', q(opts.chat_template) end
+      if opts.train_on_prompt then words[#words + 1] = '--train-on-prompt' end
+    else
+      words[#words + 1] = '--json-keys'
+      for _, key in ipairs(keys) do words[#words + 1] = q(key) end
+    end
     if opts.append_eod then words[#words + 1] = '--append-eod' end
     local command = string.format('( %s 2>%s; echo $? >%s.tmp; mv %s.tmp %s ) </dev/null >/dev/null 2>&1 &',
       table.concat(words, ' '), q(part.log), q(part.rc), q(part.rc), q(part.rc))
@@ -341,7 +395,7 @@ else
   end
   -- Concatenate the parts in order.
   for _, key in ipairs(keys) do
-    local builder = indexed.builder(output_prefix_of(opts.output_prefix, key), { vocab_size = tokenizer.vocab_size })
+    local builder = indexed.builder(output_prefix_of(opts.output_prefix, key), { vocab_size = vocab_size_of(key, tokenizer) })
     local okm, err = pcall(function()
       for _, part in ipairs(parts) do builder:add_index(output_prefix_of(part.prefix, key)) end
     end)

@@ -1,7 +1,7 @@
 #!/bin/sh
 # make test-reference: the checks against the Python reference implementations that `make test` does
 # not run because they need packages from PyPI (pip install torch transformers safetensors megatron-core
-# tensorboard). Run it before resolving any change to how pmp reads or writes other tools' formats.
+# tensorboard peft). Run it before resolving any change to how pmp reads or writes other tools' formats.
 # Stops at the first failure; ends with "all reference checks passed".
 set -eu
 cd "$(dirname "$0")/.."
@@ -14,12 +14,16 @@ need transformers transformers
 need safetensors safetensors
 need megatron.core megatron-core
 need tensorboard tensorboard
+need peft peft
 
 echo '== transformers (or a tools/ reference) loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, spec/zoo_rotary_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua spec/zoo_rotary_spec.lua
 
 echo '== transformers loads what pmp wrote for OPT, GPT-BigCode, StarCoder 2 and Falcon (spec/zoo_ln_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/zoo_ln_spec.lua
+
+echo '== PEFT applies pmp'"'"'s LoRA adapters to pmp'"'"'s logits, transformers reads merged exports (spec/lora_spec.lua, PMP_HF_CHECK=1)'
+PMP_HF_CHECK=1 ./pmp spec/run.lua spec/lora_spec.lua
 
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify

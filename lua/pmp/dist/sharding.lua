@@ -5,7 +5,8 @@
 ---   * linear_qkv: rows, which are grouped per KV head, so each rank holds whole KV groups;
 ---   * linear_fc1: rows; for gated MLPs ([gate; up]) each rank holds its slice of gate then of up;
 ---   * linear_proj, linear_fc2 weights: columns (their biases are whole on every rank);
----   * norms and everything else: whole on every rank.
+---   * norms and everything else: whole on every rank;
+---   * LoRA adapters: see rule.
 --- Pipeline stages hold consecutive layers, numbered from 0 on each stage as Megatron's per-rank
 --- checkpoints number them.
 local tensor = require 'pmp.tensor'
@@ -14,6 +15,14 @@ local M = {}
 
 -- The tensor-parallel rule of parameter `name`: nil (replicated) or {dim = 1 or 2, gated = bool}.
 function M.rule(name, config)
+  -- LoRA adapters (pmp.nn.lora) split like their layer: B by rows after a column-parallel one, A by
+  -- columns before a row-parallel one; the other factor is whole on every rank
+  local layer, factor = name:match('%.([%w_]+)%.lora%.[%w_]+%.([AB])$')
+  if layer then
+    if factor == 'B' and (layer == 'linear_qkv' or layer == 'linear_fc1') then return { dim = 1 } end
+    if factor == 'A' and (layer == 'linear_proj' or layer == 'linear_fc2') then return { dim = 2 } end
+    return nil
+  end
   if name:match('word_embeddings%.weight$') or name:match('^output_layer%.weight$') then return { dim = 1 } end
   if name:match('linear_qkv%.weight$') or name:match('linear_qkv%.bias$') then return { dim = 1 } end
   if name:match('linear_fc1%.weight$') or name:match('linear_fc1%.bias$') then

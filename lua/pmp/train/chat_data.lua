@@ -1,7 +1,9 @@
 --- Supervised fine-tuning data: jsonl records of conversations (alpaca, sharegpt or messages, see
---- pmp.data.sft) tokenized with the model's chat template into samples, then packed or padded rows.
+--- pmp.data.sft) tokenized with the model's chat template into samples (or samples tokenized before,
+--- pmp.data.sft_indexed), then packed or padded rows.
 local json = require 'pmp.json'
 local sft = require 'pmp.data.sft'
+local sft_indexed = require 'pmp.data.sft_indexed'
 
 local M = {}
 
@@ -31,6 +33,17 @@ local function sample_of(line, options)
     end_of_turn_id = tokenizer.eos_id or tokenizer.eod })
 end
 
+-- An error of sample_of without the position Lua put first.
+local function reason(message) return (tostring(message):gsub('^[^:]*%.lua:%d+: ', '')) end
+
+--- One jsonl record (a non-blank line) as a sample {ids, mask}; options as for samples. where: the
+--- prefix of error messages ('file:line: ').
+function M.sample(line, options, where)
+  local converted, sample = pcall(sample_of, line, options)
+  if not converted then error(where .. reason(sample), 0) end
+  return sample
+end
+
 --- Tokenizes every non-blank line of `lines` (an iterator of jsonl lines). options: tokenizer, render
 --- (messages, add_generation_prompt) -> text, format ('auto' detects per record), train_on_prompt,
 --- source (the file name for errors, which also give the line), skip_bad_records (a record that is not
@@ -48,7 +61,7 @@ function M.samples(lines, options)
         samples[#samples + 1] = sample
         for _, m in ipairs(sample.mask) do if m then trained_tokens = trained_tokens + 1 end end
       else
-        local why = tostring(sample):gsub('^[^:]*%.lua:%d+: ', '')
+        local why = reason(sample)
         if not options.skip_bad_records then error(where .. ': ' .. why, 0) end
         skipped[#skipped + 1] = { where = where, why = why }
       end
@@ -56,6 +69,18 @@ function M.samples(lines, options)
   end
   if #samples == 0 then error(tostring(options.source) .. ' holds no samples', 0) end
   return samples, trained_tokens, skipped
+end
+
+--- The samples of --data-path: pre-tokenized data (pmp.data.sft_indexed: PREFIX_text_document and
+--- PREFIX_loss_mask_document) when path is such a prefix, else a jsonl file tokenized with options
+--- (see samples; options.source is the path). Returns what samples returns.
+function M.from_data_path(path, options)
+  if sft_indexed.exists(path) then
+    local samples, trained_tokens = sft_indexed.read(path)
+    return samples, trained_tokens, {}
+  end
+  options.source = path
+  return M.samples(M.lines(path), options)
 end
 
 --- Collates micro batches of rows as pmp.train.step takes them; also returns the tokens the step trains

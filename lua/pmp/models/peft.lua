@@ -1,0 +1,319 @@
+--- LoRA adapters on the models of pmp.models under Hugging Face PEFT's names, and PEFT's files
+--- (adapter_config.json + adapter_model.safetensors) in and out.
+---   local peft = require 'pmp.models.peft'
+---   peft.apply(model, {rank = 8, alpha = 16, dropout = 0.05, targets = {'q_proj', 'v_proj'}})
+---   peft.save(model, 'adapter_dir', {base = 'HF_DIR'})   -- what PeftModel.from_pretrained reads
+---   peft.load(model, 'adapter_dir')                       -- an adapter PEFT (or pmp) wrote
+---   peft.merge(model)                                     -- adapters added into the weights, removed
+--- A family's targets are PEFT's module names, derived from its mapping (models/<family>.lua): every
+--- per-layer linear weight (tp 'column' or 'row'), one target per Hugging Face tensor, so the fused
+--- linear_qkv carries q_proj, k_proj and v_proj and linear_fc1 gate_proj and up_proj. Apply adapters
+--- after pmp.nn.parallel.tensor_parallel (they are split like their layers); pipeline stages are not
+--- supported. The initial A is drawn whole for every layout from the shared seed, so a run gives the
+--- same adapters whatever the tensor-parallel size.
+local json = require 'pmp.json'
+local pio = require 'pmp.io'
+local safetensors = require 'pmp.safetensors'
+local lora = require 'pmp.nn.lora'
+local sharding = require 'pmp.dist.sharding'
+local models = require 'pmp.models'
+
+local M = {}
+
+local PREFIX = 'base_model.model.'   -- PEFT's prefix of a causal LM's module names
+M.CONFIG_FILE, M.WEIGHTS_FILE = 'adapter_config.json', 'adapter_model.safetensors'
+
+local function subst(name, layer) return (name:gsub('{L}', tostring(layer))) end
+
+--- The LoRA targets of a family: a list of fused layers {module = pmp path with {L}, pack, tp, pieces =
+--- {{name = PEFT target name, hf_module = HF module path with {L}}, ...}}.
+function M.targets(family)
+  local out = {}
+  for _, entry in ipairs(family.mapping) do
+    local pmp_name, hf = entry[1], entry[2]
+    if (entry.tp == 'column' or entry.tp == 'row') and pmp_name:find('{L}', 1, true) and pmp_name:match('%.weight$') then
+      local pieces = {}
+      for i, name in ipairs(type(hf) == 'table' and hf or { hf }) do
+        local module = name:gsub('%.weight$', '')
+        pieces[i] = { name = module:match('([^.]+)$'), hf_module = module }
+      end
+      out[#out + 1] = { module = (pmp_name:gsub('%.weight$', '')), pack = entry.pack, tp = entry.tp, pieces = pieces }
+    end
+  end
+  return out
+end
+
+local function family_of(model, options)
+  local model_type = options.model_type or (rawget(model, 'hf') and model.hf.model_type)
+  if not model_type then error('peft: the model was not made by pmp.models; pass {model_type = "llama" | ...}', 3) end
+  return models.family(model_type)
+end
+
+-- The set of piece names that `wanted` (PEFT's target_modules: a list of names, each matching a
+-- module whose path ends with it, or 'all-linear') selects; a name that selects nothing is an error.
+local function chosen_pieces(family, wanted, source)
+  local all, known, chosen = {}, {}, {}
+  for _, target in ipairs(M.targets(family)) do
+    for _, piece in ipairs(target.pieces) do
+      all[#all + 1] = piece
+      known[#known + 1] = piece.name
+    end
+  end
+  if wanted == 'all-linear' then
+    for _, piece in ipairs(all) do chosen[piece.name] = true end
+    return chosen
+  end
+  if type(wanted) ~= 'table' or #wanted == 0 then
+    error(string.format("%s: LoRA target modules must be a list of names or 'all-linear', got %s", source,
+      type(wanted) == 'table' and 'an empty list' or tostring(wanted)), 0)
+  end
+  for _, name in ipairs(wanted) do
+    local found = false
+    for _, piece in ipairs(all) do
+      if type(name) == 'string' and (piece.name == name or piece.hf_module:sub(-#name - 1) == '.' .. name) then
+        chosen[piece.name], found = true, true
+      end
+    end
+    if not found then
+      error(string.format("%s: LoRA target '%s' does not exist in the %s family (its targets: %s)", source,
+        tostring(name), family.model_type, table.concat(known, ', ')), 0)
+    end
+  end
+  return chosen
+end
+
+-- The rows of piece i of a fused layer with out_local rows on this rank.
+local function piece_rows(pack, i, out_local, config)
+  if pack == 'gate_up' then return out_local / 2 end
+  if pack ~= 'qkv' then return out_local end
+  local d, per_group = config.kv_channels, config.num_attention_heads / config.num_query_groups
+  local groups = out_local / ((per_group + 2) * d)
+  return groups * (i == 1 and per_group or 1) * d
+end
+
+local function module_at(model, path)
+  local m = model
+  for part in path:gmatch('[^.]+') do
+    m = m[part]
+    if m == nil then error("peft: the model has no module '" .. path .. "'", 4) end
+  end
+  return m
+end
+
+--- Freezes the model and gives its target layers adapters. options: rank, alpha (default rank),
+--- dropout (0), rslora (scaling alpha / sqrt(rank)), targets (PEFT's target_modules: names or
+--- 'all-linear'), model_type (for a model not made by pmp.models), source (names the options in errors).
+--- Parameters left to train: the adapters only. Returns the model.
+function M.apply(model, options)
+  local source = options.source or 'LoRA'
+  if rawget(model, 'lora') then error('peft.apply: the model already has adapters', 2) end
+  if model.pipeline then error('peft.apply: LoRA on a pipeline stage is not supported', 2) end
+  local rank = options.rank
+  if type(rank) ~= 'number' or rank < 1 or rank ~= math.floor(rank) then
+    error(string.format('%s: the LoRA rank must be a positive integer, got %s', source, tostring(rank)), 0)
+  end
+  local alpha, dropout = options.alpha or rank, options.dropout or 0
+  if type(alpha) ~= 'number' or alpha <= 0 then error(string.format('%s: lora alpha must be a positive number, got %s', source, tostring(alpha)), 0) end
+  if type(dropout) ~= 'number' or dropout < 0 or dropout >= 1 then
+    error(string.format('%s: lora dropout must be in [0, 1), got %s', source, tostring(dropout)), 0)
+  end
+  local family = family_of(model, options)
+  local chosen = chosen_pieces(family, options.targets, source)
+  local config, tp = model.config, model.tensor_parallel
+  local tp_size, tp_rank = tp and tp.group.size or 1, tp and tp.group.rank or 0
+  -- every parameter of the base model frozen, adapted layers or not
+  model:apply(lora.freeze)
+  local entries = {}
+  for layer = 0, config.num_layers - 1 do
+    for _, target in ipairs(M.targets(family)) do
+      local path = subst(target.module, layer)
+      local linear = module_at(model, path)
+      local pieces, added = {}, {}
+      for i, piece in ipairs(target.pieces) do
+        local p = { name = piece.name, out = piece_rows(target.pack, i, linear.weight:size(1), config), adapt = chosen[piece.name] }
+        if p.adapt then
+          local name = path .. '.lora.' .. piece.name
+          p.A = sharding.shard(name .. '.A', lora.initial_A(rank, linear.in_features, linear.weight.dtype), config, tp_size, tp_rank)
+          added[#added + 1] = { key = PREFIX .. subst(piece.hf_module, layer), name = name, layer = layer, target = piece.name }
+        end
+        pieces[i] = p
+      end
+      if #added > 0 then
+        local adapters = lora.attach(linear, { pieces = pieces, pack = target.pack, kv_channels = config.kv_channels,
+          per_group = config.num_attention_heads / config.num_query_groups, rank = rank, alpha = alpha,
+          dropout = dropout, rslora = options.rslora })
+        for _, e in ipairs(added) do
+          e.adapter = adapters[e.target]
+          entries[#entries + 1] = e
+        end
+      end
+    end
+  end
+  if model.embedding and rawget(model.decoder, 'recompute') then
+    -- pmp.autograd.recompute links a re-run layer into the graph through inputs that need a gradient;
+    -- a frozen embedding's output needs none, so the adapters would get none: give it one (what
+    -- transformers' enable_input_require_grads does for gradient checkpointing with PEFT)
+    rawset(model.embedding, 'forward', function(self, ids)
+      local x = self.word_embeddings(ids)
+      if require('pmp').is_grad_enabled() and not x.requires_grad then x:requires_grad_() end
+      return x
+    end)
+  end
+  local names = {}
+  for name in pairs(chosen) do names[#names + 1] = name end
+  table.sort(names)
+  rawset(model, 'lora', { rank = rank, alpha = alpha, dropout = dropout, rslora = options.rslora or false,
+    targets = names, family = family, entries = entries })
+  return model
+end
+
+local function adapters_of(model, op)
+  local state = rawget(model, 'lora')
+  if not state then error('peft.' .. op .. ': the model has no adapters (peft.apply or peft.load first)', 3) end
+  return state
+end
+
+-- The whole tensor of adapter parameter `name` (this rank's part t) under tensor parallelism.
+local function whole(model, name, t)
+  local tp = model.tensor_parallel
+  local rule = tp and sharding.rule(name, model.config)
+  if not rule then return t:detach() end
+  return tp.group:all_gather(t:detach(), { dim = rule.dim })
+end
+
+--- The adapter tensors under PEFT's names (whole, gathered over tensor-parallel ranks: every rank of the
+--- group calls it).
+function M.state_dict(model)
+  local out = {}
+  for _, e in ipairs(adapters_of(model, 'state_dict').entries) do
+    out[e.key .. '.lora_A.weight'] = whole(model, e.name .. '.A', e.adapter.A)
+    out[e.key .. '.lora_B.weight'] = whole(model, e.name .. '.B', e.adapter.B)
+  end
+  return out
+end
+
+--- PEFT's adapter_config.json table for the model's adapters. base: base_model_name_or_path.
+function M.adapter_config(model, base)
+  local state = adapters_of(model, 'adapter_config')
+  return {
+    peft_type = 'LORA', task_type = 'CAUSAL_LM', base_model_name_or_path = base or json.null,
+    r = state.rank, lora_alpha = state.alpha, lora_dropout = state.dropout, use_rslora = state.rslora,
+    target_modules = json.array({ unpack(state.targets) }), bias = 'none', fan_in_fan_out = false, use_dora = false,
+    inference_mode = true, init_lora_weights = true, modules_to_save = json.null, layers_to_transform = json.null,
+    layers_pattern = json.null, rank_pattern = {}, alpha_pattern = {}, revision = json.null,
+  }
+end
+
+--- Writes dir/adapter_config.json and dir/adapter_model.safetensors as PEFT's save_pretrained does
+--- (each file written to a temporary and renamed; the config last). Every rank calls it (the tensors
+--- are gathered over tensor-parallel ranks); rank 0 of the world writes. options: base (the base
+--- model's directory or name, recorded as base_model_name_or_path).
+function M.save(model, dir, options)
+  options = options or {}
+  local tensors = M.state_dict(model)
+  if require('pmp.dist').rank() ~= 0 then return dir end
+  pio.mkdir_p(dir)
+  safetensors.save(pio.join(dir, M.WEIGHTS_FILE), tensors, { format = 'pt' })
+  pio.write_atomic(pio.join(dir, M.CONFIG_FILE), json.encode(M.adapter_config(model, options.base), { indent = 2 }) .. '\n')
+  return dir
+end
+
+local function shape_string(shape) return '[' .. table.concat(shape, ',') .. ']' end
+
+-- The settings of an adapter_config.json that pmp applies; anything else PEFT can express is an error
+-- naming the key.
+local function read_adapter_config(path)
+  local c = json.read(path)
+  local function fail(msg) error(path .. ': ' .. msg, 0) end
+  local function null(v) return v == nil or v == json.null end
+  if c.peft_type ~= 'LORA' then fail(string.format("peft_type is '%s'; only LORA adapters are supported", tostring(c.peft_type))) end
+  if not null(c.task_type) and c.task_type ~= 'CAUSAL_LM' then
+    fail(string.format("task_type is '%s'; only CAUSAL_LM adapters are supported", tostring(c.task_type)))
+  end
+  for _, key in ipairs({ 'use_dora', 'fan_in_fan_out', 'lora_bias' }) do
+    if c[key] == true then fail(key .. ' is true, which pmp does not support') end
+  end
+  if not null(c.bias) and c.bias ~= 'none' then fail(string.format("bias is '%s'; only 'none' is supported", tostring(c.bias))) end
+  for _, key in ipairs({ 'modules_to_save', 'layers_to_transform', 'layers_pattern', 'layer_replication' }) do
+    if not null(c[key]) then fail(key .. ' is set, which pmp does not support') end
+  end
+  for _, key in ipairs({ 'rank_pattern', 'alpha_pattern' }) do
+    if type(c[key]) == 'table' and next(c[key]) ~= nil then fail(key .. ' is not empty, which pmp does not support') end
+  end
+  local targets = c.target_modules
+  if type(targets) == 'string' and targets ~= 'all-linear' then
+    fail(string.format("target_modules is the regular expression '%s'; give a list of module names", targets))
+  end
+  return { rank = c.r, alpha = c.lora_alpha, dropout = c.lora_dropout or 0, rslora = c.use_rslora == true,
+    targets = targets, base = not null(c.base_model_name_or_path) and c.base_model_name_or_path or nil, source = path }
+end
+
+--- Gives the model the adapters of a PEFT directory (adapter_config.json + adapter_model.safetensors)
+--- and their values. An adapter that does not fit the model (a target the family lacks, a tensor of
+--- another shape, a layer the model does not have, a missing tensor) is an error naming it, and leaves
+--- the model without adapters only if the config itself is refused. Returns the model.
+function M.load(model, dir, options)
+  options = options or {}
+  local config_path, weights_path = pio.join(dir, M.CONFIG_FILE), pio.join(dir, M.WEIGHTS_FILE)
+  if not pio.is_file(config_path) then error(dir .. ': no ' .. M.CONFIG_FILE .. ' (not a PEFT adapter directory)', 0) end
+  if not pio.is_file(weights_path) then
+    error(dir .. ': no ' .. M.WEIGHTS_FILE .. (pio.is_file(pio.join(dir, 'adapter_model.bin')) and
+      ' (adapter_model.bin is not supported; save the adapter with safe_serialization)' or ''), 0)
+  end
+  local settings = read_adapter_config(config_path)
+  settings.model_type = options.model_type
+  local tensors = safetensors.load(weights_path)
+  M.apply(model, settings)
+  local state = model.lora
+  local tp = model.tensor_parallel
+  local tp_size, tp_rank = tp and tp.group.size or 1, tp and tp.group.rank or 0
+  local function about()
+    return settings.base and (' (the adapter was made for ' .. settings.base .. ')') or ''
+  end
+  local expected = {}
+  for _, e in ipairs(state.entries) do
+    expected[e.key .. '.lora_A.weight'], expected[e.key .. '.lora_B.weight'] = true, true
+  end
+  local keys = {}
+  for key in pairs(tensors) do keys[#keys + 1] = key end
+  table.sort(keys, safetensors.natural_less)
+  for _, key in ipairs(keys) do
+    if not expected[key] then
+      error(string.format("%s: tensor '%s' is not an adapter of this %s model's targets (%s) in its %d layers%s",
+        weights_path, key, state.family.model_type, table.concat(state.targets, ', '), model.config.num_layers, about()), 0)
+    end
+  end
+  require('pmp').no_grad(function()
+    for _, e in ipairs(state.entries) do
+      for _, slot in ipairs({ 'A', 'B' }) do
+        local key = e.key .. '.lora_' .. slot .. '.weight'
+        local t = tensors[key]
+        if not t then error(string.format("%s: no tensor '%s'%s", weights_path, key, about()), 0) end
+        local param, name = e.adapter[slot], e.name .. '.' .. slot
+        local want = param.shape
+        local rule = tp and sharding.rule(name, model.config)
+        if rule then want[rule.dim] = want[rule.dim] * tp_size end
+        if shape_string(t.shape) ~= shape_string(want) then
+          error(string.format("%s: '%s' has shape %s but layer %d's %s takes %s with rank %d%s", weights_path, key,
+            shape_string(t.shape), e.layer, e.target, shape_string(want), state.rank, about()), 0)
+        end
+        param:copy_(sharding.shard(name, t, model.config, tp_size, tp_rank))
+      end
+    end
+  end)
+  return model
+end
+
+--- Adds every adapter into its layer's weight and removes it; the model is a plain trainable model again
+--- (unfrozen), computing what it computed with the adapters, and save_pretrained writes the merged
+--- weights. Returns the model.
+function M.merge(model)
+  adapters_of(model, 'merge')
+  model:apply(function(m) if lora.is_adapted(m) then lora.merge(m) end end)
+  model:apply(lora.unfreeze)
+  if model.embedding then rawset(model.embedding, 'forward', nil) end
+  rawset(model, 'lora', nil)
+  return model
+end
+
+return M
