@@ -254,7 +254,7 @@ def tiktoken_cases(ranks, texts):
     for text in texts + extra:
         nfc = unicodedata.normalize('NFC', text)
         ids = enc.encode(nfc, allowed_special='all')
-        rows.append({'text': text, 'ids': ids, 'ordinary': enc.encode_ordinary(text),
+        rows.append({'text': text, 'ids': ids, 'ordinary': enc.encode_ordinary(nfc),
                      'decoded': enc.decode(ids, errors='replace')})
     return rows
 

@@ -99,6 +99,7 @@ void pmp_tok_tiktoken_free(pmp_tok_tiktoken *t);
 int pmp_tok_tiktoken_load(pmp_tok_tiktoken *t, const char *data, int64_t n);
 int32_t pmp_tok_tiktoken_size(const pmp_tok_tiktoken *t);
 const char *pmp_tok_tiktoken_token(const pmp_tok_tiktoken *t, int32_t rank, int64_t *len);
+int32_t pmp_tok_tiktoken_rank(pmp_tok_tiktoken *t, const char *s, int64_t n);   /* -1 when not a token */
 int pmp_tok_tiktoken_encode_ordinary(pmp_tok_tiktoken *t, const char *s, int64_t n, pmp_tok_ids *out);
 
 /* PMP_CDEF_END */

@@ -163,6 +163,8 @@ const char *pmp_tok_tiktoken_token(const pmp_tok_tiktoken *t, int32_t rank, int6
   return t->bytes + t->offset[rank];
 }
 
+int32_t pmp_tok_tiktoken_rank(pmp_tok_tiktoken *t, const char *s, int64_t n) { return pmp_tok_bpe_lookup(t->ranks, s, n); }
+
 static inline uint32_t rank_of(pmp_tok_tiktoken *t, const char *s, size_t n) {
   int32_t r = pmp_tok_bpe_lookup(t->ranks, s, (int64_t)n);
   return r < 0 ? UINT32_MAX : (uint32_t)r;
