@@ -22,12 +22,19 @@ struct pmp_tok_spm {
   pmp_tok_bpe *pieces;      /* NORMAL, USER_DEFINED, UNUSED: what the model can produce */
   pmp_tok_bpe *reserved;    /* CONTROL, UNKNOWN, BYTE */
   pmp_tok_bpe *user;        /* USER_DEFINED only */
+  /* byte trie of the producible pieces, for Unigram's search of every piece starting at a position:
+   * edges (node << 8 | byte) -> child in an open-addressing table; node_piece: the piece ending there */
+  struct spm_edge { uint64_t key; int32_t child; } *edges;
+  size_t edge_mask, edge_count;
+  int32_t *node_piece;
+  size_t node_count, node_cap;
+  bool user_first[256];     /* bytes that start a user-defined piece */
   float *score;
   unsigned char *type;
   int32_t count, cap;
   int32_t unk_id;
   int32_t byte_id[256];
-  size_t max_piece_len, max_user_len;
+  size_t max_user_len;
   float min_score, max_score;
   /* precompiled charsmap: a darts-clone double array over input bytes, and the replacement strings */
   uint32_t *units;
@@ -68,7 +75,9 @@ pmp_tok_spm *pmp_tok_spm_new(int model_type, int byte_fallback) {
   m->pieces = pmp_tok_bpe_new(0, 0, 0, 0, -1, "", "");
   m->reserved = pmp_tok_bpe_new(0, 0, 0, 0, -1, "", "");
   m->user = pmp_tok_bpe_new(0, 0, 0, 0, -1, "", "");
-  if (!m->pieces || !m->reserved || !m->user) {
+  m->node_piece = malloc(sizeof *m->node_piece);
+  if (m->node_piece) m->node_piece[0] = -1, m->node_count = m->node_cap = 1;
+  if (!m->pieces || !m->reserved || !m->user || !m->node_piece) {
     pmp_tok_spm_free(m);
     return pmp_fail("tokenizer: out of memory");
   }
@@ -80,6 +89,8 @@ void pmp_tok_spm_free(pmp_tok_spm *m) {
   pmp_tok_bpe_free(m->pieces);
   pmp_tok_bpe_free(m->reserved);
   pmp_tok_bpe_free(m->user);
+  free(m->edges);
+  free(m->node_piece);
   free(m->score);
   free(m->type);
   free(m->units);
@@ -89,6 +100,59 @@ void pmp_tok_spm_free(pmp_tok_spm *m) {
   free(m->heap);
   free(m->best);
   free(m);
+}
+
+static inline size_t edge_hash(uint64_t k) {
+  k ^= k >> 31;
+  k *= 0x9E3779B97F4A7C15ull;
+  k ^= k >> 29;
+  return (size_t)k;
+}
+
+static inline int32_t trie_child(const pmp_tok_spm *m, int32_t node, unsigned char byte) {
+  if (!m->edges) return -1;
+  uint64_t key = (uint64_t)node << 8 | byte;
+  for (size_t i = edge_hash(key) & m->edge_mask;; i = (i + 1) & m->edge_mask) {
+    if (m->edges[i].child < 0) return -1;
+    if (m->edges[i].key == key) return m->edges[i].child;
+  }
+}
+
+static void edges_put(struct spm_edge *edges, size_t mask, uint64_t key, int32_t child) {
+  size_t i = edge_hash(key) & mask;
+  while (edges[i].child >= 0) i = (i + 1) & mask;
+  edges[i].key = key;
+  edges[i].child = child;
+
+}
+
+static int trie_insert(pmp_tok_spm *m, const unsigned char *s, size_t n, int32_t id) {
+  int32_t node = 0;
+  for (size_t k = 0; k < n; k++) {
+    int32_t child = trie_child(m, node, s[k]);
+    if (child < 0) {
+      if (!m->edges || (m->edge_count + 1) * 2 > m->edge_mask + 1) {
+        size_t size = m->edges ? (m->edge_mask + 1) * 2 : 4096;
+        struct spm_edge *e = malloc(size * sizeof *e);
+        if (!e) return pmp_fail_code("tokenizer: out of memory");
+        for (size_t i = 0; i < size; i++) e[i].child = -1;
+        for (size_t i = 0; m->edges && i <= m->edge_mask; i++)
+          if (m->edges[i].child >= 0) edges_put(e, size - 1, m->edges[i].key, m->edges[i].child);
+        free(m->edges);
+        m->edges = e;
+        m->edge_mask = size - 1;
+      }
+      if (!grow((void **)&m->node_piece, &m->node_cap, m->node_count + 1, sizeof *m->node_piece))
+        return pmp_fail_code("tokenizer: out of memory");
+      child = (int32_t)m->node_count++;
+      m->node_piece[child] = -1;
+      edges_put(m->edges, m->edge_mask, (uint64_t)node << 8 | s[k], child);
+      m->edge_count++;
+    }
+    node = child;
+  }
+  m->node_piece[node] = id;
+  return 0;
 }
 
 int pmp_tok_spm_add_piece(pmp_tok_spm *m, const char *s, int64_t n, float score, int type) {
@@ -113,14 +177,15 @@ int pmp_tok_spm_add_piece(pmp_tok_spm *m, const char *s, int64_t n, float score,
   if (type == PIECE_USER_DEFINED) {
     if (pmp_tok_bpe_add_token(m->user, s, n, id) != 0) return -1;
     if ((size_t)n > m->max_user_len) m->max_user_len = (size_t)n;
+    m->user_first[(unsigned char)s[0]] = true;
   }
+  if (producible && trie_insert(m, (const unsigned char *)s, (size_t)n, id) != 0) return -1;
   if (type == PIECE_UNKNOWN) {
     if (m->unk_id >= 0) return pmp_fail_code("piece %d: a second UNKNOWN piece (the first is %d)", id, m->unk_id);
     m->unk_id = id;
   }
   if (type == PIECE_UNUSED && m->model_type == MODEL_BPE)
     return pmp_fail_code("piece %d: UNUSED pieces in a BPE model (resegmentation) are not supported", id);
-  if ((size_t)n > m->max_piece_len) m->max_piece_len = (size_t)n;
   m->score[id] = score;
   m->type[id] = (unsigned char)type;
   m->count++;
@@ -191,7 +256,7 @@ static inline size_t utf8_len_at(const unsigned char *s, size_t n) {
 
 /* Longest user-defined piece at the start of s (0 when none). */
 static size_t user_prefix(pmp_tok_spm *m, const char *s, size_t n) {
-  if (!m->max_user_len) return 0;
+  if (!m->user_first[(unsigned char)s[0]]) return 0;
   size_t max = n < m->max_user_len ? n : m->max_user_len;
   for (size_t len = max; len > 0; len--)
     if (pmp_tok_bpe_lookup(m->user, s, (int64_t)len) >= 0) return len;
@@ -335,9 +400,12 @@ static int encode_unigram(pmp_tok_spm *m, const char *s, size_t n, pmp_tok_ids *
     const float here = best[start].score;
     size_t mblen = utf8_len_at(u + start, n - start);
     bool single = false;
-    size_t limit = n - start < m->max_piece_len ? n - start : m->max_piece_len;
-    for (size_t len = 1; len <= limit; len++) {
-      int32_t id = pmp_tok_bpe_lookup(m->pieces, s + start, (int64_t)len);
+    /* every piece starting here, shortest first (ties keep the earlier candidate, as the library does) */
+    int32_t node = 0;
+    for (size_t len = 1; start + len <= n; len++) {
+      node = trie_child(m, node, u[start + len - 1]);
+      if (node < 0) break;
+      int32_t id = m->node_piece[node];
       if (id < 0 || m->type[id] == PIECE_UNUSED) continue;
       struct spm_best *t = &best[start + len];
       float score = m->type[id] == PIECE_USER_DEFINED ? (float)((double)((float)len * m->max_score) - 0.1) : m->score[id];
