@@ -3,7 +3,7 @@
 -- nmt_nfkc, add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces), the BPE or Unigram model,
 -- user-defined pieces, byte fallback (<0xNN> pieces). The C side (core/tokenizer/tokenizer_spm.c) does
 -- the per-character work; this file reads the protobuf and applies transformers' LlamaTokenizer rules
--- when tokenizer_config.json names that class:
+-- when tokenizer_config.json names that class (or Baichuan's, which has the legacy ones):
 --   legacy = true   every stretch of text between special tokens gets the dummy prefix;
 --   legacy = false  only the text's start does (after U+2581 -> space), and a stretch that starts with
 --                   a space is encoded as if it followed other text.
@@ -22,8 +22,10 @@ M.Tokenizer = Tokenizer
 local PIECE_TYPES = { 'normal', 'unknown', 'control', 'user_defined', 'unused', 'byte' }
 local MODEL_TYPES = { [1] = 'unigram', [2] = 'bpe', [3] = 'word', [4] = 'char' }
 local SPACE_SYMBOL = '\226\150\129'   -- U+2581
+-- tokenizer_class values whose tokenizers follow LlamaTokenizer's rules; 'legacy': only its legacy ones
+-- (Baichuan's own tokenizer class encodes every stretch between special tokens with sentencepiece).
 local LLAMA_CLASSES = { LlamaTokenizer = true, LlamaTokenizerFast = true, CodeLlamaTokenizer = true,
-  CodeLlamaTokenizerFast = true }
+  CodeLlamaTokenizerFast = true, BaichuanTokenizer = 'legacy' }
 
 local function last_error() return ffi.string(C.pmp_last_error()) end
 local function is_null(v) return v == nil or v == json.null end
@@ -152,9 +154,10 @@ function M.from_bytes(bytes, opts)
   self.model_type = MODEL_TYPES[model.trainer.model_type]
 
   local config = opts.config or {}
-  local llama = LLAMA_CLASSES[config.tokenizer_class] == true
+  local rules = LLAMA_CLASSES[config.tokenizer_class]
+  local llama = rules ~= nil
   self.llama = llama
-  self.legacy = llama and config.legacy ~= false
+  self.legacy = llama and (rules == 'legacy' or config.legacy ~= false)
   self.add_prefix_space = config.add_prefix_space ~= false
   self.add_bos_token = config.add_bos_token == true or (llama and config.add_bos_token == nil)
   self.add_eos_token = config.add_eos_token == true
