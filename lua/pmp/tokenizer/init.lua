@@ -27,6 +27,7 @@ local C = require('pmp.ffi').C
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
 local comp = require 'pmp.tokenizer.components'
+local shared = require 'pmp.tokenizer.shared'
 
 local M = {}
 --- A tokenizer made by pmp.tokenizer.from_pretrained: tok:encode(text), tok:decode(ids), tok.vocab_size.
@@ -349,14 +350,7 @@ M.from_file = M.from_pretrained
 
 -- ---- encoding ----
 
-local function check_text(text, fname)
-  if type(text) ~= 'string' then error('pmp.tokenizer: ' .. fname .. ' expects a string, got ' .. type(text), 3) end
-  local bad = C.pmp_tok_utf8_check(text, #text)
-  if bad >= 0 then
-    error(string.format('pmp.tokenizer: %s: text is not valid UTF-8 (byte 0x%02X at offset %d)', fname,
-      text:byte(tonumber(bad) + 1), tonumber(bad)), 3)
-  end
-end
+local check_text = shared.check_text
 
 local function encode_piece(self, s, offset, n, at_start)
   if C.pmp_tok_encode_piece(self._pre, self._bpe, ffi.cast(char_ptr, s) + offset, n, at_start and 1 or 0, self._out) ~= 0 then
@@ -376,13 +370,7 @@ local function encode_segment(self, text, a, b)
   local s = text:sub(a + 1, b)
   if norm then s = norm(s) end
   if not normed then return encode_piece(self, s, 0, #s, a == 0) end
-  local spans = C.pmp_tok_added_split(normed, s, #s, count_box)
-  if spans == nil then error('pmp.tokenizer: encode: ' .. last_error(), 0) end
-  local list = {}
-  for k = 0, tonumber(count_box[0]) - 1 do
-    list[#list + 1] = { tonumber(spans[3 * k]), tonumber(spans[3 * k + 1]), tonumber(spans[3 * k + 2]) }
-  end
-  for _, sp in ipairs(list) do
+  for _, sp in ipairs(shared.spans(normed, s)) do
     if sp[3] >= 0 then push(self, sp[3]) else encode_piece(self, s, sp[1], sp[2] - sp[1], a == 0 and sp[1] == 0) end
   end
 end
@@ -390,15 +378,7 @@ end
 local function encode_into(self, text)
   local raw = self._added.raw
   if not raw then return encode_segment(self, text, 0, #text) end
-  local spans = C.pmp_tok_added_split(raw, text, #text, count_box)
-  if spans == nil then error('pmp.tokenizer: encode: ' .. last_error(), 0) end
-  local n = tonumber(count_box[0])
-  if n == 1 and spans[2] < 0 then return encode_segment(self, text, 0, #text) end
-  local list = {}
-  for k = 0, n - 1 do
-    list[#list + 1] = { tonumber(spans[3 * k]), tonumber(spans[3 * k + 1]), tonumber(spans[3 * k + 2]) }
-  end
-  for _, sp in ipairs(list) do
+  for _, sp in ipairs(shared.spans(raw, text)) do
     if sp[3] >= 0 then push(self, sp[3]) else encode_segment(self, text, sp[1], sp[2]) end
   end
 end
@@ -505,12 +485,8 @@ function Tokenizer:decode(ids, opts)
   return table.concat(tokens, ' ')
 end
 
---- tok:decode_batch({id lists}, opts) -> a list of texts.
-function Tokenizer:decode_batch(list, opts)
-  local out = {}
-  for i = 1, #list do out[i] = self:decode(list[i], opts) end
-  return out
-end
+
+Tokenizer.decode_batch = shared.decode_batch
 
 -- ---- vocabulary ----
 

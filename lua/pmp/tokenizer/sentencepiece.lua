@@ -11,6 +11,7 @@
 -- plain text; add_bos_token / add_eos_token from tokenizer_config.json are honoured).
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
+local shared = require 'pmp.tokenizer.shared'
 local pb = require 'pmp.tokenizer.protobuf'
 local json = require 'pmp.json'
 
@@ -210,14 +211,7 @@ end
 local char_ptr = ffi.typeof('const char *')
 local count_box = ffi.new('int64_t[1]')
 
-local function check_text(text, fname)
-  if type(text) ~= 'string' then error('pmp.tokenizer: ' .. fname .. ' expects a string, got ' .. type(text), 3) end
-  local bad = C.pmp_tok_utf8_check(text, #text)
-  if bad >= 0 then
-    error(string.format('pmp.tokenizer: %s: text is not valid UTF-8 (byte 0x%02X at offset %d)', fname,
-      text:byte(tonumber(bad) + 1), tonumber(bad)), 3)
-  end
-end
+local check_text = shared.check_text
 
 -- Appends the ids of s to self._out; dummy: whether to add the dummy prefix.
 local function spm_encode(self, s, dummy)
@@ -259,13 +253,7 @@ local function llama_encode(self, text)
     text = text:gsub(SPACE_SYMBOL, ' ')
     if self.add_prefix_space then text = SPACE_SYMBOL .. text end
   end
-  local spans = C.pmp_tok_added_split(self._special_split, text, #text, count_box)
-  if spans == nil then error('pmp.tokenizer: encode: ' .. last_error(), 0) end
-  local list = {}
-  for k = 0, tonumber(count_box[0]) - 1 do
-    list[#list + 1] = { tonumber(spans[3 * k]), tonumber(spans[3 * k + 1]), tonumber(spans[3 * k + 2]) }
-  end
-  for _, sp in ipairs(list) do
+  for _, sp in ipairs(shared.spans(self._special_split, text)) do
     if sp[3] >= 0 then ids[#ids + 1] = sp[3]
     elseif sp[2] > sp[1] then llama_chunk(self, text:sub(sp[1] + 1, sp[2]), ids) end
   end
@@ -310,11 +298,7 @@ function Tokenizer:normalize(text)
   return ffi.string(ffi.cast(char_ptr, p), count_box[0])
 end
 
-function Tokenizer:encode_batch(texts, opts)
-  local out = {}
-  for i = 1, #texts do out[i] = self:encode(texts[i], opts) end
-  return out
-end
+Tokenizer.encode_batch = shared.encode_batch
 
 -- ---- decoding: SentencePieceProcessor.decode ----
 
@@ -379,11 +363,7 @@ function Tokenizer:decode(ids, opts)
   return table.concat(parts)
 end
 
-function Tokenizer:decode_batch(list, opts)
-  local out = {}
-  for i = 1, #list do out[i] = self:decode(list[i], opts) end
-  return out
-end
+Tokenizer.decode_batch = shared.decode_batch
 
 -- ---- vocabulary ----
 

@@ -6,6 +6,7 @@
 -- file name (qwen.tiktoken -> 'qwen') or given as opts.preset / opts.pattern + opts.special_tokens.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
+local shared = require 'pmp.tokenizer.shared'
 
 local M = {}
 local Tokenizer = {}
@@ -95,22 +96,14 @@ end
 --- tok:encode(text, {add_special_tokens, add_eos =}) -> ids. Special tokens in the text are
 --- recognised (tiktoken's allowed_special='all'); opts.split_special_tokens = true treats them as text.
 function Tokenizer:encode(text, opts)
-  if type(text) ~= 'string' then error('pmp.tokenizer: encode expects a string, got ' .. type(text), 2) end
-  local bad = C.pmp_tok_utf8_check(text, #text)
-  if bad >= 0 then error(string.format('pmp.tokenizer: encode: text is not valid UTF-8 (offset %d)', tonumber(bad)), 2) end
+  shared.check_text(text, 'encode')
   opts = opts or {}
   if self._nfc then text = ffi.string(C.pmp_tok_normalize(text, #text, 0, count_box), count_box[0]) end
   local ids = {}
   if not self._split or opts.split_special_tokens then
     ordinary(self, text, ids)
   else
-    local spans = C.pmp_tok_added_split(self._split, text, #text, count_box)
-    if spans == nil then error('pmp.tokenizer: encode: ' .. last_error(), 0) end
-    local list = {}
-    for k = 0, tonumber(count_box[0]) - 1 do
-      list[#list + 1] = { tonumber(spans[3 * k]), tonumber(spans[3 * k + 1]), tonumber(spans[3 * k + 2]) }
-    end
-    for _, sp in ipairs(list) do
+    for _, sp in ipairs(shared.spans(self._split, text)) do
       if sp[3] >= 0 then ids[#ids + 1] = sp[3]
       elseif sp[2] > sp[1] then ordinary(self, text:sub(sp[1] + 1, sp[2]), ids) end
     end
@@ -122,11 +115,7 @@ function Tokenizer:encode(text, opts)
   return ids
 end
 
-function Tokenizer:encode_batch(texts, opts)
-  local out = {}
-  for i = 1, #texts do out[i] = self:encode(texts[i], opts) end
-  return out
-end
+Tokenizer.encode_batch = shared.encode_batch
 
 -- ---- decoding ----
 
@@ -153,11 +142,7 @@ function Tokenizer:decode(ids, opts)
   return ffi.string(C.pmp_tok_utf8_lossy(s, #s, len_box), len_box[0])
 end
 
-function Tokenizer:decode_batch(list, opts)
-  local out = {}
-  for i = 1, #list do out[i] = self:decode(list[i], opts) end
-  return out
-end
+Tokenizer.decode_batch = shared.decode_batch
 
 -- ---- vocabulary ----
 
