@@ -127,6 +127,25 @@ describe('pmp.tokenizer.sentencepiece Llama rules (transformers LlamaTokenizer)'
     end)
   end
 
+  it("cuts the config's added tokens out of the text, beyond the model's pieces", function()
+    local dir = llama_dir(false)
+    local config = json.decode(pio.read_file(dir .. '/tokenizer_config.json'))
+    config.added_tokens_decoder = { ['1200'] = { content = '<|im_end|>', special = true } }
+    pio.write_atomic(dir .. '/tokenizer_config.json', json.encode(config))
+    local tok = tokenizer.from_pretrained(dir)
+    assert.equal(1201, tok.vocab_size)
+    assert.equal(1200, tok:token_to_id('<|im_end|>'))
+    local plain = tok:encode('Hello world', { add_special_tokens = false })
+    local ids = tok:encode('Hello world<|im_end|>', { add_special_tokens = false })
+    assert.same(plain, { unpack(ids, 1, #ids - 1) })
+    assert.equal(1200, ids[#ids])
+    assert.equal('Hello world<|im_end|>', tok:decode(ids))
+    assert.equal('Hello world', tok:decode(ids, { skip_special_tokens = true }))
+    config.added_tokens_decoder = { x = { content = 'y' } }
+    pio.write_atomic(dir .. '/tokenizer_config.json', json.encode(config))
+    fails_with(function() tokenizer.from_pretrained(dir) end, 'tokenizer_config.json', 'added_tokens_decoder', "'x'")
+  end)
+
   it('from_pretrained prefers tokenizer.json to tokenizer.model', function()
     local dir = llama_dir(false)
     local tiny = { model = { type = 'BPE', vocab = { a = 0 }, merges = {} } }

@@ -6,7 +6,7 @@
 SentencePiece: trains small models with the `sentencepiece` package itself (BPE and Unigram, with and
 without byte fallback, the nmt_nfkc / nmt_nfkc_cf / identity normalizers, user-defined and control
 symbols, whitespace options) on Shakespeare plus multilingual lines, then writes, for a multilingual
-test corpus, the ids, pieces and normalized text `sentencepiece` gives (cases.jsonl) and the text it
+test corpus, the ids and normalized text `sentencepiece` gives (cases.jsonl) and the text it
 decodes the ids back to. The Llama cases follow transformers' sentencepiece-backed LlamaTokenizer
 (`legacy` true and false: special tokens inside the text, leading spaces), written here over
 `sentencepiece` (llama_reference).
@@ -153,8 +153,8 @@ def spm_cases(texts):
         sp = spm.SentencePieceProcessor(model_file=os.path.join(SPM_OUT, name + '.model'))
         for text in texts:
             ids = sp.encode(text)
-            rows.append({'model': name, 'text': text, 'ids': ids, 'pieces': sp.encode(text, out_type=str),
-                         'normalized': sp.normalize(text), 'decoded': sp.decode(ids)})
+            rows.append({'model': name, 'text': text, 'ids': ids, 'normalized': sp.normalize(text),
+                         'decoded': sp.decode(ids)})
         # decoding of ids sentencepiece would not produce: controls, unknowns, lone bytes
         rng = random.Random(name)
         n = sp.get_piece_size()

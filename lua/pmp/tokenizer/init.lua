@@ -293,12 +293,12 @@ local function looks_like_ranks(data)
   return data:match('^[A-Za-z0-9+/]+=*[ \t]+%d+\r?\n') ~= nil
 end
 
-local function from_model_file(file, config)
+local function from_model_file(file, config, config_path)
   local data = pio.read_file(file)
   if looks_like_ranks(data) then
     return require('pmp.tokenizer.tiktoken').from_bytes(data, { path = file })
   end
-  return require('pmp.tokenizer.sentencepiece').from_bytes(data, { path = file, config = config })
+  return require('pmp.tokenizer.sentencepiece').from_bytes(data, { path = file, config = config, config_path = config_path })
 end
 
 local function from_tiktoken_file(file)
@@ -326,7 +326,7 @@ function M.from_pretrained(dir)
     file = pio.join(dir, 'tokenizer.json')
     if not pio.is_file(file) then
       local model = pio.join(dir, 'tokenizer.model')
-      if pio.is_file(model) then return from_model_file(model, read_config(config_file)) end
+      if pio.is_file(model) then return from_model_file(model, read_config(config_file), config_file) end
       local ranks = tiktoken_files(dir)
       if #ranks == 1 then return from_tiktoken_file(pio.join(dir, ranks[1])) end
       if #ranks > 1 then
@@ -339,7 +339,7 @@ function M.from_pretrained(dir)
     file = dir
     config_file = pio.join(pio.dirname(dir), 'tokenizer_config.json')
     if file:match('%.tiktoken$') then return from_tiktoken_file(file) end
-    if file:match('%.model$') then return from_model_file(file, read_config(config_file)) end
+    if file:match('%.model$') then return from_model_file(file, read_config(config_file), config_file) end
   else
     error('pmp.tokenizer.from_pretrained: ' .. dir .. ' does not exist', 0)
   end

@@ -139,7 +139,7 @@ local function token_name(v)
 end
 
 --- Builds a tokenizer from the bytes of a tokenizer.model. opts.path names the file in errors;
---- opts.config is the decoded tokenizer_config.json (optional).
+--- opts.config is the decoded tokenizer_config.json (optional), opts.config_path its name in errors.
 function M.from_bytes(bytes, opts)
   opts = opts or {}
   local path = opts.path or 'tokenizer.model'
@@ -171,11 +171,17 @@ function M.from_bytes(bytes, opts)
   -- the library's own names (trainer_spec bos/eos pieces are <s> and </s> unless set otherwise)
   local bos_default = self._by_piece['<s>'] and '<s>' or nil
   local eos_default = self._by_piece['</s>'] and '</s>' or nil
-  if type(config.added_tokens_decoder) == 'table' then
-    self._added = {}
-    for id, t in pairs(config.added_tokens_decoder) do
-      local n = tonumber(id)
-      if n and type(t) == 'table' and type(t.content) == 'string' then self._added[n] = t.content end
+  if not is_null(config.added_tokens_decoder) then
+    -- tokens transformers adds beyond (or over) the model's pieces, by id
+    local where = 'pmp.tokenizer: ' .. (opts.config_path or 'tokenizer_config.json') .. ': added_tokens_decoder'
+    if type(config.added_tokens_decoder) ~= 'table' then error(where .. ': expected an object', 0) end
+    self._added, self._added_by_content = {}, {}
+    for key, t in pairs(config.added_tokens_decoder) do
+      local id = tonumber(key)
+      if not id or id < 0 or id ~= math.floor(id) then error(where .. ": key '" .. tostring(key) .. "' is not a token id", 0) end
+      if type(t) ~= 'table' or type(t.content) ~= 'string' then error(where .. '.' .. key .. ': expected {"content": ...}', 0) end
+      self._added[id], self._added_by_content[t.content] = t.content, id
+      if id >= self.vocab_size then self.vocab_size = id + 1 end
     end
   end
   self.bos_token, self.bos_id = special('bos_token', bos_default)
@@ -371,10 +377,7 @@ function Tokenizer:token_to_id(token)
   if type(token) ~= 'string' then return nil end
   local id = self._by_piece[token]
   if id ~= nil then return id end
-  if self._added then
-    for i, content in pairs(self._added) do if content == token then return i end end
-  end
-  return nil
+  return self._added_by_content and self._added_by_content[token]
 end
 
 function Tokenizer:id_to_token(id)
