@@ -213,4 +213,37 @@ describe('pmp.tokenizer.sentencepiece errors', function()
   it('rejects text that is not UTF-8', function()
     fails_with(function() model('bpe_nfkc'):encode('ok\255') end, 'not valid UTF-8', 'offset 2')
   end)
+
+  it('reads f32 scores exactly, NaN included', function()
+    local pb = require 'pmp.tokenizer.protobuf'
+    assert.equal(1.0, pb.float32('\0\0\128\63'))
+    assert.equal(-2.0, pb.float32('\0\0\0\192'))
+    assert.equal(2 ^ -149, pb.float32('\1\0\0\0'))          -- the smallest subnormal
+    assert.equal(-math.huge, pb.float32('\0\0\128\255'))
+    local nan = pb.float32('\255\255\255\255')           -- a NaN with a payload: once a crash
+    assert.is_true(nan ~= nan)
+    local nan_score = field_len(1, field_len(1, 'c') .. '\21\255\255\255\255')
+    local tok = spm.from_bytes(good .. nan_score, { path = 'nan.model' })
+    assert.equal(5, #tok:encode('abcabc'))
+  end)
+
+  it('fails cleanly, naming the file, on randomly damaged models', function()
+    math.randomseed(13)
+    local bytes = model_bytes('unigram_nfkc_cf')
+    for _ = 1, 40 do
+      local s = bytes
+      for _ = 1, math.random(1, 6) do
+        local pos = math.random(1, #s)
+        s = s:sub(1, pos - 1) .. string.char(math.random(0, 255)) .. s:sub(pos + 1)
+      end
+      local ok, tok = pcall(spm.from_bytes, s, { path = 'damaged.model' })
+      if ok then
+        local encoded, ids = pcall(tok.encode, tok, 'Hello ＡＢＣ ﬁ 你好 😀 <tool> naïve')
+        assert(encoded or tostring(ids):find('damaged.model', 1, true), tostring(ids))
+        if encoded then tok:decode(ids) end
+      else
+        assert(tostring(tok):find('pmp.tokenizer: damaged.model', 1, true), tostring(tok))
+      end
+    end
+  end)
 end)

@@ -2,8 +2,6 @@
 -- in order, each with its number, wire type and value (a number for varints, a byte-string for
 -- length-delimited fields, the four or eight raw bytes for fixed-width ones). Offsets in errors are
 -- 0-based byte positions in the whole file.
-local ffi = require 'ffi'
-
 local M = {}
 
 local WIRE_VARINT, WIRE_FIXED64, WIRE_LEN, WIRE_FIXED32 = 0, 1, 2, 5
@@ -57,11 +55,20 @@ function M.fields(s, first, last, fail)
   end
 end
 
-local float_box = ffi.new('float[1]')
---- The f32 stored little-endian in a 4-byte string.
+--- The f32 stored little-endian in a 4-byte string. Decoded by arithmetic, not through an FFI float:
+--- a NaN read from cdata keeps its payload, which LuaJIT can mistake for a tagged value; here every
+--- NaN is Lua's own.
 function M.float32(bytes)
-  ffi.copy(float_box, bytes, 4)
-  return float_box[0]
+  local b1, b2, b3, b4 = bytes:byte(1, 4)
+  local sign = b4 >= 128 and -1 or 1
+  local exponent = (b4 % 128) * 2 + math.floor(b3 / 128)
+  local mantissa = ((b3 % 128) * 256 + b2) * 256 + b1
+  if exponent == 255 then
+    if mantissa == 0 then return sign * math.huge end
+    return 0 / 0
+  end
+  if exponent == 0 then return sign * math.ldexp(mantissa, -149) end
+  return sign * math.ldexp(mantissa + 8388608, exponent - 150)
 end
 
 --- Checks a field's wire type; fail(offset, message) raises.
