@@ -238,8 +238,7 @@ local function llama_chunk(self, chunk, ids)
     spm_encode(self, chunk, self._model.normalizer.add_dummy_prefix)
     return take(self, ids, 0)
   end
-  local b1 = chunk:byte(1)
-  if b1 ~= 32 and chunk:sub(1, 3) ~= SPACE_SYMBOL then
+  if chunk:sub(1, 1) ~= ' ' and chunk:sub(1, 3) ~= SPACE_SYMBOL then
     spm_encode(self, chunk, false)
     return take(self, ids, 0)
   end
@@ -263,9 +262,9 @@ local function llama_encode(self, text)
     if sp[3] >= 0 then ids[#ids + 1] = sp[3]
     elseif sp[2] > sp[1] then llama_chunk(self, text:sub(sp[1] + 1, sp[2]), ids) end
   end
-  if not self.legacy and #ids > 1 and self._pieces[ids[1] + 1].piece == SPACE_SYMBOL then
-    local second = self:id_to_token(ids[2])
-    if second and self._special[second] then table.remove(ids, 1) end
+  -- a lone prefix space before a special token at the start goes, as transformers drops it
+  if not self.legacy and #ids > 1 and self:id_to_token(ids[1]) == SPACE_SYMBOL and self._special[self:id_to_token(ids[2])] then
+    table.remove(ids, 1)
   end
   return ids
 end
