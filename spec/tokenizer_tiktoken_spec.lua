@@ -133,6 +133,7 @@ describe('pmp.tokenizer.tiktoken files', function()
     fails_with(load({ 'YWI= 25x' }), 'bad.tiktoken', 'line 257')
     fails_with(load({ 'YWI= 256', 'YWI= 257' }), 'bad.tiktoken', 'line 258', 'listed twice')
     fails_with(load({ 'YWI= 255' }), 'bad.tiktoken', 'line 257', 'rank 255')
+    fails_with(load({ 'YWI= 2000000000' }), 'bad.tiktoken', 'line 257', 'rank 2000000000 is not below')
     fails_with(function() tiktoken.from_bytes('QQ== 65\n', { path = 'few.tiktoken', preset = 'qwen' }) end,
       'few.tiktoken', 'byte 0x00 has no rank')
     fails_with(function() tiktoken.from_bytes(ranks_text(), { path = 'x.tiktoken' }) end, 'x.tiktoken', 'no split regex')

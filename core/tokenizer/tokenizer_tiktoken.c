@@ -5,6 +5,8 @@
 #include "internal.h"
 #include <stdio.h>
 
+#define MAX_RANK (1 << 24)
+
 struct pmp_tok_tiktoken {
   pmp_tok_bpe *ranks;          /* bytes -> rank (a pmp_tok_bpe without merges, used as a string table) */
   pmp_tok_regex *split;
@@ -130,9 +132,11 @@ int pmp_tok_tiktoken_load(pmp_tok_tiktoken *t, const char *data, int64_t n) {
       while (d < stop && s[d] >= '0' && s[d] <= '9' && rank <= 0x7fffffff) rank = rank * 10 + (s[d++] - '0');
       size_t e = d;
       while (e < stop && (s[e] == ' ' || s[e] == '\t')) e++;
-      if (c == b || d == c || e != stop || rank > 0x7ffffffe)
+      if (c == b || d == c || e != stop)
         return pmp_fail_code("line %lld: expected 'base64-token rank', got '%.*s'", (long long)line,
                              (int)(stop - i < 80 ? stop - i : 80), (const char *)s + i);
+      /* ids index a table; real vocabularies stay far below this */
+      if (rank >= MAX_RANK) return pmp_fail_code("line %lld: rank %lld is not below %d", (long long)line, (long long)rank, MAX_RANK);
       size_t start = t->bytes_len;
       int64_t len = base64_append(t, s + a, b - a, line);
       if (len < 0) return -1;
