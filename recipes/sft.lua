@@ -171,7 +171,7 @@ end
 train.lora.finish(model, opts, base.dir)
 if opts.save_hf then
   model:save_pretrained(opts.save_hf, { model_type = model_type })
-  for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json', 'chat_template.jinja' }) do
+  for _, name in ipairs({ 'tokenizer.json', 'tokenizer.model', 'qwen.tiktoken', 'tokenizer_config.json', 'chat_template.jinja' }) do
     local source = pmp.io.join(template_dir or base.dir, name)
     if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save_hf, name), pmp.io.read_file(source)) end
   end

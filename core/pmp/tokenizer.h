@@ -77,6 +77,31 @@ void pmp_tok_strip_space(const char *s, int64_t n, int left, int right, int64_t 
 int pmp_tok_is_space(int32_t cp);
 int pmp_tok_is_word(int32_t cp);
 
+/* SentencePiece models (tokenizer.model), run as the sentencepiece library runs them. model_type: 1
+ * Unigram, 2 BPE. Pieces are added in id order with the file's type (1 normal, 2 unknown, 3 control,
+ * 4 user-defined, 5 unused, 6 byte); the charsmap is NormalizerSpec.precompiled_charsmap. encode
+ * normalizes, runs the model and applies byte fallback, appending ids to out. */
+typedef struct pmp_tok_spm pmp_tok_spm;
+pmp_tok_spm *pmp_tok_spm_new(int model_type, int byte_fallback);
+void pmp_tok_spm_free(pmp_tok_spm *m);
+int pmp_tok_spm_add_piece(pmp_tok_spm *m, const char *s, int64_t n, float score, int type);
+void pmp_tok_spm_set_normalizer(pmp_tok_spm *m, int add_dummy_prefix, int remove_extra_whitespaces, int escape_whitespaces);
+int pmp_tok_spm_set_charsmap(pmp_tok_spm *m, const char *blob, int64_t n);
+int pmp_tok_spm_finish(pmp_tok_spm *m);
+const char *pmp_tok_spm_normalize(pmp_tok_spm *m, const char *s, int64_t n, int add_dummy_prefix, int64_t *out_len);
+int pmp_tok_spm_encode(pmp_tok_spm *m, const char *s, int64_t n, int add_dummy_prefix, pmp_tok_ids *out);
+
+/* tiktoken-format BPE: load parses a whole ranks file ("base64-token rank" lines); a token's id is its
+ * rank. encode_ordinary splits with the regex and merges each match (no special tokens). */
+typedef struct pmp_tok_tiktoken pmp_tok_tiktoken;
+pmp_tok_tiktoken *pmp_tok_tiktoken_new(const char *pattern, int64_t n);
+void pmp_tok_tiktoken_free(pmp_tok_tiktoken *t);
+int pmp_tok_tiktoken_load(pmp_tok_tiktoken *t, const char *data, int64_t n);
+int32_t pmp_tok_tiktoken_size(const pmp_tok_tiktoken *t);
+const char *pmp_tok_tiktoken_token(const pmp_tok_tiktoken *t, int32_t rank, int64_t *len);
+int32_t pmp_tok_tiktoken_rank(pmp_tok_tiktoken *t, const char *s, int64_t n);   /* -1 when not a token */
+int pmp_tok_tiktoken_encode_ordinary(pmp_tok_tiktoken *t, const char *s, int64_t n, pmp_tok_ids *out);
+
 /* PMP_CDEF_END */
 
 #endif

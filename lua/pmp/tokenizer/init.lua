@@ -1,7 +1,8 @@
 --- pmp.tokenizer: Hugging Face tokenizer.json tokenizers (BPE models), giving the same ids as the
---- `tokenizers` package.
+--- `tokenizers` package; also SentencePiece tokenizer.model files (pmp.tokenizer.sentencepiece, ids of
+--- the `sentencepiece` package) and tiktoken ranks files (pmp.tokenizer.tiktoken, ids of `tiktoken`).
 ---
----   local tok = pmp.tokenizer.from_pretrained('path/to/model')   -- dir with tokenizer.json (or the file)
+---   local tok = pmp.tokenizer.from_pretrained('path/to/model')   -- dir with tokenizer.json, tokenizer.model or *.tiktoken
 ---   local ids = tok:encode('Hello world')                     -- Lua list of 0-based token ids
 ---   tok:encode(text, {add_special_tokens = false})            -- no post-processor tokens (BOS ...)
 ---   tok:encode(text, {add_bos = true, add_eos = true})        -- force BOS first / EOS last
@@ -26,6 +27,7 @@ local C = require('pmp.ffi').C
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
 local comp = require 'pmp.tokenizer.components'
+local shared = require 'pmp.tokenizer.shared'
 
 local M = {}
 --- A tokenizer made by pmp.tokenizer.from_pretrained: tok:encode(text), tok:decode(ids), tok.vocab_size.
@@ -277,47 +279,78 @@ local function read_json(file, what)
   return value
 end
 
---- dir: a directory holding tokenizer.json (and optionally tokenizer_config.json), or the path of a
---- tokenizer.json file.
+local function read_config(config_file)
+  if not pio.is_file(config_file) then return nil end
+  local config = read_json(config_file, config_file)
+  if type(config) ~= 'table' or json.is_array(config) then
+    error('pmp.tokenizer: ' .. config_file .. ': expected a JSON object', 0)
+  end
+  return config
+end
+
+-- A tokenizer.model is a SentencePiece protobuf, or (Llama 3's original files) tiktoken ranks text.
+local function looks_like_ranks(data)
+  return data:match('^[A-Za-z0-9+/]+=*[ \t]+%d+\r?\n') ~= nil
+end
+
+local function from_model_file(file, config, config_path)
+  local data = pio.read_file(file)
+  if looks_like_ranks(data) then
+    return require('pmp.tokenizer.tiktoken').from_bytes(data, { path = file })
+  end
+  return require('pmp.tokenizer.sentencepiece').from_bytes(data, { path = file, config = config, config_path = config_path })
+end
+
+local function from_tiktoken_file(file)
+  return require('pmp.tokenizer.tiktoken').from_bytes(pio.read_file(file), { path = file })
+end
+
+local function tiktoken_files(dir)
+  local found = {}
+  for _, name in ipairs(pio.listdir(dir)) do
+    if name:match('%.tiktoken$') then found[#found + 1] = name end
+  end
+  table.sort(found)
+  return found
+end
+
+--- dir: a directory holding one of (in this order of preference) tokenizer.json, a SentencePiece
+--- tokenizer.model, or a tiktoken ranks file (*.tiktoken, e.g. Qwen 1's qwen.tiktoken); or the path
+--- of such a file. tokenizer_config.json beside it is read when present.
 function M.from_pretrained(dir)
   if type(dir) ~= 'string' then error('pmp.tokenizer.from_pretrained: expects a directory path, got ' .. type(dir), 2) end
   local kind = pio.kind(dir)
   local file, config_file
   if kind == 'directory' then
-    file = pio.join(dir, 'tokenizer.json')
     config_file = pio.join(dir, 'tokenizer_config.json')
+    file = pio.join(dir, 'tokenizer.json')
     if not pio.is_file(file) then
-      error('pmp.tokenizer.from_pretrained: no tokenizer.json in ' .. dir, 0)
+      local model = pio.join(dir, 'tokenizer.model')
+      if pio.is_file(model) then return from_model_file(model, read_config(config_file), config_file) end
+      local ranks = tiktoken_files(dir)
+      if #ranks == 1 then return from_tiktoken_file(pio.join(dir, ranks[1])) end
+      if #ranks > 1 then
+        error('pmp.tokenizer.from_pretrained: ' .. dir .. ' holds several tiktoken files (' .. table.concat(ranks, ', ') ..
+          '): pass the path of one', 0)
+      end
+      error('pmp.tokenizer.from_pretrained: no tokenizer.json, tokenizer.model or *.tiktoken in ' .. dir, 0)
     end
   elseif kind == 'file' then
     file = dir
     config_file = pio.join(pio.dirname(dir), 'tokenizer_config.json')
+    if file:match('%.tiktoken$') then return from_tiktoken_file(file) end
+    if file:match('%.model$') then return from_model_file(file, read_config(config_file), config_file) end
   else
     error('pmp.tokenizer.from_pretrained: ' .. dir .. ' does not exist', 0)
   end
-  local spec = read_json(file, file)
-  local config
-  if pio.is_file(config_file) then
-    config = read_json(config_file, config_file)
-    if type(config) ~= 'table' or json.is_array(config) then
-      error('pmp.tokenizer: ' .. config_file .. ': expected a JSON object', 0)
-    end
-  end
-  return M.from_json(spec, { path = file, config = config })
+  return M.from_json(read_json(file, file), { path = file, config = read_config(config_file) })
 end
 
 M.from_file = M.from_pretrained
 
 -- ---- encoding ----
 
-local function check_text(text, fname)
-  if type(text) ~= 'string' then error('pmp.tokenizer: ' .. fname .. ' expects a string, got ' .. type(text), 3) end
-  local bad = C.pmp_tok_utf8_check(text, #text)
-  if bad >= 0 then
-    error(string.format('pmp.tokenizer: %s: text is not valid UTF-8 (byte 0x%02X at offset %d)', fname,
-      text:byte(tonumber(bad) + 1), tonumber(bad)), 3)
-  end
-end
+local check_text = shared.check_text
 
 local function encode_piece(self, s, offset, n, at_start)
   if C.pmp_tok_encode_piece(self._pre, self._bpe, ffi.cast(char_ptr, s) + offset, n, at_start and 1 or 0, self._out) ~= 0 then
@@ -337,13 +370,7 @@ local function encode_segment(self, text, a, b)
   local s = text:sub(a + 1, b)
   if norm then s = norm(s) end
   if not normed then return encode_piece(self, s, 0, #s, a == 0) end
-  local spans = C.pmp_tok_added_split(normed, s, #s, count_box)
-  if spans == nil then error('pmp.tokenizer: encode: ' .. last_error(), 0) end
-  local list = {}
-  for k = 0, tonumber(count_box[0]) - 1 do
-    list[#list + 1] = { tonumber(spans[3 * k]), tonumber(spans[3 * k + 1]), tonumber(spans[3 * k + 2]) }
-  end
-  for _, sp in ipairs(list) do
+  for _, sp in ipairs(shared.spans(normed, s)) do
     if sp[3] >= 0 then push(self, sp[3]) else encode_piece(self, s, sp[1], sp[2] - sp[1], a == 0 and sp[1] == 0) end
   end
 end
@@ -351,15 +378,7 @@ end
 local function encode_into(self, text)
   local raw = self._added.raw
   if not raw then return encode_segment(self, text, 0, #text) end
-  local spans = C.pmp_tok_added_split(raw, text, #text, count_box)
-  if spans == nil then error('pmp.tokenizer: encode: ' .. last_error(), 0) end
-  local n = tonumber(count_box[0])
-  if n == 1 and spans[2] < 0 then return encode_segment(self, text, 0, #text) end
-  local list = {}
-  for k = 0, n - 1 do
-    list[#list + 1] = { tonumber(spans[3 * k]), tonumber(spans[3 * k + 1]), tonumber(spans[3 * k + 2]) }
-  end
-  for _, sp in ipairs(list) do
+  for _, sp in ipairs(shared.spans(raw, text)) do
     if sp[3] >= 0 then push(self, sp[3]) else encode_segment(self, text, sp[1], sp[2]) end
   end
 end
@@ -466,12 +485,8 @@ function Tokenizer:decode(ids, opts)
   return table.concat(tokens, ' ')
 end
 
---- tok:decode_batch({id lists}, opts) -> a list of texts.
-function Tokenizer:decode_batch(list, opts)
-  local out = {}
-  for i = 1, #list do out[i] = self:decode(list[i], opts) end
-  return out
-end
+
+Tokenizer.decode_batch = shared.decode_batch
 
 -- ---- vocabulary ----
 
