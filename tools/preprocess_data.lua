@@ -8,10 +8,12 @@
 --- the vocabulary is under 65500, else int32), and {output-prefix}_{key}_document.tokenizer.json, which
 --- tells pmp's training recipes which tokenizer made the data.
 ---
---- Per document (one JSON object per line): the key's text is tokenized without special tokens; an
---- empty result is an empty document; with --append-eod a non-empty document gets the EOD token.
+--- Per document (one JSON object per line): the key's text is tokenized; an empty result is an empty
+--- document; with --append-eod a non-empty document gets the EOD token.
 --- Tokenizers: --tokenizer-model DIR (an HF tokenizer through pmp.tokenizer, when this build has it;
---- EOD = the EOS token), or --tokenizer-type char (the distinct characters of the input, found in a
+--- EOD = the EOS token; as Megatron's HF wrapper, the tokenizer's special tokens are included, i.e.
+--- what tokenizer(text).input_ids gives: Llama-3-style post-processors put a BOS first in every text,
+--- Qwen's add nothing; --tokenizer-hf-no-include-special-tokens tokenizes the text alone), or --tokenizer-type char (the distinct characters of the input, found in a
 --- first pass, or of --vocab-file; EOD = an extra '<|endoftext|>' entry) or byte (256 ids; EOD = 0).
 ---
 --- Streaming: the input is read line by line, so memory stays bounded whatever its size (the index
@@ -24,6 +26,7 @@ local FLAGS = {
   { '--json-keys', nil, 'keys to extract from each JSON object (default: text)', multiple = true },
   { '--tokenizer-type', nil, 'char, byte, or HuggingFaceTokenizer (with --tokenizer-model)' },
   { '--tokenizer-model', nil, 'HF tokenizer directory (tokenizer.json), loaded with pmp.tokenizer' },
+  { '--tokenizer-hf-no-include-special-tokens', false, "HF tokenizer: leave out the post-processor's special tokens (BOS ...)" },
   { '--vocab-file', nil, 'char tokenizer: a text file whose characters are the vocabulary, or a saved tokenizer JSON' },
   { '--append-eod', false, 'append the end-of-document token to every non-empty document' },
   { '--workers', 1, 'processes to tokenize with' },
@@ -147,7 +150,8 @@ local function make_tokenizer()
   end
   local kind = opts.tokenizer_type
   if opts.tokenizer_model and (kind == nil or kind == 'HuggingFaceTokenizer' or kind == 'hf') then
-    local okt, tok = pcall(dataset_tokenizer.hf, opts.tokenizer_model)
+    local okt, tok = pcall(dataset_tokenizer.hf, opts.tokenizer_model,
+      { special_tokens = not opts.tokenizer_hf_no_include_special_tokens })
     if not okt then die(tostring(tok):gsub('^dataset tokenizer: ', '')) end
     if opts.append_eod and not tok.eod then die('--append-eod: the tokenizer in ' .. opts.tokenizer_model .. ' has no EOS token') end
     return tok

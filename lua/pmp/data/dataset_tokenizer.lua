@@ -2,14 +2,14 @@
 --- what it records next to the data (<dataset prefix>.tokenizer.json) so that training on the data
 --- gets the same vocabulary without extra flags.
 --
---   local tok = dataset_tokenizer.hf(dir)          -- pmp.tokenizer.from_pretrained(dir), when pmp has it
+--   local tok = dataset_tokenizer.hf(dir, {special_tokens = true})  -- pmp.tokenizer.from_pretrained(dir)
 --   local tok = dataset_tokenizer.char(chars, eod) -- pmp.data.tokenizers char/byte, plus an EOD id
---   tok:encode(text) -> ids (Lua table, no BOS/EOS added), tok.eod, tok.vocab_size, tok:state()
+--   tok:encode(text) -> ids (Lua table), tok.eod, tok.vocab_size, tok:state()
 --   dataset_tokenizer.save(prefix, state); dataset_tokenizer.load(prefix) -> state or nil
 --   dataset_tokenizer.from_state(state) -> a tokenizer with vocab_size, type, encode, decode, state
 --
 -- States: {type = 'char', chars = {...}, eod = id} | {type = 'byte', eod = 0} |
---         {type = 'hf', model = dir, eod = id, vocab_size = n}
+--         {type = 'hf', model = dir, eod = id, vocab_size = n, special_tokens = bool}
 -- EOD for the simple tokenizers: char vocabularies get one extra entry, EOD_TOKEN (a multi-character
 -- string, so no input character ever encodes to it; it decodes to itself); the byte tokenizer has no
 -- spare id, so it uses byte 0 (NUL) as EOD.
@@ -69,9 +69,12 @@ local function try(obj, name, ...)
   return nil
 end
 
--- Wraps an HF tokenizer from pmp.tokenizer. Megatron tokenizes with convert_tokens_to_ids(tokenize(text)):
--- no special tokens added; EOD is the id of the EOS token.
-function M.hf(dir)
+-- Wraps an HF tokenizer from pmp.tokenizer; EOD is the id of the EOS token. options.special_tokens:
+-- encode as Megatron's HF wrapper with include_special_tokens (its default: tokenizer(text).input_ids,
+-- so the post-processor's tokens, e.g. a Llama-3 BOS, start every text); false: the text's tokens
+-- only (--tokenizer-hf-no-include-special-tokens). A state without the field predates it: false.
+function M.hf(dir, options)
+  local special = (options or {}).special_tokens == true
   local mod, why = hf_module()
   if not mod then
     error('dataset tokenizer: --tokenizer-model needs pmp.tokenizer (HF tokenizer.json support), which is not ' ..
@@ -84,7 +87,7 @@ function M.hf(dir)
   if not eod and type(tok.eos_token) == 'string' then eod = first_number(try(tok, 'token_to_id', tok.eos_token)) end
   local wrapper = { type = 'hf', model = dir, vocab_size = vocab, eod = eod, inner = tok }
   function wrapper:encode(text)
-    local ids = tok:encode(text, { add_special_tokens = false })
+    local ids = tok:encode(text, { add_special_tokens = special })
     if type(ids) == 'table' and type(ids.ids) == 'table' then ids = ids.ids end
     if type(ids) == 'cdata' then ids = ids:totable() end
     return ids
@@ -96,7 +99,7 @@ function M.hf(dir)
     local cwd = M.getcwd()
     if cwd then where = cwd .. '/' .. where end
   end
-  function wrapper:state() return { type = 'hf', model = where, eod = eod, vocab_size = vocab } end
+  function wrapper:state() return { type = 'hf', model = where, eod = eod, vocab_size = vocab, special_tokens = special } end
   return wrapper
 end
 
@@ -146,7 +149,7 @@ function M.from_state(state)
   elseif state.type == 'byte' then
     return M.byte()
   elseif state.type == 'hf' then
-    return M.hf(state.model)
+    return M.hf(state.model, { special_tokens = state.special_tokens == true })
   end
   error("dataset tokenizer: unknown tokenizer type '" .. tostring(state.type) .. "'", 2)
 end
