@@ -29,6 +29,14 @@ The llama3 tokenizer in ../shared/tokenizers adds no BOS (its post_processor is 
 third tokenizer, "llama3_bos", is llama3 with Meta's later post-processor (ByteLevel then a template
 that puts <|begin_of_text|> first); expected.json holds that post-processor, for the spec to make the
 same directory.
+
+Dataset index caches (cache/ under the fixture directory, a copy of what megatron-core wrote): in a
+scratch directory holding data/a and data/b (spec/fixtures/gpt_dataset's datasets) and a link qwen3
+to the qwen3 tokenizer, megatron-core's BlendedMegatronDatasetBuilder(GPTDataset, sizes, ...) builds
+each case with the HuggingFaceTokenizer "qwen3" (relative paths, so the descriptions do not name the
+scratch directory); expected.json lists the files it cached and the first samples of every split in
+training order (the first batches). The "refusals" are what megatron-core raises for a zero weight,
+weights without sizes, a sample past the end and a blend that oversamples its datasets.
 """
 import argparse
 import glob
@@ -209,6 +217,97 @@ def run_preprocess_case(work, corpus, dirs, n, case):
             "suffix": f"_{level}"}
 
 
+GPT_FIXTURES = os.path.join(ROOT, "spec", "fixtures", "gpt_dataset")
+
+CACHE_CASES = [
+    # name, --data-path, split, sizes, seed, seq_length, --data-cache-path
+    {"name": "one prefix, default cache place", "data_path": ["data/a"], "split": "90, 8, 2", "sizes": [40, 5, 3],
+     "seed": 1234, "seq_length": 8, "cache": None},
+    {"name": "default --split text", "data_path": ["data/b"], "split": "969, 30, 1", "sizes": [30, None, None],
+     "seed": 5, "seq_length": 6, "cache": "cache"},
+    {"name": "weighted blend with --data-cache-path", "data_path": ["0.3", "data/a", "0.7", "data/b"], "split": "90, 8, 2",
+     "sizes": [100, 10, 4], "seed": 11, "seq_length": 8, "cache": "cache"},
+    {"name": "unweighted blend, exhaustive valid split", "data_path": ["data/a", "data/b"], "split": "90, 10",
+     "sizes": [60, None, None], "seed": 3, "seq_length": 6, "cache": "cache"},
+]
+
+
+def gpt_config(case, tokenizer, path_to_cache):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.core.datasets.utils import get_blend_from_list
+    return GPTDatasetConfig(
+        random_seed=case["seed"], sequence_length=case["seq_length"], blend=get_blend_from_list(case["data_path"]),
+        split=case["split"], tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, path_to_cache=path_to_cache)
+
+
+def build_sets(case, tokenizer, path_to_cache=None, sizes=None):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+    config = gpt_config(case, tokenizer, path_to_cache)
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes or case["sizes"], lambda: True, config).build()
+
+
+def first_samples(ds, n=4):
+    return [ds[i]["tokens"].tolist() + [ds[i]["labels"].tolist()[-1]] for i in range(min(n, len(ds)))]
+
+
+def cache_cases(work, tokenizer, out_dir):
+    """Builds every case in work with megatron-core, copies its cache files to out_dir/cache."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    results = []
+    for case in CACHE_CASES:
+        before = set(glob.glob("**/*.npy", recursive=True) + glob.glob("**/*.txt", recursive=True))
+        sets = build_sets(case, tokenizer, case["cache"])
+        after = set(glob.glob("**/*.npy", recursive=True) + glob.glob("**/*.txt", recursive=True))
+        files = sorted(after - before)
+        splits = {}
+        for name, ds in zip(("train", "valid", "test"), sets):
+            if ds is not None:
+                splits[name] = {"kind": "blend" if isinstance(ds, BlendedDataset) else "gpt", "count": len(ds),
+                                "first_samples": first_samples(ds)}
+        results.append(dict(case, files=files, splits=splits))
+        print(f"ok   cache {case['name']}: {len(files)} files, " +
+              ", ".join(f"{k} {v['count']}" for k, v in splits.items()))
+    for f in sorted({f for r in results for f in r["files"]}):
+        dst = os.path.join(out_dir, "cache", f)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copy(f, dst)
+    return results
+
+
+def refusals(tokenizer):
+    """What megatron-core raises (or not) for the cases pmp must refuse as it does."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    out = []
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out.append({"name": name, "raises": None})
+        except Exception as e:  # noqa: BLE001 - recording what megatron-core raises is the point
+            out.append({"name": name, "raises": type(e).__name__, "message": str(e)})
+        print(f"ok   refusal {name}: {out[-1]['raises']}")
+
+    base = {"split": "90, 8, 2", "seed": 1, "seq_length": 8, "cache": None}
+    attempt("zero weight", lambda: build_sets(dict(base, data_path=["0", "data/a", "1", "data/b"]), tokenizer,
+                                              sizes=[50, 5, 2]))
+    attempt("positive weights (control)", lambda: build_sets(dict(base, data_path=["1", "data/a", "1", "data/b"]),
+                                                             tokenizer, sizes=[50, 5, 2]))
+    attempt("weights without sizes", lambda: build_sets(dict(base, data_path=["1", "data/a", "1", "data/b"]), tokenizer,
+                                                        sizes=[None, None, None]))
+    single = build_sets(dict(base, data_path=["data/a"]), tokenizer, sizes=[20, None, None])[0]
+    attempt("last sample (control)", lambda: single[len(single) - 1])
+    attempt("sample past the end", lambda: single[len(single)])
+    a = build_sets(dict(base, data_path=["data/a"]), tokenizer, sizes=[10, None, None])[0]
+    b = build_sets(dict(base, data_path=["data/b"]), tokenizer, sizes=[10, None, None])[0]
+    fits = min(len(a), len(b))
+    attempt("blend within its datasets (control)", lambda: BlendedDataset([a, b], [0.5, 0.5], fits, a.config))
+    attempt("blend oversampling a dataset", lambda: BlendedDataset([a, b], [0.5, 0.5], 2 * max(len(a), len(b)) + 2,
+                                                                   a.config))
+    return {"cases": out, "single_count": len(single), "blend_counts": [len(a), len(b)], "blend_fits": fits}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=OUT)
@@ -234,6 +333,26 @@ def main():
             expected["preprocess"].append(out)
             print(f"ok   preprocess {case[0]}: " + ", ".join(
                 f"{k} {len(v['documents'])} documents, {v['bin_bytes']} bytes" for k, v in out["outputs"].items()))
+        shutil.rmtree(os.path.join(args.out, "cache"), ignore_errors=True)
+        scratch = os.path.join(work, "scratch")
+        os.makedirs(os.path.join(scratch, "data"))
+        for name in ("a", "b"):
+            for ext in (".bin", ".idx"):
+                shutil.copy(os.path.join(GPT_FIXTURES, name + ext), os.path.join(scratch, "data", name + ext))
+        os.symlink(dirs["qwen3"], os.path.join(scratch, "qwen3"))
+        # megatron-core's BlendedDataset caches only on a torch.distributed rank 0
+        import torch.distributed
+        torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(work, "pg"), rank=0,
+                                             world_size=1)
+        here = os.getcwd()
+        os.chdir(scratch)
+        try:
+            tokenizer = build_tokenizer(tokenizer_args("HuggingFaceTokenizer", "qwen3"))
+            expected["cache_tokenizer"] = dict(tokenizer.unique_identifiers)
+            expected["cache"] = cache_cases(scratch, tokenizer, args.out)
+            expected["refusals"] = refusals(tokenizer)
+        finally:
+            os.chdir(here)
         with open(os.path.join(args.out, "expected.json"), "w", encoding="utf-8") as f:
             json.dump(expected, f, ensure_ascii=False, separators=(",", ":"))
             f.write("\n")

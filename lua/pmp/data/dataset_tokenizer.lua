@@ -103,6 +103,22 @@ function M.hf(dir, options)
   return wrapper
 end
 
+-- The tokenizer's part of megatron-core's dataset cache descriptions (pmp.data.megatron_cache):
+-- for an HF tokenizer, what megatron-core 0.16's build_tokenizer records for --tokenizer-type
+-- HuggingFaceTokenizer --tokenizer-model PATH with Megatron-LM's default tokenizer flags for training
+-- (PATH as the command line gave it, model_path; whatever preprocessing used); pmp's own tokenizers
+-- have no Megatron counterpart.
+function M.megatron_identifiers(state, model_path)
+  local mcache = require 'pmp.data.megatron_cache'
+  if state.type ~= 'hf' then return mcache.object({ { 'class', 'pmp.' .. tostring(state.type) } }) end
+  return mcache.object({
+    { 'class', 'megatron.core.tokenizers.text.models.default_tokenizer.DefaultTokenizerText' },
+    { 'tokenizer_path', model_path or state.model }, { 'vocab_file', 'None' }, { 'merges_file', 'None' },
+    { 'additional_special_tokens', '[]' }, { 'use_fast', 'True' }, { 'trust_remote_code', 'False' },
+    { 'include_special_tokens', 'True' },
+  })
+end
+
 -- A char tokenizer over `chars` (sorted by the caller); with_eod adds EOD_TOKEN as the last id.
 function M.char(chars, with_eod)
   local list = {}
