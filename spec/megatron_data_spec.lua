@@ -85,17 +85,34 @@ describe("tools/preprocess_data.lua against Megatron-LM's preprocess_data.py", f
     local test = hf_ready and it or pending
     test('writes the bytes megatron-core writes: ' .. case.name, function()
       local prefix = dir .. '/case' .. n
-      local args = { '--input', FIXTURES .. '/corpus.jsonl', '--output-prefix', prefix,
-        '--tokenizer-type', 'HuggingFaceTokenizer', '--tokenizer-model', tokenizer_dir(case.tokenizer), '--json-keys' }
+      local args = { '--input', FIXTURES .. '/corpus.jsonl', '--output-prefix', prefix, '--json-keys' }
       for _, key in ipairs(case.json_keys) do args[#args + 1] = key end
       for _, flag in ipairs(case.flags) do args[#args + 1] = flag end
+      local spelled = {
+        megatron = { '--tokenizer-type', 'HuggingFaceTokenizer', '--tokenizer-model', tokenizer_dir(case.tokenizer) },
+        pai = { '--patch-tokenizer-type', 'Qwen2Tokenizer', '--load', tokenizer_dir(case.tokenizer) },
+        gpt2 = { '--tokenizer-type', 'GPT2BPETokenizer', '--vocab-file', FIXTURES .. '/gpt2/vocab.json',
+          '--merge-file', FIXTURES .. '/gpt2/merges.txt' },
+      }
+      for _, word in ipairs(spelled[case.spelling]) do args[#args + 1] = word end
       local _, err, status = preprocess(args)
       assert.are.equal(0, status, err)
       for _, key in ipairs(case.json_keys) do
         assert_megatron_output(prefix .. '_' .. key .. case.suffix, case.outputs[key])
       end
+      assert.are.same({}, (shell.run('ls ' .. shell.quote(dir) .. ' | grep -E "partition|workers|_ss"')):match('%S') and
+        { 'scratch files left' } or {})
     end)
   end
+
+  it('prints Megatron\'s progress line every --log-interval documents', function()
+    local _, err, status = preprocess({ '--input', FIXTURES .. '/corpus.jsonl', '--output-prefix', dir .. '/log',
+      '--tokenizer-type', 'byte', '--log-interval', '4' })
+    assert.are.equal(0, status, err)
+    local counts = {}
+    for n in err:gmatch('Processed (%d+) documents %([%d.]+ docs/s, [%d.]+ MB/s%)%.') do counts[#counts + 1] = tonumber(n) end
+    assert.are.same({ 4, 8 }, counts)   -- 9 documents
+  end)
 end)
 
 describe("dataset index caches shared with megatron-core (spec/fixtures/megatron_data/cache)", function()

@@ -23,7 +23,10 @@ Sentence splitting: NLTK's punkt model is not available offline, so both sides u
 tools/preprocess_data.lua documents (written independently here): a sentence ends after a run of
 . ! ? (and closing quotes or brackets) followed by whitespace and more text; the whitespace between
 two sentences is dropped, or kept at the end of the first with --keep-newlines; the text's trailing
-whitespace is dropped, and a blank text has no sentence.
+whitespace is dropped, and a blank text has no sentence (whitespace: ASCII's six characters).
+
+GPT2BPETokenizer: gpt2/vocab.json and gpt2/merges.txt are a small GPT-2-format BPE trained here on the
+corpus texts; the reference is the GPT-2 fast tokenizer made from them (see Gpt2Reference).
 
 The llama3 tokenizer in ../shared/tokenizers adds no BOS (its post_processor is ByteLevel only), so a
 third tokenizer, "llama3_bos", is llama3 with Meta's later post-processor (ByteLevel then a template
@@ -90,15 +93,18 @@ CORPUS = [
 ]
 
 
+ASCII_SPACE = " \t\n\v\f\r"
+
+
 def sentences_of(text, keep_newlines):
-    """The simple sentence rule described in the module docstring."""
+    """The simple sentence rule described in the module docstring (ASCII whitespace)."""
     out, start = [], 0
-    for m in re.finditer(r"[.!?]+[\"')\]}\u201d\u2019\u00bb]*(\s+)(?=\S)", text):
+    for m in re.finditer(r"[.!?]+[\"')\]}\u201d\u2019\u00bb]*([ \t\n\v\f\r]+)(?=[^ \t\n\v\f\r])", text):
         end = m.end() if keep_newlines else m.start(1)
         out.append(text[start:end])
         start = m.end()
-    last = text[start:].rstrip()
-    if last.strip():
+    last = text[start:].rstrip(ASCII_SPACE)
+    if last.strip(ASCII_SPACE):
         out.append(last)
     return out
 
@@ -135,9 +141,8 @@ def encode_lines(tokenizer, lines, keys, append_eod, split, keep_newlines, prefi
     return dtype
 
 
-def preprocess(input_path, prefix, targs, keys=("text",), append_eod=False, partitions=1, keep_sequential=False,
+def preprocess(input_path, prefix, tokenizer, keys=("text",), append_eod=False, partitions=1, keep_sequential=False,
                split=False, keep_newlines=False):
-    tokenizer = build_tokenizer(targs)
     level = "sentence" if split else "document"
     lines = open(input_path, encoding="utf-8").read().splitlines(keepends=True)
     if partitions == 1:
@@ -177,7 +182,37 @@ def describe_output(prefix):
             "dtype": str(ds.index.dtype.__name__), "documents": docs}
 
 
-def tokenizer_dirs(work):
+class Gpt2Reference:
+    """Megatron's GPT2BPETokenizer from --vocab-file/--merge-file: megatron-core builds it as
+    AutoTokenizer("gpt2", vocab_file=..., merges_file=...), which needs the hub for gpt2's config;
+    offline, the same GPT-2 fast tokenizer is made from the files directly. Megatron's HF wrapper then
+    tokenizes with tokenizer(text).input_ids and takes the EOS ('<|endoftext|>') as EOD."""
+
+    def __init__(self, directory):
+        from transformers import GPT2TokenizerFast
+        self.tokenizer = GPT2TokenizerFast(vocab=os.path.join(directory, "vocab.json"),
+                                           merges=os.path.join(directory, "merges.txt"))
+        self.eod = self.tokenizer.eos_token_id
+        self.vocab_size = len(self.tokenizer)
+
+    def tokenize(self, text):
+        return self.tokenizer(text).input_ids
+
+
+def write_gpt2_files(directory):
+    """A small GPT-2-format vocab.json/merges.txt (byte-level BPE trained on the corpus texts)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([v for obj in CORPUS for v in obj.values()], trainer)
+    os.makedirs(directory, exist_ok=True)
+    tok.model.save(directory)
+
+
+def tokenizer_dirs(work, out):
     dirs = {"llama3": os.path.join(SHARED_TOKENIZERS, "llama3"), "qwen3": os.path.join(SHARED_TOKENIZERS, "qwen3")}
     bos = os.path.join(work, "llama3_bos")
     os.makedirs(bos)
@@ -187,34 +222,52 @@ def tokenizer_dirs(work):
         json.dump(spec, f, ensure_ascii=False)
     shutil.copy(os.path.join(dirs["llama3"], "tokenizer_config.json"), bos)
     dirs["llama3_bos"] = bos
+    dirs["gpt2"] = os.path.join(out, "gpt2")
     return dirs
 
 
 PREPROCESS_CASES = [
-    # name, tokenizer, pmp/Megatron flags (besides --input, --output-prefix, --tokenizer-*), keys
+    # name, tokenizer, pmp/Megatron flags (besides --input, --output-prefix, --tokenizer-*), keys[, how the
+    # tokenizer is given: "megatron" --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR, "pai"
+    # --patch-tokenizer-type Qwen2Tokenizer --load DIR, "gpt2" --tokenizer-type GPT2BPETokenizer with the files]
     ("llama3 default", "llama3", ["--append-eod"], ["text"]),
     ("llama3 with BOS, default (BOS per document)", "llama3_bos", ["--append-eod"], ["text", "title"]),
     ("llama3 with BOS, --tokenizer-hf-no-include-special-tokens", "llama3_bos",
      ["--append-eod", "--tokenizer-hf-no-include-special-tokens"], ["text"]),
     ("qwen3 default", "qwen3", ["--append-eod"], ["text", "title"]),
     ("qwen3 without --append-eod", "qwen3", [], ["text"]),
+    ("qwen3 --split-sentences", "qwen3", ["--append-eod", "--split-sentences"], ["text"]),
+    ("qwen3 --split-sentences --keep-newlines", "qwen3", ["--append-eod", "--split-sentences", "--keep-newlines"],
+     ["text", "title"]),
+    ("llama3 with BOS, --split-sentences (BOS per sentence)", "llama3_bos", ["--append-eod", "--split-sentences"],
+     ["text"]),
+    ("qwen3 --partitions 3 (round robin)", "qwen3", ["--append-eod", "--partitions", "3", "--workers", "3"], ["text"]),
+    ("qwen3 --partitions 2 --keep-sequential-samples", "qwen3",
+     ["--append-eod", "--partitions", "2", "--keep-sequential-samples", "--workers", "2"], ["text", "title"]),
+    ("GPT2BPETokenizer --vocab-file --merge-file", "gpt2", ["--append-eod"], ["text", "title"], "gpt2"),
+    ("qwen3 as Pai-Megatron-Patch spells it (--patch-tokenizer-type Qwen2Tokenizer --load DIR)", "qwen3",
+     ["--append-eod"], ["text"], "pai"),
 ]
 
 
 def run_preprocess_case(work, corpus, dirs, n, case):
-    name, tok, flags, keys = case
+    name, tok, flags, keys = case[:4]
+    spelling = case[4] if len(case) > 4 else "megatron"
     include = "--tokenizer-hf-no-include-special-tokens" not in flags
-    targs = tokenizer_args("HuggingFaceTokenizer", dirs[tok], include_special_tokens=include)
+    if tok == "gpt2":
+        tokenizer = Gpt2Reference(dirs["gpt2"])
+    else:
+        tokenizer = build_tokenizer(tokenizer_args("HuggingFaceTokenizer", dirs[tok], include_special_tokens=include))
     partitions = int(flags[flags.index("--partitions") + 1]) if "--partitions" in flags else 1
     split = "--split-sentences" in flags
     prefix = os.path.join(work, f"case{n}")
-    tokenizer = preprocess(corpus, prefix, targs, keys=keys, append_eod="--append-eod" in flags,
+    preprocess(corpus, prefix, tokenizer, keys=keys, append_eod="--append-eod" in flags,
                            partitions=partitions, keep_sequential="--keep-sequential-samples" in flags,
                            split=split, keep_newlines="--keep-newlines" in flags)
     level = "sentence" if split else "document"
     return {"name": name, "tokenizer": tok, "flags": flags, "json_keys": keys, "eod": tokenizer.eod,
             "outputs": {key: describe_output(f"{prefix}_{key}_{level}") for key in keys},
-            "suffix": f"_{level}"}
+            "suffix": f"_{level}", "spelling": spelling}
 
 
 GPT_FIXTURES = os.path.join(ROOT, "spec", "fixtures", "gpt_dataset")
@@ -321,7 +374,8 @@ def main():
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
     work = tempfile.mkdtemp(prefix="megatron-data-fixtures.")
     try:
-        dirs = tokenizer_dirs(work)
+        write_gpt2_files(os.path.join(args.out, "gpt2"))
+        dirs = tokenizer_dirs(work, args.out)
         expected = {
             "_written_by": f"tools/make_megatron_data_fixtures.py with megatron-core {megatron.core.__version__}, "
                            f"transformers {transformers.__version__}, numpy {numpy.__version__}",

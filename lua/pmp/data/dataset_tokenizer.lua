@@ -9,7 +9,8 @@
 --   dataset_tokenizer.from_state(state) -> a tokenizer with vocab_size, type, encode, decode, state
 --
 -- States: {type = 'char', chars = {...}, eod = id} | {type = 'byte', eod = 0} |
---         {type = 'hf', model = dir, eod = id, vocab_size = n, special_tokens = bool}
+--         {type = 'hf', model = dir, eod = id, vocab_size = n, special_tokens = bool} |
+--         {type = 'gpt2_bpe', vocab_file = path, merge_file = path, eod = id, vocab_size = n}
 -- EOD for the simple tokenizers: char vocabularies get one extra entry, EOD_TOKEN (a multi-character
 -- string, so no input character ever encodes to it; it decodes to itself); the byte tokenizer has no
 -- spare id, so it uses byte 0 (NUL) as EOD.
@@ -69,6 +70,13 @@ local function try(obj, name, ...)
   return nil
 end
 
+-- An absolute path (recorded in states, so training finds the files from any directory).
+local function absolute(path)
+  if path:sub(1, 1) == '/' then return path end
+  local cwd = M.getcwd()
+  return cwd and (cwd .. '/' .. path) or path
+end
+
 -- Wraps an HF tokenizer from pmp.tokenizer; EOD is the id of the EOS token. options.special_tokens:
 -- encode as Megatron's HF wrapper with include_special_tokens (its default: tokenizer(text).input_ids,
 -- so the post-processor's tokens, e.g. a Llama-3 BOS, start every text); false: the text's tokens
@@ -93,13 +101,41 @@ function M.hf(dir, options)
     return ids
   end
   function wrapper:decode(ids) return tok:decode(ids) end
-  -- recorded with an absolute path, so training finds it from any directory
-  local where = dir
-  if where:sub(1, 1) ~= '/' then
-    local cwd = M.getcwd()
-    if cwd then where = cwd .. '/' .. where end
-  end
+  local where = absolute(dir)
   function wrapper:state() return { type = 'hf', model = where, eod = eod, vocab_size = vocab, special_tokens = special } end
+  return wrapper
+end
+
+-- GPT-2's byte-level BPE from a vocab.json and a merges.txt, as Megatron's GPT2BPETokenizer
+-- (--vocab-file/--merge-file; the HF GPT-2 tokenizer megatron-core builds from them): GPT-2's
+-- pre-tokenizer regex, no prefix space, '<|endoftext|>' a special token and the EOD.
+function M.gpt2_bpe(vocab_file, merge_file)
+  local mod, why = hf_module()
+  if not mod then error('dataset tokenizer: GPT2BPETokenizer needs pmp.tokenizer (' .. tostring(why):match('^[^\n]*') .. ')', 2) end
+  local okv, vocab = pcall(json.decode, pio.read_file(vocab_file))
+  if not okv or type(vocab) ~= 'table' then error('dataset tokenizer: ' .. vocab_file .. ': not a JSON vocabulary (token -> id)', 2) end
+  local merges = {}
+  for line in pio.read_file(merge_file):gmatch('[^\n]+') do
+    if not line:match('^#version') and line:find('%S') then merges[#merges + 1] = line:gsub('\r$', '') end
+  end
+  local eod_token = '<|endoftext|>'
+  local added = json.array({})
+  if vocab[eod_token] then
+    added[1] = { id = vocab[eod_token], content = eod_token, special = true, normalized = false, single_word = false,
+      lstrip = false, rstrip = false }
+  end
+  local tok = mod.from_json({
+    model = { type = 'BPE', vocab = vocab, merges = merges },
+    pre_tokenizer = { type = 'ByteLevel', add_prefix_space = false, trim_offsets = true, use_regex = true },
+    decoder = { type = 'ByteLevel', add_prefix_space = true, trim_offsets = true, use_regex = true },
+    added_tokens = added,
+  }, { path = vocab_file, config = { eos_token = eod_token, bos_token = eod_token, unk_token = eod_token } })
+  local wrapper = { type = 'gpt2_bpe', vocab_size = tok.vocab_size, eod = tok.eos_id, inner = tok }
+  function wrapper:encode(text) return tok:encode(text) end
+  function wrapper:decode(ids) return tok:decode(ids) end
+  local state = { type = 'gpt2_bpe', vocab_file = absolute(vocab_file), merge_file = absolute(merge_file), eod = tok.eos_id,
+    vocab_size = tok.vocab_size }
+  function wrapper:state() return state end
   return wrapper
 end
 
@@ -166,6 +202,8 @@ function M.from_state(state)
     return M.byte()
   elseif state.type == 'hf' then
     return M.hf(state.model, { special_tokens = state.special_tokens == true })
+  elseif state.type == 'gpt2_bpe' then
+    return M.gpt2_bpe(state.vocab_file, state.merge_file)
   end
   error("dataset tokenizer: unknown tokenizer type '" .. tostring(state.type) .. "'", 2)
 end
