@@ -14,9 +14,7 @@ local function sha256_of(path)
 end
 
 local function preprocess(args)
-  local words = { 'cd', shell.quote(shell.root), '&&', shell.quote(shell.pmp), 'tools/preprocess_data.lua' }
-  for _, a in ipairs(args) do words[#words + 1] = shell.quote(a) end
-  return shell.run(table.concat(words, ' '))
+  return shell.run_pmp({ shell.root .. '/tools/preprocess_data.lua', unpack(args) })
 end
 
 -- The documents of an indexed dataset as lists of sequences of token ids, as the fixture lists them.
