@@ -103,6 +103,26 @@ describe("tools/preprocess_data.lua against Megatron-LM's preprocess_data.py", f
     end)
   end
 
+  local function case_named(name)
+    for _, case in ipairs(expected.preprocess) do if case.name == name then return case end end
+    error('no fixture case ' .. name)
+  end
+
+  ;(hf_ready and it or pending)('deals the lines of a glob of files (.gz too) to --partitions in file-name order', function()
+    -- the corpus cut in two, the second half gzipped: dealt as one stream, as Megatron deals them
+    local lines = {}
+    for line in pmp.io.read_file(FIXTURES .. '/corpus.jsonl'):gmatch('[^\n]*\n') do lines[#lines + 1] = line end
+    pmp.io.mkdir_p(dir .. '/parts')
+    shell.write_file(dir .. '/parts/corpus_1.jsonl', table.concat(lines, '', 1, 4))
+    shell.write_file(dir .. '/parts/corpus_2.jsonl', table.concat(lines, '', 5))
+    assert.are.equal(0, select(3, shell.run('gzip ' .. shell.quote(dir .. '/parts/corpus_2.jsonl'))))
+    local case = case_named('qwen3 --partitions 3 (round robin)')
+    local _, err, status = preprocess({ '--input', dir .. '/parts/corpus_*', '--output-prefix', dir .. '/glob',
+      '--tokenizer-type', 'HuggingFaceTokenizer', '--tokenizer-model', tokenizer_dir(case.tokenizer), unpack(case.flags) })
+    assert.are.equal(0, status, err)
+    assert_megatron_output(dir .. '/glob_text_document', case.outputs.text)
+  end)
+
   it('prints Megatron\'s progress line every --log-interval documents', function()
     local _, err, status = preprocess({ '--input', FIXTURES .. '/corpus.jsonl', '--output-prefix', dir .. '/log',
       '--tokenizer-type', 'byte', '--log-interval', '4' })

@@ -73,8 +73,11 @@ local tokenizers = require 'pmp.data.tokenizers'
 local clock = require 'pmp.clock'
 local sentences = require 'pmp.data.sentences'
 
+local scratch_dirs = {}   -- removed by die as well
+
 local function die(message)
   io.stderr:write('preprocess_data: ' .. message .. '\n')
+  for dir in pairs(scratch_dirs) do pmp.io.remove_tree(dir) end
   os.exit(1)
 end
 
@@ -334,7 +337,7 @@ pcall(ffi.cdef, 'int poll(void *fds, unsigned long nfds, int timeout);')
 local function q(text) return "'" .. tostring(text):gsub("'", [['\'']]) .. "'" end
 
 -- Concatenates the outputs under the prefixes, in order, into out_base's (add_index).
-local function join_outputs(tokenizer, prefixes, out_base, cleanup)
+local function join_outputs(tokenizer, prefixes, out_base)
   for _, key in ipairs(keys) do
     local builder = indexed.builder(output_prefix_of(out_base, key), { vocab_size = tokenizer.vocab_size })
     local okm, err = pcall(function()
@@ -342,29 +345,29 @@ local function join_outputs(tokenizer, prefixes, out_base, cleanup)
     end)
     if not okm then
       builder:abort()
-      if cleanup then cleanup() end
       die(tostring(err))
     end
     builder:finalize()
   end
 end
 
--- docs_before / bytes_before: what earlier partitions did, for the progress lines.
+-- Returns the number of documents. docs_before / bytes_before: what earlier partitions did, for the
+-- progress lines.
 local function tokenize_file(tokenizer, path, out_base, workers, docs_before, bytes_before)
   local size = pio.size(path)
   if workers == 1 then
     local last_bytes = 0
-    local docs, tokens = tokenize_range(tokenizer, path, out_base, 0, size, function(bytes, docs)
+    local docs = tokenize_range(tokenizer, path, out_base, 0, size, function(bytes, docs)
       if bytes then last_bytes = bytes end
       log_progress(docs_before + docs, bytes_before + last_bytes)
     end)
-    return docs, tokens
+    return docs
   end
   -- Worker processes over byte ranges, in a scratch directory next to the output.
   local scratch = out_base .. '.workers.' .. pio.getpid()
   pio.remove_tree(scratch)
   pio.mkdir_p(scratch)
-  local function cleanup() pio.remove_tree(scratch) end
+  scratch_dirs[scratch] = true
   local state_path = pio.join(scratch, 'tokenizer.json')
   pio.write_atomic(state_path, json.encode(tokenizer:state()))
   local pmp_exe = package.loaded['pmp.root'] .. '/pmp'
@@ -384,10 +387,7 @@ local function tokenize_file(tokenizer, path, out_base, workers, docs_before, by
     local command = string.format('( %s 2>%s; echo $? >%s.tmp; mv %s.tmp %s ) </dev/null >/dev/null 2>&1 &',
       table.concat(words, ' '), q(part.log), q(part.rc), q(part.rc), q(part.rc))
     local started = os.execute(command)
-    if started ~= 0 and started ~= true then
-      cleanup()
-      die('cannot start worker ' .. k)
-    end
+    if started ~= 0 and started ~= true then die('cannot start worker ' .. k) end
   end
   io.stderr:write(string.format('preprocess_data: %d workers over %s\n', workers, human_bytes(size)))
   local function read_progress(part)
@@ -412,22 +412,22 @@ local function tokenize_file(tokenizer, path, out_base, workers, docs_before, by
     log_progress(docs_before + docs, bytes_before + bytes)
     ffi.C.poll(nil, 0, 50)
   end
-  local total_docs, total_tokens = 0, 0
+  local total_docs = 0
   for k, part in ipairs(parts) do
     local rc = tonumber((pio.read_file(part.rc):match('%d+')))
     if rc ~= 0 then
       local log = pio.is_file(part.log) and pio.read_file(part.log) or ''
-      cleanup()
       die(string.format('worker %d failed (exit status %s):\n%s', k, tostring(rc), log))
     end
-    local _, d, t = read_progress(part)
-    total_docs, total_tokens = total_docs + d, total_tokens + t
+    local _, d = read_progress(part)
+    total_docs = total_docs + d
   end
   local part_prefixes = {}
   for k, part in ipairs(parts) do part_prefixes[k] = part.prefix end
-  join_outputs(tokenizer, part_prefixes, out_base, cleanup)
-  cleanup()
-  return total_docs, total_tokens
+  join_outputs(tokenizer, part_prefixes, out_base)
+  pio.remove_tree(scratch)
+  scratch_dirs[scratch] = nil
+  return total_docs
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -484,7 +484,7 @@ local function deal_lines(paths, n, dir)
   return files
 end
 
-local total_docs, total_tokens, total_bytes = 0, 0, 0
+local total_docs, total_bytes = 0, 0
 
 -- The summary lines and, next to each output, the tokenizer that made it.
 local function finish(tokenizer)
@@ -508,7 +508,7 @@ local workers = math.max(1, math.floor(opts.workers))
 
 if partitions == 1 then
   local tokenizer = make_tokenizer({ opts.input })
-  total_docs, total_tokens = tokenize_file(tokenizer, opts.input, opts.output_prefix, workers, 0, 0)
+  total_docs = tokenize_file(tokenizer, opts.input, opts.output_prefix, workers, 0, 0)
   total_bytes = pio.size(opts.input)
   finish(tokenizer)
 else
@@ -517,6 +517,7 @@ else
   local scratch = opts.output_prefix .. '.partitions.' .. pio.getpid()
   pio.remove_tree(scratch)
   pio.mkdir_p(scratch)
+  scratch_dirs[scratch] = true
   local okp, err = pcall(function()
     local files = deal_lines(inputs, partitions, scratch)
     local tokenizer = make_tokenizer(files)
@@ -524,12 +525,13 @@ else
     local outputs = {}
     for k, file in ipairs(files) do
       outputs[k] = pio.join(scratch, 'out_' .. (k - 1))
-      local docs, tokens = tokenize_file(tokenizer, file, outputs[k], per_partition, total_docs, total_bytes)
-      total_docs, total_tokens, total_bytes = total_docs + docs, total_tokens + tokens, total_bytes + pio.size(file)
+      local docs = tokenize_file(tokenizer, file, outputs[k], per_partition, total_docs, total_bytes)
+      total_docs, total_bytes = total_docs + docs, total_bytes + pio.size(file)
     end
     join_outputs(tokenizer, outputs, opts.output_prefix)
     finish(tokenizer)
   end)
   pio.remove_tree(scratch)
+  scratch_dirs[scratch] = nil
   if not okp then error(err, 0) end
 end
