@@ -239,6 +239,22 @@ describe("dataset index caches shared with megatron-core (spec/fixtures/megatron
     end
   end)
 
+  it('pretraining data caches under --data-cache-path with megatron-core names (pmp.train.data)', function()
+    scratch(false)
+    local data = require('pmp.train.data').pretraining({ data_path = { 'data/a' }, data_cache_path = 'mycache',
+      split = '90, 8, 2', seq_length = 8, seed = 1234, train_iters = 5, global_batch_size = 4, eval_interval = 5,
+      eval_iters = 1, tokenizer_type = 'byte' }, { name = 'spec' })
+    assert.is_false(data.train.from_cache)
+    local names = pmp.io.listdir('mycache')
+    table.sort(names)
+    assert.are.equal(12, #names)   -- train, valid, test: description + 3 indices each
+    local description = pmp.io.read_file('mycache/' .. names[1])
+    assert.matches('^' .. string.rep('%x', 32) .. '%-GPTDataset%-%a+%-description%.txt$', names[1])
+    assert.are.equal(names[1]:sub(1, 32), mcache.md5(description))
+    assert.matches('"dataset_path": "data/a",\n    "num_samples": %d+,', description)
+    assert.matches('"tokenizer": {\n        "class": "pmp.byte"\n    }\n}$', description)
+  end)
+
   it('refuses what megatron-core refuses: zero weights, weights without sizes, samples past the end, oversampling blends', function()
     scratch(false)
     local r = {}
