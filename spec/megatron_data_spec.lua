@@ -225,6 +225,20 @@ describe("dataset index caches shared with megatron-core (spec/fixtures/megatron
     assert.are.equal(before, files_under(dir))
   end)
 
+  it('rebuilds rather than reading a cache through data written anew under the same path', function()
+    scratch(true)
+    -- data/a with its first two sequences swapped: the same sequences and tokens, other lengths in place
+    local a = indexed.open('data/a')
+    local docs = {}
+    for k = 0, #a - 1 do docs[k + 1] = { a:totable(k) } end
+    a:close()
+    docs[1], docs[2] = docs[2], docs[1]
+    indexed.write('data/a', docs, { dtype = 'int32' })
+    local sets = build(expected.cache[1])
+    assert.is_false(sets.train.from_cache)
+    assert.is_true(sets.valid.from_cache)   -- its sequences did not move
+  end)
+
   it('writes the cache files megatron-core writes, byte for byte, so megatron-core uses them', function()
     scratch(false)
     for _, case in ipairs(expected.cache) do

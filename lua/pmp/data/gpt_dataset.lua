@@ -53,7 +53,9 @@
 --    same files, with the same bytes, on both sides.
 --  * Reading, pmp takes the files of its exact description, else those of any description of the same
 --    indices that names another tokenizer (megatron-core versions describe tokenizers differently),
---    and checks the .npy headers; a damaged cache is rebuilt (megatron-core would trust it).
+--    and checks the .npy headers and that the indices fit the data as it is (every sample boundary
+--    where the document lengths put it); a damaged or stale cache is rebuilt (megatron-core, which
+--    knows the data by its path only, would trust it).
 -- Refused as Megatron refuses them: a sample past the count (IndexError there), a blend that takes
 -- more samples from a dataset than it has (the "oversamples" IndexError), a weight that is not
 -- positive, and weights without a number of samples for the split.
@@ -299,6 +301,28 @@ local function same_indices(ds, num_samples, fields)
     and bounds[1] == ds.split_matrix[ds.split_position][1] and bounds[2] == ds.split_matrix[ds.split_position][2]
 end
 
+-- Whether cached indices fit the data as it is now (a description names the data by its path only,
+-- so a dataset written anew under the same path would otherwise be read through stale indices): the
+-- documents are the split's, and sample boundary j lies j * seq_length tokens into the document index.
+local function consistent(ds, p, docs, samples)
+  local n, seq, lengths = p.num_epochs * ds.num_docs, ds.seq_length, ds.lengths
+  for i = 0, n - 1 do
+    if docs[i] < ds.range[1] or docs[i] >= ds.range[2] then return false end
+  end
+  local at, before = 0, 0   -- a document index position and the tokens before it
+  for j = 0, p.count do
+    local d, offset = tonumber(samples[2 * j]), tonumber(samples[2 * j + 1])
+    if d < at or d >= n then return false end
+    while at < d do
+      before = before + lengths[docs[at]]
+      at = at + 1
+    end
+    -- (boundary 0 is (0, 0) even when the first document is empty)
+    if offset < 0 or (offset > 0 and offset >= lengths[docs[d]]) or before + offset ~= j * seq then return false end
+  end
+  return true
+end
+
 -- Maps the cached indices of plan p: megatron-core's files for this exact description first, then
 -- any other description of the same indices (another tokenizer or megatron-core version).
 local function load_cache(ds, p)
@@ -309,9 +333,10 @@ local function load_cache(ds, p)
     local m2, p2 = mcache.map_npy(files.sample_index, DESCR[sctype], { p.count + 1, 2 })
     local m3, p3 = mcache.map_npy(files.shuffle_index, DESCR[shctype], { p.count })
     if not (m1 and m2 and m3) then return nil end
+    local docs, samples = ffi.cast('const int32_t *', p1), ffi.cast('const ' .. sctype .. ' *', p2)
+    if not consistent(ds, p, docs, samples) then return nil end
     ds.cache_files = files
-    return { m1, m2, m3 }, ffi.cast('const int32_t *', p1), ffi.cast('const ' .. sctype .. ' *', p2),
-      ffi.cast('const ' .. shctype .. ' *', p3)
+    return { m1, m2, m3 }, docs, samples, ffi.cast('const ' .. shctype .. ' *', p3)
   end
   local files = mcache.paths(ds.cache_dir, ds.description, 'GPTDataset', ds.split, INDEX_NAMES)
   if pio.is_file(files.description) and pio.read_file(files.description) == ds.description then
