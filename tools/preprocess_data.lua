@@ -232,7 +232,9 @@ local function make_tokenizer(inputs)
   elseif kind == nil then
     die('give --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR, or --tokenizer-type char|byte')
   end
-  die("unknown --tokenizer-type '" .. tostring(kind) .. "' (char, byte, or HuggingFaceTokenizer with --tokenizer-model)")
+  if kind == 'HuggingFaceTokenizer' then die('--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR') end
+  die("unsupported --tokenizer-type '" .. tostring(kind) .. "' (HuggingFaceTokenizer with --tokenizer-model, " ..
+    'GPT2BPETokenizer with --vocab-file and --merge-file, char, or byte)')
 end
 
 local function output_prefix_of(base, key) return base .. '_' .. key .. '_' .. level end
