@@ -395,17 +395,14 @@ describe('pmp.data.gpt_dataset', function()
     assert.are.equal(g.num_epochs, same.num_epochs)
     assert.are.equal(g.separate_final_epoch, same.separate_final_epoch)
     assert.are.same(g:indices().shuffle_index:totable(), same:indices().shuffle_index:totable())
-    -- fewer samples: fewer epochs, another order (as Megatron); past the count is an error, and
-    -- ensure(n) makes it Megatron's dataset for n samples
+    -- fewer samples: fewer epochs, another order (as Megatron); past the count is an error
     local small = G.GPTDataset(ds, { seq_length = 5, seed = 1, num_samples = 10, cache_dir = false })
     assert.are.equal(1, small.num_epochs)
     assert.are.equal(small.samples_per_epoch, small.count)
     fails_with(function() small:sample(small.count) end, 'sample ' .. small.count .. ' is past the ' .. small.count .. ' samples')
     fails_with(function() small:batch(small.count - 4, 8) end,
       string.format('samples [%d, %d) go past the %d samples', small.count - 4, small.count + 4, small.count))
-    small:ensure(200)
-    assert.are.equal(g.count, small.count)
-    for step = 0, 19 do assert.are.same(full[step], small:batch(step * 8, 8):totable()) end
+    assert.are_not.same(g:indices().shuffle_index:totable(), small:indices().shuffle_index:totable())
     -- a damaged cache is rebuilt, not trusted
     for _, name in ipairs(pmp.io.listdir(dir .. '/cache')) do
       if name:match('shuffle_index%.npy$') then write(dir .. '/cache/' .. name, 'garbage') end
@@ -415,22 +412,23 @@ describe('pmp.data.gpt_dataset', function()
     assert.are.same(full[3], rebuilt:batch(24, 8):totable())
   end)
 
-  it('caches its indices next to the data as .npy files', function()
+  it("caches its indices where megatron-core does (<prefix>/cache/GPTDataset_indices) as .npy files", function()
     make('a', 20)
     G.build({ dir .. '/a' }, { seq_length = 4, split = '1' })
-    local names = pmp.io.listdir(dir .. '/cache/GPTDataset_indices')
+    local cache = dir .. '/a/cache/GPTDataset_indices'
+    local names = pmp.io.listdir(cache)
+    table.sort(names)
     assert.are.equal(4, #names)
-    for _, name in ipairs(names) do assert.matches('^%x+%-pmpGPTDataset%-train%-', name) end
-    local npy = read(dir .. '/cache/GPTDataset_indices/' .. names[2])
+    for _, name in ipairs(names) do assert.matches('^' .. string.rep('%x', 32) .. '%-GPTDataset%-train%-', name) end
+    local npy = read(cache .. '/' .. names[2])   -- document_index
     assert.are.equal('\147NUMPY\1\0', npy:sub(1, 8))
     assert.are.equal(0, (10 + npy:byte(9) + 256 * npy:byte(10)) % 64)
-    -- Megatron's dtypes (int32 documents, uint32 shuffle); format 2 (Megatron's order) keeps caches of
-    -- the earlier pmp-only order from being used
+    -- Megatron's dtypes (int32 documents, uint32 shuffle)
     assert.matches("'descr': '<i4'", npy)
-    assert.matches("'descr': '<u4'", read(dir .. '/cache/GPTDataset_indices/' .. names[4]))
-    local desc = pmp.json.decode(read(dir .. '/cache/GPTDataset_indices/' .. names[1]))
-    assert.are.equal(2, desc.format)
-    assert.are.equal(1, desc.num_epochs)
+    assert.matches("'descr': '<u4'", read(cache .. '/' .. names[4]))
+    local desc = pmp.json.decode(read(cache .. '/' .. names[1]))
+    assert.are.equal('GPTDataset', desc.class)
+    assert.are.equal(dir .. '/a', desc.dataset_path)
   end)
 
   it('says which split is too small', function()

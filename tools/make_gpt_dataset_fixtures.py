@@ -259,17 +259,16 @@ def check_pmp(pmp, data_dir, case_list, megatron_sets):
         checked = 0
         for n, (case, sets) in enumerate(zip(case_list, megatron_sets), start=1):
             pmp_files = {}
-            for desc_path in glob.glob(os.path.join(tmp, "cache", str(n), "*-description.json")):
+            for desc_path in glob.glob(os.path.join(tmp, "cache", str(n), "*-GPTDataset-*-description.txt")):
                 desc = json.load(open(desc_path))
-                key = (os.path.basename(desc["path_prefix"]), desc["split"], desc["num_epochs"],
-                       desc["separate_final_epoch"])
-                pmp_files[key] = desc_path[: -len("description.json")]
+                key = (os.path.basename(desc["dataset_path"]), desc["index_split"], desc["num_samples"])
+                pmp_files[key] = desc_path[: -len("description.txt")]
             for ds in sets:
                 if ds is None:
                     continue
                 for g in (ds.datasets if isinstance(ds, BlendedDataset) else [ds]):
                     d = describe_gpt(g, [])
-                    key = (d["prefix"], g.index_split.name, d["num_epochs"], d["separate_final_epoch"])
+                    key = (d["prefix"], g.index_split.name, g.num_samples)
                     if key not in pmp_files:
                         sys.exit(f"FAIL {case['name']}: pmp cached no indices for {key}")
                     for what, want in (("document_index", g.document_index), ("sample_index", g.sample_index),

@@ -1,19 +1,40 @@
---- Tokenize a JSONL corpus into Megatron indexed datasets, as Megatron-LM's tools/preprocess_data.py:
+--- Tokenize a JSONL corpus into Megatron indexed datasets, as Megatron-LM's tools/preprocess_data.py
+--- (same flags, same meanings, the same bytes for the same command line):
 ---
 ---   pmp tools/preprocess_data.lua --input corpus.jsonl --output-prefix out/corpus --json-keys text \
----       --tokenizer-model path/to/hf_tokenizer_dir --append-eod --workers 8
+---       --tokenizer-type HuggingFaceTokenizer --tokenizer-model path/to/hf_tokenizer_dir --append-eod --workers 8
 ---   pmp tools/preprocess_data.lua --input corpus.jsonl --output-prefix out/corpus --tokenizer-type char --append-eod
 ---
 --- Writes {output-prefix}_{key}_document.bin/.idx per JSON key (one sequence per document; uint16 when
---- the vocabulary is under 65500, else int32), and {output-prefix}_{key}_document.tokenizer.json, which
---- tells pmp's training recipes which tokenizer made the data.
+--- the vocabulary is under 65500, else int32), or _sentence with --split-sentences (one sequence per
+--- sentence), and {output-prefix}_{key}_{level}.tokenizer.json, which tells pmp's training recipes
+--- which tokenizer made the data.
 ---
---- Per document (one JSON object per line): the key's text is tokenized without special tokens; an
---- empty result is an empty document; with --append-eod a non-empty document gets the EOD token.
+--- Per document (one JSON object per line; blank lines are skipped): the key's text is tokenized (every
+--- sentence on its own with --split-sentences; empty sentences are dropped); a document with no tokens
+--- is an empty document; with --append-eod a non-empty document gets the EOD token at its end.
 --- Tokenizers: --tokenizer-model DIR (an HF tokenizer through pmp.tokenizer, when this build has it;
---- EOD = the EOS token), or --tokenizer-type char (the distinct characters of the input, found in a
---- first pass, or of --vocab-file; EOD = an extra '<|endoftext|>' entry) or byte (256 ids; EOD = 0).
+--- EOD = the EOS token; as Megatron's HF wrapper, the tokenizer's special tokens are included, i.e.
+--- what tokenizer(text).input_ids gives: Llama-3-style post-processors put a BOS first in every text,
+--- Qwen's add nothing; --tokenizer-hf-no-include-special-tokens tokenizes the text alone), also
+--- spelled as Pai-Megatron-Patch's --patch-tokenizer-type NAME --load DIR; --tokenizer-type
+--- GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt (GPT-2's byte-level BPE, EOD =
+--- '<|endoftext|>'); or --tokenizer-type char (the
+--- distinct characters of the input, found in a first pass, or of --vocab-file; EOD = an extra
+--- '<|endoftext|>' entry) or byte (256 ids; EOD = 0).
 ---
+--- --split-sentences splits with the simple rule of pmp.data.sentences (NLTK punkt's model is not
+--- available here; --lang is accepted and ignored), --keep-newlines keeps the whitespace between
+--- sentences. Unlike Megatron (which stops after writing the split file when --partitions is 1),
+--- the split and the tokenization are one run, and no *_ss.jsonl file is left behind.
+---
+--- --partitions N (Megatron's meaning): --input is a glob (files in sorted order; .gz read through
+--- gzip); its lines are dealt to N partitions round robin, or with --keep-sequential-samples in runs
+--- of ceil(lines / N); the partitions are tokenized one after the other (--workers / N processes each)
+--- and joined in partition order, so the documents come in Megatron's order. The partition files live
+--- in a scratch directory next to the output and are removed.
+---
+--- --log-interval N prints "Processed K documents (... docs/s, ... MB/s)." every N documents.
 --- Streaming: the input is read line by line, so memory stays bounded whatever its size (the index
 --- grows by 12 bytes per document). --workers N > 1 splits the input into N byte ranges (each starts
 --- at the first line beginning in it), tokenizes them in N pmp processes, then concatenates their
@@ -25,20 +46,28 @@
 --- sample) and the aligned PREFIX_loss_mask_document (1 for the tokens trained: assistant turns, or all
 --- with --train-on-prompt), which `pmp recipes/sft.lua --data-path PREFIX` trains from.
 local FLAGS = {
-  { '--input', nil, 'input JSONL file (one JSON object per line)' },
+  { '--input', nil, 'input JSONL file (a glob with --partitions > 1)' },
   { '--output-prefix', nil, 'output prefix: writes PREFIX_KEY_document.bin/.idx' },
   { '--json-keys', nil, 'keys to extract from each JSON object (default: text)', multiple = true },
-  { '--tokenizer-type', nil, 'char, byte, or HuggingFaceTokenizer (with --tokenizer-model)' },
+  { '--tokenizer-type', nil, 'HuggingFaceTokenizer (with --tokenizer-model), GPT2BPETokenizer, char or byte' },
   { '--tokenizer-model', nil, 'HF tokenizer directory (tokenizer.json), loaded with pmp.tokenizer' },
-  { '--vocab-file', nil, 'char tokenizer: a text file whose characters are the vocabulary, or a saved tokenizer JSON' },
+  { '--tokenizer-hf-no-include-special-tokens', false, "HF tokenizer: leave out the post-processor's special tokens (BOS ...)" },
+  { '--patch-tokenizer-type', nil, "Pai-Megatron-Patch's spelling: an HF tokenizer (from --load)" },
+  { '--load', nil, "Pai-Megatron-Patch's spelling of --tokenizer-model" },
+  { '--vocab-file', nil, 'GPT2BPETokenizer: vocab.json; char: a text file whose characters are the vocabulary, or a saved tokenizer JSON' },
+  { '--merge-file', nil, 'GPT2BPETokenizer: merges.txt' },
   { '--append-eod', false, 'append the end-of-document token to every non-empty document' },
+  { '--split-sentences', false, 'one sequence per sentence (writes PREFIX_KEY_sentence; see pmp.data.sentences)' },
+  { '--keep-newlines', false, 'with --split-sentences: keep the whitespace between sentences' },
+  { '--lang', 'english', "NLTK punkt's language (accepted; pmp's sentence rule is language-independent)" },
   { '--workers', 1, 'processes to tokenize with' },
-  { '--log-interval', 1.0, 'seconds between progress lines' },
+  { '--partitions', 1, 'deal the input lines to this many partitions, joined in order (Megatron)' },
+  { '--keep-sequential-samples', false, 'with --partitions: consecutive runs of lines per partition, not round robin' },
+  { '--log-interval', 1000, 'documents between progress lines' },
   { '--sft', false, 'fine-tuning records: write token ids and the aligned loss mask (see above)' },
   { '--format', 'auto', '--sft: auto, alpaca, sharegpt or messages' },
   { '--chat-template', nil, '--sft: a built-in template (chatml, llama3, alpaca) instead of the tokenizer\'s' },
   { '--train-on-prompt', false, '--sft: also train on system/user tokens' },
-  { '--split-sentences', false, 'not supported (Megatron splits with NLTK punkt)' },
   { '--_range-start', -1, '(internal) worker: first byte of its range' },
   { '--_range-end', -1, '(internal) worker: end of its range' },
   { '--_tokenizer-state', nil, '(internal) worker: the tokenizer, as a saved state' },
@@ -52,15 +81,20 @@ local indexed = pmp.data.indexed
 local dataset_tokenizer = require 'pmp.data.dataset_tokenizer'
 local tokenizers = require 'pmp.data.tokenizers'
 local clock = require 'pmp.clock'
+local sentences = require 'pmp.data.sentences'
+
+local scratch_dirs = {}   -- removed by die as well
 
 local function die(message)
   io.stderr:write('preprocess_data: ' .. message .. '\n')
+  for dir in pairs(scratch_dirs) do pmp.io.remove_tree(dir) end
   os.exit(1)
 end
 
 local ok, opts = pcall(pmp.args.parse, arg, FLAGS, {
   usage = 'pmp tools/preprocess_data.lua --input X.jsonl --output-prefix OUT [--json-keys text] ' ..
-    '(--tokenizer-model DIR | --tokenizer-type char|byte) [--append-eod] [--workers N]',
+    '(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR | --tokenizer-type char|byte) [--append-eod] ' ..
+    '[--split-sentences] [--workers N] [--partitions N]',
   description = 'Tokenize JSONL into Megatron indexed datasets (.bin/.idx).',
 })
 if not ok then
@@ -69,18 +103,25 @@ if not ok then
 end
 if not opts.input then die('--input is required') end
 if not opts.output_prefix then die('--output-prefix is required') end
-if opts.split_sentences then die('--split-sentences is not supported (documents are one sequence each)') end
-if not pio.is_file(opts.input) then die('cannot read --input ' .. opts.input) end
+if opts.load then
+  if opts.tokenizer_model and opts.tokenizer_model ~= opts.load then die('give --load or --tokenizer-model, not both') end
+  opts.tokenizer_model = opts.load
+end
+if opts.patch_tokenizer_type and not opts.tokenizer_model then die('--patch-tokenizer-type needs --load DIR (an HF tokenizer)') end
+local partitions = math.floor(opts.partitions)
+if partitions < 1 then die('--partitions must be at least 1') end
+if partitions == 1 and not pio.is_file(opts.input) then die('cannot read --input ' .. opts.input) end
 local keys = opts.json_keys or { 'text' }
 local sft_indexed = require 'pmp.data.sft_indexed'
 if opts.sft then
   if opts.json_keys then die('--sft writes the keys ' .. table.concat(sft_indexed.KEYS, ' and ') .. '; drop --json-keys') end
   if not opts.tokenizer_model then die('--sft needs --tokenizer-model DIR (its chat template renders the records)') end
   if opts.append_eod then die('--sft: the chat template ends each turn; drop --append-eod') end
+  if opts.split_sentences then die('--sft: a sample is one sequence; drop --split-sentences') end
   keys = sft_indexed.KEYS
 end
+local level = opts.split_sentences and 'sentence' or 'document'
 local worker_mode = opts._range_start >= 0
-local input_size = pio.size(opts.input)
 
 local function human_bytes(n)
   if n >= 2^30 then return string.format('%.2f GB', n / 2^30) end
@@ -119,21 +160,21 @@ local function for_lines(path, start, stop, fn, progress)
   if progress then progress(done, true) end
 end
 
-local function where(line_number, offset)
-  return opts.input .. (line_number and (':' .. line_number) or (': line at byte ' .. offset))
+local function where(path, line_number, offset)
+  return path .. (line_number and (':' .. line_number) or (': line at byte ' .. offset))
 end
 
 -- The texts of a line, one per key (nil for a blank line).
-local function texts_of(line, line_number, offset)
+local function texts_of(path, line, line_number, offset)
   if not line:find('%S') then return nil end
   local okj, obj = pcall(json.decode, line)
-  if not okj then die(where(line_number, offset) .. ': not valid JSON: ' .. tostring(obj):gsub('^json%.decode: ', '')) end
-  if type(obj) ~= 'table' then die(where(line_number, offset) .. ': not a JSON object') end
+  if not okj then die(where(path, line_number, offset) .. ': not valid JSON: ' .. tostring(obj):gsub('^json%.decode: ', '')) end
+  if type(obj) ~= 'table' then die(where(path, line_number, offset) .. ': not a JSON object') end
   local out = {}
   for k, key in ipairs(keys) do
     local text = obj[key]
     if type(text) ~= 'string' then
-      die(where(line_number, offset) .. ": key '" .. key .. "' is " .. (text == nil and 'missing' or 'not a string'))
+      die(where(path, line_number, offset) .. ": key '" .. key .. "' is " .. (text == nil and 'missing' or 'not a string'))
     end
     out[k] = text
   end
@@ -143,30 +184,43 @@ end
 ---------------------------------------------------------------------------------------------------
 -- The tokenizer
 
-local function sorted_chars_of_input()
-  local seen, chars = {}, {}
+-- The distinct characters of the inputs' texts, sorted.
+local function sorted_chars_of(paths)
+  local seen, chars, bytes = {}, {}, 0
   local start = clock.now()
-  for_lines(opts.input, 0, input_size, function(line, n, offset)
-    local texts = texts_of(line, n, offset)
-    if texts then
-      for _, text in ipairs(texts) do tokenizers.add_chars(text, seen, chars) end
-    end
-  end)
+  for _, path in ipairs(paths) do
+    local size = pio.size(path)
+    bytes = bytes + size
+    for_lines(path, 0, size, function(line, n, offset)
+      local texts = texts_of(path, line, n, offset)
+      if texts then
+        for _, text in ipairs(texts) do tokenizers.add_chars(text, seen, chars) end
+      end
+    end)
+  end
   table.sort(chars)
   io.stderr:write(string.format('preprocess_data: char vocabulary: %d characters (scanned %s in %.1f s)\n', #chars,
-    human_bytes(input_size), clock.now() - start))
+    human_bytes(bytes), clock.now() - start))
   return chars
 end
 
-local function make_tokenizer()
+local function make_tokenizer(inputs)
   if opts._tokenizer_state then
     return dataset_tokenizer.from_state(json.decode(pio.read_file(opts._tokenizer_state)))
   end
   local kind = opts.tokenizer_type
   if opts.tokenizer_model and (kind == nil or kind == 'HuggingFaceTokenizer' or kind == 'hf') then
-    local okt, tok = pcall(dataset_tokenizer.hf, opts.tokenizer_model)
+    local okt, tok = pcall(dataset_tokenizer.hf, opts.tokenizer_model,
+      { special_tokens = not opts.tokenizer_hf_no_include_special_tokens })
     if not okt then die(tostring(tok):gsub('^dataset tokenizer: ', '')) end
     if opts.append_eod and not tok.eod then die('--append-eod: the tokenizer in ' .. opts.tokenizer_model .. ' has no EOS token') end
+    return tok
+  end
+  if kind == 'GPT2BPETokenizer' then
+    if not (opts.vocab_file and opts.merge_file) then die('--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file') end
+    local okt, tok = pcall(dataset_tokenizer.gpt2_bpe, opts.vocab_file, opts.merge_file)
+    if not okt then die(tostring(tok):gsub('^dataset tokenizer: ', '')) end
+    if opts.append_eod and not tok.eod then die('--append-eod: ' .. opts.vocab_file .. " has no '<|endoftext|>'") end
     return tok
   end
   if kind == 'char' then
@@ -188,18 +242,20 @@ local function make_tokenizer()
         table.sort(chars)
       end
     else
-      chars = sorted_chars_of_input()
+      chars = sorted_chars_of(inputs)
     end
     return dataset_tokenizer.char(chars, opts.append_eod)
   elseif kind == 'byte' then
     return dataset_tokenizer.byte()
   elseif kind == nil then
-    die('give --tokenizer-model DIR or --tokenizer-type char|byte')
+    die('give --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR, or --tokenizer-type char|byte')
   end
-  die("unknown --tokenizer-type '" .. tostring(kind) .. "' (char, byte, or HuggingFaceTokenizer with --tokenizer-model)")
+  if kind == 'HuggingFaceTokenizer' then die('--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR') end
+  die("unsupported --tokenizer-type '" .. tostring(kind) .. "' (HuggingFaceTokenizer with --tokenizer-model, " ..
+    'GPT2BPETokenizer with --vocab-file and --merge-file, char, or byte)')
 end
 
-local function output_prefix_of(base, key) return base .. '_' .. key .. '_document' end
+local function output_prefix_of(base, key) return base .. '_' .. key .. '_' .. level end
 
 -- The values a key's dataset holds: token ids, or 0 and 1 for --sft's loss mask (the smallest dtype).
 local function vocab_size_of(key, tokenizer)
@@ -208,12 +264,12 @@ local function vocab_size_of(key, tokenizer)
 end
 
 ---------------------------------------------------------------------------------------------------
--- Tokenizing one byte range into builders (the whole job with one worker)
+-- Tokenizing one byte range of a file into builders (the whole job with one worker)
 
 -- --sft: a line's sample {ids, mask} as recipes/sft.lua makes it (pmp.train.chat_data), nil for a
 -- blank line.
 local sft_options
-local function sample_of(tokenizer, line, line_number, offset)
+local function sample_of(tokenizer, path, line, line_number, offset)
   if not line:find('%S') then return nil end
   local chat_data = require 'pmp.train.chat_data'
   if not sft_options then
@@ -222,12 +278,30 @@ local function sample_of(tokenizer, line, line_number, offset)
     if not okr then die(tostring(render)) end
     sft_options = { tokenizer = tokenizer.inner, render = render, format = opts.format, train_on_prompt = opts.train_on_prompt }
   end
-  local oks, sample = pcall(chat_data.sample, line, sft_options, where(line_number, offset) .. ': ')
+  local oks, sample = pcall(chat_data.sample, line, sft_options, where(path, line_number, offset) .. ': ')
   if not oks then die(tostring(sample)) end
   return sample
 end
 
-local function tokenize_range(tokenizer, out_base, start, stop, report)
+-- The ids and sequence lengths of one text (Megatron's Encoder.encode for one key).
+local function encode_text(tokenizer, text, eod)
+  local pieces = opts.split_sentences and sentences.split(text, opts.keep_newlines) or { text }
+  local ids, lengths = {}, {}
+  for _, piece in ipairs(pieces) do
+    local piece_ids = tokenizer:encode(piece)
+    if #piece_ids > 0 then
+      for _, id in ipairs(piece_ids) do ids[#ids + 1] = id end
+      lengths[#lengths + 1] = #piece_ids
+    end
+  end
+  if #ids > 0 and eod then
+    ids[#ids + 1] = eod
+    lengths[#lengths] = lengths[#lengths] + 1
+  end
+  return ids, lengths
+end
+
+local function tokenize_range(tokenizer, path, out_base, start, stop, report)
   local builders = {}
   for k, key in ipairs(keys) do
     builders[k] = indexed.builder(output_prefix_of(out_base, key), { vocab_size = vocab_size_of(key, tokenizer) })
@@ -236,25 +310,25 @@ local function tokenize_range(tokenizer, out_base, start, stop, report)
   local eod = opts.append_eod and tokenizer.eod or nil
   local function process(line, n, offset)
     if opts.sft then
-      local sample = sample_of(tokenizer, line, n, offset)
+      local sample = sample_of(tokenizer, path, line, n, offset)
       if not sample then return end
       builders[1]:add_document(sample.ids, { #sample.ids })
       builders[2]:add_document(sft_indexed.mask_document(sample), { #sample.ids })
       docs, tokens = docs + 1, tokens + #sample.ids
       return
     end
-    local texts = texts_of(line, n, offset)
+    local texts = texts_of(path, line, n, offset)
     if not texts then return end
     for k, text in ipairs(texts) do
-      local okt, ids = pcall(tokenizer.encode, tokenizer, text)
-      if not okt then die(where(n, offset) .. ': ' .. tostring(ids)) end
-      if #ids > 0 and eod then ids[#ids + 1] = eod end
-      builders[k]:add_document(ids, #ids > 0 and { #ids } or {})
+      local okt, ids, lengths = pcall(encode_text, tokenizer, text, eod)
+      if not okt then die(where(path, n, offset) .. ': ' .. tostring(ids)) end
+      builders[k]:add_document(ids, lengths)
       tokens = tokens + #ids
     end
     docs = docs + 1
+    report(nil, docs, tokens)
   end
-  local okr, err = pcall(for_lines, opts.input, start, stop, process, function(bytes, final) report(bytes, docs, tokens, final) end)
+  local okr, err = pcall(for_lines, path, start, stop, process, function(bytes, final) report(bytes, docs, tokens, final) end)
   if not okr then
     for _, b in ipairs(builders) do b:abort() end
     error(err, 0)
@@ -270,6 +344,7 @@ if worker_mode then
   local tokenizer = make_tokenizer()
   local last = 0
   local function report(bytes, docs, tokens, final)
+    if not bytes then return end
     local now = clock.now()
     if not final and now - last < 0.2 then return end
     last = now
@@ -280,68 +355,80 @@ if worker_mode then
       os.rename(opts._progress_file .. '.tmp', opts._progress_file)
     end
   end
-  tokenize_range(tokenizer, opts.output_prefix, opts._range_start, math.min(opts._range_end, input_size), report)
+  tokenize_range(tokenizer, opts.input, opts.output_prefix, opts._range_start,
+    math.min(opts._range_end, pio.size(opts.input)), report)
   os.exit(0)
 end
 
 ---------------------------------------------------------------------------------------------------
--- Main
+-- Progress: Megatron's line every --log-interval documents, then a summary
 
-local tokenizer = make_tokenizer()
-local out_dir = pio.dirname(opts.output_prefix)
-if not pio.is_dir(out_dir) then pio.mkdir_p(out_dir) end
 local start_time = clock.now()
+local log_interval = math.floor(opts.log_interval)
+local logged = 0   -- documents up to the last progress line
 
--- Progress over the input's bytes (a bar on a terminal, plain lines otherwise), then a summary line.
-local bar = pmp.progress.new({ total = input_size, label = 'processing', unit = 'B', interval = opts.log_interval,
-  clock = clock.now })
-local function progress_line(bytes, docs, final)
-  bar:update(bytes, docs .. ' documents')
-  if not final then return end
-  bar:finish(docs .. ' documents')
+local function log_progress(docs, bytes)
+  if log_interval <= 0 or docs < logged + log_interval then return end
+  logged = docs - docs % log_interval
+  local elapsed = math.max(clock.now() - start_time, 1e-9)
+  io.stderr:write(string.format('Processed %d documents (%.1f docs/s, %.2f MB/s).\n', docs, docs / elapsed,
+    bytes / elapsed / 2^20))
+end
+
+local function summary(docs, bytes)
   local elapsed = math.max(clock.now() - start_time, 1e-9)
   io.stderr:write(string.format('processed %d documents (%.1f docs/s, %.2f MB/s), %s in %s\n', docs, docs / elapsed,
     bytes / elapsed / 1e6, human_bytes(bytes), pmp.progress.duration(elapsed)))
 end
 
-local workers = math.max(1, math.floor(opts.workers))
-local total_docs, total_tokens = 0, 0
+---------------------------------------------------------------------------------------------------
+-- Tokenizing one file into {out_base}_{key}_{level}, with one process or several
 
-local function dataset_summary(key)
-  local prefix = output_prefix_of(opts.output_prefix, key)
-  local ds = indexed.open(prefix)
-  local line = string.format('wrote %s.bin/.idx: %d documents, %d sequences, %d tokens (%s)', prefix, ds:num_documents(),
-    #ds, ds.num_tokens, ds.dtype)
-  ds:close()
-  dataset_tokenizer.save(prefix, tokenizer:state())
-  return line
+pcall(ffi.cdef, 'int poll(void *fds, unsigned long nfds, int timeout);')
+local function q(text) return "'" .. tostring(text):gsub("'", [['\'']]) .. "'" end
+
+-- Concatenates the outputs under the prefixes, in order, into out_base's (add_index).
+local function join_outputs(tokenizer, prefixes, out_base)
+  for _, key in ipairs(keys) do
+    local builder = indexed.builder(output_prefix_of(out_base, key), { vocab_size = vocab_size_of(key, tokenizer) })
+    local okm, err = pcall(function()
+      for _, prefix in ipairs(prefixes) do builder:add_index(output_prefix_of(prefix, key)) end
+    end)
+    if not okm then
+      builder:abort()
+      die(tostring(err))
+    end
+    builder:finalize()
+  end
 end
 
-if workers == 1 then
-  local docs, tokens = tokenize_range(tokenizer, opts.output_prefix, 0, input_size, function(bytes, docs, _, final)
-    if not final then progress_line(bytes, docs) end
-  end)
-  total_docs, total_tokens = docs, tokens
-  progress_line(input_size, total_docs, true)
-else
+-- Returns the number of documents. docs_before / bytes_before: what earlier partitions did, for the
+-- progress lines.
+local function tokenize_file(tokenizer, path, out_base, workers, docs_before, bytes_before)
+  local size = pio.size(path)
+  if workers == 1 then
+    local last_bytes = 0
+    local docs = tokenize_range(tokenizer, path, out_base, 0, size, function(bytes, docs)
+      if bytes then last_bytes = bytes end
+      log_progress(docs_before + docs, bytes_before + last_bytes)
+    end)
+    return docs
+  end
   -- Worker processes over byte ranges, in a scratch directory next to the output.
-  ffi.cdef('int poll(void *fds, unsigned long nfds, int timeout);')
-  local pid = pio.getpid()
-  local scratch = opts.output_prefix .. '.workers.' .. pid
+  local scratch = out_base .. '.workers.' .. pio.getpid()
   pio.remove_tree(scratch)
   pio.mkdir_p(scratch)
-  local function cleanup() pio.remove_tree(scratch) end
+  scratch_dirs[scratch] = true
   local state_path = pio.join(scratch, 'tokenizer.json')
   pio.write_atomic(state_path, json.encode(tokenizer:state()))
   local pmp_exe = package.loaded['pmp.root'] .. '/pmp'
-  local function q(s) return "'" .. tostring(s):gsub("'", [['\'']]) .. "'" end
   local parts = {}
   for k = 1, workers do
-    local a, b = math.floor(input_size * (k - 1) / workers), math.floor(input_size * k / workers)
+    local a, b = math.floor(size * (k - 1) / workers), math.floor(size * k / workers)
     local part = { prefix = pio.join(scratch, 'part' .. k), progress = pio.join(scratch, 'part' .. k .. '.progress'),
       rc = pio.join(scratch, 'part' .. k .. '.rc'), log = pio.join(scratch, 'part' .. k .. '.log') }
     parts[k] = part
-    local words = { q(pmp_exe), q(arg[0]), '--input', q(opts.input), '--output-prefix', q(part.prefix),
+    local words = { q(pmp_exe), q(arg[0]), '--input', q(path), '--output-prefix', q(part.prefix),
       '--_range-start', a, '--_range-end', b, '--_tokenizer-state', q(state_path), '--_progress-file', q(part.progress) }
     if opts.sft then
       for _, w in ipairs({ '--sft', '--tokenizer-model', q(opts.tokenizer_model), '--format', q(opts.format) }) do words[#words + 1] = w end
@@ -351,16 +438,15 @@ else
       words[#words + 1] = '--json-keys'
       for _, key in ipairs(keys) do words[#words + 1] = q(key) end
     end
-    if opts.append_eod then words[#words + 1] = '--append-eod' end
+    for _, switch in ipairs({ 'append_eod', 'split_sentences', 'keep_newlines' }) do
+      if opts[switch] then words[#words + 1] = '--' .. (switch:gsub('_', '-')) end
+    end
     local command = string.format('( %s 2>%s; echo $? >%s.tmp; mv %s.tmp %s ) </dev/null >/dev/null 2>&1 &',
       table.concat(words, ' '), q(part.log), q(part.rc), q(part.rc), q(part.rc))
     local started = os.execute(command)
-    if started ~= 0 and started ~= true then
-      cleanup()
-      die('cannot start worker ' .. k)
-    end
+    if started ~= 0 and started ~= true then die('cannot start worker ' .. k) end
   end
-  io.stderr:write(string.format('preprocess_data: %d workers over %s\n', workers, human_bytes(input_size)))
+  io.stderr:write(string.format('preprocess_data: %d workers over %s\n', workers, human_bytes(size)))
   local function read_progress(part)
     local f = io.open(part.progress, 'r')
     if not f then return 0, 0, 0 end
@@ -380,34 +466,129 @@ else
       bytes, docs = bytes + b, docs + d
     end
     if finished == #parts then break end
-    progress_line(bytes, docs)
+    log_progress(docs_before + docs, bytes_before + bytes)
     ffi.C.poll(nil, 0, 50)
   end
+  local total_docs = 0
   for k, part in ipairs(parts) do
     local rc = tonumber((pio.read_file(part.rc):match('%d+')))
     if rc ~= 0 then
       local log = pio.is_file(part.log) and pio.read_file(part.log) or ''
-      cleanup()
       die(string.format('worker %d failed (exit status %s):\n%s', k, tostring(rc), log))
     end
-    local _, d, t = read_progress(part)
-    total_docs, total_tokens = total_docs + d, total_tokens + t
+    local _, d = read_progress(part)
+    total_docs = total_docs + d
   end
-  -- Concatenate the parts in order.
-  for _, key in ipairs(keys) do
-    local builder = indexed.builder(output_prefix_of(opts.output_prefix, key), { vocab_size = vocab_size_of(key, tokenizer) })
-    local okm, err = pcall(function()
-      for _, part in ipairs(parts) do builder:add_index(output_prefix_of(part.prefix, key)) end
-    end)
-    if not okm then
-      builder:abort()
-      cleanup()
-      die(tostring(err))
-    end
-    builder:finalize()
-  end
-  cleanup()
-  progress_line(input_size, total_docs, true)
+  local part_prefixes = {}
+  for k, part in ipairs(parts) do part_prefixes[k] = part.prefix end
+  join_outputs(tokenizer, part_prefixes, out_base)
+  pio.remove_tree(scratch)
+  scratch_dirs[scratch] = nil
+  return total_docs
 end
 
-for _, key in ipairs(keys) do io.stderr:write(dataset_summary(key) .. '\n') end
+---------------------------------------------------------------------------------------------------
+-- Partitions (--partitions N): the input lines dealt to N files, as Megatron deals them
+
+-- The files a glob names (wildcards in the last component only), sorted.
+local function expand_glob(pattern)
+  if not pattern:find('[%*%?%[]') then return pio.is_file(pattern) and { pattern } or {} end
+  local dir, name = pattern:match('^(.*)/([^/]*)$')
+  if not dir then dir, name = '.', pattern end
+  if dir:find('[%*%?%[]') then die('--input ' .. pattern .. ': wildcards only in the file name') end
+  local lua_pattern = '^' .. name:gsub('[%^%$%(%)%%%.%+%-]', '%%%0'):gsub('%*', '.*'):gsub('%?', '.') .. '$'
+  local out = {}
+  if pio.is_dir(dir) then
+    for _, entry in ipairs(pio.listdir(dir)) do
+      local path = dir == '.' and entry or pio.join(dir, entry)
+      if entry:match(lua_pattern) and pio.is_file(path) then out[#out + 1] = path end
+    end
+  end
+  table.sort(out)
+  return out
+end
+
+-- Calls fn(line) for every line (with its newline) of the files, .gz ones through gzip.
+local function each_line(paths, fn)
+  for _, path in ipairs(paths) do
+    local file = path:match('%.gz$') and io.popen('gzip -dc ' .. q(path), 'r') or io.open(path, 'rb')
+    if not file then die('cannot read ' .. path) end
+    for line in file:lines('*L') do fn(line) end
+    file:close()
+  end
+end
+
+-- Writes the partition files into dir; returns their paths.
+local function deal_lines(paths, n, dir)
+  local size
+  if opts.keep_sequential_samples then
+    local lines = 0
+    each_line(paths, function() lines = lines + 1 end)
+    size = math.max(1, math.ceil(lines / n))
+  end
+  local files, outs = {}, {}
+  for k = 1, n do
+    files[k] = pio.join(dir, 'partition_' .. (k - 1) .. '.jsonl')
+    outs[k] = assert(io.open(files[k], 'wb'))
+  end
+  local i = 0
+  each_line(paths, function(line)
+    local k = size and math.floor(i / size) or i % n
+    outs[math.min(k, n - 1) + 1]:write(line)
+    i = i + 1
+  end)
+  for _, f in ipairs(outs) do f:close() end
+  return files
+end
+
+local total_docs, total_bytes = 0, 0
+
+-- The summary lines and, next to each output, the tokenizer that made it.
+local function finish(tokenizer)
+  summary(total_docs, total_bytes)
+  for _, key in ipairs(keys) do
+    local prefix = output_prefix_of(opts.output_prefix, key)
+    local ds = indexed.open(prefix)
+    io.stderr:write(string.format('wrote %s.bin/.idx: %d documents, %d sequences, %d tokens (%s)\n', prefix,
+      ds:num_documents(), #ds, ds.num_tokens, ds.dtype))
+    ds:close()
+    dataset_tokenizer.save(prefix, tokenizer:state())
+  end
+end
+
+---------------------------------------------------------------------------------------------------
+-- Main
+
+local out_dir = pio.dirname(opts.output_prefix)
+if not pio.is_dir(out_dir) then pio.mkdir_p(out_dir) end
+local workers = math.max(1, math.floor(opts.workers))
+
+if partitions == 1 then
+  local tokenizer = make_tokenizer({ opts.input })
+  total_docs = tokenize_file(tokenizer, opts.input, opts.output_prefix, workers, 0, 0)
+  total_bytes = pio.size(opts.input)
+  finish(tokenizer)
+else
+  local inputs = expand_glob(opts.input)
+  if #inputs == 0 then die('--input ' .. opts.input .. ' names no file') end
+  local scratch = opts.output_prefix .. '.partitions.' .. pio.getpid()
+  pio.remove_tree(scratch)
+  pio.mkdir_p(scratch)
+  scratch_dirs[scratch] = true
+  local okp, err = pcall(function()
+    local files = deal_lines(inputs, partitions, scratch)
+    local tokenizer = make_tokenizer(files)
+    local per_partition = math.max(1, math.floor(workers / partitions))
+    local outputs = {}
+    for k, file in ipairs(files) do
+      outputs[k] = pio.join(scratch, 'out_' .. (k - 1))
+      local docs = tokenize_file(tokenizer, file, outputs[k], per_partition, total_docs, total_bytes)
+      total_docs, total_bytes = total_docs + docs, total_bytes + pio.size(file)
+    end
+    join_outputs(tokenizer, outputs, opts.output_prefix)
+    finish(tokenizer)
+  end)
+  pio.remove_tree(scratch)
+  scratch_dirs[scratch] = nil
+  if not okp then error(err, 0) end
+end

@@ -2,14 +2,15 @@
 --- what it records next to the data (<dataset prefix>.tokenizer.json) so that training on the data
 --- gets the same vocabulary without extra flags.
 --
---   local tok = dataset_tokenizer.hf(dir)          -- pmp.tokenizer.from_pretrained(dir), when pmp has it
+--   local tok = dataset_tokenizer.hf(dir, {special_tokens = true})  -- pmp.tokenizer.from_pretrained(dir)
 --   local tok = dataset_tokenizer.char(chars, eod) -- pmp.data.tokenizers char/byte, plus an EOD id
---   tok:encode(text) -> ids (Lua table, no BOS/EOS added), tok.eod, tok.vocab_size, tok:state()
+--   tok:encode(text) -> ids (Lua table), tok.eod, tok.vocab_size, tok:state()
 --   dataset_tokenizer.save(prefix, state); dataset_tokenizer.load(prefix) -> state or nil
 --   dataset_tokenizer.from_state(state) -> a tokenizer with vocab_size, type, encode, decode, state
 --
 -- States: {type = 'char', chars = {...}, eod = id} | {type = 'byte', eod = 0} |
---         {type = 'hf', model = dir, eod = id, vocab_size = n}
+--         {type = 'hf', model = dir, eod = id, vocab_size = n, special_tokens = bool} |
+--         {type = 'gpt2_bpe', vocab_file = path, merge_file = path, eod = id, vocab_size = n}
 -- EOD for the simple tokenizers: char vocabularies get one extra entry, EOD_TOKEN (a multi-character
 -- string, so no input character ever encodes to it; it decodes to itself); the byte tokenizer has no
 -- spare id, so it uses byte 0 (NUL) as EOD.
@@ -69,9 +70,19 @@ local function try(obj, name, ...)
   return nil
 end
 
--- Wraps an HF tokenizer from pmp.tokenizer. Megatron tokenizes with convert_tokens_to_ids(tokenize(text)):
--- no special tokens added; EOD is the id of the EOS token.
-function M.hf(dir)
+-- An absolute path (recorded in states, so training finds the files from any directory).
+local function absolute(path)
+  if path:sub(1, 1) == '/' then return path end
+  local cwd = M.getcwd()
+  return cwd and (cwd .. '/' .. path) or path
+end
+
+-- Wraps an HF tokenizer from pmp.tokenizer; EOD is the id of the EOS token. options.special_tokens:
+-- encode as Megatron's HF wrapper with include_special_tokens (its default: tokenizer(text).input_ids,
+-- so the post-processor's tokens, e.g. a Llama-3 BOS, start every text); false: the text's tokens
+-- only (--tokenizer-hf-no-include-special-tokens). A state without the field predates it: false.
+function M.hf(dir, options)
+  local special = (options or {}).special_tokens == true
   local mod, why = hf_module()
   if not mod then
     error('dataset tokenizer: --tokenizer-model needs pmp.tokenizer (HF tokenizer.json support), which is not ' ..
@@ -84,20 +95,64 @@ function M.hf(dir)
   if not eod and type(tok.eos_token) == 'string' then eod = first_number(try(tok, 'token_to_id', tok.eos_token)) end
   local wrapper = { type = 'hf', model = dir, vocab_size = vocab, eod = eod, inner = tok }
   function wrapper:encode(text)
-    local ids = tok:encode(text, { add_special_tokens = false })
+    local ids = tok:encode(text, { add_special_tokens = special })
     if type(ids) == 'table' and type(ids.ids) == 'table' then ids = ids.ids end
     if type(ids) == 'cdata' then ids = ids:totable() end
     return ids
   end
   function wrapper:decode(ids) return tok:decode(ids) end
-  -- recorded with an absolute path, so training finds it from any directory
-  local where = dir
-  if where:sub(1, 1) ~= '/' then
-    local cwd = M.getcwd()
-    if cwd then where = cwd .. '/' .. where end
-  end
-  function wrapper:state() return { type = 'hf', model = where, eod = eod, vocab_size = vocab } end
+  local where = absolute(dir)
+  function wrapper:state() return { type = 'hf', model = where, eod = eod, vocab_size = vocab, special_tokens = special } end
   return wrapper
+end
+
+-- GPT-2's byte-level BPE from a vocab.json and a merges.txt, as Megatron's GPT2BPETokenizer
+-- (--vocab-file/--merge-file; the HF GPT-2 tokenizer megatron-core builds from them): GPT-2's
+-- pre-tokenizer regex, no prefix space, '<|endoftext|>' a special token and the EOD.
+function M.gpt2_bpe(vocab_file, merge_file)
+  local mod, why = hf_module()
+  if not mod then error('dataset tokenizer: GPT2BPETokenizer needs pmp.tokenizer (' .. tostring(why):match('^[^\n]*') .. ')', 2) end
+  local okv, vocab = pcall(json.decode, pio.read_file(vocab_file))
+  if not okv or type(vocab) ~= 'table' then error('dataset tokenizer: ' .. vocab_file .. ': not a JSON vocabulary (token -> id)', 2) end
+  local merges = {}
+  for line in pio.read_file(merge_file):gmatch('[^\n]+') do
+    if not line:match('^#version') and line:find('%S') then merges[#merges + 1] = line:gsub('\r$', '') end
+  end
+  local eod_token = '<|endoftext|>'
+  local added = json.array({})
+  if vocab[eod_token] then
+    added[1] = { id = vocab[eod_token], content = eod_token, special = true, normalized = false, single_word = false,
+      lstrip = false, rstrip = false }
+  end
+  local tok = mod.from_json({
+    model = { type = 'BPE', vocab = vocab, merges = merges },
+    pre_tokenizer = { type = 'ByteLevel', add_prefix_space = false, trim_offsets = true, use_regex = true },
+    decoder = { type = 'ByteLevel', add_prefix_space = true, trim_offsets = true, use_regex = true },
+    added_tokens = added,
+  }, { path = vocab_file, config = { eos_token = eod_token, bos_token = eod_token, unk_token = eod_token } })
+  local wrapper = { type = 'gpt2_bpe', vocab_size = tok.vocab_size, eod = tok.eos_id, inner = tok }
+  function wrapper:encode(text) return tok:encode(text) end
+  function wrapper:decode(ids) return tok:decode(ids) end
+  local state = { type = 'gpt2_bpe', vocab_file = absolute(vocab_file), merge_file = absolute(merge_file), eod = tok.eos_id,
+    vocab_size = tok.vocab_size }
+  function wrapper:state() return state end
+  return wrapper
+end
+
+-- The tokenizer's part of megatron-core's dataset cache descriptions (pmp.data.megatron_cache):
+-- for an HF tokenizer, what megatron-core 0.16's build_tokenizer records for --tokenizer-type
+-- HuggingFaceTokenizer --tokenizer-model PATH with Megatron-LM's default tokenizer flags for training
+-- (PATH as the command line gave it, model_path; whatever preprocessing used); pmp's own tokenizers
+-- have no Megatron counterpart.
+function M.megatron_identifiers(state, model_path)
+  local mcache = require 'pmp.data.megatron_cache'
+  if state.type ~= 'hf' then return mcache.object({ { 'class', 'pmp.' .. tostring(state.type) } }) end
+  return mcache.object({
+    { 'class', 'megatron.core.tokenizers.text.models.default_tokenizer.DefaultTokenizerText' },
+    { 'tokenizer_path', model_path or state.model }, { 'vocab_file', 'None' }, { 'merges_file', 'None' },
+    { 'additional_special_tokens', '[]' }, { 'use_fast', 'True' }, { 'trust_remote_code', 'False' },
+    { 'include_special_tokens', 'True' },
+  })
 end
 
 -- A char tokenizer over `chars` (sorted by the caller); with_eod adds EOD_TOKEN as the last id.
@@ -146,7 +201,9 @@ function M.from_state(state)
   elseif state.type == 'byte' then
     return M.byte()
   elseif state.type == 'hf' then
-    return M.hf(state.model)
+    return M.hf(state.model, { special_tokens = state.special_tokens == true })
+  elseif state.type == 'gpt2_bpe' then
+    return M.gpt2_bpe(state.vocab_file, state.merge_file)
   end
   error("dataset tokenizer: unknown tokenizer type '" .. tostring(state.type) .. "'", 2)
 end

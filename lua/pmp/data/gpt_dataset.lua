@@ -2,12 +2,12 @@
 --- and BlendedDataset build them (docs/formats.md §5.3), down to the shuffled order:
 --
 --   local sets = pmp.data.gpt_dataset.build({'0.3', 'a_text_document', '0.7', 'b_text_document'}, {
---     seq_length = 1024, seed = 1234, split = '969,30,1', sizes = {train = n, valid = m, test = k}})
+--     seq_length = 1024, seed = 1234, split = '969, 30, 1', sizes = {train = n, valid = m, test = k}})
 --   sets.train.count, sets.train:batch(consumed, micro_batch) --> inputs, targets  (i64 [mb, seq])
 --   sets.train:sample(i)                                      --> i64 [seq + 1]   (i is 0-based)
 --
 --   local ds = pmp.data.gpt_dataset.GPTDataset(indexed, {seq_length =, seed =, split = 'train',
---                                                       range = {beg, end}, num_samples =, cache_dir =})
+--                                         split_string = '969, 30, 1', num_samples =, cache_dir =})
 --   local bl = pmp.data.gpt_dataset.BlendedDataset({ds1, ds2}, {0.3, 0.7}, {size = n})
 --
 -- Given the same data, seq_length, seed, split and numbers of samples (Megatron's
@@ -41,28 +41,36 @@
 --    count, and the blend has min(size, total) positions, or, without a size, takes every sample
 --    (build_exhaustive_blending_indices). A single weighted prefix is a blend of one, as in Megatron.
 --
+-- The cache is megatron-core's (pmp.data.megatron_cache; checked against megatron-core 0.16 by
+-- spec/megatron_data_spec.lua on fixtures from tools/make_megatron_data_fixtures.py):
+--  * <cache dir>/<md5>-GPTDataset-<split>-{description.txt,document_index.npy,sample_index.npy,
+--    shuffle_index.npy}, and with a cache dir given (--data-cache-path) the blends'
+--    <md5>-BlendedDataset-<split>-{description.txt,dataset_index.npy,dataset_sample_index.npy}; the
+--    default cache dir of a GPT dataset is <prefix>/cache/GPTDataset_indices (a directory named as the
+--    prefix), as megatron-core's. The description is the text megatron-core writes (class,
+--    dataset_path as --data-path gave it, num_samples, split, seed, seq_length, the --split text, its
+--    split matrix, the tokenizer's identifiers) and <md5> its MD5, so the same command line names the
+--    same files, with the same bytes, on both sides.
+--  * Reading, pmp takes the files of its exact description, else those of any description of the same
+--    indices that names another tokenizer (megatron-core versions describe tokenizers differently),
+--    and checks the .npy headers and that the indices fit the data as it is (every sample boundary
+--    where the document lengths put it); a damaged or stale cache is rebuilt (megatron-core, which
+--    knows the data by its path only, would trust it).
+-- Refused as Megatron refuses them: a sample past the count (IndexError there), a blend that takes
+-- more samples from a dataset than it has (the "oversamples" IndexError), a weight that is not
+-- positive, and weights without a number of samples for the split.
 -- Where pmp differs (none of it changes the samples of a Megatron-valid configuration):
---  * The indices are cached next to the data in <prefix dir>/cache/GPTDataset_indices/
---    <hash>-pmpGPTDataset-<split>-{description.json,document_index.npy,sample_index.npy,
---    shuffle_index.npy}. The .npy files hold what Megatron's hold (same dtypes: int32 document index,
---    int32/int64 sample index, uint32/int64 shuffle index), but the names differ from Megatron's
---    <md5>-GPTDataset-... files, and the hash covers what determines the indices (data, split range,
---    seq_length, seed, epochs, separate_final_epoch) rather than Megatron's description text.
---  * Past the built count: sample(i) fails (Megatron raises IndexError); ensure(n) rebuilds the
---    indices for num_samples = n, which is Megatron's dataset for n samples (its order may differ).
---    A blend whose datasets fall short rebuilds them that way instead of failing as Megatron does.
---  * A weighted blend without a size (Megatron refuses one) takes one epoch of each dataset and
---    sum-of-their-counts positions. A valid/test split too small for one sample is left out with a
---    warning; zero-weight datasets are left out of a blend.
+--  * A valid/test split with no sequences, or too few tokens for a sample without a number of
+--    samples, is left out (with a warning for the latter); megatron-core builds an empty dataset.
 --  * No padding, loss masks or position resets: samples are always full (drop_last, also for the valid
 --    split), and pmp's model takes (inputs, targets).
 local ffi = require 'ffi'
-local bit = require 'bit'
 local C = require('pmp.ffi').C
 local pio = require 'pmp.io'
 local json = require 'pmp.json'
 local tensor = require 'pmp.tensor'
 local indexed = require 'pmp.data.indexed'
+local mcache = require 'pmp.data.megatron_cache'
 
 local M = {}
 
@@ -139,65 +147,27 @@ M._round_half_even = round_half_even
 
 M.SPLITS = { 'train', 'valid', 'test' }
 
--- The sequence range [beg, end) of each split of n sequences (nil for an empty split), as
--- Megatron's split matrix and builder compute them.
-function M.split_ranges(split, n)
+-- Megatron's split matrix: the bounds {lo, hi} of each split in [0, 1], false for an empty one
+-- (convert_split_vector_to_split_matrix).
+function M.split_matrix(split)
   local w = M.parse_split(split)
   local bounds = { 0, w[1], w[1] + w[2], w[1] + w[2] + w[3] }
   local out = {}
-  for k = 1, 3 do
-    if bounds[k + 1] > bounds[k] then
-      local beg, finish = round_half_even(bounds[k] * n), round_half_even(bounds[k + 1] * n)
+  for k = 1, 3 do out[k] = bounds[k + 1] > bounds[k] and { bounds[k], bounds[k + 1] } or false end
+  return out
+end
+
+-- The sequence range [beg, end) of each split of n sequences (nil for an empty split), as
+-- Megatron's split matrix and builder compute them.
+function M.split_ranges(split, n)
+  local out = {}
+  for k, bounds in ipairs(M.split_matrix(split)) do
+    if bounds then
+      local beg, finish = round_half_even(bounds[1] * n), round_half_even(bounds[2] * n)
       if finish > beg then out[M.SPLITS[k]] = { beg, finish } end
     end
   end
   return out
-end
-
----------------------------------------------------------------------------------------------------
--- NumPy .npy v1.0 files for the cache
-
-local NPY_MAGIC = '\147NUMPY\1\0'
-
-local function npy_header(descr, shape)
-  local dims = #shape == 1 and string.format('(%d,)', shape[1]) or string.format('(%d, %d)', shape[1], shape[2])
-  local dict = string.format("{'descr': '%s', 'fortran_order': False, 'shape': %s, }", descr, dims)
-  local total = 10 + #dict + 1
-  local pad = (64 - total % 64) % 64
-  local header = dict .. string.rep(' ', pad) .. '\n'
-  return NPY_MAGIC .. string.char(#header % 256, math.floor(#header / 256)) .. header
-end
-
-local function write_npy(path, descr, shape, ptr, nbytes)
-  pio.write_atomic(path, function(w)
-    w:write(npy_header(descr, shape))
-    if nbytes > 0 then w:write(ptr, nbytes) end
-  end)
-end
-
--- Maps an .npy file; returns (mapping, data pointer) when its header is exactly descr/shape.
-local function map_npy(path, descr, shape)
-  local m = C.pmp_map_file(path)
-  if m == nil then return nil end
-  local size = tonumber(C.pmp_mapping_size(m))
-  local base = ffi.cast('const uint8_t *', C.pmp_mapping_data(m))
-  local expect = npy_header(descr, shape)
-  local elem = descr:sub(3) == '4' and 4 or 8
-  local count = shape[1] * (shape[2] or 1)
-  if size ~= #expect + count * elem or ffi.string(base, #expect) ~= expect then
-    C.pmp_mapping_release(m)
-    return nil
-  end
-  return ffi.gc(m, C.pmp_mapping_release), base + #expect
-end
-
--- FNV-1a 64 of a string, as 16 hex digits.
-local function fnv1a64(s)
-  local h = 0xcbf29ce484222325ULL
-  for k = 1, #s do
-    h = bit.bxor(h, s:byte(k)) * 0x100000001b3ULL
-  end
-  return bit.tohex(h)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -223,7 +193,7 @@ local function plan(ds, num_samples)
     while E * T < need do E = E + 1 end
     while E > 1 and (E - 1) * T >= need do E = E - 1 end
   end
-  local p = { num_epochs = E, separate_final_epoch = false, count = idiv(E * T - 1, seq) }
+  local p = { num_samples = num_samples, num_epochs = E, separate_final_epoch = false, count = idiv(E * T - 1, seq) }
   if E > 1 then
     p.samples_before_final_epoch = idiv((E - 1) * T - 1, seq)
     local from_final = num_samples - p.samples_before_final_epoch
@@ -304,63 +274,99 @@ local function build_indices(ds, p)
   return docs, samples, order
 end
 
--- What determines the indices: the cache key, and what a cached description must match.
-local function describe(ds, p)
-  return {
-    class = 'pmp.GPTDataset', format = 2, order = 'megatron-core GPTDataset (numpy RandomState shuffles)',
-    path_prefix = ds.path_prefix, split = ds.split,
-    idx_bytes = ds.idx_bytes, bin_bytes = ds.bin_bytes, sequence_count = #ds.indexed,
-    document_count = ds.indexed.document_count, dtype = ds.indexed.dtype,
-    range = json.array({ ds.range[1], ds.range[2] }), seq_length = ds.seq_length, seed = ds.seed,
-    tokens_per_epoch = ds.tokens_per_epoch, num_epochs = p.num_epochs,
-    separate_final_epoch = p.separate_final_epoch, num_samples = p.count,
-  }
+-- megatron-core's MegatronDataset.unique_identifiers for this dataset and num_samples: the object
+-- whose json.dumps(indent=4) text names and describes the cache (megatron_cache).
+local function identifiers(ds, num_samples)
+  local matrix = {}
+  for k, bounds in ipairs(ds.split_matrix) do
+    matrix[k] = bounds == false and mcache.null or { bounds[1] == 0 and 0 or mcache.float(bounds[1]), mcache.float(bounds[2]) }
+  end
+  return mcache.object({
+    { 'class', 'GPTDataset' }, { 'dataset_path', ds.dataset_path },
+    { 'num_samples', num_samples or mcache.null }, { 'index_split', ds.split },
+    { 'random_seed', ds.seed }, { 'sequence_length', ds.seq_length }, { 'split', ds.split_string },
+    { 'split_matrix', matrix }, { 'tokenizer', ds.tokenizer },
+  })
 end
 
-local function cache_paths(ds, p)
-  local desc = describe(ds, p)
-  local key = fnv1a64(json.encode(desc))
-  local base = pio.join(ds.cache_dir, key .. '-pmpGPTDataset-' .. ds.split .. '-')
-  return desc, {
-    description = base .. 'description.json', document_index = base .. 'document_index.npy',
-    sample_index = base .. 'sample_index.npy', shuffle_index = base .. 'shuffle_index.npy',
-  }
+local INDEX_NAMES = { 'document_index', 'sample_index', 'shuffle_index' }
+
+-- Whether a cached description (parsed) is of a dataset with these indices: the same data path,
+-- samples, split bounds, seed and length; the tokenizer, which does not shape the indices, may differ.
+local function same_indices(ds, num_samples, fields)
+  local bounds = type(fields.split_matrix) == 'table' and fields.split_matrix[ds.split_position]
+  return fields.class == 'GPTDataset' and fields.dataset_path == ds.dataset_path and fields.index_split == ds.split
+    and fields.num_samples == (num_samples or json.null) and fields.random_seed == ds.seed
+    and fields.sequence_length == ds.seq_length and type(bounds) == 'table'
+    and bounds[1] == ds.split_matrix[ds.split_position][1] and bounds[2] == ds.split_matrix[ds.split_position][2]
 end
 
--- Maps the cached indices of plan p when a cache of this exact dataset and plan is there.
+-- Whether cached indices fit the data as it is now (a description names the data by its path only,
+-- so a dataset written anew under the same path would otherwise be read through stale indices): the
+-- documents are the split's, and sample boundary j lies j * seq_length tokens into the document index.
+local function consistent(ds, p, docs, samples)
+  local n, seq, lengths = p.num_epochs * ds.num_docs, ds.seq_length, ds.lengths
+  for i = 0, n - 1 do
+    if docs[i] < ds.range[1] or docs[i] >= ds.range[2] then return false end
+  end
+  local at, before = 0, 0   -- a document index position and the tokens before it
+  for j = 0, p.count do
+    local d, offset = tonumber(samples[2 * j]), tonumber(samples[2 * j + 1])
+    if d < at or d >= n then return false end
+    while at < d do
+      before = before + lengths[docs[at]]
+      at = at + 1
+    end
+    -- (boundary 0 is (0, 0) even when the first document is empty)
+    if offset < 0 or (offset > 0 and offset >= lengths[docs[d]]) or before + offset ~= j * seq then return false end
+  end
+  return true
+end
+
+-- Maps the cached indices of plan p: megatron-core's files for this exact description first, then
+-- any other description of the same indices (another tokenizer or megatron-core version).
 local function load_cache(ds, p)
   if not ds.cache_dir then return nil end
-  local desc, paths = cache_paths(ds, p)
-  if not pio.is_file(paths.description) then return nil end
-  local ok, cached = pcall(json.decode, pio.read_file(paths.description))
-  if not ok or type(cached) ~= 'table' then return nil end
-  for key, value in pairs(desc) do
-    if key == 'range' then
-      if type(cached.range) ~= 'table' or cached.range[1] ~= value[1] or cached.range[2] ~= value[2] then return nil end
-    elseif cached[key] ~= value then
-      return nil
+  local sctype, shctype = index_types(ds, p)
+  local function try(files)
+    local m1, p1 = mcache.map_npy(files.document_index, '<i4', { p.num_epochs * ds.num_docs })
+    local m2, p2 = mcache.map_npy(files.sample_index, DESCR[sctype], { p.count + 1, 2 })
+    local m3, p3 = mcache.map_npy(files.shuffle_index, DESCR[shctype], { p.count })
+    if not (m1 and m2 and m3) then return nil end
+    local docs, samples = ffi.cast('const int32_t *', p1), ffi.cast('const ' .. sctype .. ' *', p2)
+    if not consistent(ds, p, docs, samples) then return nil end
+    ds.cache_files = files
+    return { m1, m2, m3 }, docs, samples, ffi.cast('const ' .. shctype .. ' *', p3)
+  end
+  local files = mcache.paths(ds.cache_dir, ds.description, 'GPTDataset', ds.split, INDEX_NAMES)
+  if pio.is_file(files.description) and pio.read_file(files.description) == ds.description then
+    local keep, docs, samples, order = try(files)
+    if keep then return keep, docs, samples, order end
+  end
+  for _, found in ipairs(mcache.descriptions(ds.cache_dir, 'GPTDataset', ds.split)) do
+    if same_indices(ds, p.num_samples, found.fields) then
+      local other = { description = found.path }
+      for _, name in ipairs(INDEX_NAMES) do other[name] = found.base .. name .. '.npy' end
+      local keep, docs, samples, order = try(other)
+      if keep then return keep, docs, samples, order end
     end
   end
-  local sctype, shctype = index_types(ds, p)
-  local m1, p1 = map_npy(paths.document_index, '<i4', { p.num_epochs * ds.num_docs })
-  local m2, p2 = map_npy(paths.sample_index, DESCR[sctype], { p.count + 1, 2 })
-  local m3, p3 = map_npy(paths.shuffle_index, DESCR[shctype], { p.count })
-  if not (m1 and m2 and m3) then return nil end
-  return { m1, m2, m3 }, ffi.cast('const int32_t *', p1), ffi.cast('const ' .. sctype .. ' *', p2),
-    ffi.cast('const ' .. shctype .. ' *', p3)
 end
 
+-- Writes megatron-core's cache files (its names, its description text, numpy.save's bytes); the
+-- description last, so that a cache interrupted halfway is not taken for a whole one by pmp.
 local function save_cache(ds, p, docs, samples, order)
   if not ds.cache_dir then return end
   local ok, err = pcall(function()
     pio.mkdir_p(ds.cache_dir)
-    local desc, paths = cache_paths(ds, p)
+    local files = mcache.paths(ds.cache_dir, ds.description, 'GPTDataset', ds.split, INDEX_NAMES)
     local sctype, shctype = index_types(ds, p)
     local n = p.num_epochs * ds.num_docs
-    write_npy(paths.document_index, '<i4', { n }, docs, 4 * n)
-    write_npy(paths.sample_index, DESCR[sctype], { p.count + 1, 2 }, samples, ffi.sizeof(sctype) * 2 * (p.count + 1))
-    write_npy(paths.shuffle_index, DESCR[shctype], { p.count }, order, ffi.sizeof(shctype) * p.count)
-    pio.write_atomic(paths.description, json.encode(desc, { indent = 2 }) .. '\n')   -- written last: the marker
+    mcache.write_npy(files.document_index, '<i4', { n }, docs, 4 * n)
+    mcache.write_npy(files.sample_index, DESCR[sctype], { p.count + 1, 2 }, samples, ffi.sizeof(sctype) * 2 * (p.count + 1))
+    mcache.write_npy(files.shuffle_index, DESCR[shctype], { p.count }, order, ffi.sizeof(shctype) * p.count)
+    pio.write_atomic(files.description, ds.description)
+    ds.cache_files = files
   end)
   if not ok then
     io.stderr:write('gpt dataset: warning: cannot cache the indices in ' .. ds.cache_dir .. ': ' .. tostring(err) .. '\n')
@@ -370,6 +376,8 @@ end
 -- Makes the indices Megatron builds for num_samples (nil: one epoch) this dataset's indices.
 local function materialize(ds, num_samples)
   local p = plan(ds, num_samples)
+  ds.identifiers = identifiers(ds, num_samples)
+  ds.description = mcache.describe(ds.identifiers)
   local keep, docs, samples, order = load_cache(ds, p)
   ds.from_cache = keep ~= nil
   if not keep then
@@ -384,9 +392,16 @@ end
 -- indexed: an open pmp.data.indexed dataset. options:
 --   seq_length (required), seed (default 1234; an integer in [0, 2^32)),
 --   split (name: 'train', 'valid', 'test'; default 'train'),
---   range = {beg, end} (the split's sequences, 0-based, end excluded; default all),
+--   split_string (the --split text, e.g. '969, 30, 1', whose bounds give the split's sequences;
+--     default '1': all of them in the train split),
+--   range = {beg, end} (the split's sequences, 0-based, end excluded) instead of split_string; such
+--     a dataset has no Megatron description, so its indices are not cached,
 --   num_samples (Megatron's num_samples for this dataset; default nil: one epoch),
---   cache_dir (default <prefix dir>/cache/GPTDataset_indices; false: keep the indices in memory only).
+--   dataset_path (the prefix as Megatron's --data-path gave it, for the description; default the
+--     indexed dataset's), tokenizer (megatron_cache.object of the tokenizer's unique identifiers in
+--     the description; default {}),
+--   cache_dir (default <prefix>/cache/GPTDataset_indices, as megatron-core; false: keep the indices
+--     in memory only).
 function M.GPTDataset(ds_indexed, options)
   options = options or {}
   local seq = options.seq_length
@@ -400,14 +415,26 @@ function M.GPTDataset(ds_indexed, options)
     fail('num_samples must be a non-negative integer, got ' .. tostring(num_samples), 2)
   end
   local S = #ds_indexed
-  local range = options.range or { 0, S }
+  local split = options.split or 'train'
+  local split_position
+  for k, name in ipairs(M.SPLITS) do if name == split then split_position = k end end
+  if not split_position then fail("split must be 'train', 'valid' or 'test', got " .. tostring(split), 2) end
+  local split_string = options.split_string or (options.range == nil and '1' or nil)
+  local range = options.range
+  if split_string then
+    range = range or M.split_ranges(split_string, S)[split]
+    if not range then fail(string.format("--split '%s' gives the %s split no sequences", split_string, split), 2) end
+  end
   if range[1] < 0 or range[2] > S or range[2] < range[1] then
     fail(string.format('range [%d, %d) is outside the %d sequences of %s', range[1], range[2], S, ds_indexed.path_prefix), 2)
   end
   local prefix = ds_indexed.path_prefix
   local ds = setmetatable({
     indexed = ds_indexed, path_prefix = prefix, seq_length = seq, seed = seed,
-    split = options.split or 'train', range = { range[1], range[2] }, num_docs = range[2] - range[1],
+    split = split, split_position = split_position, split_string = split_string,
+    split_matrix = split_string and M.split_matrix(split_string), dataset_path = options.dataset_path or prefix,
+    tokenizer = options.tokenizer or mcache.object({}),
+    range = { range[1], range[2] }, num_docs = range[2] - range[1],
     lengths = ds_indexed.lengths_ptr, pointers = ds_indexed.pointers_ptr, data = ds_indexed.data_ptr,
     itemsize = ds_indexed.itemsize,
   }, GPT)
@@ -415,26 +442,19 @@ function M.GPTDataset(ds_indexed, options)
   for k = range[1], range[2] - 1 do tokens = tokens + ds.lengths[k] end
   for k = 0, S - 1 do longest = math.max(longest, ds.lengths[k]) end
   ds.tokens_per_epoch, ds.max_sequence_length = tokens, longest
-  ds.samples_per_epoch = idiv(tokens - 1, seq)
-  if ds.samples_per_epoch < 1 then
+  ds.samples_per_epoch = idiv(math.max(tokens - 1, 0), seq)
+  -- as megatron-core, a split too small for one sample per epoch still gives num_samples over epochs
+  if tokens == 0 or (num_samples == nil and ds.samples_per_epoch < 1) then
     fail(string.format('the %s split of %s (sequences [%d, %d)) has %d tokens, too few for one sample of %d',
       ds.split, prefix, range[1], range[2], tokens, seq + 1), 2)
   end
-  if options.cache_dir == nil then
-    ds.cache_dir = pio.join(pio.dirname(prefix), 'cache/GPTDataset_indices')
-  elseif options.cache_dir then
+  if split_string and options.cache_dir == nil then
+    ds.cache_dir = pio.join(prefix, 'cache', 'GPTDataset_indices')
+  elseif split_string and options.cache_dir then
     ds.cache_dir = options.cache_dir
   end
-  ds.idx_bytes = pio.size(ds_indexed.idx_path)
-  ds.bin_bytes = pio.size(ds_indexed.bin_path)
   materialize(ds, num_samples)
   return ds
-end
-
--- Makes at least n samples available: when the dataset has fewer, its indices become those Megatron
--- builds for num_samples = n, which may reorder every sample (see the header).
-function GPT:ensure(n)
-  if n > self.count then materialize(self, n) end
 end
 
 -- Writes unshuffled sample j (seq_length + 1 tokens) into dst (int64_t *).
@@ -541,7 +561,135 @@ end
 local Blended = {}
 Blended.__index = Blended
 
--- datasets: GPT datasets (or anything with sample_into, ensure, count, seq_length); weights: positive
+local MID_LEVEL_DATASET_SURPLUS = 0.005   -- BlendedMegatronDatasetConfig.mid_level_dataset_surplus
+
+local function push(b, k)
+  b.dataset_index:push(k - 1)
+  b.dataset_sample_index:push(b.current[k])
+  b.current[k] = b.current[k] + 1
+end
+
+-- A blend that takes more samples from a dataset than it has fails, as megatron-core's BlendedDataset
+-- does (an IndexError naming mid_level_dataset_surplus), rather than building that dataset anew.
+local function check_datasets(b, split)
+  for k, ds in ipairs(b.datasets) do
+    if b.current[k] > ds.count then
+      fail(string.format('the %s blend oversamples the contributing datasets and, for example, requests %d samples ' ..
+        'from dataset %d (%s) in excess of its size %d (Megatron fails the same way; its ' ..
+        'mid_level_dataset_surplus, %g, sets the margin)', split, b.current[k], k, ds.path_prefix or '?', ds.count,
+        MID_LEVEL_DATASET_SURPLUS), 3)
+    end
+  end
+end
+
+-- The blending indices of n positions (helpers.cpp build_blending_indices).
+local function blend(b, n)
+  local w, cur, nds = b.weights, b.current, #b.datasets
+  b.dataset_index:reserve(n)
+  b.dataset_sample_index:reserve(n)
+  for i = 0, n - 1 do
+    local x = math.max(i, 1)
+    local best, best_err = 1, w[1] * x - cur[1]
+    for k = 2, nds do
+      local err = w[k] * x - cur[k]
+      if err > best_err then best, best_err = k, err end
+    end
+    push(b, best)
+  end
+  b.count = n
+end
+
+-- Every sample of every dataset, weights[k] from dataset k (helpers.cpp
+-- build_exhaustive_blending_indices): among the datasets not yet spent, the one furthest below its
+-- share, the first on ties.
+local function exhaust(b)
+  local sizes, cur, nds = b.weights, b.current, #b.datasets
+  local total = 0
+  for k = 1, nds do total = total + sizes[k] end
+  local w, spent, left = {}, {}, nds
+  for k = 1, nds do w[k] = sizes[k] / total end
+  b.dataset_index:reserve(total)
+  b.dataset_sample_index:reserve(total)
+  local i = 0
+  while left > 0 do
+    local x = math.max(i, 1)
+    local best, best_err = nil, -math.huge
+    for k = 1, nds do
+      if not spent[k] then
+        local err = w[k] * x - cur[k]
+        if err > best_err then best, best_err = k, err end
+      end
+    end
+    push(b, best)
+    if cur[best] == sizes[best] then
+      spent[best] = true
+      left = left - 1
+    end
+    i = i + 1
+  end
+  b.count = i
+end
+
+-- megatron-core's BlendedDataset description (nil when a dataset has none to give).
+local function blend_description(b)
+  local list = {}
+  for k, ds in ipairs(b.datasets) do
+    if not ds.identifiers then return nil end
+    list[k] = ds.identifiers
+  end
+  local weights = {}
+  for k, w in ipairs(b.weights) do weights[k] = b.size and mcache.float(w) or w end
+  return mcache.describe(mcache.object({
+    { 'class', 'BlendedDataset' }, { 'datasets', list }, { 'split', b.split }, { 'weights', weights },
+    { 'size', b.size or mcache.null },
+  }))
+end
+
+local BLEND_NAMES = { 'dataset_index', 'dataset_sample_index' }
+
+-- Reads megatron-core's cached blending indices of this exact description into the blend.
+local function load_blend_cache(b, dir)
+  local description = blend_description(b)
+  if not description then return false end
+  local files = mcache.paths(dir, description, 'BlendedDataset', b.split, BLEND_NAMES)
+  if not (pio.is_file(files.description) and pio.read_file(files.description) == description) then return false end
+  local n = b.size
+  if not n then
+    n = 0
+    for _, w in ipairs(b.weights) do n = n + w end
+  end
+  local m1, p1 = mcache.map_npy(files.dataset_index, '<i2', { n })
+  local m2, p2 = mcache.map_npy(files.dataset_sample_index, '<i8', { n })
+  if not (m1 and m2) then return false end
+  local which, sample = ffi.cast('const int16_t *', p1), ffi.cast('const int64_t *', p2)
+  for i = 0, n - 1 do
+    local k = which[i] + 1
+    if k < 1 or k > #b.datasets then return false end
+    b.dataset_index:push(k - 1)
+    b.dataset_sample_index:push(sample[i])
+    b.current[k] = math.max(b.current[k], tonumber(sample[i]) + 1)
+  end
+  b.count, b.cache_files, b.from_cache = n, files, true
+  return true
+end
+
+local function save_blend_cache(b, dir)
+  local description = blend_description(b)
+  if not description then return end
+  local ok, err = pcall(function()
+    pio.mkdir_p(dir)
+    local files = mcache.paths(dir, description, 'BlendedDataset', b.split, BLEND_NAMES)
+    mcache.write_npy(files.dataset_index, '<i2', { b.count }, b.dataset_index.data, 2 * b.count)
+    mcache.write_npy(files.dataset_sample_index, '<i8', { b.count }, b.dataset_sample_index.data, 8 * b.count)
+    pio.write_atomic(files.description, description)
+    b.cache_files = files
+  end)
+  if not ok then
+    io.stderr:write('gpt dataset: warning: cannot cache the blend indices in ' .. dir .. ': ' .. tostring(err) .. '\n')
+  end
+end
+
+-- datasets: GPT datasets (or anything with sample_into, count, seq_length); weights: positive
 -- numbers. options.size: the number of positions (Megatron's size), each going to a dataset by
 -- build_blending_indices over the normalized weights. Without a size the blend is exhaustive
 -- (build_exhaustive_blending_indices): the weights are whole sample counts, and dataset k gives
@@ -571,78 +719,17 @@ function M.BlendedDataset(datasets, weights, options)
     dataset_index = indexed._vec('int16_t'), dataset_sample_index = indexed._vec('int64_t'),
   }, Blended)
   for k = 1, #datasets do b.current[k] = 0 end
-  if size then
-    b:ensure(size)
-  else
-    b:exhaust()
+  b.split = options.split or datasets[1].split or 'train'
+  if not (options.cache_dir and load_blend_cache(b, options.cache_dir)) then
+    if size then
+      blend(b, size)
+    else
+      exhaust(b)
+    end
+    if options.cache_dir then save_blend_cache(b, options.cache_dir) end
   end
+  check_datasets(b, options.split or datasets[1].split or 'train')
   return b
-end
-
-local function push(b, k)
-  b.dataset_index:push(k - 1)
-  b.dataset_sample_index:push(b.current[k])
-  b.current[k] = b.current[k] + 1
-end
-
--- Each dataset makes the samples the blend takes from it available (Megatron would fail instead).
-local function ensure_datasets(b)
-  for k, ds in ipairs(b.datasets) do
-    if ds.ensure then ds:ensure(b.current[k]) end
-  end
-end
-
--- Extends the blending indices to n positions (helpers.cpp build_blending_indices; the positions
--- before n do not depend on n).
-function Blended:ensure(n)
-  if n <= self.count then return end
-  if not self.size then fail('an exhaustive blend has exactly ' .. self.count .. ' samples', 2) end
-  local w, cur, nds = self.weights, self.current, #self.datasets
-  self.dataset_index:reserve(n)
-  self.dataset_sample_index:reserve(n)
-  for i = self.count, n - 1 do
-    local x = math.max(i, 1)
-    local best, best_err = 1, w[1] * x - cur[1]
-    for k = 2, nds do
-      local err = w[k] * x - cur[k]
-      if err > best_err then best, best_err = k, err end
-    end
-    push(self, best)
-  end
-  self.count = n
-  ensure_datasets(self)
-end
-
--- Every sample of every dataset, weights[k] from dataset k (helpers.cpp
--- build_exhaustive_blending_indices): among the datasets not yet spent, the one furthest below its
--- share, the first on ties.
-function Blended:exhaust()
-  local sizes, cur, nds = self.weights, self.current, #self.datasets
-  local total = 0
-  for k = 1, nds do total = total + sizes[k] end
-  local w, spent, left = {}, {}, nds
-  for k = 1, nds do w[k] = sizes[k] / total end
-  self.dataset_index:reserve(total)
-  self.dataset_sample_index:reserve(total)
-  local i = 0
-  while left > 0 do
-    local x = math.max(i, 1)
-    local best, best_err = nil, -math.huge
-    for k = 1, nds do
-      if not spent[k] then
-        local err = w[k] * x - cur[k]
-        if err > best_err then best, best_err = k, err end
-      end
-    end
-    push(self, best)
-    if cur[best] == sizes[best] then
-      spent[best] = true
-      left = left - 1
-    end
-    i = i + 1
-  end
-  self.count = i
-  ensure_datasets(self)
 end
 
 local function check_blend_range(b, i, level)
@@ -691,7 +778,10 @@ function M.parse_blend(list)
       for k = 1, #list, 2 do
         weights[#weights + 1] = tonumber(list[k])
         prefixes[#prefixes + 1] = list[k + 1]
-        if weights[#weights] < 0 then fail("negative weight '" .. list[k] .. "' for " .. list[k + 1], 2) end
+        if not (weights[#weights] > 0) then
+          fail("weight '" .. list[k] .. "' for " .. list[k + 1] .. ' is not positive (megatron-core refuses it: ' ..
+            'BlendedDataset asserts every weight > 0)', 2)
+        end
       end
       return prefixes, weights
     end
@@ -706,18 +796,19 @@ function M.parse_blend(list)
   return prefixes, nil
 end
 
--- blend: what --data-path gave (see parse_blend). options: seq_length, seed, split ('969,30,1'),
--- sizes = {train =, valid =, test =} (Megatron's train_val_test_num_samples: the samples each split
--- must provide; nil: one epoch), cache_dir.
+-- blend: what --data-path gave (see parse_blend). options: seq_length, seed, split (the --split
+-- text; default Megatron's '969, 30, 1'), sizes = {train =, valid =, test =} (Megatron's
+-- train_val_test_num_samples: the samples each split must provide; nil: one epoch), tokenizer (its
+-- megatron_cache identifiers, see GPTDataset), cache_dir (--data-cache-path: the GPT datasets' and
+-- the blends' indices go there; nil: each GPT dataset's in its default place, blends' nowhere, as
+-- megatron-core does; false: nowhere).
 -- Returns {train =, valid =, test =, indexed = {open datasets}, warnings = {...}}; a split with no
 -- sequences, or too few tokens for one sample in a valid/test split, is nil (with a warning for the latter).
 -- The datasets and sizes are megatron-core's BlendedMegatronDatasetBuilder's (see the header).
-local MID_LEVEL_DATASET_SURPLUS = 0.005   -- BlendedMegatronDatasetConfig.mid_level_dataset_surplus
-
 function M.build(blend, options)
   options = options or {}
   local prefixes, weights = M.parse_blend(blend)
-  local split = options.split or '969,30,1'
+  local split = options.split or '969, 30, 1'
   M.parse_split(split)   -- fail early on a bad --split
   local sizes = options.sizes or {}
   local out = { indexed = {}, warnings = {} }
@@ -735,10 +826,11 @@ function M.build(blend, options)
     local ranges = M.split_ranges(split, #ds)
     for _, name in ipairs(M.SPLITS) do
       local r = ranges[name]
-      if r and not (normalized and normalized[k] == 0) then
+      if r then
         local ok, result = pcall(M.GPTDataset, ds, {
-          seq_length = options.seq_length, seed = options.seed, split = name, range = r,
-          cache_dir = options.cache_dir, num_samples = num_samples(k, name),
+          seq_length = options.seq_length, seed = options.seed, split = name, split_string = split,
+          dataset_path = prefix, tokenizer = options.tokenizer, cache_dir = options.cache_dir,
+          num_samples = num_samples(k, name),
         })
         if ok then
           per_split[name][k] = result
@@ -766,10 +858,14 @@ function M.build(blend, options)
     elseif not weights and #prefixes == 1 then
       out[name] = list[1]
     elseif normalized then
-      -- Megatron requires a size with weights; without one pmp takes one epoch's worth of each dataset
-      out[name] = M.BlendedDataset(list, ws, { size = sizes[name] and target or counts })
+      if not sizes[name] then
+        fail('--data-path gives weights but the ' .. name .. ' split has no number of samples: using ' ..
+          'client-specified weights requires client-specified size (as megatron-core refuses it)', 2)
+      end
+      out[name] = M.BlendedDataset(list, ws, { size = target, split = name, cache_dir = options.cache_dir })
     else
-      out[name] = M.BlendedDataset(list, ws, { size = sizes[name] and math.min(sizes[name], counts) or nil })
+      out[name] = M.BlendedDataset(list, ws, { size = sizes[name] and math.min(sizes[name], counts) or nil, split = name,
+        cache_dir = options.cache_dir })
     end
   end
   return out

@@ -33,7 +33,9 @@ local function indexed(opts, options)
   end
   local tokenizer = indexed_tokenizer(opts, prefixes, options.tokenizer_state)
   local built = gpt_dataset.build(opts.data_path, {
-    seq_length = opts.seq_length, seed = opts.seed, split = opts.split,
+    seq_length = opts.seq_length, seed = opts.seed, split = opts.split, cache_dir = opts.data_cache_path,
+    -- the cache files' names are megatron-core's for the same command line
+    tokenizer = require('pmp.data.dataset_tokenizer').megatron_identifiers(tokenizer:state(), opts.tokenizer_model),
     -- Megatron's train_val_test_num_samples, so each split's order is the one Megatron builds
     sizes = { train = opts.train_iters * opts.global_batch_size,
               valid = (math.floor(opts.train_iters / math.max(opts.eval_interval, 1)) + 1) * opts.eval_iters * opts.global_batch_size,
