@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
     *) TARGETS+=("$1"); shift ;;
   esac
 done
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(json safetensors indexed chat_template tokenizer_json split_regex encode)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(json safetensors indexed chat_template tokenizer_json split_regex encode sentencepiece tiktoken)
 
 cd "$ROOT"
 FLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -fopenmp=libgomp"
@@ -51,6 +51,8 @@ seed json spec/fixtures/*/expected.json spec/fixtures/tokenizer_added_tokens.jso
 seed safetensors spec/fixtures/safetensors/*.safetensors spec/fixtures/hf/llama/model.safetensors
 seed indexed spec/fixtures/indexed/*.idx spec/fixtures/gpt_dataset/*.idx
 seed tokenizer_json spec/fixtures/tokenizer_added_tokens.json
+seed sentencepiece $(find spec/fixtures -name '*.model' | head -8)
+seed tiktoken $(find spec/fixtures -name '*.tiktoken' | head -4)
 mkdir -p build/fuzz/corpus/chat_template build/fuzz/corpus/split_regex build/fuzz/corpus/encode
 luajit -e '
   local n = 0
