@@ -401,6 +401,9 @@ function M.tensor_parallel(model, options)
     attention.linear_proj = row(attention.linear_proj, prefix .. 'self_attention.linear_proj')
     attention.num_heads = attention.num_heads / tp
     attention.num_query_groups = attention.num_query_groups / tp
+    if attention.alibi_slopes then   -- this rank's heads, as linear_qkv's rows hold them
+      rawset(attention, 'alibi_slopes', attention.alibi_slopes:narrow(1, 1 + rank * attention.num_heads, attention.num_heads):contiguous())
+    end
     mlp.linear_fc1 = column(mlp.linear_fc1, prefix .. 'mlp.linear_fc1')
     mlp.linear_fc2 = row(mlp.linear_fc2, prefix .. 'mlp.linear_fc2')
   end

@@ -14,6 +14,7 @@ local F = require 'pmp.nn.functional'
 local autograd = require 'pmp.autograd'
 local parallel = require 'pmp.nn.parallel'
 local context_parallel = require 'pmp.nn.context_parallel'
+local alibi = require 'pmp.nn.alibi'
 
 local M = {}
 
@@ -166,6 +167,8 @@ function M.Attention:init(config, layer)
   end
   self.linear_proj = layers.Linear(heads * d, config.hidden_size,
     { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype, init = config.init })
+  -- constants, not parameters; tensor parallelism keeps this rank's heads' slopes
+  if config.position_embedding_type == 'alibi' then rawset(self, 'alibi_slopes', alibi.slopes(heads)) end
 end
 
 function M.Attention:forward(x, rope)
@@ -183,7 +186,7 @@ function M.Attention:forward(x, rope)
     k = self.k_layernorm(k)
   end
   q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3)
-  if rope then
+  if rope and (self.config.position_embedding_type or 'rope') == 'rope' then
     q = F.rope(q, rope.cos, rope.sin)
     k = F.rope(k, rope.cos, rope.sin)
   end
@@ -199,15 +202,19 @@ function M.Attention:forward(x, rope)
   local o
   local cp = rope and rope.context_parallel
   if cp then   -- this rank's queries against the whole sequence's keys (pmp.nn.context_parallel)
-    o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key })
+    o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key,
+      alibi_slopes = self.alibi_slopes })
   else
-    o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key })
+    o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key,
+      alibi_slopes = self.alibi_slopes })
   end
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end
 
 function M.Attention:extra_repr()
-  return (self.window and self.window > 0) and ('window=' .. self.window) or ''
+  local window = (self.window and self.window > 0) and ('window=' .. self.window) or ''
+  if not self.alibi_slopes then return window end
+  return window == '' and 'alibi' or window .. ', alibi'
 end
 
 --- MLP(config): linear_fc1, the activation (config.activation: swiglu, gelu, gelu_tanh, relu), linear_fc2.
@@ -247,12 +254,18 @@ function M.TransformerBlock:forward(x, rope)
   return x + F.dropout(self.mlp(self.pre_mlp_layernorm(x)), p, training)
 end
 
---- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size).
+--- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size), normalised by
+--- word_embeddings_layernorm when config.word_embeddings_layernorm is set (BLOOM).
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
   self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype, init = config.init })
+  if config.word_embeddings_layernorm then self.word_embeddings_layernorm = norm(config, config.hidden_size) end
 end
-function M.LanguageModelEmbedding:forward(ids) return self.word_embeddings(ids) end
+function M.LanguageModelEmbedding:forward(ids)
+  local x = self.word_embeddings(ids)
+  if self.word_embeddings_layernorm then x = self.word_embeddings_layernorm(x) end
+  return x
+end
 
 --- TransformerDecoder(config): num_layers TransformerBlocks (decoder.layers) and the final norm.
 M.TransformerDecoder = Module:extend('TransformerDecoder')
