@@ -18,6 +18,9 @@ need tensorboard tensorboard
 echo '== transformers loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua
 
+echo '== transformers (BLOOM) and tools/baichuan_reference.py load what pmp save_pretrained wrote (spec/zoo_alibi_spec.lua, PMP_HF_CHECK=1)'
+PMP_HF_CHECK=1 ./pmp spec/run.lua spec/zoo_alibi_spec.lua
+
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify
 

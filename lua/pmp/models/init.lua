@@ -219,9 +219,14 @@ end
 
 -- HF tensor i of a pmp tensor under its entry (a view where the layout allows, a copy otherwise).
 -- in_place: for qkv, the strided view [groups, heads, d, ...] of the parameter instead of a copy; it
--- holds the HF tensor's elements in the same row-major order, for writers.
+-- holds the HF tensor's elements in the same row-major order, for writers ('qkv_concat' is always a copy).
 local function unpack_piece(entry, t, config, i, in_place)
   if entry.pack == nil then return t end
+  if entry.pack == 'qkv_concat' then
+    local pieces = {}
+    for k = 1, 3 do pieces[k] = unpack_piece({ pack = 'qkv' }, t, config, k) end
+    return tensor.cat(pieces, 1)
+  end
   if entry.pack == 'vocab' then return t:narrow(1, 1, config.vocab_size) end
   if entry.pack == 'gate_up' then
     local half = t:size(1) / 2

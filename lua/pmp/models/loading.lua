@@ -41,11 +41,13 @@ function M.hf_shapes(entry, shape, config)
              with_first(config.num_query_groups * d, shape) }
   end
   if entry.pack == 'gate_up' then return { with_first(shape[1] / 2, shape), with_first(shape[1] / 2, shape) } end
+  if entry.pack == 'qkv_concat' then return { shape } end
   error("pmp.models: unknown pack '" .. tostring(entry.pack) .. "' for " .. entry.pmp, 3)
 end
 
 -- Where each HF part of an entry goes in the parameter p: a list of { view of p, shape to view the HF
--- tensor as }, and the view of p's rows no HF tensor fills (vocabulary padding), if any.
+-- tensor as }, one per HF tensor, and the view of p's rows no HF tensor fills (vocabulary padding), if
+-- any. For 'qkv_concat' the one HF tensor fills three parts, each from its rows = { first, count }.
 local function destinations(entry, p, config)
   if entry.pack == nil then return { { p, p.shape } } end
   local rows = p:size(1)
@@ -66,9 +68,11 @@ local function destinations(entry, p, config)
   for i = 2, #p.shape do grouped[#grouped + 1] = p.shape[i] end
   local g = p:view(grouped)
   local out = {}
+  local q_rows, kv_rows = ng * qpg * d, ng * d
+  local rows = { { 1, q_rows }, { q_rows + 1, kv_rows }, { q_rows + kv_rows + 1, kv_rows } }
   for i, span in ipairs({ { 1, qpg }, { qpg + 1, 1 }, { qpg + 2, 1 } }) do
     local part = g:narrow(2, span[1], span[2])
-    out[i] = { part, part.shape }
+    out[i] = { part, part.shape, rows = entry.pack == 'qkv_concat' and rows[i] or nil }
   end
   return out
 end
@@ -173,7 +177,7 @@ end
 -- The view of the file that can be the parameter p itself, or nil: the HF tensor when it has p's dtype
 -- and shape, or for [gate; up] the two tensors when the file holds them back to back in that order.
 local function zero_copy_view(entry, first, p, catalog)
-  if first.dtype ~= p.dtype then return nil end
+  if first.dtype ~= p.dtype or entry.pack == 'qkv_concat' then return nil end
   if #entry.hf == 1 then return shape_string(first.shape) == shape_string(p.shape) and first or nil end
   if entry.pack ~= 'gate_up' then return nil end
   local path = catalog.tensors[entry.hf[1]].path
@@ -226,9 +230,12 @@ function M.fill(model, family, entries, catalog, options, source)
           replace_parameter(model, entry.pmp, view)
         else
           local parts, padding = destinations(entry, p, config)
-          for i, n in ipairs(entry.hf) do
-            local dst = parts[i]
-            dst[1]:copy_(open[n]:view(dst[2]))
+          for i, dst in ipairs(parts) do
+            local from = open[entry.hf[dst.rows and 1 or i]]
+            if dst.rows then from = from:narrow(1, dst.rows[1], dst.rows[2]) end
+            dst[1]:copy_(from:view(dst[2]))
+          end
+          for _, n in ipairs(entry.hf) do
             -- the source pages are copied: out of resident memory with them (the file keeps them cached)
             if C.pmp_mapping_drop_pages(open[n].ptr) ~= 0 then
               error(source .. ': ' .. n .. ': ' .. ffi.string(C.pmp_last_error()), 0)

@@ -120,6 +120,13 @@ function F.layer_norm(x, weight, bias, eps)
   return normed
 end
 
+-- The tiny term keeps all-zero rows (padded vocabulary rows) at zero with a finite gradient, where
+-- torch's max(norm, eps) would divide by eps; on any other row it changes nothing in f32.
+--- normalize(x): each row (last dim) divided by its L2 norm, as torch.nn.functional.normalize.
+function F.normalize(x)
+  return x * (x:square():sum(-1, true) + 1e-24):rsqrt()
+end
+
 --- Inverted dropout: kept activations are scaled by 1/(1-p) during training, identity otherwise.
 function F.dropout(x, p, training)
   p = p or 0.5

@@ -349,6 +349,7 @@ end
 function M.gpt_output(model, x, targets, options)
   local tp, config = model.tensor_parallel, model.config
   local weight = model.output_layer and model.output_layer.weight or model.embedding.word_embeddings.weight
+  if config.norm_head then weight = F.normalize(weight) end   -- per row, so each rank normalises its own rows
   local logits = M.column_parallel_linear(x, weight, nil, tp)
   if targets == nil then
     logits = M.gather_from_tensor_parallel_region(logits, tp.group)

@@ -299,6 +299,7 @@ local function output(model, x, targets, options)
   end
   if model.tensor_parallel then return parallel.gpt_output(model, x, targets, options) end
   local weight = model.output_layer and model.output_layer.weight or model.embedding.word_embeddings.weight
+  if model.config.norm_head then weight = F.normalize(weight) end   -- Baichuan2's NormHead
   if model.config.padded_vocab_size ~= model.config.vocab_size then weight = weight:narrow(1, 1, model.config.vocab_size) end
   local logits = x:matmul(weight:t())
   if targets == nil then return logits end
@@ -388,6 +389,7 @@ function M.GPTModel:decode(ids, state)
   x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
+  if self.config.norm_head then weight = F.normalize(weight) end
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   return x:matmul(weight:t())
 end
