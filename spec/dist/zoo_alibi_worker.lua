@@ -1,0 +1,94 @@
+-- Run by spec/zoo_alibi_dist_spec.lua on every rank: trains tiny ALiBi checkpoints
+-- (spec/fixtures/zoo_alibi/<name>) three AdamW steps split TP ways (with sequence parallelism) and PP ways,
+-- and, in the same script, as one process accumulating over the same micro-batches (the reference). Two
+-- kinds of batches: 'pretrain' (every token a target) and 'padded' (the second row left-padded, its
+-- padding hidden by first_key and untrained), so each rank's slice of the ALiBi slopes and the padding
+-- mask both meet tensor parallelism. The last pipeline stage's tensor-parallel rank 0 prints
+--   LOSS name kind step parallel_loss reference_loss
+-- Usage: zoo_alibi_worker.lua TP PP NAME...
+local pipeline = require 'pmp.dist.pipeline'
+local parallel = require 'pmp.nn.parallel'
+
+local tp, pp = tonumber(arg[1]), tonumber(arg[2])
+local layout = pmp.dist.init{ tp = tp, pp = pp }
+local reports = layout.tp_rank == 0 and pmp.dist.group('pp').rank == pp - 1
+local FIXTURES = package.loaded['pmp.root'] .. '/spec/fixtures/zoo_alibi/'
+local STEPS, MICRO, MB, T, PAD = 3, 2, 2, 16, 5
+
+local function load(name)
+  return pmp.models.from_pretrained(FIXTURES .. name, { make_vocab_size_divisible_by = 64, tensor_model_parallel_size = 2 })
+end
+
+-- eps 1e-6 keeps updates of near-zero gradients proportional to them (see spec/dist/tp_worker.lua)
+local function optimizer(model)
+  return pmp.optim.AdamW(model:parameters(), { lr = 1e-3, weight_decay = 0.1, eps = 1e-6 })
+end
+
+local function pad_second_row(mb)
+  local targets = mb.targets:totable()
+  local positions = {}
+  for b = 1, MB do
+    positions[b] = {}
+    local pad = b == 2 and PAD or 0
+    for t = 1, T do
+      positions[b][t] = math.max(t - 1 - pad, 0)
+      if t <= pad then targets[b][t] = -100 end
+    end
+  end
+  mb.targets = pmp.tensor(targets, { dtype = 'i64' })
+  mb.options = { first_key = pmp.tensor({ 0, PAD }, { dtype = 'i64' }), positions = pmp.tensor(positions, { dtype = 'i64' }) }
+  return mb
+end
+
+local function batches(vocab, kind)
+  pmp.manual_seed(4321)
+  local out = {}
+  for step = 1, STEPS do
+    out[step] = {}
+    for k = 1, MICRO do
+      local mb = { ids = pmp.randint(0, vocab, { MB, T }), targets = pmp.randint(0, vocab, { MB, T }) }
+      out[step][k] = kind == 'padded' and pad_second_row(mb) or mb
+    end
+  end
+  return out
+end
+
+local function reference_losses(name, data)
+  local model = load(name)
+  local opt = optimizer(model)
+  local losses = {}
+  for step = 1, STEPS do
+    opt:zero_grad()
+    local sum = 0
+    for _, mb in ipairs(data[step]) do
+      local loss = model(mb.ids, mb.targets, mb.options)
+      sum = sum + loss:item()
+      ;(loss * (1 / MICRO)):backward()
+    end
+    opt:step()
+    losses[step] = sum / MICRO
+  end
+  return losses
+end
+
+local function run(name, kind)
+  local model = pipeline.stage(load(name))
+  local data = batches(model.config.vocab_size, kind)
+  local want = reference_losses(name, data)
+  local chunks = pipeline.chunks(model)
+  for _, chunk in ipairs(chunks) do parallel.tensor_parallel(chunk, { sequence_parallel = tp > 1 }) end
+  local opt = optimizer(model)
+  for step = 1, STEPS do
+    opt:zero_grad()
+    local loss = pipeline.forward_backward(model, data[step])
+    for _, chunk in ipairs(chunks) do parallel.finish_grads(chunk) end
+    pipeline.sync_embedding_grads(model)
+    opt:step()
+    if reports then print(string.format('LOSS %s %s %d %.10g %.10g', name, kind, step, loss, want[step])) end
+  end
+end
+
+for k = 3, #arg do
+  run(arg[k], 'pretrain')
+  run(arg[k], 'padded')
+end
