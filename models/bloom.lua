@@ -4,6 +4,9 @@
 -- turn, which is Megatron's linear_qkv with one head per query group: it maps as it is.
 local M = { model_type = 'bloom', architectures = { 'BloomForCausalLM' } }
 
+-- bigscience's published files were saved from BloomModel: 'h.0...' for 'transformer.h.0...', no lm_head
+M.base_prefix = 'transformer.'
+
 M.mapping = {
   { 'embedding.word_embeddings.weight', 'transformer.word_embeddings.weight', pack = 'vocab', tp = 'vocab' },
   { 'embedding.word_embeddings_layernorm.weight', 'transformer.word_embeddings_layernorm.weight' },

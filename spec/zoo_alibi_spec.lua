@@ -155,6 +155,24 @@ describe('zoo ALiBi family configs', function()
     fails_with(function() config_of('bloom', function(c) c.n_head = 5 end) end, 'n_head 5')
   end)
 
+  it("loads BLOOM files saved from the bare BloomModel (no 'transformer.' prefix, no lm_head)", function()
+    local ref, dir = reference('bloom')
+    local bare = tmp .. '/bare'
+    pio.mkdir_p(bare)
+    pio.write_atomic(bare .. '/config.json', pio.read_file(dir .. '/config.json'))
+    local tensors = {}
+    for name, t in pairs(st.load(dir .. '/model.safetensors', { copy = true })) do
+      if name ~= 'lm_head.weight' then tensors[(name:gsub('^transformer%.', ''))] = t end
+    end
+    assert(tensors['h.0.self_attention.query_key_value.weight'] ~= nil)
+    st.save(bare .. '/model.safetensors', tensors, { format = 'pt' })
+    local model = models.from_pretrained(bare)
+    local diff = padded_diff(model(ref.ids, nil, padding_options(ref.attention_mask)), ref.logits, ref.attention_mask)
+    assert(diff < 1e-4, 'logits differ by ' .. diff)
+    model:save_pretrained(tmp .. '/prefixed')   -- written as transformers writes BloomForCausalLM
+    assert(st.load(tmp .. '/prefixed/model.safetensors')['transformer.h.0.self_attention.query_key_value.weight'])
+  end)
+
   it('names a missing fused tensor', function()
     local _, dir = reference('baichuan_13b')
     local bad = tmp .. '/bad'
