@@ -185,6 +185,48 @@ describe('zoo ALiBi family configs', function()
   end)
 end)
 
+-- A directory of the fixture with a character-level tokenizer (no merges) whose ids fit its vocabulary.
+local function with_char_tokenizer(name)
+  local dir = tmp .. '/' .. name
+  pio.mkdir_p(dir)
+  for _, file in ipairs({ 'config.json', 'model.safetensors' }) do
+    pio.write_atomic(dir .. '/' .. file, pio.read_file(FIXTURES .. '/' .. name .. '/' .. file))
+  end
+  local vocab, chars = { ['<unk>'] = 0 }, 'abcdefghijklmnopqrstuvwxyz0123456789 +=.'
+  for k = 1, #chars do vocab[chars:sub(k, k)] = k + 2 end
+  pio.write_atomic(dir .. '/tokenizer.json', json.encode({ version = '1.0', added_tokens = json.array({}),
+    model = { type = 'BPE', vocab = vocab, merges = json.array({}), unk_token = '<unk>' } }))
+  return dir
+end
+
+describe('zoo ALiBi families in the recipes', function()
+  local shell = require 'spec.support.shell'
+  it('recipes/generate.lua --load generates what pmp.generate does', function()
+    for _, name in ipairs(NAMES) do
+      local dir = with_char_tokenizer(name)
+      local out, err, status = shell.run_pmp({ ROOT .. '/recipes/generate.lua', '--load', dir, '--prompt', 'the cat',
+        '--max-new-tokens', '5', '--output', dir .. '/out.jsonl' })
+      assert.are.equal(0, status, err .. out)
+      local tok = pmp.tokenizer.from_pretrained(dir)
+      local want = pmp.generate(models.from_pretrained(dir), { tok:encode('the cat') }, { max_new_tokens = 5 })
+      assert.are.same(want[1].tokens, json.decode(pio.read_file(dir .. '/out.jsonl')).tokens, name)
+    end
+  end)
+  it('recipes/sft.lua --load fine-tunes and saves a model that loads again', function()
+    for _, name in ipairs({ 'bloom', 'baichuan2_13b' }) do
+      local dir = with_char_tokenizer(name)
+      local data = tmp .. '/' .. name .. '.jsonl'
+      pio.write_atomic(data, '{"instruction": "add 1 2", "output": "3"}\n{"instruction": "add 2 2", "output": "4"}\n')
+      local out, err, status = shell.run_pmp({ ROOT .. '/recipes/sft.lua', '--load', dir, '--data-path', data,
+        '--chat-template', 'alpaca', '--train-iters', '2', '--micro-batch-size', '2', '--global-batch-size', '2',
+        '--save-hf', tmp .. '/' .. name .. '_sft' })
+      assert.are.equal(0, status, err .. out)
+      local tuned = models.from_pretrained(tmp .. '/' .. name .. '_sft')
+      assert.are.equal(name:match('^%a+'), tuned.hf.model_type)
+    end
+  end)
+end)
+
 -- With transformers importable (PMP_HF_CHECK=1), transformers (BLOOM) and the reference (Baichuan) read
 -- what save_pretrained wrote to the reference logits.
 local check = os.getenv('PMP_HF_CHECK') == '1'
