@@ -173,6 +173,18 @@ describe('zoo ALiBi family configs', function()
     assert(st.load(tmp .. '/prefixed/model.safetensors')['transformer.h.0.self_attention.query_key_value.weight'])
   end)
 
+  it('are counted parameter for parameter by pmp.estimate (LayerNorm biases, the embedding norm)', function()
+    local estimate = require 'pmp.estimate'
+    for _, name in ipairs(NAMES) do
+      local count = 0
+      for _, p in ipairs(models.from_pretrained(FIXTURES .. '/' .. name):parameters()) do count = count + p:numel() end
+      local estimated = 0
+      local config = estimate.model_config(FIXTURES .. '/' .. name .. '/config.json')
+      for _, stage in ipairs(estimate.memory(config, { seq_length = 8 }).stages) do estimated = estimated + stage.parameters end
+      assert.are.equal(count, estimated, name)
+    end
+  end)
+
   it('names a missing fused tensor', function()
     local _, dir = reference('baichuan_13b')
     local bad = tmp .. '/bad'
