@@ -1,17 +1,21 @@
 -- Run by spec/zoo_alibi_dist_spec.lua on every rank: trains tiny ALiBi checkpoints
 -- (spec/fixtures/zoo_alibi/<name>) three AdamW steps split TP ways (with sequence parallelism) and PP ways,
--- and, in the same script, as one process accumulating over the same micro-batches (the reference). Two
+-- or with each sequence split over a context-parallel group (gradients averaged by
+-- DistributedDataParallel over 'dp_cp'), and, in the same script, as one process accumulating over the
+-- same micro-batches (the reference). Two
 -- kinds of batches: 'pretrain' (every token a target) and 'padded' (the second row left-padded, its
 -- padding hidden by first_key and untrained), so each rank's slice of the ALiBi slopes and the padding
 -- mask both meet tensor parallelism. The last pipeline stage's tensor-parallel rank 0 prints
 --   LOSS name kind step parallel_loss reference_loss
--- Usage: zoo_alibi_worker.lua TP PP NAME...
+-- Usage: zoo_alibi_worker.lua TP PP NAME...   or   zoo_alibi_worker.lua cp CP NAME...
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
+local cp_lib = pmp.nn.context_parallel
 
-local tp, pp = tonumber(arg[1]), tonumber(arg[2])
-local layout = pmp.dist.init{ tp = tp, pp = pp }
-local reports = layout.tp_rank == 0 and pmp.dist.group('pp').rank == pp - 1
+local context = arg[1] == 'cp'
+local tp, pp = context and 1 or tonumber(arg[1]), context and 1 or tonumber(arg[2])
+local layout = pmp.dist.init{ tp = tp, pp = pp, cp = context and tonumber(arg[2]) or 1 }
+local reports = layout.tp_rank == 0 and pmp.dist.group('pp').rank == pp - 1 and pmp.dist.group('cp').rank == 0
 local FIXTURES = package.loaded['pmp.root'] .. '/spec/fixtures/zoo_alibi/'
 local STEPS, MICRO, MB, T, PAD = 3, 2, 2, 16, 5
 
@@ -88,7 +92,37 @@ local function run(name, kind)
   end
 end
 
+-- This rank's part of every sequence; a per-row first_key [B] stays whole (it counts global key positions).
+local function local_part(mb, group)
+  local options = mb.options and { first_key = mb.options.first_key, positions = cp_lib.split(mb.options.positions, group) }
+  return cp_lib.split(mb.ids, group), cp_lib.split(mb.targets, group), options
+end
+
+local function run_context_parallel(name, kind)
+  local group = pmp.dist.group('cp')
+  local model = parallel.context_parallel(load(name), { group = group })
+  local data = batches(model.config.vocab_size, kind)
+  local want = reference_losses(name, data)
+  local ddp = pmp.dist.ddp.DistributedDataParallel(model, { overlap = false })
+  local opt = optimizer(model)
+  for step = 1, STEPS do
+    opt:zero_grad()
+    ddp:zero_grad()
+    local sum = 0
+    for _, mb in ipairs(data[step]) do
+      local loss = model(local_part(mb, group))
+      sum = sum + loss:item()
+      ;(loss * (1 / MICRO)):backward()
+    end
+    ddp:finish_grad_sync()
+    opt:step()
+    local mean = group:all_reduce(pmp.tensor({ sum / MICRO }, { dtype = 'f64' }), 'avg'):item()
+    if reports then print(string.format('LOSS %s %s %d %.10g %.10g', name, kind, step, mean, want[step])) end
+  end
+end
+
 for k = 3, #arg do
-  run(arg[k], 'pretrain')
-  run(arg[k], 'padded')
+  for _, kind in ipairs({ 'pretrain', 'padded' }) do
+    if context then run_context_parallel(arg[k], kind) else run(arg[k], kind) end
+  end
 end
