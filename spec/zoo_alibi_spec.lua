@@ -9,6 +9,8 @@ local st = require 'pmp.safetensors'
 local models = require 'pmp.models'
 local tensor = require 'pmp.tensor'
 local expect = require 'spec.support.expect'
+local shell = require 'spec.support.shell'
+local reference_fixture = require 'spec.support.reference_fixture'
 local fails_with, same_bits = expect.fails_with, expect.same_bits
 
 local ROOT = package.loaded['pmp.root'] or '.'
@@ -16,18 +18,22 @@ local FIXTURES = ROOT .. '/spec/fixtures/zoo_alibi'
 local NAMES = { 'bloom', 'baichuan_7b', 'baichuan_13b', 'baichuan2_7b', 'baichuan2_13b' }
 
 local tmp
-before_each(function()
-  tmp = string.format('%s/pmp_zoo_alibi.%d.%d', os.getenv('TMPDIR') or '/tmp', pio.getpid(), math.random(1e9))
-  pio.mkdir_p(tmp)
-end)
-after_each(function() pio.remove_tree(tmp) end)
+before_each(function() tmp = shell.temp_dir() end)
+after_each(function() shell.remove_dir(tmp) end)
 
 local function reference(name)
   local dir = FIXTURES .. '/' .. name
-  local ref = json.read(dir .. '/reference.json')
-  ref.logits = st.load(dir .. '/reference.safetensors', { copy = true }).logits
-  ref.ids = tensor.tensor(ref.input_ids, { dtype = 'i64' })
-  return ref, dir
+  return reference_fixture.read(dir), dir
+end
+
+-- Fixture `name` as a GPTModel built from its config alone (no Hugging Face config kept), saved to
+-- tmp/name with the family's own rendering of config.json; returns the loaded fixture model and that path.
+local function save_from_config(name)
+  local loaded = models.from_pretrained(FIXTURES .. '/' .. name)
+  local plain = pmp.nn.GPTModel(loaded.config)
+  plain:load_state_dict(loaded:state_dict())
+  plain:save_pretrained(tmp .. '/' .. name, { model_type = loaded.hf.model_type })
+  return loaded, tmp .. '/' .. name
 end
 
 -- pmp's options for a left-padded batch: each row's first real key, and positions counted from it.
@@ -133,12 +139,8 @@ describe('zoo ALiBi family configs', function()
 
   it('writes a config from the model config alone that loads to the same model', function()
     for _, name in ipairs(NAMES) do
-      local ref, dir = reference(name)
-      local loaded = models.from_pretrained(dir)
-      local plain = pmp.nn.GPTModel(loaded.config)
-      plain:load_state_dict(loaded:state_dict())
-      local out = tmp .. '/' .. name
-      plain:save_pretrained(out, { model_type = loaded.hf.model_type })
+      local ref = reference(name)
+      local loaded, out = save_from_config(name)
       local again = models.from_pretrained(out)
       assert.are.equal(0, (again(ref.ids) - loaded(ref.ids)):abs():max():item(), name)
     end
@@ -155,17 +157,25 @@ describe('zoo ALiBi family configs', function()
     fails_with(function() config_of('bloom', function(c) c.n_head = 5 end) end, 'n_head 5')
   end)
 
+  -- A copy of fixture `name` in tmp/copy whose tensors are edit(the fixture's tensors).
+  local function rewritten(name, edit)
+    local dir, copy = FIXTURES .. '/' .. name, tmp .. '/copy'
+    pio.mkdir_p(copy)
+    pio.write_atomic(copy .. '/config.json', pio.read_file(dir .. '/config.json'))
+    st.save(copy .. '/model.safetensors', edit(st.load(dir .. '/model.safetensors', { copy = true })), { format = 'pt' })
+    return copy
+  end
+
   it("loads BLOOM files saved from the bare BloomModel (no 'transformer.' prefix, no lm_head)", function()
-    local ref, dir = reference('bloom')
-    local bare = tmp .. '/bare'
-    pio.mkdir_p(bare)
-    pio.write_atomic(bare .. '/config.json', pio.read_file(dir .. '/config.json'))
-    local tensors = {}
-    for name, t in pairs(st.load(dir .. '/model.safetensors', { copy = true })) do
-      if name ~= 'lm_head.weight' then tensors[(name:gsub('^transformer%.', ''))] = t end
-    end
-    assert(tensors['h.0.self_attention.query_key_value.weight'] ~= nil)
-    st.save(bare .. '/model.safetensors', tensors, { format = 'pt' })
+    local ref = reference('bloom')
+    local bare = rewritten('bloom', function(tensors)
+      local out = {}
+      for name, t in pairs(tensors) do
+        if name ~= 'lm_head.weight' then out[(name:gsub('^transformer%.', ''))] = t end
+      end
+      assert(out['h.0.self_attention.query_key_value.weight'] ~= nil)
+      return out
+    end)
     local model = models.from_pretrained(bare)
     local diff = padded_diff(model(ref.ids, nil, padding_options(ref.attention_mask)), ref.logits, ref.attention_mask)
     assert(diff < 1e-4, 'logits differ by ' .. diff)
@@ -186,13 +196,10 @@ describe('zoo ALiBi family configs', function()
   end)
 
   it('names a missing fused tensor', function()
-    local _, dir = reference('baichuan_13b')
-    local bad = tmp .. '/bad'
-    pio.mkdir_p(bad)
-    pio.write_atomic(bad .. '/config.json', pio.read_file(dir .. '/config.json'))
-    local tensors = st.load(dir .. '/model.safetensors', { copy = true })
-    tensors['model.layers.1.self_attn.W_pack.weight'] = nil
-    st.save(bad .. '/model.safetensors', tensors, { format = 'pt' })
+    local bad = rewritten('baichuan_13b', function(tensors)
+      tensors['model.layers.1.self_attn.W_pack.weight'] = nil
+      return tensors
+    end)
     fails_with(function() models.from_pretrained(bad) end, 'missing weights: model.layers.1.self_attn.W_pack.weight')
   end)
 end)
@@ -212,7 +219,6 @@ local function with_char_tokenizer(name)
 end
 
 describe('zoo ALiBi families in the recipes', function()
-  local shell = require 'spec.support.shell'
   it('recipes/generate.lua --load generates what pmp.generate does', function()
     for _, name in ipairs(NAMES) do
       local dir = with_char_tokenizer(name)
@@ -245,13 +251,7 @@ local check = os.getenv('PMP_HF_CHECK') == '1'
 describe('zoo ALiBi exports read by the references', function()
   local test = check and it or pending
   test('transformers and tools/baichuan_reference.py load save_pretrained output (PMP_HF_CHECK=1)', function()
-    for _, name in ipairs(NAMES) do
-      local _, dir = reference(name)
-      local loaded = models.from_pretrained(dir)
-      local plain = pmp.nn.GPTModel(loaded.config)
-      plain:load_state_dict(loaded:state_dict())
-      plain:save_pretrained(tmp .. '/' .. name, { model_type = loaded.hf.model_type })
-    end
+    for _, name in ipairs(NAMES) do save_from_config(name) end
     local cmd = string.format('python3 %s/tools/make_zoo_alibi_fixtures.py --out %s --verify-export %s 2>&1', ROOT, FIXTURES, tmp)
     local p = io.popen(cmd)
     local out = p:read('*a')

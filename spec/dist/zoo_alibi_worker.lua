@@ -11,6 +11,7 @@
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
 local cp_lib = pmp.nn.context_parallel
+local accumulate = require 'spec.support.accumulate'
 
 local context = arg[1] == 'cp'
 local tp, pp = context and 1 or tonumber(arg[1]), context and 1 or tonumber(arg[2])
@@ -62,15 +63,7 @@ local function reference_losses(name, data)
   local opt = optimizer(model)
   local losses = {}
   for step = 1, STEPS do
-    opt:zero_grad()
-    local sum = 0
-    for _, mb in ipairs(data[step]) do
-      local loss = model(mb.ids, mb.targets, mb.options)
-      sum = sum + loss:item()
-      ;(loss * (1 / MICRO)):backward()
-    end
-    opt:step()
-    losses[step] = sum / MICRO
+    losses[step] = accumulate.step(opt, data[step], function(mb) return model(mb.ids, mb.targets, mb.options) end)
   end
   return losses
 end
@@ -106,17 +99,10 @@ local function run_context_parallel(name, kind)
   local ddp = pmp.dist.ddp.DistributedDataParallel(model, { overlap = false })
   local opt = optimizer(model)
   for step = 1, STEPS do
-    opt:zero_grad()
     ddp:zero_grad()
-    local sum = 0
-    for _, mb in ipairs(data[step]) do
-      local loss = model(local_part(mb, group))
-      sum = sum + loss:item()
-      ;(loss * (1 / MICRO)):backward()
-    end
-    ddp:finish_grad_sync()
-    opt:step()
-    local mean = group:all_reduce(pmp.tensor({ sum / MICRO }, { dtype = 'f64' }), 'avg'):item()
+    local loss = accumulate.step(opt, data[step], function(mb) return model(local_part(mb, group)) end,
+      function() ddp:finish_grad_sync() end)
+    local mean = group:all_reduce(pmp.tensor({ loss }, { dtype = 'f64' }), 'avg'):item()
     if reports then print(string.format('LOSS %s %s %d %.10g %.10g', name, kind, step, mean, want[step])) end
   end
 end
