@@ -2,7 +2,7 @@ require 'busted.runner'()
 -- BLOOM and Baichuan2-13B (ALiBi; Baichuan2's NormHead over a vocabulary split across ranks) train under
 -- tensor parallelism (TP=2 with sequence parallelism: each rank its heads' slopes) and pipeline
 -- parallelism (PP=2), and with each sequence split over a context-parallel group (CP=2), to the losses
--- of one process doing the same steps, on plain and left-padded batches: spec/dist/zoo_alibi_worker.lua
+-- of one process doing the same steps, on pretraining, left-padded and packed SFT batches: spec/dist/zoo_alibi_worker.lua
 -- computes both and prints them.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
@@ -23,13 +23,13 @@ local function check(tp, pp)
       string.format('%s %s step %s: loss %s, one process %s', r[1], r[2], r[3], r[4], r[5]))
     seen = seen + 1
   end
-  assert.are.equal(2 * 3 * #NAMES, seen, 'one LOSS line per family, kind and step')
+  assert.are.equal(3 * 3 * #NAMES, seen, 'one LOSS line per family, kind and step')
 end
 
 describe('ALiBi families in parallel', function()
-  it('TP=2 with sequence parallelism gives the losses of one process, plain and left-padded', function() check(2, 1) end)
-  it('PP=2 gives the losses of one process, plain and left-padded', function() check(1, 2) end)
-  it('CP=2 gives the losses of one process, plain and left-padded (ALiBi over the gathered keys)', function()
+  it('TP=2 with sequence parallelism gives the losses of one process: pretraining, left-padded and packed SFT batches', function() check(2, 1) end)
+  it('PP=2 gives the losses of one process: pretraining, left-padded and packed SFT batches', function() check(1, 2) end)
+  it('CP=2 gives the losses of one process: pretraining, left-padded and packed SFT batches (ALiBi over the gathered keys)', function()
     check('cp', 2)
   end)
 end)

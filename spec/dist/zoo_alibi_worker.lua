@@ -2,10 +2,10 @@
 -- (spec/fixtures/zoo_alibi/<name>) three AdamW steps split TP ways (with sequence parallelism) and PP ways,
 -- or with each sequence split over a context-parallel group (gradients averaged by
 -- DistributedDataParallel over 'dp_cp'), and, in the same script, as one process accumulating over the
--- same micro-batches (the reference). Two
--- kinds of batches: 'pretrain' (every token a target) and 'padded' (the second row left-padded, its
--- padding hidden by first_key and untrained), so each rank's slice of the ALiBi slopes and the padding
--- mask both meet tensor parallelism. The last pipeline stage's tensor-parallel rank 0 prints
+-- same micro-batches (the reference). Three
+-- kinds of batches: 'pretrain' (every token a target), 'padded' (the second row left-padded, its
+-- padding hidden by first_key and untrained) and 'packed' (SFT: two samples per row, see pack_samples),
+-- so each rank's slice of the ALiBi slopes meets the padding and per-document masks. The last pipeline stage's tensor-parallel rank 0 prints
 --   LOSS name kind step parallel_loss reference_loss
 -- Usage: zoo_alibi_worker.lua TP PP NAME...   or   zoo_alibi_worker.lua cp CP NAME...
 local pipeline = require 'pmp.dist.pipeline'
@@ -45,6 +45,27 @@ local function pad_second_row(mb)
   return mb
 end
 
+-- SFT rows: two samples packed per row (FIRST and T - FIRST tokens), positions restarting and attention
+-- kept inside each, the first PROMPT tokens of each sample untrained.
+local FIRST, PROMPT = 7, 3
+local function pack_samples(mb)
+  local targets, positions, first_key = mb.targets:totable(), {}, {}
+  for b = 1, MB do
+    positions[b], first_key[b] = {}, {}
+    for t = 1, T do
+      local second = t > FIRST
+      positions[b][t] = second and t - 1 - FIRST or t - 1
+      first_key[b][t] = second and FIRST or 0
+      if positions[b][t] < PROMPT or t == FIRST then targets[b][t] = -100 end
+    end
+  end
+  mb.targets = pmp.tensor(targets, { dtype = 'i64' })
+  mb.options = { first_key = pmp.tensor(first_key, { dtype = 'i64' }), positions = pmp.tensor(positions, { dtype = 'i64' }) }
+  return mb
+end
+
+local SHAPE = { padded = pad_second_row, packed = pack_samples }
+
 local function batches(vocab, kind)
   pmp.manual_seed(4321)
   local out = {}
@@ -52,7 +73,7 @@ local function batches(vocab, kind)
     out[step] = {}
     for k = 1, MICRO do
       local mb = { ids = pmp.randint(0, vocab, { MB, T }), targets = pmp.randint(0, vocab, { MB, T }) }
-      out[step][k] = kind == 'padded' and pad_second_row(mb) or mb
+      out[step][k] = SHAPE[kind] and SHAPE[kind](mb) or mb
     end
   end
   return out
@@ -87,7 +108,9 @@ end
 
 -- This rank's part of every sequence; a per-row first_key [B] stays whole (it counts global key positions).
 local function local_part(mb, group)
-  local options = mb.options and { first_key = mb.options.first_key, positions = cp_lib.split(mb.options.positions, group) }
+  local o = mb.options
+  local options = o and { positions = cp_lib.split(o.positions, group),
+    first_key = o.first_key:dim() == 2 and cp_lib.split(o.first_key, group) or o.first_key }
   return cp_lib.split(mb.ids, group), cp_lib.split(mb.targets, group), options
 end
 
@@ -108,7 +131,7 @@ local function run_context_parallel(name, kind)
 end
 
 for k = 3, #arg do
-  for _, kind in ipairs({ 'pretrain', 'padded' }) do
+  for _, kind in ipairs({ 'pretrain', 'padded', 'packed' }) do
     if context then run_context_parallel(arg[k], kind) else run(arg[k], kind) end
   end
 end
