@@ -2,8 +2,8 @@ require 'busted.runner'()
 -- BLOOM and Baichuan2-13B (ALiBi; Baichuan2's NormHead over a vocabulary split across ranks) train under
 -- tensor parallelism (TP=2 with sequence parallelism: each rank its heads' slopes) and pipeline
 -- parallelism (PP=2), and with each sequence split over a context-parallel group (CP=2), to the losses
--- of one process doing the same steps, on pretraining, left-padded and packed SFT batches: spec/dist/zoo_alibi_worker.lua
--- computes both and prints them.
+-- of one process doing the same steps, on pretraining, left-padded and packed SFT batches:
+-- spec/dist/zoo_alibi_worker.lua computes both and prints them.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
