@@ -3,11 +3,14 @@
 -- untied lm_head. The checkpoints tell their layouts apart only by config keys, as their code does:
 --   * the 7B files (Baichuan-7B, Baichuan2-7B) rotate q and k (RoPE, base 10000) and their config has
 --     max_position_embeddings; the 13B files use ALiBi instead and have only model_max_length;
---   * Baichuan2 (its config has z_loss_weight) normalises each lm_head row to unit norm (NormHead,
---     config.norm_head); the file holds the rows unnormalised during training, as pmp keeps them.
+--   * Baichuan2 (its config has z_loss_weight, and its vocabulary has 125696 tokens: either tells it, as
+--     vLLM tells it by the size) normalises each lm_head row to unit norm (NormHead, config.norm_head);
+--     the file holds the rows unnormalised during training, as pmp keeps them.
 local llama = require 'models.llama'
 
 local M = { model_type = 'baichuan', architectures = { 'BaichuanForCausalLM' } }
+
+local BAICHUAN2_VOCAB = 125696
 
 M.mapping = {
   { 'embedding.word_embeddings.weight', 'model.embed_tokens.weight', pack = 'vocab', tp = 'vocab' },
@@ -32,10 +35,10 @@ function M.config(read)
   if c.tie_embeddings then read:fail('tie_word_embeddings = true is not supported (Baichuan has its own lm_head)') end
   if read('max_position_embeddings') == nil then c.position_embedding_type = 'alibi' end
   local z_loss = read:number('z_loss_weight')
-  if z_loss ~= nil then
-    if z_loss ~= 0 then read:fail(string.format('z_loss_weight %g is not supported (only 0: no z-loss)', z_loss)) end
-    c.norm_head = true
+  if z_loss ~= nil and z_loss ~= 0 then
+    read:fail(string.format('z_loss_weight %g is not supported (only 0: no z-loss)', z_loss))
   end
+  c.norm_head = z_loss ~= nil or c.vocab_size == BAICHUAN2_VOCAB or nil
   return c
 end
 

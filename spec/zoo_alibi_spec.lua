@@ -135,6 +135,8 @@ describe('zoo ALiBi family configs', function()
     assert.are_not.equal('alibi', config_of('baichuan_7b').position_embedding_type)
     assert.is_true(config_of('baichuan2_13b').norm_head)
     assert.is_falsy(config_of('baichuan_13b').norm_head)
+    -- Baichuan2's vocabulary size alone also means NormHead
+    assert.is_true(config_of('baichuan_13b', function(c) c.vocab_size = 125696 end).norm_head)
   end)
 
   it('writes a config from the model config alone that loads to the same model', function()
