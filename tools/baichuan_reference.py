@@ -8,8 +8,9 @@ heads in order), SwiGLU MLP (gate_proj, up_proj, down_proj), no biases, untied l
   * position: the 7B files rotate q and k (RoPE, base 10000, rotate-half); their config.json carries
     max_position_embeddings. The 13B files add ALiBi, slope_h * (key - query), and their config.json
     has only model_max_length.
-  * lm_head: Baichuan2 (its config.json carries z_loss_weight; its vocabulary has 125696 tokens) normalises each row of lm_head.weight to
-    unit L2 norm before the product (NormHead); Baichuan 1 uses the rows as they are.
+  * lm_head: Baichuan2 (its config.json carries z_loss_weight; its vocabulary has 125696 tokens)
+    normalises each row of lm_head.weight to unit L2 norm before the product (NormHead); Baichuan 1
+    uses the rows as they are.
 Padding: attention_mask [B, T] (1 = token); a query never sees padding, and RoPE positions count from
 each row's first token, as Baichuan's generation code computes them.
 """
