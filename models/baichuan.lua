@@ -33,7 +33,10 @@ function M.config(read)
   end
   local c = llama.base_config(read, { rms_norm_eps = 1e-6 })
   if c.tie_embeddings then read:fail('tie_word_embeddings = true is not supported (Baichuan has its own lm_head)') end
-  if read('max_position_embeddings') == nil then c.position_embedding_type = 'alibi' end
+  -- Baichuan-7B's own class name (BaiChuanForCausalLM) also says RoPE
+  local architectures = read('architectures')
+  local seven_b = type(architectures) == 'table' and architectures[1] == 'BaiChuanForCausalLM'
+  if read('max_position_embeddings') == nil and not seven_b then c.position_embedding_type = 'alibi' end
   local z_loss = read:number('z_loss_weight')
   if z_loss ~= nil and z_loss ~= 0 then
     read:fail(string.format('z_loss_weight %g is not supported (only 0: no z-loss)', z_loss))

@@ -133,6 +133,8 @@ describe('zoo ALiBi family configs', function()
     assert.is_true(config_of('bloom').word_embeddings_layernorm)
     assert.are.equal('alibi', config_of('baichuan_13b').position_embedding_type)
     assert.are_not.equal('alibi', config_of('baichuan_7b').position_embedding_type)
+    assert.are_not.equal('alibi', config_of('baichuan_7b', function(c) c.max_position_embeddings = nil end)
+      .position_embedding_type)   -- BaiChuanForCausalLM is Baichuan-7B's class
     assert.is_true(config_of('baichuan2_13b').norm_head)
     assert.is_falsy(config_of('baichuan_13b').norm_head)
     -- Baichuan2's vocabulary size alone also means NormHead
