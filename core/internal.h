@@ -94,7 +94,7 @@ typedef struct pmp_op_args {
   pmp_tensor *out;
   pmp_tensor *out2;             /* further outputs, e.g. indices of max, gradients of a fused op */
   pmp_tensor *out3;
-  pmp_tensor *in[7];
+  pmp_tensor *in[8];
   int nin;
   double f[6];
   int64_t i[8];
@@ -204,7 +204,7 @@ int pmp_backward_custom(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 void pmp_custom_node_freed(pmp_node *n);
 
 /* ---- autograd (autograd.c) ---- */
-enum { PMP_NODE_MAX_SAVED = 6 };
+enum { PMP_NODE_MAX_SAVED = 7 };
 
 /* Where one input's gradient goes: the node that produced it, or the leaf itself. */
 typedef struct pmp_edge {

@@ -25,6 +25,9 @@ PMP_HF_CHECK=1 ./pmp spec/run.lua spec/zoo_ln_spec.lua
 echo '== PEFT applies pmp'"'"'s LoRA adapters to pmp'"'"'s logits, transformers reads merged exports (spec/lora_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/lora_spec.lua
 
+echo '== transformers (BLOOM) and tools/baichuan_reference.py load what pmp save_pretrained wrote (spec/zoo_alibi_spec.lua, PMP_HF_CHECK=1)'
+PMP_HF_CHECK=1 ./pmp spec/run.lua spec/zoo_alibi_spec.lua
+
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify
 

@@ -8,6 +8,7 @@ enum { BLOCK_Q = 64, BLOCK_K = 64, GEMM_ROWS = 8 };
 typedef struct attention_shape {
   int64_t B, Hq, Hkv, T, S, D, offset, window;
   const int64_t *first_key;   /* per batch row [B] or per query [B, T], or NULL */
+  const double *slopes;       /* ALiBi: one per query head [Hq], or NULL */
   int64_t first_key_row, first_key_col;   /* its strides */
   bool causal;
   double scale;
@@ -100,7 +101,7 @@ __attribute__((always_inline)) static inline void store_row_f64(char *dst, int d
  * Q K^T and dO V^T multiply bf16 values exactly (only the order of the f32 sums changes); P and dS are
  * rounded to bf16 before P V, P^T dO, dS K and dS^T Q, as PyTorch's CPU flash attention does. The
  * softmax statistics, delta and the O, dQ, dK, dV accumulators stay f32. Elsewhere (f16, f32, f64,
- * mixed dtypes, no AMX, PMP_ATTENTION_NO_AMX=1) the f32/f64 kernels above run. */
+ * mixed dtypes, ALiBi, no AMX, PMP_ATTENTION_NO_AMX=1) the f32/f64 kernels above run. */
 #include "cpu/x86/amx.h"
 #ifdef PMP_HAVE_AMX
 #define HAVE_AMX_ATTENTION 1
@@ -558,28 +559,31 @@ AMX_TARGET static int attention_backward_amx(const attention_shape *sh, const at
 }
 #endif
 
-static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_key) {
+static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_key, const pmp_tensor *slopes) {
   const pmp_tensor *q = a->in[0], *k = a->in[1];
   attention_shape sh = {.B = q->sizes[0], .Hq = q->sizes[1], .Hkv = k->sizes[1], .T = q->sizes[2], .S = k->sizes[2],
                         .D = q->sizes[3], .causal = a->i[0] != 0, .window = a->i[1], .scale = a->f[0]};
   sh.offset = sh.S - sh.T;
   sh.first_key = first_key ? (const int64_t *)first_key->data : NULL;
+  sh.slopes = slopes ? (const double *)slopes->data : NULL;
   bool per_query = first_key && first_key->ndim == 2;
   sh.first_key_row = per_query ? sh.T : 1;
   sh.first_key_col = per_query ? 1 : 0;
   return sh;
 }
 
-/* in: q, k, v (rows of D contiguous, any float dtypes), first keys (i64 [B] or NULL); out: o (q's dtype);
+/* in: q, k, v (rows of D contiguous, any float dtypes), first keys (i64 [B] or NULL), ALiBi slopes (f64 [Hq] or
+ * NULL); out: o (q's dtype);
  * out2: log-sum-exp per query (compute dtype, contiguous); out3: NULL or o in the compute dtype. The
  * compute dtype is out2's. */
 int pmp_cpu_attention(const pmp_op_args *a) {
-  attention_shape sh = shape_of(a, a->in[3]);
+  attention_shape sh = shape_of(a, a->in[3], a->in[4]);
   attention_operand q = operand_of(a->in[0]), k = operand_of(a->in[1]), v = operand_of(a->in[2]);
   attention_operand o = operand_of(a->out), exact = operand_of(a->out3);
   int rc;
 #ifdef HAVE_AMX_ATTENTION
-  if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && a->out2->dtype_id == PMP_F32 && pmp_amx_enabled("PMP_ATTENTION_NO_AMX"))
+  if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && a->out2->dtype_id == PMP_F32 && !sh.slopes &&
+      pmp_amx_enabled("PMP_ATTENTION_NO_AMX"))
     rc = attention_forward_amx(&sh, &q, &k, &v, &o, &exact, (float *)a->out2->data);
   else
 #endif
@@ -588,17 +592,17 @@ int pmp_cpu_attention(const pmp_op_args *a) {
   return rc == 0 ? 0 : pmp_fail_code("attention: out of memory for its work buffers");
 }
 
-/* in: q, k, v, o (compute dtype), lse, dO, first keys; out: dq, out2: dk, out3: dv, each in its input's
+/* in: q, k, v, o (compute dtype), lse, dO, first keys, slopes; out: dq, out2: dk, out3: dv, each in its input's
  * dtype and any strides with rows contiguous. */
 int pmp_cpu_attention_backward(const pmp_op_args *a) {
-  attention_shape sh = shape_of(a, a->in[6]);
+  attention_shape sh = shape_of(a, a->in[6], a->in[7]);
   attention_operand q = operand_of(a->in[0]), k = operand_of(a->in[1]), v = operand_of(a->in[2]);
   attention_operand o = operand_of(a->in[3]), dout = operand_of(a->in[5]);
   attention_operand dq = operand_of(a->out), dk = operand_of(a->out2), dv = operand_of(a->out3);
   int rc;
 #ifdef HAVE_AMX_ATTENTION
   if (q.dtype == PMP_BF16 && k.dtype == PMP_BF16 && v.dtype == PMP_BF16 && dout.dtype == PMP_BF16 &&
-      a->in[4]->dtype_id == PMP_F32 && pmp_amx_enabled("PMP_ATTENTION_NO_AMX"))
+      a->in[4]->dtype_id == PMP_F32 && !sh.slopes && pmp_amx_enabled("PMP_ATTENTION_NO_AMX"))
     rc = attention_backward_amx(&sh, &q, &k, &v, &o, (const float *)a->in[4]->data, &dout, &dq, &dk, &dv);
   else
 #endif

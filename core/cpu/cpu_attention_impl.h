@@ -260,6 +260,19 @@ WIDE_VECTORS static void NAME(row_dots_, SUFFIX)(REAL *delta, const REAL *dout, 
   }
 }
 
+/* ALiBi on a tile of scaled scores starting at query t0 and key s0: adds slope * (key - query position)
+ * to every column of each row (masked columns too: they stay finite and are dropped by the softmax). */
+WIDE_VECTORS static void NAME(alibi_tile_, SUFFIX)(const attention_shape *sh, int64_t h, REAL *scores, int64_t t0,
+                                                   int64_t rows, int64_t s0, int64_t cols) {
+  double slope = sh->slopes[h];
+  for (int64_t r = 0; r < rows; r++) {
+    REAL *srow = scores + r * BLOCK_K;
+    int64_t distance0 = s0 - (t0 + r + sh->offset);
+#pragma omp simd
+    for (int64_t c = 0; c < cols; c++) srow[c] += (REAL)(slope * (double)(distance0 + c));
+  }
+}
+
 /* Key range [first, last] visible to query t of batch row b (empty when first > last). */
 static inline void NAME(visible_keys_, SUFFIX)(const attention_shape *sh, int64_t b, int64_t t, int64_t *first,
                                                int64_t *last) {
@@ -340,6 +353,7 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
           NAME(spans_by_queries_, SUFFIX)(rows, cols, lo_c, hi_c, q_terms, q_cols);
           NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K, NULL,
                                    q_cols);
+          if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, h, scores, t0, rows, s0, cols);
           NAME(softmax_tile_, SUFFIX)(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, D);
           NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D, q_terms,
                                    NULL);
@@ -418,6 +432,7 @@ static int NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const at
             NAME(spans_by_keys_, SUFFIX)(rows, cols, lo_c, hi_c, k_terms);
             NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt + s0, S, false, p, BLOCK_K,
                                      NULL, q_cols);
+            if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, h, p, t0, rows, s0, cols);
             NAME(probabilities_tile_, SUFFIX)(p, rows, cols, lo_c, hi_c, lh + t0);
             /* dV += P^T dO ; dP = dO V^T */
             NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D,

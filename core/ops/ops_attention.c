@@ -1,4 +1,4 @@
-/* Scaled dot-product attention (causal, GQA, sliding window) as one op with its own backward. */
+/* Scaled dot-product attention (causal, GQA, sliding window, ALiBi) as one op with its own backward. */
 #include "internal.h"
 #include <math.h>
 
@@ -15,6 +15,11 @@ static pmp_tensor *rows_contiguous(pmp_tensor *t) {
 
 pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
                           int64_t window) {
+  return pmp_attention_alibi(q, k, v, first_key, NULL, scale, causal, window);
+}
+
+pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
+                                double scale, int causal, int64_t window) {
   if (!q || !k || !v) return NULL;
   char sq[PMP_SHAPE_BUF], sk[PMP_SHAPE_BUF], sv[PMP_SHAPE_BUF];
   if (!pmp_same_device(q, k, "attention") || !pmp_same_device(q, v, "attention")) return NULL;
@@ -34,6 +39,10 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
     return pmp_fail("attention: first_key must be an integer tensor [%lld] or [%lld, %lld], got %s %s",
                     (long long)q->sizes[0], (long long)q->sizes[0], (long long)q->sizes[2],
                     pmp_dtype_name(first_key->dtype_id), SHAPE(first_key, sv));
+  if (slopes && (slopes->ndim != 1 || slopes->sizes[0] != q->sizes[1] || !pmp_dtype_is_float(slopes->dtype_id)))
+    return pmp_fail("attention: ALiBi slopes must be a float tensor [%lld] (one per query head), got %s %s",
+                    (long long)q->sizes[1], pmp_dtype_name(slopes->dtype_id), SHAPE(slopes, sv));
+  if (slopes && !pmp_same_device(q, slopes, "attention")) return NULL;
   if (scale <= 0) scale = 1.0 / sqrt((double)q->sizes[3]);
   /* The kernels load q, k, v in place, converting rows to the compute dtype (f32 for bf16/f16) as they
    * go, and round the output once into q's dtype. */
@@ -43,6 +52,8 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
   pmp_tensor *qc = pmp_keep(&s, rows_contiguous(q)), *kc = pmp_keep(&s, rows_contiguous(k));
   pmp_tensor *vc = pmp_keep(&s, rows_contiguous(v));
   pmp_tensor *starts = first_key ? pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(first_key, PMP_I64)))) : NULL;
+  /* the kernels read the slopes as doubles, whatever the dtype of q */
+  pmp_tensor *alibi = slopes ? pmp_keep(&s, pmp_contiguous(pmp_keep(&s, pmp_to_dtype(slopes, PMP_F64)))) : NULL;
   int64_t lse_shape[3] = {B, Hq, T};
   pmp_tensor *lse = pmp_keep(&s, pmp_empty_shape(lse_shape, 3, compute, q->dev));
   /* The output's memory is [B, T, Hq, D], so merging the heads back into [B, T, Hq * D] is a view. */
@@ -51,16 +62,17 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
   pmp_tensor *out = base ? pmp_tensor_new_view(base, q->sizes, view_strides, 4, base->offset) : NULL;
   /* the backward pass wants the output before rounding: keep a compute-dtype copy when they differ */
   pmp_tensor *exact = q->dtype_id == compute ? NULL : pmp_keep(&s, pmp_empty_shape(q->sizes, 4, compute, q->dev));
-  bool ready = qc && kc && vc && lse && (starts || !first_key) && (exact || q->dtype_id == compute);
+  bool ready = qc && kc && vc && lse && (starts || !first_key) && (alibi || !slopes) && (exact || q->dtype_id == compute);
   if (out && !ready) {
     pmp_tensor_release(out);
     out = NULL;
   }
-  pmp_op_args a = {.op = PMP_OP_ATTENTION, .out = out, .out2 = lse, .out3 = exact, .in = {qc, kc, vc, starts},
-                   .nin = 4, .f = {scale}, .i = {causal != 0, window}};
+  pmp_op_args a = {.op = PMP_OP_ATTENTION, .out = out, .out2 = lse, .out3 = exact, .in = {qc, kc, vc, starts, alibi},
+                   .nin = 5, .f = {scale}, .i = {causal != 0, window}};
   pmp_tensor *inputs[3] = {qc, kc, vc};
   pmp_node *n;
-  out = pmp_run_op(&a, inputs, 3, (pmp_tensor *[]){qc, kc, vc, exact ? exact : PMP_SAVED_OUTPUT, lse, starts}, 6, &n);
+  out = pmp_run_op(&a, inputs, 3, (pmp_tensor *[]){qc, kc, vc, exact ? exact : PMP_SAVED_OUTPUT, lse, starts, alibi}, 7,
+                   &n);
   if (n) n->f[0] = scale, n->i[0] = causal != 0, n->i[1] = window;
   pmp_scope_end(&s);
   return out;
@@ -68,12 +80,12 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
 
 int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
   pmp_tensor *q = n->saved[0], *k = n->saved[1], *v = n->saved[2], *o = n->saved[3], *lse = n->saved[4];
-  pmp_tensor *starts = n->saved[5];
+  pmp_tensor *starts = n->saved[5], *alibi = n->saved[6];
   pmp_tensor *gc = rows_contiguous(g);
   pmp_tensor *dq = pmp_empty_in_layout(q, q->dtype_id), *dk = pmp_empty_in_layout(k, k->dtype_id);
   pmp_tensor *dv = pmp_empty_in_layout(v, v->dtype_id);
   pmp_op_args a = {.op = PMP_OP_ATTENTION_BACKWARD, .out = dq, .out2 = dk, .out3 = dv,
-                   .in = {q, k, v, o, lse, gc, starts}, .nin = 7, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
+                   .in = {q, k, v, o, lse, gc, starts, alibi}, .nin = 8, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
   int rc = gc && dq && dk && dv ? pmp_dispatch(&a) : -1;
   pmp_tensor_release(gc);
   if (rc != 0) {

@@ -124,6 +124,13 @@ pmp_tensor *pmp_swiglu(pmp_tensor *x);
  * that see no key at all output zeros. */
 pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, double scale, int causal,
                           int64_t window);
+/* pmp_attention with ALiBi (BLOOM, Baichuan-13B, Falcon's alibi variant): slopes (NULL for none, or a
+ * float tensor [Hq]) adds slopes[h] * (s - p) to the scaled score of head h's query at position
+ * p = t + S - T and key s, penalising a key linearly in its distance. Softmax ignores a shift shared by a
+ * row, so this equals biases counted from the first key or the first unpadded one. The slopes are
+ * constants: they get no gradient. */
+pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
+                                double scale, int causal, int64_t window);
 
 /* ---- optimizer steps: in place, outside autograd ---- */
 /* One AdamW step (decoupled weight decay, PyTorch's formula). master (f32, may be NULL) holds the

@@ -129,12 +129,13 @@ local function parameter_counts(c, tp, ep)
   if c.add_mlp_bias then mlp = mlp + F * (gated and 2 or 1) / tp + H end
   local experts = c.num_experts or 0
   if experts > 0 then mlp = mlp * experts / ep + H * experts end   -- this rank's experts and the router
+  local norm = c.normalization == 'LayerNorm' and 2 * H or H   -- LayerNorm has a bias
   local norms = 2 + (c.post_self_attn_layernorm and 1 or 0) + (c.post_mlp_layernorm and 1 or 0)   -- GLM-4 has four
   return {
-    layer = attention + mlp + norms * H,
-    embedding = c.padded_vocab_size * H / tp,
+    layer = attention + mlp + norms * norm,
+    embedding = c.padded_vocab_size * H / tp + (c.word_embeddings_layernorm and norm or 0),
     output = c.padded_vocab_size * H / tp,
-    final_norm = H,
+    final_norm = norm,
   }
 end
 

@@ -19,6 +19,7 @@ local pipeline = require 'pmp.dist.pipeline'
 local sharding = require 'pmp.dist.sharding'
 local parallel = require 'pmp.nn.parallel'
 local autograd = require 'pmp.autograd'
+local accumulate = require 'spec.support.accumulate'
 
 local pp, tp = tonumber(arg[1]), tonumber(arg[2])
 local layout = pmp.dist.init{ pp = pp, tp = tp }
@@ -59,15 +60,7 @@ local function reference(cfg, data)
   local opt = optimizer(model)
   local losses = {}
   for step = 1, STEPS do
-    opt:zero_grad()
-    local sum = 0
-    for _, mb in ipairs(data[step]) do
-      local loss = model(mb.ids, mb.targets)
-      sum = sum + loss:item()
-      ;(loss * (1 / MICRO)):backward()
-    end
-    opt:step()
-    losses[step] = sum / MICRO
+    losses[step] = accumulate.step(opt, data[step], function(mb) return model(mb.ids, mb.targets) end)
   end
   local val = 0
   pmp.no_grad(function()

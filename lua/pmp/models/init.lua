@@ -362,6 +362,28 @@ function M.from_config(hf, options)
   return attach(transformer.GPTModel(config), family, hf)
 end
 
+-- The family as it reads a checkpoint saved from its bare base model, whose tensor names lack the
+-- prefix the *ForCausalLM class adds (family.base_prefix: BLOOM's published files have 'h.0...' for
+-- 'transformer.h.0...'): a copy whose mapping drops the prefix, or the family itself.
+local function family_for_names(family, catalog)
+  local prefix = family.base_prefix
+  if not prefix then return family end
+  for name in pairs(catalog.tensors) do
+    if name:sub(1, #prefix) == prefix then return family end
+  end
+  local mapping = {}
+  for k, entry in ipairs(family.mapping) do
+    local copy = copy_table(entry)
+    local names = type(entry[2]) == 'table' and entry[2] or { entry[2] }
+    copy[2] = {}
+    for i, n in ipairs(names) do copy[2][i] = n:sub(1, #prefix) == prefix and n:sub(#prefix + 1) or n end
+    mapping[k] = copy
+  end
+  local bare = copy_table(family)
+  bare.mapping = mapping
+  return bare
+end
+
 --- Loads a Hugging Face model directory (config.json + model.safetensors or sharded
 --- model-0000i-of-0000N.safetensors with model.safetensors.index.json). options:
 ---   dtype                          parameter dtype (default: that of the file's tensors)
@@ -391,11 +413,12 @@ function M.from_pretrained(dir, options)
   end
   local catalog = loading.catalog(dir)
   if options.head == 'score' then M.check_score_config(hf, config_path, catalog) end
-  config.dtype = options.dtype and M.dtype_name(options.dtype) or loading.file_dtype(family, catalog, subst)
+  local names = family_for_names(family, catalog)
+  config.dtype = options.dtype and M.dtype_name(options.dtype) or loading.file_dtype(names, catalog, subst)
   config.init = false
   local model = transformer.GPTModel(config)
   model.config.init = nil   -- a model built later from this config is initialized as usual
-  loading.fill(model, family, M.expand_mapping(family, model.config), catalog, options, 'from_pretrained ' .. dir)
+  loading.fill(model, names, M.expand_mapping(names, model.config), catalog, options, 'from_pretrained ' .. dir)
   return attach(model, family, hf)
 end
 

@@ -97,12 +97,15 @@ function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 --- q [B, Hq, T, D], k/v [B, Hkv, S, D]; {causal=true, scale=1/sqrt(D), window=0, first_key=nil}.
 --- GQA/MQA when Hkv < Hq. first_key: an integer tensor [B]; row b attends only to keys >= first_key[b]
 --- (0-based), which is how left-padded batches hide their padding; or [B, T], per query, which is how
---- packed sequences keep each document to itself.
+--- packed sequences keep each document to itself. alibi_slopes: a float tensor [Hq] adding
+--- slope * (key position - query position) to each head's scores (ALiBi); the slopes get no gradient.
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
   local first_key = options.first_key and options.first_key.ptr or nil
-  return wrap(C.pmp_attention(q.ptr, k.ptr, v.ptr, first_key, options.scale or 0, causal and 1 or 0, options.window or 0))
+  local slopes = options.alibi_slopes and options.alibi_slopes.ptr or nil
+  return wrap(C.pmp_attention_alibi(q.ptr, k.ptr, v.ptr, first_key, slopes, options.scale or 0, causal and 1 or 0,
+    options.window or 0))
 end
 
 --- layer_norm(x, weight, bias, eps): (x - mean) / sqrt(var + eps) * weight + bias over the last dim.
@@ -115,6 +118,13 @@ function F.layer_norm(x, weight, bias, eps)
   if weight then normed = normed * weight end
   if bias then normed = normed + bias end
   return normed
+end
+
+-- The tiny term keeps all-zero rows (padded vocabulary rows) at zero with a finite gradient, where
+-- torch's max(norm, eps) would divide by eps; on any other row it changes nothing in f32.
+--- normalize(x): each row (last dim) divided by its L2 norm, as torch.nn.functional.normalize.
+function F.normalize(x)
+  return x * (x:square():sum(-1, true) + 1e-24):rsqrt()
 end
 
 --- Inverted dropout: kept activations are scaled by 1/(1-p) during training, identity otherwise.

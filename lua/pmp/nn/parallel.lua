@@ -349,6 +349,7 @@ end
 function M.gpt_output(model, x, targets, options)
   local tp, config = model.tensor_parallel, model.config
   local weight = model.output_layer and model.output_layer.weight or model.embedding.word_embeddings.weight
+  if config.norm_head then weight = F.normalize(weight) end   -- per row, so each rank normalises its own rows
   local logits = M.column_parallel_linear(x, weight, nil, tp)
   if targets == nil then
     logits = M.gather_from_tensor_parallel_region(logits, tp.group)
@@ -401,6 +402,9 @@ function M.tensor_parallel(model, options)
     attention.linear_proj = row(attention.linear_proj, prefix .. 'self_attention.linear_proj')
     attention.num_heads = attention.num_heads / tp
     attention.num_query_groups = attention.num_query_groups / tp
+    if attention.alibi_slopes then   -- this rank's heads, as linear_qkv's rows hold them
+      rawset(attention, 'alibi_slopes', attention.alibi_slopes:narrow(1, 1 + rank * attention.num_heads, attention.num_heads):contiguous())
+    end
     mlp.linear_fc1 = column(mlp.linear_fc1, prefix .. 'mlp.linear_fc1')
     mlp.linear_fc2 = row(mlp.linear_fc2, prefix .. 'mlp.linear_fc2')
   end

@@ -4,7 +4,8 @@
 --                     pre_mlp_layernorm, mlp.{linear_fc1, linear_fc2}}
 --   decoder.final_layernorm.weight, output_layer.weight (absent when tied to the embedding)
 --   embedding.position_embeddings.weight with position_embedding_type = 'learned_absolute' (GPT-2 style
---   families: OPT, StarCoder 1), and *.bias beside every LayerNorm weight.
+--   families: OPT, StarCoder 1), and *.bias beside every LayerNorm weight; position_embedding_type =
+--   'alibi' has no position parameters (per-head score biases, BLOOM and Baichuan-13B).
 -- Block variants the other families need (all off by default, Llama-style pre-norm otherwise):
 --   post_norm          the two norms follow each residual sum instead of preceding each branch (OPT-350m)
 --   parallel_residual  x + attention(norm(x)) + mlp(norm'(x)) in one sum (Falcon, GPT-J)
@@ -21,6 +22,7 @@ local F = require 'pmp.nn.functional'
 local autograd = require 'pmp.autograd'
 local parallel = require 'pmp.nn.parallel'
 local context_parallel = require 'pmp.nn.context_parallel'
+local alibi = require 'pmp.nn.alibi'
 
 local M = {}
 
@@ -46,8 +48,9 @@ function M.config(c)
   out.norm_epsilon = c.norm_epsilon or 1e-5
   out.rotary_base = c.rotary_base or 10000
   out.position_embedding_type = c.position_embedding_type or 'rope'
-  if out.position_embedding_type ~= 'rope' and out.position_embedding_type ~= 'learned_absolute' then
-    error("transformer config: position_embedding_type must be 'rope' or 'learned_absolute', got '" ..
+  local kind = out.position_embedding_type
+  if kind ~= 'rope' and kind ~= 'learned_absolute' and kind ~= 'alibi' then
+    error("transformer config: position_embedding_type must be 'rope', 'learned_absolute' or 'alibi', got '" ..
       tostring(out.position_embedding_type) .. "'", 2)
   end
   if out.position_embedding_type == 'learned_absolute' and type(c.max_position_embeddings) ~= 'number' then
@@ -213,6 +216,8 @@ function M.Attention:init(config, layer)
   end
   self.linear_proj = layers.Linear(heads * d, config.hidden_size,
     { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype, init = config.init })
+  -- constants, not parameters; tensor parallelism keeps this rank's heads' slopes
+  if config.position_embedding_type == 'alibi' then rawset(self, 'alibi_slopes', alibi.slopes(heads)) end
 end
 
 function M.Attention:forward(x, rope)
@@ -230,7 +235,7 @@ function M.Attention:forward(x, rope)
     k = self.k_layernorm(k)
   end
   q, k, v = q:transpose(2, 3), k:transpose(2, 3), v:transpose(2, 3)
-  if rope and rope.cos then
+  if rope and rope.cos and (self.config.position_embedding_type or 'rope') == 'rope' then
     q = F.rope(q, rope.cos, rope.sin, self.config.rotary_interleaved)
     k = F.rope(k, rope.cos, rope.sin, self.config.rotary_interleaved)
   end
@@ -246,15 +251,19 @@ function M.Attention:forward(x, rope)
   local o
   local cp = rope and rope.context_parallel
   if cp then   -- this rank's queries against the whole sequence's keys (pmp.nn.context_parallel)
-    o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key })
+    o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key,
+      alibi_slopes = self.alibi_slopes })
   else
-    o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key })
+    o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key,
+      alibi_slopes = self.alibi_slopes })
   end
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end
 
 function M.Attention:extra_repr()
-  return (self.window and self.window > 0) and ('window=' .. self.window) or ''
+  local window = (self.window and self.window > 0) and ('window=' .. self.window) or ''
+  if not self.alibi_slopes then return window end
+  return window == '' and 'alibi' or window .. ', alibi'
 end
 
 --- MLP(config): linear_fc1, the activation (config.activation: swiglu, gelu, gelu_tanh, relu), linear_fc2.
@@ -320,11 +329,13 @@ local NoFinalNorm = Module:extend('Identity')
 function NoFinalNorm:init() end
 function NoFinalNorm:forward(x) return x end
 
---- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size), plus learned
---- position embeddings (max_position_embeddings x hidden_size) with position_embedding_type 'learned_absolute'.
+--- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size), normalised by
+--- word_embeddings_layernorm when config.word_embeddings_layernorm is set (BLOOM), plus learned position
+--- embeddings (max_position_embeddings x hidden_size) with position_embedding_type 'learned_absolute'.
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
   self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype, init = config.init })
+  if config.word_embeddings_layernorm then self.word_embeddings_layernorm = norm(config, config.hidden_size) end
   if config.position_embedding_type == 'learned_absolute' then
     self.position_embeddings = layers.Embedding(config.max_position_embeddings, config.hidden_size,
       { init_std = config.init_std, dtype = config.dtype, init = config.init })
@@ -333,6 +344,7 @@ end
 -- positions: an integer tensor [B, T] or nil (0 .. T-1 in every row); ignored without position embeddings.
 function M.LanguageModelEmbedding:forward(ids, positions)
   local x = self.word_embeddings(ids)
+  if self.word_embeddings_layernorm then x = self.word_embeddings_layernorm(x) end
   if not self.position_embeddings then return x end
   local T = ids:size(2)
   positions = positions or tensor.arange(0, T):view(1, T)
@@ -384,6 +396,7 @@ local function output(model, x, targets, options)
   end
   if model.tensor_parallel then return parallel.gpt_output(model, x, targets, options) end
   local weight = model.output_layer and model.output_layer.weight or model.embedding.word_embeddings.weight
+  if model.config.norm_head then weight = F.normalize(weight) end   -- Baichuan2's NormHead
   if model.config.padded_vocab_size ~= model.config.vocab_size then weight = weight:narrow(1, 1, model.config.vocab_size) end
   local logits = x:matmul(weight:t())
   if targets == nil then return logits end
@@ -482,6 +495,7 @@ function M.GPTModel:decode(ids, state)
   x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
+  if self.config.norm_head then weight = F.normalize(weight) end
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
   return x:matmul(weight:t())
 end

@@ -1,0 +1,125 @@
+require 'busted.runner'()
+-- ALiBi: the fused attention op with per-head linear biases (F.attention's alibi_slopes) against
+-- softmax(q k^T / sqrt(d) + bias) v written with primitive ops, forward and backward, plus finite
+-- differences in f64; the slopes against their closed form.
+local check = require 'spec.support.gradcheck'
+local gradcheck, random_input = check.gradcheck, check.random_input
+local fails_with = require('spec.support.expect').fails_with
+local alibi = require 'pmp.nn.alibi'
+local F = pmp.F
+
+local function max_diff(a, b) return (a:double() - b:double()):abs():max():item() end
+
+-- The bias of head h for query t (0-based, at position t + S - T) and key s: slope_h * (s - position),
+-- with keys after the position (causal) or before first_key[b] hidden.
+local function composed(q, k, v, slopes, options)
+  options = options or {}
+  local B, Hq, T, D = unpack(q.shape)
+  local Hkv, S = k:size(2), k:size(3)
+  local group = Hq / Hkv
+  k = k:unsqueeze(3):expand(B, Hkv, group, S, D):reshape(B, Hq, S, D)
+  v = v:unsqueeze(3):expand(B, Hkv, group, S, D):reshape(B, Hq, S, D)
+  local slope = slopes:totable()
+  local bias, hidden = {}, {}
+  for b = 1, B do
+    bias[b], hidden[b] = {}, {}
+    for h = 1, Hq do
+      bias[b][h], hidden[b][h] = {}, {}
+      for t = 1, T do
+        bias[b][h][t], hidden[b][h][t] = {}, {}
+        local position = t - 1 + S - T
+        for s = 1, S do
+          bias[b][h][t][s] = slope[h] * ((s - 1) - position)
+          local before = options.first_key and s - 1 < options.first_key[b] or false
+          hidden[b][h][t][s] = (options.causal ~= false and s - 1 > position) or before
+        end
+      end
+    end
+  end
+  local scores = q:matmul(k:transpose(-1, -2)) * (1 / math.sqrt(D)) + pmp.tensor(bias, { dtype = q.dtype })
+  return scores:masked_fill(pmp.tensor(hidden), -math.huge):softmax(-1):matmul(v)
+end
+
+-- Outputs and the gradients of q, k, v for a fixed weighting of the output.
+local function forward_backward(fn, inputs, weights)
+  local leaves = {}
+  for i, x in ipairs(inputs) do leaves[i] = x:detach():clone():requires_grad_() end
+  local out = fn(unpack(leaves))
+  ;(out * weights):sum():backward()
+  return out, { leaves[1].grad, leaves[2].grad, leaves[3].grad }
+end
+
+local function agree(fused, reference, inputs, tolerance)
+  local weights = pmp.randn(inputs[1].shape, { dtype = inputs[1].dtype })
+  local out_f, grads_f = forward_backward(fused, inputs, weights)
+  local out_r, grads_r = forward_backward(reference, inputs, weights)
+  assert.is_true(max_diff(out_f, out_r) < tolerance, 'outputs differ by ' .. max_diff(out_f, out_r))
+  for i = 1, 3 do
+    local d = max_diff(grads_f[i], grads_r[i])
+    assert.is_true(d < tolerance, 'gradient of input ' .. i .. ' differs by ' .. d)
+  end
+end
+
+describe('ALiBi slopes', function()
+  it('are 2^(-8i/n) for a power-of-two head count', function()
+    local want = {}
+    for i = 1, 8 do want[i] = 2 ^ -i end
+    assert.are.same(want, alibi.slopes(8):totable())
+  end)
+  it('interleave the odd terms of the next power of two for other head counts', function()
+    -- 6 heads: 2^(-8i/4) for i = 1..4, then 2^(-8i/8) for i = 1, 3
+    assert.are.same({ 2 ^ -2, 2 ^ -4, 2 ^ -6, 2 ^ -8, 2 ^ -1, 2 ^ -3 }, alibi.slopes(6):totable())
+    -- 12 heads: 2^(-i) for i = 1..8, then 2^(-i/2) for i = 1, 3, 5, 7
+    local got = alibi.slopes(12):totable()
+    for i, e in ipairs({ 1, 2, 3, 4, 5, 6, 7, 8, 0.5, 1.5, 2.5, 3.5 }) do
+      assert.is_true(math.abs(got[i] - 2 ^ -e) < 1e-15, 'head ' .. i)
+    end
+    assert.are.same({ 2 ^ -8 }, alibi.slopes(1):totable())
+    fails_with(function() alibi.slopes(0) end, 'positive integer')
+  end)
+end)
+
+describe('attention with ALiBi', function()
+  it('matches the composition for MHA and GQA across several tiles, forward and backward', function()
+    for _, heads in ipairs({ { 3, 3 }, { 4, 2 } }) do
+      local slopes = alibi.slopes(heads[1])
+      local q = pmp.randn(2, heads[1], 70, 8, { dtype = 'f64' })
+      local k = pmp.randn(2, heads[2], 70, 8, { dtype = 'f64' })
+      local v = pmp.randn(2, heads[2], 70, 8, { dtype = 'f64' })
+      agree(function(a, b, c) return F.attention(a, b, c, { alibi_slopes = slopes }) end,
+        function(a, b, c) return composed(a, b, c, slopes) end, { q, k, v }, 1e-10)
+    end
+  end)
+  it('counts distances from the query position with a KV cache, left padding and no causal mask', function()
+    local slopes = pmp.tensor({ 0.7, 0.2 }, { dtype = 'f32' })   -- any float dtype; not just the standard slopes
+    local q = pmp.randn(2, 2, 3, 4, { dtype = 'f64' })
+    local k = pmp.randn(2, 1, 9, 4, { dtype = 'f64' })
+    local v = pmp.randn(2, 1, 9, 4, { dtype = 'f64' })
+    local starts = pmp.tensor({ 0, 4 }, { dtype = 'i64' })
+    agree(function(a, b, c) return F.attention(a, b, c, { alibi_slopes = slopes, first_key = starts }) end,
+      function(a, b, c) return composed(a, b, c, slopes:double(), { first_key = { 0, 4 } }) end, { q, k, v }, 1e-10)
+    agree(function(a, b, c) return F.attention(a, b, c, { alibi_slopes = slopes, causal = false }) end,
+      function(a, b, c) return composed(a, b, c, slopes:double(), { causal = false }) end, { q, k, v }, 1e-10)
+  end)
+  it('passes finite differences', function()
+    local slopes = alibi.slopes(2) * 3   -- steep slopes, so a wrong bias in backward would show
+    gradcheck(function(a, b, c) return F.attention(a, b, c, { alibi_slopes = slopes }) end,
+      { random_input({ 1, 2, 5, 3 }), random_input({ 1, 1, 5, 3 }), random_input({ 1, 1, 5, 3 }) })
+    local starts = pmp.tensor({ 0, 2 }, { dtype = 'i64' })
+    gradcheck(function(a, b, c) return F.attention(a, b, c, { alibi_slopes = slopes, first_key = starts }):narrow(3, 3, 4) end,
+      { random_input({ 2, 2, 6, 3 }), random_input({ 2, 2, 6, 3 }), random_input({ 2, 2, 6, 3 }) })
+  end)
+  it('runs bf16 inputs in f32 with the bias', function()
+    local slopes = alibi.slopes(2)
+    local q, k, v = pmp.randn(1, 2, 9, 8), pmp.randn(1, 2, 9, 8), pmp.randn(1, 2, 9, 8)
+    local out = F.attention(q:bf16(), k:bf16(), v:bf16(), { alibi_slopes = slopes })
+    assert.are.equal('bf16', out.dtype)
+    assert.is_true(max_diff(out, composed(q:double(), k:double(), v:double(), slopes)) < 3e-2)
+  end)
+  it('rejects slopes that are not one per query head', function()
+    local q, k = pmp.randn(1, 4, 3, 8), pmp.randn(1, 2, 3, 8)
+    fails_with(function() F.attention(q, k, k, { alibi_slopes = alibi.slopes(2) }) end, 'ALiBi slopes', '[4]')
+    fails_with(function() F.attention(q, k, k, { alibi_slopes = pmp.tensor({ 1, 2, 3, 4 }, { dtype = 'i64' }) }) end,
+      'ALiBi slopes')
+  end)
+end)
