@@ -102,6 +102,9 @@ local LAYER_EXTRA = {
 ---------------------------------------------------------------------------------------------------
 -- The model config from args
 
+-- The llama3 RoPE scaling settings Megatron's --use-rope-scaling does not take from flags.
+local MEGATRON_LLAMA3 = { low_freq_factor = 1, high_freq_factor = 4, original_max_position_embeddings = 8192 }
+
 local function arg(args, key)
   local v = args[key]
   if v == P.None then return nil end
@@ -136,8 +139,8 @@ function M.config_from_args(args, options, source)
   if vocab > padded then fail('%s: the true vocabulary size %d is larger than padded_vocab_size %d', source, vocab, padded) end
   local scaling
   if arg(args, 'use_rope_scaling') then
-    scaling = { type = 'llama3', factor = arg(args, 'rope_scaling_factor') or 8, low_freq_factor = 1, high_freq_factor = 4,
-      original_max_position_embeddings = 8192 }
+    scaling = { type = 'llama3', factor = arg(args, 'rope_scaling_factor') or 8 }
+    for key, fixed in pairs(MEGATRON_LLAMA3) do scaling[key] = fixed end
   elseif arg(args, 'rotary_seq_len_interpolation_factor') then
     scaling = { type = 'linear', factor = arg(args, 'rotary_seq_len_interpolation_factor') }
   end
@@ -307,6 +310,16 @@ end
 -- The pmp names of the checkpoint's weights, sorted.
 function Checkpoint:weight_names() return { unpack(self.names) } end
 
+--- The whole shape of pmp global name `name`, without reading its data.
+function Checkpoint:shape(name)
+  local w = self.where[name]
+  if not w then fail('%s holds no %s', self.root, name) end
+  local shape = { unpack(self:file(w.p, 0).chunks[w.v][w.key].shape) }
+  local rule = sharding.rule(name, self.config)
+  if rule then shape[rule.dim] = shape[rule.dim] * self.tp end
+  return shape
+end
+
 --- The whole tensor of pmp global name `name`: its TP parts joined (a replicated one as rank 0 has it).
 function Checkpoint:tensor(name)
   local w = self.where[name]
@@ -409,6 +422,13 @@ function M.args_for(config, layout, extra)
   if config.rope_scaling then
     local s = config.rope_scaling
     if s.type == 'llama3' then
+      -- Megatron fixes all but the factor
+      for key, fixed in pairs(MEGATRON_LLAMA3) do
+        if s[key] ~= fixed then
+          error(string.format("megatron checkpoint: Megatron's --use-rope-scaling fixes %s at %s; this model has %s",
+            key, fixed, tostring(s[key])), 0)
+        end
+      end
       a.use_rope_scaling, a.rope_scaling_factor = true, s.factor
     elseif s.type == 'linear' then
       a.rotary_seq_len_interpolation_factor = s.factor
