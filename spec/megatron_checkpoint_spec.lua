@@ -193,3 +193,82 @@ describe("pmp's Megatron checkpoints", function()
     end
   end)
 end)
+
+describe('tools/checkpoint/convert.lua', function()
+  local dir
+  setup(function() dir = shell.temp_dir() end)
+  teardown(function() shell.remove_dir(dir) end)
+
+  local function convert(args)
+    local words = { shell.root .. '/tools/checkpoint/convert.lua' }
+    for _, a in ipairs(args) do words[#words + 1] = a end
+    return shell.run_pmp(words)
+  end
+
+  it('takes a Hugging Face model to Megatron (TP 2, PP 2, Transformer Engine spec) and back unchanged', function()
+    local hf = ROOT .. '/spec/fixtures/hf/qwen2_tied'
+    local out, err, status = convert({ '--loader', 'hf', '--saver', 'mcore', '--load-dir', hf, '--save-dir', dir .. '/meg',
+      '--target-tensor-parallel-size', '2', '--target-pipeline-parallel-size', '2', '--make-vocab-size-divisible-by', '8',
+      '--check-logits' })
+    assert.are.equal(0, status, err)
+    assert.matches('max |logit difference| 0\n', out, 1, true)
+    assert.is_true(pmp.io.is_file(dir .. '/meg/release/mp_rank_01_001/model_optim_rng.pt'))
+    out, err, status = convert({ '--loader', 'mcore', '--saver', 'hf', '--load-dir', dir .. '/meg', '--save-dir',
+      dir .. '/hf', '--model-type', 'qwen2', '--check-logits' })
+    assert.are.equal(0, status, err)
+    local before, after = pmp.safetensors.load_sharded(hf), pmp.safetensors.load_sharded(dir .. '/hf')
+    for name, t in pairs(before) do
+      assert(after[name], 'the round trip lost ' .. name)
+      assert((t:double() - after[name]:double()):abs():max():item() == 0, name .. ' changed')
+    end
+    for name in pairs(after) do assert(before[name], 'the round trip added ' .. name) end
+    assert.are.equal('qwen2', pmp.json.read(dir .. '/hf/config.json').model_type)
+  end)
+
+  it('refuses what it cannot do, saying why', function()
+    local _, err, status = convert({ '--loader', 'nemo', '--saver', 'hf', '--load-dir', dir, '--save-dir', dir .. '/x' })
+    assert.are_not.equal(0, status)
+    assert.matches("--loader must be hf, mcore or pmp, got 'nemo'", err, 1, true)
+    _, err, status = convert({ '--loader', 'mcore', '--saver', 'hf', '--load-dir', dir, '--save-dir', dir .. '/x' })
+    assert.are_not.equal(0, status)
+    assert.matches('is not a Megatron-LM torch checkpoint', err, 1, true)
+    _, err, status = convert({ '--loader', 'mcore', '--saver', 'mcore', '--load-dir', FIXTURES .. '/tp1_pp1',
+      '--save-dir', dir .. '/x', '--megatron-format', 'torch_dist' })
+    assert.are_not.equal(0, status)
+    assert.matches("--megatron-format 'torch_dist' is not supported", err, 1, true)
+  end)
+end)
+
+describe('recipes/pretrain.lua --load with a Megatron-LM checkpoint', function()
+  local dir
+  setup(function() dir = shell.temp_dir() end)
+  teardown(function() shell.remove_dir(dir) end)
+  local TINY = { '--num-layers', '2', '--hidden-size', '32', '--num-attention-heads', '4', '--num-query-groups', '2',
+    '--seq-length', '16', '--micro-batch-size', '4', '--global-batch-size', '8', '--log-interval', '1',
+    '--eval-interval', '3', '--eval-iters', '2', '--sample-length', '0', '--lr-warmup-iters', '2' }
+  local function pretrain(extra)
+    local words = { shell.root .. '/recipes/pretrain.lua' }
+    for _, a in ipairs(TINY) do words[#words + 1] = a end
+    for _, a in ipairs(extra) do words[#words + 1] = a end
+    return shell.run_pmp(words)
+  end
+
+  it('continues from its weights and iteration', function()
+    local _, err, status = pretrain({ '--train-iters', '2', '--save', dir .. '/pmp' })
+    assert.are.equal(0, status, err)
+    local trained = pmp.checkpoint.load_model(dir .. '/pmp')
+    megatron.save_model(dir .. '/meg', trained, { iteration = 2, transformer_impl = 'transformer_engine' })
+    -- a step at learning rate 0 leaves every weight as loaded
+    local out
+    out, err, status = pretrain({ '--train-iters', '3', '--load', dir .. '/meg', '--save', dir .. '/next', '--lr', '0',
+      '--min-lr', '0' })
+    assert.are.equal(0, status, err)
+    assert.matches('loaded Megatron-LM checkpoint from ' .. dir .. '/meg at iteration 2', out, 1, true)
+    assert.matches(' iteration +3/ +3 |', out)
+    assert_same_weights(trained, (pmp.checkpoint.load_model(dir .. '/next')))
+    -- a model of other sizes is refused naming the weight
+    _, err, status = pretrain({ '--train-iters', '3', '--load', dir .. '/meg', '--save', '', '--ffn-hidden-size', '64' })
+    assert.are_not.equal(0, status)
+    assert.matches('decoder.layers.0.mlp.linear_fc1.weight is [', err, 1, true)
+  end)
+end)

@@ -380,6 +380,47 @@ function M.fill(model, ckpt)
   return model
 end
 
+-- Settings that change the model's function without changing any weight's shape or name.
+local SAME_SETTINGS = { 'normalization', 'activation', 'rotary_base', 'rotary_percent', 'kv_channels', 'num_query_groups',
+  'tie_embeddings' }
+
+--- Loads the checkpoint's weights into this rank's part of model (a pmp.dist.pipeline stage or Chunks,
+--- tensor-parallel or not, or a whole model): each weight is joined from the checkpoint's TP parts and
+--- cut for this rank. The model's settings must be the checkpoint's (its args): a difference is an
+--- error naming the setting or the weight. Returns the opened checkpoint. options: as for open.
+function M.load_into(dir, model, options)
+  local ckpt = M.open(dir, options)
+  local config = model.config or pipeline.chunks(model)[1].config
+  for _, key in ipairs(SAME_SETTINGS) do
+    local mine, theirs = config[key], ckpt.config[key]
+    if theirs ~= nil and mine ~= theirs then
+      fail('%s was saved with %s = %s, the model has %s', ckpt.root, key, tostring(theirs), tostring(mine))
+    end
+  end
+  local layout = require('pmp.dist').layout()
+  require('pmp').no_grad(function()
+    for _, chunk in ipairs(pipeline.chunks(model)) do
+      local offset = chunk.pipeline and chunk.pipeline.layer_offset or 0
+      local own = chunk:state_dict()
+      local names = {}
+      for name in pairs(own) do names[#names + 1] = name end
+      table.sort(names)   -- the same first error on every run
+      for _, name in ipairs(names) do
+        local p = own[name]
+        local global = sharding.shift_layer(name, offset)
+        if global == 'output_layer.weight' and ckpt.config.tie_embeddings then global = 'embedding.word_embeddings.weight' end
+        local part = sharding.shard(global, ckpt:tensor(global), config, layout.tp, layout.tp_rank)
+        if table.concat(part.shape, ',') ~= table.concat(p.shape, ',') then
+          fail('%s: %s is [%s] for this rank, the model has [%s]', ckpt.root, global, table.concat(part.shape, ','),
+            table.concat(p.shape, ','))
+        end
+        p:copy_(part)
+      end
+    end
+  end)
+  return ckpt
+end
+
 ---------------------------------------------------------------------------------------------------
 -- Writing
 

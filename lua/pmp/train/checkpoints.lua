@@ -8,6 +8,7 @@
 ---   checkpoints:finish(iteration, model, optimizer, state_of)
 --- state_of() returns the recipe's own state to store (data position, tokenizer, args...).
 local checkpoint = require 'pmp.checkpoint'
+local megatron = require 'pmp.checkpoint.megatron'
 local pio = require 'pmp.io'
 
 local Checkpoints = {}
@@ -39,6 +40,7 @@ end
 --- a typo must not start training from scratch and then save over the real checkpoint directory.
 function Checkpoints.resume(dir, save_dir)
   if dir == nil then return nil end
+  if megatron.is_checkpoint(dir) then return Checkpoints.megatron_info(dir) end
   if checkpoint.latest_iteration(dir) then return checkpoint.info(dir) end
   local function normal(path) return (path:gsub('/+$', '')) end
   local own_save_dir = save_dir and save_dir ~= '' and normal(dir) == normal(save_dir)
@@ -57,9 +59,27 @@ function Checkpoints.new(opts, logger)
     saved_iteration = nil }, Checkpoints)
 end
 
+--- The info of a Megatron-LM torch checkpoint (pmp.checkpoint.megatron) to continue from: its
+--- iteration (0 for a release) and the samples its args record as consumed; it brings weights only.
+function Checkpoints.megatron_info(dir)
+  local ckpt = megatron.open(dir)
+  local consumed = ckpt.args and tonumber(ckpt.args.consumed_train_samples) or 0
+  local iteration = ckpt.iteration == 'release' and 0 or (tonumber(ckpt.saved_iteration) or ckpt.iteration)
+  return { megatron = true, iteration = iteration, state = { consumed_samples = consumed } }
+end
+
 --- Loads the latest checkpoint in dir into model and optimizer, restoring the random generators;
---- returns its iteration and the recipe state saved with it.
+--- returns its iteration and the recipe state saved with it. A Megatron-LM torch checkpoint gives its
+--- weights only (the optimizer and generators start fresh, as Megatron's --no-load-optim --no-load-rng).
 function Checkpoints:load(dir, model, optimizer)
+  if megatron.is_checkpoint(dir) then
+    local info = Checkpoints.megatron_info(dir)
+    megatron.load_into(dir, model)
+    self.first_iteration = info.iteration
+    self.logger:line(string.format(' loaded Megatron-LM checkpoint from %s at iteration %d (weights only: the ' ..
+      'optimizer state and random generators start fresh)', dir, info.iteration))
+    return info.iteration, info.state
+  end
   local loaded = checkpoint.load(dir, model, optimizer)
   self.first_iteration = loaded.iteration
   self.logger:line(string.format(' loaded checkpoint from %s at iteration %d%s', dir, loaded.iteration,
