@@ -18,6 +18,9 @@ need tensorboard tensorboard
 echo '== transformers loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua
 
+echo '== Megatron-Core loads the Megatron checkpoints pmp wrote (spec/megatron_checkpoint_spec.lua, PMP_MEGATRON_CHECK=1)'
+PMP_MEGATRON_CHECK=1 ./pmp spec/run.lua spec/megatron_checkpoint_spec.lua
+
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify
 

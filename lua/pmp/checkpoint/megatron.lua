@@ -336,61 +336,14 @@ function Checkpoint:tensor(name)
   return sharding.unshard(name, parts, self.config)
 end
 
---- A GPTModel with the checkpoint's weights, in this process, and the opened checkpoint. options: as
---- for open, plus dtype (default: the checkpoint's). Every weight of the model must be in the
---- checkpoint and the other way round.
-function M.load_model(dir, options)
-  options = options or {}
-  local ckpt = M.open(dir, options)
-  local build = {}
-  for k, v in pairs(ckpt.config) do build[k] = v end
-  build.dtype, build.init = options.dtype or ckpt.dtype, false
-  local model = require('pmp.nn').GPTModel(build)
-  model.config.init = nil
-  M.fill(model, ckpt)
-  return model, ckpt
-end
-
---- Copies the checkpoint's weights into model's parameters (one tensor at a time).
-function M.fill(model, ckpt)
-  local own = model:state_dict()
-  local missing, unexpected = {}, {}
-  for name in pairs(own) do
-    if not ckpt.where[name] then missing[#missing + 1] = name end
-  end
-  for _, name in ipairs(ckpt.names) do
-    if not own[name] then unexpected[#unexpected + 1] = name end
-  end
-  table.sort(missing)
-  if #missing > 0 or #unexpected > 0 then
-    fail('%s does not match the model of its args: missing %s; unexpected %s', ckpt.root,
-      #missing > 0 and table.concat(missing, ', ') or 'none', #unexpected > 0 and table.concat(unexpected, ', ') or 'none')
-  end
-  require('pmp').no_grad(function()
-    for _, name in ipairs(ckpt.names) do
-      local t = ckpt:tensor(name)
-      local p = own[name]
-      if table.concat(t.shape, ',') ~= table.concat(p.shape, ',') then
-        fail('%s: %s is [%s], the model of its args has [%s]', ckpt.root, name, table.concat(t.shape, ','),
-          table.concat(p.shape, ','))
-      end
-      p:copy_(t)
-    end
-  end)
-  return model
-end
-
 -- Settings that change the model's function without changing any weight's shape or name.
 local SAME_SETTINGS = { 'normalization', 'activation', 'rotary_base', 'rotary_percent', 'kv_channels', 'num_query_groups',
   'tie_embeddings' }
 
---- Loads the checkpoint's weights into this rank's part of model (a pmp.dist.pipeline stage or Chunks,
---- tensor-parallel or not, or a whole model): each weight is joined from the checkpoint's TP parts and
---- cut for this rank. The model's settings must be the checkpoint's (its args): a difference is an
---- error naming the setting or the weight. Returns the opened checkpoint. options: as for open.
-function M.load_into(dir, model, options)
-  local ckpt = M.open(dir, options)
-  local config = model.config or pipeline.chunks(model)[1].config
+-- Copies the checkpoint's weights into this rank's part of model, one tensor at a time.
+local function fill(ckpt, model)
+  local chunks = pipeline.chunks(model)
+  local config = chunks[1].config
   for _, key in ipairs(SAME_SETTINGS) do
     local mine, theirs = config[key], ckpt.config[key]
     if theirs ~= nil and mine ~= theirs then
@@ -398,8 +351,9 @@ function M.load_into(dir, model, options)
     end
   end
   local layout = require('pmp.dist').layout()
+  local loaded = {}
   require('pmp').no_grad(function()
-    for _, chunk in ipairs(pipeline.chunks(model)) do
+    for _, chunk in ipairs(chunks) do
       local offset = chunk.pipeline and chunk.pipeline.layer_offset or 0
       local own = chunk:state_dict()
       local names = {}
@@ -415,10 +369,44 @@ function M.load_into(dir, model, options)
             table.concat(p.shape, ','))
         end
         p:copy_(part)
+        loaded[global] = true
       end
     end
   end)
+  -- a whole model must take every weight (a stage takes its own)
+  if #chunks == 1 and not chunks[1].pipeline then
+    local unexpected = {}
+    for _, name in ipairs(ckpt.names) do
+      if not loaded[name] then unexpected[#unexpected + 1] = name end
+    end
+    if #unexpected > 0 then
+      fail('%s holds weights the model lacks: %s', ckpt.root, table.concat(unexpected, ', '))
+    end
+  end
+end
+
+--- Loads the checkpoint's weights into this rank's part of model (a pmp.dist.pipeline stage or Chunks,
+--- tensor-parallel or not, or a whole model): each weight is joined from the checkpoint's TP parts and
+--- cut for this rank. The model's settings must be the checkpoint's (its args): a difference is an
+--- error naming the setting or the weight. Returns the opened checkpoint. options: as for open.
+function M.load_into(dir, model, options)
+  local ckpt = M.open(dir, options)
+  fill(ckpt, model)
   return ckpt
+end
+
+--- A GPTModel with the checkpoint's weights, in this process, and the opened checkpoint. options: as
+--- for open, plus dtype (default: the checkpoint's).
+function M.load_model(dir, options)
+  options = options or {}
+  local ckpt = M.open(dir, options)
+  local build = {}
+  for k, v in pairs(ckpt.config) do build[k] = v end
+  build.dtype, build.init = options.dtype or ckpt.dtype, false
+  local model = require('pmp.nn').GPTModel(build)
+  model.config.init = nil
+  fill(ckpt, model)
+  return model, ckpt
 end
 
 ---------------------------------------------------------------------------------------------------
