@@ -225,6 +225,28 @@ describe('tools/checkpoint/convert.lua', function()
     assert.are.equal('qwen2', pmp.json.read(dir .. '/hf/config.json').model_type)
   end)
 
+  it('streams: its peak resident memory is that of a tiny model plus a few of the largest tensor', function()
+    local function peak_of(load_dir, save_dir)
+      local out, err, status = convert({ '--loader', 'hf', '--saver', 'mcore', '--load-dir', load_dir, '--save-dir', save_dir,
+        '--target-tensor-parallel-size', '2', '--make-vocab-size-divisible-by', '8' })
+      assert.are.equal(0, status, err)
+      return assert(tonumber(out:match('peak resident memory ([%d.]+) MB')), out)
+    end
+    local base = peak_of(ROOT .. '/spec/fixtures/hf/qwen2_tied', dir .. '/tiny_meg')
+    -- 8 layers of 2.9M parameters (97 MB in f32); the largest tensor, linear_fc1, is 5.8 MB
+    local model = pmp.models.from_config({ model_type = 'llama', hidden_size = 512, intermediate_size = 1408,
+      num_hidden_layers = 8, num_attention_heads = 8, num_key_value_heads = 4, vocab_size = 512 })
+    model:save_pretrained(dir .. '/big')
+    model = nil
+    collectgarbage()
+    local size, largest = pmp.io.size(dir .. '/big/model.safetensors') / 2 ^ 20, 2 * 1408 * 512 * 4 / 2 ^ 20
+    local peak = peak_of(dir .. '/big', dir .. '/big_meg')
+    assert(peak < base + 4 * largest, string.format('peak resident memory %.1f MB for a %.0f MB model (a tiny one: %.1f MB)',
+      peak, size, base))
+    pmp.io.remove_tree(dir .. '/big')
+    pmp.io.remove_tree(dir .. '/big_meg')
+  end)
+
   it('refuses what it cannot do, saying why', function()
     local _, err, status = convert({ '--loader', 'nemo', '--saver', 'hf', '--load-dir', dir, '--save-dir', dir .. '/x' })
     assert.are_not.equal(0, status)

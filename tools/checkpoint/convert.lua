@@ -37,6 +37,7 @@ local FLAGS = {
   { '--check-logits', false, 'run both models on a fixed batch; fail if logits differ by more than 1e-4' },
 }
 
+local C = require('pmp.ffi').C
 local megatron = require 'pmp.checkpoint.megatron'
 local models = require 'pmp.models'
 local loading = require 'pmp.models.loading'
@@ -122,7 +123,10 @@ function sources.hf(dir)
     end
     local out = tensor.empty(shapes[name], { dtype = parts[1].dtype })
     local places, padding = loading.destinations(entry, out, config)
-    for i, place in ipairs(places) do place[1]:copy_(parts[i]:view(place[2])) end
+    for i, place in ipairs(places) do
+      place[1]:copy_(parts[i]:view(place[2]))
+      C.pmp_mapping_drop_pages(parts[i].ptr)   -- copied: out of resident memory (the page cache keeps it)
+    end
     if padding then padding:zero_() end
     return out
   end
@@ -135,13 +139,17 @@ function sources.mcore(dir)
   if not megatron.is_checkpoint(dir) then die(dir .. ' is not a Megatron-LM torch checkpoint (no ' .. megatron.TRACKER ..
     ' naming a directory with mp_rank_*/' .. megatron.MODEL_FILE .. ')') end
   local ckpt = megatron.open(dir, { true_vocab_size = true_vocab })
+  if not true_vocab and ckpt.config.vocab_size == ckpt.config.padded_vocab_size then
+    io.stderr:write(string.format('convert: %s records only the padded vocabulary size (%d); pass --true-vocab-size to ' ..
+      'drop the padding rows\n', dir, ckpt.config.padded_vocab_size))
+  end
   for name, n in pairs(ckpt.report) do
     io.stderr:write(string.format('convert: %s: %d object(s) of %s kept as inert placeholders\n', dir, n, name))
   end
   local shapes = {}
   for _, name in ipairs(ckpt.names) do shapes[name] = ckpt:shape(name) end
   return { config = ckpt.config, names = ckpt.names, shapes = shapes, dtype = ckpt.dtype,
-    tensor = function(name) return ckpt:tensor(name) end, iteration = ckpt.iteration }
+    tensor = function(name) return ckpt:tensor(name, { copy = true }) end, iteration = ckpt.iteration }
 end
 
 -- A pmp checkpoint, loaded whole.
@@ -245,6 +253,9 @@ function savers.hf(source, dir)
       local shapes = loading.hf_shapes(entry, source.shapes[entry.pmp], config)
       for i, hf_name in ipairs(entry.hf) do
         tensors[hf_name] = safetensors.deferred(out_dtype, shapes[i], function()
+          -- the tensors made for the previous one are written: their memory goes back now
+          collectgarbage()
+          C.pmp_memory_empty_cache(C.PMP_CPU)
           local piece = models.export(family, { [entry.pmp] = source.tensor(entry.pmp) }, config)[hf_name]
           if i == #entry.hf then
             done = done + 1

@@ -19,6 +19,7 @@
 --- weights. Reading accepts both specs; writing makes the one asked for. The model config comes from
 --- the checkpoint's args; the true vocabulary size (args keep only the padded one) from
 --- options.true_vocab_size, else args.vocab_size when it was set, else the padded size.
+local C = require('pmp.ffi').C
 local io_ = require 'pmp.io'
 local tensor = require 'pmp.tensor'
 local sharding = require 'pmp.dist.sharding'
@@ -320,8 +321,10 @@ function Checkpoint:shape(name)
   return shape
 end
 
---- The whole tensor of pmp global name `name`: its TP parts joined (a replicated one as rank 0 has it).
-function Checkpoint:tensor(name)
+--- The whole tensor of pmp global name `name`: its TP parts joined (a replicated one as rank 0 has it,
+--- a view of the mapped file). options.copy: always a new tensor, and the pages of the file it was
+--- read from leave resident memory (for reading a checkpoint once, tensor by tensor).
+function Checkpoint:tensor(name, options)
   local w = self.where[name]
   if not w then fail('%s holds no %s', self.root, name) end
   local function part(t)
@@ -330,10 +333,15 @@ function Checkpoint:tensor(name)
     if not tensor.is_tensor(v) then fail('%s lacks %s', f.path, w.key) end
     return v
   end
-  if self.tp == 1 or not sharding.rule(name, self.config) then return part(0) end
   local parts = {}
-  for t = 0, self.tp - 1 do parts[t + 1] = part(t) end
-  return sharding.unshard(name, parts, self.config)
+  local split = self.tp > 1 and sharding.rule(name, self.config)
+  for t = 0, split and self.tp - 1 or 0 do parts[t + 1] = part(t) end
+  if not split and not (options and options.copy) then return parts[1] end
+  local out = split and sharding.unshard(name, parts, self.config) or parts[1]:clone()
+  if options and options.copy then
+    for _, p in ipairs(parts) do C.pmp_mapping_drop_pages(p.ptr) end
+  end
+  return out
 end
 
 -- Settings that change the model's function without changing any weight's shape or name.
@@ -446,7 +454,9 @@ function M.args_for(config, layout, extra)
     decoder_first_pipeline_num_layers = layout.first_stage_layers or P.None,
     transformer_impl = layout.transformer_impl, ckpt_format = 'torch',
     params_dtype = P.dtype(Z.TORCH_DTYPE[layout.dtype]), bf16 = layout.dtype == 'bf16', fp16 = layout.dtype == 'f16',
-    iteration = layout.iteration ~= 'release' and layout.iteration or 0,
+    -- no learned position embedding (Megatron compares this on load, defaulting to true when absent)
+    add_position_embedding = false,
+    consumed_train_samples = 0, consumed_valid_samples = 0,
   }
   if config.rope_scaling then
     local s = config.rope_scaling
@@ -502,7 +512,7 @@ function M.save(dir, spec)
     or nil
   local stages = not chunk_ranges and sharding.stage_layers(config.num_layers, pp, spec.first_stage_layers) or nil
   local layout = { tp = tp, pp = pp, vp = vp, first_stage_layers = spec.first_stage_layers, transformer_impl = impl,
-    dtype = dtype, iteration = iteration }
+    dtype = dtype }
   local args = M.args_for(config, layout, spec.args)
   local known = {}
   for _, name in ipairs(spec.names) do known[name] = true end

@@ -270,8 +270,8 @@ function Reader:build(obj, state)
     if M.kind_of(state) == 'Tuple' and type(state[2]) == 'string' then obj.byteorder = state[2] end
   elseif k == 'Placeholder' then
     obj.state = state
-  elseif k == 'Tensor' or (type(obj) == 'cdata') then
-    -- a tensor subclass's python attributes
+  elseif type(obj) == 'cdata' then
+    -- a tensor subclass's python attributes: nothing pmp keeps
   else
     self:fail('BUILD on a ' .. tostring(k or type(obj)))
   end

@@ -155,6 +155,10 @@ function Archive:entry(name)
   return e
 end
 
+local record_shape = ffi.new('int64_t[1]')
+
+-- Checks a record's CRC-32 (reading it), then lets its pages leave resident memory again: opening a
+-- checkpoint reads it once, without keeping it in memory.
 function Archive:verify(e)
   if e.verified then return end
   local got = M.crc32(self.base + e.offset, e.size)
@@ -162,6 +166,14 @@ function Archive:verify(e)
     zip_fail(self.path, string.format("record '%s' is corrupted: CRC-32 %08x, the archive records %08x", e.name, got, e.crc))
   end
   e.verified = true
+  if e.size > 0 then
+    record_shape[0] = e.size
+    local bytes = C.pmp_mapping_tensor(self.mapping, e.offset, C.PMP_U8, record_shape, 1)
+    if bytes ~= nil then
+      C.pmp_mapping_drop_pages(bytes)
+      C.pmp_tensor_release(bytes)
+    end
+  end
 end
 
 function Archive:read(name)
@@ -399,7 +411,10 @@ function M.save(path, value)
     z:add_bytes('byteorder', 'little')
     for k = 1, #order do
       z:add_tensor('data/' .. (k - 1), materialize(order[k], 'data/' .. (k - 1)))
-      order[k] = false   -- a deferred tensor's temporary goes with it
+      -- a deferred tensor's temporaries go now, their memory back to the system, not to the cache
+      order[k] = false
+      collectgarbage()
+      C.pmp_memory_empty_cache(C.PMP_CPU)
     end
     z:add_bytes('version', '3\n')
     z:finish()
