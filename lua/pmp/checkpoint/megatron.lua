@@ -348,6 +348,17 @@ end
 local SAME_SETTINGS = { 'normalization', 'activation', 'rotary_base', 'rotary_percent', 'kv_channels', 'num_query_groups',
   'tie_embeddings' }
 
+-- A vocabulary table (word embeddings, output layer) re-padded to the model's padded size, which
+-- Megatron makes a multiple of the tensor-parallel size too: the true vocabulary's rows, then zeros.
+local function repad(t, name, config)
+  if name ~= 'embedding.word_embeddings.weight' and name ~= 'output_layer.weight' then return t end
+  local rows = t:size(1)
+  if rows == config.padded_vocab_size or config.vocab_size > rows then return t end
+  local out = tensor.zeros({ config.padded_vocab_size, t:size(2) }, { dtype = t.dtype })
+  out:narrow(1, 1, config.vocab_size):copy_(t:narrow(1, 1, config.vocab_size))
+  return out
+end
+
 -- Copies the checkpoint's weights into this rank's part of model, one tensor at a time.
 local function fill(ckpt, model)
   local chunks = pipeline.chunks(model)
@@ -371,7 +382,7 @@ local function fill(ckpt, model)
         local p = own[name]
         local global = sharding.shift_layer(name, offset)
         if global == 'output_layer.weight' and ckpt.config.tie_embeddings then global = 'embedding.word_embeddings.weight' end
-        local part = sharding.shard(global, ckpt:tensor(global), config, layout.tp, layout.tp_rank)
+        local part = sharding.shard(global, repad(ckpt:tensor(global), global, config), config, layout.tp, layout.tp_rank)
         if table.concat(part.shape, ',') ~= table.concat(p.shape, ',') then
           fail('%s: %s is [%s] for this rank, the model has [%s]', ckpt.root, global, table.concat(part.shape, ','),
             table.concat(p.shape, ','))
