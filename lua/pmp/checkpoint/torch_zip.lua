@@ -21,31 +21,39 @@ local P = require 'pmp.checkpoint.torch_pickle'
 local M = {}
 
 ---------------------------------------------------------------------------------------------------
--- CRC-32 (the ZIP polynomial, reflected 0xEDB88320), slicing by four bytes
+-- CRC-32 (the ZIP polynomial, reflected 0xEDB88320), slicing by eight bytes
 
-local CRC = ffi.new('uint32_t[4][256]')
+local band, bxor, rshift = bit.band, bit.bxor, bit.rshift
+local CRC = ffi.new('uint32_t[8][256]')
 for b = 0, 255 do
   local c = b
-  for _ = 1, 8 do c = bit.band(c, 1) ~= 0 and bit.bxor(bit.rshift(c, 1), 0xEDB88320) or bit.rshift(c, 1) end
+  for _ = 1, 8 do c = band(c, 1) ~= 0 and bxor(rshift(c, 1), 0xEDB88320) or rshift(c, 1) end
   CRC[0][b] = c
 end
 for b = 0, 255 do
-  for k = 1, 3 do CRC[k][b] = bit.bxor(bit.rshift(CRC[k - 1][b], 8), CRC[0][bit.band(CRC[k - 1][b], 0xff)]) end
+  for k = 1, 7 do CRC[k][b] = bxor(rshift(CRC[k - 1][b], 8), CRC[0][band(CRC[k - 1][b], 0xff)]) end
 end
 
---- The CRC-32 of nbytes at ptr, continuing crc (0 to start).
+--- The CRC-32 of nbytes at ptr (a pointer or a string), continuing crc (0 to start).
 function M.crc32(ptr, nbytes, crc)
   local p = ffi.cast('const uint8_t *', ptr)
   local c = bit.bnot(crc or 0)
   local i, n = 0, nbytes
-  while i + 4 <= n do
-    c = bit.bxor(c, bit.bor(p[i], bit.lshift(p[i + 1], 8), bit.lshift(p[i + 2], 16), bit.lshift(p[i + 3], 24)))
-    c = bit.bxor(CRC[3][bit.band(c, 0xff)], CRC[2][bit.band(bit.rshift(c, 8), 0xff)],
-      CRC[1][bit.band(bit.rshift(c, 16), 0xff)], CRC[0][bit.rshift(c, 24)])
-    i = i + 4
+  -- bytes up to a 4-byte boundary, then two little-endian words at a time
+  while i < n and tonumber(ffi.cast('uintptr_t', p + i) % 4) ~= 0 do
+    c = bxor(CRC[0][band(bxor(c, p[i]), 0xff)], rshift(c, 8))
+    i = i + 1
+  end
+  while i + 8 <= n do
+    local w = ffi.cast('const uint32_t *', p + i)
+    local a, b = bxor(c, w[0]), w[1]
+    c = bxor(CRC[7][band(a, 0xff)], CRC[6][band(rshift(a, 8), 0xff)], CRC[5][band(rshift(a, 16), 0xff)],
+      CRC[4][rshift(a, 24)], CRC[3][band(b, 0xff)], CRC[2][band(rshift(b, 8), 0xff)], CRC[1][band(rshift(b, 16), 0xff)],
+      CRC[0][rshift(b, 24)])
+    i = i + 8
   end
   while i < n do
-    c = bit.bxor(CRC[0][bit.band(bit.bxor(c, p[i]), 0xff)], bit.rshift(c, 8))
+    c = bxor(CRC[0][band(bxor(c, p[i]), 0xff)], rshift(c, 8))
     i = i + 1
   end
   c = bit.bnot(c)
