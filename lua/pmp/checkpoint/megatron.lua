@@ -1,4 +1,4 @@
---- Megatron-LM's legacy `torch` checkpoints (docs/formats.md §3.1-3.2), read and written:
+--- Megatron-LM's legacy `torch` checkpoints (docs/formats.md §4.3), read and written:
 ---
 ---   DIR/latest_checkpointed_iteration.txt          an iteration, or 'release'
 ---   DIR/iter_NNNNNNN/ (or DIR/release/)
