@@ -299,6 +299,10 @@ function M.open(dir, options)
   if not config.num_layers then fail('%s has no args; pass the model config', first.path) end
   self.config = config
   self.checkpoint_version = first.value.checkpoint_version
+  if type(self.checkpoint_version) == 'number' and self.checkpoint_version < 2 then
+    fail('%s: checkpoint_version %s orders the QKV rows as Megatron did before 2.0; only 2.0 and later are read',
+      first.path, tostring(self.checkpoint_version))
+  end
   self.saved_iteration = first.value.iteration
   self:index()
   local dtype = self.args and arg(self.args, 'params_dtype')
@@ -307,9 +311,6 @@ function M.open(dir, options)
     or (dtype and ARGS_DTYPE[dtype.name]) or 'f32'
   return self
 end
-
--- The pmp names of the checkpoint's weights, sorted.
-function Checkpoint:weight_names() return { unpack(self.names) } end
 
 --- The whole shape of pmp global name `name`, without reading its data.
 function Checkpoint:shape(name)

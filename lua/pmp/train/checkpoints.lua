@@ -74,10 +74,13 @@ end
 function Checkpoints:load(dir, model, optimizer)
   if megatron.is_checkpoint(dir) then
     local info = Checkpoints.megatron_info(dir)
-    megatron.load_into(dir, model)
+    local ckpt = megatron.load_into(dir, model)
     self.first_iteration = info.iteration
     self.logger:line(string.format(' loaded Megatron-LM checkpoint from %s at iteration %d (weights only: the ' ..
       'optimizer state and random generators start fresh)', dir, info.iteration))
+    for name, n in pairs(ckpt.report) do
+      self.logger:line(string.format(' %s: %d object(s) of %s kept as inert placeholders (not rebuilt)', dir, n, name))
+    end
     return info.iteration, info.state
   end
   local loaded = checkpoint.load(dir, model, optimizer)
