@@ -14,8 +14,8 @@
 --- memory holds about one tensor at a time (the peak resident size is printed at the end). The pmp
 --- loader and saver go through a whole model in memory (pmp checkpoints are saved by a model); the pmp
 --- saver writes one process's checkpoint, which pmp loads into any layout.
---- --check-logits loads the source and the result as whole f32 models, runs both on a fixed batch and
---- fails when any logit differs by more than 1e-4.
+--- --check-logits loads the source and the result as whole f32 models (the source's weights rounded
+--- through --dtype first), runs both on a fixed batch and fails when any logit differs by more than 1e-4.
 local FLAGS = {
   { '--loader', nil, 'hf, mcore (or megatron) or pmp' },
   { '--saver', nil, 'hf, mcore (or megatron) or pmp' },
@@ -305,7 +305,8 @@ local function whole_model(kind, dir)
   if kind == 'hf' then return models.from_pretrained(dir, { dtype = 'f32' }) end
   if kind == 'mcore' then return (megatron.load_model(dir, { true_vocab_size = true_vocab, dtype = 'f32' })) end
   local model = pmp.checkpoint.load_model(dir)
-  return model:to('f32') or model
+  model:to('f32')
+  return model
 end
 
 local function resident_peak_mb()
@@ -327,6 +328,12 @@ if peak then print(string.format('convert: peak resident memory %.1f MB', peak))
 if opts.check_logits then
   local a = whole_model(loader, opts.load_dir)
   local b = whole_model(saver, opts.save_dir)
+  -- saved in another precision: the source rounded the same way, so only the conversion is compared
+  if dtype and dtype ~= 'f32' then
+    pmp.no_grad(function()
+      for _, p in pairs(a:state_dict()) do p:copy_(p:to(dtype)) end
+    end)
+  end
   local n = math.min(a.config.vocab_size, b.config.vocab_size)
   local ids = {}
   for row = 1, 2 do
