@@ -29,7 +29,11 @@ local Z = require 'pmp.checkpoint.torch_zip'
 
 local M = {}
 
-M.TRACKER = 'latest_checkpointed_iteration.txt'
+-- pmp's own checkpoints share Megatron's tracker and directory names
+local checkpoint = require 'pmp.checkpoint'
+local layout_file = require 'pmp.checkpoint.layout'
+
+M.TRACKER = checkpoint.TRACKER
 M.MODEL_FILE = 'model_optim_rng.pt'
 M.CHECKPOINT_VERSION = 3.0
 
@@ -48,13 +52,10 @@ end
 
 function M.iteration_dir(dir, iteration)
   if iteration == 'release' then return io_.join(dir, 'release') end
-  return io_.join(dir, string.format('iter_%07d', iteration))
+  return checkpoint.iteration_root(dir, iteration)
 end
 
-function M.rank_dir_name(tp_rank, pp_rank, pp)
-  if pp == 1 then return string.format('mp_rank_%02d', tp_rank) end
-  return string.format('mp_rank_%02d_%03d', tp_rank, pp_rank)
-end
+M.rank_dir_name = layout_file.rank_dir_name
 
 -- Whether dir holds a Megatron torch checkpoint (a tracker naming a directory with rank .pt files).
 function M.is_checkpoint(dir)
