@@ -104,6 +104,10 @@ local function end_record(path, p, size)
       return out
     end
   end
+  if size >= 2 and p[0] == 0x80 then
+    zip_fail(path, 'a bare pickle: torch.save wrote this format before torch 1.6 (_use_new_zipfile_serialization=False); ' ..
+      'save it again with a newer torch')
+  end
   zip_fail(path, 'not a zip archive (no end of central directory record; torch.save files are zip archives)')
 end
 
