@@ -136,7 +136,11 @@ local REBUILD = {
         out[#out + 1] = string.char(c)
         i = i + 1
       else
-        out[#out + 1] = string.char(bit.bor(bit.lshift(bit.band(c, 0x1f), 6), bit.band(text:byte(i + 1), 0x3f)))
+        local next_byte = text:byte(i + 1) or 0
+        if (c ~= 0xc2 and c ~= 0xc3) or next_byte < 0x80 or next_byte > 0xbf then
+          r:fail('_codecs.encode of a str that is not latin-1 (a code point above 255)')
+        end
+        out[#out + 1] = string.char(bit.bor(bit.lshift(bit.band(c, 0x1f), 6), bit.band(next_byte, 0x3f)))
         i = i + 2
       end
     end

@@ -130,6 +130,9 @@ function M.open(path)
     local csize, usize = u32(p, at + 20), u32(p, at + 24)
     local name_len, extra_len, comment_len = u16(p, at + 28), u16(p, at + 30), u16(p, at + 32)
     local local_offset = u32(p, at + 42)
+    if at + 46 + name_len + extra_len + comment_len > size then
+      zip_fail(path, 'central directory entry ' .. k .. ' runs past the end of the file')
+    end
     local name = ffi.string(p + at + 46, name_len)
     -- zip64 extra: the fields that overflowed, in the order usize, csize, offset
     local x, stop = at + 46 + name_len, at + 46 + name_len + extra_len
