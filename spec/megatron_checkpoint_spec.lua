@@ -106,6 +106,22 @@ describe("Megatron-Core's legacy torch checkpoints", function()
     assert.are.equal(3, value.checkpoint_version)
   end)
 
+  it('give tensors that share one storage their own offsets', function()
+    local value = Z.load(FIXTURES .. '/shared_storage.pt')
+    -- the storage holds k / 8 at element k (tools/megatron_reference.py shared-storage)
+    local function elements(first, count)
+      local out = {}
+      for k = 1, count do out[k] = (first + k - 1) / 8 end
+      return out
+    end
+    local m = value.model
+    assert.are.same({ 3, 4 }, m['a.weight'].shape)
+    assert.are.same(elements(4, 12), m['a.weight']:reshape({ 12 }):double():totable())
+    assert.are.same(elements(20, 5), m['b.bias']:double():totable())
+    assert.are.same(elements(0, 2), m['c.weight']:double():totable())
+    assert.are.equal('bf16', m['b.bias'].dtype)
+  end)
+
   it('take the model config from args', function()
     local ckpt = megatron.open(FIXTURES .. '/tp2_pp1', { true_vocab_size = 100 })
     local c = ckpt.config

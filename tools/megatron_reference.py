@@ -6,6 +6,8 @@ One process per model-parallel rank under torchrun, gloo process groups, the loc
       builds a small GPTModel (seeded random weights, every bias and norm perturbed), writes DIR as
       Megatron-LM's legacy torch checkpoint (iter_0000005/mp_rank_TT[_PPP]/model_optim_rng.pt with
       args), runs the fixed batch through it and writes DIR/reference.json {ids, vocab_size, logits}
+  python3 tools/megatron_reference.py shared-storage FILE
+      a torch.save state dict whose tensors are views into one storage (bf16: 0, 1/8, 2/8, ...)
   torchrun --nproc-per-node T*P tools/megatron_reference.py read DIR --tp T --pp P
       loads the checkpoint in DIR (torch.load(weights_only=True), load_state_dict(strict=True)) into
       the model of that layout and prints {"logits": ...} of the same batch as JSON
@@ -15,6 +17,7 @@ make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`; spec/mega
 to the next stage with plain gloo send/recv (Megatron's schedules need CUDA streams).
 """
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -132,7 +135,17 @@ def rank_file(root, tp_rank, pp_rank, pp):
     return os.path.join(root, name, 'model_optim_rng.pt')
 
 
+def write_shared_storage(path):
+    """A state dict whose tensors are views into one storage, as the distributed optimizer's
+    contiguous parameter buffer leaves them (offsets in elements, one storage record)."""
+    buffer = torch.arange(40, dtype=torch.bfloat16) / 8
+    torch.save({'model': collections.OrderedDict([('a.weight', buffer[4:16].view(3, 4)), ('b.bias', buffer[20:25]),
+                                                   ('c.weight', buffer[:2])])}, path)
+
+
 def main():
+    if sys.argv[1:2] == ['shared-storage']:
+        return write_shared_storage(sys.argv[2])
     parser = argparse.ArgumentParser()
     parser.add_argument('mode', choices=['write', 'read'])
     parser.add_argument('dir')
