@@ -33,7 +33,7 @@ local FLAGS = {
   { '--make-vocab-size-divisible-by', 128, 'Megatron padding multiple (times the target tensor-parallel size)' },
   { '--dtype', nil, 'saved dtype: fp32, bf16, fp16 (default: the source\'s)' },
   { '--model-type', nil, 'hf saver: the HF family (models/*.lua) when the source is not HF (default llama)' },
-  { '--iteration', nil, 'Megatron saver: the iteration to record (default: the source\'s, else release)' },
+  { '--iteration', nil, 'Megatron saver: the iteration to record (default release: no optimizer or RNG state to load)' },
   { '--check-logits', false, 'run both models on a fixed batch; fail if logits differ by more than 1e-4' },
 }
 
@@ -78,6 +78,9 @@ local DTYPES = { fp32 = 'f32', f32 = 'f32', float32 = 'f32', bf16 = 'bf16', bflo
 local dtype = opts.dtype and (DTYPES[opts.dtype] or die("--dtype must be fp32, bf16 or fp16, got '" .. opts.dtype .. "'"))
 local true_vocab = opts.true_vocab_size > 0 and opts.true_vocab_size or (opts.vocab_size > 0 and opts.vocab_size or nil)
 local tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
+if opts.iteration and opts.iteration ~= 'release' and not tostring(opts.iteration):match('^%d+$') then
+  die("--iteration must be a number or 'release', got '" .. tostring(opts.iteration) .. "'")
+end
 
 local function shape_of(t) return { unpack(t.shape) } end
 
@@ -231,7 +234,7 @@ function savers.mcore(source, dir)
     names = source.names, shapes = source.shapes, tensor = source.tensor, config = source.config, tp = tp, pp = pp, vp = vp,
     first_stage_layers = opts.target_decoder_first_pipeline_num_layers > 0 and opts.target_decoder_first_pipeline_num_layers or nil,
     transformer_impl = opts.transformer_impl, dtype = dtype or source.dtype,
-    iteration = opts.iteration and (opts.iteration == 'release' and 'release' or tonumber(opts.iteration)) or source.iteration,
+    iteration = opts.iteration and opts.iteration ~= 'release' and tonumber(opts.iteration) or 'release',
     progress = update,
   })
   bar:finish()
