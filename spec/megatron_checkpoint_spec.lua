@@ -193,6 +193,12 @@ describe("pmp's Megatron checkpoints", function()
     assert.are.equal('release', pmp.io.read_file(dir .. '/te/latest_checkpointed_iteration.txt'):match('%S+'))
   end)
 
+  it('refuse a weight Megatron has no place for, before writing anything', function()
+    local scored = pmp.nn.GPTModel({ num_layers = 2, hidden_size = 16, num_attention_heads = 2, vocab_size = 10, head = 'score' })
+    fails_with(function() megatron.save_model(dir .. '/scored', scored) end, 'no place in a Megatron GPT model for score.weight')
+    assert.is_false(pmp.io.exists(dir .. '/scored'))
+  end)
+
   local check = os.getenv('PMP_MEGATRON_CHECK') == '1'
   local test = check and it or pending
   test('load in Megatron-Core to its reference logits (PMP_MEGATRON_CHECK=1)', function()

@@ -531,6 +531,7 @@ function M.save(dir, spec)
   for _, name in ipairs(spec.names) do known[name] = true end
   local total, done = tp * #spec.names, 0
 
+  local placed = {}   -- the weights some rank file holds
   -- The state dict of chunk v of stage p on TP rank t.
   local function chunk_state(p, v, t)
     local range = chunk_ranges and chunk_ranges[p + 1][v] or stages[p + 1]
@@ -538,6 +539,7 @@ function M.save(dir, spec)
     local last_chunk = p == pp - 1 and v == vp
     local sd = P.dict(true)
     local function add(global, key)
+      placed[global] = true
       local shape = { unpack(spec.shapes[global]) }
       local rule = sharding.rule(global, config)
       if rule and tp > 1 then shape[rule.dim] = shape[rule.dim] / tp end
@@ -575,6 +577,16 @@ function M.save(dir, spec)
     end
     return sd
   end
+
+  -- every weight has its place in Megatron's layout before anything is written
+  for p = 0, pp - 1 do
+    for v = 1, vp do chunk_state(p, v, 0) end
+  end
+  local unplaced = {}
+  for _, name in ipairs(spec.names) do
+    if not placed[name] then unplaced[#unplaced + 1] = name end
+  end
+  if #unplaced > 0 then fail('%s: no place in a Megatron GPT model for %s', dir, table.concat(unplaced, ', ')) end
 
   local root = M.iteration_dir(dir, iteration)
   io_.mkdir_p(dir)
