@@ -28,6 +28,9 @@ PMP_HF_CHECK=1 ./pmp spec/run.lua spec/lora_spec.lua
 echo '== transformers (BLOOM) and tools/baichuan_reference.py load what pmp save_pretrained wrote (spec/zoo_alibi_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/zoo_alibi_spec.lua
 
+echo '== Megatron-Core loads the Megatron checkpoints pmp wrote (spec/megatron_checkpoint_spec.lua, PMP_MEGATRON_CHECK=1)'
+PMP_MEGATRON_CHECK=1 ./pmp spec/run.lua spec/megatron_checkpoint_spec.lua
+
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify
 

@@ -80,6 +80,8 @@ local function destinations(entry, p, config)
   return out
 end
 
+M.destinations = destinations
+
 -- The headers of a directory's files: files (paths in order) and name -> { path, dtype (pmp's name or
 -- the file's for dtypes pmp lacks), shape } (or { tensor, dtype, shape }: see add_tensor).
 function M.catalog(dir)

@@ -11,6 +11,7 @@
 --- state_of() returns the recipe's own state to store (data position, tokenizer, args...).
 local checkpoint = require 'pmp.checkpoint'
 local clock = require 'pmp.clock'
+local megatron = require 'pmp.checkpoint.megatron'
 local pio = require 'pmp.io'
 local C = require('pmp.ffi').C
 
@@ -20,6 +21,10 @@ Checkpoints.__index = Checkpoints
 --- The info table (iteration, state, layout...) of the latest checkpoint in dir without reading any
 --- tensor, or nil when dir (which may be nil) holds no checkpoint.
 function Checkpoints.info(dir)
+  if dir and megatron.is_checkpoint(dir) then
+    error(dir .. ' is a Megatron-LM checkpoint, which only recipes/pretrain.lua --load takes; convert it with ' ..
+      'pmp tools/checkpoint/convert.lua --loader mcore --saver hf (or pmp)', 0)
+  end
   if not dir or not checkpoint.latest_iteration(dir) then return nil end
   return checkpoint.info(dir)
 end
@@ -63,15 +68,20 @@ end
 --- to both, so that a restarted job resumes). Any other dir without a checkpoint is an error naming it:
 --- a typo must not start training from scratch and then save over the real checkpoint directory. For
 --- the same reason a fresh run refuses a save_dir that holds a checkpoint unless override is true
---- (--override-checkpoint), and an unwritable save_dir is refused before any work.
+--- (--override-checkpoint), and an unwritable save_dir is refused before any work. A Megatron-LM torch
+--- checkpoint in dir is continued from (Checkpoints.megatron_info).
 function Checkpoints.resume(dir, save_dir, override)
+  local other_save_dir = save_dir and save_dir ~= '' and (dir == nil or normal(dir) ~= normal(save_dir))
+  if dir ~= nil and megatron.is_checkpoint(dir) then
+    if other_save_dir then Checkpoints.check_save_dir(save_dir, override) end
+    return Checkpoints.megatron_info(dir)
+  end
   if dir ~= nil and checkpoint.latest_iteration(dir) then
-    if save_dir and save_dir ~= '' and normal(dir) ~= normal(save_dir) then Checkpoints.check_save_dir(save_dir, override) end
+    if other_save_dir then Checkpoints.check_save_dir(save_dir, override) end
     return checkpoint.info(dir)
   end
-  if dir ~= nil then
-    local own_save_dir = save_dir and save_dir ~= '' and normal(dir) == normal(save_dir)
-    if not own_save_dir or pio.is_file(dir) then error('--load ' .. dir .. ' ' .. not_a_checkpoint(dir), 0) end
+  if dir ~= nil and (other_save_dir or not save_dir or save_dir == '' or pio.is_file(dir)) then
+    error('--load ' .. dir .. ' ' .. not_a_checkpoint(dir), 0)
   end
   Checkpoints.check_save_dir(save_dir, override)
   return nil
@@ -94,9 +104,30 @@ function Checkpoints.new(opts, logger)
   return self
 end
 
+--- The info of a Megatron-LM torch checkpoint (pmp.checkpoint.megatron) to continue from: its
+--- iteration (0 for a release) and the samples its args record as consumed; it brings weights only.
+function Checkpoints.megatron_info(dir)
+  local ckpt = megatron.open(dir)
+  local consumed = ckpt.args and tonumber(ckpt.args.consumed_train_samples) or 0
+  local iteration = ckpt.iteration == 'release' and 0 or (tonumber(ckpt.saved_iteration) or ckpt.iteration)
+  return { megatron = true, iteration = iteration, state = { consumed_samples = consumed } }
+end
+
 --- Loads the latest checkpoint in dir into model and optimizer, restoring the random generators;
---- returns its iteration and the recipe state saved with it.
+--- returns its iteration and the recipe state saved with it. A Megatron-LM torch checkpoint gives its
+--- weights only (the optimizer and generators start fresh, as Megatron's --no-load-optim --no-load-rng).
 function Checkpoints:load(dir, model, optimizer)
+  if megatron.is_checkpoint(dir) then
+    local info = Checkpoints.megatron_info(dir)
+    local ckpt = megatron.load_into(dir, model)
+    self.first_iteration = info.iteration
+    self.logger:line(string.format(' loaded Megatron-LM checkpoint from %s at iteration %d (weights only: the ' ..
+      'optimizer state and random generators start fresh)', dir, info.iteration))
+    for name, n in pairs(ckpt.report) do
+      self.logger:line(string.format(' %s: %d object(s) of %s kept as inert placeholders (not rebuilt)', dir, n, name))
+    end
+    return info.iteration, info.state
+  end
   local loaded = checkpoint.load(dir, model, optimizer)
   self.first_iteration = loaded.iteration
   self.logger:line(string.format(' loaded checkpoint from %s at iteration %d%s', dir, loaded.iteration,
