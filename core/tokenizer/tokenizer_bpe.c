@@ -754,6 +754,6 @@ static int encode_word(pmp_tok_bpe *m, const char *s, int64_t n, pmp_tok_ids *ou
   if (!ids_reserve(out, count)) return pmp_fail_code("tokenizer: out of memory");
   if (count > 0)
     for (int32_t i = 0; i >= 0; i = m->sym_next[i]) out->data[out->len++] = m->sym_id[i];
-  if (cacheable) cache_store(m, s, (size_t)n, out->data + start, (size_t)(out->len - start));
+  if (cacheable && count > 0) cache_store(m, s, (size_t)n, out->data + start, (size_t)(out->len - start));
   return 0;
 }

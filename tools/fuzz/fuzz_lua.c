@@ -32,7 +32,8 @@ static void count_line(lua_State *L, lua_Debug *event) {
   lua_line_counters[(key ^ (key >> 17)) & (LINE_COUNTERS - 1)]++;
 }
 
-/* Messages of the Lua VM itself, never of pmp's checks. */
+/* Messages of the Lua VM itself, never of pmp's checks; they follow the "chunk:line: " position the VM
+ * puts first (user data quoted later in a message of pmp's must not count). */
 static const char *const internal_errors[] = {
   "attempt to ", "bad argument #", "table index is nil", "table index is NaN", "stack overflow",
   "invalid key to 'next'", "invalid value (at index", "string length overflow", "number has no integer representation",
@@ -40,8 +41,14 @@ static const char *const internal_errors[] = {
 };
 
 static int is_internal(const char *message) {
+  const char *colon = strchr(message, ':');
+  if (!colon || colon[1] < '0' || colon[1] > '9') return 0;
+  const char *after = colon + 1;
+  while (*after >= '0' && *after <= '9') after++;
+  if (after[0] != ':' || after[1] != ' ') return 0;
+  after += 2;
   for (size_t k = 0; k < sizeof internal_errors / sizeof *internal_errors; k++)
-    if (strstr(message, internal_errors[k])) return 1;
+    if (strncmp(after, internal_errors[k], strlen(internal_errors[k])) == 0) return 1;
   return 0;
 }
 

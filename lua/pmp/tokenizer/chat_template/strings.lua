@@ -35,6 +35,8 @@ end
 local function codepoint(ch)
   local c = byte(ch, 1)
   if c < 0x80 then return c end
+  -- a sequence cut short by the end of the string (invalid UTF-8) stands for its first byte
+  if #ch < (c >= 0xF0 and 4 or c >= 0xE0 and 3 or c >= 0xC0 and 2 or 1) then return c end
   if c >= 0xF0 then
     return (c - 0xF0) * 0x40000 + (byte(ch, 2) - 0x80) * 0x1000 + (byte(ch, 3) - 0x80) * 0x40 + byte(ch, 4) - 0x80
   elseif c >= 0xE0 then
