@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
     *) TARGETS+=("$1"); shift ;;
   esac
 done
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(json safetensors indexed chat_template tokenizer_json split_regex encode sentencepiece tiktoken)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(json safetensors indexed chat_template tokenizer_json split_regex encode sentencepiece tiktoken pickle)
 
 cd "$ROOT"
 FLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -fopenmp=libgomp"
@@ -53,6 +53,10 @@ seed indexed spec/fixtures/indexed/*.idx spec/fixtures/gpt_dataset/*.idx
 seed tokenizer_json spec/fixtures/tokenizer_added_tokens.json
 seed sentencepiece $(find spec/fixtures -name '*.model' | head -8)
 seed tiktoken $(find spec/fixtures -name '*.tiktoken' | head -4)
+mkdir -p build/fuzz/corpus/pickle
+for pt in $(find spec/fixtures -name '*.pt' | head -6); do
+  unzip -p "$pt" '*/data.pkl' > "build/fuzz/corpus/pickle/seed-$(cksum <"$pt" | cut -d' ' -f1)" 2>/dev/null
+done
 mkdir -p build/fuzz/corpus/chat_template build/fuzz/corpus/split_regex build/fuzz/corpus/encode
 luajit -e '
   local n = 0

@@ -67,6 +67,28 @@ function targets.split_regex(data)
   require('pmp.tokenizer').from_json(spec):encode(sample_text)
 end
 
+--- A SentencePiece tokenizer.model (protobuf: pieces, scores, normalizer, charsmap), used on a text.
+function targets.sentencepiece(data)
+  pio.mkdir_p(scratch .. '/spm')
+  write('spm/tokenizer.model', data)
+  local tokenizer = require('pmp.tokenizer').from_pretrained(scratch .. '/spm')
+  tokenizer:decode(tokenizer:encode(sample_text))
+end
+
+--- A tiktoken ranks file (base64 token and rank per line), used on a text.
+function targets.tiktoken(data)
+  pio.mkdir_p(scratch .. '/tiktoken')
+  write('tiktoken/qwen.tiktoken', data)
+  local tokenizer = require('pmp.tokenizer').from_pretrained(scratch .. '/tiktoken')
+  tokenizer:decode(tokenizer:encode(sample_text))
+end
+
+--- A torch.save pickle (Megatron's args, optimizer and RNG states): only allow-listed globals rebuilt.
+function targets.pickle(data)
+  require('pmp.checkpoint.torch_pickle').load(data, { source = 'fuzz.pkl',
+    persistent_load = function(pid) return pid end })
+end
+
 -- loaded before fuzzing starts (with the JIT on): four real tokenizers take seconds to build
 local tokenizers = {}
 if os.getenv('PMP_FUZZ_TARGET') == 'encode' then
