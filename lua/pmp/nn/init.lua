@@ -4,6 +4,7 @@ local nn = {
   Module = require 'pmp.nn.module',
   parallel = require 'pmp.nn.parallel',
   context_parallel = require 'pmp.nn.context_parallel',
+  moe = require 'pmp.nn.moe',
 }
 for name, layer in pairs(require 'pmp.nn.layers') do nn[name] = layer end
 for name, layer in pairs(require 'pmp.nn.transformer') do nn[name] = layer end

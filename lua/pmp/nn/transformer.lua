@@ -59,7 +59,7 @@ function M.config(c)
       out.num_attention_heads, out.num_query_groups), 2)
   end
   if out.ffn_hidden_size ~= math.floor(out.ffn_hidden_size) then out.ffn_hidden_size = math.floor(out.ffn_hidden_size) end
-  return out
+  return require('pmp.nn.moe').check_config(out)
 end
 
 local function norm(config, dim)
@@ -239,7 +239,8 @@ function M.TransformerBlock:init(config, layer)
   self.input_layernorm = norm(config, config.hidden_size)
   self.self_attention = M.Attention(config, layer)
   self.pre_mlp_layernorm = norm(config, config.hidden_size)
-  self.mlp = M.MLP(config)
+  local moe = require 'pmp.nn.moe'   -- required here: pmp.nn.moe builds its experts from M.MLP
+  self.mlp = moe.is_moe_layer(config, layer) and moe.MoELayer(config, layer) or M.MLP(config)
 end
 function M.TransformerBlock:forward(x, rope)
   local p, training = self.dropout, self.training

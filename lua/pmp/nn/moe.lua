@@ -1,0 +1,295 @@
+--- Mixture of experts in Megatron-Core's structure and parameter names (MoELayer), the mlp of the
+--- decoder layers that config.moe_layer_freq marks:
+---   mlp.router.weight                                       [num_moe_experts, hidden]
+---   mlp.experts.local_experts.E.linear_fc1.weight           [2 x moe_ffn_hidden_size, hidden] ([gate; up])
+---   mlp.experts.local_experts.E.linear_fc2.weight           [hidden, moe_ffn_hidden_size]
+---   mlp.shared_experts.linear_fc1.weight / linear_fc2.weight (moe_shared_expert_intermediate_size)
+---   mlp.shared_experts.gate_weight                          [1, hidden] (moe_shared_expert_gate: Qwen2-MoE's
+---                                                            sigmoid gate on the shared experts' output)
+--- Routing: softmax over all experts, the top moe_router_topk, renormalised to sum to one unless
+--- moe_router_pre_softmax (Megatron's switch: Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not).
+--- Dropless: every token reaches its k experts. Tokens are sorted by expert (index_select), each
+--- expert's rows go through one GEMM of a grouped GEMM (grouped_matmul), and moe_unpermute weights
+--- the rows by their routing probabilities and sums them back into token order.
+--- While training, the load-balancing loss (moe_router_load_balancing_type 'aux_loss',
+--- moe_aux_loss_coeff) and the router z-loss (moe_z_loss_coeff) add their gradients to the router as
+--- Megatron's MoEAuxLossAutoScaler does: scaled by M.aux_loss_scale (the weight of this micro batch's
+--- loss in the step's objective, which pmp.train.step sets), without changing the returned loss.
+local ffi = require 'ffi'
+local C = require('pmp.ffi').C
+local tensor = require 'pmp.tensor'
+local Module = require 'pmp.nn.module'
+local layers = require 'pmp.nn.layers'
+local autograd = require 'pmp.autograd'
+local F = require 'pmp.nn.functional'
+local transformer = require 'pmp.nn.transformer'
+
+local M = {}
+
+-- Router math runs in f32 for bf16/f16 weights, as transformers and Megatron do (f64 stays f64).
+local function widened(t) return (t.dtype == 'bf16' or t.dtype == 'f16') and t:float() or t end
+
+local function check(ptr)
+  if ptr == nil then error(ffi.string(C.pmp_last_error()), 3) end
+  return tensor.wrap(ptr)
+end
+
+--- grouped_matmul(x [rows, in], w [E, out, in], counts): rows grouped by expert (counts[e] of them for
+--- expert e, in order; counts a CPU integer tensor [E] or a Lua list), each group times w[e]^T.
+function M.grouped_matmul(x, w, counts)
+  if type(counts) == 'table' then counts = tensor.tensor(counts, { dtype = 'i64' }) end
+  return check(C.pmp_grouped_matmul(x.ptr, w.ptr, counts.ptr))
+end
+
+--- unpermute(y [n, hidden], probs [n], rows [n], num_tokens) -> [num_tokens, hidden]: row t is the sum
+--- of probs[i] * y[i] over the i with rows[i] = t (0-based token ids).
+function M.unpermute(y, probs, rows, num_tokens)
+  return check(C.pmp_moe_unpermute(y.ptr, probs.ptr, rows.ptr, num_tokens))
+end
+
+---------------------------------------------------------------------------------------------------
+-- Configuration
+
+local BALANCING = { aux_loss = true, none = true }
+
+--- true when decoder layer `layer` (1-based) has a MoE mlp: config.moe_layer_freq is Megatron's
+--- --moe-layer-freq, an integer N (layers 0, N, 2N, ... counted from 0) or a list of 0/1 per layer.
+function M.is_moe_layer(config, layer)
+  if not config.num_moe_experts or config.num_moe_experts == 0 then return false end
+  local freq = config.moe_layer_freq or 1
+  if type(freq) == 'table' then return freq[layer] == 1 or freq[layer] == true end
+  return (layer - 1) % freq == 0
+end
+
+--- Checks the MoE keys of a GPTModel config (errors name the key); fills in Megatron's defaults.
+function M.check_config(c)
+  local E = c.num_moe_experts
+  if E == nil or E == 0 then return c end
+  local function fail(message, ...) error('transformer config: ' .. string.format(message, ...), 0) end
+  if E ~= math.floor(E) or E < 1 then fail('num_moe_experts must be a positive integer, got %s', tostring(E)) end
+  c.moe_router_topk = c.moe_router_topk or 2
+  local k = c.moe_router_topk
+  if k ~= math.floor(k) or k < 1 or k > E then
+    fail('moe_router_topk %s must be an integer from 1 to num_moe_experts %d', tostring(k), E)
+  end
+  c.moe_ffn_hidden_size = c.moe_ffn_hidden_size or c.ffn_hidden_size
+  c.moe_router_load_balancing_type = c.moe_router_load_balancing_type or 'aux_loss'
+  if not BALANCING[c.moe_router_load_balancing_type] then
+    fail("moe_router_load_balancing_type '%s' is not supported (aux_loss, none)", tostring(c.moe_router_load_balancing_type))
+  end
+  c.moe_aux_loss_coeff = c.moe_aux_loss_coeff or 0
+  c.moe_z_loss_coeff = c.moe_z_loss_coeff or 0
+  if c.activation ~= 'swiglu' and c.moe_grouped_gemm then fail("moe_grouped_gemm needs activation 'swiglu'") end
+  if c.moe_grouped_gemm and c.add_mlp_bias then fail('moe_grouped_gemm has no expert biases (add_mlp_bias)') end
+  local freq = c.moe_layer_freq or 1
+  if type(freq) == 'table' then
+    if #freq ~= c.num_layers then fail('moe_layer_freq lists %d layers for num_layers %d', #freq, c.num_layers) end
+  elseif freq ~= math.floor(freq) or freq < 1 then
+    fail('moe_layer_freq must be a positive integer or a list of 0/1 per layer, got %s', tostring(freq))
+  end
+  local ep = c.expert_model_parallel_size or 1
+  if E % ep ~= 0 then fail('num_moe_experts %d is not divisible by expert_model_parallel_size %d', E, ep) end
+  return c
+end
+
+-- The config of an MLP of width `width` (experts, shared experts).
+local function mlp_config(config, width)
+  local out = {}
+  for key, v in pairs(config) do out[key] = v end
+  out.ffn_hidden_size = width
+  return out
+end
+
+---------------------------------------------------------------------------------------------------
+-- Aux-loss bookkeeping
+
+--- The weight of the current micro batch's loss in the step's objective (1 / micro batches): the
+--- scale of the auxiliary losses' gradients, as Megatron's MoEAuxLossAutoScaler.set_loss_scale.
+M.aux_loss_scale = 1
+
+-- name -> { [layer] = sum over micro batches of value x aux_loss_scale }
+local tracked = {}
+
+local function track(name, layer, value)
+  local per_layer = tracked[name] or {}
+  tracked[name] = per_layer
+  per_layer[layer] = (per_layer[layer] or 0) + value * M.aux_loss_scale
+end
+
+--- The auxiliary losses since the last call, as Megatron logs them (each divided by its coefficient,
+--- weighted per micro batch like the loss, averaged over the MoE layers): { load_balancing_loss =,
+--- z_loss = } (only those computed), or nil when none was; resets the tracker.
+function M.take_aux_losses()
+  local out, any = {}, false
+  for name, per_layer in pairs(tracked) do
+    local sum, count = 0, 0
+    for _, v in pairs(per_layer) do sum, count = sum + v, count + 1 end
+    out[name], any = sum / count, true
+  end
+  tracked = {}
+  return any and out or nil
+end
+
+-- Forward identity on x; backward also gives `loss` the gradient aux_loss_scale.
+local function attach_loss(x, loss)
+  local scale = M.aux_loss_scale
+  return autograd.custom({ x, loss }, x:detach(), function(g)
+    return { g, tensor.full({}, scale, { dtype = loss.dtype }) }
+  end)
+end
+
+---------------------------------------------------------------------------------------------------
+-- Modules
+
+--- TopKRouter(config): logits = x router.weight^T, softmax, top-k.
+M.TopKRouter = Module:extend('TopKRouter')
+function M.TopKRouter:init(config)
+  self.topk, self.pre_softmax = config.moe_router_topk, config.moe_router_pre_softmax or false
+  self.num_experts = config.num_moe_experts
+  self.weight = layers.normal_init({ config.num_moe_experts, config.hidden_size }, config.init_std, config.dtype, config.init)
+end
+-- x [N, H] -> probabilities of the chosen experts [N, k], their ids [N, k] (i64), logits [N, E] and
+-- the softmax over all experts [N, E]. Ties go to the lower expert id.
+function M.TopKRouter:forward(x)
+  local logits = x:matmul(self.weight:t())
+  local scores = widened(logits):softmax(-1)
+  local remaining, ids = scores:detach(), {}
+  local experts = tensor.arange(0, self.num_experts):long()
+  for j = 1, self.topk do
+    local _, index = remaining:max(-1, true)
+    ids[j] = index
+    if j < self.topk then remaining = remaining:masked_fill(experts:eq(index), -math.huge) end
+  end
+  local chosen = tensor.cat(ids, 2)
+  local probs = scores:gather(2, chosen)
+  if not self.pre_softmax then probs = probs / probs:sum(-1, true) end
+  return probs:to(x.dtype), chosen, logits, scores
+end
+function M.TopKRouter:extra_repr()
+  return string.format('experts=%d, topk=%d%s', self.num_experts, self.topk, self.pre_softmax and ', pre-softmax' or '')
+end
+
+--- SharedExpertMLP(config): an MLP of moe_shared_expert_intermediate_size, times sigmoid(x gate_weight^T)
+--- with moe_shared_expert_gate.
+M.SharedExpertMLP = transformer.MLP:extend('SharedExpertMLP')
+function M.SharedExpertMLP:init(config)
+  transformer.MLP.init(self, mlp_config(config, config.moe_shared_expert_intermediate_size))
+  if config.moe_shared_expert_gate then
+    self.gate_weight = layers.normal_init({ 1, config.hidden_size }, config.init_std, config.dtype, config.init)
+  end
+end
+function M.SharedExpertMLP:forward(x)
+  local y = transformer.MLP.forward(self, x)
+  if self.gate_weight then y = y * x:matmul(self.gate_weight:t()):sigmoid() end
+  return y
+end
+
+--- Experts(config): num_moe_experts SwiGLU (or config.activation) MLPs, experts.local_experts.E.
+M.Experts = Module:extend('Experts')
+function M.Experts:init(config, first, count)
+  local list = {}
+  for e = 1, count do list[e] = transformer.MLP(mlp_config(config, config.moe_ffn_hidden_size)) end
+  self.local_experts = layers.ModuleList(list)
+  rawset(self, 'grouped', config.moe_grouped_gemm or false)
+  rawset(self, 'first', first)
+end
+-- x [n, H] sorted by expert with counts[e] rows for local expert e (a Lua list) -> [n, H].
+function M.Experts:forward(x, counts)
+  local experts = self.local_experts.items
+  if self.grouped then
+    local fc1, fc2 = {}, {}
+    for e, expert in ipairs(experts) do fc1[e], fc2[e] = expert.linear_fc1.weight, expert.linear_fc2.weight end
+    local counts_tensor = tensor.tensor(counts, { dtype = 'i64' })
+    local h = F.swiglu(M.grouped_matmul(x, tensor.stack(fc1, 1), counts_tensor))
+    return M.grouped_matmul(h, tensor.stack(fc2, 1), counts_tensor)
+  end
+  -- Megatron's SequentialMLP: one expert after another over its rows
+  local parts, start = {}, 1
+  for e, expert in ipairs(experts) do
+    if counts[e] > 0 then
+      parts[#parts + 1] = expert(x:narrow(1, start, counts[e]))
+      start = start + counts[e]
+    end
+  end
+  if #parts == 0 then return x * 0 end
+  return tensor.cat(parts, 1)
+end
+function M.Experts:extra_repr()
+  return string.format('%d local experts from %d%s', #self.local_experts.items, self.first,
+    self.grouped and ', grouped GEMM' or '')
+end
+
+--- MoELayer(config, layer): router, experts and optional shared experts; layer is 1-based.
+M.MoELayer = Module:extend('MoELayer')
+function M.MoELayer:init(config, layer)
+  rawset(self, 'config', config)
+  rawset(self, 'layer', layer)
+  self.router = M.TopKRouter(config)
+  self.experts = M.Experts(config, 0, config.num_moe_experts)
+  if (config.moe_shared_expert_intermediate_size or 0) > 0 then self.shared_experts = M.SharedExpertMLP(config) end
+end
+
+-- The auxiliary losses of one forward, attached to out for backward and tracked for the log.
+function M.MoELayer:aux_losses(out, logits, scores, counts, num_tokens)
+  local c = self.config
+  if c.moe_router_load_balancing_type == 'aux_loss' and c.moe_aux_loss_coeff > 0 then
+    -- Switch Transformer's loss as Megatron writes it: E / (k T^2) * sum_e (sum_t p_te) * tokens_e
+    local E, k = c.num_moe_experts, c.moe_router_topk
+    local per_expert = scores:sum(1)
+    local loss = (per_expert * tensor.tensor(counts, { dtype = per_expert.dtype })):sum() *
+      (E * c.moe_aux_loss_coeff / (k * num_tokens * num_tokens))
+    track('load_balancing_loss', self.layer, loss:item() / c.moe_aux_loss_coeff)
+    out = attach_loss(out, loss)
+  end
+  if c.moe_z_loss_coeff > 0 then
+    -- ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2
+    local f = widened(logits)
+    local top = f:max(-1, true):detach()
+    local lse = (f - top):exp():sum(-1, true):log() + top
+    local loss = lse:square():mean() * c.moe_z_loss_coeff
+    track('z_loss', self.layer, loss:item() / c.moe_z_loss_coeff)
+    out = attach_loss(out, loss)
+  end
+  return out
+end
+
+-- x [B, T, H] -> [B, T, H].
+function M.MoELayer:forward(x)
+  local shape = x.shape
+  local H = shape[#shape]
+  local flat = x:reshape(-1, H)
+  local N = flat:size(1)
+  local probs, chosen, logits, scores = self.router(flat)
+  local k = probs:size(2)
+  -- sort the N x k (token, expert) pairs by expert, tokens in order within an expert
+  local ids = chosen:reshape(-1):totable()
+  local E = self.config.num_moe_experts
+  local counts, buckets = {}, {}
+  for e = 1, E do counts[e], buckets[e] = 0, {} end
+  for slot, e in ipairs(ids) do
+    local b = buckets[e + 1]
+    b[#b + 1] = slot - 1
+    counts[e + 1] = counts[e + 1] + 1
+  end
+  local slots, rows = {}, {}
+  for e = 1, E do
+    for _, slot in ipairs(buckets[e]) do
+      slots[#slots + 1] = slot
+      rows[#rows + 1] = math.floor(slot / k)
+    end
+  end
+  local rows_t = tensor.tensor(rows, { dtype = 'i64' })
+  local sorted_probs = probs:reshape(-1):index_select(1, tensor.tensor(slots, { dtype = 'i64' }))
+  local y = self.experts(flat:index_select(1, rows_t), counts)
+  local out = M.unpermute(y, sorted_probs, rows_t, N)
+  if self.shared_experts then out = out + self.shared_experts(flat) end
+  if self.training and C.pmp_is_grad_enabled() then out = self:aux_losses(out, logits, scores, counts, N) end
+  return out:view(shape)
+end
+function M.MoELayer:extra_repr()
+  local c = self.config
+  return string.format('experts=%d, topk=%d, ffn=%d%s', c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size,
+    self.shared_experts and (', shared ffn=' .. c.moe_shared_expert_intermediate_size) or '')
+end
+
+return M
