@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Builds the tiny mixture-of-experts Hugging Face models under spec/fixtures/moe/ (run from the repo root).
+
+    python3 tools/make_moe_fixtures.py [--out spec/fixtures/moe] [--check] [--verify-export DIR]
+
+For each family (mixtral, qwen2_moe, qwen3_moe): random weights (seeded) saved with `save_pretrained` in
+float32, plus references computed by transformers in float32 with eager attention on a batch of two
+prompts, the second left-padded (pad id 0, attention_mask 0, position ids counted from its first real token):
+  <name>/reference.json          the prompts (ids and mask), the greedy continuation of each (generate,
+                                 do_sample=False, 8 new tokens, no EOS stop), the smallest gap between the
+                                 top two logits while generating and the smallest gap between the k-th and
+                                 (k+1)-th router probability of any real token in any layer (seeds are
+                                 drawn until neither is a near-tie that float32 rounding could flip)
+  <name>/reference.safetensors   "logits": the logits [2, T, vocab] of the padded batch (compare only where
+                                 the mask is 1)
+--check reloads every fixture with transformers and compares to the stored references.
+--verify-export DIR loads DIR/<name> and DIR/<name>_from_config (written by pmp) with transformers and
+compares their logits to the fixture's (spec/moe_models_spec.lua runs this with PMP_HF_CHECK=1).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+import transformers
+from transformers import AutoModelForCausalLM
+
+T = 12
+PADDING = 4
+NEW_TOKENS = 8
+VOCAB = 120
+
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+
+MODELS = {
+    # every layer MoE, top-2 of 4 renormalised
+    'mixtral': ('MixtralConfig', dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24,
+                                      rms_norm_eps=1e-5, rope_parameters={'rope_type': 'default', 'rope_theta': 1e6})),
+    # layer 1 dense (mlp_only_layers), top-2 of 4 without renormalising, gated shared expert
+    'qwen2_moe': ('Qwen2MoeConfig', dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False,
+                                         rms_norm_eps=1e-6)),
+    # every layer MoE, top-3 of 6 renormalised, q/k norms, head_dim 16
+    'qwen3_moe': ('Qwen3MoeConfig', dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
+                                         norm_topk_prob=True, head_dim=16, rms_norm_eps=1e-6)),
+}
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('norm.weight'):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith('.bias'):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif 'embed_tokens' in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 3:   # fused experts [E, out, in]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[2]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+def router_gap(model, ids, mask):
+    """The smallest gap between the k-th and (k+1)-th router probability over real tokens and layers."""
+    gaps = []
+    k = model.config.num_experts_per_tok
+
+    def hook(_module, _inputs, output):
+        probs = torch.softmax(output[0].float(), dim=-1)
+        top = probs.topk(k + 1, dim=-1).values
+        real = mask.reshape(-1).bool()
+        gaps.append((top[:, k - 1] - top[:, k])[real].min().item())
+
+    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith('mlp.gate')
+               or n.endswith('block_sparse_moe.gate')]
+    assert handles, 'no router found'
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
+    for h in handles:
+        h.remove()
+    return min(gaps)
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def references(model, ids, mask):
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
+        # the same continuation without a KV cache, and how close the greedy choices were
+        seq, seq_mask, gap = ids, mask, float('inf')
+        for _ in range(NEW_TOKENS):
+            last = model(input_ids=seq, attention_mask=seq_mask, position_ids=positions(seq_mask)).logits[:, -1, :]
+            top = last.topk(2, dim=-1).values
+            gap = min(gap, (top[:, 0] - top[:, 1]).min().item())
+            seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+            seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=1)
+    assert torch.equal(gen, seq), 'generate() and the uncached greedy loop disagree'
+    return logits, gen[:, ids.shape[1]:].tolist(), gap, router_gap(model, seq, seq_mask)
+
+
+def inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, T), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :PADDING] = 0
+    mask[1, :PADDING] = 0
+    return ids, mask
+
+
+def build(name, out_dir):
+    cls_name, kwargs = MODELS[name]
+    cfg = getattr(transformers, cls_name)(**{**BASE, **kwargs})
+    seed = sorted(MODELS).index(name) + 1
+    path = os.path.join(out_dir, name)
+    for attempt in range(100):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation='eager', dtype=torch.float32)
+        randomize(model, 1000 * seed + attempt)
+        ids, mask = inputs(100 * seed + attempt)
+        _, _, gap, rgap = references(model, ids, mask)
+        if gap > 0.02 and rgap > 1e-3:
+            break
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    # reference values come from the saved directory as transformers reads it
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation='eager', dtype=torch.float32)
+    logits, continuation, gap, rgap = references(model, ids, mask)
+    save_file({'logits': logits.contiguous()}, os.path.join(path, 'reference.safetensors'))
+    ref = dict(model=name, transformers=transformers.__version__, torch=torch.__version__, input_ids=ids.tolist(),
+               attention_mask=mask.tolist(), greedy=continuation, greedy_min_gap=gap, router_min_gap=rgap)
+    with open(os.path.join(path, 'reference.json'), 'w') as f:
+        json.dump(ref, f, indent=1, sort_keys=True)
+        f.write('\n')
+    print(f'{name}: greedy gap {gap:.4f}, router gap {rgap:.4f}, {sum(p.numel() for p in model.parameters())} params')
+
+
+def load_reference(out_dir, name):
+    with open(os.path.join(out_dir, name, 'reference.json')) as f:
+        ref = json.load(f)
+    want = load_file(os.path.join(out_dir, name, 'reference.safetensors'))['logits']
+    return ref, torch.tensor(ref['input_ids']), torch.tensor(ref['attention_mask']), want
+
+
+def check(out_dir):
+    for name in sorted(MODELS):
+        ref, ids, mask, want = load_reference(out_dir, name)
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(out_dir, name), attn_implementation='eager',
+                                                     dtype=torch.float32)
+        logits, continuation, _, _ = references(model, ids, mask)
+        diff = (logits - want).abs().max().item()
+        assert diff < 1e-5 and continuation == ref['greedy'], name
+        print(f'{name}: ok (max logit diff {diff:.2e})')
+
+
+def verify_export(out_dir, export_dir):
+    names = sorted(n for n in os.listdir(export_dir) if n.split('_from_config')[0] in MODELS)
+    assert names, f'no fixture-named directories in {export_dir}'
+    for name in names:
+        ref, ids, mask, want = load_reference(out_dir, name.split('_from_config')[0])
+        model = AutoModelForCausalLM.from_pretrained(os.path.join(export_dir, name), attn_implementation='eager',
+                                                     dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        diff = (logits - want).abs().max().item()
+        assert diff == 0, f'{name}: transformers reads the export to logits that differ by {diff}'
+        print(f'{name}: transformers loads the export (max logit diff {diff:.2e})')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default='spec/fixtures/moe')
+    parser.add_argument('--check', action='store_true', help='compare the fixtures to a fresh transformers run')
+    parser.add_argument('--verify-export', metavar='DIR', help='load DIR/<fixture name> with transformers')
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.verify_export:
+        verify_export(args.out, args.verify_export)
+        return
+    if args.check:
+        check(args.out)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    for name in MODELS:
+        build(name, args.out)
+
+
+if __name__ == '__main__':
+    main()
