@@ -15,8 +15,8 @@ need safetensors safetensors
 need megatron.core megatron-core
 need tensorboard tensorboard
 
-echo '== transformers loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, PMP_HF_CHECK=1)'
-PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua
+echo '== transformers loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, spec/moe_models_spec.lua, PMP_HF_CHECK=1)'
+PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua spec/moe_models_spec.lua
 
 echo '== the safetensors library reads files pmp wrote (tools/make_safetensors_fixtures.py --verify)'
 python3 tools/make_safetensors_fixtures.py --verify
