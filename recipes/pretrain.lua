@@ -9,7 +9,7 @@
 local train = pmp.train
 local flags, step = train.flags, train.step
 
-local opts = flags.parse(arg, { flags.model, flags.training, flags.optimizer, flags.precision, flags.parallel,
+local opts = flags.parse(arg, { flags.model, flags.moe, flags.training, flags.optimizer, flags.precision, flags.parallel,
   flags.data, flags.checkpoint, flags.logging, {
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
@@ -74,7 +74,7 @@ while iteration < opts.train_iters do
   optimizer:step()
   loss = train.parallel.mean_loss(loss, layout)
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed,
-    tokens = opts.global_batch_size * opts.seq_length })
+    tokens = opts.global_batch_size * opts.seq_length, aux_losses = pmp.nn.moe.take_aux_losses() })
   if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     logger:validation(iteration, evaluate)
   end

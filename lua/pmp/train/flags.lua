@@ -23,6 +23,21 @@ M.model = {
   { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size' },
 }
 
+--- Mixture of experts (pmp.nn.moe), Megatron-LM's names; --num-experts 0 keeps every MLP dense.
+M.moe = {
+  { '--num-experts', 0, 'experts per MoE layer (0: dense MLPs)' },
+  { '--moe-router-topk', 2, 'experts each token is routed to' },
+  { '--moe-ffn-hidden-size', 0, "each expert's MLP width (0: --ffn-hidden-size's)" },
+  { '--moe-shared-expert-intermediate-size', 0, 'width of the shared experts every token passes through (0: none)' },
+  { '--moe-shared-expert-gate', false, "scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)" },
+  { '--moe-router-pre-softmax', false, 'softmax over all experts before top-k, no renormalisation (Qwen2-MoE)' },
+  { '--moe-router-load-balancing-type', 'aux_loss', 'aux_loss (Switch Transformer) or none' },
+  { '--moe-aux-loss-coeff', 0.0, 'weight of the load-balancing loss' },
+  { '--moe-z-loss-coeff', 0.0, 'weight of the router z-loss' },
+  { '--moe-grouped-gemm', false, 'experts as one grouped GEMM (instead of one expert after another)' },
+  { '--moe-layer-freq', '1', 'MoE layer every N layers from the first, or a 0/1 list per layer: "[0,1,1,1]" or "([0]*1+[1]*3)"' },
+}
+
 --- Sequences, batches and steps.
 M.training = {
   { '--seq-length', 64, 'tokens per sample' },

@@ -44,6 +44,12 @@ end
 --- step), consumed (samples so far, when the logger shows them).
 function Logger:iteration(iteration, step)
   self.loss_sum, self.steps, self.tokens = self.loss_sum + (step.loss or 0), self.steps + 1, self.tokens + step.tokens
+  -- MoE auxiliary losses (pmp.nn.moe.take_aux_losses), averaged over the interval like the loss
+  self.aux_sums = self.aux_sums or {}
+  for name, value in pairs(step.aux_losses or {}) do
+    self.aux_sums[name] = (self.aux_sums[name] or 0) + value
+    scalar(self, name, value, iteration)
+  end
   if step.loss then
     scalar(self, 'lm loss', step.loss, iteration)
     scalar(self, 'learning-rate', step.lr, iteration)
@@ -58,6 +64,10 @@ function Logger:iteration(iteration, step)
     fields[#fields + 1] = string.format(' elapsed time per iteration (ms): %.1f | learning rate: %.6E | global batch ' ..
       'size: %5d | lm loss: %.6E | grad norm: %.3f | tokens per second: %.0f |', per_iteration * 1000, step.lr,
       self.opts.global_batch_size, self.loss_sum / self.steps, step.grad_norm, throughput)
+    for _, name in ipairs({ 'load_balancing_loss', 'z_loss' }) do
+      if self.aux_sums[name] then fields[#fields + 1] = string.format(' %s: %.6E |', name, self.aux_sums[name] / self.steps) end
+    end
+    self.aux_sums = {}
     if self.flops_per_token then
       fields[#fields + 1] = string.format(' MFU: %.1f%% | ETA: %s |', 100 * throughput * self.flops_per_token /
         self.peak_flops, Logger.duration(per_iteration * (self.train_iters - iteration)))
