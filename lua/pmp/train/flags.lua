@@ -73,6 +73,7 @@ M.parallel = {
   { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)' },
   { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)' },
   { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
+  { '--expert-model-parallel-size', 1, 'ranks that split the experts of each MoE layer, tokens sent by all-to-all (run under mpirun)' },
   { '--context-parallel-size', 1, 'ranks that split every sequence, attention gathering keys and values (run under mpirun)' },
   { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)' },
   { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)' },

@@ -68,7 +68,10 @@ end
 --- step's last backward, on every rank.
 function M.finish_grads(model, ddp)
   if ddp then ddp:finish_grad_sync() end
-  for _, chunk in ipairs(pipeline.chunks(model)) do parallel.finish_grads(chunk) end
+  for _, chunk in ipairs(pipeline.chunks(model)) do
+    parallel.finish_grads(chunk)
+    require('pmp.nn.moe').finish_expert_grads(chunk)
+  end
   pipeline.sync_embedding_grads(model)
 end
 
