@@ -12,9 +12,9 @@ for _, entry in ipairs({
   { 'decoder.layers.{L}.mlp.router.weight', 'model.layers.{L}.block_sparse_moe.gate.weight' },
   { 'decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight',
     { 'model.layers.{L}.block_sparse_moe.experts.{E}.w1.weight', 'model.layers.{L}.block_sparse_moe.experts.{E}.w3.weight' },
-    pack = 'gate_up', tp = 'column' },
+    pack = 'gate_up' },
   { 'decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight',
-    'model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight', tp = 'row' },
+    'model.layers.{L}.block_sparse_moe.experts.{E}.w2.weight' },
 }) do M.mapping[#M.mapping + 1] = entry end
 M.ignore = llama.ignore
 

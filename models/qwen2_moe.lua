@@ -15,9 +15,8 @@ M.expert_mapping = {
   { 'decoder.layers.{L}.mlp.router.weight', 'model.layers.{L}.mlp.gate.weight' },
   { 'decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc1.weight',
     { 'model.layers.{L}.mlp.experts.{E}.gate_proj.weight', 'model.layers.{L}.mlp.experts.{E}.up_proj.weight' },
-    pack = 'gate_up', tp = 'column' },
-  { 'decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight', 'model.layers.{L}.mlp.experts.{E}.down_proj.weight',
-    tp = 'row' },
+    pack = 'gate_up' },
+  { 'decoder.layers.{L}.mlp.experts.local_experts.{E}.linear_fc2.weight', 'model.layers.{L}.mlp.experts.{E}.down_proj.weight' },
 }
 
 -- A family's mapping: its dense table, then the entries of each list in `more`.
@@ -32,8 +31,8 @@ end
 M.mapping = M.joined(llama.mapping, M.expert_mapping, {
   { 'decoder.layers.{L}.mlp.shared_experts.linear_fc1.weight',
     { 'model.layers.{L}.mlp.shared_expert.gate_proj.weight', 'model.layers.{L}.mlp.shared_expert.up_proj.weight' },
-    pack = 'gate_up', tp = 'column' },
-  { 'decoder.layers.{L}.mlp.shared_experts.linear_fc2.weight', 'model.layers.{L}.mlp.shared_expert.down_proj.weight', tp = 'row' },
+    pack = 'gate_up' },
+  { 'decoder.layers.{L}.mlp.shared_experts.linear_fc2.weight', 'model.layers.{L}.mlp.shared_expert.down_proj.weight' },
   { 'decoder.layers.{L}.mlp.shared_experts.gate_weight', 'model.layers.{L}.mlp.shared_expert_gate.weight' },
 })
 M.ignore = llama.ignore

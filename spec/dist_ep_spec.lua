@@ -2,7 +2,8 @@ require 'busted.runner'()
 -- Expert parallelism under mpirun: spec/dist/ep_worker.lua checks pmp.dist's all_to_all with uneven
 -- counts and one training step of an expert-parallel MoE GPT against the whole model in one process
 -- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2; then
--- recipes/pretrain.lua with --expert-model-parallel-size 2 logs the single-process losses.
+-- recipes/pretrain.lua with --expert-model-parallel-size 2, alone and with tensor parallelism, logs the
+-- single-process losses.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
@@ -36,7 +37,7 @@ end
 local PRETRAIN = { '--num-layers', '2', '--hidden-size', '32', '--num-attention-heads', '4', '--seq-length', '16',
   '--micro-batch-size', '2', '--global-batch-size', '8', '--train-iters', '3', '--log-interval', '1',
   '--eval-interval', '3', '--eval-iters', '4', '--sample-length', '0', '--lr-warmup-iters', '1', '--lr', '3e-3',
-  '--save', '', '--num-experts', '4', '--moe-router-topk', '2', '--moe-ffn-hidden-size', '32',
+  '--save', '', '--make-vocab-size-divisible-by', '128', '--num-experts', '4', '--moe-router-topk', '2', '--moe-ffn-hidden-size', '32',
   '--moe-aux-loss-coeff', '0.01', '--moe-z-loss-coeff', '0.001', '--moe-grouped-gemm' }
 
 local function losses(stdout)
@@ -57,26 +58,41 @@ describe('expert parallelism under mpirun', function()
     check_worker(4, 2, { { '0', '1' }, { '2', '3' }, { '0', '1' }, { '2', '3' } })
   end)
 
-  test('recipes/pretrain.lua with --expert-model-parallel-size 2 logs the single-process losses', function()
-    local args = { shell.root .. '/recipes/pretrain.lua' }
-    for _, a in ipairs(PRETRAIN) do args[#args + 1] = a end
-    local out, err, status = shell.run_pmp(args)
-    assert.are.equal(0, status, err)
-    local want = losses(out)
-    assert.are.equal(4, #want, out)
-    local flags = { unpack(PRETRAIN) }
-    flags[#flags + 1] = '--expert-model-parallel-size'
-    flags[#flags + 1] = '2'
-    local par, par_err, par_status = mpi.run(2, shell.root .. '/recipes/pretrain.lua', flags)
-    assert.are.equal(0, par_status, par_err)
-    assert.matches('expert-parallel 2', par, 1, true)
-    local got = losses(par)
-    assert.are.equal(#want, #got, par)
-    for k = 1, #want do
-      assert.is_true(math.abs(got[k] - want[k]) <= 1e-5 * math.abs(want[k]),
-        string.format('loss %d is %.7g, one process gave %.7g', k, got[k], want[k]))
+  local reference
+  local function single_process()
+    if not reference then
+      local args = { shell.root .. '/recipes/pretrain.lua' }
+      for _, a in ipairs(PRETRAIN) do args[#args + 1] = a end
+      local out, err, status = shell.run_pmp(args)
+      assert.are.equal(0, status, err)
+      reference = losses(out)
+      assert.are.equal(4, #reference, out)
     end
-  end)
+    return reference
+  end
+
+  -- the vocabulary is padded to 128 rows in every layout: 128 x 1 in one process, 64 x tp 2
+  for _, case in ipairs({
+    { 2, 'EP=2', { '--expert-model-parallel-size', '2', '--make-vocab-size-divisible-by', '128' } },
+    { 4, 'EP=2 x TP=2 (experts whole on each tensor-parallel rank)', { '--expert-model-parallel-size', '2',
+      '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
+  }) do
+    local np, name, extra = case[1], case[2], case[3]
+    test('recipes/pretrain.lua logs the single-process losses: ' .. name, function()
+      local want = single_process()
+      local flags = { unpack(PRETRAIN) }
+      for _, a in ipairs(extra) do flags[#flags + 1] = a end
+      local par, par_err, par_status = mpi.run(np, shell.root .. '/recipes/pretrain.lua', flags)
+      assert.are.equal(0, par_status, par_err)
+      assert.matches('expert-parallel 2', par, 1, true)
+      local got = losses(par)
+      assert.are.equal(#want, #got, par)
+      for k = 1, #want do
+        assert.is_true(math.abs(got[k] - want[k]) <= 1e-5 * math.abs(want[k]),
+          string.format('%s: loss %d is %.7g, one process gave %.7g', name, k, got[k], want[k]))
+      end
+    end)
+  end
 end)
 
 describe('expert-parallel settings', function()

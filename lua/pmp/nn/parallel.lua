@@ -394,15 +394,23 @@ function M.tensor_parallel(model, options)
   for k, layer in ipairs(model.decoder.layers.items) do
     local prefix = 'decoder.layers.' .. (k - 1) .. '.'
     local attention, mlp = layer.self_attention, layer.mlp
-    if not mlp.linear_fc1 then
+    -- a MoE layer stays whole on every rank (pmp.dist.sharding), seeing every token of the sequence
+    local moe = mlp.router ~= nil
+    if moe and sp then
+      error(string.format('tensor_parallel: layer %d is a mixture of experts, which sequence parallelism does not ' ..
+        'support yet', k - 1), 2)
+    end
+    if not moe and not mlp.linear_fc1 then
       error(string.format('tensor_parallel: layer %d has no mlp.linear_fc1 (only dense MLPs are split)', k - 1), 2)
     end
     attention.linear_qkv = column(attention.linear_qkv, prefix .. 'self_attention.linear_qkv')
     attention.linear_proj = row(attention.linear_proj, prefix .. 'self_attention.linear_proj')
     attention.num_heads = attention.num_heads / tp
     attention.num_query_groups = attention.num_query_groups / tp
-    mlp.linear_fc1 = column(mlp.linear_fc1, prefix .. 'mlp.linear_fc1')
-    mlp.linear_fc2 = row(mlp.linear_fc2, prefix .. 'mlp.linear_fc2')
+    if not moe then
+      mlp.linear_fc1 = column(mlp.linear_fc1, prefix .. 'mlp.linear_fc1')
+      mlp.linear_fc2 = row(mlp.linear_fc2, prefix .. 'mlp.linear_fc2')
+    end
   end
   if model.output_layer then model.output_layer = column(model.output_layer, 'output_layer') end
   model.tensor_parallel = { group = group, sequence_parallel = sp }
