@@ -43,6 +43,26 @@ describe('pretraining a mixture of experts', function()
     assert.matches('^the ', gen)
   end)
 
+  it('routes as DeepSeek-V3 with Megatron flags: sigmoid scores, expert bias moved each step, groups, seq_aux_loss', function()
+    local out, err, status = run_pretrain({ '--train-iters', '4', '--num-experts', '8', '--moe-router-topk', '4',
+      '--moe-router-score-function', 'sigmoid', '--moe-router-enable-expert-bias', '--moe-router-bias-update-rate', '0.01',
+      '--moe-router-num-groups', '4', '--moe-router-group-topk', '2', '--moe-router-topk-scaling-factor', '2.5',
+      '--moe-router-load-balancing-type', 'seq_aux_loss', '--moe-aux-loss-coeff', '0.001', '--save', scratch .. '/ck' })
+    assert.are.equal(0, status, err)
+    assert.matches('seq_load_balancing_loss: [%d.]+E[-+]%d+ | expert load max/mean per MoE layer: [%d.]+ [%d.]+ |', out)
+    local tensors = pmp.safetensors.load(scratch .. '/ck/iter_0000004/mp_rank_00/model_optim_rng.safetensors', { copy = true })
+    local moved = 0
+    for layer = 0, 1 do
+      -- four updates of +-0.01 or 0 each
+      for _, b in ipairs(tensors['model.decoder.layers.' .. layer .. '.mlp.router.expert_bias']:totable()) do
+        local steps = b / 0.01
+        assert.is_true(math.abs(steps - math.floor(steps + 0.5)) < 1e-4 and math.abs(steps) <= 4 + 1e-4, tostring(b))
+        if math.abs(b) > 1e-6 then moved = moved + 1 end
+      end
+    end
+    assert.is_true(moved > 0, 'no expert bias moved')
+  end)
+
   it('reads --moe-layer-freq as Megatron writes it', function()
     local freq = pmp.train.model.moe_layer_freq
     assert.are.equal(2, freq('2'))

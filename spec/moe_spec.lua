@@ -38,30 +38,72 @@ local function swiglu_mlp(fc1, fc2, x)   -- fc1 rows [gate; up]
   return matvec(fc2, a)
 end
 
+-- The experts a token chooses (1-based, best first) and their weights, from Megatron's description of
+-- its router: softmax or sigmoid scores, an expert bias that only steers the choice, group-limited
+-- choice, renormalisation and a scaling factor. options: score ('softmax' | 'sigmoid'), renormalize,
+-- bias (list), groups, group_topk, scaling.
+local function route(logits, k, options)
+  local E = #logits
+  local score, selection = {}, {}
+  if options.score == 'sigmoid' then
+    for e = 1, E do
+      score[e] = 1 / (1 + math.exp(-logits[e]))
+      selection[e] = score[e] + (options.bias and options.bias[e] or 0)
+    end
+  else
+    local top, z = -math.huge, 0
+    for e = 1, E do top = math.max(top, logits[e]) end
+    for e = 1, E do score[e] = math.exp(logits[e] - top); z = z + score[e] end
+    for e = 1, E do
+      score[e] = score[e] / z
+      selection[e] = options.renormalize and logits[e] or score[e]
+    end
+  end
+  local allowed = {}
+  for e = 1, E do allowed[e] = true end
+  if options.groups then
+    local size, sums = E / options.groups, {}
+    for g = 1, options.groups do
+      local members = {}
+      for e = (g - 1) * size + 1, g * size do members[#members + 1] = selection[e] end
+      table.sort(members, function(a, b) return a > b end)
+      sums[g] = 0
+      for j = 1, k / options.group_topk do sums[g] = sums[g] + members[j] end
+    end
+    local order = {}
+    for g = 1, options.groups do order[g] = g end
+    table.sort(order, function(a, b) return sums[a] > sums[b] end)
+    local keep = {}
+    for j = 1, options.group_topk do keep[order[j]] = true end
+    for e = 1, E do allowed[e] = keep[math.floor((e - 1) / size) + 1] or false end
+  end
+  local order = {}
+  for e = 1, E do if allowed[e] then order[#order + 1] = e end end
+  table.sort(order, function(a, b) return selection[a] > selection[b] end)
+  local chosen, sum = {}, 0
+  for j = 1, k do chosen[j] = order[j]; sum = sum + score[order[j]] end
+  local weights = {}
+  for j = 1, k do
+    local w = score[chosen[j]]
+    if options.score == 'sigmoid' or options.renormalize then w = w / sum end
+    weights[j] = w * (options.scaling or 1)
+  end
+  return chosen, weights
+end
+
 -- The MoE layer's output for token rows xs (tables), computed token by token.
 local function reference_moe(layer, xs, options)
   local router = rows_of(layer.router.weight)
-  local E, k = #router, layer.config.moe_router_topk
+  local k = layer.config.moe_router_topk
   local out = {}
   for t, x in ipairs(xs) do
-    local logits = matvec(router, x)
-    local top, z = -math.huge, 0
-    for e = 1, E do top = math.max(top, logits[e]) end
-    local p = {}
-    for e = 1, E do p[e] = math.exp(logits[e] - top); z = z + p[e] end
-    local order = {}
-    for e = 1, E do p[e] = p[e] / z; order[e] = e end
-    table.sort(order, function(a, b) return p[a] > p[b] end)
-    local sum = 0
-    for j = 1, k do sum = sum + p[order[j]] end
+    local chosen, weights = route(matvec(router, x), k, options)
     local y = {}
     for i = 1, #x do y[i] = 0 end
     for j = 1, k do
-      local e = order[j]
-      local expert = layer.experts.local_experts[tostring(e - 1)]
-      local weight = options.renormalize and p[e] / sum or p[e]
+      local expert = layer.experts.local_experts[tostring(chosen[j] - 1)]
       local ye = swiglu_mlp(rows_of(expert.linear_fc1.weight), rows_of(expert.linear_fc2.weight), x)
-      for i = 1, #x do y[i] = y[i] + weight * ye[i] end
+      for i = 1, #x do y[i] = y[i] + weights[j] * ye[i] end
     end
     local shared = layer.shared_experts
     if shared then
@@ -132,9 +174,16 @@ describe('MoELayer', function()
     { name = "softmax before top-k without renormalising, gated shared expert (Qwen2-MoE)",
       config = { moe_router_pre_softmax = true, moe_grouped_gemm = true, moe_shared_expert_intermediate_size = 5,
         moe_shared_expert_gate = true }, renormalize = false },
+    { name = 'sigmoid scores with an expert bias, 2 of 4 groups, scaled (DeepSeek-V3)', config = {
+      num_moe_experts = 8, moe_router_topk = 4, moe_router_score_function = 'sigmoid', moe_router_enable_expert_bias = true,
+      moe_router_num_groups = 4, moe_router_group_topk = 2, moe_router_topk_scaling_factor = 2.5, moe_grouped_gemm = true },
+      score = 'sigmoid', bias = { 0.3, -0.2, 0.1, 0, -0.4, 0.25, -0.1, 0.15 }, groups = 4, group_topk = 2, scaling = 2.5 },
+    { name = 'softmax with groups chosen by their logits', config = { num_moe_experts = 6, moe_router_topk = 2,
+      moe_router_num_groups = 3, moe_router_group_topk = 1 }, renormalize = true, groups = 3, group_topk = 1 },
   }) do
     it(case.name .. ' matches a per-token reference', function()
       local layer = moe.MoELayer(layer_config(case.config), 1)
+      if case.bias then layer.router.expert_bias:copy_(pmp.tensor(case.bias)) end
       local x = random_input({ 2, 5, 6 })
       local want = reference_moe(layer, x:reshape(-1, 6):totable(), case)
       close(layer(x):reshape(-1, 6), want, 1e-12, 'MoE output')
@@ -216,6 +265,54 @@ describe('MoELayer', function()
     end
   end)
 
+  it('computes seq_aux_loss per sequence as Megatron does', function()
+    local coeff = 0.1
+    local layer = moe.MoELayer(layer_config({ moe_router_load_balancing_type = 'seq_aux_loss', moe_aux_loss_coeff = coeff }), 1)
+    local x = random_input({ 3, 4, 6 })
+    local router = rows_of(layer.router.weight)
+    local E, k, B, T = 4, 2, 3, 4
+    local total = 0
+    for _, sequence in ipairs(x:totable()) do
+      local P, counts = {}, {}
+      for e = 1, E do P[e], counts[e] = 0, 0 end
+      for _, xt in ipairs(sequence) do
+        local logits = matvec(router, xt)
+        local z, top = 0, -math.huge
+        for e = 1, E do top = math.max(top, logits[e]) end
+        local p = {}
+        for e = 1, E do p[e] = math.exp(logits[e] - top); z = z + p[e] end
+        for e = 1, E do P[e] = P[e] + p[e] / z end
+        for _, e in ipairs((route(logits, k, { renormalize = true }))) do counts[e] = counts[e] + 1 end
+      end
+      for e = 1, E do total = total + P[e] * counts[e] * E / (k * T * T) end
+    end
+    moe.take_aux_losses()
+    layer(x)
+    local logged = moe.take_aux_losses()
+    assert.is_true(math.abs(logged.seq_load_balancing_loss - total / B) < 1e-12)
+    assert.are.equal(1, #logged.expert_load_imbalance)
+  end)
+
+  it('moves the expert bias towards the mean load after a step (aux-loss-free balancing)', function()
+    local layer = moe.MoELayer(layer_config({ num_moe_experts = 4, moe_router_score_function = 'sigmoid',
+      moe_router_enable_expert_bias = true, moe_router_bias_update_rate = 0.01 }), 1)
+    local model = { decoder = { layers = { items = { { mlp = layer } } } } }
+    local x = random_input({ 10, 6 })
+    local counts = { 0, 0, 0, 0 }
+    for _, xt in ipairs(x:totable()) do
+      for _, e in ipairs((route(matvec(rows_of(layer.router.weight), xt), 2, { score = 'sigmoid' }))) do
+        counts[e] = counts[e] + 1
+      end
+    end
+    layer(x)
+    moe.update_expert_bias(model)
+    local bias = layer.router.expert_bias:totable()
+    for e = 1, 4 do
+      local want = counts[e] < 5 and 0.01 or (counts[e] > 5 and -0.01 or 0)
+      assert.is_true(math.abs(bias[e] - want) < 1e-7, string.format('expert %d (%d tokens): bias %g', e, counts[e], bias[e]))
+    end
+  end)
+
   it('makes the layers moe_layer_freq marks MoE layers', function()
     local model = pmp.nn.GPTModel({ num_layers = 4, hidden_size = 8, num_attention_heads = 2, vocab_size = 10,
       num_moe_experts = 2, moe_router_topk = 1, moe_layer_freq = { 0, 1, 1, 0 } })
@@ -235,5 +332,12 @@ describe('MoELayer', function()
     fails_with(function() layer_config({ moe_router_load_balancing_type = 'sinkhorn' }) end,
       "moe_router_load_balancing_type 'sinkhorn'")
     fails_with(function() layer_config({ moe_layer_freq = { 1, 0 } }) end, 'moe_layer_freq lists 2 layers for num_layers 1')
+    fails_with(function() layer_config({ moe_router_num_groups = 3, moe_router_group_topk = 1 }) end,
+      'num_moe_experts 4 is not divisible by moe_router_num_groups 3')
+    fails_with(function() layer_config({ moe_router_num_groups = 2 }) end, 'moe_router_num_groups and moe_router_group_topk go together')
+    fails_with(function() layer_config({ moe_router_enable_expert_bias = true }) end,
+      "moe_router_enable_expert_bias needs moe_router_score_function 'sigmoid'")
+    fails_with(function() layer_config({ moe_router_score_function = 'sqrtsoftplus' }) end,
+      "moe_router_score_function 'sqrtsoftplus'")
   end)
 end)

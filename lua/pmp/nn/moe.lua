@@ -6,8 +6,14 @@
 ---   mlp.shared_experts.linear_fc1.weight / linear_fc2.weight (moe_shared_expert_intermediate_size)
 ---   mlp.shared_experts.gate_weight                          [1, hidden] (moe_shared_expert_gate: Qwen2-MoE's
 ---                                                            sigmoid gate on the shared experts' output)
---- Routing: softmax over all experts, the top moe_router_topk, renormalised to sum to one unless
---- moe_router_pre_softmax (Megatron's switch: Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not).
+--- Routing (Megatron's TopKRouter): softmax over all experts, the top moe_router_topk, renormalised to
+--- sum to one unless moe_router_pre_softmax (Mixtral and Qwen3-MoE renormalise, Qwen2-MoE does not); or
+--- DeepSeek-V3's moe_router_score_function 'sigmoid', the chosen scores normalised to sum to one, with
+--- an optional expert_bias (moe_router_enable_expert_bias: aux-loss-free balancing, the bias only
+--- steering the choice and moved by moe_router_bias_update_rate towards the mean load after each
+--- step). Group-limited choice (moe_router_num_groups, moe_router_group_topk): experts only from the
+--- groups with the highest sums of their top topk/group_topk scores. moe_router_topk_scaling_factor
+--- multiplies the routing probabilities.
 --- Dropless: every token reaches its k experts. Tokens are sorted by expert (index_select), each
 --- expert's rows go through one GEMM of a grouped GEMM (grouped_matmul), and moe_unpermute weights
 --- the rows by their routing probabilities and sums them back into token order.
@@ -50,7 +56,7 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Configuration
 
-local BALANCING = { aux_loss = true, none = true }
+local BALANCING = { aux_loss = true, seq_aux_loss = true, none = true }
 
 --- true when decoder layer `layer` (1-based) has a MoE mlp: config.moe_layer_freq is Megatron's
 --- --moe-layer-freq, an integer N (layers 0, N, 2N, ... counted from 0) or a list of 0/1 per layer.
@@ -75,7 +81,30 @@ function M.check_config(c)
   c.moe_ffn_hidden_size = c.moe_ffn_hidden_size or c.ffn_hidden_size
   c.moe_router_load_balancing_type = c.moe_router_load_balancing_type or 'aux_loss'
   if not BALANCING[c.moe_router_load_balancing_type] then
-    fail("moe_router_load_balancing_type '%s' is not supported (aux_loss, none)", tostring(c.moe_router_load_balancing_type))
+    fail("moe_router_load_balancing_type '%s' is not supported (aux_loss, seq_aux_loss, none)",
+      tostring(c.moe_router_load_balancing_type))
+  end
+  c.moe_router_score_function = c.moe_router_score_function or 'softmax'
+  if c.moe_router_score_function ~= 'softmax' and c.moe_router_score_function ~= 'sigmoid' then
+    fail("moe_router_score_function '%s' is not supported (softmax, sigmoid)", tostring(c.moe_router_score_function))
+  end
+  if c.moe_router_enable_expert_bias and c.moe_router_score_function ~= 'sigmoid' then
+    fail("moe_router_enable_expert_bias needs moe_router_score_function 'sigmoid'")
+  end
+  c.moe_router_bias_update_rate = c.moe_router_bias_update_rate or 1e-3
+  local groups, group_topk = c.moe_router_num_groups, c.moe_router_group_topk
+  if (groups or group_topk) and not (groups and group_topk) then
+    fail('moe_router_num_groups and moe_router_group_topk go together')
+  end
+  if groups then
+    if E % groups ~= 0 then fail('num_moe_experts %d is not divisible by moe_router_num_groups %d', E, groups) end
+    if group_topk < 1 or group_topk > groups then
+      fail('moe_router_group_topk %d must be from 1 to moe_router_num_groups %d', group_topk, groups)
+    end
+    if k % group_topk ~= 0 then fail('moe_router_topk %d is not divisible by moe_router_group_topk %d', k, group_topk) end
+    if k > group_topk * E / groups then
+      fail('moe_router_topk %d exceeds the %d experts of moe_router_group_topk %d groups', k, group_topk * E / groups, group_topk)
+    end
   end
   c.moe_aux_loss_coeff = c.moe_aux_loss_coeff or 0
   c.moe_z_loss_coeff = c.moe_z_loss_coeff or 0
@@ -108,7 +137,7 @@ end
 M.aux_loss_scale = 1
 
 -- name -> { [layer] = sum over micro batches of value x aux_loss_scale }
-local tracked = {}
+local tracked, load = {}, {}
 
 local function track(name, layer, value)
   local per_layer = tracked[name] or {}
@@ -116,9 +145,13 @@ local function track(name, layer, value)
   per_layer[layer] = (per_layer[layer] or 0) + value * M.aux_loss_scale
 end
 
+-- the most tokens any expert of the layer received over the mean, weighted per micro batch
+local function track_load(layer, imbalance) load[layer] = (load[layer] or 0) + imbalance * M.aux_loss_scale end
+
 --- The auxiliary losses since the last call, as Megatron logs them (each divided by its coefficient,
 --- weighted per micro batch like the loss, averaged over the MoE layers): { load_balancing_loss =,
---- z_loss = } (only those computed), or nil when none was; resets the tracker.
+--- seq_load_balancing_loss =, z_loss = } (those computed), and expert_load_imbalance = { per MoE layer
+--- in order: the most tokens an expert got over the mean }; nil when no MoE layer trained. Resets.
 function M.take_aux_losses()
   local out, any = {}, false
   for name, per_layer in pairs(tracked) do
@@ -126,7 +159,14 @@ function M.take_aux_losses()
     for _, v in pairs(per_layer) do sum, count = sum + v, count + 1 end
     out[name], any = sum / count, true
   end
-  tracked = {}
+  local layers_seen = {}
+  for layer in pairs(load) do layers_seen[#layers_seen + 1] = layer end
+  table.sort(layers_seen)
+  if #layers_seen > 0 then
+    out.expert_load_imbalance, any = {}, true
+    for k, layer in ipairs(layers_seen) do out.expert_load_imbalance[k] = load[layer] end
+  end
+  tracked, load = {}, {}
   return any and out or nil
 end
 
@@ -141,32 +181,84 @@ end
 ---------------------------------------------------------------------------------------------------
 -- Modules
 
---- TopKRouter(config): logits = x router.weight^T, softmax, top-k.
+-- The k largest entries along the last dim of a tensor without gradient: values and 0-based ids
+-- (i64), in descending order, ties to the lower id.
+local function top(values, k)
+  local n = values:size(-1)
+  local ids, picked = {}, {}
+  local positions = tensor.arange(0, n):long()
+  for j = 1, k do
+    local v, index = values:max(-1, true)
+    picked[j], ids[j] = v, index
+    if j < k then values = values:masked_fill(positions:eq(index), -math.huge) end
+  end
+  return tensor.cat(picked, -1), tensor.cat(ids, -1)
+end
+
+--- TopKRouter(config): logits = x router.weight^T, scores, top-k (see the header).
 M.TopKRouter = Module:extend('TopKRouter')
 function M.TopKRouter:init(config)
   self.topk, self.pre_softmax = config.moe_router_topk, config.moe_router_pre_softmax or false
   self.num_experts = config.num_moe_experts
+  self.score_function = config.moe_router_score_function or 'softmax'
+  self.num_groups, self.group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+  self.scaling_factor = config.moe_router_topk_scaling_factor
   self.weight = layers.normal_init({ config.num_moe_experts, config.hidden_size }, config.init_std, config.dtype, config.init)
+  if config.moe_router_enable_expert_bias then
+    self:register_buffer('expert_bias', tensor.zeros(config.num_moe_experts, { dtype = 'f32' }))
+    rawset(self, 'tokens_per_expert', {})
+  end
 end
--- x [N, H] -> probabilities of the chosen experts [N, k], their ids [N, k] (i64), logits [N, E] and
--- the softmax over all experts [N, E]. Ties go to the lower expert id.
+
+-- The chosen experts [N, k] for selection scores [N, E] (no gradient): the top k, or with groups the
+-- top k among the experts of the best group_topk groups.
+function M.TopKRouter:choose(selection)
+  if not self.num_groups then
+    local _, ids = top(selection, self.topk)
+    return ids
+  end
+  local N, G = selection:size(1), self.num_groups
+  local per_group = top(selection:view(N, G, self.num_experts / G), self.topk / self.group_topk)
+  local _, best = top(per_group:sum(-1), self.group_topk)
+  local group_of = {}
+  for e = 1, self.num_experts do group_of[e] = math.floor((e - 1) / (self.num_experts / G)) end
+  group_of = tensor.tensor(group_of, { dtype = 'i64' })
+  local allowed = group_of:eq(best:select(2, 1):unsqueeze(2))
+  for j = 2, self.group_topk do allowed = allowed:logical_or(group_of:eq(best:select(2, j):unsqueeze(2))) end
+  local _, ids = top(selection:masked_fill(allowed:logical_not(), -math.huge), self.topk)
+  return ids
+end
+
+-- x [N, H] -> probabilities of the chosen experts [N, k], their ids [N, k] (i64), logits [N, E] and the
+-- scores the load-balancing loss uses [N, E] (softmax, or sigmoid normalised per token).
 function M.TopKRouter:forward(x)
   local logits = x:matmul(self.weight:t())
-  local scores = widened(logits):softmax(-1)
-  local remaining, ids = scores:detach(), {}
-  local experts = tensor.arange(0, self.num_experts):long()
-  for j = 1, self.topk do
-    local _, index = remaining:max(-1, true)
-    ids[j] = index
-    if j < self.topk then remaining = remaining:masked_fill(experts:eq(index), -math.huge) end
+  local wide = widened(logits)
+  local probs, chosen, aux_scores
+  if self.score_function == 'sigmoid' then
+    local scores = wide:sigmoid()
+    local selection = scores:detach()
+    if self.expert_bias then selection = selection + self.expert_bias end
+    chosen = self:choose(selection)
+    probs = scores:gather(2, chosen)
+    if self.topk > 1 then probs = probs / (probs:sum(-1, true) + 1e-20) end
+    aux_scores = scores / (scores:sum(-1, true) + 1e-20)
+  else
+    local scores = wide:softmax(-1)
+    -- softmax keeps the order within a token, but group sums differ: Megatron sums logits unless pre_softmax
+    chosen = self:choose((self.pre_softmax and scores or wide):detach())
+    probs = scores:gather(2, chosen)
+    if not self.pre_softmax then probs = probs / probs:sum(-1, true) end
+    aux_scores = scores
   end
-  local chosen = tensor.cat(ids, 2)
-  local probs = scores:gather(2, chosen)
-  if not self.pre_softmax then probs = probs / probs:sum(-1, true) end
-  return probs:to(x.dtype), chosen, logits, scores
+  if self.scaling_factor then probs = probs * self.scaling_factor end
+  return probs:to(x.dtype), chosen, logits, aux_scores
 end
 function M.TopKRouter:extra_repr()
-  return string.format('experts=%d, topk=%d%s', self.num_experts, self.topk, self.pre_softmax and ', pre-softmax' or '')
+  return string.format('experts=%d, topk=%d, %s%s%s%s', self.num_experts, self.topk, self.score_function,
+    self.pre_softmax and ', pre-softmax' or '',
+    self.num_groups and string.format(', %d of %d groups', self.group_topk, self.num_groups) or '',
+    self.expert_bias and ', expert bias' or '')
 end
 
 --- SharedExpertMLP(config): an MLP of moe_shared_expert_intermediate_size, times sigmoid(x gate_weight^T)
@@ -245,26 +337,55 @@ function M.MoELayer:init(config, layer)
   if (config.moe_shared_expert_intermediate_size or 0) > 0 then self.shared_experts = M.SharedExpertMLP(config) end
 end
 
--- The auxiliary losses of one forward, attached to out for backward and tracked for the log.
-function M.MoELayer:aux_losses(out, logits, scores, counts, num_tokens)
+-- Switch Transformer's load-balancing loss as Megatron writes it, over scores [B, T, E] and the
+-- routed tokens per sequence and expert (counts[b][e]): per sequence E / (k T^2) sum_e (sum_t p_te) c_e,
+-- averaged over the B sequences (B = 1 with every token as one sequence: aux_loss; B sequences:
+-- seq_aux_loss).
+local function balancing_loss(scores, counts, k, coeff)
+  local B, T, E = scores:size(1), scores:size(2), scores:size(3)
+  local per_expert = scores:sum(2)
+  return (per_expert * tensor.tensor(counts, { dtype = per_expert.dtype })):sum() * (E * coeff / (k * T * T * B))
+end
+
+-- The auxiliary losses of one forward, attached to out for backward and tracked for the log. shape: the
+-- layer input's [B, T, H]; counts: tokens routed to each expert (for the load imbalance).
+function M.MoELayer:aux_losses(out, logits, scores, counts, shape)
   local c = self.config
-  if c.moe_router_load_balancing_type == 'aux_loss' and c.moe_aux_loss_coeff > 0 then
-    -- Switch Transformer's loss as Megatron writes it: E / (k T^2) * sum_e (sum_t p_te) * tokens_e
-    local E, k = c.num_moe_experts, c.moe_router_topk
-    local per_expert = scores:sum(1)
-    local loss = (per_expert * tensor.tensor(counts, { dtype = per_expert.dtype })):sum() *
-      (E * c.moe_aux_loss_coeff / (k * num_tokens * num_tokens))
-    track('load_balancing_loss', self.layer, loss:item() / c.moe_aux_loss_coeff)
+  local E, k = c.num_moe_experts, c.moe_router_topk
+  local balancing, coeff = c.moe_router_load_balancing_type, c.moe_aux_loss_coeff
+  if (balancing == 'aux_loss' or balancing == 'seq_aux_loss') and coeff > 0 then
+    local B = balancing == 'seq_aux_loss' and shape[1] or 1
+    local T = scores:size(1) / B
+    -- Megatron counts the plain top-k of these scores (no expert bias, no groups)
+    local _, ids = top(scores:detach(), k)
+    local per_sequence = {}
+    for b = 1, B do
+      per_sequence[b] = {}
+      for e = 1, E do per_sequence[b][e] = 0 end
+    end
+    for slot, e in ipairs(ids:reshape(-1):totable()) do
+      local b = math.floor((slot - 1) / (k * T)) + 1
+      per_sequence[b][e + 1] = per_sequence[b][e + 1] + 1
+    end
+    local loss = balancing_loss(scores:view(B, T, E), per_sequence, k, coeff)
+    track(balancing == 'aux_loss' and 'load_balancing_loss' or 'seq_load_balancing_loss', self.layer, loss:item() / coeff)
     out = attach_loss(out, loss)
   end
   if c.moe_z_loss_coeff > 0 then
     -- ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2
     local f = widened(logits)
-    local top = f:max(-1, true):detach()
-    local lse = (f - top):exp():sum(-1, true):log() + top
+    local top_logit = f:max(-1, true):detach()
+    local lse = (f - top_logit):exp():sum(-1, true):log() + top_logit
     local loss = lse:square():mean() * c.moe_z_loss_coeff
     track('z_loss', self.layer, loss:item() / c.moe_z_loss_coeff)
     out = attach_loss(out, loss)
+  end
+  local most, total = 0, 0
+  for e = 1, E do most, total = math.max(most, counts[e]), total + counts[e] end
+  if total > 0 then track_load(self.layer, most / (total / E)) end
+  local seen = self.router.tokens_per_expert
+  if seen then
+    for e = 1, E do seen[e] = (seen[e] or 0) + counts[e] end
   end
   return out
 end
@@ -355,7 +476,7 @@ function M.MoELayer:forward(x)
   if self.expert_parallel then y = self:dispatch(permuted, counts) else y = self.experts(permuted, counts) end
   local out = M.unpermute(y, sorted_probs, rows_t, N)
   if self.shared_experts then out = out + self.shared_experts(flat) end
-  if self.training and C.pmp_is_grad_enabled() then out = self:aux_losses(out, logits, scores, counts, N) end
+  if self.training and C.pmp_is_grad_enabled() then out = self:aux_losses(out, logits, scores, counts, shape) end
   return out:view(shape)
 end
 function M.MoELayer:extra_repr()
@@ -402,6 +523,26 @@ function M.expert_parallel(model, options)
   rawset(model, 'expert_parallel', { group = group, data_group = options.data_group or dist.group('edp'),
     data_size = options.data_size or 1 })
   return model
+end
+
+--- Aux-loss-free balancing (Megatron's finalize step): every router with an expert_bias moves it by
+--- moe_router_bias_update_rate towards the mean load, up for experts that got fewer tokens than the
+--- mean over the step's micro batches and data-parallel ranks, down for those that got more. Call it
+--- once per step after the last backward (pmp.train.step.finish_grads does).
+function M.update_expert_bias(model)
+  local dist = require 'pmp.dist'
+  for _, layer in ipairs(model.decoder and model.decoder.layers.items or {}) do
+    local router = layer.mlp.router
+    local seen = router and router.tokens_per_expert
+    if seen and next(seen) then
+      local counts = tensor.tensor(seen, { dtype = 'f64' })
+      if dist.is_initialized() and dist.group('dp_cp').size > 1 then dist.group('dp_cp'):all_reduce(counts, 'sum') end
+      local offset = counts:mean() - counts
+      local rate = layer.mlp.config.moe_router_bias_update_rate
+      router.expert_bias:copy_(router.expert_bias + offset:sign():float() * rate)
+      rawset(router, 'tokens_per_expert', {})
+    end
+  end
 end
 
 --- Completes the expert gradients of an expert-parallel model after the step's last backward: each

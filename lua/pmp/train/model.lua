@@ -34,6 +34,15 @@ local function moe_config(config, opts)
   config.moe_shared_expert_gate = opts.moe_shared_expert_gate
   config.moe_router_pre_softmax = opts.moe_router_pre_softmax
   config.moe_router_load_balancing_type = opts.moe_router_load_balancing_type
+  config.moe_router_score_function = opts.moe_router_score_function
+  config.moe_router_enable_expert_bias = opts.moe_router_enable_expert_bias
+  config.moe_router_bias_update_rate = opts.moe_router_bias_update_rate
+  config.moe_router_num_groups = opts.moe_router_num_groups > 0 and opts.moe_router_num_groups or nil
+  config.moe_router_group_topk = opts.moe_router_group_topk > 0 and opts.moe_router_group_topk or nil
+  config.moe_router_topk_scaling_factor = opts.moe_router_topk_scaling_factor > 0 and opts.moe_router_topk_scaling_factor or nil
+  if opts.moe_token_dispatcher_type ~= 'alltoall' then
+    error(string.format("--moe-token-dispatcher-type '%s' is not supported (alltoall)", opts.moe_token_dispatcher_type), 0)
+  end
   config.moe_aux_loss_coeff = opts.moe_aux_loss_coeff
   config.moe_z_loss_coeff = opts.moe_z_loss_coeff
   config.moe_grouped_gemm = opts.moe_grouped_gemm

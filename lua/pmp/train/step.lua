@@ -71,6 +71,7 @@ function M.finish_grads(model, ddp)
   for _, chunk in ipairs(pipeline.chunks(model)) do
     parallel.finish_grads(chunk)
     require('pmp.nn.moe').finish_expert_grads(chunk)
+    require('pmp.nn.moe').update_expert_bias(chunk)
   end
   pipeline.sync_embedding_grads(model)
 end
