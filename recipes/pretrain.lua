@@ -9,7 +9,7 @@
 local train = pmp.train
 local flags, step = train.flags, train.step
 
-local opts = flags.parse(arg, { flags.model, flags.moe, flags.training, flags.optimizer, flags.precision, flags.parallel,
+local opts = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.training, flags.optimizer, flags.precision, flags.parallel,
   flags.data, flags.checkpoint, flags.logging, {
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },

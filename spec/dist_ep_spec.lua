@@ -40,10 +40,10 @@ local PRETRAIN = { '--num-layers', '2', '--hidden-size', '32', '--num-attention-
   '--save', '', '--make-vocab-size-divisible-by', '128', '--num-experts', '4', '--moe-router-topk', '2', '--moe-ffn-hidden-size', '32',
   '--moe-aux-loss-coeff', '0.01', '--moe-z-loss-coeff', '0.001', '--moe-grouped-gemm' }
 
+-- the training losses by iteration, then the validation loss
 local function losses(stdout)
-  local out = {}
-  for v in stdout:gmatch('| lm loss: (%S+) |') do out[#out + 1] = tonumber(v) end
-  for v in stdout:gmatch('lm loss value: (%S+) |') do out[#out + 1] = tonumber(v) end
+  local out = require('spec.support.train_log').losses(stdout)
+  out[#out + 1] = tonumber(stdout:match('lm loss value: (%S+) |'))
   return out
 end
 

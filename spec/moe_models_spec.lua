@@ -14,7 +14,7 @@ local fails_with = require('spec.support.expect').fails_with
 
 local ROOT = package.loaded['pmp.root'] or '.'
 local FIXTURES = ROOT .. '/spec/fixtures/moe'
-local NAMES = { 'mixtral', 'qwen2_moe', 'qwen3_moe' }
+local NAMES = { 'mixtral', 'qwen2_moe', 'qwen3_moe', 'deepseek_v3', 'deepseek_v3_direct_q' }
 
 local tmp
 before_each(function()
@@ -92,6 +92,12 @@ describe('MoE families against transformers', function()
     assert.are.equal(6, q3.config.num_moe_experts)
     assert.are.equal(3, q3.config.moe_router_topk)
     assert.is_false(q3.config.moe_router_pre_softmax)
+    local ds = models.from_pretrained(FIXTURES .. '/deepseek_v3')
+    assert.is_not_nil(ds.decoder.layers['0'].mlp.linear_fc1)   -- first_k_dense_replace = 1
+    assert.are.equal('sigmoid', ds.config.moe_router_score_function)
+    assert.is_true(ds.decoder.layers['1'].mlp.router.expert_bias:abs():max():item() > 0)   -- e_score_correction_bias
+    assert.is_not_nil(ds.decoder.layers['1'].self_attention.linear_q_down_proj)
+    assert.is_not_nil(models.from_pretrained(FIXTURES .. '/deepseek_v3_direct_q').decoder.layers['0'].self_attention.linear_q_proj)
   end)
 
   it('save_pretrained writes the fixture tensors back bit for bit, under their HF names', function()
@@ -132,6 +138,12 @@ describe('MoE families against transformers', function()
     hf = json.read(FIXTURES .. '/qwen2_moe/config.json')
     hf.num_experts = nil
     fails_with(function() models.from_config(hf) end, "missing key 'num_experts'")
+    hf = json.read(FIXTURES .. '/deepseek_v3/config.json')
+    hf.topk_group = 1
+    fails_with(function() models.from_config(hf) end, 'num_experts_per_tok 4 / topk_group 1 must be 2')
+    hf = json.read(FIXTURES .. '/deepseek_v3/config.json')
+    hf.rope_parameters = { rope_type = 'linear', rope_theta = 10000, factor = 4 }
+    fails_with(function() models.from_config(hf) end, "rope scaling 'linear' is not supported for multi-latent attention")
   end)
 end)
 

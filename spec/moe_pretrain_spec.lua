@@ -63,6 +63,23 @@ describe('pretraining a mixture of experts', function()
     assert.is_true(moved > 0, 'no expert bias moved')
   end)
 
+  it('trains multi-latent attention with Megatron flags, and generates from the checkpoint', function()
+    local out, err, status = run_pretrain({ '--train-iters', '12', '--multi-latent-attention', '--q-lora-rank', '16',
+      '--kv-lora-rank', '12', '--qk-head-dim', '8', '--qk-pos-emb-head-dim', '4', '--v-head-dim', '6',
+      '--save', scratch .. '/ck' })
+    assert.are.equal(0, status, err)
+    local l = losses(out)
+    assert.is_true(l[12] < l[1], 'loss did not fall')
+    local tensors = pmp.safetensors.load(scratch .. '/ck/iter_0000012/mp_rank_00/model_optim_rng.safetensors', { copy = true })
+    assert.are.same({ 16, 32 }, tensors['model.decoder.layers.0.self_attention.linear_q_down_proj.weight'].shape)
+    assert.are.same({ 16, 32 }, tensors['model.decoder.layers.0.self_attention.linear_kv_down_proj.weight'].shape)
+    assert.are.same({ 4 * 14, 12 }, tensors['model.decoder.layers.0.self_attention.linear_kv_up_proj.weight'].shape)
+    local gen, gen_err, gen_status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', scratch .. '/ck',
+      '--prompt', 'the ', '--max-new-tokens', '6' })
+    assert.are.equal(0, gen_status, gen_err)
+    assert.matches('^the ', gen)
+  end)
+
   it('reads --moe-layer-freq as Megatron writes it', function()
     local freq = pmp.train.model.moe_layer_freq
     assert.are.equal(2, freq('2'))

@@ -19,12 +19,13 @@ compares their logits to the fixture's (spec/moe_models_spec.lua runs this with 
 """
 import argparse
 import json
-import math
 import os
 import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
+
+import make_hf_fixtures
 import transformers
 from transformers import AutoModelForCausalLM
 
@@ -47,35 +48,64 @@ MODELS = {
     # every layer MoE, top-3 of 6 renormalised, q/k norms, head_dim 16
     'qwen3_moe': ('Qwen3MoeConfig', dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
                                          norm_topk_prob=True, head_dim=16, rms_norm_eps=1e-6)),
+    # multi-latent attention with q through a low rank and interleaved RoPE; layer 0 dense, layer 1 MoE:
+    # sigmoid scores with a correction bias, top-4 of 8 from the best 2 of 4 groups, scaled, one shared expert
+    'deepseek_v3': ('DeepseekV3Config', dict(num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4,
+                                             qk_nope_head_dim=6, v_head_dim=5, n_routed_experts=8, num_experts_per_tok=4,
+                                             n_group=4, topk_group=2, moe_intermediate_size=16, n_shared_experts=1,
+                                             first_k_dense_replace=1, routed_scaling_factor=2.5, rope_scaling=None,
+                                             rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0})),
+    # queries without the low rank, RoPE on rotate-half pairs, every layer MoE, v wider than q/k heads
+    'deepseek_v3_direct_q': ('DeepseekV3Config', dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8,
+                                                      qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=12,
+                                                      rope_interleave=False, n_routed_experts=4, num_experts_per_tok=2,
+                                                      n_group=2, topk_group=1, moe_intermediate_size=16,
+                                                      n_shared_experts=2, first_k_dense_replace=0,
+                                                      routed_scaling_factor=1.5, rope_scaling=None,
+                                                      rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0})),
 }
 
 
 def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
+    """make_hf_fixtures' weights, and DeepSeek's routing correction bias (a buffer) away from zero."""
+    make_hf_fixtures.randomize(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('norm.weight'):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith('.bias'):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif 'embed_tokens' in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 3:   # fused experts [E, out, in]
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[2]))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        for name, b in model.named_buffers():
+            if name.endswith('e_score_correction_bias'):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def choice_gap(selection, k, groups=None, group_topk=None):
+    """Per token, the smallest margin of the routing choice: between the k-th and (k+1)-th selection score
+    (among the experts of the chosen groups), and between the last chosen and the first other group."""
+    gap = None
+    if groups:
+        per_group = selection.view(selection.shape[0], groups, -1).topk(2, dim=-1).values.sum(-1)
+        top = per_group.topk(group_topk + 1, dim=-1)
+        gap = top.values[:, group_topk - 1] - top.values[:, group_topk]
+        allowed = torch.zeros_like(per_group).scatter(1, top.indices[:, :group_topk], 1).bool()
+        mask = allowed.unsqueeze(-1).expand(-1, groups, selection.shape[1] // groups).reshape(selection.shape)
+        selection = selection.masked_fill(~mask, float('-inf'))
+    top = selection.topk(k + 1, dim=-1).values
+    experts = top[:, k - 1] - top[:, k]
+    return experts if gap is None else torch.minimum(experts, gap)
 
 
 def router_gap(model, ids, mask):
-    """The smallest gap between the k-th and (k+1)-th router probability over real tokens and layers."""
+    """The smallest margin of any routing choice over real tokens and layers (see choice_gap)."""
     gaps = []
-    k = model.config.num_experts_per_tok
+    cfg = model.config
+    k = cfg.num_experts_per_tok
 
-    def hook(_module, _inputs, output):
-        probs = torch.softmax(output[0].float(), dim=-1)
-        top = probs.topk(k + 1, dim=-1).values
+    def hook(module, _inputs, output):
+        if hasattr(module, 'e_score_correction_bias'):
+            selection = output[0].float().sigmoid() + module.e_score_correction_bias
+            margin = choice_gap(selection, k, cfg.n_group, cfg.topk_group)
+        else:
+            margin = choice_gap(torch.softmax(output[0].float(), dim=-1), k)
         real = mask.reshape(-1).bool()
-        gaps.append((top[:, k - 1] - top[:, k])[real].min().item())
+        gaps.append(margin[real].min().item())
 
     handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith('mlp.gate')
                or n.endswith('block_sparse_moe.gate')]

@@ -59,7 +59,7 @@ function M.config(c)
       out.num_attention_heads, out.num_query_groups), 2)
   end
   if out.ffn_hidden_size ~= math.floor(out.ffn_hidden_size) then out.ffn_hidden_size = math.floor(out.ffn_hidden_size) end
-  return require('pmp.nn.moe').check_config(out)
+  return require('pmp.nn.mla').check_config(require('pmp.nn.moe').check_config(out))
 end
 
 local function norm(config, dim)
@@ -237,7 +237,8 @@ M.TransformerBlock = Module:extend('TransformerBlock')
 function M.TransformerBlock:init(config, layer)
   rawset(self, 'dropout', config.hidden_dropout)
   self.input_layernorm = norm(config, config.hidden_size)
-  self.self_attention = M.Attention(config, layer)
+  self.self_attention = config.multi_latent_attention and require('pmp.nn.mla').MLASelfAttention(config)
+    or M.Attention(config, layer)
   self.pre_mlp_layernorm = norm(config, config.hidden_size)
   local moe = require 'pmp.nn.moe'   -- required here: pmp.nn.moe builds its experts from M.MLP
   self.mlp = moe.is_moe_layer(config, layer) and moe.MoELayer(config, layer) or M.MLP(config)
@@ -309,7 +310,8 @@ function M.GPTModel:init(config)
   rawset(self, 'config', config)
   if config.output_init_std == nil then config.output_init_std = config.init_std / math.sqrt(2 * config.num_layers) end
   self.embedding = M.LanguageModelEmbedding(config)
-  local rotary_dim = math.floor(config.kv_channels * config.rotary_percent)
+  local rotary_dim = config.multi_latent_attention and config.qk_pos_emb_head_dim
+    or math.floor(config.kv_channels * config.rotary_percent)
   self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim, { base = config.rotary_base, scaling = config.rope_scaling })
   self.decoder = M.TransformerDecoder(config)
   if config.head == 'score' then

@@ -45,6 +45,16 @@ M.moe = {
   { '--moe-layer-freq', '1', 'MoE layer every N layers from the first, or a 0/1 list per layer: "[0,1,1,1]" or "([0]*1+[1]*3)"' },
 }
 
+--- Multi-latent attention (pmp.nn.mla, DeepSeek-V2/V3), Megatron-LM's names.
+M.mla = {
+  { '--multi-latent-attention', false, 'attention through a compressed key/value latent (DeepSeek-V2/V3)' },
+  { '--q-lora-rank', 0, 'rank of the query projection (0: a direct projection)' },
+  { '--kv-lora-rank', 32, 'width of the key/value latent' },
+  { '--qk-head-dim', 16, 'query/key dims per head without RoPE' },
+  { '--qk-pos-emb-head-dim', 8, 'query/key dims per head with RoPE (one rotary key shared by all heads)' },
+  { '--v-head-dim', 16, 'value dims per head' },
+}
+
 --- Sequences, batches and steps.
 M.training = {
   { '--seq-length', 64, 'tokens per sample' },

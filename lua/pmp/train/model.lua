@@ -51,8 +51,20 @@ local function moe_config(config, opts)
   return config
 end
 
+-- The multi-latent attention keys of the GPTModel config from pmp.train.flags.mla.
+local function mla_config(config, opts)
+  if not opts.multi_latent_attention then return config end
+  config.multi_latent_attention = true
+  config.q_lora_rank = opts.q_lora_rank > 0 and opts.q_lora_rank or nil
+  config.kv_lora_rank = opts.kv_lora_rank
+  config.qk_head_dim = opts.qk_head_dim
+  config.qk_pos_emb_head_dim = opts.qk_pos_emb_head_dim
+  config.v_head_dim = opts.v_head_dim
+  return config
+end
+
 function M.gpt(opts, vocab_size)
-  return require('pmp.nn').GPTModel(moe_config({
+  return require('pmp.nn').GPTModel(mla_config(moe_config({
     num_layers = opts.num_layers,
     hidden_size = opts.hidden_size,
     ffn_hidden_size = M.ffn_hidden_size(opts),
@@ -67,7 +79,7 @@ function M.gpt(opts, vocab_size)
     recompute_granularity = opts.recompute_granularity,
     make_vocab_size_divisible_by = opts.make_vocab_size_divisible_by,
     tensor_model_parallel_size = opts.tensor_model_parallel_size or 1,
-  }, opts))
+  }, opts), opts))
 end
 
 return M
