@@ -44,12 +44,24 @@ describe('pretraining a mixture of experts', function()
   end)
 
   it('routes as DeepSeek-V3 with Megatron flags: sigmoid scores, expert bias moved each step, groups, seq_aux_loss', function()
-    local out, err, status = run_pretrain({ '--train-iters', '4', '--num-experts', '8', '--moe-router-topk', '4',
+    local deepseek = { '--train-iters', '4', '--num-experts', '8', '--moe-router-topk', '4',
       '--moe-router-score-function', 'sigmoid', '--moe-router-enable-expert-bias', '--moe-router-bias-update-rate', '0.01',
       '--moe-router-num-groups', '4', '--moe-router-group-topk', '2', '--moe-router-topk-scaling-factor', '2.5',
-      '--moe-router-load-balancing-type', 'seq_aux_loss', '--moe-aux-loss-coeff', '0.001', '--save', scratch .. '/ck' })
+      '--moe-router-load-balancing-type', 'seq_aux_loss', '--moe-aux-loss-coeff', '0.001' }
+    local out, err, status = run_pretrain({ '--save', scratch .. '/ck', unpack(deepseek) })
     assert.are.equal(0, status, err)
     assert.matches('seq_load_balancing_loss: [%d.]+E[-+]%d+ | expert load max/mean per MoE layer: [%d.]+ [%d.]+ |', out)
+    -- activation recompute re-runs each layer's forward in backward: the same losses, aux losses and loads
+    local again, again_err, again_status = run_pretrain({ '--save', '', '--recompute-granularity', 'full', unpack(deepseek) })
+    assert.are.equal(0, again_status, again_err)
+    local function logged(log)
+      local lines = {}
+      for line in log:gmatch('lm loss: [^\n]*') do
+        lines[#lines + 1] = (line:match('^(.*MoE layer: [%d. ]+|)'):gsub('tokens per second: %d+', ''))
+      end
+      return lines
+    end
+    assert.are.same(logged(out), logged(again))
     local tensors = pmp.safetensors.load(scratch .. '/ck/iter_0000004/mp_rank_00/model_optim_rng.safetensors', { copy = true })
     local moved = 0
     for layer = 0, 1 do

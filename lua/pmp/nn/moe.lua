@@ -238,7 +238,7 @@ function M.TopKRouter:forward(x)
   if self.score_function == 'sigmoid' then
     local scores = wide:sigmoid()
     local selection = scores:detach()
-    if self.expert_bias then selection = selection + self.expert_bias end
+    if self.expert_bias then selection = selection + self.expert_bias:float() end
     chosen = self:choose(selection)
     probs = scores:gather(2, chosen)
     if self.topk > 1 then probs = probs / (probs:sum(-1, true) + 1e-20) end
@@ -476,7 +476,7 @@ function M.MoELayer:forward(x)
   if self.expert_parallel then y = self:dispatch(permuted, counts) else y = self.experts(permuted, counts) end
   local out = M.unpermute(y, sorted_probs, rows_t, N)
   if self.shared_experts then out = out + self.shared_experts(flat) end
-  if self.training and C.pmp_is_grad_enabled() then out = self:aux_losses(out, logits, scores, counts, shape) end
+  if self.training and C.pmp_is_grad_enabled() ~= 0 then out = self:aux_losses(out, logits, scores, counts, shape) end
   return out:view(shape)
 end
 function M.MoELayer:extra_repr()
@@ -539,7 +539,13 @@ function M.update_expert_bias(model)
       if dist.is_initialized() and dist.group('dp_cp').size > 1 then dist.group('dp_cp'):all_reduce(counts, 'sum') end
       local offset = counts:mean() - counts
       local rate = layer.mlp.config.moe_router_bias_update_rate
-      router.expert_bias:copy_(router.expert_bias + offset:sign():float() * rate)
+      -- the bias moves in steps of rate, which a bf16 bias could not hold: an f32 copy accumulates them
+      -- (taken afresh from the buffer when something else has written it, such as a checkpoint load)
+      local bias, master = router.expert_bias, rawget(router, 'expert_bias_master')
+      if not master or (master:to(bias.dtype) - bias):abs():max():item() ~= 0 then master = bias:float() end
+      master = master + offset:sign():float() * rate
+      rawset(router, 'expert_bias_master', master)
+      bias:copy_(master)
       rawset(router, 'tokens_per_expert', {})
     end
   end
