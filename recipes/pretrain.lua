@@ -74,7 +74,8 @@ while iteration < opts.train_iters do
   optimizer:step()
   loss = train.parallel.mean_loss(loss, layout)
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed,
-    tokens = opts.global_batch_size * opts.seq_length, aux_losses = pmp.nn.moe.take_aux_losses() })
+    tokens = opts.global_batch_size * opts.seq_length,
+    aux_losses = train.parallel.mean_aux_losses(pmp.nn.moe.take_aux_losses(), layout) })
   if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     logger:validation(iteration, evaluate)
   end

@@ -95,6 +95,31 @@ function M.mean_loss(loss, layout)
   return t:item()
 end
 
+--- pmp.nn.moe.take_aux_losses() averaged over the data- and context-parallel ranks, as Megatron logs
+--- them (ranks of one pipeline stage hold the same MoE layers, so the same entries); nil stays nil.
+function M.mean_aux_losses(aux, layout)
+  if aux == nil or layout.dp * layout.cp == 1 then return aux end
+  local names, values = {}, {}
+  for name in pairs(aux) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for _, v in ipairs(type(aux[name]) == 'table' and aux[name] or { aux[name] }) do values[#values + 1] = v end
+  end
+  local t = require('pmp.tensor').tensor(values, { dtype = 'f64' })
+  require('pmp.dist').group('dp_cp'):all_reduce(t, 'avg')
+  local averaged, at = t:totable(), 0
+  for _, name in ipairs(names) do
+    if type(aux[name]) == 'table' then
+      for k = 1, #aux[name] do aux[name][k] = averaged[at + k] end
+      at = at + #aux[name]
+    else
+      at = at + 1
+      aux[name] = averaged[at]
+    end
+  end
+  return aux
+end
+
 --- One line describing a parallel layout for the log; nil on one process.
 function M.describe(opts, layout)
   if layout.world == 1 then return nil end
