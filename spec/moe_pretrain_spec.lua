@@ -26,7 +26,8 @@ describe('pretraining a mixture of experts', function()
 
   it('trains with --num-experts 4 --moe-router-topk 2, logs the auxiliary losses and checkpoints every expert', function()
     local out, err, status = run_pretrain({ '--train-iters', '12', '--moe-aux-loss-coeff', '0.01', '--moe-z-loss-coeff',
-      '0.001', '--moe-grouped-gemm', '--moe-layer-freq', '([0]*1+[1]*1)', '--save', scratch .. '/ck' })
+      '0.001', '--moe-grouped-gemm', '--moe-layer-freq', '([0]*1+[1]*1)', '--moe-expert-capacity-factor', '1.5',
+      '--save', scratch .. '/ck' })
     assert.are.equal(0, status, err)
     local l = losses(out)
     assert.is_true(l[12] < l[1], 'loss did not fall')

@@ -91,19 +91,48 @@ local function route(logits, k, options)
   return chosen, weights
 end
 
+-- Megatron's token dropping: per expert at most ceil(T k / E x factor) of the tokens that chose it, those
+-- with the highest weight ('probs') or the first ones ('position'). Marks dropped choices in kept[t][j].
+local function capacity_drop(choices, E, k, factor, policy)
+  local capacity = math.ceil(#choices * k / E * factor)
+  local kept, per_expert = {}, {}
+  for t, c in ipairs(choices) do
+    kept[t] = {}
+    for j = 1, k do
+      kept[t][j] = true
+      local e = c.chosen[j]
+      per_expert[e] = per_expert[e] or {}
+      table.insert(per_expert[e], { t = t, j = j, w = c.weights[j] })
+    end
+  end
+  for _, list in pairs(per_expert) do
+    if policy == 'probs' then table.sort(list, function(a, b) return a.w > b.w end) end
+    for i = capacity + 1, #list do kept[list[i].t][list[i].j] = false end
+  end
+  return kept
+end
+
 -- The MoE layer's output for token rows xs (tables), computed token by token.
 local function reference_moe(layer, xs, options)
   local router = rows_of(layer.router.weight)
   local k = layer.config.moe_router_topk
-  local out = {}
+  local choices = {}
   for t, x in ipairs(xs) do
     local chosen, weights = route(matvec(router, x), k, options)
+    choices[t] = { chosen = chosen, weights = weights }
+  end
+  local kept = options.capacity and capacity_drop(choices, #router, k, options.capacity, options.policy)
+  local out = {}
+  for t, x in ipairs(xs) do
+    local chosen, weights = choices[t].chosen, choices[t].weights
     local y = {}
     for i = 1, #x do y[i] = 0 end
     for j = 1, k do
+      if kept and not kept[t][j] then goto dropped end
       local expert = layer.experts.local_experts[tostring(chosen[j] - 1)]
       local ye = swiglu_mlp(rows_of(expert.linear_fc1.weight), rows_of(expert.linear_fc2.weight), x)
       for i = 1, #x do y[i] = y[i] + weights[j] * ye[i] end
+      ::dropped::
     end
     local shared = layer.shared_experts
     if shared then
@@ -178,6 +207,10 @@ describe('MoELayer', function()
       num_moe_experts = 8, moe_router_topk = 4, moe_router_score_function = 'sigmoid', moe_router_enable_expert_bias = true,
       moe_router_num_groups = 4, moe_router_group_topk = 2, moe_router_topk_scaling_factor = 2.5, moe_grouped_gemm = true },
       score = 'sigmoid', bias = { 0.3, -0.2, 0.1, 0, -0.4, 0.25, -0.1, 0.15 }, groups = 4, group_topk = 2, scaling = 2.5 },
+    { name = 'capacity factor 0.5 dropping the lowest probabilities', config = { moe_expert_capacity_factor = 0.5,
+      moe_grouped_gemm = true }, renormalize = true, capacity = 0.5, policy = 'probs' },
+    { name = 'capacity factor 0.75 dropping the last tokens', config = { moe_expert_capacity_factor = 0.75,
+      moe_token_drop_policy = 'position' }, renormalize = true, capacity = 0.75, policy = 'position' },
     { name = 'softmax with groups chosen by their logits', config = { num_moe_experts = 6, moe_router_topk = 2,
       moe_router_num_groups = 3, moe_router_group_topk = 1 }, renormalize = true, groups = 3, group_topk = 1 },
   }) do
@@ -337,6 +370,8 @@ describe('MoELayer', function()
     fails_with(function() layer_config({ moe_router_num_groups = 2 }) end, 'moe_router_num_groups and moe_router_group_topk go together')
     fails_with(function() layer_config({ moe_router_enable_expert_bias = true }) end,
       "moe_router_enable_expert_bias needs moe_router_score_function 'sigmoid'")
+    fails_with(function() layer_config({ moe_expert_capacity_factor = -1 }) end, 'moe_expert_capacity_factor must be a positive number')
+    fails_with(function() layer_config({ moe_token_drop_policy = 'random' }) end, "moe_token_drop_policy 'random'")
     fails_with(function() layer_config({ moe_router_score_function = 'sqrtsoftplus' }) end,
       "moe_router_score_function 'sqrtsoftplus'")
   end)

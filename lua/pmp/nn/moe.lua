@@ -14,7 +14,10 @@
 --- step). Group-limited choice (moe_router_num_groups, moe_router_group_topk): experts only from the
 --- groups with the highest sums of their top topk/group_topk scores. moe_router_topk_scaling_factor
 --- multiplies the routing probabilities.
---- Dropless: every token reaches its k experts. Tokens are sorted by expert (index_select), each
+--- Dropless: every token reaches its k experts, unless moe_expert_capacity_factor caps each expert at
+--- ceil(tokens x k / experts x factor) tokens, keeping those it gives the highest probability
+--- (moe_token_drop_policy 'probs', the default) or the first ones ('position'); a dropped token loses
+--- that expert's share of its output, as in Megatron. Tokens are sorted by expert (index_select), each
 --- expert's rows go through one GEMM of a grouped GEMM (grouped_matmul), and moe_unpermute weights
 --- the rows by their routing probabilities and sums them back into token order.
 --- While training, the load-balancing loss (moe_router_load_balancing_type 'aux_loss',
@@ -115,6 +118,14 @@ function M.check_config(c)
     if #freq ~= c.num_layers then fail('moe_layer_freq lists %d layers for num_layers %d', #freq, c.num_layers) end
   elseif freq ~= math.floor(freq) or freq < 1 then
     fail('moe_layer_freq must be a positive integer or a list of 0/1 per layer, got %s', tostring(freq))
+  end
+  local factor = c.moe_expert_capacity_factor
+  if factor ~= nil and (type(factor) ~= 'number' or factor <= 0) then
+    fail('moe_expert_capacity_factor must be a positive number, got %s', tostring(factor))
+  end
+  c.moe_token_drop_policy = c.moe_token_drop_policy or 'probs'
+  if c.moe_token_drop_policy ~= 'probs' and c.moe_token_drop_policy ~= 'position' then
+    fail("moe_token_drop_policy '%s' is not supported (probs, position)", tostring(c.moe_token_drop_policy))
   end
   local ep = c.expert_model_parallel_size or 1
   if E % ep ~= 0 then fail('num_moe_experts %d is not divisible by expert_model_parallel_size %d', E, ep) end
@@ -444,6 +455,29 @@ function M.MoELayer:dispatch(rows, counts)
   return all_to_all(y, group, recv, send)
 end
 
+-- Caps each expert's bucket of (token, choice) slots at the capacity (see the header), in place.
+function M.MoELayer:drop(buckets, counts, probs, routed)
+  local c = self.config
+  local E = c.num_moe_experts
+  local capacity = math.ceil(routed / E * c.moe_expert_capacity_factor)
+  local p
+  for e = 1, E do
+    local bucket = buckets[e]
+    if #bucket > capacity then
+      if c.moe_token_drop_policy == 'probs' then
+        p = p or probs:reshape(-1):totable()
+        table.sort(bucket, function(a, b)
+          if p[a + 1] ~= p[b + 1] then return p[a + 1] > p[b + 1] end
+          return a < b
+        end)
+      end
+      for i = #bucket, capacity + 1, -1 do bucket[i] = nil end
+      table.sort(bucket)
+      counts[e] = capacity
+    end
+  end
+end
+
 -- x [B, T, H] -> [B, T, H].
 function M.MoELayer:forward(x)
   local shape = x.shape
@@ -462,6 +496,7 @@ function M.MoELayer:forward(x)
     b[#b + 1] = slot - 1
     counts[e + 1] = counts[e + 1] + 1
   end
+  if self.config.moe_expert_capacity_factor then self:drop(buckets, counts, probs, N * k) end
   local slots, rows = {}, {}
   for e = 1, E do
     for _, slot in ipairs(buckets[e]) do

@@ -38,6 +38,8 @@ M.moe = {
   { '--moe-router-num-groups', 0, 'expert groups for group-limited routing (0: none)' },
   { '--moe-router-group-topk', 0, 'groups each token may choose experts from' },
   { '--moe-router-topk-scaling-factor', 0.0, 'multiplies the routing probabilities (0: none)' },
+  { '--moe-expert-capacity-factor', 0.0, 'cap each expert at this multiple of its even share of tokens, dropping the rest (0: dropless)' },
+  { '--moe-token-drop-policy', 'probs', 'which tokens an expert over capacity keeps: probs (highest) or position (first)' },
   { '--moe-token-dispatcher-type', 'alltoall', 'how tokens reach the experts of other expert-parallel ranks (alltoall)' },
   { '--moe-aux-loss-coeff', 0.0, 'weight of the load-balancing loss' },
   { '--moe-z-loss-coeff', 0.0, 'weight of the router z-loss' },

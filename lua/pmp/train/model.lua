@@ -46,6 +46,8 @@ local function moe_config(config, opts)
   config.moe_aux_loss_coeff = opts.moe_aux_loss_coeff
   config.moe_z_loss_coeff = opts.moe_z_loss_coeff
   config.moe_grouped_gemm = opts.moe_grouped_gemm
+  config.moe_expert_capacity_factor = opts.moe_expert_capacity_factor > 0 and opts.moe_expert_capacity_factor or nil
+  config.moe_token_drop_policy = opts.moe_token_drop_policy
   config.moe_layer_freq = M.moe_layer_freq(opts.moe_layer_freq)
   config.expert_model_parallel_size = opts.expert_model_parallel_size
   return config
