@@ -40,7 +40,6 @@ function M.config(read)
   if act ~= 'silu' then read:fail(string.format("hidden_act '%s' is not supported (only silu)", tostring(act))) end
   if read:bool('attention_bias', false) then read:fail('attention_bias is not supported') end
   local base, scaling = models.read_rope(read, 10000)
-  if scaling then read:fail("rope scaling '" .. tostring(scaling.type) .. "' is not supported for multi-latent attention yet (DeepSeek's YaRN included)") end
   local layers = read:positive_int('num_hidden_layers')
   local first_dense = read:number('first_k_dense_replace', 3)
   local pattern = {}
@@ -65,6 +64,7 @@ function M.config(read)
     norm_epsilon = read:number('rms_norm_eps', 1e-6),
     activation = 'swiglu',
     rotary_base = base,
+    rope_scaling = scaling,
     tie_embeddings = read:bool('tie_word_embeddings', false),
     multi_latent_attention = true,
     q_lora_rank = read:number('q_lora_rank'),

@@ -142,8 +142,8 @@ describe('MoE families against transformers', function()
     hf.topk_group = 1
     fails_with(function() models.from_config(hf) end, 'num_experts_per_tok 4 / topk_group 1 must be 2')
     hf = json.read(FIXTURES .. '/deepseek_v3/config.json')
-    hf.rope_parameters = { rope_type = 'linear', rope_theta = 10000, factor = 4 }
-    fails_with(function() models.from_config(hf) end, "rope scaling 'linear' is not supported for multi-latent attention")
+    hf.rope_parameters = { rope_type = 'yarn', rope_theta = 10000 }
+    fails_with(function() models.from_config(hf) end, "rope scaling 'yarn' needs the number 'factor'")
   end)
 end)
 

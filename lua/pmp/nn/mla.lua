@@ -9,12 +9,13 @@
 --- Each head's query and key are [qk_head_dim no-RoPE dims; qk_pos_emb_head_dim RoPE dims] (Megatron's
 --- --qk-head-dim and --qk-pos-emb-head-dim, HF's qk_nope_head_dim and qk_rope_head_dim); the RoPE dims
 --- rotate adjacent pairs unless config.mla_rope_interleaved is false. Scores are scaled by
---- 1/sqrt(qk_head_dim + qk_pos_emb_head_dim). Generation caches the normalised latent and the rotated
---- shared key, not the per-head keys and values.
+--- 1/sqrt(qk_head_dim + qk_pos_emb_head_dim), times mscale^2 under YaRN with mscale_all_dim (pmp.nn.yarn).
+--- Generation caches the normalised latent and the rotated shared key, not the per-head keys and values.
 local tensor = require 'pmp.tensor'
 local Module = require 'pmp.nn.module'
 local layers = require 'pmp.nn.layers'
 local F = require 'pmp.nn.functional'
+local yarn = require 'pmp.nn.yarn'
 
 local M = {}
 
@@ -114,8 +115,9 @@ function M.MLASelfAttention:forward(x, rope)
   q = tensor.cat({ q_nope, q_rot }, 4)
   -- one head size for the attention kernel: zero dims change no score and no kept output
   local D = math.max(dn + dr, dv)
-  local o = F.attention(pad_last(q, D), pad_last(k, D), pad_last(v:contiguous(), D), { causal = true,
-    scale = 1 / math.sqrt(dn + dr), first_key = rope and rope.first_key })
+  local scale = yarn.softmax_scale_factor(c.rope_scaling) / math.sqrt(dn + dr)
+  local o = F.attention(pad_last(q, D), pad_last(k, D), pad_last(v:contiguous(), D), { causal = true, scale = scale,
+    first_key = rope and rope.first_key })
   o = o:narrow(4, 1, dv):transpose(2, 3):reshape(B, T, H * dv)
   return self.linear_proj(o)
 end

@@ -111,8 +111,12 @@ function M.RotaryEmbedding:init(rotary_dim, options)
     inv_freq = inv_freq / self.scaling.factor
   elseif kind == 'llama3' then
     inv_freq = llama3_inv_freq(inv_freq, self.scaling)
+  elseif kind == 'yarn' then
+    local scale
+    inv_freq, scale = require('pmp.nn.yarn').inv_freq(inv_freq, rotary_dim, self.base, self.scaling)
+    rawset(self, 'attention_scaling', scale)   -- YaRN's factor on cos and sin
   elseif kind ~= nil and kind ~= 'default' then
-    error("RotaryEmbedding: unknown rope scaling type '" .. tostring(kind) .. "' (known: linear, llama3)", 3)
+    error("RotaryEmbedding: unknown rope scaling type '" .. tostring(kind) .. "' (known: linear, llama3, yarn)", 3)
   end
   self:register_buffer('inv_freq', inv_freq, false)
   rawset(self, 'cache', {})
@@ -126,7 +130,9 @@ function M.RotaryEmbedding:forward(length, offset, dtype)
   local positions = tensor.arange(offset, offset + length):float()
   local freqs = positions:unsqueeze(2) * self.inv_freq:unsqueeze(1)
   local emb = tensor.cat({ freqs, freqs }, 2)
-  local cos, sin = emb:cos():to(dtype), emb:sin():to(dtype)
+  local cos, sin = emb:cos(), emb:sin()
+  if self.attention_scaling then cos, sin = cos * self.attention_scaling, sin * self.attention_scaling end
+  cos, sin = cos:to(dtype), sin:to(dtype)
   self.cache[key] = { cos, sin }
   return cos, sin
 end
@@ -135,7 +141,9 @@ end
 function M.RotaryEmbedding:tables(positions, dtype)
   local freqs = positions:float():unsqueeze(3) * self.inv_freq
   local emb = tensor.cat({ freqs, freqs }, 3)
-  return emb:cos():to(dtype or 'f32'):unsqueeze(2), emb:sin():to(dtype or 'f32'):unsqueeze(2)
+  local cos, sin = emb:cos(), emb:sin()
+  if self.attention_scaling then cos, sin = cos * self.attention_scaling, sin * self.attention_scaling end
+  return cos:to(dtype or 'f32'):unsqueeze(2), sin:to(dtype or 'f32'):unsqueeze(2)
 end
 function M.RotaryEmbedding:extra_repr()
   local s = self.scaling
