@@ -35,11 +35,30 @@ M.mapping = qwen2_moe.joined(dense, attention, qwen2_moe.expert_mapping, {
 })
 M.ignore = llama.ignore
 
+local YARN_KEYS = { 'factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim',
+  'attention_factor' }
+
+-- RoPE base and scaling: DeepSeek's YaRN (pmp.nn.yarn) here, the other kinds as every family reads them.
+local function read_rope(read)
+  local params = read('rope_parameters') or read('rope_scaling')
+  if type(params) ~= 'table' or (params.rope_type or params.type) ~= 'yarn' then return models.read_rope(read, 10000) end
+  local scaling = { type = 'yarn' }
+  if params.truncate == false then scaling.truncate = false end
+  for _, key in ipairs(YARN_KEYS) do
+    local v = params[key]
+    if key == 'original_max_position_embeddings' and v == nil then v = read:number('max_position_embeddings') end
+    if v ~= nil and type(v) ~= 'number' then read:fail(string.format("rope scaling 'yarn': '%s' must be a number", key)) end
+    scaling[key] = v
+  end
+  if not scaling.factor then read:fail("rope scaling 'yarn' needs the number 'factor'") end
+  return (type(params.rope_theta) == 'number' and params.rope_theta) or read:number('rope_theta', 10000), scaling
+end
+
 function M.config(read)
   local act = read('hidden_act') or 'silu'
   if act ~= 'silu' then read:fail(string.format("hidden_act '%s' is not supported (only silu)", tostring(act))) end
   if read:bool('attention_bias', false) then read:fail('attention_bias is not supported') end
-  local base, scaling = models.read_rope(read, 10000)
+  local base, scaling = read_rope(read)
   local layers = read:positive_int('num_hidden_layers')
   local first_dense = read:number('first_k_dense_replace', 3)
   local pattern = {}
@@ -124,6 +143,11 @@ function M.hf_config(c)
     norm_topk_prob = true,
     num_nextn_predict_layers = 0,
   }) do hf[key] = value end
+  local s = c.rope_scaling
+  if s and s.type == 'yarn' then
+    hf.rope_parameters = { rope_type = 'yarn', rope_theta = c.rotary_base, truncate = s.truncate }
+    for _, key in ipairs(YARN_KEYS) do hf.rope_parameters[key] = s[key] end
+  end
   return hf
 end
 

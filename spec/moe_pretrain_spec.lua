@@ -19,6 +19,14 @@ local function run_pretrain(extra)
   return shell.run(table.concat(words, ' '))
 end
 
+-- recipes/generate.lua continues a prompt from the checkpoint in dir.
+local function generates_from(dir)
+  local gen, err, status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', dir, '--prompt', 'the ',
+    '--max-new-tokens', '6' })
+  assert.are.equal(0, status, err)
+  assert.matches('^the ', gen)
+end
+
 describe('pretraining a mixture of experts', function()
   local scratch
   before_each(function() scratch = shell.temp_dir() end)
@@ -38,10 +46,7 @@ describe('pretraining a mixture of experts', function()
     for e = 0, 3 do
       assert.are.same({ 64, 32 }, tensors['model.decoder.layers.1.mlp.experts.local_experts.' .. e .. '.linear_fc1.weight'].shape)
     end
-    local gen, gen_err, gen_status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', scratch .. '/ck',
-      '--prompt', 'the ', '--max-new-tokens', '6' })
-    assert.are.equal(0, gen_status, gen_err)
-    assert.matches('^the ', gen)
+    generates_from(scratch .. '/ck')
   end)
 
   it('routes as DeepSeek-V3 with Megatron flags: sigmoid scores, expert bias moved each step, groups, seq_aux_loss', function()
@@ -87,10 +92,7 @@ describe('pretraining a mixture of experts', function()
     assert.are.same({ 16, 32 }, tensors['model.decoder.layers.0.self_attention.linear_q_down_proj.weight'].shape)
     assert.are.same({ 16, 32 }, tensors['model.decoder.layers.0.self_attention.linear_kv_down_proj.weight'].shape)
     assert.are.same({ 4 * 14, 12 }, tensors['model.decoder.layers.0.self_attention.linear_kv_up_proj.weight'].shape)
-    local gen, gen_err, gen_status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', scratch .. '/ck',
-      '--prompt', 'the ', '--max-new-tokens', '6' })
-    assert.are.equal(0, gen_status, gen_err)
-    assert.matches('^the ', gen)
+    generates_from(scratch .. '/ck')
   end)
 
   it('reads --moe-layer-freq as Megatron writes it', function()

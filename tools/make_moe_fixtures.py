@@ -48,16 +48,16 @@ MODELS = {
     # every layer MoE, top-3 of 6 renormalised, q/k norms, head_dim 16
     'qwen3_moe': ('Qwen3MoeConfig', dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
                                          norm_topk_prob=True, head_dim=16, rms_norm_eps=1e-6)),
-    # multi-latent attention with q through a low rank and interleaved RoPE scaled by YaRN (a short original
-    # context, so the ramp blends; mscale != mscale_all_dim, so cos/sin and the softmax scale both change);
-    # layer 0 dense, layer 1 MoE: sigmoid scores with a correction bias, top-4 of 8 from the best 2 of 4
-    # groups, scaled, one shared expert
+    # multi-latent attention with q through a low rank and interleaved RoPE scaled by YaRN (an original context
+    # whose correction range falls between the rotary dims, so the ramp blends and its truncation matters;
+    # mscale != mscale_all_dim, so cos/sin and the softmax scale both change); layer 0 dense, layer 1 MoE:
+    # sigmoid scores with a correction bias, top-4 of 8 from the best 2 of 4 groups, scaled, one shared expert
     'deepseek_v3': ('DeepseekV3Config', dict(num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=8, qk_rope_head_dim=4,
                                              qk_nope_head_dim=6, v_head_dim=5, n_routed_experts=8, num_experts_per_tok=4,
                                              n_group=4, topk_group=2, moe_intermediate_size=16, n_shared_experts=1,
                                              first_k_dense_replace=1, routed_scaling_factor=2.5,
                                              rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
-                                                              'original_max_position_embeddings': 8, 'beta_fast': 32,
+                                                              'original_max_position_embeddings': 6000, 'beta_fast': 32,
                                                               'beta_slow': 1, 'mscale': 1.0, 'mscale_all_dim': 0.8})),
     # queries without the low rank, RoPE on rotate-half pairs, every layer MoE, v wider than q/k heads
     'deepseek_v3_direct_q': ('DeepseekV3Config', dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8,

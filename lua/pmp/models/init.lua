@@ -167,16 +167,7 @@ function M.read_rope(read, default_theta)
       original_max_position_embeddings = factor('original_max_position_embeddings', read:number('max_position_embeddings')),
     }, percent
   end
-  if kind == 'yarn' then
-    local out = { type = 'yarn', factor = factor('factor'),
-      original_max_position_embeddings = factor('original_max_position_embeddings', read:number('max_position_embeddings')) }
-    for _, key in ipairs({ 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim', 'attention_factor' }) do
-      if type(scaling[key]) == 'number' then out[key] = scaling[key] end
-    end
-    if scaling.truncate == false then out.truncate = false end
-    return base, out, percent
-  end
-  read:fail(string.format("rope type '%s' is not supported (supported: default, linear, llama3, yarn)", tostring(kind)))
+  read:fail(string.format("rope type '%s' is not supported (supported: default, linear, llama3)", tostring(kind)))
 end
 
 -- The inverse of read_rope, in transformers v5's spelling.
@@ -185,8 +176,7 @@ function M.write_rope(config)
   local s = config.rope_scaling
   if s then
     p.rope_type = s.type or s.rope_type
-    for _, key in ipairs({ 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings', 'beta_fast',
-      'beta_slow', 'mscale', 'mscale_all_dim', 'attention_factor', 'truncate' }) do
+    for _, key in ipairs({ 'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings' }) do
       p[key] = s[key]
     end
   end
