@@ -54,7 +54,10 @@ local function read_rope(read)
   return (type(params.rope_theta) == 'number' and params.rope_theta) or read:number('rope_theta', 10000), scaling
 end
 
-function M.config(read)
+-- What DeepSeek-V2 and V3 share: multi-latent attention, YaRN, first_k_dense_replace dense layers,
+-- n_routed_experts experts of moe_intermediate_size, n_shared_experts ungated shared experts, and
+-- routed_scaling_factor (models/deepseek_v2.lua reuses this).
+function M.base_config(read)
   local act = read('hidden_act') or 'silu'
   if act ~= 'silu' then read:fail(string.format("hidden_act '%s' is not supported (only silu)", tostring(act))) end
   if read:bool('attention_bias', false) then read:fail('attention_bias is not supported') end
@@ -63,19 +66,12 @@ function M.config(read)
   local first_dense = read:number('first_k_dense_replace', 3)
   local pattern = {}
   for i = 1, layers do pattern[i] = (i - 1) >= first_dense and 1 or 0 end
-  local k, groups, group_topk = read:positive_int('num_experts_per_tok'), read:number('n_group', 1), read:number('topk_group', 1)
-  if k % group_topk ~= 0 or k / group_topk ~= 2 then
-    read:fail(string.format('num_experts_per_tok %d / topk_group %d must be 2: transformers scores a group by its two best experts',
-      k, group_topk))
-  end
-  if not read:bool('norm_topk_prob', true) then read:fail('norm_topk_prob false is not supported (sigmoid routing normalises)') end
-  local heads = read:positive_int('num_attention_heads')
   local rope_dim = read:positive_int('qk_rope_head_dim')
   return {
     num_layers = layers,
     hidden_size = read:positive_int('hidden_size'),
     ffn_hidden_size = read:positive_int('intermediate_size'),
-    num_attention_heads = heads,
+    num_attention_heads = read:positive_int('num_attention_heads'),
     kv_channels = rope_dim,
     vocab_size = read:positive_int('vocab_size'),
     max_position_embeddings = read:number('max_position_embeddings'),
@@ -91,36 +87,39 @@ function M.config(read)
     qk_head_dim = read:positive_int('qk_nope_head_dim'),
     qk_pos_emb_head_dim = rope_dim,
     v_head_dim = read:positive_int('v_head_dim'),
-    mla_rope_interleaved = read:bool('rope_interleave', true),
     num_moe_experts = read:positive_int('n_routed_experts'),
     moe_layer_freq = pattern,
-    moe_router_topk = k,
+    moe_router_topk = read:positive_int('num_experts_per_tok'),
     moe_ffn_hidden_size = read:positive_int('moe_intermediate_size'),
     moe_shared_expert_intermediate_size = read:number('n_shared_experts', 0) * read:positive_int('moe_intermediate_size'),
-    moe_router_score_function = 'sigmoid',
-    moe_router_enable_expert_bias = true,
-    moe_router_num_groups = groups,
-    moe_router_group_topk = group_topk,
     moe_router_topk_scaling_factor = read:number('routed_scaling_factor', 1),
   }
 end
 
-function M.hf_config(c)
-  if not c.multi_latent_attention then error('deepseek_v3: the family uses multi-latent attention', 0) end
+function M.config(read)
+  local c = M.base_config(read)
+  if not read:bool('norm_topk_prob', true) then read:fail('norm_topk_prob false is not supported (sigmoid routing normalises)') end
+  c.mla_rope_interleaved = read:bool('rope_interleave', true)
+  c.moe_router_score_function = 'sigmoid'
+  c.moe_router_enable_expert_bias = true
+  -- transformers scores a group by its two best experts
+  c.moe_router_num_groups, c.moe_router_group_topk = read:number('n_group', 1), read:number('topk_group', 1)
+  c.moe_router_group_score_topk = 2
+  return c
+end
+
+-- The inverse of base_config: the keys DeepSeek-V2 and V3 share.
+function M.base_hf_config(c, family)
+  if not c.multi_latent_attention then error(family .. ': the family uses multi-latent attention', 0) end
   local moe = require 'pmp.nn.moe'
   local first_dense = 0
   while first_dense < c.num_layers and not moe.is_moe_layer(c, first_dense + 1) do first_dense = first_dense + 1 end
   for layer = first_dense + 1, c.num_layers do
-    if not moe.is_moe_layer(c, layer) then error('deepseek_v3: dense layers come first, then only MoE layers', 0) end
+    if not moe.is_moe_layer(c, layer) then error(family .. ': dense layers come first, then only MoE layers', 0) end
   end
-  if c.moe_router_score_function ~= 'sigmoid' or not c.moe_router_enable_expert_bias then
-    error('deepseek_v3: the router scores by sigmoid with an expert bias', 0)
-  end
-  local groups, group_topk = c.moe_router_num_groups or 1, c.moe_router_group_topk or 1
-  if c.moe_router_topk / group_topk ~= 2 then error('deepseek_v3: moe_router_topk must be twice moe_router_group_topk', 0) end
   local shared = c.moe_shared_expert_intermediate_size or 0
   if shared % c.moe_ffn_hidden_size ~= 0 or c.moe_shared_expert_gate then
-    error('deepseek_v3: the shared experts are ungated multiples of moe_ffn_hidden_size', 0)
+    error(family .. ': the shared experts are ungated multiples of moe_ffn_hidden_size', 0)
   end
   local hf = llama.base_hf_config(c)
   for key, value in pairs({
@@ -131,23 +130,32 @@ function M.hf_config(c)
     qk_nope_head_dim = c.qk_head_dim,
     qk_rope_head_dim = c.qk_pos_emb_head_dim,
     v_head_dim = c.v_head_dim,
-    rope_interleave = c.mla_rope_interleaved ~= false,
     n_routed_experts = c.num_moe_experts,
     num_experts_per_tok = c.moe_router_topk,
     moe_intermediate_size = c.moe_ffn_hidden_size,
     n_shared_experts = shared / c.moe_ffn_hidden_size,
     first_k_dense_replace = first_dense,
-    n_group = groups,
-    topk_group = group_topk,
+    n_group = c.moe_router_num_groups or 1,
+    topk_group = c.moe_router_group_topk or 1,
     routed_scaling_factor = c.moe_router_topk_scaling_factor or 1,
-    norm_topk_prob = true,
-    num_nextn_predict_layers = 0,
   }) do hf[key] = value end
   local s = c.rope_scaling
   if s and s.type == 'yarn' then
     hf.rope_parameters = { rope_type = 'yarn', rope_theta = c.rotary_base, truncate = s.truncate }
     for _, key in ipairs(YARN_KEYS) do hf.rope_parameters[key] = s[key] end
   end
+  return hf
+end
+
+function M.hf_config(c)
+  if c.moe_router_score_function ~= 'sigmoid' or not c.moe_router_enable_expert_bias then
+    error('deepseek_v3: the router scores by sigmoid with an expert bias', 0)
+  end
+  if (c.moe_router_group_score_topk or 2) ~= 2 then error('deepseek_v3: groups are scored by their two best experts', 0) end
+  local hf = M.base_hf_config(c, 'deepseek_v3')
+  hf.rope_interleave = c.mla_rope_interleaved ~= false
+  hf.norm_topk_prob = true
+  hf.num_nextn_predict_layers = 0
   return hf
 end
 

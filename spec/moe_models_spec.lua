@@ -1,5 +1,6 @@
 require 'busted.runner'()
--- The mixture-of-experts families (models/mixtral.lua, qwen2_moe.lua, qwen3_moe.lua) against tiny
+-- The mixture-of-experts families (models/mixtral.lua, qwen2_moe.lua, qwen3_moe.lua, deepseek_v2.lua,
+-- deepseek_v3.lua) against tiny
 -- random-weight models written by transformers (tools/make_moe_fixtures.py -> spec/fixtures/moe/<name>/):
 -- logits of a left-padded batch and greedy continuations as transformers computes them in float32;
 -- save_pretrained writes the fixture's tensors back bit for bit; a missing expert or an impossible
@@ -14,7 +15,7 @@ local fails_with = require('spec.support.expect').fails_with
 
 local ROOT = package.loaded['pmp.root'] or '.'
 local FIXTURES = ROOT .. '/spec/fixtures/moe'
-local NAMES = { 'mixtral', 'qwen2_moe', 'qwen3_moe', 'deepseek_v3', 'deepseek_v3_direct_q' }
+local NAMES = { 'mixtral', 'qwen2_moe', 'qwen3_moe', 'deepseek_v2', 'deepseek_v3', 'deepseek_v3_direct_q' }
 
 local tmp
 before_each(function()
@@ -140,7 +141,10 @@ describe('MoE families against transformers', function()
     fails_with(function() models.from_config(hf) end, "missing key 'num_experts'")
     hf = json.read(FIXTURES .. '/deepseek_v3/config.json')
     hf.topk_group = 1
-    fails_with(function() models.from_config(hf) end, 'num_experts_per_tok 4 / topk_group 1 must be 2')
+    fails_with(function() models.from_config(hf) end, 'moe_router_topk 4 exceeds the 2 experts of moe_router_group_topk 1 groups')
+    hf = json.read(FIXTURES .. '/deepseek_v2/config.json')
+    hf.topk_method = 'noaux_tc'
+    fails_with(function() models.from_config(hf) end, "topk_method 'noaux_tc' is not supported")
     hf = json.read(FIXTURES .. '/deepseek_v3/config.json')
     hf.rope_parameters = { rope_type = 'yarn', rope_theta = 10000 }
     fails_with(function() models.from_config(hf) end, "rope scaling 'yarn' needs the number 'factor'")

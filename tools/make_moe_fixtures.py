@@ -59,6 +59,14 @@ MODELS = {
                                              rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
                                                               'original_max_position_embeddings': 6000, 'beta_fast': 32,
                                                               'beta_slow': 1, 'mscale': 1.0, 'mscale_all_dim': 0.8})),
+    # DeepSeek-V2: softmax top-3 of 8 without renormalising, from the one of 2 groups with the best single
+    # expert (not Megatron's sum of the best 3), scaled; queries without the low rank; layer 0 dense
+    'deepseek_v2': ('DeepseekV2Config', dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8, qk_rope_head_dim=4,
+                                             qk_nope_head_dim=6, v_head_dim=5, n_routed_experts=8, num_experts_per_tok=3,
+                                             n_group=2, topk_group=1, topk_method='group_limited_greedy',
+                                             moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                                             routed_scaling_factor=1.5,
+                                             rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0})),
     # queries without the low rank, RoPE on rotate-half pairs, every layer MoE, v wider than q/k heads
     'deepseek_v3_direct_q': ('DeepseekV3Config', dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=8,
                                                       qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=12,
@@ -80,12 +88,13 @@ def randomize(model, seed):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
-def choice_gap(selection, k, groups=None, group_topk=None):
+def choice_gap(selection, k, groups=None, group_topk=None, group_score_topk=2):
     """Per token, the smallest margin of the routing choice: between the k-th and (k+1)-th selection score
-    (among the experts of the chosen groups), and between the last chosen and the first other group."""
+    (among the experts of the chosen groups), and between the last chosen and the first other group (a
+    group scores the sum of its best group_score_topk experts)."""
     gap = None
     if groups:
-        per_group = selection.view(selection.shape[0], groups, -1).topk(2, dim=-1).values.sum(-1)
+        per_group = selection.view(selection.shape[0], groups, -1).topk(group_score_topk, dim=-1).values.sum(-1)
         top = per_group.topk(group_topk + 1, dim=-1)
         gap = top.values[:, group_topk - 1] - top.values[:, group_topk]
         allowed = torch.zeros_like(per_group).scatter(1, top.indices[:, :group_topk], 1).bool()
@@ -106,6 +115,8 @@ def router_gap(model, ids, mask):
         if hasattr(module, 'e_score_correction_bias'):
             selection = output[0].float().sigmoid() + module.e_score_correction_bias
             margin = choice_gap(selection, k, cfg.n_group, cfg.topk_group)
+        elif getattr(cfg, 'topk_method', None) == 'group_limited_greedy':
+            margin = choice_gap(torch.softmax(output[0].float(), dim=-1), k, cfg.n_group, cfg.topk_group, 1)
         else:
             margin = choice_gap(torch.softmax(output[0].float(), dim=-1), k)
         real = mask.reshape(-1).bool()

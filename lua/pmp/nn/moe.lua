@@ -12,8 +12,9 @@
 --- an optional expert_bias (moe_router_enable_expert_bias: aux-loss-free balancing, the bias only
 --- steering the choice and moved by moe_router_bias_update_rate towards the mean load after each
 --- step). Group-limited choice (moe_router_num_groups, moe_router_group_topk): experts only from the
---- groups with the highest sums of their top topk/group_topk scores. moe_router_topk_scaling_factor
---- multiplies the routing probabilities.
+--- groups with the highest sums of their top moe_router_group_score_topk scores (default, as Megatron:
+--- topk / group_topk; DeepSeek-V2 uses 1, V3 2). moe_router_topk_scaling_factor multiplies the routing
+--- probabilities.
 --- Dropless: every token reaches its k experts, unless moe_expert_capacity_factor caps each expert at
 --- ceil(tokens x k / experts x factor) tokens, keeping those it gives the highest probability
 --- (moe_token_drop_policy 'probs', the default) or the first ones ('position'); a dropped token loses
@@ -104,9 +105,16 @@ function M.check_config(c)
     if group_topk < 1 or group_topk > groups then
       fail('moe_router_group_topk %d must be from 1 to moe_router_num_groups %d', group_topk, groups)
     end
-    if k % group_topk ~= 0 then fail('moe_router_topk %d is not divisible by moe_router_group_topk %d', k, group_topk) end
+    if k % group_topk ~= 0 and not c.moe_router_group_score_topk then
+      fail('moe_router_topk %d is not divisible by moe_router_group_topk %d', k, group_topk)
+    end
     if k > group_topk * E / groups then
       fail('moe_router_topk %d exceeds the %d experts of moe_router_group_topk %d groups', k, group_topk * E / groups, group_topk)
+    end
+    c.moe_router_group_score_topk = c.moe_router_group_score_topk or k / group_topk
+    local per = c.moe_router_group_score_topk
+    if per ~= math.floor(per) or per < 1 or per > E / groups then
+      fail('moe_router_group_score_topk %s must be an integer from 1 to the %d experts of a group', tostring(per), E / groups)
     end
   end
   c.moe_aux_loss_coeff = c.moe_aux_loss_coeff or 0
@@ -213,6 +221,7 @@ function M.TopKRouter:init(config)
   self.num_experts = config.num_moe_experts
   self.score_function = config.moe_router_score_function or 'softmax'
   self.num_groups, self.group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+  self.group_score_topk = config.moe_router_group_score_topk
   self.scaling_factor = config.moe_router_topk_scaling_factor
   self.weight = layers.normal_init({ config.num_moe_experts, config.hidden_size }, config.init_std, config.dtype, config.init)
   if config.moe_router_enable_expert_bias then
@@ -229,7 +238,7 @@ function M.TopKRouter:choose(selection)
     return ids
   end
   local N, G = selection:size(1), self.num_groups
-  local per_group = top(selection:view(N, G, self.num_experts / G), self.topk / self.group_topk)
+  local per_group = top(selection:view(N, G, self.num_experts / G), self.group_score_topk)
   local _, best = top(per_group:sum(-1), self.group_topk)
   local group_of = {}
   for e = 1, self.num_experts do group_of[e] = math.floor((e - 1) / (self.num_experts / G)) end
