@@ -1,7 +1,7 @@
 require 'busted.runner'()
 -- The mixture-of-experts families (models/mixtral.lua, qwen2_moe.lua, qwen3_moe.lua, deepseek_v2.lua,
--- deepseek_v3.lua) against tiny
--- random-weight models written by transformers (tools/make_moe_fixtures.py -> spec/fixtures/moe/<name>/):
+-- deepseek_v3.lua) against tiny random-weight models written by transformers (tools/make_moe_fixtures.py ->
+-- spec/fixtures/moe/<name>/):
 -- logits of a left-padded batch and greedy continuations as transformers computes them in float32;
 -- save_pretrained writes the fixture's tensors back bit for bit; a missing expert or an impossible
 -- router config is an error naming it.
