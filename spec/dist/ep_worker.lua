@@ -1,6 +1,6 @@
 -- Run by spec/dist_ep_spec.lua on every rank: pmp.dist's all_to_all with uneven counts (zero rows
 -- included), then one training step of a small MoE GPT with its experts split over the expert-parallel
--- group (pmp.nn.moe.expert_parallel, DistributedDataParallel skipping the experts,
+-- group (pmp.nn.expert_parallel, DistributedDataParallel skipping the experts,
 -- pmp.train.step.finish_grads), against the same step of the whole model in this process on the
 -- whole batch. Prints from every rank:
 --   A2A rank ok|<what differs>
@@ -9,7 +9,7 @@
 --   LOSS rank loss reference                the loss averaged over the data-parallel ranks
 --   EXPERTS rank names...                   the expert indices of layer 0 this rank holds
 local step = require 'pmp.train.step'
-local moe = require 'pmp.nn.moe'
+local expert_parallel = require 'pmp.nn.expert_parallel'
 
 local ep_size = tonumber(arg[1])
 local layout = pmp.dist.init { ep = ep_size }
@@ -63,8 +63,8 @@ for _, pair in ipairs(reference:named_parameters()) do ref_grads[pair[1]] = pair
 local ref_norm = require('pmp.dist.grad_norm').grad_norm(reference)
 
 pmp.manual_seed(11)
-local model = moe.expert_parallel(pmp.nn.GPTModel(config), { data_size = layout.dp })
-local ddp = dp.size > 1 and pmp.dist.ddp.DistributedDataParallel(model, { skip = moe.is_expert_parameter }) or nil
+local model = expert_parallel.expert_parallel(pmp.nn.GPTModel(config), { data_size = layout.dp })
+local ddp = dp.size > 1 and pmp.dist.ddp.DistributedDataParallel(model, { skip = expert_parallel.is_expert_parameter }) or nil
 local loss = step.forward_backward(model, { batch(1 + layout.dp_rank * MB, MB) }, { ddp = ddp })
 step.finish_grads(model, ddp)
 local norm = require('pmp.dist.grad_norm').grad_norm(model)

@@ -106,7 +106,7 @@ end
 -- bucket_size (elements; default Megatron's max(4e7, 1e6 x group size)), overlap (true: start buckets
 -- from backward), distributed_optimizer (false: all-reduce; true: reduce-scatter for
 -- pmp.optim.DistributedOptimizer), grad_dtype ('f32'), skip (a function of a parameter name: true
--- leaves that gradient unreduced, as an expert-parallel model's experts, pmp.nn.moe.finish_expert_grads).
+-- leaves that gradient unreduced, as an expert-parallel model's experts, pmp.nn.expert_parallel.finish_expert_grads).
 function M.DistributedDataParallel(model, options)
   options = options or {}
   if not Module.is_module(model) then

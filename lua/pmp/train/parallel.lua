@@ -67,7 +67,7 @@ function M.split(model, opts, layout)
   for _, chunk in ipairs(pipeline.chunks(model)) do
     parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
     parallel.context_parallel(chunk)
-    if layout.ep > 1 then require('pmp.nn.moe').expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
+    if layout.ep > 1 then require('pmp.nn.expert_parallel').expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
   end
   if opts.bf16 then model:to('bf16') end
   return model
@@ -81,7 +81,7 @@ function M.data_parallel(model, opts, layout)
   if layout.dp == 1 and layout.cp == 1 and not opts.use_distributed_optimizer then return nil end
   return require('pmp.dist.ddp').DistributedDataParallel(model, {
     overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer,
-    skip = layout.ep > 1 and require('pmp.nn.moe').is_expert_parameter or nil,
+    skip = layout.ep > 1 and require('pmp.nn.expert_parallel').is_expert_parameter or nil,
   })
 end
 

@@ -70,7 +70,7 @@ function M.finish_grads(model, ddp)
   if ddp then ddp:finish_grad_sync() end
   for _, chunk in ipairs(pipeline.chunks(model)) do
     parallel.finish_grads(chunk)
-    require('pmp.nn.moe').finish_expert_grads(chunk)
+    require('pmp.nn.expert_parallel').finish_expert_grads(chunk)
     require('pmp.nn.moe').update_expert_bias(chunk)
   end
   pipeline.sync_embedding_grads(model)
