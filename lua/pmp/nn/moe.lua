@@ -21,10 +21,12 @@
 --- that expert's share of its output, as in Megatron. Tokens are sorted by expert (index_select), each
 --- expert's rows go through one GEMM of a grouped GEMM (grouped_matmul), and moe_unpermute weights
 --- the rows by their routing probabilities and sums them back into token order.
---- While training, the load-balancing loss (moe_router_load_balancing_type 'aux_loss',
---- moe_aux_loss_coeff) and the router z-loss (moe_z_loss_coeff) add their gradients to the router as
+--- While training, the load-balancing loss (moe_router_load_balancing_type 'aux_loss' over the micro
+--- batch or 'seq_aux_loss' per sequence, moe_aux_loss_coeff) and the router z-loss (moe_z_loss_coeff)
+--- add their gradients to the router as
 --- Megatron's MoEAuxLossAutoScaler does: scaled by M.aux_loss_scale (the weight of this micro batch's
 --- loss in the step's objective, which pmp.train.step sets), without changing the returned loss.
+--- Experts split over ranks: pmp.nn.expert_parallel.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
