@@ -171,6 +171,10 @@ int pmp_cpu_attention(const pmp_op_args *a);
 int pmp_cpu_attention_backward(const pmp_op_args *a);
 int pmp_cpu_adamw(const pmp_op_args *a);
 int pmp_cpu_scale(const pmp_op_args *a);
+int pmp_cpu_grouped_matmul(const pmp_op_args *a);
+int pmp_cpu_grouped_matmul_weight_grad(const pmp_op_args *a);
+int pmp_cpu_moe_unpermute(const pmp_op_args *a);
+int pmp_cpu_moe_unpermute_backward(const pmp_op_args *a);
 
 /* Backward rules, defined next to their forward ops */
 int pmp_backward_unary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
@@ -202,6 +206,8 @@ int pmp_backward_swiglu(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 int pmp_backward_custom(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 void pmp_custom_node_freed(pmp_node *n);
+int pmp_backward_grouped_matmul(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
+int pmp_backward_moe_unpermute(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
 
 /* ---- autograd (autograd.c) ---- */
 enum { PMP_NODE_MAX_SAVED = 7 };

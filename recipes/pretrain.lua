@@ -9,8 +9,8 @@
 local train = pmp.train
 local flags, step = train.flags, train.step
 
-local opts, given = flags.parse(arg, { flags.model, flags.training, flags.optimizer, flags.precision, flags.parallel,
-  flags.data, flags.checkpoint, flags.logging, {
+local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.training, flags.optimizer, flags.precision,
+  flags.parallel, flags.data, flags.checkpoint, flags.logging, {
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none; the default one is replaced by every run that does not resume it)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
@@ -77,7 +77,8 @@ while iteration < opts.train_iters do
   if finite then optimizer:step() end
   loss = train.parallel.mean_loss(loss, layout)
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed, skipped = not finite,
-    tokens = opts.global_batch_size * opts.seq_length })
+    tokens = opts.global_batch_size * opts.seq_length,
+    aux_losses = train.parallel.mean_aux_losses(pmp.nn.moe.take_aux_losses(), layout) })
   if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     logger:validation(iteration, evaluate)
   end

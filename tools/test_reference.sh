@@ -16,8 +16,8 @@ need megatron.core megatron-core
 need tensorboard tensorboard
 need peft peft
 
-echo '== transformers (or a tools/ reference) loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, spec/zoo_rotary_spec.lua, PMP_HF_CHECK=1)'
-PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua spec/zoo_rotary_spec.lua
+echo '== transformers (or a tools/ reference) loads what pmp save_pretrained wrote (spec/hf_models_spec.lua, spec/hf_score_spec.lua, spec/zoo_rotary_spec.lua, spec/moe_models_spec.lua, PMP_HF_CHECK=1)'
+PMP_HF_CHECK=1 ./pmp spec/run.lua spec/hf_models_spec.lua spec/hf_score_spec.lua spec/zoo_rotary_spec.lua spec/moe_models_spec.lua
 
 echo '== transformers loads what pmp wrote for OPT, GPT-BigCode, StarCoder 2 and Falcon (spec/zoo_ln_spec.lua, PMP_HF_CHECK=1)'
 PMP_HF_CHECK=1 ./pmp spec/run.lua spec/zoo_ln_spec.lua

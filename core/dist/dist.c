@@ -23,9 +23,9 @@
 #include <time.h>
 
 enum { KIND_ALL_REDUCE, KIND_ALL_GATHER, KIND_REDUCE_SCATTER, KIND_BROADCAST, KIND_SEND, KIND_RECV,
-       KIND_BARRIER, KIND_SPLIT };
+       KIND_BARRIER, KIND_SPLIT, KIND_ALL_TO_ALL };
 static const char *kind_names[] = {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv",
-                                   "barrier", "split"};
+                                   "barrier", "split", "all_to_all"};
 static const char *reduce_names[] = {"sum", "avg", "max", "min"};
 
 /* Tags on a communicator's private duplicate: collective traffic never matches user send/recv. */
@@ -50,6 +50,7 @@ struct pmp_dist_request {
   int color, key;            /* split */
   char split_name[64];
   pmp_comm *result;          /* split */
+  int64_t *counts;           /* all_to_all: elements sent to each rank, then received from each */
   MPI_Request mpi;           /* posted send/recv */
   double posted_at;
   int done, failed;
@@ -413,6 +414,30 @@ static int run_barrier(pmp_dist_request *r) {
   return 0;
 }
 
+/* Pairwise exchanges: in round s each rank sends its part for rank + s and receives from rank - s, so
+ * every pair meets once and no rank waits on two peers at a time. */
+static int run_all_to_all(pmp_dist_request *r) {
+  pmp_tensor *out = r->a, *in = r->b;
+  int n = r->comm->size, me = r->comm->rank, esize = pmp_dtype_size(in->dtype_id);
+  const int64_t *send = r->counts, *recv = r->counts + n;
+  header h = {KIND_ALL_TO_ALL, in->dtype_id, 0, 0, 0};
+  if (check_header(r, &h, (me + 1) % n, (me + n - 1) % n) != 0) return -1;
+  int64_t *send_at = malloc(sizeof(int64_t) * (size_t)(2 * n));
+  if (!send_at) return fail_request(r, "out of memory"), -1;
+  int64_t *recv_at = send_at + n;
+  send_at[0] = recv_at[0] = 0;
+  for (int k = 1; k < n; k++) send_at[k] = send_at[k - 1] + send[k - 1], recv_at[k] = recv_at[k - 1] + recv[k - 1];
+  memcpy(out->data + recv_at[me] * esize, in->data + send_at[me] * esize, (size_t)(send[me] * esize));
+  int rc = 0;
+  for (int s = 1; s < n && rc == 0; s++) {
+    int to = (me + s) % n, from = (me + n - s) % n;
+    rc = exchange(r, in->data + send_at[to] * esize, send[to] * esize, to, out->data + recv_at[from] * esize,
+                  recv[from] * esize, from, TAG_DATA);
+  }
+  free(send_at);
+  return rc;
+}
+
 /* Communicators live until pmp_dist_finalize (Lua holds bare pointers to them); each is listed here so
  * finalize can free it. Called by the thread that makes it: the main one for the world, the worker
  * for splits, which the main thread waits on; finalize runs after the worker has stopped. */
@@ -489,6 +514,7 @@ static void run_request(pmp_dist_request *r) {
   case KIND_BROADCAST: run_broadcast(r); break;
   case KIND_BARRIER: run_barrier(r); break;
   case KIND_SPLIT: run_split(r); break;
+  case KIND_ALL_TO_ALL: run_all_to_all(r); break;
   }
   D.stats.busy_seconds += now_seconds() - start;
   D.stats.collectives += 1;
@@ -605,6 +631,7 @@ static pmp_dist_request *new_request(int kind, pmp_comm *c, pmp_tensor *a, pmp_t
 static void free_request(pmp_dist_request *r) {
   if (r->a) pmp_tensor_release(r->a);
   if (r->b) pmp_tensor_release(r->b);
+  free(r->counts);
   free(r);
 }
 
@@ -675,6 +702,39 @@ pmp_dist_request *pmp_reduce_scatter_start(pmp_comm *c, pmp_tensor *out, pmp_ten
   if (!r) return NULL;
   r->reduce_op = op;
   if (c->size == 1 || !D.uses_mpi) memcpy(out->data, in->data, (size_t)(pmp_numel(in) * pmp_dtype_size(in->dtype_id)));
+  return submit(r);
+}
+
+pmp_dist_request *pmp_all_to_all_start(pmp_comm *c, pmp_tensor *out, pmp_tensor *in, const int64_t *send_counts,
+                                       const int64_t *recv_counts) {
+  if (!check_tensor(c, out, "all_to_all", "output") || !check_tensor(c, in, "all_to_all", "input")) return NULL;
+  int64_t sent = 0, received = 0;
+  for (int k = 0; k < c->size; k++) {
+    if (send_counts[k] < 0 || recv_counts[k] < 0)
+      return pmp_fail("pmp.dist.all_to_all on group '%s': negative count for rank %d", c->name, k);
+    sent += send_counts[k];
+    received += recv_counts[k];
+  }
+  if (out->dtype_id != in->dtype_id || pmp_numel(in) != sent || pmp_numel(out) != received)
+    return pmp_fail("pmp.dist.all_to_all on group '%s': the counts send %lld and receive %lld elements, but the input "
+                    "holds %lld %s and the output %lld %s", c->name, (long long)sent, (long long)received,
+                    (long long)pmp_numel(in), pmp_dtype_name(in->dtype_id), (long long)pmp_numel(out),
+                    pmp_dtype_name(out->dtype_id));
+  if (c->size == 1 || !D.uses_mpi) {
+    if (sent != received)
+      return pmp_fail("pmp.dist.all_to_all on group '%s' of one: sends %lld elements to itself but receives %lld",
+                      c->name, (long long)sent, (long long)received);
+    memcpy(out->data, in->data, (size_t)(sent * pmp_dtype_size(in->dtype_id)));
+  }
+  pmp_dist_request *r = new_request(KIND_ALL_TO_ALL, c, out, in);
+  if (!r) return NULL;
+  r->counts = malloc(sizeof(int64_t) * (size_t)(2 * c->size));
+  if (!r->counts) {
+    free_request(r);
+    return pmp_fail("pmp.dist.all_to_all: out of memory");
+  }
+  memcpy(r->counts, send_counts, sizeof(int64_t) * (size_t)c->size);
+  memcpy(r->counts + c->size, recv_counts, sizeof(int64_t) * (size_t)c->size);
   return submit(r);
 }
 

@@ -80,6 +80,10 @@ const pmp_op_info pmp_op_table[PMP_OP_COUNT] = {
     [PMP_OP_ADAMW] = {"adamw", CPU(pmp_cpu_adamw), NULL},
     [PMP_OP_SCALE] = {"scale", CPU(pmp_cpu_scale), NULL},
     [PMP_OP_CUSTOM] = {"custom", {0}, pmp_backward_custom},
+    [PMP_OP_GROUPED_MATMUL] = {"grouped_matmul", CPU(pmp_cpu_grouped_matmul), pmp_backward_grouped_matmul},
+    [PMP_OP_GROUPED_MATMUL_WEIGHT_GRAD] = {"grouped_matmul_weight_grad", CPU(pmp_cpu_grouped_matmul_weight_grad), NULL},
+    [PMP_OP_MOE_UNPERMUTE] = {"moe_unpermute", CPU(pmp_cpu_moe_unpermute), pmp_backward_moe_unpermute},
+    [PMP_OP_MOE_UNPERMUTE_BACKWARD] = {"moe_unpermute_backward", CPU(pmp_cpu_moe_unpermute_backward), NULL},
 };
 
 const char *pmp_op_name(int op) { return op >= 0 && op < PMP_OP_COUNT && pmp_op_table[op].name ? pmp_op_table[op].name : "?"; }

@@ -43,6 +43,11 @@ pmp_dist_request *pmp_all_reduce_start(pmp_comm *c, pmp_tensor *t, int op);     
 pmp_dist_request *pmp_all_gather_start(pmp_comm *c, pmp_tensor *out, pmp_tensor *in);  /* out = size x in */
 pmp_dist_request *pmp_reduce_scatter_start(pmp_comm *c, pmp_tensor *out, pmp_tensor *in, int op);
 pmp_dist_request *pmp_broadcast_start(pmp_comm *c, pmp_tensor *t, int root);
+/* in holds send_counts[k] elements for rank k, back to back in rank order; out receives recv_counts[k]
+ * from rank k the same way (counts: one per rank of the group; every rank's send count for rank k must
+ * be rank k's receive count from it). */
+pmp_dist_request *pmp_all_to_all_start(pmp_comm *c, pmp_tensor *out, pmp_tensor *in, const int64_t *send_counts,
+                                       const int64_t *recv_counts);
 pmp_dist_request *pmp_send_start(pmp_comm *c, pmp_tensor *t, int peer, int tag);
 pmp_dist_request *pmp_recv_start(pmp_comm *c, pmp_tensor *t, int peer, int tag);
 pmp_dist_request *pmp_barrier_start(pmp_comm *c);

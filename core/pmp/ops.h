@@ -42,6 +42,8 @@ typedef enum pmp_op_id {
   PMP_OP_ADAMW, PMP_OP_SCALE,
   /* a node whose backward the host supplies (Lua autograd functions, activation recompute) */
   PMP_OP_CUSTOM,
+  /* mixture of experts: the grouped GEMM over rows sorted by expert, the weighted un-permutation */
+  PMP_OP_GROUPED_MATMUL, PMP_OP_GROUPED_MATMUL_WEIGHT_GRAD, PMP_OP_MOE_UNPERMUTE, PMP_OP_MOE_UNPERMUTE_BACKWARD,
   PMP_OP_COUNT
 } pmp_op_id;
 
@@ -131,6 +133,14 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
  * constants: they get no gradient. */
 pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
                                 double scale, int causal, int64_t window);
+
+/* ---- mixture of experts ---- */
+/* x [rows, in] whose rows are grouped by expert (counts[e] rows for expert e, in order; counts a CPU
+ * integer tensor [E] summing to rows), w [E, out, in]: each group times its expert's w[e]^T -> [rows, out]. */
+pmp_tensor *pmp_grouped_matmul(pmp_tensor *x, pmp_tensor *w, pmp_tensor *counts);
+/* y [n, hidden] expert outputs, probs [n], rows [n] integer token ids: out [num_tokens, hidden] with
+ * out[t] = sum of probs[i] * y[i] over the i with rows[i] = t (zero for tokens no row names). */
+pmp_tensor *pmp_moe_unpermute(pmp_tensor *y, pmp_tensor *probs, pmp_tensor *rows, int64_t num_tokens);
 
 /* ---- optimizer steps: in place, outside autograd ---- */
 /* One AdamW step (decoupled weight decay, PyTorch's formula). master (f32, may be NULL) holds the

@@ -72,7 +72,8 @@ local function build_buckets(self, named, bucket_size, alone)
   for k = #named, 1, -1 do
     local name, p = named[k][1], named[k][2]
     local key = address(p)
-    if not self.by_address[key] then   -- a tensor registered under two names is reduced once
+    -- a tensor registered under two names is reduced once; options.skip's are left to their owner
+    if not self.by_address[key] and not (self.skip and self.skip(name)) then
       local own = alone == key
       if current and (own or current.dtype ~= p.dtype) then close() end
       current = current or { entries = {}, numel = 0, dtype = p.dtype }
@@ -104,7 +105,8 @@ end
 -- options: group (default pmp.dist.group('dp_cp'), which is 'dp' without context parallelism),
 -- bucket_size (elements; default Megatron's max(4e7, 1e6 x group size)), overlap (true: start buckets
 -- from backward), distributed_optimizer (false: all-reduce; true: reduce-scatter for
--- pmp.optim.DistributedOptimizer), grad_dtype ('f32').
+-- pmp.optim.DistributedOptimizer), grad_dtype ('f32'), skip (a function of a parameter name: true
+-- leaves that gradient unreduced, as an expert-parallel model's experts, pmp.nn.expert_parallel.finish_expert_grads).
 function M.DistributedDataParallel(model, options)
   options = options or {}
   if not Module.is_module(model) then
@@ -117,6 +119,7 @@ function M.DistributedDataParallel(model, options)
     overlap = options.overlap ~= false,
     distributed_optimizer = options.distributed_optimizer == true,
     grad_dtype = options.grad_dtype or 'f32',
+    skip = options.skip,
     sync = true,       -- whether the backward running now is the last before finish_grad_sync
     synced = false,    -- whether finish_grad_sync ran since the last training forward
     entries = {},      -- one per parameter, in bucket order

@@ -93,8 +93,22 @@ end
 local function total_norm(pieces, model, shard_group, options)
   local counts = counter(model)
   local total = 0
+  -- an expert-parallel model's experts differ between the ranks of its expert-parallel group
+  local ep = model and not pipeline.is_chunks(model) and rawget(model, 'expert_parallel')
+  local experts = 0
   for _, piece in ipairs(pieces) do
-    if counts(piece[1]) then total = total + sum_squares(piece[2]) end
+    if counts(piece[1]) then
+      if ep and piece[1]:match('%.mlp%.experts%.') then
+        experts = experts + sum_squares(piece[2])
+      else
+        total = total + sum_squares(piece[2])
+      end
+    end
+  end
+  if ep then
+    local t = tensor.tensor({ experts }, { dtype = 'f64' })
+    ep.group:all_reduce(t, 'sum')
+    total = total + t:item()
   end
   local groups = {}
   if shard_group then groups[#groups + 1] = shard_group end

@@ -153,6 +153,35 @@ function Communicator:reduce_scatter(t, op, options)
   return started(request, out, function() local keep = work; return out end, options.async)
 end
 
+-- Sends rows of t (along dim 1) to every rank: send_splits[k] rows to rank k (1-based list, rank
+-- order, back to back in t), and returns the rows received, recv_splits[k] from rank k in rank order
+-- (recv_splits: every rank's send_splits for this rank; nil swaps the counts first).
+function Communicator:all_to_all(t, send_splits, recv_splits, options)
+  local work = contiguous(t, 'all_to_all')
+  local shape = work.shape
+  if #shape == 0 then error('pmp.dist.all_to_all: expected a tensor with at least one dim', 2) end
+  if #send_splits ~= self.size then
+    error(string.format("pmp.dist.all_to_all on group '%s': %d send counts for %d ranks", self.name, #send_splits, self.size), 2)
+  end
+  if recv_splits == nil then
+    local gathered = self:all_gather(tensor.tensor(send_splits, { dtype = 'i64' })):totable()
+    recv_splits = {}
+    for k = 1, self.size do recv_splits[k] = gathered[(k - 1) * self.size + self.rank + 1] end
+  end
+  local row = 1
+  for d = 2, #shape do row = row * shape[d] end
+  local send, recv = ffi.new('int64_t[?]', self.size), ffi.new('int64_t[?]', self.size)
+  local rows = 0
+  for k = 1, self.size do
+    send[k - 1], recv[k - 1] = send_splits[k] * row, recv_splits[k] * row
+    rows = rows + recv_splits[k]
+  end
+  shape[1] = rows
+  local out = tensor.empty(shape, { dtype = work.dtype })
+  local request = C.pmp_all_to_all_start(self.ptr, out.ptr, work.ptr, send, recv)
+  return started(request, out, function() local keep = work; return out end, options and options.async)
+end
+
 -- Copies root's t into t on every rank (in place).
 function Communicator:broadcast(t, root, options)
   local work = contiguous(t, 'broadcast')

@@ -6,6 +6,8 @@
 ---   * linear_fc1: rows; for gated MLPs ([gate; up]) each rank holds its slice of gate then of up;
 ---   * linear_proj, linear_fc2 weights: columns (their biases are whole on every rank);
 ---   * norms and everything else: whole on every rank;
+---   * mixture-of-experts layers (router, experts, shared experts): whole on every rank (Megatron's
+---     --expert-tensor-parallel-size 1; experts are split by expert parallelism instead, pmp.nn.moe);
 ---   * LoRA adapters: see rule.
 --- Pipeline stages hold consecutive layers, numbered from 0 on each stage as Megatron's per-rank
 --- checkpoints number them.
@@ -15,6 +17,9 @@ local M = {}
 
 -- The tensor-parallel rule of parameter `name`: nil (replicated) or {dim = 1 or 2, gated = bool}.
 function M.rule(name, config)
+  if name:match('%.mlp%.experts%.') or name:match('%.mlp%.shared_experts%.') or name:match('%.mlp%.router%.') then
+    return nil
+  end
   -- LoRA adapters (pmp.nn.lora) split like their layer: B by rows after a column-parallel one, A by
   -- columns before a row-parallel one; the other factor is whole on every rank
   local layer, factor = name:match('%.([%w_]+)%.lora%.[%w_]+%.([AB])$')

@@ -204,10 +204,14 @@ end
 ---------------------------------------------------------------------------------------------------
 -- The mapping engine
 
-local function subst(name, layer) return (name:gsub('{L}', tostring(layer))) end
+local function subst(name, layer, expert)
+  name = name:gsub('{L}', tostring(layer))
+  if expert then name = name:gsub('{E}', tostring(expert)) end
+  return name
+end
 
--- The mapping with '{L}' expanded for config.num_layers layers: list of
--- { pmp = name, hf = {names}, pack, tp, tied }.
+-- The mapping with '{L}' expanded for config.num_layers layers and '{E}' for config.num_moe_experts
+-- experts: list of { pmp = name, hf = {names}, pack, tp, tied }.
 function M.expand_mapping(family, config)
   local out = {}
   for k, entry in ipairs(family.mapping) do
@@ -218,11 +222,14 @@ function M.expand_mapping(family, config)
     local hf_list = type(hf) == 'table' and hf or { hf }
     local layers = pmp_name:find('{L}', 1, true) and config.num_layers or 1
     if entry.when and not entry.when(config) then layers = 0 end
+    local experts = pmp_name:find('{E}', 1, true) and (config.num_moe_experts or 0) or 1
     for layer = 0, layers - 1 do
-      local names = {}
-      for i, n in ipairs(hf_list) do names[i] = subst(n, layer) end
-      out[#out + 1] = { pmp = subst(pmp_name, layer), hf = names, pack = entry.pack, tp = entry.tp, tied = entry.tied,
-        offset = entry.offset }
+      for expert = 0, experts - 1 do
+        local names = {}
+        for i, n in ipairs(hf_list) do names[i] = subst(n, layer, expert) end
+        out[#out + 1] = { pmp = subst(pmp_name, layer, expert), hf = names, pack = entry.pack, tp = entry.tp,
+          tied = entry.tied, offset = entry.offset }
+      end
     end
   end
   -- the scalar head of *ForSequenceClassification (num_labels 1) has one name in every family

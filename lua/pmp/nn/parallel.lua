@@ -395,7 +395,13 @@ function M.tensor_parallel(model, options)
   for k, layer in ipairs(model.decoder.layers.items) do
     local prefix = 'decoder.layers.' .. (k - 1) .. '.'
     local attention, mlp = layer.self_attention, layer.mlp
-    if not mlp.linear_fc1 then
+    -- a MoE layer stays whole on every rank (pmp.dist.sharding), seeing every token of the sequence
+    local moe = mlp.router ~= nil
+    if moe and sp then
+      error(string.format('tensor_parallel: layer %d is a mixture of experts, which sequence parallelism does not ' ..
+        'support yet', k - 1), 2)
+    end
+    if not moe and not mlp.linear_fc1 then
       error(string.format('tensor_parallel: layer %d has no mlp.linear_fc1 (only dense MLPs are split)', k - 1), 2)
     end
     attention.linear_qkv = column(attention.linear_qkv, prefix .. 'self_attention.linear_qkv')
@@ -405,8 +411,10 @@ function M.tensor_parallel(model, options)
     if attention.alibi_slopes then   -- this rank's heads, as linear_qkv's rows hold them
       rawset(attention, 'alibi_slopes', attention.alibi_slopes:narrow(1, 1 + rank * attention.num_heads, attention.num_heads):contiguous())
     end
-    mlp.linear_fc1 = column(mlp.linear_fc1, prefix .. 'mlp.linear_fc1')
-    mlp.linear_fc2 = row(mlp.linear_fc2, prefix .. 'mlp.linear_fc2')
+    if not moe then
+      mlp.linear_fc1 = column(mlp.linear_fc1, prefix .. 'mlp.linear_fc1')
+      mlp.linear_fc2 = row(mlp.linear_fc2, prefix .. 'mlp.linear_fc2')
+    end
   end
   if model.output_layer then model.output_layer = column(model.output_layer, 'output_layer') end
   model.tensor_parallel = { group = group, sequence_parallel = sp }

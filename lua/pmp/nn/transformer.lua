@@ -83,7 +83,7 @@ function M.config(c)
       out.num_attention_heads, out.num_query_groups), 2)
   end
   if out.ffn_hidden_size ~= math.floor(out.ffn_hidden_size) then out.ffn_hidden_size = math.floor(out.ffn_hidden_size) end
-  return out
+  return require('pmp.nn.mla').check_config(require('pmp.nn.moe').check_config(out))
 end
 
 local function norm(config, dim)
@@ -151,8 +151,12 @@ function M.RotaryEmbedding:init(rotary_dim, options)
     inv_freq = inv_freq / self.scaling.factor
   elseif kind == 'llama3' then
     inv_freq = llama3_inv_freq(inv_freq, self.scaling)
+  elseif kind == 'yarn' then
+    local scale
+    inv_freq, scale = require('pmp.nn.yarn').inv_freq(inv_freq, rotary_dim, self.base, self.scaling)
+    rawset(self, 'attention_scaling', scale)   -- YaRN's factor on cos and sin
   elseif kind ~= nil and kind ~= 'default' then
-    error("RotaryEmbedding: unknown rope scaling type '" .. tostring(kind) .. "' (known: linear, llama3)", 3)
+    error("RotaryEmbedding: unknown rope scaling type '" .. tostring(kind) .. "' (known: linear, llama3, yarn)", 3)
   end
   self:register_buffer('inv_freq', inv_freq, false)
   rawset(self, 'cache', {})
@@ -167,7 +171,9 @@ function M.RotaryEmbedding:forward(length, offset, dtype)
   local positions = tensor.arange(offset, offset + length):float()
   local freqs = positions:unsqueeze(2) * self.inv_freq:unsqueeze(1)
   local emb = pair_angles(freqs, self.interleaved)
-  local cos, sin = emb:cos():to(dtype), emb:sin():to(dtype)
+  local cos, sin = emb:cos(), emb:sin()
+  if self.attention_scaling then cos, sin = cos * self.attention_scaling, sin * self.attention_scaling end
+  cos, sin = cos:to(dtype), sin:to(dtype)
   self.cache[key] = { cos, sin }
   return cos, sin
 end
@@ -177,7 +183,9 @@ function M.RotaryEmbedding:tables(positions, dtype)
   if self.position_limit then self:check_positions(positions:max():item()) end
   local freqs = positions:float():unsqueeze(3) * self.inv_freq
   local emb = pair_angles(freqs, self.interleaved)
-  return emb:cos():to(dtype or 'f32'):unsqueeze(2), emb:sin():to(dtype or 'f32'):unsqueeze(2)
+  local cos, sin = emb:cos(), emb:sin()
+  if self.attention_scaling then cos, sin = cos * self.attention_scaling, sin * self.attention_scaling end
+  return cos:to(dtype or 'f32'):unsqueeze(2), sin:to(dtype or 'f32'):unsqueeze(2)
 end
 function M.RotaryEmbedding:check_positions(last)
   local limit = self.position_limit
@@ -297,10 +305,12 @@ function M.TransformerBlock:init(config, layer)
   rawset(self, 'post_norm', config.post_norm or false)
   rawset(self, 'parallel_residual', config.parallel_residual or false)
   self.input_layernorm = norm(config, config.hidden_size)
-  self.self_attention = M.Attention(config, layer)
+  self.self_attention = config.multi_latent_attention and require('pmp.nn.mla').MLASelfAttention(config)
+    or M.Attention(config, layer)
   if config.post_self_attn_layernorm then self.post_self_attn_layernorm = norm(config, config.hidden_size) end
   if not config.shared_layernorm then self.pre_mlp_layernorm = norm(config, config.hidden_size) end
-  self.mlp = M.MLP(config)
+  local moe = require 'pmp.nn.moe'   -- required here: pmp.nn.moe builds its experts from M.MLP
+  self.mlp = moe.is_moe_layer(config, layer) and moe.MoELayer(config, layer) or M.MLP(config)
   if config.post_mlp_layernorm then self.post_mlp_layernorm = norm(config, config.hidden_size) end
 end
 function M.TransformerBlock:forward(x, rope)
@@ -419,7 +429,8 @@ function M.GPTModel:init(config)
   rawset(self, 'config', config)
   if config.output_init_std == nil then config.output_init_std = config.init_std / math.sqrt(2 * config.num_layers) end
   self.embedding = M.LanguageModelEmbedding(config)
-  local rotary_dim = math.floor(config.kv_channels * config.rotary_percent)
+  local rotary_dim = config.multi_latent_attention and config.qk_pos_emb_head_dim
+    or math.floor(config.kv_channels * config.rotary_percent)
   self.rotary_pos_emb = M.RotaryEmbedding(rotary_dim,
     { base = config.rotary_base, scaling = config.rope_scaling, interleaved = config.rotary_interleaved,
       position_limit = config.rotary_position_limit })

@@ -23,6 +23,40 @@ M.model = {
   { '--make-vocab-size-divisible-by', 128, 'pad the vocabulary to a multiple of this times the tensor-parallel size', integer = true, min = 1 },
 }
 
+--- Mixture of experts (pmp.nn.moe), Megatron-LM's names; --num-experts 0 keeps every MLP dense.
+M.moe = {
+  { '--num-experts', 0, 'experts per MoE layer (0: dense MLPs)', integer = true, min = 0 },
+  { '--moe-router-topk', 2, 'experts each token is routed to', integer = true, min = 1 },
+  { '--moe-ffn-hidden-size', 0, "each expert's MLP width (0: --ffn-hidden-size's)" },
+  { '--moe-shared-expert-intermediate-size', 0, 'width of the shared experts every token passes through (0: none)' },
+  { '--moe-shared-expert-gate', false, "scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)" },
+  { '--moe-router-pre-softmax', false, 'softmax over all experts before top-k, no renormalisation (Qwen2-MoE)' },
+  { '--moe-router-load-balancing-type', 'aux_loss', 'aux_loss (Switch Transformer), seq_aux_loss (per sequence) or none' },
+  { '--moe-router-score-function', 'softmax', 'softmax or sigmoid (DeepSeek-V3)' },
+  { '--moe-router-enable-expert-bias', false, 'aux-loss-free balancing: a per-expert bias on the choice, moved towards the mean load each step (sigmoid)' },
+  { '--moe-router-bias-update-rate', 1e-3, 'step of the expert bias update' },
+  { '--moe-router-num-groups', 0, 'expert groups for group-limited routing (0: none)' },
+  { '--moe-router-group-topk', 0, 'groups each token may choose experts from' },
+  { '--moe-router-topk-scaling-factor', 0.0, 'multiplies the routing probabilities (0: none)' },
+  { '--moe-expert-capacity-factor', 0.0, 'cap each expert at this multiple of its even share of tokens, dropping the rest (0: dropless)' },
+  { '--moe-token-drop-policy', 'probs', 'which tokens an expert over capacity keeps: probs (highest) or position (first)' },
+  { '--moe-token-dispatcher-type', 'alltoall', 'how tokens reach the experts of other expert-parallel ranks (alltoall)' },
+  { '--moe-aux-loss-coeff', 0.0, 'weight of the load-balancing loss', min = 0 },
+  { '--moe-z-loss-coeff', 0.0, 'weight of the router z-loss', min = 0 },
+  { '--moe-grouped-gemm', false, 'experts as one grouped GEMM (instead of one expert after another)' },
+  { '--moe-layer-freq', '1', 'MoE layer every N layers from the first, or a 0/1 list per layer: "[0,1,1,1]" or "([0]*1+[1]*3)"' },
+}
+
+--- Multi-latent attention (pmp.nn.mla, DeepSeek-V2/V3), Megatron-LM's names.
+M.mla = {
+  { '--multi-latent-attention', false, 'attention through a compressed key/value latent (DeepSeek-V2/V3)' },
+  { '--q-lora-rank', 0, 'rank of the query projection (0: a direct projection)' },
+  { '--kv-lora-rank', 32, 'width of the key/value latent' },
+  { '--qk-head-dim', 16, 'query/key dims per head without RoPE' },
+  { '--qk-pos-emb-head-dim', 8, 'query/key dims per head with RoPE (one rotary key shared by all heads)' },
+  { '--v-head-dim', 16, 'value dims per head' },
+}
+
 --- Sequences, batches and steps.
 M.training = {
   { '--seq-length', 64, 'tokens per sample', integer = true, min = 1 },
@@ -60,6 +94,7 @@ M.parallel = {
   { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks (run under mpirun)', integer = true, min = 1 },
   { '--pipeline-model-parallel-size', 1, 'pipeline stages (run under mpirun)', integer = true, min = 1 },
   { '--sequence-parallel', false, 'norms and dropout on sequence shards of the tensor-parallel group' },
+  { '--expert-model-parallel-size', 1, 'ranks that split the experts of each MoE layer, tokens sent by all-to-all (run under mpirun)', integer = true, min = 1 },
   { '--context-parallel-size', 1, 'ranks that split every sequence, attention gathering keys and values (run under mpirun)', integer = true, min = 1 },
   { '--decoder-first-pipeline-num-layers', 0, 'layers on the first pipeline stage (0: even split)', integer = true, min = 0 },
   { '--decoder-last-pipeline-num-layers', 0, 'layers on the last pipeline stage (0: even split)', integer = true, min = 0 },

@@ -50,6 +50,18 @@ function Logger:iteration(iteration, step)
   elseif step.loss then
     self.loss_sum, self.loss_steps = self.loss_sum + step.loss, self.loss_steps + 1
   end
+  -- MoE auxiliary losses (pmp.nn.moe.take_aux_losses), averaged over the interval like the loss
+  self.aux_sums = self.aux_sums or {}
+  for name, value in pairs(step.aux_losses or {}) do
+    if type(value) == 'table' then   -- per layer
+      local sums = self.aux_sums[name] or {}
+      for k, v in ipairs(value) do sums[k] = (sums[k] or 0) + v end
+      self.aux_sums[name] = sums
+    else
+      self.aux_sums[name] = (self.aux_sums[name] or 0) + value
+      scalar(self, name, value, iteration)
+    end
+  end
   if step.loss and not step.skipped then
     scalar(self, 'lm loss', step.loss, iteration)
     scalar(self, 'learning-rate', step.lr, iteration)
@@ -66,6 +78,16 @@ function Logger:iteration(iteration, step)
       '%3d | tokens per second: %.0f |', per_iteration * 1000, step.lr, self.opts.global_batch_size,
       self.loss_steps > 0 and self.loss_sum / self.loss_steps or 0 / 0, step.grad_norm, self.skipped, self.skipped,
       throughput)
+    for _, name in ipairs({ 'load_balancing_loss', 'seq_load_balancing_loss', 'z_loss' }) do
+      if self.aux_sums[name] then fields[#fields + 1] = string.format(' %s: %.6E |', name, self.aux_sums[name] / self.steps) end
+    end
+    local imbalance = self.aux_sums.expert_load_imbalance
+    if imbalance then
+      local per_layer = {}
+      for k, v in ipairs(imbalance) do per_layer[k] = string.format('%.2f', v / self.steps) end
+      fields[#fields + 1] = ' expert load max/mean per MoE layer: ' .. table.concat(per_layer, ' ') .. ' |'
+    end
+    self.aux_sums = {}
     if self.flops_per_token then
       fields[#fields + 1] = string.format(' MFU: %.1f%% | ETA: %s |', 100 * throughput * self.flops_per_token /
         self.peak_flops, Logger.duration(per_iteration * (self.train_iters - iteration)))

@@ -14,7 +14,14 @@ end
 --- --sequence-parallel off at tensor-parallel size 1, as Megatron does.
 function M.init(opts)
   local tp, pp, cp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.context_parallel_size
-  local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp,
+  local ep = opts.expert_model_parallel_size or 1
+  check(ep == 1 or (opts.num_experts or 0) > 0, '--expert-model-parallel-size %d needs --num-experts', ep)
+  check(ep == 1 or (opts.num_experts % ep == 0), '--num-experts %d is not divisible by --expert-model-parallel-size %d',
+    opts.num_experts or 0, ep)
+  check(ep == 1 or not opts.use_distributed_optimizer, '--expert-model-parallel-size > 1 does not support ' ..
+    '--use-distributed-optimizer yet')
+  check(ep == 1 or (opts.save or '') == '', '--expert-model-parallel-size > 1 cannot save checkpoints yet (pass --save "")')
+  local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp, ep = ep,
     timeout = opts.distributed_timeout_minutes * 60 })
   if not got then error((tostring(layout):gsub('^pmp%.dist%.init: ', '')), 0) end
   local dp = layout.dp
@@ -60,6 +67,7 @@ function M.split(model, opts, layout)
   for _, chunk in ipairs(pipeline.chunks(model)) do
     parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
     parallel.context_parallel(chunk)
+    if layout.ep > 1 then require('pmp.nn.expert_parallel').expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
   end
   if opts.bf16 then model:to('bf16') end
   return model
@@ -73,6 +81,7 @@ function M.data_parallel(model, opts, layout)
   if layout.dp == 1 and layout.cp == 1 and not opts.use_distributed_optimizer then return nil end
   return require('pmp.dist.ddp').DistributedDataParallel(model, {
     overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer,
+    skip = layout.ep > 1 and require('pmp.nn.expert_parallel').is_expert_parameter or nil,
   })
 end
 
@@ -86,13 +95,39 @@ function M.mean_loss(loss, layout)
   return t:item()
 end
 
+--- pmp.nn.moe.take_aux_losses() averaged over the data- and context-parallel ranks, as Megatron logs
+--- them (ranks of one pipeline stage hold the same MoE layers, so the same entries); nil stays nil.
+function M.mean_aux_losses(aux, layout)
+  if aux == nil or layout.dp * layout.cp == 1 then return aux end
+  local names, values = {}, {}
+  for name in pairs(aux) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    for _, v in ipairs(type(aux[name]) == 'table' and aux[name] or { aux[name] }) do values[#values + 1] = v end
+  end
+  local t = require('pmp.tensor').tensor(values, { dtype = 'f64' })
+  require('pmp.dist').group('dp_cp'):all_reduce(t, 'avg')
+  local averaged, at = t:totable(), 0
+  for _, name in ipairs(names) do
+    if type(aux[name]) == 'table' then
+      for k = 1, #aux[name] do aux[name][k] = averaged[at + k] end
+      at = at + #aux[name]
+    else
+      at = at + 1
+      aux[name] = averaged[at]
+    end
+  end
+  return aux
+end
+
 --- One line describing a parallel layout for the log; nil on one process.
 function M.describe(opts, layout)
   if layout.world == 1 then return nil end
   return string.format('%d processes: tensor-parallel %d%s, pipeline-parallel %d%s, context-parallel %d, ' ..
-    'data-parallel %d%s', layout.world, layout.tp, opts.sequence_parallel and ' (sequence parallel)' or '', layout.pp,
+    'data-parallel %d%s%s', layout.world, layout.tp, opts.sequence_parallel and ' (sequence parallel)' or '', layout.pp,
     layout.virtual > 1 and string.format(' (%d virtual stages each)', layout.virtual) or '', layout.cp, layout.dp,
-    opts.use_distributed_optimizer and ' (distributed optimizer)' or '')
+    opts.use_distributed_optimizer and ' (distributed optimizer)' or '',
+    layout.ep > 1 and string.format(', expert-parallel %d', layout.ep) or '')
 end
 
 return M

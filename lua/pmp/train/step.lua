@@ -29,6 +29,8 @@ local function is_pipeline_stage(model) return pipeline.chunks(model)[1].pipelin
 function M.forward_backward(model, batches, options)
   options = options or {}
   local ddp, forward_only, divisor = options.ddp, options.forward_only, options.loss_divisor
+  -- the MoE auxiliary losses weigh in as each micro batch's loss does (Megatron's MoEAuxLossAutoScaler)
+  require('pmp.nn.moe').aux_loss_scale = divisor and 1 / divisor or 1 / #batches
   if ddp and not forward_only then ddp:set_sync(false) end
   if is_pipeline_stage(model) then
     if divisor then error('pmp.train.step.forward_backward: loss_divisor is not supported on a pipeline stage', 2) end
@@ -66,7 +68,11 @@ end
 --- step's last backward, on every rank.
 function M.finish_grads(model, ddp)
   if ddp then ddp:finish_grad_sync() end
-  for _, chunk in ipairs(pipeline.chunks(model)) do parallel.finish_grads(chunk) end
+  for _, chunk in ipairs(pipeline.chunks(model)) do
+    parallel.finish_grads(chunk)
+    require('pmp.nn.expert_parallel').finish_expert_grads(chunk)
+    require('pmp.nn.moe').update_expert_bias(chunk)
+  end
   pipeline.sync_embedding_grads(model)
 end
 

@@ -2,13 +2,23 @@
 --- rate measured on this machine now, since a CPU has no single datasheet peak.
 local M = {}
 
---- From the whole model's config (a rank holds only its part): 6 x the matmul parameters (layers,
---- output layer) plus attention's score and value products.
+--- From the whole model's config (a rank holds only its part): 6 x the matmul parameters a token
+--- passes through (layers, output layer; in a MoE layer the router, its top-k experts and the shared
+--- experts) plus attention's score and value products.
 function M.flops_per_token(c, seq_length)
-  local per_layer = c.hidden_size * (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
+  local attention = c.hidden_size * (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
     + c.num_attention_heads * c.kv_channels * c.hidden_size
-    + c.hidden_size * c.ffn_hidden_size * (c.activation == 'swiglu' and 3 or 2)
-  return 6 * (c.num_layers * per_layer + c.vocab_size * c.hidden_size)
+  local matrices = c.activation == 'swiglu' and 3 or 2
+  local moe, parameters = require 'pmp.nn.moe', 0
+  for layer = 1, c.num_layers do
+    local width = c.ffn_hidden_size
+    if moe.is_moe_layer(c, layer) then
+      width = c.moe_router_topk * c.moe_ffn_hidden_size + (c.moe_shared_expert_intermediate_size or 0)
+      parameters = parameters + c.num_moe_experts * c.hidden_size
+    end
+    parameters = parameters + attention + c.hidden_size * width * matrices
+  end
+  return 6 * (parameters + c.vocab_size * c.hidden_size)
     + 12 * c.num_layers * seq_length * c.num_attention_heads * c.kv_channels
 end
 

@@ -1,0 +1,110 @@
+require 'busted.runner'()
+-- Expert parallelism under mpirun: spec/dist/ep_worker.lua checks pmp.dist's all_to_all with uneven
+-- counts and one training step of an expert-parallel MoE GPT against the whole model in one process
+-- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2; then
+-- recipes/pretrain.lua with --expert-model-parallel-size 2, alone and with tensor parallelism, logs the
+-- single-process losses.
+local shell = require 'spec.support.shell'
+local mpi = require 'spec.support.mpi'
+
+local worker = shell.root .. '/spec/dist/ep_worker.lua'
+
+local function check_worker(np, ep, holdings)
+  local out, err, status = mpi.run(np, worker, { tostring(ep) })
+  assert.are.equal(0, status, err .. out)
+  local a2a = mpi.rows(out, 'A2A')
+  assert.are.equal(np, #a2a)
+  for _, r in ipairs(a2a) do assert.are.equal('ok', r[2], 'all_to_all on rank ' .. r[1] .. ': ' .. table.concat(r, ' ', 2)) end
+  for _, r in ipairs(mpi.rows(out, 'EXPERTS')) do
+    assert.are.same(holdings[tonumber(r[1]) + 1], { unpack(r, 2) }, 'experts of rank ' .. r[1])
+  end
+  local grads = mpi.rows(out, 'GRAD')
+  assert.is_true(#grads > 0)
+  for _, r in ipairs(grads) do
+    assert.are_not.equal('missing', r[3], 'rank ' .. r[1] .. ': no gradient or no reference for ' .. r[2])
+    assert.is_true(tonumber(r[3]) <= 1e-6, string.format('rank %s: %s differs from one process by %s', r[1], r[2], r[3]))
+  end
+  for _, key in ipairs({ 'NORM', 'LOSS' }) do
+    local rows = mpi.rows(out, key)
+    assert.are.equal(np, #rows)
+    for _, r in ipairs(rows) do
+      local got, want = tonumber(r[2]), tonumber(r[3])
+      assert.is_true(math.abs(got - want) <= 1e-6 * math.abs(want), string.format('%s on rank %s: %s vs %s', key, r[1], r[2], r[3]))
+    end
+  end
+end
+
+local PRETRAIN = { '--num-layers', '2', '--hidden-size', '32', '--num-attention-heads', '4', '--seq-length', '16',
+  '--micro-batch-size', '2', '--global-batch-size', '8', '--train-iters', '3', '--log-interval', '1',
+  '--eval-interval', '3', '--eval-iters', '4', '--sample-length', '0', '--lr-warmup-iters', '1', '--lr', '3e-3',
+  '--save', '', '--make-vocab-size-divisible-by', '128', '--num-experts', '4', '--moe-router-topk', '2', '--moe-ffn-hidden-size', '32',
+  '--moe-aux-loss-coeff', '0.01', '--moe-z-loss-coeff', '0.001', '--moe-grouped-gemm' }
+
+-- the training losses by iteration, the validation loss, then the logged auxiliary losses (averaged
+-- over the data-parallel ranks, which makes them the single process's)
+local function losses(stdout)
+  local out = require('spec.support.train_log').losses(stdout)
+  out[#out + 1] = tonumber(stdout:match('lm loss value: (%S+) |'))
+  for name in ('load_balancing_loss z_loss'):gmatch('%S+') do
+    for v in stdout:gmatch(' ' .. name .. ': (%S+) |') do out[#out + 1] = tonumber(v) end
+  end
+  return out
+end
+
+describe('expert parallelism under mpirun', function()
+  local test = mpi.available and it or pending
+
+  test('EP=2: all_to_all, and a training step equal to one process', function()
+    check_worker(2, 2, { { '0', '1' }, { '2', '3' } })
+  end)
+
+  test('EP=2 x expert-data-parallel 2: the same', function()
+    check_worker(4, 2, { { '0', '1' }, { '2', '3' }, { '0', '1' }, { '2', '3' } })
+  end)
+
+  local reference
+  local function single_process()
+    if not reference then
+      local args = { shell.root .. '/recipes/pretrain.lua' }
+      for _, a in ipairs(PRETRAIN) do args[#args + 1] = a end
+      local out, err, status = shell.run_pmp(args)
+      assert.are.equal(0, status, err)
+      reference = losses(out)
+      assert.are.equal(10, #reference, out)
+    end
+    return reference
+  end
+
+  -- the vocabulary is padded to 128 rows in every layout: 128 x 1 in one process, 64 x tp 2
+  for _, case in ipairs({
+    { 2, 'EP=2', { '--expert-model-parallel-size', '2', '--make-vocab-size-divisible-by', '128' } },
+    { 4, 'EP=2 x TP=2 (experts whole on each tensor-parallel rank)', { '--expert-model-parallel-size', '2',
+      '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
+  }) do
+    local np, name, extra = case[1], case[2], case[3]
+    test('recipes/pretrain.lua logs the single-process losses: ' .. name, function()
+      local want = single_process()
+      local flags = { unpack(PRETRAIN) }
+      for _, a in ipairs(extra) do flags[#flags + 1] = a end
+      local par, par_err, par_status = mpi.run(np, shell.root .. '/recipes/pretrain.lua', flags)
+      assert.are.equal(0, par_status, par_err)
+      assert.matches('expert-parallel 2', par, 1, true)
+      local got = losses(par)
+      assert.are.equal(#want, #got, par)
+      for k = 1, #want do
+        assert.is_true(math.abs(got[k] - want[k]) <= 1e-5 * math.abs(want[k]),
+          string.format('%s: loss %d is %.7g, one process gave %.7g', name, k, got[k], want[k]))
+      end
+    end)
+  end
+end)
+
+describe('expert-parallel settings', function()
+  it('fail before any work when the experts do not divide', function()
+    local args = { shell.root .. '/recipes/pretrain.lua', '--num-experts', '4', '--expert-model-parallel-size', '3',
+      '--save', '' }
+    local _, err, status = shell.run_pmp(args)
+    assert.are_not.equal(0, status)
+    assert.matches('--num-experts 4 is not divisible by --expert-model-parallel-size 3', err, 1, true)
+  end)
+end)
