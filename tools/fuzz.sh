@@ -30,7 +30,10 @@ for src in $(find core/cpu -name '*.c') core/tensor/dtype.c; do
   mkdir -p "$(dirname "$obj")"
   extra=
   case $src in core/cpu/cpu_attention.c) extra=-ffp-contract=fast ;; core/cpu/cpu_optim.c) extra=-fno-math-errno ;; esac
-  if [ ! "$obj" -nt "$src" ]; then gcc $CFLAGS_GCC $extra -c -o "$obj" "$src" || exit 1; fi
+  # rebuilt as make would (source or any header newer), so that make never rebuilds it with clang
+  if [ ! "$obj" -nt "$src" ] || [ -n "$(find core -name '*.h' -newer "$obj" | head -1)" ]; then
+    gcc $CFLAGS_GCC $extra -c -o "$obj" "$src" || exit 1
+  fi
 done
 make --no-print-directory CC=clang BUILD=build/fuzz EXE=build/fuzz/pmp-unused SANITIZE_FLAGS="$FLAGS" -j2 \
   build/fuzz/libpmpcore.a build/fuzz/core/host/runtime.o build/fuzz/core/host/interrupt.o >/dev/null 2>&1 ||

@@ -55,7 +55,7 @@ C.pmp_set_custom_backward(callback)
 --- Makes output (computed with grad mode off) depend on inputs through backward_fn.
 function M.custom(inputs, output, backward_fn)
   drop_freed()
-  if not C.pmp_is_grad_enabled() then return output end
+  if C.pmp_is_grad_enabled() == 0 then return output end
   next_id = next_id + 1
   local id = next_id
   local ptrs = ffi.new('pmp_tensor *[?]', math.max(#inputs, 1))
@@ -80,7 +80,7 @@ end
 --- itself; parameters used inside fn receive theirs during the re-run.
 function M.recompute(fn, ...)
   local args, n = { ... }, select('#', ...)
-  if not C.pmp_is_grad_enabled() then return fn(...) end
+  if C.pmp_is_grad_enabled() == 0 then return fn(...) end
   local rng_at_forward = rng_state()
   local previous = C.pmp_set_grad_enabled(0)
   local ok, output = pcall(fn, ...)
