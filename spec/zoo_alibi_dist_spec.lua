@@ -3,16 +3,16 @@ require 'busted.runner'()
 -- tensor parallelism (TP=2 with sequence parallelism: each rank its heads' slopes) and pipeline
 -- parallelism (PP=2), and with each sequence split over a context-parallel group (CP=2), to the losses
 -- of one process doing the same steps, on pretraining, left-padded and packed SFT batches:
--- spec/dist/zoo_alibi_worker.lua computes both and prints them.
+-- spec/dist/family_dist_worker.lua computes both and prints them.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
-local worker = shell.root .. '/spec/dist/zoo_alibi_worker.lua'
+local worker = shell.root .. '/spec/dist/family_dist_worker.lua'
 local NAMES = { 'bloom', 'baichuan2_13b' }
 
 -- tp == 'cp': a context-parallel group of pp ranks
 local function check(tp, pp)
-  local args = { tostring(tp), tostring(pp) }
+  local args = { 'zoo_alibi', tostring(tp), tostring(pp) }
   for _, name in ipairs(NAMES) do args[#args + 1] = name end
   local out, err, status = mpi.run(tp == 'cp' and pp or tp * pp, worker, args)
   assert.are.equal(0, status, err .. out)

@@ -1,23 +1,24 @@
--- Run by spec/zoo_alibi_dist_spec.lua on every rank: trains tiny ALiBi checkpoints
--- (spec/fixtures/zoo_alibi/<name>) three AdamW steps split TP ways (with sequence parallelism) and PP ways,
--- or with each sequence split over a context-parallel group (gradients averaged by
--- DistributedDataParallel over 'dp_cp'), and, in the same script, as one process accumulating over the
--- same micro-batches (the reference). Three
--- kinds of batches: 'pretrain' (every token a target), 'padded' (the second row left-padded, its
--- padding hidden by first_key and untrained) and 'packed' (SFT: two samples per row, see pack_samples),
--- so each rank's slice of the ALiBi slopes meets the padding and per-document masks. The last pipeline stage's tensor-parallel rank 0 prints
+-- Run by the family specs (spec/zoo_alibi_dist_spec.lua, spec/zoo_rotary_dist_spec.lua) on every rank:
+-- trains tiny checkpoints (spec/fixtures/FIXTURES/<name>) three AdamW steps split TP ways (with sequence
+-- parallelism) and PP ways, or with each sequence split over a context-parallel group (gradients averaged
+-- by DistributedDataParallel over 'dp_cp'), and, in the same script, as one process accumulating over the
+-- same micro-batches (the reference). Three kinds of batches: 'pretrain' (every token a target),
+-- 'padded' (the second row left-padded, its padding hidden by first_key and untrained) and 'packed'
+-- (SFT: two samples per row, see pack_samples), so each rank's share of the heads (and of ALiBi's
+-- slopes) meets the padding and per-document masks. The last pipeline stage's tensor-parallel rank 0
+-- prints
 --   LOSS name kind step parallel_loss reference_loss
--- Usage: zoo_alibi_worker.lua TP PP NAME...   or   zoo_alibi_worker.lua cp CP NAME...
+-- Usage: family_dist_worker.lua FIXTURES TP PP NAME...   or   family_dist_worker.lua FIXTURES cp CP NAME...
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
 local cp_lib = pmp.nn.context_parallel
 local accumulate = require 'spec.support.accumulate'
 
-local context = arg[1] == 'cp'
-local tp, pp = context and 1 or tonumber(arg[1]), context and 1 or tonumber(arg[2])
-local layout = pmp.dist.init{ tp = tp, pp = pp, cp = context and tonumber(arg[2]) or 1 }
+local FIXTURES = package.loaded['pmp.root'] .. '/spec/fixtures/' .. arg[1] .. '/'
+local context = arg[2] == 'cp'
+local tp, pp = context and 1 or tonumber(arg[2]), context and 1 or tonumber(arg[3])
+local layout = pmp.dist.init{ tp = tp, pp = pp, cp = context and tonumber(arg[3]) or 1 }
 local reports = layout.tp_rank == 0 and pmp.dist.group('pp').rank == pp - 1 and pmp.dist.group('cp').rank == 0
-local FIXTURES = package.loaded['pmp.root'] .. '/spec/fixtures/zoo_alibi/'
 local STEPS, MICRO, MB, T, PAD = 3, 2, 2, 16, 5
 
 local function load(name)
@@ -130,7 +131,7 @@ local function run_context_parallel(name, kind)
   end
 end
 
-for k = 3, #arg do
+for k = 4, #arg do
   for _, kind in ipairs({ 'pretrain', 'padded', 'packed' }) do
     if context then run_context_parallel(arg[k], kind) else run(arg[k], kind) end
   end
