@@ -5,7 +5,8 @@
  *
  * What counts as a bug: any sanitizer report (the engine is built with ASan + UBSan), and a Lua error
  * that is not a message written for the user: "attempt to index a nil value" and its kin mean a parser
- * followed bad input somewhere it did not check. Those abort, so libFuzzer keeps the input.
+ * followed bad input somewhere it did not check (targets.is_internal_error decides, the regression spec
+ * spec/fuzz_regressions_spec.lua too). Those abort, so libFuzzer keeps the input.
  *
  * Coverage: libFuzzer sees the C code's edges; the Lua parsers' lines reach it through a line hook that
  * bumps an extra-counters array (the JIT is off so that every line runs in the interpreter and hooks).
@@ -13,7 +14,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -24,32 +24,12 @@
 __attribute__((section("__libfuzzer_extra_counters"))) static uint8_t lua_line_counters[LINE_COUNTERS];
 
 static lua_State *state;
-static int target_ref = LUA_NOREF;
+static int target_ref = LUA_NOREF, is_internal_ref = LUA_NOREF;
 
 static void count_line(lua_State *L, lua_Debug *event) {
   if (!lua_getinfo(L, "S", event)) return;
   uintptr_t key = (uintptr_t)event->source * 2654435761u + (uintptr_t)event->currentline * 40503u;
   lua_line_counters[(key ^ (key >> 17)) & (LINE_COUNTERS - 1)]++;
-}
-
-/* Messages of the Lua VM itself, never of pmp's checks; they follow the "chunk:line: " position the VM
- * puts first (user data quoted later in a message of pmp's must not count). */
-static const char *const internal_errors[] = {
-  "attempt to ", "bad argument #", "table index is nil", "table index is NaN", "stack overflow",
-  "invalid key to 'next'", "invalid value (at index", "string length overflow", "number has no integer representation",
-  "wrong number of arguments", "invalid option", "C stack overflow",
-};
-
-static int is_internal(const char *message) {
-  const char *colon = strchr(message, ':');
-  if (!colon || colon[1] < '0' || colon[1] > '9') return 0;
-  const char *after = colon + 1;
-  while (*after >= '0' && *after <= '9') after++;
-  if (after[0] != ':' || after[1] != ' ') return 0;
-  after += 2;
-  for (size_t k = 0; k < sizeof internal_errors / sizeof *internal_errors; k++)
-    if (strncmp(after, internal_errors[k], strlen(internal_errors[k])) == 0) return 1;
-  return 0;
 }
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
@@ -74,6 +54,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     exit(2);
   }
   target_ref = luaL_ref(state, LUA_REGISTRYINDEX);
+  lua_getfield(state, -1, "is_internal_error");
+  is_internal_ref = luaL_ref(state, LUA_REGISTRYINDEX);
   lua_pop(state, 1);
   luaL_dostring(state, "jit.off()");
   lua_sethook(state, count_line, LUA_MASKLINE, 0);
@@ -84,12 +66,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   lua_rawgeti(state, LUA_REGISTRYINDEX, target_ref);
   lua_pushlstring(state, (const char *)data, size);
   if (lua_pcall(state, 1, 0, 0) != 0) {
-    const char *message = lua_tostring(state, -1);
-    if (message && is_internal(message)) {
-      fprintf(stderr, "fuzz_lua: internal Lua error instead of a message for the user: %s\n", message);
+    lua_rawgeti(state, LUA_REGISTRYINDEX, is_internal_ref);
+    lua_pushvalue(state, -2);
+    lua_call(state, 1, 1);
+    if (lua_toboolean(state, -1)) {
+      fprintf(stderr, "fuzz_lua: internal Lua error instead of a message for the user: %s\n", lua_tostring(state, -2));
       abort();
     }
-    lua_pop(state, 1);
+    lua_pop(state, 2);
   }
   /* everything this input made is garbage now: collect it, so that finalizers run on every input */
   lua_gc(state, LUA_GCCOLLECT, 0);

@@ -4,8 +4,27 @@
 local targets = {}
 
 local pio = require 'pmp.io'
-local scratch = string.format('/dev/shm/pmp-fuzz.%d', pio.getpid())
+-- the files targets hand to parsers live in memory where there is a /dev/shm
+local scratch = string.format('%s/pmp-fuzz.%d', pio.is_dir('/dev/shm') and '/dev/shm' or '/tmp', pio.getpid())
 pio.mkdir_p(scratch)
+targets.scratch = scratch
+
+-- Messages of the Lua VM itself, never of pmp's checks; they follow the "chunk:line: " position the VM
+-- puts first (user data quoted later in one of pmp's messages must not count).
+local VM_ERRORS = { 'attempt to ', 'bad argument #', 'table index is nil', 'table index is NaN', 'stack overflow',
+  "invalid key to 'next'", 'invalid value (at index', 'string length overflow',
+  'number has no integer representation', 'wrong number of arguments', 'invalid option', 'C stack overflow' }
+
+--- Whether an error a target raised is the VM's own (a parser followed bad input somewhere it did not
+--- check) rather than a message written for the user.
+function targets.is_internal_error(message)
+  local after = tostring(message):match('^[^:\n]+:%d+: (.*)$')
+  if not after then return false end
+  for _, start in ipairs(VM_ERRORS) do
+    if after:sub(1, #start) == start then return true end
+  end
+  return false
+end
 
 local function write(name, data)
   local path = scratch .. '/' .. name
