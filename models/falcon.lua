@@ -6,7 +6,13 @@
 --     ln_attn and ln_mlp (or one shared input_layernorm with num_ln_in_parallel_attn 1).
 -- Rotary positions, LayerNorm with bias, GELU MLP, biases on the linear layers when `bias` is true,
 -- output tied by default. The fused query_key_value is, in every layout, Megatron's per-group layout
--- ([q heads of group g, k_g, v_g]), so it is linear_qkv as it is. ALiBi models (alibi true) are refused.
+-- ([q heads of group g, k_g, v_g]), so it is linear_qkv as it is.
+-- Falcon-RW (alibi true) has ALiBi instead of rotary positions: transformers adds the biases to q.k
+-- before the division by sqrt(head_dim), so its slopes are BLOOM's times 1/sqrt(head_dim)
+-- (alibi_slope_scale). transformers also rounds the slopes, and each slope * key position, to bf16 (as
+-- Falcon-RW's own code did); pmp does not: that is exact for up to 8 heads and positions below 256, but
+-- with falcon-rw-1b's 32 heads the scores drift from transformers' by up to ~0.02 within 64 positions
+-- and ~1 at position 2047.
 local activations = require 'pmp.models.activations'
 local models = require 'pmp.models'
 
@@ -53,9 +59,6 @@ local function size(read, key, old_key, default)
 end
 
 function M.config(read)
-  if read:bool('alibi', false) then
-    read:fail('alibi true (ALiBi attention biases instead of rotary positions) is not supported for falcon yet')
-  end
   if read:bool('apply_residual_connection_post_layernorm', false) then
     read:fail('apply_residual_connection_post_layernorm true is not supported')
   end
@@ -79,6 +82,9 @@ function M.config(read)
     tie_embeddings = read:bool('tie_word_embeddings', true),
   }
   c.rotary_base, c.rope_scaling, c.rotary_percent = models.read_rope(read)
+  if read:bool('alibi', false) then
+    c.position_embedding_type, c.alibi_slope_scale = 'alibi', 1 / math.sqrt(c.kv_channels)
+  end
   local bias = read:bool('bias', false)
   c.add_qkv_bias, c.add_proj_bias, c.add_mlp_bias = bias, bias, bias
   if new then
@@ -101,17 +107,22 @@ end
 
 function M.hf_config(c)
   local bias = c.add_qkv_bias or false
+  local alibi = c.position_embedding_type == 'alibi'
+  if alibi and math.abs((c.alibi_slope_scale or 1) * math.sqrt(c.kv_channels) - 1) > 1e-12 then
+    error('falcon: ALiBi slopes must be scaled by 1/sqrt(kv_channels) (alibi_slope_scale), as Falcon-RW adds ' ..
+      'the biases before dividing the scores by sqrt(head_dim)', 0)
+  end
   if c.position_embedding_type == 'learned_absolute' or c.normalization ~= 'LayerNorm' or c.post_norm
       or c.final_layernorm == false or (c.add_proj_bias or false) ~= bias or (c.add_mlp_bias or false) ~= bias
       or c.kv_channels * c.num_attention_heads ~= c.hidden_size then
-    error('falcon: the family has rotary positions, LayerNorm, head_dim = hidden_size / heads and biases on every ' ..
+    error('falcon: the family has rotary or ALiBi positions, LayerNorm, head_dim = hidden_size / heads and biases on every ' ..
       'linear layer or none', 0)
   end
   local hf = {
     hidden_size = c.hidden_size, ffn_hidden_size = c.ffn_hidden_size, num_hidden_layers = c.num_layers,
     num_attention_heads = c.num_attention_heads, vocab_size = c.vocab_size,
     max_position_embeddings = c.max_position_embeddings or c.seq_length or 2048, layer_norm_epsilon = c.norm_epsilon,
-    activation = activations.write(c.activation, ACTIVATIONS, 'falcon'), bias = bias, alibi = false,
+    activation = activations.write(c.activation, ACTIVATIONS, 'falcon'), bias = bias, alibi = alibi,
     rope_parameters = models.write_rope(c), tie_word_embeddings = c.tie_embeddings and true or false,
     parallel_attn = c.parallel_residual and true or false,
   }

@@ -1,17 +1,19 @@
 require 'busted.runner'()
--- The LayerNorm-era families (OPT, GPT-BigCode, StarCoder 2, Falcon) train under tensor parallelism with
--- sequence parallelism (learned position embeddings, LayerNorm biases, parallel attention and MLP) and
--- under pipeline parallelism to the losses of one process: spec/dist/zoo_ln_worker.lua trains each
--- checkpoint both ways on the same micro-batches. The split models' Megatron-layout checkpoints load
--- back in one process bit for bit.
+-- The LayerNorm-era families (OPT, GPT-BigCode, StarCoder 2, Falcon, Falcon-RW with ALiBi) train under
+-- tensor parallelism with sequence parallelism (learned position embeddings, LayerNorm biases, parallel
+-- attention and MLP, each rank's share of the ALiBi slopes) and under pipeline parallelism to the losses
+-- of one process: spec/dist/zoo_ln_worker.lua trains each checkpoint both ways on the same micro-batches.
+-- The split models' Megatron-layout checkpoints load back in one process bit for bit, with their
+-- positions' config; Falcon-RW also trains with each sequence split over a context-parallel group.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 local expect = require 'spec.support.expect'
 
 local worker = shell.root .. '/spec/dist/zoo_ln_worker.lua'
 -- multi-query models (one KV head) cannot be split over two tensor-parallel ranks, as in Megatron
-local SPLITTABLE = { 'opt_post', 'gpt_bigcode_mha', 'starcoder2', 'falcon_new', 'falcon_seq' }
-local ALL = { 'opt', 'opt_post', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq' }
+local SPLITTABLE = { 'opt_post', 'gpt_bigcode_mha', 'starcoder2', 'falcon_new', 'falcon_seq', 'falcon_alibi' }
+local ALL = { 'opt', 'opt_post', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq',
+  'falcon_alibi' }
 
 local FIXTURES = shell.root .. '/spec/fixtures/zoo_ln/'
 
@@ -20,8 +22,11 @@ local FIXTURES = shell.root .. '/spec/fixtures/zoo_ln/'
 local function check_checkpoints(dir, names)
   for _, name in ipairs(names) do
     local loaded = pmp.checkpoint.load_model(dir .. '/' .. name)
-    local want = pmp.models.from_pretrained(FIXTURES .. name):state_dict()
-    local got = loaded:state_dict()
+    local original = pmp.models.from_pretrained(FIXTURES .. name)
+    for _, key in ipairs({ 'position_embedding_type', 'alibi_slope_scale' }) do
+      assert.are.equal(original.config[key], loaded.config[key], name .. ': ' .. key)
+    end
+    local want, got = original:state_dict(), loaded:state_dict()
     for key, t in pairs(want) do
       assert(got[key] ~= nil and expect.same_bits(t, got[key]), name .. ': ' .. key .. ' differs after the round trip')
     end
@@ -57,6 +62,19 @@ describe('zoo families under mpirun', function()
     local args = { '1', '2', '-' }
     for _, name in ipairs(ALL) do args[#args + 1] = name end
     check(2, args, ALL)
+  end)
+
+  -- Falcon-RW's scaled ALiBi slopes over keys gathered from the context-parallel group
+  run('CP=2 gives Falcon-RW\'s single-process losses: pretraining, left-padded and packed SFT batches', function()
+    local out, err, status = mpi.run(2, shell.root .. '/spec/dist/family_dist_worker.lua', { 'zoo_ln', 'cp', '2', 'falcon_alibi' })
+    assert.are.equal(0, status, err .. out)
+    local rows = mpi.rows(out, 'LOSS')
+    for _, r in ipairs(rows) do
+      local got, want = tonumber(r[4]), tonumber(r[5])
+      assert.is_true(math.abs(got - want) <= 1e-5 * math.abs(want),
+        string.format('%s %s step %s: loss %s, one process %s', r[1], r[2], r[3], r[4], r[5]))
+    end
+    assert.are.equal(3 * 3, #rows, 'one LOSS line per kind and step')
   end)
 
   it('refuses to split a multi-query model over two tensor-parallel ranks, naming num_query_groups', function()

@@ -15,7 +15,8 @@ local expect = require 'spec.support.expect'
 
 local ROOT = package.loaded['pmp.root'] or '.'
 local FIXTURES = ROOT .. '/spec/fixtures/zoo_ln'
-local NAMES = { 'opt', 'opt_post', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq' }
+local NAMES = { 'opt', 'opt_post', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq',
+  'falcon_alibi' }
 
 local tmp = shell.temp_dir()
 teardown(function() shell.remove_dir(tmp) end)
@@ -137,7 +138,7 @@ end)
 
 describe('zoo configs a family cannot honour', function()
   local fails_with = expect.fails_with
-  it('name the key: activation, projections, post-norm options, ALiBi, rope type, layouts', function()
+  it('name the key: activation, projections, post-norm options, rope type, layouts', function()
     fails_with(function() models.from_pretrained(edited('opt', function(c) c.activation_function = 'swishy' end)) end,
       "activation_function 'swishy' is not supported", 'config.json')
     fails_with(function() models.from_pretrained(edited('opt', function(c) c.word_embed_proj_dim = 16 end)) end,
@@ -146,7 +147,6 @@ describe('zoo configs a family cannot honour', function()
       'layer_norm_elementwise_affine')
     fails_with(function() models.from_pretrained(edited('gpt_bigcode', function(c) c.scale_attn_weights = false end)) end,
       'scale_attn_weights')
-    fails_with(function() models.from_pretrained(edited('falcon', function(c) c.alibi = true end)) end, 'alibi true')
     fails_with(function() models.from_pretrained(edited('falcon', function(c)
       c.rope_parameters = { rope_type = 'yarn', rope_theta = 10000, factor = 2 } end)) end, "rope type 'yarn' is not supported")
     fails_with(function() models.from_pretrained(edited('falcon', function(c) c.num_ln_in_parallel_attn = 2 end)) end,
@@ -155,6 +155,17 @@ describe('zoo configs a family cannot honour', function()
       "hidden_act 'silu' is not supported")
     fails_with(function() models.from_pretrained(edited('starcoder2', function(c) c.mlp_type = 'gated' end)) end,
       "mlp_type 'gated' is not supported")
+  end)
+
+  it('refuse ALiBi slopes Falcon cannot express, naming alibi_slope_scale', function()
+    local config = models.from_pretrained(FIXTURES .. '/falcon_alibi').config
+    local unscaled = {}
+    for k, v in pairs(config) do unscaled[k] = v end
+    unscaled.alibi_slope_scale = nil   -- BLOOM's slopes
+    fails_with(function() pmp.nn.GPTModel(unscaled):save_pretrained(tmp .. '/unscaled', { model_type = 'falcon' }) end,
+      'alibi_slope_scale')
+    fails_with(function() pmp.nn.GPTModel({ num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab_size = 10,
+      alibi_slope_scale = 0.5 }) end, "alibi_slope_scale must be a positive number and needs position_embedding_type 'alibi'")
   end)
 
   it('name a missing tensor', function()

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Tiny random checkpoints of the LayerNorm-era families (OPT/Galactica, GPT-BigCode/StarCoder 1,
-StarCoder 2, Falcon) made by transformers, with transformers' outputs as the reference that
+StarCoder 2, Falcon, Falcon-RW with ALiBi) made by transformers, with transformers' outputs as the reference that
 spec/zoo_ln_spec.lua compares pmp against (run from the repo root).
 
     python3 tools/make_zoo_ln_fixtures.py [--out spec/fixtures/zoo_ln]
@@ -70,6 +70,12 @@ CASES = {
                                         multi_query=False, parallel_attn=False, new_decoder_architecture=False,
                                         bias=True, alibi=False, max_position_embeddings=64,
                                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+    # Falcon-RW (falcon-rw-1b): ALiBi instead of rotary positions (the biases divided by sqrt(head_dim) with
+    # the scores), sequential attention then MLP, per-head q/k/v, biases.
+    'falcon_alibi': ('FalconConfig', dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                                          multi_query=False, parallel_attn=False, new_decoder_architecture=False,
+                                          bias=True, alibi=True, max_position_embeddings=64,
+                                          bos_token_id=1, eos_token_id=2)),
 }
 
 

@@ -5,7 +5,8 @@
 --   decoder.final_layernorm.weight, output_layer.weight (absent when tied to the embedding)
 --   embedding.position_embeddings.weight with position_embedding_type = 'learned_absolute' (GPT-2 style
 --   families: OPT, StarCoder 1), and *.bias beside every LayerNorm weight; position_embedding_type =
---   'alibi' has no position parameters (per-head score biases, BLOOM and Baichuan-13B).
+--   'alibi' has no position parameters (per-head score biases, BLOOM and Baichuan-13B; alibi_slope_scale
+--   multiplies the slopes, 1/sqrt(head_dim) for Falcon-RW).
 -- Block variants the other families need (all off by default, Llama-style pre-norm otherwise):
 --   post_norm          the two norms follow each residual sum instead of preceding each branch (OPT-350m)
 --   parallel_residual  x + attention(norm(x)) + mlp(norm'(x)) in one sum (Falcon, GPT-J)
@@ -52,6 +53,9 @@ function M.config(c)
   if kind ~= 'rope' and kind ~= 'learned_absolute' and kind ~= 'alibi' then
     error("transformer config: position_embedding_type must be 'rope', 'learned_absolute' or 'alibi', got '" ..
       tostring(out.position_embedding_type) .. "'", 2)
+  end
+  if c.alibi_slope_scale ~= nil and (kind ~= 'alibi' or type(c.alibi_slope_scale) ~= 'number' or c.alibi_slope_scale <= 0) then
+    error("transformer config: alibi_slope_scale must be a positive number and needs position_embedding_type 'alibi'", 2)
   end
   if out.position_embedding_type == 'learned_absolute' and type(c.max_position_embeddings) ~= 'number' then
     error("transformer config: learned_absolute position embeddings need 'max_position_embeddings'", 2)
@@ -225,7 +229,7 @@ function M.Attention:init(config, layer)
   self.linear_proj = layers.Linear(heads * d, config.hidden_size,
     { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype, init = config.init })
   -- constants, not parameters; tensor parallelism keeps this rank's heads' slopes
-  if config.position_embedding_type == 'alibi' then rawset(self, 'alibi_slopes', alibi.slopes(heads)) end
+  if config.position_embedding_type == 'alibi' then rawset(self, 'alibi_slopes', alibi.slopes(heads, config.alibi_slope_scale)) end
 end
 
 function M.Attention:forward(x, rope)
