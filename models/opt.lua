@@ -1,7 +1,9 @@
 -- OPT and Galactica (HF model_type 'opt', OPTForCausalLM): learned absolute positions (the table has 2
 -- extra leading rows, OPT's offset), LayerNorm with bias before each branch (do_layer_norm_before) or
 -- after each residual sum (OPT-350m), ReLU or GELU MLP, biases everywhere unless enable_bias is false,
--- output tied to the embedding by default.
+-- output tied to the embedding by default. A word_embed_proj_dim other than hidden_size (OPT-350m) makes
+-- the word embeddings and the output layer that wide, with project_in after the lookup and project_out
+-- before the output layer (GPTModel's word_embedding_size and its two projections).
 local activations = require 'pmp.models.activations'
 local json = require 'pmp.json'
 
@@ -13,6 +15,7 @@ local LAYER = 'model.decoder.layers.{L}.'
 M.mapping = {
   { 'embedding.word_embeddings.weight', 'model.decoder.embed_tokens.weight', pack = 'vocab', tp = 'vocab' },
   { 'embedding.position_embeddings.weight', 'model.decoder.embed_positions.weight', pack = 'offset', offset = 2 },
+  { 'embedding.input_projection.weight', 'model.decoder.project_in.weight' },
   { 'decoder.layers.{L}.input_layernorm.weight', LAYER .. 'self_attn_layer_norm.weight' },
   { 'decoder.layers.{L}.input_layernorm.bias', LAYER .. 'self_attn_layer_norm.bias' },
   { 'decoder.layers.{L}.self_attention.linear_qkv.weight',
@@ -31,6 +34,7 @@ M.mapping = {
   { 'decoder.layers.{L}.mlp.linear_fc2.bias', LAYER .. 'fc2.bias' },
   { 'decoder.final_layernorm.weight', 'model.decoder.final_layer_norm.weight' },
   { 'decoder.final_layernorm.bias', 'model.decoder.final_layer_norm.bias' },
+  { 'output_projection.weight', 'model.decoder.project_out.weight' },
   { 'output_layer.weight', 'lm_head.weight', pack = 'vocab', tp = 'vocab', tied = true },
 }
 
@@ -38,11 +42,7 @@ function M.config(read)
   local hidden = read:positive_int('hidden_size')
   local heads = read:positive_int('num_attention_heads')
   if hidden % heads ~= 0 then read:fail(string.format('hidden_size %d is not a multiple of num_attention_heads %d', hidden, heads)) end
-  local projected = read:number('word_embed_proj_dim', hidden)
-  if projected ~= hidden then
-    read:fail(string.format('word_embed_proj_dim %d differs from hidden_size %d (the project_in/project_out ' ..
-      'projections are not supported)', projected, hidden))
-  end
+  local width = read:positive_int('word_embed_proj_dim', hidden)
   if not read:bool('layer_norm_elementwise_affine', true) then
     read:fail('layer_norm_elementwise_affine false (LayerNorm without weight and bias) is not supported')
   end
@@ -51,6 +51,7 @@ function M.config(read)
   return {
     num_layers = read:positive_int('num_hidden_layers'),
     hidden_size = hidden,
+    word_embedding_size = width ~= hidden and width or nil,
     ffn_hidden_size = read:positive_int('ffn_dim'),
     num_attention_heads = heads,
     num_query_groups = heads,
@@ -79,7 +80,7 @@ function M.hf_config(c)
     error('opt: pre-norm models have a final LayerNorm and post-norm models none', 0)
   end
   return {
-    hidden_size = c.hidden_size, word_embed_proj_dim = c.hidden_size, ffn_dim = c.ffn_hidden_size,
+    hidden_size = c.hidden_size, word_embed_proj_dim = c.word_embedding_size or c.hidden_size, ffn_dim = c.ffn_hidden_size,
     num_hidden_layers = c.num_layers, num_attention_heads = c.num_attention_heads, vocab_size = c.vocab_size,
     max_position_embeddings = c.max_position_embeddings, do_layer_norm_before = not c.post_norm,
     activation_function = activations.write(c.activation, ACTIVATIONS, 'opt'), enable_bias = bias,

@@ -11,8 +11,8 @@ local expect = require 'spec.support.expect'
 
 local worker = shell.root .. '/spec/dist/zoo_ln_worker.lua'
 -- multi-query models (one KV head) cannot be split over two tensor-parallel ranks, as in Megatron
-local SPLITTABLE = { 'opt_post', 'gpt_bigcode_mha', 'starcoder2', 'falcon_new', 'falcon_seq', 'falcon_alibi' }
-local ALL = { 'opt', 'opt_post', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq',
+local SPLITTABLE = { 'opt_post', 'opt_proj', 'gpt_bigcode_mha', 'starcoder2', 'falcon_new', 'falcon_seq', 'falcon_alibi' }
+local ALL = { 'opt', 'opt_post', 'opt_proj', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq',
   'falcon_alibi' }
 
 local FIXTURES = shell.root .. '/spec/fixtures/zoo_ln/'
@@ -75,6 +75,24 @@ describe('zoo families under mpirun', function()
         string.format('%s %s step %s: loss %s, one process %s', r[1], r[2], r[3], r[4], r[5]))
     end
     assert.are.equal(3 * 3, #rows, 'one LOSS line per kind and step')
+  end)
+
+  -- OPT-350m's projections: project_in travels with the embedding, project_out with the output layer
+  it('puts the word-embedding projections on the first and last pipeline stage', function()
+    local function stage_names(rank)
+      local model = pmp.models.from_pretrained(FIXTURES .. 'opt_proj')
+      require('pmp.dist.pipeline').stage(model, { group = { rank = rank, size = 2, name = 'pp' } })
+      local names = {}
+      for _, pair in ipairs(model:named_parameters()) do names[pair[1]] = pair[2].shape end
+      return names
+    end
+    local first, last = stage_names(0), stage_names(1)
+    assert.are.same({ 32, 16 }, first['embedding.input_projection.weight'])
+    assert.is_nil(first['output_projection.weight'])
+    assert.are.same({ 16, 32 }, last['output_projection.weight'])
+    assert.is_nil(last['embedding.input_projection.weight'])
+    -- the last stage's copy of the tied word embeddings is as narrow as the embeddings
+    assert.are.equal(16, last['output_layer.weight'][2])
   end)
 
   it('refuses to split a multi-query model over two tensor-parallel ranks, naming num_query_groups', function()

@@ -15,7 +15,7 @@ local expect = require 'spec.support.expect'
 
 local ROOT = package.loaded['pmp.root'] or '.'
 local FIXTURES = ROOT .. '/spec/fixtures/zoo_ln'
-local NAMES = { 'opt', 'opt_post', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq',
+local NAMES = { 'opt', 'opt_post', 'opt_proj', 'gpt_bigcode', 'gpt_bigcode_mha', 'starcoder2', 'falcon', 'falcon_new', 'falcon_seq',
   'falcon_alibi' }
 
 local tmp = shell.temp_dir()
@@ -138,11 +138,9 @@ end)
 
 describe('zoo configs a family cannot honour', function()
   local fails_with = expect.fails_with
-  it('name the key: activation, projections, post-norm options, rope type, layouts', function()
+  it('name the key: activation, post-norm options, rope type, layouts', function()
     fails_with(function() models.from_pretrained(edited('opt', function(c) c.activation_function = 'swishy' end)) end,
       "activation_function 'swishy' is not supported", 'config.json')
-    fails_with(function() models.from_pretrained(edited('opt', function(c) c.word_embed_proj_dim = 16 end)) end,
-      'word_embed_proj_dim 16 differs from hidden_size 32')
     fails_with(function() models.from_pretrained(edited('opt', function(c) c.layer_norm_elementwise_affine = false end)) end,
       'layer_norm_elementwise_affine')
     fails_with(function() models.from_pretrained(edited('gpt_bigcode', function(c) c.scale_attn_weights = false end)) end,
@@ -174,6 +172,11 @@ describe('zoo configs a family cannot honour', function()
     tensors['transformer.h.1.ln_mlp.bias'] = nil
     st.save(dir .. '/model.safetensors', tensors)
     fails_with(function() models.from_pretrained(dir) end, 'missing weights: transformer.h.1.ln_mlp.bias')
+    dir = copy_dir(FIXTURES .. '/opt_proj', tmp .. '/opt_proj_missing')
+    tensors = st.load(dir .. '/model.safetensors')
+    tensors['model.decoder.project_out.weight'] = nil
+    st.save(dir .. '/model.safetensors', tensors)
+    fails_with(function() models.from_pretrained(dir) end, 'missing weights: model.decoder.project_out.weight')
   end)
 
   it('refuse positions beyond the learned table', function()

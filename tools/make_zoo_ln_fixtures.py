@@ -40,6 +40,11 @@ CASES = {
                                    max_position_embeddings=64, activation_function='gelu',
                                    do_layer_norm_before=False, tie_word_embeddings=False, pad_token_id=1,
                                    bos_token_id=2, eos_token_id=2)),
+    # OPT-350m's shape: word embeddings narrower than the hidden size (project_in after the lookup,
+    # project_out before the tied output), post-LayerNorm without a final norm, ReLU.
+    'opt_proj': ('OPTConfig', dict(hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=64, activation_function='relu',
+                                   do_layer_norm_before=False, pad_token_id=1, bos_token_id=2, eos_token_id=2)),
     # StarCoder 1 / SantaCoder: multi-query attention in a fused c_attn, learned positions, gelu tanh.
     'gpt_bigcode': ('GPTBigCodeConfig', dict(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=64,
                                              multi_query=True, activation_function='gelu_pytorch_tanh',
@@ -77,6 +82,12 @@ CASES = {
                                           bias=True, alibi=True, max_position_embeddings=64,
                                           bos_token_id=1, eos_token_id=2)),
 }
+
+# The seed of each case's weights, fixed per name so that adding a case leaves the committed ones as they
+# are: a new case takes the next number.
+SEEDS = {'falcon': 1000, 'falcon_alibi': 1001, 'falcon_new': 1002, 'falcon_seq': 1003, 'gpt_bigcode': 1004,
+         'gpt_bigcode_mha': 1005, 'opt': 1006, 'opt_post': 1007, 'starcoder2': 1008, 'opt_proj': 1009}
+assert sorted(SEEDS) == sorted(CASES), 'every case needs its own seed in SEEDS'
 
 
 def batch():
@@ -119,7 +130,7 @@ def build(name, out):
     config._attn_implementation = 'eager'
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation='eager').float().eval()
-    randomize(model, 1000 + sorted(CASES).index(name))
+    randomize(model, SEEDS[name])
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     target = os.path.join(out, name)

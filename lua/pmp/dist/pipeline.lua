@@ -121,7 +121,7 @@ end
 -- other stages split the rest evenly), virtual_stages (default 1; see below). The stage's layers are
 -- renumbered from 0, as Megatron's per-rank checkpoints number them; model.pipeline records the
 -- stage, its global layer offset and count, and whether it holds the embedding (is_first) and the
--- final norm and output layer (is_last).
+-- final norm and output layer (is_last; with the output projection, if any).
 -- With virtual_stages = V > 1 the rank keeps V chunks (see chunk_layers) and stage returns them as a
 -- pipeline.Chunks; the model itself becomes the first chunk. Each chunk's pipeline field also has
 -- virtual_stage (0-based) and virtual_stages; is_first holds on rank 0's first chunk only, is_last on
@@ -164,11 +164,12 @@ function M.stage(model, options)
 
   -- what the chunks are made of, taken before the model becomes the first of them
   local all, embedding, final_layernorm = model.decoder.layers.items, model.embedding, model.decoder.final_layernorm
-  local output = model.output_layer
+  local output, output_projection = model.output_layer, model.output_projection
   if rank == size - 1 and config.tie_embeddings then
     -- Megatron's last stage holds its own copy of the word embeddings as output_layer.weight; the
     -- two copies stay equal because sync_embedding_grads gives both the summed gradient.
-    output = layers.Linear(config.hidden_size, config.padded_vocab_size, { bias = false, dtype = config.dtype })
+    local width = embedding.word_embeddings.weight:size(2)
+    output = layers.Linear(width, config.padded_vocab_size, { bias = false, dtype = config.dtype })
     output.weight = embedding.word_embeddings.weight:detach():clone():requires_grad_()
   end
   local chunks = {}
@@ -186,6 +187,7 @@ function M.stage(model, options)
     chunk.embedding = is_first and embedding or nil
     chunk.decoder.final_layernorm = is_last and final_layernorm or nil
     chunk.output_layer = is_last and output or nil
+    chunk.output_projection = is_last and output_projection or nil
     rawset(chunk, 'pipeline', { stage = rank, stages = size, virtual_stage = v - 1, virtual_stages = virtual,
       layer_offset = mine[v].first, num_layers = mine[v].count, is_first = is_first, is_last = is_last })
     chunks[v] = chunk

@@ -7,6 +7,9 @@
 --   families: OPT, StarCoder 1), and *.bias beside every LayerNorm weight; position_embedding_type =
 --   'alibi' has no position parameters (per-head score biases, BLOOM and Baichuan-13B; alibi_slope_scale
 --   multiplies the slopes, 1/sqrt(head_dim) for Falcon-RW).
+--   embedding.input_projection.weight and output_projection.weight when word_embedding_size differs from
+--   hidden_size (OPT-350m): the word embeddings and the output layer are word_embedding_size wide, the
+--   first maps the looked-up rows to hidden_size, the second the final hidden states back (no biases).
 -- Block variants the other families need (all off by default, Llama-style pre-norm otherwise):
 --   post_norm          the two norms follow each residual sum instead of preceding each branch (OPT-350m)
 --   parallel_residual  x + attention(norm(x)) + mlp(norm'(x)) in one sum (Falcon, GPT-J)
@@ -65,6 +68,13 @@ function M.config(c)
   end
   if c.post_norm and c.parallel_residual then
     error('transformer config: post_norm and parallel_residual cannot be combined', 2)
+  end
+  local width = c.word_embedding_size
+  if width ~= nil and (type(width) ~= 'number' or width < 1 or width % 1 ~= 0) then
+    error('transformer config: word_embedding_size must be a positive integer, got ' .. tostring(width), 2)
+  end
+  if width ~= nil and width ~= out.hidden_size and c.word_embeddings_layernorm then
+    error('transformer config: word_embeddings_layernorm cannot be combined with a word_embedding_size other than hidden_size', 2)
   end
   out.rotary_percent = c.rotary_percent or 1.0
   out.init_std = c.init_std or 0.02
@@ -343,12 +353,26 @@ local NoFinalNorm = Module:extend('Identity')
 function NoFinalNorm:init() end
 function NoFinalNorm:forward(x) return x end
 
---- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x hidden_size), normalised by
+-- The width of the word embeddings and of the output layer's rows, and whether it needs the projections
+-- to and from hidden_size.
+local function word_embedding_width(config)
+  local width = config.word_embedding_size or config.hidden_size
+  return width, width ~= config.hidden_size
+end
+
+local function projection(config, from, to)
+  return layers.Linear(from, to, { bias = false, init_std = config.init_std, dtype = config.dtype, init = config.init })
+end
+
+--- LanguageModelEmbedding(config): the word embeddings (padded_vocab_size x word_embedding_size, by
+--- default hidden_size; input_projection maps other widths to hidden_size), normalised by
 --- word_embeddings_layernorm when config.word_embeddings_layernorm is set (BLOOM), plus learned position
 --- embeddings (max_position_embeddings x hidden_size) with position_embedding_type 'learned_absolute'.
 M.LanguageModelEmbedding = Module:extend('LanguageModelEmbedding')
 function M.LanguageModelEmbedding:init(config)
-  self.word_embeddings = layers.Embedding(config.padded_vocab_size, config.hidden_size, { init_std = config.init_std, dtype = config.dtype, init = config.init })
+  local width, projected = word_embedding_width(config)
+  self.word_embeddings = layers.Embedding(config.padded_vocab_size, width, { init_std = config.init_std, dtype = config.dtype, init = config.init })
+  if projected then self.input_projection = projection(config, width, config.hidden_size) end
   if config.word_embeddings_layernorm then self.word_embeddings_layernorm = norm(config, config.hidden_size) end
   if config.position_embedding_type == 'learned_absolute' then
     self.position_embeddings = layers.Embedding(config.max_position_embeddings, config.hidden_size,
@@ -358,6 +382,7 @@ end
 -- positions: an integer tensor [B, T] or nil (0 .. T-1 in every row); ignored without position embeddings.
 function M.LanguageModelEmbedding:forward(ids, positions)
   local x = self.word_embeddings(ids)
+  if self.input_projection then x = self.input_projection(x) end
   if self.word_embeddings_layernorm then x = self.word_embeddings_layernorm(x) end
   if not self.position_embeddings then return x end
   local T = ids:size(2)
@@ -404,6 +429,7 @@ end
 
 -- Logits, or the loss against targets, from the final hidden states (see forward).
 local function output(model, x, targets, options)
+  if model.output_projection then x = model.output_projection(x) end
   if model.score then
     if targets ~= nil then error('GPTModel: a model with a score head returns values [B, T]; it takes no targets', 3) end
     return model.score(x):squeeze(-1)
@@ -439,14 +465,16 @@ function M.GPTModel:init(config)
     { base = config.rotary_base, scaling = config.rope_scaling, interleaved = config.rotary_interleaved,
       position_limit = config.rotary_position_limit })
   self.decoder = M.TransformerDecoder(config)
+  local width, projected = word_embedding_width(config)
+  if projected then self.output_projection = projection(config, config.hidden_size, width) end
   if config.head == 'score' then
     -- a scalar per position (reward models, critics), as HF's *ForSequenceClassification with num_labels 1
-    self.score = layers.Linear(config.hidden_size, 1, { bias = false, init_std = config.init_std, dtype = config.dtype,
+    self.score = layers.Linear(width, 1, { bias = false, init_std = config.init_std, dtype = config.dtype,
       init = config.init })
   elseif config.head ~= nil and config.head ~= 'lm' then
     error("transformer config: head must be 'lm' or 'score', got '" .. tostring(config.head) .. "'", 2)
   elseif not config.tie_embeddings then
-    self.output_layer = layers.Linear(config.hidden_size, config.padded_vocab_size,
+    self.output_layer = layers.Linear(width, config.padded_vocab_size,
       { bias = false, init_std = config.init_std, dtype = config.dtype, init = config.init })
   end
 end
@@ -509,6 +537,7 @@ function M.GPTModel:decode(ids, state)
   state.cache = state.cache or {}
   x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
+  if self.output_projection then x = self.output_projection(x) end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
   if self.config.norm_head then weight = F.normalize(weight) end
   if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
