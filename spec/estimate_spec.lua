@@ -23,11 +23,14 @@ describe('estimate: parameters', function()
     end
   end)
 
-  it('match GPTModel for tied and untied, GQA, biases and QK norms, and add up over TP and PP', function()
+  it('match GPTModel for tied and untied, GQA, biases, QK norms and projected embeddings, and add up over TP and PP', function()
     local configs = {
       { num_layers = 2, hidden_size = 64, num_attention_heads = 4, vocab_size = 100, tie_embeddings = true },
       { num_layers = 3, hidden_size = 96, num_attention_heads = 6, num_query_groups = 2, ffn_hidden_size = 200,
         vocab_size = 77, add_qkv_bias = true, qk_layernorm = true, kv_channels = 24 },
+      -- OPT-350m's narrower word embeddings with projections to and from the hidden size
+      { num_layers = 2, hidden_size = 64, num_attention_heads = 4, vocab_size = 100, tie_embeddings = true,
+        word_embedding_size = 24 },
     }
     for k, settings in ipairs(configs) do
       local model = pmp.nn.GPTModel(settings)

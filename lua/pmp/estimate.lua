@@ -131,11 +131,14 @@ local function parameter_counts(c, tp, ep)
   if experts > 0 then mlp = mlp * experts / ep + H * experts end   -- this rank's experts and the router
   local norm = c.normalization == 'LayerNorm' and 2 * H or H   -- LayerNorm has a bias
   local norms = 2 + (c.post_self_attn_layernorm and 1 or 0) + (c.post_mlp_layernorm and 1 or 0)   -- GLM-4 has four
+  local E = c.word_embedding_size or H
+  local projection = E ~= H and E * H or 0   -- each of input_projection and output_projection, replicated
   return {
     layer = attention + mlp + norms * norm,
-    embedding = c.padded_vocab_size * H / tp + (c.word_embeddings_layernorm and norm or 0),
-    output = c.padded_vocab_size * H / tp,
+    embedding = c.padded_vocab_size * E / tp + projection + (c.word_embeddings_layernorm and norm or 0),
+    output = c.padded_vocab_size * E / tp,
     final_norm = norm,
+    output_projection = projection,
   }
 end
 
@@ -198,7 +201,7 @@ function M.memory(c, layout)
     local params = layers * counts.layer
     if is_first then params = params + counts.embedding end
     if is_last then
-      params = params + counts.final_norm
+      params = params + counts.final_norm + counts.output_projection
       if not c.tie_embeddings or pp > 1 then params = params + counts.output end
     end
     local weights = params * ab

@@ -106,8 +106,9 @@ function summary.rows(model, options)
   if own_params then rows[#rows + 1] = { name = '(own parameters)', params = own_params, activation_bytes = 0, flops = 0 } end
   if logits_computed_here and model.decoder and model.decoder.final_layernorm then
     local tokens = shape.batch * shape.seq
-    rows[#rows + 1] = { name = '(logits)', params = 0, flops = 2 * tokens * config.hidden_size * config.vocab_size,
-      activation_bytes = tokens * (config.hidden_size + config.vocab_size) * dtype_bytes }
+    local width = config.word_embedding_size or config.hidden_size   -- after output_projection, if any
+    rows[#rows + 1] = { name = '(logits)', params = 0, flops = 2 * tokens * width * config.vocab_size,
+      activation_bytes = tokens * (width + config.vocab_size) * dtype_bytes }
   end
   local total = { params = 0, activation_bytes = 0, flops = 0 }
   for _, row in ipairs(rows) do
