@@ -167,16 +167,10 @@ describe('zoo configs a family cannot honour', function()
   end)
 
   it('refuse a word_embedding_size GPTModel cannot honour, naming the key', function()
-    local base = { num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab_size = 10 }
-    local function with(extra)
-      local c = {}
-      for k, v in pairs(base) do c[k] = v end
-      for k, v in pairs(extra) do c[k] = v end
-      return c
-    end
-    fails_with(function() pmp.nn.GPTModel(with({ word_embedding_size = 2.5 })) end,
-      'word_embedding_size must be a positive integer, got 2.5')
-    fails_with(function() pmp.nn.GPTModel(with({ word_embedding_size = 4, word_embeddings_layernorm = true })) end,
+    fails_with(function() pmp.nn.GPTModel({ num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab_size = 10,
+      word_embedding_size = 2.5 }) end, 'word_embedding_size must be a positive integer, got 2.5')
+    fails_with(function() pmp.nn.GPTModel({ num_layers = 1, hidden_size = 8, num_attention_heads = 2, vocab_size = 10,
+      word_embedding_size = 4, word_embeddings_layernorm = true }) end,
       'word_embeddings_layernorm cannot be combined with a word_embedding_size')
     fails_with(function() models.from_pretrained(edited('opt_proj', function(c) c.word_embed_proj_dim = 0 end)) end,
       "key 'word_embed_proj_dim' must be a positive integer", 'config.json')
