@@ -28,10 +28,6 @@ function M.new(opts, run)
   return self
 end
 
-local function scalar(logger, tag, value, iteration)
-  if logger.tensorboard then logger.tensorboard:add_scalar(tag, value, iteration) end
-end
-
 --- Trains to --train-iters. loss_of(pairs) -> the loss tensor over this rank's pairs and a list of the
 --- other metrics' values. state: JSON-able fields saved with each checkpoint and restored into it on resume.
 function Trainer:train(loss_of, state)
@@ -63,12 +59,12 @@ function Trainer:train(loss_of, state)
     local grad_norm = step.clip_grads(run.model, optimizer, opts.clip_grad)
     optimizer:step()
     local values = recipe.mean_over_ranks({ loss:item(), unpack(others) }, run.layout)
+    local tagged = { ['learning-rate'] = optimizer.lr, ['grad-norm'] = grad_norm }
     for k, v in ipairs(values) do
       sums[k] = (sums[k] or 0) + v
-      scalar(logger, run.metrics[k][1], v, iteration)
+      tagged[run.metrics[k][1]] = v
     end
-    scalar(logger, 'learning-rate', optimizer.lr, iteration)
-    scalar(logger, 'grad-norm', grad_norm, iteration)
+    recipe.scalars(logger, iteration, tagged)
     count = count + 1
     if iteration % opts.log_interval == 0 or iteration == opts.train_iters then
       local now = clock.now()

@@ -21,6 +21,7 @@ M.flags = {
     { '--seed', 1234, 'random seed' },
     { '--save', nil, 'checkpoint directory (written at the end)' },
     { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
+    { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
   },
   rollout = {
     { '--prompts', nil, 'jsonl file of prompts' },
@@ -36,9 +37,8 @@ M.flags = {
     { '--data-path', nil, 'jsonl file of preference pairs' },
     { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
     { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
-    { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
   },
-  -- after pmp.train.flags.checkpoint (rm, dpo): --load names the start model, --save is resumed
+  -- after pmp.train.flags.checkpoint (rm, dpo, grpo): --load names the start model, --save is resumed
   resume = {
     { '--load', nil, 'Hugging Face model directory (default: the embedded sums task)' },
     { '--save', nil, 'checkpoint directory (none if not given or ""); one that holds a checkpoint resumes' },
@@ -80,6 +80,12 @@ function M.mean_over_ranks(values, layout)
   local t = require('pmp.tensor').tensor(values, { dtype = 'f64' })
   require('pmp.dist').group('dp'):all_reduce(t, 'avg')
   return t:totable()
+end
+
+--- values ({tag = number}) as TensorBoard scalars at iteration, when the logger writes them (--tensorboard-dir).
+function M.scalars(logger, iteration, values)
+  if not logger.tensorboard then return end
+  for tag, value in pairs(values) do logger.tensorboard:add_scalar(tag, value, iteration) end
 end
 
 --- The policy to start from and its tokenizer: opts.load (an HF directory) or the embedded start.
