@@ -66,12 +66,7 @@ end
 local function as_double(raw) local b = ffi.new('double[1]'); ffi.copy(b, raw, 8); return b[0] end
 local function as_float(raw) local b = ffi.new('float[1]'); ffi.copy(b, raw, 4); return b[0] end
 
-local function read_file(path)
-  local f = assert(io.open(path, 'rb'))
-  local content = f:read('*a')
-  f:close()
-  return content
-end
+local read_file = require('pmp.io').read_file
 
 local function list_dir(dir)
   local names, pipe = {}, io.popen('ls -1 ' .. shell.quote(dir))
