@@ -9,24 +9,25 @@
 --- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
 --- preference accuracy (pairs where the implicit reward beta (log pi - log pi_ref) of the chosen answer
 --- is the higher; ties, as at the start, count half) before and after.
+--- Under mpirun each process takes its share of every batch of pairs (the reference scores its share too)
+--- and the gradients are averaged.
 local rl, train = pmp.rl, pmp.train
-local flags, step = train.flags, train.step
+local flags = train.flags
 local recipe = require 'pmp.rl.recipe'
-local clock = require 'pmp.clock'
+local pair_training = require 'pmp.rl.pair_training'
 
 local opts = flags.parse(arg, { {
-  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--train-iters', 200, 'optimizer steps' },
-  { '--batch-size', 32, 'pairs per step' },
+  { '--batch-size', 32, 'pairs per step (over all processes)' },
   { '--beta', 0.1, 'DPO beta' },
   { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)' },
   { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge' },
   { '--log-interval', 20, 'steps between log lines' },
-}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
+  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 2e-5, 'AdamW peak learning rate' },
 } }, { usage = 'pmp recipes/dpo.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
-recipe.require_one_process()
 train.lora.check(opts, opts.save_hf)
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end
 
@@ -36,6 +37,7 @@ local reference = recipe.frozen_copy(policy)
 -- LoRA: the policy trains adapters on its frozen weights (the reference above is a copy of those)
 train.lora.setup(policy, opts, not opts.load and 'llama' or nil)
 policy:eval()   -- no dropout
+local layout, ddp = recipe.data_parallel(policy, opts.batch_size, '--batch-size')
 local train_pairs, held_out = recipe.preference_pairs(opts, tokenizer, render)
 local pad = tokenizer.pad_id or 0
 local mean_per_token = opts.loss_type == 'ipo'
@@ -56,45 +58,28 @@ local function implicit_rewards(pairs)
   return chosen, rejected
 end
 local function accuracy(pairs) return recipe.pairs_accuracy(pairs, implicit_rewards) end
-local before = held_out and accuracy(held_out)
-local optimizer = train.optimizer.adamw(policy, opts)
-local lr_at = train.optimizer.schedule(opts, opts.train_iters)
-local logger = train.Logger(opts, { name = 'dpo', train_iters = opts.train_iters })
-local checkpoints = train.Checkpoints({ save = opts.save, save_interval = 0 }, logger)
-print(string.format('dpo: %d training pairs, %s held-out; %d steps of %d pairs; loss %s, beta %g; %s', #train_pairs,
-  held_out and tostring(#held_out) or 'no', opts.train_iters, opts.batch_size, opts.loss_type, opts.beta,
+local trainer = pair_training.new(opts, { name = 'dpo', model = policy, layout = layout, ddp = ddp, pairs = train_pairs,
+  metrics = { { 'dpo loss', '%.6E' }, { 'rewards accuracy', '%.4f' }, { 'rewards margin', '%.4f' } } })
+local state = { before = held_out and not trainer.resuming and accuracy(held_out) or nil }
+trainer.logger:line(string.format('dpo: %d training pairs, %s held-out; %d steps of %d pairs%s; loss %s, beta %g; %s',
+  #train_pairs, held_out and tostring(#held_out) or 'no', opts.train_iters, opts.batch_size,
+  layout.dp > 1 and string.format(' over %d processes', layout.dp) or '', opts.loss_type, opts.beta,
   tostring(policy):match('^[^\n]*')))
-local next_batch = recipe.batches(train_pairs, opts.batch_size)
-local start, loss_sum, acc_sum, margin_sum, count = clock.now(), 0, 0, 0, 0
-for iteration = 1, opts.train_iters do
-  logger:begin_iteration(iteration)
-  optimizer.lr = lr_at(iteration)
-  local pairs = next_batch()
+trainer:train(function(pairs)
   local batch = rl.preference.collate(pairs, pad, opts.max_length)
   local rc, rr = pmp.no_grad(logps, reference, batch, #pairs)
-  optimizer:zero_grad()
   local pc, pr = logps(policy, batch, #pairs)
   local loss, chosen, rejected = rl.dpo_loss(pc, pr, rc, rr, { beta = opts.beta,
     label_smoothing = opts.label_smoothing, loss_type = opts.loss_type })
-  loss:backward()
-  local grad_norm = step.clip_grads(policy, optimizer, opts.clip_grad)
-  optimizer:step()
-  loss_sum, count = loss_sum + loss:item(), count + 1
-  acc_sum = acc_sum + recipe.pair_accuracy(chosen:double():totable(), rejected:double():totable())
-  margin_sum = margin_sum + (chosen - rejected):mean():item()
-  if iteration % opts.log_interval == 0 or iteration == opts.train_iters then
-    local now = clock.now()
-    print(string.format(' iteration %8d/%8d | elapsed time per iteration (ms): %.1f | learning rate: %.6E | ' ..
-      'dpo loss: %.6E | rewards accuracy: %.4f | rewards margin: %.4f | grad norm: %.3f |', iteration, opts.train_iters,
-      (now - start) * 1000 / count, optimizer.lr, loss_sum / count, acc_sum / count, margin_sum / count, grad_norm))
-    start, loss_sum, acc_sum, margin_sum, count = now, 0, 0, 0, 0
-  end
-end
-checkpoints:finish(opts.train_iters, policy, optimizer, function() return { model_config = policy.config, args = opts } end)
-logger:finish(opts.train_iters)
-train.lora.finish(policy, opts, opts.load)
-if opts.save_hf then
+  return loss, { recipe.pair_accuracy(chosen:double():totable(), rejected:double():totable()),
+    (chosen - rejected):mean():item() }
+end, state)
+if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
+if opts.save_hf and layout.is_logger then
   policy:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
   print('dpo: saved the policy to ' .. opts.save_hf)
 end
-if held_out then print(string.format('dpo: held-out preference accuracy before %.4f after %.4f', before, accuracy(held_out))) end
+if held_out and layout.is_logger then
+  trainer.logger:line(string.format('dpo: held-out preference accuracy before %.4f after %.4f', state.before,
+    accuracy(held_out)))
+end

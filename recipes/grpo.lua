@@ -25,8 +25,9 @@ local opts = flags.parse(arg, { {
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
   { '--log-interval', 1, 'iterations between log lines' },
-}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.rollout, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.rollout, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
+  { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 5e-5, 'AdamW peak learning rate' },
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
@@ -45,15 +46,28 @@ local G = opts.num_generations
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
 local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
-local before = embedded and held_out()
 local optimizer = train.optimizer.adamw(policy, opts)
 local lr_at = train.optimizer.schedule(opts, opts.iterations)
 local logger = train.Logger(opts, { name = 'grpo', train_iters = opts.iterations })
-local checkpoints = train.Checkpoints({ save = opts.save, save_interval = 0 }, logger)
+local checkpoints = train.Checkpoints(opts, logger)
+local resume = train.Checkpoints.info(checkpoints.dir)
+local before = embedded and not resume and held_out()
 print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
   opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
-local next_prompts = recipe.batches(prompts, opts.prompts_per_iteration)
-for iteration = 1, opts.iterations do
+local next_prompts, prompt_position = recipe.batches(prompts, opts.prompts_per_iteration)
+local function checkpoint_state()
+  return { model_config = policy.config, args = opts, before = before, prompt_order = prompt_position.order,
+    prompt_cursor = prompt_position.cursor }
+end
+local iteration = 0
+if resume then   -- after everything that draws random numbers: the restored generators are the ones used
+  local state
+  iteration, state = checkpoints:load(checkpoints.dir, policy, optimizer)
+  before, prompt_position.order, prompt_position.cursor = state.before, state.prompt_order, state.prompt_cursor
+end
+local first_iteration = iteration
+while iteration < opts.iterations do
+  iteration = iteration + 1
   logger:begin_iteration(iteration)
   local t0 = clock.now()
   optimizer.lr = lr_at(iteration)
@@ -103,9 +117,15 @@ for iteration = 1, opts.iterations do
       iteration, opts.iterations, rl.rollout.mean(rewards), sums_of.kl / n, sums_of.entropy / n, sums_of.loss / n,
       sums_of.clipfrac / n, batch.mask:sum():item() / #samples, sums_of.grad_norm / n, t1 - t0, t2 - t1, t3 - t2))
   end
+  local n = sums_of.steps
+  recipe.scalars(logger, iteration, { ['reward mean'] = rl.rollout.mean(rewards), kl = sums_of.kl / n,
+    entropy = sums_of.entropy / n, loss = sums_of.loss / n, clipfrac = sums_of.clipfrac / n,
+    ['grad-norm'] = sums_of.grad_norm / n, ['learning-rate'] = optimizer.lr })
+  checkpoints:save_if_due(iteration, policy, optimizer, checkpoint_state)
+  if checkpoints:exit_due(iteration) then break end
 end
-checkpoints:finish(opts.iterations, policy, optimizer, function() return { model_config = policy.config, args = opts } end)
-logger:finish(opts.iterations)
+checkpoints:finish(iteration, policy, optimizer, checkpoint_state)
+logger:finish(iteration - first_iteration)
 train.lora.finish(policy, opts, opts.load)
 if opts.save_hf then
   policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })

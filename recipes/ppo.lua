@@ -163,6 +163,10 @@ while iteration < opts.iterations do
       kl_per_answer, coef, sums_of.entropy / n, sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n,
       mask:sum():item() / #samples, t1 - t0, t2 - t1, t3 - t2))
   end
+  local n = sums_of.steps
+  recipe.scalars(logger, iteration, { ['reward mean'] = rl.rollout.mean(scores), kl = kl_per_answer, ['kl coef'] = coef,
+    entropy = sums_of.entropy / n, ['policy loss'] = sums_of.policy / n, ['value loss'] = sums_of.value / n,
+    clipfrac = sums_of.clipfrac / n, ['learning-rate'] = actor_opt.lr })
   actor_checkpoints:save_if_due(iteration, actor, actor_opt, actor_state)
   critic_checkpoints:save_if_due(iteration, critic, critic_opt, critic_state)
   if actor_checkpoints:exit_due(iteration) then break end

@@ -7,8 +7,8 @@ local mpi = {}
 mpi.available = os.execute('command -v mpirun >/dev/null 2>&1') == 0
 
 -- Runs `pmp script args...` on np processes; returns stdout, stderr, exit status. env: a table of
--- environment variables for every rank.
-function mpi.run(np, script, args, env)
+-- environment variables for every rank; dir: the ranks' working directory (default: this one).
+function mpi.run(np, script, args, env, dir)
   -- Each run keeps Open MPI's session files (and PMIx's, under TMPDIR) in a directory of its own:
   -- concurrent jobs sharing /tmp/ompi.* collided.
   local session = shell.temp_dir()
@@ -18,6 +18,7 @@ function mpi.run(np, script, args, env)
   local uid = io.popen('id -u'):read('*l')
   if uid == '0' then parts[#parts + 1] = '--allow-run-as-root' end
   for k, v in pairs(env or {}) do parts[#parts + 1] = '-x ' .. k .. '=' .. shell.quote(v) end
+  if dir then parts[#parts + 1] = '-wdir ' .. shell.quote(dir) end
   parts[#parts + 1] = shell.quote(shell.pmp)
   parts[#parts + 1] = shell.quote(script)
   for _, a in ipairs(args or {}) do parts[#parts + 1] = shell.quote(a) end

@@ -21,6 +21,7 @@ M.flags = {
     { '--seed', 1234, 'random seed' },
     { '--save', nil, 'checkpoint directory (written at the end)' },
     { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
+    { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
   },
   rollout = {
     { '--prompts', nil, 'jsonl file of prompts' },
@@ -37,11 +38,54 @@ M.flags = {
     { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
     { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
   },
+  -- after pmp.train.flags.checkpoint (rm, dpo, grpo): --load names the start model, --save is resumed
+  resume = {
+    { '--load', nil, 'Hugging Face model directory (default: the embedded sums task)' },
+    { '--save', nil, 'checkpoint directory (none if not given or ""); one that holds a checkpoint resumes' },
+    { '--save-interval', 0, 'steps between checkpoints (0: only at the end)' },
+  },
 }
 
 --- The recipes train one model copy in one process.
 function M.require_one_process()
   if require('pmp.dist').init().world > 1 then error('runs on one process; start it without mpirun', 0) end
+end
+
+--- Data parallelism under mpirun, every rank holding the whole model: pmp.dist's layout (is_logger: the
+--- last rank, which prints) and, on several ranks, a pmp.dist.ddp wrapper that averages the gradients of
+--- model's trained parameters during backward (nil on one process). batch_size (the global batch, named
+--- by flag in the error) must split evenly over the ranks.
+function M.data_parallel(model, batch_size, flag)
+  local layout = require('pmp.dist').init()
+  layout.is_logger = layout.rank == layout.world - 1
+  if batch_size % layout.dp ~= 0 then
+    error(string.format('%s %d is not divisible by the %d data-parallel processes', flag, batch_size, layout.dp), 0)
+  end
+  if layout.dp == 1 then return layout, nil end
+  -- frozen weights (LoRA's base) get no gradient: a bucket waiting for them would never start
+  local frozen = {}
+  for _, pair in ipairs(model:named_parameters()) do frozen[pair[1]] = not pair[2].requires_grad end
+  return layout, require('pmp.dist.ddp').DistributedDataParallel(model, { skip = function(name) return frozen[name] end })
+end
+
+--- This data-parallel rank's contiguous share of a global batch (a list whose length dp divides).
+function M.rank_share(list, layout)
+  local n = #list / layout.dp
+  return { unpack(list, layout.dp_rank * n + 1, (layout.dp_rank + 1) * n) }
+end
+
+--- A list of numbers averaged over the data-parallel ranks (each holding a mean over an equal share).
+function M.mean_over_ranks(values, layout)
+  if layout.dp == 1 then return values end
+  local t = require('pmp.tensor').tensor(values, { dtype = 'f64' })
+  require('pmp.dist').group('dp'):all_reduce(t, 'avg')
+  return t:totable()
+end
+
+--- values ({tag = number}) as TensorBoard scalars at iteration, when the logger writes them (--tensorboard-dir).
+function M.scalars(logger, iteration, values)
+  if not logger.tensorboard then return end
+  for tag, value in pairs(values) do logger.tensorboard:add_scalar(tag, value, iteration) end
 end
 
 --- The policy to start from and its tokenizer: opts.load (an HF directory) or the embedded start.
@@ -52,7 +96,9 @@ function M.policy(opts, load)
     local tokenizer = require('pmp.tokenizer').from_pretrained(opts.load)
     return model, tokenizer, require('pmp.train.base_model').chat_renderer(tokenizer, opts.load, nil, opts.load)
   end
-  local model, tokenizer = sums.start_policy({ iters = opts.start_iters })
+  local dist = require('pmp.dist').init()
+  local model, tokenizer = sums.start_policy({ iters = opts.start_iters,
+    log = dist.rank == dist.world - 1 and print or function() end })   -- the logging rank's lines only
   if load and load.head == 'score' then model = require('pmp.models').score_model(model) end
   return model, tokenizer
 end
