@@ -20,7 +20,6 @@ function M.init(opts)
     opts.num_experts or 0, ep)
   check(ep == 1 or not opts.use_distributed_optimizer, '--expert-model-parallel-size > 1 does not support ' ..
     '--use-distributed-optimizer yet')
-  check(ep == 1 or (opts.save or '') == '', '--expert-model-parallel-size > 1 cannot save checkpoints yet (pass --save "")')
   local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp, ep = ep,
     timeout = opts.distributed_timeout_minutes * 60 })
   if not got then error((tostring(layout):gsub('^pmp%.dist%.init: ', '')), 0) end
