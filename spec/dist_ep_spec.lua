@@ -103,6 +103,42 @@ describe('expert parallelism under mpirun', function()
   end
 end)
 
+describe('expert parallelism with virtual pipeline stages under mpirun', function()
+  local test = mpi.available and it or pending
+  local function norms(stdout)
+    local out = {}
+    for v in stdout:gmatch('| grad norm: (%S+) |') do out[#out + 1] = v end
+    assert.are.equal(3, #out, stdout)
+    return out
+  end
+
+  -- 4 layers, the first dense (a chunk without experts to split), 2 virtual stages per pipeline rank,
+  -- clipped by the global norm
+  test('EP=2 x PP=2 interleaved with a dense first layer logs the single-process losses', function()
+    local flags = { unpack(PRETRAIN) }
+    for _, a in ipairs({ '--num-layers', '4', '--moe-layer-freq', '[0,1,1,1]', '--clip-grad', '0.05' }) do
+      flags[#flags + 1] = a
+    end
+    local args = { shell.root .. '/recipes/pretrain.lua', unpack(flags) }
+    local out, err, status = shell.run_pmp(args)
+    assert.are.equal(0, status, err)
+    local want, reference_out = losses(out), out
+    assert.are.equal(10, #want, out)
+    for _, a in ipairs({ '--expert-model-parallel-size', '2', '--pipeline-model-parallel-size', '2',
+      '--num-layers-per-virtual-pipeline-stage', '1' }) do flags[#flags + 1] = a end
+    out, err, status = mpi.run(4, shell.root .. '/recipes/pretrain.lua', flags)
+    assert.are.equal(0, status, err)
+    local got = losses(out)
+    assert.are.equal(#want, #got, out)
+    for k = 1, #want do
+      assert.is_true(math.abs(got[k] - want[k]) <= 1e-5 * math.abs(want[k]),
+        string.format('loss %d is %.7g, one process gave %.7g', k, got[k], want[k]))
+    end
+    -- Adam's steps hardly depend on a clipping scale: the logged norms (3 decimals) are compared too
+    assert.are.same(norms(reference_out), norms(out))
+  end)
+end)
+
 describe('expert-parallel checkpoints under mpirun', function()
   local test = mpi.available and it or pending
   local dir

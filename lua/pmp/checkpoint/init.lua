@@ -20,6 +20,9 @@
 --       distrib_optim_DDD.safetensors with the distributed optimizer, one per replica DDD: <name>.<slot>
 --                                     holds the DDD-th of optimizer_shards even pieces of the flattened
 --                                     state of <name> (so each replica writes 1/dp of the state)
+--   With expert parallelism (ep > 1): mp_rank_TT[_PPP]_EEE/, one per expert-parallel rank EEE of each
+--   model-parallel rank, written by that rank of the first expert-data-parallel replica: its experts
+--   under their global numbers (and their optimizer state); 000's also everything else.
 --
 -- Saving goes to a temporary iteration directory that rank 0 creates; after every rank has written
 -- (an all-reduce of everybody's success is the barrier) rank 0 writes layout.json, renames the
@@ -97,10 +100,12 @@ local function model_stage(model, layout, op)
     error(string.format('%s: the layout has tp=%d but the model is %s (pmp.nn.parallel.tensor_parallel splits it)', op,
       layout.tp, tp and ('split ' .. tp.group.size .. ' ways') or 'not tensor parallel'), 3)
   end
-  local ep = rawget(chunks[1], 'expert_parallel')
-  if layout.ep > 1 and (not ep or ep.group.size ~= layout.ep) then
-    error(string.format('%s: the layout has ep=%d but the model is %s (pmp.nn.expert_parallel.expert_parallel splits ' ..
-      'its experts)', op, layout.ep, ep and ('split ' .. ep.group.size .. ' ways') or 'not expert parallel'), 3)
+  for _, chunk in ipairs(layout.ep > 1 and chunks or {}) do
+    local ep = rawget(chunk, 'expert_parallel')
+    if (ep and ep.group.size ~= layout.ep) or (not ep and require('pmp.nn.expert_parallel').has_moe_layer(chunk)) then
+      error(string.format('%s: the layout has ep=%d but the model is %s (pmp.nn.expert_parallel.expert_parallel splits ' ..
+        'its experts)', op, layout.ep, ep and ('split ' .. ep.group.size .. ' ways') or 'not expert parallel'), 3)
+    end
   end
   if #chunks > 1 then
     local ranges = {}

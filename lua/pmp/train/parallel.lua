@@ -66,7 +66,9 @@ function M.split(model, opts, layout)
   for _, chunk in ipairs(pipeline.chunks(model)) do
     parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
     parallel.context_parallel(chunk)
-    if layout.ep > 1 then require('pmp.nn.expert_parallel').expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
+    -- a pipeline stage of dense layers only (--moe-layer-freq) has no experts to split
+    local ep = require 'pmp.nn.expert_parallel'
+    if layout.ep > 1 and ep.has_moe_layer(chunk) then ep.expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
   end
   if opts.bf16 then model:to('bf16') end
   return model
