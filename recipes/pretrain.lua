@@ -76,9 +76,9 @@ while iteration < opts.train_iters do
   local finite = nan_guard:finite(iteration, grad_norm)
   if finite then optimizer:step() end
   loss = train.parallel.mean_loss(loss, layout)
+  local aux, aux_layers = pmp.nn.moe.take_aux_losses()
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed, skipped = not finite,
-    tokens = opts.global_batch_size * opts.seq_length,
-    aux_losses = train.parallel.mean_aux_losses(pmp.nn.moe.take_aux_losses(), layout) })
+    tokens = opts.global_batch_size * opts.seq_length, aux_losses = train.parallel.mean_aux_losses(aux, layout, aux_layers) })
   if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     logger:validation(iteration, evaluate)
   end

@@ -3,7 +3,9 @@ require 'busted.runner'()
 -- counts and one training step of an expert-parallel MoE GPT against the whole model in one process
 -- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2; then
 -- recipes/pretrain.lua with --expert-model-parallel-size 2, alone and with tensor parallelism, logs the
--- single-process losses.
+-- single-process losses, alone, with tensor parallelism and with pipeline parallelism. Expert-parallel
+-- checkpoints: a model saved under EP=2 loads into one process with the same logits, and pretraining
+-- resumes across EP=2 and one process with the uninterrupted run's losses.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
@@ -80,6 +82,8 @@ describe('expert parallelism under mpirun', function()
     { 2, 'EP=2', { '--expert-model-parallel-size', '2', '--make-vocab-size-divisible-by', '128' } },
     { 4, 'EP=2 x TP=2 (experts whole on each tensor-parallel rank)', { '--expert-model-parallel-size', '2',
       '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
+    { 4, 'EP=2 x PP=2 (one MoE layer per stage, expert-data-parallel 1 on each)', { '--expert-model-parallel-size', '2',
+      '--pipeline-model-parallel-size', '2', '--make-vocab-size-divisible-by', '128' } },
   }) do
     local np, name, extra = case[1], case[2], case[3]
     test('recipes/pretrain.lua logs the single-process losses: ' .. name, function()
@@ -97,6 +101,119 @@ describe('expert parallelism under mpirun', function()
       end
     end)
   end
+end)
+
+describe('expert parallelism with virtual pipeline stages under mpirun', function()
+  local test = mpi.available and it or pending
+  local function norms(stdout)
+    local out = {}
+    for v in stdout:gmatch('| grad norm: (%S+) |') do out[#out + 1] = v end
+    assert.are.equal(3, #out, stdout)
+    return out
+  end
+
+  -- 4 layers, the first dense (a chunk without experts to split), 2 virtual stages per pipeline rank,
+  -- clipped by the global norm
+  test('EP=2 x PP=2 interleaved with a dense first layer logs the single-process losses', function()
+    local flags = { unpack(PRETRAIN) }
+    for _, a in ipairs({ '--num-layers', '4', '--moe-layer-freq', '[0,1,1,1]', '--clip-grad', '0.05' }) do
+      flags[#flags + 1] = a
+    end
+    local args = { shell.root .. '/recipes/pretrain.lua', unpack(flags) }
+    local out, err, status = shell.run_pmp(args)
+    assert.are.equal(0, status, err)
+    local want, reference_out = losses(out), out
+    assert.are.equal(10, #want, out)
+    for _, a in ipairs({ '--expert-model-parallel-size', '2', '--pipeline-model-parallel-size', '2',
+      '--num-layers-per-virtual-pipeline-stage', '1' }) do flags[#flags + 1] = a end
+    out, err, status = mpi.run(4, shell.root .. '/recipes/pretrain.lua', flags)
+    assert.are.equal(0, status, err)
+    local got = losses(out)
+    assert.are.equal(#want, #got, out)
+    for k = 1, #want do
+      assert.is_true(math.abs(got[k] - want[k]) <= 1e-5 * math.abs(want[k]),
+        string.format('loss %d is %.7g, one process gave %.7g', k, got[k], want[k]))
+    end
+    -- Adam's steps hardly depend on a clipping scale: the logged norms (3 decimals) are compared too
+    assert.are.same(norms(reference_out), norms(out))
+  end)
+end)
+
+describe('expert-parallel checkpoints under mpirun', function()
+  local test = mpi.available and it or pending
+  local dir
+  setup(function() dir = shell.temp_dir() end)
+  teardown(function() shell.remove_dir(dir) end)
+
+  test('an EP=2 checkpoint loads into one process with the same logits; a missing expert is named', function()
+    local saved = dir .. '/model'
+    local out, err, status = mpi.run(2, shell.root .. '/spec/dist/ep_checkpoint_worker.lua', { saved, '2' })
+    assert.are.equal(0, status, err .. out)
+    local root = saved .. '/iter_0000001'
+    assert.is_true(pmp.io.is_dir(root .. '/mp_rank_00_000') and pmp.io.is_dir(root .. '/mp_rank_00_001'))
+    -- each expert-parallel rank's directory holds its own experts only
+    local second = pmp.safetensors.load(root .. '/mp_rank_00_001/model_optim_rng.safetensors')
+    assert.is_not_nil(second['model.decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight'])
+    assert.is_nil(second['model.decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight'])
+    assert.is_nil(second['model.embedding.word_embeddings.weight'])
+
+    local model = pmp.checkpoint.load_model(saved)
+    pmp.manual_seed(3)   -- the worker's batch
+    local ids = pmp.randint(0, 40, { 2, 8 }):long()
+    local want = pmp.safetensors.load(saved .. '/logits.safetensors').logits
+    assert.is_true((model(ids) - want):abs():max():item() <= 1e-5)
+
+    -- the description loses expert 3 of layer 1: the load names it
+    local layout = pmp.json.decode(pmp.io.read_file(root .. '/layout.json'))
+    local lost = 'decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight'
+    assert.is_not_nil(layout.params[lost])
+    layout.params[lost] = nil
+    pmp.io.write_atomic(root .. '/layout.json', pmp.json.encode(layout))
+    local ok, why = pcall(pmp.checkpoint.load_model, saved)
+    assert.is_false(ok)
+    assert.matches('holds no model.' .. lost, tostring(why), 1, true)
+  end)
+
+  test('pretraining resumes an EP=2 checkpoint under EP=2 bit-exactly, and across EP=2 and one process', function()
+    local flags = { unpack(PRETRAIN) }
+    for _, a in ipairs({ '--train-iters', '6', '--eval-interval', '0' }) do flags[#flags + 1] = a end
+    local function run(np, extra)
+      local args = { unpack(flags) }
+      for _, a in ipairs(extra) do args[#args + 1] = a end
+      local out, err, status
+      if np == 1 then
+        table.insert(args, 1, shell.root .. '/recipes/pretrain.lua')
+        out, err, status = shell.run_pmp(args)
+      else
+        out, err, status = mpi.run(np, shell.root .. '/recipes/pretrain.lua', args)
+      end
+      assert.are.equal(0, status, err)
+      return require('spec.support.train_log').losses(out), out
+    end
+    local ep2 = { '--expert-model-parallel-size', '2' }
+    local function with(a, b)
+      local out = { unpack(a) }
+      for _, x in ipairs(b) do out[#out + 1] = x end
+      return out
+    end
+    local full = run(2, ep2)
+    for it = 1, 6 do assert.is_number(full[it], 'iteration ' .. it) end
+    local before = run(2, with(ep2, { '--save', dir .. '/ep2', '--exit-interval', '3' }))
+    assert.are.same({ full[1], full[2], full[3] }, before)
+    local resumed, out = run(2, with(ep2, { '--load', dir .. '/ep2' }))
+    assert.matches('loaded checkpoint', out, 1, true)
+    assert.are.same({ [4] = full[4], [5] = full[5], [6] = full[6] }, resumed)
+    local function assert_close(got, label)
+      for it = 4, 6 do
+        assert.is_number(got[it], label .. ': iteration ' .. it)
+        assert.is_true(math.abs(got[it] - full[it]) <= 1e-5 * math.abs(full[it]),
+          string.format('%s: loss %d is %.7g, the uninterrupted run gave %.7g', label, it, got[it], full[it]))
+      end
+    end
+    assert_close(run(1, { '--load', dir .. '/ep2' }), 'EP=2 checkpoint resumed in one process')
+    run(1, { '--save', dir .. '/one', '--exit-interval', '3' })
+    assert_close(run(2, with(ep2, { '--load', dir .. '/one' })), 'one-process checkpoint resumed under EP=2')
+  end)
 end)
 
 describe('expert-parallel settings', function()

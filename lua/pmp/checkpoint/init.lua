@@ -20,6 +20,9 @@
 --       distrib_optim_DDD.safetensors with the distributed optimizer, one per replica DDD: <name>.<slot>
 --                                     holds the DDD-th of optimizer_shards even pieces of the flattened
 --                                     state of <name> (so each replica writes 1/dp of the state)
+--   With expert parallelism (ep > 1): mp_rank_TT[_PPP]_EEE/, one per expert-parallel rank EEE of each
+--   model-parallel rank, written by that rank of the first expert-data-parallel replica: its experts
+--   under their global numbers (and their optimizer state); 000's also everything else.
 --
 -- Saving goes to a temporary iteration directory that rank 0 creates; after every rank has written
 -- (an all-reduce of everybody's success is the barrier) rank 0 writes layout.json, renames the
@@ -97,7 +100,13 @@ local function model_stage(model, layout, op)
     error(string.format('%s: the layout has tp=%d but the model is %s (pmp.nn.parallel.tensor_parallel splits it)', op,
       layout.tp, tp and ('split ' .. tp.group.size .. ' ways') or 'not tensor parallel'), 3)
   end
-  if layout.ep > 1 then error(op .. ': expert-parallel checkpoints (ep > 1) are not supported', 3) end
+  for _, chunk in ipairs(layout.ep > 1 and chunks or {}) do
+    local ep = rawget(chunk, 'expert_parallel')
+    if (ep and ep.group.size ~= layout.ep) or (not ep and require('pmp.nn.expert_parallel').has_moe_layer(chunk)) then
+      error(string.format('%s: the layout has ep=%d but the model is %s (pmp.nn.expert_parallel.expert_parallel splits ' ..
+        'its experts)', op, layout.ep, ep and ('split ' .. ep.group.size .. ' ways') or 'not expert parallel'), 3)
+    end
+  end
   if #chunks > 1 then
     local ranges = {}
     for v, chunk in ipairs(chunks) do
@@ -220,13 +229,16 @@ end
 -- save
 
 -- The files this rank writes: a list of {dir = 'mp_rank_..', name, tensors or text}, and the listing
--- of its model file ({tp_rank, pp_rank, tensors = {key = {shape, dtype}}}; nil on a replica that
--- writes none).
+-- of its model file ({tp_rank, pp_rank, ep_rank, tensors = {key = {shape, dtype}}}; nil on a replica
+-- that writes none). With expert parallelism the first ep replicas (expert-data-parallel rank 0) write,
+-- each its own experts, the first one also the rest.
 local function rank_files(layout, model, rngs, opt, state, iteration)
   local files = {}
-  local dir = layout_file.rank_dir_name(layout.tp_rank, layout.pp_rank, layout.pp)
+  local ep_rank = layout.ep_rank or 0
+  local dir = layout_file.rank_dir_name(layout.tp_rank, layout.pp_rank, layout.pp, ep_rank, layout.ep)
   local distributed = opt ~= nil and opt.distributed
   local replica = dist().group('dp_cp')
+  local function kept(name) return ep_rank == 0 or layout_file.is_expert(name) end
   if distributed then
     local tensors = {}
     for name, s in pairs(opt.params) do
@@ -240,12 +252,14 @@ local function rank_files(layout, model, rngs, opt, state, iteration)
     end
     files[#files + 1] = { dir = dir, name = layout_file.optimizer_file_name(replica.rank), tensors = tensors }
   end
-  if replica.rank ~= 0 then return files end
-  local tensors, listing = {}, { tp_rank = layout.tp_rank, pp_rank = layout.pp_rank, tensors = {} }
+  if replica.rank ~= ep_rank then return files end
+  local tensors, listing = {}, { tp_rank = layout.tp_rank, pp_rank = layout.pp_rank, ep_rank = ep_rank, tensors = {} }
   for name, t in pairs(model:state_dict()) do
-    local key = layout_file.model_key(name)
-    tensors[key] = t
-    listing.tensors[key] = { shape = t.shape, dtype = t.dtype }
+    if kept(name) then
+      local key = layout_file.model_key(name)
+      tensors[key] = t
+      listing.tensors[key] = { shape = t.shape, dtype = t.dtype }
+    end
   end
   local info = { iteration = iteration, state = state or {}, rng = rngs, tp_rank = layout.tp_rank,
     pp_rank = layout.pp_rank }
@@ -253,8 +267,8 @@ local function rank_files(layout, model, rngs, opt, state, iteration)
     info.optimizer = { lr = opt.lr, betas = opt.betas, eps = opt.eps, weight_decay = opt.weight_decay, step = opt.step,
       steps = {} }
     for name, s in pairs(opt.params) do
-      info.optimizer.steps[name] = s.step or opt.step
-      if not distributed then
+      if kept(name) then info.optimizer.steps[name] = s.step or opt.step end
+      if not distributed and kept(name) then
         for _, slot in ipairs(SLOTS) do
           if s[slot] then tensors['optimizer.' .. name .. '.' .. slot] = s[slot] end
         end
@@ -322,7 +336,9 @@ function M.save(dir, iteration, model, optimizer, state)
       io_.replace_dir_atomic(root, function(tmp)
         for tp_rank = 0, layout.tp - 1 do
           for pp_rank = 0, layout.pp - 1 do
-            io_.mkdir_p(io_.join(tmp, layout_file.rank_dir_name(tp_rank, pp_rank, layout.pp)))
+            for ep_rank = 0, layout.ep - 1 do
+              io_.mkdir_p(io_.join(tmp, layout_file.rank_dir_name(tp_rank, pp_rank, layout.pp, ep_rank, layout.ep)))
+            end
           end
         end
         broadcast_text(world, tmp)
@@ -377,7 +393,7 @@ function M.info(dir, iteration)
   local root = M.iteration_root(dir, iteration)
   if not io_.is_dir(root) then error(string.format('checkpoint: %s is missing (%s names it)', root, M.TRACKER), 0) end
   local description = layout_file.read(root)
-  local first_rank = layout_file.rank_dir_name(0, 0, description.pp)
+  local first_rank = layout_file.rank_dir_name(0, 0, description.pp, 0, description.ep)
   layout_file.verify(description, root, first_rank .. '/' .. INFO_FILE)
   local info = layout_file.read_json(io_.join(root, first_rank, INFO_FILE))
   info.layout = description
@@ -404,6 +420,7 @@ end
 
 local function layout_string(L)
   local out = string.format('tp=%d pp=%d cp=%d dp=%d', L.tp, L.pp, L.cp, L.dp)
+  if (L.ep or 1) > 1 then out = out .. ' ep=' .. L.ep end
   if (L.virtual_stages or 1) > 1 then out = out .. ' virtual=' .. L.virtual_stages end
   return out
 end
@@ -450,7 +467,7 @@ local function named_saved_state(source, model, optimizer, own, layout, stage, c
   end
   for _, name in ipairs(names) do
     local entry = source:find(layout_file.global_name(name, stage), config)
-    local shard = source:shard(entry.stage, 0)
+    local shard = source:shard(entry.stage, 0, entry.ep)
     local step = shard.info.optimizer and shard.info.optimizer.steps[entry.name]
     if step == nil then
       error(string.format('checkpoint: %s has no optimizer state for %s', io_.join(shard.dir, INFO_FILE), entry.name), 0)
@@ -506,7 +523,8 @@ local function prepare(dir, options, model, optimizer, layout, stage, stages)
   -- correspond and every rank takes that of the first rank.
   local same = L.tp == layout.tp and L.pp == layout.pp and L.dp == layout.dp and L.cp == layout.cp
     and same_stages(L.stages, stages)
-  info.resharded = not same
+  -- the replicas' RNG streams do not depend on how the experts are split, but the weights are resharded
+  info.resharded = not same or (L.ep or 1) ~= layout.ep
   if options.rng ~= false then
     if same then
       out.rng = replica_rng(source:shard(layout.pp_rank + 1, layout.tp_rank).info, dist().group('dp_cp').rank + 1)

@@ -7,11 +7,16 @@
 --     "distributed_optimizer": true, "optimizer_shards": 2, "optimizer": true,
 --     "dtype": "bf16", "model_config": {...},
 --     "stages": [{"first": 0, "count": 2}, ...]      (with virtual stages: [{"chunks": [{first, count}, ...]}, ...])
---     "ranks": {"mp_rank_00_000": {"tp_rank": 0, "pp_rank": 0, "files": ["model_optim_rng.safetensors", ...],
+--     "ranks": {"mp_rank_00_000": {"tp_rank": 0, "pp_rank": 0, "ep_rank": 0, "files": ["model_optim_rng.safetensors", ...],
 --               "tensors": {"model.decoder.layers.0...": {"shape": [96, 64], "dtype": "bf16"}, ...}}, ...},
 --     "params": {"decoder.layers.2.mlp.linear_fc1.weight": {"shape": [256, 64], "tp_dim": 1, "stage": 1,
 --                "key": "model.decoder.layers.0.mlp.linear_fc1.weight"}, ...}
 --   }
+--
+-- With expert parallelism (ep > 1) every (tp, pp) rank has ep directories mp_rank_TT[_PPP]_EEE
+-- (Megatron's names): expert-parallel rank EEE's holds the experts it trains (under their global
+-- numbers, mlp.experts.local_experts.<global expert>), rank 0's also everything else; a parameter's
+-- "ep_rank" says which (absent: 0).
 --
 -- params are the whole model's parameters by global name (layers numbered over the whole model) with
 -- their unsharded shape, the TP dimension they are split on (none: whole on every TP rank) and the
@@ -29,11 +34,16 @@ M.FILE = 'layout.json'
 M.FORMAT = 'pmp-checkpoint-1'
 M.MODEL_FILE, M.INFO_FILE = 'model_optim_rng.safetensors', 'model_optim_rng.json'
 
--- 'mp_rank_TT' when pp is 1, else 'mp_rank_TT_PPP' (ranks 0-based).
-function M.rank_dir_name(tp_rank, pp_rank, pp)
-  if pp == 1 then return string.format('mp_rank_%02d', tp_rank) end
-  return string.format('mp_rank_%02d_%03d', tp_rank, pp_rank)
+-- 'mp_rank_TT' when pp is 1, else 'mp_rank_TT_PPP' (ranks 0-based); with expert parallelism (ep > 1)
+-- Megatron's '_EEE' after them for expert-parallel rank EEE.
+function M.rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep)
+  local name = pp == 1 and string.format('mp_rank_%02d', tp_rank) or string.format('mp_rank_%02d_%03d', tp_rank, pp_rank)
+  if (ep or 1) > 1 then name = name .. string.format('_%03d', ep_rank) end
+  return name
 end
+
+-- Whether a parameter is one of a MoE layer's experts, which expert-parallel ranks split between them.
+function M.is_expert(name) return name:match('%.mlp%.experts%.') ~= nil end
 
 function M.optimizer_file_name(shard) return string.format('distrib_optim_%03d.safetensors', shard) end
 
@@ -76,10 +86,12 @@ function M.describe(iteration, layout, stages, listings, config, optimizer)
     model_config = config, stages = stages, ranks = {}, params = {},
   }
   for _, listing in ipairs(listings) do
-    local name = M.rank_dir_name(listing.tp_rank, listing.pp_rank, layout.pp)
+    local ep_rank = listing.ep_rank or 0
+    local name = M.rank_dir_name(listing.tp_rank, listing.pp_rank, layout.pp, ep_rank, layout.ep)
     local files = { M.MODEL_FILE, M.INFO_FILE }
     for i = 0, (shards or 0) - 1 do files[#files + 1] = M.optimizer_file_name(i) end
-    out.ranks[name] = { tp_rank = listing.tp_rank, pp_rank = listing.pp_rank, files = files, tensors = listing.tensors }
+    out.ranks[name] = { tp_rank = listing.tp_rank, pp_rank = listing.pp_rank, ep_rank = ep_rank, files = files,
+      tensors = listing.tensors }
     if listing.tp_rank == 0 then
       local stage = stages[listing.pp_rank + 1]
       for key, t in pairs(listing.tensors) do
@@ -88,12 +100,13 @@ function M.describe(iteration, layout, stages, listings, config, optimizer)
         local rule = sharding.rule(global, config or {})
         local shape = { unpack(t.shape) }
         if rule then shape[rule.dim] = shape[rule.dim] * layout.tp end
-        out.params[global] = { shape = shape, tp_dim = rule and rule.dim or nil, stage = listing.pp_rank, key = key }
+        out.params[global] = { shape = shape, tp_dim = rule and rule.dim or nil, stage = listing.pp_rank, key = key,
+          ep_rank = ep_rank > 0 and ep_rank or nil }
       end
     end
   end
   -- the dtype of the model: that of its word embeddings, else of the first stage's first tensor by name
-  local first = out.ranks[M.rank_dir_name(0, 0, layout.pp)].tensors
+  local first = out.ranks[M.rank_dir_name(0, 0, layout.pp, 0, layout.ep)].tensors
   local keys = {}
   for key in pairs(first) do keys[#keys + 1] = key end
   table.sort(keys)
@@ -159,21 +172,25 @@ function M.read(root)
   if d.checksums ~= nil and type(d.checksums) ~= 'table' then
     error(string.format('checkpoint: %s: checksums must be an object of file -> checksum', path), 0)
   end
+  if d.ep == nil then d.ep = 1 end   -- saved before expert parallelism could be
+  check_number(path, d, 'ep')
   if #d.stages ~= d.pp then
     error(string.format('checkpoint: %s lists %d stages for pp=%d', path, #d.stages, d.pp), 0)
   end
-  local sizes = string.format('tp=%d pp=%d', d.tp, d.pp)
+  local sizes = string.format('tp=%d pp=%d', d.tp, d.pp) .. (d.ep > 1 and ' ep=' .. d.ep or '')
   for tp_rank = 0, d.tp - 1 do
     for pp_rank = 0, d.pp - 1 do
-      local name = M.rank_dir_name(tp_rank, pp_rank, d.pp)
-      local rank = d.ranks[name]
-      if type(rank) ~= 'table' then error(string.format('checkpoint: %s does not list rank directory %s (%s)', path, name, sizes), 0) end
-      if not io_.is_dir(io_.join(root, name)) then
-        error(string.format('checkpoint: %s is missing (%s lists it: %s)', io_.join(root, name), M.FILE, sizes), 0)
-      end
-      for _, file in ipairs(rank.files or {}) do
-        if not io_.is_file(io_.join(root, name, file)) then
-          error(string.format('checkpoint: %s is missing (%s lists it)', io_.join(root, name, file), M.FILE), 0)
+      for ep_rank = 0, d.ep - 1 do
+        local name = M.rank_dir_name(tp_rank, pp_rank, d.pp, ep_rank, d.ep)
+        local rank = d.ranks[name]
+        if type(rank) ~= 'table' then error(string.format('checkpoint: %s does not list rank directory %s (%s)', path, name, sizes), 0) end
+        if not io_.is_dir(io_.join(root, name)) then
+          error(string.format('checkpoint: %s is missing (%s lists it: %s)', io_.join(root, name), M.FILE, sizes), 0)
+        end
+        for _, file in ipairs(rank.files or {}) do
+          if not io_.is_file(io_.join(root, name, file)) then
+            error(string.format('checkpoint: %s is missing (%s lists it)', io_.join(root, name, file), M.FILE), 0)
+          end
         end
       end
     end
@@ -185,7 +202,7 @@ function M.read(root)
       error(string.format('checkpoint: %s is not in %s (%s)', io_.join(root, entry), M.FILE, sizes), 0)
     end
   end
-  if count ~= d.tp * d.pp then
+  if count ~= d.tp * d.pp * d.ep then
     error(string.format('checkpoint: %s lists %d rank directories for %s', path, count, sizes), 0)
   end
   return d

@@ -17,15 +17,17 @@ function Source.open(root, description)
   return setmetatable({ root = root, layout = description, shards = {} }, Source)
 end
 
-local function sizes(L) return string.format('tp=%d pp=%d', L.tp, L.pp) end
+local function sizes(L) return string.format('tp=%d pp=%d', L.tp, L.pp) .. ((L.ep or 1) > 1 and ' ep=' .. L.ep or '') end
 
--- The rank directory of stage s (1-based) and TP rank r (0-based): {dir, info, tensors}, its
--- recorded place checked against its name and its tensors against the description.
-function Source:shard(s, r)
-  local key = s .. ':' .. r
+-- The rank directory of stage s (1-based), TP rank r and expert-parallel rank e (0-based, default 0):
+-- {dir, info, tensors}, its recorded place checked against its name and its tensors against the
+-- description.
+function Source:shard(s, r, e)
+  e = e or 0
+  local key = s .. ':' .. r .. ':' .. e
   if self.shards[key] then return self.shards[key] end
   local L = self.layout
-  local name = layout_file.rank_dir_name(r, s - 1, L.pp)
+  local name = layout_file.rank_dir_name(r, s - 1, L.pp, e, L.ep)
   local dir = io_.join(self.root, name)
   local info_path, model_path = io_.join(dir, layout_file.INFO_FILE), io_.join(dir, layout_file.MODEL_FILE)
   layout_file.verify(L, self.root, name .. '/' .. layout_file.INFO_FILE)
@@ -42,7 +44,8 @@ function Source:shard(s, r)
   return shard
 end
 
--- Where the tensor of global name `global` is saved: {stage (1-based), name (the stage's own), global}.
+-- Where the tensor of global name `global` is saved: {stage (1-based), name (the stage's own), global,
+-- ep (the expert-parallel rank whose directory holds it)}.
 -- With tied embeddings the last stage's output layer is a copy of the word embeddings, which is where
 -- a checkpoint of one stage keeps it.
 function Source:find(global, config)
@@ -55,7 +58,7 @@ function Source:find(global, config)
     error(string.format('checkpoint: %s holds no model.%s on any stage (saved with %s)', self.root, global,
       sizes(self.layout)), 0)
   end
-  return { stage = p.stage + 1, name = p.key:match('^model%.(.*)$') or p.key, global = global }
+  return { stage = p.stage + 1, name = p.key:match('^model%.(.*)$') or p.key, global = global, ep = p.ep_rank or 0 }
 end
 
 -- Part `rank` of `tp` of the saved tensor at entry, read from each TP shard by read(shard, name)
@@ -63,14 +66,15 @@ end
 function Source:part(entry, read, tp, rank, config)
   local L = self.layout
   local same = L.tp == tp
-  if not sharding.rule(entry.global, config) then return read(self:shard(entry.stage, same and rank or 0), entry.name) end
-  if same then return read(self:shard(entry.stage, rank), entry.name) end
+  local e = entry.ep
+  if not sharding.rule(entry.global, config) then return read(self:shard(entry.stage, same and rank or 0, e), entry.name) end
+  if same then return read(self:shard(entry.stage, rank, e), entry.name) end
   local parts = {}
   for r = 0, L.tp - 1 do
-    local shard = self:shard(entry.stage, r)
+    local shard = self:shard(entry.stage, r, e)
     parts[r + 1] = read(shard, entry.name)
     if (parts[r + 1] == nil) ~= (parts[1] == nil) then
-      error(string.format('checkpoint: %s and %s disagree on whether %s has this tensor', self:shard(entry.stage, 0).dir,
+      error(string.format('checkpoint: %s and %s disagree on whether %s has this tensor', self:shard(entry.stage, 0, e).dir,
         shard.dir, entry.name), 0)
     end
   end
@@ -143,7 +147,7 @@ function Source:check_shape(got, want, what, entry)
   if a ~= b then
     local L = self.layout
     error(string.format('checkpoint: %s is %s in the checkpoint but %s in the model (saved as %s in %s%s)', what, a, b,
-      entry.name, io_.join(self.root, layout_file.rank_dir_name(0, entry.stage - 1, L.pp)),
+      entry.name, io_.join(self.root, layout_file.rank_dir_name(0, entry.stage - 1, L.pp, entry.ep or 0, L.ep)),
       L.tp > 1 and ' and its other tp ranks' or ''), 0)
   end
 end

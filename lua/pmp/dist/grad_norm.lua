@@ -93,8 +93,10 @@ end
 local function total_norm(pieces, model, shard_group, options)
   local counts = counter(model)
   local total = 0
-  -- an expert-parallel model's experts differ between the ranks of its expert-parallel group
-  local ep = model and not pipeline.is_chunks(model) and rawget(model, 'expert_parallel')
+  -- an expert-parallel model's experts differ between the ranks of its expert-parallel group (the
+  -- chunks of virtual stages share one group; a stage without MoE layers has none)
+  local ep
+  for _, chunk in ipairs(model and pipeline.chunks(model) or {}) do ep = ep or rawget(chunk, 'expert_parallel') end
   local experts = 0
   for _, piece in ipairs(pieces) do
     if counts(piece[1]) then

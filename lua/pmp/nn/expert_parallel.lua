@@ -65,6 +65,14 @@ function M.dispatch(layer, rows, counts)
   return all_to_all(y, group, recv, send)
 end
 
+--- Whether model (a GPTModel or one pipeline stage or chunk of one) holds a MoE layer.
+function M.has_moe_layer(model)
+  for _, layer in ipairs(model.decoder and model.decoder.layers.items or {}) do
+    if layer.mlp.router then return true end
+  end
+  return false
+end
+
 local function is_expert_parameter(name) return name:match('%.mlp%.experts%.') ~= nil end
 M.is_expert_parameter = is_expert_parameter
 

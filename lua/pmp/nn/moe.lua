@@ -173,12 +173,13 @@ local function track_load(layer, imbalance) load[layer] = (load[layer] or 0) + i
 --- weighted per micro batch like the loss, averaged over the MoE layers): { load_balancing_loss =,
 --- seq_load_balancing_loss =, z_loss = } (those computed), and expert_load_imbalance = { per MoE layer
 --- in order: the most tokens an expert got over the mean }; nil when no MoE layer trained. Resets.
+--- Also returns how many layers each average is over (what joining pipeline stages needs).
 function M.take_aux_losses()
-  local out, any = {}, false
+  local out, layers, any = {}, {}, false
   for name, per_layer in pairs(tracked) do
     local sum, count = 0, 0
     for _, v in pairs(per_layer) do sum, count = sum + v, count + 1 end
-    out[name], any = sum / count, true
+    out[name], layers[name], any = sum / count, count, true
   end
   local layers_seen = {}
   for layer in pairs(load) do layers_seen[#layers_seen + 1] = layer end
@@ -188,7 +189,8 @@ function M.take_aux_losses()
     for k, layer in ipairs(layers_seen) do out.expert_load_imbalance[k] = load[layer] end
   end
   tracked, load = {}, {}
-  return any and out or nil
+  if not any then return nil end
+  return out, layers
 end
 
 -- Forward identity on x; backward also gives `loss` the gradient aux_loss_scale.

@@ -20,7 +20,6 @@ function M.init(opts)
     opts.num_experts or 0, ep)
   check(ep == 1 or not opts.use_distributed_optimizer, '--expert-model-parallel-size > 1 does not support ' ..
     '--use-distributed-optimizer yet')
-  check(ep == 1 or (opts.save or '') == '', '--expert-model-parallel-size > 1 cannot save checkpoints yet (pass --save "")')
   local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp, ep = ep,
     timeout = opts.distributed_timeout_minutes * 60 })
   if not got then error((tostring(layout):gsub('^pmp%.dist%.init: ', '')), 0) end
@@ -67,7 +66,9 @@ function M.split(model, opts, layout)
   for _, chunk in ipairs(pipeline.chunks(model)) do
     parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
     parallel.context_parallel(chunk)
-    if layout.ep > 1 then require('pmp.nn.expert_parallel').expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
+    -- a pipeline stage of dense layers only (--moe-layer-freq) has no experts to split
+    local ep = require 'pmp.nn.expert_parallel'
+    if layout.ep > 1 and ep.has_moe_layer(chunk) then ep.expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
   end
   if opts.bf16 then model:to('bf16') end
   return model
@@ -95,9 +96,42 @@ function M.mean_loss(loss, layout)
   return t:item()
 end
 
---- pmp.nn.moe.take_aux_losses() averaged over the data- and context-parallel ranks, as Megatron logs
---- them (ranks of one pipeline stage hold the same MoE layers, so the same entries); nil stays nil.
-function M.mean_aux_losses(aux, layout)
+local AUX_NAMES = { 'load_balancing_loss', 'seq_load_balancing_loss', 'z_loss' }
+
+-- Each pipeline stage tracked the auxiliary losses of its own MoE layers (aux and layers as
+-- pmp.nn.moe.take_aux_losses gives them, nil on a stage without any): every stage gets those of the
+-- whole model, averaged over all MoE layers and the per-layer loads listed in stage (= layer) order.
+local function join_stages(aux, layers)
+  local tensor, group = require 'pmp.tensor', require('pmp.dist').group('pp')
+  local loads = aux and aux.expert_load_imbalance or {}
+  local longest = group:all_reduce(tensor.tensor({ #loads }, { dtype = 'f64' }), 'max'):item()
+  local mine = {}
+  for _, name in ipairs(AUX_NAMES) do
+    local n = aux and aux[name] and layers[name] or 0
+    mine[#mine + 1], mine[#mine + 2] = n > 0 and aux[name] * n or 0, n
+  end
+  mine[#mine + 1] = #loads
+  for k = 1, longest do mine[#mine + 1] = loads[k] or 0 end
+  local all = group:all_gather(tensor.tensor(mine, { dtype = 'f64' })):totable()
+  local out, width, any = {}, #mine, false
+  for k, name in ipairs(AUX_NAMES) do
+    local sum, count = 0, 0
+    for s = 0, group.size - 1 do sum, count = sum + all[s * width + 2 * k - 1], count + all[s * width + 2 * k] end
+    if count > 0 then out[name], any = sum / count, true end
+  end
+  local joined, first = {}, 2 * #AUX_NAMES + 1
+  for s = 0, group.size - 1 do
+    for k = 1, all[s * width + first] do joined[#joined + 1] = all[s * width + first + k] end
+  end
+  if #joined > 0 then out.expert_load_imbalance, any = joined, true end
+  return any and out or nil
+end
+
+--- pmp.nn.moe.take_aux_losses() (aux and layers) joined over the pipeline stages and averaged over the
+--- data- and context-parallel ranks, as Megatron logs them (ranks of one pipeline stage hold the same
+--- MoE layers, so the same entries); nil stays nil.
+function M.mean_aux_losses(aux, layout, layers)
+  if layout.pp > 1 then aux = join_stages(aux, layers) end
   if aux == nil or layout.dp * layout.cp == 1 then return aux end
   local names, values = {}, {}
   for name in pairs(aux) do names[#names + 1] = name end
