@@ -109,15 +109,21 @@ end
 --- This data-parallel rank's share of `count` micro batches from sample `first` on, in Megatron's
 --- order: micro-step k of data-parallel rank r reads the micro batch at first + (k * dp + r) *
 --- micro_batch_size (wrapping around the dataset with wrap). Each context-parallel rank keeps its two
---- chunks of every sequence.
-function M.micro_batches(dataset, first, count, micro_batch_size, layout, wrap)
+--- chunks of every sequence. documents (optional): {eod, eod_mask_loss, reset_position_ids,
+--- reset_attention_mask} marks document boundaries as pmp.train.documents does.
+function M.micro_batches(dataset, first, count, micro_batch_size, layout, wrap, documents)
   local context_parallel = require 'pmp.nn.context_parallel'
   local list = {}
   for k = 0, count - 1 do
     local start = first + (k * layout.dp + layout.dp_rank) * micro_batch_size
     if wrap then start = start % dataset.count end
     local x, y = dataset:batch(start, micro_batch_size)
-    list[#list + 1] = { ids = context_parallel.split(x), targets = context_parallel.split(y) }
+    local options
+    if documents then
+      y, options = require('pmp.train.documents').apply(x, y, documents.eod, documents)
+      for key, value in pairs(options or {}) do options[key] = context_parallel.split(value) end
+    end
+    list[#list + 1] = { ids = context_parallel.split(x), targets = context_parallel.split(y), options = options }
   end
   return list
 end
