@@ -78,9 +78,28 @@ logger:line(string.format('pretrain: %d train samples, %d steps x %d samples x %
   data.train.count, opts.train_iters, opts.global_batch_size, opts.seq_length, pmp.num_threads(), logger.peak_flops / 1e9))
 if layout.world > 1 then logger:line('pretrain: ' .. train.parallel.describe(opts, layout)) end
 
+-- Megatron's --calculate-per-token-loss: a step's loss is the mean over all the tokens it trains. Only
+-- --eod-mask-loss makes micro batches train different numbers of tokens; without it the mean of the
+-- micro batches' means is the same thing, so the divisor is needed only then.
+local per_token = opts.calculate_per_token_loss and opts.eod_mask_loss
+if per_token and layout.world > 1 then
+  error('--calculate-per-token-loss with --eod-mask-loss: pmp counts the tokens in one process only', 0)
+end
+local function trained_tokens(batches)
+  local n = 0
+  for _, mb in ipairs(batches) do n = n + mb.targets:ne(-100):sum():item() end
+  return n
+end
+
 local function evaluate()
   local count = math.max(1, math.floor(opts.eval_iters / layout.dp))
-  return step.evaluate(model, train.data.micro_batches(data.valid, 0, count, opts.micro_batch_size, layout, true, documents), layout)
+  local batches = train.data.micro_batches(data.valid, 0, count, opts.micro_batch_size, layout, true, documents)
+  if not per_token then return step.evaluate(model, batches, layout) end
+  model:eval()
+  local n = trained_tokens(batches)
+  local sum = step.forward_backward(model, batches, { forward_only = true, loss_divisor = n })
+  model:train()
+  return sum / n
 end
 
 local first_iteration = iteration
@@ -92,7 +111,7 @@ while iteration < opts.train_iters do
   step.zero_grad(optimizer, ddp)
   local batches = train.data.micro_batches(data.train, consumed, layout.accumulation, opts.micro_batch_size, layout, false,
     documents)
-  local loss = step.forward_backward(model, batches, { ddp = ddp })
+  local loss = step.forward_backward(model, batches, { ddp = ddp, loss_divisor = per_token and trained_tokens(batches) or nil })
   consumed = consumed + opts.global_batch_size
   step.finish_grads(model, ddp)
   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)

@@ -170,7 +170,8 @@ describe('pmp.train.documents (Megatron\'s --eod-mask-loss, --reset-position-ids
   it('trains on indexed data with end-of-document tokens under all three flags', function()
     local dir = shell.temp_dir()
     local lines = {}
-    for k = 1, 40 do lines[k] = pmp.json.encode({ text = pmp.data.tiny_corpus.generate(1, k) }) end
+    -- short documents of varied lengths: micro batches hold different numbers of end-of-document tokens
+    for k = 1, 120 do lines[k] = pmp.json.encode({ text = pmp.data.tiny_corpus.generate(1, k):sub(1, 3 + k % 11) }) end
     shell.write_file(dir .. '/c.jsonl', table.concat(lines, '\n') .. '\n')
     local _, err, status = shell.run_pmp({ shell.root .. '/tools/preprocess_data.lua', '--input', dir .. '/c.jsonl',
       '--output-prefix', dir .. '/c', '--tokenizer-type', 'char', '--append-eod' })
@@ -179,9 +180,19 @@ describe('pmp.train.documents (Megatron\'s --eod-mask-loss, --reset-position-ids
     local plain, err1, status1 = pretrain(data)
     assert.are.equal(0, status1, err1)
     local marked, err2, status2 = pretrain(data, { '--eod-mask-loss', '--reset-position-ids', '--reset-attention-mask' })
-    shell.remove_dir(dir)
     assert.are.equal(0, status2, err2)
     -- the same weights and samples: the first loss differs only through the documents' boundaries
     assert.are_not.equal(losses(plain)[1], losses(marked)[1])
+    -- --calculate-per-token-loss: the mean over the step's unmasked tokens, which is the mean of the micro
+    -- batches' means only when there is one micro batch (the masked tokens differ between micro batches)
+    local function first_loss(...)
+      local out, e, s = pretrain(data, { '--eod-mask-loss' }, ...)
+      assert.are.equal(0, s, e)
+      return losses(out)[1]
+    end
+    local one = { '--micro-batch-size', '4' }
+    assert.is_true(math.abs(first_loss(one) - first_loss(one, { '--calculate-per-token-loss' })) < 1e-6)
+    assert.is_true(math.abs(first_loss() - first_loss({ '--calculate-per-token-loss' })) > 1e-6)
+    shell.remove_dir(dir)
   end)
 end)

@@ -41,6 +41,7 @@ M.run = {
   { '--train-data-path', nil, 'Megatron: separate training data (pmp: give --data-path and --split)', multiple = true },
   { '--valid-data-path', nil, 'Megatron: separate validation data (pmp: give --data-path and --split)', multiple = true },
   { '--test-data-path', nil, 'Megatron: separate test data (pmp: give --data-path and --split)', multiple = true },
+  { '--calculate-per-token-loss', false, 'a step\'s loss is the mean over all its trained tokens, not over micro batches' },
   { '--log-throughput', false, 'log the model TFLOP/s per process on each iteration line' },
   { '--optimizer', 'adam', 'adam (AdamW: decoupled weight decay, as Megatron\'s); hybridadam is the same update',
     choices = { 'adam', 'hybridadam' } },
