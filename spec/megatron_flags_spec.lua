@@ -122,7 +122,9 @@ describe('recipes/pretrain.lua with Megatron run-script flags', function()
       { { '--recompute-granularity', 'full', '--recompute-method', 'block', '--recompute-num-layers', '1' },
         '%-%-recompute%-method block %-%-recompute%-num%-layers 1: pmp recomputes either every layer' },
       { { '--recompute-method', 'uniform' }, '%-%-recompute%-method needs %-%-recompute%-granularity full' },
-      { { '--train-data-path', 'a' }, '%-%-train%-data%-path/%-%-valid%-data%-path/%-%-test%-data%-path: pmp reads one' },
+      { { '--test-data-path', 'a' }, '%-%-test%-data%-path: pmp evaluates no test split' },
+      { { '--valid-data-path', 'a' }, '%-%-valid%-data%-path needs %-%-train%-data%-path' },
+      { { '--train-data-path', 'nowhere' }, '%-%-train%-data%-path: no indexed dataset nowhere' },
       { { '--max-position-embeddings', '8' }, '%-%-max%-position%-embeddings 8 is smaller than %-%-seq%-length 16' },
       { { '--tokenizer-type', 'HuggingFaceTokenizer' }, '%-%-tokenizer%-type HuggingFaceTokenizer needs %-%-tokenizer%-model' },
       { { '--normalization', 'ScaleNorm' }, '%-%-normalization must be one of RMSNorm, LayerNorm' },
@@ -193,6 +195,22 @@ describe('pmp.train.documents (Megatron\'s --eod-mask-loss, --reset-position-ids
     local one = { '--micro-batch-size', '4' }
     assert.is_true(math.abs(first_loss(one) - first_loss(one, { '--calculate-per-token-loss' })) < 1e-6)
     assert.is_true(math.abs(first_loss() - first_loss({ '--calculate-per-token-loss' })) > 1e-6)
+
+    -- --train-data-path / --valid-data-path: each blend whole for its split, so training reads what
+    -- --data-path with --split 100,0,0 reads, and validation the other data
+    _, err, status = shell.run_pmp({ shell.root .. '/tools/preprocess_data.lua', '--input', dir .. '/c.jsonl',
+      '--output-prefix', dir .. '/d', '--tokenizer-type', 'char', '--vocab-file', dir .. '/c_text_document.tokenizer.json',
+      '--append-eod' })
+    assert.are.equal(0, status, err)
+    local whole, err3, status3 = pretrain({ '--train-iters', '2', '--save', '', '--data-path', dir .. '/c_text_document',
+      '--split', '100,0,0' })
+    assert.are.equal(0, status3, err3)
+    local split, err4, status4 = pretrain({ '--train-iters', '2', '--save', '', '--train-data-path', dir .. '/c_text_document',
+      '--valid-data-path', dir .. '/d_text_document' })
+    assert.are.equal(0, status4, err4)
+    assert.are.same(losses(whole), losses(split))
+    assert.is_nil(whole:match('validation loss'))
+    assert.matches('validation loss at iteration 2 | lm loss value: [%d.]+E', split)
     shell.remove_dir(dir)
   end)
 end)

@@ -38,9 +38,9 @@ M.run = {
   { '--eod-mask-loss', false, 'no loss on the token after an end-of-document token' },
   { '--reset-position-ids', false, 'positions restart after each end-of-document token' },
   { '--reset-attention-mask', false, 'attention stays inside each document (ends at end-of-document tokens)' },
-  { '--train-data-path', nil, 'Megatron: separate training data (pmp: give --data-path and --split)', multiple = true },
-  { '--valid-data-path', nil, 'Megatron: separate validation data (pmp: give --data-path and --split)', multiple = true },
-  { '--test-data-path', nil, 'Megatron: separate test data (pmp: give --data-path and --split)', multiple = true },
+  { '--train-data-path', nil, 'indexed data (PREFIX or weighted blend) used whole for training, instead of --data-path', multiple = true },
+  { '--valid-data-path', nil, 'indexed data used whole for validation (with --train-data-path)', multiple = true },
+  { '--test-data-path', nil, 'Megatron: test data (pmp evaluates no test split: refused)', multiple = true },
   { '--calculate-per-token-loss', false, 'a step\'s loss is the mean over all its trained tokens, not over micro batches' },
   { '--log-throughput', false, 'log the model TFLOP/s per process on each iteration line' },
   { '--optimizer', 'adam', 'adam (AdamW: decoupled weight decay, as Megatron\'s); hybridadam is the same update',
@@ -127,10 +127,6 @@ function M.resolve(opts, given)
   end
   -- Megatron uses --num-query-groups only with --group-query-attention, and 1 group when it is left out
   if opts.group_query_attention and not given.num_query_groups then opts.num_query_groups = 1 end
-  if opts.kv_channels == 0 and opts.hidden_size % opts.num_attention_heads ~= 0 then
-    fail('--hidden-size %d is not a multiple of --num-attention-heads %d (give --kv-channels)', opts.hidden_size,
-      opts.num_attention_heads)
-  end
 
   -- recomputation changes memory, never results: Megatron's selective recompute (of core attention)
   -- becomes pmp's default of keeping every activation
@@ -159,9 +155,9 @@ function M.resolve(opts, given)
     fail('--recompute-method needs --recompute-granularity full')
   end
 
-  if opts.train_data_path or opts.valid_data_path or opts.test_data_path then
-    fail('--train-data-path/--valid-data-path/--test-data-path: pmp reads one --data-path blend cut by --split')
-  end
+  if opts.train_data_path and opts.data_path then fail('give either --data-path or --train-data-path, not both') end
+  if opts.valid_data_path and not opts.train_data_path then fail('--valid-data-path needs --train-data-path') end
+  if opts.test_data_path then fail('--test-data-path: pmp evaluates no test split') end
   if opts.tokenizer_type == 'HuggingFaceTokenizer' then
     if not opts.tokenizer_model then fail('--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR') end
   elseif opts.tokenizer_type ~= 'char' and opts.tokenizer_type ~= 'byte' then
