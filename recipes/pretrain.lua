@@ -8,15 +8,19 @@
 --- The pieces (flags, layout, data, step, logging, checkpoints) are pmp.train's; this is the loop.
 local train = pmp.train
 local flags, step = train.flags, train.step
+-- Megatron-LM's and Pai-Megatron-Patch's run-script flags beyond pmp's sets
+local megatron_flags = require 'pmp.train.megatron_flags'
 
 local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.training, flags.optimizer, flags.precision,
-  flags.parallel, flags.data, flags.checkpoint, flags.logging, {
+  flags.parallel, flags.data, flags.checkpoint, flags.logging, megatron_flags.architecture, megatron_flags.run,
+  megatron_flags.ignored, {
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none; the default one is replaced by every run that does not resume it)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
   description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.',
 })
+local flag_notes = megatron_flags.resolve(opts, given)
 
 -- One process unless started by mpirun; only the last rank logs, as in Megatron.
 local layout = train.parallel.init(opts)
@@ -26,6 +30,16 @@ local layout = train.parallel.init(opts)
 local resume = train.Checkpoints.resume(opts.load, opts.save, opts.override_checkpoint or not given.save)
 local data = train.data.pretraining(opts, { tokenizer_state = resume and resume.state.tokenizer, name = 'pretrain' })
 local tokenizer = data.tokenizer
+-- Megatron's document boundaries (--eod-mask-loss, --reset-position-ids, --reset-attention-mask)
+local documents
+if opts.eod_mask_loss or opts.reset_position_ids or opts.reset_attention_mask then
+  if not tokenizer.eod then
+    error(string.format('--eod-mask-loss/--reset-position-ids/--reset-attention-mask: the %s tokenizer has no ' ..
+      'end-of-document token', tokenizer.type), 0)
+  end
+  documents = { eod = tokenizer.eod, eod_mask_loss = opts.eod_mask_loss, reset_position_ids = opts.reset_position_ids,
+    reset_attention_mask = opts.reset_attention_mask }
+end
 
 -- Every rank builds the whole model from the same seed and keeps its part of it.
 pmp.manual_seed(opts.seed)
@@ -36,16 +50,24 @@ local lr_at = train.optimizer.schedule(opts, opts.train_iters)
 
 local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logger, train_iters = opts.train_iters,
   consumed = true, flops_per_token = train.throughput.flops_per_token(model.config, opts.seq_length),
-  peak_flops = train.throughput.measured_peak_flops(opts.bf16 and 'bf16' or 'f32') })
+  peak_flops = train.throughput.measured_peak_flops(opts.bf16 and 'bf16' or 'f32'), world_size = layout.world })
+local ignored = megatron_flags.ignored_line(given)
+if ignored then logger:line('pretrain: ' .. ignored) end
+for _, note in ipairs(flag_notes) do logger:line('pretrain: ' .. note) end
 local checkpoints = train.Checkpoints(opts, logger)
 local nan_guard = train.NanGuard(opts, logger)
 -- after everything that draws random numbers, so the restored generator state is the one used
 local iteration, consumed = 0, 0
 if resume then
   local state
-  iteration, state = checkpoints:load(opts.load, model, optimizer)
+  iteration, state = checkpoints:load(opts.load, model, not opts.no_load_optim and optimizer or nil,
+    { rng = not opts.no_load_rng })
   consumed = state.consumed_samples
+  -- Megatron's --finetune: the loaded weights start a new run
+  if opts.finetune then iteration, consumed, checkpoints.first_iteration = 0, 0, 0 end
 end
+-- what checkpoints save of the optimizer (--no-save-optim: nothing)
+local saved_optimizer = not opts.no_save_optim and optimizer or nil
 local function checkpoint_state()
   return { consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
 end
@@ -56,9 +78,28 @@ logger:line(string.format('pretrain: %d train samples, %d steps x %d samples x %
   data.train.count, opts.train_iters, opts.global_batch_size, opts.seq_length, pmp.num_threads(), logger.peak_flops / 1e9))
 if layout.world > 1 then logger:line('pretrain: ' .. train.parallel.describe(opts, layout)) end
 
+-- Megatron's --calculate-per-token-loss: a step's loss is the mean over all the tokens it trains. Only
+-- --eod-mask-loss makes micro batches train different numbers of tokens; without it the mean of the
+-- micro batches' means is the same thing, so the divisor is needed only then.
+local per_token = opts.calculate_per_token_loss and opts.eod_mask_loss
+if per_token and layout.world > 1 then
+  error('--calculate-per-token-loss with --eod-mask-loss: pmp counts the tokens in one process only', 0)
+end
+local function trained_tokens(batches)
+  local n = 0
+  for _, mb in ipairs(batches) do n = n + mb.targets:ne(-100):sum():item() end
+  return n
+end
+
 local function evaluate()
   local count = math.max(1, math.floor(opts.eval_iters / layout.dp))
-  return step.evaluate(model, train.data.micro_batches(data.valid, 0, count, opts.micro_batch_size, layout, true), layout)
+  local batches = train.data.micro_batches(data.valid, 0, count, opts.micro_batch_size, layout, true, documents)
+  if not per_token then return step.evaluate(model, batches, layout) end
+  model:eval()
+  local n = trained_tokens(batches)
+  local sum = step.forward_backward(model, batches, { forward_only = true, loss_divisor = n })
+  model:train()
+  return sum / n
 end
 
 local first_iteration = iteration
@@ -68,8 +109,9 @@ while iteration < opts.train_iters do
   local lr = lr_at(iteration)
   optimizer.lr = lr
   step.zero_grad(optimizer, ddp)
-  local batches = train.data.micro_batches(data.train, consumed, layout.accumulation, opts.micro_batch_size, layout)
-  local loss = step.forward_backward(model, batches, { ddp = ddp })
+  local batches = train.data.micro_batches(data.train, consumed, layout.accumulation, opts.micro_batch_size, layout, false,
+    documents)
+  local loss = step.forward_backward(model, batches, { ddp = ddp, loss_divisor = per_token and trained_tokens(batches) or nil })
   consumed = consumed + opts.global_batch_size
   step.finish_grads(model, ddp)
   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
@@ -82,10 +124,10 @@ while iteration < opts.train_iters do
   if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
     logger:validation(iteration, evaluate)
   end
-  checkpoints:save_if_due(iteration, model, optimizer, checkpoint_state)
+  checkpoints:save_if_due(iteration, model, saved_optimizer, checkpoint_state)
   if checkpoints:exit_due(iteration) then break end
 end
-checkpoints:finish(iteration, model, optimizer, checkpoint_state)
+checkpoints:finish(iteration, model, saved_optimizer, checkpoint_state)
 logger:finish(iteration - first_iteration)
 
 -- A greedy sample from the start of the validation text.

@@ -39,7 +39,7 @@ describe('pretraining a mixture of experts', function()
     assert.are.equal(0, status, err)
     local l = losses(out)
     assert.is_true(l[12] < l[1], 'loss did not fall')
-    assert.matches('lm loss: [%d.]+E[-+]%d+ | grad norm: [%d.]+ | number of skipped iterations: +0 | number of nan ' ..
+    assert.matches('lm loss: [%d.]+E[-+]%d+ | loss scale: 1.0 | grad norm: [%d.]+ | number of skipped iterations: +0 | number of nan ' ..
       'iterations: +0 | tokens per second: %d+ | load_balancing_loss: [%d.]+E[-+]%d+ | z_loss: [%d.]+E[-+]%d+ |', out)
     local tensors = pmp.safetensors.load(scratch .. '/ck/iter_0000012/mp_rank_00/model_optim_rng.safetensors', { copy = true })
     assert.is_not_nil(tensors['model.decoder.layers.0.mlp.linear_fc1.weight'])   -- layer 0 dense

@@ -203,7 +203,7 @@ describe('a run whose gradient is not finite', function()
     local stopped = tonumber(err:match('stopping at iteration (%d+): 3 iterations in a row'))
     assert.is_not_nil(stopped, err)
     for k = stopped - 2, stopped - 1 do
-      assert.matches(' iteration +' .. k .. '/ +40 |.- lm loss: [-%a]+ | grad norm: [-%a]+ | number of skipped ' ..
+      assert.matches(' iteration +' .. k .. '/ +40 |.- lm loss: [-%a]+ | loss scale: 1.0 | grad norm: [-%a]+ | number of skipped ' ..
         'iterations: +1 | number of nan iterations: +1 |', out)
     end
     assert.matches(' iteration ' .. (stopped - 2) .. ': gradient norm is [-%a]+; the update is skipped %(1 in a row%)', out)

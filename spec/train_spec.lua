@@ -174,8 +174,8 @@ describe('pmp.train.Logger', function()
     now = 2
     logger:iteration(2, { lr = 2e-3, loss = 1.5, grad_norm = 0.5, consumed = 8, tokens = 32 })
     assert.are.equal(' iteration        2/      10 | consumed samples:            8 | elapsed time per iteration ' ..
-      '(ms): 1000.0 | learning rate: 2.000000E-03 | global batch size:     4 | lm loss: 2.000000E+00 | grad norm: ' ..
-      '0.500 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 32 | MFU: 3.2% | ' ..
+      '(ms): 1000.0 | learning rate: 2.000000E-03 | global batch size:     4 | lm loss: 2.000000E+00 | loss scale: 1.0 | ' ..
+      'grad norm: 0.500 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 32 | MFU: 3.2% | ' ..
       'ETA: 00:00:08 |', printed[1])
     logger:validation(2, function() now = now + 5; return 1 end)
     local line = ' validation loss at iteration 2 | lm loss value: 1.000000E+00 | lm loss PPL: 2.718282E+00 |'
@@ -188,7 +188,7 @@ describe('pmp.train.Logger', function()
         skipped = it == 3 })
     end
     assert.matches('elapsed time per iteration %(ms%): 1000%.0 |', printed[5])
-    assert.matches('| lm loss: 1%.000000E%+00 | grad norm: 1%.000 | number of skipped iterations:   1 | number of nan ' ..
+    assert.matches('| lm loss: 1%.000000E%+00 | loss scale: 1%.0 | grad norm: 1%.000 | number of skipped iterations:   1 | number of nan ' ..
       'iterations:   1 |', printed[5])
     logger:finish(4)
     assert.matches('^pretrain: 4 iterations in 00:00:09 | peak engine memory: [%d.]+ MiB | peak resident memory: [%d.]+ MiB$',
@@ -204,7 +204,7 @@ describe('pmp.train.Logger', function()
     now = 2
     logger:iteration(2, { lr = 1e-5, loss = 1, grad_norm = 2, tokens = 100 })
     assert.are.equal(' iteration        2/       3 | elapsed time per iteration (ms): 1000.0 | learning rate: ' ..
-      '1.000000E-05 | global batch size:     4 | lm loss: 2.000000E+00 | grad norm: 2.000 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 100 |',
+      '1.000000E-05 | global batch size:     4 | lm loss: 2.000000E+00 | loss scale: 1.0 | grad norm: 2.000 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 100 |',
       printed[1])
     local silent = train.Logger(opts, { name = 'x', enabled = false, train_iters = 2 })
     silent:begin_iteration(2)

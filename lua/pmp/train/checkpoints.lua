@@ -116,7 +116,8 @@ end
 --- Loads the latest checkpoint in dir into model and optimizer, restoring the random generators;
 --- returns its iteration and the recipe state saved with it. A Megatron-LM torch checkpoint gives its
 --- weights only (the optimizer and generators start fresh, as Megatron's --no-load-optim --no-load-rng).
-function Checkpoints:load(dir, model, optimizer)
+--- optimizer nil leaves the optimizer fresh; options.rng = false the generators (pmp.checkpoint.load).
+function Checkpoints:load(dir, model, optimizer, options)
   if megatron.is_checkpoint(dir) then
     local info = Checkpoints.megatron_info(dir)
     local ckpt = megatron.load_into(dir, model)
@@ -128,7 +129,7 @@ function Checkpoints:load(dir, model, optimizer)
     end
     return info.iteration, info.state
   end
-  local loaded = checkpoint.load(dir, model, optimizer)
+  local loaded = checkpoint.load(dir, model, optimizer, options)
   self.first_iteration = loaded.iteration
   self.logger:line(string.format(' loaded checkpoint from %s at iteration %d%s', dir, loaded.iteration,
     loaded.resharded and ' (resharded from another parallel layout)' or ''))

@@ -24,7 +24,8 @@ local function indexed_tokenizer(opts, prefixes, tokenizer_state)
     'missing: give --tokenizer-model DIR, or --tokenizer-type byte for byte-level data', 0)
 end
 
-local function indexed(opts, options)
+-- role 'valid': a blend that serves validation only (Megatron's --valid-data-path), no training data.
+local function indexed(opts, options, role)
   local gpt_dataset, indexed_files = require 'pmp.data.gpt_dataset', require 'pmp.data.indexed'
   local ok, prefixes = pcall(gpt_dataset.parse_blend, opts.data_path)
   if not ok then error('--data-path: ' .. tostring(prefixes):gsub('^gpt dataset: ', ''), 0) end
@@ -42,12 +43,12 @@ local function indexed(opts, options)
               test = opts.eval_iters * opts.global_batch_size },
   })
   for _, warning in ipairs(built.warnings) do print(options.name .. ': warning: ' .. warning) end
-  if not built.train then error('--data-path: the --split ' .. opts.split .. ' leaves no training data', 0) end
+  if not built.train and role ~= 'valid' then error('--data-path: the --split ' .. opts.split .. ' leaves no training data', 0) end
   local total = 0
   for _, ds in ipairs(built.indexed) do total = total + ds.num_tokens end
   return { source = table.concat(opts.data_path, ' '), tokenizer = tokenizer, num_tokens = total,
     train = built.train, valid = built.valid,
-    train_tokens = built.train:sample(0), valid_tokens = built.valid and built.valid:sample(0) }
+    train_tokens = built.train and built.train:sample(0), valid_tokens = built.valid and built.valid:sample(0) }
 end
 
 local function text(opts, options)
@@ -94,12 +95,33 @@ local function text(opts, options)
     train_tokens = train_tokens, valid_tokens = valid_tokens }
 end
 
+-- Megatron's --train-data-path and --valid-data-path: each blend is wholly its split's, as a --split
+-- that gives that split everything makes it.
+local function per_split(opts, options)
+  local function one(flag, paths, split, role)
+    local copy = setmetatable({ data_path = paths, split = split }, { __index = opts })
+    local ok, result = pcall(indexed, copy, options, role)
+    if not ok then error((tostring(result):gsub('^%-%-data%-path', flag)), 0) end
+    return result
+  end
+  local data = one('--train-data-path', opts.train_data_path, '1,0,0', 'train')
+  if not opts.valid_data_path then return data end
+  local valid = one('--valid-data-path', opts.valid_data_path, '0,1,0', 'valid')
+  if json.encode(valid.tokenizer:state()) ~= json.encode(data.tokenizer:state()) then
+    error('--valid-data-path: ' .. valid.source .. ' was tokenized differently from --train-data-path ' .. data.source, 0)
+  end
+  data.valid, data.valid_tokens = valid.valid, valid.valid_tokens
+  data.source = data.source .. ' (validation: ' .. valid.source .. ')'
+  return data
+end
+
 --- The data of a pretraining run: {source (what was read, for the log), tokenizer, num_tokens, train
 --- and valid (datasets with :batch(start, n) and .count; valid may be nil), train_tokens, valid_tokens
 --- (the first sample's / split's token ids, for a sample prompt)}. options: tokenizer_state (a
 --- resumed checkpoint's tokenizer, which wins over the flags), name (the recipe, for warnings).
 function M.pretraining(opts, options)
   options = options or {}
+  if opts.train_data_path then return per_split(opts, options) end
   local indexed_files = require 'pmp.data.indexed'
   local is_indexed = opts.data_path and (#opts.data_path > 1 or indexed_files.exists(opts.data_path[1]))
   if is_indexed then return indexed(opts, options) end
@@ -109,15 +131,21 @@ end
 --- This data-parallel rank's share of `count` micro batches from sample `first` on, in Megatron's
 --- order: micro-step k of data-parallel rank r reads the micro batch at first + (k * dp + r) *
 --- micro_batch_size (wrapping around the dataset with wrap). Each context-parallel rank keeps its two
---- chunks of every sequence.
-function M.micro_batches(dataset, first, count, micro_batch_size, layout, wrap)
+--- chunks of every sequence. documents (optional): {eod, eod_mask_loss, reset_position_ids,
+--- reset_attention_mask} marks document boundaries as pmp.train.documents does.
+function M.micro_batches(dataset, first, count, micro_batch_size, layout, wrap, documents)
   local context_parallel = require 'pmp.nn.context_parallel'
   local list = {}
   for k = 0, count - 1 do
     local start = first + (k * layout.dp + layout.dp_rank) * micro_batch_size
     if wrap then start = start % dataset.count end
     local x, y = dataset:batch(start, micro_batch_size)
-    list[#list + 1] = { ids = context_parallel.split(x), targets = context_parallel.split(y) }
+    local options
+    if documents then
+      y, options = require('pmp.train.documents').apply(x, y, documents.eod, documents)
+      for key, value in pairs(options or {}) do options[key] = context_parallel.split(value) end
+    end
+    list[#list + 1] = { ids = context_parallel.split(x), targets = context_parallel.split(y), options = options }
   end
   return list
 end

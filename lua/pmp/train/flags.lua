@@ -109,7 +109,7 @@ M.data = {
   { '--data-path', nil, 'a text file, an indexed dataset PREFIX, or weighted prefixes "0.3 a 0.7 b" (default: the embedded corpus)', multiple = true },
   { '--split', '969, 30, 1', 'train,valid,test weights' },
   { '--data-cache-path', nil, "where indexed data's sample indices are cached, as Megatron (default <prefix>/cache/GPTDataset_indices)" },
-  { '--tokenizer-type', 'char', 'char or byte' },
+  { '--tokenizer-type', 'char', 'char, byte, or HuggingFaceTokenizer (Megatron name; with --tokenizer-model)' },
   { '--tokenizer-model', nil, 'Hugging Face tokenizer directory (tokenizer.json)' },
   { '--eval-interval', 100, 'steps between validations', integer = true, min = 0 },
   { '--eval-iters', 10, 'micro batches per validation', integer = true, min = 0 },

@@ -17,11 +17,12 @@ end
 
 --- opts: the parsed flags (log_interval, global_batch_size, tensorboard_dir, profile*). options: name
 --- (the recipe, prefixing its own lines), enabled (this rank prints; default true), train_iters,
---- flops_per_token and peak_flops (then lines show MFU and ETA), consumed (lines show consumed samples).
+--- flops_per_token and peak_flops (then lines show MFU and ETA), consumed (lines show consumed samples),
+--- world_size (processes, for --log-throughput's TFLOP/s per process).
 function Logger.new(opts, options)
   local self = setmetatable({ opts = opts, name = options.name, enabled = options.enabled ~= false,
     train_iters = options.train_iters, flops_per_token = options.flops_per_token, peak_flops = options.peak_flops,
-    consumed = options.consumed, loss_sum = 0, steps = 0, loss_steps = 0, skipped = 0, tokens = 0 }, Logger)
+    consumed = options.consumed, world_size = options.world_size or 1, loss_sum = 0, steps = 0, loss_steps = 0, skipped = 0, tokens = 0 }, Logger)
   if self.enabled and opts.tensorboard_dir then self.tensorboard = require('pmp.tensorboard').writer(opts.tensorboard_dir) end
   return self
 end
@@ -73,9 +74,15 @@ function Logger:iteration(iteration, step)
     local throughput = self.tokens / (now - self.interval_start)
     local fields = { string.format(' iteration %8d/%8d |', iteration, self.train_iters) }
     if self.consumed then fields[#fields + 1] = string.format(' consumed samples: %12d |', step.consumed) end
-    fields[#fields + 1] = string.format(' elapsed time per iteration (ms): %.1f | learning rate: %.6E | global batch ' ..
-      'size: %5d | lm loss: %.6E | grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: ' ..
-      '%3d | tokens per second: %.0f |', per_iteration * 1000, step.lr, self.opts.global_batch_size,
+    fields[#fields + 1] = string.format(' elapsed time per iteration (ms): %.1f |', per_iteration * 1000)
+    if self.opts.log_throughput and self.flops_per_token then
+      fields[#fields + 1] = string.format(' throughput per GPU (TFLOP/s/GPU): %.3f |',
+        throughput * self.flops_per_token / self.world_size / 1e12)
+    end
+    -- loss scale: Megatron's fp16 loss scaling, which pmp (f32 or bf16) never applies
+    fields[#fields + 1] = string.format(' learning rate: %.6E | global batch size: %5d | lm loss: %.6E | loss scale: ' ..
+      '1.0 | grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: %3d | tokens per second: ' ..
+      '%.0f |', step.lr, self.opts.global_batch_size,
       self.loss_steps > 0 and self.loss_sum / self.loss_steps or 0 / 0, step.grad_norm, self.skipped, self.skipped,
       throughput)
     for _, name in ipairs({ 'load_balancing_loss', 'seq_load_balancing_loss', 'z_loss' }) do

@@ -11,7 +11,7 @@ end
 -- The shapes the flags must agree on, checked before anything is built.
 local function check_shapes(opts)
   local heads, groups = opts.num_attention_heads, opts.num_query_groups
-  if opts.hidden_size % heads ~= 0 then
+  if (opts.kv_channels or 0) == 0 and opts.hidden_size % heads ~= 0 then
     error(string.format('--hidden-size %d is not a multiple of --num-attention-heads %d', opts.hidden_size, heads), 0)
   end
   if groups > 0 and heads % groups ~= 0 then
@@ -76,9 +76,23 @@ local function mla_config(config, opts)
   return config
 end
 
+-- The keys of pmp.train.megatron_flags.architecture (absent in recipes that do not parse that set).
+local function architecture_config(config, opts)
+  config.normalization = opts.normalization
+  config.position_embedding_type = opts.position_embedding_type
+  config.max_position_embeddings = opts.max_position_embeddings
+  config.add_qkv_bias = opts.add_qkv_bias
+  config.qk_layernorm = opts.qk_layernorm
+  config.kv_channels = (opts.kv_channels or 0) > 0 and opts.kv_channels or nil
+  config.rotary_percent = opts.rotary_percent
+  local factor = opts.rotary_seq_len_interpolation_factor
+  if factor and factor ~= 1 then config.rope_scaling = { type = 'linear', factor = factor } end
+  return config
+end
+
 function M.gpt(opts, vocab_size)
   check_shapes(opts)
-  return require('pmp.nn').GPTModel(mla_config(moe_config({
+  return require('pmp.nn').GPTModel(architecture_config(mla_config(moe_config({
     num_layers = opts.num_layers,
     hidden_size = opts.hidden_size,
     ffn_hidden_size = M.ffn_hidden_size(opts),
@@ -93,7 +107,7 @@ function M.gpt(opts, vocab_size)
     recompute_granularity = opts.recompute_granularity,
     make_vocab_size_divisible_by = opts.make_vocab_size_divisible_by,
     tensor_model_parallel_size = opts.tensor_model_parallel_size or 1,
-  }, opts), opts))
+  }, opts), opts), opts))
 end
 
 return M

@@ -1,0 +1,170 @@
+--- The flags of Megatron-LM's example scripts and Pai-Megatron-Patch's Qwen2.5/Llama-3 run scripts that
+--- pmp's own sets (pmp.train.flags) lack, with Megatron's meaning. `architecture` and `run` are parsed
+--- like any set; `ignored` holds flags that configure something pmp does not have (kernels, fusions,
+--- Transformer Engine, dataloader workers), which change neither results nor files, so they are
+--- accepted and named once in one log line. M.resolve then checks the combinations and maps Megatron's
+--- spellings onto pmp's options. pmp's defaults stay where a flag is left out (not Megatron's: see
+--- recipes/pretrain.lua --help).
+local M = {}
+
+--- Model flags mapped onto the GPTModel config by pmp.train.model.gpt.
+M.architecture = {
+  { '--swiglu', true, 'SwiGLU MLP (pmp builds no other MLP from flags)' },
+  { '--normalization', 'RMSNorm', 'RMSNorm, or LayerNorm (with a bias)', choices = { 'RMSNorm', 'LayerNorm' } },
+  { '--position-embedding-type', 'rope', 'rope, or learned_absolute (up to --max-position-embeddings)',
+    choices = { 'rope', 'learned_absolute' } },
+  { '--use-rotary-position-embeddings', false, 'the same as --position-embedding-type rope (older scripts)' },
+  { '--max-position-embeddings', 0, 'positions a model handles (0: --seq-length)', integer = true, min = 0 },
+  { '--disable-bias-linear', true, 'no biases in the linear layers (pmp has none but --add-qkv-bias)' },
+  { '--add-qkv-bias', false, 'a bias on the query/key/value projection (Qwen2)' },
+  { '--qk-layernorm', false, 'normalize queries and keys per head before attention' },
+  { '--group-query-attention', false, 'grouped-query attention with --num-query-groups KV heads (1 if not given)' },
+  { '--kv-channels', 0, 'dims per attention head (0: --hidden-size / --num-attention-heads)', integer = true, min = 0 },
+  { '--rotary-percent', 1.0, 'share of each head that RoPE rotates', above = 0, max = 1 },
+  { '--rotary-seq-len-interpolation-factor', 1, 'divide RoPE positions by this (linear position interpolation)', above = 0 },
+  { '--attention-dropout', 0.0, 'dropout on attention probabilities (pmp has none: only 0)', min = 0, below = 1 },
+  { '--recompute-activations', false, "the same as --recompute-granularity selective" },
+  { '--recompute-method', nil, "with --recompute-granularity full: uniform or block", choices = { 'uniform', 'block' } },
+  { '--recompute-num-layers', 1, 'layers per recomputed chunk (uniform) or recomputed layers per stage (block)',
+    integer = true, min = 1 },
+}
+
+--- Checkpoint, data and logging flags recipes/pretrain.lua acts on.
+M.run = {
+  { '--no-load-optim', false, 'load weights but not the optimizer state from --load' },
+  { '--no-load-rng', false, 'do not restore the random generators from --load' },
+  { '--no-save-optim', false, 'save checkpoints without the optimizer state' },
+  { '--finetune', false, 'start from --load\'s weights at iteration 0 (no optimizer, generators or data position)' },
+  { '--eod-mask-loss', false, 'no loss on the token after an end-of-document token' },
+  { '--reset-position-ids', false, 'positions restart after each end-of-document token' },
+  { '--reset-attention-mask', false, 'attention stays inside each document (ends at end-of-document tokens)' },
+  { '--train-data-path', nil, 'indexed data (PREFIX or weighted blend) used whole for training, instead of --data-path', multiple = true },
+  { '--valid-data-path', nil, 'indexed data used whole for validation (with --train-data-path)', multiple = true },
+  { '--test-data-path', nil, 'Megatron: test data (pmp evaluates no test split: refused)', multiple = true },
+  { '--calculate-per-token-loss', false, 'a step\'s loss is the mean over all its trained tokens, not over micro batches' },
+  { '--log-throughput', false, 'log the model TFLOP/s per process on each iteration line' },
+  { '--optimizer', 'adam', 'adam (AdamW: decoupled weight decay, as Megatron\'s); hybridadam is the same update',
+    choices = { 'adam', 'hybridadam' } },
+  { '--dataset', 'MMAP', "Pai-Megatron-Patch's dataset kind: MMAP (indexed data; JSON-SFT is recipes/sft.lua's)",
+    choices = { 'MMAP' } },
+  { '--train-mode', 'pretrain', "Pai-Megatron-Patch's mode: pretrain (finetuning on chats is recipes/sft.lua)",
+    choices = { 'pretrain' } },
+  { '--dataloader-type', 'single', 'single: samples in the order of the shuffled index, as Megatron\'s',
+    choices = { 'single' } },
+}
+
+-- What each ignored flag configures, for --help.
+local IGNORED = {
+  { '--transformer-impl', 'transformer_engine', 'Transformer Engine or local layers' },
+  { '--attention-backend', 'auto', 'the attention kernel' },
+  { '--use-flash-attn', false, 'the attention kernel' },
+  { '--use-mcore-models', false, 'Megatron-Core models (pmp has only those)' },
+  { '--distributed-backend', 'nccl', 'the collective library' },
+  { '--no-masked-softmax-fusion', false, 'a fused kernel' },
+  { '--no-bias-dropout-fusion', false, 'a fused kernel' },
+  { '--no-bias-gelu-fusion', false, 'a fused kernel' },
+  { '--no-bias-swiglu-fusion', false, 'a fused kernel' },
+  { '--bias-swiglu-fusion', false, 'a fused kernel' },
+  { '--no-rope-fusion', false, 'a fused kernel' },
+  { '--no-persist-layer-norm', false, 'a fused kernel' },
+  { '--cross-entropy-loss-fusion', false, 'a fused kernel' },
+  { '--no-gradient-accumulation-fusion', false, 'a fused kernel' },
+  { '--attention-softmax-in-fp32', false, 'softmax dtype (pmp computes it in f32)' },
+  { '--accumulate-allreduce-grads-in-fp32', false, 'gradient dtype (pmp keeps f32 gradients)' },
+  { '--apply-query-key-layer-scaling', false, 'an fp16 overflow guard that leaves results unchanged' },
+  { '--overlap-param-gather', false, 'communication overlap' },
+  { '--tp-comm-overlap', false, 'communication overlap' },
+  { '--no-create-attention-mask-in-dataloader', false, 'where the causal mask is made' },
+  { '--no-mmap-bin-files', false, 'how data files are read' },
+  { '--num-workers', 2, 'dataloader processes' },
+  { '--cpu-offloading', false, 'activation offloading to host memory' },
+  { '--cpu-offloading-num-layers', 0, 'activation offloading to host memory' },
+  { '--manual-gc', false, 'Python garbage collection' },
+  { '--manual-gc-interval', 0, 'Python garbage collection' },
+  { '--empty-unused-memory-level', 0, 'the CUDA caching allocator' },
+  { '--tensorboard-queue-size', 1000, 'TensorBoard write batching' },
+  { '--log-timers-to-tensorboard', false, 'TensorBoard extras' },
+  { '--log-validation-ppl-to-tensorboard', false, 'TensorBoard extras' },
+  { '--log-memory-to-tensorboard', false, 'TensorBoard extras' },
+  { '--log-world-size-to-tensorboard', false, 'TensorBoard extras' },
+  { '--timing-log-level', 0, 'timer detail' },
+  { '--max-padding-length', 0, "Pai-Megatron-Patch's SFT padding (pretraining packs full sequences)" },
+  { '--patch-tokenizer-type', '', "Pai-Megatron-Patch's tokenizer class (pmp's comes from the data or --tokenizer-model)" },
+}
+M.ignored = {}
+for k, entry in ipairs(IGNORED) do
+  M.ignored[k] = { entry[1], entry[2], 'ignored by pmp: configures ' .. entry[3] }
+end
+
+local function fail(text, ...) error(string.format(text, ...), 0) end
+
+--- The one log line naming the ignored flags the command line gave, or nil.
+function M.ignored_line(given)
+  local names = {}
+  for _, spec in ipairs(M.ignored) do
+    if given[spec[1]:gsub('^%-%-', ''):gsub('%-', '_')] then names[#names + 1] = spec[1] end
+  end
+  if #names == 0 then return nil end
+  return 'ignored (they configure kernels, fusions or libraries pmp does not have; results are unchanged): ' ..
+    table.concat(names, ' ')
+end
+
+--- Checks the Megatron flags in opts (parsed with the sets above; given: the keys the command line
+--- gave) and maps them onto pmp's options in place; returns the notes to log (a list of lines).
+function M.resolve(opts, given)
+  local notes = {}
+  if not opts.swiglu then fail('--swiglu=false: pmp builds only SwiGLU MLPs from flags') end
+  if not opts.disable_bias_linear then fail('--disable-bias-linear=false: pmp adds no biases to linear layers but --add-qkv-bias') end
+  if opts.use_rotary_position_embeddings and opts.position_embedding_type ~= 'rope' then
+    fail('--use-rotary-position-embeddings contradicts --position-embedding-type %s', opts.position_embedding_type)
+  end
+  if opts.max_position_embeddings == 0 then opts.max_position_embeddings = opts.seq_length end
+  if opts.max_position_embeddings < opts.seq_length then
+    fail('--max-position-embeddings %d is smaller than --seq-length %d', opts.max_position_embeddings, opts.seq_length)
+  end
+  if opts.attention_dropout ~= 0 then
+    fail('--attention-dropout %g: pmp has no dropout on attention probabilities (give 0)', opts.attention_dropout)
+  end
+  -- Megatron uses --num-query-groups only with --group-query-attention, and 1 group when it is left out
+  if opts.group_query_attention and not given.num_query_groups then opts.num_query_groups = 1 end
+
+  -- recomputation changes memory, never results: Megatron's selective recompute (of core attention)
+  -- becomes pmp's default of keeping every activation
+  if opts.recompute_activations then
+    if opts.recompute_granularity ~= nil and opts.recompute_granularity ~= 'selective' then
+      fail('--recompute-activations contradicts --recompute-granularity %s', opts.recompute_granularity)
+    end
+    opts.recompute_granularity = 'selective'
+  end
+  if opts.recompute_granularity == 'selective' then
+    opts.recompute_granularity = nil
+    notes[#notes + 1] = 'recompute granularity selective: pmp keeps every activation instead (the same results, more memory)'
+  elseif opts.recompute_granularity == 'full' then
+    local per_stage = opts.num_layers / opts.pipeline_model_parallel_size
+    if opts.recompute_method == 'block' and opts.recompute_num_layers < per_stage then
+      fail('--recompute-method block --recompute-num-layers %d: pmp recomputes either every layer of a stage (%g) or none',
+        opts.recompute_num_layers, per_stage)
+    end
+    if opts.recompute_method == 'uniform' and opts.recompute_num_layers > 1 then
+      notes[#notes + 1] = string.format('recompute method uniform with %d layers per chunk: pmp recomputes one ' ..
+        'layer at a time (the same results, a little more memory for the layer inputs it keeps)', opts.recompute_num_layers)
+    end
+  elseif opts.recompute_granularity ~= nil then
+    fail("--recompute-granularity must be full or selective, got '%s'", opts.recompute_granularity)
+  elseif given.recompute_method then
+    fail('--recompute-method needs --recompute-granularity full')
+  end
+
+  if opts.train_data_path and opts.data_path then fail('give either --data-path or --train-data-path, not both') end
+  if opts.valid_data_path and not opts.train_data_path then fail('--valid-data-path needs --train-data-path') end
+  if opts.test_data_path then fail('--test-data-path: pmp evaluates no test split') end
+  if opts.tokenizer_type == 'HuggingFaceTokenizer' then
+    if not opts.tokenizer_model then fail('--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR') end
+  elseif opts.tokenizer_type ~= 'char' and opts.tokenizer_type ~= 'byte' then
+    fail("--tokenizer-type must be char, byte or HuggingFaceTokenizer, got '%s'", tostring(opts.tokenizer_type))
+  end
+  if opts.finetune then opts.no_load_optim, opts.no_load_rng = true, true end
+  return notes
+end
+
+return M
