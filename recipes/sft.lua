@@ -8,6 +8,10 @@
 --- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
 --- fine-tuned model as a Hugging Face directory. --lora-rank N trains LoRA adapters on the frozen model
 --- instead (--save-lora writes them for PEFT, --merge-lora --save-hf the merged model).
+--- Under mpirun it fine-tunes in parallel with pretrain.lua's layout flags and meanings, to the losses of
+--- one process (any --load resharded; --save-hf gathers the model on rank 0; LoRA runs on one process):
+---   mpirun -np 4 pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --packing \
+---     --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 ---
 --- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
 --- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
@@ -105,7 +109,7 @@ local chat_options = { tokenizer = tokenizer, render = render, format = opts.for
 local samples, trained_tokens, skipped
 if embedded then samples, trained_tokens, skipped = train.chat_data.samples(sums(), chat_options)
 else samples, trained_tokens, skipped = train.chat_data.from_data_path(opts.data_path, chat_options) end
-if #skipped > 0 then
+if #skipped > 0 and layout.rank == 0 then
   print(string.format('sft: skipped %d bad records (--skip-bad-records); the first, %s: %s', #skipped, skipped[1].where,
     skipped[1].why))
 end
