@@ -8,6 +8,10 @@
 --- whole global batch. --save writes Megatron-layout checkpoints (resumable with --load), --save-hf the
 --- fine-tuned model as a Hugging Face directory. --lora-rank N trains LoRA adapters on the frozen model
 --- instead (--save-lora writes them for PEFT, --merge-lora --save-hf the merged model).
+--- Under mpirun it fine-tunes in parallel with pretrain.lua's layout flags and meanings, to the losses of
+--- one process (any --load resharded; --save-hf gathers the model on rank 0; LoRA runs on one process):
+---   mpirun -np 4 pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --packing \
+---     --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 ---
 --- With no --load and --data-path it runs the embedded default: it fine-tunes the model that
 --- `pmp recipes/pretrain.lua` left in checkpoints/pretrain to answer "a + b = " with the sum, on sums it
@@ -24,7 +28,7 @@ local opts = flags.parse(arg, { {
   { '--skip-bad-records', false, 'skip (and count) records that are malformed or have no assistant turn instead of stopping' },
   { '--epochs', 1, 'passes over the data when --train-iters is 0' },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
-}, flags.training, flags.optimizer, flags.precision, flags.checkpoint, flags.logging, train.lora.flags, {
+}, flags.training, flags.optimizer, flags.precision, flags.parallel, flags.checkpoint, flags.logging, train.lora.flags, {
   -- the shared flags whose defaults or meaning differ for fine-tuning
   { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
   { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
@@ -40,9 +44,6 @@ local opts = flags.parse(arg, { {
   { '--save-interval', 0, 'steps between checkpoints (0: only at the end)' },
   { '--log-interval', 10, 'steps between log lines' },
 } }, { usage = 'pmp recipes/sft.lua --load MODEL_DIR --data-path FILE.jsonl [flags]' })
--- Several processes would each train the whole model and write the same checkpoint files.
-local layout = pmp.dist.init()
-if layout.world > 1 then error('runs on one process (parallel layouts are in recipes/pretrain.lua); start it without mpirun', 0) end
 local embedded = not opts.load and not opts.data_path
 if embedded then
   opts.load = 'checkpoints/pretrain'
@@ -65,6 +66,16 @@ if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_che
 train.lora.check(opts, opts.save_hf, resume and resume.state.args)
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity })
+-- Under mpirun every rank loaded the whole model and keeps its part of it (pmp.train.parallel, as
+-- pretraining lays it out); the layout's checks need the model's depth.
+opts.num_layers = model.config.num_layers
+local layout = train.parallel.init(opts)
+if layout.world > 1 and train.lora.enabled(opts) then
+  error('LoRA runs on one process (--lora-rank / --load-lora under mpirun are not supported yet)', 0)
+end
+local hf = rawget(model, 'hf')
+if layout.world > 1 then model = train.parallel.split(model, opts, layout) end
+local ddp = train.parallel.data_parallel(model, opts, layout)
 -- a pretraining checkpoint's model has Llama's architecture
 local model_type = base.kind == 'pmp' and 'llama' or nil
 train.lora.setup(model, opts, model_type)
@@ -98,7 +109,7 @@ local chat_options = { tokenizer = tokenizer, render = render, format = opts.for
 local samples, trained_tokens, skipped
 if embedded then samples, trained_tokens, skipped = train.chat_data.samples(sums(), chat_options)
 else samples, trained_tokens, skipped = train.chat_data.from_data_path(opts.data_path, chat_options) end
-if #skipped > 0 then
+if #skipped > 0 and layout.rank == 0 then
   print(string.format('sft: skipped %d bad records (--skip-bad-records); the first, %s: %s', #skipped, skipped[1].where,
     skipped[1].why))
 end
@@ -118,18 +129,19 @@ local function sums_accuracy()
   model:train()
   return right / #held_out
 end
-local accuracy_before = embedded and sums_accuracy()
+local accuracy_before = embedded and layout.world == 1 and sums_accuracy()
 
-local optimizer = train.optimizer.adamw(model, opts)
+local optimizer = train.optimizer.adamw(model, opts, ddp)
 local train_iters = opts.train_iters > 0 and opts.train_iters or
   math.max(1, math.floor(#rows / opts.global_batch_size)) * opts.epochs
 local lr_at = train.optimizer.schedule(opts, train_iters)
-local logger = train.Logger(opts, { name = 'sft', train_iters = train_iters })
+local logger = train.Logger(opts, { name = 'sft', enabled = layout.is_logger, train_iters = train_iters })
 local checkpoints = train.Checkpoints(opts, logger)
 local nan_guard = train.NanGuard(opts, logger)
 logger:line(string.format('sft: %d samples (%d trained tokens) in %d %s rows of <= %d tokens; %s; %d steps',
   #samples, trained_tokens, #rows, opts.packing and 'packed' or 'unpacked', opts.seq_length,
   tostring(model):match('^[^\n]*'), train_iters))
+if layout.world > 1 then logger:line('sft: ' .. train.parallel.describe(opts, layout)) end
 
 local order = train.Epochs(rows, opts.seed)   -- reshuffled each epoch
 local iteration = 0
@@ -147,15 +159,16 @@ while iteration < train_iters do
   logger:begin_iteration(iteration)
   local lr = lr_at(iteration)
   optimizer.lr = lr
-  step.zero_grad(optimizer)
-  -- every trained token of the global batch weighs the same, whichever micro batch it falls in
-  local batches, trained, tokens = train.chat_data.micro_batches(order, opts.global_batch_size / opts.micro_batch_size,
-    opts.micro_batch_size, tokenizer.pad_id or 0)
-  local loss = step.forward_backward(model, batches, { loss_divisor = math.max(trained, 1) })
-  step.finish_grads(model)
+  step.zero_grad(optimizer, ddp)
+  -- every trained token of the global batch weighs the same, whichever micro batch or rank it falls in
+  local batches, trained, tokens = train.chat_data.micro_batches(order, layout.accumulation, opts.micro_batch_size,
+    tokenizer.pad_id or 0, layout.world > 1 and layout or nil, opts.seq_length)
+  local loss = step.forward_backward(model, batches, { ddp = ddp, loss_divisor = math.max(trained, 1) })
+  step.finish_grads(model, ddp)
   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
   local finite = nan_guard:finite(iteration, grad_norm)
   if finite then optimizer:step() end
+  loss = train.parallel.mean_loss(loss, layout)
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, tokens = tokens, skipped = not finite })
   checkpoints:save_if_due(iteration, model, optimizer, checkpoint_state)
   if checkpoints:exit_due(iteration) then break end
@@ -163,14 +176,19 @@ end
 checkpoints:finish(iteration, model, optimizer, checkpoint_state)
 logger:finish(iteration - first_iteration)
 
-if embedded then
+if embedded and layout.world > 1 then
+  logger:line('sft: no accuracy check under a parallel layout (load the checkpoint in one process)')
+elseif embedded then
   print(string.format('sft: exact-match accuracy on %d held-out sums: %.1f%% before, %.1f%% after fine-tuning',
     #held_out, 100 * accuracy_before, 100 * sums_accuracy()))
 end
 
 train.lora.finish(model, opts, base.dir)
 if opts.save_hf then
-  model:save_pretrained(opts.save_hf, { model_type = model_type })
+  local whole = train.parallel.gather_model(model, layout, hf, opts.save_hf .. '.parts')
+  if whole then whole:save_pretrained(opts.save_hf, { model_type = model_type }) end
+end
+if opts.save_hf and layout.rank == 0 then
   for _, name in ipairs({ 'tokenizer.json', 'tokenizer.model', 'qwen.tiktoken', 'tokenizer_config.json', 'chat_template.jinja' }) do
     local source = pmp.io.join(template_dir or base.dir, name)
     if pmp.io.is_file(source) then pmp.io.write_atomic(pmp.io.join(opts.save_hf, name), pmp.io.read_file(source)) end

@@ -167,13 +167,6 @@ describe('pmp.data.sft', function()
     assert.matches('exact%-match accuracy on 100 held%-out sums: [%d.]+%% before, [%d.]+%% after fine%-tuning', out)
     shell.remove_dir(dir)
   end)
-
-  it('refuses to run as several MPI processes, which would write the same checkpoint files', function()
-    local shell, mpi = require 'spec.support.shell', require 'spec.support.mpi'
-    local _, err, status = mpi.run(2, shell.root .. '/recipes/sft.lua', {})
-    assert.are_not.equal(0, status)
-    assert.truthy(err:find('runs on one process', 1, true), err)
-  end)
 end)
 
 describe('pmp.train.chat_data.samples', function()

@@ -577,19 +577,43 @@ end
 
 -- The whole model of a checkpoint of any layout, in this process: a GPTModel built from the recorded
 -- model_config in the saved dtype, its parts joined; plus the info table. iteration: default the latest.
-function M.load_model(dir, iteration)
-  local info = M.info(dir, iteration)
+-- The GPTModel of a checkpoint's recorded model_config, uninitialized in the saved dtype (the load
+-- fills every parameter or raises).
+local function unfilled_model(dir, info)
   local config = info.layout.model_config
   if type(config) ~= 'table' then
     error('checkpoint: ' .. M.iteration_root(dir, info.iteration) .. ' does not record model_config', 0)
   end
-  -- built uninitialized in the saved dtype: the load fills every parameter or raises
   local build = {}
   for k, v in pairs(config) do build[k] = v end
   build.dtype, build.init = info.layout.dtype, false
   local model = require('pmp.nn').GPTModel(build)
   model.config.init = nil
+  return model
+end
+
+function M.load_model(dir, iteration)
+  local info = M.info(dir, iteration)
+  local model = unfilled_model(dir, info)
   return model, M.load(dir, model, nil, { iteration = info.iteration, rng = false })
+end
+
+-- The whole model of a checkpoint of any layout read by this process alone, without collectives (so
+-- that one rank of a parallel run can join the parts the world saved); plus the info table.
+function M.read_whole_model(dir)
+  local info, root = M.info(dir)
+  local model = unfilled_model(dir, info)
+  local source, config = Source.open(root, info.layout), model.config
+  local whole = { first = 0, count = config.num_layers }
+  local values = {}
+  for name, own in pairs(model:state_dict()) do
+    local entry = source:find(layout_file.global_name(name, whole), config)
+    local value = source:part(entry, Source.read_model, 1, 0, config)
+    source:check_shape(value, own, layout_file.model_key(name), entry)
+    values[name] = value
+  end
+  model:load_state_dict(values)
+  return model, info
 end
 
 return M

@@ -196,8 +196,9 @@ end
 
 -- Tensors for a list of rows, right-padded to the longest: inputs, targets, positions [B, T] and
 -- first_key [B, T] for GPTModel(inputs, targets, {positions=, first_key=}). Padding is ignored.
-function M.collate(rows, pad_id)
-  local T = 0
+-- length: pad to at least this many tokens.
+function M.collate(rows, pad_id, length)
+  local T = length or 0
   for _, r in ipairs(rows) do T = math.max(T, #r.inputs) end
   local inputs, targets, positions, first_key = {}, {}, {}, {}
   for b, r in ipairs(rows) do

@@ -26,7 +26,8 @@ end
 --- pretraining checkpoint's model is built as it was saved).
 function M.load(base, options)
   if base.kind == 'pmp' then
-    local model, info = Checkpoints.load_model(base.dir)
+    -- read by each process alone: under mpirun every rank takes the whole model, then its part
+    local model, info = require('pmp.checkpoint').read_whole_model(base.dir)
     local state = info.state.tokenizer
     -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
     return model, require('pmp.data.dataset_tokenizer').from_state(state), state.type == 'hf' and state.model or nil

@@ -83,15 +83,33 @@ function M.from_data_path(path, options)
   return M.samples(M.lines(path), options)
 end
 
---- Collates micro batches of rows as pmp.train.step takes them; also returns the tokens the step trains
---- on (its targets that are not ignored) and the tokens it reads.
-function M.micro_batches(rows, count, micro_batch_size, pad_id)
+--- Collates this rank's micro batches of a step from rows (a pmp.train.Epochs) as pmp.train.step takes
+--- them; also returns the tokens the whole step trains on (its targets that are not ignored, summed
+--- over the data-parallel ranks) and the tokens it reads. Every rank takes the step's count x
+--- micro_batch_size x dp rows, so the order stays that of one process; micro-step k of data-parallel
+--- rank r collates the rows at (k * dp + r) * micro_batch_size, as Megatron orders samples. layout:
+--- pmp.train.parallel.init's, nil on one process; under a parallel layout every micro batch is padded
+--- to `length` tokens (pipeline stages exchange activations of one shape, context parallelism cuts
+--- equal chunks) and each context-parallel rank keeps its two chunks of every sequence, per-document
+--- positions and first keys included.
+function M.micro_batches(rows, count, micro_batch_size, pad_id, layout, length)
+  local dp, dp_rank = layout and layout.dp or 1, layout and layout.dp_rank or 0
+  local cp = require 'pmp.nn.context_parallel'
+  local step_rows = rows:take(count * micro_batch_size * dp)
   local batches, trained, tokens = {}, 0, 0
-  for k = 1, count do
-    local b = sft.collate(rows:take(micro_batch_size), pad_id)
-    batches[k] = { ids = b.inputs, targets = b.targets, options = { positions = b.positions, first_key = b.first_key } }
+  for k = 0, count - 1 do
+    local first = (k * dp + dp_rank) * micro_batch_size
+    local b = sft.collate({ unpack(step_rows, first + 1, first + micro_batch_size) }, pad_id, layout and length)
     trained = trained + b.targets:ne(sft.IGNORE_INDEX):sum():item()
     tokens = tokens + b.inputs:numel()
+    local mine = layout and cp.split or function(x) return x end
+    batches[k + 1] = { ids = mine(b.inputs), targets = mine(b.targets),
+      options = { positions = mine(b.positions), first_key = mine(b.first_key) } }
+  end
+  if layout and dp > 1 then
+    local counts = require('pmp.tensor').tensor({ trained, tokens }, { dtype = 'f64' })
+    require('pmp.dist').group('dp'):all_reduce(counts, 'sum')
+    trained, tokens = unpack(counts:totable())
   end
   return batches, trained, tokens
 end

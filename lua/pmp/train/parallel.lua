@@ -154,6 +154,21 @@ function M.mean_aux_losses(aux, layout, layers)
   return aux
 end
 
+--- The whole model of a run under a parallel layout, on rank 0 (nil on the others; the model itself on
+--- one process), for writing it out as one (e.g. save_pretrained). Every rank writes its part as a
+--- checkpoint under `parts_dir` (pmp.checkpoint joins parts of any layout), rank 0 rebuilds the model
+--- from it and removes it. hf: the Hugging Face identity (model.hf) the model was loaded with, if any.
+function M.gather_model(model, layout, hf, parts_dir)
+  if layout.world == 1 then return model end
+  local checkpoint, io_ = require 'pmp.checkpoint', require 'pmp.io'
+  checkpoint.save(parts_dir, 0, model, nil, { model_config = model.config })
+  if layout.rank ~= 0 then return nil end
+  local whole = checkpoint.read_whole_model(parts_dir)
+  io_.remove_tree(parts_dir)
+  if hf then rawset(whole, 'hf', hf) end
+  return whole
+end
+
 --- One line describing a parallel layout for the log; nil on one process.
 function M.describe(opts, layout)
   if layout.world == 1 then return nil end

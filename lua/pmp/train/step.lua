@@ -24,18 +24,30 @@ local function is_pipeline_stage(model) return pipeline.chunks(model)[1].pipelin
 --- interleaved one over virtual stages). With options.ddp only the last micro batch's backward reduces
 --- gradients. The gradient is that of the mean of the micro batches' losses, or with
 --- options.loss_divisor = N that of their summed token losses over N (a per-token mean over the whole
---- step, e.g. N = the trained tokens of the global batch; one process only). Returns the mean loss (the
---- summed, divided one with loss_divisor) on the last pipeline stage, nil on the others.
+--- step, N = the trained tokens of the global batch, counted over every rank). Under data or context
+--- parallelism ddp averages the gradients of its ranks, so each rank divides its own token losses by
+--- N / ranks; its returned loss is then its share, which pmp.train.parallel.mean_loss turns into the
+--- global one. Returns the mean loss (the summed, divided one with loss_divisor) on the last pipeline
+--- stage, nil on the others.
 function M.forward_backward(model, batches, options)
   options = options or {}
   local ddp, forward_only, divisor = options.ddp, options.forward_only, options.loss_divisor
+  if divisor and ddp then divisor = divisor / ddp.group.size end
   -- the MoE auxiliary losses weigh in as each micro batch's loss does (Megatron's MoEAuxLossAutoScaler)
   require('pmp.nn.moe').aux_loss_scale = divisor and 1 / divisor or 1 / #batches
   if ddp and not forward_only then ddp:set_sync(false) end
   if is_pipeline_stage(model) then
-    if divisor then error('pmp.train.step.forward_backward: loss_divisor is not supported on a pipeline stage', 2) end
-    return pipeline.forward_backward(model, batches, { forward_only = forward_only,
-      before_last_backward = ddp and function() ddp:set_sync(true) end })
+    if divisor then
+      for _, mb in ipairs(batches) do
+        mb.options = mb.options or {}
+        mb.options.reduction = 'sum'
+      end
+    end
+    local loss = pipeline.forward_backward(model, batches, { forward_only = forward_only,
+      loss_scale = divisor and 1 / divisor, before_last_backward = ddp and function() ddp:set_sync(true) end })
+    -- the pipeline returns the mean of the micro batches' (summed) losses
+    if loss and divisor then loss = loss * #batches / divisor end
+    return loss
   end
   local total = 0
   for k, mb in ipairs(batches) do

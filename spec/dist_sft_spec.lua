@@ -1,0 +1,125 @@
+require 'busted.runner'()
+-- recipes/sft.lua under mpirun fine-tunes a Hugging Face model on packed chat data to the losses one
+-- process logs, whatever the layout, and its --save-hf (the parts gathered on rank 0) is the file one
+-- process writes. The single-process run is the reference.
+local shell = require 'spec.support.shell'
+local mpi = require 'spec.support.mpi'
+local tiny_hf = require 'spec.support.tiny_hf'
+
+local WORDS = { 'red', 'blue', 'green', 'cat', 'dog', 'sun', 'moon', 'tree', 'river', 'stone' }
+
+-- A 4-layer Qwen3-shaped model with Qwen3's tokenizer. Its weights are scaled up from the usual
+-- initialization so that attention (and with it the per-document masks and positions of packed rows)
+-- changes the loss visibly from the first step: at the usual scale every logit is near 0.
+local function write_base(dir)
+  local tok = pmp.tokenizer.from_pretrained(tiny_hf.TOKENIZER)
+  local hf = pmp.json.decode(pmp.io.read_file(shell.root .. '/spec/fixtures/hf/qwen3/config.json'))
+  hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size = tok.vocab_size, 16, 4, 32
+  hf.head_dim, hf.num_attention_heads, hf.num_key_value_heads = 8, 2, 2
+  hf.tie_word_embeddings = true
+  pmp.manual_seed(7)
+  local model = pmp.models.from_config(hf)
+  for name, t in pairs(model:state_dict()) do
+    if not name:find('norm') then t:detach():copy_(t:detach() * 10) end
+  end
+  model:save_pretrained(dir)
+  for _, name in ipairs({ 'tokenizer.json', 'tokenizer_config.json' }) do
+    shell.write_file(dir .. '/' .. name, pmp.io.read_file(tiny_hf.TOKENIZER .. '/' .. name))
+  end
+end
+
+-- Conversations of 1 to 4 user words and 1 to 5 answer words (16 to 23 tokens), two per 48-token row.
+local function write_chats(path)
+  local lines = {}
+  for k = 1, 24 do
+    local question, answer = {}, {}
+    for j = 1, 1 + k % 4 do question[j] = WORDS[(k * j) % 10 + 1] end
+    for j = 1, 1 + (k * 3) % 5 do answer[j] = WORDS[(k + j * 7) % 10 + 1] end
+    lines[k] = pmp.json.encode({ messages = { { role = 'user', content = table.concat(question, ' ') },
+      { role = 'assistant', content = table.concat(answer, ' ') } } })
+  end
+  shell.write_file(path, table.concat(lines, '\n') .. '\n')
+end
+
+local losses = require('spec.support.train_log').losses
+
+-- The losses a parallel run logged (by iteration) are those of one process within 1e-5 (relative).
+local function assert_same_losses(want, got, label)
+  for iteration, loss in pairs(want) do
+    assert.is_not_nil(got[iteration], string.format('%s: no loss logged for iteration %d', label, iteration))
+    assert.is_true(math.abs(got[iteration] - loss) <= 1e-5 * math.abs(loss), string.format(
+      '%s: the loss of iteration %d is %.7g, one process logged %.7g', label, iteration, got[iteration], loss))
+  end
+  for iteration in pairs(got) do assert.is_not_nil(want[iteration], label .. ': extra iteration ' .. iteration) end
+end
+
+describe('recipes/sft.lua under mpirun', function()
+  if not tiny_hf.available() then
+    it('needs the Qwen3 tokenizer in ../shared/tokenizers/qwen3', function() end)
+    return
+  end
+  local dir, common
+  local function run(np, extra)
+    local args = {}
+    for _, a in ipairs(common) do args[#args + 1] = a end
+    for _, a in ipairs(extra) do args[#args + 1] = a end
+    if np == 1 then
+      table.insert(args, 1, shell.root .. '/recipes/sft.lua')
+      return shell.run_pmp(args)
+    end
+    return mpi.run(np, shell.root .. '/recipes/sft.lua', args)
+  end
+
+  local reference
+  setup(function()
+    dir = shell.temp_dir()
+    write_base(dir .. '/base')
+    write_chats(dir .. '/chat.jsonl')
+    common = { '--load', dir .. '/base', '--data-path', dir .. '/chat.jsonl', '--packing', '--seq-length', '48',
+      '--micro-batch-size', '1', '--global-batch-size', '4', '--train-iters', '3', '--log-interval', '1', '--lr', '1e-2' }
+    local out, err, status = run(1, {})
+    assert.are.equal(0, status, err)
+    reference = losses(out)
+    assert.is_not_nil(reference[3], out)
+  end)
+  teardown(function() if dir then shell.remove_dir(dir) end end)
+
+  local layouts = {
+    { 4, 'TP=2 with sequence parallel x DP=2 with the distributed optimizer', { '--tensor-model-parallel-size', '2',
+      '--sequence-parallel', '--use-distributed-optimizer' } },
+    { 4, 'PP=2 with 2 virtual stages x CP=2, gradients reduced after backward', { '--pipeline-model-parallel-size', '2',
+      '--num-layers-per-virtual-pipeline-stage', '1', '--context-parallel-size', '2', '--overlap-grad-reduce=false' } },
+  }
+  for _, case in ipairs(layouts) do
+    local np, name, flags = case[1], case[2], case[3]
+    it('logs the single-process losses: ' .. name, function()
+      local out, err, status = run(np, flags)
+      assert.are.equal(0, status, err)
+      assert_same_losses(reference, losses(out), name)
+    end)
+  end
+
+  -- At --lr 0 the weights cannot differ by rounding: what is compared is how the parts are joined and
+  -- written.
+  it('writes --save-hf from TP=2 x PP=2 equal bit for bit to one process', function()
+    local frozen = { '--lr', '0', '--train-iters', '1', '--recompute-granularity', 'full' }
+    local out, err, status = run(1, { '--save-hf', dir .. '/one', unpack(frozen) })
+    assert.are.equal(0, status, err)
+    local want = losses(out)
+    assert.is_not_nil(want[1], out)
+    out, err, status = run(4, { '--save-hf', dir .. '/four', '--tensor-model-parallel-size', '2',
+      '--pipeline-model-parallel-size', '2', unpack(frozen) })
+    assert.are.equal(0, status, err)
+    assert_same_losses(want, losses(out), 'TP=2 x PP=2')
+    for _, name in ipairs({ 'model.safetensors', 'config.json', 'tokenizer.json', 'tokenizer_config.json' }) do
+      assert.is_true(pmp.io.read_file(dir .. '/one/' .. name) == pmp.io.read_file(dir .. '/four/' .. name), name)
+    end
+    assert.is_false(pmp.io.exists(dir .. '/four.parts'), 'the gathered parts are removed')
+  end)
+
+  it('refuses LoRA under mpirun, naming it', function()
+    local _, err, status = run(2, { '--tensor-model-parallel-size', '2', '--lora-rank', '4' })
+    assert.are_not.equal(0, status)
+    assert.truthy(err:find('LoRA runs on one process', 1, true), err)
+  end)
+end)
