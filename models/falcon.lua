@@ -9,9 +9,9 @@
 -- ([q heads of group g, k_g, v_g]), so it is linear_qkv as it is.
 -- Falcon-RW (alibi true) has ALiBi instead of rotary positions: transformers adds the biases to q.k
 -- before the division by sqrt(head_dim), so its slopes are BLOOM's times 1/sqrt(head_dim)
--- (alibi_slope_scale). transformers also rounds the slopes, and each slope * key position (counted from
--- the row's first real token), to bf16: alibi_bias_hf_falcon_bf16 makes pmp's attention do the same (with
--- falcon-rw-1b's 32 heads the exact biases differ from those by up to ~1 at position 2047).
+-- (alibi_slope_scale). transformers also rounds the slopes, each key position (counted from the row's
+-- first real token) and their product to bf16: alibi_bias_hf_falcon_bf16 makes pmp's attention do the
+-- same (with falcon-rw-1b's 32 heads the exact biases differ from those by several units past 256).
 local activations = require 'pmp.models.activations'
 local models = require 'pmp.models'
 

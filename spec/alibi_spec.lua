@@ -138,13 +138,13 @@ local function bf16(x)
 end
 
 -- transformers' Falcon (build_alibi_tensor): slopes rounded to bf16 times the key's position counted
--- from the row's first real token ((cumsum(mask) - 1) * mask), the product rounded to bf16, then
--- divided by sqrt(head_dim) with the mask
+-- from the row's first real token ((cumsum(mask) - 1) * mask), a bf16 times an integer tensor, which
+-- torch computes in bf16 (the position rounded too), then divided by sqrt(head_dim) with the mask
 local function falcon_bias(slopes, first_key, D)
   local slope = slopes:totable()
   return function(h, b, s)
     local position = math.max(s - first_key[b], 0)
-    return bf16(bf16(slope[h]) * position) / math.sqrt(D)
+    return bf16(bf16(slope[h]) * bf16(position)) / math.sqrt(D)
   end
 end
 

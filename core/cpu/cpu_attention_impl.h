@@ -261,10 +261,12 @@ WIDE_VECTORS static void NAME(row_dots_, SUFFIX)(REAL *delta, const REAL *dout, 
 }
 
 /* transformers' Falcon ALiBi bias (build_alibi_tensor, then the division by sqrt(head_dim) in the model's
- * dtype): bf16(bf16(slope) * position) * scale, rounded to the model's dtype. The product of a bf16 and
- * an integer below 2^16 is exact in double, so rounding it once gives PyTorch's bf16 multiply. */
+ * dtype): bf16(bf16(slope) * bf16(position)) * scale, rounded to the model's dtype. PyTorch multiplies the
+ * bf16 slopes by the integer positions in bf16, so the positions are rounded too (past 256 they lose
+ * bits); the product of two bf16 values is exact in double, so rounding it once is PyTorch's multiply. */
 static inline REAL NAME(falcon_bias_, SUFFIX)(double slope_bf16, int64_t position, double scale, int dtype) {
-  double bias = (double)pmp_bf16_to_f32(pmp_f32_to_bf16((float)(slope_bf16 * (double)position))) * scale;
+  double position_bf16 = (double)pmp_bf16_to_f32(pmp_f32_to_bf16((float)position));
+  double bias = (double)pmp_bf16_to_f32(pmp_f32_to_bf16((float)(slope_bf16 * position_bf16))) * scale;
   if (dtype == PMP_BF16) return (REAL)pmp_bf16_to_f32(pmp_f32_to_bf16((float)bias));
   if (dtype == PMP_F16) return (REAL)pmp_f16_to_f32(pmp_f32_to_f16((float)bias));
   return (REAL)bias;

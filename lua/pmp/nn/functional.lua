@@ -100,7 +100,7 @@ function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 --- packed sequences keep each document to itself. alibi_slopes: a float tensor [Hq] adding
 --- slope * (key position - query position) to each head's scores (ALiBi); the slopes get no gradient.
 --- alibi_hf_falcon_scale: a positive number selecting transformers' Falcon bias instead,
---- bf16(bf16(slope) * (key position - first key of the row)) * alibi_hf_falcon_scale (rounded as it rounds).
+--- bf16(bf16(slope) * bf16(key position - first key of the row)) * alibi_hf_falcon_scale, rounded to q's dtype.
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
