@@ -157,14 +157,17 @@ describe("attention with transformers' Falcon ALiBi bias (alibi_hf_falcon_scale)
         first_key = first_key and pmp.tensor(first_key, { dtype = 'i64' }) })
     end
   end
+  local function agrees_with_transformers(q, k, v, starts)
+    agree(falcon(starts), function(a, b, c)
+      return composed(a, b, c, slopes, { first_key = starts, bias = falcon_bias(slopes, starts, D) })
+    end, { q, k, v }, 1e-10)
+  end
   it('adds the bf16-rounded bias of absolute key positions from the first real key, forward and backward', function()
     local q = pmp.randn(2, heads, 80, D, { dtype = 'f64' })   -- queries at 16..95: each sees a key
     local k = pmp.randn(2, 8, 96, D, { dtype = 'f64' })
     local v = pmp.randn(2, 8, 96, D, { dtype = 'f64' })
     local starts = { 0, 13 }
-    agree(falcon(starts), function(a, b, c)
-      return composed(a, b, c, slopes, { first_key = starts, bias = falcon_bias(slopes, starts, D) })
-    end, { q, k, v }, 1e-10)
+    agrees_with_transformers(q, k, v, starts)
     -- the rounding matters here: the exact bias (BLOOM's, scaled) is far from it
     local exact = composed(q, k, v, slopes * (1 / math.sqrt(D)), { first_key = starts })
     assert.is_true(max_diff(falcon(starts)(q, k, v), exact) > 1e-3)
@@ -173,10 +176,7 @@ describe("attention with transformers' Falcon ALiBi bias (alibi_hf_falcon_scale)
     local q = pmp.randn(2, heads, 3, D, { dtype = 'f64' })
     local k = pmp.randn(2, 1, 320, D, { dtype = 'f64' })
     local v = pmp.randn(2, 1, 320, D, { dtype = 'f64' })
-    local starts = { 0, 41 }
-    agree(falcon(starts), function(a, b, c)
-      return composed(a, b, c, slopes, { first_key = starts, bias = falcon_bias(slopes, starts, D) })
-    end, { q, k, v }, 1e-10)
+    agrees_with_transformers(q, k, v, { 0, 41 })
   end)
   it('rounds the scaled bias to bf16 for bf16 inputs', function()
     local q, k, v = pmp.randn(1, heads, 40, D), pmp.randn(1, heads, 40, D), pmp.randn(1, heads, 40, D)
