@@ -9,10 +9,9 @@
 -- ([q heads of group g, k_g, v_g]), so it is linear_qkv as it is.
 -- Falcon-RW (alibi true) has ALiBi instead of rotary positions: transformers adds the biases to q.k
 -- before the division by sqrt(head_dim), so its slopes are BLOOM's times 1/sqrt(head_dim)
--- (alibi_slope_scale). transformers also rounds the slopes, and each slope * key position, to bf16 (as
--- Falcon-RW's own code did); pmp does not: that is exact for up to 8 heads and positions below 256, but
--- with falcon-rw-1b's 32 heads the scores drift from transformers' by up to ~0.02 within 64 positions
--- and ~1 at position 2047.
+-- (alibi_slope_scale). transformers also rounds the slopes, each key position (counted from the row's
+-- first real token) and their product to bf16: alibi_bias_hf_falcon_bf16 makes pmp's attention do the
+-- same (with falcon-rw-1b's 32 heads the exact biases differ from those by several units past 256).
 local activations = require 'pmp.models.activations'
 local models = require 'pmp.models'
 
@@ -84,6 +83,7 @@ function M.config(read)
   c.rotary_base, c.rope_scaling, c.rotary_percent = models.read_rope(read)
   if read:bool('alibi', false) then
     c.position_embedding_type, c.alibi_slope_scale = 'alibi', 1 / math.sqrt(c.kv_channels)
+    c.alibi_bias_hf_falcon_bf16 = true
   end
   local bias = read:bool('bias', false)
   c.add_qkv_bias, c.add_proj_bias, c.add_mlp_bias = bias, bias, bias

@@ -11,7 +11,7 @@ local F = pmp.F
 local function max_diff(a, b) return (a:double() - b:double()):abs():max():item() end
 
 -- The bias of head h for query t (0-based, at position t + S - T) and key s: slope_h * (s - position),
--- with keys after the position (causal) or before first_key[b] hidden.
+-- or options.bias(h, b, s), with keys after the position (causal) or before first_key[b] hidden.
 local function composed(q, k, v, slopes, options)
   options = options or {}
   local B, Hq, T, D = unpack(q.shape)
@@ -29,7 +29,7 @@ local function composed(q, k, v, slopes, options)
         bias[b][h][t], hidden[b][h][t] = {}, {}
         local position = t - 1 + S - T
         for s = 1, S do
-          bias[b][h][t][s] = slope[h] * ((s - 1) - position)
+          bias[b][h][t][s] = options.bias and options.bias(h, b, s - 1) or slope[h] * ((s - 1) - position)
           local before = options.first_key and s - 1 < options.first_key[b] or false
           hidden[b][h][t][s] = (options.causal ~= false and s - 1 > position) or before
         end
@@ -124,5 +124,81 @@ describe('attention with ALiBi', function()
     fails_with(function() F.attention(q, k, k, { alibi_slopes = alibi.slopes(2) }) end, 'ALiBi slopes', '[4]')
     fails_with(function() F.attention(q, k, k, { alibi_slopes = pmp.tensor({ 1, 2, 3, 4 }, { dtype = 'i64' }) }) end,
       'ALiBi slopes')
+  end)
+end)
+
+-- x rounded to the nearest bf16 (8 significant bits), ties to even, as torch's .bfloat16() does
+local function bf16(x)
+  if x == 0 then return 0 end
+  local m, e = math.frexp(x)
+  local scaled = m * 2 ^ 8
+  local r = math.floor(scaled + 0.5)
+  if r - scaled == 0.5 and r % 2 == 1 then r = r - 1 end
+  return r * 2 ^ (e - 8)
+end
+
+-- transformers' Falcon (build_alibi_tensor): slopes rounded to bf16 times the key's position counted
+-- from the row's first real token ((cumsum(mask) - 1) * mask), a bf16 times an integer tensor, which
+-- torch computes in bf16 (the position rounded too), then divided by sqrt(head_dim) with the mask
+local function falcon_bias(slopes, first_key, D)
+  local slope = slopes:totable()
+  return function(h, b, s)
+    local position = math.max(s - first_key[b], 0)
+    return bf16(bf16(slope[h]) * bf16(position)) / math.sqrt(D)
+  end
+end
+
+describe("attention with transformers' Falcon ALiBi bias (alibi_hf_falcon_scale)", function()
+  local heads, D = 32, 2
+  local slopes = alibi.slopes(heads)
+  local function falcon(first_key)
+    return function(a, b, c)
+      return F.attention(a, b, c, { alibi_slopes = slopes, alibi_hf_falcon_scale = 1 / math.sqrt(D),
+        first_key = first_key and pmp.tensor(first_key, { dtype = 'i64' }) })
+    end
+  end
+  local function agrees_with_transformers(q, k, v, starts)
+    agree(falcon(starts), function(a, b, c)
+      return composed(a, b, c, slopes, { first_key = starts, bias = falcon_bias(slopes, starts, D) })
+    end, { q, k, v }, 1e-10)
+  end
+  it('adds the bf16-rounded bias of absolute key positions from the first real key, forward and backward', function()
+    local q = pmp.randn(2, heads, 80, D, { dtype = 'f64' })   -- queries at 16..95: each sees a key
+    local k = pmp.randn(2, 8, 96, D, { dtype = 'f64' })
+    local v = pmp.randn(2, 8, 96, D, { dtype = 'f64' })
+    local starts = { 0, 13 }
+    agrees_with_transformers(q, k, v, starts)
+    -- the rounding matters here: the exact bias (BLOOM's, scaled) is far from it
+    local exact = composed(q, k, v, slopes * (1 / math.sqrt(D)), { first_key = starts })
+    assert.is_true(max_diff(falcon(starts)(q, k, v), exact) > 1e-3)
+  end)
+  it('keeps absolute positions for the last queries of a long KV cache', function()
+    local q = pmp.randn(2, heads, 3, D, { dtype = 'f64' })
+    local k = pmp.randn(2, 1, 320, D, { dtype = 'f64' })
+    local v = pmp.randn(2, 1, 320, D, { dtype = 'f64' })
+    agrees_with_transformers(q, k, v, { 0, 41 })
+  end)
+  it('rounds the scaled bias to bf16 for bf16 inputs', function()
+    local q, k, v = pmp.randn(1, heads, 40, D), pmp.randn(1, heads, 40, D), pmp.randn(1, heads, 40, D)
+    q, k, v = q:bf16(), k:bf16(), v:bf16()
+    local bias = falcon_bias(slopes, { 0 }, D)
+    local out = falcon()(q, k, v)
+    assert.are.equal('bf16', out.dtype)
+    local want = composed(q:double(), k:double(), v:double(), slopes,
+      { bias = function(h, b, s) return bf16(bias(h, b, s)) end })
+    assert.is_true(max_diff(out, want) < 1e-2, 'differs by ' .. max_diff(out, want))
+  end)
+  it('passes finite differences (the bias has no gradient)', function()
+    local steep = alibi.slopes(2) * 3
+    local starts = pmp.tensor({ 0, 2 }, { dtype = 'i64' })
+    gradcheck(function(a, b, c)
+      return F.attention(a, b, c, { alibi_slopes = steep, alibi_hf_falcon_scale = 0.7, first_key = starts }):narrow(3, 3, 4)
+    end, { random_input({ 2, 2, 6, 3 }), random_input({ 2, 2, 6, 3 }), random_input({ 2, 2, 6, 3 }) })
+  end)
+  it('needs slopes and a positive scale', function()
+    local q = pmp.randn(1, 2, 3, 4)
+    fails_with(function() F.attention(q, q, q, { alibi_hf_falcon_scale = 0.5 }) end, 'Falcon ALiBi bias needs slopes')
+    fails_with(function() F.attention(q, q, q, { alibi_slopes = alibi.slopes(2), alibi_hf_falcon_scale = 0 }) end,
+      'positive bias scale')
   end)
 end)

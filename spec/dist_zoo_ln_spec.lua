@@ -23,7 +23,7 @@ local function check_checkpoints(dir, names)
   for _, name in ipairs(names) do
     local loaded = pmp.checkpoint.load_model(dir .. '/' .. name)
     local original = pmp.models.from_pretrained(FIXTURES .. name)
-    for _, key in ipairs({ 'position_embedding_type', 'alibi_slope_scale' }) do
+    for _, key in ipairs({ 'position_embedding_type', 'alibi_slope_scale', 'alibi_bias_hf_falcon_bf16' }) do
       assert.are.equal(original.config[key], loaded.config[key], name .. ': ' .. key)
     end
     local want, got = original:state_dict(), loaded:state_dict()

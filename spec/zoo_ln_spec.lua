@@ -250,3 +250,18 @@ describe('recipes/generate.lua --load', function()
     end
   end)
 end)
+
+-- Falcon-RW with 32 heads over 330 positions, where transformers' bf16 rounding of the ALiBi biases
+-- (alibi_bias_hf_falcon_bf16) shows in the logits.
+describe('zoo falcon_alibi_long', function()
+  local ref, dir = reference('falcon_alibi_long')
+  local model = models.from_pretrained(dir)
+  it('gives transformers\' logits within 1e-4 on a long left-padded batch', function()
+    local diff = logits_error(model, ref)
+    assert(diff < 1e-4, string.format('max |logits - transformers| = %g', diff))
+  end)
+  it('generates transformers\' greedy tokens (KV cache past 300 positions)', function()
+    local out = pmp.generate(model, ref.prompts, { max_new_tokens = #ref.greedy[1] })
+    for b, want in ipairs(ref.greedy) do assert.are.same(want, out[b].tokens, 'row ' .. b) end
+  end)
+end)

@@ -9,6 +9,8 @@ typedef struct attention_shape {
   int64_t B, Hq, Hkv, T, S, D, offset, window;
   const int64_t *first_key;   /* per batch row [B] or per query [B, T], or NULL */
   const double *slopes;       /* ALiBi: one per query head [Hq], or NULL */
+  double falcon_bias_scale;   /* > 0: transformers' Falcon ALiBi bias (bf16-rounded, absolute key positions) */
+  int bias_dtype;             /* q's dtype, which the Falcon bias is rounded to */
   int64_t first_key_row, first_key_col;   /* its strides */
   bool causal;
   double scale;
@@ -566,6 +568,8 @@ static attention_shape shape_of(const pmp_op_args *a, const pmp_tensor *first_ke
   sh.offset = sh.S - sh.T;
   sh.first_key = first_key ? (const int64_t *)first_key->data : NULL;
   sh.slopes = slopes ? (const double *)slopes->data : NULL;
+  sh.falcon_bias_scale = a->f[1];
+  sh.bias_dtype = q->dtype_id;
   bool per_query = first_key && first_key->ndim == 2;
   sh.first_key_row = per_query ? sh.T : 1;
   sh.first_key_col = per_query ? 1 : 0;

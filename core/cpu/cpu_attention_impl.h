@@ -260,11 +260,34 @@ WIDE_VECTORS static void NAME(row_dots_, SUFFIX)(REAL *delta, const REAL *dout, 
   }
 }
 
-/* ALiBi on a tile of scaled scores starting at query t0 and key s0: adds slope * (key - query position)
- * to every column of each row (masked columns too: they stay finite and are dropped by the softmax). */
-WIDE_VECTORS static void NAME(alibi_tile_, SUFFIX)(const attention_shape *sh, int64_t h, REAL *scores, int64_t t0,
-                                                   int64_t rows, int64_t s0, int64_t cols) {
+/* transformers' Falcon ALiBi bias (build_alibi_tensor, then the division by sqrt(head_dim) in the model's
+ * dtype): bf16(bf16(slope) * bf16(position)) * scale, rounded to the model's dtype. PyTorch multiplies the
+ * bf16 slopes by the integer positions in bf16, so the positions are rounded too (past 256 they lose
+ * bits); the product of two bf16 values is exact in double, so rounding it once is PyTorch's multiply. */
+static inline REAL NAME(falcon_bias_, SUFFIX)(double slope_bf16, int64_t position, double scale, int dtype) {
+  double position_bf16 = (double)pmp_bf16_to_f32(pmp_f32_to_bf16((float)position));
+  double bias = (double)pmp_bf16_to_f32(pmp_f32_to_bf16((float)(slope_bf16 * position_bf16))) * scale;
+  if (dtype == PMP_BF16) return (REAL)pmp_bf16_to_f32(pmp_f32_to_bf16((float)bias));
+  if (dtype == PMP_F16) return (REAL)pmp_f16_to_f32(pmp_f32_to_f16((float)bias));
+  return (REAL)bias;
+}
+
+/* ALiBi on a tile of scaled scores of batch row b starting at query t0 and key s0: adds slope * (key -
+ * query position) to every column of each row (masked columns too: they stay finite and are dropped by
+ * the softmax), or with falcon_bias_scale the Falcon bias of the key's position from the row's first key. */
+WIDE_VECTORS static void NAME(alibi_tile_, SUFFIX)(const attention_shape *sh, int64_t b, int64_t h, REAL *scores,
+                                                   int64_t t0, int64_t rows, int64_t s0, int64_t cols) {
   double slope = sh->slopes[h];
+  if (sh->falcon_bias_scale > 0) {
+    double slope_bf16 = (double)pmp_bf16_to_f32(pmp_f32_to_bf16((float)slope));
+    for (int64_t r = 0; r < rows; r++) {
+      REAL *srow = scores + r * BLOCK_K;
+      int64_t first = sh->first_key ? sh->first_key[b * sh->first_key_row + (t0 + r) * sh->first_key_col] : 0;
+      for (int64_t c = 0; c < cols; c++)
+        srow[c] += NAME(falcon_bias_, SUFFIX)(slope_bf16, s0 + c - first, sh->falcon_bias_scale, sh->bias_dtype);
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; r++) {
     REAL *srow = scores + r * BLOCK_K;
     int64_t distance0 = s0 - (t0 + r + sh->offset);
@@ -353,7 +376,7 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
           NAME(spans_by_queries_, SUFFIX)(rows, cols, lo_c, hi_c, q_terms, q_cols);
           NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K, NULL,
                                    q_cols);
-          if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, h, scores, t0, rows, s0, cols);
+          if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, b, h, scores, t0, rows, s0, cols);
           NAME(softmax_tile_, SUFFIX)(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, D);
           NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D, q_terms,
                                    NULL);
@@ -432,7 +455,7 @@ static int NAME(attention_backward_, SUFFIX)(const attention_shape *sh, const at
             NAME(spans_by_keys_, SUFFIX)(rows, cols, lo_c, hi_c, k_terms);
             NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qh + t0 * D, D, 1, kt + s0, S, false, p, BLOCK_K,
                                      NULL, q_cols);
-            if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, h, p, t0, rows, s0, cols);
+            if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, b, h, p, t0, rows, s0, cols);
             NAME(probabilities_tile_, SUFFIX)(p, rows, cols, lo_c, hi_c, lh + t0);
             /* dV += P^T dO ; dP = dO V^T */
             NAME(tile_gemm_, SUFFIX)(cols, D, rows, (REAL)1, p, 1, BLOCK_K, doh + t0 * D, D, true, dvh + s0 * D, D,

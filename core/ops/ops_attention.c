@@ -18,8 +18,9 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
   return pmp_attention_alibi(q, k, v, first_key, NULL, scale, causal, window);
 }
 
-pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
-                                double scale, int causal, int64_t window) {
+/* bias_scale 0: the exact relative ALiBi bias; > 0: transformers' Falcon bias. The kernels get it as f[1]. */
+static pmp_tensor *attention_op(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
+                                double bias_scale, double scale, int causal, int64_t window) {
   if (!q || !k || !v) return NULL;
   char sq[PMP_SHAPE_BUF], sk[PMP_SHAPE_BUF], sv[PMP_SHAPE_BUF];
   if (!pmp_same_device(q, k, "attention") || !pmp_same_device(q, v, "attention")) return NULL;
@@ -68,14 +69,28 @@ pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp
     out = NULL;
   }
   pmp_op_args a = {.op = PMP_OP_ATTENTION, .out = out, .out2 = lse, .out3 = exact, .in = {qc, kc, vc, starts, alibi},
-                   .nin = 5, .f = {scale}, .i = {causal != 0, window}};
+                   .nin = 5, .f = {scale, bias_scale}, .i = {causal != 0, window}};
   pmp_tensor *inputs[3] = {qc, kc, vc};
   pmp_node *n;
   out = pmp_run_op(&a, inputs, 3, (pmp_tensor *[]){qc, kc, vc, exact ? exact : PMP_SAVED_OUTPUT, lse, starts, alibi}, 7,
                    &n);
-  if (n) n->f[0] = scale, n->i[0] = causal != 0, n->i[1] = window;
+  if (n) n->f[0] = scale, n->f[1] = bias_scale, n->i[0] = causal != 0, n->i[1] = window;
   pmp_scope_end(&s);
   return out;
+}
+
+pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
+                                double scale, int causal, int64_t window) {
+  return attention_op(q, k, v, first_key, slopes, 0, scale, causal, window);
+}
+
+pmp_tensor *pmp_attention_alibi_hf_falcon(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key,
+                                          pmp_tensor *slopes, double bias_scale, double scale, int causal,
+                                          int64_t window) {
+  if (!slopes || !(bias_scale > 0))
+    return pmp_fail("attention: the Falcon ALiBi bias needs slopes and a positive bias scale, got %s and %g",
+                    slopes ? "slopes" : "no slopes", bias_scale);
+  return attention_op(q, k, v, first_key, slopes, bias_scale, scale, causal, window);
 }
 
 int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
@@ -85,7 +100,7 @@ int pmp_backward_attention(pmp_node *n, pmp_tensor *g, pmp_tensor **grads) {
   pmp_tensor *dq = pmp_empty_in_layout(q, q->dtype_id), *dk = pmp_empty_in_layout(k, k->dtype_id);
   pmp_tensor *dv = pmp_empty_in_layout(v, v->dtype_id);
   pmp_op_args a = {.op = PMP_OP_ATTENTION_BACKWARD, .out = dq, .out2 = dk, .out3 = dv,
-                   .in = {q, k, v, o, lse, gc, starts, alibi}, .nin = 8, .f = {n->f[0]}, .i = {n->i[0], n->i[1]}};
+                   .in = {q, k, v, o, lse, gc, starts, alibi}, .nin = 8, .f = {n->f[0], n->f[1]}, .i = {n->i[0], n->i[1]}};
   int rc = gc && dq && dk && dv ? pmp_dispatch(&a) : -1;
   pmp_tensor_release(gc);
   if (rc != 0) {

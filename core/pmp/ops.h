@@ -133,6 +133,14 @@ pmp_tensor *pmp_attention(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tenso
  * constants: they get no gradient. */
 pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key, pmp_tensor *slopes,
                                 double scale, int causal, int64_t window);
+/* pmp_attention_alibi with the bias transformers' Falcon builds (build_alibi_tensor): head h's bias for
+ * key s is bf16(bf16(slopes[h]) * bf16(s - first)) * bias_scale, rounded to q's dtype, with first the
+ * row's first real key (first_key[b], or first_key[b, t] per query; 0 without first_key). The key
+ * positions are absolute, not relative to the query: with the bf16 rounding the two are no longer
+ * equivalent. slopes are the unscaled ones (bias_scale applies after the rounding). */
+pmp_tensor *pmp_attention_alibi_hf_falcon(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key,
+                                          pmp_tensor *slopes, double bias_scale, double scale, int causal,
+                                          int64_t window);
 
 /* ---- mixture of experts ---- */
 /* x [rows, in] whose rows are grouped by expert (counts[e] rows for expert e, in order; counts a CPU

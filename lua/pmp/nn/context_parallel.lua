@@ -135,7 +135,8 @@ end
 
 -- Causal attention of this rank's queries q [B, Hq, 2L, D] over the whole sequence, given this rank's
 -- keys and values k, v [B, Hkv, 2L, D] (rotated with their global positions). options: window,
--- first_key ([B], or [B, 2L] for this rank's queries, in global key positions), scale, alibi_slopes.
+-- first_key ([B], or [B, 2L] for this rank's queries, in global key positions), scale, alibi_slopes,
+-- alibi_hf_falcon_scale (as F.attention's).
 function M.attention(q, k, v, group, options)
   group = cp_group(group)
   options = options or {}
@@ -152,6 +153,7 @@ function M.attention(q, k, v, group, options)
     local S = (g + 1) * L
     out[c] = F.attention(q:narrow(KEYS, 1 + (c - 1) * L, L), keys:narrow(KEYS, 1, S), values:narrow(KEYS, 1, S), {
       causal = true, window = options.window, scale = options.scale, alibi_slopes = options.alibi_slopes,
+      alibi_hf_falcon_scale = options.alibi_hf_falcon_scale,
       first_key = per_query and first_key:narrow(2, 1 + (c - 1) * L, L):contiguous() or first_key })
   end
   return tensor.cat(out, KEYS)

@@ -99,11 +99,17 @@ function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 --- (0-based), which is how left-padded batches hide their padding; or [B, T], per query, which is how
 --- packed sequences keep each document to itself. alibi_slopes: a float tensor [Hq] adding
 --- slope * (key position - query position) to each head's scores (ALiBi); the slopes get no gradient.
+--- alibi_hf_falcon_scale: a positive number selecting transformers' Falcon bias instead,
+--- bf16(bf16(slope) * bf16(key position - first key of the row)) * alibi_hf_falcon_scale, rounded to q's dtype.
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
   local first_key = options.first_key and options.first_key.ptr or nil
   local slopes = options.alibi_slopes and options.alibi_slopes.ptr or nil
+  if options.alibi_hf_falcon_scale ~= nil then
+    return wrap(C.pmp_attention_alibi_hf_falcon(q.ptr, k.ptr, v.ptr, first_key, slopes, options.alibi_hf_falcon_scale,
+      options.scale or 0, causal and 1 or 0, options.window or 0))
+  end
   return wrap(C.pmp_attention_alibi(q.ptr, k.ptr, v.ptr, first_key, slopes, options.scale or 0, causal and 1 or 0,
     options.window or 0))
 end

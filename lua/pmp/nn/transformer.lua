@@ -60,6 +60,9 @@ function M.config(c)
   if c.alibi_slope_scale ~= nil and (kind ~= 'alibi' or type(c.alibi_slope_scale) ~= 'number' or c.alibi_slope_scale <= 0) then
     error("transformer config: alibi_slope_scale must be a positive number and needs position_embedding_type 'alibi'", 2)
   end
+  if c.alibi_bias_hf_falcon_bf16 ~= nil and (kind ~= 'alibi' or type(c.alibi_bias_hf_falcon_bf16) ~= 'boolean') then
+    error("transformer config: alibi_bias_hf_falcon_bf16 must be a boolean and needs position_embedding_type 'alibi'", 2)
+  end
   if out.position_embedding_type == 'learned_absolute' and type(c.max_position_embeddings) ~= 'number' then
     error("transformer config: learned_absolute position embeddings need 'max_position_embeddings'", 2)
   end
@@ -239,7 +242,14 @@ function M.Attention:init(config, layer)
   self.linear_proj = layers.Linear(heads * d, config.hidden_size,
     { bias = config.add_proj_bias or false, init_std = config.output_init_std or opts.init_std, dtype = config.dtype, init = config.init })
   -- constants, not parameters; tensor parallelism keeps this rank's heads' slopes
-  if config.position_embedding_type == 'alibi' then rawset(self, 'alibi_slopes', alibi.slopes(heads, config.alibi_slope_scale)) end
+  -- alibi_bias_hf_falcon_bf16 (pmp's own key, no Megatron one): the bf16-rounded bias of transformers'
+  -- Falcon, which rounds the unscaled slopes and applies alibi_slope_scale after (alibi_bias_scale)
+  if config.alibi_bias_hf_falcon_bf16 then
+    rawset(self, 'alibi_slopes', alibi.slopes(heads))
+    rawset(self, 'alibi_bias_scale', config.alibi_slope_scale or 1)
+  elseif config.position_embedding_type == 'alibi' then
+    rawset(self, 'alibi_slopes', alibi.slopes(heads, config.alibi_slope_scale))
+  end
 end
 
 function M.Attention:forward(x, rope)
@@ -274,10 +284,10 @@ function M.Attention:forward(x, rope)
   local cp = rope and rope.context_parallel
   if cp then   -- this rank's queries against the whole sequence's keys (pmp.nn.context_parallel)
     o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key,
-      alibi_slopes = self.alibi_slopes })
+      alibi_slopes = self.alibi_slopes, alibi_hf_falcon_scale = self.alibi_bias_scale })
   else
     o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key,
-      alibi_slopes = self.alibi_slopes })
+      alibi_slopes = self.alibi_slopes, alibi_hf_falcon_scale = self.alibi_bias_scale })
   end
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end
