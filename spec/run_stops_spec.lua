@@ -21,13 +21,7 @@ end
 
 local function run_pretrain(extra) return shell.run(pretrain_words(extra)) end
 
-local function tracker(dir)
-  local file = io.open(dir .. '/latest_checkpointed_iteration.txt')
-  if not file then return nil end
-  local text = file:read('*a')
-  file:close()
-  return tonumber(text)
-end
+local tracker = pmp.checkpoint.latest_iteration
 
 -- Starts `command` in the background, waits until its log shows `iterations` iteration lines, sends
 -- `signal` to the pretraining processes whose command line holds `marker` (the first of them only with
@@ -79,15 +73,10 @@ describe('a training run that is told to stop', function()
 
   it('under mpirun stops every rank after the same iteration when one rank gets SIGTERM', function()
     if not mpi.available then pending('mpirun is not installed') return end
-    local session = shell.temp_dir()
-    local words = { 'cd', shell.quote(shell.root), '&&', 'TMPDIR=' .. shell.quote(session),
-      'mpirun --oversubscribe --bind-to none --mca btl_vader_single_copy_mechanism none --mca orte_tmpdir_base',
-      shell.quote(session), '-np 2' }
-    if io.popen('id -u'):read('*l') == '0' then words[#words + 1] = '--allow-run-as-root' end
-    words[#words + 1] = shell.quote(shell.pmp) .. ' recipes/pretrain.lua'
-    for _, a in ipairs(TINY) do words[#words + 1] = shell.quote(a) end
-    for _, a in ipairs({ '--train-iters', '2000', '--save', scratch .. '/ck' }) do words[#words + 1] = shell.quote(a) end
-    local log, status = signal_midway(table.concat(words, ' '), scratch .. '/ck', 'TERM', 3, true)
+    local args = { '--train-iters', '2000', '--save', scratch .. '/ck' }
+    for _, a in ipairs(TINY) do args[#args + 1] = a end
+    local command, session = mpi.command(2, 'recipes/pretrain.lua', args, nil, shell.root)
+    local log, status = signal_midway(command, scratch .. '/ck', 'TERM', 3, true)
     shell.remove_dir(session)
     assert.are.equal(0, status, log)
     local stopped = tonumber(log:match('pretrain: exiting at iteration (%d+) %(SIGTERM received%)'))

@@ -6,9 +6,10 @@ local mpi = {}
 
 mpi.available = os.execute('command -v mpirun >/dev/null 2>&1') == 0
 
--- Runs `pmp script args...` on np processes; returns stdout, stderr, exit status. env: a table of
--- environment variables for every rank; dir: the ranks' working directory (default: this one).
-function mpi.run(np, script, args, env, dir)
+-- The command line that runs `pmp script args...` on np processes, and the directory it keeps Open
+-- MPI's session files in (remove it with shell.remove_dir after the run). env: a table of environment
+-- variables for every rank; dir: the ranks' working directory (default: this one).
+function mpi.command(np, script, args, env, dir)
   -- Each run keeps Open MPI's session files (and PMIx's, under TMPDIR) in a directory of its own:
   -- concurrent jobs sharing /tmp/ompi.* collided.
   local session = shell.temp_dir()
@@ -22,7 +23,13 @@ function mpi.run(np, script, args, env, dir)
   parts[#parts + 1] = shell.quote(shell.pmp)
   parts[#parts + 1] = shell.quote(script)
   for _, a in ipairs(args or {}) do parts[#parts + 1] = shell.quote(a) end
-  local out, err, status = shell.run(table.concat(parts, ' '))
+  return table.concat(parts, ' '), session
+end
+
+-- Runs `pmp script args...` on np processes (see mpi.command); returns stdout, stderr, exit status.
+function mpi.run(np, script, args, env, dir)
+  local command, session = mpi.command(np, script, args, env, dir)
+  local out, err, status = shell.run(command)
   shell.remove_dir(session)
   return out, err, status
 end

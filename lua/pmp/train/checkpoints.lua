@@ -166,6 +166,8 @@ end
 -- Whether a signal or the time limit stops the run here; under mpirun every rank gets the same answer
 -- (a signal may reach some ranks first, clocks differ), so all stop after the same iteration.
 local function stop_requested(self)
+  -- nothing to agree on (the same on every rank): no collective on every iteration
+  if not self.watching_signals and self.exit_after == 0 then return 0, 0 end
   local signal = self.watching_signals and C.pmp_stop_signal() or 0
   local overdue = (self.exit_after > 0 and clock.now() - self.started >= self.exit_after) and 1 or 0
   local dist = require 'pmp.dist'
