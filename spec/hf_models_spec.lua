@@ -22,11 +22,11 @@ before_each(function()
 end)
 after_each(function() pio.remove_tree(tmp) end)
 
+local reference_fixture = require 'spec.support.reference_fixture'
+
 local function reference(name)
   local dir = FIXTURES .. '/' .. name
-  local ref = json.read(dir .. '/reference.json')
-  ref.logits = st.load(dir .. '/reference.safetensors', { copy = true }).logits
-  ref.ids = tensor.tensor(ref.input_ids, { dtype = 'i64' })
+  local ref = reference_fixture.read(dir)
   return ref, dir
 end
 

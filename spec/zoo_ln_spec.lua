@@ -21,11 +21,11 @@ local NAMES = { 'opt', 'opt_post', 'opt_proj', 'gpt_bigcode', 'gpt_bigcode_mha',
 local tmp = shell.temp_dir()
 teardown(function() shell.remove_dir(tmp) end)
 
+local reference_fixture = require 'spec.support.reference_fixture'
+
 local function reference(name)
   local dir = FIXTURES .. '/' .. name
-  local ref = json.read(dir .. '/reference.json')
-  ref.logits = st.load(dir .. '/reference.safetensors', { copy = true }).logits
-  ref.ids = tensor.tensor(ref.input_ids, { dtype = 'i64' })
+  local ref = reference_fixture.read(dir)
   -- what pmp.generate gives a left-padded batch: positions counted from each row's first real token
   -- and the index of that token (the first key a row may attend to)
   local positions, first_key, prompts = {}, {}, {}
