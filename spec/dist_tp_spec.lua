@@ -98,7 +98,11 @@ describe('pmp.nn.parallel', function()
   it('TP=2 trains a GPTModel like one process: tied, untied, biases and qk_layernorm, with and without SP', function()
     local out = output(2)
     check_losses(out, 1e-5)
-    check_shards(out, 1e-5, 2e-5, 5e-5)
+    -- Parameters: a shard the optimizer misses or updates twice is off by about lr (1e-2) per step;
+    -- Adam's division by |gradient| turns f32 summation-order differences into up to ~2e-5 on
+    -- elements whose gradient is near eps, and that depends on the CPU's GEMM kernels. 1e-4 is 1% of
+    -- one step: far above the rounding, far below any real error.
+    check_shards(out, 1e-5, 1e-4, 5e-5)
   end)
 
   it('rejects sizes that TP=2 cannot split, naming them', function()
