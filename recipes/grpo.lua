@@ -9,6 +9,9 @@
 --- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
 --- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
 --- and after.
+--- Under mpirun each process samples and scores its contiguous share of every iteration's prompts and
+--- steps on its share of every mini-batch, the gradients averaged; every answer is sampled from a stream
+--- of its own ((seed, its place in the run), pmp.rl.streams), so the run logs and trains as one process.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
@@ -31,7 +34,6 @@ local opts = flags.parse(arg, { {
   { '--lr', 5e-5, 'AdamW peak learning rate' },
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
-recipe.require_one_process()
 train.lora.check(opts, opts.save_hf)
 local embedded = not opts.load
 
@@ -46,15 +48,24 @@ local G = opts.num_generations
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
 local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
-local optimizer = train.optimizer.adamw(policy, opts)
+policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
+local layout, ddp = recipe.data_parallel(policy, opts.prompts_per_iteration, '--prompts-per-iteration')
+local mini_batch_size = math.min(opts.mini_batch_size, opts.prompts_per_iteration * G)   -- at most the rollout
+if mini_batch_size % layout.dp ~= 0 or (opts.prompts_per_iteration * G) % mini_batch_size ~= 0 then
+  error(string.format('--mini-batch-size %d must divide the %d answers per iteration and be a multiple of the %d ' ..
+    'data-parallel processes', opts.mini_batch_size, opts.prompts_per_iteration * G, layout.dp), 0)
+end
+local function say(line) if layout.is_logger then print(line) end end
+local optimizer = train.optimizer.adamw(policy, opts, ddp)
 local lr_at = train.optimizer.schedule(opts, opts.iterations)
-local logger = train.Logger(opts, { name = 'grpo', train_iters = opts.iterations })
+local logger = train.Logger(opts, { name = 'grpo', enabled = layout.is_logger, train_iters = opts.iterations })
 local checkpoints = train.Checkpoints(opts, logger)
 local resume = train.Checkpoints.info(checkpoints.dir)
 local before = embedded and not resume and held_out()
-print(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations; %s', #prompts,
-  opts.prompts_per_iteration, G, opts.iterations, tostring(policy):match('^[^\n]*')))
-local next_prompts, prompt_position = recipe.batches(prompts, opts.prompts_per_iteration)
+say(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations%s; %s', #prompts,
+  opts.prompts_per_iteration, G, opts.iterations, layout.dp > 1 and string.format(' over %d processes', layout.dp) or '',
+  tostring(policy):match('^[^\n]*')))
+local next_prompts, prompt_position = recipe.batches(prompts, opts.prompts_per_iteration, opts.seed)
 local function checkpoint_state()
   return { model_config = policy.config, args = opts, before = before, prompt_order = prompt_position.order,
     prompt_cursor = prompt_position.cursor }
@@ -71,10 +82,16 @@ while iteration < opts.iterations do
   logger:begin_iteration(iteration)
   local t0 = clock.now()
   optimizer.lr = lr_at(iteration)
-  local batch_prompts = {}
-  for _, p in ipairs(next_prompts()) do
-    for _ = 1, G do batch_prompts[#batch_prompts + 1] = p end
+  -- this rank's prompts, G answers each; answer g to the run's prompt number n samples from (seed, n, g)
+  local first_prompt = prompt_position.cursor + layout.dp_rank * opts.prompts_per_iteration / layout.dp
+  local batch_prompts, row_seeds = {}, {}
+  for k, p in ipairs(recipe.rank_share(next_prompts(), layout)) do
+    for g = 1, G do
+      batch_prompts[#batch_prompts + 1] = p
+      row_seeds[#row_seeds + 1] = rl.streams.key(opts.seed, 'sample', first_prompt + k, g)
+    end
   end
+  sample_opts.row_seeds = row_seeds
   local samples = rl.rollout.sample(policy, batch_prompts, sample_opts)
   local rewards = reward(samples, tokenizer)
   local advantages = rl.group_advantages(rewards, G, { scale = not opts.no_scale_rewards })
@@ -84,51 +101,58 @@ while iteration < opts.iterations do
   local t1 = clock.now()
   local ref_logp = pmp.no_grad(rl.sequence_logprobs, reference, batch.ids, batch.mask, { temperature = opts.temperature })
   local t2 = clock.now()
-  policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
   local old_logp = pmp.no_grad(rl.sequence_logprobs, policy, batch.ids, batch.mask, { temperature = opts.temperature })
   local token_advantages = advantages:view(-1, 1) * batch.mask
   local sums_of = { loss = 0, kl = 0, entropy = 0, clipfrac = 0, grad_norm = 0, steps = 0 }
-  for _ = 1, opts.epochs do
-    for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
+  for epoch = 1, opts.epochs do
+    local order = rl.streams.key(opts.seed, 'minibatches', iteration, epoch)
+    for _, index in ipairs(recipe.minibatches(#samples * layout.dp, mini_batch_size, order, layout)) do
       local function rows_of(t) return t:index_select(1, index) end
       local m = rows_of(batch.mask)
-      optimizer:zero_grad()
+      -- token means over this rank's rows, weighted into their part of the whole mini-batch's
+      local share = recipe.token_share(m, layout)
+      step.zero_grad(optimizer, ddp)
       local logp, entropy = rl.sequence_logprobs(policy, rows_of(batch.ids), m, { temperature = opts.temperature, entropy = true })
       local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(token_advantages), m, opts.clip_range)
       local kl = (rl.kl(logp, rows_of(ref_logp), 'k3') * m):sum() / m:sum()
       local loss = policy_loss + kl * opts.kl_coef
-      loss:backward()
+      ;(share == 1 and loss or loss * share):backward()
+      step.finish_grads(policy, ddp)
       local grad_norm = step.clip_grads(policy, optimizer, opts.clip_grad)
       optimizer:step()
-      sums_of.loss, sums_of.kl = sums_of.loss + loss:item(), sums_of.kl + kl:item()
-      sums_of.entropy = sums_of.entropy + (entropy:sum() / m:sum()):item()
-      sums_of.clipfrac, sums_of.grad_norm = sums_of.clipfrac + clipfrac, sums_of.grad_norm + grad_norm
+      sums_of.loss, sums_of.kl = sums_of.loss + loss:item() * share, sums_of.kl + kl:item() * share
+      sums_of.entropy = sums_of.entropy + (entropy:sum() / m:sum()):item() * share
+      sums_of.clipfrac, sums_of.grad_norm = sums_of.clipfrac + clipfrac * share, sums_of.grad_norm + grad_norm
       sums_of.steps = sums_of.steps + 1
     end
   end
+  local reward_mean, response_length, loss_mean, kl_mean, entropy_mean, clipfrac_mean = unpack(recipe.mean_over_ranks({
+    rl.rollout.mean(rewards), batch.mask:sum():item() / #samples, sums_of.loss / sums_of.steps, sums_of.kl / sums_of.steps,
+    sums_of.entropy / sums_of.steps, sums_of.clipfrac / sums_of.steps }, layout))
   local t3 = clock.now()
-  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations
+      and layout.is_logger then
     print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
   end
-  if iteration % opts.log_interval == 0 or iteration == opts.iterations then
+  if layout.is_logger and (iteration % opts.log_interval == 0 or iteration == opts.iterations) then
     local n = sums_of.steps
     print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | entropy: %.4f | loss: %.5f | ' ..
       'clipfrac: %.4f | response length: %.2f | grad norm: %.3f | time (s) rollout %.2f reference %.2f update %.2f |',
-      iteration, opts.iterations, rl.rollout.mean(rewards), sums_of.kl / n, sums_of.entropy / n, sums_of.loss / n,
-      sums_of.clipfrac / n, batch.mask:sum():item() / #samples, sums_of.grad_norm / n, t1 - t0, t2 - t1, t3 - t2))
+      iteration, opts.iterations, reward_mean, kl_mean, entropy_mean, loss_mean, clipfrac_mean, response_length,
+      sums_of.grad_norm / n, t1 - t0, t2 - t1, t3 - t2))
   end
   local n = sums_of.steps
-  recipe.scalars(logger, iteration, { ['reward mean'] = rl.rollout.mean(rewards), kl = sums_of.kl / n,
-    entropy = sums_of.entropy / n, loss = sums_of.loss / n, clipfrac = sums_of.clipfrac / n,
+  recipe.scalars(logger, iteration, { ['reward mean'] = reward_mean, kl = kl_mean, entropy = entropy_mean,
+    loss = loss_mean, clipfrac = clipfrac_mean, ['response length'] = response_length,
     ['grad-norm'] = sums_of.grad_norm / n, ['learning-rate'] = optimizer.lr })
   checkpoints:save_if_due(iteration, policy, optimizer, checkpoint_state)
   if checkpoints:exit_due(iteration) then break end
 end
 checkpoints:finish(iteration, policy, optimizer, checkpoint_state)
 logger:finish(iteration - first_iteration)
-train.lora.finish(policy, opts, opts.load)
-if opts.save_hf then
+if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
+if opts.save_hf and layout.is_logger then
   policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
   print('grpo: saved the policy to ' .. opts.save_hf)
 end
-if embedded then print(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end
+if embedded and layout.is_logger then print(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end

@@ -10,6 +10,10 @@
 --- With no --load it runs the embedded default: the sums task (pmp.rl.sums) from the main job's
 --- checkpoint fine-tuned on sums, reward 1 for the right sum, and prints the held-out mean reward before
 --- and after.
+--- Under mpirun each process samples and scores its contiguous share of every rollout's prompts and
+--- steps on its share of every mini-batch, the actor's and critic's gradients averaged; every answer is
+--- sampled from a stream of its own ((seed, its place in the run), pmp.rl.streams) and advantages are
+--- whitened over the whole rollout, so the run logs and trains as one process.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
@@ -38,7 +42,6 @@ local opts = flags.parse(arg, { {
   { '--save', nil, 'checkpoint directory (actor/ and critic/; none if not given or ""); one that holds a checkpoint resumes' },
   { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
 } }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })
-recipe.require_one_process()
 train.lora.check(opts, opts.save_hf)
 local embedded = not opts.load
 if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then
@@ -62,6 +65,9 @@ local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_mode
 train.lora.setup(actor, opts, not opts.load and 'llama' or nil)
 actor:eval()   -- no dropout anywhere: ratios and values compare like with like
 critic:eval()
+local layout, actor_ddp = recipe.data_parallel(actor, opts.mini_batch_size, '--mini-batch-size')
+local _, critic_ddp = recipe.data_parallel(critic, opts.mini_batch_size, '--mini-batch-size')
+local function say(line) if layout.is_logger then print(line) end end
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
 local function held_out() return sums.held_out_reward(actor, tokenizer, { samples_per_prompt = opts.eval_samples }) end
@@ -70,19 +76,21 @@ local function save_dir(part) return opts.save and opts.save ~= '' and opts.save
 local resume = train.Checkpoints.info(save_dir('actor'))
 local before = embedded and not resume and held_out()
 local critic_flags = setmetatable({ lr = opts.critic_lr }, { __index = opts })
-local actor_opt, critic_opt = train.optimizer.adamw(actor, opts), train.optimizer.adamw(critic, critic_flags)
+local actor_opt = train.optimizer.adamw(actor, opts, actor_ddp)
+local critic_opt = train.optimizer.adamw(critic, critic_flags, critic_ddp)
 local actor_lr_at = train.optimizer.schedule(opts, opts.iterations)
 local critic_lr_at = train.optimizer.schedule(critic_flags, opts.iterations)
-local logger = train.Logger(opts, { name = 'ppo', train_iters = opts.iterations })
+local logger = train.Logger(opts, { name = 'ppo', enabled = layout.is_logger, train_iters = opts.iterations })
 local function checkpoints_in(part, exit_interval)
   return train.Checkpoints({ save = save_dir(part), save_interval = opts.save_interval,
     exit_interval = exit_interval }, logger)
 end
 local actor_checkpoints, critic_checkpoints = checkpoints_in('actor', opts.exit_interval), checkpoints_in('critic', 0)
 local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
-print(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations; %s', #prompts,
-  opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations, tostring(actor):match('^[^\n]*')))
-local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size)
+say(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations%s; %s', #prompts,
+  opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations,
+  layout.dp > 1 and string.format(' over %d processes', layout.dp) or '', tostring(actor):match('^[^\n]*')))
+local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size, opts.seed)
 local function actor_state()
   return { model_config = actor.config, args = opts, kl_coef = kl_ctl.value, before = before,
     prompt_order = prompt_position.order, prompt_cursor = prompt_position.cursor }
@@ -102,7 +110,12 @@ while iteration < opts.iterations do
   logger:begin_iteration(iteration)
   actor_opt.lr, critic_opt.lr = actor_lr_at(iteration), critic_lr_at(iteration)
   local t0 = clock.now()
-  local batch_prompts = next_prompts()
+  -- this rank's prompts; the answer to the run's prompt number n samples from (seed, n)
+  local first_prompt = prompt_position.cursor + layout.dp_rank * opts.rollout_batch_size / layout.dp
+  local batch_prompts = recipe.rank_share(next_prompts(), layout)
+  local row_seeds = {}
+  for k = 1, #batch_prompts do row_seeds[k] = rl.streams.key(opts.seed, 'sample', first_prompt + k) end
+  sample_opts.row_seeds = row_seeds
   local samples = rl.rollout.sample(actor, batch_prompts, sample_opts)
   local scores = reward(samples, tokenizer)
   local rows = {}
@@ -124,49 +137,56 @@ while iteration < opts.iterations do
   end
   local rewards = pmp.tensor(score_at_end, { dtype = 'f32' }) - kl * kl_ctl.value
   local advantages, returns = rl.gae(rewards, old_values, mask, opts.gamma, opts.lam)
-  advantages = rl.whiten(advantages, mask)
+  advantages = recipe.whiten(advantages, mask, layout)
   local sums_of = { policy = 0, value = 0, clipfrac = 0, entropy = 0, steps = 0 }
-  for _ = 1, opts.ppo_epochs do
-    for _, index in ipairs(recipe.minibatches(#samples, opts.mini_batch_size)) do
+  for epoch = 1, opts.ppo_epochs do
+    local order = rl.streams.key(opts.seed, 'minibatches', iteration, epoch)
+    for _, index in ipairs(recipe.minibatches(opts.rollout_batch_size, opts.mini_batch_size, order, layout)) do
       local function rows_of(t) return t:index_select(1, index) end
       local ids, m = rows_of(batch.ids), rows_of(mask)
-      actor_opt:zero_grad()
-      critic_opt:zero_grad()
+      -- token means over this rank's rows, weighted into their part of the whole mini-batch's
+      local share = recipe.token_share(m, layout)
+      step.zero_grad(actor_opt, actor_ddp)
+      step.zero_grad(critic_opt, critic_ddp)
       local logp, entropy = rl.sequence_logprobs(actor, ids, m, { temperature = opts.temperature, entropy = true })
       local policy_loss, clipfrac = rl.ppo_policy_loss(logp, rows_of(old_logp), rows_of(advantages), m, opts.clip_range)
       local value_loss = rl.value_loss(token_values(critic, ids), rows_of(old_values), rows_of(returns), m,
         opts.value_clip_range)
       local loss = policy_loss + value_loss * opts.vf_coef
-      loss:backward()
+      ;(share == 1 and loss or loss * share):backward()
+      step.finish_grads(actor, actor_ddp)
+      step.finish_grads(critic, critic_ddp)
       step.clip_grads(actor, actor_opt, opts.clip_grad)
       step.clip_grads(critic, critic_opt, opts.clip_grad)
       actor_opt:step()
       critic_opt:step()
-      sums_of.policy, sums_of.value = sums_of.policy + policy_loss:item(), sums_of.value + value_loss:item()
-      sums_of.clipfrac = sums_of.clipfrac + clipfrac
-      sums_of.entropy = sums_of.entropy + ((entropy:sum()) / m:sum()):item()
+      sums_of.policy = sums_of.policy + policy_loss:item() * share
+      sums_of.value = sums_of.value + value_loss:item() * share
+      sums_of.clipfrac = sums_of.clipfrac + clipfrac * share
+      sums_of.entropy = sums_of.entropy + ((entropy:sum()) / m:sum()):item() * share
       sums_of.steps = sums_of.steps + 1
     end
   end
+  local n = sums_of.steps
+  local reward_mean, kl_per_answer, response_length, policy_loss, value_loss, clipfrac, entropy = unpack(
+    recipe.mean_over_ranks({ rl.rollout.mean(scores), kl:sum():item() / #samples, mask:sum():item() / #samples,
+      sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n, sums_of.entropy / n }, layout))
   local t3 = clock.now()
-  local kl_per_answer = kl:sum():item() / #samples
   local coef = kl_ctl.value
-  kl_ctl:update(kl_per_answer, #samples)
-  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+  kl_ctl:update(kl_per_answer, opts.rollout_batch_size)
+  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations
+      and layout.is_logger then
     print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
   end
-  if iteration % opts.log_interval == 0 or iteration == opts.iterations then
-    local n = sums_of.steps
+  if layout.is_logger and (iteration % opts.log_interval == 0 or iteration == opts.iterations) then
     print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | kl coef: %.4f | entropy: %.4f | ' ..
       'policy loss: %.5f | value loss: %.5f | clipfrac: %.4f | response length: %.2f | ' ..
-      'time (s) rollout %.2f reference %.2f update %.2f |', iteration, opts.iterations, rl.rollout.mean(scores),
-      kl_per_answer, coef, sums_of.entropy / n, sums_of.policy / n, sums_of.value / n, sums_of.clipfrac / n,
-      mask:sum():item() / #samples, t1 - t0, t2 - t1, t3 - t2))
+      'time (s) rollout %.2f reference %.2f update %.2f |', iteration, opts.iterations, reward_mean,
+      kl_per_answer, coef, entropy, policy_loss, value_loss, clipfrac, response_length, t1 - t0, t2 - t1, t3 - t2))
   end
-  local n = sums_of.steps
-  recipe.scalars(logger, iteration, { ['reward mean'] = rl.rollout.mean(scores), kl = kl_per_answer, ['kl coef'] = coef,
-    entropy = sums_of.entropy / n, ['policy loss'] = sums_of.policy / n, ['value loss'] = sums_of.value / n,
-    clipfrac = sums_of.clipfrac / n, ['learning-rate'] = actor_opt.lr })
+  recipe.scalars(logger, iteration, { ['reward mean'] = reward_mean, kl = kl_per_answer, ['kl coef'] = coef,
+    entropy = entropy, ['policy loss'] = policy_loss, ['value loss'] = value_loss, clipfrac = clipfrac,
+    ['response length'] = response_length, ['learning-rate'] = actor_opt.lr })
   actor_checkpoints:save_if_due(iteration, actor, actor_opt, actor_state)
   critic_checkpoints:save_if_due(iteration, critic, critic_opt, critic_state)
   if actor_checkpoints:exit_due(iteration) then break end
@@ -174,9 +194,9 @@ end
 actor_checkpoints:finish(iteration, actor, actor_opt, actor_state)
 critic_checkpoints:finish(iteration, critic, critic_opt, critic_state)
 logger:finish(iteration - first_iteration)
-train.lora.finish(actor, opts, opts.load)
-if opts.save_hf then
+if layout.is_logger then train.lora.finish(actor, opts, opts.load) end   -- it writes files
+if opts.save_hf and layout.is_logger then
   actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
   print('ppo: saved the actor to ' .. opts.save_hf)
 end
-if embedded then print(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end
+if embedded and layout.is_logger then print(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end

@@ -1,8 +1,8 @@
 require 'busted.runner'()
--- recipes/rm.lua and dpo.lua under mpirun -np 2 (each rank its half of every batch of pairs, gradients
--- averaged) against one process on the whole batch: the TensorBoard scalars (loss, accuracy, margin,
--- grad norm) and the final weights agree within 1e-5; and rm, dpo and grpo resume bit-exactly from a
--- checkpoint. All on the embedded sums task from a tiny pretraining checkpoint.
+-- recipes/rm.lua, dpo.lua, grpo.lua and ppo.lua under mpirun -np 2 (each rank its half of every batch
+-- of pairs or prompts, gradients averaged) against one process on the whole batch: the TensorBoard
+-- scalars and the final weights agree within 1e-5; and rm, dpo, grpo and ppo (also on 2 processes)
+-- resume bit-exactly from a checkpoint. All on the embedded sums task from a tiny pretraining checkpoint.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 local reader = require 'spec.support.tensorboard_reader'
@@ -99,12 +99,149 @@ describe('RL recipes in parallel and resumed', function()
     end
   end)
 
+  -- a reward that varies between answers and within a group (the sums reward of a tiny start is 0 everywhere)
+  local REWARD = 'return function(prompt, response) return (#response + (response:byte(1) or 0) % 3) / 4 end\n'
+
+  -- runs a rollout recipe on one process (np 1) or under mpirun; returns its log lines' metric fields
+  local function rollout_run(np, script, args)
+    local out, err, status
+    if np == 1 then
+      out, err, status = shell.run(command(dir, script, args))
+    else
+      out, err, status = mpi.run(np, shell.root .. '/recipes/' .. script, args, nil, dir)
+    end
+    assert.are.equal(0, status, script .. ': ' .. err .. out)
+    if np > 1 then assert.matches(' over ' .. np .. ' processes', out) end
+    local lines = {}
+    for line in out:gmatch('iteration +%d+/ +%d+ | (.-)| time') do lines[#lines + 1] = line end
+    return lines, out
+  end
+
+  local function assert_scalars_close(script, one_dir, dp_dir, tags, steps)
+    local one, dp = scalars(one_dir), scalars(dp_dir)
+    for _, tag in ipairs(tags) do
+      for step = 1, steps do
+        local a, b = one[tag] and one[tag][step], dp[tag] and dp[tag][step]
+        assert.is_number(a, string.format('%s: %s at step %d', script, tag, step))
+        assert.is_true(close(a, b or 0 / 0), string.format('%s: %s at step %d: %s on 2 processes, %.9g on one',
+          script, tag, step, tostring(b), a))
+      end
+    end
+  end
+
+  local function assert_weights(script, a_dir, b_dir, iteration, tolerance)
+    local a, b = weights(a_dir, iteration), weights(b_dir, iteration)
+    local compared = 0
+    for key, t in pairs(a) do
+      if key:match('^model%.') then
+        local difference = (t:double() - b[key]:double()):abs():max():item()
+        assert.is_true(difference <= tolerance, string.format('%s: %s differs by %g', script, key, difference))
+        compared = compared + 1
+      end
+    end
+    assert.is_true(compared > 0, script .. ': weights compared')
+  end
+
+  it('grpo and ppo on 2 processes (each sampling its share of the prompts) log and train as one process', function()
+    shell.write_file(dir .. '/varied.lua', REWARD)
+    local function grpo_args(tag)
+      return { '--reward-fn', 'varied.lua', '--iterations', '3', '--prompts-per-iteration', '4', '--num-generations', '3',
+        '--mini-batch-size', '6', '--epochs', '2', '--lr', '2e-3', '--clip-range', '0.05', '--eval-samples', '1',
+        '--tensorboard-dir', 'grpo_tb_' .. tag, '--save', 'grpo_ck_' .. tag }
+    end
+    local one = rollout_run(1, 'grpo.lua', grpo_args('one'))
+    local dp = rollout_run(2, 'grpo.lua', grpo_args('dp'))
+    assert.are.equal(3, #one)
+    assert.are.equal(3, #dp, 'one log line per iteration, from one rank')
+    assert_scalars_close('grpo', dir .. '/grpo_tb_one', dir .. '/grpo_tb_dp',
+      { 'reward mean', 'kl', 'entropy', 'loss', 'clipfrac', 'response length', 'grad-norm' }, 3)
+    assert.is_true(math.max(unpack(scalars(dir .. '/grpo_tb_one').clipfrac, 1, 3)) > 0, 'grpo: the clipped branch is exercised')
+    assert_weights('grpo', dir .. '/grpo_ck_one', dir .. '/grpo_ck_dp', 3, 1e-5)
+
+    local function ppo_args(tag, extra)
+      local a = { '--reward-fn', 'varied.lua', '--iterations', '4', '--rollout-batch-size', '8', '--mini-batch-size', '4',
+        '--ppo-epochs', '2', '--lr', '2e-3', '--critic-lr', '2e-3', '--clip-range', '0.05', '--target-kl', '0.01', '--kl-horizon', '40',
+        '--eval-samples', '1',
+        '--tensorboard-dir', 'ppo_tb_' .. tag, '--save', 'ppo_ck_' .. tag }
+      for _, word in ipairs(extra or {}) do a[#a + 1] = word end
+      return a
+    end
+    local ppo_one = rollout_run(1, 'ppo.lua', ppo_args('one'))
+    local ppo_dp = rollout_run(2, 'ppo.lua', ppo_args('dp'))
+    assert.are.equal(4, #ppo_one)
+    assert.are.equal(4, #ppo_dp)
+    assert_scalars_close('ppo', dir .. '/ppo_tb_one', dir .. '/ppo_tb_dp', { 'reward mean', 'kl', 'kl coef', 'entropy',
+      'policy loss', 'value loss', 'clipfrac', 'response length' }, 4)
+    assert.is_true(math.max(unpack(scalars(dir .. '/ppo_tb_one').clipfrac, 1, 4)) > 0, 'ppo: the clipped branch is exercised')
+    local coef = scalars(dir .. '/ppo_tb_one')['kl coef']
+    assert.is_true(coef[4] ~= coef[1], 'ppo: the adaptive KL coefficient moved')
+    -- 5e-5 is 2.5% of one AdamW step at --lr 2e-3: Adam's normalisation amplifies the summation-order
+    -- rounding of near-zero gradient entries to ~1e-5 over these 16 steps; a missed or doubled share of
+    -- a mini-batch would be off by ~1e-3
+    for _, part in ipairs({ 'actor', 'critic' }) do
+      assert_weights('ppo ' .. part, dir .. '/ppo_ck_one/' .. part, dir .. '/ppo_ck_dp/' .. part, 4, 5e-5)
+    end
+
+    -- ppo on 2 processes stopped after 2 iterations (--exit-interval) and resumed: the uninterrupted run's
+    -- log lines and bit-identical weights
+    local first = rollout_run(2, 'ppo.lua', ppo_args('parts', { '--exit-interval', '2' }))
+    local rest, rest_out = rollout_run(2, 'ppo.lua', ppo_args('parts'))
+    assert.matches('loaded checkpoint from ppo_ck_parts/actor at iteration 2', rest_out)
+    assert.are.same(ppo_dp, { first[1], first[2], rest[1], rest[2] })
+    for _, part in ipairs({ 'actor', 'critic' }) do
+      assert_weights('ppo resumed ' .. part, dir .. '/ppo_ck_dp/' .. part, dir .. '/ppo_ck_parts/' .. part, 4, 0)
+    end
+  end)
+
   it('each data-parallel rank takes its own contiguous share of the global batch, in order', function()
     local recipe = require 'pmp.rl.recipe'
     local batch = { 'a', 'b', 'c', 'd', 'e', 'f' }
     assert.are.same({ 'a', 'b', 'c', 'd', 'e', 'f' }, recipe.rank_share(batch, { dp = 1, dp_rank = 0 }))
     assert.are.same({ 'a', 'b' }, recipe.rank_share(batch, { dp = 3, dp_rank = 0 }))
     assert.are.same({ 'e', 'f' }, recipe.rank_share(batch, { dp = 3, dp_rank = 2 }))
+  end)
+
+  it("the ranks' mini-batches of a rollout are together those of one process, each row once per pass", function()
+    local recipe, streams = require 'pmp.rl.recipe', require 'pmp.rl.streams'
+    local key = streams.key(7, 'minibatches', 1, 1)
+    local one = recipe.minibatches(12, 4, key, { dp = 1, dp_rank = 0 })
+    assert.are.equal(3, #one)
+    local seen = {}
+    for j, index in ipairs(one) do
+      local rows = index:totable()
+      assert.are.equal(4, #rows)
+      for _, row in ipairs(rows) do
+        assert.is_nil(seen[row], 'row ' .. row .. ' twice')
+        seen[row] = j
+      end
+      local parts = {}
+      for rank = 0, 1 do   -- rank 1's local row r is row 6 + r of the rollout
+        for _, row in ipairs(recipe.minibatches(12, 4, key, { dp = 2, dp_rank = rank })[j]:totable()) do
+          parts[#parts + 1] = row + 6 * rank
+        end
+      end
+      assert.are.same(rows, parts, 'mini-batch ' .. j)
+    end
+    assert.are_not.same(one[1]:totable(), recipe.minibatches(12, 4, streams.key(7, 'minibatches', 1, 2),
+      { dp = 1, dp_rank = 0 })[1]:totable(), 'another pass, another order')
+  end)
+
+  it("generate's row_seeds make each row's samples depend on its seed alone and leave pmp's generator", function()
+    local model = pmp.nn.GPTModel({ num_layers = 1, hidden_size = 16, num_attention_heads = 2, vocab_size = 50,
+      dtype = 'f32' })
+    local options = { max_new_tokens = 6, temperature = 1, row_seeds = { 11, 22 } }
+    pmp.manual_seed(5)
+    local both = pmp.generate(model, { { 3, 4, 5 }, { 7 } }, options)
+    local after = pmp.rand(1, { dtype = 'f64' }):item()
+    pmp.manual_seed(5)
+    assert.are.equal(after, pmp.rand(1, { dtype = 'f64' }):item(), "pmp's generator as it was")
+    pmp.manual_seed(99)
+    local alone = pmp.generate(model, { { 7 } }, { max_new_tokens = 6, temperature = 1, row_seeds = { 22 } })
+    assert.are.same(both[2].tokens, alone[1].tokens)
+    local other = pmp.generate(model, { { 7 } }, { max_new_tokens = 6, temperature = 1, row_seeds = { 23 } })
+    assert.are_not.same(alone[1].tokens, other[1].tokens)
+    assert.has_error(function() pmp.generate(model, { { 7 } }, { temperature = 1, row_seeds = { 1, 2 } }) end,
+      'generate: row_seeds must hold one seed per prompt (1)')
   end)
 
   it('resume from a checkpoint gives the log lines and weights of an uninterrupted run', function()

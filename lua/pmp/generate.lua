@@ -3,13 +3,17 @@
 ---   prompts: a list of token-id lists (0-based ids, any lengths) or an i64 tensor [B, T]
 ---   options: max_new_tokens (32), temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
 ---            repetition_penalty (1 = off), eos_ids ({}), stop ({strings}, needs tokenizer),
----            tokenizer, seed, return_logprobs (false), pad_id (0)
+---            tokenizer, seed, return_logprobs (false), pad_id (0), row_seeds (one 64-bit seed per
+---            prompt: each row samples from its own stream, so its tokens depend only on its seed and
+---            its logits, not on the other rows or pmp's generator, which it leaves as it was)
 ---   returns: one table per prompt: { tokens = {generated ids}, logprobs = {...} (when asked),
 ---            finish_reason = 'eos' | 'stop' | 'length', text = (when a tokenizer is given) }
 --
 -- Prompts of different lengths are left-padded: each row counts its own positions and never attends
 -- to its padding. Log-probs are those of the sampled tokens under the temperature-scaled model
 -- distribution before top-k/top-p filtering (what PPO needs to compare policies).
+local ffi = require 'ffi'
+local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
 
 local function prompts_as_lists(prompts)
@@ -136,6 +140,21 @@ local function add_texts(results, tokenizer, stop)
   end
 end
 
+-- Each row's generator state, seeded by options.row_seeds (nil without them).
+local function row_streams(seeds, B)
+  if not seeds then return nil end
+  if type(seeds) ~= 'table' or #seeds ~= B then error('generate: row_seeds must hold one seed per prompt (' .. B .. ')', 3) end
+  local saved, states = ffi.new('uint64_t[4]'), {}
+  C.pmp_rng_get_state(saved)
+  for b = 1, B do
+    C.pmp_manual_seed(seeds[b])
+    states[b] = ffi.new('uint64_t[4]')
+    C.pmp_rng_get_state(states[b])
+  end
+  C.pmp_rng_set_state(saved)
+  return states
+end
+
 local function generate(model, prompts, options)
   options = options or {}
   local lists = prompts_as_lists(prompts)
@@ -150,6 +169,9 @@ local function generate(model, prompts, options)
 
   local B = #lists
   local padded, positions, first_key = left_pad(lists, pad_id)
+  local streams = row_streams(options.row_seeds, B)
+  local global_state = ffi.new('uint64_t[4]')   -- put back after the rows' streams
+  C.pmp_rng_get_state(global_state)
   local results, seen, done = {}, {}, {}
   for b = 1, B do
     results[b] = { tokens = {}, logprobs = options.return_logprobs and {} or nil, finish_reason = 'length' }
@@ -171,7 +193,9 @@ local function generate(model, prompts, options)
         if done[b] then
           chosen[b] = pad_id
         else
+          if streams then C.pmp_rng_set_state(streams[b]) end
           local id, finish = next_token(last[b], results[b], seen[b], eos, options, penalty, temperature)
+          if streams then C.pmp_rng_get_state(streams[b]) end
           chosen[b] = id
           if finish then
             done[b], results[b].finish_reason = true, finish
@@ -192,6 +216,7 @@ local function generate(model, prompts, options)
       logits = model:decode(tensor.tensor(column, { dtype = 'i64' }), state)
     end
   end)
+  if streams then C.pmp_rng_set_state(global_state) end
   if was_training then model:train() end
   if options.tokenizer then add_texts(results, options.tokenizer, options.stop) end
   return results

@@ -13,6 +13,7 @@
 ---   preference                                        preference-pair data (pmp.rl.preference)
 ---   sequences                                         prompt + answer lists as [B, T] tensors
 ---   rollout                                           sampling answers and scoring them with a reward
+---   streams                                           random streams keyed by (seed, place in the run)
 local M = {}
 for _, part in ipairs({ 'pmp.rl.logprobs', 'pmp.rl.kl', 'pmp.rl.advantages', 'pmp.rl.losses' }) do
   for name, fn in pairs(require(part)) do M[name] = fn end
@@ -20,4 +21,5 @@ end
 M.preference = require 'pmp.rl.preference'
 M.sequences = require 'pmp.rl.sequences'
 M.rollout = require 'pmp.rl.rollout'
+M.streams = require 'pmp.rl.streams'
 return M

@@ -24,7 +24,7 @@ function M.new(opts, run)
   self.optimizer = train.optimizer.adamw(run.model, opts, run.ddp)
   self.checkpoints = train.Checkpoints(opts, self.logger)
   self.resuming = train.Checkpoints.info(self.checkpoints.dir) ~= nil
-  self.next_batch, self.position = recipe.batches(run.pairs, opts.batch_size)
+  self.next_batch, self.position = recipe.batches(run.pairs, opts.batch_size, opts.seed)
   return self
 end
 

@@ -3,6 +3,7 @@
 local json = require 'pmp.json'
 local sums = require 'pmp.rl.sums'
 local rollout = require 'pmp.rl.rollout'
+local streams = require 'pmp.rl.streams'
 
 local M = {}
 
@@ -45,11 +46,6 @@ M.flags = {
     { '--save-interval', 0, 'steps between checkpoints (0: only at the end)' },
   },
 }
-
---- The recipes train one model copy in one process.
-function M.require_one_process()
-  if require('pmp.dist').init().world > 1 then error('runs on one process; start it without mpirun', 0) end
-end
 
 --- Data parallelism under mpirun, every rank holding the whole model: pmp.dist's layout (is_logger: the
 --- last rank, which prints) and, on several ranks, a pmp.dist.ddp wrapper that averages the gradients of
@@ -157,18 +153,48 @@ function M.sample_options(opts, tokenizer)
     max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (opts.load and 128 or 4), pad_id = tokenizer.pad_id }
 end
 
---- n rows split into mini-batches of `size` in a seeded random order: a list of 0-based i64 index tensors.
-function M.minibatches(n, size)
+--- The mini-batches of one pass over a rollout of n rows (all ranks' together, each rank holding its
+--- contiguous share) in steps of `size` rows, as 0-based i64 index tensors into this rank's rows. The
+--- rollout is dealt in blocks of n / size consecutive rows, each block giving every mini-batch one row in
+--- an order drawn from the stream `key` (pmp.rl.streams); a rank's share is whole blocks (size must be a
+--- multiple of layout.dp), so the ranks together step on exactly the mini-batches one process steps on.
+function M.minibatches(n, size, key, layout)
   local tensor = require 'pmp.tensor'
-  local keys = tensor.rand(n, { dtype = 'f64' }):totable()
-  local order = {}
-  for k = 1, n do order[k] = k end
-  table.sort(order, function(a, b) return keys[a] < keys[b] end)
-  local out = {}
-  for first = 1, n, size do
-    out[#out + 1] = tensor.tensor({ unpack(order, first, math.min(first + size - 1, n)) }, { dtype = 'i64' }) - 1
+  local count = n / size
+  local keys = streams.draw(key, function() return tensor.rand(n, { dtype = 'f64' }):totable() end)
+  local share = n / layout.dp
+  local members = {}
+  for j = 1, count do members[j] = {} end
+  for block = layout.dp_rank * share / count + 1, (layout.dp_rank + 1) * share / count do
+    local base, order = (block - 1) * count, {}
+    for i = 1, count do order[i] = i end
+    table.sort(order, function(a, b) return keys[base + a] < keys[base + b] end)
+    for j = 1, count do
+      local rows = members[j]
+      rows[#rows + 1] = base + order[j] - 1 - layout.dp_rank * share
+    end
   end
-  return out
+  for j = 1, count do members[j] = tensor.tensor(members[j], { dtype = 'i64' }) end
+  return members
+end
+
+--- The weight that turns a token mean over this rank's rows of a mini-batch (mask: their answer tokens)
+--- into its part of the token mean over the whole mini-batch, times dp since pmp.dist.ddp averages the
+--- ranks' gradients: this rank's tokens / all ranks' tokens * dp. 1 on one process. Metrics weighted by
+--- it and then averaged with mean_over_ranks are the whole mini-batch's token means.
+function M.token_share(mask, layout)
+  if layout.dp == 1 then return 1 end
+  local mine = mask:sum():item()
+  return mine / M.mean_over_ranks({ mine }, layout)[1]
+end
+
+--- pmp.rl.whiten over the answer tokens of all data-parallel ranks' rows (the whole rollout).
+function M.whiten(x, mask, layout)
+  if layout.dp == 1 then return require('pmp.rl').whiten(x, mask) end
+  local count, sum = unpack(M.mean_over_ranks({ mask:sum():item(), (x * mask):sum():item() }, layout))
+  local centered = x - sum / count
+  local squares = M.mean_over_ranks({ (centered:square() * mask):sum():item() }, layout)[1] * layout.dp
+  return centered * (1 / math.sqrt(squares / (count * layout.dp - 1) + 1e-8)) * mask
 end
 
 --- A frozen copy of model: no gradients are recorded through it (callers run it under pmp.no_grad).
@@ -231,17 +257,24 @@ function M.pairs_accuracy(pairs, score)
   return M.pair_accuracy(chosen, rejected)
 end
 
---- Batches of `size` items of list drawn in a seeded order, reshuffled each pass: returns next() -> a
---- list of items, and the position ({order, cursor}: JSON-able, assign both to resume).
-function M.batches(list, size)
+--- Batches of `size` items of list drawn in an order reshuffled each pass from the stream (seed, pass)
+--- (pmp.rl.streams: the same on every rank whatever else drew random numbers): returns next() -> a list
+--- of items, and the position ({order, cursor}: JSON-able, assign both to resume). cursor counts the items
+--- taken before, so the k-th item of a batch is item cursor + k of the whole run.
+function M.batches(list, size, seed)
   local position = { order = {}, cursor = 0 }
   for k = 1, #list do position.order[k] = k end
   local function next_batch()
     local out = {}
     for k = 1, size do
       if position.cursor % #list == 0 then
-        local keys = require('pmp.tensor').rand(#list, { dtype = 'f64' }):totable()
-        table.sort(position.order, function(a, b) return keys[a] < keys[b] end)
+        local keys = streams.draw(streams.key(seed, 'order', position.cursor / #list), function()
+          return require('pmp.tensor').rand(#list, { dtype = 'f64' }):totable()
+        end)
+        local order = {}
+        for i = 1, #list do order[i] = i end
+        table.sort(order, function(a, b) return keys[a] < keys[b] end)
+        position.order = order
       end
       out[k] = list[position.order[position.cursor % #list + 1]]
       position.cursor = position.cursor + 1

@@ -12,11 +12,11 @@ local logprobs = require 'pmp.rl.logprobs'
 local M = {}
 
 --- prompts: lists of token ids -> { prompt = ids, response = ids, finish_reason }, one per prompt.
---- opts: temperature (1), top_p, top_k, max_new_tokens, eos_ids (passed to pmp.generate).
+--- opts: temperature (1), top_p, top_k, max_new_tokens, eos_ids, row_seeds (passed to pmp.generate).
 function M.sample(policy, prompts, opts)
   local results = generate(policy, prompts, { max_new_tokens = opts.max_new_tokens or 32,
     temperature = opts.temperature or 1, top_p = opts.top_p, top_k = opts.top_k, eos_ids = opts.eos_ids,
-    pad_id = opts.pad_id })
+    pad_id = opts.pad_id, row_seeds = opts.row_seeds })
   local out = {}
   for k, r in ipairs(results) do
     out[k] = { prompt = prompts[k], response = r.tokens, finish_reason = r.finish_reason }
