@@ -23,7 +23,7 @@ local opts = flags.parse(arg, { {
   { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)' },
   { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge' },
   { '--log-interval', 20, 'steps between log lines' },
-}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
+}, flags.optimizer, recipe.flags.common, recipe.flags.reference, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 2e-5, 'AdamW peak learning rate' },
@@ -33,7 +33,7 @@ if opts.load and not opts.data_path then error('--data-path FILE.jsonl is requir
 
 pmp.manual_seed(opts.seed)
 local policy, tokenizer, render = recipe.policy(opts)
-local reference = recipe.frozen_copy(policy)
+local reference = recipe.frozen_copy(policy, opts.ref_dtype)
 -- LoRA: the policy trains adapters on its frozen weights (the reference above is a copy of those)
 train.lora.setup(policy, opts, not opts.load and 'llama' or nil)
 policy:eval()   -- no dropout

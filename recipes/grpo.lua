@@ -28,7 +28,7 @@ local opts = flags.parse(arg, { {
   { '--clip-range', 0.2, 'policy ratio clipping' },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
   { '--log-interval', 1, 'iterations between log lines' },
-}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.rollout, flags.checkpoint, recipe.flags.resume, {
+}, flags.optimizer, recipe.flags.common, recipe.flags.reference, train.lora.flags, recipe.flags.rollout, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 5e-5, 'AdamW peak learning rate' },
@@ -41,7 +41,7 @@ pmp.manual_seed(opts.seed)
 local policy, tokenizer, render = recipe.policy(opts)
 local prompts = recipe.prompts(opts, tokenizer, render)
 local reward = recipe.reward(opts, tokenizer)
-local reference = recipe.frozen_copy(policy)
+local reference = recipe.frozen_copy(policy, opts.ref_dtype)
 -- LoRA: the policy trains adapters on its frozen weights (the reference above is a copy of those)
 train.lora.setup(policy, opts, not opts.load and 'llama' or nil)
 local G = opts.num_generations

@@ -35,7 +35,7 @@ local opts = flags.parse(arg, { {
   { '--value-clip-range', 0.2, 'value clipping around the rollout values' },
   { '--vf-coef', 0.1, 'value loss weight' },
   { '--log-interval', 1, 'iterations between log lines' },
-}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.rollout, flags.checkpoint, {
+}, flags.optimizer, recipe.flags.common, recipe.flags.reference, train.lora.flags, recipe.flags.rollout, flags.checkpoint, {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
   { '--lr', 1e-4, 'actor peak learning rate' },
@@ -58,7 +58,7 @@ pmp.manual_seed(opts.seed)
 local actor, tokenizer, render = recipe.policy(opts)
 local prompts = recipe.prompts(opts, tokenizer, render)
 local reward = recipe.reward(opts, tokenizer)
-local reference = recipe.frozen_copy(actor)
+local reference = recipe.frozen_copy(actor, opts.ref_dtype)
 local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_model, { head = 'score' })
   or pmp.models.score_model(actor)
 -- LoRA: the actor trains adapters on its frozen weights (the reference and critic above start from those)

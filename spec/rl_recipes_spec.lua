@@ -41,10 +41,11 @@ describe('RL recipes on the embedded sums task', function()
         '\nrm: held%-out pairwise accuracy before [%d.]+ after [%d.]+\n$', 'pairwise loss: ' },
       { 'dpo.lua', { '--train-iters', '3', '--batch-size', '4', '--log-interval', '1' },
         '\ndpo: held%-out preference accuracy before 0%.5000 after [%d.]+\n$', 'dpo loss: ' },
-      { 'grpo.lua', { '--iterations', '2', '--prompts-per-iteration', '2', '--num-generations', '3', '--eval-samples', '1' },
+      { 'grpo.lua', { '--iterations', '2', '--prompts-per-iteration', '2', '--num-generations', '3', '--eval-samples', '1',
+        '--ref-dtype', 'bf16' },
         '\ngrpo: held%-out mean reward before [%d.]+ after [%d.]+\n$', 'clipfrac: ' },
       { 'ppo.lua', { '--iterations', '2', '--rollout-batch-size', '4', '--mini-batch-size', '2', '--ppo-epochs', '2',
-        '--eval-samples', '1', '--target-kl', '0.1', '--save', 'ppo_ck', '--save-interval', '1' },
+        '--eval-samples', '1', '--target-kl', '0.1', '--save', 'ppo_ck', '--save-interval', '1', '--ref-dtype', 'bf16' },
         '\nppo: held%-out mean reward before [%d.]+ after [%d.]+\n$', 'value loss: ' },
     }
     for _, r in ipairs(runs) do
@@ -123,7 +124,7 @@ describe('RL recipes on a Hugging Face model', function()
   it('dpo, grpo and ppo run a step each on it (ppo with the reward model of the rm run)', function()
     if not need_tokenizer() then return end
     local out, err, status = run_in(dir, 'dpo.lua', { '--load', 'base', '--data-path', 'prefs.jsonl', '--train-iters', '2',
-      '--batch-size', '2', '--log-interval', '1', '--loss-type', 'ipo' })
+      '--batch-size', '2', '--log-interval', '1', '--loss-type', 'ipo', '--ref-dtype', 'bf16' })
     assert.are.equal(0, status, err)
     assert.matches('dpo loss: ', out)
     out, err, status = run_in(dir, 'grpo.lua', { '--load', 'base', '--prompts', 'prompts.jsonl', '--reward-fn', 'length.lua',

@@ -331,6 +331,32 @@ describe('pmp.rl.sequence_logprobs and sequence_scores', function()
   end)
 end)
 
+describe('a bf16 frozen reference (pmp.rl.recipe.frozen_copy, --ref-dtype bf16)', function()
+  it("gives the f32 model's log-probs to bf16 precision, frozen", function()
+    local recipe = require 'pmp.rl.recipe'
+    local model = pmp.models.from_pretrained(package.loaded['pmp.root'] .. '/spec/fixtures/hf/llama')
+    pmp.manual_seed(3)
+    local ids = pmp.randint(0, model.config.vocab_size, { 4, 16 }, { dtype = 'i64' })
+    local mask = pmp.ones({ 4, 16 })
+    local copy = recipe.frozen_copy(model, 'bf16')
+    for _, p in ipairs(copy:parameters()) do
+      assert.are.equal('bf16', p.dtype)
+      assert.is_false(p.requires_grad)
+    end
+    local f = pmp.no_grad(rl.sequence_logprobs, model, ids, mask):double()
+    local b = pmp.no_grad(rl.sequence_logprobs, copy, ids, mask):double()
+    assert.are.equal('f32', pmp.no_grad(rl.sequence_logprobs, copy, ids, mask).dtype)
+    -- bf16 keeps 8 significant bits (a relative step of 2^-8): over two layers each log-prob stays within
+    -- 8 such steps of the f32 one and the mean error within one; a copy that were still f32 would agree exactly
+    local relative = (f - b):abs() / f:abs():clamp(1e-3, nil)
+    assert.is_true(relative:max():item() <= 2 ^ -5, 'largest relative error ' .. relative:max():item())
+    assert.is_true(relative:mean():item() <= 2 ^ -8, 'mean relative error ' .. relative:mean():item())
+    assert.is_true((f - b):abs():max():item() > 0, 'the copy computes in bf16')
+    assert.has_error(function() recipe.frozen_copy(model, 'f16') end,
+      "pmp.rl.recipe.frozen_copy: dtype must be 'f32' or 'bf16', got 'f16'")
+  end)
+end)
+
 describe("pmp.rl against TRL's implementations (spec/fixtures/rl, tools/make_rl_fixtures.py)", function()
   local ref = pmp.json.decode(pmp.io.read_file(package.loaded['pmp.root'] .. '/spec/fixtures/rl/trl_reference.json'))
   it("whiten matches TRL's masked_whiten on the masked positions", function()

@@ -21,6 +21,7 @@ function M.sequence_logprobs(model, ids, mask, opts)
   local B, T = ids:size(1), ids:size(2)
   if T < 2 then error('pmp.rl.sequence_logprobs: sequences need at least 2 tokens', 2) end
   local logits = model(ids):narrow(2, 1, T - 1)
+  if logits.dtype == 'bf16' or logits.dtype == 'f16' then logits = logits:float() end   -- log-softmax in f32
   if opts.temperature and opts.temperature ~= 1 then logits = logits / opts.temperature end
   local nll = F.cross_entropy(logits, ids:narrow(2, 2, T - 1):contiguous(), { reduction = 'none' })
   local first = tensor.zeros({ B, 1 }, { dtype = nll.dtype })

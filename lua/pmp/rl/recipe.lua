@@ -39,6 +39,11 @@ M.flags = {
     { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
     { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
   },
+  -- the recipes with a frozen reference model (dpo, ppo, grpo)
+  reference = {
+    { '--ref-dtype', 'f32', 'frozen reference model dtype: f32, or bf16 (half its memory, log-probs to bf16 precision)',
+      choices = { 'f32', 'bf16' } },
+  },
   -- after pmp.train.flags.checkpoint (rm, dpo, grpo): --load names the start model, --save is resumed
   resume = {
     { '--load', nil, 'Hugging Face model directory (default: the embedded sums task)' },
@@ -198,9 +203,15 @@ function M.whiten(x, mask, layout)
 end
 
 --- A frozen copy of model: no gradients are recorded through it (callers run it under pmp.no_grad).
-function M.frozen_copy(model)
+--- dtype (--ref-dtype): 'f32' (nil) or 'bf16', its weights rounded to bf16 (pmp.rl.sequence_logprobs
+--- still takes the log-softmax in f32).
+function M.frozen_copy(model, dtype)
+  if dtype ~= nil and dtype ~= 'f32' and dtype ~= 'bf16' then
+    error(string.format("pmp.rl.recipe.frozen_copy: dtype must be 'f32' or 'bf16', got '%s'", tostring(dtype)), 2)
+  end
   local copy = require('pmp.nn').GPTModel(model.config)
   copy:load_state_dict(model:state_dict())
+  if dtype == 'bf16' then copy:to('bf16') end
   for _, p in ipairs(copy:parameters()) do p.requires_grad = false end
   copy:eval()
   return copy
