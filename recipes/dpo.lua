@@ -10,7 +10,8 @@
 --- preference accuracy (pairs where the implicit reward beta (log pi - log pi_ref) of the chosen answer
 --- is the higher; ties, as at the start, count half) before and after.
 --- Under mpirun each process takes its share of every batch of pairs (the reference scores its share too)
---- and the gradients are averaged.
+--- and the gradients are averaged; --tensor-model-parallel-size N splits the policy and the reference
+--- over N ranks as pretrain.lua does (the data-parallel size is what remains of the world).
 local rl, train = pmp.rl, pmp.train
 local flags = train.flags
 local recipe = require 'pmp.rl.recipe'
@@ -29,6 +30,9 @@ local opts = flags.parse(arg, { {
   { '--lr', 2e-5, 'AdamW peak learning rate' },
 } }, { usage = 'pmp recipes/dpo.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
 train.lora.check(opts, opts.save_hf)
+if opts.tensor_model_parallel_size > 1 and train.lora.enabled(opts) then
+  error('LoRA (--lora-rank, --load-lora) with --tensor-model-parallel-size > 1 is not supported yet', 0)
+end
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end
 
 pmp.manual_seed(opts.seed)
@@ -37,7 +41,8 @@ local reference = recipe.frozen_copy(policy, opts.ref_dtype)
 -- LoRA: the policy trains adapters on its frozen weights (the reference above is a copy of those)
 train.lora.setup(policy, opts, not opts.load and 'llama' or nil)
 policy:eval()   -- no dropout
-local layout, ddp = recipe.data_parallel(policy, opts.batch_size, '--batch-size')
+local layout, ddp = recipe.data_parallel(policy, opts.batch_size, '--batch-size', opts.tensor_model_parallel_size,
+  { reference })
 local train_pairs, held_out = recipe.preference_pairs(opts, tokenizer, render)
 local pad = tokenizer.pad_id or 0
 local mean_per_token = opts.loss_type == 'ipo'
@@ -63,7 +68,7 @@ local trainer = pair_training.new(opts, { name = 'dpo', model = policy, layout =
 local state = { before = held_out and not trainer.resuming and accuracy(held_out) or nil }
 trainer.logger:line(string.format('dpo: %d training pairs, %s held-out; %d steps of %d pairs%s; loss %s, beta %g; %s',
   #train_pairs, held_out and tostring(#held_out) or 'no', opts.train_iters, opts.batch_size,
-  layout.dp > 1 and string.format(' over %d processes', layout.dp) or '', opts.loss_type, opts.beta,
+  recipe.describe_layout(layout), opts.loss_type, opts.beta,
   tostring(policy):match('^[^\n]*')))
 trainer:train(function(pairs)
   local batch = rl.preference.collate(pairs, pad, opts.max_length)
@@ -75,11 +80,12 @@ trainer:train(function(pairs)
     (chosen - rejected):mean():item() }
 end, state)
 if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
-if opts.save_hf and layout.is_logger then
-  policy:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
+local whole = opts.save_hf and recipe.whole_model(policy, layout, opts.save_hf .. '.parts')
+if whole then
+  whole:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
   print('dpo: saved the policy to ' .. opts.save_hf)
 end
-if held_out and layout.is_logger then
-  trainer.logger:line(string.format('dpo: held-out preference accuracy before %.4f after %.4f', state.before,
-    accuracy(held_out)))
+if held_out then   -- every rank scores (tensor-parallel ranks compute together), the logging one prints
+  local after = accuracy(held_out)
+  trainer.logger:line(string.format('dpo: held-out preference accuracy before %.4f after %.4f', state.before, after))
 end

@@ -35,6 +35,7 @@ local opts = flags.parse(arg, { {
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
 train.lora.check(opts, opts.save_hf)
+recipe.refuse_tensor_parallel(opts, 'grpo.lua')
 local embedded = not opts.load
 
 pmp.manual_seed(opts.seed)

@@ -43,6 +43,7 @@ local opts = flags.parse(arg, { {
   { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
 } }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })
 train.lora.check(opts, opts.save_hf)
+recipe.refuse_tensor_parallel(opts, 'ppo.lua')
 local embedded = not opts.load
 if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then
   error('--rollout-batch-size must be a multiple of --mini-batch-size', 0)

@@ -8,7 +8,9 @@
 --- With no --load it runs the embedded default: pairs of the sums task (pmp.rl.sums), the right sum
 --- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
 --- pairwise accuracy at initialisation and after training.
---- Under mpirun each process takes its share of every batch of pairs and the gradients are averaged.
+--- Under mpirun each process takes its share of every batch of pairs and the gradients are averaged;
+--- --tensor-model-parallel-size N splits the model over N ranks as pretrain.lua does (the score head
+--- stays whole on each), the data-parallel size being what remains of the world.
 local rl, train = pmp.rl, pmp.train
 local flags = train.flags
 local recipe = require 'pmp.rl.recipe'
@@ -32,7 +34,7 @@ if pmp.no_grad(function() return model.score.weight:abs():sum():item() end) == 0
   pmp.no_grad(function() model.score.weight:copy_(pmp.randn(model.score.weight.shape) * 0.02) end)
 end
 model:eval()   -- no dropout
-local layout, ddp = recipe.data_parallel(model, opts.batch_size, '--batch-size')
+local layout, ddp = recipe.data_parallel(model, opts.batch_size, '--batch-size', opts.tensor_model_parallel_size)
 local train_pairs, held_out = recipe.preference_pairs(opts, tokenizer, render)
 local pad = tokenizer.pad_id or 0
 
@@ -48,16 +50,18 @@ local trainer = pair_training.new(opts, { name = 'rm', model = model, layout = l
 local state = { before = held_out and not trainer.resuming and accuracy(held_out) or nil }
 trainer.logger:line(string.format('rm: %d training pairs, %s held-out; %d steps of %d pairs%s; %s', #train_pairs,
   held_out and tostring(#held_out) or 'no', opts.train_iters, opts.batch_size,
-  layout.dp > 1 and string.format(' over %d processes', layout.dp) or '', tostring(model):match('^[^\n]*')))
+  recipe.describe_layout(layout), tostring(model):match('^[^\n]*')))
 trainer:train(function(pairs)
   local chosen, rejected = scores(pairs)
   return rl.pairwise_loss(chosen, rejected),
     { recipe.pair_accuracy(chosen:detach():double():totable(), rejected:detach():double():totable()) }
 end, state)
-if opts.save_hf and layout.is_logger then
-  model:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id })
+local whole = opts.save_hf and recipe.whole_model(model, layout, opts.save_hf .. '.parts')
+if whole then
+  whole:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id })
   print('rm: saved the reward model to ' .. opts.save_hf)
 end
-if held_out and layout.is_logger then
-  trainer.logger:line(string.format('rm: held-out pairwise accuracy before %.4f after %.4f', state.before, accuracy(held_out)))
+if held_out then   -- every rank scores (tensor-parallel ranks compute together), the logging one prints
+  local after = accuracy(held_out)
+  trainer.logger:line(string.format('rm: held-out pairwise accuracy before %.4f after %.4f', state.before, after))
 end

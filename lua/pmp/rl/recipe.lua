@@ -23,6 +23,8 @@ M.flags = {
     { '--save', nil, 'checkpoint directory (written at the end)' },
     { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
     { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
+    { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks under mpirun (rm and dpo; the others refuse > 1)',
+      integer = true, min = 1 },
   },
   rollout = {
     { '--prompts', nil, 'jsonl file of prompts' },
@@ -52,13 +54,27 @@ M.flags = {
   },
 }
 
---- Data parallelism under mpirun, every rank holding the whole model: pmp.dist's layout (is_logger: the
---- last rank, which prints) and, on several ranks, a pmp.dist.ddp wrapper that averages the gradients of
---- model's trained parameters during backward (nil on one process). batch_size (the global batch, named
---- by flag in the error) must split evenly over the ranks.
-function M.data_parallel(model, batch_size, flag)
-  local layout = require('pmp.dist').init()
+--- Data parallelism under mpirun, with tp tensor-parallel ranks (--tensor-model-parallel-size, default 1)
+--- holding Megatron's parts of the model (pmp.nn.parallel.tensor_parallel, in place: every rank must have
+--- built the whole model alike), else the whole model: pmp.dist's layout (is_logger: the last rank, which
+--- prints) and, on several data-parallel ranks, a pmp.dist.ddp wrapper that averages the gradients of
+--- model's trained parameters during backward (nil otherwise). batch_size (the global batch, named by flag
+--- in the error) must split evenly over the data-parallel ranks. frozen: models (a reference) split as
+--- model is, so that they compute alike (a reference equal to the policy gives equal log-probs), and kept frozen.
+function M.data_parallel(model, batch_size, flag, tp, frozen)
+  local got, layout = pcall(require('pmp.dist').init, { tp = tp or 1 })
+  if not got then
+    error(string.format('--tensor-model-parallel-size %d: %s', tp or 1, (tostring(layout):gsub('^pmp%.dist%.init: ', ''))), 0)
+  end
   layout.is_logger = layout.rank == layout.world - 1
+  if layout.tp > 1 then
+    local parallel = require 'pmp.nn.parallel'
+    parallel.tensor_parallel(model)
+    for _, copy in ipairs(frozen or {}) do
+      parallel.tensor_parallel(copy)
+      for _, p in ipairs(copy:parameters()) do p.requires_grad = false end
+    end
+  end
   if batch_size % layout.dp ~= 0 then
     error(string.format('%s %d is not divisible by the %d data-parallel processes', flag, batch_size, layout.dp), 0)
   end
@@ -67,6 +83,28 @@ function M.data_parallel(model, batch_size, flag)
   local frozen = {}
   for _, pair in ipairs(model:named_parameters()) do frozen[pair[1]] = not pair[2].requires_grad end
   return layout, require('pmp.dist.ddp').DistributedDataParallel(model, { skip = function(name) return frozen[name] end })
+end
+
+--- ' over N processes' (and their tensor-parallel size) for a recipe's first line; '' on one process.
+function M.describe_layout(layout)
+  if layout.world == 1 then return '' end
+  return string.format(' over %d processes%s', layout.world,
+    layout.tp > 1 and string.format(' (tensor-parallel %d, data-parallel %d)', layout.tp, layout.dp) or '')
+end
+
+--- Stops with an error naming the flag when --tensor-model-parallel-size asks for what `recipe` lacks.
+function M.refuse_tensor_parallel(opts, recipe)
+  if opts.tensor_model_parallel_size > 1 then
+    error(string.format('--tensor-model-parallel-size %d: %s does not support tensor parallelism yet (rm.lua and ' ..
+      'dpo.lua do); run it data-parallel only', opts.tensor_model_parallel_size, recipe), 0)
+  end
+end
+
+--- model whole, for writing it out (save_pretrained): itself on one tensor-parallel rank, else gathered on
+--- rank 0 through a checkpoint under parts_dir (nil on the other ranks; every rank must call it).
+function M.whole_model(model, layout, parts_dir)
+  if layout.tp == 1 then return layout.is_logger and model or nil end
+  return require('pmp.train.parallel').gather_model(model, layout, rawget(model, 'hf'), parts_dir)
 end
 
 --- This data-parallel rank's contiguous share of a global batch (a list whose length dp divides).
