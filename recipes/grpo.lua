@@ -64,7 +64,7 @@ local checkpoints = train.Checkpoints(opts, logger)
 local resume = train.Checkpoints.info(checkpoints.dir)
 local before = embedded and not resume and held_out()
 say(string.format('grpo: %d prompts, %d per iteration x %d answers, %d iterations%s; %s', #prompts,
-  opts.prompts_per_iteration, G, opts.iterations, layout.dp > 1 and string.format(' over %d processes', layout.dp) or '',
+  opts.prompts_per_iteration, G, opts.iterations, recipe.describe_layout(layout),
   tostring(policy):match('^[^\n]*')))
 local next_prompts, prompt_position = recipe.batches(prompts, opts.prompts_per_iteration, opts.seed)
 local function checkpoint_state()

@@ -67,7 +67,7 @@ train.lora.setup(actor, opts, not opts.load and 'llama' or nil)
 actor:eval()   -- no dropout anywhere: ratios and values compare like with like
 critic:eval()
 local layout, actor_ddp = recipe.data_parallel(actor, opts.mini_batch_size, '--mini-batch-size')
-local _, critic_ddp = recipe.data_parallel(critic, opts.mini_batch_size, '--mini-batch-size')
+local critic_ddp = recipe.ddp(critic, layout)
 local function say(line) if layout.is_logger then print(line) end end
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
@@ -90,7 +90,7 @@ local actor_checkpoints, critic_checkpoints = checkpoints_in('actor', opts.exit_
 local kl_ctl = rl.AdaptiveKL(opts.init_kl_coef, opts.target_kl > 0 and opts.target_kl or nil, opts.kl_horizon)
 say(string.format('ppo: %d prompts, %d per rollout, mini-batches of %d, %d epochs, %d iterations%s; %s', #prompts,
   opts.rollout_batch_size, opts.mini_batch_size, opts.ppo_epochs, opts.iterations,
-  layout.dp > 1 and string.format(' over %d processes', layout.dp) or '', tostring(actor):match('^[^\n]*')))
+  recipe.describe_layout(layout), tostring(actor):match('^[^\n]*')))
 local next_prompts, prompt_position = recipe.batches(prompts, opts.rollout_batch_size, opts.seed)
 local function actor_state()
   return { model_config = actor.config, args = opts, kl_coef = kl_ctl.value, before = before,

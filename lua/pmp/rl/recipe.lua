@@ -78,11 +78,17 @@ function M.data_parallel(model, batch_size, flag, tp, frozen)
   if batch_size % layout.dp ~= 0 then
     error(string.format('%s %d is not divisible by the %d data-parallel processes', flag, batch_size, layout.dp), 0)
   end
-  if layout.dp == 1 then return layout, nil end
+  return layout, M.ddp(model, layout)
+end
+
+--- A pmp.dist.ddp wrapper that averages the gradients of model's trained parameters over the
+--- data-parallel ranks of layout during backward; nil on one data-parallel rank.
+function M.ddp(model, layout)
+  if layout.dp == 1 then return nil end
   -- frozen weights (LoRA's base) get no gradient: a bucket waiting for them would never start
-  local frozen = {}
-  for _, pair in ipairs(model:named_parameters()) do frozen[pair[1]] = not pair[2].requires_grad end
-  return layout, require('pmp.dist.ddp').DistributedDataParallel(model, { skip = function(name) return frozen[name] end })
+  local untrained = {}
+  for _, pair in ipairs(model:named_parameters()) do untrained[pair[1]] = not pair[2].requires_grad end
+  return require('pmp.dist.ddp').DistributedDataParallel(model, { skip = function(name) return untrained[name] end })
 end
 
 --- ' over N processes' (and their tensor-parallel size) for a recipe's first line; '' on one process.
