@@ -1,10 +1,11 @@
 require 'busted.runner'()
 -- Expert parallelism under mpirun: spec/dist/ep_worker.lua checks pmp.dist's all_to_all with uneven
 -- counts and one training step of an expert-parallel MoE GPT against the whole model in one process
--- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2; then
--- recipes/pretrain.lua with --expert-model-parallel-size 2, alone and with tensor parallelism, logs the
--- single-process losses, alone, with tensor parallelism, with pipeline parallelism and with the
--- distributed optimizer (experts sharded over their expert-data-parallel group). Expert-parallel
+-- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2 (also
+-- with the distributed optimizer); then recipes/pretrain.lua with --expert-model-parallel-size 2 logs
+-- the single-process losses, alone, with tensor parallelism (also with sequence parallelism), with
+-- pipeline parallelism and with the distributed optimizer (experts sharded over their
+-- expert-data-parallel group). Expert-parallel
 -- checkpoints: a model saved under EP=2 loads into one process with the same logits, and pretraining
 -- resumes across EP=2 and one process with the uninterrupted run's losses, also from the distributed
 -- optimizer's sharded states.
@@ -90,6 +91,9 @@ describe('expert parallelism under mpirun', function()
       '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
     { 4, 'EP=2 x PP=2 (one MoE layer per stage, expert-data-parallel 1 on each)', { '--expert-model-parallel-size', '2',
       '--pipeline-model-parallel-size', '2', '--make-vocab-size-divisible-by', '128' } },
+    { 4, 'EP=2 x TP=2 with sequence parallelism (each rank routes its slice of the sequence)', {
+      '--expert-model-parallel-size', '2', '--tensor-model-parallel-size', '2', '--sequence-parallel',
+      '--make-vocab-size-divisible-by', '64' } },
     { 4, 'EP=2 x DP=4 with the distributed optimizer (experts sharded over expert-data-parallel 2)',
       { '--expert-model-parallel-size', '2', '--use-distributed-optimizer', '--make-vocab-size-divisible-by', '128' } },
   }) do

@@ -2,12 +2,12 @@ require 'busted.runner'()
 -- Tensor and sequence parallelism (lua/pmp/nn/parallel.lua): spec/dist/tp_worker.lua runs on a tp group
 -- of 2 (mpirun) and of 1 (no launcher) and compares, in the same process, against references computed
 -- without tensor parallelism: F.cross_entropy on whole logits, plain Linear layers, and a plain GPTModel
--- trained three AdamW steps on the same global batch.
+-- (dense, or with a MoE layer) trained three AdamW steps on the same global batch.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
 local worker = shell.root .. '/spec/dist/tp_worker.lua'
-local CASES = { 'tied', 'tied_sp', 'untied', 'untied_sp', 'extras', 'extras_sp' }
+local CASES = { 'tied', 'tied_sp', 'untied', 'untied_sp', 'extras', 'extras_sp', 'moe', 'moe_sp', 'moe_seq_sp' }
 
 local words = mpi.words
 
@@ -95,7 +95,9 @@ describe('pmp.nn.parallel', function()
     end
   end)
 
-  it('TP=2 trains a GPTModel like one process: tied, untied, biases and qk_layernorm, with and without SP', function()
+  -- MoE layers stay whole on each rank; under SP each rank routes its slice of the sequence (the
+  -- balancing losses with the whole sequences' counts, the z-loss divided by the group size)
+  it('TP=2 trains a GPTModel like one process: tied, untied, biases and qk_layernorm, MoE, with and without SP', function()
     local out = output(2)
     check_losses(out, 1e-5)
     -- Parameters: a shard the optimizer misses or updates twice is off by about lr (1e-2) per step;

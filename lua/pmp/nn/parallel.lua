@@ -395,12 +395,12 @@ function M.tensor_parallel(model, options)
   for k, layer in ipairs(model.decoder.layers.items) do
     local prefix = 'decoder.layers.' .. (k - 1) .. '.'
     local attention, mlp = layer.self_attention, layer.mlp
-    -- a MoE layer stays whole on every rank (pmp.dist.sharding), seeing every token of the sequence
+    -- a MoE layer stays whole on every rank (pmp.dist.sharding, Megatron's expert-tensor-parallel size
+    -- 1), seeing every token of the sequence, or with sequence parallelism its rank's slice of it, which
+    -- it routes and dispatches by itself as Megatron-Core does (no gather along the sequence); the
+    -- replicated weights' gradients are then summed over the group by finish_grads
     local moe = mlp.router ~= nil
-    if moe and sp then
-      error(string.format('tensor_parallel: layer %d is a mixture of experts, which sequence parallelism does not ' ..
-        'support yet', k - 1), 2)
-    end
+    if moe and sp then rawset(mlp, 'sequence_parallel', { group = group }) end
     if not moe and not mlp.linear_fc1 then
       error(string.format('tensor_parallel: layer %d has no mlp.linear_fc1 (only dense MLPs are split)', k - 1), 2)
     end
