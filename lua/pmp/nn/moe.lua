@@ -500,6 +500,7 @@ function M.MoELayer:forward(x)
     b[#b + 1] = slot - 1
     counts[e + 1] = counts[e + 1] + 1
   end
+  -- under sequence parallelism each rank caps its own slice's tokens, as Megatron's router does
   if self.config.moe_expert_capacity_factor then self:drop(buckets, counts, probs, N * k) end
   local slots, rows = {}, {}
   for e = 1, E do
