@@ -29,7 +29,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test test-reference mutate sanitize soak fuzz print-ldlibs print-cflags bench bench-tokenizer bench-generate bench-pretrain bench-dist clean
+.PHONY: all cuda deps test test-reference mutate sanitize soak fuzz print-ldlibs print-cflags bench bench-tokenizer bench-generate bench-pretrain bench-dist bench-moe clean
 all: $(EXE)
 
 $(EXE): $(HOST_OBJS) $(BUILD)/libpmpcore.a
@@ -111,6 +111,10 @@ bench-generate: pmp
 
 bench-pretrain: pmp
 	tools/bench_pretrain.sh
+
+# A MoE layer against the dense MLP with the same active parameters, and both against PyTorch's.
+bench-moe: pmp
+	./pmp tools/bench_moe.lua
 
 # Collective traffic per layout (measured vs expected bytes) and the hidden part of DP communication (mpirun).
 bench-dist: pmp

@@ -1,18 +1,21 @@
 require 'busted.runner'()
 -- Expert parallelism under mpirun: spec/dist/ep_worker.lua checks pmp.dist's all_to_all with uneven
 -- counts and one training step of an expert-parallel MoE GPT against the whole model in one process
--- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2; then
--- recipes/pretrain.lua with --expert-model-parallel-size 2, alone and with tensor parallelism, logs the
--- single-process losses, alone, with tensor parallelism and with pipeline parallelism. Expert-parallel
+-- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2 (also
+-- with the distributed optimizer); then recipes/pretrain.lua with --expert-model-parallel-size 2 logs
+-- the single-process losses, alone, with tensor parallelism (also with sequence parallelism), with
+-- pipeline parallelism and with the distributed optimizer (experts sharded over their
+-- expert-data-parallel group). Expert-parallel
 -- checkpoints: a model saved under EP=2 loads into one process with the same logits, and pretraining
--- resumes across EP=2 and one process with the uninterrupted run's losses.
+-- resumes across EP=2 and one process with the uninterrupted run's losses, also from the distributed
+-- optimizer's sharded states.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
 local worker = shell.root .. '/spec/dist/ep_worker.lua'
 
-local function check_worker(np, ep, holdings)
-  local out, err, status = mpi.run(np, worker, { tostring(ep) })
+local function check_worker(np, ep, holdings, mode)
+  local out, err, status = mpi.run(np, worker, { tostring(ep), mode })
   assert.are.equal(0, status, err .. out)
   local a2a = mpi.rows(out, 'A2A')
   assert.are.equal(np, #a2a)
@@ -64,6 +67,10 @@ describe('expert parallelism under mpirun', function()
     check_worker(4, 2, { { '0', '1' }, { '2', '3' }, { '0', '1' }, { '2', '3' } })
   end)
 
+  test('EP=2 x expert-data-parallel 2, distributed optimizer: every gradient shard, the norm', function()
+    check_worker(4, 2, { { '0', '1' }, { '2', '3' }, { '0', '1' }, { '2', '3' } }, 'distributed')
+  end)
+
   local reference
   local function single_process()
     if not reference then
@@ -84,6 +91,11 @@ describe('expert parallelism under mpirun', function()
       '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
     { 4, 'EP=2 x PP=2 (one MoE layer per stage, expert-data-parallel 1 on each)', { '--expert-model-parallel-size', '2',
       '--pipeline-model-parallel-size', '2', '--make-vocab-size-divisible-by', '128' } },
+    { 4, 'EP=2 x TP=2 with sequence parallelism (each rank routes its slice of the sequence)', {
+      '--expert-model-parallel-size', '2', '--tensor-model-parallel-size', '2', '--sequence-parallel',
+      '--make-vocab-size-divisible-by', '64' } },
+    { 4, 'EP=2 x DP=4 with the distributed optimizer (experts sharded over expert-data-parallel 2)',
+      { '--expert-model-parallel-size', '2', '--use-distributed-optimizer', '--make-vocab-size-divisible-by', '128' } },
   }) do
     local np, name, extra = case[1], case[2], case[3]
     test('recipes/pretrain.lua logs the single-process losses: ' .. name, function()
@@ -213,6 +225,18 @@ describe('expert-parallel checkpoints under mpirun', function()
     assert_close(run(1, { '--load', dir .. '/ep2' }), 'EP=2 checkpoint resumed in one process')
     run(1, { '--save', dir .. '/one', '--exit-interval', '3' })
     assert_close(run(2, with(ep2, { '--load', dir .. '/one' })), 'one-process checkpoint resumed under EP=2')
+
+    -- the distributed optimizer over 4 ranks: dense states in 4 pieces, each EP rank's experts' in 4
+    -- pieces written by its 2 expert-data-parallel replicas
+    local sharded = with(ep2, { '--use-distributed-optimizer' })
+    run(4, with(sharded, { '--save', dir .. '/zero', '--exit-interval', '3' }))
+    local root = dir .. '/zero/iter_0000003'
+    local experts = pmp.safetensors.load(root .. '/mp_rank_00_001/distrib_optim_003.safetensors')
+    assert.is_not_nil(experts['decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight.exp_avg'])
+    assert.is_nil(experts['decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight.exp_avg'])
+    assert.is_nil(experts['decoder.layers.0.self_attention.linear_qkv.weight.exp_avg'])
+    assert_close(run(4, with(sharded, { '--load', dir .. '/zero' })), 'EP=2 distributed-optimizer checkpoint resumed')
+    assert_close(run(1, { '--load', dir .. '/zero' }), 'EP=2 distributed-optimizer checkpoint resumed in one process')
   end)
 end)
 
@@ -224,4 +248,30 @@ describe('expert-parallel settings', function()
     assert.are_not.equal(0, status)
     assert.matches('--num-experts 4 is not divisible by --expert-model-parallel-size 3', err, 1, true)
   end)
+end)
+
+describe('make bench-dist under expert parallelism', function()
+  local test = mpi.available and it or pending
+  -- the engine's count of the bytes each rank sent against what the all-to-alls' send counts and the
+  -- other collectives' ring formulas give (tools/bench_dist.lua), on EP=2 and EP=2 x DP=4 with the
+  -- distributed optimizer (expert buckets over the expert-data-parallel group)
+  for _, case in ipairs({ { 2, {} }, { 4, { '--distributed-optimizer' } } }) do
+    local np, extra = case[1], case[2]
+    test(np .. ' ranks' .. (extra[1] and ', ' .. extra[1] or '') .. ': sent bytes equal the expected', function()
+      local args = { '--ep', '2', '--steps', '2', '--num-layers', '2', '--hidden-size', '32', '--ffn-hidden-size', '64',
+        '--num-attention-heads', '4', '--num-query-groups', '2', '--vocab-size', '64', '--seq-length', '16',
+        '--micro-batch-size', '2', '--moe-ffn-hidden-size', '32', '--num-experts', '4', unpack(extra) }
+      local out, err, status = mpi.run(np, shell.root .. '/tools/bench_dist.lua', args)
+      assert.are.equal(0, status, err .. out)
+      local lines = 0
+      for sent, expected, a2a in out:gmatch('sent (%d+) B/step, expected (%d+) %(.-all%-to%-all (%d+)') do
+        lines = lines + 1
+        assert.is_true(tonumber(a2a) > 0, out)
+        -- (ring pieces of buffers not divisible by the group size differ between ranks by a few bytes)
+        assert.is_true(math.abs(tonumber(sent) - tonumber(expected)) <= 8, out)
+      end
+      assert.are.equal(np, lines, out)
+      assert.matches('analytical %(even routing%) %d+, ratio [%d.]+', out)
+    end)
+  end
 end)

@@ -2,12 +2,13 @@ require 'busted.runner'()
 -- Tensor and sequence parallelism (lua/pmp/nn/parallel.lua): spec/dist/tp_worker.lua runs on a tp group
 -- of 2 (mpirun) and of 1 (no launcher) and compares, in the same process, against references computed
 -- without tensor parallelism: F.cross_entropy on whole logits, plain Linear layers, and a plain GPTModel
--- trained three AdamW steps on the same global batch.
+-- (dense, with a MoE layer, with multi-latent attention) trained three AdamW steps on the same global batch.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 
 local worker = shell.root .. '/spec/dist/tp_worker.lua'
-local CASES = { 'tied', 'tied_sp', 'untied', 'untied_sp', 'extras', 'extras_sp' }
+local CASES = { 'tied', 'tied_sp', 'untied', 'untied_sp', 'extras', 'extras_sp', 'moe', 'moe_sp', 'moe_seq_sp', 'mla', 'mla_sp',
+  'mla_q_proj_sp' }
 
 local words = mpi.words
 
@@ -95,7 +96,10 @@ describe('pmp.nn.parallel', function()
     end
   end)
 
-  it('TP=2 trains a GPTModel like one process: tied, untied, biases and qk_layernorm, with and without SP', function()
+  -- MoE layers stay whole on each rank; under SP each rank routes its slice of the sequence (the
+  -- balancing losses with the whole sequences' counts, the z-loss divided by the group size)
+  -- Multi-latent attention splits its heads: up-projections column-parallel, down-projections whole
+  it('TP=2 trains a GPTModel like one process: tied, untied, biases and qk_layernorm, MoE, MLA, with and without SP', function()
     local out = output(2)
     check_losses(out, 1e-5)
     -- Parameters: a shard the optimizer misses or updates twice is off by about lr (1e-2) per step;
@@ -129,5 +133,51 @@ describe('pmp.nn.parallel', function()
     check_losses(out, 0)
     check_shards(out, 0, 0, 0)
     check_cross_entropy(out)
+  end)
+end)
+
+describe('multi-latent attention under tensor parallelism', function()
+  local test = mpi.available and it or pending
+  local dir
+  setup(function() dir = shell.temp_dir() end)
+  teardown(function() shell.remove_dir(dir) end)
+
+  -- DeepSeek-style layers: MLA with a low-rank query, MoE MLPs with the balancing loss
+  local FLAGS = { '--num-layers', '2', '--hidden-size', '32', '--num-attention-heads', '4', '--seq-length', '16',
+    '--micro-batch-size', '2', '--global-batch-size', '8', '--train-iters', '6', '--log-interval', '1',
+    '--eval-interval', '0', '--sample-length', '0', '--lr-warmup-iters', '1', '--lr', '3e-3', '--save', '',
+    '--multi-latent-attention', '--q-lora-rank', '12', '--kv-lora-rank', '16', '--qk-head-dim', '8',
+    '--qk-pos-emb-head-dim', '4', '--v-head-dim', '8', '--num-experts', '4', '--moe-router-topk', '2',
+    '--moe-ffn-hidden-size', '32', '--moe-aux-loss-coeff', '0.01', '--moe-grouped-gemm' }
+
+  local function run(np, extra)
+    -- the vocabulary padded to 128 rows in both layouts: 128 x 1 in one process, 64 x tp 2
+    local args = { unpack(FLAGS) }
+    for _, a in ipairs({ '--make-vocab-size-divisible-by', np == 1 and '128' or '64', unpack(extra) }) do args[#args + 1] = a end
+    local out, err, status
+    if np == 1 then
+      out, err, status = shell.run_pmp({ shell.root .. '/recipes/pretrain.lua', unpack(args) })
+    else
+      out, err, status = mpi.run(np, shell.root .. '/recipes/pretrain.lua', args)
+    end
+    assert.are.equal(0, status, err)
+    return require('spec.support.train_log').losses(out)
+  end
+
+  local function assert_close(got, want, first, last, label)
+    for it = first, last do
+      assert.is_number(got[it], label .. ': iteration ' .. it)
+      assert.is_true(math.abs(got[it] - want[it]) <= 1e-5 * math.abs(want[it]),
+        string.format('%s: loss %d is %.7g, one process gave %.7g', label, it, got[it], want[it]))
+    end
+  end
+
+  test('TP=2 x SP x PP=2 logs the single-process losses; its checkpoint resumes in one process', function()
+    local want = run(1, {})
+    local parallel = { '--tensor-model-parallel-size', '2', '--sequence-parallel', '--pipeline-model-parallel-size', '2' }
+    local saved = { unpack(parallel) }
+    for _, a in ipairs({ '--save', dir .. '/tp2', '--exit-interval', '3' }) do saved[#saved + 1] = a end
+    assert_close(run(4, saved), want, 1, 3, 'TP=2 x SP x PP=2')
+    assert_close(run(1, { '--load', dir .. '/tp2' }), want, 4, 6, 'its checkpoint resumed in one process')
   end)
 end)

@@ -376,3 +376,17 @@ describe('MoELayer', function()
       "moe_router_score_function 'sqrtsoftplus'")
   end)
 end)
+
+describe('tools/bench_moe.lua', function()
+  it('times a MoE layer against the dense MLP with as many active parameters (the router apart)', function()
+    local shell = require 'spec.support.shell'
+    local out, err, status = shell.run_pmp({ shell.root .. '/tools/bench_moe.lua', '--tokens', '32', '--hidden-size', '16',
+      '--num-experts', '4', '--moe-router-topk', '2', '--moe-ffn-hidden-size', '8', '--reps', '1', '--no-torch' })
+    assert.are.equal(0, status, err)
+    local active, dense = out:match('active parameters (%d+)%) vs a dense SwiGLU MLP of width 16 %((%d+) parameters%)')
+    -- 2 experts' SwiGLU (3 x 16 x 8 each) against one of width 16 (3 x 16 x 16); the router's 16 x 4
+    assert.are.equal(3 * 16 * 16, tonumber(dense), out)
+    assert.are.equal(3 * 16 * 16 + 16 * 4, tonumber(active), out)
+    assert.matches('pmp   MoE +%d+ tokens/s .* MoE / dense time [%d.]+, cpu [%d.]+', out)
+  end)
+end)

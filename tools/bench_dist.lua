@@ -6,10 +6,15 @@
 -- The data-parallel size is what tp x pp leaves of the world. Gradients are averaged by
 -- DistributedDataParallel (all-reduce, then AdamW; or reduce-scatter, the distributed optimizer and an
 -- all-gather of the parameters), tensor parallelism is pmp.nn.parallel's (no sequence parallelism),
--- pipeline parallelism pmp.dist.pipeline's 1F1B.
+-- pipeline parallelism pmp.dist.pipeline's 1F1B, expert parallelism (--ep, every layer a MoE layer)
+-- pmp.nn.expert_parallel's all-to-all token dispatch.
 -- The expected volume per rank of our ring collectives over n ranks: all-reduce 2(n-1)/n x bytes,
 -- reduce-scatter and all-gather (n-1)/n x the whole buffer, plus one 40-byte header per collective;
--- point-to-point sends their bytes. Step 1 warms up; the numbers are means over the other steps.
+-- point-to-point sends their bytes; all-to-all the rows for the other ranks plus one header. The
+-- all-to-all volume depends on the routing: the expected total counts the rows each call was given
+-- (its send counts); the line also compares that with the analytical volume of evenly spread routing,
+-- 4 (forward dispatch and return, their two backwards) x tokens x topk x (ep - 1) / ep rows of hidden
+-- values per MoE layer and micro-batch. Step 1 warms up; the numbers are means over the other steps.
 local clock = require 'pmp.clock'
 local pipeline = require 'pmp.dist.pipeline'
 local parallel = require 'pmp.nn.parallel'
@@ -17,6 +22,10 @@ local parallel = require 'pmp.nn.parallel'
 local opts = pmp.args.parse(arg, {
   { '--tp', 1, 'tensor-parallel size' },
   { '--pp', 1, 'pipeline stages' },
+  { '--ep', 1, 'expert-parallel size (> 1: every layer a MoE layer, experts split over the data-parallel ranks)' },
+  { '--num-experts', 8, 'experts per MoE layer (with --ep)' },
+  { '--moe-router-topk', 2, 'experts per token (with --ep)' },
+  { '--moe-ffn-hidden-size', 352, 'expert MLP width (with --ep)' },
   { '--distributed-optimizer', false, 'shard the optimizer over the data-parallel ranks' },
   { '--steps', 4, 'optimizer steps (the first is not measured)' },
   { '--num-layers', 4, 'transformer layers' },
@@ -34,22 +43,54 @@ local opts = pmp.args.parse(arg, {
 }, { usage = 'mpirun -np N pmp tools/bench_dist.lua [flags]' })
 
 local HEADER = 40   -- bytes of the header each ring collective sends ahead (core/dist/dist.c)
-local layout = pmp.dist.init{ tp = opts.tp, pp = opts.pp }
+local layout = pmp.dist.init{ tp = opts.tp, pp = opts.pp, ep = opts.ep }
 local distributed_optimizer = opts.distributed_optimizer
-local layout_name = string.format('tp%d pp%d dp%d%s%s', layout.tp, layout.pp, layout.dp,
-  distributed_optimizer and ' distopt' or '', opts.no_overlap and ' no-overlap' or '')
+local layout_name = string.format('tp%d pp%d dp%d%s%s%s', layout.tp, layout.pp, layout.dp,
+  layout.ep > 1 and ' ep' .. layout.ep or '', distributed_optimizer and ' distopt' or '',
+  opts.no_overlap and ' no-overlap' or '')
 
 local dtype = opts.bf16 and 'bf16' or 'f32'
 local config = { num_layers = opts.num_layers, hidden_size = opts.hidden_size, ffn_hidden_size = opts.ffn_hidden_size,
   num_attention_heads = opts.num_attention_heads, num_query_groups = opts.num_query_groups, vocab_size = opts.vocab_size,
   dtype = 'f32' }
+if layout.ep > 1 then
+  config.num_moe_experts, config.moe_router_topk = opts.num_experts, opts.moe_router_topk
+  config.moe_ffn_hidden_size, config.moe_grouped_gemm = opts.moe_ffn_hidden_size, true
+end
 pmp.manual_seed(1234)
 local model = pmp.nn.GPTModel(config)
-if opts.bf16 then model:to('bf16') end
 pipeline.stage(model)
 parallel.tensor_parallel(model)
-local ddp = pmp.dist.ddp.DistributedDataParallel(model, { bucket_size = opts.bucket_size,
-  distributed_optimizer = distributed_optimizer, overlap = not opts.no_overlap })
+local expert_parallel = require 'pmp.nn.expert_parallel'
+local ddp_options = { bucket_size = opts.bucket_size, distributed_optimizer = distributed_optimizer,
+  overlap = not opts.no_overlap }
+if layout.ep > 1 then
+  expert_parallel.expert_parallel(model, { data_size = layout.dp })
+  if distributed_optimizer then   -- as pmp.train.parallel.data_parallel
+    ddp_options.experts = { match = expert_parallel.is_expert_parameter, group = pmp.dist.group('edp'),
+      divisor = layout.dp }
+    expert_parallel.reduced_elsewhere(model)
+  else
+    ddp_options.skip = expert_parallel.is_expert_parameter
+  end
+end
+if opts.bf16 then model:to('bf16') end
+local ddp = pmp.dist.ddp.DistributedDataParallel(model, ddp_options)
+
+-- Every all-to-all of the expert-parallel group, with the bytes its send counts give to other ranks.
+local a2a = { bytes = 0, calls = 0 }
+if layout.ep > 1 then
+  local group = pmp.dist.group('ep')
+  local all_to_all = group.all_to_all
+  rawset(group, 'all_to_all', function(self, t, send, recv, options)
+    local row_bytes = t:numel() / math.max(t:size(1), 1) * t:element_size()
+    for k, rows in ipairs(send) do
+      if k - 1 ~= self.rank then a2a.bytes = a2a.bytes + rows * row_bytes end
+    end
+    a2a.calls = a2a.calls + 1
+    return all_to_all(self, t, send, recv, options)
+  end)
+end
 local optimizer
 if distributed_optimizer then
   optimizer = pmp.optim.DistributedOptimizer(pmp.optim.decay_groups(model), { ddp = ddp, lr = 1e-4 })
@@ -82,6 +123,7 @@ local function step(iteration)
   end
   ddp:finish_grad_sync()
   parallel.finish_grads(model)
+  expert_parallel.finish_expert_grads(model)
   pipeline.sync_embedding_grads(model)
   pmp.dist.clip_grad_norm(distributed_optimizer and optimizer or model, 1.0)
   optimizer:step()
@@ -100,20 +142,39 @@ local function expected()
   local param_size = opts.bf16 and 2 or 4
   local grads, params = 0, 0
   for _, b in ipairs(ddp.buckets) do
+    local n = b.group.size   -- the expert buckets' is the expert-data-parallel group
     if distributed_optimizer then
-      grads = grads + ring_half(b.padded_numel * grad_size, dp)
-      params = params + ring_half(b.padded_numel * param_size, dp)
+      grads = grads + ring_half(b.padded_numel * grad_size, n)
+      params = params + ring_half(b.padded_numel * param_size, n)
     else
-      grads = grads + ring_all_reduce(b.padded_numel * grad_size, dp)
+      grads = grads + ring_all_reduce(b.padded_numel * grad_size, n)
+    end
+  end
+  local ep = rawget(model, 'expert_parallel')
+  if ep and not distributed_optimizer then
+    -- finish_expert_grads: each expert gradient all-reduced over the expert-data-parallel group
+    for _, pair in ipairs(model:named_parameters()) do
+      if expert_parallel.is_expert_parameter(pair[1]) then
+        grads = grads + ring_all_reduce(pair[2]:numel() * grad_size, ep.data_group.size)
+      end
     end
   end
   parts[#parts + 1] = { 'gradients', grads }
   if distributed_optimizer then parts[#parts + 1] = { 'parameters', params } end
-  -- the clipping norm: one f64 all-reduce over each group the norm sums over
+  -- the clipping norm: one f64 all-reduce over each group the norm sums over (and one over the
+  -- expert-parallel group for the experts, which the distributed optimizer's shards do not need)
   local norm = 0
   if distributed_optimizer then norm = norm + ring_all_reduce(8, dp) end
+  if ep and not distributed_optimizer then norm = norm + ring_all_reduce(8, layout.ep) end
   norm = norm + ring_all_reduce(8, layout.tp) + ring_all_reduce(8, layout.pp)
   parts[#parts + 1] = { 'norm', norm }
+  if ep then
+    -- per all-to-all: its rows for the other ranks and a header; per dispatch (a quarter of them) an
+    -- all-gather of every rank's i64 token counts per expert
+    local calls = a2a.calls / (opts.steps - 1)
+    parts[#parts + 1] = { 'all-to-all', a2a.bytes / (opts.steps - 1) + calls * HEADER }
+    parts[#parts + 1] = { 'expert counts', calls / 4 * ring_half(layout.ep * opts.num_experts * 8, layout.ep) }
+  end
   local activation = mb * T * opts.hidden_size * param_size
   local stage = model.pipeline or { is_first = true, is_last = true }
   if layout.tp > 1 then
@@ -149,6 +210,7 @@ local sent, seconds, hidden, exposed, comm, from_hooks = 0, 0, 0, 0, 0, 0
 for iteration = 1, opts.steps do
   pmp.dist.group('world'):barrier()
   pmp.dist.reset_stats()
+  if iteration == 2 then a2a.bytes, a2a.calls = 0, 0 end
   local start = clock.now()
   step(iteration)
   local elapsed = clock.now() - start
@@ -172,6 +234,16 @@ for _, p in ipairs(parts) do breakdown[#breakdown + 1] = string.format('%s %.0f'
 local line = string.format('%s %s rank %d/%d: %.3f s/step | sent %.0f B/step, expected %.0f (%s) | ratio %.4f',
   layout_name, dtype, layout.rank, layout.world, seconds / n, measured, total, table.concat(breakdown, ', '),
   measured / total)
+if layout.ep > 1 then
+  -- evenly spread routing: each of the tokens' topk choices is on another rank with probability (ep-1)/ep
+  local layers = #model.decoder.layers.items
+  local tokens = opts.micro_batch_size * opts.seq_length * opts.micro_batches
+  local even = 4 * layers * tokens * opts.moe_router_topk * (layout.ep - 1) / layout.ep * opts.hidden_size
+    * (opts.bf16 and 2 or 4)
+  local routed = a2a.bytes / n
+  line = line .. string.format(' | all-to-all %.0f B/step, analytical (even routing) %.0f, ratio %.4f', routed, even,
+    routed / even)
+end
 if ddp.group.size > 1 then
   line = line .. string.format(' | %d buckets, %.1f started in backward | dp comm %.3f s, exposed %.3f s, hidden %.0f%%',
     #ddp.buckets, from_hooks / n, comm / n, exposed / n, 100 * hidden / n)

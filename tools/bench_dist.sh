@@ -8,8 +8,9 @@
 #   tools/bench_dist.sh [--np4] [any tools/bench_dist.lua flag, e.g. --steps 6 --bf16 --hidden-size 512]
 #
 # Runs on 2 processes: DP=2 all-reduce, DP=2 all-reduce without overlap, DP=2 distributed optimizer,
-# TP=2, PP=2; with --np4 also on 4: TP=2 x DP=2 distributed optimizer, PP=2 x DP=2 distributed
-# optimizer, TP=2 x PP=2. Not part of `make test`.
+# TP=2, PP=2, EP=2 (MoE layers; the all-to-all volume also against evenly spread routing's); with
+# --np4 also on 4: TP=2 x DP=2 distributed optimizer, PP=2 x DP=2 distributed optimizer, TP=2 x PP=2,
+# EP=2 x DP=4 distributed optimizer. Not part of `make test`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,7 +19,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
     --np4) FOUR=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -41,8 +42,10 @@ run 2 --no-overlap
 run 2 --distributed-optimizer
 run 2 --tp 2
 run 2 --pp 2
+run 2 --ep 2
 if [ -n "$FOUR" ]; then
   run 4 --tp 2 --distributed-optimizer
   run 4 --pp 2 --distributed-optimizer
   run 4 --tp 2 --pp 2
+  run 4 --ep 2 --distributed-optimizer
 fi

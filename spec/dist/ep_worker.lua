@@ -1,7 +1,7 @@
 -- Run by spec/dist_ep_spec.lua on every rank: pmp.dist's all_to_all with uneven counts (zero rows
 -- included), then one training step of a small MoE GPT with its experts split over the expert-parallel
--- group (pmp.nn.expert_parallel, DistributedDataParallel skipping the experts,
--- pmp.train.step.finish_grads), against the same step of the whole model in this process on the
+-- group (pmp.nn.expert_parallel, DistributedDataParallel skipping the experts or, for the distributed
+-- optimizer, reducing them over the expert-data-parallel group; pmp.train.step.finish_grads), against the same step of the whole model in this process on the
 -- whole batch. Prints from every rank:
 --   A2A rank ok|<what differs>
 --   GRAD rank name max_abs_diff             every parameter this rank holds vs the reference's
@@ -12,6 +12,9 @@ local step = require 'pmp.train.step'
 local expert_parallel = require 'pmp.nn.expert_parallel'
 
 local ep_size = tonumber(arg[1])
+-- 'distributed': the distributed optimizer's DistributedDataParallel, experts in buckets of their own
+-- reduce-scattered over the expert-data-parallel group; each rank checks its shards of the gradients
+local distributed = arg[2] == 'distributed'
 local layout = pmp.dist.init { ep = ep_size }
 local world, ep, dp = pmp.dist.group('world'), pmp.dist.group('ep'), pmp.dist.group('dp')
 
@@ -64,10 +67,18 @@ local ref_norm = require('pmp.dist.grad_norm').grad_norm(reference)
 
 pmp.manual_seed(11)
 local model = expert_parallel.expert_parallel(pmp.nn.GPTModel(config), { data_size = layout.dp })
-local ddp = dp.size > 1 and pmp.dist.ddp.DistributedDataParallel(model, { skip = expert_parallel.is_expert_parameter }) or nil
+local ddp, optimizer
+if distributed then
+  ddp = pmp.dist.ddp.DistributedDataParallel(model, { distributed_optimizer = true, experts = {
+    match = expert_parallel.is_expert_parameter, group = pmp.dist.group('edp'), divisor = dp.size } })
+  expert_parallel.reduced_elsewhere(model)
+  optimizer = pmp.optim.DistributedOptimizer(model:parameters(), { ddp = ddp })
+elseif dp.size > 1 then
+  ddp = pmp.dist.ddp.DistributedDataParallel(model, { skip = expert_parallel.is_expert_parameter })
+end
 local loss = step.forward_backward(model, { batch(1 + layout.dp_rank * MB, MB) }, { ddp = ddp })
 step.finish_grads(model, ddp)
-local norm = require('pmp.dist.grad_norm').grad_norm(model)
+local norm = require('pmp.dist.grad_norm').grad_norm(optimizer or model)
 loss = require('pmp.train.parallel').mean_loss(loss, { dp = dp.size, cp = 1 })
 
 local held = {}
@@ -77,10 +88,22 @@ for _, expert in ipairs(model.decoder.layers['0'].mlp.experts.local_experts.item
   end
 end
 print(string.format('EXPERTS %d %s', world.rank, table.concat(held, ' ')))
-for _, pair in ipairs(model:named_parameters()) do
-  local want = ref_grads[pair[1]]
-  local diff = want and pair[2].grad and (pair[2].grad - want):abs():max():item() or 'missing'
-  print(string.format('GRAD %d %s %s', world.rank, pair[1], tostring(diff)))
+if distributed then
+  -- the reduced gradients are this rank's shards of each bucket only
+  for _, shard in ipairs(optimizer.buckets) do
+    for _, segment in ipairs(shard.segments) do
+      local name = segment.entry.name
+      local got = shard.bucket.shard:narrow(1, segment.shard_offset + 1, segment.length)
+      local want = ref_grads[name] and ref_grads[name]:reshape(-1):narrow(1, segment.param_offset + 1, segment.length)
+      print(string.format('GRAD %d %s %s', world.rank, name, tostring(want and (got - want):abs():max():item() or 'missing')))
+    end
+  end
+else
+  for _, pair in ipairs(model:named_parameters()) do
+    local want = ref_grads[pair[1]]
+    local diff = want and pair[2].grad and (pair[2].grad - want):abs():max():item() or 'missing'
+    print(string.format('GRAD %d %s %s', world.rank, pair[1], tostring(diff)))
+  end
 end
 print(string.format('NORM %d %.10g %.10g', world.rank, norm, ref_norm))
 print(string.format('LOSS %d %.10g %.10g', world.rank, loss, ref_loss))

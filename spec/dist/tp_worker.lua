@@ -115,6 +115,16 @@ local function config(case)
   if case.extras then   -- LayerNorm, GELU, biases everywhere and qk_layernorm
     c.normalization, c.activation, c.add_bias_linear, c.add_qkv_bias, c.qk_layernorm = 'LayerNorm', 'gelu', true, true, true
   end
+  if case.mla then   -- DeepSeek's multi-latent attention, with or without the low-rank query
+    c.multi_latent_attention, c.kv_lora_rank, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim = true, 12, 8, 4, 6
+    c.q_lora_rank = case.mla == 'q_lora' and 10 or nil
+  end
+  if case.moe then   -- the second layer a MoE layer with gated shared experts and both auxiliary losses
+    c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size, c.moe_grouped_gemm = 4, 2, 24, true
+    c.moe_shared_expert_intermediate_size, c.moe_shared_expert_gate = 16, true
+    c.moe_aux_loss_coeff, c.moe_z_loss_coeff, c.moe_layer_freq = 0.01, 0.001, { 0, 1 }
+    c.moe_router_load_balancing_type = case.moe
+  end
   return c
 end
 
@@ -200,6 +210,12 @@ for _, case in ipairs({
   { name = 'untied_sp', tied = false, sp = true },
   { name = 'extras', tied = false, extras = true },
   { name = 'extras_sp', tied = true, extras = true, sp = true },
+  { name = 'moe', tied = false, moe = 'aux_loss' },
+  { name = 'moe_sp', tied = false, moe = 'aux_loss', sp = true },
+  { name = 'moe_seq_sp', tied = false, moe = 'seq_aux_loss', sp = true },
+  { name = 'mla', tied = false, mla = 'q_lora' },
+  { name = 'mla_sp', tied = true, mla = 'q_lora', sp = true },
+  { name = 'mla_q_proj_sp', tied = false, mla = 'q_proj', sp = true },
 }) do run_case(case) end
 
 ---------------------------------------------------------------------------------------------------

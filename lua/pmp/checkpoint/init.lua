@@ -19,7 +19,8 @@
 --                                     optimizer hyperparameters and steps
 --       distrib_optim_DDD.safetensors with the distributed optimizer, one per replica DDD: <name>.<slot>
 --                                     holds the DDD-th of optimizer_shards even pieces of the flattened
---                                     state of <name> (so each replica writes 1/dp of the state)
+--                                     state of <name> (so each replica writes 1/dp of the state; with
+--                                     expert parallelism ep of them into its own directory)
 --   With expert parallelism (ep > 1): mp_rank_TT[_PPP]_EEE/, one per expert-parallel rank EEE of each
 --   model-parallel rank, written by that rank of the first expert-data-parallel replica: its experts
 --   under their global numbers (and their optimizer state); 000's also everything else.
@@ -240,17 +241,24 @@ local function rank_files(layout, model, rngs, opt, state, iteration)
   local replica = dist().group('dp_cp')
   local function kept(name) return ep_rank == 0 or layout_file.is_expert(name) end
   if distributed then
-    local tensors = {}
-    for name, s in pairs(opt.params) do
-      for _, slot in ipairs(SLOTS) do
-        local t = s[slot]
-        if t then
-          local first, last = Source.piece_range(t:numel(), replica.rank, replica.size)
-          if last > first then tensors[name .. '.' .. slot] = t:reshape(-1):narrow(1, first + 1, last - first) end
+    -- a directory holds dp x cp pieces of each of its tensors' states, written by the replicas sharing
+    -- its expert-parallel rank (all of them without expert parallelism: one piece each), each of which
+    -- has the whole states from full_state()
+    local writers = dist().group('edp')
+    local per_writer = replica.size / writers.size
+    for piece = writers.rank * per_writer, (writers.rank + 1) * per_writer - 1 do
+      local tensors = {}
+      for name, s in pairs(opt.params) do
+        for _, slot in ipairs(SLOTS) do
+          local t = s[slot]
+          if t and kept(name) then
+            local first, last = Source.piece_range(t:numel(), piece, replica.size)
+            if last > first then tensors[name .. '.' .. slot] = t:reshape(-1):narrow(1, first + 1, last - first) end
+          end
         end
       end
+      files[#files + 1] = { dir = dir, name = layout_file.optimizer_file_name(piece), tensors = tensors }
     end
-    files[#files + 1] = { dir = dir, name = layout_file.optimizer_file_name(replica.rank), tensors = tensors }
   end
   if replica.rank ~= ep_rank then return files end
   local tensors, listing = {}, { tp_rank = layout.tp_rank, pp_rank = layout.pp_rank, ep_rank = ep_rank, tensors = {} }

@@ -17,7 +17,8 @@
 -- one collective. Gradients are kept in f32 (grad_dtype) even for bf16 parameters, as Megatron
 -- accumulates and reduces them. With distributed_optimizer = true a bucket is padded to a multiple of
 -- the group size and reduce-scattered instead: rank r ends up with the average of the r-th slice only
--- (bucket.shard), which is all pmp.optim.DistributedOptimizer needs.
+-- (bucket.shard), which is all pmp.optim.DistributedOptimizer needs. An expert-parallel model's experts
+-- (options.experts) get buckets of their own, reduced over the expert-data-parallel group instead.
 --
 -- Overlap. The engine accumulates a leaf's gradient whenever a node that used it runs, and nothing tells
 -- Lua when the last one has. So during every forward (with grad on) each module's parameters are read
@@ -75,8 +76,9 @@ local function build_buckets(self, named, bucket_size, alone)
     -- a tensor registered under two names is reduced once; options.skip's are left to their owner
     if not self.by_address[key] and not (self.skip and self.skip(name)) then
       local own = alone == key
-      if current and (own or current.dtype ~= p.dtype) then close() end
-      current = current or { entries = {}, numel = 0, dtype = p.dtype }
+      local expert = self.experts ~= nil and self.experts.match(name)
+      if current and (own or current.dtype ~= p.dtype or current.expert ~= expert) then close() end
+      current = current or { entries = {}, numel = 0, dtype = p.dtype, expert = expert }
       local entry = { name = name, param = p, offset = current.numel, numel = p:numel(), bucket = current,
         outstanding = 0, ready = false }
       current.entries[#current.entries + 1] = entry
@@ -87,13 +89,14 @@ local function build_buckets(self, named, bucket_size, alone)
     end
   end
   close()
-  local n = self.group.size
   for index, b in ipairs(buckets) do
     b.index = index
+    b.group = b.expert and self.experts.group or self.group
+    local n = b.group.size
     b.padded_numel = self.distributed_optimizer and math.ceil(b.numel / n) * n or b.numel
     b.buffer = tensor.zeros(b.padded_numel, { dtype = self.grad_dtype })
     b.shard_size = b.padded_numel / n
-    b.shard_start = self.group.rank * b.shard_size   -- 0-based, in elements
+    b.shard_start = b.group.rank * b.shard_size   -- 0-based, in elements
     b.shard = b.buffer:narrow(1, b.shard_start + 1, b.shard_size)
     b.ready, b.launched = 0, false
     for _, e in ipairs(b.entries) do e.view = b.buffer:narrow(1, e.offset + 1, e.numel):view(e.param.shape) end
@@ -106,7 +109,11 @@ end
 -- bucket_size (elements; default Megatron's max(4e7, 1e6 x group size)), overlap (true: start buckets
 -- from backward), distributed_optimizer (false: all-reduce; true: reduce-scatter for
 -- pmp.optim.DistributedOptimizer), grad_dtype ('f32'), skip (a function of a parameter name: true
--- leaves that gradient unreduced, as an expert-parallel model's experts, pmp.nn.expert_parallel.finish_expert_grads).
+-- leaves that gradient unreduced, as an expert-parallel model's experts, pmp.nn.expert_parallel.finish_expert_grads),
+-- experts ({match = a function of a parameter name, group, divisor}: the matching gradients are summed
+-- over group, not averaged over the data-parallel one, then divided by divisor; Megatron's expert
+-- buckets over the expert-data-parallel group, whose all-to-all backward already summed the gradient
+-- over the expert-parallel ranks' tokens).
 function M.DistributedDataParallel(model, options)
   options = options or {}
   if not Module.is_module(model) then
@@ -120,6 +127,7 @@ function M.DistributedDataParallel(model, options)
     distributed_optimizer = options.distributed_optimizer == true,
     grad_dtype = options.grad_dtype or 'f32',
     skip = options.skip,
+    experts = options.experts,
     sync = true,       -- whether the backward running now is the last before finish_grad_sync
     synced = false,    -- whether finish_grad_sync ran since the last training forward
     entries = {},      -- one per parameter, in bucket order
@@ -228,8 +236,8 @@ function DDP:_accumulate(entry, g)
   local p, view, bucket = entry.param, entry.view, entry.bucket
   if bucket.launched then
     error(string.format("DistributedDataParallel (group '%s', rank %d): a gradient of '%s' arrived after bucket %d " ..
-      'was sent; was the parameter used by a graph that started after set_sync(true)?', self.group.name,
-      self.group.rank, entry.name, bucket.index), 0)
+      'was sent; was the parameter used by a graph that started after set_sync(true)?', bucket.group.name,
+      bucket.group.rank, entry.name, bucket.index), 0)
   end
   local acc = p.ptr.grad_acc
   if acc == nil then
@@ -271,10 +279,11 @@ function DDP:_launch(b, from_hook)
   end
   if self.next_launch == 1 then self.busy_at_first_launch = require('pmp.dist').stats().busy_seconds end
   local options = { async = true }
+  local op = b.expert and 'sum' or 'avg'
   if self.distributed_optimizer then
-    b.handle = self.group:reduce_scatter(b.buffer, 'avg', options)
+    b.handle = b.group:reduce_scatter(b.buffer, op, options)
   else
-    b.handle = self.group:all_reduce(b.buffer, 'avg', options)
+    b.handle = b.group:all_reduce(b.buffer, op, options)
   end
   b.launched = true
   self.next_launch = b.index + 1
@@ -324,9 +333,13 @@ function DDP:finish_grad_sync()
     waited = waited + clock.now() - start
     if not ok then
       error(string.format("DistributedDataParallel: reducing bucket %d of %d (%d elements) over group '%s' failed: %s",
-        b.index, #self.buckets, b.numel, self.group.name, tostring(result)), 2)
+        b.index, #self.buckets, b.numel, b.group.name, tostring(result)), 2)
     end
     if self.distributed_optimizer then b.shard:copy_(result) end
+    if b.expert and self.experts.divisor ~= 1 then
+      local reduced = self.distributed_optimizer and b.shard or b.buffer
+      reduced:copy_(reduced * (1 / self.experts.divisor))
+    end
     b.handle, b.launched, b.ready = nil, false, 0
   end
   for _, e in ipairs(self.entries) do e.outstanding, e.ready = 0, false end

@@ -94,9 +94,12 @@ local function total_norm(pieces, model, shard_group, options)
   local counts = counter(model)
   local total = 0
   -- an expert-parallel model's experts differ between the ranks of its expert-parallel group (the
-  -- chunks of virtual stages share one group; a stage without MoE layers has none)
+  -- chunks of virtual stages share one group; a stage without MoE layers has none). The distributed
+  -- optimizer's expert shards split them over the expert-data-parallel ranks, which with the
+  -- expert-parallel ones make up its data-parallel group: the sum over that counts each once.
   local ep
   for _, chunk in ipairs(model and pipeline.chunks(model) or {}) do ep = ep or rawget(chunk, 'expert_parallel') end
+  if shard_group then ep = nil end
   local experts = 0
   for _, piece in ipairs(pieces) do
     if counts(piece[1]) then

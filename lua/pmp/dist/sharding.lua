@@ -3,6 +3,8 @@
 --- resharding on load:
 ---   * word_embeddings / output_layer: vocabulary rows split evenly (the padded vocabulary);
 ---   * linear_qkv: rows, which are grouped per KV head, so each rank holds whole KV groups;
+---   * multi-latent attention: linear_q_proj, linear_q_up_proj, linear_kv_up_proj rows (whole heads);
+---     linear_q_down_proj, linear_kv_down_proj and their norms whole on every rank;
 ---   * linear_fc1: rows; for gated MLPs ([gate; up]) each rank holds its slice of gate then of up;
 ---   * linear_proj, linear_fc2 weights: columns (their biases are whole on every rank);
 ---   * norms and everything else: whole on every rank;
@@ -30,6 +32,11 @@ function M.rule(name, config)
   end
   if name:match('word_embeddings%.weight$') or name:match('^output_layer%.weight$') then return { dim = 1 } end
   if name:match('linear_qkv%.weight$') or name:match('linear_qkv%.bias$') then return { dim = 1 } end
+  -- multi-latent attention: the up-projections' rows are whole heads; the down-projections stay whole
+  if name:match('linear_q_proj%.weight$') or name:match('linear_q_up_proj%.weight$')
+    or name:match('linear_kv_up_proj%.weight$') then
+    return { dim = 1 }
+  end
   if name:match('linear_fc1%.weight$') or name:match('linear_fc1%.bias$') then
     return { dim = 1, gated = (config.activation or 'swiglu') == 'swiglu' }
   end

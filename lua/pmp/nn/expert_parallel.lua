@@ -110,6 +110,14 @@ function M.expert_parallel(model, options)
   return model
 end
 
+--- Leaves the expert gradients of model (if expert parallel) to its DistributedDataParallel, which
+--- reduces them over the expert-data-parallel group itself (the distributed optimizer's expert buckets):
+--- finish_expert_grads then does nothing.
+function M.reduced_elsewhere(model)
+  local ep = rawget(model, 'expert_parallel')
+  if ep then ep.reduced_elsewhere = true end
+end
+
 --- Completes the expert gradients of an expert-parallel model after the step's last backward: each
 --- expert's gradient already sums the losses of its expert-parallel group's tokens (the all-to-all's
 --- backward); it is summed over the expert-data-parallel ranks holding the same experts and divided
@@ -117,7 +125,7 @@ end
 --- data-parallel reduction. A no-op on other models.
 function M.finish_expert_grads(model)
   local ep = rawget(model, 'expert_parallel')
-  if not ep then return end
+  if not ep or ep.reduced_elsewhere then return end
   for _, pair in ipairs(model:named_parameters()) do
     local g = pair[2].grad
     if g and is_expert_parameter(pair[1]) then

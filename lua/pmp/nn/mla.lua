@@ -11,6 +11,11 @@
 --- rotate adjacent pairs unless config.mla_rope_interleaved is false. Scores are scaled by
 --- 1/sqrt(qk_head_dim + qk_pos_emb_head_dim), times mscale^2 under YaRN with mscale_all_dim (pmp.nn.yarn).
 --- Generation caches the normalised latent and the rotated shared key, not the per-head keys and values.
+--- Tensor parallelism (pmp.nn.parallel.tensor_parallel) splits the heads as Megatron-Core does: the
+--- down-projections and their norms whole on every rank, the up-projections (and linear_q_proj)
+--- column-parallel, linear_proj row-parallel; the shared rotary key is used by every rank's heads, so
+--- its gradient is summed over the group (gathered along the sequence under sequence parallelism, where
+--- the down-projections run on this rank's slice of it).
 local tensor = require 'pmp.tensor'
 local Module = require 'pmp.nn.module'
 local layers = require 'pmp.nn.layers'
@@ -45,6 +50,7 @@ end
 M.MLASelfAttention = Module:extend('MLASelfAttention')
 function M.MLASelfAttention:init(config)
   self.config = config
+  self.num_heads = config.num_attention_heads   -- this rank's, under tensor parallelism
   local H, hidden = config.num_attention_heads, config.hidden_size
   local dn, dr, dv = config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim
   if config.q_lora_rank then
@@ -84,15 +90,22 @@ end
 function M.MLASelfAttention:forward(x, rope)
   local c = self.config
   if rope and rope.context_parallel then error('MLASelfAttention: context parallelism is not supported yet', 2) end
-  local H, dn, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
-  local B, T = x:size(1), x:size(2)
+  local H, dn, dr, dv = self.num_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
   local q = self.linear_q_proj and self.linear_q_proj(x)
     or self.linear_q_up_proj(self.q_layernorm(self.linear_q_down_proj(x)))
+  local B, T = q:size(1), q:size(2)   -- the whole sequence, also when x is a sequence-parallel slice
   q = q:view(B, T, H, dn + dr):transpose(2, 3)
   local q_nope, q_rot = q:narrow(4, 1, dn), q:narrow(4, dn + 1, dr)
   local compressed = self.linear_kv_down_proj(x)
   local latent = self.kv_layernorm(compressed:narrow(3, 1, c.kv_lora_rank))
-  local k_rot = compressed:narrow(3, c.kv_lora_rank + 1, dr):unsqueeze(2)   -- [B, 1, T, dr]
+  local k_rot = compressed:narrow(3, c.kv_lora_rank + 1, dr)
+  local tp = rawget(self, 'tensor_parallel')
+  if tp then
+    local parallel = require 'pmp.nn.parallel'
+    k_rot = tp.sequence_parallel and parallel.gather_from_sequence_parallel_region(k_rot, tp.group)
+      or parallel.copy_to_tensor_parallel_region(k_rot, tp.group)
+  end
+  k_rot = k_rot:unsqueeze(2)   -- [B, 1, T, dr]
   if rope then
     local interleaved = c.mla_rope_interleaved ~= false
     local cos, sin = rope.cos, rope.sin
@@ -108,8 +121,9 @@ function M.MLASelfAttention:forward(x, rope)
     end
     rope.cache[self] = { latent = latent, k_rot = k_rot }
   end
-  local S = latent:size(2)
-  local kv = self.linear_kv_up_proj(latent):view(B, S, H, dn + dv):transpose(2, 3)
+  local kv = self.linear_kv_up_proj(latent)
+  local S = kv:size(2)   -- the cached and new keys (the whole sequence under sequence parallelism)
+  kv = kv:view(B, S, H, dn + dv):transpose(2, 3)
   local k = tensor.cat({ kv:narrow(4, 1, dn), k_rot:expand(B, H, S, dr) }, 4)
   local v = kv:narrow(4, dn + 1, dv)
   q = tensor.cat({ q_nope, q_rot }, 4)

@@ -364,46 +364,91 @@ end
 -- Switch Transformer's load-balancing loss as Megatron writes it, over scores [B, T, E] and the
 -- routed tokens per sequence and expert (counts[b][e]): per sequence E / (k T^2) sum_e (sum_t p_te) c_e,
 -- averaged over the B sequences (B = 1 with every token as one sequence: aux_loss; B sequences:
--- seq_aux_loss).
-local function balancing_loss(scores, counts, k, coeff)
-  local B, T, E = scores:size(1), scores:size(2), scores:size(3)
+-- seq_aux_loss). Under sequence parallelism scores holds this rank's slice of the sequences, counts and
+-- T (tokens per sequence) are the whole sequences': the ranks' losses add up to the whole one.
+local function balancing_loss(scores, counts, k, coeff, T)
+  local B, E = scores:size(1), scores:size(3)
   local per_expert = scores:sum(2)
   return (per_expert * tensor.tensor(counts, { dtype = per_expert.dtype })):sum() * (E * coeff / (k * T * T * B))
 end
 
+-- Sums over the sequence-parallel group (nil: this rank alone) the lists of numbers in `lists`, in place,
+-- with one all-reduce.
+local function sum_over(group, lists)
+  if not group then return end
+  local flat = {}
+  for _, list in ipairs(lists) do
+    for _, v in ipairs(list) do flat[#flat + 1] = v end
+  end
+  local summed = group:all_reduce(tensor.tensor(flat, { dtype = 'f64' }), 'sum'):totable()
+  local at = 0
+  for _, list in ipairs(lists) do
+    for i = 1, #list do list[i] = summed[at + i] end
+    at = at + #list
+  end
+end
+
 -- The auxiliary losses of one forward, attached to out for backward and tracked for the log. shape: the
--- layer input's [B, T, H]; counts: tokens routed to each expert (for the load imbalance).
+-- layer input's [B, T, H]; counts: tokens routed to each expert (for the load imbalance). Under
+-- sequence parallelism (self.sequence_parallel, set by pmp.nn.parallel.tensor_parallel) each rank holds
+-- a slice of the sequences: as in Megatron the balancing loss takes the whole sequences' token counts,
+-- the z-loss coefficient is divided by the group size, and what is logged is the whole layer's.
 function M.MoELayer:aux_losses(out, logits, scores, counts, shape)
   local c = self.config
   local E, k = c.num_moe_experts, c.moe_router_topk
   local balancing, coeff = c.moe_router_load_balancing_type, c.moe_aux_loss_coeff
-  if (balancing == 'aux_loss' or balancing == 'seq_aux_loss') and coeff > 0 then
-    local B = balancing == 'seq_aux_loss' and shape[1] or 1
-    local T = scores:size(1) / B
+  local sp = rawget(self, 'sequence_parallel')
+  local group, slices = sp and sp.group, sp and sp.group.size or 1
+  local whole_counts = { unpack(counts, 1, E) }
+  -- the numbers every rank needs the group's sums of: filled below, summed once
+  local per_sequence, probability_sums, squares = {}, {}, { 0 }
+  local B, T
+  local balance = (balancing == 'aux_loss' or balancing == 'seq_aux_loss') and coeff > 0
+  if balance then
+    B = balancing == 'seq_aux_loss' and shape[1] or 1
+    T = scores:size(1) / B
     -- Megatron counts the plain top-k of these scores (no expert bias, no groups)
     local _, ids = top(scores:detach(), k)
-    local per_sequence = {}
     for b = 1, B do
-      per_sequence[b] = {}
-      for e = 1, E do per_sequence[b][e] = 0 end
+      for e = 1, E do per_sequence[(b - 1) * E + e] = 0 end
     end
     for slot, e in ipairs(ids:reshape(-1):totable()) do
-      local b = math.floor((slot - 1) / (k * T)) + 1
-      per_sequence[b][e + 1] = per_sequence[b][e + 1] + 1
+      local at = math.floor((slot - 1) / (k * T)) * E + e + 1
+      per_sequence[at] = per_sequence[at] + 1
     end
-    local loss = balancing_loss(scores:view(B, T, E), per_sequence, k, coeff)
-    track(balancing == 'aux_loss' and 'load_balancing_loss' or 'seq_load_balancing_loss', self.layer, loss:item() / coeff)
-    out = attach_loss(out, loss)
   end
+  local z_loss
   if c.moe_z_loss_coeff > 0 then
     -- ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2
     local f = widened(logits)
     local top_logit = f:max(-1, true):detach()
     local lse = (f - top_logit):exp():sum(-1, true):log() + top_logit
-    local loss = lse:square():mean() * c.moe_z_loss_coeff
-    track('z_loss', self.layer, loss:item() / c.moe_z_loss_coeff)
-    out = attach_loss(out, loss)
+    local mean = lse:square():mean()
+    z_loss = mean * (c.moe_z_loss_coeff / slices)
+    squares[1] = mean:item()
   end
+  if group then
+    if balance then probability_sums = scores:detach():view(B, T, E):sum(2):reshape(-1):totable() end
+    sum_over(group, { per_sequence, probability_sums, squares, whole_counts })
+  end
+  if balance then
+    local nested = {}
+    for b = 1, B do nested[b] = { unpack(per_sequence, (b - 1) * E + 1, b * E) } end
+    local aux_loss = balancing_loss(scores:view(B, T, E), nested, k, coeff, T * slices)
+    local logged = aux_loss:item() / coeff
+    if group then
+      logged = 0
+      for i, n in ipairs(per_sequence) do logged = logged + probability_sums[i] * n end
+      logged = logged * E / (k * (T * slices) ^ 2 * B)
+    end
+    track(balancing == 'aux_loss' and 'load_balancing_loss' or 'seq_load_balancing_loss', self.layer, logged)
+    out = attach_loss(out, aux_loss)
+  end
+  if z_loss then
+    track('z_loss', self.layer, squares[1] / slices)
+    out = attach_loss(out, z_loss)
+  end
+  counts = whole_counts
   local most, total = 0, 0
   for e = 1, E do most, total = math.max(most, counts[e]), total + counts[e] end
   if total > 0 then track_load(self.layer, most / (total / E)) end
@@ -455,6 +500,7 @@ function M.MoELayer:forward(x)
     b[#b + 1] = slot - 1
     counts[e + 1] = counts[e + 1] + 1
   end
+  -- under sequence parallelism each rank caps its own slice's tokens, as Megatron's router does
   if self.config.moe_expert_capacity_factor then self:drop(buckets, counts, probs, N * k) end
   local slots, rows = {}, {}
   for e = 1, E do

@@ -395,19 +395,27 @@ function M.tensor_parallel(model, options)
   for k, layer in ipairs(model.decoder.layers.items) do
     local prefix = 'decoder.layers.' .. (k - 1) .. '.'
     local attention, mlp = layer.self_attention, layer.mlp
-    -- a MoE layer stays whole on every rank (pmp.dist.sharding), seeing every token of the sequence
+    -- a MoE layer stays whole on every rank (pmp.dist.sharding, Megatron's expert-tensor-parallel size
+    -- 1), seeing every token of the sequence, or with sequence parallelism its rank's slice of it, which
+    -- it routes and dispatches by itself as Megatron-Core does (no gather along the sequence); the
+    -- replicated weights' gradients are then summed over the group by finish_grads
     local moe = mlp.router ~= nil
-    if moe and sp then
-      error(string.format('tensor_parallel: layer %d is a mixture of experts, which sequence parallelism does not ' ..
-        'support yet', k - 1), 2)
-    end
+    if moe and sp then rawset(mlp, 'sequence_parallel', { group = group }) end
     if not moe and not mlp.linear_fc1 then
       error(string.format('tensor_parallel: layer %d has no mlp.linear_fc1 (only dense MLPs are split)', k - 1), 2)
     end
-    attention.linear_qkv = column(attention.linear_qkv, prefix .. 'self_attention.linear_qkv')
-    attention.linear_proj = row(attention.linear_proj, prefix .. 'self_attention.linear_proj')
+    local name = prefix .. 'self_attention.'
+    if config.multi_latent_attention then   -- pmp.nn.mla: the down-projections stay whole
+      for _, up in ipairs({ 'linear_q_proj', 'linear_q_up_proj', 'linear_kv_up_proj' }) do
+        if attention[up] then attention[up] = column(attention[up], name .. up) end
+      end
+      rawset(attention, 'tensor_parallel', { group = group, sequence_parallel = sp })
+    else
+      attention.linear_qkv = column(attention.linear_qkv, name .. 'linear_qkv')
+      attention.num_query_groups = attention.num_query_groups / tp
+    end
+    attention.linear_proj = row(attention.linear_proj, name .. 'linear_proj')
     attention.num_heads = attention.num_heads / tp
-    attention.num_query_groups = attention.num_query_groups / tp
     if attention.alibi_slopes then   -- this rank's heads, as linear_qkv's rows hold them
       rawset(attention, 'alibi_slopes', attention.alibi_slopes:narrow(1, 1 + rank * attention.num_heads, attention.num_heads):contiguous())
     end
@@ -436,7 +444,9 @@ function M.finish_grads(model)
   local grads, flat = {}, {}
   for _, pair in ipairs(model:named_parameters()) do
     local name, p = pair[1], pair[2]
-    local partial = sharding.rule(name, model.config) == nil and (tp.sequence_parallel or name:match('[qk]_layernorm%.'))
+    -- (multi-latent attention's q_layernorm normalises the whole low-rank query, before the heads split)
+    local per_head_norm = name:match('[qk]_layernorm%.') and not model.config.multi_latent_attention
+    local partial = sharding.rule(name, model.config) == nil and (tp.sequence_parallel or per_head_norm)
     local g = partial and p.grad
     if g then
       grads[#grads + 1] = g

@@ -13,7 +13,8 @@
 -- weight_decay / lr_scale) and the update is its fused pmp_adamw_step_, run on views of the flat shard
 -- buffers, one call per run of parameters sharing a group. Unlike AdamW, a parameter that received no
 -- gradient is still stepped (with a zero gradient: the ranks cannot agree cheaply on who had one), and
--- one step count serves all, as in Megatron.
+-- one step count serves all, as in Megatron. The buckets of an expert-parallel model's experts are
+-- sharded over their own group (the DDP's experts.group, Megatron's expert-data-parallel group).
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
@@ -199,7 +200,7 @@ end
 
 function DistributedOptimizer:_gather_params()
   local handles = {}
-  for k, shard in ipairs(self.buckets) do handles[k] = self.group:all_gather(shard.params, { async = true }) end
+  for k, shard in ipairs(self.buckets) do handles[k] = shard.bucket.group:all_gather(shard.params, { async = true }) end
   for k, shard in ipairs(self.buckets) do
     local full = handles[k]:wait()
     for _, e in ipairs(shard.bucket.entries) do
@@ -254,8 +255,8 @@ function DistributedOptimizer:load_state_dict(sd)
   end
 end
 
--- The whole optimizer state, unsharded and keyed by parameter name (a collective over the data-parallel
--- group; every rank gets it): {lr, betas, eps, weight_decay, step, params = {[name] = {exp_avg,
+-- The whole optimizer state of this rank's parameters, unsharded and keyed by parameter name (a
+-- collective over the data-parallel group, and the expert-data-parallel one for experts; every rank gets it): {lr, betas, eps, weight_decay, step, params = {[name] = {exp_avg,
 -- exp_avg_sq, master (bf16/f16 parameters only)}}}, tensors shaped like the parameters.
 function DistributedOptimizer:full_state()
   local out = { lr = self.lr, betas = { self.betas[1], self.betas[2] }, eps = self.eps,
@@ -266,7 +267,7 @@ function DistributedOptimizer:full_state()
     handles[k] = {}
     for _, key in ipairs(keys) do
       if key ~= 'master' or shard.low_precision then
-        handles[k][key] = self.group:all_gather(shard[key], { async = true })
+        handles[k][key] = shard.bucket.group:all_gather(shard[key], { async = true })
       end
     end
   end

@@ -18,8 +18,6 @@ function M.init(opts)
   check(ep == 1 or (opts.num_experts or 0) > 0, '--expert-model-parallel-size %d needs --num-experts', ep)
   check(ep == 1 or (opts.num_experts % ep == 0), '--num-experts %d is not divisible by --expert-model-parallel-size %d',
     opts.num_experts or 0, ep)
-  check(ep == 1 or not opts.use_distributed_optimizer, '--expert-model-parallel-size > 1 does not support ' ..
-    '--use-distributed-optimizer yet')
   local got, layout = pcall(require('pmp.dist').init, { tp = tp, pp = pp, cp = cp, ep = ep,
     timeout = opts.distributed_timeout_minutes * 60 })
   if not got then error((tostring(layout):gsub('^pmp%.dist%.init: ', '')), 0) end
@@ -77,13 +75,22 @@ end
 --- Data parallelism: gradient buckets averaged (or reduce-scattered for the distributed optimizer) over
 --- the data- and context-parallel ranks ('dp_cp') while backward runs. Context-parallel ranks hold the
 --- same parameters, each with the gradient of its part of the sequences, so they need the average too.
---- nil when there is nothing to reduce.
+--- nil when there is nothing to reduce. Under expert parallelism the experts' gradients are left to
+--- pmp.nn.expert_parallel.finish_expert_grads, except with the distributed optimizer: then, as in
+--- Megatron, they are buckets of their own, reduce-scattered over the expert-data-parallel ranks
+--- holding the same experts and sharded over them.
 function M.data_parallel(model, opts, layout)
   if layout.dp == 1 and layout.cp == 1 and not opts.use_distributed_optimizer then return nil end
-  return require('pmp.dist.ddp').DistributedDataParallel(model, {
-    overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer,
-    skip = layout.ep > 1 and require('pmp.nn.expert_parallel').is_expert_parameter or nil,
-  })
+  local expert_parallel = require 'pmp.nn.expert_parallel'
+  local options = { overlap = opts.overlap_grad_reduce, distributed_optimizer = opts.use_distributed_optimizer }
+  if layout.ep > 1 and opts.use_distributed_optimizer then
+    options.experts = { match = expert_parallel.is_expert_parameter, group = require('pmp.dist').group('edp'),
+      divisor = layout.dp * layout.cp }
+    for _, chunk in ipairs(require('pmp.dist.pipeline').chunks(model)) do expert_parallel.reduced_elsewhere(chunk) end
+  elseif layout.ep > 1 then
+    options.skip = expert_parallel.is_expert_parameter
+  end
+  return require('pmp.dist.ddp').DistributedDataParallel(model, options)
 end
 
 --- A last-stage loss averaged over the data- and context-parallel ranks (which all hold one: a
