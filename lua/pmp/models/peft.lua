@@ -8,15 +8,17 @@
 --- A family's targets are PEFT's module names, derived from its mapping (models/<family>.lua): every
 --- per-layer linear weight (tp 'column' or 'row'), one target per Hugging Face tensor, so the fused
 --- linear_qkv carries q_proj, k_proj and v_proj and linear_fc1 gate_proj and up_proj. Apply adapters
---- after pmp.nn.parallel.tensor_parallel (they are split like their layers); pipeline stages are not
---- supported. The initial A is drawn whole for every layout from the shared seed, so a run gives the
---- same adapters whatever the tensor-parallel size.
+--- after pmp.dist.pipeline.stage and pmp.nn.parallel.tensor_parallel: a pipeline stage (or its virtual
+--- chunks) gets the adapters of the layers it holds, split like their layers. The initial A of every
+--- layer is drawn whole, in layer order, from the shared seed on every rank, so a run gives the same
+--- adapters whatever the layout. state_dict and save gather them over tensor- and pipeline-parallel ranks.
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
 local safetensors = require 'pmp.safetensors'
 local lora = require 'pmp.nn.lora'
 local sharding = require 'pmp.dist.sharding'
 local models = require 'pmp.models'
+local pipeline = require 'pmp.dist.pipeline'
 
 local M = {}
 
@@ -44,7 +46,8 @@ function M.targets(family)
 end
 
 local function family_of(model, options)
-  local model_type = options.model_type or (rawget(model, 'hf') and model.hf.model_type)
+  local hf = rawget(pipeline.chunks(model)[1], 'hf')   -- a pipeline.Chunks' first chunk is the model it cut up
+  local model_type = options.model_type or (hf and hf.model_type)
   if not model_type then error('peft: the model was not made by pmp.models; pass {model_type = "llama" | ...}', 3) end
   return models.family(model_type)
 end
@@ -91,6 +94,17 @@ local function piece_rows(pack, i, out_local, config)
   return groups * (i == 1 and per_group or 1) * d
 end
 
+-- The model (or virtual chunk) of chunks that holds global layer `layer`, and the layer's index in it;
+-- nil when another pipeline stage holds it.
+local function holder(chunks, layer)
+  for _, chunk in ipairs(chunks) do
+    local p = chunk.pipeline
+    if not p then return chunk, layer end
+    if layer >= p.layer_offset and layer < p.layer_offset + p.num_layers then return chunk, layer - p.layer_offset end
+  end
+  return nil
+end
+
 local function module_at(model, path)
   local m = model
   for part in path:gmatch('[^.]+') do
@@ -107,7 +121,6 @@ end
 function M.apply(model, options)
   local source = options.source or 'LoRA'
   if rawget(model, 'lora') then error('peft.apply: the model already has adapters', 2) end
-  if model.pipeline then error('peft.apply: LoRA on a pipeline stage is not supported', 2) end
   local rank = options.rank
   if type(rank) ~= 'number' or rank < 1 or rank ~= math.floor(rank) then
     error(string.format('%s: the LoRA rank must be a positive integer, got %s', source, tostring(rank)), 0)
@@ -119,22 +132,45 @@ function M.apply(model, options)
   end
   local family = family_of(model, options)
   local chosen = chosen_pieces(family, options.targets, source)
-  local config, tp = model.config, model.tensor_parallel
+  local config, chunks = model.config, pipeline.chunks(model)
+  local tp = chunks[1].tensor_parallel
   local tp_size, tp_rank = tp and tp.group.size or 1, tp and tp.group.rank or 0
   -- every parameter of the base model frozen, adapted layers or not
   model:apply(lora.freeze)
-  local entries = {}
+  local targets = M.targets(family)
+  -- each target's whole input width (the layers of a family have the same shapes), for the draws of
+  -- the layers other ranks hold
+  local in_features = {}
+  for t, target in ipairs(targets) do
+    for layer = 0, config.num_layers - 1 do
+      local chunk, k = holder(chunks, layer)
+      if chunk then
+        in_features[t] = module_at(chunk, subst(target.module, k)).in_features
+        break
+      end
+    end
+  end
+  -- entries: this rank's adapters; keys: the PEFT tensor names of the whole model's
+  local entries, keys = {}, {}
   for layer = 0, config.num_layers - 1 do
-    for _, target in ipairs(M.targets(family)) do
-      local path = subst(target.module, layer)
-      local linear = module_at(model, path)
+    local chunk, k = holder(chunks, layer)
+    for t, target in ipairs(targets) do
+      local path = chunk and subst(target.module, k)
+      local linear = chunk and module_at(chunk, path)
       local pieces, added = {}, {}
       for i, piece in ipairs(target.pieces) do
-        local p = { name = piece.name, out = piece_rows(target.pack, i, linear.weight:size(1), config), adapt = chosen[piece.name] }
+        local p = { name = piece.name, adapt = chosen[piece.name] }
         if p.adapt then
-          local name = path .. '.lora.' .. piece.name
-          p.A = sharding.shard(name .. '.A', lora.initial_A(rank, linear.in_features, linear.weight.dtype), config, tp_size, tp_rank)
-          added[#added + 1] = { key = PREFIX .. subst(piece.hf_module, layer), name = name, layer = layer, target = piece.name }
+          local key = PREFIX .. subst(piece.hf_module, layer)
+          keys[key .. '.lora_A.weight'], keys[key .. '.lora_B.weight'] = true, true
+          local A = lora.initial_A(rank, in_features[t], chunk and linear.weight.dtype)
+          if chunk then
+            local name = path .. '.lora.' .. piece.name
+            p.A, p.out = sharding.shard(name .. '.A', A, config, tp_size, tp_rank), piece_rows(target.pack, i, linear.weight:size(1), config)
+            added[#added + 1] = { key = key, name = name, layer = layer, target = piece.name }
+          end
+        elseif chunk then
+          p.out = piece_rows(target.pack, i, linear.weight:size(1), config)
         end
         pieces[i] = p
       end
@@ -149,11 +185,12 @@ function M.apply(model, options)
       end
     end
   end
-  if model.embedding and rawget(model.decoder, 'recompute') then
+  local first = chunks[1]
+  if first.embedding and rawget(first.decoder, 'recompute') then
     -- pmp.autograd.recompute links a re-run layer into the graph through inputs that need a gradient;
     -- a frozen embedding's output needs none, so the adapters would get none: give it one (what
     -- transformers' enable_input_require_grads does for gradient checkpointing with PEFT)
-    rawset(model.embedding, 'forward', function(self, ids)
+    rawset(first.embedding, 'forward', function(self, ids)
       local x = self.word_embeddings(ids)
       if require('pmp').is_grad_enabled() and not x.requires_grad then x:requires_grad_() end
       return x
@@ -163,7 +200,7 @@ function M.apply(model, options)
   for name in pairs(chosen) do names[#names + 1] = name end
   table.sort(names)
   rawset(model, 'lora', { rank = rank, alpha = alpha, dropout = dropout, rslora = options.rslora or false,
-    targets = names, family = family, entries = entries })
+    targets = names, family = family, entries = entries, keys = keys })
   return model
 end
 
@@ -173,23 +210,68 @@ local function adapters_of(model, op)
   return state
 end
 
+local function tensor_parallel_of(model) return pipeline.chunks(model)[1].tensor_parallel end
+
 -- The whole tensor of adapter parameter `name` (this rank's part t) under tensor parallelism.
 local function whole(model, name, t)
-  local tp = model.tensor_parallel
+  local tp = tensor_parallel_of(model)
   local rule = tp and sharding.rule(name, model.config)
   if not rule then return t:detach() end
   return tp.group:all_gather(t:detach(), { dim = rule.dim })
 end
 
---- The adapter tensors under PEFT's names (whole, gathered over tensor-parallel ranks: every rank of the
---- group calls it).
+-- Pipeline stage 0 receives the tensors (name -> tensor) of the other stages of its pipeline group and
+-- returns them all; the other stages send theirs and return nil. A header of f64 values comes first:
+-- per tensor its two dims and its name's bytes.
+local function gather_stages(tensors, group)
+  local tensor = require 'pmp.tensor'
+  local names = {}
+  for name in pairs(tensors) do names[#names + 1] = name end
+  table.sort(names)
+  if group.rank > 0 then
+    local header = { #names }
+    for _, name in ipairs(names) do
+      local shape = tensors[name].shape
+      header[#header + 1], header[#header + 2], header[#header + 3] = shape[1], shape[2], #name
+      for k = 1, #name do header[#header + 1] = name:byte(k) end
+    end
+    group:send(tensor.tensor({ #header }, { dtype = 'f64' }), 0)
+    group:send(tensor.tensor(header, { dtype = 'f64' }), 0)
+    for _, name in ipairs(names) do group:send(tensors[name]:contiguous(), 0) end
+    return nil
+  end
+  local dtype = tensors[names[1]].dtype
+  for stage = 1, group.size - 1 do
+    local length = tensor.empty({ 1 }, { dtype = 'f64' })
+    group:recv(length, stage)
+    local header = tensor.empty({ length:item() }, { dtype = 'f64' })
+    group:recv(header, stage)
+    header = header:totable()
+    local at = 2
+    for _ = 1, header[1] do
+      local rows, cols, n = header[at], header[at + 1], header[at + 2]
+      local bytes = {}
+      for k = 1, n do bytes[k] = string.char(header[at + 2 + k]) end
+      at = at + 3 + n
+      local t = tensor.empty({ rows, cols }, { dtype = dtype })
+      group:recv(t, stage)
+      tensors[table.concat(bytes)] = t
+    end
+  end
+  return tensors
+end
+
+--- The adapter tensors under PEFT's names, whole: gathered over tensor-parallel ranks, and from the
+--- other pipeline stages onto the first (every rank of the model's groups calls it; a stage after the
+--- first gets nil).
 function M.state_dict(model)
   local out = {}
   for _, e in ipairs(adapters_of(model, 'state_dict').entries) do
     out[e.key .. '.lora_A.weight'] = whole(model, e.name .. '.A', e.adapter.A)
     out[e.key .. '.lora_B.weight'] = whole(model, e.name .. '.B', e.adapter.B)
   end
-  return out
+  if not pipeline.chunks(model)[1].pipeline then return out end
+  return gather_stages(out, require('pmp.dist').group('pp'))
 end
 
 --- PEFT's adapter_config.json table for the model's adapters. base: base_model_name_or_path.
@@ -206,7 +288,7 @@ end
 
 --- Writes dir/adapter_config.json and dir/adapter_model.safetensors as PEFT's save_pretrained does
 --- (each file written to a temporary and renamed; the config last). Every rank calls it (the tensors
---- are gathered over tensor-parallel ranks); rank 0 of the world writes. options: base (the base
+--- are gathered over tensor- and pipeline-parallel ranks); rank 0 of the world writes. options: base (the base
 --- model's directory or name, recorded as base_model_name_or_path).
 function M.save(model, dir, options)
   options = options or {}
@@ -265,15 +347,12 @@ function M.load(model, dir, options)
   local tensors = safetensors.load(weights_path)
   M.apply(model, settings)
   local state = model.lora
-  local tp = model.tensor_parallel
+  local tp = tensor_parallel_of(model)
   local tp_size, tp_rank = tp and tp.group.size or 1, tp and tp.group.rank or 0
   local function about()
     return settings.base and (' (the adapter was made for ' .. settings.base .. ')') or ''
   end
-  local expected = {}
-  for _, e in ipairs(state.entries) do
-    expected[e.key .. '.lora_A.weight'], expected[e.key .. '.lora_B.weight'] = true, true
-  end
+  local expected = state.keys   -- the whole model's: a pipeline stage skips those of the others
   local keys = {}
   for key in pairs(tensors) do keys[#keys + 1] = key end
   table.sort(keys, safetensors.natural_less)
@@ -311,7 +390,8 @@ function M.merge(model)
   adapters_of(model, 'merge')
   model:apply(function(m) if lora.is_adapted(m) then lora.merge(m) end end)
   model:apply(lora.unfreeze)
-  if model.embedding then rawset(model.embedding, 'forward', nil) end
+  local first = pipeline.chunks(model)[1]
+  if first.embedding then rawset(first.embedding, 'forward', nil) end
   rawset(model, 'lora', nil)
   return model
 end

@@ -74,7 +74,7 @@ function M.finish(model, opts, base_dir)
   if not M.enabled(opts) then return end
   if opts.save_lora then
     peft.save(model, opts.save_lora, { base = base_dir })
-    print('lora: saved the adapters to ' .. opts.save_lora)
+    if require('pmp.dist').rank() == 0 then print('lora: saved the adapters to ' .. opts.save_lora) end
   end
   if opts.merge_lora then peft.merge(model) end
 end
