@@ -9,7 +9,7 @@
 --- fine-tuned model as a Hugging Face directory. --lora-rank N trains LoRA adapters on the frozen model
 --- instead (--save-lora writes them for PEFT, --merge-lora --save-hf the merged model).
 --- Under mpirun it fine-tunes in parallel with pretrain.lua's layout flags and meanings, to the losses of
---- one process (any --load resharded; --save-hf gathers the model on rank 0; LoRA runs on one process):
+--- one process (any --load resharded; --save-hf and --save-lora gather on rank 0; adapters split like their layers):
 ---   mpirun -np 4 pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --packing \
 ---     --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 ---

@@ -105,6 +105,17 @@ describe('recipes/sft.lua under mpirun', function()
     return mpi.run(np, shell.root .. '/recipes/sft.lua', args)
   end
 
+  -- A LoRA run of two steps (of --train-iters 3, so that a resume has a third); lists of flags follow.
+  local function run_lora(np, load, ...)
+    local args = { '--load', load, '--save-interval', '2', '--exit-interval', '2' }
+    for _, list in ipairs({ ... }) do
+      for _, a in ipairs(list) do args[#args + 1] = a end
+    end
+    local out, err, status = run(np, args)
+    assert.are.equal(0, status, err)
+    return losses(out)
+  end
+
   local reference
   setup(function()
     dir = shell.temp_dir()
@@ -152,33 +163,32 @@ describe('recipes/sft.lua under mpirun', function()
     assert.is_false(pmp.io.exists(dir .. '/four.parts'), 'the gathered parts are removed')
   end)
 
-  -- LoRA: every rank puts the adapters on its part of the split model. The runs start from an adapter
-  -- with random A and B (B is zero in a fresh one, which would hide how B is split and gathered), stop
-  -- after two steps with a checkpoint, and resume it for the third on another layout.
-  it('trains LoRA on TP=2 with sequence parallel x DP=2, resumes it on PP=2 (2 virtual stages) x TP=2: ' ..
+  -- LoRA: every rank puts the adapters on its part of the split model. Fresh adapters (--lora-rank)
+  -- train two steps and stop with a checkpoint, which another layout resumes for the third step.
+  it('trains LoRA on PP=2 (2 virtual stages) x TP=2, resumes it on TP=2 with sequence parallel x DP=2: ' ..
     "one process's losses, and --save-lora writes one process's adapter", function()
-    write_adapter(dir .. '/base', dir .. '/start')
-    local function run_lora(np, load, ...)
-      local args = { '--load', load, '--save-interval', '2', '--exit-interval', '2' }
-      for _, list in ipairs({ ... }) do
-        for _, a in ipairs(list) do args[#args + 1] = a end
-      end
-      local out, err, status = run(np, args)
-      assert.are.equal(0, status, err)
-      return losses(out)
-    end
-    local first = { '--load-lora', dir .. '/start' }
-    local want = run_lora(1, dir .. '/base', first, { '--save', dir .. '/ck1', '--save-lora', dir .. '/one2' })
+    local fresh = { '--lora-rank', '4', '--lora-alpha', '8' }
+    local want = run_lora(1, dir .. '/base', fresh, { '--save', dir .. '/ck1', '--save-lora', dir .. '/one2' })
     for iteration, loss in pairs(run_lora(1, dir .. '/ck1', { '--save-lora', dir .. '/one3' })) do want[iteration] = loss end
     assert.is_not_nil(want[3])
-    local got = run_lora(4, dir .. '/base', first, { '--save', dir .. '/ck4', '--save-lora', dir .. '/four2',
-      '--tensor-model-parallel-size', '2', '--sequence-parallel', '--use-distributed-optimizer' })
-    assert_same_adapters(dir .. '/one2', dir .. '/four2', 'TP=2 x DP=2')
-    for iteration, loss in pairs(run_lora(4, dir .. '/ck4', { '--save-lora', dir .. '/four3', '--pipeline-model-parallel-size',
-      '2', '--num-layers-per-virtual-pipeline-stage', '1', '--tensor-model-parallel-size', '2' })) do
+    local got = run_lora(4, dir .. '/base', fresh, { '--save', dir .. '/ck4', '--save-lora', dir .. '/four2',
+      '--pipeline-model-parallel-size', '2', '--num-layers-per-virtual-pipeline-stage', '1', '--tensor-model-parallel-size', '2' })
+    assert_same_adapters(dir .. '/one2', dir .. '/four2', 'PP=2 x TP=2')
+    for iteration, loss in pairs(run_lora(4, dir .. '/ck4', { '--save-lora', dir .. '/four3', '--tensor-model-parallel-size',
+      '2', '--sequence-parallel', '--use-distributed-optimizer' })) do
       got[iteration] = loss
     end
     assert_same_losses(want, got, 'LoRA')
-    assert_same_adapters(dir .. '/one3', dir .. '/four3', 'PP=2 x TP=2')
+    assert_same_adapters(dir .. '/one3', dir .. '/four3', 'TP=2 x DP=2')
+  end)
+
+  -- An adapter with random A and B (B is zero in a fresh one, which would hide how B is split).
+  it('starts LoRA from --load-lora on PP=2 x TP=2 with the losses of one process', function()
+    write_adapter(dir .. '/base', dir .. '/start')
+    local load = { '--load-lora', dir .. '/start' }
+    local want = run_lora(1, dir .. '/base', load)
+    assert.is_not_nil(want[2])
+    assert_same_losses(want, run_lora(4, dir .. '/base', load, { '--pipeline-model-parallel-size', '2',
+      '--tensor-model-parallel-size', '2' }), 'LoRA from --load-lora')
   end)
 end)
