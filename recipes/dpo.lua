@@ -74,7 +74,7 @@ trainer:train(function(pairs)
   return loss, { recipe.pair_accuracy(chosen:double():totable(), rejected:double():totable()),
     (chosen - rejected):mean():item() }
 end, state)
-if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
+train.lora.finish(policy, opts, opts.load)   -- every rank: the adapters are written by rank 0
 if opts.save_hf and layout.is_logger then
   policy:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
   print('dpo: saved the policy to ' .. opts.save_hf)

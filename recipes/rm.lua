@@ -9,6 +9,9 @@
 --- chosen over a wrong one, from the main job's checkpoint fine-tuned on sums, and prints the held-out
 --- pairwise accuracy at initialisation and after training.
 --- Under mpirun each process takes its share of every batch of pairs and the gradients are averaged.
+--- --lora-rank N trains LoRA adapters on the frozen trunk and the whole score head beside them (PEFT's
+--- SEQ_CLS task: --save-lora writes both, as PEFT's modules_to_save keeps the head; --merge-lora --save-hf
+--- the merged reward model).
 local rl, train = pmp.rl, pmp.train
 local flags = train.flags
 local recipe = require 'pmp.rl.recipe'
@@ -18,11 +21,12 @@ local opts = flags.parse(arg, { {
   { '--train-iters', 300, 'optimizer steps' },
   { '--batch-size', 32, 'pairs per step (over all processes)' },
   { '--log-interval', 20, 'steps between log lines' },
-}, flags.optimizer, recipe.flags.common, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--lr', 1e-4, 'AdamW peak learning rate' },
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/rm.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
+train.lora.check(opts, opts.save_hf)
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end
 
 pmp.manual_seed(opts.seed)
@@ -31,6 +35,7 @@ if pmp.no_grad(function() return model.score.weight:abs():sum():item() end) == 0
   -- a head made for a causal LM starts at zero; small random values give the pairs different scores
   pmp.no_grad(function() model.score.weight:copy_(pmp.randn(model.score.weight.shape) * 0.02) end)
 end
+train.lora.setup(model, opts, not opts.load and 'llama' or nil)
 model:eval()   -- no dropout
 local layout, ddp = recipe.data_parallel(model, opts.batch_size, '--batch-size')
 local train_pairs, held_out = recipe.preference_pairs(opts, tokenizer, render)
@@ -54,6 +59,7 @@ trainer:train(function(pairs)
   return rl.pairwise_loss(chosen, rejected),
     { recipe.pair_accuracy(chosen:detach():double():totable(), rejected:detach():double():totable()) }
 end, state)
+train.lora.finish(model, opts, opts.load)   -- every rank: the adapters are written by rank 0
 if opts.save_hf and layout.is_logger then
   model:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id })
   print('rm: saved the reward model to ' .. opts.save_hf)

@@ -205,6 +205,41 @@ describe('LoRA', function()
     end
   end)
 
+  -- A reward model is PEFT's SEQ_CLS task: PEFT trains the whole score head beside the adapters and
+  -- saves it with them (modules_to_save); the fixture's head and adapters are random.
+  it("applies PEFT's SEQ_CLS adapter to a score model: PEFT's scores, the head trained whole; writes it back as PEFT wrote it", function()
+    local ref = reference('llama_score')
+    local ids = ids_of(ref)
+    local model = peft.load(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/' .. ref.base, { head = 'score' }),
+      FIXTURES .. '/llama_score')
+    local scores = logits_of(model, ids):narrow(2, ids:size(2), 1):squeeze(2):totable()
+    for row = 1, 2 do
+      assert.is_true(math.abs(scores[row] - ref.scores[row]) < 1e-4, string.format('row %d: score %.7g, PEFT\'s %.7g',
+        row, scores[row], ref.scores[row]))
+    end
+    -- what trains: the adapters of two layers' q, v and down projections, and the head
+    local params = model:named_parameters()
+    assert.are.equal(13, #params)
+    for _, pair in ipairs(params) do
+      if pair[1] ~= 'score.weight' then assert.matches('%.lora%.[%w_]+%.[AB]$', pair[1]) end
+    end
+    local dir = shell.temp_dir()
+    peft.save(model, dir, { base = 'spec/fixtures/hf/llama' })
+    local want = pmp.safetensors.load(FIXTURES .. '/llama_score/' .. peft.WEIGHTS_FILE)
+    local got = pmp.safetensors.load(dir .. '/' .. peft.WEIGHTS_FILE)
+    for key, t in pairs(want) do
+      assert.is_not_nil(got[key], key)
+      assert.is_true(expect.same_bits(t, got[key]), key)
+    end
+    for key in pairs(got) do assert.is_not_nil(want[key], 'extra ' .. key) end
+    local want_config = pmp.json.read(FIXTURES .. '/llama_score/' .. peft.CONFIG_FILE)
+    local got_config = pmp.json.read(dir .. '/' .. peft.CONFIG_FILE)
+    for _, key in ipairs({ 'task_type', 'modules_to_save', 'target_modules', 'r', 'lora_alpha', 'peft_type' }) do
+      assert.are.same(want_config[key], got_config[key], key)
+    end
+    shell.remove_dir(dir)
+  end)
+
   describe('refuses, naming the problem,', function()
     it('a target the family does not have', function()
       local model = base_model(reference('llama_all'))
@@ -240,6 +275,15 @@ describe('LoRA', function()
       end
       fails_with(function() peft.load(base_model(reference('llama_all')), ROOT .. '/spec/fixtures/hf/llama') end,
         'no adapter_config.json (not a PEFT adapter directory)')
+      -- a reward model's adapter on a causal LM, and the other way round
+      fails_with(function() peft.load(base_model(reference('llama_all')), FIXTURES .. '/llama_score') end,
+        "task_type is 'SEQ_CLS' but the model is a causal LM")
+      fails_with(function() peft.load(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/llama', { head = 'score' }),
+        FIXTURES .. '/llama_all') end, "task_type is 'CAUSAL_LM' but the model is a score model")
+      local dir = edited_adapter('llama_score', function(c) c.modules_to_save = { 'score', 'lm_head' } end)
+      fails_with(function() peft.load(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/llama', { head = 'score' }), dir) end,
+        "modules_to_save names 'lm_head'")
+      shell.remove_dir(dir)
     end)
 
     it('LoRA flags that contradict each other, before any work', function()

@@ -22,7 +22,11 @@ local pipeline = require 'pmp.dist.pipeline'
 
 local M = {}
 
-local PREFIX = 'base_model.model.'   -- PEFT's prefix of a causal LM's module names
+local PREFIX = 'base_model.model.'   -- PEFT's prefix of the base model's module names
+-- A score model (config.head 'score', a *ForSequenceClassification model) is PEFT's SEQ_CLS task: its head
+-- trains whole beside the adapters and is saved with them, under its Hugging Face name, as PEFT's
+-- modules_to_save keeps it (PEFT lists the head names it looks for: classifier and score).
+local SCORE_KEY, SEQ_CLS_HEADS = PREFIX .. 'score.weight', { 'classifier', 'score' }
 M.CONFIG_FILE, M.WEIGHTS_FILE = 'adapter_config.json', 'adapter_model.safetensors'
 
 local function subst(name, layer) return (name:gsub('{L}', tostring(layer))) end
@@ -135,8 +139,13 @@ function M.apply(model, options)
   local config, chunks = model.config, pipeline.chunks(model)
   local tp = chunks[1].tensor_parallel
   local tp_size, tp_rank = tp and tp.group.size or 1, tp and tp.group.rank or 0
-  -- every parameter of the base model frozen, adapted layers or not
+  -- every parameter of the base model frozen, adapted layers or not, but a score head
   model:apply(lora.freeze)
+  local seq_cls, head = config.head == 'score', nil
+  if seq_cls then
+    for _, chunk in ipairs(chunks) do head = head or chunk.score end
+    if head then lora.unfreeze(head) end
+  end
   local targets = M.targets(family)
   -- each target's whole input width (the layers of a family have the same shapes), for the draws of
   -- the layers other ranks hold
@@ -151,7 +160,7 @@ function M.apply(model, options)
     end
   end
   -- entries: this rank's adapters; keys: the PEFT tensor names of the whole model's
-  local entries, keys = {}, {}
+  local entries, keys = {}, { [SCORE_KEY] = seq_cls or nil }
   for layer = 0, config.num_layers - 1 do
     local chunk, k = holder(chunks, layer)
     for t, target in ipairs(targets) do
@@ -200,7 +209,8 @@ function M.apply(model, options)
   for name in pairs(chosen) do names[#names + 1] = name end
   table.sort(names)
   rawset(model, 'lora', { rank = rank, alpha = alpha, dropout = dropout, rslora = options.rslora or false,
-    targets = names, family = family, entries = entries, keys = keys })
+    targets = names, family = family, entries = entries, keys = keys, task_type = seq_cls and 'SEQ_CLS' or 'CAUSAL_LM',
+    head = head })
   return model
 end
 
@@ -270,6 +280,8 @@ function M.state_dict(model)
     out[e.key .. '.lora_A.weight'] = whole(model, e.name .. '.A', e.adapter.A)
     out[e.key .. '.lora_B.weight'] = whole(model, e.name .. '.B', e.adapter.B)
   end
+  local head = adapters_of(model, 'state_dict').head
+  if head then out[SCORE_KEY] = head.weight:detach() end
   if not pipeline.chunks(model)[1].pipeline then return out end
   return gather_stages(out, require('pmp.dist').group('pp'))
 end
@@ -278,10 +290,11 @@ end
 function M.adapter_config(model, base)
   local state = adapters_of(model, 'adapter_config')
   return {
-    peft_type = 'LORA', task_type = 'CAUSAL_LM', base_model_name_or_path = base or json.null,
+    peft_type = 'LORA', task_type = state.task_type, base_model_name_or_path = base or json.null,
     r = state.rank, lora_alpha = state.alpha, lora_dropout = state.dropout, use_rslora = state.rslora,
     target_modules = json.array({ unpack(state.targets) }), bias = 'none', fan_in_fan_out = false, use_dora = false,
-    inference_mode = true, init_lora_weights = true, modules_to_save = json.null, layers_to_transform = json.null,
+    inference_mode = true, init_lora_weights = true, layers_to_transform = json.null,
+    modules_to_save = state.task_type == 'SEQ_CLS' and json.array({ unpack(SEQ_CLS_HEADS) }) or json.null,
     layers_pattern = json.null, rank_pattern = {}, alpha_pattern = {}, revision = json.null,
   }
 end
@@ -309,14 +322,25 @@ local function read_adapter_config(path)
   local function fail(msg) error(path .. ': ' .. msg, 0) end
   local function null(v) return v == nil or v == json.null end
   if c.peft_type ~= 'LORA' then fail(string.format("peft_type is '%s'; only LORA adapters are supported", tostring(c.peft_type))) end
-  if not null(c.task_type) and c.task_type ~= 'CAUSAL_LM' then
-    fail(string.format("task_type is '%s'; only CAUSAL_LM adapters are supported", tostring(c.task_type)))
+  local task_type = null(c.task_type) and 'CAUSAL_LM' or c.task_type
+  if task_type ~= 'CAUSAL_LM' and task_type ~= 'SEQ_CLS' then
+    fail(string.format("task_type is '%s'; only CAUSAL_LM and SEQ_CLS adapters are supported", tostring(c.task_type)))
+  end
+  if task_type == 'SEQ_CLS' and not null(c.modules_to_save) then
+    -- PEFT adds its head names; the score head is the one a pmp score model has
+    local heads = {}
+    for _, name in ipairs(SEQ_CLS_HEADS) do heads[name] = true end
+    for _, name in ipairs(type(c.modules_to_save) == 'table' and c.modules_to_save or { c.modules_to_save }) do
+      if not heads[name] then fail(string.format("modules_to_save names '%s'; only a SEQ_CLS head (%s) is supported",
+        tostring(name), table.concat(SEQ_CLS_HEADS, ', '))) end
+    end
   end
   for _, key in ipairs({ 'use_dora', 'fan_in_fan_out', 'lora_bias' }) do
     if c[key] == true then fail(key .. ' is true, which pmp does not support') end
   end
   if not null(c.bias) and c.bias ~= 'none' then fail(string.format("bias is '%s'; only 'none' is supported", tostring(c.bias))) end
-  for _, key in ipairs({ 'modules_to_save', 'layers_to_transform', 'layers_pattern', 'layer_replication' }) do
+  if task_type == 'CAUSAL_LM' and not null(c.modules_to_save) then fail('modules_to_save is set, which pmp does not support') end
+  for _, key in ipairs({ 'layers_to_transform', 'layers_pattern', 'layer_replication' }) do
     if not null(c[key]) then fail(key .. ' is set, which pmp does not support') end
   end
   for _, key in ipairs({ 'rank_pattern', 'alpha_pattern' }) do
@@ -327,7 +351,8 @@ local function read_adapter_config(path)
     fail(string.format("target_modules is the regular expression '%s'; give a list of module names", targets))
   end
   return { rank = c.r, alpha = c.lora_alpha, dropout = c.lora_dropout or 0, rslora = c.use_rslora == true,
-    targets = targets, base = not null(c.base_model_name_or_path) and c.base_model_name_or_path or nil, source = path }
+    targets = targets, base = not null(c.base_model_name_or_path) and c.base_model_name_or_path or nil, source = path,
+    task_type = task_type }
 end
 
 --- Gives the model the adapters of a PEFT directory (adapter_config.json + adapter_model.safetensors)
@@ -344,6 +369,11 @@ function M.load(model, dir, options)
   end
   local settings = read_adapter_config(config_path)
   settings.model_type = options.model_type
+  local seq_cls = model.config.head == 'score'
+  if (settings.task_type == 'SEQ_CLS') ~= seq_cls then
+    error(string.format("%s: task_type is '%s' but the model is a %s", config_path, settings.task_type,
+      seq_cls and 'score model (SEQ_CLS)' or 'causal LM (CAUSAL_LM)'), 0)
+  end
   local tensors = safetensors.load(weights_path)
   M.apply(model, settings)
   local state = model.lora
@@ -378,6 +408,16 @@ function M.load(model, dir, options)
         end
         param:copy_(sharding.shard(name, t, model.config, tp_size, tp_rank))
       end
+    end
+    if state.head then
+      local t, weight = tensors[SCORE_KEY], state.head.weight
+      if not t then error(string.format("%s: no tensor '%s' (the score head a SEQ_CLS adapter saves)%s", weights_path,
+        SCORE_KEY, about()), 0) end
+      if shape_string(t.shape) ~= shape_string(weight.shape) then
+        error(string.format("%s: '%s' has shape %s but the score head is %s%s", weights_path, SCORE_KEY,
+          shape_string(t.shape), shape_string(weight.shape), about()), 0)
+      end
+      weight:copy_(t)
     end
   end)
   return model
