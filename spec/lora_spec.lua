@@ -347,9 +347,35 @@ describe('LoRA', function()
     shell.remove_dir(dir)
   end)
 
+  it('recipes/rm.lua --lora-rank trains adapters and the score head: the loss falls, --save-lora loads back as the merged reward model', function()
+    local dir, tok = tiny_base()
+    if not dir then return end
+    shell.write_file(dir .. '/prefs.jsonl', '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n' ..
+      '{"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}\n')
+    local out, err, status = shell.run_pmp({ ROOT .. '/recipes/rm.lua', '--load', dir .. '/base', '--data-path',
+      dir .. '/prefs.jsonl', '--train-iters', '8', '--batch-size', '2', '--lr', '1e-2', '--log-interval', '1', '--lora-rank', '2',
+      '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
+    assert.are.equal(0, status, err)
+    local losses = {}
+    for loss in out:gmatch('pairwise loss: ([%d.E+-]+)') do losses[#losses + 1] = tonumber(loss) end
+    assert.are.equal(8, #losses)
+    assert.is_true(losses[8] < losses[1] - 0.1, 'loss did not fall: ' .. losses[1] .. ' -> ' .. losses[8])
+    local config = pmp.json.read(dir .. '/adapter/' .. peft.CONFIG_FILE)
+    assert.are.equal('SEQ_CLS', config.task_type)
+    for key, t in pairs(pmp.safetensors.load(dir .. '/adapter/' .. peft.WEIGHTS_FILE)) do
+      assert.is_true(t:abs():max():item() > 0, key .. ' did not train')
+    end
+    local ids = pmp.tensor({ tok:encode('Say hi. Hi! Name a color. Blue.') }, { dtype = 'i64' })
+    local adapted = logits_of(peft.load(pmp.models.from_pretrained(dir .. '/base', { head = 'score' }), dir .. '/adapter'), ids)
+    local merged = logits_of(pmp.models.from_pretrained(dir .. '/merged', { head = 'score' }), ids)
+    assert.is_true(max_diff(adapted, merged) < 1e-4, 'the merged reward model differs from base + adapter')
+    assert.is_true(merged:abs():max():item() > 1e-3)
+    shell.remove_dir(dir)
+  end)
+
   local check = os.getenv('PMP_HF_CHECK') == '1'
   local test = check and it or pending
-  test("PEFT applies pmp's trained adapters to pmp's logits, transformers reads merged exports (PMP_HF_CHECK=1)", function()
+  test("PEFT applies pmp's trained adapters (a reward model's too) to pmp's logits, transformers reads merged exports (PMP_HF_CHECK=1)", function()
     local dir = shell.temp_dir()
     for _, name in ipairs(NAMES) do
       local ref = reference(name)
@@ -363,6 +389,23 @@ describe('LoRA', function()
       pmp.safetensors.save(dir .. '/adapters/' .. name .. '/logits.safetensors', { logits = logits_of(model, ids) })
       peft.merge(peft.load(base_model(ref), FIXTURES .. '/' .. name)):save_pretrained(dir .. '/merged/' .. name)
     end
+    -- a reward model's: a random head, then steps that pull the two rows' scores apart
+    local ref = reference('llama_score')
+    local ids, T = ids_of(ref), #ref.input_ids[1]
+    local model = peft.apply(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/' .. ref.base, { head = 'score' }),
+      { rank = 2, alpha = 4, targets = { 'q_proj', 'v_proj', 'down_proj' } })
+    pmp.no_grad(function() model.score.weight:copy_(pmp.randn(model.score.weight.shape) * 0.1) end)
+    local optimizer = pmp.optim.AdamW(model:parameters(), { lr = 1e-2 })
+    for _ = 1, 3 do
+      optimizer:zero_grad()
+      local last = model(ids):narrow(2, T, 1)
+      ;(last:narrow(1, 2, 1) - last:narrow(1, 1, 1)):sum():backward()
+      optimizer:step()
+    end
+    local adapter = dir .. '/adapters/llama_score'
+    peft.save(model, adapter, { base = 'spec/fixtures/hf/' .. ref.base })
+    shell.write_file(adapter .. '/input.json', pmp.json.encode({ input_ids = ref.input_ids }))
+    pmp.safetensors.save(adapter .. '/logits.safetensors', { logits = logits_of(model, ids):narrow(2, T, 1):contiguous() })
     for _, mode in ipairs({ { '--verify', 'adapters' }, { '--verify-merged', 'merged' } }) do
       local out, err, status = shell.run(string.format('cd %s && python3 tools/make_lora_fixtures.py %s %s 2>&1',
         shell.quote(ROOT), mode[1], shell.quote(dir .. '/' .. mode[2])))
