@@ -182,13 +182,22 @@ describe('recipes/sft.lua under mpirun', function()
     assert_same_adapters(dir .. '/one3', dir .. '/four3', 'TP=2 x DP=2')
   end)
 
-  -- An adapter with random A and B (B is zero in a fresh one, which would hide how B is split).
-  it('starts LoRA from --load-lora on PP=2 x TP=2 with the losses of one process', function()
+  -- An adapter with random A and B (B is zero in a fresh one, which would hide how B is split); the
+  -- merged models are gathered from the layout's parts.
+  it("starts LoRA from --load-lora on PP=2 x TP=2 with the losses of one process, and --merge-lora --save-hf writes one process's model", function()
     write_adapter(dir .. '/base', dir .. '/start')
-    local load = { '--load-lora', dir .. '/start' }
-    local want = run_lora(1, dir .. '/base', load)
+    local load = { '--load-lora', dir .. '/start', '--merge-lora' }
+    local want = run_lora(1, dir .. '/base', load, { '--save-hf', dir .. '/merged1' })
     assert.is_not_nil(want[2])
-    assert_same_losses(want, run_lora(4, dir .. '/base', load, { '--pipeline-model-parallel-size', '2',
-      '--tensor-model-parallel-size', '2' }), 'LoRA from --load-lora')
+    assert_same_losses(want, run_lora(4, dir .. '/base', load, { '--save-hf', dir .. '/merged4', '--pipeline-model-parallel-size',
+      '2', '--tensor-model-parallel-size', '2' }), 'LoRA from --load-lora')
+    local one = pmp.safetensors.load(dir .. '/merged1/model.safetensors')
+    local four = pmp.safetensors.load(dir .. '/merged4/model.safetensors')
+    for key, t in pairs(one) do
+      assert.is_not_nil(four[key], key)
+      local diff = (t:double() - four[key]:double()):abs():max():item()
+      assert.is_true(diff <= 1e-4, string.format('%s differs by %g', key, diff))
+    end
+    for key in pairs(four) do assert.is_not_nil(one[key], 'extra ' .. key) end
   end)
 end)
