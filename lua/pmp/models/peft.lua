@@ -12,6 +12,8 @@
 --- chunks) gets the adapters of the layers it holds, split like their layers. The initial A of every
 --- layer is drawn whole, in layer order, from the shared seed on every rank, so a run gives the same
 --- adapters whatever the layout. state_dict and save gather them over tensor- and pipeline-parallel ranks.
+--- A score model (head 'score', pmp.models' *ForSequenceClassification) takes PEFT's SEQ_CLS adapters: its
+--- head stays trainable and is saved and loaded with them as base_model.model.score.weight.
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
 local safetensors = require 'pmp.safetensors'
