@@ -347,19 +347,34 @@ describe('LoRA', function()
     shell.remove_dir(dir)
   end)
 
-  it('recipes/rm.lua --lora-rank trains adapters and the score head: the loss falls, --save-lora loads back as the merged reward model', function()
+  it('recipes/rm.lua --lora-rank trains adapters and the score head: the loss falls, a checkpoint resumes, --save-lora loads back as the merged reward model', function()
     local dir, tok = tiny_base()
     if not dir then return end
     shell.write_file(dir .. '/prefs.jsonl', '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n' ..
       '{"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}\n')
-    local out, err, status = shell.run_pmp({ ROOT .. '/recipes/rm.lua', '--load', dir .. '/base', '--data-path',
-      dir .. '/prefs.jsonl', '--train-iters', '8', '--batch-size', '2', '--lr', '1e-2', '--log-interval', '1', '--lora-rank', '2',
-      '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
-    assert.are.equal(0, status, err)
-    local losses = {}
-    for loss in out:gmatch('pairwise loss: ([%d.E+-]+)') do losses[#losses + 1] = tonumber(loss) end
+    local function rm(extra)
+      local words = { ROOT .. '/recipes/rm.lua', '--load', dir .. '/base', '--data-path', dir .. '/prefs.jsonl', '--train-iters',
+        '8', '--batch-size', '2', '--lr', '1e-2', '--log-interval', '1', '--lora-rank', '2' }
+      for _, w in ipairs(extra) do words[#words + 1] = w end
+      local out, err, status = shell.run_pmp(words)
+      assert.are.equal(0, status, err)
+      local losses = {}
+      for loss in out:gmatch('pairwise loss: ([%d.E+-]+)') do losses[#losses + 1] = tonumber(loss) end
+      return losses, out
+    end
+    local whole = rm({})
+    assert.are.equal(8, #whole)
+    assert.is_true(whole[8] < whole[1] - 0.1, 'loss did not fall: ' .. whole[1] .. ' -> ' .. whole[8])
+    -- stopped after four steps, then resumed from its checkpoint (adapters and head) to the same losses
+    local losses = rm({ '--save', dir .. '/ck', '--exit-interval', '4' })
+    local rest, out = rm({ '--save', dir .. '/ck', '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
+    assert.matches('loaded checkpoint from .* at iteration 4', out)
+    for _, loss in ipairs(rest) do losses[#losses + 1] = loss end
     assert.are.equal(8, #losses)
-    assert.is_true(losses[8] < losses[1] - 0.1, 'loss did not fall: ' .. losses[1] .. ' -> ' .. losses[8])
+    for k = 1, 8 do
+      assert.is_true(math.abs(losses[k] - whole[k]) <= 1e-6 * whole[k], string.format('step %d: %.7g resumed, %.7g in one run',
+        k, losses[k], whole[k]))
+    end
     local config = pmp.json.read(dir .. '/adapter/' .. peft.CONFIG_FILE)
     assert.are.equal('SEQ_CLS', config.task_type)
     for key, t in pairs(pmp.safetensors.load(dir .. '/adapter/' .. peft.WEIGHTS_FILE)) do
