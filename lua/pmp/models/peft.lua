@@ -123,7 +123,7 @@ end
 --- Freezes the model and gives its target layers adapters. options: rank, alpha (default rank),
 --- dropout (0), rslora (scaling alpha / sqrt(rank)), targets (PEFT's target_modules: names or
 --- 'all-linear'), model_type (for a model not made by pmp.models), source (names the options in errors).
---- Parameters left to train: the adapters only. Returns the model.
+--- Parameters left to train: the adapters (and a score model's head). Returns the model.
 function M.apply(model, options)
   local source = options.source or 'LoRA'
   if rawget(model, 'lora') then error('peft.apply: the model already has adapters', 2) end
