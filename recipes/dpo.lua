@@ -79,7 +79,7 @@ trainer:train(function(pairs)
   return loss, { recipe.pair_accuracy(chosen:double():totable(), rejected:double():totable()),
     (chosen - rejected):mean():item() }
 end, state)
-if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
+train.lora.finish(policy, opts, opts.load)   -- every rank: the adapters are written by rank 0
 local whole = opts.save_hf and recipe.whole_model(policy, layout, opts.save_hf .. '.parts')
 if whole then
   whole:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })

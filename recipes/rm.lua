@@ -11,6 +11,9 @@
 --- Under mpirun each process takes its share of every batch of pairs and the gradients are averaged;
 --- --tensor-model-parallel-size N splits the model over N ranks as pretrain.lua does (the score head
 --- stays whole on each), the data-parallel size being what remains of the world.
+--- --lora-rank N trains LoRA adapters on the frozen trunk and the whole score head beside them (PEFT's
+--- SEQ_CLS task: --save-lora writes both, as PEFT's modules_to_save keeps the head; --merge-lora --save-hf
+--- the merged reward model).
 local rl, train = pmp.rl, pmp.train
 local flags = train.flags
 local recipe = require 'pmp.rl.recipe'
@@ -20,11 +23,15 @@ local opts = flags.parse(arg, { {
   { '--train-iters', 300, 'optimizer steps' },
   { '--batch-size', 32, 'pairs per step (over all processes)' },
   { '--log-interval', 20, 'steps between log lines' },
-}, flags.optimizer, recipe.flags.common, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
+}, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--lr', 1e-4, 'AdamW peak learning rate' },
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/rm.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
+train.lora.check(opts, opts.save_hf)
+if opts.tensor_model_parallel_size > 1 and train.lora.enabled(opts) then
+  error('LoRA (--lora-rank, --load-lora) with --tensor-model-parallel-size > 1 is not supported yet', 0)
+end
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end
 
 pmp.manual_seed(opts.seed)
@@ -33,6 +40,7 @@ if pmp.no_grad(function() return model.score.weight:abs():sum():item() end) == 0
   -- a head made for a causal LM starts at zero; small random values give the pairs different scores
   pmp.no_grad(function() model.score.weight:copy_(pmp.randn(model.score.weight.shape) * 0.02) end)
 end
+train.lora.setup(model, opts, not opts.load and 'llama' or nil)
 model:eval()   -- no dropout
 local layout, ddp = recipe.data_parallel(model, opts.batch_size, '--batch-size', opts.tensor_model_parallel_size)
 local train_pairs, held_out = recipe.preference_pairs(opts, tokenizer, render)
@@ -56,6 +64,7 @@ trainer:train(function(pairs)
   return rl.pairwise_loss(chosen, rejected),
     { recipe.pair_accuracy(chosen:detach():double():totable(), rejected:detach():double():totable()) }
 end, state)
+train.lora.finish(model, opts, opts.load)   -- every rank: the adapters are written by rank 0
 local whole = opts.save_hf and recipe.whole_model(model, layout, opts.save_hf .. '.parts')
 if whole then
   whole:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id })

@@ -9,7 +9,7 @@
 --- fine-tuned model as a Hugging Face directory. --lora-rank N trains LoRA adapters on the frozen model
 --- instead (--save-lora writes them for PEFT, --merge-lora --save-hf the merged model).
 --- Under mpirun it fine-tunes in parallel with pretrain.lua's layout flags and meanings, to the losses of
---- one process (any --load resharded; --save-hf gathers the model on rank 0; LoRA runs on one process):
+--- one process (any --load resharded; --save-hf and --save-lora gather on rank 0; adapters split like their layers):
 ---   mpirun -np 4 pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --packing \
 ---     --tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer
 ---
@@ -70,15 +70,13 @@ local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opt
 -- pretraining lays it out); the layout's checks need the model's depth.
 opts.num_layers = model.config.num_layers
 local layout = train.parallel.init(opts)
-if layout.world > 1 and train.lora.enabled(opts) then
-  error('LoRA runs on one process (--lora-rank / --load-lora under mpirun are not supported yet)', 0)
-end
 local hf = rawget(model, 'hf')
 if layout.world > 1 then model = train.parallel.split(model, opts, layout) end
-local ddp = train.parallel.data_parallel(model, opts, layout)
 -- a pretraining checkpoint's model has Llama's architecture
 local model_type = base.kind == 'pmp' and 'llama' or nil
+-- adapters on the split model (split like their layers), before data parallelism buckets what trains
 train.lora.setup(model, opts, model_type)
+local ddp = train.parallel.data_parallel(model, opts, layout)
 -- the embedded task is in the corpus' own format: "12 + 7 = 19."
 local function sums_format(messages)
   return messages[1].content .. ' = ' .. (messages[2] and messages[2].content .. '.\n' or '')

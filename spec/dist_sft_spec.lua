@@ -43,6 +43,41 @@ end
 
 local losses = require('spec.support.train_log').losses
 
+-- A PEFT adapter for the model in base_dir with random A and B: rank 4 on every linear layer.
+local function write_adapter(base_dir, dir)
+  local peft = require 'pmp.models.peft'
+  local model = pmp.models.from_pretrained(base_dir)
+  peft.apply(model, { rank = 4, alpha = 8, targets = 'all-linear' })
+  pmp.manual_seed(11)
+  pmp.no_grad(function()
+    for _, e in ipairs(model.lora.entries) do
+      for _, slot in ipairs({ 'A', 'B' }) do
+        local t = e.adapter[slot]
+        t:copy_(pmp.randn(t.shape) * 0.5)
+      end
+    end
+  end)
+  peft.save(model, dir, { base = base_dir })
+end
+
+-- Two PEFT directories hold the same config and tensors of the same names and shapes, equal within
+-- 1e-4 (1% of one AdamW step at --lr 1e-2: Adam amplifies the rounding of another summation order).
+local function assert_same_adapters(want_dir, got_dir, label)
+  assert.are.same(pmp.json.read(want_dir .. '/adapter_config.json'), pmp.json.read(got_dir .. '/adapter_config.json'))
+  local want = pmp.safetensors.load(want_dir .. '/adapter_model.safetensors')
+  local got = pmp.safetensors.load(got_dir .. '/adapter_model.safetensors')
+  local count = 0
+  for key, t in pairs(want) do
+    count = count + 1
+    assert.is_not_nil(got[key], label .. ': no ' .. key)
+    assert.are.same(t.shape, got[key].shape, key)
+    local diff = (t:double() - got[key]:double()):abs():max():item()
+    assert.is_true(diff <= 1e-4, string.format('%s: %s differs by %g', label, key, diff))
+  end
+  for key in pairs(got) do assert.is_not_nil(want[key], label .. ': extra ' .. key) end
+  assert.are.equal(4 * 7 * 2, count)
+end
+
 -- The losses a parallel run logged (by iteration) are those of one process within 1e-5 (relative).
 local function assert_same_losses(want, got, label)
   for iteration, loss in pairs(want) do
@@ -68,6 +103,17 @@ describe('recipes/sft.lua under mpirun', function()
       return shell.run_pmp(args)
     end
     return mpi.run(np, shell.root .. '/recipes/sft.lua', args)
+  end
+
+  -- A LoRA run of two steps (of --train-iters 3, so that a resume has a third); lists of flags follow.
+  local function run_lora(np, load, ...)
+    local args = { '--load', load, '--save-interval', '2', '--exit-interval', '2' }
+    for _, list in ipairs({ ... }) do
+      for _, a in ipairs(list) do args[#args + 1] = a end
+    end
+    local out, err, status = run(np, args)
+    assert.are.equal(0, status, err)
+    return losses(out)
   end
 
   local reference
@@ -117,9 +163,41 @@ describe('recipes/sft.lua under mpirun', function()
     assert.is_false(pmp.io.exists(dir .. '/four.parts'), 'the gathered parts are removed')
   end)
 
-  it('refuses LoRA under mpirun, naming it', function()
-    local _, err, status = run(2, { '--tensor-model-parallel-size', '2', '--lora-rank', '4' })
-    assert.are_not.equal(0, status)
-    assert.truthy(err:find('LoRA runs on one process', 1, true), err)
+  -- LoRA: every rank puts the adapters on its part of the split model. Fresh adapters (--lora-rank)
+  -- train two steps and stop with a checkpoint, which another layout resumes for the third step.
+  it('trains LoRA on PP=2 (2 virtual stages) x TP=2, resumes it on TP=2 with sequence parallel x DP=2: ' ..
+    "one process's losses, and --save-lora writes one process's adapter", function()
+    local fresh = { '--lora-rank', '4', '--lora-alpha', '8' }
+    local want = run_lora(1, dir .. '/base', fresh, { '--save', dir .. '/ck1', '--save-lora', dir .. '/one2' })
+    for iteration, loss in pairs(run_lora(1, dir .. '/ck1', { '--save-lora', dir .. '/one3' })) do want[iteration] = loss end
+    assert.is_not_nil(want[3])
+    local got = run_lora(4, dir .. '/base', fresh, { '--save', dir .. '/ck4', '--save-lora', dir .. '/four2',
+      '--pipeline-model-parallel-size', '2', '--num-layers-per-virtual-pipeline-stage', '1', '--tensor-model-parallel-size', '2' })
+    assert_same_adapters(dir .. '/one2', dir .. '/four2', 'PP=2 x TP=2')
+    for iteration, loss in pairs(run_lora(4, dir .. '/ck4', { '--save-lora', dir .. '/four3', '--tensor-model-parallel-size',
+      '2', '--sequence-parallel', '--use-distributed-optimizer' })) do
+      got[iteration] = loss
+    end
+    assert_same_losses(want, got, 'LoRA')
+    assert_same_adapters(dir .. '/one3', dir .. '/four3', 'TP=2 x DP=2')
+  end)
+
+  -- An adapter with random A and B (B is zero in a fresh one, which would hide how B is split); the
+  -- merged models are gathered from the layout's parts.
+  it("starts LoRA from --load-lora on PP=2 x TP=2 with the losses of one process, and --merge-lora --save-hf writes one process's model", function()
+    write_adapter(dir .. '/base', dir .. '/start')
+    local load = { '--load-lora', dir .. '/start', '--merge-lora' }
+    local want = run_lora(1, dir .. '/base', load, { '--save-hf', dir .. '/merged1' })
+    assert.is_not_nil(want[2])
+    assert_same_losses(want, run_lora(4, dir .. '/base', load, { '--save-hf', dir .. '/merged4', '--pipeline-model-parallel-size',
+      '2', '--tensor-model-parallel-size', '2' }), 'LoRA from --load-lora')
+    local one = pmp.safetensors.load(dir .. '/merged1/model.safetensors')
+    local four = pmp.safetensors.load(dir .. '/merged4/model.safetensors')
+    for key, t in pairs(one) do
+      assert.is_not_nil(four[key], key)
+      local diff = (t:double() - four[key]:double()):abs():max():item()
+      assert.is_true(diff <= 1e-4, string.format('%s differs by %g', key, diff))
+    end
+    for key in pairs(four) do assert.is_not_nil(one[key], 'extra ' .. key) end
   end)
 end)

@@ -205,6 +205,41 @@ describe('LoRA', function()
     end
   end)
 
+  -- A reward model is PEFT's SEQ_CLS task: PEFT trains the whole score head beside the adapters and
+  -- saves it with them (modules_to_save); the fixture's head and adapters are random.
+  it("applies PEFT's SEQ_CLS adapter to a score model: PEFT's scores, the head trained whole; writes it back as PEFT wrote it", function()
+    local ref = reference('llama_score')
+    local ids = ids_of(ref)
+    local model = peft.load(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/' .. ref.base, { head = 'score' }),
+      FIXTURES .. '/llama_score')
+    local scores = logits_of(model, ids):narrow(2, ids:size(2), 1):squeeze(2):totable()
+    for row = 1, 2 do
+      assert.is_true(math.abs(scores[row] - ref.scores[row]) < 1e-4, string.format('row %d: score %.7g, PEFT\'s %.7g',
+        row, scores[row], ref.scores[row]))
+    end
+    -- what trains: the adapters of two layers' q, v and down projections, and the head
+    local params = model:named_parameters()
+    assert.are.equal(13, #params)
+    for _, pair in ipairs(params) do
+      if pair[1] ~= 'score.weight' then assert.matches('%.lora%.[%w_]+%.[AB]$', pair[1]) end
+    end
+    local dir = shell.temp_dir()
+    peft.save(model, dir, { base = 'spec/fixtures/hf/llama' })
+    local want = pmp.safetensors.load(FIXTURES .. '/llama_score/' .. peft.WEIGHTS_FILE)
+    local got = pmp.safetensors.load(dir .. '/' .. peft.WEIGHTS_FILE)
+    for key, t in pairs(want) do
+      assert.is_not_nil(got[key], key)
+      assert.is_true(expect.same_bits(t, got[key]), key)
+    end
+    for key in pairs(got) do assert.is_not_nil(want[key], 'extra ' .. key) end
+    local want_config = pmp.json.read(FIXTURES .. '/llama_score/' .. peft.CONFIG_FILE)
+    local got_config = pmp.json.read(dir .. '/' .. peft.CONFIG_FILE)
+    for _, key in ipairs({ 'task_type', 'modules_to_save', 'target_modules', 'r', 'lora_alpha', 'peft_type' }) do
+      assert.are.same(want_config[key], got_config[key], key)
+    end
+    shell.remove_dir(dir)
+  end)
+
   describe('refuses, naming the problem,', function()
     it('a target the family does not have', function()
       local model = base_model(reference('llama_all'))
@@ -240,6 +275,15 @@ describe('LoRA', function()
       end
       fails_with(function() peft.load(base_model(reference('llama_all')), ROOT .. '/spec/fixtures/hf/llama') end,
         'no adapter_config.json (not a PEFT adapter directory)')
+      -- a reward model's adapter on a causal LM, and the other way round
+      fails_with(function() peft.load(base_model(reference('llama_all')), FIXTURES .. '/llama_score') end,
+        "task_type is 'SEQ_CLS' but the model is a causal LM")
+      fails_with(function() peft.load(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/llama', { head = 'score' }),
+        FIXTURES .. '/llama_all') end, "task_type is 'CAUSAL_LM' but the model is a score model")
+      local dir = edited_adapter('llama_score', function(c) c.modules_to_save = { 'score', 'lm_head' } end)
+      fails_with(function() peft.load(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/llama', { head = 'score' }), dir) end,
+        "modules_to_save names 'lm_head'")
+      shell.remove_dir(dir)
     end)
 
     it('LoRA flags that contradict each other, before any work', function()
@@ -303,9 +347,50 @@ describe('LoRA', function()
     shell.remove_dir(dir)
   end)
 
+  it('recipes/rm.lua --lora-rank trains adapters and the score head: the loss falls, a checkpoint resumes, --save-lora loads back as the merged reward model', function()
+    local dir, tok = tiny_base()
+    if not dir then return end
+    shell.write_file(dir .. '/prefs.jsonl', '{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}\n' ..
+      '{"prompt": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}\n')
+    local function rm(extra)
+      local words = { ROOT .. '/recipes/rm.lua', '--load', dir .. '/base', '--data-path', dir .. '/prefs.jsonl', '--train-iters',
+        '8', '--batch-size', '2', '--lr', '1e-2', '--log-interval', '1', '--lora-rank', '2' }
+      for _, w in ipairs(extra) do words[#words + 1] = w end
+      local out, err, status = shell.run_pmp(words)
+      assert.are.equal(0, status, err)
+      local losses = {}
+      for loss in out:gmatch('pairwise loss: ([%d.E+-]+)') do losses[#losses + 1] = tonumber(loss) end
+      return losses, out
+    end
+    local whole = rm({})
+    assert.are.equal(8, #whole)
+    assert.is_true(whole[8] < whole[1] - 0.1, 'loss did not fall: ' .. whole[1] .. ' -> ' .. whole[8])
+    -- stopped after four steps, then resumed from its checkpoint (adapters and head) to the same losses
+    local losses = rm({ '--save', dir .. '/ck', '--exit-interval', '4' })
+    local rest, out = rm({ '--save', dir .. '/ck', '--save-lora', dir .. '/adapter', '--merge-lora', '--save-hf', dir .. '/merged' })
+    assert.matches('loaded checkpoint from .* at iteration 4', out)
+    for _, loss in ipairs(rest) do losses[#losses + 1] = loss end
+    assert.are.equal(8, #losses)
+    for k = 1, 8 do
+      assert.is_true(math.abs(losses[k] - whole[k]) <= 1e-6 * whole[k], string.format('step %d: %.7g resumed, %.7g in one run',
+        k, losses[k], whole[k]))
+    end
+    local config = pmp.json.read(dir .. '/adapter/' .. peft.CONFIG_FILE)
+    assert.are.equal('SEQ_CLS', config.task_type)
+    for key, t in pairs(pmp.safetensors.load(dir .. '/adapter/' .. peft.WEIGHTS_FILE)) do
+      assert.is_true(t:abs():max():item() > 0, key .. ' did not train')
+    end
+    local ids = pmp.tensor({ tok:encode('Say hi. Hi! Name a color. Blue.') }, { dtype = 'i64' })
+    local adapted = logits_of(peft.load(pmp.models.from_pretrained(dir .. '/base', { head = 'score' }), dir .. '/adapter'), ids)
+    local merged = logits_of(pmp.models.from_pretrained(dir .. '/merged', { head = 'score' }), ids)
+    assert.is_true(max_diff(adapted, merged) < 1e-4, 'the merged reward model differs from base + adapter')
+    assert.is_true(merged:abs():max():item() > 1e-3)
+    shell.remove_dir(dir)
+  end)
+
   local check = os.getenv('PMP_HF_CHECK') == '1'
   local test = check and it or pending
-  test("PEFT applies pmp's trained adapters to pmp's logits, transformers reads merged exports (PMP_HF_CHECK=1)", function()
+  test("PEFT applies pmp's trained adapters (a reward model's too) to pmp's logits, transformers reads merged exports (PMP_HF_CHECK=1)", function()
     local dir = shell.temp_dir()
     for _, name in ipairs(NAMES) do
       local ref = reference(name)
@@ -319,6 +404,23 @@ describe('LoRA', function()
       pmp.safetensors.save(dir .. '/adapters/' .. name .. '/logits.safetensors', { logits = logits_of(model, ids) })
       peft.merge(peft.load(base_model(ref), FIXTURES .. '/' .. name)):save_pretrained(dir .. '/merged/' .. name)
     end
+    -- a reward model's: a random head, then steps that pull the two rows' scores apart
+    local ref = reference('llama_score')
+    local ids, T = ids_of(ref), #ref.input_ids[1]
+    local model = peft.apply(pmp.models.from_pretrained(ROOT .. '/spec/fixtures/hf/' .. ref.base, { head = 'score' }),
+      { rank = 2, alpha = 4, targets = { 'q_proj', 'v_proj', 'down_proj' } })
+    pmp.no_grad(function() model.score.weight:copy_(pmp.randn(model.score.weight.shape) * 0.1) end)
+    local optimizer = pmp.optim.AdamW(model:parameters(), { lr = 1e-2 })
+    for _ = 1, 3 do
+      optimizer:zero_grad()
+      local last = model(ids):narrow(2, T, 1)
+      ;(last:narrow(1, 2, 1) - last:narrow(1, 1, 1)):sum():backward()
+      optimizer:step()
+    end
+    local adapter = dir .. '/adapters/llama_score'
+    peft.save(model, adapter, { base = 'spec/fixtures/hf/' .. ref.base })
+    shell.write_file(adapter .. '/input.json', pmp.json.encode({ input_ids = ref.input_ids }))
+    pmp.safetensors.save(adapter .. '/logits.safetensors', { logits = logits_of(model, ids):narrow(2, T, 1):contiguous() })
     for _, mode in ipairs({ { '--verify', 'adapters' }, { '--verify-merged', 'merged' } }) do
       local out, err, status = shell.run(string.format('cd %s && python3 tools/make_lora_fixtures.py %s %s 2>&1',
         shell.quote(ROOT), mode[1], shell.quote(dir .. '/' .. mode[2])))

@@ -169,7 +169,8 @@ function M.stage(model, options)
     -- Megatron's last stage holds its own copy of the word embeddings as output_layer.weight; the
     -- two copies stay equal because sync_embedding_grads gives both the summed gradient.
     local width = embedding.word_embeddings.weight:size(2)
-    output = layers.Linear(width, config.padded_vocab_size, { bias = false, dtype = config.dtype })
+    -- (uninitialized: drawing its values would move this rank's generator away from the single process's)
+    output = layers.Linear(width, config.padded_vocab_size, { bias = false, dtype = config.dtype, init = false })
     output.weight = embedding.word_embeddings.weight:detach():clone():requires_grad_()
   end
   local chunks = {}

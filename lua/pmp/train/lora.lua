@@ -1,9 +1,11 @@
---- LoRA fine-tuning in the recipes (sft, dpo, ppo, grpo): the flags, and the adapters put on the model
+--- LoRA fine-tuning in the recipes (sft, rm, dpo, ppo, grpo): the flags, and the adapters put on the model
 --- before training and written after it (pmp.models.peft, Hugging Face PEFT's format).
 ---   local opts = flags.parse(arg, { ..., train.lora.flags })
 ---   train.lora.setup(model, opts)            -- before the optimizer is made: freezes, adds adapters
 ---   ... train ...
 ---   train.lora.finish(model, opts, base_dir)  -- --save-lora, then --merge-lora (before --save-hf)
+--- Under mpirun: setup after the model is split (pmp.train.parallel.split) and before data parallelism
+--- wraps it; every rank calls finish (the adapters are gathered, world rank 0 writes them).
 local peft = require 'pmp.models.peft'
 
 local M = {}
@@ -74,7 +76,7 @@ function M.finish(model, opts, base_dir)
   if not M.enabled(opts) then return end
   if opts.save_lora then
     peft.save(model, opts.save_lora, { base = base_dir })
-    print('lora: saved the adapters to ' .. opts.save_lora)
+    if require('pmp.dist').rank() == 0 then print('lora: saved the adapters to ' .. opts.save_lora) end
   end
   if opts.merge_lora then peft.merge(model) end
 end
