@@ -11,8 +11,12 @@ One process per model-parallel rank under torchrun, gloo process groups, the loc
   torchrun --nproc-per-node T*P tools/megatron_reference.py read DIR --tp T --pp P
       loads the checkpoint in DIR (torch.load(weights_only=True), load_state_dict(strict=True)) into
       the model of that layout and prints {"logits": ...} of the same batch as JSON
+  --format torch_dist (write and read): Megatron-Core's distributed checkpoint instead
+      (dist_checkpointing.save / load of model.sharded_state_dict(): iter_NNNNNNN/.metadata,
+      __R_N.distcp, common.pt with args, metadata.json), as Megatron-LM's --ckpt-format torch_dist
 
-make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`; spec/megatron_checkpoint_spec.lua
+make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`, make_torch_dist_fixtures.sh
+spec/fixtures/megatron_torch_dist/ with `write --format torch_dist`; spec/megatron_checkpoint_spec.lua
 (PMP_MEGATRON_CHECK=1) has Megatron-Core `read` what pmp wrote. Pipeline stages pass the hidden states
 to the next stage with plain gloo send/recv (Megatron's schedules need CUDA streams).
 """
@@ -31,10 +35,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-# Megatron-Core asks CUDA for the current device while building; on the CPU every tensor lives there.
+# Megatron-Core asks CUDA for the current device while building, and its checkpoint writer waits for
+# CUDA copies; on the CPU every tensor lives there and nothing runs asynchronously.
 torch.cuda.current_device = lambda: 'cpu'
+torch.cuda.synchronize = lambda *args, **kwargs: None
 
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.tensor_parallel import random as mrandom  # noqa: E402
@@ -151,6 +157,7 @@ def main():
     parser.add_argument('dir')
     parser.add_argument('--tp', type=int, default=1)
     parser.add_argument('--pp', type=int, default=1)
+    parser.add_argument('--format', choices=['torch', 'torch_dist'], default='torch')
     opts = parser.parse_args()
     dist.init_process_group('gloo')
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
@@ -161,7 +168,21 @@ def main():
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = build(opts.tp, opts.pp)
     model.eval()
-    if opts.mode == 'write':
+    if opts.mode == 'write' and opts.format == 'torch_dist':
+        perturb(model, tp_rank, pp_rank)
+        root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
+        os.makedirs(root, exist_ok=True)
+        args = args_of(opts.tp, opts.pp)
+        args.ckpt_format = 'torch_dist'
+        # Megatron-LM's training save: the non-sharded entries go to common.pt
+        state = {'args': args, 'checkpoint_version': 3.0, 'iteration': ITERATION,
+                 'model': model.sharded_state_dict(metadata={'singleton_local_shards': False})}
+        dist_checkpointing.save(state, root)
+    elif opts.mode == 'read' and opts.format == 'torch_dist':
+        state = dist_checkpointing.load({'model': model.sharded_state_dict(metadata={'singleton_local_shards': False})},
+                                        os.path.join(opts.dir, 'release'))
+        model.load_state_dict(state['model'], strict=True)
+    elif opts.mode == 'write':
         perturb(model, tp_rank, pp_rank)
         root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
         path = rank_file(root, tp_rank, pp_rank, opts.pp)
