@@ -57,12 +57,14 @@ end
 
 M.rank_dir_name = layout_file.rank_dir_name
 
--- Whether dir holds a Megatron torch checkpoint (a tracker naming a directory with rank .pt files).
+-- Whether dir holds a Megatron checkpoint: a tracker naming a directory with rank .pt files (torch
+-- format) or a distributed checkpoint (torch_dist format, pmp.checkpoint.torch_dist).
 function M.is_checkpoint(dir)
   local ok, iteration = pcall(M.tracker, dir)
   if not ok or iteration == nil then return false end
   local root = M.iteration_dir(dir, iteration)
   return io_.is_file(io_.join(root, 'mp_rank_00', M.MODEL_FILE)) or io_.is_file(io_.join(root, 'mp_rank_00_000', M.MODEL_FILE))
+    or require('pmp.checkpoint.torch_dist').is_dist_dir(root)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -85,6 +87,8 @@ local function from_megatron(key)
   if prefix and TE_NORMS[rest] then return prefix .. TE_NORMS[rest], true end
   return key, false
 end
+
+M.name_from_megatron = from_megatron
 
 local function to_megatron(name, impl)
   if impl ~= 'transformer_engine' then return name end
@@ -278,13 +282,16 @@ function Checkpoint:index()
   table.sort(self.names)
 end
 
---- Opens the checkpoint in dir. options: iteration (default: the tracker's), true_vocab_size, config
+--- Opens the checkpoint in dir, of either format (a torch_dist one through pmp.checkpoint.torch_dist,
+--- with the same interface). options: iteration (default: the tracker's), true_vocab_size, config
 --- (GPTModel settings that override those from args, or the whole config for a checkpoint without args).
 function M.open(dir, options)
   options = options or {}
   local iteration = options.iteration or M.tracker(dir)
   if iteration == nil then fail('%s has no %s', dir, M.TRACKER) end
   local root = M.iteration_dir(dir, iteration)
+  local torch_dist = require 'pmp.checkpoint.torch_dist'
+  if io_.is_dir(root) and torch_dist.is_dist_dir(root) then return torch_dist.open(dir, root, iteration, options, M) end
   local tp, pp = scan_layout(root)
   local self = setmetatable({ dir = dir, root = root, iteration = iteration, tp = tp, pp = pp, files = {}, report = {},
     transformer_impl = 'local' }, Checkpoint)

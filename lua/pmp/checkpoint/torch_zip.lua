@@ -111,14 +111,27 @@ local function end_record(path, p, size)
   zip_fail(path, 'not a zip archive (no end of central directory record; torch.save files are zip archives)')
 end
 
---- The archive at path, mapped: entries by name {name, offset (of the data), size, crc}.
-function M.open(path)
+--- The mapping of the file at path (released when collected; each tensor view holds its own reference).
+function M.map(path)
   local m = C.pmp_map_file(path)
   if m == nil then error('torch_zip: ' .. ffi.string(C.pmp_last_error()), 0) end
-  -- released with the archive; each tensor view holds its own reference
-  local self = setmetatable({ path = path, mapping = ffi.gc(m, C.pmp_mapping_release), entries = {}, names = {} }, Archive)
-  local size = tonumber(C.pmp_mapping_size(m))
-  local p = ffi.cast('const uint8_t *', C.pmp_mapping_data(m))
+  return ffi.gc(m, C.pmp_mapping_release)
+end
+
+--- The archive at path, mapped: entries by name {name, offset (of the data), size, crc}. within: an
+--- archive that is one byte range of a larger file (torch.distributed.checkpoint's .distcp files hold
+--- one torch.save archive per tensor chunk): {mapping = M.map(file), offset, length}; path then only
+--- names it in errors.
+function M.open(path, within)
+  local m = within and within.mapping or M.map(path)
+  local self = setmetatable({ path = path, mapping = m, entries = {}, names = {}, start = within and within.offset or 0 },
+    Archive)
+  local size = within and within.length or tonumber(C.pmp_mapping_size(m))
+  if self.start + size > tonumber(C.pmp_mapping_size(m)) then
+    zip_fail(path, string.format('bytes %d to %d lie past the end of the file (%d bytes)', self.start, self.start + size,
+      tonumber(C.pmp_mapping_size(m))))
+  end
+  local p = ffi.cast('const uint8_t *', C.pmp_mapping_data(m)) + self.start
   self.size, self.base = size, p
   if size < 22 then zip_fail(path, 'too short for a zip archive') end
   local e = end_record(path, p, size)
@@ -183,7 +196,7 @@ function Archive:verify(e)
   e.verified = true
   if e.size > 0 then
     record_shape[0] = e.size
-    local bytes = C.pmp_mapping_tensor(self.mapping, e.offset, C.PMP_U8, record_shape, 1)
+    local bytes = C.pmp_mapping_tensor(self.mapping, self.start + e.offset, C.PMP_U8, record_shape, 1)
     if bytes ~= nil then
       C.pmp_mapping_drop_pages(bytes)
       C.pmp_tensor_release(bytes)
@@ -234,8 +247,8 @@ function Archive:tensor(storage, offset, size, stride, reader)
   local id = C.pmp_dtype_from_name(storage.dtype)
   local at = storage.entry.offset + offset * C.pmp_dtype_size(id)
   local ptr
-  if at % C.pmp_dtype_size(id) == 0 then
-    ptr = C.pmp_mapping_tensor(self.mapping, at, id, shape_buffer, #shape)
+  if (self.start + at) % C.pmp_dtype_size(id) == 0 then
+    ptr = C.pmp_mapping_tensor(self.mapping, self.start + at, id, shape_buffer, #shape)
   else
     local cpu = ffi.new('pmp_device', C.PMP_CPU, 0)
     ptr = C.pmp_empty(shape_buffer, #shape, id, cpu)
@@ -268,9 +281,10 @@ function Archive:storage(pid, reader)
 end
 
 --- The value of the torch.save file at path and the report of placeholders (global name -> count).
---- Tensors are views of the file's mapping, which stays mapped while any of them lives.
-function M.load(path)
-  local archive = M.open(path)
+--- Tensors are views of the file's mapping, which stays mapped while any of them lives. within: as
+--- for M.open.
+function M.load(path, within)
+  local archive = M.open(path, within)
   archive.storages = {}
   local function rebuild_tensor(args, reader)
     if #args < 4 or type(args[1]) ~= 'table' or args[1].entry == nil and not args[1].placeholder then
