@@ -96,6 +96,7 @@ local function to_megatron(name, impl)
   if prefix and LOCAL_NORMS[rest] then return prefix .. LOCAL_NORMS[rest] end
   return name
 end
+M.name_to_megatron = to_megatron
 
 -- The weightless entries each spec's modules add, after the layer's (or model's) weights.
 local LAYER_EXTRA = {
@@ -104,6 +105,8 @@ local LAYER_EXTRA = {
   transformer_engine = { 'self_attention.linear_qkv._extra_state', 'self_attention.core_attention._extra_state',
     'self_attention.linear_proj._extra_state', 'mlp.linear_fc1._extra_state', 'mlp.linear_fc2._extra_state' },
 }
+
+M.LAYER_EXTRA = LAYER_EXTRA
 
 ---------------------------------------------------------------------------------------------------
 -- The model config from args
@@ -519,8 +522,13 @@ local LAYER_ORDER = { 'input_layernorm.weight', 'input_layernorm.bias', 'self_at
 ---   transformer_impl  'local' (default) or 'transformer_engine'
 ---   dtype         of the saved weights (default f32), iteration (default 'release'), args (extra fields)
 ---   progress(done, total, name)  called after each tensor part is written
+---   format        'torch' (default) or 'torch_dist' (pmp.checkpoint.torch_dist.save: one copy of each
+---                 weight that Megatron-Core reads into any layout)
 --- The iteration directory is written to a temporary one and renamed, then the tracker is rewritten.
 function M.save(dir, spec)
+  local format = spec.format or 'torch'
+  if format == 'torch_dist' then return require('pmp.checkpoint.torch_dist').save(dir, spec, M) end
+  if format ~= 'torch' then fail("format '%s' (torch, torch_dist)", tostring(format)) end
   local config = spec.config
   local tp, pp, vp = spec.tp or 1, spec.pp or 1, spec.vp or 1
   local impl = spec.transformer_impl or 'local'

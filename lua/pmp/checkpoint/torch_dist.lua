@@ -1,4 +1,5 @@
---- Megatron-Core's `torch_dist` checkpoints (PyTorch distributed checkpoint, docs/formats.md §3.3), read:
+--- Megatron-Core's `torch_dist` checkpoints (PyTorch distributed checkpoint, docs/formats.md §3.3), read
+--- and written:
 ---
 ---   DIR/latest_checkpointed_iteration.txt
 ---   DIR/iter_NNNNNNN/ (or DIR/release/)
@@ -17,7 +18,9 @@
 --- gives. `_extra_state` and other objects (bytes items) hold no weights and are skipped.
 ---
 --- Opened through pmp.checkpoint.megatron.open (which sees metadata.json or .metadata), so loading a
---- model, recipes' --load and tools/checkpoint/convert.lua take either Megatron format.
+--- model, recipes' --load and tools/checkpoint/convert.lua take either Megatron format. Written by
+--- M.save (megatron.save with format = 'torch_dist'): one data file, each weight one chunk (a stacked
+--- key one chunk per layer), which Megatron-Core reads into any parallel layout.
 local io_ = require 'pmp.io'
 local tensor = require 'pmp.tensor'
 local C = require('pmp.ffi').C
@@ -312,6 +315,135 @@ function M.open(dir, root, iteration, options, megatron)
   local embedding = self.where['embedding.word_embeddings.weight']
   self.dtype = embedding and tensors[embedding.key].dtype or 'f32'
   return self
+end
+
+---------------------------------------------------------------------------------------------------
+-- Writing
+
+local DCP = 'torch.distributed.checkpoint.'
+M.DATA_FILE = '__0_0.distcp'
+
+local function size_of(dims) return P.call('torch', 'Size', P.tuple({ P.tuple({ unpack(dims) }) })) end
+
+-- TensorProperties pickles its own 5-tuple: dtype, layout, requires_grad, memory format, pin_memory.
+local function properties(dtype)
+  return setmetatable({ class = DCP .. 'metadata.TensorProperties', fields = {}, state = P.tuple({
+    P.dtype(Z.TORCH_DTYPE[dtype]), P.enum('torch.serialization._get_layout', 'torch.strided'), false,
+    P.enum(DCP .. 'metadata._MEM_FORMAT_ENCODING', 0), false }) }, P.Record)
+end
+
+--- Writes a torch_dist checkpoint of the weights in spec (as for megatron.save: names, shapes, tensor,
+--- config, dtype, iteration, args, transformer_impl, progress; tp, pp, vp and first_stage_layers are
+--- only recorded in args, since Megatron-Core reads the one copy into any layout). megatron:
+--- pmp.checkpoint.megatron (names, args, extra-state entries). The iteration directory is written to a
+--- temporary one and renamed, then the tracker is rewritten.
+function M.save(dir, spec, megatron)
+  local config = spec.config
+  local impl = spec.transformer_impl or 'local'
+  local extras = megatron.LAYER_EXTRA[impl]
+  if not extras then fail("transformer_impl '%s' (local, transformer_engine)", tostring(impl)) end
+  local dtype = spec.dtype or 'f32'
+  if not Z.TORCH_DTYPE[dtype] then fail("dtype '%s' has no torch dtype", tostring(dtype)) end
+  local iteration = spec.iteration or 'release'
+  local layers = config.num_layers
+  local extra_args = { ckpt_format = 'torch_dist' }
+  for k, v in pairs(spec.args or {}) do extra_args[k] = v end
+  local args = megatron.args_for(config, { tp = spec.tp or 1, pp = spec.pp or 1, vp = spec.vp or 1,
+    first_stage_layers = spec.first_stage_layers, transformer_impl = impl, dtype = dtype }, extra_args)
+
+  -- every weight's key and place: stacked layers under one key with a leading layer axis
+  local keys, by_key = {}, {}
+  for _, name in ipairs(spec.names) do
+    local megatron_name = megatron.name_to_megatron(name, 'transformer_engine')
+    local layer, rest = megatron_name:match('^decoder%.layers%.(%d+)%.(.*)$')
+    local key = layer and 'decoder.layers.' .. rest or megatron_name
+    local k = by_key[key]
+    if not k then
+      k = { key = key, stacked = layer ~= nil, parts = {} }
+      by_key[key] = k
+      keys[#keys + 1] = key
+    end
+    local at = layer and tonumber(layer) + 1 or 1
+    if layer and at > layers then fail('%s: %s is past the model\'s %d layers', dir, name, layers) end
+    k.parts[at] = name
+    k.shape = spec.shapes[name]
+  end
+  table.sort(keys)
+  for _, key in ipairs(keys) do
+    local k = by_key[key]
+    for at = 1, k.stacked and layers or 1 do
+      if not k.parts[at] then fail('%s: layer %d has no %s', dir, at - 1, key:gsub('^decoder%.layers%.', '')) end
+    end
+  end
+
+  local state = P.dict(false)
+  local storage = P.dict(false)
+  local function place(fqn, offsets, from, length)
+    local index = P.record(DCP .. 'metadata.MetadataIndex', { fqn = fqn, offset = offsets and size_of(offsets) or P.None,
+      index = P.None })
+    P.set(storage, index, P.record(DCP .. 'filesystem._StorageInfo', { relative_path = M.DATA_FILE, offset = from,
+      length = length, transform_descriptors = P.None }))
+  end
+  local total, done = #spec.names, 0
+
+  local root = megatron.iteration_dir(dir, iteration)
+  io_.mkdir_p(dir)
+  io_.remove_stale_temporaries(dir)
+  io_.replace_dir_atomic(root, function(tmp)
+    io_.write_atomic(io_.join(tmp, M.DATA_FILE), function(w)
+      for _, key in ipairs(keys) do
+        local k = by_key[key]
+        local size = { unpack(k.shape) }
+        if k.stacked then table.insert(size, 1, layers) end
+        local chunks = P.list()
+        for at = 1, k.stacked and layers or 1 do
+          local name = k.parts[at]
+          local offsets, sizes = {}, { unpack(size) }
+          for d = 1, #size do offsets[d] = 0 end
+          if k.stacked then offsets[1], sizes[1] = at - 1, 1 end
+          local from = w.bytes
+          local length = Z.write(w, 'archive', Z.deferred(dtype, sizes, function()
+            local t = spec.tensor(name)
+            if table.concat(t.shape, ',') ~= table.concat(spec.shapes[name], ',') then
+              fail('%s: %s is [%s], its shape was given as [%s]', dir, name, table.concat(t.shape, ','),
+                table.concat(spec.shapes[name], ','))
+            end
+            done = done + 1
+            if spec.progress then spec.progress(done, total, name) end
+            return t
+          end))
+          place(key, offsets, from, length)
+          chunks[#chunks + 1] = P.record(DCP .. 'metadata.ChunkStorageMetadata', { offsets = size_of(offsets),
+            sizes = size_of(sizes) })
+        end
+        P.set(state, key, P.record(DCP .. 'metadata.TensorStorageMetadata', { properties = properties(dtype),
+          size = size_of(size), chunks = chunks }))
+      end
+      -- the weightless entries Megatron-Core's modules ask for: one object per layer, each saved in a
+      -- list of one as Megatron-Core saves the values of its ShardedObjects
+      local empty = P.list({ impl == 'local' and P.None or tensor.empty({ 0 }, { dtype = 'u8' }) })
+      for layer = 0, layers - 1 do
+        for _, extra in ipairs(extras) do
+          local fqn = string.format('decoder.layers.%s/shard_%d_%d', extra, layer, layers)
+          local from = w.bytes
+          place(fqn, nil, from, Z.write(w, 'archive', empty))
+          P.set(state, fqn, P.record(DCP .. 'metadata.BytesStorageMetadata'))
+        end
+      end
+    end)
+    local metadata = P.record(DCP .. 'metadata.Metadata', { state_dict_metadata = state, planner_data = P.None,
+      storage_data = storage, storage_meta = P.None, version = '1.0.0' })
+    io_.write_atomic(io_.join(tmp, M.METADATA), P.dump(metadata))
+    local common = P.dict(false)
+    P.set(common, 'args', args)
+    P.set(common, 'checkpoint_version', P.float(megatron.CHECKPOINT_VERSION))
+    P.set(common, 'iteration', iteration == 'release' and 0 or iteration)
+    Z.save(io_.join(tmp, M.COMMON), common)
+    io_.write_atomic(io_.join(tmp, M.METADATA_JSON), '{"sharded_backend": "torch_dist", "sharded_backend_version": 1, ' ..
+      '"common_backend": "torch", "common_backend_version": 1}')
+  end)
+  io_.write_atomic(io_.join(dir, megatron.TRACKER), tostring(iteration) .. '\n')
+  return root
 end
 
 return M

@@ -334,17 +334,20 @@ local ALIGNMENT = 64
 local StorageRef = {}
 
 -- Writes records one at a time through a pmp.io writer: add(name, bytes or tensor) then finish().
+-- Offsets count from origin, where the archive starts in the file.
 local ZipWriter = {}
 ZipWriter.__index = ZipWriter
+
+function ZipWriter:at() return self.w.bytes - self.origin end
 
 function ZipWriter:header(name, size, crc)
   local zip64 = size >= 0xffffffff
   local extra = zip64 and ('\1\0\16\0' .. le(size, 8) .. le(size, 8)) or ''
   local fixed = 30 + #name + #extra + 4
-  local pad = (ALIGNMENT - (self.w.bytes + fixed) % ALIGNMENT) % ALIGNMENT
+  local pad = (ALIGNMENT - (self:at() + fixed) % ALIGNMENT) % ALIGNMENT
   extra = extra .. 'FB' .. le(pad, 2) .. string.rep('Z', pad)
   local small = zip64 and 0xffffffff or size
-  self.records[#self.records + 1] = { name = name, size = size, crc = crc, offset = self.w.bytes }
+  self.records[#self.records + 1] = { name = name, size = size, crc = crc, offset = self:at() }
   self.w:write('PK\3\4' .. le(zip64 and 45 or 20, 2) .. le(0, 2) .. le(0, 2) .. le(0, 2) .. le(0x21, 2) .. le(crc, 4) ..
     le(small, 4) .. le(small, 4) .. le(#name, 2) .. le(#extra, 2) .. name .. extra)
 end
@@ -363,7 +366,7 @@ function ZipWriter:add_tensor(name, t)
 end
 
 function ZipWriter:finish()
-  local cd_start = self.w.bytes
+  local cd_start = self:at()
   local parts = {}
   for _, r in ipairs(self.records) do
     local extra = ''
@@ -377,7 +380,7 @@ function ZipWriter:finish()
   end
   local cd = table.concat(parts)
   self.w:write(cd)
-  local n, cd_end = #self.records, self.w.bytes
+  local n, cd_end = #self.records, self:at()
   local zip64 = n >= 0xffff or cd_start >= 0xffffffff or #cd >= 0xffffffff
   if zip64 then
     self.w:write('PK\6\6' .. le(44, 8) .. le(45, 2) .. le(45, 2) .. le(0, 4) .. le(0, 4) .. le(n, 8) .. le(n, 8) ..
@@ -405,11 +408,10 @@ local function materialize(v, name)
   return t:contiguous()
 end
 
---- Writes value (see pmp.checkpoint.torch_pickle for the kinds; tensors: pmp tensors or M.deferred)
---- to path atomically as torch.save does. Tensors are written one at a time (a deferred one is made
---- when its record is written and dropped after), so saving holds at most one tensor's temporary.
-function M.save(path, value)
-  local stem = pio.basename(path):gsub('%.[^.]*$', '')
+--- Writes value as a torch.save archive whose records sit under folder `stem`, through pmp.io writer w
+--- from its current position (a torch.distributed.checkpoint .distcp file holds one archive per tensor
+--- chunk, one after another); returns the archive's length in bytes. Tensors as for M.save.
+function M.write(w, stem, value)
   local storages, order = {}, {}
   local function reduce(v)
     if not is_tensor_like(v) then return nil end
@@ -431,23 +433,30 @@ function M.save(path, value)
     return P.tuple({ 'storage', setmetatable({ module = 'torch', name = v.class }, P.Global), v.key, 'cpu', v.numel })
   end
   local pickle = P.dump(value, { reduce = reduce, persistent_id = persistent_id })
+  local z = setmetatable({ w = w, prefix = stem .. '/', records = {}, origin = w.bytes }, ZipWriter)
+  z:add_bytes('data.pkl', pickle)
+  z:add_bytes('.format_version', '1')
+  z:add_bytes('.storage_alignment', tostring(ALIGNMENT))
+  z:add_bytes('byteorder', 'little')
+  for k = 1, #order do
+    z:add_tensor('data/' .. (k - 1), materialize(order[k], 'data/' .. (k - 1)))
+    -- a deferred tensor's temporaries go now, their memory back to the system, not to the cache
+    order[k] = false
+    collectgarbage()
+    C.pmp_memory_empty_cache(C.PMP_CPU)
+  end
+  z:add_bytes('version', '3\n')
+  z:finish()
+  return z:at()
+end
+
+--- Writes value (see pmp.checkpoint.torch_pickle for the kinds; tensors: pmp tensors or M.deferred)
+--- to path atomically as torch.save does. Tensors are written one at a time (a deferred one is made
+--- when its record is written and dropped after), so saving holds at most one tensor's temporary.
+function M.save(path, value)
+  local stem = pio.basename(path):gsub('%.[^.]*$', '')
   pio.remove_stale_temporaries(pio.dirname(path), pio.basename(path) .. '.tmp.')
-  pio.write_atomic(path, function(w)
-    local z = setmetatable({ w = w, prefix = stem .. '/', records = {} }, ZipWriter)
-    z:add_bytes('data.pkl', pickle)
-    z:add_bytes('.format_version', '1')
-    z:add_bytes('.storage_alignment', tostring(ALIGNMENT))
-    z:add_bytes('byteorder', 'little')
-    for k = 1, #order do
-      z:add_tensor('data/' .. (k - 1), materialize(order[k], 'data/' .. (k - 1)))
-      -- a deferred tensor's temporaries go now, their memory back to the system, not to the cache
-      order[k] = false
-      collectgarbage()
-      C.pmp_memory_empty_cache(C.PMP_CPU)
-    end
-    z:add_bytes('version', '3\n')
-    z:finish()
-  end)
+  pio.write_atomic(path, function(w) M.write(w, stem, value) end)
   return path
 end
 
