@@ -123,6 +123,27 @@ describe("Megatron-Core's torch_dist checkpoints", function()
     fails_with(function() megatron.open(ckpt) end, "sharded_backend 'zarr' is not supported")
   end)
 
+  it("skip the optimizer's state that Megatron-LM saves beside the weights", function()
+    local ckpt = copy_fixture(dir, 'tp2_pp2')
+    local metadata_path = ckpt .. '/iter_0000005/.metadata'
+    local metadata = P.load(pmp.io.read_file(metadata_path))
+    local state, storage = metadata.fields.state_dict_metadata, metadata.fields.storage_data
+    -- an exp_avg of the final norm, stored where the norm's bytes are
+    local key = 'optimizer.state.exp_avg.decoder.final_layernorm.weight'
+    P.set(state, key, state['decoder.final_layernorm.weight'])
+    for _, index in ipairs(P.keys(storage)) do
+      if index.fields.fqn == 'decoder.final_layernorm.weight' then
+        P.set(storage, P.record(index.class, { fqn = key, offset = index.fields.offset, index = P.None }), storage[index])
+      end
+    end
+    shell.write_file(metadata_path, P.dump(metadata))
+    local ref = reference('tp2_pp2')
+    local model, opened = megatron.load_model(ckpt, { true_vocab_size = ref.vocab_size })
+    assert.is_not_nil(opened.tensors[key])
+    for _, name in ipairs(opened.names) do assert.is_nil(name:match('optimizer'), name) end
+    assert(max_logit_difference(model, ref) < 1e-5)
+  end)
+
   it("read a pickle's other globals as inert placeholders, never calling them", function()
     -- a .metadata naming os.system where a dataclass should be
     local value, report = P.load('\128\2cos\nsystem\nX\2\0\0\0idq\0\133R.')

@@ -15,7 +15,8 @@
 --- leading layer axis (`decoder.layers.mlp.linear_fc1.weight` [num_layers, ...]) and names the norms
 --- the Transformer Engine way whatever the spec; heterogeneous models keep per-layer keys. Both are
 --- mapped to pmp's names (decoder.layers.N.input_layernorm.weight ...), the same the legacy reader
---- gives. `_extra_state` and other objects (bytes items) hold no weights and are skipped.
+--- gives. `_extra_state` and other objects (bytes items) hold no weights and are skipped, and so is the
+--- optimizer's state (keys under `optimizer.`), which pmp does not take from Megatron checkpoints.
 ---
 --- Opened through pmp.checkpoint.megatron.open (which sees metadata.json or .metadata), so loading a
 --- model, recipes' --load and tools/checkpoint/convert.lua take either Megatron format. Written by
@@ -165,8 +166,8 @@ function Checkpoint:index(name_from_megatron)
   for _, key in ipairs(keys) do
     local t = self.tensors[key]
     local rest = key:match('^decoder%.layers%.(.*)$')
-    if key:match('_extra_state') then
-      -- no weights (Transformer Engine's FP8 state)
+    if key:match('_extra_state') or key:match('^optimizer%.') or key:match('^chained_%d+%.optimizer%.') then
+      -- no weights (Transformer Engine's FP8 state), or the optimizer's
     elseif rest and not rest:match('^%d+%.') then
       if t.size[1] ~= self.config.num_layers then
         fail('%s: %s stacks %d layers, args.num_layers is %d', self.root, key, t.size[1], self.config.num_layers)
