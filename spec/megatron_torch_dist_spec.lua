@@ -224,3 +224,36 @@ describe('pmp writing torch_dist', function()
     end
   end)
 end)
+
+describe('recipes/pretrain.lua --load with a torch_dist checkpoint', function()
+  local dir
+  setup(function() dir = shell.temp_dir() end)
+  teardown(function() shell.remove_dir(dir) end)
+  local TINY = { '--num-layers', '2', '--hidden-size', '32', '--num-attention-heads', '4', '--num-query-groups', '2',
+    '--seq-length', '16', '--micro-batch-size', '4', '--global-batch-size', '8', '--log-interval', '1',
+    '--eval-interval', '3', '--eval-iters', '1', '--sample-length', '0', '--lr-warmup-iters', '1' }
+  local function pretrain(extra)
+    local words = { ROOT .. '/recipes/pretrain.lua' }
+    for _, a in ipairs(TINY) do words[#words + 1] = a end
+    for _, a in ipairs(extra) do words[#words + 1] = a end
+    return shell.run_pmp(words)
+  end
+
+  it('continues from its weights and iteration', function()
+    local _, err, status = pretrain({ '--train-iters', '1', '--save', dir .. '/pmp' })
+    assert.are.equal(0, status, err)
+    local trained = pmp.checkpoint.load_model(dir .. '/pmp')
+    megatron.save_model(dir .. '/dist', trained, { iteration = 1, format = 'torch_dist' })
+    -- a step at learning rate 0 leaves every weight as loaded
+    local out
+    out, err, status = pretrain({ '--train-iters', '2', '--load', dir .. '/dist', '--save', dir .. '/next', '--lr', '0',
+      '--min-lr', '0' })
+    assert.are.equal(0, status, err)
+    assert.matches('loaded Megatron-LM checkpoint from ' .. dir .. '/dist at iteration 1', out, 1, true)
+    local next_model = pmp.checkpoint.load_model(dir .. '/next')
+    local a, b = trained:state_dict(), next_model:state_dict()
+    for name, t in pairs(a) do
+      assert((t:double() - b[name]:double()):abs():max():item() == 0, name .. ' changed')
+    end
+  end)
+end)
