@@ -1,4 +1,4 @@
---- Megatron-Core's `torch_dist` checkpoints (PyTorch distributed checkpoint, docs/formats.md §3.3), read
+--- Megatron-Core's `torch_dist` checkpoints (PyTorch distributed checkpoint, docs/formats.md §4.4), read
 --- and written:
 ---
 ---   DIR/latest_checkpointed_iteration.txt
