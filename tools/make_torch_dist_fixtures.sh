@@ -2,7 +2,8 @@
 # Writes spec/fixtures/megatron_torch_dist/: Megatron-Core's torch_dist checkpoints (--ckpt-format
 # torch_dist) of the small GPT model of tools/megatron_reference.py in two layouts, each with its logits
 # of a fixed batch (reference.json). Needs torch and megatron-core (pip install megatron-core); runs on
-# the CPU with gloo.
+# the CPU with gloo. tp1_pp1 regenerates byte for byte; tp2_pp2's .metadata lists storage_data in the
+# order its ranks' writer threads finish (equal contents, another order at times).
 set -eu
 cd "$(dirname "$0")/.."
 out=spec/fixtures/megatron_torch_dist

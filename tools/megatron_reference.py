@@ -33,6 +33,7 @@ warnings.filterwarnings('ignore')
 import numpy  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint.filesystem as dcp_filesystem  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # Megatron-Core asks CUDA for the current device while building, and its checkpoint writer waits for
@@ -169,6 +170,8 @@ def main():
     model = build(opts.tp, opts.pp)
     model.eval()
     if opts.mode == 'write' and opts.format == 'torch_dist':
+        # the save id torch draws at random goes into .metadata: fixed, the fixtures regenerate byte for byte
+        dcp_filesystem._generate_uuid = lambda: '00000000-0000-0000-0000-000000000000'
         perturb(model, tp_rank, pp_rank)
         root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
         os.makedirs(root, exist_ok=True)
