@@ -19,6 +19,9 @@
 --- weights. Reading accepts both specs; writing makes the one asked for. The model config comes from
 --- the checkpoint's args; the true vocabulary size (args keep only the padded one) from
 --- options.true_vocab_size, else args.vocab_size when it was set, else the padded size.
+---
+--- Megatron-Core's torch_dist checkpoints (pmp.checkpoint.torch_dist) go through the same functions:
+--- open, load_model and load_into recognize them; save writes one with spec.format = 'torch_dist'.
 local C = require('pmp.ffi').C
 local io_ = require 'pmp.io'
 local tensor = require 'pmp.tensor'

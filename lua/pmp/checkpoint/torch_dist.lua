@@ -94,6 +94,10 @@ local function read_metadata(path)
       fail('%s: %s is stored through transforms (%s); only plain chunks are read', path, tostring(key.fqn),
         table.concat(info.transform_descriptors, ', '))
     end
+    if type(key.fqn) ~= 'string' or type(info.relative_path) ~= 'string' or type(info.offset) ~= 'number'
+        or type(info.length) ~= 'number' then
+      fail('%s: a storage_data entry lacks fqn, relative_path, offset or length', path)
+    end
     local offsets = key.offset ~= P.None and key.offset ~= nil and ints(key.offset, key.fqn .. ' offset', path) or {}
     where[index_key(key.fqn, offsets)] = { path = info.relative_path, offset = info.offset, length = info.length }
   end
@@ -194,7 +198,7 @@ end
 function Checkpoint:chunk(t, chunk)
   local s = chunk.storage
   local at = string.format('%s chunk at (%s)', t.key, table.concat(chunk.offsets, ','))
-  if type(s.path) ~= 'string' or s.path:find('/', 1, true) or s.path:match('^%.') then
+  if s.path:find('/', 1, true) or s.path:match('^%.') then
     fail('%s: %s: unexpected data file name %s', self.root, at, tostring(s.path))
   end
   local path = io_.join(self.root, s.path)
@@ -283,8 +287,8 @@ function M.open(dir, root, iteration, options, megatron)
   end
   local metadata_path = io_.join(root, M.METADATA)
   if not io_.is_file(metadata_path) then fail('%s is missing', metadata_path) end
-  local self = setmetatable({ dir = dir, root = root, iteration = iteration, report = {}, maps = {}, format = 'torch_dist',
-    transformer_impl = 'local', tp = 1, pp = 1, chunks = 1 }, Checkpoint)
+  local self = setmetatable({ dir = dir, root = root, iteration = iteration, report = {}, maps = {}, format = 'torch_dist' },
+    Checkpoint)
   local tensors, report = read_metadata(metadata_path)
   self.tensors = tensors
   merge_report(self.report, report)
@@ -308,10 +312,6 @@ function M.open(dir, root, iteration, options, megatron)
   self.config = config
   self.checkpoint_version = common and common.checkpoint_version
   self.saved_iteration = common and common.iteration
-  if self.args then
-    self.tp = tonumber(self.args.tensor_model_parallel_size) or 1
-    self.pp = tonumber(self.args.pipeline_model_parallel_size) or 1
-  end
   self:index(megatron.name_from_megatron)
   local embedding = self.where['embedding.word_embeddings.weight']
   self.dtype = embedding and tensors[embedding.key].dtype or 'f32'
