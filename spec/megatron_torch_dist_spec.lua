@@ -1,7 +1,7 @@
 require 'busted.runner'()
 -- Megatron-Core's torch_dist checkpoints: Megatron-Core's own (spec/fixtures/megatron_torch_dist, written on
--- the CPU by tools/make_torch_dist_fixtures.sh with Megatron-Core's logits of a fixed batch) read to the
--- same logits whatever layout wrote them; damaged ones refused naming the file and tensor; pmp's writer
+-- the CPU by tools/make_torch_dist_fixtures.sh with Megatron-Core's logits of a fixed batch; layers stacked
+-- under one key, or each under its own) read to the same logits whatever layout wrote them; damaged ones refused naming the file and tensor; pmp's writer
 -- read back bit-identical, and through tools/checkpoint/convert.lua. With PMP_MEGATRON_CHECK=1
 -- Megatron-Core itself loads what pmp wrote (tools/megatron_reference.py read --format torch_dist) into
 -- several layouts and must give the reference logits.
@@ -12,7 +12,7 @@ local P = require 'pmp.checkpoint.torch_pickle'
 local ROOT = package.loaded['pmp.root']
 local FIXTURES = ROOT .. '/spec/fixtures/megatron_torch_dist'
 local LEGACY = ROOT .. '/spec/fixtures/megatron'
-local LAYOUTS = { 'tp1_pp1', 'tp2_pp2' }
+local LAYOUTS = { 'tp1_pp1', 'tp2_pp2', 'per_layer_tp1_pp2' }
 
 local function reference(name) return pmp.json.decode(pmp.io.read_file(FIXTURES .. '/' .. name .. '/reference.json')) end
 
@@ -59,13 +59,15 @@ describe("Megatron-Core's torch_dist checkpoints", function()
   end)
 
   it("hold the weights Megatron-Core's legacy checkpoint of the same model holds, under the same names", function()
-    -- tools/megatron_reference.py seeds the same weights for both formats
-    local legacy = megatron.open(LEGACY .. '/tp2_pp2')
-    local dist = megatron.open(FIXTURES .. '/tp2_pp2')
-    assert.are.same(legacy.names, dist.names)
-    for _, name in ipairs(legacy.names) do
-      assert.are.same(legacy:shape(name), dist:shape(name), name)
-      assert((legacy:tensor(name):double() - dist:tensor(name):double()):abs():max():item() == 0, name .. ' differs')
+    -- tools/megatron_reference.py seeds the same weights for both formats in the same layout
+    for dist_name, legacy_name in pairs({ tp2_pp2 = 'tp2_pp2', per_layer_tp1_pp2 = 'tp1_pp2' }) do
+      local legacy = megatron.open(LEGACY .. '/' .. legacy_name)
+      local dist = megatron.open(FIXTURES .. '/' .. dist_name)
+      assert.are.same(legacy.names, dist.names)
+      for _, name in ipairs(legacy.names) do
+        assert.are.same(legacy:shape(name), dist:shape(name), name)
+        assert((legacy:tensor(name):double() - dist:tensor(name):double()):abs():max():item() == 0, name .. ' differs')
+      end
     end
   end)
 

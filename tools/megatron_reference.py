@@ -13,7 +13,9 @@ One process per model-parallel rank under torchrun, gloo process groups, the loc
       the model of that layout and prints {"logits": ...} of the same batch as JSON
   --format torch_dist (write and read): Megatron-Core's distributed checkpoint instead
       (dist_checkpointing.save / load of model.sharded_state_dict(): iter_NNNNNNN/.metadata,
-      __R_N.distcp, common.pt with args, metadata.json), as Megatron-LM's --ckpt-format torch_dist
+      __R_N.distcp, common.pt with args, metadata.json), as Megatron-LM's --ckpt-format torch_dist;
+      with --non-homogeneous-layers each layer under its own keys (decoder.layers.N....), as Megatron
+      saves hybrid and heterogeneous models, instead of stacked under one key per weight
 
 make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`, make_torch_dist_fixtures.sh
 spec/fixtures/megatron_torch_dist/ with `write --format torch_dist`; spec/megatron_checkpoint_spec.lua
@@ -159,12 +161,14 @@ def main():
     parser.add_argument('--tp', type=int, default=1)
     parser.add_argument('--pp', type=int, default=1)
     parser.add_argument('--format', choices=['torch', 'torch_dist'], default='torch')
+    parser.add_argument('--non-homogeneous-layers', action='store_true')
     opts = parser.parse_args()
     dist.init_process_group('gloo')
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
     # the tracker's fork draws CUDA generators; dropout is off, so it has nothing to do here
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     torch.manual_seed(1234)
+    sharding = {'singleton_local_shards': False, 'non_homogeneous_layers': opts.non_homogeneous_layers}
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = build(opts.tp, opts.pp)
@@ -179,10 +183,10 @@ def main():
         args.ckpt_format = 'torch_dist'
         # Megatron-LM's training save: the non-sharded entries go to common.pt
         state = {'args': args, 'checkpoint_version': 3.0, 'iteration': ITERATION,
-                 'model': model.sharded_state_dict(metadata={'singleton_local_shards': False})}
+                 'model': model.sharded_state_dict(metadata=sharding)}
         dist_checkpointing.save(state, root)
     elif opts.mode == 'read' and opts.format == 'torch_dist':
-        state = dist_checkpointing.load({'model': model.sharded_state_dict(metadata={'singleton_local_shards': False})},
+        state = dist_checkpointing.load({'model': model.sharded_state_dict(metadata=sharding)},
                                         os.path.join(opts.dir, 'release'))
         model.load_state_dict(state['model'], strict=True)
     elif opts.mode == 'write':
