@@ -3,8 +3,8 @@
 # torch_dist) of the small GPT model of tools/megatron_reference.py in two layouts with the layers
 # stacked under one key per weight, and one (per_layer_tp1_pp2) with each layer under its own keys, each
 # with its logits of a fixed batch (reference.json). Needs torch and megatron-core (pip install megatron-core); runs on
-# the CPU with gloo. tp1_pp1 regenerates byte for byte; tp2_pp2's .metadata lists storage_data in the
-# order its ranks' writer threads finish (equal contents, another order at times).
+# the CPU with gloo. tp1_pp1 regenerates byte for byte; the .metadata of a layout of several ranks lists
+# storage_data in the order their writer threads finish (equal contents, another order at times).
 set -eu
 cd "$(dirname "$0")/.."
 out=spec/fixtures/megatron_torch_dist
