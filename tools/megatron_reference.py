@@ -11,8 +11,14 @@ One process per model-parallel rank under torchrun, gloo process groups, the loc
   torchrun --nproc-per-node T*P tools/megatron_reference.py read DIR --tp T --pp P
       loads the checkpoint in DIR (torch.load(weights_only=True), load_state_dict(strict=True)) into
       the model of that layout and prints {"logits": ...} of the same batch as JSON
+  --format torch_dist (write and read): Megatron-Core's distributed checkpoint instead
+      (dist_checkpointing.save / load of model.sharded_state_dict(): iter_NNNNNNN/.metadata,
+      __R_N.distcp, common.pt with args, metadata.json), as Megatron-LM's --ckpt-format torch_dist;
+      with --non-homogeneous-layers each layer under its own keys (decoder.layers.N....), as Megatron
+      saves hybrid and heterogeneous models, instead of stacked under one key per weight
 
-make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`; spec/megatron_checkpoint_spec.lua
+make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`, make_torch_dist_fixtures.sh
+spec/fixtures/megatron_torch_dist/ with `write --format torch_dist`; spec/megatron_checkpoint_spec.lua
 (PMP_MEGATRON_CHECK=1) has Megatron-Core `read` what pmp wrote. Pipeline stages pass the hidden states
 to the next stage with plain gloo send/recv (Megatron's schedules need CUDA streams).
 """
@@ -29,12 +35,15 @@ warnings.filterwarnings('ignore')
 import numpy  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint.filesystem as dcp_filesystem  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-# Megatron-Core asks CUDA for the current device while building; on the CPU every tensor lives there.
+# Megatron-Core asks CUDA for the current device while building, and its checkpoint writer waits for
+# CUDA copies; on the CPU every tensor lives there and nothing runs asynchronously.
 torch.cuda.current_device = lambda: 'cpu'
+torch.cuda.synchronize = lambda *args, **kwargs: None
 
-from megatron.core import parallel_state  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.tensor_parallel import random as mrandom  # noqa: E402
@@ -151,17 +160,36 @@ def main():
     parser.add_argument('dir')
     parser.add_argument('--tp', type=int, default=1)
     parser.add_argument('--pp', type=int, default=1)
+    parser.add_argument('--format', choices=['torch', 'torch_dist'], default='torch')
+    parser.add_argument('--non-homogeneous-layers', action='store_true')
     opts = parser.parse_args()
     dist.init_process_group('gloo')
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
     # the tracker's fork draws CUDA generators; dropout is off, so it has nothing to do here
     mrandom.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()
     torch.manual_seed(1234)
+    sharding = {'singleton_local_shards': False, 'non_homogeneous_layers': opts.non_homogeneous_layers}
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = build(opts.tp, opts.pp)
     model.eval()
-    if opts.mode == 'write':
+    if opts.mode == 'write' and opts.format == 'torch_dist':
+        # the save id torch draws at random goes into .metadata: fixed, the fixtures regenerate byte for byte
+        dcp_filesystem._generate_uuid = lambda: '00000000-0000-0000-0000-000000000000'
+        perturb(model, tp_rank, pp_rank)
+        root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
+        os.makedirs(root, exist_ok=True)
+        args = args_of(opts.tp, opts.pp)
+        args.ckpt_format = 'torch_dist'
+        # Megatron-LM's training save: the non-sharded entries go to common.pt
+        state = {'args': args, 'checkpoint_version': 3.0, 'iteration': ITERATION,
+                 'model': model.sharded_state_dict(metadata=sharding)}
+        dist_checkpointing.save(state, root)
+    elif opts.mode == 'read' and opts.format == 'torch_dist':
+        state = dist_checkpointing.load({'model': model.sharded_state_dict(metadata=sharding)},
+                                        os.path.join(opts.dir, 'release'))
+        model.load_state_dict(state['model'], strict=True)
+    elif opts.mode == 'write':
         perturb(model, tp_rank, pp_rank)
         root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
         path = rank_file(root, tp_rank, pp_rank, opts.pp)

@@ -7,7 +7,9 @@
 ---       --true-vocab-size 151665 --model-type qwen2 --check-logits
 ---
 --- Loaders and savers: hf (a Hugging Face directory: config.json + safetensors), mcore / megatron
---- (Megatron-LM's legacy torch checkpoint, pmp.checkpoint.megatron), pmp (pmp's own checkpoints).
+--- (Megatron-LM's checkpoints, pmp.checkpoint.megatron: the legacy torch format, or torch_dist, which the
+--- loader recognizes by its metadata and the saver writes with --megatron-format torch_dist), pmp
+--- (pmp's own checkpoints).
 --- Every family converts through its one mapping table (models/<model_type>.lua); nothing here knows a
 --- family. hf -> mcore and mcore -> mcore/hf stream tensor by tensor: each tensor is read (a view of
 --- the mapped file), packed or joined, cut for each target rank and written before the next one, so
@@ -26,7 +28,7 @@ local FLAGS = {
   { '--target-expert-parallel-size', 1, 'Megatron saver: expert-parallel size (1: dense models only)' },
   { '--target-num-layers-per-virtual-pipeline-stage', 0, 'Megatron saver: layers per virtual stage (0: none)' },
   { '--target-decoder-first-pipeline-num-layers', 0, 'Megatron saver: layers of the first stage (0: even)' },
-  { '--megatron-format', 'torch', 'Megatron checkpoint format (torch; torch_dist is not supported yet)' },
+  { '--megatron-format', 'torch', 'Megatron saver checkpoint format: torch (legacy, per rank) or torch_dist' },
   { '--transformer-impl', 'transformer_engine', 'Megatron saver layer spec: local or transformer_engine' },
   { '--vocab-size', 0, 'the true vocabulary size (same as --true-vocab-size)' },
   { '--true-vocab-size', 0, 'the true vocabulary size, when the source stores only the padded one' },
@@ -68,7 +70,9 @@ if not saver then die("--saver must be hf, mcore or pmp, got '" .. tostring(opts
 if not opts.load_dir then die('--load-dir is required') end
 if not opts.save_dir then die('--save-dir is required') end
 if not pio.is_dir(opts.load_dir) then die('--load-dir ' .. opts.load_dir .. ' is not a directory') end
-if opts.megatron_format ~= 'torch' then die("--megatron-format '" .. opts.megatron_format .. "' is not supported (torch)") end
+if opts.megatron_format ~= 'torch' and opts.megatron_format ~= 'torch_dist' then
+  die("--megatron-format must be torch or torch_dist, got '" .. opts.megatron_format .. "'")
+end
 if opts.target_expert_parallel_size ~= 1 then die('--target-expert-parallel-size must be 1 (dense models only)') end
 if opts.transformer_impl ~= 'local' and opts.transformer_impl ~= 'transformer_engine' then
   die("--transformer-impl must be local or transformer_engine, got '" .. opts.transformer_impl .. "'")
@@ -137,10 +141,10 @@ function sources.hf(dir)
     hf = hf }
 end
 
--- A Megatron-LM legacy torch checkpoint: each tensor's TP parts joined when asked for.
+-- A Megatron-LM checkpoint (torch or torch_dist): each whole tensor rebuilt when asked for.
 function sources.mcore(dir)
-  if not megatron.is_checkpoint(dir) then die(dir .. ' is not a Megatron-LM torch checkpoint (no ' .. megatron.TRACKER ..
-    ' naming a directory with mp_rank_*/' .. megatron.MODEL_FILE .. ')') end
+  if not megatron.is_checkpoint(dir) then die(dir .. ' is not a Megatron-LM torch or torch_dist checkpoint (no ' ..
+    megatron.TRACKER .. ' naming a directory with mp_rank_*/' .. megatron.MODEL_FILE .. ' or .metadata)') end
   local ckpt = megatron.open(dir, { true_vocab_size = true_vocab })
   if not true_vocab and ckpt.config.vocab_size == ckpt.config.padded_vocab_size then
     io.stderr:write(string.format('convert: %s records only the padded vocabulary size (%d); pass --true-vocab-size to ' ..
@@ -229,13 +233,14 @@ function savers.mcore(source, dir)
     end
     vp = source.config.num_layers / (per * pp)
   end
-  local bar, update = progress_bar(tp * #source.names)
+  local dist = opts.megatron_format == 'torch_dist'
+  local bar, update = progress_bar((dist and 1 or tp) * #source.names)
   local root = megatron.save(dir, {
     names = source.names, shapes = source.shapes, tensor = source.tensor, config = source.config, tp = tp, pp = pp, vp = vp,
     first_stage_layers = opts.target_decoder_first_pipeline_num_layers > 0 and opts.target_decoder_first_pipeline_num_layers or nil,
     transformer_impl = opts.transformer_impl, dtype = dtype or source.dtype,
     iteration = opts.iteration and opts.iteration ~= 'release' and tonumber(opts.iteration) or 'release',
-    progress = update,
+    progress = update, format = opts.megatron_format,
   })
   bar:finish()
   return root

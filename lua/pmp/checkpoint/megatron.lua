@@ -19,6 +19,9 @@
 --- weights. Reading accepts both specs; writing makes the one asked for. The model config comes from
 --- the checkpoint's args; the true vocabulary size (args keep only the padded one) from
 --- options.true_vocab_size, else args.vocab_size when it was set, else the padded size.
+---
+--- Megatron-Core's torch_dist checkpoints (pmp.checkpoint.torch_dist) go through the same functions:
+--- open, load_model and load_into recognize them; save writes one with spec.format = 'torch_dist'.
 local C = require('pmp.ffi').C
 local io_ = require 'pmp.io'
 local tensor = require 'pmp.tensor'
@@ -57,12 +60,14 @@ end
 
 M.rank_dir_name = layout_file.rank_dir_name
 
--- Whether dir holds a Megatron torch checkpoint (a tracker naming a directory with rank .pt files).
+-- Whether dir holds a Megatron checkpoint: a tracker naming a directory with rank .pt files (torch
+-- format) or a distributed checkpoint (torch_dist format, pmp.checkpoint.torch_dist).
 function M.is_checkpoint(dir)
   local ok, iteration = pcall(M.tracker, dir)
   if not ok or iteration == nil then return false end
   local root = M.iteration_dir(dir, iteration)
   return io_.is_file(io_.join(root, 'mp_rank_00', M.MODEL_FILE)) or io_.is_file(io_.join(root, 'mp_rank_00_000', M.MODEL_FILE))
+    or require('pmp.checkpoint.torch_dist').is_dist_dir(root)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -86,12 +91,15 @@ local function from_megatron(key)
   return key, false
 end
 
+M.name_from_megatron = from_megatron
+
 local function to_megatron(name, impl)
   if impl ~= 'transformer_engine' then return name end
   local prefix, rest = name:match('^(decoder%.layers%.%d+%.)(.*)$')
   if prefix and LOCAL_NORMS[rest] then return prefix .. LOCAL_NORMS[rest] end
   return name
 end
+M.name_to_megatron = to_megatron
 
 -- The weightless entries each spec's modules add, after the layer's (or model's) weights.
 local LAYER_EXTRA = {
@@ -100,6 +108,8 @@ local LAYER_EXTRA = {
   transformer_engine = { 'self_attention.linear_qkv._extra_state', 'self_attention.core_attention._extra_state',
     'self_attention.linear_proj._extra_state', 'mlp.linear_fc1._extra_state', 'mlp.linear_fc2._extra_state' },
 }
+
+M.LAYER_EXTRA = LAYER_EXTRA
 
 ---------------------------------------------------------------------------------------------------
 -- The model config from args
@@ -278,13 +288,16 @@ function Checkpoint:index()
   table.sort(self.names)
 end
 
---- Opens the checkpoint in dir. options: iteration (default: the tracker's), true_vocab_size, config
+--- Opens the checkpoint in dir, of either format (a torch_dist one through pmp.checkpoint.torch_dist,
+--- with the same interface). options: iteration (default: the tracker's), true_vocab_size, config
 --- (GPTModel settings that override those from args, or the whole config for a checkpoint without args).
 function M.open(dir, options)
   options = options or {}
   local iteration = options.iteration or M.tracker(dir)
   if iteration == nil then fail('%s has no %s', dir, M.TRACKER) end
   local root = M.iteration_dir(dir, iteration)
+  local torch_dist = require 'pmp.checkpoint.torch_dist'
+  if io_.is_dir(root) and torch_dist.is_dist_dir(root) then return torch_dist.open(dir, root, iteration, options, M) end
   local tp, pp = scan_layout(root)
   local self = setmetatable({ dir = dir, root = root, iteration = iteration, tp = tp, pp = pp, files = {}, report = {},
     transformer_impl = 'local' }, Checkpoint)
@@ -512,8 +525,13 @@ local LAYER_ORDER = { 'input_layernorm.weight', 'input_layernorm.bias', 'self_at
 ---   transformer_impl  'local' (default) or 'transformer_engine'
 ---   dtype         of the saved weights (default f32), iteration (default 'release'), args (extra fields)
 ---   progress(done, total, name)  called after each tensor part is written
+---   format        'torch' (default) or 'torch_dist' (pmp.checkpoint.torch_dist.save: one copy of each
+---                 weight that Megatron-Core reads into any layout)
 --- The iteration directory is written to a temporary one and renamed, then the tracker is rewritten.
 function M.save(dir, spec)
+  local format = spec.format or 'torch'
+  if format == 'torch_dist' then return require('pmp.checkpoint.torch_dist').save(dir, spec, M) end
+  if format ~= 'torch' then fail("format '%s' (torch, torch_dist)", tostring(format)) end
   local config = spec.config
   local tp, pp, vp = spec.tp or 1, spec.pp or 1, spec.vp or 1
   local impl = spec.transformer_impl or 'local'

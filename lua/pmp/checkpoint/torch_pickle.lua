@@ -7,18 +7,23 @@
 --- Reading: a pickle names Python callables (GLOBAL) that the unpickler would call. Here only an
 --- allow-list is rebuilt, as Lua values (the REBUILD table below): collections.OrderedDict, the torch
 --- tensor rebuilders (through persistent_load, which gets each storage's persistent id), torch.Size,
---- torch dtypes, argparse.Namespace, numpy arrays, dtypes and scalars (RNG states), bytes, and enum
---- members (a class of a module named *enums* called with one value). Any other global becomes an inert
---- Placeholder that records its name, arguments and state; `report` lists the names of those met.
+--- torch dtypes, argparse.Namespace, numpy arrays, dtypes and scalars (RNG states), bytes, enum
+--- members (a class of a module named *enums* called with one value), and the dataclasses of
+--- torch.distributed.checkpoint's `.metadata` (M.RECORDS: kept as inert Records of their fields, never
+--- constructed). Any other global becomes an inert Placeholder that records its name, arguments and
+--- state; `report` lists the names of those met.
 ---
 --- Python values in Lua: None -> M.None; bool, int (exact below 2^53, else int64/uint64 cdata),
 --- float -> number; str -> string; bytes -> Bytes{data}; list -> List; tuple -> Tuple; dict and
 --- OrderedDict -> Dict (keys kept in insertion order, see M.keys); Namespace -> Namespace (attributes as
 --- fields); dtype -> Dtype{name}; enum member -> Enum{class, value}; numpy array -> NumpyArray{dtype,
---- shape, data}; anything else -> Placeholder{global, args, state}.
+--- shape, data}; an allow-listed dataclass -> Record{class, fields} (fields from a dict state) or
+--- Record{class, state} (a tuple state, as TensorProperties pickles); anything else ->
+--- Placeholder{global, args, state}. Records may be dict keys (MetadataIndex is).
 ---
 --- Writing (protocol 2) takes the same kinds plus plain Lua tables (arrays -> list, others -> dict) and
---- M.float(x) for a float whose value is integral (3.0 would otherwise be written as the int 3).
+--- M.float(x) for a float whose value is integral (3.0 would otherwise be written as the int 3), Records
+--- and Enums (written as their class called), and M.call(module, name, args) for any other call.
 local ffi = require 'ffi'
 local bit = require 'bit'
 
@@ -36,6 +41,7 @@ M.Dict, M.List, M.Tuple = kind('Dict'), kind('List'), kind('Tuple')
 M.Namespace, M.Bytes, M.Dtype = kind('Namespace'), kind('Bytes'), kind('Dtype')
 M.Enum, M.NumpyArray, M.Placeholder = kind('Enum'), kind('NumpyArray'), kind('Placeholder')
 M.Float, M.Global = kind('Float'), kind('Global')
+M.Record, M.Call = kind('Record'), kind('Call')
 
 local order = setmetatable({}, { __mode = 'k' })   -- Dict -> its keys in insertion order
 
@@ -77,6 +83,21 @@ function M.float(x) return setmetatable({ value = x }, M.Float) end
 function M.dtype(name) return setmetatable({ name = name }, M.Dtype) end
 function M.namespace(fields) return setmetatable(fields or {}, M.Namespace) end
 function M.bytes(data) return setmetatable({ data = data }, M.Bytes) end
+function M.record(class, fields) return setmetatable({ class = class, fields = fields or {} }, M.Record) end
+function M.enum(class, value) return setmetatable({ class = class, value = value }, M.Enum) end
+function M.call(module, name, args) return setmetatable({ module = module, name = name, args = args }, M.Call) end
+
+-- Dataclasses of torch.distributed.checkpoint's metadata, rebuilt as Records.
+local DCP = 'torch.distributed.checkpoint.'
+M.RECORDS = {}
+for _, name in ipairs({ 'metadata.Metadata', 'metadata.TensorStorageMetadata', 'metadata.ChunkStorageMetadata',
+  'metadata.TensorProperties', 'metadata.BytesStorageMetadata', 'metadata.MetadataIndex', 'metadata.StorageMeta',
+  'filesystem._StorageInfo', 'planner.SavePlan', 'planner.WriteItem', 'planner.TensorWriteData' }) do
+  M.RECORDS[DCP .. name] = true
+end
+-- Their enums: a class called with one value.
+local RECORD_ENUMS = { [DCP .. 'metadata._MEM_FORMAT_ENCODING'] = true, [DCP .. 'planner.WriteItemType'] = true,
+  ['torch.serialization._get_layout'] = true }
 
 ---------------------------------------------------------------------------------------------------
 -- Reading
@@ -247,6 +268,11 @@ function Reader:call(callable, args)
   if torch_rebuild then return torch_rebuild(args, self) end
   local rebuild = REBUILD[name]
   if rebuild then return rebuild(args, self) end
+  if M.RECORDS[name] then
+    if #args > 0 then self:fail(name .. ' called with arguments (a dataclass pickles without)') end
+    return M.record(name)
+  end
+  if RECORD_ENUMS[name] and #args == 1 then return M.enum(name, args[1]) end
   -- enum members pickle as their class called with the value
   if (callable.module:match('%.enums$') or callable.module:match('^enum')) and #args == 1
       and (type(args[1]) == 'number' or type(args[1]) == 'string') then
@@ -272,6 +298,16 @@ function Reader:build(obj, state)
   elseif k == 'Dtype' then
     -- numpy dtype state: (version, byte order, ...)
     if M.kind_of(state) == 'Tuple' and type(state[2]) == 'string' then obj.byteorder = state[2] end
+  elseif k == 'Record' then
+    -- a dataclass: its __dict__, (None, slots) with __slots__, or its own __getstate__ tuple
+    if M.kind_of(state) == 'Tuple' and #state == 2 and state[1] == M.None and M.kind_of(state[2]) == 'Dict' then
+      state = state[2]
+    end
+    if M.kind_of(state) == 'Dict' then
+      for _, key in ipairs(M.keys(state)) do obj.fields[key] = state[key] end
+    else
+      obj.state = state
+    end
   elseif k == 'Placeholder' then
     obj.state = state
   elseif type(obj) == 'cdata' then
@@ -350,8 +386,8 @@ local function setitems(r, d, items)
   if M.kind_of(d) ~= 'Dict' then r:fail('SETITEM(S) on a ' .. tostring(M.kind_of(d) or type(d))) end
   for i = 1, #items, 2 do
     local key = items[i]
-    if type(key) ~= 'string' and type(key) ~= 'number' and type(key) ~= 'boolean' then
-      r:fail('a dict key of kind ' .. tostring(M.kind_of(key) or type(key)) .. ' (only str, int and bool keys are read)')
+    if type(key) ~= 'string' and type(key) ~= 'number' and type(key) ~= 'boolean' and M.kind_of(key) ~= 'Record' then
+      r:fail('a dict key of kind ' .. tostring(M.kind_of(key) or type(key)) .. ' (only str, int, bool and Record keys are read)')
     end
     M.set(d, key, items[i + 1])
   end
@@ -542,6 +578,28 @@ function Writer:save(v)
   if k == 'Float' then return self:float(v.value) end
   if k == 'Dtype' then return self:global('torch', v.name) end
   if k == 'Global' then return self:global(v.module, v.name) end
+  if k == 'Record' then
+    self:global(v.class:match('^(.*)%.([^.]*)$'))
+    self:put(')\129')
+    if v.state ~= nil then
+      self:save(v.state)
+    else
+      local state = M.dict(false)
+      for _, key in ipairs(M.keys(v.fields)) do M.set(state, key, v.fields[key]) end
+      self:save(state)
+    end
+    return self:put('b')
+  end
+  if k == 'Enum' then
+    self:global(v.class:match('^(.*)%.([^.]*)$'))
+    self:save(M.tuple({ v.value }))
+    return self:put('R')
+  end
+  if k == 'Call' then
+    self:global(v.module, v.name)
+    self:save(v.args)
+    return self:put('R')
+  end
   if k == 'Tuple' then
     if #v == 0 then return self:put(')') end
     return self:sequence(v, 't')

@@ -111,14 +111,27 @@ local function end_record(path, p, size)
   zip_fail(path, 'not a zip archive (no end of central directory record; torch.save files are zip archives)')
 end
 
---- The archive at path, mapped: entries by name {name, offset (of the data), size, crc}.
-function M.open(path)
+--- The mapping of the file at path (released when collected; each tensor view holds its own reference).
+function M.map(path)
   local m = C.pmp_map_file(path)
   if m == nil then error('torch_zip: ' .. ffi.string(C.pmp_last_error()), 0) end
-  -- released with the archive; each tensor view holds its own reference
-  local self = setmetatable({ path = path, mapping = ffi.gc(m, C.pmp_mapping_release), entries = {}, names = {} }, Archive)
-  local size = tonumber(C.pmp_mapping_size(m))
-  local p = ffi.cast('const uint8_t *', C.pmp_mapping_data(m))
+  return ffi.gc(m, C.pmp_mapping_release)
+end
+
+--- The archive at path, mapped: entries by name {name, offset (of the data), size, crc}. within: an
+--- archive that is one byte range of a larger file (torch.distributed.checkpoint's .distcp files hold
+--- one torch.save archive per tensor chunk): {mapping = M.map(file), offset, length}; path then only
+--- names it in errors.
+function M.open(path, within)
+  local m = within and within.mapping or M.map(path)
+  local self = setmetatable({ path = path, mapping = m, entries = {}, names = {}, start = within and within.offset or 0 },
+    Archive)
+  local size = within and within.length or tonumber(C.pmp_mapping_size(m))
+  if self.start + size > tonumber(C.pmp_mapping_size(m)) then
+    zip_fail(path, string.format('bytes %d to %d lie past the end of the file (%d bytes)', self.start, self.start + size,
+      tonumber(C.pmp_mapping_size(m))))
+  end
+  local p = ffi.cast('const uint8_t *', C.pmp_mapping_data(m)) + self.start
   self.size, self.base = size, p
   if size < 22 then zip_fail(path, 'too short for a zip archive') end
   local e = end_record(path, p, size)
@@ -183,7 +196,7 @@ function Archive:verify(e)
   e.verified = true
   if e.size > 0 then
     record_shape[0] = e.size
-    local bytes = C.pmp_mapping_tensor(self.mapping, e.offset, C.PMP_U8, record_shape, 1)
+    local bytes = C.pmp_mapping_tensor(self.mapping, self.start + e.offset, C.PMP_U8, record_shape, 1)
     if bytes ~= nil then
       C.pmp_mapping_drop_pages(bytes)
       C.pmp_tensor_release(bytes)
@@ -234,8 +247,8 @@ function Archive:tensor(storage, offset, size, stride, reader)
   local id = C.pmp_dtype_from_name(storage.dtype)
   local at = storage.entry.offset + offset * C.pmp_dtype_size(id)
   local ptr
-  if at % C.pmp_dtype_size(id) == 0 then
-    ptr = C.pmp_mapping_tensor(self.mapping, at, id, shape_buffer, #shape)
+  if (self.start + at) % C.pmp_dtype_size(id) == 0 then
+    ptr = C.pmp_mapping_tensor(self.mapping, self.start + at, id, shape_buffer, #shape)
   else
     local cpu = ffi.new('pmp_device', C.PMP_CPU, 0)
     ptr = C.pmp_empty(shape_buffer, #shape, id, cpu)
@@ -268,9 +281,10 @@ function Archive:storage(pid, reader)
 end
 
 --- The value of the torch.save file at path and the report of placeholders (global name -> count).
---- Tensors are views of the file's mapping, which stays mapped while any of them lives.
-function M.load(path)
-  local archive = M.open(path)
+--- Tensors are views of the file's mapping, which stays mapped while any of them lives. within: as
+--- for M.open.
+function M.load(path, within)
+  local archive = M.open(path, within)
   archive.storages = {}
   local function rebuild_tensor(args, reader)
     if #args < 4 or type(args[1]) ~= 'table' or args[1].entry == nil and not args[1].placeholder then
@@ -320,17 +334,20 @@ local ALIGNMENT = 64
 local StorageRef = {}
 
 -- Writes records one at a time through a pmp.io writer: add(name, bytes or tensor) then finish().
+-- Offsets count from origin, where the archive starts in the file.
 local ZipWriter = {}
 ZipWriter.__index = ZipWriter
+
+function ZipWriter:at() return self.w.bytes - self.origin end
 
 function ZipWriter:header(name, size, crc)
   local zip64 = size >= 0xffffffff
   local extra = zip64 and ('\1\0\16\0' .. le(size, 8) .. le(size, 8)) or ''
   local fixed = 30 + #name + #extra + 4
-  local pad = (ALIGNMENT - (self.w.bytes + fixed) % ALIGNMENT) % ALIGNMENT
+  local pad = (ALIGNMENT - (self:at() + fixed) % ALIGNMENT) % ALIGNMENT
   extra = extra .. 'FB' .. le(pad, 2) .. string.rep('Z', pad)
   local small = zip64 and 0xffffffff or size
-  self.records[#self.records + 1] = { name = name, size = size, crc = crc, offset = self.w.bytes }
+  self.records[#self.records + 1] = { name = name, size = size, crc = crc, offset = self:at() }
   self.w:write('PK\3\4' .. le(zip64 and 45 or 20, 2) .. le(0, 2) .. le(0, 2) .. le(0, 2) .. le(0x21, 2) .. le(crc, 4) ..
     le(small, 4) .. le(small, 4) .. le(#name, 2) .. le(#extra, 2) .. name .. extra)
 end
@@ -349,7 +366,7 @@ function ZipWriter:add_tensor(name, t)
 end
 
 function ZipWriter:finish()
-  local cd_start = self.w.bytes
+  local cd_start = self:at()
   local parts = {}
   for _, r in ipairs(self.records) do
     local extra = ''
@@ -363,7 +380,7 @@ function ZipWriter:finish()
   end
   local cd = table.concat(parts)
   self.w:write(cd)
-  local n, cd_end = #self.records, self.w.bytes
+  local n, cd_end = #self.records, self:at()
   local zip64 = n >= 0xffff or cd_start >= 0xffffffff or #cd >= 0xffffffff
   if zip64 then
     self.w:write('PK\6\6' .. le(44, 8) .. le(45, 2) .. le(45, 2) .. le(0, 4) .. le(0, 4) .. le(n, 8) .. le(n, 8) ..
@@ -391,11 +408,10 @@ local function materialize(v, name)
   return t:contiguous()
 end
 
---- Writes value (see pmp.checkpoint.torch_pickle for the kinds; tensors: pmp tensors or M.deferred)
---- to path atomically as torch.save does. Tensors are written one at a time (a deferred one is made
---- when its record is written and dropped after), so saving holds at most one tensor's temporary.
-function M.save(path, value)
-  local stem = pio.basename(path):gsub('%.[^.]*$', '')
+--- Writes value as a torch.save archive whose records sit under folder `stem`, through pmp.io writer w
+--- from its current position (a torch.distributed.checkpoint .distcp file holds one archive per tensor
+--- chunk, one after another); returns the archive's length in bytes. Tensors as for M.save.
+function M.write(w, stem, value)
   local storages, order = {}, {}
   local function reduce(v)
     if not is_tensor_like(v) then return nil end
@@ -417,23 +433,30 @@ function M.save(path, value)
     return P.tuple({ 'storage', setmetatable({ module = 'torch', name = v.class }, P.Global), v.key, 'cpu', v.numel })
   end
   local pickle = P.dump(value, { reduce = reduce, persistent_id = persistent_id })
+  local z = setmetatable({ w = w, prefix = stem .. '/', records = {}, origin = w.bytes }, ZipWriter)
+  z:add_bytes('data.pkl', pickle)
+  z:add_bytes('.format_version', '1')
+  z:add_bytes('.storage_alignment', tostring(ALIGNMENT))
+  z:add_bytes('byteorder', 'little')
+  for k = 1, #order do
+    z:add_tensor('data/' .. (k - 1), materialize(order[k], 'data/' .. (k - 1)))
+    -- a deferred tensor's temporaries go now, their memory back to the system, not to the cache
+    order[k] = false
+    collectgarbage()
+    C.pmp_memory_empty_cache(C.PMP_CPU)
+  end
+  z:add_bytes('version', '3\n')
+  z:finish()
+  return z:at()
+end
+
+--- Writes value (see pmp.checkpoint.torch_pickle for the kinds; tensors: pmp tensors or M.deferred)
+--- to path atomically as torch.save does. Tensors are written one at a time (a deferred one is made
+--- when its record is written and dropped after), so saving holds at most one tensor's temporary.
+function M.save(path, value)
+  local stem = pio.basename(path):gsub('%.[^.]*$', '')
   pio.remove_stale_temporaries(pio.dirname(path), pio.basename(path) .. '.tmp.')
-  pio.write_atomic(path, function(w)
-    local z = setmetatable({ w = w, prefix = stem .. '/', records = {} }, ZipWriter)
-    z:add_bytes('data.pkl', pickle)
-    z:add_bytes('.format_version', '1')
-    z:add_bytes('.storage_alignment', tostring(ALIGNMENT))
-    z:add_bytes('byteorder', 'little')
-    for k = 1, #order do
-      z:add_tensor('data/' .. (k - 1), materialize(order[k], 'data/' .. (k - 1)))
-      -- a deferred tensor's temporaries go now, their memory back to the system, not to the cache
-      order[k] = false
-      collectgarbage()
-      C.pmp_memory_empty_cache(C.PMP_CPU)
-    end
-    z:add_bytes('version', '3\n')
-    z:finish()
-  end)
+  pio.write_atomic(path, function(w) M.write(w, stem, value) end)
   return path
 end
 
