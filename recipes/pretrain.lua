@@ -10,6 +10,7 @@ local train = pmp.train
 local flags, step = train.flags, train.step
 -- Megatron-LM's and Pai-Megatron-Patch's run-script flags beyond pmp's sets
 local megatron_flags = require 'pmp.train.megatron_flags'
+local megatron_defaults = require 'pmp.train.megatron_defaults'
 
 local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.training, flags.optimizer, flags.precision,
   flags.parallel, flags.data, flags.checkpoint, flags.logging, megatron_flags.architecture, megatron_flags.run,
@@ -18,8 +19,19 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
-  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.',
+  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..
+    'Defaults: a run on Megatron indexed data (--data-path PREFIX or blend, --train-data-path) gets Megatron-LM\'s\n' ..
+    'default for every flag it leaves out, and needs the flags Megatron requires (--num-layers --hidden-size\n' ..
+    '--num-attention-heads --max-position-embeddings --seq-length --micro-batch-size --lr, --train-iters or\n' ..
+    '--train-samples): --hidden-dropout 0.1, --weight-decay 0.01, --adam-beta2 0.999, --lr-decay-style linear,\n' ..
+    '--min-lr 0, --lr-warmup-iters 0, --eval-interval 1000, --eval-iters 100, --log-interval 100, --save-interval\n' ..
+    '(none: only at the end), --exit-signal-handler off, --normalization LayerNorm, --position-embedding-type\n' ..
+    'learned_absolute, --ffn-hidden-size 4 x hidden (--swiglu: 8/3 x hidden rounded down to 64), --global-batch-size\n' ..
+    'micro batch x data-parallel size; Megatron\'s --attention-dropout 0.1, GELU MLP and linear biases are not\n' ..
+    'built by pmp, so such runs must give --attention-dropout 0 --swiglu --disable-bias-linear. The embedded\n' ..
+    'corpus and text files keep the defaults listed below.',
 })
+local megatron_run = megatron_defaults.apply(opts, given)
 local flag_notes = megatron_flags.resolve(opts, given)
 
 -- One process unless started by mpirun; only the last rank logs, as in Megatron.
@@ -54,22 +66,24 @@ local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logge
 local ignored = megatron_flags.ignored_line(given)
 if ignored then logger:line('pretrain: ' .. ignored) end
 for _, note in ipairs(flag_notes) do logger:line('pretrain: ' .. note) end
+if megatron_run then logger:line("pretrain: indexed data: Megatron-LM's defaults for the flags left out (see --help)") end
 local checkpoints = train.Checkpoints(opts, logger)
 local nan_guard = train.NanGuard(opts, logger)
 -- after everything that draws random numbers, so the restored generator state is the one used
-local iteration, consumed = 0, 0
+-- samples trained, and validation samples evaluated (each evaluation moves on through the split, as Megatron's)
+local iteration, consumed, consumed_valid = 0, 0, 0
 if resume then
   local state
   iteration, state = checkpoints:load(opts.load, model, not opts.no_load_optim and optimizer or nil,
     { rng = not opts.no_load_rng })
-  consumed = state.consumed_samples
+  consumed, consumed_valid = state.consumed_samples, state.consumed_valid_samples or 0
   -- Megatron's --finetune: the loaded weights start a new run
-  if opts.finetune then iteration, consumed, checkpoints.first_iteration = 0, 0, 0 end
+  if opts.finetune then iteration, consumed, consumed_valid, checkpoints.first_iteration = 0, 0, 0, 0 end
 end
 -- what checkpoints save of the optimizer (--no-save-optim: nothing)
 local saved_optimizer = not opts.no_save_optim and optimizer or nil
 local function checkpoint_state()
-  return { consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
+  return { consumed_samples = consumed, consumed_valid_samples = consumed_valid, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
 end
 
 logger:line(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s', data.source, data.num_tokens,
@@ -91,9 +105,12 @@ local function trained_tokens(batches)
   return n
 end
 
+-- Megatron's --eval-iters: global batches, read on from where the last evaluation stopped
 local function evaluate()
-  local count = math.max(1, math.floor(opts.eval_iters / layout.dp))
-  local batches = train.data.micro_batches(data.valid, 0, count, opts.micro_batch_size, layout, true, documents)
+  local count = math.max(1, opts.eval_iters) * layout.accumulation
+  local batches = train.data.micro_batches(data.valid, consumed_valid, count, opts.micro_batch_size, layout, true,
+    documents)
+  consumed_valid = consumed_valid + count * opts.micro_batch_size * layout.dp
   if not per_token then return step.evaluate(model, batches, layout) end
   model:eval()
   local n = trained_tokens(batches)

@@ -115,6 +115,12 @@ local function per_split(opts, options)
   return data
 end
 
+--- Whether opts name Megatron indexed data in --data-path (a blend, or one PREFIX with .bin/.idx files).
+function M.is_indexed(opts)
+  if not opts.data_path then return false end
+  return #opts.data_path > 1 or require('pmp.data.indexed').exists(opts.data_path[1])
+end
+
 --- The data of a pretraining run: {source (what was read, for the log), tokenizer, num_tokens, train
 --- and valid (datasets with :batch(start, n) and .count; valid may be nil), train_tokens, valid_tokens
 --- (the first sample's / split's token ids, for a sample prompt)}. options: tokenizer_state (a
@@ -122,9 +128,7 @@ end
 function M.pretraining(opts, options)
   options = options or {}
   if opts.train_data_path then return per_split(opts, options) end
-  local indexed_files = require 'pmp.data.indexed'
-  local is_indexed = opts.data_path and (#opts.data_path > 1 or indexed_files.exists(opts.data_path[1]))
-  if is_indexed then return indexed(opts, options) end
+  if M.is_indexed(opts) then return indexed(opts, options) end
   return text(opts, options)
 end
 

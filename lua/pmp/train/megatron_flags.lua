@@ -3,8 +3,8 @@
 --- like any set; `ignored` holds flags that configure something pmp does not have (kernels, fusions,
 --- Transformer Engine, dataloader workers), which change neither results nor files, so they are
 --- accepted and named once in one log line. M.resolve then checks the combinations and maps Megatron's
---- spellings onto pmp's options. pmp's defaults stay where a flag is left out (not Megatron's: see
---- recipes/pretrain.lua --help).
+--- spellings onto pmp's options. Where a flag is left out, runs on indexed data get Megatron's default
+--- (pmp.train.megatron_defaults), other runs pmp's.
 local M = {}
 
 --- Model flags mapped onto the GPTModel config by pmp.train.model.gpt.
