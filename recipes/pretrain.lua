@@ -36,6 +36,8 @@ local flag_notes = megatron_flags.resolve(opts, given)
 
 -- One process unless started by mpirun; only the last rank logs, as in Megatron.
 local layout = train.parallel.init(opts)
+-- --train-samples: the iterations it makes at this global batch
+train.optimizer.resolve_samples(opts, given)
 
 -- A checkpoint in --load resumes the run: its tokenizer, weights, optimizer, data position and generators.
 -- A fresh run refuses a --save holding another run's checkpoint, except the default scratch directory.

@@ -38,7 +38,7 @@ local function indexed(opts, options, role)
     -- the cache files' names are megatron-core's for the same command line
     tokenizer = require('pmp.data.dataset_tokenizer').megatron_identifiers(tokenizer:state(), opts.tokenizer_model),
     -- Megatron's train_val_test_num_samples, so each split's order is the one Megatron builds
-    sizes = { train = opts.train_iters * opts.global_batch_size,
+    sizes = { train = (opts.train_samples or 0) > 0 and opts.train_samples or opts.train_iters * opts.global_batch_size,
               valid = (math.floor(opts.train_iters / math.max(opts.eval_interval, 1)) + 1) * opts.eval_iters * opts.global_batch_size,
               test = opts.eval_iters * opts.global_batch_size },
   })

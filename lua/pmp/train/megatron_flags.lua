@@ -29,7 +29,7 @@ M.architecture = {
     integer = true, min = 1 },
 }
 
---- Checkpoint, data and logging flags recipes/pretrain.lua acts on.
+--- Checkpoint, data, schedule and logging flags recipes/pretrain.lua acts on.
 M.run = {
   { '--no-load-optim', false, 'load weights but not the optimizer state from --load' },
   { '--no-load-rng', false, 'do not restore the random generators from --load' },
@@ -41,6 +41,12 @@ M.run = {
   { '--train-data-path', nil, 'indexed data (PREFIX or weighted blend) used whole for training, instead of --data-path', multiple = true },
   { '--valid-data-path', nil, 'indexed data used whole for validation (with --train-data-path)', multiple = true },
   { '--test-data-path', nil, 'Megatron: test data (pmp evaluates no test split: refused)', multiple = true },
+  { '--train-samples', 0, 'train on this many samples instead of --train-iters (iterations: samples / global batch)',
+    integer = true, min = 0 },
+  { '--lr-decay-samples', 0, 'with --train-samples: samples of decay (0: --train-samples)', integer = true, min = 0 },
+  { '--lr-warmup-samples', 0, 'with --train-samples: samples of linear warmup', integer = true, min = 0 },
+  { '--lr-warmup-fraction', 0, 'warmup as this share of the decay span, instead of --lr-warmup-iters/-samples (0: not used)',
+    min = 0, max = 1 },
   { '--calculate-per-token-loss', false, 'a step\'s loss is the mean over all its trained tokens, not over micro batches' },
   { '--log-throughput', false, 'log the model TFLOP/s per process on each iteration line' },
   { '--optimizer', 'adam', 'adam (AdamW: decoupled weight decay, as Megatron\'s); hybridadam is the same update',
