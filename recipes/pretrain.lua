@@ -107,12 +107,10 @@ local function trained_tokens(batches)
   return n
 end
 
--- Megatron's --eval-iters: global batches, read on from where the last evaluation stopped
-local function evaluate()
-  local count = math.max(1, opts.eval_iters) * layout.accumulation
-  local batches = train.data.micro_batches(data.valid, consumed_valid, count, opts.micro_batch_size, layout, true,
-    documents)
-  consumed_valid = consumed_valid + count * opts.micro_batch_size * layout.dp
+-- The mean loss over Megatron's --eval-iters global batches of a split from sample `first` on.
+local function evaluate(dataset, first)
+  local count = opts.eval_iters * layout.accumulation
+  local batches = train.data.micro_batches(dataset, first, count, opts.micro_batch_size, layout, true, documents)
   if not per_token then return step.evaluate(model, batches, layout) end
   model:eval()
   local n = trained_tokens(batches)
@@ -121,7 +119,14 @@ local function evaluate()
   return sum / n
 end
 
-local first_iteration = iteration
+-- Validation reads on from where the last one stopped, as Megatron's validation iterator does.
+local function validate()
+  local loss = evaluate(data.valid, consumed_valid)
+  consumed_valid = consumed_valid + opts.eval_iters * opts.global_batch_size
+  return loss
+end
+
+local first_iteration, stopped = iteration, false
 while iteration < opts.train_iters do
   iteration = iteration + 1
   logger:begin_iteration(iteration)
@@ -140,13 +145,19 @@ while iteration < opts.train_iters do
   local aux, aux_layers = pmp.nn.moe.take_aux_losses()
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed, skipped = not finite,
     tokens = opts.global_batch_size * opts.seq_length, aux_losses = train.parallel.mean_aux_losses(aux, layout, aux_layers) })
-  if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
-    logger:validation(iteration, evaluate)
+  if data.valid and opts.eval_iters > 0 and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 then
+    logger:validation(iteration, validate)
   end
   checkpoints:save_if_due(iteration, model, saved_optimizer, checkpoint_state)
-  if checkpoints:exit_due(iteration) then break end
+  if checkpoints:exit_due(iteration) then stopped = true; break end
 end
 checkpoints:finish(iteration, model, saved_optimizer, checkpoint_state)
+-- Megatron's end of training: the validation split (reading on) and the test split (from its start);
+-- a run stopped by --exit-interval, a time limit or a signal ends without them, as Megatron's exits.
+if not stopped and opts.eval_iters > 0 then
+  if data.valid then logger:validation(iteration, validate, 'validation') end
+  if data.test then logger:validation(iteration, function() return evaluate(data.test, 0) end, 'test') end
+end
 logger:finish(iteration - first_iteration)
 
 -- A greedy sample from the start of the validation text.

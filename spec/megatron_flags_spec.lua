@@ -122,7 +122,7 @@ describe('recipes/pretrain.lua with Megatron run-script flags', function()
       { { '--recompute-granularity', 'full', '--recompute-method', 'block', '--recompute-num-layers', '1' },
         '%-%-recompute%-method block %-%-recompute%-num%-layers 1: pmp recomputes either every layer' },
       { { '--recompute-method', 'uniform' }, '%-%-recompute%-method needs %-%-recompute%-granularity full' },
-      { { '--test-data-path', 'a' }, '%-%-test%-data%-path: pmp evaluates no test split' },
+      { { '--test-data-path', 'a' }, '%-%-test%-data%-path needs %-%-train%-data%-path' },
       { { '--valid-data-path', 'a' }, '%-%-valid%-data%-path needs %-%-train%-data%-path' },
       { { '--train-data-path', 'nowhere', '--lr', '1e-3', '--max-position-embeddings', '16', '--swiglu', '--disable-bias-linear',
         '--attention-dropout', '0' }, '%-%-train%-data%-path: no indexed dataset nowhere' },

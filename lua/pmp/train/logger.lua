@@ -113,16 +113,17 @@ function Logger:iteration(iteration, step)
 end
 
 --- Runs evaluate() (the validation loss; nil on ranks without one) and logs it; its time does not count
---- as training time.
-function Logger:validation(iteration, evaluate)
+--- as training time. split: nil during training; 'validation' or 'test' for Megatron's evaluations at the
+--- end of training ('validation loss at iteration N on test set'), the test loss staying out of TensorBoard.
+function Logger:validation(iteration, evaluate, split)
   local start = clock.now()
   local loss = evaluate() or 0
-  local text = string.format(' validation loss at iteration %d | lm loss value: %.6E | lm loss PPL: %.6E |',
-    iteration, loss, math.exp(math.min(loss, 20)))
+  local text = string.format(' validation loss at iteration %d%s | lm loss value: %.6E | lm loss PPL: %.6E |',
+    iteration, split and ' on ' .. split .. ' set' or '', loss, math.exp(math.min(loss, 20)))
   self:line(string.rep('-', #text))
   self:line(text)
   self:line(string.rep('-', #text))
-  scalar(self, 'lm loss validation', loss, iteration)
+  if split ~= 'test' then scalar(self, 'lm loss validation', loss, iteration) end
   self.interval_start = self.interval_start + (clock.now() - start)
 end
 

@@ -40,7 +40,7 @@ M.run = {
   { '--reset-attention-mask', false, 'attention stays inside each document (ends at end-of-document tokens)' },
   { '--train-data-path', nil, 'indexed data (PREFIX or weighted blend) used whole for training, instead of --data-path', multiple = true },
   { '--valid-data-path', nil, 'indexed data used whole for validation (with --train-data-path)', multiple = true },
-  { '--test-data-path', nil, 'Megatron: test data (pmp evaluates no test split: refused)', multiple = true },
+  { '--test-data-path', nil, 'indexed data used whole for the test evaluation at the end (with --train-data-path)', multiple = true },
   { '--train-samples', 0, 'train on this many samples instead of --train-iters (iterations: samples / global batch)',
     integer = true, min = 0 },
   { '--lr-decay-samples', 0, 'with --train-samples: samples of decay (0: --train-samples)', integer = true, min = 0 },
@@ -163,7 +163,7 @@ function M.resolve(opts, given)
 
   if opts.train_data_path and opts.data_path then fail('give either --data-path or --train-data-path, not both') end
   if opts.valid_data_path and not opts.train_data_path then fail('--valid-data-path needs --train-data-path') end
-  if opts.test_data_path then fail('--test-data-path: pmp evaluates no test split') end
+  if opts.test_data_path and not opts.train_data_path then fail('--test-data-path needs --train-data-path') end
   if opts.tokenizer_type == 'HuggingFaceTokenizer' then
     if not opts.tokenizer_model then fail('--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR') end
   elseif opts.tokenizer_type ~= 'char' and opts.tokenizer_type ~= 'byte' then
