@@ -55,6 +55,8 @@ if opts.eod_mask_loss or opts.reset_position_ids or opts.reset_attention_mask th
     reset_attention_mask = opts.reset_attention_mask }
 end
 
+-- Pai-Megatron-Patch's --extra-vocab-size sets the padded vocabulary (else --make-vocab-size-divisible-by does)
+opts.padded_vocab_size = megatron_flags.padded_vocab_size(opts, given, tokenizer)
 -- Every rank builds the whole model from the same seed and keeps its part of it.
 pmp.manual_seed(opts.seed)
 local model = train.parallel.split(train.model.gpt(opts, tokenizer.vocab_size), opts, layout)

@@ -23,6 +23,8 @@ M.architecture = {
   { '--rotary-percent', 1.0, 'share of each head that RoPE rotates', above = 0, max = 1 },
   { '--rotary-seq-len-interpolation-factor', 1, 'divide RoPE positions by this (linear position interpolation)', above = 0 },
   { '--attention-dropout', 0.0, 'dropout on attention probabilities (pmp has none: only 0)', min = 0, below = 1 },
+  { '--extra-vocab-size', 0, "Pai-Megatron-Patch: the vocabulary holds the tokenizer's own (without added tokens) plus " ..
+    'this many rows, instead of --make-vocab-size-divisible-by padding', integer = true, min = 0 },
   { '--recompute-activations', false, "the same as --recompute-granularity selective" },
   { '--recompute-method', nil, "with --recompute-granularity full: uniform or block", choices = { 'uniform', 'block' } },
   { '--recompute-num-layers', 1, 'layers per recomputed chunk (uniform) or recomputed layers per stage (block)',
@@ -103,6 +105,25 @@ for k, entry in ipairs(IGNORED) do
 end
 
 local function fail(text, ...) error(string.format(text, ...), 0) end
+
+--- Pai-Megatron-Patch's padded vocabulary: the tokenizer's own vocabulary (without added tokens, as
+--- transformers' tokenizer.vocab_size; all of a char or byte tokenizer's) plus --extra-vocab-size rows,
+--- which must hold every token id and split evenly over the tensor-parallel ranks. nil without the flag.
+function M.padded_vocab_size(opts, given, tokenizer)
+  if not given.extra_vocab_size then return nil end
+  local base = tokenizer.base_vocab_size or tokenizer.vocab_size
+  local padded = base + opts.extra_vocab_size
+  if padded < tokenizer.vocab_size then
+    fail('--extra-vocab-size %d: %d + %d rows are fewer than the tokenizer\'s %d tokens (with its added tokens)',
+      opts.extra_vocab_size, base, opts.extra_vocab_size, tokenizer.vocab_size)
+  end
+  local tp = opts.tensor_model_parallel_size or 1
+  if padded % tp ~= 0 then
+    fail('--extra-vocab-size %d: the vocabulary of %d rows does not split over --tensor-model-parallel-size %d',
+      opts.extra_vocab_size, padded, tp)
+  end
+  return padded
+end
 
 --- The one log line naming the ignored flags the command line gave, or nil.
 function M.ignored_line(given)
