@@ -11,10 +11,13 @@ local flags, step = train.flags, train.step
 -- Megatron-LM's and Pai-Megatron-Patch's run-script flags beyond pmp's sets
 local megatron_flags = require 'pmp.train.megatron_flags'
 local megatron_defaults = require 'pmp.train.megatron_defaults'
+local hf_start = require 'pmp.train.hf_start'
 
 local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.training, flags.optimizer, flags.precision,
   flags.parallel, flags.data, flags.checkpoint, flags.logging, megatron_flags.architecture, megatron_flags.run,
   megatron_flags.ignored, {
+    { '--load', nil, 'resume from this checkpoint directory (pmp or Megatron-LM), or start a new run from the weights ' ..
+      'of a Hugging Face model directory (its config.json the architecture, its tokenizer the text data\'s)' },
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none; the default one is replaced by every run that does not resume it)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
@@ -40,8 +43,20 @@ local layout = train.parallel.init(opts)
 train.optimizer.resolve_samples(opts, given)
 
 -- A checkpoint in --load resumes the run: its tokenizer, weights, optimizer, data position and generators.
+-- A Hugging Face model directory in --load starts a new run from its weights (and tokenizer, for text).
 -- A fresh run refuses a --save holding another run's checkpoint, except the default scratch directory.
-local resume = train.Checkpoints.resume(opts.load, opts.save, opts.override_checkpoint or not given.save)
+local hf_dir = hf_start.is_hf_dir(opts.load) and opts.load or nil
+local resume
+if hf_dir then
+  train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint or not given.save)
+  if not train.data.is_indexed(opts) and not opts.train_data_path then
+    opts.tokenizer_model = hf_start.tokenizer_model(opts, hf_dir)
+  end
+else
+  resume = train.Checkpoints.resume(opts.load, opts.save, opts.override_checkpoint or not given.save)
+end
+-- the Hugging Face model a run (or the run it resumes) started from: its architecture, not the flags'
+local hf_base = hf_dir or (resume and resume.state.hf_base)
 local data = train.data.pretraining(opts, { tokenizer_state = resume and resume.state.tokenizer, name = 'pretrain' })
 local tokenizer = data.tokenizer
 -- Megatron's document boundaries (--eod-mask-loss, --reset-position-ids, --reset-attention-mask)
@@ -57,9 +72,17 @@ end
 
 -- Pai-Megatron-Patch's --extra-vocab-size sets the padded vocabulary (else --make-vocab-size-divisible-by does)
 opts.padded_vocab_size = megatron_flags.padded_vocab_size(opts, given, tokenizer)
--- Every rank builds the whole model from the same seed and keeps its part of it.
+-- Every rank builds the whole model from the same seed (or reads it) and keeps its part of it.
 pmp.manual_seed(opts.seed)
-local model = train.parallel.split(train.model.gpt(opts, tokenizer.vocab_size), opts, layout)
+local whole
+if hf_dir then
+  whole = hf_start.model(hf_dir, opts, given, tokenizer)
+elseif hf_base then
+  whole = require('pmp.checkpoint').load_model(opts.load)   -- the architecture its checkpoint records
+else
+  whole = train.model.gpt(opts, tokenizer.vocab_size)
+end
+local model = train.parallel.split(whole, opts, layout)
 local ddp = train.parallel.data_parallel(model, opts, layout)
 local optimizer = train.optimizer.adamw(model, opts, ddp)
 local lr_at = train.optimizer.schedule(opts, opts.train_iters)
@@ -70,6 +93,7 @@ local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logge
 local ignored = megatron_flags.ignored_line(given)
 if ignored then logger:line('pretrain: ' .. ignored) end
 for _, note in ipairs(flag_notes) do logger:line('pretrain: ' .. note) end
+if hf_dir then logger:line('pretrain: a new run from the weights of the Hugging Face model in ' .. hf_dir) end
 if megatron_run then logger:line("pretrain: indexed data: Megatron-LM's defaults for the flags left out (see --help)") end
 local checkpoints = train.Checkpoints(opts, logger)
 local nan_guard = train.NanGuard(opts, logger)
@@ -87,7 +111,7 @@ end
 -- what checkpoints save of the optimizer (--no-save-optim: nothing)
 local saved_optimizer = not opts.no_save_optim and optimizer or nil
 local function checkpoint_state()
-  return { consumed_samples = consumed, consumed_valid_samples = consumed_valid, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
+  return { consumed_samples = consumed, consumed_valid_samples = consumed_valid, hf_base = hf_base, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
 end
 
 logger:line(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s', data.source, data.num_tokens,
