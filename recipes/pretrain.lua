@@ -156,8 +156,10 @@ local first_iteration, stopped = iteration, false
 while iteration < opts.train_iters do
   iteration = iteration + 1
   logger:begin_iteration(iteration)
+  -- Megatron's scheduler steps after the optimizer: iteration i trains at the rate of the i - 1 global
+  -- batches before it (0 on a warmup's first iteration) and logs the rate it then steps to
+  optimizer.lr = lr_at(iteration - 1)
   local lr = lr_at(iteration)
-  optimizer.lr = lr
   step.zero_grad(optimizer, ddp)
   local batches = train.data.micro_batches(data.train, consumed, layout.accumulation, opts.micro_batch_size, layout, false,
     documents)

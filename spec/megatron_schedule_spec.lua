@@ -61,6 +61,24 @@ describe("Megatron's sample-based schedule", function()
     assert_schedule(out, 6, 0.3 * 5 * 4, 5 * 4)
   end)
 
+  it('applies the rate before the scheduler steps: a warmup trains its first iteration at 0', function()
+    -- Megatron's OptimizerParamScheduler starts at step 0 and steps after optimizer.step(), so the first
+    -- iteration of a warmup trains at init_lr 0: its weights are those of a run at --lr 0
+    local dir = shell.temp_dir()
+    local function weights(extra)
+      local _, err, status = pretrain({ '--train-iters', '1', '--save', dir .. '/' .. #extra, '--eval-iters', '0', unpack(extra) })
+      assert.are.equal(0, status, err)
+      return pmp.safetensors.load(dir .. '/' .. #extra .. '/iter_0000001/mp_rank_00/model_optim_rng.safetensors', { copy = true })
+    end
+    local warm, still = weights({ '--lr-warmup-iters', '1' }), weights({ '--lr', '0', '--min-lr', '0', '--lr-warmup-iters', '0' })
+    local name = 'model.decoder.layers.0.mlp.linear_fc1.weight'
+    assert.are.equal(0, (warm[name] - still[name]):abs():max():item())
+    -- without warmup the first iteration trains at the peak rate
+    local peak = weights({ '--lr-warmup-iters', '0', '--eval-interval', '0' })
+    assert.is_true((peak[name] - still[name]):abs():max():item() > 1e-4)
+    shell.remove_dir(dir)
+  end)
+
   it('refuses mixing samples and iterations as Megatron does', function()
     local cases = {
       { { '--train-samples', '8', '--train-iters', '2' }, '%-%-train%-iters counts iterations: with %-%-train%-samples give samples' },
