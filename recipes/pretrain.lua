@@ -30,9 +30,9 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     '--min-lr 0, --lr-warmup-iters 0, --eval-interval 1000, --eval-iters 100, --log-interval 100, --save-interval\n' ..
     '(none: only at the end), --exit-signal-handler off, --normalization LayerNorm, --position-embedding-type\n' ..
     'learned_absolute, --ffn-hidden-size 4 x hidden (--swiglu: 8/3 x hidden rounded down to 64), --global-batch-size\n' ..
-    'micro batch x data-parallel size; Megatron\'s --attention-dropout 0.1, GELU MLP and linear biases are not\n' ..
-    'built by pmp, so such runs must give --attention-dropout 0 --swiglu --disable-bias-linear. The embedded\n' ..
-    'corpus and text files keep the defaults listed below.',
+    'micro batch x data-parallel size, --attention-dropout 0.1 (attention runs unfused while training: give 0 for\n' ..
+    'the fused kernels); Megatron\'s GELU MLP and linear biases are not built by pmp, so such runs must give --swiglu\n' ..
+    '--disable-bias-linear. The embedded corpus and text files keep the defaults listed below.',
 })
 local megatron_run = megatron_defaults.apply(opts, given)
 local flag_notes = megatron_flags.resolve(opts, given)

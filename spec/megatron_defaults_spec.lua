@@ -7,10 +7,10 @@ local losses = require('spec.support.train_log').losses
 
 local dir, prefix
 
--- Megatron's required flags (tiny sizes), plus the three whose Megatron defaults pmp does not build
+-- Megatron's required flags (tiny sizes), plus the two whose Megatron defaults pmp does not build
 local REQUIRED = { '--num-layers', '1', '--hidden-size', '48', '--num-attention-heads', '4',
   '--max-position-embeddings', '16', '--seq-length', '16', '--micro-batch-size', '2', '--lr', '1e-3',
-  '--train-iters', '2', '--swiglu', '--disable-bias-linear', '--attention-dropout', '0' }
+  '--train-iters', '2', '--swiglu', '--disable-bias-linear' }
 
 local function pretrain(...)
   local args = { shell.root .. '/recipes/pretrain.lua', '--sample-length', '0' }
@@ -47,7 +47,7 @@ describe("recipes/pretrain.lua's defaults", function()
     assert.is_not_nil(losses(out)[2])
     local state = saved_args(dir .. '/ck', 2)
     local megatron = {
-      hidden_dropout = 0.1, weight_decay = 0.01, adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8,
+      hidden_dropout = 0.1, attention_dropout = 0.1, weight_decay = 0.01, adam_beta1 = 0.9, adam_beta2 = 0.999, adam_eps = 1e-8,
       lr_decay_style = 'linear', min_lr = 0, lr_warmup_iters = 0, init_method_std = 0.02, clip_grad = 1.0,
       eval_interval = 1000, eval_iters = 100, log_interval = 100, seed = 1234, split = '969, 30, 1',
       normalization = 'LayerNorm', position_embedding_type = 'learned_absolute', norm_epsilon = 1e-5,
@@ -61,6 +61,7 @@ describe("recipes/pretrain.lua's defaults", function()
     assert.are.equal(0, state.args.save_interval)
     assert.is_false(pmp.io.exists(dir .. '/ck/iter_0000001'))
     assert.are.equal(0.1, state.model_config.hidden_dropout)
+    assert.are.equal(0.1, state.model_config.attention_dropout)
     assert.are.equal('LayerNorm', state.model_config.normalization)
     assert.are.equal('learned_absolute', state.model_config.position_embedding_type)
   end)
@@ -80,7 +81,6 @@ describe("recipes/pretrain.lua's defaults", function()
       { without('--train-iters', 1), '%-%-train%-iters or %-%-train%-samples is required with indexed data' },
       { without('--swiglu', 0), "Megatron's default MLP is GELU, which pmp does not build from flags: give %-%-swiglu" },
       { without('--disable-bias-linear', 0), 'give %-%-disable%-bias%-linear' },
-      { without('--attention-dropout', 1), "Megatron's default %-%-attention%-dropout 0%.1 .-give %-%-attention%-dropout 0" },
     }
     for _, case in ipairs(cases) do
       local _, err, status = pretrain(case[1], { '--data-path', prefix, '--save', '' })
@@ -99,6 +99,7 @@ describe("recipes/pretrain.lua's defaults", function()
     assert.are_not.equal(0.999, args.adam_beta2)
     assert.are_not.equal('linear', args.lr_decay_style)
     assert.are.equal(0, args.hidden_dropout)
+    assert.are.equal(0, args.attention_dropout)
   end)
 end)
 

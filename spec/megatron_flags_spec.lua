@@ -118,7 +118,7 @@ describe('recipes/pretrain.lua with Megatron run-script flags', function()
     local cases = {
       { { '--no-such-flag' }, "unknown argument '%-%-no%-such%-flag'" },
       { { '--fp16' }, "unknown argument '%-%-fp16'" },
-      { { '--attention-dropout', '0.1' }, '%-%-attention%-dropout 0%.1: pmp has no dropout on attention probabilities' },
+      { { '--attention-dropout', '0.1', '--reset-attention-mask' }, '%-%-attention%-dropout 0%.1 with %-%-reset%-attention%-mask' },
       { { '--recompute-granularity', 'full', '--recompute-method', 'block', '--recompute-num-layers', '1' },
         '%-%-recompute%-method block %-%-recompute%-num%-layers 1: pmp recomputes either every layer' },
       { { '--recompute-method', 'uniform' }, '%-%-recompute%-method needs %-%-recompute%-granularity full' },

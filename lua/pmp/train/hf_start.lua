@@ -33,11 +33,12 @@ function M.tokenizer_model(opts, dir)
   return dir
 end
 
---- The model of dir (f32, or bf16 with --bf16), its hidden dropout --hidden-dropout's; fails naming a
+--- The model of dir (f32), its dropouts --hidden-dropout's and --attention-dropout's; fails naming a
 --- given flag that disagrees with config.json, or a tokenizer with ids beyond the model's vocabulary.
 function M.model(dir, opts, given, tokenizer)
   local model = require('pmp.models').from_pretrained(dir, { dtype = 'f32', config = {
-    recompute_granularity = opts.recompute_granularity, hidden_dropout = opts.hidden_dropout } })
+    recompute_granularity = opts.recompute_granularity, hidden_dropout = opts.hidden_dropout,
+    attention_dropout = opts.attention_dropout } })
   local config = model.config
   for _, check in ipairs(CHECKED) do
     local key, value = check[1], check[2](config)

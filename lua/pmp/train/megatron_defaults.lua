@@ -34,8 +34,6 @@ M.REQUIRED = { '--num-layers', '--hidden-size', '--num-attention-heads', '--max-
 
 -- Megatron defaults pmp cannot build: the flag to give instead.
 local UNSUPPORTED = {
-  attention_dropout = "Megatron's default --attention-dropout 0.1 (pmp has no dropout on attention probabilities): " ..
-    'give --attention-dropout 0',
   swiglu = "Megatron's default MLP is GELU, which pmp does not build from flags: give --swiglu",
   disable_bias_linear = "Megatron's default adds biases to every linear layer, which pmp does not build: give " ..
     '--disable-bias-linear',

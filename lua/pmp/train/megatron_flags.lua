@@ -22,7 +22,8 @@ M.architecture = {
   { '--kv-channels', 0, 'dims per attention head (0: --hidden-size / --num-attention-heads)', integer = true, min = 0 },
   { '--rotary-percent', 1.0, 'share of each head that RoPE rotates', above = 0, max = 1 },
   { '--rotary-seq-len-interpolation-factor', 1, 'divide RoPE positions by this (linear position interpolation)', above = 0 },
-  { '--attention-dropout', 0.0, 'dropout on attention probabilities (pmp has none: only 0)', min = 0, below = 1 },
+  { '--attention-dropout', 0.0, 'dropout on attention probabilities (above 0 attention runs unfused while training)',
+    min = 0, below = 1 },
   { '--extra-vocab-size', 0, "Pai-Megatron-Patch: the vocabulary holds the tokenizer's own (without added tokens) plus " ..
     'this many rows, instead of --make-vocab-size-divisible-by padding', integer = true, min = 0 },
   { '--recompute-activations', false, "the same as --recompute-granularity selective" },
@@ -149,8 +150,12 @@ function M.resolve(opts, given)
   if opts.max_position_embeddings < opts.seq_length then
     fail('--max-position-embeddings %d is smaller than --seq-length %d', opts.max_position_embeddings, opts.seq_length)
   end
-  if opts.attention_dropout ~= 0 then
-    fail('--attention-dropout %g: pmp has no dropout on attention probabilities (give 0)', opts.attention_dropout)
+  if opts.attention_dropout > 0 and opts.reset_attention_mask then
+    fail('--attention-dropout %g with --reset-attention-mask: pmp drops no probabilities of per-document attention',
+      opts.attention_dropout)
+  end
+  if opts.attention_dropout > 0 and (opts.context_parallel_size or 1) > 1 then
+    fail('--attention-dropout %g: pmp drops no attention probabilities under --context-parallel-size > 1', opts.attention_dropout)
   end
   -- Megatron uses --num-query-groups only with --group-query-attention, and 1 group when it is left out
   if opts.group_query_attention and not given.num_query_groups then opts.num_query_groups = 1 end
