@@ -10,24 +10,53 @@ local train = pmp.train
 local flags, step = train.flags, train.step
 -- Megatron-LM's and Pai-Megatron-Patch's run-script flags beyond pmp's sets
 local megatron_flags = require 'pmp.train.megatron_flags'
+local megatron_defaults = require 'pmp.train.megatron_defaults'
+local hf_start = require 'pmp.train.hf_start'
 
 local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.training, flags.optimizer, flags.precision,
   flags.parallel, flags.data, flags.checkpoint, flags.logging, megatron_flags.architecture, megatron_flags.run,
   megatron_flags.ignored, {
+    { '--load', nil, 'resume from this checkpoint directory (pmp or Megatron-LM), or start a new run from the weights ' ..
+      'of a Hugging Face model directory (its config.json the architecture, its tokenizer the text data\'s)' },
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none; the default one is replaced by every run that does not resume it)' },
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
-  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.',
+  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..
+    'Defaults: a run on Megatron indexed data (--data-path PREFIX or blend, --train-data-path) gets Megatron-LM\'s\n' ..
+    'default for every flag it leaves out, and needs the flags Megatron requires (--num-layers --hidden-size\n' ..
+    '--num-attention-heads --max-position-embeddings --seq-length --micro-batch-size --lr, --train-iters or\n' ..
+    '--train-samples): --hidden-dropout 0.1, --weight-decay 0.01, --adam-beta2 0.999, --lr-decay-style linear,\n' ..
+    '--min-lr 0, --lr-warmup-iters 0, --eval-interval 1000, --eval-iters 100, --log-interval 100, --save-interval\n' ..
+    '(none: only at the end), --exit-signal-handler off, --normalization LayerNorm, --position-embedding-type\n' ..
+    'learned_absolute, --ffn-hidden-size 4 x hidden (--swiglu: 8/3 x hidden rounded down to 64), --global-batch-size\n' ..
+    'micro batch x data-parallel size, --attention-dropout 0.1 (attention runs unfused while training: give 0 for\n' ..
+    'the fused kernels); Megatron\'s GELU MLP and linear biases are not built by pmp, so such runs must give --swiglu\n' ..
+    '--disable-bias-linear. The embedded corpus and text files keep the defaults listed below.',
 })
+local megatron_run = megatron_defaults.apply(opts, given)
 local flag_notes = megatron_flags.resolve(opts, given)
 
 -- One process unless started by mpirun; only the last rank logs, as in Megatron.
 local layout = train.parallel.init(opts)
+-- --train-samples: the iterations it makes at this global batch
+train.optimizer.resolve_samples(opts, given)
 
 -- A checkpoint in --load resumes the run: its tokenizer, weights, optimizer, data position and generators.
+-- A Hugging Face model directory in --load starts a new run from its weights (and tokenizer, for text).
 -- A fresh run refuses a --save holding another run's checkpoint, except the default scratch directory.
-local resume = train.Checkpoints.resume(opts.load, opts.save, opts.override_checkpoint or not given.save)
+local hf_dir = hf_start.is_hf_dir(opts.load) and opts.load or nil
+local resume
+if hf_dir then
+  train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint or not given.save)
+  if not train.data.is_indexed(opts) and not opts.train_data_path then
+    opts.tokenizer_model = hf_start.tokenizer_model(opts, hf_dir)
+  end
+else
+  resume = train.Checkpoints.resume(opts.load, opts.save, opts.override_checkpoint or not given.save)
+end
+-- the Hugging Face model a run (or the run it resumes) started from: its architecture, not the flags'
+local hf_base = hf_dir or (resume and resume.state.hf_base)
 local data = train.data.pretraining(opts, { tokenizer_state = resume and resume.state.tokenizer, name = 'pretrain' })
 local tokenizer = data.tokenizer
 -- Megatron's document boundaries (--eod-mask-loss, --reset-position-ids, --reset-attention-mask)
@@ -41,9 +70,19 @@ if opts.eod_mask_loss or opts.reset_position_ids or opts.reset_attention_mask th
     reset_attention_mask = opts.reset_attention_mask }
 end
 
--- Every rank builds the whole model from the same seed and keeps its part of it.
+-- Pai-Megatron-Patch's --extra-vocab-size sets the padded vocabulary (else --make-vocab-size-divisible-by does)
+opts.padded_vocab_size = megatron_flags.padded_vocab_size(opts, given, tokenizer)
+-- Every rank builds the whole model from the same seed (or reads it) and keeps its part of it.
 pmp.manual_seed(opts.seed)
-local model = train.parallel.split(train.model.gpt(opts, tokenizer.vocab_size), opts, layout)
+local whole
+if hf_dir then
+  whole = hf_start.model(hf_dir, opts, given, tokenizer)
+elseif hf_base then
+  whole = require('pmp.checkpoint').load_model(opts.load)   -- the architecture its checkpoint records
+else
+  whole = train.model.gpt(opts, tokenizer.vocab_size)
+end
+local model = train.parallel.split(whole, opts, layout)
 local ddp = train.parallel.data_parallel(model, opts, layout)
 local optimizer = train.optimizer.adamw(model, opts, ddp)
 local lr_at = train.optimizer.schedule(opts, opts.train_iters)
@@ -54,22 +93,25 @@ local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logge
 local ignored = megatron_flags.ignored_line(given)
 if ignored then logger:line('pretrain: ' .. ignored) end
 for _, note in ipairs(flag_notes) do logger:line('pretrain: ' .. note) end
+if hf_dir then logger:line('pretrain: a new run from the weights of the Hugging Face model in ' .. hf_dir) end
+if megatron_run then logger:line("pretrain: indexed data: Megatron-LM's defaults for the flags left out (see --help)") end
 local checkpoints = train.Checkpoints(opts, logger)
 local nan_guard = train.NanGuard(opts, logger)
 -- after everything that draws random numbers, so the restored generator state is the one used
-local iteration, consumed = 0, 0
+-- samples trained, and validation samples evaluated (each evaluation moves on through the split, as Megatron's)
+local iteration, consumed, consumed_valid = 0, 0, 0
 if resume then
   local state
   iteration, state = checkpoints:load(opts.load, model, not opts.no_load_optim and optimizer or nil,
     { rng = not opts.no_load_rng })
-  consumed = state.consumed_samples
+  consumed, consumed_valid = state.consumed_samples, state.consumed_valid_samples or 0
   -- Megatron's --finetune: the loaded weights start a new run
-  if opts.finetune then iteration, consumed, checkpoints.first_iteration = 0, 0, 0 end
+  if opts.finetune then iteration, consumed, consumed_valid, checkpoints.first_iteration = 0, 0, 0, 0 end
 end
 -- what checkpoints save of the optimizer (--no-save-optim: nothing)
 local saved_optimizer = not opts.no_save_optim and optimizer or nil
 local function checkpoint_state()
-  return { consumed_samples = consumed, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
+  return { consumed_samples = consumed, consumed_valid_samples = consumed_valid, hf_base = hf_base, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
 end
 
 logger:line(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s', data.source, data.num_tokens,
@@ -91,9 +133,10 @@ local function trained_tokens(batches)
   return n
 end
 
-local function evaluate()
-  local count = math.max(1, math.floor(opts.eval_iters / layout.dp))
-  local batches = train.data.micro_batches(data.valid, 0, count, opts.micro_batch_size, layout, true, documents)
+-- The mean loss over Megatron's --eval-iters global batches of a split from sample `first` on.
+local function evaluate(dataset, first)
+  local count = opts.eval_iters * layout.accumulation
+  local batches = train.data.micro_batches(dataset, first, count, opts.micro_batch_size, layout, true, documents)
   if not per_token then return step.evaluate(model, batches, layout) end
   model:eval()
   local n = trained_tokens(batches)
@@ -102,12 +145,21 @@ local function evaluate()
   return sum / n
 end
 
-local first_iteration = iteration
+-- Validation reads on from where the last one stopped, as Megatron's validation iterator does.
+local function validate()
+  local loss = evaluate(data.valid, consumed_valid)
+  consumed_valid = consumed_valid + opts.eval_iters * opts.global_batch_size
+  return loss
+end
+
+local first_iteration, stopped = iteration, false
 while iteration < opts.train_iters do
   iteration = iteration + 1
   logger:begin_iteration(iteration)
+  -- Megatron's scheduler steps after the optimizer: iteration i trains at the rate of the i - 1 global
+  -- batches before it (0 on a warmup's first iteration) and logs the rate it then steps to
+  optimizer.lr = lr_at(iteration - 1)
   local lr = lr_at(iteration)
-  optimizer.lr = lr
   step.zero_grad(optimizer, ddp)
   local batches = train.data.micro_batches(data.train, consumed, layout.accumulation, opts.micro_batch_size, layout, false,
     documents)
@@ -121,13 +173,19 @@ while iteration < opts.train_iters do
   local aux, aux_layers = pmp.nn.moe.take_aux_losses()
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed, skipped = not finite,
     tokens = opts.global_batch_size * opts.seq_length, aux_losses = train.parallel.mean_aux_losses(aux, layout, aux_layers) })
-  if data.valid and opts.eval_interval > 0 and (iteration % opts.eval_interval == 0 or iteration == opts.train_iters) then
-    logger:validation(iteration, evaluate)
+  if data.valid and opts.eval_iters > 0 and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 then
+    logger:validation(iteration, validate)
   end
   checkpoints:save_if_due(iteration, model, saved_optimizer, checkpoint_state)
-  if checkpoints:exit_due(iteration) then break end
+  if checkpoints:exit_due(iteration) then stopped = true; break end
 end
 checkpoints:finish(iteration, model, saved_optimizer, checkpoint_state)
+-- Megatron's end of training: the validation split (reading on) and the test split (from its start);
+-- a run stopped by --exit-interval, a time limit or a signal ends without them, as Megatron's exits.
+if not stopped and opts.eval_iters > 0 then
+  if data.valid then logger:validation(iteration, validate, 'validation') end
+  if data.test then logger:validation(iteration, function() return evaluate(data.test, 0) end, 'test') end
+end
 logger:finish(iteration - first_iteration)
 
 -- A greedy sample from the start of the validation text.

@@ -40,7 +40,8 @@ describe('recipes/pretrain.lua under mpirun', function()
     local out, err, status = shell.run_pmp(args)
     assert.are.equal(0, status, err)
     reference = losses(out)
-    assert.are.equal(4, #reference, out)
+    -- 3 training losses, the validation at iteration 3, then the end of training's validation and test
+    assert.are.equal(6, #reference, out)
   end)
   teardown(function() shell.remove_dir(dir) end)
 
@@ -89,18 +90,18 @@ describe('recipes/pretrain.lua under mpirun', function()
     '--make-vocab-size-divisible-by', '128' }
 
   it('resumes a TP=2 x PP=2 distributed-optimizer checkpoint in other layouts where one process would be', function()
-    local out, err, status = run(1, { '--save', '', '--make-vocab-size-divisible-by', '128', '--eval-interval', '0' })
+    local out, err, status = run(1, { '--save', '', '--make-vocab-size-divisible-by', '128', '--eval-interval', '0', '--eval-iters', '0' })
     assert.are.equal(0, status, err)
     local want = losses(out)
     assert.are.equal(6, #want)
-    out, err, status = run(8, { '--save', dir, '--exit-interval', '3', '--eval-interval', '0', '--tensor-model-parallel-size', '2',
+    out, err, status = run(8, { '--save', dir, '--exit-interval', '3', '--eval-interval', '0', '--eval-iters', '0', '--tensor-model-parallel-size', '2',
       '--pipeline-model-parallel-size', '2', '--use-distributed-optimizer', '--make-vocab-size-divisible-by', '64' })
     assert.are.equal(0, status, err)
     assert_close({ want[1], want[2], want[3] }, losses(out), 'before the checkpoint')
     for _, case in ipairs({ { 1, { '--make-vocab-size-divisible-by', '128' } },
                             { 4, { '--tensor-model-parallel-size', '2', '--make-vocab-size-divisible-by', '64' } },
                             { 2, interleaved } }) do
-      out, err, status = run(case[1], with({ '--load', dir, '--save', '', '--eval-interval', '0' }, case[2]))
+      out, err, status = run(case[1], with({ '--load', dir, '--save', '', '--eval-interval', '0', '--eval-iters', '0' }, case[2]))
       assert.are.equal(0, status, err)
       assert.truthy(out:find('resharded from another parallel layout', 1, true), out)
       assert_close({ want[4], want[5], want[6] }, losses(out), 'resumed on ' .. case[1] .. ' processes')
@@ -113,15 +114,15 @@ describe('recipes/pretrain.lua under mpirun', function()
   end)
 
   it('saves virtual pipeline stages (PP=2 x DP=2, distributed optimizer) and resumes them in one process', function()
-    local out, err, status = run(1, { '--save', '', '--make-vocab-size-divisible-by', '128', '--eval-interval', '0' })
+    local out, err, status = run(1, { '--save', '', '--make-vocab-size-divisible-by', '128', '--eval-interval', '0', '--eval-iters', '0' })
     assert.are.equal(0, status, err)
     local want = losses(out)
     local saved = dir .. '/interleaved'
-    out, err, status = run(4, with({ '--save', saved, '--exit-interval', '3', '--eval-interval', '0',
+    out, err, status = run(4, with({ '--save', saved, '--exit-interval', '3', '--eval-interval', '0', '--eval-iters', '0',
       '--use-distributed-optimizer' }, interleaved))
     assert.are.equal(0, status, err)
     assert_close({ want[1], want[2], want[3] }, losses(out), 'before the checkpoint')
-    out, err, status = run(1, { '--load', saved, '--save', '', '--eval-interval', '0', '--make-vocab-size-divisible-by', '128' })
+    out, err, status = run(1, { '--load', saved, '--save', '', '--eval-interval', '0', '--eval-iters', '0', '--make-vocab-size-divisible-by', '128' })
     assert.are.equal(0, status, err)
     assert.truthy(out:find('resharded from another parallel layout', 1, true), out)
     assert_close({ want[4], want[5], want[6] }, losses(out), 'resumed on one process')

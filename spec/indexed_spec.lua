@@ -679,7 +679,9 @@ describe('recipes/pretrain.lua on indexed data', function()
 
   local TINY = { '--num-layers', '1', '--hidden-size', '32', '--num-attention-heads', '4', '--seq-length', '16',
     '--micro-batch-size', '4', '--global-batch-size', '8', '--log-interval', '1', '--eval-interval', '3',
-    '--eval-iters', '1', '--sample-length', '8', '--lr-warmup-iters', '1', '--split', '90,10,0' }
+    '--eval-iters', '1', '--sample-length', '8', '--lr-warmup-iters', '1', '--split', '90,10,0',
+    -- indexed data brings Megatron's defaults: the flags it requires, and those whose default pmp lacks
+    '--lr', '1e-3', '--max-position-embeddings', '16', '--swiglu', '--disable-bias-linear', '--attention-dropout', '0' }
 
   local function run(args)
     local words = { 'cd', shell.quote(shell.root), '&&', shell.quote(shell.pmp) }

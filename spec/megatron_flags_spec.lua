@@ -118,13 +118,14 @@ describe('recipes/pretrain.lua with Megatron run-script flags', function()
     local cases = {
       { { '--no-such-flag' }, "unknown argument '%-%-no%-such%-flag'" },
       { { '--fp16' }, "unknown argument '%-%-fp16'" },
-      { { '--attention-dropout', '0.1' }, '%-%-attention%-dropout 0%.1: pmp has no dropout on attention probabilities' },
+      { { '--attention-dropout', '0.1', '--reset-attention-mask' }, '%-%-attention%-dropout 0%.1 with %-%-reset%-attention%-mask' },
       { { '--recompute-granularity', 'full', '--recompute-method', 'block', '--recompute-num-layers', '1' },
         '%-%-recompute%-method block %-%-recompute%-num%-layers 1: pmp recomputes either every layer' },
       { { '--recompute-method', 'uniform' }, '%-%-recompute%-method needs %-%-recompute%-granularity full' },
-      { { '--test-data-path', 'a' }, '%-%-test%-data%-path: pmp evaluates no test split' },
+      { { '--test-data-path', 'a' }, '%-%-test%-data%-path needs %-%-train%-data%-path' },
       { { '--valid-data-path', 'a' }, '%-%-valid%-data%-path needs %-%-train%-data%-path' },
-      { { '--train-data-path', 'nowhere' }, '%-%-train%-data%-path: no indexed dataset nowhere' },
+      { { '--train-data-path', 'nowhere', '--lr', '1e-3', '--max-position-embeddings', '16', '--swiglu', '--disable-bias-linear',
+        '--attention-dropout', '0' }, '%-%-train%-data%-path: no indexed dataset nowhere' },
       { { '--max-position-embeddings', '8' }, '%-%-max%-position%-embeddings 8 is smaller than %-%-seq%-length 16' },
       { { '--tokenizer-type', 'HuggingFaceTokenizer' }, '%-%-tokenizer%-type HuggingFaceTokenizer needs %-%-tokenizer%-model' },
       { { '--normalization', 'ScaleNorm' }, '%-%-normalization must be one of RMSNorm, LayerNorm' },
@@ -178,7 +179,11 @@ describe('pmp.train.documents (Megatron\'s --eod-mask-loss, --reset-position-ids
     local _, err, status = shell.run_pmp({ shell.root .. '/tools/preprocess_data.lua', '--input', dir .. '/c.jsonl',
       '--output-prefix', dir .. '/c', '--tokenizer-type', 'char', '--append-eod' })
     assert.are.equal(0, status, err)
-    local data = { '--train-iters', '2', '--save', '', '--data-path', dir .. '/c_text_document', '--split', '90,10,0' }
+    -- indexed data brings Megatron's defaults: the flags it requires, and those whose default pmp lacks
+    local megatron = { '--lr', '1e-3', '--max-position-embeddings', '16', '--swiglu', '--disable-bias-linear',
+      '--attention-dropout', '0' }
+    local data = { '--train-iters', '2', '--save', '', '--data-path', dir .. '/c_text_document', '--split', '90,10,0',
+      unpack(megatron) }
     local plain, err1, status1 = pretrain(data)
     assert.are.equal(0, status1, err1)
     local marked, err2, status2 = pretrain(data, { '--eod-mask-loss', '--reset-position-ids', '--reset-attention-mask' })
@@ -202,10 +207,10 @@ describe('pmp.train.documents (Megatron\'s --eod-mask-loss, --reset-position-ids
       '--output-prefix', dir .. '/d', '--tokenizer-type', 'char', '--vocab-file', dir .. '/c_text_document.tokenizer.json',
       '--append-eod' })
     assert.are.equal(0, status, err)
-    local whole, err3, status3 = pretrain({ '--train-iters', '2', '--save', '', '--data-path', dir .. '/c_text_document',
-      '--split', '100,0,0' })
+    local whole, err3, status3 = pretrain(megatron, { '--train-iters', '2', '--save', '', '--data-path',
+      dir .. '/c_text_document', '--split', '100,0,0' })
     assert.are.equal(0, status3, err3)
-    local split, err4, status4 = pretrain({ '--train-iters', '2', '--save', '', '--train-data-path', dir .. '/c_text_document',
+    local split, err4, status4 = pretrain(megatron, { '--train-iters', '2', '--save', '', '--train-data-path', dir .. '/c_text_document',
       '--valid-data-path', dir .. '/d_text_document' })
     assert.are.equal(0, status4, err4)
     assert.are.same(losses(whole), losses(split))

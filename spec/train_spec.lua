@@ -162,6 +162,8 @@ describe('pmp.train.Logger', function()
     clock.now, _G.print = real_now, real_print
   end)
   local opts = { log_interval = 2, global_batch_size = 4 }
+  -- the line without Megatron's leading ' [YYYY-MM-DD HH:MM:SS]' (checked on its own below)
+  local function untimed(line) return (line:gsub('^ %[%d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%d%]', '', 1)) end
 
   it("prints Megatron's line every log interval, with MFU and ETA, and keeps validation time out", function()
     local logger = train.Logger(opts, { name = 'pretrain', train_iters = 10, consumed = true, flops_per_token = 1e6,
@@ -176,7 +178,7 @@ describe('pmp.train.Logger', function()
     assert.are.equal(' iteration        2/      10 | consumed samples:            8 | elapsed time per iteration ' ..
       '(ms): 1000.0 | learning rate: 2.000000E-03 | global batch size:     4 | lm loss: 2.000000E+00 | loss scale: 1.0 | ' ..
       'grad norm: 0.500 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 32 | MFU: 3.2% | ' ..
-      'ETA: 00:00:08 |', printed[1])
+      'ETA: 00:00:08 |', untimed(printed[1]))
     logger:validation(2, function() now = now + 5; return 1 end)
     local line = ' validation loss at iteration 2 | lm loss value: 1.000000E+00 | lm loss PPL: 2.718282E+00 |'
     assert.are.same({ string.rep('-', #line), line, string.rep('-', #line) }, { printed[2], printed[3], printed[4] })
@@ -195,6 +197,19 @@ describe('pmp.train.Logger', function()
       printed[6])
   end)
 
+  it("starts the line with Megatron's timestamp, the local time of the log", function()
+    local logger = train.Logger({ log_interval = 1, global_batch_size = 4 }, { name = 'pretrain', train_iters = 1 })
+    local before = os.time()
+    logger:begin_iteration(1)
+    logger:iteration(1, { lr = 1e-3, loss = 2, grad_norm = 1, tokens = 8 })
+    local after = os.time()
+    local y, mo, d, h, mi, s = printed[1]:match('^ %[(%d%d%d%d)%-(%d%d)%-(%d%d) (%d%d):(%d%d):(%d%d)%] iteration        1/       1 |')
+    assert.is_not_nil(y, printed[1])
+    local logged = os.time({ year = tonumber(y), month = tonumber(mo), day = tonumber(d), hour = tonumber(h),
+      min = tonumber(mi), sec = tonumber(s) })
+    assert.is_true(logged >= before and logged <= after, printed[1])
+  end)
+
   it('leaves out consumed samples, MFU and ETA when not given, and prints nothing on other ranks', function()
     local logger = train.Logger(opts, { name = 'sft', train_iters = 3 })
     logger:begin_iteration(1)
@@ -205,7 +220,7 @@ describe('pmp.train.Logger', function()
     logger:iteration(2, { lr = 1e-5, loss = 1, grad_norm = 2, tokens = 100 })
     assert.are.equal(' iteration        2/       3 | elapsed time per iteration (ms): 1000.0 | learning rate: ' ..
       '1.000000E-05 | global batch size:     4 | lm loss: 2.000000E+00 | loss scale: 1.0 | grad norm: 2.000 | number of skipped iterations:   0 | number of nan iterations:   0 | tokens per second: 100 |',
-      printed[1])
+      untimed(printed[1]))
     local silent = train.Logger(opts, { name = 'x', enabled = false, train_iters = 2 })
     silent:begin_iteration(2)
     silent:iteration(2, { lr = 1, loss = 1, grad_norm = 1, tokens = 1 })

@@ -77,7 +77,8 @@ summarize() {
       n = it - last; last = it; k++
       if (k == 1) { first_ms = ms; first_n = n } else { sum += ms * n; cnt += n; v[++m] = ms }
     }
-    /lm loss value:/ { match($0, /lm loss value: [-+0-9.eE]+/); val = substr($0, RSTART + 15, RLENGTH - 15) }
+    # the validation during training, which PyTorch's side also runs (not the end-of-training ones after it)
+    /lm loss value:/ && !/ on [a-z]+ set \|/ { match($0, /lm loss value: [-+0-9.eE]+/); val = substr($0, RSTART + 15, RLENGTH - 15) }
     /peak resident memory:/ { match($0, /peak resident memory: [0-9.]+/); rss = substr($0, RSTART + 22, RLENGTH - 22) }
     END {
       if (cnt == 0) { sum = first_ms * first_n; cnt = first_n; v[++m] = first_ms }

@@ -93,7 +93,9 @@ function M.hf(dir, options)
   if not vocab then error('dataset tokenizer: cannot tell the vocabulary size of the tokenizer in ' .. dir, 2) end
   local eod = first_number(tok.eos_id, tok.eos_token_id, tok.eod, tok.eod_id)
   if not eod and type(tok.eos_token) == 'string' then eod = first_number(try(tok, 'token_to_id', tok.eos_token)) end
-  local wrapper = { type = 'hf', model = dir, vocab_size = vocab, eod = eod, inner = tok }
+  -- base_vocab_size: without added tokens, what Pai-Megatron-Patch's --extra-vocab-size adds to
+  local wrapper = { type = 'hf', model = dir, vocab_size = vocab, base_vocab_size = tok.base_vocab_size or vocab, eod = eod,
+    inner = tok }
   function wrapper:encode(text)
     local ids = tok:encode(text, { add_special_tokens = special })
     if type(ids) == 'table' and type(ids.ids) == 'table' then ids = ids.ids end

@@ -101,9 +101,40 @@ function F.swiglu(x) return wrap(C.pmp_swiglu(x.ptr)) end
 --- slope * (key position - query position) to each head's scores (ALiBi); the slopes get no gradient.
 --- alibi_hf_falcon_scale: a positive number selecting transformers' Falcon bias instead,
 --- bf16(bf16(slope) * bf16(key position - first key of the row)) * alibi_hf_falcon_scale, rounded to q's dtype.
+--- dropout: a probability p > 0 drops attention probabilities as Megatron's attention dropout (training
+--- only: pass 0 otherwise), through an unfused path that holds the [B, Hq, T, S] probabilities.
+-- Megatron's attention dropout: the probabilities, made explicitly (the fused kernels never hold them),
+-- dropped with probability p and the rest scaled by 1/(1-p). Causal or not, without first_key,
+-- window or ALiBi. GQA: query head h reads key/value group floor(h / (Hq / Hkv)), as the kernels do.
+local function attention_with_dropout(q, k, v, p, scale, causal)
+  local B, Hq, T, D = q:size(1), q:size(2), q:size(3), q:size(4)
+  local Hkv, S = k:size(2), k:size(3)
+  if Hkv < Hq then
+    local per_group = Hq / Hkv
+    k = k:unsqueeze(3):expand(B, Hkv, per_group, S, D):reshape(B, Hq, S, D)
+    v = v:unsqueeze(3):expand(B, Hkv, per_group, S, D):reshape(B, Hq, S, D)
+  end
+  local compute = q.dtype == 'f64' and 'f64' or 'f32'
+  local scores = q:to(compute):matmul(k:to(compute):transpose(3, 4)) * scale
+  if causal then
+    -- the T queries are the last T of the S positions
+    local future = tensor.ones({ T, S }, { dtype = compute }):triu(S - T + 1):ne(0)
+    scores = scores:masked_fill(future, -math.huge)
+  end
+  local probs = F.dropout(scores:softmax(-1), p, true)
+  return probs:matmul(v:to(compute)):to(q.dtype)
+end
+
 function F.attention(q, k, v, options)
   options = options or {}
   local causal = options.causal ~= false
+  local p = options.dropout or 0
+  if p > 0 then
+    if options.first_key or options.alibi_slopes or options.alibi_hf_falcon_scale ~= nil or (options.window or 0) > 0 then
+      error('attention: dropout on the probabilities is not supported with first_key, a window or ALiBi', 2)
+    end
+    return attention_with_dropout(q, k, v, p, options.scale or 1 / math.sqrt(q:size(4)), causal)
+  end
   local first_key = options.first_key and options.first_key.ptr or nil
   local slopes = options.alibi_slopes and options.alibi_slopes.ptr or nil
   if options.alibi_hf_falcon_scale ~= nil then

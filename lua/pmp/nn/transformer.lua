@@ -83,6 +83,8 @@ function M.config(c)
   out.init_std = c.init_std or 0.02
   out.dtype = c.dtype or 'f32'
   out.hidden_dropout = c.hidden_dropout or 0
+  -- Megatron's attention_dropout: on the attention probabilities while training (an unfused path, F.attention)
+  out.attention_dropout = c.attention_dropout or 0
   out.tie_embeddings = c.tie_embeddings ~= false and not c.untie_embeddings_and_output_weights
   -- Megatron's --make-vocab-size-divisible-by (times the tensor-parallel size); 1 (no padding) unless given.
   local multiple = (c.make_vocab_size_divisible_by or 1) * (c.tensor_model_parallel_size or 1)
@@ -282,12 +284,16 @@ function M.Attention:forward(x, rope)
   end
   local o
   local cp = rope and rope.context_parallel
+  if cp and self.training and (self.config.attention_dropout or 0) > 0 then
+    error('attention dropout is not supported under context parallelism', 0)
+  end
   if cp then   -- this rank's queries against the whole sequence's keys (pmp.nn.context_parallel)
     o = context_parallel.attention(q, k, v, cp, { window = self.window, first_key = rope.first_key,
       alibi_slopes = self.alibi_slopes, alibi_hf_falcon_scale = self.alibi_bias_scale })
   else
     o = F.attention(q, k, v, { causal = true, window = self.window, first_key = rope and rope.first_key,
-      alibi_slopes = self.alibi_slopes, alibi_hf_falcon_scale = self.alibi_bias_scale })
+      alibi_slopes = self.alibi_slopes, alibi_hf_falcon_scale = self.alibi_bias_scale,
+      dropout = self.training and (self.config.attention_dropout or 0) or 0 })
   end
   return self.linear_proj(o:transpose(2, 3):reshape(B, T, heads * d))
 end

@@ -9,6 +9,7 @@
 ---   tok:decode(ids, {skip_special_tokens = true})             -- string
 ---   tok:encode_batch({'a', 'b'})                              -- list of id lists
 ---   tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id        -- ids are nil when absent
+---   tok.base_vocab_size                                      -- without added tokens (tokenizer.json only)
 ---   tok:token_to_id('<|im_end|>'), tok:id_to_token(151645)
 --   tok:normalize(text), tok:pre_tokenize(text)               -- the pipeline's intermediate strings
 --
@@ -246,6 +247,8 @@ function M.from_json(spec, opts)
 
   local max_id = -1
   for id in pairs(self._id_to_token) do if id > max_id then max_id = id end end
+  -- the model's own vocabulary, without added tokens (transformers' tokenizer.vocab_size)
+  self.base_vocab_size = max_id + 1
   for id in pairs(self._added.by_id) do if id > max_id then max_id = id end end
   self.vocab_size = max_id + 1
 

@@ -24,7 +24,8 @@ local function indexed_tokenizer(opts, prefixes, tokenizer_state)
     'missing: give --tokenizer-model DIR, or --tokenizer-type byte for byte-level data', 0)
 end
 
--- role 'valid': a blend that serves validation only (Megatron's --valid-data-path), no training data.
+-- role 'valid' or 'test': a blend that serves that split only (Megatron's --valid-data-path,
+-- --test-data-path), no training data.
 local function indexed(opts, options, role)
   local gpt_dataset, indexed_files = require 'pmp.data.gpt_dataset', require 'pmp.data.indexed'
   local ok, prefixes = pcall(gpt_dataset.parse_blend, opts.data_path)
@@ -38,16 +39,16 @@ local function indexed(opts, options, role)
     -- the cache files' names are megatron-core's for the same command line
     tokenizer = require('pmp.data.dataset_tokenizer').megatron_identifiers(tokenizer:state(), opts.tokenizer_model),
     -- Megatron's train_val_test_num_samples, so each split's order is the one Megatron builds
-    sizes = { train = opts.train_iters * opts.global_batch_size,
+    sizes = { train = (opts.train_samples or 0) > 0 and opts.train_samples or opts.train_iters * opts.global_batch_size,
               valid = (math.floor(opts.train_iters / math.max(opts.eval_interval, 1)) + 1) * opts.eval_iters * opts.global_batch_size,
               test = opts.eval_iters * opts.global_batch_size },
   })
   for _, warning in ipairs(built.warnings) do print(options.name .. ': warning: ' .. warning) end
-  if not built.train and role ~= 'valid' then error('--data-path: the --split ' .. opts.split .. ' leaves no training data', 0) end
+  if not built.train and (role or 'train') == 'train' then error('--data-path: the --split ' .. opts.split .. ' leaves no training data', 0) end
   local total = 0
   for _, ds in ipairs(built.indexed) do total = total + ds.num_tokens end
   return { source = table.concat(opts.data_path, ' '), tokenizer = tokenizer, num_tokens = total,
-    train = built.train, valid = built.valid,
+    train = built.train, valid = built.valid, test = built.test,
     train_tokens = built.train and built.train:sample(0), valid_tokens = built.valid and built.valid:sample(0) }
 end
 
@@ -84,7 +85,7 @@ local function text(opts, options)
 
   local TextDataset = require('pmp.data').TextDataset
   local tokens = require('pmp.tensor').tensor(tokenizer:encode(content), { dtype = 'i64' })
-  local train_tokens, valid_tokens = TextDataset.split(tokens, opts.split)
+  local train_tokens, valid_tokens, test_tokens = TextDataset.split(tokens, opts.split)
   if not train_tokens or train_tokens:numel() <= opts.seq_length then
     error(string.format('%s: the --split %s leaves %d training tokens, fewer than --seq-length %d + 1',
       opts.data_path and '--data-path ' .. source or source, opts.split, train_tokens and train_tokens:numel() or 0, opts.seq_length), 0)
@@ -92,11 +93,12 @@ local function text(opts, options)
   return { source = source, tokenizer = tokenizer, num_tokens = tokens:numel(),
     train = TextDataset(train_tokens, opts.seq_length, opts.seed),
     valid = valid_tokens and valid_tokens:numel() > opts.seq_length and TextDataset(valid_tokens, opts.seq_length, opts.seed + 1) or nil,
+    test = test_tokens and test_tokens:numel() > opts.seq_length and TextDataset(test_tokens, opts.seq_length, opts.seed + 2) or nil,
     train_tokens = train_tokens, valid_tokens = valid_tokens }
 end
 
--- Megatron's --train-data-path and --valid-data-path: each blend is wholly its split's, as a --split
--- that gives that split everything makes it.
+-- Megatron's --train-data-path, --valid-data-path and --test-data-path: each blend is wholly its
+-- split's, as a --split that gives that split everything makes it.
 local function per_split(opts, options)
   local function one(flag, paths, split, role)
     local copy = setmetatable({ data_path = paths, split = split }, { __index = opts })
@@ -105,26 +107,36 @@ local function per_split(opts, options)
     return result
   end
   local data = one('--train-data-path', opts.train_data_path, '1,0,0', 'train')
-  if not opts.valid_data_path then return data end
-  local valid = one('--valid-data-path', opts.valid_data_path, '0,1,0', 'valid')
-  if json.encode(valid.tokenizer:state()) ~= json.encode(data.tokenizer:state()) then
-    error('--valid-data-path: ' .. valid.source .. ' was tokenized differently from --train-data-path ' .. data.source, 0)
+  for _, split in ipairs({ { '--valid-data-path', opts.valid_data_path, '0,1,0', 'valid', 'validation' },
+                           { '--test-data-path', opts.test_data_path, '0,0,1', 'test', 'test' } }) do
+    local flag, paths, weights, role, name = unpack(split)
+    if paths then
+      local part = one(flag, paths, weights, role)
+      if json.encode(part.tokenizer:state()) ~= json.encode(data.tokenizer:state()) then
+        error(flag .. ': ' .. part.source .. ' was tokenized differently from --train-data-path ' .. data.source, 0)
+      end
+      data[role] = part[role]
+      if role == 'valid' then data.valid_tokens = part.valid_tokens end
+      data.source = data.source .. ' (' .. name .. ': ' .. part.source .. ')'
+    end
   end
-  data.valid, data.valid_tokens = valid.valid, valid.valid_tokens
-  data.source = data.source .. ' (validation: ' .. valid.source .. ')'
   return data
 end
 
+--- Whether opts name Megatron indexed data in --data-path (a blend, or one PREFIX with .bin/.idx files).
+function M.is_indexed(opts)
+  if not opts.data_path then return false end
+  return #opts.data_path > 1 or require('pmp.data.indexed').exists(opts.data_path[1])
+end
+
 --- The data of a pretraining run: {source (what was read, for the log), tokenizer, num_tokens, train
---- and valid (datasets with :batch(start, n) and .count; valid may be nil), train_tokens, valid_tokens
+--- valid and test (datasets with :batch(start, n) and .count; valid and test may be nil), train_tokens, valid_tokens
 --- (the first sample's / split's token ids, for a sample prompt)}. options: tokenizer_state (a
 --- resumed checkpoint's tokenizer, which wins over the flags), name (the recipe, for warnings).
 function M.pretraining(opts, options)
   options = options or {}
   if opts.train_data_path then return per_split(opts, options) end
-  local indexed_files = require 'pmp.data.indexed'
-  local is_indexed = opts.data_path and (#opts.data_path > 1 or indexed_files.exists(opts.data_path[1]))
-  if is_indexed then return indexed(opts, options) end
+  if M.is_indexed(opts) then return indexed(opts, options) end
   return text(opts, options)
 end
 

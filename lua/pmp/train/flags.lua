@@ -112,7 +112,7 @@ M.data = {
   { '--tokenizer-type', 'char', 'char, byte, or HuggingFaceTokenizer (Megatron name; with --tokenizer-model)' },
   { '--tokenizer-model', nil, 'Hugging Face tokenizer directory (tokenizer.json)' },
   { '--eval-interval', 100, 'steps between validations', integer = true, min = 0 },
-  { '--eval-iters', 10, 'micro batches per validation', integer = true, min = 0 },
+  { '--eval-iters', 10, 'global batches per validation, each validation reading on through the split', integer = true, min = 0 },
 }
 
 --- Checkpoint cadence (pmp.train.Checkpoints).

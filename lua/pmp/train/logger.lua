@@ -1,4 +1,4 @@
---- Megatron-LM's training log: a line every --log-interval iterations (and at the last), validation
+--- Megatron-LM's training log: a timestamped line every --log-interval iterations (and at the last), validation
 --- lines between dashes, TensorBoard scalars under Megatron's tags, the op profiler over
 --- --profile-step-start..end, and the end-of-run summary. Only the logging rank prints.
 ---   local logger = pmp.train.Logger(opts, { name = 'pretrain', enabled = layout.is_logger, train_iters = n })
@@ -72,7 +72,8 @@ function Logger:iteration(iteration, step)
     local now = clock.now()
     local per_iteration = (now - self.interval_start) / self.steps
     local throughput = self.tokens / (now - self.interval_start)
-    local fields = { string.format(' iteration %8d/%8d |', iteration, self.train_iters) }
+    -- Megatron's training_log starts the line with the local wall-clock time (datetime.now())
+    local fields = { string.format(' [%s] iteration %8d/%8d |', os.date('%Y-%m-%d %H:%M:%S'), iteration, self.train_iters) }
     if self.consumed then fields[#fields + 1] = string.format(' consumed samples: %12d |', step.consumed) end
     fields[#fields + 1] = string.format(' elapsed time per iteration (ms): %.1f |', per_iteration * 1000)
     if self.opts.log_throughput and self.flops_per_token then
@@ -112,16 +113,17 @@ function Logger:iteration(iteration, step)
 end
 
 --- Runs evaluate() (the validation loss; nil on ranks without one) and logs it; its time does not count
---- as training time.
-function Logger:validation(iteration, evaluate)
+--- as training time. split: nil during training; 'validation' or 'test' for Megatron's evaluations at the
+--- end of training ('validation loss at iteration N on test set'), the test loss staying out of TensorBoard.
+function Logger:validation(iteration, evaluate, split)
   local start = clock.now()
   local loss = evaluate() or 0
-  local text = string.format(' validation loss at iteration %d | lm loss value: %.6E | lm loss PPL: %.6E |',
-    iteration, loss, math.exp(math.min(loss, 20)))
+  local text = string.format(' validation loss at iteration %d%s | lm loss value: %.6E | lm loss PPL: %.6E |',
+    iteration, split and ' on ' .. split .. ' set' or '', loss, math.exp(math.min(loss, 20)))
   self:line(string.rep('-', #text))
   self:line(text)
   self:line(string.rep('-', #text))
-  scalar(self, 'lm loss validation', loss, iteration)
+  if split ~= 'test' then scalar(self, 'lm loss validation', loss, iteration) end
   self.interval_start = self.interval_start + (clock.now() - start)
 end
 

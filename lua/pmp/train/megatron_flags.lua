@@ -3,8 +3,8 @@
 --- like any set; `ignored` holds flags that configure something pmp does not have (kernels, fusions,
 --- Transformer Engine, dataloader workers), which change neither results nor files, so they are
 --- accepted and named once in one log line. M.resolve then checks the combinations and maps Megatron's
---- spellings onto pmp's options. pmp's defaults stay where a flag is left out (not Megatron's: see
---- recipes/pretrain.lua --help).
+--- spellings onto pmp's options. Where a flag is left out, runs on indexed data get Megatron's default
+--- (pmp.train.megatron_defaults), other runs pmp's.
 local M = {}
 
 --- Model flags mapped onto the GPTModel config by pmp.train.model.gpt.
@@ -22,14 +22,17 @@ M.architecture = {
   { '--kv-channels', 0, 'dims per attention head (0: --hidden-size / --num-attention-heads)', integer = true, min = 0 },
   { '--rotary-percent', 1.0, 'share of each head that RoPE rotates', above = 0, max = 1 },
   { '--rotary-seq-len-interpolation-factor', 1, 'divide RoPE positions by this (linear position interpolation)', above = 0 },
-  { '--attention-dropout', 0.0, 'dropout on attention probabilities (pmp has none: only 0)', min = 0, below = 1 },
+  { '--attention-dropout', 0.0, 'dropout on attention probabilities (above 0 attention runs unfused while training)',
+    min = 0, below = 1 },
+  { '--extra-vocab-size', 0, "Pai-Megatron-Patch: the vocabulary holds the tokenizer's own (without added tokens) plus " ..
+    'this many rows, instead of --make-vocab-size-divisible-by padding', integer = true, min = 0 },
   { '--recompute-activations', false, "the same as --recompute-granularity selective" },
   { '--recompute-method', nil, "with --recompute-granularity full: uniform or block", choices = { 'uniform', 'block' } },
   { '--recompute-num-layers', 1, 'layers per recomputed chunk (uniform) or recomputed layers per stage (block)',
     integer = true, min = 1 },
 }
 
---- Checkpoint, data and logging flags recipes/pretrain.lua acts on.
+--- Checkpoint, data, schedule and logging flags recipes/pretrain.lua acts on.
 M.run = {
   { '--no-load-optim', false, 'load weights but not the optimizer state from --load' },
   { '--no-load-rng', false, 'do not restore the random generators from --load' },
@@ -40,7 +43,13 @@ M.run = {
   { '--reset-attention-mask', false, 'attention stays inside each document (ends at end-of-document tokens)' },
   { '--train-data-path', nil, 'indexed data (PREFIX or weighted blend) used whole for training, instead of --data-path', multiple = true },
   { '--valid-data-path', nil, 'indexed data used whole for validation (with --train-data-path)', multiple = true },
-  { '--test-data-path', nil, 'Megatron: test data (pmp evaluates no test split: refused)', multiple = true },
+  { '--test-data-path', nil, 'indexed data used whole for the test evaluation at the end (with --train-data-path)', multiple = true },
+  { '--train-samples', 0, 'train on this many samples instead of --train-iters (iterations: samples / global batch)',
+    integer = true, min = 0 },
+  { '--lr-decay-samples', 0, 'with --train-samples: samples of decay (0: --train-samples)', integer = true, min = 0 },
+  { '--lr-warmup-samples', 0, 'with --train-samples: samples of linear warmup', integer = true, min = 0 },
+  { '--lr-warmup-fraction', 0, 'warmup as this share of the decay span, instead of --lr-warmup-iters/-samples (0: not used)',
+    min = 0, max = 1 },
   { '--calculate-per-token-loss', false, 'a step\'s loss is the mean over all its trained tokens, not over micro batches' },
   { '--log-throughput', false, 'log the model TFLOP/s per process on each iteration line' },
   { '--optimizer', 'adam', 'adam (AdamW: decoupled weight decay, as Megatron\'s); hybridadam is the same update',
@@ -98,6 +107,25 @@ end
 
 local function fail(text, ...) error(string.format(text, ...), 0) end
 
+--- Pai-Megatron-Patch's padded vocabulary: the tokenizer's own vocabulary (without added tokens, as
+--- transformers' tokenizer.vocab_size; all of a char or byte tokenizer's) plus --extra-vocab-size rows,
+--- which must hold every token id and split evenly over the tensor-parallel ranks. nil without the flag.
+function M.padded_vocab_size(opts, given, tokenizer)
+  if not given.extra_vocab_size then return nil end
+  local base = tokenizer.base_vocab_size or tokenizer.vocab_size
+  local padded = base + opts.extra_vocab_size
+  if padded < tokenizer.vocab_size then
+    fail('--extra-vocab-size %d: %d + %d rows are fewer than the tokenizer\'s %d tokens (with its added tokens)',
+      opts.extra_vocab_size, base, opts.extra_vocab_size, tokenizer.vocab_size)
+  end
+  local tp = opts.tensor_model_parallel_size or 1
+  if padded % tp ~= 0 then
+    fail('--extra-vocab-size %d: the vocabulary of %d rows does not split over --tensor-model-parallel-size %d',
+      opts.extra_vocab_size, padded, tp)
+  end
+  return padded
+end
+
 --- The one log line naming the ignored flags the command line gave, or nil.
 function M.ignored_line(given)
   local names = {}
@@ -122,8 +150,12 @@ function M.resolve(opts, given)
   if opts.max_position_embeddings < opts.seq_length then
     fail('--max-position-embeddings %d is smaller than --seq-length %d', opts.max_position_embeddings, opts.seq_length)
   end
-  if opts.attention_dropout ~= 0 then
-    fail('--attention-dropout %g: pmp has no dropout on attention probabilities (give 0)', opts.attention_dropout)
+  if opts.attention_dropout > 0 and opts.reset_attention_mask then
+    fail('--attention-dropout %g with --reset-attention-mask: pmp drops no probabilities of per-document attention',
+      opts.attention_dropout)
+  end
+  if opts.attention_dropout > 0 and (opts.context_parallel_size or 1) > 1 then
+    fail('--attention-dropout %g: pmp drops no attention probabilities under --context-parallel-size > 1', opts.attention_dropout)
   end
   -- Megatron uses --num-query-groups only with --group-query-attention, and 1 group when it is left out
   if opts.group_query_attention and not given.num_query_groups then opts.num_query_groups = 1 end
@@ -157,7 +189,7 @@ function M.resolve(opts, given)
 
   if opts.train_data_path and opts.data_path then fail('give either --data-path or --train-data-path, not both') end
   if opts.valid_data_path and not opts.train_data_path then fail('--valid-data-path needs --train-data-path') end
-  if opts.test_data_path then fail('--test-data-path: pmp evaluates no test split') end
+  if opts.test_data_path and not opts.train_data_path then fail('--test-data-path needs --train-data-path') end
   if opts.tokenizer_type == 'HuggingFaceTokenizer' then
     if not opts.tokenizer_model then fail('--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR') end
   elseif opts.tokenizer_type ~= 'char' and opts.tokenizer_type ~= 'byte' then

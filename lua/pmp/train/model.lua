@@ -103,9 +103,11 @@ function M.gpt(opts, vocab_size)
     norm_epsilon = opts.norm_epsilon,
     init_std = opts.init_method_std,
     hidden_dropout = opts.hidden_dropout,
+    attention_dropout = opts.attention_dropout,
     tie_embeddings = not opts.untie_embeddings_and_output_weights,
     recompute_granularity = opts.recompute_granularity,
     make_vocab_size_divisible_by = opts.make_vocab_size_divisible_by,
+    padded_vocab_size = opts.padded_vocab_size,
     tensor_model_parallel_size = opts.tensor_model_parallel_size or 1,
   }, opts), opts), opts))
 end

@@ -10,7 +10,8 @@ end
 --- pmp.dist.init with the flags' sizes, after checking that the flags fit together. Returns pmp.dist's
 --- layout (tp, pp, cp, dp, world, rank, *_rank) plus virtual (model chunks per pipeline rank),
 --- accumulation (micro batches per step on each rank) and is_logger (the last rank: last pipeline
---- stage, last tensor-, context- and data-parallel rank, which logs, as in Megatron). Turns
+--- stage, last tensor-, context- and data-parallel rank, which logs, as in Megatron). A nil
+--- opts.global_batch_size becomes micro batch x data-parallel size, as Megatron's. Turns
 --- --sequence-parallel off at tensor-parallel size 1, as Megatron does.
 function M.init(opts)
   local tp, pp, cp = opts.tensor_model_parallel_size, opts.pipeline_model_parallel_size, opts.context_parallel_size
@@ -30,6 +31,8 @@ function M.init(opts)
     '(each rank holds two chunks of every sequence)', opts.seq_length, cp)
   check(not opts.sequence_parallel or (opts.seq_length / cp) % tp == 0, '--sequence-parallel needs --seq-length %d / ' ..
     '--context-parallel-size %d divisible by --tensor-model-parallel-size %d', opts.seq_length, cp, tp)
+  -- Megatron's default global batch: one micro batch per data-parallel rank (pmp.train.megatron_defaults)
+  if opts.global_batch_size == nil then opts.global_batch_size = opts.micro_batch_size * dp end
   check(opts.global_batch_size % (opts.micro_batch_size * dp) == 0, '--global-batch-size %d is not a multiple of ' ..
     '--micro-batch-size %d x data-parallel size %d', opts.global_batch_size, opts.micro_batch_size, dp)
   layout.accumulation = opts.global_batch_size / (opts.micro_batch_size * dp)
