@@ -64,17 +64,20 @@ if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batc
 local base, resume = train.base_model.locate(opts.load)
 if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint) end
 train.lora.check(opts, opts.save_hf, resume and resume.state.args)
-local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
-  recompute_granularity = opts.recompute_granularity })
--- Under mpirun every rank loaded the whole model and keeps its part of it (pmp.train.parallel, as
--- pretraining lays it out); the layout's checks need the model's depth.
-opts.num_layers = model.config.num_layers
-local layout = train.parallel.init(opts)
-if layout.world > 1 and train.lora.enabled(opts) then
-  error('LoRA runs on one process (--lora-rank / --load-lora under mpirun are not supported yet)', 0)
+-- Under mpirun every rank keeps its part of the model (pmp.train.parallel, as pretraining lays it out);
+-- from a Hugging Face directory it reads only that part. The layout's checks need the model's depth.
+local layout
+local function split(whole, unfilled)
+  opts.num_layers = whole.config.num_layers
+  layout = train.parallel.init(opts)
+  if layout.world > 1 and train.lora.enabled(opts) then
+    error('LoRA runs on one process (--lora-rank / --load-lora under mpirun are not supported yet)', 0)
+  end
+  return layout.world > 1 and train.parallel.split(whole, opts, layout, unfilled) or whole
 end
+local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
+  recompute_granularity = opts.recompute_granularity, split = split })
 local hf = rawget(model, 'hf')
-if layout.world > 1 then model = train.parallel.split(model, opts, layout) end
 local ddp = train.parallel.data_parallel(model, opts, layout)
 -- a pretraining checkpoint's model has Llama's architecture
 local model_type = base.kind == 'pmp' and 'llama' or nil

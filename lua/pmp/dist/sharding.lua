@@ -66,6 +66,21 @@ function M.shard(name, full, config, tp, rank)
   return full:narrow(rule.dim, 1 + rank * n, n):contiguous()
 end
 
+-- The shape of each of tp's parts of parameter `name` whose full tensor has shape `shape` (a new table).
+function M.shard_shape(name, shape, config, tp)
+  local out = {}
+  for i, n in ipairs(shape) do out[i] = n end
+  local rule = M.rule(name, config)
+  if not rule or tp == 1 then return out end
+  local size = shape[rule.dim]
+  if size % (rule.gated and 2 * tp or tp) ~= 0 then
+    error(string.format("shard '%s': size %d of dim %d is not divisible by %s%d", name, size, rule.dim,
+      rule.gated and '2 x ' or '', tp), 2)
+  end
+  out[rule.dim] = size / tp
+  return out
+end
+
 -- The full tensor of parameter `name` from its tp parts, in rank order.
 function M.unshard(name, parts, config)
   local rule = M.rule(name, config)
