@@ -65,15 +65,16 @@ local base, resume = train.base_model.locate(opts.load)
 if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint) end
 train.lora.check(opts, opts.save_hf, resume and resume.state.args)
 -- Under mpirun every rank keeps its part of the model (pmp.train.parallel, as pretraining lays it out);
--- from a Hugging Face directory it reads only that part. The layout's checks need the model's depth.
+-- split gets the whole model built uninitialized and each rank reads only its part from the files. The
+-- layout's checks need the model's depth.
 local layout
-local function split(whole, unfilled)
+local function split(whole)
   opts.num_layers = whole.config.num_layers
   layout = train.parallel.init(opts)
   if layout.world > 1 and train.lora.enabled(opts) then
     error('LoRA runs on one process (--lora-rank / --load-lora under mpirun are not supported yet)', 0)
   end
-  return layout.world > 1 and train.parallel.split(whole, opts, layout, unfilled) or whole
+  return layout.world > 1 and train.parallel.split(whole, opts, layout, true) or whole
 end
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity, split = split })

@@ -3,6 +3,7 @@
 -- pmp.dist.sharding.unshard and the loading rank's part cut with shard. Nothing is computed, so a
 -- resharded tensor is bit-identical to the saved one. Rank directories are read (memory-mapped) once,
 -- when first needed, and checked against the layout description.
+local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
 local io_ = require 'pmp.io'
 local safetensors = require 'pmp.safetensors'
@@ -80,6 +81,32 @@ function Source:part(entry, read, tp, rank, config)
   end
   if parts[1] == nil then return nil end
   return sharding.shard(entry.global, sharding.unshard(entry.global, parts, config), config, tp, rank)
+end
+
+-- The shape of part `rank` of `tp` of the saved model tensor at entry, from the file headers alone.
+function Source:part_shape(entry, tp, config)
+  local L = self.layout
+  local shape = Source.read_model(self:shard(entry.stage, 0, entry.ep), entry.name).shape
+  local rule = sharding.rule(entry.global, config)
+  if rule and L.tp ~= tp then shape[rule.dim] = shape[rule.dim] * L.tp / tp end
+  return shape
+end
+
+-- Copies part `rank` of `tp` of the saved model tensor at entry into dst (of part_shape's shape),
+-- straight from the mapped files: a resharded tensor is copied piece by piece from the saved parts
+-- (pmp.dist.sharding.copy_part), so no whole tensor or other temporary is made. The copied pages of
+-- the files leave this process's resident memory (the page cache keeps them).
+function Source:copy_model_part(entry, tp, rank, config, dst)
+  local L = self.layout
+  local read = {}
+  local function part_of(r)
+    if L.tp == tp or not sharding.rule(entry.global, config) then r = L.tp == tp and rank or 0 end
+    local t = Source.read_model(self:shard(entry.stage, r, entry.ep), entry.name)
+    read[#read + 1] = t
+    return t
+  end
+  if L.tp == tp then dst:copy_(part_of(rank)) else sharding.copy_part(entry.global, dst, part_of, L.tp, tp, rank, config) end
+  for _, t in ipairs(read) do C.pmp_mapping_drop_pages(t.ptr) end
 end
 
 function Source.read_model(shard, name)

@@ -23,22 +23,21 @@ end
 
 --- The base's model, its tokenizer, and the directory holding its chat template (nil for a pretraining
 --- tokenizer without one). options: dtype and recompute_granularity for a Hugging Face model (a
---- pretraining checkpoint's model is built as it was saved); split(model, unfilled) -> this process's
---- part of the model (pmp.train.parallel.split), given a Hugging Face model built uninitialized
---- (unfilled = true: only the part it keeps is read) or a pretraining checkpoint's whole model.
+--- pretraining checkpoint's model is built as it was saved); split(model) -> this process's part of the
+--- model (pmp.train.parallel.split with unfilled), given the whole model built uninitialized: only the
+--- part it keeps is read from the files.
 function M.load(base, options)
   local split = options.split or function(model) return model end
   if base.kind == 'pmp' then
-    -- read by each process alone: under mpirun every rank takes the whole model, then its part
-    local whole, info = require('pmp.checkpoint').read_whole_model(base.dir)
-    local model = split(whole, false)
+    -- under mpirun each rank reads only its part
+    local model, info = require('pmp.checkpoint').load_model_part(base.dir, split)
     local state = info.state.tokenizer
     -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
     return model, require('pmp.data.dataset_tokenizer').from_state(state), state.type == 'hf' and state.model or nil
   end
   local model = require('pmp.models').from_pretrained(base.dir, { dtype = options.dtype,
     config = { recompute_granularity = options.recompute_granularity },
-    split = function(whole) return split(whole, true) end })
+    split = split })
   return model, require('pmp.tokenizer').from_pretrained(base.dir), base.dir
 end
 
