@@ -1,7 +1,9 @@
 -- The pmp side of tools/bench_load.sh:
 --   pmp tools/bench_load.lua load DIR copy|mmap OUT.json
---       from_pretrained(DIR, {dtype = 'bf16'}) (mmap: {mmap = true}) in this fresh process, then one
---       forward of 8 tokens; writes {load_s, rss_load_kib, forward_s, rss_forward_kib} (VmHWM after each)
+--       from_pretrained(DIR, {dtype = 'bf16'}) (mmap: {mmap = true}) in this fresh process, then the first
+--       token pmp.generate makes (greedy) from an 8-token prompt (time to first token = load_s +
+--       first_token_s), then one forward of 8 tokens; writes {load_s, rss_load_kib, first_token_s,
+--       forward_s, rss_forward_kib} (VmHWM after loading, and after the token and the forward)
 --   pmp tools/bench_load.lua save DIR SAVE_DIR ROUNDS OUT.json
 --       loads DIR, then ROUNDS times, in alternating order: `dd if=/dev/zero bs=8M conv=fsync` of the bytes
 --       the save writes, and save_pretrained(SAVE_DIR) (500MB shards, as DIR's), removing each output; writes
@@ -28,10 +30,14 @@ if cmd == 'load' then
   local load_s = clock.now() - t0
   local rss_load = vm_hwm_kib()
   model:eval()
+  t0 = clock.now()
+  pmp.generate(model, { { 11, 12, 13, 14, 15, 16, 17, 18 } }, { max_new_tokens = 1 })
+  local first_token_s = clock.now() - t0
   local ids = pmp.arange(8):view(1, 8)
   t0 = clock.now()
   pmp.no_grad(function() model(ids) end)
-  write_json(out, { load_s = load_s, rss_load_kib = rss_load, forward_s = clock.now() - t0, rss_forward_kib = vm_hwm_kib() })
+  write_json(out, { load_s = load_s, rss_load_kib = rss_load, first_token_s = first_token_s, forward_s = clock.now() - t0,
+    rss_forward_kib = vm_hwm_kib() })
 elseif cmd == 'save' then
   local dir, save_dir, rounds, out = arg[2], arg[3], tonumber(arg[4]), arg[5]
   local model = pmp.models.from_pretrained(dir, { dtype = 'bf16' })
