@@ -29,8 +29,9 @@
 -- directory into place and only then rewrites the tracker, so a save killed at any point leaves the
 -- previous checkpoint the latest. Loading reshards (pmp.checkpoint.source): the weights are
 -- bit-identical to the saved ones whatever the two layouts, and each is copied straight from the mapped
--- files into its parameter, piece by piece when resharded (no whole tensor, no temporary; the optimizer
--- state of a resharded load is still joined per tensor first). The RNG state is restored per rank when the
+-- files into its parameter, piece by piece when resharded (no whole tensor, no temporary). The
+-- optimizer state of a resharded load is made part by part too, but all of it is held until the
+-- optimizer copies it in (one extra copy of the rank's optimizer state). The RNG state is restored per rank when the
 -- layout is the saved one; the optimizer state whenever the checkpoint has it by parameter name.
 -- What a load could not restore is printed once and listed in info.not_restored.
 local ffi = require 'ffi'
