@@ -8,6 +8,9 @@
 --       loads DIR, then ROUNDS times, in alternating order: `dd if=/dev/zero bs=8M conv=fsync` of the bytes
 --       the save writes, and save_pretrained(SAVE_DIR) (500MB shards, as DIR's), removing each output; writes
 --       {save_s = {...}, dd_s = {...}, bytes, rss_before_kib, rss_save_kib}
+--   mpirun -np N pmp tools/bench_load.lua split DIR TP PP OUT_PREFIX
+--       every rank loads its part of DIR under TP x PP (from_pretrained with split, {dtype = 'bf16'}); each
+--       writes OUT_PREFIX<rank>.json: {load_s, rss_load_kib, bytes_read (from the files)}
 local clock = require 'pmp.clock'
 local json = require 'pmp.json'
 local pio = require 'pmp.io'
@@ -67,7 +70,20 @@ elseif cmd == 'save' then
     if r % 2 == 1 then dd(r) save(r) else save(r) dd(r) end
   end
   write_json(out, { save_s = save_s, dd_s = dd_s, bytes = bytes, rss_before_kib = rss_before, rss_save_kib = vm_hwm_kib() })
+elseif cmd == 'split' then
+  local dir, out = arg[2], arg[5]
+  local layout = pmp.dist.init{ tp = tonumber(arg[3]), pp = tonumber(arg[4]) }
+  layout.virtual = 1
+  local flags = { decoder_first_pipeline_num_layers = 0, decoder_last_pipeline_num_layers = 0, sequence_parallel = false }
+  local loading = require 'pmp.models.loading'
+  local t0 = clock.now()
+  pmp.models.from_pretrained(dir, { dtype = 'bf16', split = function(whole)
+    return require('pmp.train.parallel').split(whole, flags, layout, true)
+  end })
+  write_json(out .. layout.rank .. '.json', { load_s = clock.now() - t0, rss_load_kib = vm_hwm_kib(),
+    bytes_read = loading.bytes_read })
 else
-  io.stderr:write('usage: pmp tools/bench_load.lua load DIR copy|mmap OUT.json | save DIR SAVE_DIR ROUNDS OUT.json\n')
+  io.stderr:write('usage: pmp tools/bench_load.lua load DIR copy|mmap OUT.json | save DIR SAVE_DIR ROUNDS OUT.json | ' ..
+    'split DIR TP PP OUT_PREFIX\n')
   os.exit(2)
 end

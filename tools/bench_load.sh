@@ -15,7 +15,9 @@
 # zero-copy model's weights show up there once they are read), the time of the first token greedy
 # generation makes from an 8-token prompt right after the load, the time to first token (load + that),
 # the time of one 8-token forward after it and the peak resident memory then, as ratios to the model's
-# bytes. Then (unless --no-save) pmp's save_pretrained of the loaded model against `dd bs=8M conv=fsync`
+# bytes. With mpirun on the PATH, also the load of each rank's part under TP=2 and under PP=2 (two
+# processes; from_pretrained with split): time, peak resident memory and bytes read per rank, as ratios
+# to the model's bytes. Then (unless --no-save) pmp's save_pretrained of the loaded model against `dd bs=8M conv=fsync`
 # of the same bytes, alternating in each round (this disk's speed varies several-fold from minute to minute).
 # Needs: a built ./pmp, python3 with torch and transformers, about 3x the model's bytes of disk under
 # TMPDIR (7 GB for 1b, 19 GB for 3b) and memory for two copies of the model (transformers' generation).
@@ -92,6 +94,23 @@ awk -v h="${SUM[hf]}" -v c="${SUM[pmp-copy]}" -v m="${SUM[pmp-mmap]}" \
   'BEGIN { printf "load time over all rounds, pmp / transformers: copy %.2fx, zero-copy %.2fx\n", c / h, m / h }'
 awk -v h="${TTFT[hf]}" -v c="${TTFT[pmp-copy]}" -v m="${TTFT[pmp-mmap]}" \
   'BEGIN { printf "time to first token over all rounds, pmp / transformers: copy %.2fx, zero-copy %.2fx\n", c / h, m / h }'
+if command -v mpirun >/dev/null; then
+  AS_ROOT=; [ "$(id -u)" != 0 ] || AS_ROOT=--allow-run-as-root
+  echo "each rank's part, two processes (from_pretrained with split; the whole model is allocated, never written):"
+  printf '%-22s %8s %10s %7s %10s\n' run 'load s' 'peak MiB' 'x model' 'read x'
+  for layout in '2 1' '1 2'; do
+    set -- $layout
+    name=$([ "$1" = 2 ] && echo TP=2 || echo PP=2)
+    (cd "$ROOT" && mpirun --oversubscribe --bind-to none $AS_ROOT -np 2 ./pmp tools/bench_load.lua split "$MODEL" "$1" "$2" \
+      "$WORK/split-$name-")
+    for rank in 0 1; do
+      f=$WORK/split-$name-$rank.json
+      awk -v n="pmp $name rank $rank" -v l="$(field "$f" load_s)" -v r="$(field "$f" rss_load_kib)" \
+          -v d="$(field "$f" bytes_read)" -v b="$BYTES" \
+          'BEGIN { printf "%-22s %8.2f %10.0f %7.2f %10.2f\n", n, l, r / 1024, r * 1024 / b, d / b }'
+    done
+  done
+fi
 if [ -n "$SAVE" ]; then
 (cd "$ROOT" && ./pmp tools/bench_load.lua save "$MODEL" "$WORK/saved" "$ROUNDS" "$WORK/save.json")
 python3 - "$WORK/save.json" <<'EOF'
