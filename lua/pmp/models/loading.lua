@@ -17,6 +17,10 @@
 --- stays mapped while such a parameter lives: replace it by writing a new file and renaming it (as
 --- save_pretrained does), never in place. A file truncated while mapped makes the next read of the
 --- lost pages end the process with a message naming the file (SIGBUS; see core/io/file_io.c).
+---
+--- Under tensor / pipeline parallelism (fill_parts, from_pretrained's split) a rank copies only its
+--- stage's tensors, and of each only the rows or columns its tensor-parallel part holds (whole query
+--- groups of qkv, its slices of gate and of up, its rows of the padded vocabulary), straight into place.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local safetensors = require 'pmp.safetensors'
@@ -105,8 +109,8 @@ local function destinations(entry, p, config, shard)
   for i, span in ipairs({ { 1, qpg, 0, qpg }, { qpg + 1, 1, q_rows, 1 }, { qpg + 2, 1, q_rows + kv_rows, 1 } }) do
     local per_group = span[4] * d   -- rows of one group in the HF tensor of this part
     local first = (concat and span[3] or 0) + rank * local_ng * per_group
-    local whole = not concat and not rule
-    out[i] = part(g:narrow(2, span[1], span[2]), concat and 1 or i, (not whole) and { first + 1, local_ng * per_group } or nil)
+    local all_rows = not concat and not rule
+    out[i] = part(g:narrow(2, span[1], span[2]), concat and 1 or i, (not all_rows) and { first + 1, local_ng * per_group } or nil)
   end
   return out
 end
@@ -316,7 +320,6 @@ function M.fill_parts(whole, split, family, entries, catalog, options, source)
   for name, p in pairs(whole:state_dict()) do shapes[name] = p.shape end
   for _, entry in ipairs(entries) do by_pmp[entry.pmp] = entry end
   local model = split(whole)
-  whole = nil
   collectgarbage()   -- the layers of other stages and the uncut weights go
   local work = {}
   for _, chunk in ipairs(require('pmp.dist.pipeline').chunks(model)) do
