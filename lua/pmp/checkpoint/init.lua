@@ -31,8 +31,9 @@
 -- bit-identical to the saved ones whatever the two layouts, and each is copied straight from the mapped
 -- files into its parameter, piece by piece when resharded (no whole tensor, no temporary). The
 -- optimizer state of a resharded load is made part by part too, but all of it is held until the
--- optimizer copies it in (one extra copy of the rank's optimizer state). The RNG state is restored per rank when the
--- layout is the saved one; the optimizer state whenever the checkpoint has it by parameter name.
+-- optimizer copies it in (one extra copy of the rank's optimizer state). The RNG state is restored per
+-- rank when the layout is the saved one; the optimizer state whenever the checkpoint has it by
+-- parameter name.
 -- What a load could not restore is printed once and listed in info.not_restored.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
