@@ -64,14 +64,18 @@ if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batc
 local base, resume = train.base_model.locate(opts.load)
 if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint) end
 train.lora.check(opts, opts.save_hf, resume and resume.state.args)
+-- Under mpirun every rank keeps its part of the model (pmp.train.parallel, as pretraining lays it out);
+-- split gets the whole model built uninitialized and each rank reads only its part from the files. The
+-- layout's checks need the model's depth.
+local layout
+local function split(whole)
+  opts.num_layers = whole.config.num_layers
+  layout = train.parallel.init(opts)
+  return layout.world > 1 and train.parallel.split(whole, opts, layout, true) or whole
+end
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
-  recompute_granularity = opts.recompute_granularity })
--- Under mpirun every rank loaded the whole model and keeps its part of it (pmp.train.parallel, as
--- pretraining lays it out); the layout's checks need the model's depth.
-opts.num_layers = model.config.num_layers
-local layout = train.parallel.init(opts)
+  recompute_granularity = opts.recompute_granularity, split = split })
 local hf = rawget(model, 'hf')
-if layout.world > 1 then model = train.parallel.split(model, opts, layout) end
 -- a pretraining checkpoint's model has Llama's architecture
 local model_type = base.kind == 'pmp' and 'llama' or nil
 -- adapters on the split model (split like their layers), before data parallelism buckets what trains

@@ -5,8 +5,10 @@
         builds a random-weight bfloat16 Llama model with transformers and save_pretrained()s it to DIR in
         500MB shards (about 1.1B parameters, 2.2 GB with the defaults)
     python3 tools/bench_load.py load DIR --threads T --out OUT.json
-        from_pretrained(DIR, dtype=bfloat16) in this fresh process, then one forward of 8 tokens; writes
-        {load_s, rss_load_kib, forward_s, rss_forward_kib} (peak resident memory, VmHWM, after each)
+        from_pretrained(DIR, dtype=bfloat16) in this fresh process, then the first token generate() makes
+        (greedy) from an 8-token prompt (time to first token = load_s + first_token_s), then one forward
+        of 8 tokens; writes {load_s, rss_load_kib, first_token_s, forward_s, rss_forward_kib} (peak
+        resident memory, VmHWM, after loading, and after the token and the forward)
 """
 import argparse
 import json
@@ -54,13 +56,18 @@ def load(args):
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16)
     load_s = time.perf_counter() - t0
     rss_load = vm_hwm_kib()
+    prompt = torch.arange(11, 19).unsqueeze(0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
+    first_token_s = time.perf_counter() - t0
     ids = torch.arange(8).unsqueeze(0)
     t0 = time.perf_counter()
     with torch.no_grad():
         model(ids)
     forward_s = time.perf_counter() - t0
     with open(args.out, 'w') as f:
-        json.dump({'load_s': load_s, 'rss_load_kib': rss_load, 'forward_s': forward_s,
+        json.dump({'load_s': load_s, 'rss_load_kib': rss_load, 'first_token_s': first_token_s, 'forward_s': forward_s,
                    'rss_forward_kib': vm_hwm_kib()}, f)
 
 

@@ -130,9 +130,13 @@ function sources.hf(dir)
     end
     local out = tensor.empty(shapes[name], { dtype = parts[1].dtype })
     local places, padding = loading.destinations(entry, out, config)
-    for i, place in ipairs(places) do
-      place[1]:copy_(parts[i]:view(place[2]))
-      C.pmp_mapping_drop_pages(parts[i].ptr)   -- copied: out of resident memory (the page cache keeps it)
+    for _, place in ipairs(places) do
+      local from = parts[place.from]
+      if place.rows then from = from:narrow(1, place.rows[1], place.rows[2]) end
+      place[1]:copy_(from:view(place[2]))
+    end
+    for _, part in ipairs(parts) do
+      C.pmp_mapping_drop_pages(part.ptr)   -- copied: out of resident memory (the page cache keeps it)
     end
     if padding then padding:zero_() end
     return out

@@ -29,8 +29,12 @@
 -- (an all-reduce of everybody's success is the barrier) rank 0 writes layout.json, renames the
 -- directory into place and only then rewrites the tracker, so a save killed at any point leaves the
 -- previous checkpoint the latest. Loading reshards (pmp.checkpoint.source): the weights are
--- bit-identical to the saved ones whatever the two layouts. The RNG state is restored per rank when the
--- layout is the saved one; the optimizer state whenever the checkpoint has it by parameter name.
+-- bit-identical to the saved ones whatever the two layouts, and each is copied straight from the mapped
+-- files into its parameter, piece by piece when resharded (no whole tensor, no temporary). The
+-- optimizer state of a resharded load is made part by part too, but all of it is held until the
+-- optimizer copies it in (one extra copy of the rank's optimizer state). The RNG state is restored per
+-- rank when the layout is the saved one; the optimizer state whenever the checkpoint has it by
+-- parameter name.
 -- What a load could not restore is printed once and listed in info.not_restored.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
@@ -497,23 +501,38 @@ local function named_saved_state(source, model, optimizer, own, layout, stage, c
   return state, names
 end
 
--- Reads and cuts everything this rank loads, without changing model or optimizer yet.
-local function prepare(dir, options, model, optimizer, layout, stage, stages)
-  local info, root = M.info(dir, options.iteration)
-  local source = Source.open(root, info.layout)
-  local L, config = info.layout, model.config or {}
-  local own = model:state_dict()
-  local out = { values = {}, info = info, not_restored = {} }
-
+-- Where each parameter of the model (this rank's part) is saved: a list of {name, entry, param}, after
+-- checking every shape from the file headers, without reading a weight.
+local function locate_weights(source, model, stage, tp, config)
+  local own, out = model:state_dict(), {}
   local names = {}
   for name in pairs(own) do names[#names + 1] = name end
   table.sort(names)   -- the same first error on every run
   for _, name in ipairs(names) do
     local entry = source:find(layout_file.global_name(name, stage), config)
-    local value = source:part(entry, Source.read_model, layout.tp, layout.tp_rank, config)
-    source:check_shape(value, own[name], layout_file.model_key(name), entry)
-    out.values[name] = value
+    source:check_shape({ shape = source:part_shape(entry, tp, config) }, own[name], layout_file.model_key(name), entry)
+    out[#out + 1] = { name = name, entry = entry, param = own[name] }
   end
+  return out
+end
+
+-- Copies the located weights into the parameters one at a time, straight from the mapped files (a
+-- resharded one piece by piece): no temporary, each saved tensor read once.
+local function copy_weights(source, weights, tp, rank, config)
+  require('pmp').no_grad(function()
+    for _, w in ipairs(weights) do source:copy_model_part(w.entry, tp, rank, config, w.param) end
+  end)
+end
+
+-- Locates and checks everything this rank loads and reads the optimizer state, without changing model
+-- or optimizer yet.
+local function prepare(dir, options, model, optimizer, layout, stage, stages)
+  local info, root = M.info(dir, options.iteration)
+  local source = Source.open(root, info.layout)
+  local L, config = info.layout, model.config or {}
+  local own = model:state_dict()
+  local out = { source = source, info = info, not_restored = {} }
+  out.weights = locate_weights(source, model, stage, layout.tp, config)
 
   if optimizer then
     if not L.optimizer then error('checkpoint: ' .. root .. ' was saved without optimizer state', 0) end
@@ -562,7 +581,7 @@ function M.load(dir, model, optimizer, options)
   local code = agree(world, ok)
   if not ok then error(tostring(prepared), 0) end
   if code ~= 0 then error(string.format('checkpoint.load: %s: rank %d could not load (see its error)', dir, code - 1), 0) end
-  model:load_state_dict(prepared.values)
+  copy_weights(prepared.source, prepared.weights, layout.tp, layout.tp_rank, model.config or {})
   local state = prepared.optimizer
   if state then
     if optimizer.load_full_state then
@@ -606,21 +625,23 @@ function M.load_model(dir, iteration)
   return model, M.load(dir, model, nil, { iteration = info.iteration, rng = false })
 end
 
+-- A checkpoint's model cut for this rank: split(model) turns the model built uninitialized from the
+-- recorded model_config into this rank's part without reading a weight (pmp.train.parallel.split with
+-- unfilled), then every rank of the world loads its part (M.load, so only its tensors, rows and columns
+-- are read). Returns the part and the info table.
+function M.load_model_part(dir, split)
+  local info = M.info(dir)
+  local model = split(unfilled_model(dir, info))
+  return model, M.load(dir, model, nil, { iteration = info.iteration, rng = false })
+end
+
 -- The whole model of a checkpoint of any layout read by this process alone, without collectives (so
 -- that one rank of a parallel run can join the parts the world saved); plus the info table.
 function M.read_whole_model(dir)
   local info, root = M.info(dir)
   local model = unfilled_model(dir, info)
   local source, config = Source.open(root, info.layout), model.config
-  local whole = { first = 0, count = config.num_layers }
-  local values = {}
-  for name, own in pairs(model:state_dict()) do
-    local entry = source:find(layout_file.global_name(name, whole), config)
-    local value = source:part(entry, Source.read_model, 1, 0, config)
-    source:check_shape(value, own, layout_file.model_key(name), entry)
-    values[name] = value
-  end
-  model:load_state_dict(values)
+  copy_weights(source, locate_weights(source, model, { first = 0, count = config.num_layers }, 1, config), 1, 0, config)
   return model, info
 end
 

@@ -359,20 +359,39 @@ function Checkpoint:tensor(name, options)
   return out
 end
 
+--- Copies part `rank` of `tp` of pmp global name `name` into dst, straight from the rank files' tensors
+--- (pmp.dist.sharding.copy_part: no whole tensor or other temporary). A vocabulary table saved with
+--- another padding takes the true vocabulary's rows (config.vocab_size) and zeros after them, as
+--- Megatron re-pads to the model's padded size. Raises when dst is not that part's shape.
+function Checkpoint:copy_part(name, dst, tp, rank, config)
+  local w = self.where[name]
+  if not w then fail('%s holds no %s', self.root, name) end
+  local read = {}
+  local function part_of(t)
+    local f = self:file(w.p, t)
+    local v = f.chunks[w.v][w.key]
+    if not tensor.is_tensor(v) then fail('%s lacks %s', f.path, w.key) end
+    read[#read + 1] = v
+    return v
+  end
+  local whole, limit = self:shape(name), nil
+  local vocab = name == 'embedding.word_embeddings.weight' or name == 'output_layer.weight'
+  if vocab and whole[1] ~= config.padded_vocab_size and config.vocab_size <= whole[1] then
+    whole[1], limit = config.padded_vocab_size, config.vocab_size
+  end
+  local want = sharding.shard_shape(name, whole, config, tp)
+  if table.concat(want, ',') ~= table.concat(dst.shape, ',') then
+    fail('%s: %s is [%s] for this rank, the model has [%s]', self.root, name, table.concat(want, ','),
+      table.concat(dst.shape, ','))
+  end
+  local saved_tp = sharding.rule(name, self.config) and self.tp or 1
+  sharding.copy_part(name, dst, part_of, saved_tp, tp, rank, config, limit)
+  for _, v in ipairs(read) do C.pmp_mapping_drop_pages(v.ptr) end
+end
+
 -- Settings that change the model's function without changing any weight's shape or name.
 local SAME_SETTINGS = { 'normalization', 'activation', 'rotary_base', 'rotary_percent', 'kv_channels', 'num_query_groups',
   'tie_embeddings' }
-
--- A vocabulary table (word embeddings, output layer) re-padded to the model's padded size, which
--- Megatron makes a multiple of the tensor-parallel size too: the true vocabulary's rows, then zeros.
-local function repad(t, name, config)
-  if name ~= 'embedding.word_embeddings.weight' and name ~= 'output_layer.weight' then return t end
-  local rows = t:size(1)
-  if rows == config.padded_vocab_size or config.vocab_size > rows then return t end
-  local out = tensor.zeros({ config.padded_vocab_size, t:size(2) }, { dtype = t.dtype })
-  out:narrow(1, 1, config.vocab_size):copy_(t:narrow(1, 1, config.vocab_size))
-  return out
-end
 
 -- Copies the checkpoint's weights into this rank's part of model, one tensor at a time.
 local function fill(ckpt, model)
@@ -397,12 +416,7 @@ local function fill(ckpt, model)
         local p = own[name]
         local global = sharding.shift_layer(name, offset)
         if global == 'output_layer.weight' and ckpt.config.tie_embeddings then global = 'embedding.word_embeddings.weight' end
-        local part = sharding.shard(global, repad(ckpt:tensor(global), global, config), config, layout.tp, layout.tp_rank)
-        if table.concat(part.shape, ',') ~= table.concat(p.shape, ',') then
-          fail('%s: %s is [%s] for this rank, the model has [%s]', ckpt.root, global, table.concat(part.shape, ','),
-            table.concat(p.shape, ','))
-        end
-        p:copy_(part)
+        ckpt:copy_part(global, p, layout.tp, layout.tp_rank, config)
         loaded[global] = true
       end
     end

@@ -1,8 +1,9 @@
 -- The saved shards of one checkpoint iteration, read for a load into any layout: each parameter (and
--- its optimizer state) is found on the stage that saved it, its TP parts joined with
--- pmp.dist.sharding.unshard and the loading rank's part cut with shard. Nothing is computed, so a
+-- its optimizer state) is found on the stage that saved it, and the loading rank's part is copied from
+-- the pieces of the saved TP parts it holds (pmp.dist.sharding.copy_part). Nothing is computed, so a
 -- resharded tensor is bit-identical to the saved one. Rank directories are read (memory-mapped) once,
 -- when first needed, and checked against the layout description.
+local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
 local io_ = require 'pmp.io'
 local safetensors = require 'pmp.safetensors'
@@ -62,7 +63,8 @@ function Source:find(global, config)
 end
 
 -- Part `rank` of `tp` of the saved tensor at entry, read from each TP shard by read(shard, name)
--- (nil where the shard has none). Same TP size: the rank's own shard, as saved.
+-- (nil where the shard has none). Same TP size: the rank's own shard, as saved; another: a new tensor
+-- (for the optimizer state; model weights go straight into the parameters, see copy_model_part).
 function Source:part(entry, read, tp, rank, config)
   local L = self.layout
   local same = L.tp == tp
@@ -79,7 +81,39 @@ function Source:part(entry, read, tp, rank, config)
     end
   end
   if parts[1] == nil then return nil end
-  return sharding.shard(entry.global, sharding.unshard(entry.global, parts, config), config, tp, rank)
+  -- the part made directly from the saved parts' pieces it holds, without joining the whole tensor
+  local shape = parts[1].shape
+  local dim = sharding.rule(entry.global, config).dim
+  shape[dim] = shape[dim] * L.tp / tp
+  local out = tensor.empty(shape, { dtype = parts[1].dtype })
+  sharding.copy_part(entry.global, out, function(r) return parts[r + 1] end, L.tp, tp, rank, config)
+  return out
+end
+
+-- The shape of part `rank` of `tp` of the saved model tensor at entry, from the file headers alone.
+function Source:part_shape(entry, tp, config)
+  local L = self.layout
+  local shape = Source.read_model(self:shard(entry.stage, 0, entry.ep), entry.name).shape
+  local rule = sharding.rule(entry.global, config)
+  if rule and L.tp ~= tp then shape[rule.dim] = shape[rule.dim] * L.tp / tp end
+  return shape
+end
+
+-- Copies part `rank` of `tp` of the saved model tensor at entry into dst (of part_shape's shape),
+-- straight from the mapped files: a resharded tensor is copied piece by piece from the saved parts
+-- (pmp.dist.sharding.copy_part), so no whole tensor or other temporary is made. The copied pages of
+-- the files leave this process's resident memory (the page cache keeps them).
+function Source:copy_model_part(entry, tp, rank, config, dst)
+  local L = self.layout
+  local read = {}
+  local function part_of(r)
+    if L.tp == tp or not sharding.rule(entry.global, config) then r = L.tp == tp and rank or 0 end
+    local t = Source.read_model(self:shard(entry.stage, r, entry.ep), entry.name)
+    read[#read + 1] = t
+    return t
+  end
+  if L.tp == tp then dst:copy_(part_of(rank)) else sharding.copy_part(entry.global, dst, part_of, L.tp, tp, rank, config) end
+  for _, t in ipairs(read) do C.pmp_mapping_drop_pages(t.ptr) end
 end
 
 function Source.read_model(shard, name)

@@ -121,7 +121,9 @@ end
 -- other stages split the rest evenly), virtual_stages (default 1; see below). The stage's layers are
 -- renumbered from 0, as Megatron's per-rank checkpoints number them; model.pipeline records the
 -- stage, its global layer offset and count, and whether it holds the embedding (is_first) and the
--- final norm and output layer (is_last; with the output projection, if any).
+-- final norm and output layer (is_last; with the output projection, if any). options.unfilled: the
+-- model's weights are not read (a model built uninitialized that a checkpoint fills next), so the last
+-- stage's copy of tied embeddings is left uninitialized too.
 -- With virtual_stages = V > 1 the rank keeps V chunks (see chunk_layers) and stage returns them as a
 -- pipeline.Chunks; the model itself becomes the first chunk. Each chunk's pipeline field also has
 -- virtual_stage (0-based) and virtual_stages; is_first holds on rank 0's first chunk only, is_last on
@@ -171,7 +173,7 @@ function M.stage(model, options)
     local width = embedding.word_embeddings.weight:size(2)
     -- (uninitialized: drawing its values would move this rank's generator away from the single process's)
     output = layers.Linear(width, config.padded_vocab_size, { bias = false, dtype = config.dtype, init = false })
-    output.weight = embedding.word_embeddings.weight:detach():clone():requires_grad_()
+    if not options.unfilled then output.weight = embedding.word_embeddings.weight:detach():clone():requires_grad_() end
   end
   local chunks = {}
   for v = 1, virtual do

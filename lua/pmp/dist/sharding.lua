@@ -73,6 +73,51 @@ function M.shard(name, full, config, tp, rank)
   return full:narrow(rule.dim, 1 + rank * n, n):contiguous()
 end
 
+-- The shape of each of tp's parts of parameter `name` whose full tensor has shape `shape` (a new table).
+function M.shard_shape(name, shape, config, tp)
+  local out = {}
+  for i, n in ipairs(shape) do out[i] = n end
+  local rule = M.rule(name, config)
+  if not rule or tp == 1 then return out end
+  local size = shape[rule.dim]
+  if size % (rule.gated and 2 * tp or tp) ~= 0 then
+    error(string.format("shard '%s': size %d of dim %d is not divisible by %s%d", name, size, rule.dim,
+      rule.gated and '2 x ' or '', tp), 2)
+  end
+  out[rule.dim] = size / tp
+  return out
+end
+
+-- Copies part `rank` of tp of parameter `name` into dst from the saved_tp parts it was saved as, without
+-- making the whole tensor or any other temporary: each saved part's rows (or columns) that dst holds
+-- are copied straight into their place (gated tensors half by half). part_of(r) gives saved part r
+-- (0-based); only the parts that overlap dst are asked for. limit: how much of the whole tensor's cut
+-- dimension the saved parts fill (a vocabulary table re-padded to another size: the true vocabulary);
+-- dst's rows past it become zeros.
+function M.copy_part(name, dst, part_of, saved_tp, tp, rank, config, limit)
+  local rule = M.rule(name, config)
+  if not rule then
+    dst:copy_(part_of(0))
+    return
+  end
+  local d, halves = rule.dim, rule.gated and 2 or 1
+  local first = part_of(0)
+  local n_src, n_dst = first:size(d) / halves, dst:size(d) / halves
+  local extent = math.min(limit or math.huge, n_src * saved_tp)
+  local lo_dst = rank * n_dst   -- where dst starts in each half of the whole tensor
+  for h = 0, halves - 1 do
+    for r = 0, saved_tp - 1 do
+      local lo, hi = math.max(lo_dst, r * n_src), math.min(lo_dst + n_dst, (r + 1) * n_src, extent)
+      if hi > lo then
+        local src = (r == 0 and first or part_of(r)):narrow(d, h * n_src + lo - r * n_src + 1, hi - lo)
+        dst:narrow(d, h * n_dst + lo - lo_dst + 1, hi - lo):copy_(src)
+      end
+    end
+    local filled = math.max(0, math.min(n_dst, extent - lo_dst))
+    if filled < n_dst then dst:narrow(d, h * n_dst + filled + 1, n_dst - filled):zero_() end
+  end
+end
+
 -- The full tensor of parameter `name` from its tp parts, in rank order.
 function M.unshard(name, parts, config)
   local rule = M.rule(name, config)

@@ -405,6 +405,12 @@ end
 ---                                  layout are copy-on-write views of the file's mapping, not copies
 ---                                  (loads in the time to map; pages are read when first used; training
 ---                                  never writes to the file). See pmp.models.loading.
+---   split                          function(model) -> this rank's part of it under pipeline / tensor
+---                                  parallelism, e.g. function(m) return pmp.train.parallel.split(m, opts,
+---                                  layout, true) end: called on the whole model built uninitialized (it
+---                                  must not read the weights); only the tensors, rows and columns of the
+---                                  part it returns are read from the files. from_pretrained returns that
+---                                  part (not with mmap).
 function M.from_pretrained(dir, options)
   options = options or {}
   if type(dir) ~= 'string' then error('from_pretrained: expects a directory path', 2) end
@@ -425,7 +431,12 @@ function M.from_pretrained(dir, options)
   config.init = false
   local model = transformer.GPTModel(config)
   model.config.init = nil   -- a model built later from this config is initialized as usual
-  loading.fill(model, names, M.expand_mapping(names, model.config), catalog, options, 'from_pretrained ' .. dir)
+  local entries, source = M.expand_mapping(names, model.config), 'from_pretrained ' .. dir
+  if options.split then
+    model = loading.fill_parts(model, options.split, names, entries, catalog, options, source)
+  else
+    loading.fill(model, names, entries, catalog, options, source)
+  end
   return attach(model, family, hf)
 end
 

@@ -17,9 +17,14 @@
 --- stays mapped while such a parameter lives: replace it by writing a new file and renaming it (as
 --- save_pretrained does), never in place. A file truncated while mapped makes the next read of the
 --- lost pages end the process with a message naming the file (SIGBUS; see core/io/file_io.c).
+---
+--- Under tensor / pipeline parallelism (fill_parts, from_pretrained's split) a rank copies only its
+--- stage's tensors, and of each only the rows or columns its tensor-parallel part holds (whole query
+--- groups of qkv, its slices of gate and of up, its rows of the padded vocabulary), straight into place.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local safetensors = require 'pmp.safetensors'
+local sharding = require 'pmp.dist.sharding'
 
 local M = {}
 
@@ -46,36 +51,66 @@ function M.hf_shapes(entry, shape, config)
   error("pmp.models: unknown pack '" .. tostring(entry.pack) .. "' for " .. entry.pmp, 3)
 end
 
--- Where each HF part of an entry goes in the parameter p: a list of { view of p, shape to view the HF
--- tensor as }, one per HF tensor, and the view of p's rows no HF tensor fills (vocabulary padding), if
--- any. A part that takes only some rows of its HF tensor says which: rows = { first, count } ('qkv_concat':
--- the one HF tensor fills three parts; 'offset': the HF table's first entry.offset rows are skipped).
-local function destinations(entry, p, config)
-  if entry.pack == nil then return { { p, p.shape } } end
-  if entry.pack == 'offset' then return { { p, p.shape, rows = { entry.offset + 1, p:size(1) } } } end
+-- Where each HF part of an entry goes in the parameter p: a list of { view of p, shape to view the
+-- (narrowed) HF tensor as, from = index of the HF tensor in entry.hf, rows = { first, count } / cols =
+-- { first, count } when the part takes only those rows / columns of it }, and the view of p's rows no
+-- HF tensor fills (vocabulary padding), if any. ('qkv_concat': the one HF tensor fills three parts;
+-- 'offset': the HF table's first entry.offset rows are skipped.)
+-- shard = { rule, tp, rank }: p is only tensor-parallel part `rank` of tp of the parameter, cut by
+-- pmp.dist.sharding's rule (nil: replicated), and the parts take only the HF rows or columns it holds.
+local function destinations(entry, p, config, shard)
+  local tp, rank, rule = 1, 0, nil
+  if shard and shard.rule and shard.tp > 1 then tp, rank, rule = shard.tp, shard.rank, shard.rule end
+  local function part(view, from, rows, cols) return { view, view.shape, from = from, rows = rows, cols = cols } end
+  if rule and rule.dim == 2 then
+    if entry.pack ~= nil then error(string.format("pmp.models: %s: pack '%s' cut by columns is not supported", entry.pmp, entry.pack), 3) end
+    local n = p:size(2)
+    return { part(p, 1, nil, { rank * n + 1, n }) }
+  end
   local rows = p:size(1)
+  if entry.pack == nil or entry.pack == 'gate_up' then
+    if rule and rule.gated then
+      -- p holds this rank's slice of gate, then of up: [gate; up] in one HF tensor, or two
+      local n, two = rows / 2, entry.pack == 'gate_up'
+      local whole = two and 0 or n * tp
+      return { part(p:narrow(1, 1, n), 1, { rank * n + 1, n }),
+               part(p:narrow(1, n + 1, n), two and 2 or 1, { whole + rank * n + 1, n }) }
+    end
+    if entry.pack == 'gate_up' then
+      if rule then error(string.format("pmp.models: %s: pack 'gate_up' needs a gated tensor-parallel rule", entry.pmp), 3) end
+      local half = rows / 2
+      return { part(p:narrow(1, 1, half), 1), part(p:narrow(1, half + 1, half), 2) }
+    end
+    return { part(p, 1, rule and { rank * rows + 1, rows } or nil) }
+  end
+  if entry.pack == 'offset' then
+    if rule then error(string.format("pmp.models: %s: pack 'offset' cannot be cut", entry.pmp), 3) end
+    return { part(p, 1, { entry.offset + 1, rows }) }
+  end
   if entry.pack == 'vocab' then
-    local n = config.vocab_size
-    local part = p:narrow(1, 1, n)
-    return { { part, part.shape } }, rows > n and p:narrow(1, n + 1, rows - n) or nil
+    -- this rank's rows of the padded table: those below vocab_size come from the file, the rest are padding
+    local first = rank * rows
+    local n = math.max(0, math.min(rows, config.vocab_size - first))
+    local parts = {}
+    if n > 0 then parts[1] = part(p:narrow(1, 1, n), 1, rule and { first + 1, n } or nil) end
+    return parts, rows > n and p:narrow(1, n + 1, rows - n) or nil
   end
-  if entry.pack == 'gate_up' then
-    local half = rows / 2
-    local gate, up = p:narrow(1, 1, half), p:narrow(1, half + 1, half)
-    return { { gate, gate.shape }, { up, up.shape } }
-  end
-  -- qkv: p is [ng, qpg + 2, d, ...] per query group; q is [ng, qpg, d, ...], k and v [ng, 1, d, ...].
+  -- qkv: p is [ng, qpg + 2, d, ...] per query group; q is [ng, qpg, d, ...], k and v [ng, 1, d, ...]; a
+  -- tensor-parallel part holds ng / tp whole groups
   local ng, d = config.num_query_groups, config.kv_channels
   local qpg = config.num_attention_heads / ng
-  local grouped = { ng, qpg + 2, d }
+  local local_ng = ng / tp
+  local grouped = { local_ng, qpg + 2, d }
   for i = 2, #p.shape do grouped[#grouped + 1] = p.shape[i] end
   local g = p:view(grouped)
-  local out = {}
+  local concat = entry.pack == 'qkv_concat'
   local q_rows, kv_rows = ng * qpg * d, ng * d
-  local rows = { { 1, q_rows }, { q_rows + 1, kv_rows }, { q_rows + kv_rows + 1, kv_rows } }
-  for i, span in ipairs({ { 1, qpg }, { qpg + 1, 1 }, { qpg + 2, 1 } }) do
-    local part = g:narrow(2, span[1], span[2])
-    out[i] = { part, part.shape, rows = entry.pack == 'qkv_concat' and rows[i] or nil }
+  local out = {}
+  for i, span in ipairs({ { 1, qpg, 0, qpg }, { qpg + 1, 1, q_rows, 1 }, { qpg + 2, 1, q_rows + kv_rows, 1 } }) do
+    local per_group = span[4] * d   -- rows of one group in the HF tensor of this part
+    local first = (concat and span[3] or 0) + rank * local_ng * per_group
+    local all_rows = not concat and not rule
+    out[i] = part(g:narrow(2, span[1], span[2]), concat and 1 or i, (not all_rows) and { first + 1, local_ng * per_group } or nil)
   end
   return out
 end
@@ -190,11 +225,13 @@ local function zero_copy_view(entry, first, p, catalog)
   return safetensors.load_joined(path, entry.hf, p.shape)
 end
 
--- Fills the parameters of `model` (built with init = false) from the catalog's files. options.mmap:
--- zero-copy where the layout allows (see above). source names the directory in errors.
-function M.fill(model, family, entries, catalog, options, source)
-  local config = model.config
-  local work = plan(family, entries, catalog, model:state_dict(), config, source)
+-- Bytes of file data this process has copied into parameters (all loads since it started): a load of a
+-- tensor-parallel part or pipeline stage adds only what the rank holds (see fill_parts).
+M.bytes_read = 0
+
+-- Copies the work items { entry, param, owner (the module holding it), name (its name there), shard }
+-- from the catalog's files, one file at a time. options.mmap: zero-copy where the layout allows.
+local function copy_work(work, catalog, config, options, source)
   -- each entry is filled when the last file holding one of its parts is open
   local order = {}
   for k, path in ipairs(catalog.files) do order[path] = k end
@@ -219,7 +256,8 @@ function M.fill(model, family, entries, catalog, options, source)
       for name, e in pairs(catalog.tensors) do
         if e.path == path and needed[name] then names[#names + 1] = name end
       end
-      for name, t in pairs(safetensors.load(path, { names = names })) do
+      -- a file holding nothing this model (or pipeline stage) needs is never mapped
+      for name, t in pairs(#names > 0 and safetensors.load(path, { names = names }) or {}) do
         local e = catalog.tensors[name]
         if t.dtype ~= e.dtype or shape_string(t.shape) ~= shape_string(e.shape) then
           error(string.format('%s: %s changed while loading: %s is %s %s, its header said %s %s', source, path, name,
@@ -232,13 +270,16 @@ function M.fill(model, family, entries, catalog, options, source)
         local first = open[entry.hf[1]]
         local view = options.mmap and zero_copy_view(entry, first, p, catalog)
         if view then
-          replace_parameter(model, entry.pmp, view)
+          replace_parameter(item.owner, item.name, view)
         else
-          local parts, padding = destinations(entry, p, config)
-          for i, dst in ipairs(parts) do
-            local from = open[entry.hf[dst.rows and 1 or i]]
+          local parts, padding = destinations(entry, p, config, item.shard)
+          for _, dst in ipairs(parts) do
+            local from = open[entry.hf[dst.from]]
             if dst.rows then from = from:narrow(1, dst.rows[1], dst.rows[2]) end
-            dst[1]:copy_(from:view(dst[2]))
+            if dst.cols then from = from:narrow(2, dst.cols[1], dst.cols[2]) end
+            if shape_string(from.shape) ~= shape_string(dst[2]) then from = from:view(dst[2]) end
+            dst[1]:copy_(from)
+            M.bytes_read = M.bytes_read + from:numel() * from:element_size()
           end
           for _, n in ipairs(entry.hf) do
             -- the source pages are copied: out of resident memory with them (the file keeps them cached)
@@ -254,6 +295,56 @@ function M.fill(model, family, entries, catalog, options, source)
       collectgarbage()
     end
   end)
+end
+
+-- Fills the parameters of `model` (built with init = false) from the catalog's files. options.mmap:
+-- zero-copy where the layout allows (see above). source names the directory in errors.
+function M.fill(model, family, entries, catalog, options, source)
+  local work = plan(family, entries, catalog, model:state_dict(), model.config, source)
+  for _, item in ipairs(work) do item.owner, item.name = model, item.entry.pmp end
+  copy_work(work, catalog, model.config, options, source)
+  return model
+end
+
+-- Fills this rank's part of a model: `whole` (built with init = false, never read) is checked against
+-- the files' headers, split(whole) turns it into the rank's pipeline stage (or pmp.dist.pipeline.Chunks)
+-- and tensor-parallel part without reading a weight (pmp.train.parallel.split with unfilled), and only
+-- the tensors of that stage, and of each only the rows or columns this rank holds, are read from the
+-- files (files with none of them are not even mapped). The whole model's parameters are allocated but
+-- never written, so their pages never take memory. Returns split's model.
+function M.fill_parts(whole, split, family, entries, catalog, options, source)
+  if options.mmap then error(source .. ': mmap = true is not supported with split (each rank copies its part)', 0) end
+  local config = whole.config
+  plan(family, entries, catalog, whole:state_dict(), config, source)
+  local shapes, by_pmp = {}, {}
+  for name, p in pairs(whole:state_dict()) do shapes[name] = p.shape end
+  for _, entry in ipairs(entries) do by_pmp[entry.pmp] = entry end
+  local model = split(whole)
+  collectgarbage()   -- the layers of other stages and the uncut weights go
+  local work = {}
+  for _, chunk in ipairs(require('pmp.dist.pipeline').chunks(model)) do
+    local stage, tp = chunk.pipeline, chunk.tensor_parallel
+    for name, p in pairs(chunk:state_dict()) do
+      local global = sharding.shift_layer(name, stage and stage.layer_offset or 0)
+      -- a last pipeline stage's copy of tied word embeddings is read from theirs
+      local entry = by_pmp[global]
+      if global == 'output_layer.weight' and config.tie_embeddings then entry = by_pmp['embedding.word_embeddings.weight'] end
+      if not entry or not shapes[entry.pmp] then
+        error(string.format("%s: split gave a parameter '%s' (%s of the whole model) that the whole model lacks", source,
+          name, global), 0)
+      end
+      local size = tp and tp.group.size or 1
+      local want = sharding.shard_shape(global, shapes[entry.pmp], config, size)
+      if shape_string(want) ~= shape_string(p.shape) then
+        error(string.format('%s: split gave %s the shape %s; its part of the whole model is %s', source, global,
+          shape_string(p.shape), shape_string(want)), 0)
+      end
+      work[#work + 1] = { entry = entry, param = p, owner = chunk, name = name,
+        shard = { rule = sharding.rule(global, config), tp = size, rank = tp and tp.group.rank or 0 } }
+    end
+  end
+  table.sort(work, function(a, b) return a.name < b.name end)
+  copy_work(work, catalog, config, options, source)
   return model
 end
 

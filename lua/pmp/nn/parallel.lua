@@ -365,6 +365,8 @@ end
 -- pmp.dist.group('tp')), sequence_parallel. Parameter names do not change, so model:state_dict() is
 -- this rank's Megatron checkpoint shard (pmp.dist.sharding's rules cut every weight). On a group of one
 -- the model is returned untouched (Megatron, too, turns sequence parallelism off at TP=1).
+-- options.unfilled: the model's weights are not read (a model built uninitialized that a checkpoint
+-- fills next, pmp.models.from_pretrained's split): the parts are left uninitialized too.
 -- After each step's backward, call finish_grads(model).
 function M.tensor_parallel(model, options)
   options = options or {}
@@ -377,7 +379,12 @@ function M.tensor_parallel(model, options)
   local sp = options.sequence_parallel or false
   local tp, rank = group.size, group.rank
   -- a fresh copy: a narrowed view would keep the whole weight alive
-  local function cut(name, p) return sharding.shard(name, p:detach(), config, tp, rank):clone():requires_grad_() end
+  local function cut(name, p)
+    if options.unfilled then
+      return tensor.empty(sharding.shard_shape(name, p.shape, config, tp), { dtype = p.dtype }):requires_grad_()
+    end
+    return sharding.shard(name, p:detach(), config, tp, rank):clone():requires_grad_()
+  end
   local function column(linear, name)
     return M.ColumnParallelLinear(linear.in_features, linear.out_features, { group = group, sequence_parallel = sp,
       weight = cut(name .. '.weight', linear.weight), bias = linear.bias and cut(name .. '.bias', linear.bias) or false })

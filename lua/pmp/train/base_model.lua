@@ -23,17 +23,21 @@ end
 
 --- The base's model, its tokenizer, and the directory holding its chat template (nil for a pretraining
 --- tokenizer without one). options: dtype and recompute_granularity for a Hugging Face model (a
---- pretraining checkpoint's model is built as it was saved).
+--- pretraining checkpoint's model is built as it was saved); split(model) -> this process's part of the
+--- model (pmp.train.parallel.split with unfilled), given the whole model built uninitialized: only the
+--- part it keeps is read from the files.
 function M.load(base, options)
+  local split = options.split or function(model) return model end
   if base.kind == 'pmp' then
-    -- read by each process alone: under mpirun every rank takes the whole model, then its part
-    local model, info = require('pmp.checkpoint').read_whole_model(base.dir)
+    -- under mpirun each rank reads only its part
+    local model, info = require('pmp.checkpoint').load_model_part(base.dir, split)
     local state = info.state.tokenizer
     -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
     return model, require('pmp.data.dataset_tokenizer').from_state(state), state.type == 'hf' and state.model or nil
   end
   local model = require('pmp.models').from_pretrained(base.dir, { dtype = options.dtype,
-    config = { recompute_granularity = options.recompute_granularity } })
+    config = { recompute_granularity = options.recompute_granularity },
+    split = split })
   return model, require('pmp.tokenizer').from_pretrained(base.dir), base.dir
 end
 

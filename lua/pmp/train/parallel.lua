@@ -56,16 +56,18 @@ end
 --- Every rank built the whole model from the same seed; this keeps its pipeline stage (a
 --- pmp.dist.pipeline.Chunks of this rank's chunks under the interleaved schedule) and its tensor- and
 --- context-parallel part, so the initial weights are the single-process model's whatever the layout.
---- Casts to bf16 with --bf16. Returns the model this rank trains.
-function M.split(model, opts, layout)
+--- Casts to bf16 with --bf16. Returns the model this rank trains. unfilled: the model was built
+--- uninitialized for a checkpoint to fill next (pmp.models.from_pretrained's split): no weight is read.
+function M.split(model, opts, layout, unfilled)
   local pipeline, parallel = require 'pmp.dist.pipeline', require 'pmp.nn.parallel'
   model = pipeline.stage(model, {
+    unfilled = unfilled,
     first_stage_layers = opts.decoder_first_pipeline_num_layers > 0 and opts.decoder_first_pipeline_num_layers or nil,
     last_stage_layers = opts.decoder_last_pipeline_num_layers > 0 and opts.decoder_last_pipeline_num_layers or nil,
     virtual_stages = layout.virtual,
   })
   for _, chunk in ipairs(pipeline.chunks(model)) do
-    parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel })
+    parallel.tensor_parallel(chunk, { sequence_parallel = opts.sequence_parallel, unfilled = unfilled })
     parallel.context_parallel(chunk)
     -- a pipeline stage of dense layers only (--moe-layer-freq) has no experts to split
     local ep = require 'pmp.nn.expert_parallel'
