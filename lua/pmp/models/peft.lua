@@ -52,7 +52,9 @@ function M.targets(family)
 end
 
 local function family_of(model, options)
-  local hf = rawget(pipeline.chunks(model)[1], 'hf')   -- a pipeline.Chunks' first chunk is the model it cut up
+  -- a model loaded already split carries its identity itself; a pipeline.Chunks cut up later, on its
+  -- first chunk (the model it cut up)
+  local hf = rawget(model, 'hf') or rawget(pipeline.chunks(model)[1], 'hf')
   local model_type = options.model_type or (hf and hf.model_type)
   if not model_type then error('peft: the model was not made by pmp.models; pass {model_type = "llama" | ...}', 3) end
   return models.family(model_type)
