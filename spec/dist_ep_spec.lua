@@ -287,9 +287,11 @@ describe('make bench-dist under expert parallelism', function()
   -- the engine's count of the bytes each rank sent against what the all-to-alls' send counts and the
   -- other collectives' ring formulas give (tools/bench_dist.lua), on EP=2 and EP=2 x DP=4 with the
   -- distributed optimizer (expert buckets over the expert-data-parallel group)
-  for _, case in ipairs({ { 2, {} }, { 4, { '--distributed-optimizer' } } }) do
+  -- (the 2-rank run with shared experts overlapping the all-to-alls, which adds no traffic)
+  for _, case in ipairs({ { 2, { '--moe-shared-expert-intermediate-size', '16', '--moe-shared-expert-overlap' } },
+    { 4, { '--distributed-optimizer' } } }) do
     local np, extra = case[1], case[2]
-    test(np .. ' ranks' .. (extra[1] and ', ' .. extra[1] or '') .. ': sent bytes equal the expected', function()
+    test(np .. ' ranks, ' .. extra[#extra] .. ': sent bytes equal the expected, and the share of all-to-all time hidden', function()
       local args = { '--ep', '2', '--steps', '2', '--num-layers', '2', '--hidden-size', '32', '--ffn-hidden-size', '64',
         '--num-attention-heads', '4', '--num-query-groups', '2', '--vocab-size', '64', '--seq-length', '16',
         '--micro-batch-size', '2', '--moe-ffn-hidden-size', '32', '--num-experts', '4', unpack(extra) }
@@ -304,6 +306,11 @@ describe('make bench-dist under expert parallelism', function()
       end
       assert.are.equal(np, lines, out)
       assert.matches('analytical %(even routing%) %d+, ratio [%d.]+', out)
+      for hidden in out:gmatch('all%-to%-all comm [%d.]+ s, exposed [%d.]+ s, hidden (%d+)%%') do
+        lines = lines - 1
+        assert.is_true(tonumber(hidden) >= 0 and tonumber(hidden) <= 100, out)
+      end
+      assert.are.equal(0, lines, out)
     end)
   end
 end)

@@ -5,6 +5,10 @@
 ---   pmp.dist.init{ep = 2}; local model = pmp.nn.GPTModel(config)      -- the same seed on every rank
 ---   expert_parallel.expert_parallel(model, {data_size = dp x cp})      -- keeps this rank's experts
 ---   ... backward ...; expert_parallel.finish_expert_grads(model)     -- pmp.train.step.finish_grads does
+--- The all-to-alls are non-blocking (pmp.dist's async handles); with moe_shared_expert_overlap the shared
+--- experts compute while they are in flight. Local experts do not start on the rows this rank routes to
+--- itself before the dispatch finishes: their grouped GEMM and its weight gradients would then be split
+--- into two sums, whose rounding differs from the blocking path's.
 local tensor = require 'pmp.tensor'
 local autograd = require 'pmp.autograd'
 local moe = require 'pmp.nn.moe'
