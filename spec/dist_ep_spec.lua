@@ -2,7 +2,7 @@ require 'busted.runner'()
 -- Expert parallelism under mpirun: spec/dist/ep_worker.lua checks pmp.dist's all_to_all with uneven
 -- counts and one training step of an expert-parallel MoE GPT against the whole model in one process
 -- (every gradient, the global norm, the loss), on EP=2 and on EP=2 x expert-data-parallel 2 (also
--- with the distributed optimizer); then recipes/pretrain.lua with --expert-model-parallel-size 2 logs
+-- with the distributed optimizer), and the same step with --moe-shared-expert-overlap bit for bit; then recipes/pretrain.lua with --expert-model-parallel-size 2 logs
 -- the single-process losses, alone, with tensor parallelism (also with sequence parallelism), with
 -- pipeline parallelism and with the distributed optimizer (experts sharded over their
 -- expert-data-parallel group). Expert-parallel
@@ -28,6 +28,13 @@ local function check_worker(np, ep, holdings, mode)
   for _, r in ipairs(grads) do
     assert.are_not.equal('missing', r[3], 'rank ' .. r[1] .. ': no gradient or no reference for ' .. r[2])
     assert.is_true(tonumber(r[3]) <= 1e-6, string.format('rank %s: %s differs from one process by %s', r[1], r[2], r[3]))
+  end
+  -- the same step with the shared experts overlapping the all-to-alls (--moe-shared-expert-overlap):
+  -- loss, norm and every gradient bit for bit those of the blocking path
+  local overlap = mpi.rows(out, 'OVERLAP')
+  assert.are.equal(np, #overlap)
+  for _, r in ipairs(overlap) do
+    assert.are.equal('identical', r[2], 'overlap on rank ' .. r[1] .. ': ' .. table.concat(r, ' ', 2))
   end
   for _, key in ipairs({ 'NORM', 'LOSS' }) do
     local rows = mpi.rows(out, key)
@@ -113,6 +120,31 @@ describe('expert parallelism under mpirun', function()
       end
     end)
   end
+end)
+
+describe('expert parallelism with the shared experts overlapping the all-to-alls under mpirun', function()
+  local test = mpi.available and it or pending
+  test('recipes/pretrain.lua --moe-shared-expert-overlap at EP=2 logs the single-process losses', function()
+    local flags = { unpack(PRETRAIN) }
+    for _, a in ipairs({ '--moe-shared-expert-intermediate-size', '16', '--moe-shared-expert-gate',
+      '--moe-shared-expert-overlap' }) do flags[#flags + 1] = a end
+    local args = { shell.root .. '/recipes/pretrain.lua' }
+    for _, a in ipairs(flags) do args[#args + 1] = a end
+    local out, err, status = shell.run_pmp(args)   -- one process: nothing to overlap
+    assert.are.equal(0, status, err)
+    local want = losses(out)
+    flags[#flags + 1] = '--expert-model-parallel-size'
+    flags[#flags + 1] = '2'
+    local par, par_err, par_status = mpi.run(2, shell.root .. '/recipes/pretrain.lua', flags)
+    assert.are.equal(0, par_status, par_err)
+    local got = losses(par)
+    assert.are.equal(10, #want, out)
+    assert.are.equal(#want, #got, par)
+    for k = 1, #want do
+      assert.is_true(math.abs(got[k] - want[k]) <= 1e-5 * math.abs(want[k]),
+        string.format('loss %d is %.7g, one process gave %.7g', k, got[k], want[k]))
+    end
+  end)
 end)
 
 describe('expert parallelism with virtual pipeline stages under mpirun', function()
@@ -255,9 +287,11 @@ describe('make bench-dist under expert parallelism', function()
   -- the engine's count of the bytes each rank sent against what the all-to-alls' send counts and the
   -- other collectives' ring formulas give (tools/bench_dist.lua), on EP=2 and EP=2 x DP=4 with the
   -- distributed optimizer (expert buckets over the expert-data-parallel group)
-  for _, case in ipairs({ { 2, {} }, { 4, { '--distributed-optimizer' } } }) do
+  -- (the 2-rank run with shared experts overlapping the all-to-alls, which adds no traffic)
+  for _, case in ipairs({ { 2, { '--moe-shared-expert-intermediate-size', '16', '--moe-shared-expert-overlap' } },
+    { 4, { '--distributed-optimizer' } } }) do
     local np, extra = case[1], case[2]
-    test(np .. ' ranks' .. (extra[1] and ', ' .. extra[1] or '') .. ': sent bytes equal the expected', function()
+    test(np .. ' ranks, ' .. extra[#extra] .. ': sent bytes equal the expected, and the share of all-to-all time hidden', function()
       local args = { '--ep', '2', '--steps', '2', '--num-layers', '2', '--hidden-size', '32', '--ffn-hidden-size', '64',
         '--num-attention-heads', '4', '--num-query-groups', '2', '--vocab-size', '64', '--seq-length', '16',
         '--micro-batch-size', '2', '--moe-ffn-hidden-size', '32', '--num-experts', '4', unpack(extra) }
@@ -272,6 +306,11 @@ describe('make bench-dist under expert parallelism', function()
       end
       assert.are.equal(np, lines, out)
       assert.matches('analytical %(even routing%) %d+, ratio [%d.]+', out)
+      for hidden in out:gmatch('all%-to%-all comm [%d.]+ s, exposed [%d.]+ s, hidden (%d+)%%') do
+        lines = lines - 1
+        assert.is_true(tonumber(hidden) >= 0 and tonumber(hidden) <= 100, out)
+      end
+      assert.are.equal(0, lines, out)
     end)
   end
 end)

@@ -31,6 +31,14 @@ describe('estimate: parameters', function()
       -- OPT-350m's narrower word embeddings with projections to and from the hidden size
       { num_layers = 2, hidden_size = 64, num_attention_heads = 4, vocab_size = 100, tie_embeddings = true,
         word_embedding_size = 24 },
+      -- MoE after a dense layer, shared experts with their gate; multi-latent attention with and without q LoRA
+      { num_layers = 2, hidden_size = 32, num_attention_heads = 2, vocab_size = 50, num_moe_experts = 4, moe_router_topk = 2,
+        moe_ffn_hidden_size = 24, moe_shared_expert_intermediate_size = 8, moe_shared_expert_gate = true,
+        moe_layer_freq = { 0, 1 } },
+      { num_layers = 2, hidden_size = 32, num_attention_heads = 2, vocab_size = 50, multi_latent_attention = true,
+        q_lora_rank = 12, kv_lora_rank = 10, qk_head_dim = 8, qk_pos_emb_head_dim = 4, v_head_dim = 6 },
+      { num_layers = 1, hidden_size = 32, num_attention_heads = 2, vocab_size = 50, multi_latent_attention = true,
+        kv_lora_rank = 10, qk_head_dim = 8, qk_pos_emb_head_dim = 4, v_head_dim = 6 },
     }
     for k, settings in ipairs(configs) do
       local model = pmp.nn.GPTModel(settings)
@@ -48,6 +56,57 @@ describe('estimate: parameters', function()
     local stages = estimate.memory(c, { tp = 2, pp = 2, seq_length = 8 }).stages
     assert.are.equal(2 * layer_per_rank + V * H / 2, stages[1].parameters)
     assert.are.equal(2 * layer_per_rank + V * H / 2 + H, stages[2].parameters)
+  end)
+
+  -- H 16, 2 heads of 8, dense FFN 32, 4 experts of 24 with top-2, shared experts of 8 with a gate, the
+  -- second layer MoE, vocabulary 64, untied
+  local MOE = { num_layers = 2, hidden_size = 16, num_attention_heads = 2, ffn_hidden_size = 32, vocab_size = 64,
+    make_vocab_size_divisible_by = 16, tie_embeddings = false, num_moe_experts = 4, moe_router_topk = 2,
+    moe_ffn_hidden_size = 24, moe_grouped_gemm = true, moe_shared_expert_intermediate_size = 8,
+    moe_shared_expert_gate = true, moe_layer_freq = { 0, 1 } }
+  -- per rank at tensor-parallel size tp: attention and the dense MLP split, the MoE layer whole (router,
+  -- shared experts and gate, and 4 / ep experts), the norms whole, the vocabulary rows split
+  local function moe_holds(tp, ep)
+    local H = 16
+    local attention = (H * 3 * H + H * H) / tp
+    local dense = 2 * attention + 2 * 2 * H + 3 * H * 32 / tp + 4 * H + (3 * H * 8 + H) + 2 * 64 * H / tp + H
+    return dense, 4 / ep * 3 * H * 24
+  end
+
+  it('count a MoE layer whole on each tensor-parallel rank and shard expert optimizer state over dp x cp / ep', function()
+    for _, case in ipairs({ { tp = 2, dp = 2, ep = 2 }, { tp = 1, dp = 4, ep = 2 }, { tp = 2, dp = 4, cp = 2, ep = 4 } }) do
+      local dense, experts = moe_holds(case.tp, case.ep)
+      local edp = case.dp * (case.cp or 1) / case.ep
+      local layout = { tp = case.tp, dp = case.dp, cp = case.cp, ep = case.ep, seq_length = 8, micro_batch = 1,
+        distributed_optimizer = true }
+      local stage = estimate.memory(estimate.model_config(MOE, { tp = case.tp }), layout).stages[1]
+      local name = pmp.json.encode(case)
+      assert.are.equal(dense + experts, stage.parameters, name)
+      assert.are.equal(experts, stage.expert_parameters, name)
+      assert.are.equal(dense / (case.dp * (case.cp or 1)) + experts / edp, stage.optimizer_parameters, name)
+    end
+    local ok, err = pcall(estimate.memory, estimate.model_config(MOE), { dp = 3, ep = 2, seq_length = 8 })
+    assert.is_false(ok)
+    assert.matches('expert%-parallel size 2 does not divide data%- x context%-parallel size 3', err)
+  end)
+
+  it('match what each rank of a TP=2 x EP=2 and an EP=2 x DP=4 run holds (parameters, optimizer shards)', function()
+    local mpi = require 'spec.support.mpi'
+    if not mpi.available then pending('mpirun is not installed') return end
+    local out, err, status = mpi.run(4, shell.root .. '/spec/dist/estimate_moe_worker.lua')
+    assert.are.equal(0, status, err)
+    local rows = mpi.rows(out, 'HOLDS')
+    assert.are.equal(8, #rows, out)
+    local layouts = { tp2ep2 = { tp = 2, dp = 2, ep = 2 }, ep2dp4 = { tp = 1, dp = 4, ep = 2 } }
+    for _, r in ipairs(rows) do
+      local layout = layouts[r[1]]
+      local stage = estimate.memory(estimate.model_config(MOE, { tp = layout.tp }), { tp = layout.tp, dp = layout.dp,
+        ep = layout.ep, seq_length = 8, distributed_optimizer = true }).stages[1]
+      local where = r[1] .. ' rank ' .. r[2]
+      assert.are.equal(stage.parameters, tonumber(r[3]), where)
+      assert.are.equal(stage.expert_parameters, tonumber(r[4]), where)
+      assert.are.equal(stage.optimizer_parameters, tonumber(r[5]), where)
+    end
   end)
 
   it('reject an unknown model by listing the known ones', function()
@@ -72,6 +131,16 @@ describe('estimate: FLOPs', function()
     local r = estimate.flops(c, { seq_length = s, micro_batch = 2, global_batch = 8, dp = 2, recompute = 'full' })
     assert.are.equal(f.model + 8 * s * L * (2 * (qkv + H * H + 3 * H * 160) + 4 * s * H), r.hardware)
     assert.are.equal(r.hardware / 2, r.per_rank)
+  end)
+
+  it('count a MoE layer as its router, top-k experts and shared experts', function()
+    local c = estimate.model_config({ num_layers = 2, hidden_size = 64, num_attention_heads = 4, ffn_hidden_size = 160,
+      vocab_size = 50, num_moe_experts = 8, moe_router_topk = 2, moe_ffn_hidden_size = 48,
+      moe_shared_expert_intermediate_size = 32, moe_layer_freq = { 0, 1 } })
+    local s, H = 32, 64
+    local attention = H * 3 * H + H * H
+    local weights = 2 * attention + 3 * H * 160 + (8 * H + 3 * H * (2 * 48 + 32)) + 50 * H
+    assert.are.equal(6 * weights + 12 * 2 * s * H, estimate.flops(c, { seq_length = s }).per_token)
   end)
 end)
 

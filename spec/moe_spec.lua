@@ -362,6 +362,8 @@ describe('MoELayer', function()
     fails_with(function() layer_config({ moe_router_topk = 5 }) end, 'moe_router_topk 5', 'num_moe_experts 4')
     fails_with(function() layer_config({ expert_model_parallel_size = 3 }) end,
       'num_moe_experts 4 is not divisible by expert_model_parallel_size 3')
+    fails_with(function() layer_config({ moe_shared_expert_overlap = true }) end,
+      'moe_shared_expert_overlap needs shared experts (moe_shared_expert_intermediate_size)')
     fails_with(function() layer_config({ moe_router_load_balancing_type = 'sinkhorn' }) end,
       "moe_router_load_balancing_type 'sinkhorn'")
     fails_with(function() layer_config({ moe_layer_freq = { 1, 0 } }) end, 'moe_layer_freq lists 2 layers for num_layers 1')

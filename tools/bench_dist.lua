@@ -7,7 +7,9 @@
 -- DistributedDataParallel (all-reduce, then AdamW; or reduce-scatter, the distributed optimizer and an
 -- all-gather of the parameters), tensor parallelism is pmp.nn.parallel's (no sequence parallelism),
 -- pipeline parallelism pmp.dist.pipeline's 1F1B, expert parallelism (--ep, every layer a MoE layer)
--- pmp.nn.expert_parallel's all-to-all token dispatch.
+-- pmp.nn.expert_parallel's all-to-all token dispatch (--moe-shared-expert-intermediate-size adds shared
+-- experts, --moe-shared-expert-overlap runs them behind the all-to-alls; the line then gives the share of
+-- the all-to-all time hidden behind compute, measured as for the data-parallel buckets).
 -- The expected volume per rank of our ring collectives over n ranks: all-reduce 2(n-1)/n x bytes,
 -- reduce-scatter and all-gather (n-1)/n x the whole buffer, plus one 40-byte header per collective;
 -- point-to-point sends their bytes; all-to-all the rows for the other ranks plus one header. The
@@ -26,6 +28,8 @@ local opts = pmp.args.parse(arg, {
   { '--num-experts', 8, 'experts per MoE layer (with --ep)' },
   { '--moe-router-topk', 2, 'experts per token (with --ep)' },
   { '--moe-ffn-hidden-size', 352, 'expert MLP width (with --ep)' },
+  { '--moe-shared-expert-intermediate-size', 0, 'shared experts width (with --ep; 0: none)' },
+  { '--moe-shared-expert-overlap', false, "run the shared experts while the token all-to-alls are in flight" },
   { '--distributed-optimizer', false, 'shard the optimizer over the data-parallel ranks' },
   { '--steps', 4, 'optimizer steps (the first is not measured)' },
   { '--num-layers', 4, 'transformer layers' },
@@ -45,9 +49,9 @@ local opts = pmp.args.parse(arg, {
 local HEADER = 40   -- bytes of the header each ring collective sends ahead (core/dist/dist.c)
 local layout = pmp.dist.init{ tp = opts.tp, pp = opts.pp, ep = opts.ep }
 local distributed_optimizer = opts.distributed_optimizer
-local layout_name = string.format('tp%d pp%d dp%d%s%s%s', layout.tp, layout.pp, layout.dp,
+local layout_name = string.format('tp%d pp%d dp%d%s%s%s%s', layout.tp, layout.pp, layout.dp,
   layout.ep > 1 and ' ep' .. layout.ep or '', distributed_optimizer and ' distopt' or '',
-  opts.no_overlap and ' no-overlap' or '')
+  opts.no_overlap and ' no-overlap' or '', opts.moe_shared_expert_overlap and ' shared-expert-overlap' or '')
 
 local dtype = opts.bf16 and 'bf16' or 'f32'
 local config = { num_layers = opts.num_layers, hidden_size = opts.hidden_size, ffn_hidden_size = opts.ffn_hidden_size,
@@ -56,6 +60,8 @@ local config = { num_layers = opts.num_layers, hidden_size = opts.hidden_size, f
 if layout.ep > 1 then
   config.num_moe_experts, config.moe_router_topk = opts.num_experts, opts.moe_router_topk
   config.moe_ffn_hidden_size, config.moe_grouped_gemm = opts.moe_ffn_hidden_size, true
+  config.moe_shared_expert_intermediate_size = opts.moe_shared_expert_intermediate_size
+  config.moe_shared_expert_overlap = opts.moe_shared_expert_overlap
 end
 pmp.manual_seed(1234)
 local model = pmp.nn.GPTModel(config)
@@ -207,9 +213,11 @@ end
 ---------------------------------------------------------------------------------------------------
 
 local sent, seconds, hidden, exposed, comm, from_hooks = 0, 0, 0, 0, 0, 0
+local a2a_wait, a2a_comm = 0, 0
 for iteration = 1, opts.steps do
   pmp.dist.group('world'):barrier()
   pmp.dist.reset_stats()
+  expert_parallel.all_to_all_stats()
   if iteration == 2 then a2a.bytes, a2a.calls = 0, 0 end
   local start = clock.now()
   step(iteration)
@@ -223,6 +231,8 @@ for iteration = 1, opts.steps do
     exposed = exposed + sync.wait_seconds
     comm = comm + sync.comm_seconds
     from_hooks = from_hooks + sync.from_hooks
+    local tokens = expert_parallel.all_to_all_stats()
+    a2a_wait, a2a_comm = a2a_wait + tokens.wait_seconds, a2a_comm + tokens.comm_seconds
   end
 end
 local n = opts.steps - 1
@@ -243,6 +253,9 @@ if layout.ep > 1 then
   local routed = a2a.bytes / n
   line = line .. string.format(' | all-to-all %.0f B/step, analytical (even routing) %.0f, ratio %.4f', routed, even,
     routed / even)
+  -- as for the buckets: 1 - (time blocked on the token all-to-alls) / (their time on the communication thread)
+  line = line .. string.format(' | all-to-all comm %.3f s, exposed %.3f s, hidden %.0f%%', a2a_comm / n, a2a_wait / n,
+    a2a_comm > 0 and 100 * math.max(0, math.min(1, 1 - a2a_wait / a2a_comm)) or 0)
 end
 if ddp.group.size > 1 then
   line = line .. string.format(' | %d buckets, %.1f started in backward | dp comm %.3f s, exposed %.3f s, hidden %.0f%%',

@@ -8,7 +8,8 @@
 #   tools/bench_dist.sh [--np4] [any tools/bench_dist.lua flag, e.g. --steps 6 --bf16 --hidden-size 512]
 #
 # Runs on 2 processes: DP=2 all-reduce, DP=2 all-reduce without overlap, DP=2 distributed optimizer,
-# TP=2, PP=2, EP=2 (MoE layers; the all-to-all volume also against evenly spread routing's); with
+# TP=2, PP=2, EP=2 (MoE layers; the all-to-all volume also against evenly spread routing's; then with
+# shared experts, blocking and overlapping the all-to-alls, with the share of all-to-all time hidden); with
 # --np4 also on 4: TP=2 x DP=2 distributed optimizer, PP=2 x DP=2 distributed optimizer, TP=2 x PP=2,
 # EP=2 x DP=4 distributed optimizer. Not part of `make test`.
 set -euo pipefail
@@ -19,7 +20,7 @@ ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
     --np4) FOUR=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
@@ -43,6 +44,8 @@ run 2 --distributed-optimizer
 run 2 --tp 2
 run 2 --pp 2
 run 2 --ep 2
+run 2 --ep 2 --moe-shared-expert-intermediate-size 704
+run 2 --ep 2 --moe-shared-expert-intermediate-size 704 --moe-shared-expert-overlap
 if [ -n "$FOUR" ]; then
   run 4 --tp 2 --distributed-optimizer
   run 4 --pp 2 --distributed-optimizer

@@ -23,8 +23,10 @@ local FLAGS = {
   { '--vocab-size', 32000, 'vocabulary' },
   { '--make-vocab-size-divisible-by', 128, 'vocabulary padding multiple (times the tensor-parallel size)' },
   { '--untie-embeddings-and-output-weights', false, 'separate output layer (families set this themselves)' },
-  { '--num-experts', 0, 'MoE experts per layer (0: dense; pmp has no MoE layer yet, Megatron\'s layout)' },
+  { '--num-experts', 0, 'MoE experts per layer (0: dense)' },
   { '--moe-router-topk', 2, 'experts per token' },
+  { '--moe-ffn-hidden-size', 0, "each expert's MLP width (0: --ffn-hidden-size's)" },
+  { '--moe-shared-expert-intermediate-size', 0, 'width of the shared experts (0: none)' },
   { '--tensor-model-parallel-size', 1, 'TP' },
   { '--pipeline-model-parallel-size', 1, 'PP' },
   { '--data-parallel-size', 1, 'DP' },
@@ -37,7 +39,7 @@ local FLAGS = {
   { '--global-batch-size', 0, 'samples per step (0: micro batch x DP)' },
   { '--seq-length', 2048, 'tokens per sample' },
   { '--recompute-granularity', nil, "'full' to re-run each layer's forward in backward" },
-  { '--use-distributed-optimizer', false, 'shard optimizer state over DP x CP' },
+  { '--use-distributed-optimizer', false, "shard optimizer state over DP x CP (the experts' over DP x CP / EP)" },
   { '--bf16', false, 'bf16 parameters and activations (f32 master weights); default f32' },
   { '--grid', nil, 'e.g. tp=1,2,4 pp=1,2 micro=1,2 recompute=none,full', multiple = true },
   { '--peak-tflops', 0, 'peak TFLOP/s of one rank, for step times' },
@@ -68,7 +70,9 @@ local function model_config(tp)
     kv_channels = opts.kv_channels > 0 and opts.kv_channels or nil, vocab_size = opts.vocab_size,
     make_vocab_size_divisible_by = opts.make_vocab_size_divisible_by,
     tie_embeddings = not opts.untie_embeddings_and_output_weights,
-    num_experts = opts.num_experts > 0 and opts.num_experts or nil, moe_router_topk = opts.moe_router_topk,
+    num_moe_experts = opts.num_experts > 0 and opts.num_experts or nil, moe_router_topk = opts.moe_router_topk,
+    moe_ffn_hidden_size = opts.moe_ffn_hidden_size > 0 and opts.moe_ffn_hidden_size or nil,
+    moe_shared_expert_intermediate_size = opts.moe_shared_expert_intermediate_size,
   }, { tp = tp })
 end
 

@@ -516,7 +516,9 @@ static void run_request(pmp_dist_request *r) {
   case KIND_SPLIT: run_split(r); break;
   case KIND_ALL_TO_ALL: run_all_to_all(r); break;
   }
-  D.stats.busy_seconds += now_seconds() - start;
+  double seconds = now_seconds() - start;
+  D.stats.busy_seconds += seconds;
+  if (r->kind == KIND_ALL_TO_ALL) D.stats.all_to_all_seconds += seconds;
   D.stats.collectives += 1;
   complete(r);
 }

@@ -25,6 +25,7 @@ typedef struct pmp_dist_stats {
   int64_t collectives;       /* collectives run */
   double busy_seconds;       /* time the communication thread spent in collectives */
   double wait_seconds;       /* time callers spent blocked in pmp_dist_wait */
+  double all_to_all_seconds; /* the part of busy_seconds spent in all-to-alls (MoE token dispatch) */
 } pmp_dist_stats;
 int pmp_dist_init(double timeout_seconds);      /* timeout <= 0: PMP_DIST_TIMEOUT or 600 s */
 int pmp_dist_is_initialized(void);

@@ -117,24 +117,56 @@ local function bytes_of(dtype)
   error("estimate: dtype must be 'bf16' or 'f32', got '" .. tostring(dtype) .. "'", 0)
 end
 
--- Parameter counts of one tensor-parallel rank: per layer, and of the embedding / output / final norm.
+-- Parameter counts of one tensor-parallel rank: of each decoder layer (1-based) as { dense =, expert = }
+-- (expert: this rank's routed experts, whose optimizer state the distributed optimizer shards over the
+-- expert-data-parallel group), and of the embedding / output / final norm. A MoE layer stays whole on
+-- every tensor-parallel rank (router, shared experts and experts: Megatron's expert-tensor-parallel size
+-- 1, pmp.nn.parallel); its experts are split over the ep ranks. Multi-latent attention splits its
+-- up-projections and output projection over tp and keeps the down-projections and their norms whole.
 local function parameter_counts(c, tp, ep)
-  local H, Q, KV, F = c.hidden_size, c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels, c.ffn_hidden_size
+  local H = c.hidden_size
   local gated = c.activation == 'swiglu'
-  local attention = H * (Q + 2 * KV) / tp + Q * H / tp
-  if c.add_qkv_bias then attention = attention + (Q + 2 * KV) / tp end
+  local attention
+  if c.multi_latent_attention then
+    local heads, dn, dr, dv = c.num_attention_heads, c.qk_head_dim, c.qk_pos_emb_head_dim, c.v_head_dim
+    local q = c.q_lora_rank and (H * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * (dn + dr) / tp)
+      or H * heads * (dn + dr) / tp
+    attention = q + H * (c.kv_lora_rank + dr) + c.kv_lora_rank + c.kv_lora_rank * heads * (dn + dv) / tp
+      + heads * dv * H / tp
+  else
+    local Q, KV = c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels
+    attention = H * (Q + 2 * KV) / tp + Q * H / tp
+    if c.add_qkv_bias then attention = attention + (Q + 2 * KV) / tp end
+    if c.qk_layernorm then attention = attention + 2 * c.kv_channels end
+  end
   if c.add_proj_bias then attention = attention + H end
-  if c.qk_layernorm then attention = attention + 2 * c.kv_channels end
-  local mlp = (H * F * (gated and 2 or 1) + F * H) / tp
-  if c.add_mlp_bias then mlp = mlp + F * (gated and 2 or 1) / tp + H end
-  local experts = c.num_experts or 0
-  if experts > 0 then mlp = mlp * experts / ep + H * experts end   -- this rank's experts and the router
+  -- an MLP of width F split over `split` ranks
+  local function mlp(F, split)
+    local n = (H * F * (gated and 2 or 1) + F * H) / split
+    if c.add_mlp_bias then n = n + F * (gated and 2 or 1) / split + H end
+    return n
+  end
   local norm = c.normalization == 'LayerNorm' and 2 * H or H   -- LayerNorm has a bias
   local norms = 2 + (c.post_self_attn_layernorm and 1 or 0) + (c.post_mlp_layernorm and 1 or 0)   -- GLM-4 has four
+  local moe = require 'pmp.nn.moe'
+  local layers = {}
+  for l = 1, c.num_layers do
+    local dense, expert = attention + norms * norm, 0
+    if moe.is_moe_layer(c, l) then
+      local E = c.num_moe_experts
+      dense = dense + E * H                                                -- the router
+      local shared = c.moe_shared_expert_intermediate_size or 0
+      if shared > 0 then dense = dense + mlp(shared, 1) + (c.moe_shared_expert_gate and H or 0) end
+      expert = E / ep * mlp(c.moe_ffn_hidden_size, 1)
+    else
+      dense = dense + mlp(c.ffn_hidden_size, tp)
+    end
+    layers[l] = { dense = dense, expert = expert }
+  end
   local E = c.word_embedding_size or H
   local projection = E ~= H and E * H or 0   -- each of input_projection and output_projection, replicated
   return {
-    layer = attention + mlp + norms * norm,
+    layers = layers,
     embedding = c.padded_vocab_size * E / tp + projection + (c.word_embeddings_layernorm and norm or 0),
     output = c.padded_vocab_size * E / tp,
     final_norm = norm,
@@ -163,15 +195,20 @@ function M.memory(c, layout)
 
   -- the tensors one layer keeps for backward for one micro batch: {elements per token, bytes each}
   local hidden_t = sp and tp or 1
-  local experts_active = (c.num_experts and c.num_experts > 0) and (c.moe_router_topk or 2) or 1
+  -- the MLP's width per token: a MoE layer's top-k experts and its shared experts, whole on every
+  -- tensor-parallel rank (the dense layers of --moe-layer-freq are counted like the MoE ones)
+  local mlp_width = F / tp
+  if (c.num_moe_experts or 0) > 0 then
+    mlp_width = c.moe_router_topk * c.moe_ffn_hidden_size + (c.moe_shared_expert_intermediate_size or 0)
+  end
   local kept_tensors = {
     { H / hidden_t, ab }, { H / hidden_t, ab },                  -- layer input, pre-MLP residual (norms)
     { H, ab }, { H, ab },                                        -- norm outputs (whole, gathered under SP)
     { (Q + 2 * KV) / tp, ab }, { Q / tp, ab }, { KV / tp, ab }, { KV / tp, ab },   -- qkv; q, k after RoPE; v
     { Q / tp, ab }, { Q / tp, ab },                              -- attention output and its copy
-    { 2 * F / tp * experts_active, ab }, { F / tp * experts_active, ab },   -- FC1 output, activation
+    { 2 * mlp_width, ab }, { mlp_width, ab },                     -- FC1 output, activation
   }
-  if c.activation ~= 'swiglu' then kept_tensors[11][1] = F / tp * experts_active end
+  if c.activation ~= 'swiglu' then kept_tensors[11][1] = mlp_width end
   if ab < 4 then kept_tensors[#kept_tensors + 1] = { H, 4 } end                -- an f32 copy in bf16 runs
   if cp > 1 then kept_tensors[#kept_tensors + 1] = { 2 * KV * (cp - 1) / tp, ab } end   -- gathered k and v
   -- tensor parallelism's mappings (pmp.nn.parallel) are Lua autograd functions: what they make forward
@@ -192,27 +229,43 @@ function M.memory(c, layout)
   local embedding_tensors = tp > 1 and 3 * allocation(n * H / hidden_t * ab) or 0
 
   local ddp = dp > 1 or cp > 1 or layout.distributed_optimizer
+  -- the ranks holding the same experts: pmp.dist's 'edp' group, dp x cp / ep (expert-parallel groups
+  -- are consecutive blocks of the data- and context-parallel ranks of one tensor-parallel rank, which
+  -- each hold their experts whole)
+  if (dp * cp) % ep ~= 0 then
+    error(string.format('estimate: expert-parallel size %d does not divide data- x context-parallel size %d', ep, dp * cp), 0)
+  end
+  local edp = dp * cp / ep
   local split_ok, stages = pcall(sharding.stage_layers, c.num_layers, pp, layout.first_stage_layers, layout.last_stage_layers)
   if not split_ok then error('estimate: ' .. tostring(stages):gsub('^[^:]*:%d+: ', ''), 0) end
   local result = { stages = {}, micro_batches = micro_batches, peak = 0 }
   for p = 0, pp - 1 do
     local is_first, is_last = p == 0, p == pp - 1
     local layers = stages[p + 1].count
-    local params = layers * counts.layer
+    local params, expert_params = 0, 0
+    for l = stages[p + 1].first + 1, stages[p + 1].first + layers do
+      params, expert_params = params + counts.layers[l].dense, expert_params + counts.layers[l].expert
+    end
     if is_first then params = params + counts.embedding end
     if is_last then
       params = params + counts.final_norm + counts.output_projection
       if not c.tie_embeddings or pp > 1 then params = params + counts.output end
     end
+    local dense_params = params
+    params = params + expert_params
     local weights = params * ab
-    -- gradients: f32 bucket buffers under data parallelism (persistent), else .grad in the parameter dtype
-    local grad_buffer = ddp and bucketed(params, 4, dp * cp) or 0
+    -- gradients: f32 bucket buffers under data parallelism (persistent; the experts' buckets of their
+    -- own), else .grad in the parameter dtype
+    local grad_buffer = ddp and bucketed(dense_params, 4, dp * cp) + bucketed(expert_params, 4, edp) or 0
     local grads = ddp and grad_buffer or params * ab
-    local optimizer
+    local optimizer, optimizer_params = nil, params
     if layout.distributed_optimizer then
-      -- per bucket: f32 moments and master of this rank's shard, and its low-precision copy
-      local shard = params / (dp * cp)
-      optimizer = 3 * bucketed(shard, 4, 1) + (ab < 4 and bucketed(shard, ab, 1) or 0)
+      -- per bucket: f32 moments and master of this rank's shard, and its low-precision copy; the
+      -- experts' shards are over the expert-data-parallel ranks
+      local dense_shard, expert_shard = dense_params / (dp * cp), expert_params / edp
+      optimizer_params = dense_shard + expert_shard
+      optimizer = 3 * (bucketed(dense_shard, 4, 1) + bucketed(expert_shard, 4, 1))
+        + (ab < 4 and bucketed(dense_shard, ab, 1) + bucketed(expert_shard, ab, 1) or 0)
     else
       optimizer = params * (8 + (ab < 4 and 4 or 0))             -- moments, and f32 master weights for bf16
     end
@@ -232,15 +285,16 @@ function M.memory(c, layout)
     local ddp_dropped = 0
     if ddp then
       ddp_dropped = params * (micro_batches * ab + (micro_batches - 1) * 4)
-      if layout.distributed_optimizer then ddp_dropped = ddp_dropped + bucketed(params / (dp * cp), 4, 1) + bucketed(params, ab, dp * cp) end
+      if layout.distributed_optimizer then ddp_dropped = ddp_dropped + bucketed(optimizer_params, 4, 1) + bucketed(params, ab, dp * cp) end
     end
     local activations = math.min(micro_batches * dropped + ddp_dropped, in_flight * kept + slack)
-    local transient = n * ((is_last and V / tp or 0) + 2 * F / tp) * ab
+    local transient = n * ((is_last and V / tp or 0) + 2 * mlp_width) * ab
     local peak = static + activations + (ddp and 0 or grads) + transient
     local live_peak = static + in_flight * kept + (layout.recompute == 'full' and layer_bytes or 0) + (ddp and 0 or grads)
       + transient
     result.stages[p + 1] = {
-      stage = p, layers = layers, parameters = params, weights = weights, gradients = grads, optimizer = optimizer,
+      stage = p, layers = layers, parameters = params, expert_parameters = expert_params,
+      optimizer_parameters = optimizer_params, weights = weights, gradients = grads, optimizer = optimizer,
       activations = activations, in_flight = in_flight, transient = transient, peak = peak,
       live_peak = live_peak,
       run_peak = live_peak + math.max(live_peak, GC_STEP),
@@ -255,13 +309,22 @@ end
 function M.flops(c, layout)
   local s = layout.seq_length
   local H, Q, KV, F = c.hidden_size, c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels, c.ffn_hidden_size
-  local experts_active = (c.num_experts and c.num_experts > 0) and (c.moe_router_topk or 2) or 1
-  local layer_matmul = H * (Q + 2 * KV) + Q * H + H * F * (c.activation == 'swiglu' and 3 or 2) * experts_active
-  local forward_layer = 2 * layer_matmul + 4 * s * Q            -- per token: weights, and QK^T plus AV
-  local forward = c.num_layers * forward_layer + 2 * c.vocab_size * H
+  local per_width = H * (c.activation == 'swiglu' and 3 or 2)   -- an MLP's matmul weights per unit of width
+  local moe = require 'pmp.nn.moe'
+  local layers_forward = 0
+  for l = 1, c.num_layers do
+    local mlp = per_width * F
+    if moe.is_moe_layer(c, l) then   -- the router, each token's top-k experts and the shared experts
+      mlp = H * c.num_moe_experts + per_width * (c.moe_router_topk * c.moe_ffn_hidden_size
+        + (c.moe_shared_expert_intermediate_size or 0))
+    end
+    -- per token: weights, and QK^T plus AV
+    layers_forward = layers_forward + 2 * (H * (Q + 2 * KV) + Q * H + mlp) + 4 * s * Q
+  end
+  local forward = layers_forward + 2 * c.vocab_size * H
   local per_token = 3 * forward
   local tokens = (layout.global_batch or (layout.micro_batch or 1) * (layout.dp or 1)) * s
-  local hardware = per_token + (layout.recompute == 'full' and c.num_layers * forward_layer or 0)
+  local hardware = per_token + (layout.recompute == 'full' and layers_forward or 0)
   local world = (layout.tp or 1) * (layout.pp or 1) * (layout.dp or 1) * (layout.cp or 1)
   return { per_token = per_token, tokens = tokens, model = per_token * tokens, hardware = hardware * tokens,
     per_rank = hardware * tokens / world, world = world }

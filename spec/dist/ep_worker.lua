@@ -8,6 +8,7 @@
 --   NORM rank norm reference                the global gradient norm
 --   LOSS rank loss reference                the loss averaged over the data-parallel ranks
 --   EXPERTS rank names...                   the expert indices of layer 0 this rank holds
+--   OVERLAP rank identical|<what differs>   the step again with moe_shared_expert_overlap, against the above
 local step = require 'pmp.train.step'
 local expert_parallel = require 'pmp.nn.expert_parallel'
 
@@ -65,45 +66,72 @@ local ref_grads = {}
 for _, pair in ipairs(reference:named_parameters()) do ref_grads[pair[1]] = pair[2].grad end
 local ref_norm = require('pmp.dist.grad_norm').grad_norm(reference)
 
-pmp.manual_seed(11)
-local model = expert_parallel.expert_parallel(pmp.nn.GPTModel(config), { data_size = layout.dp })
-local ddp, optimizer
-if distributed then
-  ddp = pmp.dist.ddp.DistributedDataParallel(model, { distributed_optimizer = true, experts = {
-    match = expert_parallel.is_expert_parameter, group = pmp.dist.group('edp'), divisor = dp.size } })
-  expert_parallel.reduced_elsewhere(model)
-  optimizer = pmp.optim.DistributedOptimizer(model:parameters(), { ddp = ddp })
-elseif dp.size > 1 then
-  ddp = pmp.dist.ddp.DistributedDataParallel(model, { skip = expert_parallel.is_expert_parameter })
-end
-local loss = step.forward_backward(model, { batch(1 + layout.dp_rank * MB, MB) }, { ddp = ddp })
-step.finish_grads(model, ddp)
-local norm = require('pmp.dist.grad_norm').grad_norm(optimizer or model)
-loss = require('pmp.train.parallel').mean_loss(loss, { dp = dp.size, cp = 1 })
-
-local held = {}
-for _, expert in ipairs(model.decoder.layers['0'].mlp.experts.local_experts.items) do
-  for name, m in pairs(rawget(model.decoder.layers['0'].mlp.experts.local_experts, '_modules').values) do
-    if m == expert then held[#held + 1] = name end
+-- One step of the expert-parallel model, with or without --moe-shared-expert-overlap: the loss
+-- averaged over the data-parallel ranks, the global gradient norm, the gradients as {name, tensor}
+-- (with the distributed optimizer this rank's shards of them, the parameter's offset and length
+-- appended) and the experts of layer 0 held here.
+local function train(overlap)
+  local settings = {}
+  for k, v in pairs(config) do settings[k] = v end
+  settings.moe_shared_expert_overlap = overlap
+  pmp.manual_seed(11)
+  local model = expert_parallel.expert_parallel(pmp.nn.GPTModel(settings), { data_size = layout.dp })
+  local ddp, optimizer
+  if distributed then
+    ddp = pmp.dist.ddp.DistributedDataParallel(model, { distributed_optimizer = true, experts = {
+      match = expert_parallel.is_expert_parameter, group = pmp.dist.group('edp'), divisor = dp.size } })
+    expert_parallel.reduced_elsewhere(model)
+    optimizer = pmp.optim.DistributedOptimizer(model:parameters(), { ddp = ddp })
+  elseif dp.size > 1 then
+    ddp = pmp.dist.ddp.DistributedDataParallel(model, { skip = expert_parallel.is_expert_parameter })
   end
-end
-print(string.format('EXPERTS %d %s', world.rank, table.concat(held, ' ')))
-if distributed then
-  -- the reduced gradients are this rank's shards of each bucket only
-  for _, shard in ipairs(optimizer.buckets) do
-    for _, segment in ipairs(shard.segments) do
-      local name = segment.entry.name
-      local got = shard.bucket.shard:narrow(1, segment.shard_offset + 1, segment.length)
-      local want = ref_grads[name] and ref_grads[name]:reshape(-1):narrow(1, segment.param_offset + 1, segment.length)
-      print(string.format('GRAD %d %s %s', world.rank, name, tostring(want and (got - want):abs():max():item() or 'missing')))
+  local loss = step.forward_backward(model, { batch(1 + layout.dp_rank * MB, MB) }, { ddp = ddp })
+  step.finish_grads(model, ddp)
+  local norm = require('pmp.dist.grad_norm').grad_norm(optimizer or model)
+  loss = require('pmp.train.parallel').mean_loss(loss, { dp = dp.size, cp = 1 })
+  local grads = {}
+  if distributed then
+    for _, shard in ipairs(optimizer.buckets) do
+      for _, segment in ipairs(shard.segments) do
+        grads[#grads + 1] = { segment.entry.name, shard.bucket.shard:narrow(1, segment.shard_offset + 1, segment.length),
+          segment.param_offset, segment.length }
+      end
+    end
+  else
+    for _, pair in ipairs(model:named_parameters()) do grads[#grads + 1] = { pair[1], pair[2].grad } end
+  end
+  local held = {}
+  local experts = model.decoder.layers['0'].mlp.experts.local_experts
+  for _, expert in ipairs(experts.items) do
+    for name, m in pairs(rawget(experts, '_modules').values) do
+      if m == expert then held[#held + 1] = name end
     end
   end
-else
-  for _, pair in ipairs(model:named_parameters()) do
-    local want = ref_grads[pair[1]]
-    local diff = want and pair[2].grad and (pair[2].grad - want):abs():max():item() or 'missing'
-    print(string.format('GRAD %d %s %s', world.rank, pair[1], tostring(diff)))
-  end
+  return loss, norm, grads, held
+end
+
+local loss, norm, grads, held = train(false)
+print(string.format('EXPERTS %d %s', world.rank, table.concat(held, ' ')))
+for _, g in ipairs(grads) do
+  local name, got = g[1], g[2]
+  local want = ref_grads[name]
+  if want and g[3] then want = want:reshape(-1):narrow(1, g[3] + 1, g[4]) end
+  print(string.format('GRAD %d %s %s', world.rank, name, tostring(want and got and (got - want):abs():max():item() or 'missing')))
 end
 print(string.format('NORM %d %.10g %.10g', world.rank, norm, ref_norm))
 print(string.format('LOSS %d %.10g %.10g', world.rank, loss, ref_loss))
+
+-- the same step with the shared experts overlapping the all-to-alls: every number bit for bit
+local overlap_loss, overlap_norm, overlap_grads = train(true)
+local differences = {}
+if overlap_loss ~= loss then differences[#differences + 1] = string.format('loss %.17g vs %.17g', overlap_loss, loss) end
+if overlap_norm ~= norm then differences[#differences + 1] = string.format('norm %.17g vs %.17g', overlap_norm, norm) end
+for k, g in ipairs(grads) do
+  local other = overlap_grads[k]
+  if not other or other[1] ~= g[1] then
+    differences[#differences + 1] = 'gradient ' .. g[1] .. ' missing'
+  elseif g[2] and (other[2] - g[2]):abs():max():item() ~= 0 then
+    differences[#differences + 1] = string.format('%s by %.3g', g[1], (other[2] - g[2]):abs():max():item())
+  end
+end
+print(string.format('OVERLAP %d %s', world.rank, #differences == 0 and 'identical' or table.concat(differences, '; ')))

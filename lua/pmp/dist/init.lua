@@ -321,11 +321,13 @@ function M.group(name)
 end
 
 -- Traffic and timing of this process since the last reset: bytes_sent, bytes_received, collectives,
--- busy_seconds (communication thread inside collectives), wait_seconds (callers blocked in wait).
+-- busy_seconds (communication thread inside collectives), wait_seconds (callers blocked in wait),
+-- all_to_all_seconds (the part of busy_seconds in all-to-alls).
 function M.stats()
   local s = C.pmp_dist_stats_get()
   return { bytes_sent = tonumber(s.bytes_sent), bytes_received = tonumber(s.bytes_received),
-           collectives = tonumber(s.collectives), busy_seconds = s.busy_seconds, wait_seconds = s.wait_seconds }
+           collectives = tonumber(s.collectives), busy_seconds = s.busy_seconds, wait_seconds = s.wait_seconds,
+           all_to_all_seconds = s.all_to_all_seconds }
 end
 function M.reset_stats() C.pmp_dist_stats_reset() end
 

@@ -20,7 +20,9 @@
 --- (moe_token_drop_policy 'probs', the default) or the first ones ('position'); a dropped token loses
 --- that expert's share of its output, as in Megatron. Tokens are sorted by expert (index_select), each
 --- expert's rows go through one GEMM of a grouped GEMM (grouped_matmul), and moe_unpermute weights
---- the rows by their routing probabilities and sums them back into token order.
+--- the rows by their routing probabilities and sums them back into token order. With experts split
+--- over ranks, moe_shared_expert_overlap (Megatron's --moe-shared-expert-overlap) runs the shared
+--- experts while the tokens' all-to-alls are in flight (pmp.nn.expert_parallel), with the same results.
 --- While training, the load-balancing loss (moe_router_load_balancing_type 'aux_loss' over the micro
 --- batch or 'seq_aux_loss' per sequence, moe_aux_loss_coeff) and the router z-loss (moe_z_loss_coeff)
 --- add their gradients to the router as
@@ -136,6 +138,9 @@ function M.check_config(c)
   c.moe_token_drop_policy = c.moe_token_drop_policy or 'probs'
   if c.moe_token_drop_policy ~= 'probs' and c.moe_token_drop_policy ~= 'position' then
     fail("moe_token_drop_policy '%s' is not supported (probs, position)", tostring(c.moe_token_drop_policy))
+  end
+  if c.moe_shared_expert_overlap and (c.moe_shared_expert_intermediate_size or 0) == 0 then
+    fail('moe_shared_expert_overlap needs shared experts (moe_shared_expert_intermediate_size)')
   end
   local ep = c.expert_model_parallel_size or 1
   if E % ep ~= 0 then fail('num_moe_experts %d is not divisible by expert_model_parallel_size %d', E, ep) end
@@ -294,11 +299,13 @@ function M.SharedExpertMLP:init(config)
     self.gate_weight = layers.normal_init({ 1, config.hidden_size }, config.init_std, config.dtype, config.init)
   end
 end
-function M.SharedExpertMLP:forward(x)
-  local y = transformer.MLP.forward(self, x)
+-- linear_fc2 of the activations h (MLP:hidden(x)), times the gate of x
+function M.SharedExpertMLP:output(h, x)
+  local y = self.linear_fc2(h)
   if self.gate_weight then y = y * x:matmul(self.gate_weight:t()):sigmoid() end
   return y
 end
+function M.SharedExpertMLP:forward(x) return self:output(self:hidden(x), x) end
 
 --- ExpertList(experts, first): the experts a rank holds, named by their global index (first, first + 1,
 --- ...) so that names mean the same expert whatever the expert-parallel layout.
@@ -512,14 +519,20 @@ function M.MoELayer:forward(x)
   local rows_t = tensor.tensor(rows, { dtype = 'i64' })
   local sorted_probs = probs:reshape(-1):index_select(1, tensor.tensor(slots, { dtype = 'i64' }))
   local permuted = flat:index_select(1, rows_t)
-  local y
-  if self.expert_parallel then
-    y = require('pmp.nn.expert_parallel').dispatch(self, permuted, counts)
+  local out
+  if self.expert_parallel and self.shared_experts and self.config.moe_shared_expert_overlap then
+    out = require('pmp.nn.expert_parallel').dispatch_overlapping_shared_experts(self, permuted, counts, sorted_probs,
+      rows_t, flat)
   else
-    y = self.experts(permuted, counts)
+    local y
+    if self.expert_parallel then
+      y = require('pmp.nn.expert_parallel').dispatch(self, permuted, counts)
+    else
+      y = self.experts(permuted, counts)
+    end
+    out = M.unpermute(y, sorted_probs, rows_t, N)
+    if self.shared_experts then out = out + self.shared_experts(flat) end
   end
-  local out = M.unpermute(y, sorted_probs, rows_t, N)
-  if self.shared_experts then out = out + self.shared_experts(flat) end
   if self.training and C.pmp_is_grad_enabled() ~= 0 then out = self:aux_losses(out, logits, scores, counts, shape) end
   return out:view(shape)
 end

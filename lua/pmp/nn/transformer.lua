@@ -315,15 +315,17 @@ function M.MLP:init(config)
   self.linear_fc2 = layers.Linear(config.ffn_hidden_size, config.hidden_size,
     { bias = bias, init_std = config.output_init_std or config.init_std, dtype = config.dtype, init = config.init })
 end
-function M.MLP:forward(x)
+-- linear_fc1 and the activation (what MoE's shared experts run apart from linear_fc2 to overlap them
+-- with the token all-to-alls)
+function M.MLP:hidden(x)
   local h = self.linear_fc1(x)
-  if self.activation == 'swiglu' then h = F.swiglu(h)
-  elseif self.activation == 'gelu' then h = h:gelu()
-  elseif self.activation == 'gelu_tanh' then h = h:gelu('tanh')
-  elseif self.activation == 'relu' then h = h:relu()
-  else error("MLP: unknown activation '" .. tostring(self.activation) .. "'", 2) end
-  return self.linear_fc2(h)
+  if self.activation == 'swiglu' then return F.swiglu(h)
+  elseif self.activation == 'gelu' then return h:gelu()
+  elseif self.activation == 'gelu_tanh' then return h:gelu('tanh')
+  elseif self.activation == 'relu' then return h:relu() end
+  error("MLP: unknown activation '" .. tostring(self.activation) .. "'", 3)
 end
+function M.MLP:forward(x) return self.linear_fc2(self:hidden(x)) end
 function M.MLP:extra_repr() return self.activation end
 
 --- Pre-norm block with sequential residuals (or post-norm, or parallel attention and MLP: see the top).

@@ -30,6 +30,7 @@ M.moe = {
   { '--moe-ffn-hidden-size', 0, "each expert's MLP width (0: --ffn-hidden-size's)" },
   { '--moe-shared-expert-intermediate-size', 0, 'width of the shared experts every token passes through (0: none)' },
   { '--moe-shared-expert-gate', false, "scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)" },
+  { '--moe-shared-expert-overlap', false, "run the shared experts while the tokens' all-to-alls are in flight (expert parallelism; same results)" },
   { '--moe-router-pre-softmax', false, 'softmax over all experts before top-k, no renormalisation (Qwen2-MoE)' },
   { '--moe-router-load-balancing-type', 'aux_loss', 'aux_loss (Switch Transformer), seq_aux_loss (per sequence) or none' },
   { '--moe-router-score-function', 'softmax', 'softmax or sigmoid (DeepSeek-V3)' },

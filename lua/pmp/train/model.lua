@@ -43,6 +43,7 @@ local function moe_config(config, opts)
   config.moe_ffn_hidden_size = opts.moe_ffn_hidden_size > 0 and opts.moe_ffn_hidden_size or config.ffn_hidden_size
   config.moe_shared_expert_intermediate_size = opts.moe_shared_expert_intermediate_size
   config.moe_shared_expert_gate = opts.moe_shared_expert_gate
+  config.moe_shared_expert_overlap = opts.moe_shared_expert_overlap
   config.moe_router_pre_softmax = opts.moe_router_pre_softmax
   config.moe_router_load_balancing_type = opts.moe_router_load_balancing_type
   config.moe_router_score_function = opts.moe_router_score_function
