@@ -12,6 +12,8 @@
 --- Under mpirun each process samples and scores its contiguous share of every iteration's prompts and
 --- steps on its share of every mini-batch, the gradients averaged; every answer is sampled from a stream
 --- of its own ((seed, its place in the run), pmp.rl.streams), so the run logs and trains as one process.
+--- --tensor-model-parallel-size N splits the policy and the reference over N ranks as pretrain.lua does
+--- (they sample together, each answer from its own stream), the data-parallel size being what remains.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
@@ -35,7 +37,7 @@ local opts = flags.parse(arg, { {
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/grpo.lua [--load HF_DIR --prompts FILE --reward-fn FILE] [flags]' })
 train.lora.check(opts, opts.save_hf)
-recipe.refuse_tensor_parallel(opts, 'grpo.lua')
+recipe.check_tensor_parallel(opts)
 local embedded = not opts.load
 
 pmp.manual_seed(opts.seed)
@@ -50,7 +52,8 @@ local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
 local function held_out() return sums.held_out_reward(policy, tokenizer, { samples_per_prompt = opts.eval_samples }) end
 policy:eval()   -- no dropout: the ratio compares the sampled distribution with itself
-local layout, ddp = recipe.data_parallel(policy, opts.prompts_per_iteration, '--prompts-per-iteration')
+local layout, ddp = recipe.data_parallel(policy, opts.prompts_per_iteration, '--prompts-per-iteration',
+  opts.tensor_model_parallel_size, { reference })
 local mini_batch_size = math.min(opts.mini_batch_size, opts.prompts_per_iteration * G)   -- at most the rollout
 if mini_batch_size % layout.dp ~= 0 or (opts.prompts_per_iteration * G) % mini_batch_size ~= 0 then
   error(string.format('--mini-batch-size %d must divide the %d answers per iteration and be a multiple of the %d ' ..
@@ -131,9 +134,9 @@ while iteration < opts.iterations do
     rl.rollout.mean(rewards), batch.mask:sum():item() / #samples, sums_of.loss / sums_of.steps, sums_of.kl / sums_of.steps,
     sums_of.entropy / sums_of.steps, sums_of.clipfrac / sums_of.steps }, layout))
   local t3 = clock.now()
-  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations
-      and layout.is_logger then
-    print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
+  -- every rank evaluates (tensor-parallel ranks generate together), the logging one prints
+  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+    say(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
   end
   if layout.is_logger and (iteration % opts.log_interval == 0 or iteration == opts.iterations) then
     local n = sums_of.steps
@@ -152,8 +155,9 @@ end
 checkpoints:finish(iteration, policy, optimizer, checkpoint_state)
 logger:finish(iteration - first_iteration)
 if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
-if opts.save_hf and layout.is_logger then
-  policy:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
+local whole = opts.save_hf and recipe.whole_model(policy, layout, opts.save_hf .. '.parts')
+if whole then
+  whole:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
   print('grpo: saved the policy to ' .. opts.save_hf)
 end
-if embedded and layout.is_logger then print(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end
+if embedded then say(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end

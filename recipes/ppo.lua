@@ -14,6 +14,8 @@
 --- steps on its share of every mini-batch, the actor's and critic's gradients averaged; every answer is
 --- sampled from a stream of its own ((seed, its place in the run), pmp.rl.streams) and advantages are
 --- whitened over the whole rollout, so the run logs and trains as one process.
+--- --tensor-model-parallel-size N splits the actor, the reference and the critic (its score head whole on
+--- each) over N ranks as pretrain.lua does, the data-parallel size being what remains of the world.
 local rl, train = pmp.rl, pmp.train
 local flags, step = train.flags, train.step
 local recipe = require 'pmp.rl.recipe'
@@ -43,7 +45,7 @@ local opts = flags.parse(arg, { {
   { '--save-interval', 0, 'iterations between checkpoints (0: only at the end)' },
 } }, { usage = 'pmp recipes/ppo.lua [--load HF_DIR --prompts FILE --reward-model DIR] [flags]' })
 train.lora.check(opts, opts.save_hf)
-recipe.refuse_tensor_parallel(opts, 'ppo.lua')
+recipe.check_tensor_parallel(opts)
 local embedded = not opts.load
 if opts.rollout_batch_size % opts.mini_batch_size ~= 0 then
   error('--rollout-batch-size must be a multiple of --mini-batch-size', 0)
@@ -66,8 +68,9 @@ local critic = opts.critic_model and pmp.models.from_pretrained(opts.critic_mode
 train.lora.setup(actor, opts, not opts.load and 'llama' or nil)
 actor:eval()   -- no dropout anywhere: ratios and values compare like with like
 critic:eval()
-local layout, actor_ddp = recipe.data_parallel(actor, opts.mini_batch_size, '--mini-batch-size')
-local critic_ddp = recipe.ddp(critic, layout)
+local layout, actor_ddp = recipe.data_parallel(actor, opts.mini_batch_size, '--mini-batch-size',
+  opts.tensor_model_parallel_size, { reference })
+local critic_ddp = recipe.ddp(recipe.tensor_parallel(critic, layout), layout)
 local function say(line) if layout.is_logger then print(line) end end
 local sample_opts = recipe.sample_options(opts, tokenizer)
 local sums = require 'pmp.rl.sums'
@@ -175,9 +178,9 @@ while iteration < opts.iterations do
   local t3 = clock.now()
   local coef = kl_ctl.value
   kl_ctl:update(kl_per_answer, opts.rollout_batch_size)
-  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations
-      and layout.is_logger then
-    print(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
+  -- every rank evaluates (tensor-parallel ranks generate together), the logging one prints
+  if embedded and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 and iteration < opts.iterations then
+    say(string.format(' iteration %6d/%6d | held-out mean reward: %.4f |', iteration, opts.iterations, held_out()))
   end
   if layout.is_logger and (iteration % opts.log_interval == 0 or iteration == opts.iterations) then
     print(string.format(' iteration %6d/%6d | reward mean: %.4f | kl: %.5f | kl coef: %.4f | entropy: %.4f | ' ..
@@ -196,8 +199,9 @@ actor_checkpoints:finish(iteration, actor, actor_opt, actor_state)
 critic_checkpoints:finish(iteration, critic, critic_opt, critic_state)
 logger:finish(iteration - first_iteration)
 if layout.is_logger then train.lora.finish(actor, opts, opts.load) end   -- it writes files
-if opts.save_hf and layout.is_logger then
-  actor:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
+local whole = opts.save_hf and recipe.whole_model(actor, layout, opts.save_hf .. '.parts')
+if whole then
+  whole:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
   print('ppo: saved the actor to ' .. opts.save_hf)
 end
-if embedded and layout.is_logger then print(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end
+if embedded then say(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end

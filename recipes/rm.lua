@@ -29,9 +29,7 @@ local opts = flags.parse(arg, { {
   { '--lr-decay-style', 'cosine', 'cosine, linear, constant or WSD' },
 } }, { usage = 'pmp recipes/rm.lua [--load HF_DIR --data-path FILE.jsonl] [flags]' })
 train.lora.check(opts, opts.save_hf)
-if opts.tensor_model_parallel_size > 1 and train.lora.enabled(opts) then
-  error('LoRA (--lora-rank, --load-lora) with --tensor-model-parallel-size > 1 is not supported yet', 0)
-end
+recipe.check_tensor_parallel(opts)
 if opts.load and not opts.data_path then error('--data-path FILE.jsonl is required with --load', 0) end
 
 pmp.manual_seed(opts.seed)

@@ -544,9 +544,16 @@ end
 --- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
 --- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
 --- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
+--- A tensor-parallel model (every rank of its group calling with the same ids) caches its rank's heads
+--- and returns the whole gathered logits, bit-identical on every rank (the ring collectives give every
+--- rank the same sums), so ranks that sample from the same seeded stream pick the same tokens.
 function M.GPTModel:decode(ids, state)
-  if self.tensor_parallel or self.context_parallel then
-    error('GPTModel:decode: a tensor- or context-parallel model cannot decode; generate with the whole model', 2)
+  if self.context_parallel then
+    error('GPTModel:decode: a context-parallel model cannot decode; generate with the whole model', 2)
+  end
+  if self.tensor_parallel and self.tensor_parallel.sequence_parallel then
+    -- each step feeds one token per row, which cannot be cut along the sequence
+    error('GPTModel:decode: a sequence-parallel model cannot decode; generate with tensor parallelism alone', 2)
   end
   if self.score then error('GPTModel:decode: a model with a score head does not generate', 2) end
   local x = self.embedding(ids, state.positions)
@@ -555,11 +562,7 @@ function M.GPTModel:decode(ids, state)
   state.cache = state.cache or {}
   x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
-  if self.output_projection then x = self.output_projection(x) end
-  local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
-  if self.config.norm_head then weight = F.normalize(weight) end
-  if self.config.padded_vocab_size ~= self.config.vocab_size then weight = weight:narrow(1, 1, self.config.vocab_size) end
-  return x:matmul(weight:t())
+  return output(self, x)
 end
 
 --- Writes a Hugging Face directory (config.json + model.safetensors, sharded when large) for a model of a

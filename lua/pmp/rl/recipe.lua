@@ -23,7 +23,7 @@ M.flags = {
     { '--save', nil, 'checkpoint directory (written at the end)' },
     { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
     { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
-    { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks under mpirun (rm and dpo; the others refuse > 1)',
+    { '--tensor-model-parallel-size', 1, 'tensor-parallel ranks under mpirun (the rest of the world is data-parallel)',
       integer = true, min = 1 },
   },
   rollout = {
@@ -67,18 +67,22 @@ function M.data_parallel(model, batch_size, flag, tp, frozen)
     error(string.format('--tensor-model-parallel-size %d: %s', tp or 1, (tostring(layout):gsub('^pmp%.dist%.init: ', ''))), 0)
   end
   layout.is_logger = layout.rank == layout.world - 1
-  if layout.tp > 1 then
-    local parallel = require 'pmp.nn.parallel'
-    parallel.tensor_parallel(model)
-    for _, copy in ipairs(frozen or {}) do
-      parallel.tensor_parallel(copy)
-      for _, p in ipairs(copy:parameters()) do p.requires_grad = false end
-    end
+  M.tensor_parallel(model, layout)
+  for _, copy in ipairs(frozen or {}) do
+    M.tensor_parallel(copy, layout)
+    for _, p in ipairs(copy:parameters()) do p.requires_grad = false end
   end
   if batch_size % layout.dp ~= 0 then
     error(string.format('%s %d is not divisible by the %d data-parallel processes', flag, batch_size, layout.dp), 0)
   end
   return layout, M.ddp(model, layout)
+end
+
+--- model (built whole on every rank alike) split in place over layout's tensor-parallel ranks, as
+--- data_parallel splits the policy (another trained model: ppo's critic); untouched on one. Returns it.
+function M.tensor_parallel(model, layout)
+  if layout.tp > 1 then require('pmp.nn.parallel').tensor_parallel(model) end
+  return model
 end
 
 --- A pmp.dist.ddp wrapper that averages the gradients of model's trained parameters over the
@@ -98,11 +102,11 @@ function M.describe_layout(layout)
     layout.tp > 1 and string.format(' (tensor-parallel %d, data-parallel %d)', layout.tp, layout.dp) or '')
 end
 
---- Stops with an error naming the flag when --tensor-model-parallel-size asks for what `recipe` lacks.
-function M.refuse_tensor_parallel(opts, recipe)
-  if opts.tensor_model_parallel_size > 1 then
-    error(string.format('--tensor-model-parallel-size %d: %s does not support tensor parallelism yet (rm.lua and ' ..
-      'dpo.lua do); run it data-parallel only', opts.tensor_model_parallel_size, recipe), 0)
+--- Stops with an error naming the flags when --tensor-model-parallel-size > 1 comes with LoRA, which
+--- the tensor-parallel split does not carry yet.
+function M.check_tensor_parallel(opts)
+  if opts.tensor_model_parallel_size > 1 and require('pmp.train').lora.enabled(opts) then
+    error('LoRA (--lora-rank, --load-lora) with --tensor-model-parallel-size > 1 is not supported yet', 0)
   end
 end
 
