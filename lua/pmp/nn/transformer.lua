@@ -271,6 +271,10 @@ function M.Attention:forward(x, rope)
     q = F.rope(q, rope.cos, rope.sin, self.config.rotary_interleaved)
     k = F.rope(k, rope.cos, rope.sin, self.config.rotary_interleaved)
   end
+  -- continuous batching: keys and values live in the paged cache's block pools (pmp.serve.paged_kv_cache)
+  if rope and rope.paged then
+    return self.linear_proj(rope.paged:attention(self, q, k, v):transpose(2, 3):reshape(B, T, heads * d))
+  end
   -- generation: keys and values of earlier steps are kept per layer in rope.cache
   if rope and rope.cache then
     local past = rope.cache[self]
@@ -534,7 +538,8 @@ end
 
 --- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
 --- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
---- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
+--- state.cache (a table, filled here) the keys and values of earlier steps, or state.paged a
+--- pmp.serve.paged_kv_cache that holds them in blocks instead. Returns logits [B, T, vocab],
 --- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
 function M.GPTModel:decode(ids, state)
   if self.tensor_parallel or self.context_parallel then
@@ -545,7 +550,7 @@ function M.GPTModel:decode(ids, state)
   local cos, sin
   if self.config.position_embedding_type == 'rope' then cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype) end
   state.cache = state.cache or {}
-  x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
+  x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key, paged = state.paged })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
   if self.output_projection then x = self.output_projection(x) end
   local weight = self.output_layer and self.output_layer.weight or self.embedding.word_embeddings.weight
