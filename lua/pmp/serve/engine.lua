@@ -98,7 +98,9 @@ local function blocks_for(tokens, block_size) return math.ceil(tokens / block_si
 
 -- A request checked and completed with its defaults (errors name the field).
 function Engine:check_request(r)
-  local function fail(fmt, ...) error('request ' .. tostring(r.id or '') .. ': ' .. string.format(fmt, ...), 3) end
+  local function fail(fmt, ...)
+    error('request' .. (r.id ~= nil and ' ' .. tostring(r.id) or '') .. ': ' .. string.format(fmt, ...), 3)
+  end
   if type(r) ~= 'table' then error('serve.engine: a request must be a table', 3) end
   for k in pairs(r) do
     if not REQUEST_FIELDS[k] then fail("unknown field '%s'", tostring(k)) end
@@ -223,7 +225,7 @@ function Engine:forward(sequences, count)
     for j = 1, widest do tables[n][j] = seq.blocks[j] or 0 end   -- entries past a sequence's length are never read
   end
   local function i64(t) return tensor.tensor(t, { dtype = 'i64' }) end
-  self.cache:set_batch(i64(slots), i64(tables), i64(lengths))
+  self.cache:set_batch(i64(slots), i64(tables), i64(lengths), #sequences == 1 and count == lengths[1])
   local logits = self.model:decode(i64(ids), { positions = i64(positions), paged = self.cache, last_only = true })
   return logits:select(2, 1)
 end
