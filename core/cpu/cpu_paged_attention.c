@@ -32,20 +32,32 @@ int pmp_cpu_paged_kv_write(const pmp_op_args *a) {
   return 0;
 }
 
+/* Key s of a sequence's kv_head in a pool: read in place when the pool holds the compute dtype, else
+ * converted into buf. */
+static inline const void *pool_row_at(void *buf, const pmp_tensor *pool, const int64_t *table, int64_t s,
+                                      int64_t kv_head, int compute) {
+  int64_t H = pool->sizes[1], block_size = pool->sizes[2], D = pool->sizes[3];
+  const char *row = pool->data + ((table[s / block_size] * H + kv_head) * block_size + s % block_size) * D *
+                                     (int64_t)pmp_dtype_size(pool->dtype_id);
+  if (pool->dtype_id == compute) return row;
+  pmp_convert(buf, compute, row, pool->dtype_id, D);
+  return buf;
+}
+#define pool_row(REAL, buf, pool, table, s, kv_head, compute) \
+  ((const REAL *)pool_row_at(buf, pool, table, s, kv_head, compute))
+
 /* One query row against its visible keys: scores into `scores`, a two-pass softmax, then the weighted
  * sum of values into out. Rows come in any float dtype and are converted to REAL as they are read. */
 #define DEFINE_PAGED_ROW(REAL, SUFFIX, EXP, DTYPE_ID)                                                                  \
   static void paged_row_##SUFFIX(const REAL *q, REAL *key, REAL *out, REAL *scores, const pmp_tensor *k_pool,          \
                                  const pmp_tensor *v_pool, const int64_t *table, int64_t visible, int64_t kv_head,     \
                                  REAL scale) {                                                                         \
-    int64_t H = k_pool->sizes[1], block_size = k_pool->sizes[2], D = k_pool->sizes[3];                                 \
-    size_t elem = pmp_dtype_size(k_pool->dtype_id);                                                                    \
+    int64_t D = k_pool->sizes[3];                                                                                      \
     REAL peak = -INFINITY;                                                                                             \
     for (int64_t s = 0; s < visible; s++) {                                                                            \
-      int64_t at = ((table[s / block_size] * H + kv_head) * block_size + s % block_size) * D * (int64_t)elem;          \
-      pmp_convert(key, DTYPE_ID, k_pool->data + at, k_pool->dtype_id, D);                                              \
+      const REAL *k_row = pool_row(REAL, key, k_pool, table, s, kv_head, DTYPE_ID);                                     \
       REAL dot = 0;                                                                                                    \
-      _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < D; d++) dot += q[d] * key[d];                     \
+      _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < D; d++) dot += q[d] * k_row[d];                   \
       scores[s] = dot * scale;                                                                                         \
       if (scores[s] > peak) peak = scores[s];                                                                          \
     }                                                                                                                  \
@@ -54,9 +66,8 @@ int pmp_cpu_paged_kv_write(const pmp_op_args *a) {
     for (int64_t s = 0; s < visible; s++) {                                                                            \
       REAL p = EXP(scores[s] - peak);                                                                                  \
       total += p;                                                                                                      \
-      int64_t at = ((table[s / block_size] * H + kv_head) * block_size + s % block_size) * D * (int64_t)elem;          \
-      pmp_convert(key, DTYPE_ID, v_pool->data + at, v_pool->dtype_id, D);                                              \
-      _Pragma("omp simd") for (int64_t d = 0; d < D; d++) out[d] += p * key[d];                                        \
+      const REAL *v_row = pool_row(REAL, key, v_pool, table, s, kv_head, DTYPE_ID);                                     \
+      _Pragma("omp simd") for (int64_t d = 0; d < D; d++) out[d] += p * v_row[d];                                      \
     }                                                                                                                  \
     for (int64_t d = 0; d < D; d++) out[d] /= total;                                                                   \
   }

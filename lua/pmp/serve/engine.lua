@@ -225,7 +225,7 @@ function Engine:forward(sequences, count)
     for j = 1, widest do tables[n][j] = seq.blocks[j] or 0 end   -- entries past a sequence's length are never read
   end
   local function i64(t) return tensor.tensor(t, { dtype = 'i64' }) end
-  self.cache:set_batch(i64(slots), i64(tables), i64(lengths), #sequences == 1 and count == lengths[1])
+  self.cache:set_batch(i64(slots), i64(tables), i64(lengths))
   local logits = self.model:decode(i64(ids), { positions = i64(positions), paged = self.cache, last_only = true })
   return logits:select(2, 1)
 end

@@ -14,7 +14,6 @@
 ---   paged_kv_cache.attention(q [N, Hq, T, D], k_pool, v_pool, block_tables, lengths, scale) -> [N, Hq, T, D]
 local tensor = require 'pmp.tensor'
 local C = require('pmp.ffi').C
-local F = require 'pmp.nn.functional'
 
 local M = {}
 
@@ -38,10 +37,9 @@ function M.new(num_blocks, block_size)
 end
 
 --- The layout of the next forward: where each new position's key goes (flat slots), each sequence's
---- block table and its number of keys once the new ones are written. whole_prompt: the forward holds
---- every position of its one sequence (a prefill with nothing cached), so attention needs no pool reads.
-function Cache:set_batch(slots, block_tables, lengths, whole_prompt)
-  self.slots, self.block_tables, self.lengths, self.whole_prompt = slots, block_tables, lengths, whole_prompt
+--- block table and its number of keys once the new ones are written.
+function Cache:set_batch(slots, block_tables, lengths)
+  self.slots, self.block_tables, self.lengths = slots, block_tables, lengths
 end
 
 -- Called by each attention layer (pmp.nn.transformer) with its rotated q [N, Hq, T, D], k and v [N, Hkv, T, D].
@@ -57,8 +55,6 @@ function Cache:attention(layer, q, k, v)
   end
   M.write(pools.k, k, self.slots)
   M.write(pools.v, v, self.slots)
-  -- the dense op's tiled kernel is faster on a long prompt than the paged one's row at a time
-  if self.whole_prompt then return F.attention(q, k, v, { causal = true }) end
   return M.attention(q, pools.k, pools.v, self.block_tables, self.lengths)
 end
 
