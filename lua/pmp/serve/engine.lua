@@ -44,6 +44,10 @@ local REQUEST_FIELDS = { id = true, prompt = true, max_tokens = true, temperatur
   top_p = true, seed = true, stop = true, n = true, logprobs = true }
 M.REQUEST_FIELDS = REQUEST_FIELDS
 
+-- Sample k of a request with seed s draws from stream s * SAMPLES_PER_SEED + k - 1: distinct for
+-- every (seed, sample) pair, and exact in a double for seeds below 2^40.
+local SAMPLES_PER_SEED = 1024
+
 -- Families whose attention the paged cache does not compute.
 local function check_model(model)
   local c = model.config
@@ -127,8 +131,8 @@ function Engine:check_request(r)
   local out = {
     id = r.id, prompt = r.prompt,
     max_tokens = math.min(number('max_tokens', 16, 1, math.huge, true), self.max_context - #r.prompt),
-    n = number('n', 1, 1, math.huge, true),
-    seed = number('seed', nil, 0, 2 ^ 53, true),
+    n = number('n', 1, 1, SAMPLES_PER_SEED, true),
+    seed = number('seed', nil, 0, 2 ^ 40, true),
     sampling = { temperature = number('temperature', 0, 0, math.huge), top_k = number('top_k', 0, 0, math.huge, true),
       top_p = number('top_p', 1, 0, 1), logprobs = r.logprobs or false },
     stop = r.stop or {},
@@ -162,7 +166,7 @@ function Engine:add(request)
       request = r, sample = k, tokens = tokens, prompt_length = #tokens, generated = {},
       logprobs = r.sampling.logprobs and {} or nil, blocks = {}, sampling = r.sampling,
       -- sample k of a seeded request draws from its own stream, whatever else runs
-      random = random_stream.new(seed * 1024 + k - 1),
+      random = random_stream.new(seed * SAMPLES_PER_SEED + k - 1),
       promised = blocks_for(#tokens + r.max_tokens, self.block_size),
     }
   end
