@@ -29,7 +29,7 @@ DEBIAN_PACKAGES := build-essential pkg-config luajit libluajit-5.1-dev libreadli
                    libblis-openmp-dev libdnnl-dev libpcre2-dev libutf8proc-dev lua-busted tmux \
                    libopenmpi-dev openmpi-bin
 
-.PHONY: all cuda deps test test-reference mutate sanitize soak fuzz print-ldlibs print-cflags bench bench-tokenizer bench-generate bench-pretrain bench-dist bench-moe clean
+.PHONY: all cuda deps test test-reference mutate sanitize soak fuzz print-ldlibs print-cflags bench bench-tokenizer bench-generate bench-batch-generate bench-pretrain bench-dist bench-moe clean
 all: $(EXE)
 
 $(EXE): $(HOST_OBJS) $(BUILD)/libpmpcore.a
@@ -108,6 +108,10 @@ bench-tokenizer: pmp
 
 bench-generate: pmp
 	tools/bench_generate.sh
+
+# Offline batch generation: the continuous-batching engine against transformers' padded static batches.
+bench-batch-generate: pmp
+	tools/bench_batch_generate.sh
 
 bench-pretrain: pmp
 	tools/bench_pretrain.sh

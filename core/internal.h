@@ -175,6 +175,8 @@ int pmp_cpu_grouped_matmul(const pmp_op_args *a);
 int pmp_cpu_grouped_matmul_weight_grad(const pmp_op_args *a);
 int pmp_cpu_moe_unpermute(const pmp_op_args *a);
 int pmp_cpu_moe_unpermute_backward(const pmp_op_args *a);
+int pmp_cpu_paged_kv_write(const pmp_op_args *a);
+int pmp_cpu_paged_attention(const pmp_op_args *a);
 
 /* Backward rules, defined next to their forward ops */
 int pmp_backward_unary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);

@@ -1,26 +1,35 @@
 --- Generate text from a Hugging Face model directory or a pmp pretraining checkpoint.
 ---   pmp recipes/generate.lua --load DIR --prompt "Once upon a time" [--max-new-tokens 64 --temperature 0.8]
----   pmp recipes/generate.lua --load DIR --input-file prompts.jsonl --output out.jsonl   (offline batches)
---- prompts.jsonl has one {"prompt": "..."} per line; out.jsonl gets {"prompt", "completion", "tokens",
---- "finish_reason"} per line. Prints tokens per second.
+---   pmp recipes/generate.lua --load DIR --input-file prompts.jsonl --output-file out.jsonl   (offline batches)
+--- --prompt runs pmp.generate. --input-file runs the continuous-batching engine (pmp.serve.engine, see
+--- pmp.serve.batch_file for both jsonl formats): each line {"prompt": "...", "id", and optionally its own
+--- max_tokens, temperature, top_k, top_p, seed, stop, n, logprobs; the flags below are the defaults};
+--- results are written as they complete (--ordered: in input order), a rerun into the same output skips
+--- the lines already there, and a bad line gets an error record while the rest run.
 local FLAGS = {
   { '--load', nil, 'HF model directory (config.json) or pretraining checkpoint directory' },
   { '--prompt', nil, 'one prompt' },
   { '--input-file', nil, 'jsonl with a "prompt" field per line' },
-  { '--output', nil, 'jsonl to write (default: print)' },
+  { '--output-file', nil, 'jsonl to write (default: print; required with --input-file)' },
   { '--max-new-tokens', 64, 'tokens to generate per prompt' },
   { '--temperature', 0.0, '0 for greedy' },
   { '--top-k', 0, 'keep the k most likely tokens (0: all)' },
   { '--top-p', 1.0, 'nucleus sampling mass' },
-  { '--repetition-penalty', 1.0, 'HF-style penalty on seen tokens' },
-  { '--micro-batch-size', 8, 'prompts generated together' },
-  { '--seed', 1234, 'sampling seed' },
+  { '--repetition-penalty', 1.0, 'HF-style penalty on seen tokens (--prompt only)' },
+  { '--seed', 1234, 'sampling seed (--input-file: a line without "seed" uses this plus its request number)' },
   { '--stop', nil, 'stop strings', multiple = true },
+  { '--n', 1, 'samples per prompt (--input-file)' },
+  { '--logprobs', false, 'write the log-prob of each generated token (--input-file)' },
+  { '--max-batch', 32, 'sequences decoded together (--input-file)' },
+  { '--block-size', 16, 'tokens per KV-cache block (--input-file)' },
+  { '--kv-cache-tokens', 32768, 'KV-cache capacity in tokens, all sequences together (--input-file)' },
+  { '--prefix-caching', true, 'reuse the cached blocks of shared prompt prefixes (--input-file)' },
+  { '--ordered', false, 'write results in input order instead of as they complete (--input-file)' },
 }
 
 local opts = pmp.args.parse(arg, FLAGS, { usage = 'pmp recipes/generate.lua --load DIR (--prompt TEXT | --input-file FILE)' })
 if not opts.load then error('--load DIR is required', 0) end
-if not opts.prompt and not opts.input_file then error('give --prompt or --input-file', 0) end
+if not opts.prompt == not opts.input_file then error('give --prompt or --input-file (one of them)', 0) end
 
 -- A model and tokenizer from either kind of directory.
 local function load(dir)
@@ -34,54 +43,46 @@ end
 
 local model, tokenizer = load(opts.load)
 
-local prompts = {}
-if opts.prompt then prompts[1] = opts.prompt end
-if opts.input_file then
-  local file = io.open(opts.input_file, 'r')
-  if not file then error('cannot read ' .. opts.input_file, 0) end
-  local line_number = 0
-  for line in file:lines() do
-    line_number = line_number + 1
-    if line:match('%S') then
-      local okj, record = pcall(pmp.json.decode, line)
-      if not okj or type(record) ~= 'table' or type(record.prompt) ~= 'string' then
-        error(string.format('%s:%d: expected a JSON object with a string "prompt"', opts.input_file, line_number), 0)
-      end
-      prompts[#prompts + 1] = record.prompt
-    end
-  end
-  file:close()
-end
-
 local eos_ids = {}
 if tokenizer.eos_id then eos_ids[1] = tokenizer.eos_id end
-local out = opts.output and io.open(opts.output, 'w')
-if opts.output and not out then error('cannot write ' .. opts.output, 0) end
-local clock = require 'pmp.clock'
-local start, generated = clock.now(), 0
 
-for first = 1, #prompts, opts.micro_batch_size do
-  local batch, ids = {}, {}
-  for k = first, math.min(first + opts.micro_batch_size - 1, #prompts) do
-    batch[#batch + 1] = prompts[k]
-    ids[#ids + 1] = tokenizer:encode(prompts[k])
-  end
-  local results = pmp.generate(model, ids, {
-    max_new_tokens = opts.max_new_tokens, temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p,
-    repetition_penalty = opts.repetition_penalty, eos_ids = eos_ids, stop = opts.stop, tokenizer = tokenizer,
-    seed = opts.seed + first, pad_id = tokenizer.pad_id or 0,
+if opts.input_file then
+  if not opts.output_file then error('--input-file needs --output-file (results are appended there, and a rerun resumes)', 0) end
+  local engine = require('pmp.serve.engine').new(model, {
+    block_size = opts.block_size, num_blocks = math.ceil(opts.kv_cache_tokens / opts.block_size),
+    max_batch = opts.max_batch, eos_ids = eos_ids, tokenizer = tokenizer, prefix_caching = opts.prefix_caching,
+    seed = opts.seed,
   })
-  for k, result in ipairs(results) do
-    generated = generated + #result.tokens
-    if out then
-      out:write(pmp.json.encode({ prompt = batch[k], completion = result.text, tokens = pmp.json.array(result.tokens),
-        finish_reason = result.finish_reason }), '\n')
-    else
-      print(batch[k] .. result.text)
-    end
-  end
+  local stats = require('pmp.serve.batch_file').run(engine, {
+    input = opts.input_file, output = opts.output_file, tokenizer = tokenizer, ordered = opts.ordered,
+    progress = io.stderr,
+    defaults = { max_tokens = opts.max_new_tokens, temperature = opts.temperature, top_k = opts.top_k,
+      top_p = opts.top_p, stop = opts.stop, n = opts.n, logprobs = opts.logprobs or nil },
+  })
+  io.stderr:write(string.format('generate: %d requests, %d errors, %d skipped (already in %s); %d tokens in %.2f s ' ..
+    '(%.1f tokens/s); peak %d of %d KV-cache blocks\n', stats.done, stats.errors, stats.skipped, opts.output_file,
+    stats.generated_tokens, stats.seconds, stats.generated_tokens / math.max(stats.seconds, 1e-9), engine.blocks.peak,
+    engine.blocks.num_blocks))
+  return
 end
-if out then out:close() end
+
+local out = opts.output_file and io.open(opts.output_file, 'w')
+if opts.output_file and not out then error('cannot write ' .. opts.output_file, 0) end
+local clock = require 'pmp.clock'
+local start = clock.now()
+local ids = tokenizer:encode(opts.prompt)
+local result = pmp.generate(model, { ids }, {
+  max_new_tokens = opts.max_new_tokens, temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p,
+  repetition_penalty = opts.repetition_penalty, eos_ids = eos_ids, stop = opts.stop, tokenizer = tokenizer,
+  seed = opts.seed + 1, pad_id = tokenizer.pad_id or 0,
+})[1]
+if out then
+  out:write(pmp.json.encode({ prompt = opts.prompt, completion = result.text, tokens = pmp.json.array(result.tokens),
+    finish_reason = result.finish_reason }), '\n')
+  out:close()
+else
+  print(opts.prompt .. result.text)
+end
 local seconds = clock.now() - start
-io.stderr:write(string.format('generate: %d prompts, %d tokens in %.2f s (%.1f tokens/s)\n', #prompts, generated, seconds,
-  generated / math.max(seconds, 1e-9)))
+io.stderr:write(string.format('generate: 1 prompt, %d tokens in %.2f s (%.1f tokens/s)\n', #result.tokens, seconds,
+  #result.tokens / math.max(seconds, 1e-9)))

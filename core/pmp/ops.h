@@ -44,6 +44,8 @@ typedef enum pmp_op_id {
   PMP_OP_CUSTOM,
   /* mixture of experts: the grouped GEMM over rows sorted by expert, the weighted un-permutation */
   PMP_OP_GROUPED_MATMUL, PMP_OP_GROUPED_MATMUL_WEIGHT_GRAD, PMP_OP_MOE_UNPERMUTE, PMP_OP_MOE_UNPERMUTE_BACKWARD,
+  /* the paged KV cache of continuous batching (inference only) */
+  PMP_OP_PAGED_KV_WRITE, PMP_OP_PAGED_ATTENTION,
   PMP_OP_COUNT
 } pmp_op_id;
 
@@ -141,6 +143,19 @@ pmp_tensor *pmp_attention_alibi(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp
 pmp_tensor *pmp_attention_alibi_hf_falcon(pmp_tensor *q, pmp_tensor *k, pmp_tensor *v, pmp_tensor *first_key,
                                           pmp_tensor *slopes, double bias_scale, double scale, int causal,
                                           int64_t window);
+/* The paged KV cache of continuous batching (lua/pmp/serve/): each layer keeps its keys and values in
+ * a pool of fixed-size blocks [num_blocks, Hkv, block_size, D], and each sequence a table of the
+ * blocks holding its positions (position s lives in block table[s / block_size] at s % block_size),
+ * so sequences of any length share one pool. Neither op is recorded by autograd (inference only).
+ * pmp_paged_kv_write_: writes src [N, Hkv, T, D] into pool in place, row (n, t) at the flat slot
+ * slots[n, t] = block * block_size + offset (an integer tensor [N, T]; a negative slot skips the row). */
+int pmp_paged_kv_write_(pmp_tensor *pool, pmp_tensor *src, pmp_tensor *slots);
+/* pmp_paged_attention: q [N, Hq, T, D] holds the last T positions of each of N sequences (Hq a
+ * multiple of Hkv, GQA); sequence n has lengths[n] >= T keys in the pools through its row of
+ * block_tables [N, M] (integers); its query t attends causally to keys 0 .. lengths[n] - T + t.
+ * scale <= 0 means 1/sqrt(D). Returns [N, Hq, T, D] in q's dtype (f64 computes in f64, others in f32). */
+pmp_tensor *pmp_paged_attention(pmp_tensor *q, pmp_tensor *k_pool, pmp_tensor *v_pool, pmp_tensor *block_tables,
+                                pmp_tensor *lengths, double scale);
 
 /* ---- mixture of experts ---- */
 /* x [rows, in] whose rows are grouped by expert (counts[e] rows for expert e, in order; counts a CPU

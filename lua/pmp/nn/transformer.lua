@@ -273,6 +273,10 @@ function M.Attention:forward(x, rope)
     q = F.rope(q, rope.cos, rope.sin, self.config.rotary_interleaved)
     k = F.rope(k, rope.cos, rope.sin, self.config.rotary_interleaved)
   end
+  -- continuous batching: keys and values live in the paged cache's block pools (pmp.serve.paged_kv_cache)
+  if rope and rope.paged then
+    return self.linear_proj(rope.paged:attention(self, q, k, v):transpose(2, 3):reshape(B, T, heads * d))
+  end
   -- generation: keys and values of earlier steps are kept per layer in rope.cache
   if rope and rope.cache then
     local past = rope.cache[self]
@@ -542,7 +546,8 @@ end
 
 --- One step of incremental decoding: ids [B, T] are the next tokens of each row, state.positions [B, T]
 --- their positions, state.first_key [B] the first real (not left-padding) key of each row, and
---- state.cache (a table, filled here) the keys and values of earlier steps. Returns logits [B, T, vocab],
+--- state.cache (a table, filled here) the keys and values of earlier steps, or state.paged a
+--- pmp.serve.paged_kv_cache that holds them in blocks instead. Returns logits [B, T, vocab],
 --- or [B, 1, vocab] for the last position only when state.last_only is set (all generation needs).
 --- A tensor-parallel model (every rank of its group calling with the same ids) caches its rank's heads
 --- and returns the whole gathered logits, bit-identical on every rank (the ring collectives give every
@@ -560,7 +565,7 @@ function M.GPTModel:decode(ids, state)
   local cos, sin
   if self.config.position_embedding_type == 'rope' then cos, sin = self.rotary_pos_emb:tables(state.positions, x.dtype) end
   state.cache = state.cache or {}
-  x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key })
+  x = self.decoder(x, { cos = cos, sin = sin, cache = state.cache, first_key = state.first_key, paged = state.paged })
   if state.last_only then x = x:narrow(2, x:size(2), 1) end
   return output(self, x)
 end
