@@ -84,6 +84,7 @@ const pmp_op_info pmp_op_table[PMP_OP_COUNT] = {
     [PMP_OP_GROUPED_MATMUL_WEIGHT_GRAD] = {"grouped_matmul_weight_grad", CPU(pmp_cpu_grouped_matmul_weight_grad), NULL},
     [PMP_OP_MOE_UNPERMUTE] = {"moe_unpermute", CPU(pmp_cpu_moe_unpermute), pmp_backward_moe_unpermute},
     [PMP_OP_MOE_UNPERMUTE_BACKWARD] = {"moe_unpermute_backward", CPU(pmp_cpu_moe_unpermute_backward), NULL},
+    [PMP_OP_SAMPLE] = {"sample", CPU(pmp_cpu_sample), NULL},
 };
 
 const char *pmp_op_name(int op) { return op >= 0 && op < PMP_OP_COUNT && pmp_op_table[op].name ? pmp_op_table[op].name : "?"; }
