@@ -42,6 +42,7 @@ end
 function Generator:uniform() return C.pmp_generator_uniform(self.state) end
 
 local function is_generator(x) return getmetatable(x) == Generator end
+M.is_generator = is_generator
 
 -- The C array of row generators, or nil for the default generator.
 local function generator_array(generator, rows)
