@@ -7,7 +7,7 @@
 enum { ROW_OK, ROW_SEEN_OUT_OF_RANGE, ROW_NOT_FINITE, ROW_ALL_MASKED, ROW_NO_MEMORY };
 
 typedef struct candidate {
-  double value;
+  double value, weight;
   int64_t index;
 } candidate;
 
@@ -16,7 +16,7 @@ typedef struct scratch {
   double *value;           /* the processed logits */
   double *weight;          /* exp(value - peak): unnormalised probabilities */
   double *heap;            /* top_k's k largest values, a min-heap */
-  candidate *candidates;   /* top_p's tokens, sorted */
+  candidate *candidates;   /* top_p's tokens, partitioned around the nucleus' end */
 } scratch;
 
 static bool scratch_init(scratch *s, int64_t vocab, int64_t heap_size, bool sampling, bool nucleus) {
@@ -111,13 +111,6 @@ static double kth_largest(const double *value, int64_t vocab, int64_t k, double 
   return heap[0];
 }
 
-/* Largest first, then the smaller index: a total order, so the kept run never depends on qsort. */
-static int by_value_descending(const void *pa, const void *pb) {
-  const candidate *a = pa, *b = pb;
-  if (a->value != b->value) return a->value > b->value ? -1 : 1;
-  return a->index < b->index ? -1 : a->index > b->index;
-}
-
 /* Draws from the tokens whose value is at least floor, in index order: the first whose running weight
  * passes uniform * total. The last token with weight wins a draw that rounding pushed past the end. */
 static int64_t draw_at_or_above(const double *value, const double *weight, int64_t vocab, double floor, double total,
@@ -133,40 +126,65 @@ static int64_t draw_at_or_above(const double *value, const double *weight, int64
   return last;
 }
 
-/* top_p's nucleus, drawn from: the largest tokens (at least floor, top_k's cut) in order while the mass
- * above each is below top_p of the mass kept by top_k. Sorting the whole vocabulary is rarely needed:
- * candidates within `reach` of the peak are tried first, with reach doubled until the run ends among
- * them; all tokens outrank the ones left out, so the run is the same as a full sort's. */
-static int64_t draw_nucleus(const double *value, const double *weight, candidate *candidates, int64_t vocab,
-                            double floor, double peak, double kept_mass, double top_p, double uniform) {
-  double target = top_p * kept_mass;
-  for (double reach = 1;; reach *= 2) {
-    bool everything = reach > 64;   /* then the rest, all tokens kept by top_k, at once */
-    double lowest = everything ? floor : fmax(floor, peak - reach);
-    int64_t n = 0;
-    double mass = 0;
-    for (int64_t v = 0; v < vocab; v++)
-      if (value[v] >= lowest) {
-        candidates[n++] = (candidate){value[v], v};
-        mass += weight[v];
-      }
-    if (!everything && mass < target) continue;
-    qsort(candidates, n, sizeof *candidates, by_value_descending);
+/* The order top_p walks tokens in: larger value first, then the smaller index (a total order, so the
+ * nucleus never depends on how the candidates were arranged). */
+static bool ranks_before(const candidate *a, const candidate *b) {
+  return a->value > b->value || (a->value == b->value && a->index < b->index);
+}
+
+static void swap_candidates(candidate *a, candidate *b) {
+  candidate t = *a;
+  *a = *b;
+  *b = t;
+}
+
+/* The nucleus' size: tokens in ranking order while the mass ranked above each is below target. Found
+ * by quickselect on the cumulative weight instead of a sort, so a nucleus of thousands of tokens costs
+ * O(n): on return the nucleus is c[0, size), in no particular order. */
+static int64_t select_nucleus(candidate *c, int64_t n, double target) {
+  int64_t lo = 0, hi = n;   /* c[0, lo) is in the nucleus; its last token lies in c[lo, hi) */
+  while (hi - lo > 1) {
+    /* median of three as the pivot, moved to c[hi - 1] */
+    int64_t mid = lo + (hi - lo) / 2, last = hi - 1;
+    if (ranks_before(&c[mid], &c[lo])) swap_candidates(&c[mid], &c[lo]);
+    if (ranks_before(&c[last], &c[lo])) swap_candidates(&c[last], &c[lo]);
+    if (ranks_before(&c[mid], &c[last])) swap_candidates(&c[mid], &c[last]);
+    int64_t m = lo;
     double above = 0;
-    int64_t kept = 0;
-    while (kept < n && above < target) above += weight[candidates[kept++].index];
-    if (above < target && !everything) continue;   /* rounding: the run may go on past the candidates */
-    double draw = uniform * above, running = 0;
-    int64_t last = candidates[0].index;
-    for (int64_t j = 0; j < kept; j++) {
-      double w = weight[candidates[j].index];
-      if (w == 0) continue;
-      running += w;
-      last = candidates[j].index;
-      if (draw < running) return last;
+    for (int64_t i = lo; i < last; i++)
+      if (ranks_before(&c[i], &c[last])) {
+        above += c[i].weight;
+        swap_candidates(&c[i], &c[m++]);
+      }
+    swap_candidates(&c[m], &c[last]);
+    if (above >= target) {
+      hi = m;
+    } else if (above + c[m].weight >= target) {
+      return m + 1;
+    } else {
+      target -= above + c[m].weight;
+      lo = m + 1;
     }
-    return last;   /* rounding pushed the draw past the end */
   }
+  return hi;   /* hi == n when rounding left the whole mass short of target */
+}
+
+/* top_p's draw: among the tokens at least floor (top_k's cut) with any weight, the nucleus holding
+ * top_p of the mass kept by top_k, drawn from in proportion to weight. */
+static int64_t draw_nucleus(const double *value, const double *weight, candidate *candidates, int64_t vocab,
+                            double floor, double kept_mass, double top_p, double uniform) {
+  int64_t n = 0;
+  for (int64_t v = 0; v < vocab; v++)
+    if (value[v] >= floor && weight[v] > 0) candidates[n++] = (candidate){value[v], weight[v], v};
+  int64_t size = select_nucleus(candidates, n, top_p * kept_mass);
+  double total = 0;
+  for (int64_t j = 0; j < size; j++) total += candidates[j].weight;
+  double draw = uniform * total, running = 0;
+  for (int64_t j = 0; j < size; j++) {
+    running += candidates[j].weight;
+    if (draw < running) return candidates[j].index;
+  }
+  return candidates[size - 1].index;   /* rounding pushed the draw past the end */
 }
 
 typedef struct settings {
@@ -205,7 +223,7 @@ static int sample_row(const pmp_op_args *a, const settings *set, int64_t row, sc
     if (value[v] >= floor) kept_mass += weight[v];
   }
   double uniform = ((const double *)uniforms->data)[row];
-  *token = set->top_p < 1 ? draw_nucleus(value, weight, s->candidates, vocab, floor, peak, kept_mass, set->top_p, uniform)
+  *token = set->top_p < 1 ? draw_nucleus(value, weight, s->candidates, vocab, floor, kept_mass, set->top_p, uniform)
                           : draw_at_or_above(value, weight, vocab, floor, kept_mass, uniform);
   *logprob = value[*token] - peak - log(mass);
   return ROW_OK;
