@@ -1,7 +1,12 @@
 /* CPU kernel of token sampling (pmp_sample). Each row is processed alone, in doubles, from its own
  * uniform, so rows split over threads give the same tokens as one thread. */
 #include "internal.h"
+#include "cpu/vector_math.h"
 #include <math.h>
+
+/* libmvec's vector exp for the `omp simd` loops below (vector_math.h declares the float ones) */
+#pragma omp declare simd notinbranch
+double exp(double);
 
 /* A row's failure, reported after the parallel loop for the first failing row. */
 enum { ROW_OK, ROW_SEEN_OUT_OF_RANGE, ROW_NOT_FINITE, ROW_ALL_MASKED, ROW_NO_MEMORY };
@@ -79,10 +84,29 @@ static int64_t first_largest(const double *value, int64_t vocab) {
   return best;
 }
 
-static double log_sum_exp_shifted(const double *value, int64_t vocab, double peak) {
+/* The row's exp passes over the whole vocabulary, as `omp simd` loops (libmvec's exp): the sums' order
+ * is fixed by the build and the CPU, never by the thread count. */
+WIDE_VECTORS static double log_sum_exp_shifted(const double *value, int64_t vocab, double peak) {
   double total = 0;
+#pragma omp simd reduction(+ : total)
   for (int64_t v = 0; v < vocab; v++) total += exp(value[v] - peak);
   return log(total);
+}
+
+/* weight = exp(value - peak); *mass gets their sum, *kept_mass that of the values at least floor. */
+WIDE_VECTORS static void weigh_row(const double *value, double *weight, int64_t vocab, double peak, double floor,
+                                   double *mass, double *kept_mass) {
+  double all = 0;
+#pragma omp simd reduction(+ : all)
+  for (int64_t v = 0; v < vocab; v++) {
+    weight[v] = exp(value[v] - peak);
+    all += weight[v];
+  }
+  double kept = 0;
+  if (floor > -INFINITY)
+    for (int64_t v = 0; v < vocab; v++) kept += value[v] >= floor ? weight[v] : 0;
+  *mass = all;
+  *kept_mass = floor > -INFINITY ? kept : all;
 }
 
 static void sift_down(double *heap, int64_t size, int64_t at) {
@@ -216,12 +240,8 @@ static int sample_row(const pmp_op_args *a, const settings *set, int64_t row, sc
   }
   if (peak == -INFINITY) return ROW_ALL_MASKED;
   double floor = set->top_k > 0 && set->top_k < vocab ? kth_largest(value, vocab, set->top_k, s->heap) : -INFINITY;
-  double mass = 0, kept_mass = 0;
-  for (int64_t v = 0; v < vocab; v++) {
-    weight[v] = exp(value[v] - peak);
-    mass += weight[v];
-    if (value[v] >= floor) kept_mass += weight[v];
-  }
+  double mass, kept_mass;
+  weigh_row(value, weight, vocab, peak, floor, &mass, &kept_mass);
   double uniform = ((const double *)uniforms->data)[row];
   *token = set->top_p < 1 ? draw_nucleus(value, weight, s->candidates, vocab, floor, kept_mass, set->top_p, uniform)
                           : draw_at_or_above(value, weight, vocab, floor, kept_mass, uniform);
