@@ -167,7 +167,8 @@ pmp_tensor *pmp_moe_unpermute(pmp_tensor *y, pmp_tensor *probs, pmp_tensor *rows
  * drawing from generators[b] (rows sharing one draw from it in row order), the default one untouched.
  * *ids gets i64 [B]; *logprobs (logprobs may be NULL) gets each chosen token's log-probability under
  * the penalised, temperature-scaled distribution before top-k/top-p (f64 for f64 logits, else f32).
- * The result does not depend on the thread count. Returns 0, or -1 with pmp_last_error set. */
+ * The result does not depend on the thread count. Returns 0, or -1 with pmp_last_error set (the
+ * generators may then have drawn). */
 int pmp_sample(pmp_tensor *logits, pmp_tensor *seen, double repetition_penalty, double temperature, int64_t top_k,
                double top_p, pmp_generator *const *generators, pmp_tensor **ids, pmp_tensor **logprobs);
 

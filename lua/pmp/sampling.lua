@@ -1,17 +1,5 @@
---- Token sampling on the engine, and generators: random streams apart from the default one.
----
----   pmp.Generator(seed): a stream of its own; Generator(s) draws what pmp.manual_seed(s) would start.
----     g:manual_seed(seed) restarts it; g:uniform() draws a number in [0, 1).
----   pmp.sample(logits, options) -> ids, logprobs: one token per row of logits [B, V] (any float dtype).
----     options: temperature (1; 0 = greedy: the first largest logit, as torch.argmax), top_k (0 = off),
----              top_p (1 = off), repetition_penalty (1 = off), seen (ids already seen, penalised: an
----              integer tensor [B, S] or a list of B id lists; negative ids are padding),
----              generator (a Generator shared by all rows, drawing for them in row order, or a list of
----              B Generators, one per row; default: the default generator, which is then left untouched
----              by a given one)
----     ids: i64 [B]; logprobs: [B] (f64 for f64 logits, else f32), each token's log-probability under
----     the penalised, temperature-scaled distribution before top-k/top-p. transformers' processors in
----     transformers' order; core/pmp/ops.h (pmp_sample) has the exact rules.
+--- Token sampling on the engine (pmp.sample), and generators (pmp.Generator): random streams apart from
+--- the default one that pmp.manual_seed seeds.
 local ffi = require 'ffi'
 local C = require('pmp.ffi').C
 local tensor = require 'pmp.tensor'
@@ -26,7 +14,8 @@ local function check_seed(seed, where)
   return seed < 0 and seed + 2 ^ 64 or seed
 end
 
---- pmp.Generator(seed): a random stream of its own (xoshiro256**, as the default generator).
+--- pmp.Generator(seed): a random stream of its own (xoshiro256**, as the default generator): it draws
+--- what pmp.manual_seed(seed) would start. g:manual_seed(seed) restarts it; g:uniform() draws from [0, 1).
 function M.Generator(seed)
   local g = setmetatable({ state = ffi.new('pmp_generator') }, Generator)
   C.pmp_generator_seed(g.state, check_seed(seed, 'Generator'))
@@ -87,7 +76,17 @@ local function number_option(options, key, default)
   return v
 end
 
---- pmp.sample(logits, options) -> ids, logprobs (see the top of this file).
+--- pmp.sample(logits, options) -> ids, logprobs: one token per row of logits [B, V] (any float dtype),
+--- as transformers' logits processors choose it (repetition penalty, temperature, top-k, top-p, in that
+--- order; core/pmp/ops.h, pmp_sample, has the exact rules).
+---   options: temperature (1; 0 = greedy: the first largest logit, as torch.argmax), top_k (0 = off),
+---            top_p (1 = off), repetition_penalty (1 = off), seen (the ids each row has seen, for the
+---            penalty: an integer tensor [B, S] or a list of B id lists; negative ids are padding),
+---            generator (one pmp.Generator for all rows, drawing for them in row order, or a list of B,
+---            one per row; without it rows draw from the default generator, which a given one leaves
+---            untouched)
+---   ids: i64 [B]; logprobs: [B] (f64 for f64 logits, else f32), each chosen token's log-probability
+---   under the penalised, temperature-scaled distribution before top-k/top-p.
 function M.sample(logits, options)
   options = options or {}
   if not tensor.is_tensor(logits) or logits.ptr.ndim ~= 2 then
