@@ -177,6 +177,7 @@ int pmp_cpu_moe_unpermute(const pmp_op_args *a);
 int pmp_cpu_moe_unpermute_backward(const pmp_op_args *a);
 int pmp_cpu_paged_kv_write(const pmp_op_args *a);
 int pmp_cpu_paged_attention(const pmp_op_args *a);
+int pmp_cpu_sample(const pmp_op_args *a);
 
 /* Backward rules, defined next to their forward ops */
 int pmp_backward_unary(pmp_node *n, pmp_tensor *g, pmp_tensor **grads);
@@ -253,6 +254,7 @@ bool pmp_node_check_alive(const pmp_node *n);
 /* ---- random (random.c) ---- */
 uint64_t pmp_random_u64(void);
 double pmp_random_uniform(void);    /* [0, 1) */
+pmp_generator *pmp_default_generator(void);
 
 /* ---- threading ---- */
 /* Elements from which a kernel splits its loop over the OpenMP team. Small enough that a training

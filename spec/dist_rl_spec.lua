@@ -304,22 +304,23 @@ describe('RL recipes in parallel and resumed', function()
       { dp = 1, dp_rank = 0 })[1]:totable(), 'another pass, another order')
   end)
 
-  it("generate's row_seeds make each row's samples depend on its seed alone and leave pmp's generator", function()
+  it("rollout's row_seeds make each row's samples depend on its seed alone and leave pmp's generator", function()
+    local rollout, streams = require 'pmp.rl.rollout', require 'pmp.rl.streams'
     local model = pmp.nn.GPTModel({ num_layers = 1, hidden_size = 16, num_attention_heads = 2, vocab_size = 50,
       dtype = 'f32' })
-    local options = { max_new_tokens = 6, temperature = 1, row_seeds = { 11, 22 } }
+    local options = { max_new_tokens = 6, temperature = 1, row_seeds = { streams.key(3, 'sample', 1), 22 } }
     pmp.manual_seed(5)
-    local both = pmp.generate(model, { { 3, 4, 5 }, { 7 } }, options)
+    local both = rollout.sample(model, { { 3, 4, 5 }, { 7 } }, options)
     local after = pmp.rand(1, { dtype = 'f64' }):item()
     pmp.manual_seed(5)
     assert.are.equal(after, pmp.rand(1, { dtype = 'f64' }):item(), "pmp's generator as it was")
     pmp.manual_seed(99)
-    local alone = pmp.generate(model, { { 7 } }, { max_new_tokens = 6, temperature = 1, row_seeds = { 22 } })
-    assert.are.same(both[2].tokens, alone[1].tokens)
-    local other = pmp.generate(model, { { 7 } }, { max_new_tokens = 6, temperature = 1, row_seeds = { 23 } })
-    assert.are_not.same(alone[1].tokens, other[1].tokens)
-    assert.has_error(function() pmp.generate(model, { { 7 } }, { temperature = 1, row_seeds = { 1, 2 } }) end,
-      'generate: row_seeds must hold one seed per prompt (1)')
+    local alone = rollout.sample(model, { { 7 } }, { max_new_tokens = 6, temperature = 1, row_seeds = { 22 } })
+    assert.are.same(both[2].response, alone[1].response)
+    local other = rollout.sample(model, { { 7 } }, { max_new_tokens = 6, temperature = 1, row_seeds = { 23 } })
+    assert.are_not.same(alone[1].response, other[1].response)
+    assert.has_error(function() rollout.sample(model, { { 7 } }, { temperature = 1, row_seeds = { 1, 2 } }) end,
+      'rollout: row_seeds must hold one seed per prompt (1)')
   end)
 
   it('resume from a checkpoint gives the log lines and weights of an uninterrupted run', function()

@@ -83,4 +83,26 @@ describe('sampling in pmp.generate', function()
     assert.are.same(first, tokens(7))
     assert.are_not.same(first, tokens(8))
   end)
+
+  it('draws each row from its own generator when given one per prompt, leaving the default one alone', function()
+    local case = fixture.cases[#fixture.cases]
+    local function run(prompts, generator)
+      return pmp.generate(fixed_logits_model(fixture.logits), prompts, { max_new_tokens = 12,
+        temperature = case.temperature, top_k = case.top_k, top_p = case.top_p,
+        repetition_penalty = case.repetition_penalty, generator = generator })
+    end
+    pmp.manual_seed(3)
+    local untouched = pmp.rand(2, { dtype = 'f64' }):totable()
+    pmp.manual_seed(3)
+    local together = run({ fixture.prompt, fixture.prompt, fixture.prompt },
+      { pmp.Generator(1), pmp.Generator(2), pmp.Generator(3) })
+    assert.are.same(untouched, pmp.rand(2, { dtype = 'f64' }):totable())
+    for b = 1, 3 do
+      assert.are.same(run({ fixture.prompt }, pmp.Generator(b))[1].tokens, together[b].tokens)
+    end
+    assert.are_not.same(together[1].tokens, together[2].tokens)
+    local ok, err = pcall(run, { fixture.prompt, fixture.prompt }, { pmp.Generator(1) })
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find('options.generator must be a pmp.Generator or a list of 2', 1, true), tostring(err))
+  end)
 end)

@@ -86,6 +86,7 @@ const pmp_op_info pmp_op_table[PMP_OP_COUNT] = {
     [PMP_OP_MOE_UNPERMUTE_BACKWARD] = {"moe_unpermute_backward", CPU(pmp_cpu_moe_unpermute_backward), NULL},
     [PMP_OP_PAGED_KV_WRITE] = {"paged_kv_write", CPU(pmp_cpu_paged_kv_write), NULL},
     [PMP_OP_PAGED_ATTENTION] = {"paged_attention", CPU(pmp_cpu_paged_attention), NULL},
+    [PMP_OP_SAMPLE] = {"sample", CPU(pmp_cpu_sample), NULL},
 };
 
 const char *pmp_op_name(int op) { return op >= 0 && op < PMP_OP_COUNT && pmp_op_table[op].name ? pmp_op_table[op].name : "?"; }

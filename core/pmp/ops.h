@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 #include "pmp/tensor.h"
+#include "pmp/random.h"
 
 /* PMP_CDEF_BEGIN */
 
@@ -46,6 +47,8 @@ typedef enum pmp_op_id {
   PMP_OP_GROUPED_MATMUL, PMP_OP_GROUPED_MATMUL_WEIGHT_GRAD, PMP_OP_MOE_UNPERMUTE, PMP_OP_MOE_UNPERMUTE_BACKWARD,
   /* the paged KV cache of continuous batching (inference only) */
   PMP_OP_PAGED_KV_WRITE, PMP_OP_PAGED_ATTENTION,
+  /* next-token choice from logits rows (pmp_sample) */
+  PMP_OP_SAMPLE,
   PMP_OP_COUNT
 } pmp_op_id;
 
@@ -164,6 +167,25 @@ pmp_tensor *pmp_grouped_matmul(pmp_tensor *x, pmp_tensor *w, pmp_tensor *counts)
 /* y [n, hidden] expert outputs, probs [n], rows [n] integer token ids: out [num_tokens, hidden] with
  * out[t] = sum of probs[i] * y[i] over the i with rows[i] = t (zero for tokens no row names). */
 pmp_tensor *pmp_moe_unpermute(pmp_tensor *y, pmp_tensor *probs, pmp_tensor *rows, int64_t num_tokens);
+
+/* ---- token sampling ---- */
+/* Picks one token per row of logits [B, V] (any floating dtype) as transformers' generate does, the
+ * logits processors chained in its order: repetition_penalty (1 = off, > 0) divides the positive
+ * logits and multiplies the negative ones of the ids in row b of seen (NULL, or an integer tensor
+ * [B, S]; negative entries are padding, repeats count once); then temperature > 0 divides them,
+ * top_k (0 = off) keeps the tokens at least as large as the k-th largest (ties all kept), and top_p
+ * (1 = off, in (0, 1]) keeps the smallest run of the largest that holds top_p of the remaining mass;
+ * the token is drawn from the renormalised rest with one uniform per row. temperature == 0 is greedy:
+ * the first largest penalised logit (NaN counting as largest, as torch.argmax), top_k and top_p
+ * unused, nothing drawn.
+ * generators: NULL draws every row from the default generator, in row order; else B pointers, row b
+ * drawing from generators[b] (rows sharing one draw from it in row order), the default one untouched.
+ * *ids gets i64 [B]; *logprobs (logprobs may be NULL) gets each chosen token's log-probability under
+ * the penalised, temperature-scaled distribution before top-k/top-p (f64 for f64 logits, else f32).
+ * The result does not depend on the thread count. Returns 0, or -1 with pmp_last_error set (the
+ * generators may then have drawn). */
+int pmp_sample(pmp_tensor *logits, pmp_tensor *seen, double repetition_penalty, double temperature, int64_t top_k,
+               double top_p, pmp_generator *const *generators, pmp_tensor **ids, pmp_tensor **logprobs);
 
 /* ---- optimizer steps: in place, outside autograd ---- */
 /* One AdamW step (decoupled weight decay, PyTorch's formula). master (f32, may be NULL) holds the

@@ -10,14 +10,23 @@
 /* PMP_CDEF_BEGIN */
 
 /* ---- random ---- */
+/* Seeds the default generator: the one behind rand, randn, randint and sampling without a generator. */
 void pmp_manual_seed(uint64_t seed);
-/* The generator's whole state (4 words), so checkpoints can resume the exact random stream. */
+/* The default generator's whole state (4 words), so checkpoints can resume the exact random stream. */
 void pmp_rng_get_state(uint64_t *state);
 void pmp_rng_set_state(const uint64_t *state);
 pmp_tensor *pmp_rand(const int64_t *shape, int ndim, int dtype, pmp_device device);
 pmp_tensor *pmp_randn(const int64_t *shape, int ndim, int dtype, pmp_device device);
 pmp_tensor *pmp_randint(int64_t low, int64_t high, const int64_t *shape, int ndim, int dtype,
                         pmp_device device);
+
+/* ---- generators: streams of their own, apart from the default one ----
+ * The same xoshiro256** as the default generator: pmp_generator_seed(g, s) starts the stream that
+ * pmp_manual_seed(s) starts. The state is plain data: allocate it from Lua with ffi.new('pmp_generator').
+ * Lets a request or a rank draw without moving the default stream (see pmp_sample). */
+typedef struct pmp_generator { uint64_t state[4]; } pmp_generator;
+void pmp_generator_seed(pmp_generator *g, uint64_t seed);
+double pmp_generator_uniform(pmp_generator *g);   /* [0, 1), 53 random bits */
 
 /* ---- numpy's legacy RandomState (core/tensor/random_numpy.c) ----
  * MT19937 seeded and drawn as numpy.random.RandomState(seed) does, and its in-place 1-D shuffle, so the

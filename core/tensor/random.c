@@ -1,11 +1,13 @@
 /*
- * Random numbers: one xoshiro256** stream seeded by pmp_manual_seed through splitmix64. Tensors are
- * filled in order on one thread, so a seed gives the same numbers regardless of the thread count.
+ * Random numbers: xoshiro256** streams seeded through splitmix64. The default generator is seeded by
+ * pmp_manual_seed; pmp_generator objects are independent streams of the same kind. Tensors are filled
+ * in order on one thread, so a seed gives the same numbers regardless of the thread count.
  */
 #include "internal.h"
 #include <math.h>
 
-static uint64_t state[4] = {0x9E3779B97F4A7C15ull, 0xBF58476D1CE4E5B9ull, 0x94D049BB133111EBull, 0x2545F4914F6CDD1Dull};
+static pmp_generator default_generator = {
+    {0x9E3779B97F4A7C15ull, 0xBF58476D1CE4E5B9ull, 0x94D049BB133111EBull, 0x2545F4914F6CDD1Dull}};
 
 static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
@@ -16,26 +18,35 @@ static uint64_t splitmix64(uint64_t *x) {
   return z ^ (z >> 31);
 }
 
-void pmp_manual_seed(uint64_t seed) {
-  for (int k = 0; k < 4; k++) state[k] = splitmix64(&seed);
+void pmp_generator_seed(pmp_generator *g, uint64_t seed) {
+  for (int k = 0; k < 4; k++) g->state[k] = splitmix64(&seed);
 }
 
-void pmp_rng_get_state(uint64_t *out) { memcpy(out, state, sizeof state); }
-
-void pmp_rng_set_state(const uint64_t *in) { memcpy(state, in, sizeof state); }
-
-uint64_t pmp_random_u64(void) {
-  uint64_t result = rotl(state[1] * 5, 7) * 9, t = state[1] << 17;
-  state[2] ^= state[0];
-  state[3] ^= state[1];
-  state[1] ^= state[2];
-  state[0] ^= state[3];
-  state[2] ^= t;
-  state[3] = rotl(state[3], 45);
+static uint64_t next_u64(pmp_generator *g) {
+  uint64_t *s = g->state;
+  uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+  s[2] ^= s[0];
+  s[3] ^= s[1];
+  s[1] ^= s[2];
+  s[0] ^= s[3];
+  s[2] ^= t;
+  s[3] = rotl(s[3], 45);
   return result;
 }
 
-double pmp_random_uniform(void) { return (double)(pmp_random_u64() >> 11) * 0x1.0p-53; }
+double pmp_generator_uniform(pmp_generator *g) { return (double)(next_u64(g) >> 11) * 0x1.0p-53; }
+
+pmp_generator *pmp_default_generator(void) { return &default_generator; }
+
+void pmp_manual_seed(uint64_t seed) { pmp_generator_seed(&default_generator, seed); }
+
+void pmp_rng_get_state(uint64_t *out) { memcpy(out, default_generator.state, sizeof default_generator.state); }
+
+void pmp_rng_set_state(const uint64_t *in) { memcpy(default_generator.state, in, sizeof default_generator.state); }
+
+uint64_t pmp_random_u64(void) { return next_u64(&default_generator); }
+
+double pmp_random_uniform(void) { return pmp_generator_uniform(&default_generator); }
 
 /* f[0]: kind (0 uniform, 1 normal, 2 integer), f[1..2]: integer range [low, high). */
 int pmp_cpu_random(const pmp_op_args *a) {

@@ -15,6 +15,8 @@ pmp.tensor_methods = tensor.methods
 pmp.tensor_fields = tensor.fields
 pmp.nn = require 'pmp.nn'
 pmp.F = pmp.nn.functional
+local sampling = require 'pmp.sampling'
+pmp.sample, pmp.Generator = sampling.sample, sampling.Generator
 
 --- Runs fn(...) with gradient recording off, restoring the previous mode even if fn fails; returns fn's results.
 function pmp.no_grad(fn, ...)

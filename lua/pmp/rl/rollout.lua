@@ -6,17 +6,28 @@
 ---   local reward = rollout.reward_model(model, pad_id)
 ---   local rewards = reward(samples, tokenizer)         -- one number per sample
 local generate = require 'pmp.generate'
+local sampling = require 'pmp.sampling'
 local sequences = require 'pmp.rl.sequences'
 local logprobs = require 'pmp.rl.logprobs'
 
 local M = {}
 
 --- prompts: lists of token ids -> { prompt = ids, response = ids, finish_reason }, one per prompt.
---- opts: temperature (1), top_p, top_k, max_new_tokens, eos_ids, row_seeds (passed to pmp.generate).
+--- opts: temperature (1), top_p, top_k, max_new_tokens, eos_ids, row_seeds (one 64-bit seed per prompt:
+--- each row samples from a pmp.Generator of its own, so its tokens depend only on its seed and its
+--- logits, not on the other rows, and pmp's default generator is left as it was).
 function M.sample(policy, prompts, opts)
+  local generators
+  if opts.row_seeds then
+    if #opts.row_seeds ~= #prompts then
+      error('rollout: row_seeds must hold one seed per prompt (' .. #prompts .. ')', 2)
+    end
+    generators = {}
+    for k, seed in ipairs(opts.row_seeds) do generators[k] = sampling.Generator(seed) end
+  end
   local results = generate(policy, prompts, { max_new_tokens = opts.max_new_tokens or 32,
     temperature = opts.temperature or 1, top_p = opts.top_p, top_k = opts.top_k, eos_ids = opts.eos_ids,
-    pad_id = opts.pad_id, row_seeds = opts.row_seeds })
+    pad_id = opts.pad_id, generator = generators })
   local out = {}
   for k, r in ipairs(results) do
     out[k] = { prompt = prompts[k], response = r.tokens, finish_reason = r.finish_reason }
