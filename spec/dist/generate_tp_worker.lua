@@ -68,16 +68,27 @@ end
 local PROMPTS = { { 3, 4, 5, 6, 7 }, { 9, 2 }, { 11, 12, 13 } }
 local MODES = {
   greedy = { max_new_tokens = 8, return_logprobs = true },
-  sampled = { max_new_tokens = 8, return_logprobs = true, temperature = 1.0, top_p = 0.95, row_seeds = { 101, 202, 303 } },
+  sampled = { max_new_tokens = 8, return_logprobs = true, temperature = 1.0, top_p = 0.95 },
 }
+local SEEDS = { 101, 202, 303 }   -- sampled rows: one generator per prompt, fresh for every run
+
+local function options(mode)
+  local o = {}
+  for k, v in pairs(MODES[mode]) do o[k] = v end
+  if mode == 'sampled' then
+    o.generator = {}
+    for b, seed in ipairs(SEEDS) do o.generator[b] = pmp.Generator(seed) end
+  end
+  return o
+end
 
 local function run_case(name, case)
   local reference = build(case)
   local model = parallel.tensor_parallel(build(case))
   report('LOGITS %s %.3e', name, worst(decode_logits(reference, model)))
   for _, mode in ipairs({ 'greedy', 'sampled' }) do
-    local expected = pmp.generate(reference, PROMPTS, MODES[mode])
-    local got = pmp.generate(model, PROMPTS, MODES[mode])
+    local expected = pmp.generate(reference, PROMPTS, options(mode))
+    local got = pmp.generate(model, PROMPTS, options(mode))
     local mismatches, diff, count = 0, 0, 0
     for b = 1, #PROMPTS do
       local e, g = expected[b], got[b]
