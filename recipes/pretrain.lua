@@ -22,7 +22,7 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
-  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..
+  description = 'Pretrain a GPT (by default Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..
     'Defaults: a run on Megatron indexed data (--data-path PREFIX or blend, --train-data-path) gets Megatron-LM\'s\n' ..
     'default for every flag it leaves out, and needs the flags Megatron requires (--num-layers --hidden-size\n' ..
     '--num-attention-heads --max-position-embeddings --seq-length --micro-batch-size --lr, --train-iters or\n' ..
@@ -31,8 +31,8 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     '(none: only at the end), --exit-signal-handler off, --normalization LayerNorm, --position-embedding-type\n' ..
     'learned_absolute, --ffn-hidden-size 4 x hidden (--swiglu: 8/3 x hidden rounded down to 64), --global-batch-size\n' ..
     'micro batch x data-parallel size, --attention-dropout 0.1 (attention runs unfused while training: give 0 for\n' ..
-    'the fused kernels); Megatron\'s GELU MLP and linear biases are not built by pmp, so such runs must give --swiglu\n' ..
-    '--disable-bias-linear. The embedded corpus and text files keep the defaults listed below.',
+    'the fused kernels), a GELU MLP (the exact erf GELU; --swiglu for SwiGLU) and a bias on every linear layer\n' ..
+    '(--disable-bias-linear for none). The embedded corpus and text files keep the defaults listed below.',
 })
 local megatron_run = megatron_defaults.apply(opts, given)
 local flag_notes = megatron_flags.resolve(opts, given)

@@ -92,6 +92,16 @@ describe("Megatron-Core's legacy torch checkpoints", function()
     end
   end)
 
+  it("of Megatron's default GELU MLP with biases on every linear layer give Megatron-Core's logits", function()
+    local ref = reference('gelu_bias_tp1_pp1')
+    local model, ckpt = megatron.load_model(FIXTURES .. '/gelu_bias_tp1_pp1', { true_vocab_size = ref.vocab_size })
+    local c = ckpt.config
+    assert.are.same({ 'gelu', 'LayerNorm', true, true, true }, { c.activation, c.normalization, c.add_qkv_bias,
+      c.add_proj_bias, c.add_mlp_bias })
+    local diff = max_difference(ref.logits, logits_of(model, ref.ids))
+    assert(diff < 1e-5, string.format('logits differ from Megatron-Core by %.3g', diff))
+  end)
+
   it('rebuild args, enums and RNG states (numpy arrays) without placeholders', function()
     local value, report = Z.load(FIXTURES .. '/tp1_pp1/iter_0000005/mp_rank_00/model_optim_rng.pt')
     assert.are.same({}, report)

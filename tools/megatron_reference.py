@@ -16,6 +16,8 @@ One process per model-parallel rank under torchrun, gloo process groups, the loc
       __R_N.distcp, common.pt with args, metadata.json), as Megatron-LM's --ckpt-format torch_dist;
       with --non-homogeneous-layers each layer under its own keys (decoder.layers.N....), as Megatron
       saves hybrid and heterogeneous models, instead of stacked under one key per weight
+  --variant gelu_bias (write and read): Megatron-LM's default MLP and biases (LayerNorm, erf GELU, a bias
+      on every linear layer) instead of the Llama-style model (RMSNorm, SwiGLU, a bias on linear_qkv only)
 
 make_megatron_fixtures.sh writes spec/fixtures/megatron/ with `write`, make_torch_dist_fixtures.sh
 spec/fixtures/megatron_torch_dist/ with `write --format torch_dist`; spec/megatron_checkpoint_spec.lua
@@ -62,18 +64,28 @@ def padded_vocab(tp):
     return -(-MODEL['vocab_size'] // multiple) * multiple
 
 
-def build(tp, pp):
+# --variant: the MLP and biases of the model. llama: RMSNorm, SwiGLU, a bias on linear_qkv only (the
+# fixtures of every layout); gelu_bias: Megatron-LM's defaults without --swiglu and --disable-bias-linear,
+# LayerNorm, the erf GELU (F.gelu, its default activation_func) and a bias on every linear layer.
+VARIANTS = {
+    'llama': dict(normalization='RMSNorm', gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False),
+    'gelu_bias': dict(normalization='LayerNorm', gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True),
+}
+
+
+def build(tp, pp, variant):
+    v = VARIANTS[variant]
     config = TransformerConfig(
         num_layers=MODEL['num_layers'], hidden_size=MODEL['hidden_size'],
         num_attention_heads=MODEL['num_attention_heads'], num_query_groups=MODEL['num_query_groups'],
-        ffn_hidden_size=MODEL['ffn_hidden_size'], kv_channels=MODEL['kv_channels'], normalization='RMSNorm',
-        layernorm_epsilon=MODEL['norm_epsilon'], gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
+        ffn_hidden_size=MODEL['ffn_hidden_size'], kv_channels=MODEL['kv_channels'], normalization=v['normalization'],
+        layernorm_epsilon=MODEL['norm_epsilon'], gated_linear_unit=v['gated_linear_unit'],
+        activation_func=v['activation_func'], add_bias_linear=v['add_bias_linear'], add_qkv_bias=True, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         params_dtype=torch.float32, pipeline_dtype=torch.float32)
-    spec = get_gpt_layer_local_spec(normalization='RMSNorm')
+    spec = get_gpt_layer_local_spec(normalization=v['normalization'])
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab(tp),
                     max_sequence_length=MODEL['max_position_embeddings'],
                     pre_process=parallel_state.is_pipeline_first_stage(),
@@ -93,15 +105,16 @@ def perturb(model, tp_rank, pp_rank):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def args_of(tp, pp):
+def args_of(tp, pp, variant):
+    v = VARIANTS[variant]
     return argparse.Namespace(
         num_layers=MODEL['num_layers'], hidden_size=MODEL['hidden_size'], ffn_hidden_size=MODEL['ffn_hidden_size'],
         num_attention_heads=MODEL['num_attention_heads'], group_query_attention=True,
         num_query_groups=MODEL['num_query_groups'], kv_channels=MODEL['kv_channels'],
         max_position_embeddings=MODEL['max_position_embeddings'], seq_length=MODEL['max_position_embeddings'],
         position_embedding_type='rope', rotary_base=int(MODEL['rotary_base']), rotary_percent=1.0,
-        normalization='RMSNorm', norm_epsilon=MODEL['norm_epsilon'], swiglu=True, add_bias_linear=False,
-        add_qkv_bias=True, untie_embeddings_and_output_weights=True, padded_vocab_size=padded_vocab(tp),
+        normalization=v['normalization'], norm_epsilon=MODEL['norm_epsilon'], swiglu=v['gated_linear_unit'],
+        add_bias_linear=v['add_bias_linear'], add_qkv_bias=True, untie_embeddings_and_output_weights=True, padded_vocab_size=padded_vocab(tp),
         vocab_size=None, make_vocab_size_divisible_by=MODEL['make_vocab_size_divisible_by'],
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, transformer_impl='local',
         params_dtype=torch.float32, bf16=False, fp16=False, iteration=ITERATION,
@@ -162,6 +175,7 @@ def main():
     parser.add_argument('--pp', type=int, default=1)
     parser.add_argument('--format', choices=['torch', 'torch_dist'], default='torch')
     parser.add_argument('--non-homogeneous-layers', action='store_true')
+    parser.add_argument('--variant', choices=sorted(VARIANTS), default='llama')
     opts = parser.parse_args()
     dist.init_process_group('gloo')
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
@@ -171,7 +185,7 @@ def main():
     sharding = {'singleton_local_shards': False, 'non_homogeneous_layers': opts.non_homogeneous_layers}
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    model = build(opts.tp, opts.pp)
+    model = build(opts.tp, opts.pp, opts.variant)
     model.eval()
     if opts.mode == 'write' and opts.format == 'torch_dist':
         # the save id torch draws at random goes into .metadata: fixed, the fixtures regenerate byte for byte
@@ -179,7 +193,7 @@ def main():
         perturb(model, tp_rank, pp_rank)
         root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
         os.makedirs(root, exist_ok=True)
-        args = args_of(opts.tp, opts.pp)
+        args = args_of(opts.tp, opts.pp, opts.variant)
         args.ckpt_format = 'torch_dist'
         # Megatron-LM's training save: the non-sharded entries go to common.pt
         state = {'args': args, 'checkpoint_version': 3.0, 'iteration': ITERATION,
@@ -194,7 +208,7 @@ def main():
         root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
         path = rank_file(root, tp_rank, pp_rank, opts.pp)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({'args': args_of(opts.tp, opts.pp), 'checkpoint_version': 3.0, 'iteration': ITERATION,
+        torch.save({'args': args_of(opts.tp, opts.pp, opts.variant), 'checkpoint_version': 3.0, 'iteration': ITERATION,
                     'model': model.state_dict(), 'rng_state': rng_state(),
                     'num_floating_point_operations_so_far': 0}, path)
     else:

@@ -9,13 +9,16 @@ local M = {}
 
 --- Model flags mapped onto the GPTModel config by pmp.train.model.gpt.
 M.architecture = {
-  { '--swiglu', true, 'SwiGLU MLP (pmp builds no other MLP from flags)' },
+  { '--swiglu', true, 'SwiGLU MLP (--swiglu=false: a GELU MLP, Megatron\'s default)' },
+  { '--openai-gelu', false, "without --swiglu: GELU's tanh approximation instead of the exact (erf) GELU" },
+  { '--squared-relu', false, 'a squared-ReLU MLP (refused: pmp does not build it)' },
   { '--normalization', 'RMSNorm', 'RMSNorm, or LayerNorm (with a bias)', choices = { 'RMSNorm', 'LayerNorm' } },
   { '--position-embedding-type', 'rope', 'rope, or learned_absolute (up to --max-position-embeddings)',
     choices = { 'rope', 'learned_absolute' } },
   { '--use-rotary-position-embeddings', false, 'the same as --position-embedding-type rope (older scripts)' },
   { '--max-position-embeddings', 0, 'positions a model handles (0: --seq-length)', integer = true, min = 0 },
-  { '--disable-bias-linear', true, 'no biases in the linear layers (pmp has none but --add-qkv-bias)' },
+  { '--disable-bias-linear', true, 'no biases in the linear layers but --add-qkv-bias (--disable-bias-linear=false: ' ..
+    "a bias on every linear layer, Megatron's default)" },
   { '--add-qkv-bias', false, 'a bias on the query/key/value projection (Qwen2)' },
   { '--qk-layernorm', false, 'normalize queries and keys per head before attention' },
   { '--group-query-attention', false, 'grouped-query attention with --num-query-groups KV heads (1 if not given)' },
@@ -141,8 +144,8 @@ end
 --- gave) and maps them onto pmp's options in place; returns the notes to log (a list of lines).
 function M.resolve(opts, given)
   local notes = {}
-  if not opts.swiglu then fail('--swiglu=false: pmp builds only SwiGLU MLPs from flags') end
-  if not opts.disable_bias_linear then fail('--disable-bias-linear=false: pmp adds no biases to linear layers but --add-qkv-bias') end
+  if opts.squared_relu then fail('--squared-relu: pmp builds no squared-ReLU MLP (give --swiglu, or neither for GELU)') end
+  if opts.openai_gelu and opts.swiglu then fail('--openai-gelu picks the GELU of an MLP without --swiglu') end
   if opts.use_rotary_position_embeddings and opts.position_embedding_type ~= 'rope' then
     fail('--use-rotary-position-embeddings contradicts --position-embedding-type %s', opts.position_embedding_type)
   end
