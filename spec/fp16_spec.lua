@@ -4,6 +4,7 @@ require 'busted.runner'()
 -- whose gradients overflowed skipped. The scaler's schedule is checked against its closed form
 -- written out by hand; the recipe's f16 losses against an f32 run's.
 local shell = require 'spec.support.shell'
+local mpi = require 'spec.support.mpi'
 local losses = require('spec.support.train_log').losses
 local LossScaler = require 'pmp.train.loss_scaler'
 
@@ -131,6 +132,27 @@ describe('recipes/pretrain.lua --fp16', function()
     assert.is_true(worst < 1e-3, 'f16 losses differ from f32 by ' .. worst)
     assert.is_true(differs, 'the f16 run computed in f32')
     assert.is_true(b[12] < b[1] - 0.2, f16)
+  end)
+
+  it('trains the same across two pipeline stages as in one process, as --bf16 does', function()
+    if not mpi.available then pending('mpirun is not installed') return end
+    local common = { '--num-layers', '2', '--micro-batch-size', '2', '--train-iters', '4', '--save', '' }
+    -- bf16 rounds to 2^-8 relative, f16 to 2^-11
+    for _, case in ipairs({ { { '--fp16', '--initial-loss-scale', '4096' }, 1e-3 }, { { '--bf16' }, 2e-2 } }) do
+      local one, err1, status1 = pretrain(common, case[1])
+      assert.are.equal(0, status1, err1)
+      local args = {}
+      for _, list in ipairs({ TINY, common, case[1], { '--pipeline-model-parallel-size', '2' } }) do
+        for _, a in ipairs(list) do args[#args + 1] = a end
+      end
+      local two, err2, status2 = mpi.run(2, shell.root .. '/recipes/pretrain.lua', args, nil, shell.root)
+      assert.are.equal(0, status2, err2)
+      local a, b = losses(one), losses(two)
+      for it = 1, 4 do
+        assert(math.abs(a[it] - b[it]) < case[2], string.format('%s iteration %d: %.6f in one process, %.6f over two stages',
+          case[1][1], it, a[it], b[it]))
+      end
+    end
   end)
 
   it('refuses fp8, --bf16 with it, the distributed optimizer, and scaler flags without it, naming them', function()
