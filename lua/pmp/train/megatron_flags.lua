@@ -67,7 +67,8 @@ M.run = {
   { '--min-loss-scale', 1.0, 'with --fp16: the dynamic scale never halves below this', above = 0 },
   { '--loss-scale-window', 1000, 'with --fp16: clean steps in a row after which the dynamic scale doubles', integer = true,
     min = 1 },
-  { '--hysteresis', 2, 'with --fp16: overflows the dynamic scale tolerates before it halves', integer = true, min = 1 },
+  { '--hysteresis', 2, 'with --fp16: the overflow (counted from the start or the last growth) that first halves ' ..
+    'the dynamic scale; each later one halves it too', integer = true, min = 1 },
   { '--fp8-format', nil, 'fp8 training (refused: pmp has no fp8 kernels)' },
   { '--fp8-recipe', nil, 'fp8 scaling recipe (refused: pmp has no fp8 kernels)' },
   { '--fp8-param-gather', false, 'fp8 parameters (refused: pmp has no fp8 kernels)' },
