@@ -16,6 +16,8 @@ One process per model-parallel rank under torchrun, gloo process groups, the loc
       __R_N.distcp, common.pt with args, metadata.json), as Megatron-LM's --ckpt-format torch_dist;
       with --non-homogeneous-layers each layer under its own keys (decoder.layers.N....), as Megatron
       saves hybrid and heterogeneous models, instead of stacked under one key per weight
+  --train (write): Megatron-Core's optimizer trains the model two steps first; the checkpoint holds
+      those weights and the Adam state ('optimizer'), reference.json the loss after a third step
   --variant gelu_bias (write and read): Megatron-LM's default MLP and biases (LayerNorm, erf GELU, a bias
       on every linear layer) instead of the Llama-style model (RMSNorm, SwiGLU, a bias on linear_qkv only)
 
@@ -26,6 +28,7 @@ to the next stage with plain gloo send/recv (Megatron's schedules need CUDA stre
 """
 import argparse
 import collections
+import copy
 import contextlib
 import json
 import os
@@ -165,6 +168,75 @@ def write_shared_storage(path):
                                                    ('c.weight', buffer[:2])])}, path)
 
 
+# --train: Megatron-Core's own optimizer (get_megatron_optimizer: torch's AdamW behind FP32Optimizer, its
+# parameter groups) takes TRAIN_STEPS steps on TRAIN_IDS, the labels the ids themselves, at a constant rate
+# without clipping; the checkpoint then holds its state as Megatron-LM saves it ('optimizer'), and the
+# reference the loss of one more step's batch after that step.
+ADAM = dict(lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8)
+TRAIN_IDS = [[[5, 9, 14, 2, 77, 31, 60, 8], [40, 22, 3, 91, 17, 6, 58, 12]],
+             [[11, 73, 29, 4, 88, 50, 36, 19], [2, 64, 95, 27, 13, 70, 44, 9]],
+             [[30, 7, 82, 15, 55, 1, 68, 23], [93, 38, 10, 61, 26, 84, 47, 5]]]
+TRAIN_STEPS = 2
+
+
+def on_cpu():
+    """Megatron-Core's optimizer makes its scalars with device='cuda': make them on the CPU."""
+    def make(factory):
+        def wrapped(*args, **kwargs):
+            if str(kwargs.get('device', 'cpu')).startswith('cuda'):
+                kwargs['device'] = 'cpu'
+            return factory(*args, **kwargs)
+        return wrapped
+    for name in ('tensor', 'zeros', 'ones', 'empty', 'full'):
+        setattr(torch, name, make(getattr(torch, name)))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+def train(model):
+    """The weights and the optimizer state after TRAIN_STEPS steps, and the reference's fields (the
+    logits of the weights saved)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer='adam', clip_grad=0.0, **ADAM), [ddp])
+    # Megatron-LM's scheduler sets each group's rate and weight decay (none for biases and norms: wd_mult 0)
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=ADAM['lr'], max_lr=ADAM['lr'], min_lr=ADAM['lr'],
+                                        lr_warmup_steps=0, lr_decay_steps=10, lr_decay_style='constant',
+                                        start_wd=ADAM['weight_decay'], end_wd=ADAM['weight_decay'], wd_incr_steps=10,
+                                        wd_incr_style='constant')
+    s = len(IDS[0])
+    position_ids = torch.arange(s).unsqueeze(0).expand(len(IDS), s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+
+    def loss_of(ids):
+        ids = torch.tensor(ids)
+        return ddp(ids, position_ids, mask, labels=ids).mean()
+
+    def step(ids):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss_of(ids).backward()
+        ddp.finish_grad_sync()
+        assert optimizer.step()[0]
+        scheduler.step(len(ids))
+
+    for k in range(TRAIN_STEPS):
+        step(TRAIN_IDS[k])
+    # the next step updates the state in place
+    state = copy.deepcopy(optimizer.state_dict())
+    weights = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in model.state_dict().items()}
+    logits = forward(model, 1).tolist()
+    # the names of the parameters in the order of the saved state's indices
+    names = {id(p): n.removeprefix('module.') for n, p in ddp.named_parameters()}
+    order = [names[id(p)] for group in optimizer.chained_optimizers[0].optimizer.param_groups for p in group['params']]
+    step(TRAIN_IDS[TRAIN_STEPS])
+    with torch.no_grad():
+        next_loss = loss_of(TRAIN_IDS[TRAIN_STEPS]).item()
+    return weights, state, {'logits': logits, 'train_ids': TRAIN_IDS, 'train_steps': TRAIN_STEPS, 'adam': ADAM, 'state_order': order,
+                   'next_loss': next_loss}
+
+
 def main():
     if sys.argv[1:2] == ['shared-storage']:
         return write_shared_storage(sys.argv[2])
@@ -176,6 +248,7 @@ def main():
     parser.add_argument('--format', choices=['torch', 'torch_dist'], default='torch')
     parser.add_argument('--non-homogeneous-layers', action='store_true')
     parser.add_argument('--variant', choices=sorted(VARIANTS), default='llama')
+    parser.add_argument('--train', action='store_true')
     opts = parser.parse_args()
     dist.init_process_group('gloo')
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
@@ -208,9 +281,14 @@ def main():
         root = os.path.join(opts.dir, f'iter_{ITERATION:07d}')
         path = rank_file(root, tp_rank, pp_rank, opts.pp)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({'args': args_of(opts.tp, opts.pp, opts.variant), 'checkpoint_version': 3.0, 'iteration': ITERATION,
-                    'model': model.state_dict(), 'rng_state': rng_state(),
-                    'num_floating_point_operations_so_far': 0}, path)
+        saved = {'args': args_of(opts.tp, opts.pp, opts.variant), 'checkpoint_version': 3.0, 'iteration': ITERATION,
+                 'model': model.state_dict(), 'rng_state': rng_state(), 'num_floating_point_operations_so_far': 0}
+        if opts.train:
+            on_cpu()
+            model.train()
+            saved['model'], saved['optimizer'], trained = train(model)
+            model.eval()
+        torch.save(saved, path)
     else:
         # weights_only: pmp's files must need no global beyond torch's own and the Namespace of args
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -220,6 +298,8 @@ def main():
     logits = forward(model, opts.pp)
     if logits is not None and tp_rank == 0:
         out = {'ids': IDS, 'vocab_size': MODEL['vocab_size'], 'logits': logits.tolist()}
+        if opts.mode == 'write' and opts.train:
+            out.update(trained)
         if opts.mode == 'write':
             with open(os.path.join(opts.dir, 'latest_checkpointed_iteration.txt'), 'w') as f:
                 f.write(str(ITERATION))
