@@ -110,6 +110,9 @@ if resume then
   iteration, state = checkpoints:load(opts.load, model, not opts.no_load_optim and optimizer or nil,
     { rng = not opts.no_load_rng })
   consumed, consumed_valid = state.consumed_samples, state.consumed_valid_samples or 0
+  -- --bf16/--fp16 master weights were made from the initial weights: without the loaded optimizer
+  -- state they must be the loaded ones
+  if opts.no_load_optim then optimizer:refresh_master() end
   scheduler_steps = state.scheduler_steps or iteration
   if scaler and state.loss_scaler and not opts.no_load_optim then scaler:load(state.loss_scaler) end
   -- Megatron's --finetune: the loaded weights start a new run

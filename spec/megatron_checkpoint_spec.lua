@@ -223,6 +223,30 @@ describe("Megatron-Core's Adam state (the checkpoint's 'optimizer')", function()
     assert.matches('at iteration 5 (weights only: the optimizer state starts fresh;', out, 1, true)
   end)
 
+  it('with --no-load-optim gives --bf16/--fp16 master weights the loaded values', function()
+    local dir = shell.temp_dir()
+    finally(function() shell.remove_dir(dir) end)
+    local whole = megatron.load_model(DIR)
+    for _, precision in ipairs({ { '--bf16' }, { '--fp16', '--loss-scale', '1' } }) do
+      -- two steps at learning rate 0: the weights stay the loaded ones, rounded
+      local flags = { shell.root .. '/recipes/pretrain.lua', '--num-layers', '4', '--hidden-size', '32',
+        '--num-attention-heads', '4', '--group-query-attention', '--num-query-groups', '2', '--ffn-hidden-size', '48',
+        '--kv-channels', '8', '--add-qkv-bias', '--untie-embeddings-and-output-weights', '--max-position-embeddings', '64',
+        '--seq-length', '8', '--micro-batch-size', '2', '--global-batch-size', '2', '--train-iters', '7', '--lr', '0',
+        '--min-lr', '0', '--sample-length', '0', '--eval-iters', '0', '--load', DIR, '--no-load-optim', '--save',
+        dir .. '/' .. precision[1] }
+      for _, a in ipairs(precision) do flags[#flags + 1] = a end
+      local _, err, status = shell.run_pmp(flags)
+      assert.are.equal(0, status, err)
+      local trained = pmp.checkpoint.load_model(dir .. '/' .. precision[1])
+      local dtype = precision[1] == '--bf16' and 'bf16' or 'f16'
+      for name, t in pairs(trained:state_dict()) do
+        local expected = whole:state_dict()[name]:to(dtype):double()
+        assert((t:double() - expected):abs():max():item() == 0, precision[1] .. ': ' .. name .. ' moved at learning rate 0')
+      end
+    end
+  end)
+
   it("refuses what it does not read, naming --no-load-optim", function()
     local ref = reference('adam_tp1_pp1')
     local model, ckpt = loaded(ref)

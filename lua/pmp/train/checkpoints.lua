@@ -123,6 +123,7 @@ function Checkpoints:load(dir, model, optimizer, options)
     local info = Checkpoints.megatron_info(dir)
     local ckpt = megatron.load_into(dir, model)
     local with_optimizer = optimizer and require('pmp.checkpoint.megatron_optimizer').load(ckpt, model, optimizer)
+    if optimizer and not with_optimizer then optimizer:refresh_master() end
     self.first_iteration = info.iteration
     self.logger:line(string.format(' loaded Megatron-LM checkpoint from %s at iteration %d (%s; the random ' ..
       'generators start fresh)', dir, info.iteration, with_optimizer and "weights and Adam state" or
