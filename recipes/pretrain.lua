@@ -22,7 +22,7 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
-  description = 'Pretrain a GPT (Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..
+  description = 'Pretrain a GPT (by default Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..
     'Defaults: a run on Megatron indexed data (--data-path PREFIX or blend, --train-data-path) gets Megatron-LM\'s\n' ..
     'default for every flag it leaves out, and needs the flags Megatron requires (--num-layers --hidden-size\n' ..
     '--num-attention-heads --max-position-embeddings --seq-length --micro-batch-size --lr, --train-iters or\n' ..
@@ -31,8 +31,8 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     '(none: only at the end), --exit-signal-handler off, --normalization LayerNorm, --position-embedding-type\n' ..
     'learned_absolute, --ffn-hidden-size 4 x hidden (--swiglu: 8/3 x hidden rounded down to 64), --global-batch-size\n' ..
     'micro batch x data-parallel size, --attention-dropout 0.1 (attention runs unfused while training: give 0 for\n' ..
-    'the fused kernels); Megatron\'s GELU MLP and linear biases are not built by pmp, so such runs must give --swiglu\n' ..
-    '--disable-bias-linear. The embedded corpus and text files keep the defaults listed below.',
+    'the fused kernels), a GELU MLP (the exact erf GELU; --swiglu for SwiGLU) and a bias on every linear layer\n' ..
+    '(--disable-bias-linear for none). The embedded corpus and text files keep the defaults listed below.',
 })
 local megatron_run = megatron_defaults.apply(opts, given)
 local flag_notes = megatron_flags.resolve(opts, given)
@@ -89,7 +89,8 @@ local lr_at = train.optimizer.schedule(opts, opts.train_iters)
 
 local logger = train.Logger(opts, { name = 'pretrain', enabled = layout.is_logger, train_iters = opts.train_iters,
   consumed = true, flops_per_token = train.throughput.flops_per_token(model.config, opts.seq_length),
-  peak_flops = train.throughput.measured_peak_flops(opts.bf16 and 'bf16' or 'f32'), world_size = layout.world })
+  peak_flops = train.throughput.measured_peak_flops(opts.bf16 and 'bf16' or opts.fp16 and 'f16' or 'f32'),
+  world_size = layout.world })
 local ignored = megatron_flags.ignored_line(given)
 if ignored then logger:line('pretrain: ' .. ignored) end
 for _, note in ipairs(flag_notes) do logger:line('pretrain: ' .. note) end
@@ -97,21 +98,32 @@ if hf_dir then logger:line('pretrain: a new run from the weights of the Hugging 
 if megatron_run then logger:line("pretrain: indexed data: Megatron-LM's defaults for the flags left out (see --help)") end
 local checkpoints = train.Checkpoints(opts, logger)
 local nan_guard = train.NanGuard(opts, logger)
+-- --fp16: Megatron's loss scaler, which skips the steps whose gradients overflowed
+local scaler = opts.fp16 and train.LossScaler(opts) or nil
 -- after everything that draws random numbers, so the restored generator state is the one used
 -- samples trained, and validation samples evaluated (each evaluation moves on through the split, as Megatron's)
-local iteration, consumed, consumed_valid = 0, 0, 0
+-- scheduler_steps: the steps of the learning-rate schedule; as in Megatron, an --fp16 step skipped for
+-- an overflow leaves the rate where it was
+local iteration, consumed, consumed_valid, scheduler_steps = 0, 0, 0, 0
 if resume then
   local state
   iteration, state = checkpoints:load(opts.load, model, not opts.no_load_optim and optimizer or nil,
     { rng = not opts.no_load_rng })
   consumed, consumed_valid = state.consumed_samples, state.consumed_valid_samples or 0
+  -- --bf16/--fp16 master weights were made from the initial weights: without the loaded optimizer
+  -- state they must be the loaded ones
+  if opts.no_load_optim then optimizer:refresh_master() end
+  scheduler_steps = state.scheduler_steps or iteration
+  if scaler and state.loss_scaler and not opts.no_load_optim then scaler:load(state.loss_scaler) end
   -- Megatron's --finetune: the loaded weights start a new run
-  if opts.finetune then iteration, consumed, consumed_valid, checkpoints.first_iteration = 0, 0, 0, 0 end
+  if opts.finetune then iteration, consumed, consumed_valid, scheduler_steps, checkpoints.first_iteration = 0, 0, 0, 0, 0 end
 end
 -- what checkpoints save of the optimizer (--no-save-optim: nothing)
 local saved_optimizer = not opts.no_save_optim and optimizer or nil
 local function checkpoint_state()
-  return { consumed_samples = consumed, consumed_valid_samples = consumed_valid, hf_base = hf_base, tokenizer = tokenizer:state(), args = opts, model_config = model.config }
+  return { consumed_samples = consumed, consumed_valid_samples = consumed_valid, scheduler_steps = scheduler_steps,
+    loss_scaler = scaler and scaler:state(), hf_base = hf_base, tokenizer = tokenizer:state(), args = opts,
+    model_config = model.config }
 end
 
 logger:line(string.format('pretrain: %s, %d tokens (%s tokenizer, vocabulary %d); %s', data.source, data.num_tokens,
@@ -156,22 +168,33 @@ local first_iteration, stopped = iteration, false
 while iteration < opts.train_iters do
   iteration = iteration + 1
   logger:begin_iteration(iteration)
-  -- Megatron's scheduler steps after the optimizer: iteration i trains at the rate of the i - 1 global
-  -- batches before it (0 on a warmup's first iteration) and logs the rate it then steps to
-  optimizer.lr = lr_at(iteration - 1)
-  local lr = lr_at(iteration)
+  -- Megatron's scheduler steps after the optimizer: an iteration trains at the rate of the global batches
+  -- stepped before it (0 on a warmup's first iteration) and logs the rate it then steps to
+  optimizer.lr = lr_at(scheduler_steps)
   step.zero_grad(optimizer, ddp)
   local batches = train.data.micro_batches(data.train, consumed, layout.accumulation, opts.micro_batch_size, layout, false,
     documents)
-  local loss = step.forward_backward(model, batches, { ddp = ddp, loss_divisor = per_token and trained_tokens(batches) or nil })
+  local loss = step.forward_backward(model, batches, { ddp = ddp, loss_divisor = per_token and trained_tokens(batches) or nil,
+    grad_scale = scaler and scaler.scale })
   consumed = consumed + opts.global_batch_size
   step.finish_grads(model, ddp)
+  if scaler then train.LossScaler.main_grads(model, scaler.scale) end
+  -- the global norm, the same on every rank: an overflow anywhere makes it Inf or NaN
   local grad_norm = step.clip_grads(model, optimizer, opts.clip_grad)
-  local finite = nan_guard:finite(iteration, grad_norm)
+  local finite
+  if scaler then
+    finite = scaler:update(grad_norm ~= grad_norm or math.abs(grad_norm) == math.huge)
+  else
+    finite = nan_guard:finite(iteration, grad_norm)
+  end
   if finite then optimizer:step() end
+  -- a step pmp's NanGuard skipped moves the schedule on; only the loss scaler's skips hold it
+  if finite or not scaler then scheduler_steps = scheduler_steps + 1 end
+  local lr = lr_at(scheduler_steps)
   loss = train.parallel.mean_loss(loss, layout)
   local aux, aux_layers = pmp.nn.moe.take_aux_losses()
   logger:iteration(iteration, { lr = lr, loss = loss, grad_norm = grad_norm, consumed = consumed, skipped = not finite,
+    loss_scale = scaler and scaler.scale,
     tokens = opts.global_batch_size * opts.seq_length, aux_losses = train.parallel.mean_aux_losses(aux, layout, aux_layers) })
   if data.valid and opts.eval_iters > 0 and opts.eval_interval > 0 and iteration % opts.eval_interval == 0 then
     logger:validation(iteration, validate)

@@ -92,6 +92,16 @@ describe("Megatron-Core's legacy torch checkpoints", function()
     end
   end)
 
+  it("of Megatron's default GELU MLP with biases on every linear layer give Megatron-Core's logits", function()
+    local ref = reference('gelu_bias_tp1_pp1')
+    local model, ckpt = megatron.load_model(FIXTURES .. '/gelu_bias_tp1_pp1', { true_vocab_size = ref.vocab_size })
+    local c = ckpt.config
+    assert.are.same({ 'gelu', 'LayerNorm', true, true, true }, { c.activation, c.normalization, c.add_qkv_bias,
+      c.add_proj_bias, c.add_mlp_bias })
+    local diff = max_difference(ref.logits, logits_of(model, ref.ids))
+    assert(diff < 1e-5, string.format('logits differ from Megatron-Core by %.3g', diff))
+  end)
+
   it('rebuild args, enums and RNG states (numpy arrays) without placeholders', function()
     local value, report = Z.load(FIXTURES .. '/tp1_pp1/iter_0000005/mp_rank_00/model_optim_rng.pt')
     assert.are.same({}, report)
@@ -149,6 +159,106 @@ describe("Megatron-Core's legacy torch checkpoints", function()
     fails_with(function() megatron.open(dir .. '/ckpt') end, "holds 'seven', not an iteration number")
     shell.write_file(dir .. '/ckpt/latest_checkpointed_iteration.txt', '6')
     fails_with(function() megatron.open(dir .. '/ckpt') end, 'iter_0000006 is missing')
+  end)
+end)
+
+describe("Megatron-Core's Adam state (the checkpoint's 'optimizer')", function()
+  local optimizer_state = require 'pmp.checkpoint.megatron_optimizer'
+  local DIR = FIXTURES .. '/adam_tp1_pp1'
+
+  -- the fixture's model, and pmp's AdamW at Megatron-Core's rate and weight decay (betas and eps other
+  -- than its own: loading the state must bring them)
+  local function loaded(ref)
+    -- the vocabulary is the padded one: Megatron-Core's loss runs over every row
+    local model, ckpt = megatron.load_model(DIR)
+    local a = ref.adam
+    local optimizer = pmp.optim.AdamW(pmp.optim.decay_groups(model), { lr = a.lr, betas = { 0.5, 0.5 }, eps = 1,
+      weight_decay = a.weight_decay })
+    return model, ckpt, optimizer
+  end
+
+  local function next_loss(model, optimizer, ref)
+    local ids = pmp.tensor(ref.train_ids[ref.train_steps + 1], { dtype = 'i64' })
+    optimizer:zero_grad()
+    model(ids, ids):backward()
+    optimizer:step()
+    return pmp.no_grad(function() return model(ids, ids):item() end)
+  end
+
+  it("maps the state's indices to weights in Megatron-Core's parameter-group order", function()
+    local ref = reference('adam_tp1_pp1')
+    local _, ckpt = loaded(ref)
+    local order = optimizer_state.state_order(ckpt, ckpt:file(0, 0).value.optimizer, 'fixture')
+    assert.are.same(ref.state_order, order)
+  end)
+
+  it("takes the next step as Megatron-Core's optimizer did", function()
+    local ref = reference('adam_tp1_pp1')
+    local model, ckpt, optimizer = loaded(ref)
+    assert.is_true(optimizer_state.load(ckpt, model, optimizer))
+    -- the betas and eps come with the state, as torch's load_state_dict restores them
+    assert.are.same({ ref.adam.adam_beta1, ref.adam.adam_beta2, ref.adam.adam_eps },
+      { optimizer.betas[1], optimizer.betas[2], optimizer.eps })
+    assert.are.equal(ref.train_steps, optimizer.state[1].step)
+    local loss = next_loss(model, optimizer, ref)
+    assert(math.abs(loss - ref.next_loss) < 1e-5, string.format('next loss %.7f, Megatron-Core %.7f', loss, ref.next_loss))
+    -- a fresh optimizer (with Megatron's settings) takes another step
+    local fresh_model, _, fresh = loaded(ref)
+    fresh.betas, fresh.eps = { ref.adam.adam_beta1, ref.adam.adam_beta2 }, ref.adam.adam_eps
+    assert(math.abs(next_loss(fresh_model, fresh, ref) - ref.next_loss) > 1e-3)
+  end)
+
+  it('is what recipes/pretrain.lua --load resumes with, unless --no-load-optim', function()
+    local flags = { shell.root .. '/recipes/pretrain.lua', '--num-layers', '4', '--hidden-size', '32',
+      '--num-attention-heads', '4', '--group-query-attention', '--num-query-groups', '2', '--ffn-hidden-size', '48',
+      '--kv-channels', '8', '--add-qkv-bias', '--untie-embeddings-and-output-weights', '--max-position-embeddings', '64',
+      '--seq-length', '8', '--micro-batch-size', '2', '--global-batch-size', '2', '--train-iters', '6', '--save', '',
+      '--sample-length', '0', '--eval-iters', '0', '--load', DIR }
+    local out, err, status = shell.run_pmp(flags)
+    assert.are.equal(0, status, err)
+    assert.matches('at iteration 5 (weights and Adam state;', out, 1, true)
+    flags[#flags + 1] = '--no-load-optim'
+    out, err, status = shell.run_pmp(flags)
+    assert.are.equal(0, status, err)
+    assert.matches('at iteration 5 (weights only: the optimizer state starts fresh;', out, 1, true)
+  end)
+
+  it('with --no-load-optim gives --bf16/--fp16 master weights the loaded values', function()
+    local dir = shell.temp_dir()
+    finally(function() shell.remove_dir(dir) end)
+    local whole = megatron.load_model(DIR)
+    for _, precision in ipairs({ { '--bf16' }, { '--fp16', '--loss-scale', '1' } }) do
+      -- two steps at learning rate 0: the weights stay the loaded ones, rounded
+      local flags = { shell.root .. '/recipes/pretrain.lua', '--num-layers', '4', '--hidden-size', '32',
+        '--num-attention-heads', '4', '--group-query-attention', '--num-query-groups', '2', '--ffn-hidden-size', '48',
+        '--kv-channels', '8', '--add-qkv-bias', '--untie-embeddings-and-output-weights', '--max-position-embeddings', '64',
+        '--seq-length', '8', '--micro-batch-size', '2', '--global-batch-size', '2', '--train-iters', '7', '--lr', '0',
+        '--min-lr', '0', '--sample-length', '0', '--eval-iters', '0', '--load', DIR, '--no-load-optim', '--save',
+        dir .. '/' .. precision[1] }
+      for _, a in ipairs(precision) do flags[#flags + 1] = a end
+      local _, err, status = shell.run_pmp(flags)
+      assert.are.equal(0, status, err)
+      local trained = pmp.checkpoint.load_model(dir .. '/' .. precision[1])
+      local dtype = precision[1] == '--bf16' and 'bf16' or 'f16'
+      for name, t in pairs(trained:state_dict()) do
+        local expected = whole:state_dict()[name]:to(dtype):double()
+        assert((t:double() - expected):abs():max():item() == 0, precision[1] .. ': ' .. name .. ' moved at learning rate 0')
+      end
+    end
+  end)
+
+  it("refuses what it does not read, naming --no-load-optim", function()
+    local ref = reference('adam_tp1_pp1')
+    local model, ckpt = loaded(ref)
+    local dir = shell.temp_dir()
+    finally(function() shell.remove_dir(dir) end)
+    os.execute(string.format('cp -r %s %s/ckpt && touch %s/ckpt/iter_0000005/mp_rank_00/distrib_optim.pt', DIR, dir, dir))
+    local copy = megatron.open(dir .. '/ckpt')
+    fails_with(function() optimizer_state.load(copy, model, pmp.optim.AdamW(model:parameters())) end,
+      "distributed optimizer's distrib_optim.pt; give --no-load-optim")
+    model:to('bf16')
+    fails_with(function() optimizer_state.load(ckpt, model, pmp.optim.AdamW(model:parameters())) end,
+      'Adam state into bf16')
   end)
 end)
 

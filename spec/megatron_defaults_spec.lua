@@ -7,10 +7,10 @@ local losses = require('spec.support.train_log').losses
 
 local dir, prefix
 
--- Megatron's required flags (tiny sizes), plus the two whose Megatron defaults pmp does not build
+-- Megatron's required flags (tiny sizes)
 local REQUIRED = { '--num-layers', '1', '--hidden-size', '48', '--num-attention-heads', '4',
   '--max-position-embeddings', '16', '--seq-length', '16', '--micro-batch-size', '2', '--lr', '1e-3',
-  '--train-iters', '2', '--swiglu', '--disable-bias-linear' }
+  '--train-iters', '2' }
 
 local function pretrain(...)
   local args = { shell.root .. '/recipes/pretrain.lua', '--sample-length', '0' }
@@ -53,8 +53,9 @@ describe("recipes/pretrain.lua's defaults", function()
       normalization = 'LayerNorm', position_embedding_type = 'learned_absolute', norm_epsilon = 1e-5,
       rotary_base = 10000, make_vocab_size_divisible_by = 128, untie_embeddings_and_output_weights = false,
       exit_signal_handler = false,
-      -- validate_args: int((4 * hidden * 2 / 3) / 64) * 64 with --swiglu; micro batch x data-parallel size 1
-      ffn_hidden_size = 128, global_batch_size = 2,
+      swiglu = false, openai_gelu = false, disable_bias_linear = false,
+      -- validate_args: 4 * hidden without --swiglu; micro batch x data-parallel size 1
+      ffn_hidden_size = 192, global_batch_size = 2,
     }
     for key, value in pairs(megatron) do assert.are.equal(value, state.args[key], key) end
     -- save interval None: the only checkpoint is the last
@@ -64,9 +65,49 @@ describe("recipes/pretrain.lua's defaults", function()
     assert.are.equal(0.1, state.model_config.attention_dropout)
     assert.are.equal('LayerNorm', state.model_config.normalization)
     assert.are.equal('learned_absolute', state.model_config.position_embedding_type)
+    -- Megatron's MLP: the exact GELU, a bias on every linear layer
+    assert.are.equal('gelu', state.model_config.activation)
+    assert.is_true(state.model_config.add_bias_linear)
   end)
 
-  it("names the flag Megatron requires, and the ones whose Megatron default pmp does not build", function()
+  it('train the GELU MLP with linear biases, saved under Megatron\'s bias names', function()
+    local out, err, status = pretrain(REQUIRED, { '--data-path', prefix, '--save', dir .. '/gelu', '--train-iters', '12',
+      '--log-interval', '1', '--lr', '3e-3', '--hidden-dropout', '0', '--attention-dropout', '0' })
+    assert.are.equal(0, status, err)
+    local l = losses(out)
+    assert.is_true((l[10] + l[11] + l[12]) / 3 < (l[1] + l[2] + l[3]) / 3 - 0.15, out)
+    local rank = dir .. '/gelu/iter_0000012/mp_rank_00/model_optim_rng.safetensors'
+    local t = pmp.safetensors.load(rank, { copy = true })
+    local layer = 'model.decoder.layers.0.'
+    for name, size in pairs({ ['self_attention.linear_qkv.bias'] = 144, ['self_attention.linear_proj.bias'] = 48,
+      ['mlp.linear_fc1.bias'] = 192, ['mlp.linear_fc2.bias'] = 48 }) do
+      assert(t[layer .. name], 'no ' .. name)
+      assert.are.same({ size }, t[layer .. name]:size(), name)
+    end
+    assert.are.same({ 192, 48 }, t[layer .. 'mlp.linear_fc1.weight']:size())
+  end)
+
+  it('build the MLP the flags name: --swiglu, --openai-gelu, and refuse --squared-relu', function()
+    local out, err, status = pretrain(REQUIRED, { '--data-path', prefix, '--save', dir .. '/swiglu', '--swiglu',
+      '--disable-bias-linear' })
+    assert.are.equal(0, status, err)
+    local config = saved_args(dir .. '/swiglu', 2).model_config
+    assert.are.equal('swiglu', config.activation)
+    assert.is_false(config.add_bias_linear)
+    -- int((4 * hidden * 2 / 3) / 64) * 64 with --swiglu
+    assert.are.equal(128, config.ffn_hidden_size)
+    out, err, status = pretrain(REQUIRED, { '--data-path', prefix, '--save', dir .. '/tanh', '--openai-gelu' })
+    assert.are.equal(0, status, err)
+    assert.are.equal('gelu_tanh', saved_args(dir .. '/tanh', 2).model_config.activation)
+    for _, case in ipairs({ { '--squared-relu', 'pmp builds no squared%-ReLU MLP' },
+      { '--openai-gelu', '%-%-openai%-gelu picks the GELU of an MLP without %-%-swiglu', '--swiglu' } }) do
+      _, err, status = pretrain(REQUIRED, { '--data-path', prefix, '--save', '', case[1], case[3] })
+      assert.are_not.equal(0, status)
+      assert.matches(case[2], err)
+    end
+  end)
+
+  it("names the flag Megatron requires", function()
     local function without(flag, values)
       local out = {}
       local k = 1
@@ -79,8 +120,6 @@ describe("recipes/pretrain.lua's defaults", function()
       { without('--lr', 1), '%-%-lr is required with indexed data %(Megatron has no default for it%)' },
       { without('--max-position-embeddings', 1), '%-%-max%-position%-embeddings is required with indexed data' },
       { without('--train-iters', 1), '%-%-train%-iters or %-%-train%-samples is required with indexed data' },
-      { without('--swiglu', 0), "Megatron's default MLP is GELU, which pmp does not build from flags: give %-%-swiglu" },
-      { without('--disable-bias-linear', 0), 'give %-%-disable%-bias%-linear' },
     }
     for _, case in ipairs(cases) do
       local _, err, status = pretrain(case[1], { '--data-path', prefix, '--save', '' })

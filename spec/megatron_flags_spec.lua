@@ -117,7 +117,7 @@ describe('recipes/pretrain.lua with Megatron run-script flags', function()
   it('fails naming an unknown flag, and flags whose meaning pmp cannot honour', function()
     local cases = {
       { { '--no-such-flag' }, "unknown argument '%-%-no%-such%-flag'" },
-      { { '--fp16' }, "unknown argument '%-%-fp16'" },
+      { { '--fp8-recipe', 'delayed' }, '%-%-fp8%-recipe: pmp has no fp8 training' },
       { { '--attention-dropout', '0.1', '--reset-attention-mask' }, '%-%-attention%-dropout 0%.1 with %-%-reset%-attention%-mask' },
       { { '--recompute-granularity', 'full', '--recompute-method', 'block', '--recompute-num-layers', '1' },
         '%-%-recompute%-method block %-%-recompute%-num%-layers 1: pmp recomputes either every layer' },

@@ -271,6 +271,13 @@ local function schedule_table(n, V, group_size)
   return out
 end
 
+-- The dtype of a chunk's activations: its parameters' (a model cast by :to, as --bf16 and --fp16 do,
+-- keeps the config.dtype it was built with).
+local function parameter_dtype(chunk)
+  local first = chunk:parameters()[1]
+  return first and first.dtype or chunk.config.dtype
+end
+
 -- One forward_backward call: this rank's place in the pipeline, the schedule, the sends in flight
 -- and the loss summed so far.
 local Run = {}
@@ -290,7 +297,7 @@ local function new_run(chunks, micro_batches, group, options)
     chunks = chunks, micro_batches = micro_batches, group = group, options = options,
     rank = rank, size = size, V = V, forward_only = options.forward_only,
     scale = options.loss_scale or 1 / #micro_batches,
-    hidden_shape = hidden_shape, dtype = options.dtype or chunks[1].config.dtype,
+    hidden_shape = hidden_shape, dtype = options.dtype or parameter_dtype(chunks[1]),
     -- the neighbours of every chunk: virtual stage v * pp + rank follows v * pp + rank - 1, on the
     -- previous rank or (on rank 0) on the last rank for the previous chunk
     previous = (rank - 1) % size, next_ = (rank + 1) % size,

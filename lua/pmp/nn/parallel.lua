@@ -356,6 +356,8 @@ function M.gpt_output(model, x, targets, options)
     if config.padded_vocab_size ~= config.vocab_size then logits = logits:narrow(-1, 1, config.vocab_size) end
     return logits
   end
+  -- an f16 loss overflows under --fp16's loss scaling: Megatron takes the loss of f32 logits
+  if logits.dtype == 'f16' then logits = logits:float() end
   return M.vocab_parallel_cross_entropy(logits, targets, { group = tp.group, vocab_size = config.vocab_size,
     ignore_index = options and options.ignore_index, reduction = options and options.reduction })
 end

@@ -462,6 +462,8 @@ local function output(model, x, targets, options)
   if model.config.padded_vocab_size ~= model.config.vocab_size then weight = weight:narrow(1, 1, model.config.vocab_size) end
   local logits = x:matmul(weight:t())
   if targets == nil then return logits end
+  -- an f16 loss overflows under --fp16's loss scaling: Megatron takes the loss of f32 logits
+  if logits.dtype == 'f16' then logits = logits:float() end
   return F.cross_entropy(logits, targets, options and { ignore_index = options.ignore_index, reduction = options.reduction })
 end
 

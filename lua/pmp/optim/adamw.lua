@@ -69,6 +69,14 @@ function AdamW:step()
   end
 end
 
+--- Makes the f32 master weights of bf16/f16 parameters the parameters' values: after weights were
+--- loaded into the model without the optimizer state that holds their masters.
+function AdamW:refresh_master()
+  for _, s in ipairs(self.state) do
+    if s.master then s.master:copy_(s.param:detach()) end
+  end
+end
+
 --- Drops the .grad of every parameter.
 function AdamW:zero_grad()
   for _, s in ipairs(self.state) do s.param.grad = nil end

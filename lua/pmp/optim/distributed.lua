@@ -140,6 +140,22 @@ end
 
 function DistributedOptimizer:zero_grad() self.ddp:zero_grad() end
 
+--- Makes the f32 master shards of bf16/f16 parameters the parameters' values (and what the all-gather
+--- sends): after weights were loaded into the model without the optimizer state.
+function DistributedOptimizer:refresh_master()
+  outside_autograd(function()
+    for _, shard in ipairs(self.buckets) do
+      if shard.low_precision then
+        for _, s in ipairs(shard.segments) do
+          local values = s.entry.param:view(-1):narrow(1, s.param_offset + 1, s.length)
+          shard.master:narrow(1, s.shard_offset + 1, s.length):copy_(values)
+          shard.params:narrow(1, s.shard_offset + 1, s.length):copy_(values)
+        end
+      end
+    end
+  end)
+end
+
 -- This rank's gradient shards with the parameter each piece belongs to, for pmp.dist.clip_grad_norm:
 -- pieces = {{name, grad}} (views of the reduced gradients), whole = one view per bucket (for scaling).
 function DistributedOptimizer:grad_shards()

@@ -115,15 +115,19 @@ end
 
 --- Loads the latest checkpoint in dir into model and optimizer, restoring the random generators;
 --- returns its iteration and the recipe state saved with it. A Megatron-LM torch checkpoint gives its
---- weights only (the optimizer and generators start fresh, as Megatron's --no-load-optim --no-load-rng).
+--- weights and, given an optimizer, its Adam state (pmp.checkpoint.megatron_optimizer: one process's
+--- f32 run); the generators start fresh, as with Megatron's --no-load-rng.
 --- optimizer nil leaves the optimizer fresh; options.rng = false the generators (pmp.checkpoint.load).
 function Checkpoints:load(dir, model, optimizer, options)
   if megatron.is_checkpoint(dir) then
     local info = Checkpoints.megatron_info(dir)
     local ckpt = megatron.load_into(dir, model)
+    local with_optimizer = optimizer and require('pmp.checkpoint.megatron_optimizer').load(ckpt, model, optimizer)
+    if optimizer and not with_optimizer then optimizer:refresh_master() end
     self.first_iteration = info.iteration
-    self.logger:line(string.format(' loaded Megatron-LM checkpoint from %s at iteration %d (weights only: the ' ..
-      'optimizer state and random generators start fresh)', dir, info.iteration))
+    self.logger:line(string.format(' loaded Megatron-LM checkpoint from %s at iteration %d (%s; the random ' ..
+      'generators start fresh)', dir, info.iteration, with_optimizer and "weights and Adam state" or
+      'weights only: the optimizer state starts fresh'))
     for name, n in pairs(ckpt.report) do
       self.logger:line(string.format(' %s: %d object(s) of %s kept as inert placeholders (not rebuilt)', dir, n, name))
     end

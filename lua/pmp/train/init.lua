@@ -13,6 +13,7 @@
 ---   Logger       Megatron's log lines, TensorBoard, the profiler, the end-of-run summary
 ---   Checkpoints  resume, save cadence, --exit-interval, --exit-duration-in-mins and SIGTERM/SIGINT
 ---   NanGuard     skips (and counts) steps whose gradient is not finite, stops after too many in a row
+---   LossScaler   --fp16's loss scaling (Megatron's dynamic or constant scaler) and f32 main gradients
 ---   lora         LoRA flags, adapters on the model before training, PEFT files after
 return {
   flags = require 'pmp.train.flags',
@@ -28,5 +29,6 @@ return {
   Logger = require 'pmp.train.logger',
   Checkpoints = require 'pmp.train.checkpoints',
   NanGuard = require 'pmp.train.nan_guard',
+  LossScaler = require 'pmp.train.loss_scaler',
   lora = require 'pmp.train.lora',
 }

@@ -22,7 +22,7 @@ end
 function Logger.new(opts, options)
   local self = setmetatable({ opts = opts, name = options.name, enabled = options.enabled ~= false,
     train_iters = options.train_iters, flops_per_token = options.flops_per_token, peak_flops = options.peak_flops,
-    consumed = options.consumed, world_size = options.world_size or 1, loss_sum = 0, steps = 0, loss_steps = 0, skipped = 0, tokens = 0 }, Logger)
+    consumed = options.consumed, world_size = options.world_size or 1, loss_sum = 0, steps = 0, loss_steps = 0, skipped = 0, nan = 0, tokens = 0 }, Logger)
   if self.enabled and opts.tensorboard_dir then self.tensorboard = require('pmp.tensorboard').writer(opts.tensorboard_dir) end
   return self
 end
@@ -43,11 +43,15 @@ end
 
 --- step: lr, loss (nil on ranks without one: other pipeline stages), grad_norm, tokens (trained this
 --- step), consumed (samples so far, when the logger shows them), skipped (true when pmp.train.NanGuard
---- kept the optimizer from stepping: its loss stays out of the line's mean, as in Megatron).
+--- or the --fp16 loss scaler kept the optimizer from stepping: its loss stays out of the line's mean, and
+--- it counts as a nan iteration when its loss is not finite, as in Megatron), loss_scale (--fp16's scale
+--- after the step; 1 without).
 function Logger:iteration(iteration, step)
   self.steps, self.tokens = self.steps + 1, self.tokens + step.tokens
   if step.skipped then
     self.skipped = self.skipped + 1
+    local loss = step.loss
+    if loss and (loss ~= loss or math.abs(loss) == math.huge) then self.nan = self.nan + 1 end
   elseif step.loss then
     self.loss_sum, self.loss_steps = self.loss_sum + step.loss, self.loss_steps + 1
   end
@@ -80,12 +84,12 @@ function Logger:iteration(iteration, step)
       fields[#fields + 1] = string.format(' throughput per GPU (TFLOP/s/GPU): %.3f |',
         throughput * self.flops_per_token / self.world_size / 1e12)
     end
-    -- loss scale: Megatron's fp16 loss scaling, which pmp (f32 or bf16) never applies
+    -- loss scale: --fp16's, 1.0 for f32 and bf16 runs (no loss scaling)
     fields[#fields + 1] = string.format(' learning rate: %.6E | global batch size: %5d | lm loss: %.6E | loss scale: ' ..
-      '1.0 | grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: %3d | tokens per second: ' ..
+      '%.1f | grad norm: %.3f | number of skipped iterations: %3d | number of nan iterations: %3d | tokens per second: ' ..
       '%.0f |', step.lr, self.opts.global_batch_size,
-      self.loss_steps > 0 and self.loss_sum / self.loss_steps or 0 / 0, step.grad_norm, self.skipped, self.skipped,
-      throughput)
+      self.loss_steps > 0 and self.loss_sum / self.loss_steps or 0 / 0, step.loss_scale or 1, step.grad_norm,
+      self.skipped, self.nan, throughput)
     for _, name in ipairs({ 'load_balancing_loss', 'seq_load_balancing_loss', 'z_loss' }) do
       if self.aux_sums[name] then fields[#fields + 1] = string.format(' %s: %.6E |', name, self.aux_sums[name] / self.steps) end
     end
@@ -102,7 +106,7 @@ function Logger:iteration(iteration, step)
     end
     self:line(table.concat(fields))
     scalar(self, 'throughput', throughput, iteration)
-    self.interval_start, self.loss_sum, self.steps, self.loss_steps, self.skipped, self.tokens = now, 0, 0, 0, 0, 0
+    self.interval_start, self.loss_sum, self.steps, self.loss_steps, self.skipped, self.nan, self.tokens = now, 0, 0, 0, 0, 0, 0
   end
   if self.opts.profile and iteration == self.opts.profile_step_end then
     local profile = require 'pmp.profile'

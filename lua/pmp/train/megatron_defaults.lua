@@ -32,13 +32,6 @@ M.VALUES = {
 M.REQUIRED = { '--num-layers', '--hidden-size', '--num-attention-heads', '--max-position-embeddings', '--seq-length',
   '--micro-batch-size', '--lr' }
 
--- Megatron defaults pmp cannot build: the flag to give instead.
-local UNSUPPORTED = {
-  swiglu = "Megatron's default MLP is GELU, which pmp does not build from flags: give --swiglu",
-  disable_bias_linear = "Megatron's default adds biases to every linear layer, which pmp does not build: give " ..
-    '--disable-bias-linear',
-}
-
 local function key_of(flag) return (flag:gsub('^%-%-', ''):gsub('%-', '_')) end
 
 local function fail(text, ...) error(string.format(text, ...), 0) end
@@ -50,8 +43,7 @@ function M.applies(opts)
 end
 
 --- With Megatron's data, sets every flag the command line left out (given: the keys it gave) to
---- Megatron's value, fails naming a flag Megatron requires, and names the flag to give where Megatron's
---- default is something pmp cannot build. Also Megatron's derived defaults: --ffn-hidden-size
+--- Megatron's value and fails naming a flag Megatron requires. Also Megatron's derived defaults: --ffn-hidden-size
 --- (4 x hidden, or with --swiglu 8/3 x hidden rounded down to 64) and --global-batch-size (left nil here;
 --- pmp.train.parallel.init makes it micro batch x data-parallel size). Returns true when it applied.
 function M.apply(opts, given)
@@ -65,9 +57,6 @@ function M.apply(opts, given)
   for _, entry in ipairs(M.VALUES) do
     local key = key_of(entry[1])
     if not given[key] then opts[key] = entry[2] end
-  end
-  for key, instead in pairs(UNSUPPORTED) do
-    if not given[key] then fail('with indexed data Megatron\'s defaults apply: %s', instead) end
   end
   if not given.ffn_hidden_size then
     opts.ffn_hidden_size = opts.swiglu and math.floor(4 * opts.hidden_size * 2 / 3 / 64) * 64 or 4 * opts.hidden_size

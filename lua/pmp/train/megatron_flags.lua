@@ -9,13 +9,16 @@ local M = {}
 
 --- Model flags mapped onto the GPTModel config by pmp.train.model.gpt.
 M.architecture = {
-  { '--swiglu', true, 'SwiGLU MLP (pmp builds no other MLP from flags)' },
+  { '--swiglu', true, 'SwiGLU MLP (--swiglu=false: a GELU MLP, Megatron\'s default)' },
+  { '--openai-gelu', false, "without --swiglu: GELU's tanh approximation instead of the exact (erf) GELU" },
+  { '--squared-relu', false, 'a squared-ReLU MLP (refused: pmp does not build it)' },
   { '--normalization', 'RMSNorm', 'RMSNorm, or LayerNorm (with a bias)', choices = { 'RMSNorm', 'LayerNorm' } },
   { '--position-embedding-type', 'rope', 'rope, or learned_absolute (up to --max-position-embeddings)',
     choices = { 'rope', 'learned_absolute' } },
   { '--use-rotary-position-embeddings', false, 'the same as --position-embedding-type rope (older scripts)' },
   { '--max-position-embeddings', 0, 'positions a model handles (0: --seq-length)', integer = true, min = 0 },
-  { '--disable-bias-linear', true, 'no biases in the linear layers (pmp has none but --add-qkv-bias)' },
+  { '--disable-bias-linear', true, 'no biases in the linear layers but --add-qkv-bias (--disable-bias-linear=false: ' ..
+    "a bias on every linear layer, Megatron's default)" },
   { '--add-qkv-bias', false, 'a bias on the query/key/value projection (Qwen2)' },
   { '--qk-layernorm', false, 'normalize queries and keys per head before attention' },
   { '--group-query-attention', false, 'grouped-query attention with --num-query-groups KV heads (1 if not given)' },
@@ -58,6 +61,17 @@ M.run = {
     choices = { 'MMAP' } },
   { '--train-mode', 'pretrain', "Pai-Megatron-Patch's mode: pretrain (finetuning on chats is recipes/sft.lua)",
     choices = { 'pretrain' } },
+  { '--fp16', false, 'f16 parameters and activations, f32 main weights, gradients and optimizer state, loss scaling' },
+  { '--loss-scale', 0, 'with --fp16: this constant loss scale (0: the dynamic scale)', min = 0 },
+  { '--initial-loss-scale', 2 ^ 32, 'with --fp16: the first dynamic loss scale', above = 0 },
+  { '--min-loss-scale', 1.0, 'with --fp16: the dynamic scale never halves below this', above = 0 },
+  { '--loss-scale-window', 1000, 'with --fp16: clean steps in a row after which the dynamic scale doubles', integer = true,
+    min = 1 },
+  { '--hysteresis', 2, 'with --fp16: the overflow (counted from the start or the last growth) that first halves ' ..
+    'the dynamic scale; each later one halves it too', integer = true, min = 1 },
+  { '--fp8-format', nil, 'fp8 training (refused: pmp has no fp8 kernels)' },
+  { '--fp8-recipe', nil, 'fp8 scaling recipe (refused: pmp has no fp8 kernels)' },
+  { '--fp8-param-gather', false, 'fp8 parameters (refused: pmp has no fp8 kernels)' },
   { '--dataloader-type', 'single', 'single: samples in the order of the shuffled index, as Megatron\'s',
     choices = { 'single' } },
 }
@@ -141,8 +155,24 @@ end
 --- gave) and maps them onto pmp's options in place; returns the notes to log (a list of lines).
 function M.resolve(opts, given)
   local notes = {}
-  if not opts.swiglu then fail('--swiglu=false: pmp builds only SwiGLU MLPs from flags') end
-  if not opts.disable_bias_linear then fail('--disable-bias-linear=false: pmp adds no biases to linear layers but --add-qkv-bias') end
+  for _, key in ipairs({ 'fp8_format', 'fp8_recipe', 'fp8_param_gather' }) do
+    if given[key] then
+      fail('--%s: pmp has no fp8 training (its kernels compute in f32, bf16 or f16; give --bf16 or --fp16)',
+        (key:gsub('_', '-')))
+    end
+  end
+  if opts.fp16 and opts.bf16 then fail('give either --fp16 or --bf16, not both') end
+  if opts.fp16 and opts.use_distributed_optimizer then
+    fail('--fp16 with --use-distributed-optimizer: pmp unscales f16 gradients into f32 main gradients only for ' ..
+      'the plain optimizer (give --bf16, or leave out --use-distributed-optimizer)')
+  end
+  if not opts.fp16 then
+    for _, key in ipairs({ 'loss_scale', 'initial_loss_scale', 'min_loss_scale', 'loss_scale_window', 'hysteresis' }) do
+      if given[key] then fail('--%s needs --fp16 (pmp scales the loss only for f16 training)', (key:gsub('_', '-'))) end
+    end
+  end
+  if opts.squared_relu then fail('--squared-relu: pmp builds no squared-ReLU MLP (give --swiglu, or neither for GELU)') end
+  if opts.openai_gelu and opts.swiglu then fail('--openai-gelu picks the GELU of an MLP without --swiglu') end
   if opts.use_rotary_position_embeddings and opts.position_embedding_type ~= 'rope' then
     fail('--use-rotary-position-embeddings contradicts --position-embedding-type %s', opts.position_embedding_type)
   end

@@ -2,10 +2,18 @@
 --- generator state; pmp.train.parallel.split then keeps its part.
 local M = {}
 
---- The SwiGLU MLP width Megatron's Llama recipes use: 8/3 of the hidden size, rounded up to 64.
+--- The MLP width when --ffn-hidden-size is 0: for SwiGLU the one Megatron's Llama recipes use, 8/3 of
+--- the hidden size rounded up to 64; for the GELU MLP (--swiglu=false) Megatron's 4 x hidden.
 function M.ffn_hidden_size(opts)
   if opts.ffn_hidden_size > 0 then return opts.ffn_hidden_size end
+  if opts.swiglu == false then return 4 * opts.hidden_size end
   return math.floor((opts.hidden_size * 8 / 3 + 63) / 64) * 64
+end
+
+-- Megatron's MLP flags: SwiGLU, or without --swiglu GELU (erf, or --openai-gelu's tanh form).
+local function activation_of(opts)
+  if opts.swiglu ~= false then return 'swiglu' end
+  return opts.openai_gelu and 'gelu_tanh' or 'gelu'
 end
 
 -- The shapes the flags must agree on, checked before anything is built.
@@ -79,10 +87,13 @@ end
 
 -- The keys of pmp.train.megatron_flags.architecture (absent in recipes that do not parse that set).
 local function architecture_config(config, opts)
+  config.activation = activation_of(opts)
+  -- Megatron's add_bias_linear: linear_qkv, linear_proj, linear_fc1 and linear_fc2
+  config.add_bias_linear = opts.disable_bias_linear == false
   config.normalization = opts.normalization
   config.position_embedding_type = opts.position_embedding_type
   config.max_position_embeddings = opts.max_position_embeddings
-  config.add_qkv_bias = opts.add_qkv_bias
+  config.add_qkv_bias = opts.add_qkv_bias or config.add_bias_linear
   config.qk_layernorm = opts.qk_layernorm
   config.kv_channels = (opts.kv_channels or 0) > 0 and opts.kv_channels or nil
   config.rotary_percent = opts.rotary_percent

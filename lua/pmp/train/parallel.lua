@@ -56,8 +56,9 @@ end
 --- Every rank built the whole model from the same seed; this keeps its pipeline stage (a
 --- pmp.dist.pipeline.Chunks of this rank's chunks under the interleaved schedule) and its tensor- and
 --- context-parallel part, so the initial weights are the single-process model's whatever the layout.
---- Casts to bf16 with --bf16. Returns the model this rank trains. unfilled: the model was built
---- uninitialized for a checkpoint to fill next (pmp.models.from_pretrained's split): no weight is read.
+--- Casts to bf16 with --bf16, to f16 with --fp16. Returns the model this rank trains. unfilled: the model
+--- was built uninitialized for a checkpoint to fill next (pmp.models.from_pretrained's split): no weight
+--- is read.
 function M.split(model, opts, layout, unfilled)
   local pipeline, parallel = require 'pmp.dist.pipeline', require 'pmp.nn.parallel'
   model = pipeline.stage(model, {
@@ -74,6 +75,7 @@ function M.split(model, opts, layout, unfilled)
     if layout.ep > 1 and ep.has_moe_layer(chunk) then ep.expert_parallel(chunk, { data_size = layout.dp * layout.cp }) end
   end
   if opts.bf16 then model:to('bf16') end
+  if opts.fp16 then model:to('f16') end
   return model
 end
 

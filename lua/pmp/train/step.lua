@@ -28,10 +28,12 @@ local function is_pipeline_stage(model) return pipeline.chunks(model)[1].pipelin
 --- parallelism ddp averages the gradients of its ranks, so each rank divides its own token losses by
 --- N / ranks; its returned loss is then its share, which pmp.train.parallel.mean_loss turns into the
 --- global one. Returns the mean loss (the summed, divided one with loss_divisor) on the last pipeline
---- stage, nil on the others.
+--- stage, nil on the others. options.grad_scale (--fp16's loss scale) multiplies what backward starts
+--- from, not the returned loss.
 function M.forward_backward(model, batches, options)
   options = options or {}
   local ddp, forward_only, divisor = options.ddp, options.forward_only, options.loss_divisor
+  local grad_scale = options.grad_scale or 1
   if divisor and ddp then divisor = divisor / ddp.group.size end
   -- the MoE auxiliary losses weigh in as each micro batch's loss does (Megatron's MoEAuxLossAutoScaler)
   require('pmp.nn.moe').aux_loss_scale = divisor and 1 / divisor or 1 / #batches
@@ -44,7 +46,7 @@ function M.forward_backward(model, batches, options)
       end
     end
     local loss = pipeline.forward_backward(model, batches, { forward_only = forward_only,
-      loss_scale = divisor and 1 / divisor, before_last_backward = ddp and function() ddp:set_sync(true) end })
+      loss_scale = (divisor and 1 / divisor or 1 / #batches) * grad_scale, before_last_backward = ddp and function() ddp:set_sync(true) end })
     -- the pipeline returns the mean of the micro batches' (summed) losses
     if loss and divisor then loss = loss * #batches / divisor end
     return loss
@@ -61,13 +63,14 @@ function M.forward_backward(model, batches, options)
     elseif divisor then
       if ddp then ddp:set_sync(k == #batches) end
       local loss = model(mb.ids, mb.targets, forward_options) / divisor
-      loss:backward()
+      ;(grad_scale == 1 and loss or loss * grad_scale):backward()
       total = total + loss:item()
     else
       if ddp then ddp:set_sync(k == #batches) end
       local loss = model(mb.ids, mb.targets, forward_options)
       -- one micro batch needs no scaling (x / 1 is x, forward and backward), so no extra ops
-      ;(#batches == 1 and loss or loss / #batches):backward()
+      local scale = grad_scale / #batches
+      ;(scale == 1 and loss or loss * scale):backward()
       total = total + loss:item()
     end
   end
