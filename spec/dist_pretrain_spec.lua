@@ -110,7 +110,7 @@ describe('recipes/pretrain.lua under mpirun', function()
     out, err, status = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', dir, '--prompt', 'the ',
       '--max-new-tokens', '8' })
     assert.are.equal(0, status, err)
-    assert.truthy((out .. err):find('generate: 1 prompts, 8 tokens', 1, true), out .. err)
+    assert.truthy((out .. err):find('generate: 1 prompt, 8 tokens', 1, true), out .. err)
   end)
 
   it('saves virtual pipeline stages (PP=2 x DP=2, distributed optimizer) and resumes them in one process', function()

@@ -57,7 +57,7 @@ describe('recipes/pretrain.lua', function()
     assert.matches('12 tokens in', gen_err)
     shell.write_file(scratch .. '/prompts.jsonl', '{"prompt": "a "}\n{"prompt": "one quiet"}\n')
     local _, err3, status3 = shell.run_pmp({ shell.root .. '/recipes/generate.lua', '--load', scratch .. '/ck',
-      '--input-file', scratch .. '/prompts.jsonl', '--output', scratch .. '/out.jsonl', '--max-new-tokens', '5',
+      '--input-file', scratch .. '/prompts.jsonl', '--output-file', scratch .. '/out.jsonl', '--ordered', '--max-new-tokens', '5',
       '--temperature', '0.7' })
     assert.are.equal(0, status3, err3)
     local lines = {}

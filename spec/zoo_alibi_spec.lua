@@ -227,7 +227,7 @@ describe('zoo ALiBi families in the recipes', function()
     for _, name in ipairs(NAMES) do
       local dir = with_char_tokenizer(name)
       local out, err, status = shell.run_pmp({ ROOT .. '/recipes/generate.lua', '--load', dir, '--prompt', 'the cat',
-        '--max-new-tokens', '5', '--output', dir .. '/out.jsonl' })
+        '--max-new-tokens', '5', '--output-file', dir .. '/out.jsonl' })
       assert.are.equal(0, status, err .. out)
       local tok = pmp.tokenizer.from_pretrained(dir)
       local want = pmp.generate(models.from_pretrained(dir), { tok:encode('the cat') }, { max_new_tokens = 5 })

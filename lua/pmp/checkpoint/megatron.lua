@@ -359,10 +359,27 @@ function Checkpoint:tensor(name, options)
   return out
 end
 
---- Copies part `rank` of `tp` of pmp global name `name` into dst, straight from the rank files' tensors
---- (pmp.dist.sharding.copy_part: no whole tensor or other temporary). A vocabulary table saved with
---- another padding takes the true vocabulary's rows (config.vocab_size) and zeros after them, as
---- Megatron re-pads to the model's padded size. Raises when dst is not that part's shape.
+--- Copies part `rank` of `tp` of pmp global name `name` of checkpoint ckpt (either format: it has
+--- :shape(name) and a config) into dst; part_of(t) gives saved part t of saved_tp (1 when the checkpoint
+--- holds the whole tensor). pmp.dist.sharding.copy_part makes no whole tensor or other temporary. A
+--- vocabulary table saved with another padding takes the true vocabulary's rows (config.vocab_size) and
+--- zeros after them, as Megatron re-pads to the model's padded size. Raises when dst is not that part's
+--- shape.
+function M.copy_saved_part(ckpt, name, dst, tp, rank, config, part_of, saved_tp)
+  local whole, limit = ckpt:shape(name), nil
+  local vocab = name == 'embedding.word_embeddings.weight' or name == 'output_layer.weight'
+  if vocab and whole[1] ~= config.padded_vocab_size and config.vocab_size <= whole[1] then
+    whole[1], limit = config.padded_vocab_size, config.vocab_size
+  end
+  local want = sharding.shard_shape(name, whole, config, tp)
+  if table.concat(want, ',') ~= table.concat(dst.shape, ',') then
+    fail('%s: %s is [%s] for this rank, the model has [%s]', ckpt.root, name, table.concat(want, ','),
+      table.concat(dst.shape, ','))
+  end
+  sharding.copy_part(name, dst, part_of, saved_tp, tp, rank, config, limit)
+end
+
+--- Copies part `rank` of `tp` of pmp global name `name` into dst, straight from the rank files' tensors.
 function Checkpoint:copy_part(name, dst, tp, rank, config)
   local w = self.where[name]
   if not w then fail('%s holds no %s', self.root, name) end
@@ -374,18 +391,7 @@ function Checkpoint:copy_part(name, dst, tp, rank, config)
     read[#read + 1] = v
     return v
   end
-  local whole, limit = self:shape(name), nil
-  local vocab = name == 'embedding.word_embeddings.weight' or name == 'output_layer.weight'
-  if vocab and whole[1] ~= config.padded_vocab_size and config.vocab_size <= whole[1] then
-    whole[1], limit = config.padded_vocab_size, config.vocab_size
-  end
-  local want = sharding.shard_shape(name, whole, config, tp)
-  if table.concat(want, ',') ~= table.concat(dst.shape, ',') then
-    fail('%s: %s is [%s] for this rank, the model has [%s]', self.root, name, table.concat(want, ','),
-      table.concat(dst.shape, ','))
-  end
-  local saved_tp = sharding.rule(name, self.config) and self.tp or 1
-  sharding.copy_part(name, dst, part_of, saved_tp, tp, rank, config, limit)
+  M.copy_saved_part(self, name, dst, tp, rank, config, part_of, sharding.rule(name, self.config) and self.tp or 1)
   for _, v in ipairs(read) do C.pmp_mapping_drop_pages(v.ptr) end
 end
 

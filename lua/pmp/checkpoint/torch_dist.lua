@@ -272,6 +272,13 @@ function Checkpoint:tensor(name)
   return out
 end
 
+--- Copies part `rank` of `tp` of pmp name `name` into dst. torch_dist stores whole tensors (as chunks
+--- with offsets), so the one temporary is this tensor rebuilt whole.
+function Checkpoint:copy_part(name, dst, tp, rank, config)
+  local whole = self:tensor(name)
+  self.megatron.copy_saved_part(self, name, dst, tp, rank, config, function() return whole end, 1)
+end
+
 --- Opens the torch_dist checkpoint of iteration directory root (dir: the directory holding the tracker,
 --- iteration: the tracker's). megatron: pmp.checkpoint.megatron (its config_from_args and names).
 --- options: as for megatron.open (true_vocab_size, config).
@@ -287,7 +294,8 @@ function M.open(dir, root, iteration, options, megatron)
   end
   local metadata_path = io_.join(root, M.METADATA)
   if not io_.is_file(metadata_path) then fail('%s is missing', metadata_path) end
-  local self = setmetatable({ dir = dir, root = root, iteration = iteration, report = {}, maps = {}, format = 'torch_dist' },
+  local self = setmetatable({ dir = dir, root = root, iteration = iteration, report = {}, maps = {}, format = 'torch_dist',
+    megatron = megatron },
     Checkpoint)
   local tensors, report = read_metadata(metadata_path)
   self.tensors = tensors
