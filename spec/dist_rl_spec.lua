@@ -348,8 +348,10 @@ describe('RL recipes in parallel and resumed', function()
   end)
 
   it('grpo resumed from a checkpoint gives the log lines, TensorBoard scalars and weights of an uninterrupted run', function()
-    -- a reward that varies within a group (the sums reward of a tiny start is 0 everywhere: nothing would train)
-    shell.write_file(dir .. '/length.lua', 'return function(prompt, response) return #response / 4 end\n')
+    -- a reward that varies within a group (the sums reward of a tiny start is 0 everywhere, and its answers
+    -- all run to the length limit: nothing would train): the answer's bytes summed, modulo 7
+    shell.write_file(dir .. '/length.lua', 'return function(prompt, response) local s = 0 ' ..
+      'for k = 1, #response do s = s + response:byte(k) end return (s % 7) / 7 end\n')
     local function grpo(save, extra)
       local a = { '--reward-fn', 'length.lua', '--iterations', '4', '--prompts-per-iteration', '2', '--num-generations', '3',
         '--mini-batch-size', '3', '--eval-samples', '1', '--save', save, '--tensorboard-dir', save .. '_tb' }
