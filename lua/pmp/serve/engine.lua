@@ -59,22 +59,24 @@ function M.sample_seed(seed, k)
   return ffi.cast('uint64_t', seed) + (k - 1) * SAMPLE_SEED_STEP
 end
 
--- Families whose attention the paged cache does not compute.
-local function check_model(model)
+--- Why the engine cannot run model (a sentence), or nil when it can: tensor- and context-parallel
+--- models, score heads, and families whose attention the paged cache does not compute (multi-latent
+--- attention, ALiBi, sliding windows) are refused.
+function M.unsupported(model)
   local c = model.config
-  if type(c) ~= 'table' or not model.decode then error('serve.engine: the model must be a pmp GPTModel', 3) end
+  if type(c) ~= 'table' or not model.decode then return 'the model must be a pmp GPTModel' end
   if model.tensor_parallel or model.context_parallel then
-    error('serve.engine: a tensor- or context-parallel model cannot generate; use the whole model', 3)
+    return 'a tensor- or context-parallel model cannot generate; use the whole model'
   end
-  if model.score then error('serve.engine: a model with a score head does not generate', 3) end
-  if c.multi_latent_attention then error('serve.engine: multi-latent attention is not supported by the paged cache', 3) end
-  if c.position_embedding_type == 'alibi' then error('serve.engine: ALiBi models are not supported by the paged cache', 3) end
+  if model.score then return 'a model with a score head does not generate' end
+  if c.multi_latent_attention then return 'multi-latent attention is not supported by the paged cache' end
+  if c.position_embedding_type == 'alibi' then return 'ALiBi models are not supported by the paged cache' end
   local window = c.sliding_window
   if type(window) == 'table' then
     for _, w in ipairs(window) do if w and w ~= 0 then window = w break end end
     if type(window) == 'table' then window = nil end
   end
-  if window and window ~= 0 then error('serve.engine: sliding-window attention is not supported by the paged cache', 3) end
+  if window and window ~= 0 then return 'sliding-window attention is not supported by the paged cache' end
 end
 
 local function positive_integer(options, key, default)
@@ -88,7 +90,8 @@ end
 
 function M.new(model, options)
   options = options or {}
-  check_model(model)
+  local reason = M.unsupported(model)
+  if reason then error('serve.engine: ' .. reason, 2) end
   local block_size = positive_integer(options, 'block_size', 16)
   local num_blocks = positive_integer(options, 'num_blocks', 1024)
   local max_context = positive_integer(options, 'max_context', model.config.max_position_embeddings)
