@@ -3,7 +3,8 @@
 ---   pmp recipes/generate.lua --load DIR --input-file prompts.jsonl --output-file out.jsonl   (offline batches)
 --- --prompt runs pmp.generate. --input-file runs the continuous-batching engine (pmp.serve.engine, see
 --- pmp.serve.batch_file for both jsonl formats): each line {"prompt": "...", "id", and optionally its own
---- max_tokens, temperature, top_k, top_p, seed, stop, n, logprobs; the flags below are the defaults};
+--- max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, n, logprobs; the flags below are
+--- the defaults};
 --- results are written as they complete (--ordered: in input order), a rerun into the same output skips
 --- the lines already there, and a bad line gets an error record while the rest run.
 local FLAGS = {
@@ -15,7 +16,7 @@ local FLAGS = {
   { '--temperature', 0.0, '0 for greedy' },
   { '--top-k', 0, 'keep the k most likely tokens (0: all)' },
   { '--top-p', 1.0, 'nucleus sampling mass' },
-  { '--repetition-penalty', 1.0, 'HF-style penalty on seen tokens (--prompt only)' },
+  { '--repetition-penalty', 1.0, 'HF-style penalty on seen tokens' },
   { '--seed', 1234, 'sampling seed (--input-file: a line without "seed" uses this plus its request number)' },
   { '--stop', nil, 'stop strings', multiple = true },
   { '--n', 1, 'samples per prompt (--input-file)' },
@@ -57,7 +58,8 @@ if opts.input_file then
     input = opts.input_file, output = opts.output_file, tokenizer = tokenizer, ordered = opts.ordered,
     progress = io.stderr,
     defaults = { max_tokens = opts.max_new_tokens, temperature = opts.temperature, top_k = opts.top_k,
-      top_p = opts.top_p, stop = opts.stop, n = opts.n, logprobs = opts.logprobs or nil },
+      top_p = opts.top_p, repetition_penalty = opts.repetition_penalty, stop = opts.stop, n = opts.n,
+      logprobs = opts.logprobs or nil },
   })
   io.stderr:write(string.format('generate: %d requests, %d errors, %d skipped (already in %s); %d tokens in %.2f s ' ..
     '(%.1f tokens/s); peak %d of %d KV-cache blocks\n', stats.done, stats.errors, stats.skipped, opts.output_file,

@@ -372,3 +372,89 @@ describe("pmp.rl against TRL's implementations (spec/fixtures/rl, tools/make_rl_
     end
   end)
 end)
+
+describe('pmp.rl.rollout.sample', function()
+  local rollout, streams = require 'pmp.rl.rollout', require 'pmp.rl.streams'
+  local serve_engine = require 'pmp.serve.engine'
+  local FIXTURES = package.loaded['pmp.root'] .. '/spec/fixtures/hf'
+
+  -- Runs fn while counting the engines pmp.serve.engine.new makes; returns fn's result and the engines.
+  local function with_engines(fn)
+    local made, new = {}, serve_engine.new
+    serve_engine.new = function(...)
+      local engine = new(...)
+      made[#made + 1] = engine
+      return engine
+    end
+    local ok, result = pcall(fn)
+    serve_engine.new = new
+    if not ok then error(result, 0) end
+    return result, made
+  end
+
+  -- GRPO's rows: G = 3 samples of each of two 20-token prompts, each with its own stream key.
+  local function grpo_rows()
+    local prompts, seeds = {}, {}
+    for p = 1, 2 do
+      local ids = {}
+      for i = 1, 20 do ids[i] = 3 + (i * 7 + p * 31) % 140 end
+      for g = 1, 3 do
+        prompts[#prompts + 1], seeds[#seeds + 1] = ids, streams.key(11, 'sample', p, g)
+      end
+    end
+    return prompts, seeds
+  end
+
+  -- pmp.generate's tokens for the rows, each drawing from pmp.Generator(its seed).
+  local function generated(model, prompts, seeds, options)
+    local generators = {}
+    for k, seed in ipairs(seeds) do generators[k] = pmp.Generator(seed) end
+    local o = { generator = generators }
+    for key, v in pairs(options) do o[key] = v end
+    return pmp.generate(model, prompts, o)
+  end
+
+  it("runs GRPO's rows through the engine, reusing each prompt's blocks, with pmp.generate's tokens", function()
+    local model = pmp.models.from_pretrained(FIXTURES .. '/qwen3')
+    local prompts, seeds = grpo_rows()
+    for _, settings in ipairs({ { temperature = 1.2, top_p = 0.95 }, { temperature = 0 }, { temperature = 1, top_k = 4 } }) do
+      local options = { max_new_tokens = 6, temperature = settings.temperature, top_p = settings.top_p,
+        top_k = settings.top_k }
+      local expected = generated(model, prompts, seeds, options)
+      options.eos_ids, options.row_seeds = {}, seeds
+      local samples, engines = with_engines(function() return rollout.sample(model, prompts, options) end)
+      assert.are.equal(1, #engines)
+      -- samples 2 and 3 of each prompt find its one full 16-token block
+      assert.are.equal(2 * 2 * 16, engines[1].stats.cached_prompt_tokens)
+      for k = 1, #prompts do
+        assert.are.same(expected[k].tokens, samples[k].response)
+        assert.are.equal(expected[k].finish_reason, samples[k].finish_reason)
+      end
+      if settings.temperature > 0 then
+        assert.are_not.same(samples[1].response, samples[2].response, 'two samples of one prompt differ')
+      end
+    end
+    -- an eos id ends a row as pmp.generate ends it
+    local options = { max_new_tokens = 6, temperature = 1.2 }
+    local free = generated(model, prompts, seeds, options)
+    options.eos_ids, options.row_seeds = { free[1].tokens[2] }, seeds
+    local expected = generated(model, prompts, seeds, options)
+    local samples = rollout.sample(model, prompts, options)
+    assert.are.equal('eos', samples[1].finish_reason)
+    for k = 1, #prompts do
+      assert.are.same(expected[k].tokens, samples[k].response)
+      assert.are.equal(expected[k].finish_reason, samples[k].finish_reason)
+    end
+  end)
+
+  it('falls back to pmp.generate for a model the engine refuses (sliding window)', function()
+    local model = pmp.models.from_pretrained(FIXTURES .. '/mistral')
+    local prompts, seeds = grpo_rows()
+    local options = { max_new_tokens = 4, temperature = 1 }
+    local expected = generated(model, prompts, seeds, options)
+    options.row_seeds = seeds
+    local samples, engines = with_engines(function() return rollout.sample(model, prompts, options) end)
+    assert.are.equal(0, #engines)
+    for k = 1, #prompts do assert.are.same(expected[k].tokens, samples[k].response) end
+  end)
+end)

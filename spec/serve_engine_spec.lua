@@ -129,12 +129,38 @@ describe('serve.engine', function()
     assert.are.same(alone(model, prompts[2], 6), top1.samples[1].tokens)
   end)
 
-  it("draws SplitMix64's sequence (values from the reference algorithm in Python)", function()
-    local stream = require('pmp.serve.random_stream').new(0)
-    assert.are.equal('e220a8397b1dcdaf', string.format('%x', stream:next_u64()))
-    assert.are.equal('6e789e6aa1b965f4', string.format('%x', stream:next_u64()))
-    -- 0x599ed017fb08fc85 >> 11, over 2^53
-    assert.are.equal(0.35007954202140812, require('pmp.serve.random_stream').new(1234567):uniform())
+  it("samples the tokens and log-probs pmp.generate gives with the same per-row Generator seeds", function()
+    local model = load('qwen3')
+    local prompts = prompts_of({ 5, 8, 3, 11 }, 150, 9)
+    -- rows of different settings step together: the engine chooses them in groups
+    local settings = {
+      { temperature = 1.5, top_p = 0.9 },
+      { temperature = 0.7, top_k = 5 },
+      { temperature = 1.5, top_p = 0.9, repetition_penalty = 1.3 },
+      { temperature = 1 },
+    }
+    local requests = {}
+    for k, p in ipairs(prompts) do
+      requests[k] = { id = k, prompt = p, max_tokens = 8, seed = 40 + k, logprobs = true }
+      for key, v in pairs(settings[k]) do requests[k][key] = v end
+    end
+    -- the n = 2 samples of request 4 draw from the two seeds the engine documents
+    requests[4].n = 2
+    local results = engine_module.new(model, { block_size = 4, num_blocks = 64, max_batch = 5 }):run(requests)
+    for k, p in ipairs(prompts) do
+      for sample = 1, requests[k].n or 1 do
+        local options = { max_new_tokens = 8, return_logprobs = true,
+          generator = pmp.Generator(engine_module.sample_seed(40 + k, sample)) }
+        for key, v in pairs(settings[k]) do options[key] = v end
+        local expected = pmp.generate(model, { p }, options)[1]
+        local got = results[k].samples[sample]
+        assert.are.same(expected.tokens, got.tokens)
+        for i = 1, #expected.tokens do assert(math.abs(expected.logprobs[i] - got.logprobs[i]) < 1e-5) end
+      end
+    end
+    assert.are_not.same(results[4].samples[1].tokens, results[4].samples[2].tokens)
+    assert.are.equal(40ULL, engine_module.sample_seed(40, 1))
+    assert.are.equal(40ULL + 0x9E3779B97F4A7C15ULL * 2, engine_module.sample_seed(40, 3))
   end)
 
   it("reports each greedy token's log-prob as pmp.generate does", function()
@@ -160,6 +186,8 @@ describe('serve.engine', function()
     fails_with(function() engine:add({ prompt = prompts_of({ 128 }, 150, 1)[1] }) end, 'the prompt has 128 tokens',
       'the context holds 128')
     fails_with(function() engine:add({ prompt = { 1 }, top_p = 2 }) end, 'top_p must be')
+    fails_with(function() engine:add({ prompt = { 1 }, repetition_penalty = 0 }) end, 'repetition_penalty must be above 0')
+    fails_with(function() engine:add({ prompt = { 1 }, seed = -1 }) end, 'seed must be')
     fails_with(function() engine:add({ prompt = { 1 }, stop = { 'x' } }) end, 'stop strings need')
     assert.is_false(engine:busy())
     fails_with(function() engine_module.new(model, { block_size = 0 }) end, 'block_size must be a positive integer')

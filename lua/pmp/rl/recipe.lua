@@ -200,7 +200,7 @@ function M.stop_ids(opts, tokenizer)
   return sums.stop_ids(tokenizer)
 end
 
---- pmp.generate's options for rollouts under the recipe flags.
+--- rollout.sample's options under the recipe flags.
 function M.sample_options(opts, tokenizer)
   return { temperature = opts.temperature, top_p = opts.top_p, eos_ids = M.stop_ids(opts, tokenizer),
     max_new_tokens = opts.max_new_tokens > 0 and opts.max_new_tokens or (opts.load and 128 or 4), pad_id = tokenizer.pad_id }

@@ -9,11 +9,11 @@
 ---   }) -> { done, errors, skipped, generated_tokens, seconds }
 ---
 --- Input: one JSON object per line: "prompt" (text), optional "id" and the engine's request fields
---- (max_tokens, temperature, top_k, top_p, seed, stop, n, logprobs). Output: one object per input line,
---- {"line", "id" (if given), "prompt", "completion", "tokens", "finish_reason", "logprobs" (if asked)},
---- with "samples": [{"completion", "tokens", "finish_reason", "logprobs"}, ...] instead when n > 1, or
---- {"line", "id", "error"} for a line that cannot run (bad JSON, empty prompt, a prompt longer than
---- the context, an unknown field): the other lines go on.
+--- (max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, n, logprobs). Output: one
+--- object per input line, {"line", "id" (if given), "prompt", "completion", "tokens", "finish_reason",
+--- "logprobs" (if asked)}, with "samples": [{"completion", "tokens", "finish_reason", "logprobs"}, ...]
+--- instead when n > 1, or {"line", "id", "error"} for a line that cannot run (bad JSON, empty prompt, a
+--- prompt longer than the context, an unknown field): the other lines go on.
 ---
 --- Resuming: lines already in the output (by "id" when the line has one, else by line number) are
 --- skipped; a last line cut short by a kill is dropped first (the file rewritten atomically). Each

@@ -8,10 +8,10 @@
 ---     eos_ids = {},           -- tokens that end a sequence
 ---     tokenizer = nil,        -- needed for stop strings; results then carry text
 ---     prefix_caching = true,  -- reuse the cached blocks of prompts that share a prefix
----     seed = 0,               -- seeds for sampled requests that give none: seed + the request's number
+---     seed = 0,               -- seeds for requests that give none: seed + the request's number
 ---   })
 ---   engine:add{ id = 'a', prompt = {ids...}, max_tokens = 16, temperature = 0, top_k = 0, top_p = 1,
----               seed = nil, stop = {strings}, n = 1, logprobs = false }
+---               repetition_penalty = 1, seed = nil, stop = {strings}, n = 1, logprobs = false }
 ---   while engine:busy() do
 ---     for _, result in ipairs(engine:step()) do ... end
 ---   end
@@ -29,10 +29,18 @@
 --- stall; blocks are still taken only as tokens arrive), prefills each admitted prompt past its cached
 --- prefix, then runs one forward over every running sequence, each at its own position. Sequences
 --- leave as they finish and free their blocks; full prompt blocks stay findable by their prefix.
+---
+--- Tokens are chosen by pmp.sample, as pmp.generate chooses them, each sequence drawing from a
+--- pmp.Generator of its own: sample 1 of a request with seed s from pmp.Generator(s), sample k from
+--- pmp.Generator(s + (k - 1) * 0x9E3779B97F4A7C15) (uint64, wrapping; the golden-ratio step keeps the n
+--- samples' seeds apart from each other and from nearby request seeds). A seed is a non-negative integer
+--- number below 2^53 or a uint64 cdata (pmp.rl.streams.key's). So a seeded request's tokens are those
+--- pmp.generate gives its prompt with generator = pmp.Generator(s), alone or beside any other requests.
 local tensor = require 'pmp.tensor'
 local block_pool = require 'pmp.serve.block_pool'
 local paged_kv_cache = require 'pmp.serve.paged_kv_cache'
-local random_stream = require 'pmp.serve.random_stream'
+local ffi = require 'ffi'
+local sampling = require 'pmp.sampling'
 local token_choice = require 'pmp.serve.token_choice'
 
 local M = {}
@@ -41,29 +49,34 @@ local Engine = {}
 Engine.__index = Engine
 
 local REQUEST_FIELDS = { id = true, prompt = true, max_tokens = true, temperature = true, top_k = true,
-  top_p = true, seed = true, stop = true, n = true, logprobs = true }
+  top_p = true, repetition_penalty = true, seed = true, stop = true, n = true, logprobs = true }
 M.REQUEST_FIELDS = REQUEST_FIELDS
 
--- Sample k of a request with seed s draws from stream s * SAMPLES_PER_SEED + k - 1: distinct for
--- every (seed, sample) pair, and exact in a double for seeds below 2^40.
-local SAMPLES_PER_SEED = 1024
+local SAMPLE_SEED_STEP = 0x9E3779B97F4A7C15ULL
 
--- Families whose attention the paged cache does not compute.
-local function check_model(model)
+--- The seed of sample k (1-based) of a request with seed s (see the top).
+function M.sample_seed(seed, k)
+  return ffi.cast('uint64_t', seed) + (k - 1) * SAMPLE_SEED_STEP
+end
+
+--- Why the engine cannot run model (a sentence), or nil when it can: tensor- and context-parallel
+--- models, score heads, and families whose attention the paged cache does not compute (multi-latent
+--- attention, ALiBi, sliding windows) are refused.
+function M.unsupported(model)
   local c = model.config
-  if type(c) ~= 'table' or not model.decode then error('serve.engine: the model must be a pmp GPTModel', 3) end
+  if type(c) ~= 'table' or not model.decode then return 'the model must be a pmp GPTModel' end
   if model.tensor_parallel or model.context_parallel then
-    error('serve.engine: a tensor- or context-parallel model cannot generate; use the whole model', 3)
+    return 'a tensor- or context-parallel model cannot generate; use the whole model'
   end
-  if model.score then error('serve.engine: a model with a score head does not generate', 3) end
-  if c.multi_latent_attention then error('serve.engine: multi-latent attention is not supported by the paged cache', 3) end
-  if c.position_embedding_type == 'alibi' then error('serve.engine: ALiBi models are not supported by the paged cache', 3) end
+  if model.score then return 'a model with a score head does not generate' end
+  if c.multi_latent_attention then return 'multi-latent attention is not supported by the paged cache' end
+  if c.position_embedding_type == 'alibi' then return 'ALiBi models are not supported by the paged cache' end
   local window = c.sliding_window
   if type(window) == 'table' then
     for _, w in ipairs(window) do if w and w ~= 0 then window = w break end end
     if type(window) == 'table' then window = nil end
   end
-  if window and window ~= 0 then error('serve.engine: sliding-window attention is not supported by the paged cache', 3) end
+  if window and window ~= 0 then return 'sliding-window attention is not supported by the paged cache' end
 end
 
 local function positive_integer(options, key, default)
@@ -77,7 +90,8 @@ end
 
 function M.new(model, options)
   options = options or {}
-  check_model(model)
+  local reason = M.unsupported(model)
+  if reason then error('serve.engine: ' .. reason, 2) end
   local block_size = positive_integer(options, 'block_size', 16)
   local num_blocks = positive_integer(options, 'num_blocks', 1024)
   local max_context = positive_integer(options, 'max_context', model.config.max_position_embeddings)
@@ -131,13 +145,15 @@ function Engine:check_request(r)
   local out = {
     id = r.id, prompt = r.prompt,
     max_tokens = math.min(number('max_tokens', 16, 1, math.huge, true), self.max_context - #r.prompt),
-    n = number('n', 1, 1, SAMPLES_PER_SEED, true),
-    seed = number('seed', nil, 0, 2 ^ 40, true),
+    n = number('n', 1, 1, math.huge, true),
+    seed = type(r.seed) == 'cdata' and ffi.istype('uint64_t', r.seed) and r.seed or number('seed', nil, 0, 2 ^ 53, true),
     sampling = { temperature = number('temperature', 0, 0, math.huge), top_k = number('top_k', 0, 0, math.huge, true),
-      top_p = number('top_p', 1, 0, 1), logprobs = r.logprobs or false },
+      top_p = number('top_p', 1, 0, 1), repetition_penalty = number('repetition_penalty', 1, 0, math.huge),
+      logprobs = r.logprobs or false },
     stop = r.stop or {},
   }
   if out.sampling.top_p == 0 then fail('top_p must be above 0') end
+  if out.sampling.repetition_penalty == 0 then fail('repetition_penalty must be above 0') end
   if type(out.sampling.logprobs) ~= 'boolean' then fail('logprobs must be true or false') end
   if type(out.stop) ~= 'table' then fail('stop must be a list of strings') end
   for _, s in ipairs(out.stop) do
@@ -165,8 +181,8 @@ function Engine:add(request)
     self.waiting[#self.waiting + 1] = {
       request = r, sample = k, tokens = tokens, prompt_length = #tokens, generated = {},
       logprobs = r.sampling.logprobs and {} or nil, blocks = {}, sampling = r.sampling,
-      -- sample k of a seeded request draws from its own stream, whatever else runs
-      random = random_stream.new(seed * SAMPLES_PER_SEED + k - 1),
+      -- each sample draws from its own generator, whatever else runs
+      generator = sampling.Generator(M.sample_seed(seed, k)),
       promised = blocks_for(#tokens + r.max_tokens, self.block_size),
     }
   end

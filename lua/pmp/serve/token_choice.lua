@@ -1,77 +1,60 @@
 --- pmp.serve.token_choice: each running sequence's next token from its row of logits.
 ---   ids, logprobs = token_choice.choose(logits [N, V], sequences)
---- sequences[n].sampling = { temperature (0: greedy), top_k (0: off), top_p (1: off), logprobs (bool) } and
---- sequences[n].random a pmp.serve.random_stream (read only when sampling). logprobs[n] is the chosen
---- token's log-probability under the temperature-scaled distribution before top-k/top-p (as
---- pmp.generate reports it), or nil when the sequence did not ask for it.
+--- sequences[n].sampling = { temperature (0: greedy), top_k (0: off), top_p (1: off), repetition_penalty
+--- (1: off), logprobs (bool) }, sequences[n].generator its pmp.Generator and sequences[n].tokens the ids it
+--- has seen (prompt and generated, for the penalty). logprobs[n] is the chosen token's log-probability
+--- under the penalised, temperature-scaled distribution before top-k/top-p (as pmp.generate reports
+--- it), or nil when the sequence did not ask for it.
 ---
---- This is the one place the engine picks tokens: greedy rows take the argmax on the engine; sampled rows
---- come to Lua (to be replaced by a sampling op on the engine).
+--- Every token is chosen by pmp.sample, the op pmp.generate uses, each sequence drawing from its own
+--- generator: a sequence's tokens depend on its seed and logits only, not on what runs beside it. The
+--- op takes one set of settings per call, so rows are chosen in groups of identical settings.
 local tensor = require 'pmp.tensor'
+local sampling = require 'pmp.sampling'
 
 local M = {}
 
--- Tokens this far below the best logit carry < 1e-17 of the probability mass: never sampled.
-local NEGLIGIBLE = 40
+local function settings_key(s)
+  return string.format('%.17g %d %.17g %.17g', s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+end
 
--- One draw from softmax(row) restricted to the top_k most likely tokens and then to the smallest set
--- whose probability reaches top_p; row holds temperature-scaled logits (a Lua list, ids 0-based).
-local function sample(row, top_k, top_p, random)
-  local peak = -math.huge
-  for _, v in ipairs(row) do if v > peak then peak = v end end
-  local order = {}
-  for k = 1, #row do
-    if row[k] >= peak - NEGLIGIBLE then order[#order + 1] = k end
-  end
-  table.sort(order, function(a, b) return row[a] > row[b] or (row[a] == row[b] and a < b) end)
-  local keep = #order
-  if top_k > 0 and top_k < keep then keep = top_k end
-  local weights, total = {}, 0
-  for k = 1, keep do
-    weights[k] = math.exp(row[order[k]] - peak)
-    total = total + weights[k]
-  end
-  if top_p < 1 then
-    local mass = 0
-    for k = 1, keep do
-      mass = mass + weights[k] / total
-      if mass >= top_p then keep = k break end
+-- The sequences' row numbers (1-based) grouped by identical settings, groups in order of first row.
+local function groups_of(sequences)
+  local groups, by_key = {}, {}
+  for n, seq in ipairs(sequences) do
+    local key = settings_key(seq.sampling)
+    local group = by_key[key]
+    if not group then
+      group = { settings = seq.sampling, rows = {} }
+      by_key[key], groups[#groups + 1] = group, group
     end
-    total = 0
-    for k = 1, keep do total = total + weights[k] end
+    group.rows[#group.rows + 1] = n
   end
-  local r = random:uniform() * total
-  for k = 1, keep do
-    r = r - weights[k]
-    if r <= 0 then return order[k] - 1 end
-  end
-  return order[keep] - 1
+  return groups
 end
 
 function M.choose(logits, sequences)
-  local greedy = logits:argmax(2):totable()
   local ids, logprobs = {}, {}
-  local any_logprobs = false
-  for n, seq in ipairs(sequences) do
-    local s = seq.sampling
-    if s.temperature > 0 then
-      local row = (logits:select(1, n):double() / s.temperature):totable()
-      ids[n] = sample(row, s.top_k, s.top_p, seq.random)
-    else
-      ids[n] = greedy[n]
+  for _, group in ipairs(groups_of(sequences)) do
+    local s, rows = group.settings, group.rows
+    local group_logits = logits
+    if #rows < #sequences then
+      local zero_based = {}
+      for k, n in ipairs(rows) do zero_based[k] = n - 1 end
+      group_logits = logits:index_select(1, tensor.tensor(zero_based, { dtype = 'i64' }))
     end
-    any_logprobs = any_logprobs or s.logprobs
-  end
-  if any_logprobs then
-    local scale = {}
-    for n, seq in ipairs(sequences) do
-      local t = seq.sampling.temperature
-      scale[n] = { t > 0 and 1 / t or 1 }
+    local generators, seen = {}, nil
+    for k, n in ipairs(rows) do generators[k] = sequences[n].generator end
+    if s.repetition_penalty ~= 1 then
+      seen = {}
+      for k, n in ipairs(rows) do seen[k] = sequences[n].tokens end
     end
-    local scaled = logits:double() * tensor.tensor(scale, { dtype = 'f64' })
-    local picked = scaled:log_softmax(2):gather(2, tensor.tensor(ids, { dtype = 'i64' }):view(#ids, 1)):totable()
-    for n, seq in ipairs(sequences) do
-      if seq.sampling.logprobs then logprobs[n] = picked[n][1] end
+    local chosen, chosen_logprobs = sampling.sample(group_logits, { temperature = s.temperature, top_k = s.top_k,
+      top_p = s.top_p, repetition_penalty = s.repetition_penalty, seen = seen, generator = generators })
+    chosen, chosen_logprobs = chosen:totable(), chosen_logprobs:totable()
+    for k, n in ipairs(rows) do
+      ids[n] = chosen[k]
+      if sequences[n].sampling.logprobs then logprobs[n] = chosen_logprobs[k] end
     end
   end
   return ids, logprobs
