@@ -1,5 +1,8 @@
 --- Supervised fine-tuning of a Hugging Face model on chat data with its own chat template.
 ---   pmp recipes/sft.lua --load MODEL_DIR --data-path train.jsonl --save-hf OUT_DIR [--packing]
+--- --load also takes a Megatron-LM checkpoint (torch or torch_dist; the architecture from its args) with
+--- --tokenizer-model HF_DIR, whose tokenizer and chat template it is trained with; --save-hf writes it
+--- as --model-type (default: HF_DIR's config.json model_type, else llama).
 --- train.jsonl holds alpaca (instruction/input/output), sharegpt (conversations) or messages
 --- (role/content) records, detected per record unless --format says; --data-path PREFIX reads them
 --- pre-tokenized by `pmp tools/preprocess_data.lua --sft` instead (the same samples, no tokenizing). Only assistant turns are trained
@@ -28,9 +31,12 @@ local opts = flags.parse(arg, { {
   { '--skip-bad-records', false, 'skip (and count) records that are malformed or have no assistant turn instead of stopping' },
   { '--epochs', 1, 'passes over the data when --train-iters is 0' },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
+  { '--tokenizer-model', nil, 'with a Megatron-LM checkpoint in --load: the Hugging Face directory of its tokenizer (and chat template)' },
+  { '--model-type', nil, "--save-hf of a checkpoint's model: its HF family (models/*.lua; default --tokenizer-model's, else llama)" },
 }, flags.training, flags.optimizer, flags.precision, flags.parallel, flags.checkpoint, flags.logging, train.lora.flags, {
   -- the shared flags whose defaults or meaning differ for fine-tuning
-  { '--load', nil, 'Hugging Face model directory, or an SFT checkpoint directory to resume' },
+  { '--load', nil, 'Hugging Face model directory, Megatron-LM checkpoint (with --tokenizer-model), pretraining ' ..
+    'checkpoint, or an SFT checkpoint directory to resume' },
   { '--seq-length', 512, 'tokens per sequence (longer samples are truncated)' },
   { '--micro-batch-size', 4, 'sequences per forward/backward' },
   { '--global-batch-size', 8, 'sequences per optimizer step' },
@@ -59,9 +65,13 @@ if not opts.load then error('--load MODEL_DIR is required', 0) end
 if not opts.data_path and not embedded then error('--data-path FILE.jsonl is required', 0) end
 if opts.global_batch_size % opts.micro_batch_size ~= 0 then error('--global-batch-size must be a multiple of --micro-batch-size', 0) end
 
--- The base model: a Hugging Face directory, or a pretraining checkpoint (as the embedded default uses).
--- An SFT checkpoint records its base, so --load on one resumes.
-local base, resume = train.base_model.locate(opts.load)
+-- The base model: a Hugging Face directory, a Megatron-LM checkpoint, or a pretraining checkpoint (as
+-- the embedded default uses). An SFT checkpoint records its base, so --load on one resumes.
+local base, resume = train.base_model.locate(opts.load, opts.tokenizer_model)
+if opts.tokenizer_model and (base.kind ~= 'megatron' or resume) then
+  error('--tokenizer-model is for a Megatron-LM checkpoint in --load; ' .. opts.load .. ' brings its own tokenizer', 0)
+end
+local model_type = train.base_model.model_type(base, opts.model_type)
 if not resume then train.Checkpoints.check_save_dir(opts.save, opts.override_checkpoint) end
 train.lora.check(opts, opts.save_hf, resume and resume.state.args)
 -- Under mpirun every rank keeps its part of the model (pmp.train.parallel, as pretraining lays it out);
@@ -76,8 +86,8 @@ end
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity, split = split })
 local hf = rawget(model, 'hf')
--- a pretraining checkpoint's model has Llama's architecture
-local model_type = base.kind == 'pmp' and 'llama' or nil
+-- a family that cannot express the model fails now, not after training
+if opts.save_hf and model_type then pmp.models.family(model_type).hf_config(model.config) end
 -- adapters on the split model (split like their layers), before data parallelism buckets what trains
 train.lora.setup(model, opts, model_type)
 local ddp = train.parallel.data_parallel(model, opts, layout)

@@ -442,10 +442,10 @@ describe('recipes/pretrain.lua --load with a Megatron-LM checkpoint', function()
     assert.matches('decoder.layers.0.mlp.linear_fc1.weight is [', err, 1, true)
   end)
 
-  it('is refused by fine-tuning with the way to convert it', function()
+  it('is refused by fine-tuning without --tokenizer-model, naming the flag', function()
     local _, err, status = shell.run_pmp({ shell.root .. '/recipes/sft.lua', '--load', FIXTURES .. '/tp1_pp1',
       '--data-path', dir .. '/none.jsonl' })
     assert.are_not.equal(0, status)
-    assert.matches('is a Megatron-LM checkpoint, which only recipes/pretrain.lua --load takes; convert it', err, 1, true)
+    assert.matches('is a Megatron-LM checkpoint, which holds no tokenizer: give --tokenizer-model HF_DIR', err, 1, true)
   end)
 end)

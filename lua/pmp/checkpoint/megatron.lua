@@ -449,18 +449,29 @@ function M.load_into(dir, model, options)
   return ckpt
 end
 
---- A GPTModel with the checkpoint's weights, in this process, and the opened checkpoint. options: as
---- for open, plus dtype (default: the checkpoint's).
-function M.load_model(dir, options)
+--- This process's part of a GPTModel with the checkpoint's weights, and the opened checkpoint:
+--- split(model) -> the part (pmp.train.parallel.split with unfilled), given the whole model built
+--- uninitialized; only the part it keeps is read from the files. options: as for open, plus dtype
+--- (default: the checkpoint's) and build (GPTModel settings that are not the architecture, such as
+--- recompute_granularity).
+function M.load_model_part(dir, split, options)
   options = options or {}
   local ckpt = M.open(dir, options)
   local build = {}
   for k, v in pairs(ckpt.config) do build[k] = v end
+  for k, v in pairs(options.build or {}) do build[k] = v end
   build.dtype, build.init = options.dtype or ckpt.dtype, false
-  local model = require('pmp.nn').GPTModel(build)
-  model.config.init = nil
+  local whole = require('pmp.nn').GPTModel(build)
+  whole.config.init = nil
+  local model = split(whole)
   fill(ckpt, model)
   return model, ckpt
+end
+
+--- A GPTModel with the checkpoint's weights, in this process, and the opened checkpoint. options: as
+--- for load_model_part.
+function M.load_model(dir, options)
+  return M.load_model_part(dir, function(model) return model end, options)
 end
 
 ---------------------------------------------------------------------------------------------------

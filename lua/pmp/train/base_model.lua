@@ -1,14 +1,25 @@
 --- The model a fine-tuning run starts from, named by --load: a Hugging Face directory (kind 'hf'), a
---- pretraining checkpoint (kind 'pmp'), or a fine-tuning checkpoint, which records its base in its
---- state (base_model) and is resumed. Also the chat template its conversations are rendered with.
+--- pretraining checkpoint (kind 'pmp'), a Megatron-LM checkpoint of either format (kind 'megatron':
+--- the architecture from its args, the tokenizer from --tokenizer-model, a Hugging Face directory), or
+--- a fine-tuning checkpoint, which records its base in its state (base_model) and is resumed. Also the
+--- chat template its conversations are rendered with.
 local io_ = require 'pmp.io'
 local Checkpoints = require 'pmp.train.checkpoints'
+local megatron = require 'pmp.checkpoint.megatron'
 
 local M = {}
 
---- Returns the base {kind, dir} and, when dir is a fine-tuning checkpoint, its info table to resume
---- from (pmp.train.Checkpoints.info).
-function M.locate(dir)
+--- Returns the base {kind, dir[, tokenizer]} and, when dir is a fine-tuning checkpoint, its info table
+--- to resume from (pmp.train.Checkpoints.info). tokenizer_model: the --tokenizer-model directory, which
+--- a Megatron-LM checkpoint needs (its files hold no tokenizer).
+function M.locate(dir, tokenizer_model)
+  if megatron.is_checkpoint(dir) then
+    if not tokenizer_model then
+      error(dir .. ' is a Megatron-LM checkpoint, which holds no tokenizer: give --tokenizer-model HF_DIR (the ' ..
+        'Hugging Face directory of its tokenizer)', 0)
+    end
+    return { kind = 'megatron', dir = dir, tokenizer = tokenizer_model }, nil
+  end
   local info = Checkpoints.info(dir)
   if info then
     if type(info.state.base_model) == 'table' then return info.state.base_model, info end
@@ -35,10 +46,39 @@ function M.load(base, options)
     -- a pretraining run with a Hugging Face tokenizer brings that tokenizer's chat template along
     return model, require('pmp.data.dataset_tokenizer').from_state(state), state.type == 'hf' and state.model or nil
   end
+  if base.kind == 'megatron' then
+    local tokenizer = require('pmp.tokenizer').from_pretrained(base.tokenizer)
+    local padded = megatron.open(base.dir).config.padded_vocab_size
+    if tokenizer.vocab_size > padded then
+      error(string.format('--tokenizer-model %s has %d tokens, more than the %d vocabulary rows of the Megatron-LM ' ..
+        'checkpoint %s', base.tokenizer, tokenizer.vocab_size, padded, base.dir), 0)
+    end
+    -- the tokenizer's size is the true vocabulary (args keep only the padded one)
+    local model = megatron.load_model_part(base.dir, split, { true_vocab_size = tokenizer.vocab_size,
+      dtype = options.dtype, build = { recompute_granularity = options.recompute_granularity } })
+    return model, tokenizer, base.tokenizer
+  end
   local model = require('pmp.models').from_pretrained(base.dir, { dtype = options.dtype,
     config = { recompute_granularity = options.recompute_granularity },
     split = split })
   return model, require('pmp.tokenizer').from_pretrained(base.dir), base.dir
+end
+
+--- The HF family --save-hf writes the base's model as: nil for a Hugging Face base (the model keeps its
+--- own), else model_type (--model-type), else for a Megatron-LM checkpoint its tokenizer directory's
+--- config.json model_type, else llama (a pretraining checkpoint's architecture).
+function M.model_type(base, model_type)
+  if base.kind == 'hf' then
+    if model_type then error('--model-type is for a checkpoint in --load; ' .. base.dir .. ' is a Hugging Face model', 0) end
+    return nil
+  end
+  if model_type then return model_type end
+  local config = base.kind == 'megatron' and io_.join(base.tokenizer, 'config.json')
+  if config and io_.is_file(config) then
+    local hf = require('pmp.json').decode(io_.read_file(config))
+    if type(hf.model_type) == 'string' then return hf.model_type end
+  end
+  return 'llama'
 end
 
 --- render(messages, add_generation_prompt) -> text: the built-in template `builtin` (chatml, llama3,

@@ -22,7 +22,7 @@ Checkpoints.__index = Checkpoints
 --- tensor, or nil when dir (which may be nil) holds no checkpoint.
 function Checkpoints.info(dir)
   if dir and megatron.is_checkpoint(dir) then
-    error(dir .. ' is a Megatron-LM checkpoint, which only recipes/pretrain.lua --load takes; convert it with ' ..
+    error(dir .. ' is a Megatron-LM checkpoint, which only recipes/pretrain.lua and recipes/sft.lua --load take; convert it with ' ..
       'pmp tools/checkpoint/convert.lua --loader mcore --saver hf (or pmp)', 0)
   end
   if not dir or not checkpoint.latest_iteration(dir) then return nil end
