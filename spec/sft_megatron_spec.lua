@@ -96,6 +96,25 @@ describe('recipes/sft.lua --load of a Megatron-LM checkpoint', function()
     end)
   end
 
+  it('resumes a run from its checkpoint, which records the Megatron-LM base and its tokenizer', function()
+    local fixture = ROOT .. '/spec/fixtures/megatron/tp1_pp1'
+    local out, err, status = sft(fixture, { '--save', dir .. '/first' })
+    assert.are.equal(0, status, err)
+    local words = { shell.root .. '/recipes/sft.lua', '--load', dir .. '/first', '--data-path', dir .. '/chats.jsonl',
+      '--chat-template', 'chatml', '--packing', '--seq-length', '64', '--micro-batch-size', '1', '--global-batch-size',
+      '1', '--train-iters', '3', '--log-interval', '1', '--lr', '0', '--model-type', 'qwen2', '--save-hf', dir .. '/resumed' }
+    out, err, status = shell.run_pmp(words)
+    assert.are.equal(0, status, err)
+    assert.matches(' iteration +3/ +3 |', out)
+    assert.is_nil(out:match(' iteration +2/ +3 |'))
+    assert_checkpoint_weights(fixture, pmp.models.from_pretrained(dir .. '/resumed'), vocab_size)
+    -- the resumed base brings its tokenizer: another one is refused, not ignored
+    words[#words + 1], words[#words + 2] = '--tokenizer-model', dir .. '/tok'
+    _, err, status = shell.run_pmp(words)
+    assert.are_not.equal(0, status)
+    assert.matches('--tokenizer-model is for a Megatron-LM checkpoint in --load', err, 1, true)
+  end)
+
   it('under mpirun each tensor-parallel rank reads its part of a TP=2 x PP=2 checkpoint', function()
     if not mpi.available then
       pending('needs mpirun')
