@@ -79,6 +79,7 @@ train.lora.check(opts, opts.save_hf, resume and resume.state.args)
 -- layout's checks need the model's depth.
 local layout
 local function split(whole)
+  if opts.save_hf and model_type then train.base_model.check_family(whole, model_type) end
   opts.num_layers = whole.config.num_layers
   layout = train.parallel.init(opts)
   return layout.world > 1 and train.parallel.split(whole, opts, layout, true) or whole
@@ -86,8 +87,6 @@ end
 local model, tokenizer, template_dir = train.base_model.load(base, { dtype = opts.bf16 and 'bf16' or 'f32',
   recompute_granularity = opts.recompute_granularity, split = split })
 local hf = rawget(model, 'hf')
--- a family that cannot express the model fails now, not after training
-if opts.save_hf and model_type then pmp.models.family(model_type).hf_config(model.config) end
 -- adapters on the split model (split like their layers), before data parallelism buckets what trains
 train.lora.setup(model, opts, model_type)
 local ddp = train.parallel.data_parallel(model, opts, layout)

@@ -137,9 +137,19 @@ describe('recipes/sft.lua --load of a Megatron-LM checkpoint', function()
     assert.are_not.equal(0, status)
     assert.matches(fixture .. ' is a Megatron-LM checkpoint, which holds no tokenizer: give --tokenizer-model', err, 1, true)
     -- Llama's attention_bias covers o_proj too; the fixture has q/k/v biases only
-    _, err, status = sft(fixture, { '--save-hf', dir .. '/llama_hf' }, 'llama')
+    local out
+    out, err, status = sft(fixture, { '--save-hf', dir .. '/llama_hf' }, 'llama')
     assert.are_not.equal(0, status)
-    assert.matches('llama: attention_bias covers q/k/v and o together', err, 1, true)
+    assert.is_nil(out:match('lm loss'), 'trained before refusing')
+    assert.matches('--model-type llama cannot hold the model of --load: llama: attention_bias covers q/k/v and o together',
+      err, 1, true)
     assert.is_false(pmp.io.exists(dir .. '/llama_hf'))
+    -- Megatron-LM's defaults (LayerNorm, GeLU, biases): Llama's config.json would describe another model
+    out, err, status = sft(ROOT .. '/spec/fixtures/megatron/gelu_bias_tp1_pp1', { '--save-hf', dir .. '/gelu_hf' }, 'llama')
+    assert.are_not.equal(0, status)
+    assert.is_nil(out:match('lm loss'), 'trained before refusing')
+    assert.matches('--model-type llama cannot hold the model of --load: its normalization is LayerNorm, the family ' ..
+      'writes RMSNorm', err, 1, true)
+    assert.is_false(pmp.io.exists(dir .. '/gelu_hf'))
   end)
 end)

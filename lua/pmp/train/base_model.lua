@@ -81,6 +81,36 @@ function M.model_type(base, model_type)
   return 'llama'
 end
 
+-- The architecture settings a Hugging Face family must keep for its config.json to describe the model.
+local ARCHITECTURE = { 'num_layers', 'hidden_size', 'ffn_hidden_size', 'num_attention_heads', 'num_query_groups',
+  'kv_channels', 'normalization', 'activation', 'add_qkv_bias', 'add_proj_bias', 'add_mlp_bias', 'qk_layernorm',
+  'tie_embeddings', 'rotary_percent' }
+
+--- Fails (naming --model-type) when family model_type cannot hold the whole model `whole`: its
+--- config.json would describe another architecture, or its mapping lacks one of the weights. Run
+--- before training, so that --save-hf does not fail (or write a wrong model) at the end.
+function M.check_family(whole, model_type)
+  local models = require 'pmp.models'
+  local family = models.family(model_type)
+  local function refuse(why) error('--model-type ' .. model_type .. ' cannot hold the model of --load: ' .. why, 0) end
+  local ok, hf = pcall(family.hf_config, whole.config)
+  if not ok then refuse(tostring(hf)) end
+  hf.model_type = model_type
+  local described = models.config_from_hf(hf, nil, 'models/' .. model_type .. '.lua')
+  for _, key in ipairs(ARCHITECTURE) do
+    local want, got = whole.config[key] or false, described[key] or false
+    if want ~= got then refuse(string.format('its %s is %s, the family writes %s', key, tostring(want), tostring(got))) end
+  end
+  local known = {}
+  for _, entry in ipairs(models.expand_mapping(family, whole.config)) do known[entry.pmp] = true end
+  local names = {}
+  for name in pairs(whole:state_dict()) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    if not known[name] then refuse(string.format("models/%s.lua has no entry for '%s'", model_type, name)) end
+  end
+end
+
 --- render(messages, add_generation_prompt) -> text: the built-in template `builtin` (chatml, llama3,
 --- alpaca) when given, else the one in template_dir; an error names base_dir when there is neither.
 function M.chat_renderer(tokenizer, template_dir, builtin, base_dir)
