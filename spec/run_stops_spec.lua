@@ -257,3 +257,63 @@ describe('flags with nonsense values', function()
     end)
   end
 end)
+
+describe("the other recipes' flags with nonsense values", function()
+  -- each recipe refuses them while parsing, before it reads a model or data, with one line naming the flag
+  -- (a recipe's own spec of a shared flag keeps the shared bounds: sft's --seq-length, rm's --lr-decay-style)
+  local cases = {
+    { 'sft', { '--epochs', '0' }, '--epochs must be >= 1, got 0' },
+    { 'sft', { '--format', 'csv' }, "--format must be one of auto, alpaca, sharegpt, messages, got 'csv'" },
+    { 'sft', { '--chat-template', 'vicuna' }, "--chat-template must be one of alpaca, chatml, llama3, got 'vicuna'" },
+    { 'sft', { '--seq-length', '0' }, '--seq-length must be >= 1, got 0' },
+    { 'sft', { '--lora-rank', '1.5' }, '--lora-rank must be a whole number, got 1.5' },
+    { 'sft', { '--lora-dropout', '1' }, '--lora-dropout must be < 1, got 1' },
+    { 'rm', { '--batch-size', '0' }, '--batch-size must be >= 1, got 0' },
+    { 'rm', { '--lora-alpha', '0' }, '--lora-alpha must be > 0, got 0' },
+    { 'rm', { '--lr-decay-style', 'cosin' }, "--lr-decay-style must be one of cosine, linear, constant, WSD, got 'cosin'" },
+    { 'rm', { '--max-length', '1' }, '--max-length must be >= 2, got 1' },
+    { 'dpo', { '--beta', '0' }, '--beta must be > 0, got 0' },
+    { 'dpo', { '--loss-type', 'kto' }, "--loss-type must be one of sigmoid, ipo, hinge, got 'kto'" },
+    { 'dpo', { '--label-smoothing', '0.7' }, '--label-smoothing must be <= 0.5, got 0.7' },
+    { 'dpo', { '--adam-beta2', '1' }, '--adam-beta2 must be < 1, got 1' },
+    { 'dpo', { '--ref-dtype', 'f16' }, "--ref-dtype must be one of f32, bf16, got 'f16'" },
+    { 'ppo', { '--gamma', '1.5' }, '--gamma must be <= 1, got 1.5' },
+    { 'ppo', { '--lam', '-0.1' }, '--lam must be >= 0, got -0.1' },
+    { 'ppo', { '--kl-horizon', '0' }, '--kl-horizon must be > 0, got 0' },
+    { 'ppo', { '--value-clip-range', '0' }, '--value-clip-range must be > 0, got 0' },
+    { 'ppo', { '--mini-batch-size', '0' }, '--mini-batch-size must be >= 1, got 0' },
+    { 'ppo', { '--temperature', '0' }, '--temperature must be > 0, got 0' },
+    { 'ppo', { '--seed', '-1' }, '--seed must be >= 0, got -1' },
+    { 'grpo', { '--num-generations', '1' }, '--num-generations must be >= 2, got 1' },
+    { 'grpo', { '--kl-coef', '-0.01' }, '--kl-coef must be >= 0, got -0.01' },
+    { 'grpo', { '--clip-range', '-0.2' }, '--clip-range must be > 0, got -0.2' },
+    { 'grpo', { '--top-p', '0' }, '--top-p must be > 0, got 0' },
+    { 'grpo', { '--start-iters', '0' }, '--start-iters must be >= 1, got 0' },
+    { 'grpo', { '--epochs', '2.5' }, '--epochs must be a whole number, got 2.5' },
+    { 'generate', { '--max-new-tokens', '0' }, '--max-new-tokens must be >= 1, got 0' },
+    { 'generate', { '--temperature', '-1' }, '--temperature must be >= 0, got -1' },
+    { 'generate', { '--top-k', '-1' }, '--top-k must be >= 0, got -1' },
+    { 'generate', { '--top-p', '1.5' }, '--top-p must be <= 1, got 1.5' },
+    { 'generate', { '--repetition-penalty', '0' }, '--repetition-penalty must be > 0, got 0' },
+    { 'eval', { '--micro-batch-size', '0' }, '--micro-batch-size must be >= 1, got 0' },
+    { 'eval', { '--stride', '-64' }, '--stride must be >= 0, got -64' },
+    { 'eval', { '--limit', '0.5' }, '--limit must be a whole number, got 0.5' },
+    { 'quickstart', { '--steps', '0' }, '--steps must be >= 1, got 0' },
+    { 'quickstart', { '--lr', '0' }, '--lr must be > 0, got 0' },
+    { 'quickstart', { '--context', '5000' }, "--context 5000 leaves no window in the text's 621 characters" },
+    { 'pretrain', { '--sample-length', '-1' }, '--sample-length must be >= 0, got -1' },
+  }
+  it('stop each recipe at once with one line naming the flag', function()
+    local dir = shell.temp_dir()   -- no checkpoints/ here: a recipe that went on would fail otherwise
+    for _, case in ipairs(cases) do
+      local words = { 'cd', shell.quote(dir), '&&', shell.quote(shell.pmp), shell.quote(shell.root .. '/recipes/' .. case[1] .. '.lua') }
+      for _, a in ipairs(case[2]) do words[#words + 1] = shell.quote(a) end
+      local what = case[1] .. ' ' .. table.concat(case[2], ' ')
+      local out, err, status = shell.run(table.concat(words, ' '))
+      assert.are.equal(1, status, what)
+      assert.are.equal('', out, what)
+      assert.are.equal('pmp: ' .. case[3] .. '\n', err, what)
+    end
+    shell.remove_dir(dir)
+  end)
+end)

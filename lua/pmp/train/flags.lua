@@ -1,6 +1,6 @@
 --- Flag sets that training recipes share, with Megatron-LM's names (pmp.args specs). A recipe parses
 --- the sets it uses plus its own flags; its own spec for a flag that a set also has replaces the set's
---- in place (another default or help text):
+--- in place (another default or help text), keeping the replaced spec's bounds unless it sets its own:
 ---   local flags = pmp.train.flags
 ---   local opts = flags.parse(arg, { flags.training, flags.optimizer, { { '--lr', 1e-5, 'peak learning rate' } } },
 ---     { usage = 'pmp recipes/x.lua [flags]' })
@@ -135,14 +135,33 @@ M.logging = {
   { '--profile-step-end', 12, 'last profiled iteration', integer = true, min = 1 },
 }
 
---- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood.
+-- Whether a spec sets any of pmp.args' bounds.
+local function has_bounds(spec)
+  for _, field in ipairs(args.bounds) do
+    if spec[field] ~= nil then return true end
+  end
+  return false
+end
+
+-- spec with the bounds of the spec it replaces: a recipe that changes a flag's default or help text must
+-- not drop the check on its value by leaving the bounds out.
+local function with_bounds_of(replaced, spec)
+  if has_bounds(spec) then return spec end
+  local out = {}
+  for key, value in pairs(spec) do out[key] = value end
+  for _, field in ipairs(args.bounds) do out[field] = replaced[field] end
+  return out
+end
+
+--- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood
+--- (with its bounds when it sets none).
 function M.merge(sets)
   local specs, position = {}, {}
   for _, set in ipairs(sets) do
     for _, spec in ipairs(set) do
       local at = position[spec[1]]
       if at then
-        specs[at] = spec
+        specs[at] = with_bounds_of(specs[at], spec)
       else
         specs[#specs + 1] = spec
         position[spec[1]] = #specs
