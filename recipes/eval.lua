@@ -32,6 +32,14 @@ local FLAGS = {
 }
 
 local opts = pmp.args.parse(arg, FLAGS, { usage = 'pmp recipes/eval.lua [--load DIR] [--data-path P] [--task F ...]' })
+-- the results need a place before the evaluation they record is run
+if opts.output then
+  local probe = string.format('%s.tmp.%d', opts.output, pmp.io.getpid())
+  local file, why = io.open(probe, 'w')
+  if not file then error('--output ' .. opts.output .. ' is not writable: ' .. tostring(why), 0) end
+  file:close()
+  os.remove(probe)
+end
 
 ---------------------------------------------------------------------------------------------------
 -- Model, tokenizer and what to evaluate on

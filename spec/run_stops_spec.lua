@@ -317,3 +317,61 @@ describe("the other recipes' flags with nonsense values", function()
     shell.remove_dir(dir)
   end)
 end)
+
+describe('a recipe given a path it cannot use', function()
+  -- one line naming the path (and the flag where the recipe knows it), with no Lua position or stack: the
+  -- file system's state is the user's to fix, not the code's (PMP_TRACEBACK=1 still adds the stack)
+  local cases = {
+    { 'rm', { '--load', 'missing', '--data-path', 'pairs.jsonl' }, '^%-%-load missing is not a directory$' },
+    { 'dpo', { '--load', 'afile', '--data-path', 'pairs.jsonl' }, '^%-%-load afile is not a directory$' },
+    { 'ppo', { '--load', 'missing' }, '^%-%-load missing is not a directory$' },
+    { 'eval', { '--output', 'afile/results.json' }, '^%-%-output afile/results.json is not writable: .*Not a directory$' },
+    { 'pretrain', { '--split', 'a,b', '--save', '' }, "^dataset: bad %-%-split 'a,b'$" },
+    { 'pretrain', { '--tensorboard-dir', 'afile/tb', '--save', '', '--seq-length', '8', '--train-iters', '1' },
+      '^%-%-tensorboard%-dir afile/tb: pmp.tensorboard: cannot create event file: afile/tb/events.* Not a directory$' },
+  }
+  local function run_in(dir, case, environment)
+    local words = { 'cd', shell.quote(dir), '&&', environment or '', shell.quote(shell.pmp),
+      shell.quote(shell.root .. '/recipes/' .. case[1] .. '.lua') }
+    for _, a in ipairs(case[2]) do words[#words + 1] = shell.quote(a) end
+    return shell.run(table.concat(words, ' '))
+  end
+
+  it('stops with one line that names it, without a Lua position', function()
+    local dir = shell.temp_dir()
+    shell.write_file(dir .. '/afile', 'x')
+    for _, case in ipairs(cases) do
+      local what = case[1] .. ' ' .. table.concat(case[2], ' ')
+      local out, err, status = run_in(dir, case)
+      assert.are.equal(1, status, what .. ': ' .. err)
+      assert.are.equal('', out, what)
+      local line = err:match('^pmp: ([^\n]*)\n$')
+      assert.is_not_nil(line, what .. ': ' .. err)
+      assert.matches(case[3], line)
+    end
+    local _, traced = run_in(dir, cases[1], 'PMP_TRACEBACK=1')
+    assert.matches('^pmp: %-%-load missing is not a directory\nstack traceback:\n', traced)
+    shell.remove_dir(dir)
+  end)
+
+  it('finds an unwritable --save when the checkpoints are set up, before any training', function()
+    local dir = shell.temp_dir()
+    shell.write_file(dir .. '/afile', 'x')
+    local logger = pmp.train.Logger({ log_interval = 1 }, { name = 'spec', enabled = false })
+    assert.has_error(function() pmp.train.Checkpoints({ save = dir .. '/afile/ck', save_interval = 0 }, logger) end,
+      '--save ' .. dir .. '/afile/ck is not writable: pmp.io.mkdir_p: ' .. dir .. '/afile/ck: cannot create directory ' ..
+      dir .. '/afile: it exists and is not a directory')
+    shell.remove_dir(dir)
+  end)
+
+  it('reads preference pairs, model directories and JSON with errors that carry no position', function()
+    assert.has_error(function() pmp.rl.preference.load_jsonl('/nonexistent/pairs.jsonl', {}) end,
+      'preference: cannot read /nonexistent/pairs.jsonl')
+    assert.has_error(function() pmp.models.from_pretrained('/nonexistent/model') end,
+      'from_pretrained: /nonexistent/model is not a directory')
+    assert.has_error(function() pmp.json.read('/nonexistent/config.json') end,
+      'json.read: cannot open /nonexistent/config.json: No such file or directory')
+    assert.has_error(function() pmp.io.read_file('/nonexistent/file') end,
+      'pmp.io.read_file: cannot open /nonexistent/file: No such file or directory')
+  end)
+end)

@@ -90,7 +90,7 @@ end
 --- Every record of a jsonl file, tokenized; an error names the file and line.
 function M.load_jsonl(path, opts)
   local file = io.open(path, 'r')
-  if not file then error('preference: cannot read ' .. tostring(path), 2) end
+  if not file then error('preference: cannot read ' .. tostring(path), 0) end
   local out, number = {}, 0
   for line in file:lines() do
     number = number + 1

@@ -137,6 +137,7 @@ end
 --- Returns model, tokenizer, render (nil for the embedded task, whose prompts are plain text).
 function M.policy(opts, load)
   if opts.load then
+    if not require('pmp.io').is_dir(opts.load) then error('--load ' .. opts.load .. ' is not a directory', 0) end
     local model = require('pmp.models').from_pretrained(opts.load, { head = load and load.head })
     local tokenizer = require('pmp.tokenizer').from_pretrained(opts.load)
     return model, tokenizer, require('pmp.train.base_model').chat_renderer(tokenizer, opts.load, nil, opts.load)
@@ -182,6 +183,7 @@ function M.reward(opts, tokenizer)
   if opts.reward_fn and opts.reward_model then error('give one of --reward-fn and --reward-model', 0) end
   if opts.reward_fn then return rollout.load_reward_fn(opts.reward_fn) end
   if opts.reward_model then
+    if not require('pmp.io').is_dir(opts.reward_model) then error('--reward-model ' .. opts.reward_model .. ' is not a directory', 0) end
     local model = require('pmp.models').from_pretrained(opts.reward_model, { head = 'score' })
     model:eval()
     return rollout.reward_model(model, tokenizer.pad_id or 0)
