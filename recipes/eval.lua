@@ -115,6 +115,9 @@ if opts.data_path and pmp.data.indexed.exists(opts.data_path) then
   ds:close()
   text_source = opts.data_path .. ' (indexed)'
 elseif opts.data_path then
+  if pmp.io.is_dir(opts.data_path) then
+    error('--data-path ' .. opts.data_path .. ' is a directory (give a text file or an indexed dataset PREFIX)', 0)
+  end
   local file = io.open(opts.data_path, 'rb')
   if not file then error('cannot read --data-path ' .. opts.data_path .. ' (neither a text file nor an indexed dataset prefix)', 0) end
   text_tokens = tokenizer:encode(file:read('*a'))

@@ -329,6 +329,8 @@ describe('a recipe given a path it cannot use', function()
     { 'dpo', { '--load', 'afile', '--data-path', 'pairs.jsonl' }, '^%-%-load afile is not a directory$' },
     { 'ppo', { '--load', 'missing' }, '^%-%-load missing is not a directory$' },
     { 'eval', { '--output', 'afile/results.json' }, '^%-%-output afile/results.json is not writable: .*Not a directory$' },
+    { 'eval', { '--data-path', '.' }, '^%-%-data%-path %. is a directory %(give a text file or an indexed dataset PREFIX%)$' },
+    { 'eval', { '--task', '.' }, '^task file %. is a directory %(give a jsonl file%)$' },
     { 'pretrain', { '--split', 'a,b', '--save', '' }, "^dataset: bad %-%-split 'a,b'$" },
     { 'pretrain', { '--tensorboard-dir', 'afile/tb', '--save', '', '--seq-length', '8', '--train-iters', '1' },
       '^%-%-tensorboard%-dir afile/tb: pmp.tensorboard: cannot create event file: afile/tb/events.* Not a directory$' },
@@ -370,6 +372,8 @@ describe('a recipe given a path it cannot use', function()
   it('reads preference pairs, model directories and JSON with errors that carry no position', function()
     assert.has_error(function() pmp.rl.preference.load_jsonl('/nonexistent/pairs.jsonl', {}) end,
       'preference: cannot read /nonexistent/pairs.jsonl')
+    assert.has_error(function() pmp.rl.preference.load_jsonl('/tmp', {}) end, 'preference: /tmp is a directory (give a jsonl file)')
+    assert.has_error(function() pmp.train.chat_data.lines('/tmp') end, '--data-path /tmp is a directory (give a jsonl file or a PREFIX)')
     assert.has_error(function() pmp.models.from_pretrained('/nonexistent/model') end,
       'from_pretrained: /nonexistent/model is not a directory')
     assert.has_error(function() pmp.json.read('/nonexistent/config.json') end,

@@ -157,6 +157,7 @@ function M.prompts(opts, tokenizer, render)
     for k, pair in ipairs(sums.pairs('train')) do out[k] = tokenizer:encode(sums.prompt(pair)) end
     return out
   end
+  if require('pmp.io').is_dir(opts.prompts) then error('--prompts ' .. opts.prompts .. ' is a directory (give a jsonl file)', 0) end
   local file = io.open(opts.prompts, 'r')
   if not file then error('cannot read --prompts ' .. opts.prompts, 0) end
   local number = 0
