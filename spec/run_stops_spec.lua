@@ -2,7 +2,8 @@ require 'busted.runner'()
 -- How a training run stops without losing work or saving a wrong one: SIGTERM / SIGINT save at the end
 -- of the iteration (every MPI rank at the same one), --exit-duration-in-mins, a second Ctrl-C ending the
 -- process at once, steps with a non-finite gradient skipped and counted, a diverged model never saved,
--- and a --save directory checked before any work.
+-- a --save directory checked before any work, and every recipe stopping at once, in one line without a
+-- Lua position, on a nonsense flag value or a path it cannot use.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 local losses = require('spec.support.train_log').losses
