@@ -18,12 +18,12 @@ local recipe = require 'pmp.rl.recipe'
 local pair_training = require 'pmp.rl.pair_training'
 
 local opts = flags.parse(arg, { {
-  { '--train-iters', 200, 'optimizer steps' },
-  { '--batch-size', 32, 'pairs per step (over all processes)' },
-  { '--beta', 0.1, 'DPO beta' },
-  { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)' },
-  { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge' },
-  { '--log-interval', 20, 'steps between log lines' },
+  { '--train-iters', 200, 'optimizer steps', integer = true, min = 0 },
+  { '--batch-size', 32, 'pairs per step (over all processes)', integer = true, min = 1 },
+  { '--beta', 0.1, 'DPO beta', above = 0 },
+  { '--label-smoothing', 0.0, 'cDPO label smoothing (sigmoid loss)', min = 0, max = 0.5 },
+  { '--loss-type', 'sigmoid', 'sigmoid, ipo or hinge', choices = { 'sigmoid', 'ipo', 'hinge' } },
+  { '--log-interval', 20, 'steps between log lines', integer = true, min = 1 },
 }, flags.optimizer, recipe.flags.common, recipe.flags.reference, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },

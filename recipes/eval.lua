@@ -20,18 +20,26 @@ local FLAGS = {
   { '--load', nil, 'pmp checkpoint directory or HF model directory (default: checkpoints/pretrain or a random model)' },
   { '--tokenizer-model', nil, 'HF tokenizer directory (tokenizer.json) to use instead of the model\'s own' },
   { '--data-path', nil, 'text file or indexed dataset prefix to compute perplexity on' },
-  { '--seq-length', 0, 'tokens per window (0: the checkpoint\'s training --seq-length, else 128)' },
-  { '--stride', 0, 'tokens between window starts (0: --seq-length, windows that do not overlap)' },
-  { '--max-tokens', 0, 'evaluate only the first this many tokens of --data-path (0: all)' },
-  { '--micro-batch-size', 8, 'perplexity windows per forward' },
+  { '--seq-length', 0, 'tokens per window (0: the checkpoint\'s training --seq-length, else 128)', integer = true, min = 0 },
+  { '--stride', 0, 'tokens between window starts (0: --seq-length, windows that do not overlap)', integer = true, min = 0 },
+  { '--max-tokens', 0, 'evaluate only the first this many tokens of --data-path (0: all)', integer = true, min = 0 },
+  { '--micro-batch-size', 8, 'perplexity windows per forward', integer = true, min = 1 },
   { '--task', nil, 'task jsonl files', multiple = true },
-  { '--limit', 0, 'records per task (0: all)' },
-  { '--max-new-tokens', 16, 'exact-match tasks: tokens to generate at most' },
+  { '--limit', 0, 'records per task (0: all)', integer = true, min = 0 },
+  { '--max-new-tokens', 16, 'exact-match tasks: tokens to generate at most', integer = true, min = 1 },
   { '--stop', nil, 'exact-match tasks: stop strings (default: a newline)', multiple = true },
   { '--output', nil, 'write the results here as JSON' },
 }
 
 local opts = pmp.args.parse(arg, FLAGS, { usage = 'pmp recipes/eval.lua [--load DIR] [--data-path P] [--task F ...]' })
+-- the results need a place before the evaluation they record is run
+if opts.output then
+  local probe = string.format('%s.tmp.%d', opts.output, pmp.io.getpid())
+  local file, why = io.open(probe, 'w')
+  if not file then error('--output ' .. opts.output .. ' is not writable: ' .. tostring(why), 0) end
+  file:close()
+  os.remove(probe)
+end
 
 ---------------------------------------------------------------------------------------------------
 -- Model, tokenizer and what to evaluate on
@@ -107,6 +115,9 @@ if opts.data_path and pmp.data.indexed.exists(opts.data_path) then
   ds:close()
   text_source = opts.data_path .. ' (indexed)'
 elseif opts.data_path then
+  if pmp.io.is_dir(opts.data_path) then
+    error('--data-path ' .. opts.data_path .. ' is a directory (give a text file or an indexed dataset PREFIX)', 0)
+  end
   local file = io.open(opts.data_path, 'rb')
   if not file then error('cannot read --data-path ' .. opts.data_path .. ' (neither a text file nor an indexed dataset prefix)', 0) end
   text_tokens = tokenizer:encode(file:read('*a'))

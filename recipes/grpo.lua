@@ -21,15 +21,15 @@ local clock = require 'pmp.clock'
 
 local opts = flags.parse(arg, { {
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },
-  { '--iterations', 100, 'rollouts' },
-  { '--prompts-per-iteration', 32, 'prompts sampled per rollout' },
-  { '--num-generations', 4, 'answers per prompt (G)' },
-  { '--epochs', 4, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped' },
-  { '--mini-batch-size', 32, 'answers per optimizer step' },
-  { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss' },
-  { '--clip-range', 0.2, 'policy ratio clipping' },
+  { '--iterations', 100, 'rollouts', integer = true, min = 0 },
+  { '--prompts-per-iteration', 32, 'prompts sampled per rollout', integer = true, min = 1 },
+  { '--num-generations', 4, 'answers per prompt (G)', integer = true, min = 2 },
+  { '--epochs', 4, 'passes over each rollout (TRL\'s num_iterations, mu); later passes are clipped', integer = true, min = 1 },
+  { '--mini-batch-size', 32, 'answers per optimizer step', integer = true, min = 1 },
+  { '--kl-coef', 0.01, 'weight of the k3 KL to the start policy in the loss', min = 0 },
+  { '--clip-range', 0.2, 'policy ratio clipping', above = 0 },
   { '--no-scale-rewards', false, 'only centre rewards in each group (Dr. GRPO)' },
-  { '--log-interval', 1, 'iterations between log lines' },
+  { '--log-interval', 1, 'iterations between log lines', integer = true, min = 1 },
 }, flags.optimizer, recipe.flags.common, recipe.flags.reference, train.lora.flags, recipe.flags.rollout, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--load', nil, 'Hugging Face policy directory (default: the embedded sums task)' },

@@ -19,7 +19,7 @@ local opts, given = flags.parse(arg, { flags.model, flags.moe, flags.mla, flags.
     { '--load', nil, 'resume from this checkpoint directory (pmp or Megatron-LM), or start a new run from the weights ' ..
       'of a Hugging Face model directory (its config.json the architecture, its tokenizer the text data\'s)' },
     { '--save', 'checkpoints/pretrain', 'checkpoint directory ("" for none; the default one is replaced by every run that does not resume it)' },
-    { '--sample-length', 200, 'characters of greedy sample at the end (0: none)' },
+    { '--sample-length', 200, 'characters of greedy sample at the end (0: none)', integer = true, min = 0 },
   } }, {
   usage = 'pmp recipes/pretrain.lua [flags]',
   description = 'Pretrain a GPT (by default Llama-style: RMSNorm, RoPE, SwiGLU, GQA) from scratch.\n' ..

@@ -1,22 +1,16 @@
 --- A first look at pmp: a character-level language model with one hidden layer, trained from scratch
 --- with autograd and plain SGD on a built-in text. No downloads, a few seconds on a laptop CPU.
----   pmp recipes/quickstart.lua [--steps N] [--lr X] [--hidden H] [--context C] [--seed S]
+---   pmp recipes/quickstart.lua [--steps N] [--lr X] [--hidden H] [--context C] [--seed S] [--batch B]
 local F = pmp.nn.functional
 
-local function parse_flags(defaults)
-  local flags = {}
-  for k, v in pairs(defaults) do flags[k] = v end
-  local k = 1
-  while k <= #arg do
-    local name = arg[k]:match('^%-%-([%w-]+)$')
-    if not name or flags[name] == nil then error('unknown argument ' .. arg[k], 0) end
-    flags[name] = tonumber(arg[k + 1]) or error('--' .. name .. ' needs a number', 0)
-    k = k + 2
-  end
-  return flags
-end
-
-local flags = parse_flags({ steps = 300, lr = 0.5, hidden = 128, context = 4, seed = 1, batch = 256 })
+local flags = pmp.args.parse(arg, {
+  { '--steps', 300, 'SGD steps', integer = true, min = 1 },
+  { '--lr', 0.5, 'starting learning rate (decays linearly to a tenth)', above = 0 },
+  { '--hidden', 128, 'hidden layer width', integer = true, min = 1 },
+  { '--context', 4, 'characters that predict the next one', integer = true, min = 1 },
+  { '--seed', 1, 'random seed', integer = true, min = 0 },
+  { '--batch', 256, 'windows per step', integer = true, min = 1 },
+}, { usage = 'pmp recipes/quickstart.lua [--steps N] [--lr X] [--hidden H] [--context C] [--seed S] [--batch B]' })
 
 local text = [[
 Shall I compare thee to a summer's day? Thou art more lovely and more temperate:
@@ -39,6 +33,7 @@ end
 local ids = {}
 for c in text:gmatch('.') do ids[#ids + 1] = id_of[c] end
 local vocab, context = #chars, flags.context
+if context >= #ids then error(string.format("--context %d leaves no window in the text's %d characters", context, #ids), 0) end
 
 -- Every window of `context` characters predicts the next one.
 local windows, targets = {}, {}

@@ -20,9 +20,9 @@ local recipe = require 'pmp.rl.recipe'
 local pair_training = require 'pmp.rl.pair_training'
 
 local opts = flags.parse(arg, { {
-  { '--train-iters', 300, 'optimizer steps' },
-  { '--batch-size', 32, 'pairs per step (over all processes)' },
-  { '--log-interval', 20, 'steps between log lines' },
+  { '--train-iters', 300, 'optimizer steps', integer = true, min = 0 },
+  { '--batch-size', 32, 'pairs per step (over all processes)', integer = true, min = 1 },
+  { '--log-interval', 20, 'steps between log lines', integer = true, min = 1 },
 }, flags.optimizer, recipe.flags.common, train.lora.flags, recipe.flags.preference, flags.checkpoint, recipe.flags.resume, {
   -- the shared flags whose defaults or meaning differ here
   { '--lr', 1e-4, 'AdamW peak learning rate' },

@@ -24,12 +24,12 @@ local flags, step = train.flags, train.step
 
 local opts = flags.parse(arg, { {
   { '--data-path', nil, 'jsonl file of conversations, or the PREFIX of tools/preprocess_data.lua --sft output' },
-  { '--format', 'auto', 'auto, alpaca, sharegpt or messages' },
-  { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s' },
+  { '--format', 'auto', 'auto, alpaca, sharegpt or messages', choices = { 'auto', 'alpaca', 'sharegpt', 'messages' } },
+  { '--chat-template', nil, 'use a built-in template (chatml, llama3, alpaca) instead of the model\'s', choices = require('pmp.chat_template').builtins },
   { '--packing', false, 'pack several samples per sequence' },
   { '--train-on-prompt', false, 'also train on system/user tokens' },
   { '--skip-bad-records', false, 'skip (and count) records that are malformed or have no assistant turn instead of stopping' },
-  { '--epochs', 1, 'passes over the data when --train-iters is 0' },
+  { '--epochs', 1, 'passes over the data when --train-iters is 0', integer = true, min = 1 },
   { '--save-hf', nil, 'write the fine-tuned model here as a Hugging Face directory' },
   { '--tokenizer-model', nil, 'with a Megatron-LM checkpoint in --load: the Hugging Face directory of its tokenizer (and chat template)' },
   { '--model-type', nil, "--save-hf of a checkpoint's model: its HF family (models/*.lua; default --tokenizer-model's, else llama)" },

@@ -220,8 +220,10 @@ describe('files that change while mapped', function()
       io.open(%q, 'w'):close()   -- truncated in place while mapped
       print('sum after truncation', a:sum():item())
     ]], file, file, file))
-    -- not the last command of its shell, so that shell (whose stderr is captured) reports the signal
-    local out, err, status = shell.run(shell.quote(shell.pmp) .. ' ' .. shell.quote(script) .. '; exit $?')
+    -- not the last command of its shell, so that shell (whose stderr is captured) reports the signal; under
+    -- make sanitize the fault this child is meant to die of is left to the default action, not reported by ASan
+    local out, err, status = shell.run('ASAN_OPTIONS="${ASAN_OPTIONS:-}:handle_sigbus=0" ' .. shell.quote(shell.pmp) .. ' ' ..
+      shell.quote(script) .. '; exit $?')
     assert.are_not.equal(0, status)
     assert.is_nil(out:find('sum after truncation', 1, true), 'the lost pages were read as if nothing happened')
     assert.truthy(err:find('pmp: fatal: ' .. file .. ' shrank while memory-mapped', 1, true), err)

@@ -365,6 +365,8 @@ describe('tools/checkpoint/convert.lua', function()
   end)
 
   it('streams: its peak resident memory is that of a tiny model plus a few of the largest tensor', function()
+    -- AddressSanitizer keeps freed blocks in its quarantine (256 MB) to catch their reuse: no bound holds there
+    if os.getenv('ASAN_OPTIONS') then pending('peak memory is not measurable under make sanitize') return end
     local function peak_of(load_dir, save_dir)
       local out, err, status = convert({ '--loader', 'hf', '--saver', 'mcore', '--load-dir', load_dir, '--save-dir', save_dir,
         '--target-tensor-parallel-size', '2', '--make-vocab-size-divisible-by', '8' })

@@ -2,7 +2,8 @@ require 'busted.runner'()
 -- How a training run stops without losing work or saving a wrong one: SIGTERM / SIGINT save at the end
 -- of the iteration (every MPI rank at the same one), --exit-duration-in-mins, a second Ctrl-C ending the
 -- process at once, steps with a non-finite gradient skipped and counted, a diverged model never saved,
--- and a --save directory checked before any work.
+-- a --save directory checked before any work, and every recipe stopping at once, in one line without a
+-- Lua position, on a nonsense flag value or a path it cannot use.
 local shell = require 'spec.support.shell'
 local mpi = require 'spec.support.mpi'
 local losses = require('spec.support.train_log').losses
@@ -239,6 +240,9 @@ describe('flags with nonsense values', function()
     { { '--seq-length', '0' }, '--seq-length must be >= 1, got 0' },
     { { '--make-vocab-size-divisible-by', '0' }, '--make-vocab-size-divisible-by must be >= 1, got 0' },
     { { '--lr-decay-style', 'cosin' }, "--lr-decay-style must be one of cosine, linear, constant, WSD, got 'cosin'" },
+    { { '--moe-expert-capacity-factor', '-1' }, '--moe-expert-capacity-factor must be >= 0, got -1' },
+    { { '--moe-router-score-function', 'softplus' }, "--moe-router-score-function must be one of softmax, sigmoid, got 'softplus'" },
+    { { '--kv-lora-rank', '0' }, '--kv-lora-rank must be >= 1, got 0' },
     { { '--hidden-size', '63', '--num-attention-heads', '4' }, '--hidden-size 63 is not a multiple of --num-attention-heads 4' },
     { { '--num-attention-heads', '4', '--num-query-groups', '3' }, '--num-attention-heads 4 is not a multiple of --num-query-groups 3' },
     { { '--split', '0,0,0' }, "--split '0,0,0' has no positive weight" },
@@ -256,4 +260,126 @@ describe('flags with nonsense values', function()
       assert.are.equal('pmp: ' .. case[2] .. '\n', err)
     end)
   end
+end)
+
+describe("the other recipes' flags with nonsense values", function()
+  -- each recipe refuses them while parsing, before it reads a model or data, with one line naming the flag
+  -- (a recipe's own spec of a shared flag keeps the shared bounds: sft's --seq-length, rm's --lr-decay-style)
+  local cases = {
+    { 'sft', { '--epochs', '0' }, '--epochs must be >= 1, got 0' },
+    { 'sft', { '--format', 'csv' }, "--format must be one of auto, alpaca, sharegpt, messages, got 'csv'" },
+    { 'sft', { '--chat-template', 'vicuna' }, "--chat-template must be one of alpaca, chatml, llama3, got 'vicuna'" },
+    { 'sft', { '--seq-length', '0' }, '--seq-length must be >= 1, got 0' },
+    { 'sft', { '--lora-rank', '1.5' }, '--lora-rank must be a whole number, got 1.5' },
+    { 'sft', { '--lora-dropout', '1' }, '--lora-dropout must be < 1, got 1' },
+    { 'rm', { '--batch-size', '0' }, '--batch-size must be >= 1, got 0' },
+    { 'rm', { '--lora-alpha', '0' }, '--lora-alpha must be > 0, got 0' },
+    { 'rm', { '--lr-decay-style', 'cosin' }, "--lr-decay-style must be one of cosine, linear, constant, WSD, got 'cosin'" },
+    { 'rm', { '--max-length', '1' }, '--max-length must be >= 2, got 1' },
+    { 'dpo', { '--beta', '0' }, '--beta must be > 0, got 0' },
+    { 'dpo', { '--loss-type', 'kto' }, "--loss-type must be one of sigmoid, ipo, hinge, got 'kto'" },
+    { 'dpo', { '--label-smoothing', '0.7' }, '--label-smoothing must be <= 0.5, got 0.7' },
+    { 'dpo', { '--adam-beta2', '1' }, '--adam-beta2 must be < 1, got 1' },
+    { 'dpo', { '--ref-dtype', 'f16' }, "--ref-dtype must be one of f32, bf16, got 'f16'" },
+    { 'ppo', { '--gamma', '1.5' }, '--gamma must be <= 1, got 1.5' },
+    { 'ppo', { '--lam', '-0.1' }, '--lam must be >= 0, got -0.1' },
+    { 'ppo', { '--kl-horizon', '0' }, '--kl-horizon must be > 0, got 0' },
+    { 'ppo', { '--value-clip-range', '0' }, '--value-clip-range must be > 0, got 0' },
+    { 'ppo', { '--mini-batch-size', '0' }, '--mini-batch-size must be >= 1, got 0' },
+    { 'ppo', { '--temperature', '0' }, '--temperature must be > 0, got 0' },
+    { 'ppo', { '--seed', '-1' }, '--seed must be >= 0, got -1' },
+    { 'grpo', { '--num-generations', '1' }, '--num-generations must be >= 2, got 1' },
+    { 'grpo', { '--kl-coef', '-0.01' }, '--kl-coef must be >= 0, got -0.01' },
+    { 'grpo', { '--clip-range', '-0.2' }, '--clip-range must be > 0, got -0.2' },
+    { 'grpo', { '--top-p', '0' }, '--top-p must be > 0, got 0' },
+    { 'grpo', { '--start-iters', '0' }, '--start-iters must be >= 1, got 0' },
+    { 'grpo', { '--epochs', '2.5' }, '--epochs must be a whole number, got 2.5' },
+    { 'generate', { '--max-new-tokens', '0' }, '--max-new-tokens must be >= 1, got 0' },
+    { 'generate', { '--temperature', '-1' }, '--temperature must be >= 0, got -1' },
+    { 'generate', { '--top-k', '-1' }, '--top-k must be >= 0, got -1' },
+    { 'generate', { '--top-p', '1.5' }, '--top-p must be <= 1, got 1.5' },
+    { 'generate', { '--repetition-penalty', '0' }, '--repetition-penalty must be > 0, got 0' },
+    { 'eval', { '--micro-batch-size', '0' }, '--micro-batch-size must be >= 1, got 0' },
+    { 'eval', { '--stride', '-64' }, '--stride must be >= 0, got -64' },
+    { 'eval', { '--limit', '0.5' }, '--limit must be a whole number, got 0.5' },
+    { 'quickstart', { '--steps', '0' }, '--steps must be >= 1, got 0' },
+    { 'quickstart', { '--lr', '0' }, '--lr must be > 0, got 0' },
+    { 'quickstart', { '--context', '5000' }, "--context 5000 leaves no window in the text's 621 characters" },
+    { 'pretrain', { '--sample-length', '-1' }, '--sample-length must be >= 0, got -1' },
+  }
+  it('stop each recipe at once with one line naming the flag', function()
+    local dir = shell.temp_dir()   -- no checkpoints/ here: a recipe that went on would fail otherwise
+    for _, case in ipairs(cases) do
+      local words = { 'cd', shell.quote(dir), '&&', shell.quote(shell.pmp), shell.quote(shell.root .. '/recipes/' .. case[1] .. '.lua') }
+      for _, a in ipairs(case[2]) do words[#words + 1] = shell.quote(a) end
+      local what = case[1] .. ' ' .. table.concat(case[2], ' ')
+      local out, err, status = shell.run(table.concat(words, ' '))
+      assert.are.equal(1, status, what)
+      assert.are.equal('', out, what)
+      assert.are.equal('pmp: ' .. case[3] .. '\n', err, what)
+    end
+    shell.remove_dir(dir)
+  end)
+end)
+
+describe('a recipe given a path it cannot use', function()
+  -- one line naming the path (and the flag where the recipe knows it), with no Lua position or stack: the
+  -- file system's state is the user's to fix, not the code's (PMP_TRACEBACK=1 still adds the stack)
+  local cases = {
+    { 'rm', { '--load', 'missing', '--data-path', 'pairs.jsonl' }, '^%-%-load missing is not a directory$' },
+    { 'dpo', { '--load', 'afile', '--data-path', 'pairs.jsonl' }, '^%-%-load afile is not a directory$' },
+    { 'ppo', { '--load', 'missing' }, '^%-%-load missing is not a directory$' },
+    { 'eval', { '--output', 'afile/results.json' }, '^%-%-output afile/results.json is not writable: .*Not a directory$' },
+    { 'eval', { '--data-path', '.' }, '^%-%-data%-path %. is a directory %(give a text file or an indexed dataset PREFIX%)$' },
+    { 'eval', { '--task', '.' }, '^task file %. is a directory %(give a jsonl file%)$' },
+    { 'pretrain', { '--split', 'a,b', '--save', '' }, "^dataset: bad %-%-split 'a,b'$" },
+    { 'pretrain', { '--tensorboard-dir', 'afile/tb', '--save', '', '--seq-length', '8', '--train-iters', '1' },
+      '^%-%-tensorboard%-dir afile/tb: pmp.tensorboard: cannot create event file: afile/tb/events.* Not a directory$' },
+  }
+  local function run_in(dir, case, environment)
+    local words = { 'cd', shell.quote(dir), '&&', environment or '', shell.quote(shell.pmp),
+      shell.quote(shell.root .. '/recipes/' .. case[1] .. '.lua') }
+    for _, a in ipairs(case[2]) do words[#words + 1] = shell.quote(a) end
+    return shell.run(table.concat(words, ' '))
+  end
+
+  it('stops with one line that names it, without a Lua position', function()
+    local dir = shell.temp_dir()
+    shell.write_file(dir .. '/afile', 'x')
+    for _, case in ipairs(cases) do
+      local what = case[1] .. ' ' .. table.concat(case[2], ' ')
+      local out, err, status = run_in(dir, case)
+      assert.are.equal(1, status, what .. ': ' .. err)
+      assert.are.equal('', out, what)
+      local line = err:match('^pmp: ([^\n]*)\n$')
+      assert.is_not_nil(line, what .. ': ' .. err)
+      assert.matches(case[3], line)
+    end
+    local _, traced = run_in(dir, cases[1], 'PMP_TRACEBACK=1')
+    assert.matches('^pmp: %-%-load missing is not a directory\nstack traceback:\n', traced)
+    shell.remove_dir(dir)
+  end)
+
+  it('finds an unwritable --save when the checkpoints are set up, before any training', function()
+    local dir = shell.temp_dir()
+    shell.write_file(dir .. '/afile', 'x')
+    local logger = pmp.train.Logger({ log_interval = 1 }, { name = 'spec', enabled = false })
+    assert.has_error(function() pmp.train.Checkpoints({ save = dir .. '/afile/ck', save_interval = 0 }, logger) end,
+      '--save ' .. dir .. '/afile/ck is not writable: pmp.io.mkdir_p: ' .. dir .. '/afile/ck: cannot create directory ' ..
+      dir .. '/afile: it exists and is not a directory')
+    shell.remove_dir(dir)
+  end)
+
+  it('reads preference pairs, model directories and JSON with errors that carry no position', function()
+    assert.has_error(function() pmp.rl.preference.load_jsonl('/nonexistent/pairs.jsonl', {}) end,
+      'preference: cannot read /nonexistent/pairs.jsonl')
+    assert.has_error(function() pmp.rl.preference.load_jsonl('/tmp', {}) end, 'preference: /tmp is a directory (give a jsonl file)')
+    assert.has_error(function() pmp.train.chat_data.lines('/tmp') end, '--data-path /tmp is a directory (give a jsonl file or a PREFIX)')
+    assert.has_error(function() pmp.models.from_pretrained('/nonexistent/model') end,
+      'from_pretrained: /nonexistent/model is not a directory')
+    assert.has_error(function() pmp.json.read('/nonexistent/config.json') end,
+      'json.read: cannot open /nonexistent/config.json: No such file or directory')
+    assert.has_error(function() pmp.io.read_file('/nonexistent/file') end,
+      'pmp.io.read_file: cannot open /nonexistent/file: No such file or directory')
+  end)
 end)

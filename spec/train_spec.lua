@@ -16,6 +16,15 @@ describe('pmp.train.flags', function()
     assert.has_error(function() train.flags.parse({ '--b', '5' }, { train.flags.optimizer }) end,
       "unknown argument '--b' (see --help)")
   end)
+
+  it('keeps the bounds of a replaced spec unless the new one sets its own', function()
+    local sets = { { { '--a', 1, 'a', integer = true, min = 1 } }, { { '--a', 4, 'a, another default' } } }
+    assert.are.same({ { '--a', 4, 'a, another default', integer = true, min = 1 } }, train.flags.merge(sets))
+    assert.has_error(function() train.flags.parse({ '--a', '0' }, sets) end, '--a must be >= 1, got 0')
+    local own = { '--a', 4, 'a, any value', min = -1 }
+    assert.are.equal(own, train.flags.merge({ sets[1], { own } })[1])
+    assert.are.equal(0.5, train.flags.parse({ '--a', '0.5' }, { sets[1], { own } }).a)
+  end)
 end)
 
 describe('pmp.train.parallel.init on one process', function()

@@ -8,12 +8,11 @@ set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 reports=$(mktemp -d /tmp/pmp-sanitize.XXXXXX)
 # LuaJIT allocates from its own mmap'd arenas, which ASan does not instrument; OpenMP workers and
-# Open MPI keep their pools until exit, which LeakSanitizer sees through tools/sanitize.supp.
+# Open MPI keep their pools until exit, which LeakSanitizer sees through tools/sanitize.supp. Open MPI's
+# plugins stay loaded to the end in pmp-sanitize (core/host/keep_libraries_loaded.c), so those frames have names.
 export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:abort_on_error=0:exitcode=86:log_path=$reports/asan:strict_string_checks=1:detect_stack_use_after_return=0"
 export LSAN_OPTIONS="suppressions=$root/tools/sanitize.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=${PMP_UBSAN_HALT:-1}"
-# Open MPI unloads its components at MPI_Finalize, leaving leak reports with unnamed frames
-export OMPI_MCA_mca_base_component_disable_dlclose=1
 export PMP_SPEC_EXECUTABLE="$root/pmp-sanitize"
 "$root/pmp-sanitize" "$root/spec/run.lua" "$@"
 status=$?

@@ -11,6 +11,9 @@
 --- holds the keys the command line gave (given.num_layers == true), for defaults a recipe treats apart.
 local M = {}
 
+--- The fields of a spec that bound its value.
+M.bounds = { 'integer', 'min', 'max', 'above', 'below', 'choices' }
+
 local function key_of(flag) return flag:gsub('^%-%-', ''):gsub('%-', '_') end
 
 function M.help(specs, options)

@@ -137,6 +137,7 @@ end
 --- Reads a task file: { name = basename without .jsonl, kind = 'multiple_choice' | 'exact_match',
 --- records = {...} }. A bad line raises an error naming the file and line.
 function M.read_task(path, limit)
+  if require('pmp.io').is_dir(path) then error('task file ' .. path .. ' is a directory (give a jsonl file)', 0) end
   local file = io.open(path, 'r')
   if not file then error('cannot read task file ' .. path, 0) end
   local records, kind, line_number = {}, nil, 0

@@ -17,8 +17,10 @@ local M = {}
 
 local function last_error() return ffi.string(C.pmp_last_error()) end
 
-local function fail(what, level)
-  error(what .. ': ' .. last_error(), level or 3)
+-- An operating-system error on a path: the message names the path, without a position (it is the
+-- file system's state, not the calling code, that is wrong).
+local function fail(what)
+  error(what .. ': ' .. last_error(), 0)
 end
 
 -- Directory part of a path ('.' for a bare name).
@@ -45,7 +47,7 @@ function M.getpid() return C.pmp_getpid() end
 -- 'file', 'directory', 'other' or nil when nothing is there.
 function M.kind(path)
   local k = C.pmp_file_kind(path)
-  if k < 0 then fail('pmp.io.kind', 2) end
+  if k < 0 then fail('pmp.io.kind') end
   return ({ [1] = 'file', [2] = 'directory', [3] = 'other' })[k]
 end
 
@@ -55,14 +57,14 @@ function M.is_file(path) return M.kind(path) == 'file' end
 
 function M.size(path)
   local n = C.pmp_file_size(path)
-  if n < 0 then fail('pmp.io.size', 2) end
+  if n < 0 then fail('pmp.io.size') end
   return tonumber(n)
 end
 
 -- The names in a directory, sorted (no '.' or '..').
 function M.listdir(path)
   local dir = C.pmp_dir_open(path)
-  if dir == nil then fail('pmp.io.listdir', 2) end
+  if dir == nil then fail('pmp.io.listdir') end
   dir = ffi.gc(dir, C.pmp_dir_close)
   local names = {}
   while true do
@@ -78,7 +80,7 @@ end
 -- The whole file as a string.
 function M.read_file(path)
   local f, err = io.open(path, 'rb')
-  if not f then error('pmp.io.read_file: cannot open ' .. tostring(err), 2) end
+  if not f then error('pmp.io.read_file: cannot open ' .. tostring(err), 0) end
   local data = f:read('*a')
   f:close()
   return data
@@ -91,7 +93,7 @@ function M.mkdir_p(path)
   for part in path:gmatch('[^/]+') do
     prefix = prefix .. part
     if part ~= '.' and part ~= '..' then
-      if C.pmp_file_mkdir(prefix) < 0 then fail('pmp.io.mkdir_p: ' .. path, 2) end
+      if C.pmp_file_mkdir(prefix) < 0 then fail('pmp.io.mkdir_p: ' .. path) end
     end
     prefix = prefix .. '/'
   end
@@ -101,7 +103,7 @@ end
 -- The CRC32C of a file's bytes as 'crc32c:xxxxxxxx' (the form checkpoints record).
 function M.checksum(path)
   local out = ffi.new('uint32_t[1]')
-  if C.pmp_file_crc32c(path, out) ~= 0 then fail('pmp.io.checksum', 2) end
+  if C.pmp_file_crc32c(path, out) ~= 0 then fail('pmp.io.checksum') end
   return string.format('crc32c:%08x', out[0])
 end
 
@@ -119,7 +121,7 @@ function M.remove_stale_temporaries(dir, stem)
     local pid = name:sub(1, #stem) == stem and tonumber(name:match('%.tmp%.(%d+)$'))
     if pid and pid ~= me and C.pmp_process_alive(pid) == 0 then
       local path = M.join(dir, name)
-      if C.pmp_file_remove_tree(path) ~= 0 then fail('pmp.io.remove_stale_temporaries', 2) end
+      if C.pmp_file_remove_tree(path) ~= 0 then fail('pmp.io.remove_stale_temporaries') end
       removed[#removed + 1] = path
     end
   end
@@ -128,11 +130,11 @@ end
 
 -- Removes a file or a directory tree (links are removed, not followed); missing paths are fine.
 function M.remove_tree(path)
-  if C.pmp_file_remove_tree(path) ~= 0 then fail('pmp.io.remove_tree', 2) end
+  if C.pmp_file_remove_tree(path) ~= 0 then fail('pmp.io.remove_tree') end
 end
 
 function M.remove(path)
-  if C.pmp_file_remove(path) ~= 0 then fail('pmp.io.remove', 2) end
+  if C.pmp_file_remove(path) ~= 0 then fail('pmp.io.remove') end
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ function M.write_atomic(path, content)
   end
   local tmp = path .. '.tmp.' .. C.pmp_getpid()
   local fd = C.pmp_file_open_write(tmp)
-  if fd < 0 then error('pmp.io.write_atomic: ' .. path .. ': ' .. last_error(), 2) end
+  if fd < 0 then error('pmp.io.write_atomic: ' .. path .. ': ' .. last_error(), 0) end
   local w = setmetatable({ fd = fd, tmp = tmp, path = path, bytes = 0 }, Writer)
   local ok, err = pcall(function()
     if type(content) == 'string' then w:write(content) else content(w) end
@@ -187,10 +189,10 @@ function M.write_atomic(path, content)
   if C.pmp_file_sync_close(fd, tmp) ~= 0 or C.pmp_file_rename(tmp, path) ~= 0 then
     local msg = last_error()
     C.pmp_file_remove(tmp)
-    error('pmp.io.write_atomic: ' .. path .. ': ' .. msg, 2)
+    error('pmp.io.write_atomic: ' .. path .. ': ' .. msg, 0)
   end
   if C.pmp_file_sync_dir(M.dirname(path)) ~= 0 then
-    error('pmp.io.write_atomic: ' .. path .. ': ' .. last_error(), 2)
+    error('pmp.io.write_atomic: ' .. path .. ': ' .. last_error(), 0)
   end
   return w.bytes
 end

@@ -433,11 +433,11 @@ end
 -- Reads and decodes a file; errors name the file.
 function json.read(path, options)
   local f, err = io.open(path, 'rb')
-  if not f then error('json.read: cannot open ' .. tostring(err), 2) end
+  if not f then error('json.read: cannot open ' .. tostring(err), 0) end
   local text = f:read('*a')
   f:close()
   local ok, value = pcall(json.decode, text, options)
-  if not ok then error(path .. ': ' .. value, 2) end
+  if not ok then error(path .. ': ' .. value, 0) end
   return value
 end
 

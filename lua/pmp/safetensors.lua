@@ -615,7 +615,7 @@ function M.shard_files(dir, options)
   options = options or {}
   if type(dir) ~= 'string' then error('safetensors.load_sharded: expects a directory', 3) end
   local prefix = options.prefix or 'model'
-  if not pio.is_dir(dir) then error('safetensors.load_sharded: ' .. dir .. ' is not a directory', 3) end
+  if not pio.is_dir(dir) then error('safetensors.load_sharded: ' .. dir .. ' is not a directory', 0) end
   local index_path = dir .. '/' .. prefix .. '.safetensors.index.json'
   if not pio.is_file(index_path) then
     local single = dir .. '/' .. prefix .. '.safetensors'

@@ -151,7 +151,7 @@ function M.writer(dir, opts)
   file_counter = file_counter + 1
   local path = dir .. '/' .. name
   local file, err = io.open(path, 'wb')
-  if not file then error('pmp.tensorboard: cannot create event file: ' .. tostring(err), 2) end
+  if not file then error('pmp.tensorboard: cannot create event file: ' .. tostring(err), 0) end
   local self = setmetatable({
     path = path, file = file, pending = {},
     flush_secs = opts.flush_secs or 120, max_queue = opts.max_queue or 10, last_flush = wall_time,

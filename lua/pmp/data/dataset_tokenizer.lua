@@ -90,7 +90,7 @@ function M.hf(dir, options)
   end
   local tok = mod.from_pretrained(dir)
   local vocab = first_number(tok.vocab_size, try(tok, 'get_vocab_size', true), try(tok, 'vocab_size'))
-  if not vocab then error('dataset tokenizer: cannot tell the vocabulary size of the tokenizer in ' .. dir, 2) end
+  if not vocab then error('dataset tokenizer: cannot tell the vocabulary size of the tokenizer in ' .. dir, 0) end
   local eod = first_number(tok.eos_id, tok.eos_token_id, tok.eod, tok.eod_id)
   if not eod and type(tok.eos_token) == 'string' then eod = first_number(try(tok, 'token_to_id', tok.eos_token)) end
   -- base_vocab_size: without added tokens, what Pai-Megatron-Patch's --extra-vocab-size adds to

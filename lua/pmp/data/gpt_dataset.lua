@@ -123,14 +123,14 @@ function M.parse_split(split)
   else
     for v in tostring(split):gmatch('[.0-9]+') do w[#w + 1] = tonumber(v) end
   end
-  if #w == 0 or #w > 3 then fail("bad --split '" .. tostring(split) .. "' (expected up to three weights, e.g. 969,30,1)", 2) end
+  if #w == 0 or #w > 3 then error("gpt dataset: bad --split '" .. tostring(split) .. "' (expected up to three weights, e.g. 969,30,1)", 0) end
   while #w < 3 do w[#w + 1] = 0 end
   local total = 0
   for k = 1, 3 do
-    if not w[k] or w[k] < 0 then fail("bad --split '" .. tostring(split) .. "'", 2) end
+    if not w[k] or w[k] < 0 then error("gpt dataset: bad --split '" .. tostring(split) .. "'", 0) end
     total = total + w[k]
   end
-  if total <= 0 then fail("--split '" .. tostring(split) .. "' has no positive weight", 2) end
+  if total <= 0 then error("gpt dataset: --split '" .. tostring(split) .. "' has no positive weight", 0) end
   for k = 1, 3 do w[k] = w[k] / total end
   return w
 end

@@ -58,7 +58,7 @@ function Dataset.split(tokens, weights)
   local parts, total = {}, 0
   for w in tostring(weights):gmatch('[^,]+') do
     local v = tonumber(w)
-    if not v or v < 0 then error("dataset: bad --split '" .. tostring(weights) .. "'", 2) end
+    if not v or v < 0 then error("dataset: bad --split '" .. tostring(weights) .. "'", 0) end
     parts[#parts + 1] = v
     total = total + v
   end

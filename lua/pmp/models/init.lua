@@ -414,15 +414,15 @@ end
 function M.from_pretrained(dir, options)
   options = options or {}
   if type(dir) ~= 'string' then error('from_pretrained: expects a directory path', 2) end
-  if not pio.is_dir(dir) then error('from_pretrained: ' .. dir .. ' is not a directory', 2) end
+  if not pio.is_dir(dir) then error('from_pretrained: ' .. dir .. ' is not a directory', 0) end
   local config_path = dir .. '/config.json'
-  if not pio.is_file(config_path) then error('from_pretrained: ' .. dir .. ' has no config.json', 2) end
+  if not pio.is_file(config_path) then error('from_pretrained: ' .. dir .. ' has no config.json', 0) end
   local hf = json.read(config_path)
   local config, family = M.config_from_hf(hf, options, config_path)
   local has_single = pio.is_file(dir .. '/model.safetensors')
   if not has_single and not pio.is_file(dir .. '/model.safetensors.index.json') then
     error('from_pretrained: ' .. dir .. ' has no model.safetensors or model.safetensors.index.json' ..
-      (pio.is_file(dir .. '/pytorch_model.bin') and ' (pytorch_model.bin is not supported; convert it to safetensors)' or ''), 2)
+      (pio.is_file(dir .. '/pytorch_model.bin') and ' (pytorch_model.bin is not supported; convert it to safetensors)' or ''), 0)
   end
   local catalog = loading.catalog(dir)
   if options.head == 'score' then M.check_score_config(hf, config_path, catalog) end

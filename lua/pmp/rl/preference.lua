@@ -89,8 +89,9 @@ end
 
 --- Every record of a jsonl file, tokenized; an error names the file and line.
 function M.load_jsonl(path, opts)
+  if require('pmp.io').is_dir(path) then error('preference: ' .. path .. ' is a directory (give a jsonl file)', 0) end
   local file = io.open(path, 'r')
-  if not file then error('preference: cannot read ' .. tostring(path), 2) end
+  if not file then error('preference: cannot read ' .. tostring(path), 0) end
   local out, number = {}, 0
   for line in file:lines() do
     number = number + 1

@@ -18,8 +18,8 @@ M.flags = {
     { '--lr-decay-style', 'constant', 'cosine, linear, constant or WSD' },
     { '--weight-decay', 0.0, 'AdamW decoupled weight decay (not on norms and biases)' },
     { '--adam-beta2', 0.999, 'AdamW beta2' },
-    { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made' },
-    { '--seed', 1234, 'random seed' },
+    { '--start-iters', 300, 'embedded task: fine-tuning steps of the start policy when it is made', integer = true, min = 1 },
+    { '--seed', 1234, 'random seed', integer = true, min = 0 },
     { '--save', nil, 'checkpoint directory (written at the end)' },
     { '--save-hf', nil, 'write the trained model here as a Hugging Face directory' },
     { '--tensorboard-dir', nil, 'write TensorBoard event files here' },
@@ -30,16 +30,16 @@ M.flags = {
     { '--prompts', nil, 'jsonl file of prompts' },
     { '--reward-fn', nil, 'Lua file returning function(prompt, response, sample) -> number' },
     { '--reward-model', nil, 'Hugging Face *ForSequenceClassification reward model directory' },
-    { '--temperature', 1.0, 'sampling temperature' },
-    { '--top-p', 1.0, 'nucleus sampling' },
-    { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)' },
-    { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt' },
-    { '--eval-interval', 0, 'embedded task: iterations between held-out evaluations (0: at the end)' },
+    { '--temperature', 1.0, 'sampling temperature', above = 0 },
+    { '--top-p', 1.0, 'nucleus sampling', above = 0, max = 1 },
+    { '--max-new-tokens', 0, 'answer length limit (0: 4 for the embedded task, else 128)', integer = true, min = 0 },
+    { '--eval-samples', 4, 'embedded task: sampled answers per held-out prompt', integer = true, min = 1 },
+    { '--eval-interval', 0, 'embedded task: iterations between held-out evaluations (0: at the end)', integer = true, min = 0 },
   },
   preference = {
     { '--data-path', nil, 'jsonl file of preference pairs' },
     { '--eval-data-path', nil, 'jsonl file of held-out preference pairs' },
-    { '--max-length', 1024, 'tokens per sequence (longer ones are cut)' },
+    { '--max-length', 1024, 'tokens per sequence (longer ones are cut)', integer = true, min = 2 },
   },
   -- the recipes with a frozen reference model (dpo, ppo, grpo)
   reference = {
@@ -141,6 +141,7 @@ end
 --- Returns model, tokenizer, render (nil for the embedded task, whose prompts are plain text).
 function M.policy(opts, load)
   if opts.load then
+    if not require('pmp.io').is_dir(opts.load) then error('--load ' .. opts.load .. ' is not a directory', 0) end
     local model = require('pmp.models').from_pretrained(opts.load, { head = load and load.head })
     local tokenizer = require('pmp.tokenizer').from_pretrained(opts.load)
     return model, tokenizer, require('pmp.train.base_model').chat_renderer(tokenizer, opts.load, nil, opts.load)
@@ -160,6 +161,7 @@ function M.prompts(opts, tokenizer, render)
     for k, pair in ipairs(sums.pairs('train')) do out[k] = tokenizer:encode(sums.prompt(pair)) end
     return out
   end
+  if require('pmp.io').is_dir(opts.prompts) then error('--prompts ' .. opts.prompts .. ' is a directory (give a jsonl file)', 0) end
   local file = io.open(opts.prompts, 'r')
   if not file then error('cannot read --prompts ' .. opts.prompts, 0) end
   local number = 0
@@ -186,6 +188,7 @@ function M.reward(opts, tokenizer)
   if opts.reward_fn and opts.reward_model then error('give one of --reward-fn and --reward-model', 0) end
   if opts.reward_fn then return rollout.load_reward_fn(opts.reward_fn) end
   if opts.reward_model then
+    if not require('pmp.io').is_dir(opts.reward_model) then error('--reward-model ' .. opts.reward_model .. ' is not a directory', 0) end
     local model = require('pmp.models').from_pretrained(opts.reward_model, { head = 'score' })
     model:eval()
     return rollout.reward_model(model, tokenizer.pad_id or 0)

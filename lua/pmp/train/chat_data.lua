@@ -10,6 +10,7 @@ local M = {}
 --- The lines of a file (one per line of the file, so that errors give its line numbers), read at
 --- once; an error names the file when it cannot be read.
 function M.lines(path)
+  if require('pmp.io').is_dir(path) then error('--data-path ' .. path .. ' is a directory (give a jsonl file or a PREFIX)', 0) end
   local file = io.open(path, 'r')
   if not file then error('cannot read --data-path ' .. path, 0) end
   local text = file:read('*a')

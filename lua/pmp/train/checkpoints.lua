@@ -97,6 +97,8 @@ function Checkpoints.new(opts, logger)
   local self = setmetatable({ dir = opts.save ~= '' and opts.save or nil, interval = opts.save_interval,
     exit_interval = opts.exit_interval or 0, exit_after = (opts.exit_duration_in_mins or 0) * 60,
     started = clock.now(), logger = logger, first_iteration = 0, saved_iteration = nil }, Checkpoints)
+  -- an unwritable directory must stop the run now, not at its first save after the training it was to keep
+  Checkpoints.check_save_dir(self.dir, true)
   if opts.exit_signal_handler then
     if C.pmp_stop_signals_watch(1, 1) ~= 0 then error(require('ffi').string(C.pmp_last_error()), 0) end
     self.watching_signals = true

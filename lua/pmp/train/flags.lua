@@ -1,6 +1,6 @@
 --- Flag sets that training recipes share, with Megatron-LM's names (pmp.args specs). A recipe parses
 --- the sets it uses plus its own flags; its own spec for a flag that a set also has replaces the set's
---- in place (another default or help text):
+--- in place (another default or help text), keeping the replaced spec's bounds unless it sets its own:
 ---   local flags = pmp.train.flags
 ---   local opts = flags.parse(arg, { flags.training, flags.optimizer, { { '--lr', 1e-5, 'peak learning rate' } } },
 ---     { usage = 'pmp recipes/x.lua [flags]' })
@@ -27,20 +27,20 @@ M.model = {
 M.moe = {
   { '--num-experts', 0, 'experts per MoE layer (0: dense MLPs)', integer = true, min = 0 },
   { '--moe-router-topk', 2, 'experts each token is routed to', integer = true, min = 1 },
-  { '--moe-ffn-hidden-size', 0, "each expert's MLP width (0: --ffn-hidden-size's)" },
-  { '--moe-shared-expert-intermediate-size', 0, 'width of the shared experts every token passes through (0: none)' },
+  { '--moe-ffn-hidden-size', 0, "each expert's MLP width (0: --ffn-hidden-size's)", integer = true, min = 0 },
+  { '--moe-shared-expert-intermediate-size', 0, 'width of the shared experts every token passes through (0: none)', integer = true, min = 0 },
   { '--moe-shared-expert-gate', false, "scale the shared experts' output by a learned sigmoid gate (Qwen2-MoE)" },
   { '--moe-shared-expert-overlap', false, "run the shared experts while the tokens' all-to-alls are in flight (expert parallelism; same results)" },
   { '--moe-router-pre-softmax', false, 'softmax over all experts before top-k, no renormalisation (Qwen2-MoE)' },
-  { '--moe-router-load-balancing-type', 'aux_loss', 'aux_loss (Switch Transformer), seq_aux_loss (per sequence) or none' },
-  { '--moe-router-score-function', 'softmax', 'softmax or sigmoid (DeepSeek-V3)' },
+  { '--moe-router-load-balancing-type', 'aux_loss', 'aux_loss (Switch Transformer), seq_aux_loss (per sequence) or none', choices = { 'aux_loss', 'seq_aux_loss', 'none' } },
+  { '--moe-router-score-function', 'softmax', 'softmax or sigmoid (DeepSeek-V3)', choices = { 'softmax', 'sigmoid' } },
   { '--moe-router-enable-expert-bias', false, 'aux-loss-free balancing: a per-expert bias on the choice, moved towards the mean load each step (sigmoid)' },
-  { '--moe-router-bias-update-rate', 1e-3, 'step of the expert bias update' },
-  { '--moe-router-num-groups', 0, 'expert groups for group-limited routing (0: none)' },
-  { '--moe-router-group-topk', 0, 'groups each token may choose experts from' },
-  { '--moe-router-topk-scaling-factor', 0.0, 'multiplies the routing probabilities (0: none)' },
-  { '--moe-expert-capacity-factor', 0.0, 'cap each expert at this multiple of its even share of tokens, dropping the rest (0: dropless)' },
-  { '--moe-token-drop-policy', 'probs', 'which tokens an expert over capacity keeps: probs (highest) or position (first)' },
+  { '--moe-router-bias-update-rate', 1e-3, 'step of the expert bias update', min = 0 },
+  { '--moe-router-num-groups', 0, 'expert groups for group-limited routing (0: none)', integer = true, min = 0 },
+  { '--moe-router-group-topk', 0, 'groups each token may choose experts from', integer = true, min = 0 },
+  { '--moe-router-topk-scaling-factor', 0.0, 'multiplies the routing probabilities (0: none)', min = 0 },
+  { '--moe-expert-capacity-factor', 0.0, 'cap each expert at this multiple of its even share of tokens, dropping the rest (0: dropless)', min = 0 },
+  { '--moe-token-drop-policy', 'probs', 'which tokens an expert over capacity keeps: probs (highest) or position (first)', choices = { 'probs', 'position' } },
   { '--moe-token-dispatcher-type', 'alltoall', 'how tokens reach the experts of other expert-parallel ranks (alltoall)' },
   { '--moe-aux-loss-coeff', 0.0, 'weight of the load-balancing loss', min = 0 },
   { '--moe-z-loss-coeff', 0.0, 'weight of the router z-loss', min = 0 },
@@ -51,11 +51,11 @@ M.moe = {
 --- Multi-latent attention (pmp.nn.mla, DeepSeek-V2/V3), Megatron-LM's names.
 M.mla = {
   { '--multi-latent-attention', false, 'attention through a compressed key/value latent (DeepSeek-V2/V3)' },
-  { '--q-lora-rank', 0, 'rank of the query projection (0: a direct projection)' },
-  { '--kv-lora-rank', 32, 'width of the key/value latent' },
-  { '--qk-head-dim', 16, 'query/key dims per head without RoPE' },
-  { '--qk-pos-emb-head-dim', 8, 'query/key dims per head with RoPE (one rotary key shared by all heads)' },
-  { '--v-head-dim', 16, 'value dims per head' },
+  { '--q-lora-rank', 0, 'rank of the query projection (0: a direct projection)', integer = true, min = 0 },
+  { '--kv-lora-rank', 32, 'width of the key/value latent', integer = true, min = 1 },
+  { '--qk-head-dim', 16, 'query/key dims per head without RoPE', integer = true, min = 1 },
+  { '--qk-pos-emb-head-dim', 8, 'query/key dims per head with RoPE (one rotary key shared by all heads)', integer = true, min = 1 },
+  { '--v-head-dim', 16, 'value dims per head', integer = true, min = 1 },
 }
 
 --- Sequences, batches and steps.
@@ -136,14 +136,33 @@ M.logging = {
   { '--profile-step-end', 12, 'last profiled iteration', integer = true, min = 1 },
 }
 
---- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood.
+-- Whether a spec sets any of pmp.args' bounds.
+local function has_bounds(spec)
+  for _, field in ipairs(args.bounds) do
+    if spec[field] ~= nil then return true end
+  end
+  return false
+end
+
+-- spec with the bounds of the spec it replaces: a recipe that changes a flag's default or help text must
+-- not drop the check on its value by leaving the bounds out.
+local function with_bounds_of(replaced, spec)
+  if has_bounds(spec) then return spec end
+  local out = {}
+  for key, value in pairs(spec) do out[key] = value end
+  for _, field in ipairs(args.bounds) do out[field] = replaced[field] end
+  return out
+end
+
+--- The specs of the sets in order, a later spec of a flag replacing the earlier one where it stood
+--- (with its bounds when it sets none).
 function M.merge(sets)
   local specs, position = {}, {}
   for _, set in ipairs(sets) do
     for _, spec in ipairs(set) do
       local at = position[spec[1]]
       if at then
-        specs[at] = spec
+        specs[at] = with_bounds_of(specs[at], spec)
       else
         specs[#specs + 1] = spec
         position[spec[1]] = #specs

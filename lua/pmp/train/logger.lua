@@ -23,7 +23,11 @@ function Logger.new(opts, options)
   local self = setmetatable({ opts = opts, name = options.name, enabled = options.enabled ~= false,
     train_iters = options.train_iters, flops_per_token = options.flops_per_token, peak_flops = options.peak_flops,
     consumed = options.consumed, world_size = options.world_size or 1, loss_sum = 0, steps = 0, loss_steps = 0, skipped = 0, nan = 0, tokens = 0 }, Logger)
-  if self.enabled and opts.tensorboard_dir then self.tensorboard = require('pmp.tensorboard').writer(opts.tensorboard_dir) end
+  if self.enabled and opts.tensorboard_dir then
+    local ok, writer = pcall(require('pmp.tensorboard').writer, opts.tensorboard_dir)
+    if not ok then error('--tensorboard-dir ' .. opts.tensorboard_dir .. ': ' .. tostring(writer), 0) end
+    self.tensorboard = writer
+  end
   return self
 end
 

@@ -11,9 +11,9 @@ local peft = require 'pmp.models.peft'
 local M = {}
 
 M.flags = {
-  { '--lora-rank', 0, 'train LoRA adapters of this rank on the frozen model (0: fine-tune every weight)' },
-  { '--lora-alpha', 16, 'LoRA scaling numerator: the adapters are scaled by alpha / rank' },
-  { '--lora-dropout', 0.0, 'dropout on the adapters\' input' },
+  { '--lora-rank', 0, 'train LoRA adapters of this rank on the frozen model (0: fine-tune every weight)', integer = true, min = 0 },
+  { '--lora-alpha', 16, 'LoRA scaling numerator: the adapters are scaled by alpha / rank', above = 0 },
+  { '--lora-dropout', 0.0, 'dropout on the adapters\' input', min = 0, below = 1 },
   { '--lora-target-modules', 'all-linear', 'comma-separated PEFT module names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj) or all-linear' },
   { '--load-lora', nil, 'start from this PEFT adapter directory (its own rank, alpha and targets)' },
   { '--save-lora', nil, 'write the trained adapters here in PEFT\'s format (adapter_config.json + adapter_model.safetensors)' },
@@ -40,9 +40,6 @@ local SETTINGS = { 'lora_rank', 'lora_alpha', 'lora_dropout', 'lora_target_modul
 function M.check(opts, save_hf, resumed_args)
   if resumed_args and M.enabled(resumed_args) and not M.enabled(opts) then
     for _, key in ipairs(SETTINGS) do opts[key] = resumed_args[key] end
-  end
-  if opts.lora_rank < 0 or opts.lora_rank ~= math.floor(opts.lora_rank) then
-    error('--lora-rank must be a non-negative integer, got ' .. opts.lora_rank, 0)
   end
   if not M.enabled(opts) then
     for _, flag in ipairs({ 'save_lora', 'merge_lora' }) do
