@@ -195,9 +195,12 @@ class LlamaCpp:
     name = 'llama.cpp'
 
     def __init__(self, gguf_path, dtype, threads, max_batch, max_tokens):
+        import gguf
         import llama_cpp as lc
         import numpy as np
         self.lc, self.np = lc, np
+        self.quiet = lc.llama_log_callback(lambda level, text, data: None)   # kept: C holds the pointer
+        lc.llama_log_set(self.quiet, None)
         lc.llama_backend_init()
         self.model = lc.llama_model_load_from_file(gguf_path.encode(), lc.llama_model_default_params())
         if not self.model:
@@ -208,7 +211,7 @@ class LlamaCpp:
         cp.n_batch = cp.n_ubatch = max_batch * max_tokens
         cp.n_threads = cp.n_threads_batch = threads
         # the KV cache in the weights' dtype, as pmp and transformers keep it (llama.cpp's default is f16)
-        cp.type_k = cp.type_v = lc.GGML_TYPE_F32 if dtype == 'f32' else lc.GGML_TYPE_BF16
+        cp.type_k = cp.type_v = int(gguf.GGMLQuantizationType.F32 if dtype == 'f32' else gguf.GGMLQuantizationType.BF16)
         cp.no_perf = True
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
