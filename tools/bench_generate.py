@@ -228,13 +228,8 @@ class LlamaCpp:
         rc = self.lc.llama_decode(self.ctx, b)
         if rc != 0:
             sys.exit(f'bench_generate: llama_decode returned {rc}')
-        rows, n = [], 0
-        for i, e in enumerate(entries):
-            if e[3]:
-                ptr = self.lc.llama_get_logits_ith(self.ctx, i)
-                rows.append(self.np.ctypeslib.as_array(ptr, shape=(self.vocab,)))
-                n += 1
-        return rows
+        return [self.np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,))
+                for i, e in enumerate(entries) if e[3]]
 
     def generate(self, prompts, new):
         t0 = time.perf_counter()
