@@ -263,6 +263,64 @@ describe('fused attention', function()
     assert.is_false(ok)
     assert.matches('multiple of Hkv', message)
   end)
+  -- Attention of the last T of S positions, written as loops over Lua numbers (f64): query t of row b
+  -- sees keys [max(starts[b], pos - window + 1), pos] with pos = S - T + t (0-based); zeros if none.
+  local function looped_attention(q, k, v, starts, window)
+    local qt, kt, vt = q:double():totable(), k:double():totable(), v:double():totable()
+    local B, Hq, T, D = unpack(q.shape)
+    local Hkv, S = k:size(2), k:size(3)
+    local out = {}
+    for b = 1, B do
+      out[b] = {}
+      for h = 1, Hq do
+        out[b][h] = {}
+        local hk = math.floor((h - 1) / (Hq / Hkv)) + 1
+        for t = 1, T do
+          local pos = S - T + t - 1
+          local first = math.max(starts[b], window > 0 and pos - window + 1 or 0)
+          local scores, peak = {}, -math.huge
+          for s = first, pos do
+            local dot = 0
+            for d = 1, D do dot = dot + qt[b][h][t][d] * kt[b][hk][s + 1][d] end
+            scores[s] = dot / math.sqrt(D)
+            peak = math.max(peak, scores[s])
+          end
+          local row, total = {}, 0
+          for d = 1, D do row[d] = 0 end
+          for s = first, pos do
+            local e = math.exp(scores[s] - peak)
+            total = total + e
+            for d = 1, D do row[d] = row[d] + e * vt[b][hk][s + 1][d] end
+          end
+          for d = 1, D do row[d] = total > 0 and row[d] / total or 0 end
+          out[b][h][t] = row
+        end
+      end
+    end
+    return pmp.tensor(out, { dtype = 'f64' })
+  end
+  it('decodes (1 to 8 queries against keys over several tiles, read as rows) as the looped f64 reference', function()
+    -- GQA, a head dim off the vector width, left padding (the second row's first 70 keys hidden) and a
+    -- window; T = 9 takes the tiled path beside them
+    local S, D = 150, 12
+    local starts = { 0, 70 }
+    local first_key = pmp.tensor(starts, { dtype = 'i64' })
+    for _, T in ipairs({ 1, 3, 8, 9 }) do
+      local q, k, v = pmp.randn(2, 4, T, D, { dtype = 'f64' }), pmp.randn(2, 2, S, D, { dtype = 'f64' }),
+        pmp.randn(2, 2, S, D, { dtype = 'f64' })
+      for _, window in ipairs({ 0, 40 }) do
+        for dtype, tolerance in pairs({ f64 = 1e-12, f32 = 1e-5, bf16 = 1e-2 }) do
+          -- the reference sees the inputs rounded to dtype, so only the kernel's own rounding remains
+          local qr, kr, vr = q:to(dtype), k:to(dtype), v:to(dtype)
+          local want = looped_attention(qr, kr, vr, starts, window)
+          local got = F.attention(qr, kr, vr, { first_key = first_key, window = window })
+          assert.are.equal(dtype, got.dtype)
+          local d = max_diff(got, want)
+          assert.is_true(d < tolerance, ('T %d, window %d, %s: differs by %g'):format(T, window, dtype, d))
+        end
+      end
+    end
+  end)
 end)
 
 describe('fused attention layouts and half precision', function()

@@ -2,8 +2,10 @@
 #include "internal.h"
 #include "cpu/vector_math.h"
 
-/* GEMM_ROWS: rows of C a tile GEMM keeps in registers (with 2 vectors of columns, 16 of AVX-512's 32) */
-enum { BLOCK_Q = 64, BLOCK_K = 64, GEMM_ROWS = 8 };
+/* GEMM_ROWS: rows of C a tile GEMM keeps in registers (with 2 vectors of columns, 16 of AVX-512's 32).
+ * FEW_QUERIES: up to this many queries per head (decoding steps), scores are dot products with K's rows
+ * as stored, since transposing K for the tile GEMM would cost more than the products. */
+enum { BLOCK_Q = 64, BLOCK_K = 64, GEMM_ROWS = 8, FEW_QUERIES = 8 };
 
 typedef struct attention_shape {
   int64_t B, Hq, Hkv, T, S, D, offset, window;

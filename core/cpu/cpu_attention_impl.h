@@ -94,6 +94,40 @@ WIDE_VECTORS static void NAME(tile_gemm_, SUFFIX)(int64_t m, int64_t n, int64_t 
     }
 }
 
+/* scores[r][c] = alpha q_r . k_c (rows r BLOCK_K apart) for the columns [lo[r], hi[r]] that query row r
+ * sees, with K as rows of D (keys x D); the other columns keep what they hold. For a few queries. */
+WIDE_VECTORS static void NAME(key_row_scores_, SUFFIX)(int64_t rows, int64_t cols, int64_t D, REAL alpha,
+                                                       const REAL *Q, const REAL *K, const int64_t *lo,
+                                                       const int64_t *hi, REAL *scores) {
+  for (int64_t r = 0; r < rows; r++) {
+    const REAL *q = Q + r * D;
+    int64_t first = lo[r] > 0 ? lo[r] : 0, last = hi[r] < cols - 1 ? hi[r] : cols - 1;
+    for (int64_t c = first; c <= last; c++) {
+      const REAL *key = K + c * D;
+      REAL dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; d++) dot += q[d] * key[d];
+      scores[r * BLOCK_K + c] = alpha * dot;
+    }
+  }
+}
+
+/* acc[r] += sum over the columns [lo[r], hi[r]] of p[r][c] v_c (rows of p BLOCK_K apart, V as rows of D):
+ * the products after key_row_scores, vectorized over D. */
+WIDE_VECTORS static void NAME(key_row_values_, SUFFIX)(int64_t rows, int64_t cols, int64_t D, const REAL *P,
+                                                       const REAL *V, const int64_t *lo, const int64_t *hi,
+                                                       REAL *acc) {
+  for (int64_t r = 0; r < rows; r++) {
+    REAL *out = acc + r * D;
+    int64_t first = lo[r] > 0 ? lo[r] : 0, last = hi[r] < cols - 1 ? hi[r] : cols - 1;
+    for (int64_t c = first; c <= last; c++) {
+      const REAL *value = V + c * D, weight = P[r * BLOCK_K + c];
+#pragma omp simd
+      for (int64_t d = 0; d < D; d++) out[d] += weight * value[d];
+    }
+  }
+}
+
 /* terms and col_end (see tile_gemm) of a tile whose query row r sees key columns [lo[r], hi[r]]:
  * by_queries for products with a row per query (terms, or columns, are keys), by_keys for those with a
  * row per key (terms are queries). */
@@ -337,6 +371,7 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
                                             const attention_operand *k, const attention_operand *v,
                                             const attention_operand *o, const attention_operand *exact, REAL *lse) {
   int64_t tasks = sh->B * sh->Hq, group = sh->Hq / sh->Hkv, D = sh->D, S = sh->S;
+  bool few = sh->T <= FEW_QUERIES;   /* then kt holds K's rows, not K transposed */
   int failed = 0;
 #pragma omp parallel
   {
@@ -358,7 +393,8 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
       if (!ok) continue;
       int64_t b = bh / sh->Hq, h = bh % sh->Hq, hk = h / group;
       /* vh doubles as the scratch for K's rows before they are transposed */
-      NAME(load_rows_transposed_, SUFFIX)(kt, S, vh, k, b, hk, S, D);
+      if (few) NAME(load_rows_, SUFFIX)(kt, k, b, hk, 0, S, D);
+      else NAME(load_rows_transposed_, SUFFIX)(kt, S, vh, k, b, hk, S, D);
       NAME(load_rows_, SUFFIX)(vh, v, b, hk, 0, S, D);
       for (int64_t t0 = 0; t0 < sh->T; t0 += BLOCK_Q) {
         int64_t rows = sh->T - t0 < BLOCK_Q ? sh->T - t0 : BLOCK_Q, lo, hi;
@@ -374,12 +410,18 @@ static int NAME(attention_forward_, SUFFIX)(const attention_shape *sh, const att
           int64_t cols = S - s0 < BLOCK_K ? S - s0 : BLOCK_K;
           NAME(tile_ranges_, SUFFIX)(sh, b, t0, rows, s0, lo_c, hi_c);
           NAME(spans_by_queries_, SUFFIX)(rows, cols, lo_c, hi_c, q_terms, q_cols);
-          NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K, NULL,
-                                   q_cols);
+          if (few)
+            NAME(key_row_scores_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, kt + s0 * D, lo_c, hi_c, scores);
+          else
+            NAME(tile_gemm_, SUFFIX)(rows, cols, D, (REAL)sh->scale, qt, D, 1, kt + s0, S, false, scores, BLOCK_K,
+                                     NULL, q_cols);
           if (sh->slopes) NAME(alibi_tile_, SUFFIX)(sh, b, h, scores, t0, rows, s0, cols);
           NAME(softmax_tile_, SUFFIX)(scores, rows, cols, lo_c, hi_c, row_max, row_sum, acc, D);
-          NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D, q_terms,
-                                   NULL);
+          if (few)
+            NAME(key_row_values_, SUFFIX)(rows, cols, D, scores, vh + s0 * D, lo_c, hi_c, acc);
+          else
+            NAME(tile_gemm_, SUFFIX)(rows, D, cols, (REAL)1, scores, BLOCK_K, 1, vh + s0 * D, D, true, acc, D,
+                                     q_terms, NULL);
         }
         for (int64_t r = 0; r < rows; r++) {
           REAL *arow = acc + r * D;
