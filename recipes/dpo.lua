@@ -77,12 +77,7 @@ trainer:train(function(pairs)
   return loss, { recipe.pair_accuracy(chosen:double():totable(), rejected:double():totable()),
     (chosen - rejected):mean():item() }
 end, state)
-train.lora.finish(policy, opts, opts.load)   -- every rank: the adapters are written by rank 0
-local whole = opts.save_hf and recipe.whole_model(policy, layout, opts.save_hf .. '.parts')
-if whole then
-  whole:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil })
-  print('dpo: saved the policy to ' .. opts.save_hf)
-end
+recipe.save_model(policy, layout, opts, { model_type = not opts.load and 'llama' or nil }, 'dpo: saved the policy to')
 if held_out then   -- every rank scores (tensor-parallel ranks compute together), the logging one prints
   local after = accuracy(held_out)
   trainer.logger:line(string.format('dpo: held-out preference accuracy before %.4f after %.4f', state.before, after))

@@ -154,10 +154,5 @@ while iteration < opts.iterations do
 end
 checkpoints:finish(iteration, policy, optimizer, checkpoint_state)
 logger:finish(iteration - first_iteration)
-if layout.is_logger then train.lora.finish(policy, opts, opts.load) end   -- it writes files
-local whole = opts.save_hf and recipe.whole_model(policy, layout, opts.save_hf .. '.parts')
-if whole then
-  whole:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
-  print('grpo: saved the policy to ' .. opts.save_hf)
-end
+recipe.save_model(policy, layout, opts, { model_type = embedded and 'llama' or nil }, 'grpo: saved the policy to')
 if embedded then say(string.format('grpo: held-out mean reward before %.4f after %.4f', before, held_out())) end

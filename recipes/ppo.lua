@@ -198,10 +198,5 @@ end
 actor_checkpoints:finish(iteration, actor, actor_opt, actor_state)
 critic_checkpoints:finish(iteration, critic, critic_opt, critic_state)
 logger:finish(iteration - first_iteration)
-if layout.is_logger then train.lora.finish(actor, opts, opts.load) end   -- it writes files
-local whole = opts.save_hf and recipe.whole_model(actor, layout, opts.save_hf .. '.parts')
-if whole then
-  whole:save_pretrained(opts.save_hf, { model_type = embedded and 'llama' or nil })
-  print('ppo: saved the actor to ' .. opts.save_hf)
-end
+recipe.save_model(actor, layout, opts, { model_type = embedded and 'llama' or nil }, 'ppo: saved the actor to')
 if embedded then say(string.format('ppo: held-out mean reward before %.4f after %.4f', before, held_out())) end

@@ -62,12 +62,8 @@ trainer:train(function(pairs)
   return rl.pairwise_loss(chosen, rejected),
     { recipe.pair_accuracy(chosen:detach():double():totable(), rejected:detach():double():totable()) }
 end, state)
-train.lora.finish(model, opts, opts.load)   -- every rank: the adapters are written by rank 0
-local whole = opts.save_hf and recipe.whole_model(model, layout, opts.save_hf .. '.parts')
-if whole then
-  whole:save_pretrained(opts.save_hf, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id })
-  print('rm: saved the reward model to ' .. opts.save_hf)
-end
+recipe.save_model(model, layout, opts, { model_type = not opts.load and 'llama' or nil, pad_token_id = tokenizer.pad_id },
+  'rm: saved the reward model to')
 if held_out then   -- every rank scores (tensor-parallel ranks compute together), the logging one prints
   local after = accuracy(held_out)
   trainer.logger:line(string.format('rm: held-out pairwise accuracy before %.4f after %.4f', state.before, after))

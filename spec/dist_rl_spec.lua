@@ -169,6 +169,17 @@ describe('RL recipes in parallel and resumed', function()
     assert.is_true(compared > 0, script .. ': weights compared')
   end
 
+  it('grpo and ppo on 2 processes write --save-lora (rank 0 writes, whichever rank logs)', function()
+    shell.write_file(dir .. '/varied.lua', REWARD)
+    for _, script in ipairs({ 'grpo.lua', 'ppo.lua' }) do
+      local tag = script:sub(1, 3) .. '_lora'
+      local extra = { '--lora-rank', '2', '--save-lora', tag }
+      rollout_run(2, script, script == 'grpo.lua' and grpo_args(tag, extra) or ppo_args(tag, extra))
+      assert.is_true(pmp.io.is_file(dir .. '/' .. tag .. '/adapter_model.safetensors'), script .. ': adapters written')
+      assert.is_true(pmp.io.is_file(dir .. '/' .. tag .. '/adapter_config.json'), script .. ': adapter config written')
+    end
+  end)
+
   it('grpo and ppo on 2 processes (each sampling its share of the prompts) log and train as one process', function()
     local one = rollout_one('grpo.lua')
     local dp = rollout_run(2, 'grpo.lua', grpo_args('dp'))

@@ -117,6 +117,18 @@ function M.whole_model(model, layout, parts_dir)
   return require('pmp.train.parallel').gather_model(model, layout, rawget(model, 'hf'), parts_dir)
 end
 
+--- The end of a run, on every rank: --save-lora / --merge-lora (pmp.train.lora.finish: rank 0 writes the
+--- gathered adapters) and --save-hf of the model made whole. save_options: save_pretrained's; what: the
+--- model's name in the printed line ('dpo: saved the policy to ...').
+function M.save_model(model, layout, opts, save_options, what)
+  require('pmp.train').lora.finish(model, opts, opts.load)
+  local whole = opts.save_hf and M.whole_model(model, layout, opts.save_hf .. '.parts')
+  if whole then
+    whole:save_pretrained(opts.save_hf, save_options)
+    print(what .. ' ' .. opts.save_hf)
+  end
+end
+
 --- This data-parallel rank's contiguous share of a global batch (a list whose length dp divides).
 function M.rank_share(list, layout)
   local n = #list / layout.dp
